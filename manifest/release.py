@@ -1,0 +1,344 @@
+"""The release manifest: one signed description of one release of one product.
+
+A release manifest is a TUF target file (``releases/<product>/<version>.json``), so the
+TUF targets role signs its length and hashes. It states:
+
+- ``product``, ``version``, ``release_counter`` (monotonic, for anti-rollback) and the
+  hardware ``compatibility`` ids the image may be installed on;
+- ``image``: size and SHA-256 of the image that must end up in the slot;
+- ``payloads``: how to get that image; each payload has a kind (``full`` for now), a
+  compression, its size and SHA-256, a chunk size and the SHA-256 of every chunk.
+
+Parsing is strict: a size limit before decoding, no duplicate keys, no unknown keys, no
+floats, bounded integers and strings, and chunk lists consistent with sizes. Names that
+become paths (payload files) are derived from hashes, never taken from the document, so
+path traversal is impossible by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from manifest.chunking import (
+    MAX_CHUNK_SIZE_BYTES,
+    MIN_CHUNK_SIZE_BYTES,
+    chunk_count,
+    chunk_span,
+    verify_bytes,
+)
+from manifest.errors import ManifestFormatError, NotApplicableError, RollbackError
+
+__all__ = [
+    "MAX_IMAGE_SIZE_BYTES",
+    "MAX_MANIFEST_BYTES",
+    "SCHEMA_VERSION",
+    "ImageInfo",
+    "Payload",
+    "ReleaseManifest",
+    "check_applicable",
+    "parse_release_manifest",
+    "release_target_name",
+    "validate_product",
+    "validate_version",
+]
+
+SCHEMA_VERSION = 1
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_IMAGE_SIZE_BYTES = 64 * 1024**3
+MAX_RELEASE_COUNTER = 2**53
+MAX_COMPAT_IDS = 64
+
+_PRODUCT_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_VERSION_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+-]{0,63}")
+_HWID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+PAYLOAD_KINDS = ("full",)
+COMPRESSIONS = {"zstd": "zst"}
+UPDATE_TYPES = ("image",)
+
+
+def validate_product(product: str) -> str:
+    if not isinstance(product, str) or not _PRODUCT_RE.fullmatch(product):
+        raise ManifestFormatError(
+            f"invalid product {product!r}: 1-64 chars of a-z 0-9 . _ -, starting alphanumeric"
+        )
+    return product
+
+
+def validate_version(version: str) -> str:
+    if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
+        raise ManifestFormatError(
+            f"invalid version {version!r}: 1-64 chars of A-Z a-z 0-9 . _ + -, "
+            "starting alphanumeric"
+        )
+    return version
+
+
+def release_target_name(product: str, version: str) -> str:
+    """The TUF target path of a release manifest (both parts validated)."""
+    return f"releases/{validate_product(product)}/{validate_version(version)}.json"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """The image that must end up in the slot."""
+
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Payload:
+    """One way to obtain the image: a compressed payload cut into fixed-size chunks."""
+
+    kind: str
+    compression: str
+    size: int
+    sha256: str
+    chunk_size: int
+    chunks: tuple[str, ...]
+
+    @property
+    def path(self) -> str:
+        """Path of the payload file in the origin tree (derived from its hash)."""
+        return f"payloads/{self.sha256}.{COMPRESSIONS[self.compression]}"
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.chunks)
+
+    def chunk_span(self, index: int) -> tuple[int, int]:
+        """``(offset, length)`` of chunk ``index`` within the payload."""
+        return chunk_span(index, self.size, self.chunk_size)
+
+    def verify_chunk(self, index: int, data: bytes | bytearray | memoryview) -> None:
+        """Raise ``IntegrityError`` unless ``data`` is exactly chunk ``index``."""
+        _, length = self.chunk_span(index)
+        verify_bytes(f"chunk {index} of payload {self.sha256[:12]}", data, length,
+                     self.chunks[index])
+
+    def verify(self, data: bytes | bytearray | memoryview) -> None:
+        """Raise ``IntegrityError`` unless ``data`` is exactly this payload."""
+        verify_bytes(f"payload {self.sha256[:12]}", data, self.size, self.sha256)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "compression": self.compression,
+            "size": self.size,
+            "sha256": self.sha256,
+            "chunk_size": self.chunk_size,
+            "chunks": list(self.chunks),
+        }
+
+
+@dataclass(frozen=True)
+class ReleaseManifest:
+    """A parsed, well-formed release manifest. Authenticity comes from TUF."""
+
+    product: str
+    version: str
+    release_counter: int
+    compatibility: tuple[str, ...]
+    update_type: str
+    image: ImageInfo
+    payloads: tuple[Payload, ...]
+
+    @property
+    def target_name(self) -> str:
+        return release_target_name(self.product, self.version)
+
+    @property
+    def full_payload(self) -> Payload:
+        for payload in self.payloads:
+            if payload.kind == "full":
+                return payload
+        raise ManifestFormatError("manifest has no full payload")  # parse guarantees one
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "product": self.product,
+            "version": self.version,
+            "release_counter": self.release_counter,
+            "compatibility": list(self.compatibility),
+            "update_type": self.update_type,
+            "image": {"size": self.image.size, "sha256": self.image.sha256},
+            "payloads": [p.to_json() for p in self.payloads],
+        }
+
+    def to_bytes(self) -> bytes:
+        """Canonical encoding: sorted keys, no whitespace, ASCII, trailing newline."""
+        encoded = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"),
+                             ensure_ascii=True).encode("ascii") + b"\n"
+        # Round-trip through the parser so we never emit what we would refuse to read.
+        parse_release_manifest(encoded)
+        return encoded
+
+
+def check_applicable(
+    release: ReleaseManifest,
+    *,
+    product: str,
+    hardware_id: str,
+    installed_counter: int,
+) -> None:
+    """Refuse a release meant for something else, or not newer than what is installed.
+
+    Raises:
+        NotApplicableError: product or hardware id does not match.
+        RollbackError: ``release.release_counter <= installed_counter``.
+    """
+    if release.product != product:
+        raise NotApplicableError(
+            f"release {release.version} is for product {release.product!r}, "
+            f"this device is {product!r}"
+        )
+    if hardware_id not in release.compatibility:
+        raise NotApplicableError(
+            f"release {release.version} supports hardware {list(release.compatibility)}, "
+            f"not {hardware_id!r}"
+        )
+    if release.release_counter <= installed_counter:
+        raise RollbackError(
+            f"release {release.version} has counter {release.release_counter}, "
+            f"not newer than the installed counter {installed_counter}"
+        )
+
+
+# --- strict parsing -------------------------------------------------------------------
+
+
+def _reject_float(text: str) -> Any:
+    raise ManifestFormatError(f"floating point numbers are not allowed ({text})")
+
+
+def _reject_constant(text: str) -> Any:
+    raise ManifestFormatError(f"constant {text} is not allowed")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ManifestFormatError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _obj(value: Any, where: str, keys: Sequence[str]) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ManifestFormatError(f"{where}: expected an object")
+    missing = [k for k in keys if k not in value]
+    extra = sorted(set(value) - set(keys))
+    if missing:
+        raise ManifestFormatError(f"{where}: missing {', '.join(missing)}")
+    if extra:
+        raise ManifestFormatError(f"{where}: unknown keys {', '.join(extra)}")
+    return value
+
+
+def _int(value: Any, where: str, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ManifestFormatError(f"{where}: expected an integer")
+    if not lo <= value <= hi:
+        raise ManifestFormatError(f"{where}: {value} outside {lo}..{hi}")
+    return value
+
+
+def _sha(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _SHA256_RE.fullmatch(value):
+        raise ManifestFormatError(f"{where}: expected 64 lowercase hex digits")
+    return value
+
+
+def _choice(value: Any, where: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ManifestFormatError(f"{where}: {value!r} not one of {list(allowed)}")
+    return str(value)
+
+
+def _parse_payload(raw: Any, where: str) -> Payload:
+    obj = _obj(raw, where, ("kind", "compression", "size", "sha256", "chunk_size", "chunks"))
+    size = _int(obj["size"], f"{where}.size", 1, MAX_IMAGE_SIZE_BYTES)
+    chunk_size = _int(obj["chunk_size"], f"{where}.chunk_size", MIN_CHUNK_SIZE_BYTES,
+                      MAX_CHUNK_SIZE_BYTES)
+    if chunk_size & (chunk_size - 1):
+        raise ManifestFormatError(f"{where}.chunk_size: {chunk_size} is not a power of two")
+    chunks = obj["chunks"]
+    if not isinstance(chunks, list):
+        raise ManifestFormatError(f"{where}.chunks: expected a list")
+    expected = chunk_count(size, chunk_size)
+    if len(chunks) != expected:
+        raise ManifestFormatError(
+            f"{where}.chunks: {len(chunks)} hashes for {expected} chunks of {chunk_size} bytes"
+        )
+    return Payload(
+        kind=_choice(obj["kind"], f"{where}.kind", PAYLOAD_KINDS),
+        compression=_choice(obj["compression"], f"{where}.compression", tuple(COMPRESSIONS)),
+        size=size,
+        sha256=_sha(obj["sha256"], f"{where}.sha256"),
+        chunk_size=chunk_size,
+        chunks=tuple(_sha(c, f"{where}.chunks[{i}]") for i, c in enumerate(chunks)),
+    )
+
+
+def parse_release_manifest(data: bytes) -> ReleaseManifest:
+    """Parse and validate release manifest bytes.
+
+    Raises:
+        ManifestFormatError: too large, not JSON, or not the schema.
+    """
+    if not isinstance(data, bytes | bytearray):
+        raise ManifestFormatError("manifest must be bytes")
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestFormatError(f"manifest is {len(data)} bytes, limit {MAX_MANIFEST_BYTES}")
+    try:
+        text = bytes(data).decode("utf-8")
+        raw = json.loads(text, object_pairs_hook=_no_duplicates, parse_float=_reject_float,
+                         parse_constant=_reject_constant)
+    except ManifestFormatError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ManifestFormatError(f"manifest is not valid JSON: {exc}") from None
+    obj = _obj(raw, "manifest", ("schema", "product", "version", "release_counter",
+                                 "compatibility", "update_type", "image", "payloads"))
+    if obj["schema"] != SCHEMA_VERSION or isinstance(obj["schema"], bool):
+        raise ManifestFormatError(f"unsupported manifest schema {obj['schema']!r}")
+    compat = obj["compatibility"]
+    if not isinstance(compat, list) or not 1 <= len(compat) <= MAX_COMPAT_IDS:
+        raise ManifestFormatError(f"compatibility: expected a list of 1..{MAX_COMPAT_IDS} ids")
+    for i, hwid in enumerate(compat):
+        if not isinstance(hwid, str) or not _HWID_RE.fullmatch(hwid):
+            raise ManifestFormatError(f"compatibility[{i}]: invalid hardware id {hwid!r}")
+    image = _obj(obj["image"], "image", ("size", "sha256"))
+    payloads_raw = obj["payloads"]
+    if not isinstance(payloads_raw, list) or not 1 <= len(payloads_raw) <= 16:
+        raise ManifestFormatError("payloads: expected a list of 1..16 payloads")
+    payloads = tuple(_parse_payload(p, f"payloads[{i}]") for i, p in enumerate(payloads_raw))
+    if sum(1 for p in payloads if p.kind == "full") != 1:
+        raise ManifestFormatError("payloads: exactly one full payload is required")
+    if len({p.sha256 for p in payloads}) != len(payloads):
+        raise ManifestFormatError("payloads: the same payload is listed twice")
+    try:
+        product = validate_product(obj["product"])
+        version = validate_version(obj["version"])
+    except ManifestFormatError as exc:
+        raise ManifestFormatError(f"manifest: {exc}") from None
+    return ReleaseManifest(
+        product=product,
+        version=version,
+        release_counter=_int(obj["release_counter"], "release_counter", 0, MAX_RELEASE_COUNTER),
+        compatibility=tuple(compat),
+        update_type=_choice(obj["update_type"], "update_type", UPDATE_TYPES),
+        image=ImageInfo(
+            size=_int(image["size"], "image.size", 1, MAX_IMAGE_SIZE_BYTES),
+            sha256=_sha(image["sha256"], "image.sha256"),
+        ),
+        payloads=payloads,
+    )

@@ -1,0 +1,1 @@
+"""swarmota: the command line and the demo, composing seeder, tracker and peer."""

@@ -1,0 +1,52 @@
+"""The ``swarmota`` command: one entry point, a subcommand tree per component.
+
+Each component owns its subcommands in ``<component>/cli.py`` through
+``add_parser(subparsers)``; every subcommand sets ``func(args) -> int`` (exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from peer import cli as peer_cli
+    from seeder import cli as seeder_cli
+    from swarmota import demo
+    from tracker import cli as tracker_cli
+
+    parser = argparse.ArgumentParser(
+        prog="swarmota",
+        description="Peer-assisted delivery of signed over-the-air updates.",
+        epilog="Run 'swarmota demo' for a full publish, rollout and update on loopback.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="component", metavar="COMMAND", required=True)
+    seeder_cli.add_parser(sub)
+    tracker_cli.add_parser(sub)
+    peer_cli.add_parser(sub)
+    demo.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        rc: int = args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
