@@ -9,8 +9,8 @@ length and hashes the targets role signs, and this package checks everything ins
 from manifest.chunking import (
     MAX_CHUNK_SIZE_BYTES,
     MIN_CHUNK_SIZE_BYTES,
-    chunk_hashes,
     choose_chunk_size,
+    chunk_hashes,
     sha256_hex,
     verify_bytes,
 )

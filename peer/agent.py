@@ -1,0 +1,251 @@
+"""The update orchestrator: one pass of check-in, fetch, verify, install, switch, check.
+
+    check in -> TUF refresh + release manifest -> applicability / anti-rollback
+    -> chunks from the origin (each verified) -> payload verified -> decompress into the
+    inactive slot (image verified) -> boot control: new slot primary, pending, 1 try
+    -> "reboot" (the bootloader consumes the try) -> health check
+    -> commit (mark good) or fall back -> report to the tracker
+
+A pending switch left by a crash or power loss is finished first (the try counter decides
+whether the new slot gets its health check or the committed slot boots again). Every
+failure maps to a status code (``peer.errors``); the active slot is never written.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import trio
+
+from manifest import (
+    ManifestError,
+    ReleaseManifest,
+    check_applicable,
+    parse_release_manifest,
+)
+from peer.bootctl import (
+    BootControl,
+    SlotRecord,
+    boot,
+    fall_back,
+    mark_good,
+    other_slot,
+    switch_to,
+    write_bootctl,
+)
+from peer.download import PayloadWorkdir, download_payload
+from peer.errors import (
+    ConfigError,
+    DownloadFailed,
+    PeerError,
+    PostCheckFailed,
+    StatusCode,
+    VerifyFailed,
+)
+from peer.health import run_health_check
+from peer.http import HttpClient
+from peer.install import install_image
+from peer.state import DeviceState
+from peer.tracker_client import Offer, checkin, send_report
+from peer.trust import fetch_release_manifest
+
+__all__ = ["UpdateResult", "update_once"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class UpdateResult:
+    """What one update pass did. ``attempted`` is False when nothing was offered."""
+
+    status: StatusCode
+    message: str
+    attempted: bool = False
+    updated: bool = False
+    from_version: str | None = None
+    to_version: str | None = None
+    bytes_origin: int = 0
+    bytes_peers: int = 0
+    bytes_metadata: int = 0
+    chunks_reused: int = 0
+    reported: bool = False
+    poll_after_s: int = 3600
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["status"] = int(self.status)
+        return out
+
+
+@contextmanager
+def _device_lock(state: DeviceState) -> Iterator[None]:
+    fd = os.open(state.root / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another agent is updating {state.root}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+async def update_once(state: DeviceState, *,
+                      clock: Callable[[], float] = time.monotonic) -> UpdateResult:
+    """Run one update pass on the device in ``state``; never raises ``PeerError``
+    except ``ConfigError`` (the device itself is not usable)."""
+    with _device_lock(state):
+        config = state.config()
+        bc = state.bootctl()
+        async with HttpClient(timeout_s=config.http_timeout_s) as http:
+            run = _Run(state, http, clock)
+            if bc.pending:
+                result = await run.finish_pending(bc)
+            else:
+                result = await run.update(bc)
+            await run.report(result)
+        state.save_result({**result.to_json(), "finished_at": time.time()})
+        return result
+
+
+class _Run:
+    """State of one pass; owned by ``update_once``."""
+
+    def __init__(self, state: DeviceState, http: HttpClient,
+                 clock: Callable[[], float]) -> None:
+        self.state = state
+        self.config = state.config()
+        self.http = http
+        self.clock = clock
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def _timed(self, name: str) -> Iterator[None]:
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.clock() - start, 6)
+
+    async def update(self, bc: BootControl) -> UpdateResult:
+        active = bc.slot(bc.committed)
+        result = UpdateResult(StatusCode.OK, "up to date", from_version=active.version,
+                              timings_s=self.timings)
+        start = self.clock()
+        try:
+            with self._timed("checkin"):
+                offer, result.poll_after_s = await checkin(
+                    self.http, self.config, version=active.version,
+                    release_counter=bc.min_release_counter)
+        except DownloadFailed as exc:
+            result.status, result.message = exc.status, f"check-in failed: {exc}"
+            return result
+        if offer is None:
+            return result
+        result.attempted = True
+        result.to_version = offer.version
+        try:
+            release = await self._fetch_release(offer, bc, result)
+            work = PayloadWorkdir(self.state.downloads_dir, release.full_payload)
+            url = f"{self.config.origin_url.rstrip('/')}/{release.full_payload.path}"
+            with self._timed("download"):
+                stats = await download_payload(
+                    self.http, url, work, concurrency=self.config.download_concurrency,
+                    attempts=self.config.chunk_attempts, backoff_s=self.config.retry_backoff_s)
+            result.bytes_origin += stats.bytes_origin
+            result.chunks_reused = stats.chunks_reused
+            target = other_slot(bc.committed)
+            with self._timed("install"):
+                await trio.to_thread.run_sync(install_image, work.part, release.image,
+                                              self.state.slot_path(target))
+            record = SlotRecord(release.version, release.release_counter,
+                                release.image.sha256, release.image.size)
+            bc = write_bootctl(self.state.bootctl_path, switch_to(bc, target, record))
+            await trio.to_thread.run_sync(work.remove)
+            await self._reboot_and_check(bc)
+            result.updated = True
+            result.message = f"updated {active.version} -> {release.version}"
+        except PeerError as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            result.status, result.message = exc.status, str(exc)
+            log.warning("update to %s failed (%d): %s", offer.version, exc.status, exc)
+        finally:
+            self.timings["total"] = round(self.clock() - start, 6)
+        return result
+
+    async def _fetch_release(self, offer: Offer, bc: BootControl,
+                             result: UpdateResult) -> ReleaseManifest:
+        with self._timed("metadata"):
+            data, metadata_bytes = await trio.to_thread.run_sync(
+                lambda: fetch_release_manifest(
+                    self.state.trust_dir, self.config.origin_url, offer.target,
+                    timeout_s=self.config.http_timeout_s,
+                    scratch_dir=self.state.downloads_dir))
+        result.bytes_metadata += metadata_bytes
+        try:
+            release = parse_release_manifest(data)
+            if (release.product, release.version) != (offer.product, offer.version):
+                raise VerifyFailed(f"target {offer.target} holds release {release.product} "
+                                   f"{release.version}")
+            check_applicable(release, product=self.config.product,
+                             hardware_id=self.config.hardware_id,
+                             installed_counter=bc.min_release_counter)
+        except ManifestError as exc:
+            raise VerifyFailed(f"release {offer.version} refused: {exc}") from exc
+        return release
+
+    async def _reboot_and_check(self, bc: BootControl) -> BootControl:
+        """Boot the pending slot (consuming a try), health-check it, commit or fall back."""
+        path = self.state.bootctl_path
+        bc, booted = boot(bc)
+        bc = write_bootctl(path, bc)
+        if not bc.pending:
+            raise PostCheckFailed("the new slot used up its boot tries; fell back to "
+                                  f"slot {booted}")
+        try:
+            with self._timed("health"):
+                await run_health_check(self.config.health_command, slot=booted,
+                                       image=self.state.slot_path(booted),
+                                       record=bc.slot(booted),
+                                       timeout_s=self.config.health_timeout_s)
+        except PostCheckFailed:
+            write_bootctl(path, fall_back(bc))
+            raise
+        return write_bootctl(path, mark_good(bc))
+
+    async def finish_pending(self, bc: BootControl) -> UpdateResult:
+        """A switch was written but not committed (crash, power loss): finish it."""
+        pending = bc.slot(bc.primary)
+        result = UpdateResult(StatusCode.OK, "", attempted=True,
+                              from_version=bc.slot(bc.committed).version,
+                              to_version=pending.version, timings_s=self.timings)
+        try:
+            await self._reboot_and_check(bc)
+            result.updated = True
+            result.message = f"updated {result.from_version} -> {pending.version} " \
+                             "(finished after restart)"
+        except PeerError as exc:
+            result.status, result.message = exc.status, str(exc)
+        return result
+
+    async def report(self, result: UpdateResult) -> None:
+        if not result.attempted:
+            return
+        body = {"from_version": result.from_version or "", "to_version": result.to_version or "",
+                "status": int(result.status), "message": result.message[:4096],
+                "bytes_origin": result.bytes_origin, "bytes_peers": result.bytes_peers,
+                "timings_s": dict(result.timings_s)}
+        try:
+            await send_report(self.http, self.config, body)
+            result.reported = True
+        except DownloadFailed as exc:
+            log.warning("report not delivered: %s", exc)

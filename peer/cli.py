@@ -1,0 +1,132 @@
+"""``swarmota peer``: provision a device, run an update pass, show its status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from peer.agent import update_once
+from peer.config import DeviceConfig
+from peer.errors import ConfigError
+from peer.state import DeviceState, init_device
+
+__all__ = ["add_parser"]
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("peer", help="the device agent",
+                              description="The device agent: provision, update, status.")
+    sub = p.add_subparsers(dest="peer_command", metavar="COMMAND", required=True)
+
+    init = sub.add_parser(
+        "init", help="create a device state directory",
+        description="Create a device state directory: trusted TUF root, configuration and "
+                    "a factory image committed in slot A.")
+    init.add_argument("state", type=Path, help="device state directory to create")
+    init.add_argument("--root", type=Path, required=True,
+                      help="trusted TUF root.json (from 'seeder init', provisioned at the "
+                           "factory; never fetched from the network)")
+    init.add_argument("--origin", required=True, help="origin base URL, e.g. http://127.0.0.1:8460")
+    init.add_argument("--tracker", required=True, help="tracker base URL, e.g. http://127.0.0.1:8470")
+    init.add_argument("--image", type=Path, required=True, help="factory image for slot A")
+    init.add_argument("--version", required=True, help="version of the factory image")
+    init.add_argument("--release-counter", type=int, default=0,
+                      help="release counter of the factory image (anti-rollback floor)")
+    init.add_argument("--device-id", required=True)
+    init.add_argument("--product", required=True)
+    init.add_argument("--hardware-id", required=True)
+    init.add_argument("--health-command", default="",
+                      help="command run on the new slot after a switch; exit 0 = healthy "
+                           "(env: SWARMOTA_SLOT, SWARMOTA_SLOT_IMAGE, SWARMOTA_VERSION)")
+    init.add_argument("--health-timeout-s", type=float, default=60.0)
+    init.add_argument("--concurrency", type=int, default=4, help="parallel chunk downloads")
+    init.add_argument("--force", action="store_true", help="re-provision an existing directory")
+    init.set_defaults(func=_init)
+
+    update = sub.add_parser(
+        "update", help="check in and install an offered update",
+        description="One update pass: check in with the tracker; if a release is offered, "
+                    "verify and install it into the inactive slot, switch, health-check, "
+                    "commit or roll back, and report. Exit code: the status code "
+                    "(0 ok, 10 download, 20 verify, 30 install, 40 post-check failed).")
+    update.add_argument("state", type=Path)
+    update.add_argument("--json", action="store_true", help="print the result as JSON")
+    update.set_defaults(func=_update)
+
+    status = sub.add_parser("status", help="show slots, versions and the last result")
+    status.add_argument("state", type=Path)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)
+
+
+def _init(args: argparse.Namespace) -> int:
+    try:
+        config = DeviceConfig(
+            device_id=args.device_id, product=args.product, hardware_id=args.hardware_id,
+            origin_url=args.origin, tracker_url=args.tracker,
+            health_command=tuple(shlex.split(args.health_command)),
+            health_timeout_s=args.health_timeout_s, download_concurrency=args.concurrency)
+        root = args.root.read_bytes()
+        state = init_device(args.state, config, root_json=root, image=args.image,
+                            version=args.version, release_counter=args.release_counter,
+                            force=args.force)
+    except (ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"device {config.device_id} provisioned in {state.root} "
+          f"(slot a: {args.version}, counter {args.release_counter})")
+    return 0
+
+
+def _update(args: argparse.Namespace) -> int:
+    try:
+        result = trio.run(update_once, DeviceState(args.state))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2, sort_keys=True))
+    else:
+        print(f"status {int(result.status)}: {result.message}")
+        if result.attempted:
+            print(f"  bytes from origin {result.bytes_origin}, peers {result.bytes_peers}, "
+                  f"metadata {result.bytes_metadata}; chunks reused {result.chunks_reused}; "
+                  f"reported: {'yes' if result.reported else 'no'}")
+    return int(result.status)
+
+
+def _status(args: argparse.Namespace) -> int:
+    state = DeviceState(args.state)
+    try:
+        config = state.config()
+        bc = state.bootctl()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    last = state.last_result()
+    if args.json:
+        print(json.dumps({"device": config.to_json(), "bootctl": bc.to_json(),
+                          "last_result": last}, indent=2, sort_keys=True))
+        return 0
+    print(f"device {config.device_id}  product {config.product}  hardware {config.hardware_id}")
+    print(f"origin {config.origin_url}  tracker {config.tracker_url}")
+    for slot in ("a", "b"):
+        rec = bc.slot(slot)
+        flags = [f for f, on in (("booted", slot == bc.primary),
+                                 ("committed", slot == bc.committed)) if on]
+        print(f"  slot {slot}: {rec.version or '(empty)':<16} counter {rec.release_counter:<6}"
+              f" {' '.join(flags)}")
+    if bc.pending:
+        print(f"  update pending on slot {bc.primary}, tries left {bc.tries_remaining}")
+    print(f"  anti-rollback floor: release counter {bc.min_release_counter}")
+    if last:
+        print(f"last result: status {last.get('status')}: {last.get('message')}")
+    else:
+        print("last result: none")
+    return 0

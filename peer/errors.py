@@ -1,0 +1,62 @@
+"""Errors of the device agent, each mapped to the status code it reports.
+
+    PeerError                      base; ``status`` is the code reported to the tracker
+     +-- ConfigError               bad or missing device state / configuration (not reported)
+     +-- DownloadFailed     (10)   transport: tracker/origin unreachable, HTTP errors, retries spent
+     +-- VerifyFailed       (20)   trust: metadata, manifest, chunk, payload or image rejected
+     +-- InstallFailed      (30)   writing or decompressing into the inactive slot failed
+     +-- PostCheckFailed    (40)   the new slot failed its health check; rolled back
+
+Foreign exceptions (httpx, python-tuf, zstandard, OSError) are translated into these at
+the module that calls the foreign library.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+__all__ = [
+    "ConfigError",
+    "DownloadFailed",
+    "InstallFailed",
+    "PeerError",
+    "PostCheckFailed",
+    "StatusCode",
+    "VerifyFailed",
+]
+
+
+class StatusCode(IntEnum):
+    """Status codes a device reports after an update attempt."""
+
+    OK = 0
+    DOWNLOAD_FAILED = 10
+    VERIFY_FAILED = 20
+    INSTALL_FAILED = 30
+    POSTCHECK_FAILED = 40
+
+
+class PeerError(Exception):
+    """Base class of the agent's errors."""
+
+    status: StatusCode = StatusCode.INSTALL_FAILED
+
+
+class ConfigError(PeerError):
+    """The device state directory or its configuration is missing or invalid."""
+
+
+class DownloadFailed(PeerError):
+    status = StatusCode.DOWNLOAD_FAILED
+
+
+class VerifyFailed(PeerError):
+    status = StatusCode.VERIFY_FAILED
+
+
+class InstallFailed(PeerError):
+    status = StatusCode.INSTALL_FAILED
+
+
+class PostCheckFailed(PeerError):
+    status = StatusCode.POSTCHECK_FAILED

@@ -1,0 +1,116 @@
+"""The device state directory: configuration, trusted root, slots, boot control.
+
+    STATE/device.json        peer.config.DeviceConfig
+    STATE/trust/root.json    trusted TUF root (python-tuf keeps its cache beside it)
+    STATE/slots/a.img, b.img file-backed A/B slots
+    STATE/bootctl.json       peer.bootctl record
+    STATE/downloads/         payloads being assembled, per payload SHA-256
+    STATE/last_result.json   outcome of the last update attempt
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuf.api.exceptions import RepositoryError
+from tuf.api.metadata import Metadata
+from tuf.api.metadata import Root as RootRole
+
+from infra.fsio import atomic_write_bytes, atomic_write_json, fsync_dir
+from peer.bootctl import BootControl, SlotRecord, initial_bootctl, read_bootctl, write_bootctl
+from peer.config import DeviceConfig, load_config, save_config
+from peer.errors import ConfigError
+from peer.install import hash_file
+
+__all__ = ["DeviceState", "init_device"]
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """Paths of one device's state directory."""
+
+    root: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "device.json"
+
+    @property
+    def trust_dir(self) -> Path:
+        return self.root / "trust"
+
+    @property
+    def bootctl_path(self) -> Path:
+        return self.root / "bootctl.json"
+
+    @property
+    def downloads_dir(self) -> Path:
+        return self.root / "downloads"
+
+    @property
+    def result_path(self) -> Path:
+        return self.root / "last_result.json"
+
+    def slot_path(self, slot: str) -> Path:
+        return self.root / "slots" / f"{slot}.img"
+
+    def config(self) -> DeviceConfig:
+        return load_config(self.config_path)
+
+    def bootctl(self) -> BootControl:
+        return read_bootctl(self.bootctl_path)
+
+    def last_result(self) -> dict[str, Any] | None:
+        try:
+            value = json.loads(self.result_path.read_bytes())
+        except (FileNotFoundError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def save_result(self, result: dict[str, Any]) -> None:
+        atomic_write_json(self.result_path, result)
+
+
+def init_device(state_dir: Path, config: DeviceConfig, *, root_json: bytes, image: Path,
+                version: str, release_counter: int, force: bool = False) -> DeviceState:
+    """Create a device state directory with ``image`` committed in slot A.
+
+    Raises:
+        ConfigError: the directory is already a device (without ``force``), the root
+            metadata is not valid TUF root metadata, or the image cannot be read.
+    """
+    state = DeviceState(state_dir)
+    if state.config_path.exists() and not force:
+        raise ConfigError(f"{state_dir} is already a device state directory (use --force)")
+    try:
+        root = Metadata[RootRole].from_bytes(root_json)
+        root.verify_delegate(RootRole.type, root)
+    except (RepositoryError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"trusted root is not valid, self-signed TUF root metadata: {exc}") \
+            from None
+    if not image.is_file():
+        raise ConfigError(f"slot A image {image} does not exist")
+    if force and state_dir.exists():
+        for sub in ("trust", "slots", "downloads"):
+            shutil.rmtree(state_dir / sub, ignore_errors=True)
+    (state_dir / "slots").mkdir(parents=True, exist_ok=True)
+    state.trust_dir.mkdir(parents=True, exist_ok=True)
+    state.downloads_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(state.trust_dir / "root.json", root_json)
+    slot_a = state.slot_path("a")
+    tmp = slot_a.with_name(".a.img.init")
+    shutil.copyfile(image, tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    tmp.replace(slot_a)
+    fsync_dir(slot_a.parent)
+    size, sha = hash_file(slot_a)
+    save_config(state.config_path, config)
+    write_bootctl(state.bootctl_path, initial_bootctl(SlotRecord(version, release_counter,
+                                                                 sha, size)))
+    return state

@@ -1,0 +1,67 @@
+"""Device side of the tracker API (see docs/ARCHITECTURE.md): check-in and report.
+
+The tracker is not trusted for integrity: an offer only names a release; everything
+about it is verified against signed metadata afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from manifest import ManifestFormatError, release_target_name
+from peer.config import DeviceConfig
+from peer.errors import DownloadFailed
+from peer.http import HttpClient
+
+__all__ = ["Offer", "checkin", "send_report"]
+
+_COUNTER_MAX = 2**53
+
+
+@dataclass(frozen=True)
+class Offer:
+    product: str
+    version: str
+    release_counter: int
+    target: str
+    poll_after_s: int
+
+
+async def checkin(http: HttpClient, config: DeviceConfig, *, version: str | None,
+                  release_counter: int) -> tuple[Offer | None, int]:
+    """Ask the tracker what to install. Returns ``(offer or None, poll_after_s)``."""
+    answer = await http.post_json(_url(config, "checkin"), {
+        "device_id": config.device_id, "product": config.product,
+        "hardware_id": config.hardware_id, "version": version or "",
+        "release_counter": release_counter,
+    })
+    poll = answer.get("poll_after_s", 3600)
+    poll_after_s = poll if isinstance(poll, int) and 0 <= poll <= 7 * 86400 else 3600
+    release = answer.get("release")
+    if release is None:
+        return None, poll_after_s
+    if not isinstance(release, dict):
+        raise DownloadFailed("tracker answered a malformed release offer")
+    try:
+        product, version_s = str(release["product"]), str(release["version"])
+        counter = release["release_counter"]
+        target = release_target_name(product, version_s)
+    except (KeyError, ManifestFormatError) as exc:
+        raise DownloadFailed(f"tracker answered a malformed release offer: {exc}") from None
+    if not isinstance(counter, int) or not 0 <= counter <= _COUNTER_MAX:
+        raise DownloadFailed("tracker answered a malformed release counter")
+    if release.get("target") != target:
+        raise DownloadFailed(f"tracker offered target {release.get('target')!r}, "
+                             f"expected {target!r}")
+    return Offer(product, version_s, counter, target, poll_after_s), poll_after_s
+
+
+async def send_report(http: HttpClient, config: DeviceConfig, report: dict[str, Any]) -> None:
+    """Deliver a report; raises ``DownloadFailed`` if the tracker did not take it."""
+    body = {"device_id": config.device_id, "product": config.product, **report}
+    await http.post_json(_url(config, "report"), body)
+
+
+def _url(config: DeviceConfig, what: str) -> str:
+    return f"{config.tracker_url.rstrip('/')}/v1/{what}"
