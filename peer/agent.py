@@ -137,6 +137,8 @@ class _Run:
 
     async def update(self, bc: BootControl) -> UpdateResult:
         active = bc.slot(bc.committed)
+        if active.version is None:
+            raise ConfigError(f"committed slot {bc.committed} has no version in boot control")
         result = UpdateResult(StatusCode.OK, "up to date", from_version=active.version,
                               timings_s=self.timings)
         start = self.clock()
@@ -240,7 +242,9 @@ class _Run:
     async def report(self, result: UpdateResult) -> None:
         if not result.attempted:
             return
-        body = {"from_version": result.from_version or "", "to_version": result.to_version or "",
+        if result.from_version is None or result.to_version is None:
+            raise RuntimeError("an attempted update always knows both versions")
+        body = {"from_version": result.from_version, "to_version": result.to_version,
                 "status": int(result.status), "message": result.message[:4096],
                 "bytes_origin": result.bytes_origin, "bytes_peers": result.bytes_peers,
                 "timings_s": dict(result.timings_s)}

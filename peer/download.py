@@ -20,7 +20,7 @@ from pathlib import Path
 import trio
 
 from manifest import IntegrityError, Payload, sha256_hex
-from peer.errors import DownloadFailed, VerifyFailed
+from peer.errors import DownloadFailed, PeerError, VerifyFailed
 from peer.http import HttpClient
 
 __all__ = ["DownloadStats", "PayloadWorkdir", "download_payload"]
@@ -124,8 +124,9 @@ async def download_payload(
     for index in missing:
         send.send_nowait(index)
     send.close()
+    failure: list[PeerError] = []
 
-    async def worker() -> None:
+    async def worker(cancel_scope: trio.CancelScope) -> None:
         nonlocal rejected, fetched
         async for index in receive:
             offset, length = payload.chunk_span(index)
@@ -151,15 +152,22 @@ async def download_payload(
                     on_chunk(index, length)
                 break
             else:
+                # Record the first failure and stop the other workers; raising here would
+                # surface as an ExceptionGroup instead of the typed error.
                 if isinstance(last_error, IntegrityError):
-                    raise VerifyFailed(f"chunk {index} failed verification {attempts} times: "
-                                       f"{last_error}")
-                raise DownloadFailed(f"chunk {index} not fetched after {attempts} attempts: "
-                                     f"{last_error}")
+                    failure.append(VerifyFailed(f"chunk {index} failed verification "
+                                                f"{attempts} times: {last_error}"))
+                else:
+                    failure.append(DownloadFailed(f"chunk {index} not fetched after {attempts} "
+                                                  f"attempts: {last_error}"))
+                cancel_scope.cancel()
+                return
 
     async with trio.open_nursery() as nursery:
         for _ in range(min(concurrency, max(1, len(missing)))):
-            nursery.start_soon(worker)
+            nursery.start_soon(worker, nursery.cancel_scope)
+    if failure:
+        raise failure[0]
     try:
         await trio.to_thread.run_sync(work.verify_whole)
     except IntegrityError as exc:

@@ -28,12 +28,12 @@ class Offer:
     poll_after_s: int
 
 
-async def checkin(http: HttpClient, config: DeviceConfig, *, version: str | None,
+async def checkin(http: HttpClient, config: DeviceConfig, *, version: str,
                   release_counter: int) -> tuple[Offer | None, int]:
     """Ask the tracker what to install. Returns ``(offer or None, poll_after_s)``."""
     answer = await http.post_json(_url(config, "checkin"), {
         "device_id": config.device_id, "product": config.product,
-        "hardware_id": config.hardware_id, "version": version or "",
+        "hardware_id": config.hardware_id, "version": version,
         "release_counter": release_counter,
     })
     poll = answer.get("poll_after_s", 3600)

@@ -1,0 +1,65 @@
+"""Boot control: try counter armed only while pending, fallback, persistence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from peer.bootctl import (
+    SlotRecord,
+    boot,
+    fall_back,
+    initial_bootctl,
+    mark_good,
+    read_bootctl,
+    switch_to,
+    write_bootctl,
+)
+from peer.errors import ConfigError
+
+V1 = SlotRecord("1.0", 1, "a" * 64, 10)
+V2 = SlotRecord("2.0", 2, "b" * 64, 11)
+
+
+def test_pending_slot_boots_once_then_falls_back_after_a_reboot_loop() -> None:
+    bc = switch_to(initial_bootctl(V1), "b", V2, tries=1)
+    assert bc.pending and bc.primary == "b"
+    bc, booted = boot(bc)
+    assert booted == "b" and bc.tries_remaining == 0
+    bc, booted = boot(bc)  # crashed during the health check, rebooted
+    assert booted == "a" and not bc.pending
+
+
+def test_committed_slot_never_falls_back_later() -> None:
+    bc = switch_to(initial_bootctl(V1), "b", V2, tries=1)
+    bc, _ = boot(bc)
+    bc = mark_good(bc)
+    assert bc.committed == "b" and bc.min_release_counter == 2
+    for _ in range(5):
+        bc, booted = boot(bc)
+        assert booted == "b"
+
+
+def test_fall_back_keeps_anti_rollback_floor() -> None:
+    bc = fall_back(switch_to(initial_bootctl(V1), "b", V2))
+    assert bc.primary == "a" and bc.min_release_counter == 1
+
+
+def test_record_round_trips_and_generation_increases(tmp_path: Path) -> None:
+    path = tmp_path / "bootctl.json"
+    stored = write_bootctl(path, initial_bootctl(V1))
+    again = write_bootctl(path, switch_to(stored, "b", V2))
+    assert read_bootctl(path) == again and again.generation == stored.generation + 1
+
+
+def test_torn_or_corrupt_record_is_detected(tmp_path: Path) -> None:
+    path = tmp_path / "bootctl.json"
+    write_bootctl(path, initial_bootctl(V1))
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b'"primary": "a"', b'"primary": "b"'))
+    with pytest.raises(ConfigError, match="checksum"):
+        read_bootctl(path)
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError):
+        read_bootctl(path)

@@ -1,0 +1,175 @@
+"""The release manifest codec and checks: strict parsing, limits, integrity, applicability."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from manifest import (
+    MAX_MANIFEST_BYTES,
+    ImageInfo,
+    IntegrityError,
+    ManifestError,
+    ManifestFormatError,
+    NotApplicableError,
+    Payload,
+    ReleaseManifest,
+    RollbackError,
+    check_applicable,
+    choose_chunk_size,
+    chunk_hashes,
+    parse_release_manifest,
+    release_target_name,
+    sha256_hex,
+)
+
+PAYLOAD = bytes(range(256)) * 300  # 76800 bytes
+
+
+def make_manifest(counter: int = 2, payload: bytes = PAYLOAD) -> ReleaseManifest:
+    chunk = 16384
+    return ReleaseManifest(
+        product="acme-router", version="2.0.0", release_counter=counter,
+        compatibility=("acme-router-hw1",), update_type="image",
+        image=ImageInfo(size=1000, sha256="a" * 64),
+        payloads=(Payload(kind="full", compression="zstd", size=len(payload),
+                          sha256=sha256_hex(payload), chunk_size=chunk,
+                          chunks=tuple(chunk_hashes(payload, chunk))),),
+    )
+
+
+def raw(m: ReleaseManifest | None = None) -> dict:  # type: ignore[type-arg]
+    return json.loads((m or make_manifest()).to_bytes())
+
+
+def test_round_trip_is_canonical() -> None:
+    m = make_manifest()
+    data = m.to_bytes()
+    assert parse_release_manifest(data) == m
+    assert parse_release_manifest(data).to_bytes() == data
+    assert m.target_name == "releases/acme-router/2.0.0.json"
+    assert m.full_payload.path == f"payloads/{m.full_payload.sha256}.zst"
+
+
+def test_chunk_verification_accepts_good_and_rejects_flipped_byte() -> None:
+    p = make_manifest().full_payload
+    assert p.chunk_count == 5
+    off, length = p.chunk_span(4)
+    assert (off, length) == (65536, len(PAYLOAD) - 65536)
+    p.verify_chunk(4, PAYLOAD[off:off + length])
+    bad = bytearray(PAYLOAD[off:off + length])
+    bad[7] ^= 1
+    with pytest.raises(IntegrityError, match="chunk 4"):
+        p.verify_chunk(4, bad)
+    with pytest.raises(IntegrityError, match="expected"):
+        p.verify_chunk(0, PAYLOAD[:100])
+
+
+def test_mix_and_match_chunk_of_another_release_is_rejected() -> None:
+    other = bytes(reversed(PAYLOAD))
+    p = make_manifest().full_payload
+    with pytest.raises(IntegrityError):
+        p.verify_chunk(0, other[:16384])
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.pop("version"), "missing version"),
+    (lambda d: d.update(extra=1), "unknown keys extra"),
+    (lambda d: d.update(schema=2), "unsupported manifest schema"),
+    (lambda d: d.update(release_counter=-1), "release_counter"),
+    (lambda d: d.update(release_counter=True), "release_counter"),
+    (lambda d: d.update(product="../etc"), "invalid product"),
+    (lambda d: d.update(version="1.0/../../x"), "invalid version"),
+    (lambda d: d.update(compatibility=[]), "compatibility"),
+    (lambda d: d["payloads"][0].update(chunk_size=20000), "not a power of two"),
+    (lambda d: d["payloads"][0].update(chunk_size=1024), "chunk_size"),
+    (lambda d: d["payloads"][0]["chunks"].pop(), "hashes for 5 chunks"),
+    (lambda d: d["payloads"][0].update(sha256="A" * 64), "hex"),
+    (lambda d: d["payloads"][0].update(kind="exotic"), "kind"),
+    (lambda d: d.update(payloads=[]), "payloads"),
+    (lambda d: d["image"].update(size=10**30), "image.size"),
+])
+def test_malformed_manifest_rejected_with_clear_message(mutate, message) -> None:  # type: ignore[no-untyped-def]
+    d = raw()
+    mutate(d)
+    with pytest.raises(ManifestFormatError, match=message):
+        parse_release_manifest(json.dumps(d).encode())
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\xff\xfe", "not valid JSON"),
+    (b"[]", "expected an object"),
+    (b'{"a": 1, "a": 2}', "duplicate key"),
+    (b'{"a": 1.5}', "floating point"),
+    (b'{"a": NaN}', "constant"),
+    (b"[" * 100000, "not valid JSON"),
+])
+def test_hostile_json_rejected(data: bytes, message: str) -> None:
+    with pytest.raises(ManifestFormatError, match=message):
+        parse_release_manifest(data)
+
+
+def test_endless_manifest_cut_at_limit() -> None:
+    with pytest.raises(ManifestFormatError, match="limit"):
+        parse_release_manifest(b" " * (MAX_MANIFEST_BYTES + 1))
+
+
+def test_wrong_product_or_hardware_not_applicable() -> None:
+    m = make_manifest()
+    with pytest.raises(NotApplicableError, match="product"):
+        check_applicable(m, product="other", hardware_id="acme-router-hw1", installed_counter=0)
+    with pytest.raises(NotApplicableError, match="hardware"):
+        check_applicable(m, product="acme-router", hardware_id="hw2", installed_counter=0)
+    check_applicable(m, product="acme-router", hardware_id="acme-router-hw1", installed_counter=1)
+
+
+def test_rollback_to_older_or_same_counter_refused() -> None:
+    m = make_manifest(counter=2)
+    for installed in (2, 3):
+        with pytest.raises(RollbackError, match="not newer"):
+            check_applicable(m, product="acme-router", hardware_id="acme-router-hw1",
+                             installed_counter=installed)
+
+
+def test_target_name_refuses_path_traversal() -> None:
+    with pytest.raises(ManifestFormatError):
+        release_target_name("acme", "../../root")
+    with pytest.raises(ManifestFormatError):
+        release_target_name("/abs", "1")
+
+
+def test_chunk_size_power_of_two_many_chunks_for_small_payloads() -> None:
+    assert choose_chunk_size(0) == 16384
+    assert choose_chunk_size(200_000) == 16384
+    size = choose_chunk_size(3_000_000_000)
+    assert size & (size - 1) == 0 and 3_000_000_000 / size <= 512
+    assert choose_chunk_size(10**13) == 16 * 1024 * 1024
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048))
+def test_fuzz_arbitrary_bytes_only_raise_manifest_errors(data: bytes) -> None:
+    with contextlib.suppress(ManifestError):
+        parse_release_manifest(data)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10),
+                                                                       children, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["product", "version", "release_counter", "compatibility",
+                        "update_type", "image", "payloads", "schema"]), json_values)
+def test_fuzz_any_field_replaced_by_any_json_only_raises_manifest_errors(key: str,
+                                                                         value: object) -> None:
+    d = raw()
+    d[key] = value
+    with contextlib.suppress(ManifestError):
+        parse_release_manifest(json.dumps(d).encode())

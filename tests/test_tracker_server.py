@@ -1,0 +1,296 @@
+"""The real tracker on loopback: hypercorn + ASGI app + SQLite, driven with httpx."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import re
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from infra.http_serve import ListenConfig
+from manifest import (
+    MIN_CHUNK_SIZE_BYTES,
+    ImageInfo,
+    Payload,
+    ReleaseManifest,
+    chunk_hashes,
+    sha256_hex,
+)
+from tracker import cli
+from tracker.config import TrackerConfig
+from tracker.protocol import Release
+from tracker.server import serve_tracker
+from tracker.store import SqliteStore
+
+NOW = 1_700_000_000.0
+
+CHECKIN = {"device_id": "dev-1", "product": "acme-router", "hardware_id": "acme-router-hw1",
+           "version": "1.0.0", "release_counter": 1}
+REPORT = {"device_id": "dev-1", "product": "acme-router", "from_version": "1.0.0",
+          "to_version": "2.0.0", "status": 0, "message": "installed and healthy",
+          "bytes_origin": 4096, "bytes_peers": 0, "timings_s": {"download": 0.5}}
+
+
+@dataclass
+class Tracker:
+    url: str
+    db_path: Path
+    client: httpx.AsyncClient
+
+
+@pytest.fixture
+async def tracker(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Tracker]:
+    config = TrackerConfig(db_path=tmp_path / "tracker.db",
+                           listen=ListenConfig(host="127.0.0.1", port=0),
+                           poll_after_s=60, max_body_bytes=4096)
+    url = await nursery.start(functools.partial(serve_tracker, config, clock=lambda: NOW))
+    assert url.startswith("http://127.0.0.1:")
+    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+        yield Tracker(url, config.db_path, client)
+
+
+def add_release(db_path: Path, release: Release) -> None:
+    with SqliteStore(db_path) as store:
+        store.add_release(release, NOW)
+
+
+def build_manifest(version: str = "2.0.0", counter: int = 2) -> ReleaseManifest:
+    image = b"new firmware image " * 100
+    payload = b"pretend zstd payload " * 50
+    return ReleaseManifest(
+        product="acme-router", version=version, release_counter=counter,
+        compatibility=("acme-router-hw1",), update_type="image",
+        image=ImageInfo(size=len(image), sha256=sha256_hex(image)),
+        payloads=(Payload(kind="full", compression="zstd", size=len(payload),
+                          sha256=sha256_hex(payload), chunk_size=MIN_CHUNK_SIZE_BYTES,
+                          chunks=tuple(chunk_hashes(payload, MIN_CHUNK_SIZE_BYTES))),),
+    )
+
+
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="swarmota")
+    cli.add_parser(parser.add_subparsers(dest="component", required=True))
+    args = parser.parse_args(["tracker", *argv])
+    rc: int = args.func(args)
+    return rc
+
+
+def assert_json_error(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    message = response.json()["error"]
+    assert isinstance(message, str) and message
+    return message
+
+
+# --- the API ----------------------------------------------------------------------------
+
+
+async def test_health(tracker: Tracker) -> None:
+    response = await tracker.client.get("/v1/health")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"ok": True}
+
+
+async def test_checkin_is_offered_a_release_once_it_is_added(tracker: Tracker) -> None:
+    response = await tracker.client.post("/v1/checkin", json=CHECKIN)
+    assert response.status_code == 200
+    assert response.json() == {"release": None, "poll_after_s": 60}
+
+    add_release(tracker.db_path, Release.create("acme-router", "2.0.0", 2))
+    add_release(tracker.db_path, Release.create("acme-router", "1.0.0", 1))
+    response = await tracker.client.post("/v1/checkin", json=CHECKIN)
+    assert response.json() == {
+        "release": {"product": "acme-router", "version": "2.0.0", "release_counter": 2,
+                    "target": "releases/acme-router/2.0.0.json"},
+        "poll_after_s": 60,
+    }
+
+    updated = {**CHECKIN, "version": "2.0.0", "release_counter": 2}
+    response = await tracker.client.post("/v1/checkin", json=updated)
+    assert response.json()["release"] is None
+
+    with sqlite3.connect(tracker.db_path) as raw:
+        rows = raw.execute("SELECT device_id, version, release_counter, last_seen "
+                           "FROM devices").fetchall()
+    raw.close()
+    assert rows == [("dev-1", "2.0.0", 2, NOW)]
+
+
+async def test_report_is_stored_in_the_sqlite_file(tracker: Tracker) -> None:
+    response = await tracker.client.post("/v1/report", json=REPORT)
+    assert response.status_code == 200
+    assert response.json() == {"ok": True}
+    with sqlite3.connect(tracker.db_path) as raw:
+        rows = raw.execute("SELECT device_id, from_version, to_version, status, message, "
+                           "bytes_origin, bytes_peers, timings_json, received_at "
+                           "FROM reports").fetchall()
+    raw.close()
+    assert rows == [("dev-1", "1.0.0", "2.0.0", 0, "installed and healthy", 4096, 0,
+                     '{"download": 0.5}', NOW)]
+
+
+async def test_bad_checkin_gets_400_with_the_reason(tracker: Tracker) -> None:
+    response = await tracker.client.post("/v1/checkin", json={**CHECKIN, "extra": 1})
+    assert "unknown keys 'extra'" in assert_json_error(response, 400)
+    response = await tracker.client.post("/v1/checkin", content=b"not json")
+    assert "not valid UTF-8 JSON" in assert_json_error(response, 400)
+
+
+async def test_bad_report_gets_400_and_stores_nothing(tracker: Tracker) -> None:
+    response = await tracker.client.post("/v1/report", json={**REPORT, "status": 7})
+    assert "report.status" in assert_json_error(response, 400)
+    with sqlite3.connect(tracker.db_path) as raw:
+        assert raw.execute("SELECT count(*) FROM reports").fetchone() == (0,)
+    raw.close()
+
+
+async def test_unknown_path_gets_404(tracker: Tracker) -> None:
+    response = await tracker.client.get("/v1/nothing")
+    assert_json_error(response, 404)
+    response = await tracker.client.post("/v1/checkin/", json=CHECKIN)
+    assert_json_error(response, 404)
+
+
+async def test_wrong_method_gets_405_with_allow(tracker: Tracker) -> None:
+    response = await tracker.client.get("/v1/checkin")
+    assert_json_error(response, 405)
+    assert response.headers["allow"] == "POST"
+    response = await tracker.client.post("/v1/health", json={})
+    assert_json_error(response, 405)
+    assert response.headers["allow"] == "GET"
+
+
+async def test_oversize_body_gets_413(tracker: Tracker) -> None:
+    body = json.dumps({**REPORT, "message": "x" * 5000}).encode()
+    response = await tracker.client.post("/v1/report", content=body)
+    assert "limit of 4096 bytes" in assert_json_error(response, 413)
+
+
+async def test_oversize_chunked_body_gets_413_while_streaming(tracker: Tracker) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(5):
+            yield b" " * 1000
+
+    response = await tracker.client.post("/v1/report", content=chunks())
+    assert "content-length" not in response.request.headers
+    assert "limit of 4096 bytes" in assert_json_error(response, 413)
+
+
+async def test_server_stops_cleanly_and_closes_the_database(tmp_path: Path) -> None:
+    config = TrackerConfig(db_path=tmp_path / "t.db", listen=ListenConfig(port=0))
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve_tracker, config)
+        async with httpx.AsyncClient(base_url=url) as client:
+            assert (await client.get("/v1/health")).status_code == 200
+        nursery.cancel_scope.cancel()
+    # Closed cleanly: the WAL was checkpointed and removed by the last connection.
+    assert not (tmp_path / "t.db-wal").exists()
+    store = SqliteStore(config.db_path, create=False)
+    store.close()
+
+
+# --- the command line -------------------------------------------------------------------
+
+
+async def test_cli_release_add_registers_a_manifest_file_and_devices_get_it(
+        tracker: Tracker, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest_file = tmp_path / "abc.2.0.0.json"
+    manifest_file.write_bytes(build_manifest().to_bytes())
+
+    assert run_cli("release", "add", "--db", str(tracker.db_path), str(manifest_file)) == 0
+    assert capsys.readouterr().out == ("added acme-router 2.0.0 (release counter 2, target "
+                                       "releases/acme-router/2.0.0.json)\n")
+    assert run_cli("release", "add", "--db", str(tracker.db_path), str(manifest_file)) == 0
+    assert "already registered" in capsys.readouterr().out
+
+    response = await tracker.client.post("/v1/checkin", json=CHECKIN)
+    assert response.json()["release"]["version"] == "2.0.0"
+
+    assert run_cli("release", "list", "--db", str(tracker.db_path)) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].split()[:4] == ["PRODUCT", "VERSION", "COUNTER", "TARGET"]
+    assert listing[1].split()[:4] == ["acme-router", "2.0.0", "2",
+                                      "releases/acme-router/2.0.0.json"]
+
+    await tracker.client.post("/v1/report", json={**REPORT, "status": 40,
+                                                  "message": "health\ncheck failed"})
+    assert run_cli("reports", "--db", str(tracker.db_path), "--device", "dev-1") == 0
+    table = capsys.readouterr().out
+    assert "40 post-check-failed" in table and "health\\ncheck failed" in table
+    assert run_cli("reports", "--db", str(tracker.db_path), "--device", "dev-2") == 0
+    assert capsys.readouterr().out == "no reports from device dev-2\n"
+    assert run_cli("devices", "--db", str(tracker.db_path)) == 0
+    assert "dev-1" in capsys.readouterr().out
+
+
+async def test_cli_release_add_refuses_bad_files_with_exit_code_2(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "t.db")
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'{"schema": 1}')
+    assert run_cli("release", "add", "--db", db, str(bad)) == 2
+    assert "not a valid release manifest" in capsys.readouterr().err
+    assert run_cli("release", "add", "--db", db, str(tmp_path / "missing.json")) == 2
+    assert "cannot read manifest" in capsys.readouterr().err
+
+
+async def test_cli_release_add_refuses_a_conflicting_release(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "t.db")
+    first, clash = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_bytes(build_manifest("2.0.0", 2).to_bytes())
+    clash.write_bytes(build_manifest("2.0.1", 2).to_bytes())
+    assert run_cli("release", "add", "--db", db, str(first)) == 0
+    assert run_cli("release", "add", "--db", db, str(clash)) == 1
+    assert "already registered" in capsys.readouterr().err
+
+
+async def test_cli_listing_a_missing_database_fails_without_creating_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("release", "list", "--db", str(tmp_path / "typo.db")) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "typo.db").exists()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("127.0.0.1:8470", ("127.0.0.1", 8470)),
+    ("localhost:0", ("localhost", 0)),
+    ("[::1]:8470", ("::1", 8470)),
+    ("0.0.0.0:65535", ("0.0.0.0", 65535)),
+])
+def test_listen_addresses_are_parsed(text: str, expected: tuple[str, int]) -> None:
+    assert cli.parse_host_port(text) == expected
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("127.0.0.1", "expected HOST:PORT"),
+    (":8470", "missing or invalid host"),
+    ("::1:8470", "in brackets"),
+    ("[::1]8470", "expected [IPV6]:PORT"),
+    ("[::1:8470", "missing ']'"),
+    ("[nope]:1", "not an IPv6 address"),
+    ("host:http", "not a number"),
+    ("host:-1", "not a number"),
+    ("host:65536", "outside 0..65535"),
+])
+def test_bad_listen_addresses_are_refused_clearly(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        cli.parse_host_port(text)
+
+
+def test_listen_option_errors_come_from_argparse(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        run_cli("serve", "--db", "x.db", "--listen", "::1:80")
+    assert info.value.code == 2
+    assert "--listen" in capsys.readouterr().err
+

@@ -1,0 +1,401 @@
+"""Tracker storage: the :class:`Store` interface and its SQLite implementation.
+
+The only tracker module that imports ``sqlite3``; every ``sqlite3.Error`` (and the
+``OSError`` of creating the database directory) becomes a
+:class:`~tracker.errors.StorageError`.
+
+All methods are blocking. An async caller runs them in a worker thread
+(``trio.to_thread.run_sync``) and should allow one such thread at a time
+(``limiter=trio.CapacityLimiter(1)``), since the store has one connection. The
+:class:`SqliteStore` additionally serialises calls with an internal lock, so it stays
+correct if several threads call it anyway.
+
+Time is passed in: ``now`` arguments (seconds since the epoch), or for
+``add_release`` without ``now`` the ``clock`` given to :class:`SqliteStore`.
+
+The database (WAL journal, ``synchronous=NORMAL``) can be opened by several processes
+at once: ``swarmota tracker release add`` may register a release while the server
+runs, and the server sees it on the next check-in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from tracker.errors import ReleaseConflictError, RequestError, StorageError
+from tracker.protocol import CheckIn, Release, Report
+
+__all__ = ["SCHEMA_VERSION", "DeviceRecord", "SqliteStore", "Store", "StoredReport"]
+
+SCHEMA_VERSION = 1
+_BUSY_TIMEOUT_MS = 5000
+
+_SCHEMA = """
+CREATE TABLE schema_version (
+    version INTEGER NOT NULL
+);
+CREATE TABLE releases (
+    product TEXT NOT NULL,
+    version TEXT NOT NULL,
+    counter INTEGER NOT NULL,
+    target TEXT NOT NULL,
+    added_at REAL NOT NULL,
+    UNIQUE (product, version),
+    UNIQUE (product, counter)
+);
+CREATE TABLE devices (
+    device_id TEXT PRIMARY KEY,
+    product TEXT NOT NULL,
+    hardware_id TEXT NOT NULL,
+    version TEXT NOT NULL,
+    release_counter INTEGER NOT NULL,
+    last_seen REAL NOT NULL
+);
+CREATE TABLE reports (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    product TEXT NOT NULL,
+    from_version TEXT NOT NULL,
+    to_version TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    message TEXT NOT NULL,
+    bytes_origin INTEGER NOT NULL,
+    bytes_peers INTEGER NOT NULL,
+    timings_json TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX reports_by_device ON reports (device_id, id);
+"""
+
+
+@dataclass(frozen=True)
+class StoredReport:
+    """A report as stored: its row id and arrival time (epoch s), then what the device sent.
+
+    The fields after ``received_at`` are those of :class:`~tracker.protocol.Report`.
+    """
+
+    report_id: int
+    received_at: float
+    device_id: str
+    product: str
+    from_version: str
+    to_version: str
+    status: int
+    message: str
+    bytes_origin: int
+    bytes_peers: int
+    timings_s: dict[str, float]
+
+    @classmethod
+    def from_report(cls, report_id: int, received_at: float, report: Report) -> StoredReport:
+        return cls(report_id, received_at, report.device_id, report.product,
+                   report.from_version, report.to_version, report.status, report.message,
+                   report.bytes_origin, report.bytes_peers, dict(report.timings_s))
+
+    @property
+    def report(self) -> Report:
+        """What the device sent."""
+        return Report(self.device_id, self.product, self.from_version, self.to_version,
+                      self.status, self.message, self.bytes_origin, self.bytes_peers,
+                      dict(self.timings_s))
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """What a device said at its latest check-in, and when (``last_seen``, epoch s)."""
+
+    device_id: str
+    product: str
+    hardware_id: str
+    version: str
+    release_counter: int
+    last_seen: float
+
+
+class Store(Protocol):
+    """Storage of the release catalogue, device check-ins and reports (blocking)."""
+
+    def add_release(self, release: Release, now: float | None = None) -> bool:
+        """Register ``release`` at ``now`` (default: the store's clock).
+
+        Returns ``True`` if added, ``False`` if exactly this release was already there.
+
+        Raises:
+            ReleaseConflictError: another release holds its version or counter.
+            StorageError: the database failed.
+        """
+        ...
+
+    def releases(self, product: str | None = None) -> list[Release]:
+        """Registered releases (of ``product`` if given), by product then counter."""
+        ...
+
+    def record_checkin(self, checkin: CheckIn, now: float) -> None:
+        """Remember what the device runs, with ``last_seen = now``."""
+        ...
+
+    def add_report(self, report: Report, now: float) -> int:
+        """Store ``report`` received at ``now``; return its id (increasing)."""
+        ...
+
+    def reports(self, device_id: str | None = None) -> list[StoredReport]:
+        """Stored reports (of ``device_id`` if given), oldest first."""
+        ...
+
+    def devices(self) -> list[DeviceRecord]:
+        """Every device that ever checked in, by device id."""
+        ...
+
+    def close(self) -> None:
+        """Release the database; further calls raise StorageError. Idempotent."""
+        ...
+
+
+class SqliteStore:
+    """:class:`Store` on one SQLite database file, through one connection.
+
+    ``SqliteStore(path)`` opens the database, creating it (and its directory) unless
+    ``create`` is false, turns on WAL and ``synchronous=NORMAL`` and checks the schema
+    version. ``clock`` (epoch seconds) only dates releases added without ``now``.
+    Thread-safe (one internal lock); every method may raise :class:`StorageError`.
+    A context manager that closes the store on exit.
+
+    Raises:
+        StorageError: the file is missing (``create=False``), not a database, another
+            application's database, from a newer schema, or cannot be opened.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = _connect(self.path, create)
+
+    def __enter__(self) -> SqliteStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- releases ---------------------------------------------------------------------
+
+    def add_release(self, release: Release, now: float | None = None) -> bool:
+        added_at = self._clock() if now is None else now
+        with self._transaction("add release") as conn:
+            rows = conn.execute(
+                "SELECT version, counter FROM releases "
+                "WHERE product = ? AND (version = ? OR counter = ?)",
+                (release.product, release.version, release.release_counter),
+            ).fetchall()
+            for version, counter in rows:
+                if version == release.version and counter == release.release_counter:
+                    return False
+            if rows:
+                version, counter = rows[0]
+                raise ReleaseConflictError(
+                    f"cannot add {release.product} {release.version} with counter "
+                    f"{release.release_counter}: {release.product} {version} with counter "
+                    f"{counter} is already registered (versions and counters are unique "
+                    "per product)"
+                )
+            conn.execute(
+                "INSERT INTO releases (product, version, counter, target, added_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (release.product, release.version, release.release_counter, release.target,
+                 added_at),
+            )
+            return True
+
+    def releases(self, product: str | None = None) -> list[Release]:
+        return [release for release, _ in self.registered_releases(product)]
+
+    def registered_releases(self, product: str | None = None) -> list[tuple[Release, float]]:
+        """Like :meth:`releases`, with when each was registered (``added_at``, epoch s)."""
+        sql = "SELECT product, version, counter, target, added_at FROM releases"
+        params: tuple[str, ...] = ()
+        if product is not None:
+            sql += " WHERE product = ?"
+            params = (product,)
+        sql += " ORDER BY product, counter"
+        with self._connection("list releases") as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return [(_row_to_release(row[:4]), float(row[4])) for row in rows]
+
+    # --- devices ----------------------------------------------------------------------
+
+    def record_checkin(self, checkin: CheckIn, now: float) -> None:
+        with self._transaction("record check-in") as conn:
+            conn.execute(
+                "INSERT INTO devices (device_id, product, hardware_id, version, "
+                "release_counter, last_seen) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (device_id) DO UPDATE SET product = excluded.product, "
+                "hardware_id = excluded.hardware_id, version = excluded.version, "
+                "release_counter = excluded.release_counter, last_seen = excluded.last_seen",
+                (checkin.device_id, checkin.product, checkin.hardware_id, checkin.version,
+                 checkin.release_counter, now),
+            )
+
+    def devices(self) -> list[DeviceRecord]:
+        with self._connection("list devices") as conn:
+            rows = conn.execute(
+                "SELECT device_id, product, hardware_id, version, release_counter, last_seen "
+                "FROM devices ORDER BY device_id"
+            ).fetchall()
+        return [DeviceRecord(str(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4]),
+                             float(r[5])) for r in rows]
+
+    # --- reports ----------------------------------------------------------------------
+
+    def add_report(self, report: Report, now: float) -> int:
+        timings = json.dumps(report.timings_s, sort_keys=True, allow_nan=False)
+        with self._transaction("store report") as conn:
+            cursor = conn.execute(
+                "INSERT INTO reports (device_id, product, from_version, to_version, status, "
+                "message, bytes_origin, bytes_peers, timings_json, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (report.device_id, report.product, report.from_version, report.to_version,
+                 report.status, report.message, report.bytes_origin, report.bytes_peers,
+                 timings, now),
+            )
+            report_id = cursor.lastrowid
+        if report_id is None:  # pragma: no cover - sqlite always sets it after an INSERT
+            raise RuntimeError("sqlite did not return the new report id")
+        return report_id
+
+    def reports(self, device_id: str | None = None) -> list[StoredReport]:
+        sql = ("SELECT id, received_at, device_id, product, from_version, to_version, status, "
+               "message, bytes_origin, bytes_peers, timings_json FROM reports")
+        params: tuple[str, ...] = ()
+        if device_id is not None:
+            sql += " WHERE device_id = ?"
+            params = (device_id,)
+        sql += " ORDER BY id"
+        with self._connection("list reports") as conn:
+            rows = conn.execute(sql, params).fetchall()
+        out = []
+        for row in rows:
+            try:
+                timings = {str(k): float(v) for k, v in json.loads(row[10]).items()}
+            except (ValueError, TypeError, AttributeError) as exc:
+                raise StorageError(f"report {row[0]}: corrupt timings_json: {exc}") from exc
+            out.append(StoredReport(int(row[0]), float(row[1]), str(row[2]), str(row[3]),
+                                    str(row[4]), str(row[5]), int(row[6]), str(row[7]),
+                                    int(row[8]), int(row[9]), timings))
+        return out
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def journal_mode(self) -> str:
+        """The connection's journal mode (``"wal"`` once opened)."""
+        with self._connection("read journal mode") as conn:
+            return str(conn.execute("PRAGMA journal_mode").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is None:
+                return
+            try:
+                conn.close()
+            except sqlite3.Error as exc:
+                raise StorageError(f"closing {self.path}: {exc}") from exc
+
+    @contextmanager
+    def _connection(self, what: str) -> Iterator[sqlite3.Connection]:
+        """Hold the lock and translate sqlite3 errors; no transaction (one statement)."""
+        with self._lock:
+            if self._conn is None:
+                raise StorageError(f"{what}: the tracker store is closed")
+            try:
+                yield self._conn
+            except sqlite3.Error as exc:
+                raise StorageError(f"{what} in {self.path}: {exc}") from exc
+
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``), committed unless the body raises."""
+        with self._connection(what) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.rollback()
+                raise
+
+
+def _row_to_release(row: tuple[Any, ...]) -> Release:
+    product, version, counter, target = row
+    try:
+        return Release(str(product), str(version), int(counter), str(target))
+    except RequestError as exc:
+        raise StorageError(f"corrupt release row {row!r}: {exc}") from exc
+
+
+def _connect(path: Path, create: bool) -> sqlite3.Connection:
+    if not create and not path.is_file():
+        raise StorageError(f"tracker database {path} does not exist")
+    try:
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                               timeout=_BUSY_TIMEOUT_MS / 1000)
+    except (OSError, sqlite3.Error) as exc:
+        raise StorageError(f"cannot open tracker database {path}: {exc}") from exc
+    try:
+        _configure(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _configure(conn: sqlite3.Connection, path: Path) -> None:
+    """Pragmas, then create the schema or check its version."""
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StorageError(f"{path}: cannot enable WAL journal (got {mode!r})")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            exists = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+            ).fetchone()
+            if exists is None:
+                others = conn.execute(
+                    "SELECT count(*) FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
+                ).fetchone()[0]
+                if others:
+                    raise StorageError(f"{path} is an SQLite database but not a tracker's "
+                                       "(no schema_version table)")
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)",
+                             (SCHEMA_VERSION,))
+            else:
+                row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+                version = row[0]
+                if version != SCHEMA_VERSION:
+                    raise StorageError(f"{path}: tracker schema version {version!r}, this "
+                                       f"swarmota supports {SCHEMA_VERSION}")
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open tracker database {path}: {exc}") from exc
