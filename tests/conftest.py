@@ -1,0 +1,3 @@
+"""Fixtures shared by the suite live in tests/release_env.py."""
+
+pytest_plugins = ["tests.release_env"]

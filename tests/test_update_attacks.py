@@ -1,0 +1,168 @@
+"""Attacks on metadata, manifests and payloads: each rejected, the device untouched.
+
+Every test checks the invariants of ../shared/RELIABILITY.md that apply here: a typed
+status naming the fault; the active slot byte-identical and still committed; no partial
+file promoted; trusted metadata not moved backwards; the next clean run succeeds; the
+tracker hears about it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import trio
+
+from infra.http_serve import ListenConfig, serve_asgi
+from peer.agent import update_once
+from peer.errors import StatusCode
+from peer.state import DeviceState
+from seeder.repository import Repository
+from tests.release_env import ReleaseEnv, publish
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def assert_untouched(dev: DeviceState, v1: bytes) -> None:
+    bc = dev.bootctl()
+    assert bc.primary == bc.committed == "a" and not bc.pending
+    assert dev.slot_path("a").read_bytes() == v1
+    assert not dev.slot_path("b").exists(), "nothing promoted to the inactive slot"
+    assert not list(dev.slot_path("a").parent.glob(".*")), "no temporary slot files left"
+    assert bc.min_release_counter == 1
+
+
+async def expect_refused(env: ReleaseEnv, dev: DeviceState, status: StatusCode,
+                         words: str) -> None:
+    result = await update_once(dev)
+    assert result.status == status, result.message
+    assert words in result.message, result.message
+    assert_untouched(dev, env.v1)
+    assert [r.status for r in env.reports()] == [int(status)]
+
+
+async def test_flipped_byte_in_a_payload_chunk_is_rejected(env: ReleaseEnv) -> None:
+    payload = env.repo.origin_dir / env.m2.full_payload.path
+    flip_byte(payload, 100)
+    dev = env.device()
+    await expect_refused(env, dev, StatusCode.VERIFY_FAILED, "chunk 0 failed verification")
+
+
+async def test_flipped_byte_in_the_last_payload_chunk_is_rejected(env: ReleaseEnv) -> None:
+    p = env.m2.full_payload
+    flip_byte(env.repo.origin_dir / p.path, p.size - 1)
+    dev = env.device()
+    await expect_refused(env, dev, StatusCode.VERIFY_FAILED,
+                         f"chunk {p.chunk_count - 1} failed verification")
+    # Verified chunks are kept for resume; once the origin is repaired, only the bad
+    # chunk is fetched again.
+    flip_byte(env.repo.origin_dir / p.path, p.size - 1)
+    result = await update_once(dev)
+    assert result.status == StatusCode.OK and result.chunks_reused == p.chunk_count - 1
+    assert dev.slot_path("b").read_bytes() == env.v2
+
+
+async def test_truncated_payload_on_origin_fails_download(env: ReleaseEnv) -> None:
+    payload = env.repo.origin_dir / env.m2.full_payload.path
+    payload.write_bytes(payload.read_bytes()[:1000])
+    dev = env.device()
+    await expect_refused(env, dev, StatusCode.DOWNLOAD_FAILED, "not fetched")
+
+
+async def test_flipped_byte_in_release_manifest_is_rejected(env: ReleaseEnv) -> None:
+    (target,) = (env.repo.origin_dir / "targets" / "releases" / "acme-router").glob("*.2.0.0.json")
+    flip_byte(target, 20)
+    dev = env.device()
+    await expect_refused(env, dev, StatusCode.VERIFY_FAILED, "metadata rejected")
+
+
+async def test_flipped_byte_in_timestamp_signature_is_rejected(env: ReleaseEnv) -> None:
+    path = env.repo.metadata_dir / "timestamp.json"
+    doc = json.loads(path.read_bytes())
+    sig = doc["signatures"][0]["sig"]
+    doc["signatures"][0]["sig"] = ("0" if sig[0] != "0" else "1") + sig[1:]
+    path.write_text(json.dumps(doc))
+    dev = env.device()
+    await expect_refused(env, dev, StatusCode.VERIFY_FAILED, "metadata rejected")
+
+
+async def test_metadata_signed_by_a_foreign_key_is_rejected(env: ReleaseEnv,
+                                                            tmp_path: Path) -> None:
+    foreign = Repository.create(tmp_path / "foreign")
+    publish(foreign, tmp_path / "foreign-work", env.v1, "1.0.0", 1)
+    publish(foreign, tmp_path / "foreign-work", env.v2, "2.0.0", 2)
+    shutil.rmtree(env.repo.origin_dir)
+    shutil.copytree(foreign.origin_dir, env.repo.origin_dir)
+    dev = env.device()  # provisioned with the genuine root
+    await expect_refused(env, dev, StatusCode.VERIFY_FAILED, "metadata rejected")
+
+
+async def test_expired_timestamp_is_refused_as_possible_freeze(env: ReleaseEnv) -> None:
+    env.repo.refresh_timestamp(expires_in_s=-60)
+    dev = env.device()
+    await expect_refused(env, dev, StatusCode.VERIFY_FAILED, "expired")
+    env.repo.refresh_timestamp()  # the operator fixes the repository: the next run succeeds
+    assert (await update_once(dev)).status == StatusCode.OK
+
+
+async def _serve_offer(nursery: trio.Nursery, release: dict[str, object]) -> str:
+    """A compromised tracker that offers ``release`` to everyone."""
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        answer = {"release": release, "poll_after_s": 60} if scope["path"] == "/v1/checkin" \
+            else {"ok": True}
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
+
+    url: str = await nursery.start(serve_asgi, app, ListenConfig())
+    return url
+
+
+async def test_older_release_offered_after_newer_is_refused(env: ReleaseEnv,
+                                                            nursery: trio.Nursery) -> None:
+    dev = env.device("dev-1")
+    assert (await update_once(dev)).status == StatusCode.OK  # now on v2, counter 2
+    evil = await _serve_offer(nursery, {"product": "acme-router", "version": "1.0.0",
+                                        "release_counter": 3,
+                                        "target": "releases/acme-router/1.0.0.json"})
+    config = dev.config()
+    from peer.config import save_config
+
+    save_config(dev.config_path, type(config)(**{**config.__dict__, "tracker_url": evil}))
+    result = await update_once(dev)
+    assert result.status == StatusCode.VERIFY_FAILED
+    assert "not newer than the installed counter 2" in result.message
+    bc = dev.bootctl()
+    assert bc.primary == bc.committed == "b" and dev.slot_path("b").read_bytes() == env.v2
+    assert dev.slot_path("a").read_bytes() == env.v1
+
+
+async def test_unsigned_target_offered_by_tracker_is_refused(env: ReleaseEnv,
+                                                             nursery: trio.Nursery) -> None:
+    evil = await _serve_offer(nursery, {"product": "acme-router", "version": "9.9.9",
+                                        "release_counter": 99,
+                                        "target": "releases/acme-router/9.9.9.json"})
+    dev = env.device("dev-1", tracker_url=evil)
+    result = await update_once(dev)
+    assert result.status == StatusCode.VERIFY_FAILED
+    assert "not listed in the signed targets" in result.message
+    assert_untouched(dev, env.v1)
+
+
+async def test_tracker_down_keeps_device_as_is(env: ReleaseEnv) -> None:
+    dev = env.device("dev-1", tracker_url="http://127.0.0.1:9")
+    result = await update_once(dev)
+    assert result.status == StatusCode.DOWNLOAD_FAILED and "check-in failed" in result.message
+    assert_untouched(dev, env.v1)

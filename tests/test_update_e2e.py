@@ -1,0 +1,127 @@
+"""A signed release reaches devices end to end through the real servers on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+import zstandard
+
+from peer.agent import update_once
+from peer.errors import StatusCode
+from tests.release_env import SHARED_DATA, ReleaseEnv, start_env
+
+
+def slot_bytes(state, slot: str | None = None) -> bytes:  # type: ignore[no-untyped-def]
+    bc = state.bootctl()
+    return state.slot_path(slot or bc.primary).read_bytes()
+
+
+async def test_device_updates_v1_to_v2_and_reports(env: ReleaseEnv) -> None:
+    dev = env.device("dev-1")
+    result = await update_once(dev)
+    assert result.status == StatusCode.OK, result.message
+    assert result.updated and result.reported
+    bc = dev.bootctl()
+    assert bc.primary == bc.committed == "b" and not bc.pending
+    assert slot_bytes(dev) == env.v2
+    assert slot_bytes(dev, "a") == env.v1
+    assert bc.min_release_counter == 2
+    assert result.bytes_origin == env.m2.full_payload.size
+    (report,) = env.reports()
+    assert (report.device_id, report.status, report.to_version) == ("dev-1", 0, "2.0.0")
+    assert report.bytes_origin == env.m2.full_payload.size
+    assert not list(dev.downloads_dir.iterdir()), "temporary download space reclaimed"
+    # A second pass finds nothing to do and downloads nothing.
+    again = await update_once(dev)
+    assert again.status == StatusCode.OK and not again.attempted
+    assert len(env.reports()) == 1
+
+
+async def test_fleet_updates_concurrently(env: ReleaseEnv) -> None:
+    devices = [env.device(f"dev-{i}") for i in range(4)]
+    async with trio.open_nursery() as nursery:
+        for d in devices:
+            nursery.start_soon(update_once, d)
+    for d in devices:
+        assert slot_bytes(d) == env.v2
+    assert len(env.reports()) == 4
+    assert env.origin.statistics().bytes_payloads == 4 * env.m2.full_payload.size
+
+
+async def test_health_check_failure_rolls_back_and_reports_40(env: ReleaseEnv) -> None:
+    dev = env.device("dev-1", health_command=[sys.executable, "-c", "raise SystemExit(3)"])
+    result = await update_once(dev)
+    assert result.status == StatusCode.POSTCHECK_FAILED
+    assert "exited 3" in result.message
+    bc = dev.bootctl()
+    assert bc.primary == bc.committed == "a" and not bc.pending
+    assert slot_bytes(dev) == env.v1
+    assert bc.min_release_counter == 1
+    assert [r.status for r in env.reports()] == [40]
+
+
+async def test_health_check_hang_times_out_and_rolls_back(env: ReleaseEnv) -> None:
+    dev = env.device("dev-1", health_command=[sys.executable, "-c", "import time; time.sleep(60)"],
+                     health_timeout_s=0.5)
+    result = await update_once(dev)
+    assert result.status == StatusCode.POSTCHECK_FAILED and "timed out" in result.message
+    assert slot_bytes(dev) == env.v1
+
+
+async def test_health_command_sees_the_new_slot(env: ReleaseEnv, tmp_path: Path) -> None:
+    probe = tmp_path / "probe.txt"
+    code = (f"import os; open({str(probe)!r}, 'w').write(os.environ['SWARMOTA_SLOT'] + ' ' + "
+            "os.environ['SWARMOTA_VERSION'])")
+    dev = env.device("dev-1", health_command=[sys.executable, "-c", code])
+    assert (await update_once(dev)).status == StatusCode.OK
+    assert probe.read_text() == "b 2.0.0"
+
+
+async def test_cli_init_update_status_end_to_end(env: ReleaseEnv, tmp_path: Path) -> None:
+    state = tmp_path / "cli-device"
+    root = tmp_path / "root.json"
+    root.write_bytes(env.repo.root_bytes())
+    image = env.image_path("v1.img", env.v1)
+    exe = [sys.executable, "-m", "swarmota.cli"]
+    init = await trio.run_process(
+        [*exe, "peer", "init", str(state), "--root", str(root), "--origin", env.origin_url,
+         "--tracker", env.tracker_url, "--image", str(image), "--version", "1.0.0",
+         "--release-counter", "1", "--device-id", "cli-1", "--product", "acme-router",
+         "--hardware-id", "acme-router-hw1"], capture_stdout=True, check=False)
+    assert init.returncode == 0, init
+    upd = await trio.run_process([*exe, "peer", "update", str(state)], capture_stdout=True,
+                                 capture_stderr=True, check=False)
+    assert upd.returncode == 0, upd.stderr
+    assert b"updated 1.0.0 -> 2.0.0" in upd.stdout
+    status = await trio.run_process([*exe, "peer", "status", str(state)], capture_stdout=True)
+    assert b"slot b: 2.0.0" in status.stdout and b"booted committed" in status.stdout
+
+
+def test_cli_help_explains_every_command() -> None:
+    for args in ([], ["peer"], ["peer", "update"], ["seeder"], ["seeder", "publish"],
+                 ["tracker"], ["tracker", "serve"], ["demo"]):
+        out = subprocess.run([sys.executable, "-m", "swarmota.cli", *args, "--help"],
+                             capture_output=True, text=True, check=True).stdout
+        assert "usage:" in out
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
+async def test_real_rootfs_openssl_3_0_17_to_3_0_22(tmp_path: Path, nursery: trio.Nursery) -> None:
+    def load(version: str) -> bytes:
+        packed = (SHARED_DATA / f"rootfs-openssl-{version}.img.zst").read_bytes()
+        return zstandard.ZstdDecompressor().decompress(packed, max_output_size=64 << 20)
+
+    v1, v2 = load("3.0.17"), load("3.0.22")
+    assert hashlib.sha256(v2).hexdigest().startswith("0647b1f2")
+    env = await start_env(nursery, tmp_path, v1, v2)
+    dev = env.device("real-1")
+    result = await update_once(dev)
+    assert result.status == StatusCode.OK, result.message
+    assert slot_bytes(dev) == v2
+    assert os.path.getsize(dev.slot_path("b")) == 8304640
