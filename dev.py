@@ -31,7 +31,7 @@ def _run(cmd: list[str | Path]) -> int:
 
 
 def ensure_venv() -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - runs under any system python3
         sys.exit(f"swarmota needs Python 3.11 or newer, this is {sys.version.split()[0]}")
     stamp = VENV / ".swarmota-install-stamp"
     want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()

@@ -1,1 +1,33 @@
-"""seeder package."""
+"""The seeder: repository keys and TUF metadata, publishing, the origin HTTP server.
+
+- :mod:`seeder.repository`: a TUF repository on disk (offline root key, online
+  targets/snapshot/timestamp keys, consistent snapshots) and its origin tree.
+- :mod:`seeder.publish`: image -> zstd payload -> release manifest -> signed target.
+- :mod:`seeder.origin` / :mod:`seeder.server`: a static-file ASGI app with byte ranges,
+  served with the shared hypercorn adapter.
+- :mod:`seeder.cli`: ``swarmota seeder init|publish|timestamp|serve``.
+
+Errors: :mod:`seeder.errors` (``SeederError`` > ``RepositoryError``, ``PublishError``).
+Layout of the repository and origin tree: docs/ARCHITECTURE.md, "Origin tree".
+"""
+
+from seeder.errors import PublishError, RepositoryError, SeederError
+from seeder.origin import OriginApp, OriginConfig, OriginStats
+from seeder.publish import build_full_payload, publish_release, published_releases
+from seeder.repository import ExpiryConfig, Repository
+from seeder.server import serve_origin
+
+__all__ = [
+    "ExpiryConfig",
+    "OriginApp",
+    "OriginConfig",
+    "OriginStats",
+    "PublishError",
+    "Repository",
+    "RepositoryError",
+    "SeederError",
+    "build_full_payload",
+    "publish_release",
+    "published_releases",
+    "serve_origin",
+]

@@ -1,0 +1,270 @@
+"""``swarmota seeder ...``: create a repository, publish releases, refresh timestamp, serve.
+
+A thin shell over :mod:`seeder.repository`, :mod:`seeder.publish` and
+:mod:`seeder.server`. Each leaf command sets ``func(args) -> int``; seeder errors are
+printed as ``error: <message>`` on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import signal
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import trio
+
+from infra.http_serve import ListenConfig
+from seeder.errors import SeederError
+from seeder.origin import OriginApp
+from seeder.publish import DEFAULT_ZSTD_LEVEL, publish_release
+from seeder.repository import ExpiryConfig, Repository
+from seeder.server import serve_origin
+
+__all__ = ["DEFAULT_LISTEN", "add_parser", "parse_listen"]
+
+DEFAULT_LISTEN = "127.0.0.1:8460"
+_EXIT_ERROR = 2
+_EXPIRY_WARNING_S = 7 * 24 * 3600
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``seeder`` command and its subcommands to ``subparsers``."""
+    seeder = subparsers.add_parser(
+        "seeder",
+        help="signing repository, publishing and the origin server",
+        description="Manage the signed update repository and serve its origin tree.",
+    )
+    sub = seeder.add_subparsers(dest="seeder_command", metavar="SUBCOMMAND", required=True)
+
+    init = sub.add_parser(
+        "init",
+        help="create a new repository with fresh keys",
+        description=(
+            "Create a TUF repository: an offline root key, online targets/snapshot/"
+            "timestamp keys, and initial signed metadata. The root key is written to "
+            "REPO/offline/root.pem for convenience only: move it to an offline machine."
+        ),
+    )
+    init.add_argument("repo", metavar="REPO", type=Path,
+                      help="directory to create (must not exist or be empty)")
+    defaults = ExpiryConfig()
+    for role in ("root", "targets", "snapshot", "timestamp"):
+        init.add_argument(
+            f"--{role}-expiry-s", type=_positive_int, metavar="N",
+            default=getattr(defaults, f"{role}_s"),
+            help=f"{role} metadata lifetime in seconds (default %(default)s)",
+        )
+    init.set_defaults(func=_wrap(_cmd_init))
+
+    publish = sub.add_parser(
+        "publish",
+        help="publish an image as a new release",
+        description=(
+            "Compress IMAGE into a content-addressed zstd payload, write its release "
+            "manifest and sign new targets, snapshot and timestamp metadata."
+        ),
+    )
+    publish.add_argument("repo", metavar="REPO", type=Path, help="repository directory")
+    publish.add_argument("image", metavar="IMAGE", type=Path, help="the full image file")
+    publish.add_argument("--product", required=True, help="product name, e.g. acme-router")
+    publish.add_argument("--version", required=True, help="release version, e.g. 2.0.0")
+    publish.add_argument("--counter", required=True, type=_non_negative_int, metavar="N",
+                         help="release counter (anti-rollback): higher than every "
+                              "earlier release of the product")
+    publish.add_argument("--hardware-id", required=True, action="append", metavar="ID",
+                         dest="hardware_ids",
+                         help="hardware compatibility id (repeat for several)")
+    publish.add_argument("--zstd-level", type=int, default=DEFAULT_ZSTD_LEVEL, metavar="L",
+                         help="zstd compression level 1..22 (default %(default)s)")
+    publish.set_defaults(func=_wrap(_cmd_publish))
+
+    timestamp = sub.add_parser(
+        "timestamp",
+        help="re-sign timestamp metadata (run from cron)",
+        description=(
+            "Sign a new timestamp version so devices keep accepting the repository. Run "
+            "it well within the timestamp lifetime, e.g. hourly from cron."
+        ),
+    )
+    timestamp.add_argument("repo", metavar="REPO", type=Path, help="repository directory")
+    timestamp.add_argument("--expires-in-s", type=_positive_int, metavar="N", default=None,
+                           help="lifetime in seconds (default: the repository setting)")
+    timestamp.set_defaults(func=_wrap(_cmd_timestamp))
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the origin tree over HTTP",
+        description=(
+            "Serve a repository's origin/ directory (or an origin directory itself) "
+            "with GET, HEAD and byte ranges. Stop with Ctrl-C."
+        ),
+    )
+    serve.add_argument("directory", metavar="REPO_OR_ORIGIN_DIR", type=Path,
+                       help="a repository (serves REPO/origin) or an origin directory")
+    serve.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                       type=_listen_arg,
+                       help="address to listen on (default %(default)s)")
+    serve.set_defaults(func=_wrap(_cmd_serve))
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` or ``[IPv6]:PORT``.
+
+    Raises:
+        ValueError: not of that form, or the port is outside 0..65535.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} outside 0..65535")
+    return host, port
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    expiry = ExpiryConfig(root_s=args.root_expiry_s, targets_s=args.targets_expiry_s,
+                          snapshot_s=args.snapshot_expiry_s,
+                          timestamp_s=args.timestamp_expiry_s)
+    repo = Repository.create(args.repo, expiry=expiry)
+    print(f"created repository {repo.path}")
+    print(f"  root private key:  {repo.offline_root_key_path}")
+    print("    !! It signs which keys devices trust. Move it to an OFFLINE machine now;")
+    print("    !! it is not needed to publish, only to rotate keys.")
+    print(f"  online keys:       {repo.online_keys_dir}/{{targets,snapshot,timestamp}}.pem")
+    print("    keep them on the publishing machine, readable only by the publisher")
+    print(f"  provision devices: {repo.root_path}")
+    print(f"  serve:             {repo.origin_dir}")
+    print(f"  timestamp expires after {expiry.timestamp_s} s: run "
+          f"'swarmota seeder timestamp {repo.path}' regularly (e.g. from cron)")
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    repo = Repository.open(args.repo)
+    manifest = publish_release(
+        repo, args.image, product=args.product, version=args.version,
+        release_counter=args.counter, compatibility=args.hardware_ids,
+        zstd_level=args.zstd_level,
+    )
+    payload = manifest.full_payload
+    target = repo.targets()[manifest.target_name]
+    ratio = payload.size / manifest.image.size
+    print(f"published {manifest.product} {manifest.version} "
+          f"(counter {manifest.release_counter}, hardware {', '.join(manifest.compatibility)})")
+    print(f"  image:    {manifest.image.size} bytes, sha256 {manifest.image.sha256}")
+    print(f"  payload:  {payload.size} bytes ({ratio:.1%} of the image), "
+          f"{repo.origin_dir / payload.path}")
+    print(f"  chunks:   {payload.chunk_count} x "
+          f"{payload.chunk_size} bytes")
+    print(f"  target:   {manifest.target_name}")
+    print(f"  manifest: {repo.target_file_path(target)}")
+    return 0
+
+
+def _cmd_timestamp(args: argparse.Namespace) -> int:
+    repo = Repository.open(args.repo)
+    repo.refresh_timestamp(expires_in_s=args.expires_in_s)
+    expirations = repo.expirations()
+    print(f"timestamp version {repo.versions()['timestamp']} signed, valid until "
+          f"{expirations['timestamp'].isoformat()}")
+    soon = datetime.now(UTC) + timedelta(seconds=_EXPIRY_WARNING_S)
+    for role in ("snapshot", "targets", "root"):
+        if expirations[role] <= soon:
+            how = ("re-sign root offline" if role == "root"
+                   else "publish a release to re-sign it")
+            print(f"warning: {role} metadata expires at {expirations[role].isoformat()}; "
+                  f"devices will refuse the repository after that ({how})", file=sys.stderr)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    directory: Path = args.directory
+    if (directory / "repo.json").is_file() and (directory / "origin").is_dir():
+        directory = directory / "origin"
+    if not (directory / "metadata").is_dir():
+        raise SeederError(f"{args.directory} is neither a repository nor an origin "
+                          "directory (no metadata/ inside)")
+    host, port = args.listen
+    app = OriginApp(directory)
+
+    async def run() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                url = await nursery.start(
+                    functools.partial(serve_origin, app, ListenConfig(host=host, port=port)))
+                print(f"serving {app.root} at {url}/ (Ctrl-C to stop)", flush=True)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(run)
+    except BaseExceptionGroup as group:
+        # Failures inside the server's nursery (e.g. the address is in use) arrive grouped.
+        os_errors, rest = group.split(OSError)
+        if rest is not None or os_errors is None:
+            raise
+        raise SeederError(f"cannot serve on {host}:{port}: {_first_leaf(os_errors)}") from group
+    stats = app.statistics()
+    print(f"stopped after {stats.requests} requests, {stats.bytes_total} bytes sent",
+          flush=True)
+    return 0
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def _wrap(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn seeder errors (and OS errors at the edges) into ``error: ...`` and exit 2."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (SeederError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return _EXIT_ERROR
+
+    return run
+
+
+def _first_leaf(group: BaseExceptionGroup[OSError]) -> OSError:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _listen_arg(text: str) -> tuple[str, int]:
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

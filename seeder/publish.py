@@ -1,0 +1,380 @@
+"""Publishing: image -> zstd payload -> release manifest -> signed TUF target.
+
+:func:`publish_release` is the whole operation; :func:`build_full_payload` is its
+payload step on its own (for benchmarks and future payload kinds).
+
+Order of writes (each atomic): the payload ``origin/payloads/<sha256>.zst``, then the
+release manifest target and new targets/snapshot/timestamp metadata
+(:meth:`seeder.repository.Repository.add_target`). A crash at any point leaves at most an
+unreferenced payload or a hidden ``.incoming-*.tmp`` file; devices only see a release
+once timestamp.json names it.
+
+Memory stays bounded whatever the image size: the image is read once, in blocks, hashed
+and compressed in the same pass; the payload is then re-read once, chunk by chunk, to
+hash its chunks. The only seeder module that imports zstandard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import stat
+import tempfile
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+
+from infra.fsio import fsync_dir
+from manifest import (
+    ImageInfo,
+    ManifestFormatError,
+    Payload,
+    ReleaseManifest,
+    choose_chunk_size,
+    parse_release_manifest,
+    release_target_name,
+    sha256_hex,
+)
+from manifest.release import MAX_IMAGE_SIZE_BYTES
+from seeder.errors import PublishError, RepositoryError
+from seeder.repository import Repository
+
+__all__ = [
+    "DEFAULT_ZSTD_LEVEL",
+    "build_full_payload",
+    "publish_release",
+    "published_releases",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ZSTD_LEVEL = 19
+_READ_BLOCK_BYTES = 1024 * 1024
+_PAYLOAD_FILE_MODE = 0o644
+_PLACEHOLDER_SHA256 = "0" * 64
+
+
+def publish_release(
+    repo: Repository,
+    image: Path,
+    *,
+    product: str,
+    version: str,
+    release_counter: int,
+    compatibility: Sequence[str],
+    zstd_level: int = DEFAULT_ZSTD_LEVEL,
+    now: datetime | None = None,
+) -> ReleaseManifest:
+    """Publish ``image`` as release ``version`` of ``product`` and return its manifest.
+
+    Compresses the image into a content-addressed zstd payload (skipped if an
+    identical payload exists), builds the release manifest (update type ``image``, one
+    ``full`` payload, chunk size from :func:`manifest.choose_chunk_size`) and adds it as
+    TUF target ``releases/<product>/<version>.json``.
+
+    Duplicate hardware ids are dropped (first occurrence kept). Publishing the same
+    release again (same version, image, counter and hardware ids) returns the manifest
+    already published and changes nothing, so an interrupted publish can be re-run.
+
+    Raises:
+        PublishError: the image is missing, not a regular file, empty or too large; the
+            product, version, counter or a hardware id is invalid; ``zstd_level`` is
+            outside 1..22; the version is already published with other content; or the
+            counter is not higher than every published release of the product.
+        RepositoryError: the repository cannot be read or written.
+    """
+    image = Path(image)
+    if isinstance(compatibility, str):
+        raise PublishError("compatibility must be a list of hardware ids, not a string")
+    compat = tuple(dict.fromkeys(compatibility))
+    _check_fields(product, version, release_counter, compat)
+    name = release_target_name(product, version)
+    image_size = _image_size(image)
+
+    # Cheap checks before the expensive compression; repeated under the lock below.
+    existing = _check_conflicts(repo, product, version, release_counter)
+    if existing is not None:
+        return _same_release_or_raise(existing, image, release_counter, compat)
+
+    image_info, payload = build_full_payload(image, repo.origin_dir, zstd_level=zstd_level)
+    if image_info.size != image_size:
+        raise PublishError(f"image {image} changed size while it was being published")
+    manifest = ReleaseManifest(
+        product=product,
+        version=version,
+        release_counter=release_counter,
+        compatibility=compat,
+        update_type="image",
+        image=image_info,
+        payloads=(payload,),
+    )
+    try:
+        data = manifest.to_bytes()
+    except ManifestFormatError as exc:
+        raise PublishError(f"release manifest refused by the trust core: {exc}") from exc
+
+    with repo.locked():
+        existing = _check_conflicts(repo, product, version, release_counter)
+        if existing is not None:
+            return _same_release_or_raise(existing, image, release_counter, compat)
+        repo.add_target(name, data, now=now)
+    log.info("published %s (counter %d): payload %s, %d bytes, %d chunks", name,
+             release_counter, payload.path, payload.size, payload.chunk_count)
+    return manifest
+
+
+def published_releases(repo: Repository, product: str) -> dict[str, ReleaseManifest]:
+    """The committed releases of ``product``, by version.
+
+    Raises:
+        RepositoryError: a release manifest is missing, corrupt or malformed.
+    """
+    prefix = f"releases/{product}/"
+    out: dict[str, ReleaseManifest] = {}
+    for name, target in repo.targets().items():
+        if not (name.startswith(prefix) and name.endswith(".json")):
+            continue
+        data = repo.read_target(target)
+        try:
+            manifest = parse_release_manifest(data)
+        except ManifestFormatError as exc:
+            raise RepositoryError(f"published target {name} is not a release manifest: "
+                                  f"{exc}") from exc
+        if manifest.target_name != name:
+            raise RepositoryError(f"published target {name} holds {manifest.target_name}")
+        out[manifest.version] = manifest
+    return out
+
+
+def build_full_payload(
+    image: Path, origin_dir: Path, *, zstd_level: int = DEFAULT_ZSTD_LEVEL
+) -> tuple[ImageInfo, Payload]:
+    """Compress ``image`` into ``origin_dir/payloads/<sha256>.zst``; describe both.
+
+    One streaming pass reads, hashes and compresses the image (zstd frame with the
+    content size and a checksum, all CPU cores) into a hidden temp file beside the
+    target; a second pass hashes the payload and its chunks. The temp file is then renamed
+    into place atomically, or dropped if an identical payload already exists.
+
+    Raises:
+        PublishError: the image is missing, unreadable, empty, too large or changed
+            while being read, or ``zstd_level`` is outside 1..22.
+        RepositoryError: the payload cannot be written.
+    """
+    if not 1 <= zstd_level <= zstandard.MAX_COMPRESSION_LEVEL:
+        raise PublishError(
+            f"zstd level {zstd_level} outside 1..{zstandard.MAX_COMPRESSION_LEVEL}"
+        )
+    payloads_dir = Path(origin_dir) / "payloads"
+    try:
+        payloads_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=payloads_dir, prefix=".incoming-", suffix=".tmp")
+    except OSError as exc:
+        raise RepositoryError(f"cannot write to {payloads_dir}: {exc}") from exc
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            image_info = _compress(image, out, zstd_level)
+            try:
+                out.flush()
+                os.fsync(out.fileno())
+                payload_size = os.fstat(out.fileno()).st_size
+            except OSError as exc:
+                raise RepositoryError(f"cannot write payload {tmp}: {exc}") from exc
+        chunk_size = choose_chunk_size(payload_size)
+        payload_sha256, chunks = _hash_file_chunks(tmp, chunk_size)
+        payload = Payload(
+            kind="full",
+            compression="zstd",
+            size=payload_size,
+            sha256=payload_sha256,
+            chunk_size=chunk_size,
+            chunks=tuple(chunks),
+        )
+        final = Path(origin_dir) / payload.path
+        try:
+            if _file_has(final, payload_size, payload_sha256):
+                tmp.unlink()
+                log.info("payload %s already present", final)
+            else:
+                os.chmod(tmp, _PAYLOAD_FILE_MODE)
+                os.replace(tmp, final)
+                fsync_dir(payloads_dir)
+        except OSError as exc:
+            raise RepositoryError(f"cannot store payload {final}: {exc}") from exc
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return image_info, payload
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _compress(image: Path, out: BinaryIO, level: int) -> ImageInfo:
+    """Stream ``image`` through zstd into ``out``; return what was read of the image."""
+    try:
+        src = open(image, "rb")  # noqa: SIM115 - closed by the with below
+    except FileNotFoundError as exc:
+        raise PublishError(f"image {image} does not exist") from exc
+    except OSError as exc:
+        raise PublishError(f"cannot read image {image}: {exc}") from exc
+    image_sha = hashlib.sha256()
+    read = 0
+    with src:
+        info = os.fstat(src.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise PublishError(f"image {image} is not a regular file")
+        _check_image_size(image, info.st_size)
+        cctx = zstandard.ZstdCompressor(level=level, write_content_size=True,
+                                        write_checksum=True, threads=-1)
+        try:
+            with cctx.stream_writer(out, size=info.st_size, closefd=False) as writer:
+                while block := _read_block(src, image):
+                    image_sha.update(block)
+                    read += len(block)
+                    writer.write(block)
+        except zstandard.ZstdError as exc:
+            raise PublishError(f"image {image} changed while it was being compressed "
+                               f"({exc})") from exc
+        except OSError as exc:
+            raise RepositoryError(f"cannot write payload: {exc}") from exc
+    if read != info.st_size:
+        raise PublishError(f"image {image} changed size while it was being compressed")
+    return ImageInfo(size=read, sha256=image_sha.hexdigest())
+
+
+def _read_block(src: BinaryIO, image: Path) -> bytes:
+    try:
+        return src.read(_READ_BLOCK_BYTES)
+    except OSError as exc:
+        raise PublishError(f"cannot read image {image}: {exc}") from exc
+
+
+def _hash_file_chunks(path: Path, chunk_size: int) -> tuple[str, list[str]]:
+    """SHA-256 of the whole file and of each ``chunk_size`` chunk, in one pass."""
+    whole = hashlib.sha256()
+    chunks: list[str] = []
+    try:
+        with open(path, "rb") as fh:
+            while block := fh.read(chunk_size):
+                whole.update(block)
+                chunks.append(sha256_hex(block))
+    except OSError as exc:
+        raise RepositoryError(f"cannot read payload {path}: {exc}") from exc
+    return whole.hexdigest(), chunks
+
+
+def _file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_READ_BLOCK_BYTES):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _file_has(path: Path, size: int, sha256: str) -> bool:
+    """True if ``path`` is a regular file of exactly ``size`` bytes and ``sha256``."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size == size and _file_sha256(path) == sha256
+
+
+def _image_size(image: Path) -> int:
+    try:
+        info = image.stat()
+    except FileNotFoundError:
+        raise PublishError(f"image {image} does not exist") from None
+    except OSError as exc:
+        raise PublishError(f"cannot read image {image}: {exc}") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise PublishError(f"image {image} is not a regular file")
+    _check_image_size(image, info.st_size)
+    return info.st_size
+
+
+def _check_image_size(image: Path, size: int) -> None:
+    if size == 0:
+        raise PublishError(f"image {image} is empty")
+    if size > MAX_IMAGE_SIZE_BYTES:
+        raise PublishError(f"image {image} is {size} bytes, limit {MAX_IMAGE_SIZE_BYTES}")
+
+
+def _check_fields(product: str, version: str, release_counter: int,
+                  compatibility: tuple[str, ...]) -> None:
+    """Validate the manifest fields with the trust core's own parser, before any work.
+
+    A placeholder manifest carrying the real product, version, counter and hardware
+    ids is encoded (which round-trips it through ``parse_release_manifest``), so the
+    seeder refuses exactly what devices would refuse.
+    """
+    trial = ReleaseManifest(
+        product=product,
+        version=version,
+        release_counter=release_counter,
+        compatibility=compatibility,
+        update_type="image",
+        image=ImageInfo(size=1, sha256=_PLACEHOLDER_SHA256),
+        payloads=(Payload(kind="full", compression="zstd", size=1,
+                          sha256=_PLACEHOLDER_SHA256, chunk_size=choose_chunk_size(1),
+                          chunks=(_PLACEHOLDER_SHA256,)),),
+    )
+    try:
+        release_target_name(product, version)
+        trial.to_bytes()
+    except (ManifestFormatError, TypeError, ValueError) as exc:
+        raise PublishError(f"cannot publish {product!r} {version!r}: {exc}") from exc
+
+
+def _check_conflicts(repo: Repository, product: str, version: str,
+                     release_counter: int) -> ReleaseManifest | None:
+    """Return the manifest already published for ``version``, or check the counter.
+
+    Raises:
+        PublishError: ``release_counter`` is not higher than every published release.
+    """
+    published = published_releases(repo, product)
+    if version in published:
+        return published[version]
+    if published:
+        highest = max(published.values(), key=lambda m: m.release_counter)
+        if release_counter <= highest.release_counter:
+            raise PublishError(
+                f"release counter {release_counter} is not higher than "
+                f"{highest.release_counter} (version {highest.version}), the highest "
+                f"published for {product}; devices would refuse it as a rollback"
+            )
+    return None
+
+
+def _same_release_or_raise(existing: ReleaseManifest, image: Path, release_counter: int,
+                           compatibility: tuple[str, ...]) -> ReleaseManifest:
+    """Return ``existing`` if it is the release being published again, else raise."""
+    differences: list[str] = []
+    if existing.release_counter != release_counter:
+        differences.append(f"counter {existing.release_counter} != {release_counter}")
+    if existing.compatibility != compatibility:
+        differences.append(f"hardware ids {list(existing.compatibility)} != "
+                           f"{list(compatibility)}")
+    if not differences:
+        try:
+            same_image = _file_has(image, existing.image.size, existing.image.sha256)
+        except OSError as exc:
+            raise PublishError(f"cannot read image {image}: {exc}") from exc
+        if not same_image:
+            differences.append("a different image")
+    if differences:
+        raise PublishError(
+            f"{existing.product} {existing.version} is already published with other "
+            f"content ({'; '.join(differences)}); publish a new version instead"
+        )
+    log.info("%s is already published with the same content", existing.target_name)
+    return existing

@@ -1,0 +1,24 @@
+"""Serving the origin app over HTTP(S) with the shared hypercorn adapter."""
+
+from __future__ import annotations
+
+import trio
+
+from infra.http_serve import ListenConfig, serve_asgi
+from seeder.origin import OriginApp
+
+__all__ = ["serve_origin"]
+
+
+async def serve_origin(
+    app: OriginApp,
+    listen: ListenConfig,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` until cancelled; report the bound base URL once listening.
+
+    With ``listen.port == 0`` the kernel picks a free port; the URL passed to
+    ``task_status.started`` (``http://HOST:PORT``) names it.
+    """
+    await serve_asgi(app, listen, task_status=task_status)
