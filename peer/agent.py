@@ -240,16 +240,31 @@ class _Run:
         return result
 
     async def report(self, result: UpdateResult) -> None:
-        if not result.attempted:
-            return
+        """Deliver earlier undelivered reports and this one; keep what fails for later."""
+        queue = self.state.outbox()
+        if result.attempted:
+            queue.append(self._report_body(result))
+        delivered = 0
+        for body in queue:
+            try:
+                await send_report(self.http, self.config, body)
+            except DownloadFailed as exc:
+                if exc.http_status is not None and 400 <= exc.http_status < 500:
+                    log.error("tracker rejected a report, dropping it: %s", exc)
+                    delivered += 1
+                    continue
+                log.warning("report not delivered, kept for the next run: %s", exc)
+                break
+            delivered += 1
+        if delivered or queue:
+            self.state.save_outbox(queue[delivered:])
+        result.reported = result.attempted and delivered == len(queue)
+
+    @staticmethod
+    def _report_body(result: UpdateResult) -> dict[str, Any]:
         if result.from_version is None or result.to_version is None:
             raise RuntimeError("an attempted update always knows both versions")
-        body = {"from_version": result.from_version, "to_version": result.to_version,
+        return {"from_version": result.from_version, "to_version": result.to_version,
                 "status": int(result.status), "message": result.message[:4096],
                 "bytes_origin": result.bytes_origin, "bytes_peers": result.bytes_peers,
                 "timings_s": dict(result.timings_s)}
-        try:
-            await send_report(self.http, self.config, body)
-            result.reported = True
-        except DownloadFailed as exc:
-            log.warning("report not delivered: %s", exc)

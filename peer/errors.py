@@ -49,6 +49,10 @@ class ConfigError(PeerError):
 class DownloadFailed(PeerError):
     status = StatusCode.DOWNLOAD_FAILED
 
+    def __init__(self, message: str, *, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
 
 class VerifyFailed(PeerError):
     status = StatusCode.VERIFY_FAILED

@@ -135,7 +135,7 @@ class HttpClient:
         if status != 200:
             detail = answer.get("error") if isinstance(answer, dict) else data[:200].decode(
                 errors="replace")
-            raise DownloadFailed(f"POST {url}: HTTP {status}: {detail}")
+            raise DownloadFailed(f"POST {url}: HTTP {status}: {detail}", http_status=status)
         if not isinstance(answer, dict):
             raise DownloadFailed(f"POST {url}: answer is not a JSON object")
         return answer

@@ -6,6 +6,7 @@
     STATE/bootctl.json       peer.bootctl record
     STATE/downloads/         payloads being assembled, per payload SHA-256
     STATE/last_result.json   outcome of the last update attempt
+    STATE/outbox.json        reports not yet delivered to the tracker (oldest first)
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from peer.config import DeviceConfig, load_config, save_config
 from peer.errors import ConfigError
 from peer.install import hash_file
 
-__all__ = ["DeviceState", "init_device"]
+__all__ = ["MAX_OUTBOX_REPORTS", "DeviceState", "init_device"]
+
+MAX_OUTBOX_REPORTS = 32
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,22 @@ class DeviceState:
 
     def save_result(self, result: dict[str, Any]) -> None:
         atomic_write_json(self.result_path, result)
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.root / "outbox.json"
+
+    def outbox(self) -> list[dict[str, Any]]:
+        """Reports waiting for delivery, oldest first."""
+        try:
+            value = json.loads(self.outbox_path.read_bytes())
+        except (FileNotFoundError, ValueError):
+            return []
+        return [r for r in value if isinstance(r, dict)] if isinstance(value, list) else []
+
+    def save_outbox(self, reports: list[dict[str, Any]]) -> None:
+        """Persist undelivered reports, keeping the newest ``MAX_OUTBOX_REPORTS``."""
+        atomic_write_json(self.outbox_path, reports[-MAX_OUTBOX_REPORTS:])
 
 
 def init_device(state_dir: Path, config: DeviceConfig, *, root_json: bytes, image: Path,

@@ -125,3 +125,47 @@ async def test_real_rootfs_openssl_3_0_17_to_3_0_22(tmp_path: Path, nursery: tri
     assert result.status == StatusCode.OK, result.message
     assert slot_bytes(dev) == v2
     assert os.path.getsize(dev.slot_path("b")) == 8304640
+
+
+async def test_report_kept_while_tracker_down_and_delivered_later(
+        env: ReleaseEnv, nursery: trio.Nursery) -> None:
+    """Nothing reported is lost: a report the tracker could not take waits in the outbox."""
+    import json
+
+    from infra.http_serve import ListenConfig, serve_asgi
+
+    received: list[dict[str, object]] = []
+    tracker_up = False
+
+    async def flaky_tracker(scope, receive, send):  # type: ignore[no-untyped-def]
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        request = json.loads(body)
+        if scope["path"] == "/v1/checkin":
+            offer = None if request["release_counter"] >= 2 else {
+                "product": "acme-router", "version": "2.0.0", "release_counter": 2,
+                "target": "releases/acme-router/2.0.0.json"}
+            status, answer = 200, {"release": offer, "poll_after_s": 60}
+        elif tracker_up:
+            received.append(request)
+            status, answer = 200, {"ok": True}
+        else:
+            status, answer = 503, {"error": "overloaded"}
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
+
+    url = await nursery.start(serve_asgi, flaky_tracker, ListenConfig())
+    dev = env.device("dev-1", tracker_url=url)
+    first = await update_once(dev)
+    assert first.status == StatusCode.OK and first.updated and not first.reported
+    assert len(dev.outbox()) == 1
+    tracker_up = True
+    second = await update_once(dev)
+    assert not second.attempted
+    assert [(r["to_version"], r["status"]) for r in received] == [("2.0.0", 0)]
+    assert dev.outbox() == []
