@@ -8,6 +8,7 @@ The only module that imports hypercorn. Components build an ASGI app and call
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-__all__ = ["ASGIApp", "ListenConfig", "serve_asgi"]
+__all__ = ["ASGIApp", "ListenConfig", "Receive", "Scope", "Send", "parse_listen", "serve_asgi"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -35,6 +36,40 @@ class ListenConfig:
     certfile: str | None = None
     keyfile: str | None = None
     access_log: bool = False
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` or ``"[IPV6]:PORT"`` -> ``(host, port)``; port 0 means any free port.
+
+    Raises:
+        ValueError: the text is not of that form (the message says why).
+    """
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r}: missing ']' after the IPv6 address")
+        host, rest = text[1:end], text[end + 1:]
+        if not rest.startswith(":"):
+            raise ValueError(f"{text!r}: expected [IPV6]:PORT")
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{text!r}: expected HOST:PORT, e.g. 127.0.0.1:8470")
+        if ":" in host:
+            raise ValueError(f"{text!r}: put an IPv6 address in brackets, e.g. [::1]:8470")
+        if not host or any(c.isspace() for c in host):
+            raise ValueError(f"{text!r}: missing or invalid host")
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError(f"{text!r}: port {port_text!r} is not a number")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"{text!r}: port {port} outside 0..65535")
+    return host, port
 
 
 async def serve_asgi(

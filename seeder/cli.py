@@ -17,14 +17,14 @@ from pathlib import Path
 
 import trio
 
-from infra.http_serve import ListenConfig
+from infra.http_serve import ListenConfig, parse_listen
 from seeder.errors import SeederError
 from seeder.origin import OriginApp
 from seeder.publish import DEFAULT_ZSTD_LEVEL, publish_release
 from seeder.repository import ExpiryConfig, Repository
 from seeder.server import serve_origin
 
-__all__ = ["DEFAULT_LISTEN", "add_parser", "parse_listen"]
+__all__ = ["DEFAULT_LISTEN", "add_parser"]
 
 DEFAULT_LISTEN = "127.0.0.1:8460"
 _EXIT_ERROR = 2
@@ -109,23 +109,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                        type=_listen_arg,
                        help="address to listen on (default %(default)s)")
     serve.set_defaults(func=_wrap(_cmd_serve))
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """Parse ``HOST:PORT`` or ``[IPv6]:PORT``.
-
-    Raises:
-        ValueError: not of that form, or the port is outside 0..65535.
-    """
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} outside 0..65535")
-    return host, port
 
 
 # --- commands ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from infra.http_serve import parse_listen
 from seeder import Repository, cli
 
 MiB = 1024 * 1024
@@ -116,11 +117,11 @@ def test_serve_refuses_a_directory_without_metadata(
 
 
 def test_parse_listen() -> None:
-    assert cli.parse_listen("127.0.0.1:8460") == ("127.0.0.1", 8460)
-    assert cli.parse_listen("[::1]:0") == ("::1", 0)
+    assert parse_listen("127.0.0.1:8460") == ("127.0.0.1", 8460)
+    assert parse_listen("[::1]:0") == ("::1", 0)
     for bad in ("8460", "host:", ":80", "h:99999", "h:x"):
         with pytest.raises(ValueError):
-            cli.parse_listen(bad)
+            parse_listen(bad)
 
 
 def test_help_describes_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:

@@ -187,19 +187,3 @@ async def test_statistics_count_checkins_offers_reports_and_errors(
     await call(app, "GET", "/v1/report")
     await call(app, "GET", "/nope")
     assert app.statistics() == TrackerStatistics(checkins=2, reports=1, offers=1, errors=3)
-
-
-async def test_lifespan_is_acknowledged() -> None:
-    app = TrackerApp(MemoryStore(), TrackerConfig(db_path=Path("unused.db")))
-    incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return incoming.pop(0)
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await app({"type": "lifespan"}, receive, send)
-    assert [m["type"] for m in sent] == ["lifespan.startup.complete",
-                                         "lifespan.shutdown.complete"]

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 
-from infra.http_serve import ListenConfig
+from infra.http_serve import ListenConfig, parse_listen
 from manifest import (
     MIN_CHUNK_SIZE_BYTES,
     ImageInfo,
@@ -269,7 +269,7 @@ async def test_cli_listing_a_missing_database_fails_without_creating_it(
     ("0.0.0.0:65535", ("0.0.0.0", 65535)),
 ])
 def test_listen_addresses_are_parsed(text: str, expected: tuple[str, int]) -> None:
-    assert cli.parse_host_port(text) == expected
+    assert parse_listen(text) == expected
 
 
 @pytest.mark.parametrize("text, reason", [
@@ -285,7 +285,7 @@ def test_listen_addresses_are_parsed(text: str, expected: tuple[str, int]) -> No
 ])
 def test_bad_listen_addresses_are_refused_clearly(text: str, reason: str) -> None:
     with pytest.raises(ValueError, match=re.escape(reason)):
-        cli.parse_host_port(text)
+        parse_listen(text)
 
 
 def test_listen_option_errors_come_from_argparse(capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import trio
 
+from infra.http_serve import Receive, Scope, Send
 from tracker.config import TrackerConfig
 from tracker.errors import RequestError, StorageError
 from tracker.protocol import (
@@ -45,10 +46,6 @@ __all__ = ["TrackerApp", "TrackerStatistics"]
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 _T = TypeVar("_T")
 
 
@@ -88,7 +85,7 @@ class TrackerApp:
     """The tracker API over ``store``; an ASGI 3 application.
 
     ``clock`` returns seconds since the epoch; it timestamps check-ins and reports.
-    Only ``http`` scopes are served; ``lifespan`` is acknowledged, others ignored.
+    Only ``http`` scopes are served; ``infra.http_serve`` answers ``lifespan``.
     """
 
     def __init__(self, store: Store, config: TrackerConfig,
@@ -113,10 +110,7 @@ class TrackerApp:
                                  offers=self._offers, errors=self._errors)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        if scope["type"] != "http":
+        if scope["type"] != "http":  # lifespan is answered by infra.http_serve
             return
         try:
             route = self._routes.get(scope["path"])
@@ -236,13 +230,3 @@ async def _send_json(send: Send, status: int, obj: object,
         ],
     })
     await send({"type": "http.response.body", "body": body})
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

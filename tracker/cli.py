@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import ipaddress
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -24,7 +23,7 @@ from typing import Any
 
 import trio
 
-from infra.http_serve import ListenConfig
+from infra.http_serve import ListenConfig, parse_listen
 from manifest import MAX_MANIFEST_BYTES, ManifestFormatError, parse_release_manifest
 from tracker.config import DEFAULT_POLL_AFTER_S, TrackerConfig
 from tracker.errors import RequestError, StorageError
@@ -32,44 +31,10 @@ from tracker.protocol import DEVICE_ID_RE, STATUS_NAMES, Release
 from tracker.server import serve_tracker
 from tracker.store import SqliteStore
 
-__all__ = ["DEFAULT_LISTEN", "add_parser", "parse_host_port"]
+__all__ = ["DEFAULT_LISTEN", "add_parser"]
 
 DEFAULT_LISTEN = "127.0.0.1:8470"
 _MAX_POLL_AFTER_S = 7 * 24 * 3600
-
-
-def parse_host_port(text: str) -> tuple[str, int]:
-    """``"HOST:PORT"`` or ``"[IPV6]:PORT"`` -> ``(host, port)``; port 0 means any free port.
-
-    Raises:
-        ValueError: the text is not of that form (the message says why).
-    """
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"{text!r}: missing ']' after the IPv6 address")
-        host, rest = text[1:end], text[end + 1:]
-        if not rest.startswith(":"):
-            raise ValueError(f"{text!r}: expected [IPV6]:PORT")
-        port_text = rest[1:]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise ValueError(f"{text!r}: expected HOST:PORT, e.g. {DEFAULT_LISTEN}")
-        if ":" in host:
-            raise ValueError(f"{text!r}: put an IPv6 address in brackets, e.g. [::1]:8470")
-        if not host or any(c.isspace() for c in host):
-            raise ValueError(f"{text!r}: missing or invalid host")
-    if not (port_text.isascii() and port_text.isdigit()):
-        raise ValueError(f"{text!r}: port {port_text!r} is not a number")
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"{text!r}: port {port} outside 0..65535")
-    return host, port
 
 
 def add_parser(subparsers: Any) -> None:
@@ -262,7 +227,7 @@ def _add_db(parser: argparse.ArgumentParser, note: str) -> None:
 
 def _listen_arg(text: str) -> tuple[str, int]:
     try:
-        return parse_host_port(text)
+        return parse_listen(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
