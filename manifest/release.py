@@ -6,8 +6,12 @@ TUF targets role signs its length and hashes. It states:
 - ``product``, ``version``, ``release_counter`` (monotonic, for anti-rollback) and the
   hardware ``compatibility`` ids the image may be installed on;
 - ``image``: size and SHA-256 of the image that must end up in the slot;
-- ``payloads``: how to get that image; each payload has a kind (``full`` for now), a
-  compression, its size and SHA-256, a chunk size and the SHA-256 of every chunk.
+- ``payloads``: how to get that image. Each payload has a kind, an encoding, its size
+  and SHA-256, a chunk size and the SHA-256 of every chunk, and optionally the
+  BitTorrent v2 info-hash of its torrent. Exactly one is ``full`` (encoding ``zstd``:
+  the image compressed). Others are ``delta`` payloads: an ``engine``
+  (``bsdiff-zstd`` or ``zstd-patch``) applied to a ``base`` image named by size and
+  SHA-256 produces the image.
 
 Parsing is strict: a size limit before decoding, no duplicate keys, no unknown keys, no
 floats, bounded integers and strings, and chunk lists consistent with sizes. Names that
@@ -57,8 +61,10 @@ _VERSION_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+-]{0,63}")
 _HWID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
-PAYLOAD_KINDS = ("full",)
-COMPRESSIONS = {"zstd": "zst"}
+PAYLOAD_KINDS = ("full", "delta")
+# encoding -> file extension in the origin tree; "zstd" is the full image compressed.
+ENCODINGS = {"zstd": "zst", "bsdiff-zstd": "bsdz", "zstd-patch": "zpatch"}
+DELTA_ENCODINGS = ("bsdiff-zstd", "zstd-patch")
 UPDATE_TYPES = ("image",)
 
 
@@ -94,19 +100,30 @@ class ImageInfo:
 
 @dataclass(frozen=True)
 class Payload:
-    """One way to obtain the image: a compressed payload cut into fixed-size chunks."""
+    """One way to obtain the image, cut into fixed-size chunks.
+
+    ``base`` is set exactly for ``delta`` payloads: the image the delta applies to.
+    ``info_hash`` is the BitTorrent v2 info-hash (SHA-256, hex) of the payload's torrent.
+    """
 
     kind: str
-    compression: str
+    encoding: str
     size: int
     sha256: str
     chunk_size: int
     chunks: tuple[str, ...]
+    base: ImageInfo | None = None
+    info_hash: str | None = None
 
     @property
     def path(self) -> str:
         """Path of the payload file in the origin tree (derived from its hash)."""
-        return f"payloads/{self.sha256}.{COMPRESSIONS[self.compression]}"
+        return f"payloads/{self.sha256}.{ENCODINGS[self.encoding]}"
+
+    @property
+    def torrent_path(self) -> str:
+        """Path of the payload's torrent file in the origin tree."""
+        return f"{self.path}.torrent"
 
     @property
     def chunk_count(self) -> int:
@@ -127,14 +144,19 @@ class Payload:
         verify_bytes(f"payload {self.sha256[:12]}", data, self.size, self.sha256)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "kind": self.kind,
-            "compression": self.compression,
+            "encoding": self.encoding,
             "size": self.size,
             "sha256": self.sha256,
             "chunk_size": self.chunk_size,
             "chunks": list(self.chunks),
         }
+        if self.base is not None:
+            out["base"] = {"size": self.base.size, "sha256": self.base.sha256}
+        if self.info_hash is not None:
+            out["info_hash"] = self.info_hash
+        return out
 
 
 @dataclass(frozen=True)
@@ -152,6 +174,13 @@ class ReleaseManifest:
     @property
     def target_name(self) -> str:
         return release_target_name(self.product, self.version)
+
+    def delta_for(self, base_sha256: str) -> Payload | None:
+        """The delta payload whose base is the image with ``base_sha256``, if any."""
+        for payload in self.payloads:
+            if payload.base is not None and payload.base.sha256 == base_sha256:
+                return payload
+        return None
 
     @property
     def full_payload(self) -> Payload:
@@ -231,11 +260,12 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _obj(value: Any, where: str, keys: Sequence[str]) -> Mapping[str, Any]:
+def _obj(value: Any, where: str, keys: Sequence[str],
+         optional: Sequence[str] = ()) -> Mapping[str, Any]:
     if not isinstance(value, dict):
         raise ManifestFormatError(f"{where}: expected an object")
     missing = [k for k in keys if k not in value]
-    extra = sorted(set(value) - set(keys))
+    extra = sorted(set(value) - set(keys) - set(optional))
     if missing:
         raise ManifestFormatError(f"{where}: missing {', '.join(missing)}")
     if extra:
@@ -264,7 +294,8 @@ def _choice(value: Any, where: str, allowed: Sequence[str]) -> str:
 
 
 def _parse_payload(raw: Any, where: str) -> Payload:
-    obj = _obj(raw, where, ("kind", "compression", "size", "sha256", "chunk_size", "chunks"))
+    obj = _obj(raw, where, ("kind", "encoding", "size", "sha256", "chunk_size", "chunks"),
+               optional=("base", "info_hash"))
     size = _int(obj["size"], f"{where}.size", 1, MAX_IMAGE_SIZE_BYTES)
     chunk_size = _int(obj["chunk_size"], f"{where}.chunk_size", MIN_CHUNK_SIZE_BYTES,
                       MAX_CHUNK_SIZE_BYTES)
@@ -278,14 +309,33 @@ def _parse_payload(raw: Any, where: str) -> Payload:
         raise ManifestFormatError(
             f"{where}.chunks: {len(chunks)} hashes for {expected} chunks of {chunk_size} bytes"
         )
+    kind = _choice(obj["kind"], f"{where}.kind", PAYLOAD_KINDS)
+    encoding = _choice(obj["encoding"], f"{where}.encoding",
+                       DELTA_ENCODINGS if kind == "delta" else ("zstd",))
+    base: ImageInfo | None = None
+    if kind == "delta":
+        if "base" not in obj:
+            raise ManifestFormatError(f"{where}: a delta payload needs a base")
+        base = _parse_image(obj["base"], f"{where}.base")
+    elif "base" in obj:
+        raise ManifestFormatError(f"{where}: only delta payloads have a base")
+    info_hash = _sha(obj["info_hash"], f"{where}.info_hash") if "info_hash" in obj else None
     return Payload(
-        kind=_choice(obj["kind"], f"{where}.kind", PAYLOAD_KINDS),
-        compression=_choice(obj["compression"], f"{where}.compression", tuple(COMPRESSIONS)),
+        kind=kind,
+        encoding=encoding,
         size=size,
         sha256=_sha(obj["sha256"], f"{where}.sha256"),
         chunk_size=chunk_size,
         chunks=tuple(_sha(c, f"{where}.chunks[{i}]") for i, c in enumerate(chunks)),
+        base=base,
+        info_hash=info_hash,
     )
+
+
+def _parse_image(raw: Any, where: str) -> ImageInfo:
+    obj = _obj(raw, where, ("size", "sha256"))
+    return ImageInfo(size=_int(obj["size"], f"{where}.size", 1, MAX_IMAGE_SIZE_BYTES),
+                     sha256=_sha(obj["sha256"], f"{where}.sha256"))
 
 
 def parse_release_manifest(data: bytes) -> ReleaseManifest:
@@ -316,7 +366,6 @@ def parse_release_manifest(data: bytes) -> ReleaseManifest:
     for i, hwid in enumerate(compat):
         if not isinstance(hwid, str) or not _HWID_RE.fullmatch(hwid):
             raise ManifestFormatError(f"compatibility[{i}]: invalid hardware id {hwid!r}")
-    image = _obj(obj["image"], "image", ("size", "sha256"))
     payloads_raw = obj["payloads"]
     if not isinstance(payloads_raw, list) or not 1 <= len(payloads_raw) <= 16:
         raise ManifestFormatError("payloads: expected a list of 1..16 payloads")
@@ -325,6 +374,12 @@ def parse_release_manifest(data: bytes) -> ReleaseManifest:
         raise ManifestFormatError("payloads: exactly one full payload is required")
     if len({p.sha256 for p in payloads}) != len(payloads):
         raise ManifestFormatError("payloads: the same payload is listed twice")
+    image = _parse_image(obj["image"], "image")
+    bases = [p.base.sha256 for p in payloads if p.base is not None]
+    if len(set(bases)) != len(bases):
+        raise ManifestFormatError("payloads: two deltas from the same base")
+    if image.sha256 in bases:
+        raise ManifestFormatError("payloads: a delta whose base is the image itself")
     try:
         product = validate_product(obj["product"])
         version = validate_version(obj["version"])
@@ -336,9 +391,6 @@ def parse_release_manifest(data: bytes) -> ReleaseManifest:
         release_counter=_int(obj["release_counter"], "release_counter", 0, MAX_RELEASE_COUNTER),
         compatibility=tuple(compat),
         update_type=_choice(obj["update_type"], "update_type", UPDATE_TYPES),
-        image=ImageInfo(
-            size=_int(image["size"], "image.size", 1, MAX_IMAGE_SIZE_BYTES),
-            sha256=_sha(image["sha256"], "image.sha256"),
-        ),
+        image=image,
         payloads=payloads,
     )

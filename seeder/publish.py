@@ -190,7 +190,7 @@ def build_full_payload(
         payload_sha256, chunks = _hash_file_chunks(tmp, chunk_size)
         payload = Payload(
             kind="full",
-            compression="zstd",
+            encoding="zstd",
             size=payload_size,
             sha256=payload_sha256,
             chunk_size=chunk_size,
@@ -323,7 +323,7 @@ def _check_fields(product: str, version: str, release_counter: int,
         compatibility=compatibility,
         update_type="image",
         image=ImageInfo(size=1, sha256=_PLACEHOLDER_SHA256),
-        payloads=(Payload(kind="full", compression="zstd", size=1,
+        payloads=(Payload(kind="full", encoding="zstd", size=1,
                           sha256=_PLACEHOLDER_SHA256, chunk_size=choose_chunk_size(1),
                           chunks=(_PLACEHOLDER_SHA256,)),),
     )

@@ -36,7 +36,7 @@ def make_manifest(counter: int = 2, payload: bytes = PAYLOAD) -> ReleaseManifest
         product="acme-router", version="2.0.0", release_counter=counter,
         compatibility=("acme-router-hw1",), update_type="image",
         image=ImageInfo(size=1000, sha256="a" * 64),
-        payloads=(Payload(kind="full", compression="zstd", size=len(payload),
+        payloads=(Payload(kind="full", encoding="zstd", size=len(payload),
                           sha256=sha256_hex(payload), chunk_size=chunk,
                           chunks=tuple(chunk_hashes(payload, chunk))),),
     )
@@ -92,6 +92,10 @@ def test_mix_and_match_chunk_of_another_release_is_rejected() -> None:
     (lambda d: d["payloads"][0].update(kind="exotic"), "kind"),
     (lambda d: d.update(payloads=[]), "payloads"),
     (lambda d: d["image"].update(size=10**30), "image.size"),
+    (lambda d: d["payloads"][0].update(encoding="bsdiff-zstd"), "encoding"),
+    (lambda d: d["payloads"][0].update(base={"size": 1, "sha256": "b" * 64}),
+     "only delta payloads have a base"),
+    (lambda d: d["payloads"][0].update(info_hash="xyz"), "info_hash"),
 ])
 def test_malformed_manifest_rejected_with_clear_message(mutate, message) -> None:  # type: ignore[no-untyped-def]
     d = raw()
@@ -173,3 +177,42 @@ def test_fuzz_any_field_replaced_by_any_json_only_raises_manifest_errors(key: st
     d[key] = value
     with contextlib.suppress(ManifestError):
         parse_release_manifest(json.dumps(d).encode())
+
+
+def with_delta(base_sha: str = "c" * 64, encoding: str = "zstd-patch") -> ReleaseManifest:
+    m = make_manifest()
+    delta_bytes = b"delta" * 5000
+    delta = Payload(kind="delta", encoding=encoding, size=len(delta_bytes),
+                    sha256=sha256_hex(delta_bytes), chunk_size=16384,
+                    chunks=tuple(chunk_hashes(delta_bytes, 16384)),
+                    base=ImageInfo(size=900, sha256=base_sha), info_hash="d" * 64)
+    return ReleaseManifest(m.product, m.version, m.release_counter, m.compatibility,
+                           m.update_type, m.image, (*m.payloads, delta))
+
+
+def test_delta_payload_round_trips_and_is_found_by_base() -> None:
+    m = with_delta()
+    again = parse_release_manifest(m.to_bytes())
+    assert again == m
+    delta = again.delta_for("c" * 64)
+    assert delta is not None and delta.kind == "delta" and delta.base == ImageInfo(900, "c" * 64)
+    assert delta.path.endswith(".zpatch") and delta.torrent_path == delta.path + ".torrent"
+    assert again.delta_for("e" * 64) is None
+    assert with_delta(encoding="bsdiff-zstd").payloads[1].path.endswith(".bsdz")
+
+
+def test_delta_payload_without_base_or_with_full_encoding_is_refused() -> None:
+    d = json.loads(with_delta().to_bytes())
+    del d["payloads"][1]["base"]
+    with pytest.raises(ManifestFormatError, match="needs a base"):
+        parse_release_manifest(json.dumps(d).encode())
+    d = json.loads(with_delta().to_bytes())
+    d["payloads"][1]["encoding"] = "zstd"
+    with pytest.raises(ManifestFormatError, match="encoding"):
+        parse_release_manifest(json.dumps(d).encode())
+
+
+def test_delta_whose_base_is_the_target_image_is_refused() -> None:
+    m = make_manifest()
+    with pytest.raises(ManifestFormatError, match="base is the image itself"):
+        with_delta(base_sha=m.image.sha256).to_bytes()

@@ -77,7 +77,7 @@ def test_payload_decompresses_to_the_image(repo: Repository, tmp_path: Path) -> 
     assert restored == image.read_bytes()
     assert manifest.image.size == len(restored)
     assert manifest.image.sha256 == sha256_hex(restored)
-    assert (payload.kind, payload.compression, manifest.update_type) == ("full", "zstd",
+    assert (payload.kind, payload.encoding, manifest.update_type) == ("full", "zstd",
                                                                           "image")
     assert oct((repo.origin_dir / payload.path).stat().st_mode & 0o777) == "0o644"
 

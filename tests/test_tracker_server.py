@@ -69,7 +69,7 @@ def build_manifest(version: str = "2.0.0", counter: int = 2) -> ReleaseManifest:
         product="acme-router", version=version, release_counter=counter,
         compatibility=("acme-router-hw1",), update_type="image",
         image=ImageInfo(size=len(image), sha256=sha256_hex(image)),
-        payloads=(Payload(kind="full", compression="zstd", size=len(payload),
+        payloads=(Payload(kind="full", encoding="zstd", size=len(payload),
                           sha256=sha256_hex(payload), chunk_size=MIN_CHUNK_SIZE_BYTES,
                           chunks=tuple(chunk_hashes(payload, MIN_CHUNK_SIZE_BYTES))),),
     )
