@@ -19,7 +19,9 @@ THIRD_PARTY_OWNERS = {
     "hypercorn": {"infra/http_serve.py"},
     "libtorrent": {"peer/swarm.py"},
     "sqlite3": {"tracker/store.py"},
-    "zstandard": {"peer/install.py", "seeder/publish.py"},
+    "zstandard": {"peer/install.py", "peer/delta.py", "seeder/publish.py", "seeder/delta.py"},
+    "bsdiff4": {"peer/delta.py", "seeder/delta.py"},
+    "backports": {"seeder/delta.py"},
 }
 
 
