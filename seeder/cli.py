@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import signal
+import ssl
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -19,8 +21,8 @@ import trio
 
 from infra.http_serve import ListenConfig, parse_listen
 from seeder.errors import SeederError
-from seeder.origin import OriginApp
-from seeder.publish import DEFAULT_ZSTD_LEVEL, publish_release
+from seeder.origin import OriginApp, OriginConfig
+from seeder.publish import DEFAULT_ZSTD_LEVEL, DeltaSummary, publish_release
 from seeder.repository import ExpiryConfig, Repository
 from seeder.server import serve_origin
 
@@ -64,8 +66,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "publish",
         help="publish an image as a new release",
         description=(
-            "Compress IMAGE into a content-addressed zstd payload, write its release "
-            "manifest and sign new targets, snapshot and timestamp metadata."
+            "Compress IMAGE into a content-addressed zstd payload, build a delta "
+            "payload from each --from image, write the release manifest and sign new "
+            "targets, snapshot and timestamp metadata."
         ),
     )
     publish.add_argument("repo", metavar="REPO", type=Path, help="repository directory")
@@ -80,6 +83,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                          help="hardware compatibility id (repeat for several)")
     publish.add_argument("--zstd-level", type=int, default=DEFAULT_ZSTD_LEVEL, metavar="L",
                          help="zstd compression level 1..22 (default %(default)s)")
+    publish.add_argument("--from", action="append", type=Path, default=[],
+                         metavar="OLD_IMAGE", dest="bases",
+                         help="an older image devices may have installed: also publish "
+                              "the smallest delta from it (bsdiff-zstd or zstd-patch, "
+                              "whichever is smaller); repeat for several. Needs about 17x "
+                              "the image size in memory")
     publish.set_defaults(func=_wrap(_cmd_publish))
 
     timestamp = sub.add_parser(
@@ -108,6 +117,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     serve.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                        type=_listen_arg,
                        help="address to listen on (default %(default)s)")
+    serve.add_argument("--tls-cert", type=Path, metavar="FILE", default=None,
+                       help="PEM certificate chain: serve HTTPS (TLS 1.2 or newer); "
+                            "needs --tls-key")
+    serve.add_argument("--tls-key", type=Path, metavar="FILE", default=None,
+                       help="PEM private key of --tls-cert")
+    serve.add_argument("--rate-limit-bytes-per-s", type=_rate_arg, metavar="N",
+                       default=None,
+                       help="cap the bytes per second sent to all clients together, e.g. "
+                            "2500000, 2.5M or 20Mi (k/M/G: powers of 1000, Ki/Mi/Gi: "
+                            "powers of 1024; default: no limit)")
     serve.set_defaults(func=_wrap(_cmd_serve))
 
 
@@ -134,10 +153,16 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 def _cmd_publish(args: argparse.Namespace) -> int:
     repo = Repository.open(args.repo)
+    built: list[DeltaSummary] = []
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
     manifest = publish_release(
         repo, args.image, product=args.product, version=args.version,
         release_counter=args.counter, compatibility=args.hardware_ids,
-        zstd_level=args.zstd_level,
+        zstd_level=args.zstd_level, bases=args.bases, progress=progress,
+        on_delta=built.append,
     )
     payload = manifest.full_payload
     target = repo.targets()[manifest.target_name]
@@ -149,6 +174,19 @@ def _cmd_publish(args: argparse.Namespace) -> int:
           f"{repo.origin_dir / payload.path}")
     print(f"  chunks:   {payload.chunk_count} x "
           f"{payload.chunk_size} bytes")
+    sizes = {summary.payload.sha256: summary for summary in built}
+    for delta in manifest.payloads:
+        if delta.base is None:
+            continue
+        line = (f"  delta:    {delta.encoding}, {delta.size} bytes "
+                f"({delta.size / payload.size:.1%} of the full payload) from base "
+                f"{delta.base.sha256[:12]}")
+        summary = sizes.get(delta.sha256)
+        if summary is not None:
+            others = ", ".join(f"{engine} {size}" for engine, size
+                               in summary.sizes_by_engine.items() if engine != delta.encoding)
+            line += f" ({summary.base_path}); other candidates: {others or 'none'}"
+        print(line)
     print(f"  target:   {manifest.target_name}")
     print(f"  manifest: {repo.target_file_path(target)}")
     return 0
@@ -178,14 +216,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise SeederError(f"{args.directory} is neither a repository nor an origin "
                           "directory (no metadata/ inside)")
     host, port = args.listen
-    app = OriginApp(directory)
+    certfile, keyfile = _tls_files(args.tls_cert, args.tls_key)
+    listen = ListenConfig(host=host, port=port, certfile=certfile, keyfile=keyfile)
+    app = OriginApp(directory, OriginConfig(rate_limit_bytes_per_s=args.rate_limit_bytes_per_s))
 
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-                url = await nursery.start(
-                    functools.partial(serve_origin, app, ListenConfig(host=host, port=port)))
+                url = await nursery.start(functools.partial(serve_origin, app, listen))
                 print(f"serving {app.root} at {url}/ (Ctrl-C to stop)", flush=True)
+                if args.rate_limit_bytes_per_s is not None:
+                    print(f"  rate limit: {args.rate_limit_bytes_per_s} bytes/s for all "
+                          "clients together", flush=True)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break
@@ -243,6 +285,49 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _tls_files(cert: Path | None, key: Path | None) -> tuple[str | None, str | None]:
+    """``(certfile, keyfile)`` for :class:`ListenConfig`, checked before serving.
+
+    Raises:
+        SeederError: only one of the two given, a file unreadable, or not a usable
+            PEM certificate and matching private key.
+    """
+    if cert is None and key is None:
+        return None, None
+    if cert is None or key is None:
+        raise SeederError("--tls-cert and --tls-key go together: give both (HTTPS) or "
+                          "neither (plain HTTP)")
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise SeederError(f"{flag} {path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise SeederError(f"--tls-cert {cert} / --tls-key {key}: not a PEM certificate "
+                          f"and its private key ({exc.reason or exc})") from None
+    return str(cert), str(key)
+
+
+_RATE_SUFFIXES = {"": 1, "k": 1000, "K": 1000, "M": 1000**2, "G": 1000**3,
+                  "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
+_RATE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([a-zA-Z]*)")
+
+
+def _rate_arg(text: str) -> int:
+    """``"2500000"``, ``"2.5M"``, ``"20Mi"`` -> bytes per second (positive)."""
+    match = _RATE_RE.fullmatch(text.strip())
+    if match is None or match.group(2) not in _RATE_SUFFIXES:
+        raise argparse.ArgumentTypeError(
+            f"expected bytes per second like 2500000, 2.5M or 20Mi, got {text!r}")
+    value = int(float(match.group(1)) * _RATE_SUFFIXES[match.group(2)])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive rate, got {text!r}")
     return value
 
 
