@@ -1,9 +1,11 @@
-"""Publishing: image -> zstd payload -> release manifest -> signed TUF target.
+"""Publishing: image -> zstd payload (+ deltas) -> release manifest -> signed TUF target.
 
 :func:`publish_release` is the whole operation; :func:`build_full_payload` is its
-payload step on its own (for benchmarks and future payload kinds).
+payload step on its own (for benchmarks and future payload kinds). Delta payloads from
+older images (``bases``) are built by :func:`seeder.delta.build_best_delta`.
 
-Order of writes (each atomic): the payload ``origin/payloads/<sha256>.zst``, then the
+Order of writes (each atomic): the payload ``origin/payloads/<sha256>.zst``, then each
+delta ``origin/payloads/<sha256>.<bsdz|zpatch>``, then the
 release manifest target and new targets/snapshot/timestamp metadata
 (:meth:`seeder.repository.Repository.add_target`). A crash at any point leaves at most an
 unreferenced payload or a hidden ``.incoming-*.tmp`` file; devices only see a release
@@ -11,7 +13,9 @@ once timestamp.json names it.
 
 Memory stays bounded whatever the image size: the image is read once, in blocks, hashed
 and compressed in the same pass; the payload is then re-read once, chunk by chunk, to
-hash its chunks. The only seeder module that imports zstandard.
+hash its chunks. Deltas need whole images in memory: the delta workers hold the image
+and one base at a time (plus bsdiff's working set, ~17x the input), this process one
+finished delta at a time.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import logging
 import os
 import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -41,11 +46,13 @@ from manifest import (
     sha256_hex,
 )
 from manifest.release import MAX_IMAGE_SIZE_BYTES
+from seeder.delta import Progress, build_best_delta, file_digest
 from seeder.errors import PublishError, RepositoryError
 from seeder.repository import Repository
 
 __all__ = [
     "DEFAULT_ZSTD_LEVEL",
+    "DeltaSummary",
     "build_full_payload",
     "publish_release",
     "published_releases",
@@ -57,6 +64,16 @@ DEFAULT_ZSTD_LEVEL = 19
 _READ_BLOCK_BYTES = 1024 * 1024
 _PAYLOAD_FILE_MODE = 0o644
 _PLACEHOLDER_SHA256 = "0" * 64
+_MAX_BASES = 15  # a manifest holds at most 16 payloads, one of them full
+
+
+@dataclass(frozen=True)
+class DeltaSummary:
+    """What building one delta payload chose, for reporting."""
+
+    base_path: Path
+    payload: Payload
+    sizes_by_engine: dict[str, int]
 
 
 def publish_release(
@@ -69,6 +86,9 @@ def publish_release(
     compatibility: Sequence[str],
     zstd_level: int = DEFAULT_ZSTD_LEVEL,
     now: datetime | None = None,
+    bases: Sequence[Path] = (),
+    progress: Progress | None = None,
+    on_delta: Callable[[DeltaSummary], None] | None = None,
 ) -> ReleaseManifest:
     """Publish ``image`` as release ``version`` of ``product`` and return its manifest.
 
@@ -77,12 +97,22 @@ def publish_release(
     ``full`` payload, chunk size from :func:`manifest.choose_chunk_size`) and adds it as
     TUF target ``releases/<product>/<version>.json``.
 
+    For each image in ``bases`` (older releases devices may have), the smallest delta
+    from that base to ``image`` (:func:`seeder.delta.build_best_delta`, checked to
+    rebuild the image) is stored as ``payloads/<sha256>.<ext>`` and listed after the
+    full payload as a ``delta`` payload naming its base by size and SHA-256.
+    ``progress(message)`` receives a line as each delta engine starts and finishes;
+    ``on_delta`` a :class:`DeltaSummary` per delta built.
+
     Duplicate hardware ids are dropped (first occurrence kept). Publishing the same
-    release again (same version, image, counter and hardware ids) returns the manifest
-    already published and changes nothing, so an interrupted publish can be re-run.
+    release again (same version, image, counter, hardware ids and delta bases) returns
+    the manifest already published and changes nothing, so an interrupted publish can
+    be re-run.
 
     Raises:
-        PublishError: the image is missing, not a regular file, empty or too large; the
+        PublishError: the image is missing, not a regular file, empty or too large; a
+            base is missing, empty, identical to the image or given twice, or there are
+            more than 15 bases; the
             product, version, counter or a hardware id is invalid; ``zstd_level`` is
             outside 1..22; the version is already published with other content; or the
             counter is not higher than every published release of the product.
@@ -95,15 +125,28 @@ def publish_release(
     _check_fields(product, version, release_counter, compat)
     name = release_target_name(product, version)
     image_size = _image_size(image)
+    base_infos = _check_bases(image, bases)
+    base_shas = frozenset(info.sha256 for info in base_infos.values())
 
     # Cheap checks before the expensive compression; repeated under the lock below.
     existing = _check_conflicts(repo, product, version, release_counter)
     if existing is not None:
-        return _same_release_or_raise(existing, image, release_counter, compat)
+        return _same_release_or_raise(existing, image, release_counter, compat, base_shas)
 
     image_info, payload = build_full_payload(image, repo.origin_dir, zstd_level=zstd_level)
     if image_info.size != image_size:
         raise PublishError(f"image {image} changed size while it was being published")
+    payloads = [payload]
+    for base_path, base_info in base_infos.items():
+        engine, delta, sizes = build_best_delta(base_path, image, level=zstd_level,
+                                                progress=progress)
+        delta_payload = store_payload(repo.origin_dir, delta, kind="delta",
+                                      encoding=engine, base=base_info)
+        del delta
+        payloads.append(delta_payload)
+        if on_delta is not None:
+            on_delta(DeltaSummary(base_path=base_path, payload=delta_payload,
+                                  sizes_by_engine=sizes))
     manifest = ReleaseManifest(
         product=product,
         version=version,
@@ -111,7 +154,7 @@ def publish_release(
         compatibility=compat,
         update_type="image",
         image=image_info,
-        payloads=(payload,),
+        payloads=tuple(payloads),
     )
     try:
         data = manifest.to_bytes()
@@ -121,10 +164,12 @@ def publish_release(
     with repo.locked():
         existing = _check_conflicts(repo, product, version, release_counter)
         if existing is not None:
-            return _same_release_or_raise(existing, image, release_counter, compat)
+            return _same_release_or_raise(existing, image, release_counter, compat,
+                                          base_shas)
         repo.add_target(name, data, now=now)
-    log.info("published %s (counter %d): payload %s, %d bytes, %d chunks", name,
-             release_counter, payload.path, payload.size, payload.chunk_count)
+    log.info("published %s (counter %d): payload %s, %d bytes, %d chunks, %d deltas",
+             name, release_counter, payload.path, payload.size, payload.chunk_count,
+             len(payloads) - 1)
     return manifest
 
 
@@ -214,7 +259,90 @@ def build_full_payload(
     return image_info, payload
 
 
+def store_payload(origin_dir: Path, data: bytes, *, kind: str, encoding: str,
+                  base: ImageInfo | None = None) -> Payload:
+    """Write ``data`` as ``origin_dir/payloads/<sha256>.<ext>`` and describe it.
+
+    Atomic (hidden temp file, fsync, rename, directory fsync); an identical file already
+    there is kept. Chunk size from :func:`manifest.choose_chunk_size`.
+
+    Raises:
+        RepositoryError: the payload cannot be written.
+    """
+    chunk_size = choose_chunk_size(len(data))
+    payload = Payload(
+        kind=kind,
+        encoding=encoding,
+        size=len(data),
+        sha256=sha256_hex(data),
+        chunk_size=chunk_size,
+        chunks=tuple(sha256_hex(data[i:i + chunk_size])
+                     for i in range(0, len(data), chunk_size)),
+        base=base,
+    )
+    payloads_dir = Path(origin_dir) / "payloads"
+    final = Path(origin_dir) / payload.path
+    try:
+        payloads_dir.mkdir(parents=True, exist_ok=True)
+        if _file_has(final, payload.size, payload.sha256):
+            log.info("payload %s already present", final)
+            return payload
+        fd, tmp_name = tempfile.mkstemp(dir=payloads_dir, prefix=".incoming-", suffix=".tmp")
+    except OSError as exc:
+        raise RepositoryError(f"cannot write to {payloads_dir}: {exc}") from exc
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, _PAYLOAD_FILE_MODE)
+        os.replace(tmp, final)
+        fsync_dir(payloads_dir)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise RepositoryError(f"cannot store payload {final}: {exc}") from exc
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return payload
+
+
 # --- helpers ---------------------------------------------------------------------------
+
+
+def _check_bases(image: Path, bases: Sequence[Path]) -> dict[Path, ImageInfo]:
+    """Size and SHA-256 of each delta base, checked before any expensive work.
+
+    Raises:
+        PublishError: too many bases; a base is missing, not a regular file, empty, too
+            large, identical to the image, or the same image as another base.
+    """
+    if isinstance(bases, str | Path):
+        raise PublishError("bases must be a list of image paths, not a single path")
+    if not bases:
+        return {}
+    if len(bases) > _MAX_BASES:
+        raise PublishError(f"{len(bases)} delta bases, at most {_MAX_BASES} per release")
+    _, image_sha = file_digest(image, "image")
+    out: dict[Path, ImageInfo] = {}
+    seen: dict[str, Path] = {}
+    for raw in bases:
+        base = Path(raw)
+        size, sha = file_digest(base, "delta base")
+        _check_image_size(base, size)
+        if sha == image_sha:
+            raise PublishError(f"delta base {base} is identical to the image "
+                               f"(sha256 {sha[:12]}): nothing to update")
+        if sha in seen:
+            raise PublishError(f"delta base {base} is the same image as {seen[sha]} "
+                               f"(sha256 {sha[:12]}): give each base once")
+        seen[sha] = base
+        out[base] = ImageInfo(size=size, sha256=sha)
+    return out
+
 
 
 def _compress(image: Path, out: BinaryIO, level: int) -> ImageInfo:
@@ -356,9 +484,15 @@ def _check_conflicts(repo: Repository, product: str, version: str,
 
 
 def _same_release_or_raise(existing: ReleaseManifest, image: Path, release_counter: int,
-                           compatibility: tuple[str, ...]) -> ReleaseManifest:
+                           compatibility: tuple[str, ...],
+                           base_shas: frozenset[str] = frozenset()) -> ReleaseManifest:
     """Return ``existing`` if it is the release being published again, else raise."""
     differences: list[str] = []
+    existing_bases = frozenset(p.base.sha256 for p in existing.payloads
+                               if p.base is not None)
+    if existing_bases != base_shas:
+        differences.append(f"deltas from {len(existing_bases)} base(s), not the "
+                           f"{len(base_shas)} given")
     if existing.release_counter != release_counter:
         differences.append(f"counter {existing.release_counter} != {release_counter}")
     if existing.compatibility != compatibility:

@@ -230,3 +230,96 @@ def test_big_image_is_streamed_with_bounded_memory(repo: Repository, tmp_path: P
     assert image_info.size == size
     assert peak < 8 * MiB, f"peak Python allocations {peak} bytes"
     assert payload.chunk_size == choose_chunk_size(payload.size)
+
+
+# --- delta payloads -----------------------------------------------------------------------
+
+
+def _v1_v2(tmp_path: Path) -> tuple[Path, Path]:
+    from swarmota.demo import make_image as demo_image
+    from swarmota.demo import mutate_image
+
+    v1 = demo_image(512 * 1024, seed=21)
+    v2 = mutate_image(v1, seed=22)
+    (tmp_path / "v1.img").write_bytes(v1)
+    (tmp_path / "v2.img").write_bytes(v2)
+    return tmp_path / "v1.img", tmp_path / "v2.img"
+
+
+def test_delta_payload_rebuilds_the_image_from_its_base(repo: Repository,
+                                                         tmp_path: Path) -> None:
+    from peer.delta import apply_delta
+
+    v1, v2 = _v1_v2(tmp_path)
+    manifest = publish(repo, v2, bases=[v1])
+    assert [p.kind for p in manifest.payloads] == ["full", "delta"]
+    delta = manifest.delta_for(sha256_hex(v1.read_bytes()))
+    assert delta is not None and delta.base is not None
+    assert delta.base.size == v1.stat().st_size
+    assert delta.encoding in ("bsdiff-zstd", "zstd-patch")
+    stored = (repo.origin_dir / delta.path).read_bytes()
+    assert delta.path == f"payloads/{sha256_hex(stored)}." + (
+        "bsdz" if delta.encoding == "bsdiff-zstd" else "zpatch")
+    assert len(stored) < manifest.full_payload.size
+    assert delta.chunk_size == choose_chunk_size(len(stored))
+    for index in range(delta.chunk_count):
+        offset, length = delta.chunk_span(index)
+        delta.verify_chunk(index, stored[offset:offset + length])
+    delta.verify(stored)
+    rebuilt = apply_delta(delta.encoding, v1.read_bytes(), stored,
+                          target_size=manifest.image.size)
+    assert rebuilt == v2.read_bytes()
+    assert sha256_hex(rebuilt) == manifest.image.sha256
+    assert oct((repo.origin_dir / delta.path).stat().st_mode & 0o777) == "0o644"
+    # The signed target is this manifest, delta included.
+    target = repo.targets()[release_target_name("acme-router", "1.0.0")]
+    assert parse_release_manifest(repo.read_target(target)) == manifest
+
+
+def test_republishing_with_the_same_bases_changes_nothing(repo: Repository,
+                                                          tmp_path: Path) -> None:
+    v1, v2 = _v1_v2(tmp_path)
+    first = publish(repo, v2, bases=[v1])
+    versions = repo.versions()
+    assert publish(repo, v2, bases=[v1]) == first
+    assert repo.versions() == versions
+    with pytest.raises(PublishError, match="already published with other content"):
+        publish(repo, v2)
+
+
+def test_delta_summaries_and_progress_are_reported(repo: Repository,
+                                                   tmp_path: Path) -> None:
+    from seeder.publish import DeltaSummary
+
+    v1, v2 = _v1_v2(tmp_path)
+    summaries: list[DeltaSummary] = []
+    messages: list[str] = []
+    manifest = publish(repo, v2, bases=[v1], on_delta=summaries.append,
+                       progress=messages.append)
+    [summary] = summaries
+    assert summary.base_path == v1
+    assert summary.payload == manifest.payloads[1]
+    assert summary.sizes_by_engine[summary.payload.encoding] == summary.payload.size
+    assert len(summary.sizes_by_engine) == 2
+    assert any("started" in m for m in messages)
+
+
+def test_bad_delta_bases_are_refused_before_any_work(repo: Repository,
+                                                     tmp_path: Path) -> None:
+    v1, v2 = _v1_v2(tmp_path)
+    (tmp_path / "empty.img").write_bytes(b"")
+    (tmp_path / "v1-copy.img").write_bytes(v1.read_bytes())
+    (tmp_path / "v2-copy.img").write_bytes(v2.read_bytes())
+    cases = [
+        ([tmp_path / "missing.img"], "does not exist"),
+        ([tmp_path / "empty.img"], "empty"),
+        ([tmp_path / "v2-copy.img"], "identical to the image"),
+        ([v1, v1], "given twice|same image"),
+        ([v1, tmp_path / "v1-copy.img"], "same image"),
+        ([tmp_path], "not a regular file"),
+    ]
+    for bases, message in cases:
+        with pytest.raises(PublishError, match=message):
+            publish(repo, v2, bases=bases)
+    assert repo.targets() == {}
+    assert os.listdir(repo.origin_dir / "payloads") == []

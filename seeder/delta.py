@@ -1,0 +1,243 @@
+"""Delta payloads, publisher side: build the smallest delta from a base image to a target.
+
+Engines (the ``encoding`` of the delta payload, applied by :mod:`peer.delta`):
+
+``bsdiff-zstd``
+    ``bsdiff4.core.diff`` (suffix sorting; slow and about 17x the input in memory, but
+    usually the smallest on executables), its raw control/diff/extra streams packed with
+    zstd into our container (:func:`peer.delta.encode_bsdiff_container`).
+``zstd-patch``
+    zstd with the base as a raw-content *prefix*, long-distance matching and a window
+    covering the larger of the two images (what ``zstd --patch-from`` does), via
+    ``backports.zstd``: python-zstandard's raw-content *dictionary* compression finds
+    far fewer matches (docs: ../shared/ENGINES.md).
+
+Every delta is applied again with :func:`peer.delta.apply_delta`, the device's own code,
+and compared with the target before it is returned: a delta that does not round-trip is
+never published.
+
+:func:`build_best_delta` runs each engine in its own worker process (at most two at a
+time, and never two bsdiff runs at once) and keeps the smallest. Memory: each worker
+holds the base and the target plus its engine's working set (bsdiff: ~17x the input);
+the calling process holds only the finished deltas.
+
+Errors: :class:`seeder.errors.PublishError` for bad input (a base missing, empty,
+unreadable or identical to the target, an unknown engine) or when no engine produced a
+delta.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import multiprocessing
+import os
+import stat
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import bsdiff4.core
+import zstandard
+from backports.zstd import CompressionParameter, ZstdDict, ZstdError
+from backports.zstd import compress as zstd_compress
+
+from peer.delta import DeltaError, apply_delta, encode_bsdiff_container
+from seeder.errors import PublishError
+
+__all__ = [
+    "DEFAULT_DELTA_LEVEL",
+    "ENGINES",
+    "Progress",
+    "build_best_delta",
+    "build_delta",
+    "file_digest",
+]
+
+log = logging.getLogger(__name__)
+
+ENGINES: tuple[str, ...] = ("bsdiff-zstd", "zstd-patch")
+DEFAULT_DELTA_LEVEL = 19
+_MAX_WORKERS = 2  # publishing machines have two cores
+_BSDIFF_ENGINES = frozenset({"bsdiff-zstd"})
+_READ_BLOCK_BYTES = 1024 * 1024
+_MIN_WINDOW_LOG = 10
+_MAX_WINDOW_LOG = 31
+
+Progress = Callable[[str], None]
+
+
+def build_delta(engine: str, base: bytes, target: bytes, *,
+                level: int = DEFAULT_DELTA_LEVEL) -> bytes:
+    """Build the ``engine`` delta that turns ``base`` into ``target``, checked to apply.
+
+    Raises:
+        PublishError: unknown engine, ``level`` outside 1..22, an empty base, or the
+            delta does not reproduce the target (a bug in an engine).
+    """
+    if engine not in ENGINES:
+        raise PublishError(f"unknown delta engine {engine!r}; choose from {list(ENGINES)}")
+    if not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
+        raise PublishError(f"zstd level {level} outside 1..{zstandard.MAX_COMPRESSION_LEVEL}")
+    if not base:
+        raise PublishError("the delta base is empty")
+    if engine == "bsdiff-zstd":
+        control, diff, extra = bsdiff4.core.diff(base, target)
+        delta = encode_bsdiff_container(control, diff, extra, len(target), level)
+    else:
+        delta = _zstd_patch(base, target, level)
+    try:
+        rebuilt = apply_delta(engine, base, delta, target_size=len(target))
+    except DeltaError as exc:
+        raise PublishError(f"{engine} delta does not apply to its own base: {exc}") from exc
+    if rebuilt != target:
+        raise PublishError(f"{engine} delta does not reproduce the target")
+    return delta
+
+
+def build_best_delta(
+    base_path: Path,
+    target_path: Path,
+    *,
+    engines: Sequence[str] = ENGINES,
+    level: int = DEFAULT_DELTA_LEVEL,
+    progress: Progress | None = None,
+) -> tuple[str, bytes, dict[str, int]]:
+    """Build a delta from ``base_path`` to ``target_path`` with each engine; keep the smallest.
+
+    Returns ``(engine, delta, sizes_by_engine)``. ``progress(message)`` is called as each
+    engine starts and finishes (with its size and time). An engine that fails (e.g. its
+    worker runs out of memory) is reported and skipped.
+
+    Raises:
+        PublishError: a file is missing, unreadable, not a regular file or empty; the base
+            is the target (same SHA-256); ``engines`` is empty, repeats an engine or names
+            an unknown one; ``level`` is outside 1..22; or no engine produced a delta.
+    """
+    say = progress if progress is not None else _log_progress
+    engines = tuple(engines)
+    unknown = [e for e in engines if e not in ENGINES]
+    if not engines or unknown or len(set(engines)) != len(engines):
+        raise PublishError(f"delta engines must be distinct names from {list(ENGINES)}, "
+                           f"got {list(engines)}")
+    if not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
+        raise PublishError(f"zstd level {level} outside 1..{zstandard.MAX_COMPRESSION_LEVEL}")
+    base_size, base_sha = file_digest(base_path, "delta base")
+    _, target_sha = file_digest(target_path, "image")
+    if base_sha == target_sha:
+        raise PublishError(f"delta base {base_path} is identical to the image "
+                           f"(sha256 {base_sha[:12]}): nothing to update")
+    name = base_path.name
+    sizes: dict[str, int] = {}
+    deltas: dict[str, bytes] = {}
+    failures: list[str] = []
+    # Non-bsdiff engines may run beside one bsdiff; bsdiff runs go one after another.
+    with ProcessPoolExecutor(max_workers=min(_MAX_WORKERS, len(engines)),
+                             mp_context=_mp_context()) as pool:
+        pending: list[tuple[str, Future[tuple[bytes, float]]]] = []
+        waiting = list(engines)
+        while waiting or pending:
+            running_bsdiff = any(e in _BSDIFF_ENGINES for e, _ in pending)
+            for engine in list(waiting):
+                if len(pending) >= _MAX_WORKERS:
+                    break
+                if engine in _BSDIFF_ENGINES and running_bsdiff:
+                    continue
+                waiting.remove(engine)
+                running_bsdiff = running_bsdiff or engine in _BSDIFF_ENGINES
+                say(f"delta {name}: {engine} started")
+                pending.append((engine, pool.submit(_run_engine, engine, base_path,
+                                                    target_path, level)))
+            engine, future = pending.pop(0)
+            try:
+                delta, seconds = future.result()
+            except (PublishError, BrokenProcessPool, MemoryError, OSError) as exc:
+                failures.append(f"{engine}: {exc}")
+                say(f"delta {name}: {engine} failed: {exc}")
+                log.warning("delta engine %s failed on %s: %s", engine, base_path, exc)
+                continue
+            sizes[engine] = len(delta)
+            deltas[engine] = delta
+            say(f"delta {name}: {engine} {len(delta)} bytes in {seconds:.1f} s")
+    if not deltas:
+        raise PublishError(f"no delta engine produced a delta from {base_path}: "
+                           f"{'; '.join(failures)}")
+    best = min(deltas, key=lambda e: (len(deltas[e]), engines.index(e)))
+    log.info("delta from %s (%d bytes, %s): %s %d bytes", base_path, base_size,
+             base_sha[:12], best, sizes[best])
+    return best, deltas[best], sizes
+
+
+def file_digest(path: Path, what: str) -> tuple[int, str]:
+    """``(size, sha256)`` of a non-empty regular file, read in blocks.
+
+    Raises:
+        PublishError: the file is missing, unreadable, not a regular file or empty.
+    """
+    sha = hashlib.sha256()
+    size = 0
+    try:
+        with open(path, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise PublishError(f"{what} {path} is not a regular file")
+            while block := fh.read(_READ_BLOCK_BYTES):
+                sha.update(block)
+                size += len(block)
+    except FileNotFoundError:
+        raise PublishError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise PublishError(f"{what} {path} is not a regular file") from None
+    except OSError as exc:
+        raise PublishError(f"cannot read {what} {path}: {exc}") from exc
+    if size == 0:
+        raise PublishError(f"{what} {path} is empty")
+    return size, sha.hexdigest()
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _zstd_patch(base: bytes, target: bytes, level: int) -> bytes:
+    """One zstd frame of ``target`` with ``base`` as prefix (``zstd --patch-from``)."""
+    largest = max(len(base), len(target), 2)
+    window_log = min(_MAX_WINDOW_LOG, max(_MIN_WINDOW_LOG, math.ceil(math.log2(largest))))
+    options: dict[int, int] = {
+        CompressionParameter.compression_level: level,
+        CompressionParameter.window_log: window_log,
+        CompressionParameter.enable_long_distance_matching: 1,
+        CompressionParameter.content_size_flag: 1,
+        CompressionParameter.checksum_flag: 0,
+    }
+    try:
+        return zstd_compress(target, options=options,
+                             zstd_dict=ZstdDict(base, is_raw=True).as_prefix)
+    except ZstdError as exc:
+        raise PublishError(f"zstd-patch compression failed: {exc}") from exc
+
+
+def _run_engine(engine: str, base_path: Path, target_path: Path,
+                level: int) -> tuple[bytes, float]:
+    """Worker process: read both images, build and verify one delta; return it and its time."""
+    try:
+        base = base_path.read_bytes()
+        target = target_path.read_bytes()
+    except OSError as exc:
+        raise PublishError(f"cannot read images for {engine}: {exc}") from exc
+    started = time.monotonic()
+    delta = build_delta(engine, base, target, level=level)
+    return delta, time.monotonic() - started
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+    """Fork where available: no re-import of ``__main__`` (scripts need no main guard)
+    and no start-up cost; the publisher calls this from one thread. Spawn elsewhere."""
+    if "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def _log_progress(message: str) -> None:
+    log.info("%s", message)
