@@ -1,8 +1,10 @@
 """The update orchestrator: one pass of check-in, fetch, verify, install, switch, check.
 
     check in -> TUF refresh + release manifest -> applicability / anti-rollback
-    -> chunks from the origin (each verified) -> payload verified -> decompress into the
-    inactive slot (image verified) -> boot control: new slot primary, pending, 1 try
+    -> chunks from the origin (each verified) -> payload verified -> write the inactive
+    slot: from the delta whose base is the active slot (base and result verified), or
+    from the full payload (also the fallback when anything about the delta fails)
+    -> boot control: new slot primary, pending, 1 try
     -> "reboot" (the bootloader consumes the try) -> health check
     -> commit (mark good) or fall back -> report to the tracker
 
@@ -26,6 +28,7 @@ import trio
 
 from manifest import (
     ManifestError,
+    Payload,
     ReleaseManifest,
     check_applicable,
     parse_release_manifest,
@@ -44,6 +47,7 @@ from peer.download import PayloadWorkdir, download_payload
 from peer.errors import (
     ConfigError,
     DownloadFailed,
+    InstallFailed,
     PeerError,
     PostCheckFailed,
     StatusCode,
@@ -51,7 +55,7 @@ from peer.errors import (
 )
 from peer.health import run_health_check
 from peer.http import HttpClient
-from peer.install import install_image
+from peer.install import install_delta, install_image
 from peer.state import DeviceState
 from peer.tracker_client import Offer, checkin, send_report
 from peer.trust import fetch_release_manifest
@@ -75,6 +79,8 @@ class UpdateResult:
     bytes_peers: int = 0
     bytes_metadata: int = 0
     chunks_reused: int = 0
+    payload_kind: str | None = None
+    delta_fallback: str | None = None
     reported: bool = False
     poll_after_s: int = 3600
     timings_s: dict[str, float] = field(default_factory=dict)
@@ -156,18 +162,8 @@ class _Run:
         result.to_version = offer.version
         try:
             release = await self._fetch_release(offer, bc, result)
-            work = PayloadWorkdir(self.state.downloads_dir, release.full_payload)
-            url = f"{self.config.origin_url.rstrip('/')}/{release.full_payload.path}"
-            with self._timed("download"):
-                stats = await download_payload(
-                    self.http, url, work, concurrency=self.config.download_concurrency,
-                    attempts=self.config.chunk_attempts, backoff_s=self.config.retry_backoff_s)
-            result.bytes_origin += stats.bytes_origin
-            result.chunks_reused = stats.chunks_reused
             target = other_slot(bc.committed)
-            with self._timed("install"):
-                await trio.to_thread.run_sync(install_image, work.part, release.image,
-                                              self.state.slot_path(target))
+            work = await self._install(release, bc, target, result)
             record = SlotRecord(release.version, release.release_counter,
                                 release.image.sha256, release.image.size)
             bc = write_bootctl(self.state.bootctl_path, switch_to(bc, target, record))
@@ -183,6 +179,44 @@ class _Run:
         finally:
             self.timings["total"] = round(self.clock() - start, 6)
         return result
+
+    async def _download(self, payload: Payload, result: UpdateResult) -> PayloadWorkdir:
+        work = PayloadWorkdir(self.state.downloads_dir, payload)
+        url = f"{self.config.origin_url.rstrip('/')}/{payload.path}"
+        with self._timed(f"download_{payload.kind}"):
+            stats = await download_payload(
+                self.http, url, work, concurrency=self.config.download_concurrency,
+                attempts=self.config.chunk_attempts, backoff_s=self.config.retry_backoff_s)
+        result.bytes_origin += stats.bytes_origin
+        result.chunks_reused += stats.chunks_reused
+        return work
+
+    async def _install(self, release: ReleaseManifest, bc: BootControl, target: str,
+                       result: UpdateResult) -> PayloadWorkdir:
+        """Write the release image into slot ``target``: from the delta whose base is the
+        active slot when there is one, else (or if anything about the delta fails) from
+        the full payload. Returns the work area to clean up after the switch."""
+        base = bc.slot(bc.committed)
+        delta = release.delta_for(base.sha256) if base.sha256 else None
+        if delta is not None:
+            try:
+                work = await self._download(delta, result)
+                with self._timed("install_delta"):
+                    await trio.to_thread.run_sync(
+                        install_delta, work.part, delta, self.state.slot_path(bc.committed),
+                        release.image, self.state.slot_path(target))
+                result.payload_kind = "delta"
+                return work
+            except (DownloadFailed, VerifyFailed, InstallFailed) as exc:
+                log.warning("delta %s unusable, falling back to the full payload: %s",
+                            delta.sha256[:12], exc)
+                result.delta_fallback = str(exc)
+        work = await self._download(release.full_payload, result)
+        with self._timed("install"):
+            await trio.to_thread.run_sync(install_image, work.part, release.image,
+                                          self.state.slot_path(target))
+        result.payload_kind = "full"
+        return work
 
     async def _fetch_release(self, offer: Offer, bc: BootControl,
                              result: UpdateResult) -> ReleaseManifest:
