@@ -1,0 +1,634 @@
+"""The swarm engine adapter: the only module that imports libtorrent.
+
+Three parts, smallest first:
+
+- :func:`make_torrent` builds a BitTorrent **v2-only** single-file torrent (SHA-256
+  Merkle trees, no SHA-1 v1 pieces) for one payload file, with optional web seeds
+  (BEP 19 ``url-list``) and trackers. Both live outside the info dict, so they never
+  change the info-hash.
+- :class:`SwarmConfig` and :func:`session_settings`: a frozen config and a pure mapping
+  to libtorrent setting names. Everything that talks to the outside world on its own
+  (DHT and its bootstrap routers, local service discovery multicast, UPnP, NAT-PMP, the
+  IP-change notifier) is off unless asked for; uTP is off in both directions (TCP only:
+  uTP is ~30x slower on loopback).
+- :class:`SwarmSession`: a small trio-friendly wrapper around one ``lt.session``. Callers
+  get our own objects (:class:`TorrentHandleRef`, :class:`SwarmStats`,
+  :class:`SwarmEvent`), never libtorrent's. Waiting polls libtorrent from worker
+  threads (``trio.to_thread.run_sync``) between short ``trio.sleep`` calls, so the event
+  loop never blocks on libtorrent.
+
+Errors: bad arguments (piece size, URLs with a query string, undecodable torrent data,
+a closed session) raise ``ValueError`` / ``RuntimeError``; a download that fails or
+does not finish in time raises :class:`peer.errors.DownloadFailed`. libtorrent's own
+exceptions (``RuntimeError`` from the bindings) are translated at this boundary.
+
+Web seeds must be plain URLs (no query string, no fragment): libtorrent's
+``ssrf_mitigation`` (kept on) silently refuses web seeds with a query string on local
+addresses and the download stalls. Callers pass the URL of the file itself, whose last
+segment must be the file name inside the torrent, or the URL of its directory ending in
+``/``; both are stored as the directory URL, the only form libtorrent fetches correctly
+for v2 torrents whose size is not a multiple of the piece size (see
+:func:`_web_seed_base`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, cast
+from urllib.parse import unquote, urlsplit
+
+import libtorrent as lt
+import trio
+
+from peer.errors import DownloadFailed
+
+__all__ = [
+    "MIN_PIECE_SIZE_BYTES",
+    "SwarmConfig",
+    "SwarmEvent",
+    "SwarmSession",
+    "SwarmStats",
+    "TorrentFile",
+    "TorrentHandleRef",
+    "make_torrent",
+    "session_settings",
+]
+
+MIN_PIECE_SIZE_BYTES: Final = 16 * 1024
+_MAX_PIECE_SIZE_BYTES: Final = 64 * 1024 * 1024
+_POLL_INTERVAL_S: Final = 0.05
+_MAX_BUFFERED_EVENTS: Final = 10_000
+
+_ALERT_MASK: Final = int(
+    lt.alert.category_t.status_notification
+    | lt.alert.category_t.error_notification
+    | lt.alert.category_t.peer_notification
+    | lt.alert.category_t.storage_notification
+    | lt.alert.category_t.piece_progress_notification
+)
+
+
+# --------------------------------------------------------------------------- torrents
+
+
+@dataclass(frozen=True)
+class TorrentFile:
+    """A v2-only single-file torrent.
+
+    ``data`` is the bencoded ``.torrent``; ``info_hash`` the full SHA-256 v2 info-hash
+    (64 hex characters); ``announce_hash`` its first 20 bytes, the form announced to
+    trackers and used in v2 peer handshakes.
+    """
+
+    data: bytes
+    info_hash: str
+    announce_hash: bytes
+    name: str
+    size_bytes: int
+    piece_size_bytes: int
+
+
+def _check_url(url: str, what: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{what} must be an http(s) URL: {url!r}")
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ValueError(f"{what} must not have a query string or fragment "
+                         f"(libtorrent's SSRF mitigation stalls on them): {url!r}")
+    return url
+
+
+def _web_seed_base(url: str, name: str) -> str:
+    """Turn a web seed file URL into the directory URL libtorrent needs.
+
+    libtorrent gives v2 torrents a tail pad file whenever the size is not a multiple of
+    the piece size; it then treats a one-file torrent as a multi-file one and requests
+    ``<url>/<name>``, so a file URL works only for piece-aligned payloads. A directory
+    URL (ending in ``/``) works for both: libtorrent appends the file name.
+    """
+    _check_url(url, "web seed")
+    head, sep, last = url.rpartition("/")
+    if not last:
+        return url
+    if unquote(last) != name:
+        raise ValueError(f"web seed {url!r} must name the torrent's file {name!r} "
+                         "(or be a directory URL ending in '/')")
+    return head + sep
+
+
+def _check_piece_size(piece_size_bytes: int) -> None:
+    if (piece_size_bytes < MIN_PIECE_SIZE_BYTES or piece_size_bytes > _MAX_PIECE_SIZE_BYTES
+            or piece_size_bytes & (piece_size_bytes - 1)):
+        raise ValueError(
+            f"piece_size_bytes must be a power of two between {MIN_PIECE_SIZE_BYTES} and "
+            f"{_MAX_PIECE_SIZE_BYTES}, not {piece_size_bytes}")
+
+
+def make_torrent(
+    payload_path: Path,
+    *,
+    piece_size_bytes: int,
+    web_seeds: Sequence[str] = (),
+    trackers: Sequence[str] = (),
+    name: str | None = None,
+) -> TorrentFile:
+    """Hash ``payload_path`` into a v2-only single-file torrent.
+
+    **Blocks** while it reads and hashes the whole file (SHA-256, ~1.5 GB/s): call it
+    through ``trio.to_thread.run_sync``. The file inside the torrent is named ``name``
+    (default: the payload's file name); ``web_seeds`` (BEP 19: URLs of a file with that
+    name, or of its directory ending in ``/``; stored as directory URLs) and
+    ``trackers`` (announce URLs, one tier each) go outside the info dict. No creation
+    date is written, so the same inputs always give the same bytes.
+
+    Raises:
+        ValueError: piece size not a power of two in [16 KiB, 64 MiB], an empty file,
+            a bad file name, a URL that is not plain http(s) without a query string, or
+            a web seed URL naming another file.
+        OSError: the payload cannot be read.
+    """
+    _check_piece_size(piece_size_bytes)
+    name = payload_path.name if name is None else name
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"bad file name for a torrent: {name!r}")
+    seed_urls = [_web_seed_base(url, name) for url in web_seeds]
+    for url in trackers:
+        _check_url(url, "tracker")
+    info = payload_path.stat()
+    if not payload_path.is_file():
+        raise ValueError(f"{payload_path} is not a regular file")
+    if info.st_size == 0:
+        raise ValueError(f"{payload_path} is empty; a torrent needs at least one byte")
+
+    with tempfile.TemporaryDirectory(prefix=".swarm-") as tmp:
+        # libtorrent names the file after the path it hashes: give it that name.
+        if name == payload_path.name:
+            parent, source = payload_path.parent, payload_path
+        else:
+            parent = Path(tmp)
+            source = parent / name
+            os.symlink(payload_path.resolve(), source)
+        try:
+            files = lt.list_files(str(source))
+            creator = lt.create_torrent(files, piece_size_bytes, lt.create_torrent.v2_only)
+            lt.set_piece_hashes(creator, str(parent))
+            for url in seed_urls:
+                creator.add_url_seed(url)
+            for tier, url in enumerate(trackers):
+                creator.add_tracker(url, tier)
+            entry = creator.generate()
+        except RuntimeError as exc:  # libtorrent reports I/O errors this way
+            raise OSError(f"cannot hash {payload_path}: {exc}") from exc
+    entry.pop("creation date", None)
+    entry.pop(b"creation date", None)
+    data = bytes(lt.bencode(entry))
+    info_hash = _v2_info_hash(lt.torrent_info(data))
+    return TorrentFile(
+        data=data,
+        info_hash=info_hash,
+        announce_hash=bytes.fromhex(info_hash)[:20],
+        name=name,
+        size_bytes=info.st_size,
+        piece_size_bytes=piece_size_bytes,
+    )
+
+
+def _v2_info_hash(ti: Any) -> str:
+    hashes = ti.info_hashes()
+    if not hashes.has_v2():
+        raise ValueError("not a BitTorrent v2 torrent")
+    return str(hashes.v2)
+
+
+def _parse_torrent(data: bytes) -> Any:
+    try:
+        return lt.torrent_info(data)
+    except RuntimeError as exc:
+        raise ValueError(f"not a valid torrent: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    """Settings of one swarm session.
+
+    ``listen_host``/``listen_port``: where to accept peers (port 0: any free port).
+    Rate limits are in bytes per second, 0 meaning unlimited. The discovery and NAT
+    features default to off: LSD multicasts info-hashes on the LAN, DHT contacts public
+    bootstrap routers. ``allow_multiple_connections_per_ip`` is for tests where several
+    sessions share one loopback address.
+    """
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    enable_dht: bool = False
+    enable_lsd: bool = False
+    enable_upnp: bool = False
+    enable_natpmp: bool = False
+    download_rate_limit_bytes_per_s: int = 0
+    upload_rate_limit_bytes_per_s: int = 0
+    allow_multiple_connections_per_ip: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.listen_host or any(c in self.listen_host for c in " ,"):
+            raise ValueError(f"bad listen_host: {self.listen_host!r}")
+        if not 0 <= self.listen_port <= 65535:
+            raise ValueError(f"listen_port out of range: {self.listen_port}")
+        if self.download_rate_limit_bytes_per_s < 0 or self.upload_rate_limit_bytes_per_s < 0:
+            raise ValueError("rate limits must be >= 0 (0 means unlimited)")
+
+    @property
+    def listen_interface(self) -> str:
+        """``HOST:PORT`` as libtorrent expects it (IPv6 hosts in brackets)."""
+        host = self.listen_host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.listen_port}"
+
+
+def session_settings(config: SwarmConfig) -> dict[str, Any]:
+    """Map ``config`` to libtorrent ``settings_pack`` names (a pure function)."""
+    return {
+        "listen_interfaces": config.listen_interface,
+        "enable_dht": config.enable_dht,
+        "dht_bootstrap_nodes": "" if not config.enable_dht else lt.default_settings()[
+            "dht_bootstrap_nodes"],
+        "enable_lsd": config.enable_lsd,
+        "enable_upnp": config.enable_upnp,
+        "enable_natpmp": config.enable_natpmp,
+        "enable_ip_notifier": False,
+        "enable_outgoing_utp": False,
+        "enable_incoming_utp": False,
+        "enable_outgoing_tcp": True,
+        "enable_incoming_tcp": True,
+        "download_rate_limit": config.download_rate_limit_bytes_per_s,
+        "upload_rate_limit": config.upload_rate_limit_bytes_per_s,
+        "allow_multiple_connections_per_ip": config.allow_multiple_connections_per_ip,
+        "ssrf_mitigation": True,
+        "report_web_seed_downloads": True,
+        "alert_mask": _ALERT_MASK,
+        # piece alerts come one per piece; room for a few seconds of them between polls
+        "alert_queue_size": 20_000,
+    }
+
+
+# --------------------------------------------------------------------------- session
+
+
+@dataclass(frozen=True)
+class TorrentHandleRef:
+    """Our reference to a torrent added to a :class:`SwarmSession`."""
+
+    info_hash: str
+    name: str
+    save_dir: Path
+
+    @property
+    def path(self) -> Path:
+        """Where the payload file is (being) written."""
+        return self.save_dir / self.name
+
+
+@dataclass(frozen=True)
+class SwarmStats:
+    """Counters of one torrent since it was added.
+
+    ``bytes_downloaded_total`` includes protocol overhead; ``bytes_downloaded_payload``
+    is piece data from any source, web seeds included (exact, kept by libtorrent).
+
+    The split by source is **approximate**: libtorrent keeps per-source counters only per
+    live connection (``peer_info.total_download``, refreshed about once a second) and
+    forgets them when the connection closes. ``bytes_from_peers`` sums the BitTorrent
+    connections as sampled while :meth:`SwarmSession.wait_complete` runs and on every
+    ``statistics()`` call (a lower bound); ``bytes_from_web_seeds`` is the rest of the
+    payload bytes (an upper bound, exact when no BitTorrent peer sent anything).
+    """
+
+    state: str
+    progress: float
+    is_seeding: bool
+    size_bytes: int
+    bytes_done: int
+    bytes_downloaded_total: int
+    bytes_downloaded_payload: int
+    bytes_uploaded_total: int
+    bytes_uploaded_payload: int
+    bytes_from_web_seeds: int
+    bytes_from_peers: int
+    bytes_failed: int
+    bytes_redundant: int
+    num_peers: int
+    num_web_seeds: int
+    download_rate_bytes_per_s: int
+    upload_rate_bytes_per_s: int
+
+
+@dataclass(frozen=True)
+class SwarmEvent:
+    """A libtorrent alert, copied. ``kind`` is the alert type (``"url_seed"``, ...)."""
+
+    kind: str
+    message: str
+    info_hash: str | None = None
+    piece: int | None = None
+    url: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class _SourceLedger:
+    """Per-connection payload byte counters, sampled; keeps closed connections' bytes."""
+
+    closed_bytes: int = 0
+    last: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def sample(self, current: dict[tuple[str, str], int]) -> None:
+        for key, value in current.items():
+            previous = self.last.get(key, 0)
+            if value < previous:  # a new connection to the same endpoint
+                self.closed_bytes += previous
+            self.last[key] = value
+
+    def total(self) -> int:
+        return self.closed_bytes + sum(self.last.values())
+
+
+@dataclass
+class _Torrent:
+    ref: TorrentHandleRef
+    handle: Any
+    size_bytes: int
+    peers: _SourceLedger = field(default_factory=_SourceLedger)
+
+
+_STATE_NAMES: Final = {
+    int(lt.torrent_status.states.checking_files): "checking",
+    int(lt.torrent_status.states.downloading_metadata): "downloading_metadata",
+    int(lt.torrent_status.states.downloading): "downloading",
+    int(lt.torrent_status.states.finished): "finished",
+    int(lt.torrent_status.states.seeding): "seeding",
+    int(lt.torrent_status.states.checking_resume_data): "checking_resume_data",
+}
+
+
+class SwarmSession:
+    """One libtorrent session. Create, :meth:`add_payload`, wait, :meth:`close`.
+
+    Methods other than :meth:`wait_complete` call libtorrent directly; those calls only
+    exchange messages with libtorrent's network thread and return in well under a
+    millisecond. Usable as a context manager (``with SwarmSession(cfg) as s:``).
+    """
+
+    def __init__(self, config: SwarmConfig) -> None:
+        self._config = config
+        self._session: Any = lt.session(cast(Any, session_settings(config)))
+        self._torrents: dict[str, _Torrent] = {}
+        self._events: deque[SwarmEvent] = deque(maxlen=_MAX_BUFFERED_EVENTS)
+        self._alert_lock = threading.Lock()
+        self._closed = False
+
+    def __enter__(self) -> SwarmSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def config(self) -> SwarmConfig:
+        return self._config
+
+    @property
+    def listen_port(self) -> int:
+        """The TCP port peers connect to (0 while not listening)."""
+        self._check_open()
+        return int(self._session.listen_port())
+
+    def add_payload(
+        self,
+        torrent: bytes,
+        save_dir: Path,
+        *,
+        web_seeds: Sequence[str] = (),
+        seed_mode: bool = False,
+    ) -> TorrentHandleRef:
+        """Start downloading (or seeding) ``torrent`` into ``save_dir``.
+
+        ``web_seeds`` (file URLs naming the torrent's file, or directory URLs ending in
+        ``/``) are added to those in the torrent. ``seed_mode=True`` trusts that
+        the complete file is already in ``save_dir`` (no re-check; pieces are verified
+        lazily when first uploaded).
+
+        Raises:
+            ValueError: ``torrent`` is not a v2 torrent, a web seed URL is not plain
+                http(s) or names another file, or the torrent is already in this session.
+        """
+        self._check_open()
+        ti = _parse_torrent(torrent)
+        info_hash = _v2_info_hash(ti)
+        seed_urls = [_web_seed_base(url, ti.name()) for url in web_seeds]
+        if info_hash in self._torrents:
+            raise ValueError(f"torrent {info_hash} already added")
+        params = lt.add_torrent_params()
+        params.ti = ti
+        params.save_path = str(save_dir)
+        if seed_urls:
+            params.url_seeds = seed_urls
+        flags = params.flags
+        flags &= ~lt.torrent_flags.auto_managed
+        flags &= ~lt.torrent_flags.paused
+        if seed_mode:
+            flags |= lt.torrent_flags.seed_mode
+        params.flags = flags
+        try:
+            handle = self._session.add_torrent(params)
+        except RuntimeError as exc:
+            raise ValueError(f"libtorrent refused the torrent: {exc}") from exc
+        ref = TorrentHandleRef(info_hash=info_hash, name=ti.name(), save_dir=save_dir)
+        self._torrents[info_hash] = _Torrent(ref=ref, handle=handle,
+                                             size_bytes=int(ti.total_size()))
+        return ref
+
+    def connect_peer(self, ref: TorrentHandleRef, host: str, port: int) -> None:
+        """Ask libtorrent to connect to a peer at ``host:port`` for this torrent."""
+        self._torrent(ref).handle.connect_peer((host, port))
+
+    def remove(self, ref: TorrentHandleRef) -> None:
+        """Stop the torrent; its files stay on disk."""
+        t = self._torrent(ref)
+        self._session.remove_torrent(t.handle)
+        del self._torrents[ref.info_hash]
+
+    async def wait_complete(self, ref: TorrentHandleRef, *, timeout_s: float) -> None:
+        """Wait until every piece of ``ref`` is verified and written to its file.
+
+        libtorrent 2.1 verifies blocks from its write buffer and reports "finished"
+        before they reach the file; once complete, this asks for a flush and returns
+        only when libtorrent confirms it (``cache_flushed_alert``), so reading
+        :attr:`TorrentHandleRef.path` afterwards sees every byte. (Written, not
+        fsynced: callers that need durability verify and fsync the file themselves.)
+
+        Polls libtorrent in worker threads; alerts seen meanwhile are kept for
+        :meth:`pop_events`.
+
+        Raises:
+            DownloadFailed: the torrent hit an error (disk, storage), or it is not
+                complete after ``timeout_s`` (the message names the last web seed
+                error, if any).
+        """
+        t = self._torrent(ref)
+        last_url_error: str | None = None
+        flush_requested = False
+        with trio.move_on_after(timeout_s):
+            while True:
+                status, events, _, peers = await trio.to_thread.run_sync(self._sample, t)
+                self._events.extend(events)
+                t.peers.sample(peers)
+                for event in events:
+                    if event.info_hash != ref.info_hash:
+                        continue
+                    if event.kind == "url_seed":
+                        last_url_error = event.message
+                    elif event.kind == "cache_flushed" and flush_requested:
+                        return
+                if status.errc.value() != 0:
+                    raise DownloadFailed(f"torrent {ref.name}: {status.errc.message()}")
+                complete = status.is_seeding or (
+                    status.is_finished and status.progress_ppm >= 1_000_000)
+                if complete and not flush_requested:
+                    await trio.to_thread.run_sync(t.handle.flush_cache)
+                    flush_requested = True
+                    continue
+                await trio.sleep(_POLL_INTERVAL_S)
+        state = "flushed" if flush_requested else "complete"
+        detail = f"; last web seed error: {last_url_error}" if last_url_error else ""
+        raise DownloadFailed(f"torrent {ref.name} not {state} after {timeout_s} s{detail}")
+
+    def statistics(self, ref: TorrentHandleRef) -> SwarmStats:
+        """Counters of ``ref`` now (see :class:`SwarmStats` for what they mean)."""
+        t = self._torrent(ref)
+        status, web, peers = self._read_torrent(t)
+        t.peers.sample(peers)
+        payload = int(status.total_payload_download)
+        from_peers = min(t.peers.total(), payload)
+        return SwarmStats(
+            state=_STATE_NAMES.get(int(status.state), str(status.state)),
+            progress=status.progress_ppm / 1_000_000,
+            is_seeding=bool(status.is_seeding),
+            size_bytes=t.size_bytes,
+            bytes_done=int(status.total_wanted_done),
+            bytes_downloaded_total=int(status.total_download),
+            bytes_downloaded_payload=payload,
+            bytes_uploaded_total=int(status.total_upload),
+            bytes_uploaded_payload=int(status.total_payload_upload),
+            bytes_from_web_seeds=payload - from_peers,
+            bytes_from_peers=from_peers,
+            bytes_failed=int(status.total_failed_bytes),
+            bytes_redundant=int(status.total_redundant_bytes),
+            num_peers=len(peers),
+            num_web_seeds=len(web),
+            download_rate_bytes_per_s=int(status.download_payload_rate),
+            upload_rate_bytes_per_s=int(status.upload_payload_rate),
+        )
+
+    def pop_events(self) -> list[SwarmEvent]:
+        """Alerts since the last call, copied into :class:`SwarmEvent` (oldest first).
+
+        At most the newest 10,000 are kept between calls; libtorrent drops alerts
+        beyond its own queue size too.
+        """
+        self._check_open()
+        self._events.extend(self._pop_alerts())
+        events = list(self._events)
+        self._events.clear()
+        return events
+
+    def close(self) -> None:
+        """Stop every torrent and the session. Idempotent; files stay on disk."""
+        if self._closed:
+            return
+        self._closed = True
+        for t in self._torrents.values():
+            self._session.remove_torrent(t.handle)
+        self._torrents.clear()
+        self._session.pause()
+        self._session = None
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("SwarmSession is closed")
+
+    def _torrent(self, ref: TorrentHandleRef) -> _Torrent:
+        self._check_open()
+        try:
+            return self._torrents[ref.info_hash]
+        except KeyError:
+            raise ValueError(f"torrent {ref.info_hash} is not in this session") from None
+
+    def _sample(self, t: _Torrent) -> tuple[Any, list[SwarmEvent],
+                                            dict[tuple[str, str], int],
+                                            dict[tuple[str, str], int]]:
+        # Runs in a worker thread: reads libtorrent, touches none of our state.
+        events = self._pop_alerts()
+        status, web, peers = self._read_torrent(t)
+        return status, events, web, peers
+
+    @staticmethod
+    def _read_torrent(t: _Torrent) -> tuple[Any, dict[tuple[str, str], int],
+                                            dict[tuple[str, str], int]]:
+        status = t.handle.status()
+        web: dict[tuple[str, str], int] = {}
+        peers: dict[tuple[str, str], int] = {}
+        for p in t.handle.get_peer_info():
+            key = (str(p.ip[0]), str(p.ip[1]))
+            if p.connection_type == lt.peer_info.standard_bittorrent:
+                peers[key] = int(p.total_download)
+            else:  # web_seed (BEP 19) or http_seed (BEP 17)
+                web[key] = int(p.total_download)
+        return status, web, peers
+
+    def _pop_alerts(self) -> list[SwarmEvent]:
+        # Alerts are only valid until the next pop_alerts(): copy under one lock.
+        with self._alert_lock:
+            session = self._session
+            if session is None:
+                return []
+            return [_copy_alert(a) for a in session.pop_alerts()]
+
+
+def _copy_alert(alert: Any) -> SwarmEvent:
+    kind = str(alert.what())
+    if kind.endswith("_alert"):
+        kind = kind[: -len("_alert")]
+    info_hash: str | None = None
+    handle = getattr(alert, "handle", None)
+    if handle is not None:
+        try:
+            if handle.is_valid():
+                hashes = handle.info_hashes()
+                info_hash = str(hashes.v2) if hashes.has_v2() else None
+        except RuntimeError:
+            info_hash = None
+    piece = getattr(alert, "piece_index", None)
+    url = getattr(alert, "server_url", None) or getattr(alert, "url", None)
+    error: str | None = None
+    err = getattr(alert, "error", None)
+    if err is not None and hasattr(err, "value") and err.value() != 0:
+        error = str(err.message())
+    return SwarmEvent(
+        kind=kind,
+        message=str(alert.message()),
+        info_hash=info_hash,
+        piece=int(piece) if isinstance(piece, int) else None,
+        url=str(url) if url else None,
+        error=error,
+    )
