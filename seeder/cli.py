@@ -89,6 +89,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                               "the smallest delta from it (bsdiff-zstd or zstd-patch, "
                               "whichever is smaller); repeat for several. Needs about 17x "
                               "the image size in memory")
+    publish.add_argument("--web-seed-url", metavar="URL", default=None,
+                         help="public base URL of the origin (e.g. https://cdn.example/ota): "
+                              "put in each payload's torrent as its BEP 19 web seed")
+    publish.add_argument("--announce-url", action="append", default=[], metavar="URL",
+                         dest="announce_urls",
+                         help="tracker announce URL put in each payload's torrent "
+                              "(repeatable)")
     publish.set_defaults(func=_wrap(_cmd_publish))
 
     timestamp = sub.add_parser(
@@ -162,7 +169,8 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         repo, args.image, product=args.product, version=args.version,
         release_counter=args.counter, compatibility=args.hardware_ids,
         zstd_level=args.zstd_level, bases=args.bases, progress=progress,
-        on_delta=built.append,
+        on_delta=built.append, web_seed_url=args.web_seed_url,
+        announce_urls=args.announce_urls,
     )
     payload = manifest.full_payload
     target = repo.targets()[manifest.target_name]
@@ -174,6 +182,8 @@ def _cmd_publish(args: argparse.Namespace) -> int:
           f"{repo.origin_dir / payload.path}")
     print(f"  chunks:   {payload.chunk_count} x "
           f"{payload.chunk_size} bytes")
+    print(f"  torrent:  {repo.origin_dir / payload.torrent_path} (v2 info-hash "
+          f"{payload.info_hash})")
     sizes = {summary.payload.sha256: summary for summary in built}
     for delta in manifest.payloads:
         if delta.base is None:

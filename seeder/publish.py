@@ -27,14 +27,14 @@ import os
 import stat
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
 import zstandard
 
-from infra.fsio import fsync_dir
+from infra.fsio import atomic_write_bytes, fsync_dir
 from manifest import (
     ImageInfo,
     ManifestFormatError,
@@ -46,6 +46,7 @@ from manifest import (
     sha256_hex,
 )
 from manifest.release import MAX_IMAGE_SIZE_BYTES
+from peer.swarm import make_torrent
 from seeder.delta import Progress, build_best_delta, file_digest
 from seeder.errors import PublishError, RepositoryError
 from seeder.repository import Repository
@@ -53,6 +54,7 @@ from seeder.repository import Repository
 __all__ = [
     "DEFAULT_ZSTD_LEVEL",
     "DeltaSummary",
+    "attach_torrent",
     "build_full_payload",
     "publish_release",
     "published_releases",
@@ -89,6 +91,8 @@ def publish_release(
     bases: Sequence[Path] = (),
     progress: Progress | None = None,
     on_delta: Callable[[DeltaSummary], None] | None = None,
+    web_seed_url: str | None = None,
+    announce_urls: Sequence[str] = (),
 ) -> ReleaseManifest:
     """Publish ``image`` as release ``version`` of ``product`` and return its manifest.
 
@@ -103,6 +107,12 @@ def publish_release(
     full payload as a ``delta`` payload naming its base by size and SHA-256.
     ``progress(message)`` receives a line as each delta engine starts and finishes;
     ``on_delta`` a :class:`DeltaSummary` per delta built.
+
+    Every payload gets a BitTorrent v2 torrent (:func:`attach_torrent`), piece size equal
+    to its chunk size, written beside it as ``<payload path>.torrent``; its info-hash is
+    in the signed manifest. ``web_seed_url`` (the origin's public base URL) becomes the
+    payload's BEP 19 web seed, ``announce_urls`` the torrent's trackers; both sit outside
+    the info dict, so they never change the info-hash.
 
     Duplicate hardware ids are dropped (first occurrence kept). Publishing the same
     release again (same version, image, counter, hardware ids and delta bases) returns
@@ -136,12 +146,17 @@ def publish_release(
     image_info, payload = build_full_payload(image, repo.origin_dir, zstd_level=zstd_level)
     if image_info.size != image_size:
         raise PublishError(f"image {image} changed size while it was being published")
+    def with_torrent(p: Payload) -> Payload:
+        return attach_torrent(repo.origin_dir, p, web_seed_url=web_seed_url,
+                              announce_urls=announce_urls)
+
+    payload = with_torrent(payload)
     payloads = [payload]
     for base_path, base_info in base_infos.items():
         engine, delta, sizes = build_best_delta(base_path, image, level=zstd_level,
                                                 progress=progress)
-        delta_payload = store_payload(repo.origin_dir, delta, kind="delta",
-                                      encoding=engine, base=base_info)
+        delta_payload = with_torrent(store_payload(repo.origin_dir, delta, kind="delta",
+                                                   encoding=engine, base=base_info))
         del delta
         payloads.append(delta_payload)
         if on_delta is not None:
@@ -171,6 +186,26 @@ def publish_release(
              name, release_counter, payload.path, payload.size, payload.chunk_count,
              len(payloads) - 1)
     return manifest
+
+
+def attach_torrent(origin_dir: Path, payload: Payload, *, web_seed_url: str | None = None,
+                   announce_urls: Sequence[str] = ()) -> Payload:
+    """Write the v2 torrent of a stored payload beside it; return it with its info-hash.
+
+    Raises:
+        PublishError: a web seed or announce URL is not a plain http(s) URL.
+        RepositoryError: the payload cannot be read or the torrent written.
+    """
+    web_seeds = [f"{web_seed_url.rstrip('/')}/{payload.path}"] if web_seed_url else []
+    try:
+        torrent = make_torrent(origin_dir / payload.path, piece_size_bytes=payload.chunk_size,
+                               web_seeds=web_seeds, trackers=announce_urls)
+        atomic_write_bytes(origin_dir / payload.torrent_path, torrent.data)
+    except ValueError as exc:
+        raise PublishError(f"cannot make the torrent of {payload.path}: {exc}") from exc
+    except OSError as exc:
+        raise RepositoryError(f"cannot write the torrent of {payload.path}: {exc}") from exc
+    return replace(payload, info_hash=torrent.info_hash)
 
 
 def published_releases(repo: Repository, product: str) -> dict[str, ReleaseManifest]:

@@ -122,7 +122,8 @@ def test_identical_payloads_are_stored_once(repo: Repository, tmp_path: Path) ->
     first = publish(repo, image, version="1.0.0", counter=1)
     second = publish(repo, image, version="1.0.1", counter=2)
     assert first.full_payload == second.full_payload
-    assert len(os.listdir(repo.origin_dir / "payloads")) == 1
+    name = Path(first.full_payload.path).name
+    assert sorted(os.listdir(repo.origin_dir / "payloads")) == [name, f"{name}.torrent"]
 
 
 def test_missing_image_is_refused(repo: Repository, tmp_path: Path) -> None:

@@ -254,3 +254,30 @@ async def test_seed_mode_session_reports_complete_without_download(tmp_path: Pat
         assert stats.is_seeding and stats.bytes_downloaded_payload == 0
         assert session.listen_port > 0
     assert os.path.getsize(payload) == 80_000
+
+
+async def test_libtorrent_downloads_a_published_payload_from_the_origin_web_seed(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """The torrent publish writes is the one the signed manifest names, and a real
+    libtorrent session completes it with the origin as its only source."""
+    from seeder.publish import publish_release
+    from seeder.repository import Repository
+    from swarmota.demo import make_image
+
+    repo = Repository.create(tmp_path / "repo")
+    image = tmp_path / "v1.img"
+    image.write_bytes(make_image(1 << 20, seed=5))
+    manifest = publish_release(repo, image, product="acme-router", version="1.0.0",
+                               release_counter=1, compatibility=["hw1"], zstd_level=3)
+    payload = manifest.full_payload
+    torrent_data = (repo.origin_dir / payload.torrent_path).read_bytes()
+    info = lt.torrent_info(lt.bdecode(torrent_data))
+    assert info.info_hashes().v2.to_bytes().hex() == payload.info_hash
+    assert info.piece_length() == payload.chunk_size
+
+    url = await nursery.start(serve_origin, OriginApp(repo.origin_dir), ListenConfig())
+    with SwarmSession(SwarmConfig(listen_host="127.0.0.2")) as session:
+        ref = session.add_payload(torrent_data, tmp_path / "dl",
+                                  web_seeds=[f"{url}/{payload.path}"])
+        await session.wait_complete(ref, timeout_s=60)
+        assert ref.path.read_bytes() == (repo.origin_dir / payload.path).read_bytes()
