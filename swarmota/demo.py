@@ -97,16 +97,23 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
 
     say(f"[1/5] creating a TUF repository in {workdir / 'repo'}")
     repo = Repository.create(workdir / "repo")
-    say(f"[2/5] publishing v1 and v2 ({len(v2):,} byte images, zstd level {zstd_level})")
+    say(f"[2/5] publishing v1, then v2 with a delta from v1 ({len(v2):,} byte images, "
+        f"zstd level {zstd_level})")
     m1 = await trio.to_thread.run_sync(lambda: publish_release(
         repo, images / "v1.img", product=PRODUCT, version="1.0.0", release_counter=1,
         compatibility=[HARDWARE_ID], zstd_level=zstd_level))
     m2 = await trio.to_thread.run_sync(lambda: publish_release(
         repo, images / "v2.img", product=PRODUCT, version="2.0.0", release_counter=2,
-        compatibility=[HARDWARE_ID], zstd_level=zstd_level))
-    payload_size = m2.full_payload.size
-    say(f"      v2 payload: {payload_size:,} bytes in {m2.full_payload.chunk_count} chunks "
-        f"of {m2.full_payload.chunk_size // 1024} KiB")
+        compatibility=[HARDWARE_ID], zstd_level=zstd_level, bases=[images / "v1.img"]))
+    full = m2.full_payload
+    delta = m2.delta_for(m1.image.sha256)
+    assert delta is not None
+    payload_size = delta.size
+    say(f"      v2 full payload: {full.size:,} bytes ({full.chunk_count} chunks of "
+        f"{full.chunk_size // 1024} KiB)")
+    say(f"      v2 delta from v1 ({delta.encoding}): {delta.size:,} bytes "
+        f"({100 * delta.size / full.size:.1f}% of the full payload, "
+        f"{delta.chunk_count} chunks)")
 
     db = workdir / "tracker.sqlite"
     store = SqliteStore(db)
@@ -144,7 +151,8 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
     want = hashlib.sha256(v2).hexdigest()
     ok = True
     say("[5/5] report")
-    say(f"  {'device':<11} {'status':>6} {'result':<9} {'from origin':>12} {'time s':>7}  slot")
+    say(f"  {'device':<11} {'status':>6} {'result':<9} {'payload':<7} {'from origin':>12} "
+        f"{'time s':>7}  slot")
     for state in states:
         device_id = state.config().device_id
         res = results[device_id]
@@ -153,7 +161,7 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
         good = res.status == 0 and res.updated and slot_ok and not bc.pending
         ok &= good
         say(f"  {device_id:<11} {int(res.status):>6} {'updated' if good else 'FAILED':<9} "
-            f"{res.bytes_origin:>12,} {res.timings_s.get('total', 0.0):>7.2f}  "
+            f"{res.payload_kind or '-':<7} {res.bytes_origin:>12,} {res.timings_s.get('total', 0.0):>7.2f}  "
             f"{bc.primary}={bc.slot(bc.primary).version}"
             + ("" if good else f"  ({res.message})"))
     stats = origin.statistics()
@@ -165,7 +173,8 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
     elapsed = time.monotonic() - started
     say(f"  origin served {stats.bytes_total:,} bytes ({stats.bytes_payloads:,} payload, "
         f"{stats.bytes_metadata + stats.bytes_targets:,} metadata and manifests); "
-        f"{devices} devices x {payload_size:,} byte payload = {devices * payload_size:,}")
+        f"{devices} devices x {payload_size:,} byte delta = {devices * payload_size:,}; "
+        f"full images would have been {devices * full.size:,}")
     say(f"  tracker stored {len(reports)} reports; demo took {elapsed:.1f} s")
     say("demo OK: every device runs verified v2.0.0" if ok else "demo FAILED")
     return DemoOutcome(ok=ok and len(reports) == devices, results=results,

@@ -1,0 +1,45 @@
+"""`swarmota demo` runs the whole publish and fleet update and tells the truth about it."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from swarmota.demo import run_demo
+
+
+async def test_demo_updates_every_device_through_the_delta(tmp_path: Path) -> None:
+    out = io.StringIO()
+    outcome = await run_demo(tmp_path, devices=2, image_size_bytes=1 << 20, zstd_level=3,
+                             out=out)
+    text = out.getvalue()
+    assert outcome.ok, text
+    assert outcome.reports_stored == 2
+    assert all(r.payload_kind == "delta" for r in outcome.results.values())
+    assert outcome.origin_bytes_payloads == 2 * outcome.payload_size
+    assert "demo OK" in text and text.count(" updated ") == 2
+
+
+async def test_demo_reports_failure_when_a_device_cannot_update(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo must not claim success it did not see: damage v2's payloads on the origin
+    right after they are published (fault injection around the real publish)."""
+    from swarmota import demo
+
+    real_publish = demo.publish_release
+
+    def publish_then_damage(*args, **kwargs):  # type: ignore[no-untyped-def]
+        manifest = real_publish(*args, **kwargs)
+        if manifest.version == "2.0.0":
+            for payload in manifest.payloads:
+                (args[0].origin_dir / payload.path).write_bytes(b"garbage")
+        return manifest
+
+    monkeypatch.setattr(demo, "publish_release", publish_then_damage)
+    out = io.StringIO()
+    outcome = await run_demo(tmp_path, devices=1, image_size_bytes=1 << 20, zstd_level=3,
+                             out=out)
+    assert not outcome.ok
+    assert "demo FAILED" in out.getvalue()
