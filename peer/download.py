@@ -23,7 +23,13 @@ from manifest import IntegrityError, Payload, sha256_hex
 from peer.errors import DownloadFailed, PeerError, VerifyFailed
 from peer.http import HttpClient
 
-__all__ = ["DownloadStats", "PayloadWorkdir", "download_payload"]
+__all__ = [
+    "MAX_REQUEST_BYTES",
+    "DownloadStats",
+    "PayloadWorkdir",
+    "download_payload",
+    "plan_requests",
+]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +104,28 @@ class PayloadWorkdir:
             self.path.rmdir()
 
 
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
+def plan_requests(missing: list[int], chunk_size: int, payload_size: int,
+                  concurrency: int) -> list[list[int]]:
+    """Group missing chunks into runs of adjacent chunks, one HTTP Range request each.
+
+    Runs are sized so that every worker gets several (about ``payload / (4 x
+    concurrency)``, at least one chunk, at most ``MAX_REQUEST_BYTES``): few requests for
+    big payloads, enough parallelism for small ones.
+    """
+    target = min(MAX_REQUEST_BYTES, payload_size // max(1, 4 * concurrency))
+    per_run = max(1, target // chunk_size)
+    runs: list[list[int]] = []
+    for index in missing:
+        if runs and runs[-1][-1] == index - 1 and len(runs[-1]) < per_run:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return runs
+
+
 async def download_payload(
     http: HttpClient,
     url: str,
@@ -110,6 +138,10 @@ async def download_payload(
 ) -> DownloadStats:
     """Fetch every missing chunk of ``work.payload`` from ``url`` and verify the whole.
 
+    Adjacent missing chunks are fetched with one Range request (:func:`plan_requests`);
+    every chunk in it is verified and written on its own, so one bad chunk costs only a
+    retry of that chunk. Each chunk gets ``attempts`` tries with exponential backoff.
+
     Raises:
         DownloadFailed: a chunk could not be fetched in ``attempts`` tries.
         VerifyFailed: a chunk kept failing verification, or the assembled payload did.
@@ -117,43 +149,57 @@ async def download_payload(
     payload = work.payload
     done = await trio.to_thread.run_sync(work.prepare)
     missing = [i for i in range(payload.chunk_count) if i not in done]
+    runs = plan_requests(missing, payload.chunk_size, payload.size, concurrency)
     received_before = http.bytes_received
     rejected = 0
     fetched = 0
-    send, receive = trio.open_memory_channel[int](len(missing))
-    for index in missing:
-        send.send_nowait(index)
+    send, receive = trio.open_memory_channel[list[int]](len(runs))
+    for run in runs:
+        send.send_nowait(run)
     send.close()
     failure: list[PeerError] = []
 
-    async def worker(cancel_scope: trio.CancelScope) -> None:
+    async def fetch_run(pending: list[int]) -> tuple[list[int], Exception | None]:
+        """One request for the span covering ``pending``; returns the chunks still
+        missing afterwards and the error that left them missing."""
         nonlocal rejected, fetched
-        async for index in receive:
+        start, _ = payload.chunk_span(pending[0])
+        end_offset, end_length = payload.chunk_span(pending[-1])
+        try:
+            data = await http.get_range(url, start, end_offset + end_length - start)
+        except DownloadFailed as exc:
+            return pending, exc
+        left: list[int] = []
+        error: Exception | None = None
+        for index in pending:
             offset, length = payload.chunk_span(index)
-            last_error: Exception | None = None
+            chunk = data[offset - start:offset - start + length]
+            try:
+                await trio.to_thread.run_sync(_verify_and_write, work, index, chunk)
+            except IntegrityError as exc:
+                rejected += len(chunk)
+                left.append(index)
+                error = exc
+                continue
+            fetched += 1
+            if on_chunk is not None:
+                on_chunk(index, length)
+        return left, error
+
+    async def worker(cancel_scope: trio.CancelScope) -> None:
+        async for run in receive:
+            pending, last_error = run, None
             for attempt in range(attempts):
                 if attempt:
                     await trio.sleep(backoff_s * 2 ** (attempt - 1))
-                try:
-                    data = await http.get_range(url, offset, length)
-                except DownloadFailed as exc:
-                    last_error = exc
-                    log.info("chunk %d attempt %d: %s", index, attempt + 1, exc)
-                    continue
-                try:
-                    await trio.to_thread.run_sync(_verify_and_write, work, index, data)
-                except IntegrityError as exc:
-                    rejected += len(data)
-                    last_error = exc
-                    log.warning("chunk %d attempt %d rejected: %s", index, attempt + 1, exc)
-                    continue
-                fetched += 1
-                if on_chunk is not None:
-                    on_chunk(index, length)
-                break
+                pending, last_error = await fetch_run(pending)
+                if not pending:
+                    break
+                log.warning("chunks %s attempt %d: %s", pending[:4], attempt + 1, last_error)
             else:
                 # Record the first failure and stop the other workers; raising here would
                 # surface as an ExceptionGroup instead of the typed error.
+                index = pending[0]
                 if isinstance(last_error, IntegrityError):
                     failure.append(VerifyFailed(f"chunk {index} failed verification "
                                                 f"{attempts} times: {last_error}"))
@@ -164,7 +210,7 @@ async def download_payload(
                 return
 
     async with trio.open_nursery() as nursery:
-        for _ in range(min(concurrency, max(1, len(missing)))):
+        for _ in range(min(concurrency, max(1, len(runs)))):
             nursery.start_soon(worker, nursery.cancel_scope)
     if failure:
         raise failure[0]

@@ -169,3 +169,29 @@ async def test_report_kept_while_tracker_down_and_delivered_later(
     assert not second.attempted
     assert [(r["to_version"], r["status"]) for r in received] == [("2.0.0", 0)]
     assert dev.outbox() == []
+
+
+def test_request_plan_groups_adjacent_missing_chunks() -> None:
+    from peer.download import MAX_REQUEST_BYTES, plan_requests
+
+    chunk = 16384
+    runs = plan_requests([0, 1, 2, 3, 5, 6, 9], chunk, 100 * chunk, concurrency=1)
+    assert runs == [[0, 1, 2, 3], [5, 6], [9]]
+    # Small payloads still spread over the workers; big ones are capped per request.
+    assert len(plan_requests(list(range(64)), chunk, 64 * chunk, concurrency=4)) == 16
+    big = plan_requests(list(range(4096)), chunk, 4096 * chunk, concurrency=2)
+    assert max(len(r) for r in big) * chunk == MAX_REQUEST_BYTES
+
+
+async def test_full_payload_download_uses_few_range_requests(env: ReleaseEnv) -> None:
+    dev = env.device("dev-1")
+    before = env.origin.statistics().requests
+    assert (await update_once(dev)).status == StatusCode.OK
+    from peer.download import plan_requests
+
+    requests = env.origin.statistics().requests - before
+    p = env.m2.full_payload
+    runs = len(plan_requests(list(range(p.chunk_count)), p.chunk_size, p.size, concurrency=4))
+    metadata_requests = 6  # timestamp, snapshot, targets, next root (404), manifest, slack
+    assert runs <= p.chunk_count // 2
+    assert requests <= runs + metadata_requests, (requests, runs, p.chunk_count)
