@@ -47,6 +47,12 @@ def test_packages_only_import_what_the_architecture_allows() -> None:
     assert not problems, problems
 
 
+def test_nobody_imports_bench() -> None:
+    for package in ALLOWED:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            assert "bench" not in imports_of(path), path
+
+
 def test_third_party_libraries_stay_in_their_adapter_modules() -> None:
     problems = []
     for package in ALLOWED:
