@@ -161,7 +161,8 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
         good = res.status == 0 and res.updated and slot_ok and not bc.pending
         ok &= good
         say(f"  {device_id:<11} {int(res.status):>6} {'updated' if good else 'FAILED':<9} "
-            f"{res.payload_kind or '-':<7} {res.bytes_origin:>12,} {res.timings_s.get('total', 0.0):>7.2f}  "
+            f"{res.payload_kind or '-':<7} {res.bytes_origin:>12,} "
+            f"{res.timings_s.get('total', 0.0):>7.2f}  "
             f"{bc.primary}={bc.slot(bc.primary).version}"
             + ("" if good else f"  ({res.message})"))
     stats = origin.statistics()
