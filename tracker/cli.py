@@ -52,8 +52,9 @@ def add_parser(subparsers: Any) -> None:
     serve = tracker_sub.add_parser(
         "serve",
         help="serve the device API over HTTP",
-        description="Serve POST /v1/checkin, POST /v1/report and GET /v1/health until "
-                    "interrupted (Ctrl-C).",
+        description="Serve POST /v1/checkin, POST /v1/report and GET /v1/health, and "
+                    "the BitTorrent tracker (GET /announce, GET /scrape) for the swarms "
+                    "of registered releases, until interrupted (Ctrl-C).",
     )
     _add_db(serve, "created if it does not exist")
     serve.add_argument("--listen", metavar="HOST:PORT", type=_listen_arg,
@@ -80,7 +81,10 @@ def add_parser(subparsers: Any) -> None:
                     "writes under origin/targets/releases/) and register its product, "
                     "version and release counter. Devices of that product with a lower "
                     "counter are offered the newest registered release at their next "
-                    "check-in. Adding the same release again does nothing; a different "
+                    "check-in. The BitTorrent v2 info-hash of each payload (if the "
+                    "manifest names one) is registered too: the tracker's /announce "
+                    "serves those swarms. "
+                    "Adding the same release again does nothing; a different "
                     "release with the same version or counter is refused. Works while "
                     "the server runs.",
     )
@@ -91,7 +95,9 @@ def add_parser(subparsers: Any) -> None:
 
     listing = release_sub.add_parser(
         "list", help="list registered releases",
-        description="List registered releases by product and release counter.")
+        description="List registered releases by product and release counter, with "
+                    "the v2 info-hashes of their payloads' swarms (clients announce the "
+                    "first 20 bytes).")
     _add_db(listing, "must exist")
     listing.set_defaults(func=cmd_release_list)
 
@@ -171,6 +177,9 @@ def cmd_release_add(args: argparse.Namespace) -> int:
     what = "added" if added else "already registered:"
     print(f"{what} {release.product} {release.version} (release counter "
           f"{release.release_counter}, target {release.target})")
+    for swarm in release.swarms:
+        print(f"  swarm {swarm.payload_kind}: info-hash {swarm.info_hash} "
+              f"(announced as {swarm.announce_hash.hex()})")
     return 0
 
 
@@ -178,10 +187,12 @@ def cmd_release_list(args: argparse.Namespace) -> int:
     """Print the release catalogue as a table."""
     def rows(store: SqliteStore) -> list[list[str]]:
         return [[release.product, release.version, str(release.release_counter),
-                 release.target, _when(added_at)]
+                 release.target, _when(added_at),
+                 " ".join(f"{s.payload_kind}:{s.info_hash}" for s in release.swarms) or "-"]
                 for release, added_at in store.registered_releases()]
 
-    return _print_table(args.db, ["PRODUCT", "VERSION", "COUNTER", "TARGET", "ADDED (UTC)"],
+    return _print_table(args.db, ["PRODUCT", "VERSION", "COUNTER", "TARGET", "ADDED (UTC)",
+                                  "INFO-HASHES (v2, SHA-256)"],
                         rows, "no releases registered")
 
 

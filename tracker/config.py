@@ -6,11 +6,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.http_serve import ListenConfig
+from tracker.registry import DEFAULT_MAX_PEERS_PER_SWARM, DEFAULT_MAX_PEERS_TOTAL
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_POLL_AFTER_S", "TrackerConfig"]
+__all__ = [
+    "DEFAULT_ANNOUNCE_INTERVAL_S",
+    "DEFAULT_ANNOUNCE_MIN_INTERVAL_S",
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_PEERS_PER_SWARM",
+    "DEFAULT_MAX_PEERS_TOTAL",
+    "DEFAULT_POLL_AFTER_S",
+    "TrackerConfig",
+]
 
 DEFAULT_POLL_AFTER_S = 3600
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
+DEFAULT_ANNOUNCE_INTERVAL_S = 300
+DEFAULT_ANNOUNCE_MIN_INTERVAL_S = 60
 
 
 @dataclass(frozen=True)
@@ -22,19 +33,37 @@ class TrackerConfig:
         listen: address and TLS settings; port 0 lets the kernel pick a free port.
         poll_after_s: seconds a device should wait before its next check-in.
         max_body_bytes: hard limit on a request body; larger bodies get HTTP 413.
+        announce_interval_s: BitTorrent ``interval``: seconds between a peer's
+            announces; peers silent for twice as long are forgotten.
+        announce_min_interval_s: BitTorrent ``min interval`` (at most the interval).
+        max_peers_per_swarm / max_peers_total: bounds of the in-memory peer registry.
 
     Raises:
-        ValueError: ``poll_after_s`` outside 0..604800 or ``max_body_bytes`` outside
-            1..16 MiB (a programming or command-line validation error).
+        ValueError: ``poll_after_s`` outside 0..604800, ``max_body_bytes`` outside
+            1..16 MiB, ``announce_interval_s`` outside 1..86400, ``announce_min_interval_s``
+            outside 0..announce_interval_s, or a peer limit below 1 (a programming or
+            command-line validation error).
     """
 
     db_path: Path
     listen: ListenConfig = field(default_factory=ListenConfig)
     poll_after_s: int = DEFAULT_POLL_AFTER_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    announce_interval_s: int = DEFAULT_ANNOUNCE_INTERVAL_S
+    announce_min_interval_s: int = DEFAULT_ANNOUNCE_MIN_INTERVAL_S
+    max_peers_per_swarm: int = DEFAULT_MAX_PEERS_PER_SWARM
+    max_peers_total: int = DEFAULT_MAX_PEERS_TOTAL
 
     def __post_init__(self) -> None:
         if not 0 <= self.poll_after_s <= 7 * 24 * 3600:
             raise ValueError(f"poll_after_s must be within 0..604800, got {self.poll_after_s}")
         if not 1 <= self.max_body_bytes <= 16 * 1024 * 1024:
             raise ValueError(f"max_body_bytes must be within 1..16 MiB, got {self.max_body_bytes}")
+        if not 1 <= self.announce_interval_s <= 24 * 3600:
+            raise ValueError("announce_interval_s must be within 1..86400, got "
+                             f"{self.announce_interval_s}")
+        if not 0 <= self.announce_min_interval_s <= self.announce_interval_s:
+            raise ValueError("announce_min_interval_s must be within 0..announce_interval_s, "
+                             f"got {self.announce_min_interval_s}")
+        if self.max_peers_per_swarm < 1 or self.max_peers_total < 1:
+            raise ValueError("max_peers_per_swarm and max_peers_total must be at least 1")

@@ -31,6 +31,7 @@ from manifest import (
     validate_product,
     validate_version,
 )
+from tracker.bittorrent import SwarmInfo
 from tracker.errors import RequestError
 
 __all__ = [
@@ -124,17 +125,21 @@ class Release:
 
     ``target`` is the TUF target name of its release manifest and always equals
     ``manifest.release_target_name(product, version)``; build with :meth:`create` or
-    :meth:`from_manifest` to have it derived.
+    :meth:`from_manifest` to have it derived. ``swarms`` are the BitTorrent swarms of
+    its payloads (those whose manifest entry carries an ``info_hash``), in manifest
+    order; releases registered without them have none.
 
     Raises:
         RequestError: invalid product or version, counter outside
-            0..MAX_RELEASE_COUNTER, or a ``target`` that does not match.
+            0..MAX_RELEASE_COUNTER, a ``target`` that does not match, or a swarm of
+            another release or listed twice.
     """
 
     product: str
     version: str
     release_counter: int
     target: str
+    swarms: tuple[SwarmInfo, ...] = ()
 
     def __post_init__(self) -> None:
         try:
@@ -144,6 +149,15 @@ class Release:
         _int(self.release_counter, "release.release_counter", MAX_RELEASE_COUNTER)
         if self.target != expected:
             raise RequestError(f"release: target {_show(self.target)} should be {expected!r}")
+        seen: set[bytes] = set()
+        for swarm in self.swarms:
+            if (swarm.product, swarm.version) != (self.product, self.version):
+                raise RequestError(f"release: swarm {swarm.info_hash} belongs to "
+                                   f"{swarm.product} {swarm.version}")
+            if swarm.announce_hash in seen:
+                raise RequestError(f"release: swarm {swarm.info_hash} listed twice (or two "
+                                   "info-hashes share their first 20 bytes)")
+            seen.add(swarm.announce_hash)
 
     @classmethod
     def create(cls, product: str, version: str, release_counter: int) -> Release:
@@ -156,8 +170,11 @@ class Release:
 
     @classmethod
     def from_manifest(cls, manifest: ReleaseManifest) -> Release:
-        """The catalogue entry of a parsed release manifest."""
-        return cls.create(manifest.product, manifest.version, manifest.release_counter)
+        """The catalogue entry of a parsed release manifest, with its payloads' swarms."""
+        base = cls.create(manifest.product, manifest.version, manifest.release_counter)
+        swarms = tuple(SwarmInfo(p.info_hash, manifest.product, manifest.version, p.kind)
+                       for p in manifest.payloads if p.info_hash is not None)
+        return cls(base.product, base.version, base.release_counter, base.target, swarms)
 
 
 # --- decision -------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import trio
 from infra.http_serve import serve_asgi
 from tracker.app import TrackerApp
 from tracker.config import TrackerConfig
+from tracker.registry import SwarmRegistry
 from tracker.store import SqliteStore
 
 __all__ = ["serve_tracker"]
@@ -23,6 +24,7 @@ async def serve_tracker(
     config: TrackerConfig,
     *,
     clock: Callable[[], float] = time.time,
+    registry: SwarmRegistry | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the tracker API until cancelled.
@@ -31,7 +33,8 @@ async def serve_tracker(
     ``config.listen`` and passes the bound base URL (``http://HOST:PORT``) to
     ``task_status.started``. The store is closed when the service stops, after every
     request handler has finished. ``clock`` (epoch seconds) timestamps check-ins,
-    reports and releases.
+    reports and releases. ``registry`` holds the BitTorrent peers (default: a new one
+    built from ``config``); pass one to read its statistics.
 
     Raises:
         StorageError: the database cannot be opened (before ``started``).
@@ -40,7 +43,7 @@ async def serve_tracker(
     store = await trio.to_thread.run_sync(
         functools.partial(SqliteStore, config.db_path, clock=clock))
     try:
-        app = TrackerApp(store, config, clock)
+        app = TrackerApp(store, config, clock, registry=registry)
         await serve_asgi(app, config.listen, task_status=task_status)
     finally:
         with trio.CancelScope(shield=True):

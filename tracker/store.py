@@ -16,6 +16,11 @@ Time is passed in: ``now`` arguments (seconds since the epoch), or for
 The database (WAL journal, ``synchronous=NORMAL``) can be opened by several processes
 at once: ``swarmota tracker release add`` may register a release while the server
 runs, and the server sees it on the next check-in.
+
+Schema versions: 1 (releases, devices, reports); 2 adds ``swarms``, the BitTorrent
+swarms of registered releases' payloads (full v2 info-hash, its 20-byte announce form,
+product, version, payload kind). Opening a version-1 database migrates it in place
+(one transaction); releases registered before keep working, without swarms.
 """
 
 from __future__ import annotations
@@ -31,14 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from tracker.bittorrent import SwarmInfo
 from tracker.errors import ReleaseConflictError, RequestError, StorageError
 from tracker.protocol import CheckIn, Release, Report
 
 __all__ = ["SCHEMA_VERSION", "DeviceRecord", "SqliteStore", "Store", "StoredReport"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _BUSY_TIMEOUT_MS = 5000
 
+# Version 1 of the schema; later versions add _MIGRATIONS in order.
 _SCHEMA = """
 CREATE TABLE schema_version (
     version INTEGER NOT NULL
@@ -75,6 +82,19 @@ CREATE TABLE reports (
 );
 CREATE INDEX reports_by_device ON reports (device_id, id);
 """
+
+_SCHEMA_SWARMS = """
+CREATE TABLE swarms (
+    info_hash TEXT PRIMARY KEY,
+    announce_hash BLOB NOT NULL UNIQUE,
+    product TEXT NOT NULL,
+    version TEXT NOT NULL,
+    payload_kind TEXT NOT NULL
+);
+CREATE INDEX swarms_by_release ON swarms (product, version);
+"""
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_SWARMS}
+"""DDL that takes a database from version ``key`` to ``key + 1``."""
 
 
 @dataclass(frozen=True)
@@ -126,14 +146,26 @@ class Store(Protocol):
     """Storage of the release catalogue, device check-ins and reports (blocking)."""
 
     def add_release(self, release: Release, now: float | None = None) -> bool:
-        """Register ``release`` at ``now`` (default: the store's clock).
+        """Register ``release`` and its swarms at ``now`` (default: the store's clock).
 
         Returns ``True`` if added, ``False`` if exactly this release was already there.
+        Registering a known release again adds the swarms it did not have yet (and
+        returns ``True`` if there were any).
 
         Raises:
-            ReleaseConflictError: another release holds its version or counter.
+            ReleaseConflictError: another release holds its version or counter, or one
+                of its info-hashes (or their 20-byte announce form).
             StorageError: the database failed.
         """
+        ...
+
+    def swarm_of(self, announce_hash: bytes) -> SwarmInfo | None:
+        """The registered swarm announced as ``announce_hash`` (20 bytes), if any."""
+        ...
+
+    def swarms(self, product: str | None = None) -> list[SwarmInfo]:
+        """Registered swarms (of ``product`` if given), by product, version, then order
+        of registration."""
         ...
 
     def releases(self, product: str | None = None) -> list[Release]:
@@ -193,6 +225,7 @@ class SqliteStore:
     def add_release(self, release: Release, now: float | None = None) -> bool:
         added_at = self._clock() if now is None else now
         with self._transaction("add release") as conn:
+            new_swarms = self._new_swarms(conn, release)
             rows = conn.execute(
                 "SELECT version, counter FROM releases "
                 "WHERE product = ? AND (version = ? OR counter = ?)",
@@ -200,7 +233,8 @@ class SqliteStore:
             ).fetchall()
             for version, counter in rows:
                 if version == release.version and counter == release.release_counter:
-                    return False
+                    _insert_swarms(conn, new_swarms)
+                    return bool(new_swarms)
             if rows:
                 version, counter = rows[0]
                 raise ReleaseConflictError(
@@ -215,7 +249,45 @@ class SqliteStore:
                 (release.product, release.version, release.release_counter, release.target,
                  added_at),
             )
+            _insert_swarms(conn, new_swarms)
             return True
+
+    @staticmethod
+    def _new_swarms(conn: sqlite3.Connection, release: Release) -> list[SwarmInfo]:
+        """``release``'s swarms not stored yet; refuses hashes held by another release."""
+        new = []
+        for swarm in release.swarms:
+            row = conn.execute(
+                "SELECT info_hash, product, version FROM swarms "
+                "WHERE info_hash = ? OR announce_hash = ?",
+                (swarm.info_hash, swarm.announce_hash),
+            ).fetchone()
+            if row is None:
+                new.append(swarm)
+            elif tuple(row) != (swarm.info_hash, swarm.product, swarm.version):
+                raise ReleaseConflictError(
+                    f"cannot add {release.product} {release.version}: its payload "
+                    f"info-hash {swarm.info_hash} clashes with {row[0]} of {row[1]} "
+                    f"{row[2]} (same hash or same first 20 bytes)")
+        return new
+
+    def swarm_of(self, announce_hash: bytes) -> SwarmInfo | None:
+        with self._connection("look up swarm") as conn:
+            row = conn.execute(
+                "SELECT info_hash, product, version, payload_kind FROM swarms "
+                "WHERE announce_hash = ?", (bytes(announce_hash),)).fetchone()
+        return None if row is None else _row_to_swarm(row)
+
+    def swarms(self, product: str | None = None) -> list[SwarmInfo]:
+        sql = "SELECT info_hash, product, version, payload_kind FROM swarms"
+        params: tuple[str, ...] = ()
+        if product is not None:
+            sql += " WHERE product = ?"
+            params = (product,)
+        sql += " ORDER BY product, version, rowid"
+        with self._connection("list swarms") as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return [_row_to_swarm(row) for row in rows]
 
     def releases(self, product: str | None = None) -> list[Release]:
         return [release for release, _ in self.registered_releases(product)]
@@ -230,7 +302,11 @@ class SqliteStore:
         sql += " ORDER BY product, counter"
         with self._connection("list releases") as conn:
             rows = conn.execute(sql, params).fetchall()
-        return [(_row_to_release(row[:4]), float(row[4])) for row in rows]
+        swarms: dict[tuple[str, str], list[SwarmInfo]] = {}
+        for swarm in self.swarms(product):
+            swarms.setdefault((swarm.product, swarm.version), []).append(swarm)
+        return [(_row_to_release(row[:4], swarms.get((row[0], row[1]), [])), float(row[4]))
+                for row in rows]
 
     # --- devices ----------------------------------------------------------------------
 
@@ -336,12 +412,34 @@ class SqliteStore:
                 raise
 
 
-def _row_to_release(row: tuple[Any, ...]) -> Release:
+def _row_to_release(row: tuple[Any, ...], swarms: list[SwarmInfo]) -> Release:
     product, version, counter, target = row
     try:
-        return Release(str(product), str(version), int(counter), str(target))
+        return Release(str(product), str(version), int(counter), str(target), tuple(swarms))
     except RequestError as exc:
         raise StorageError(f"corrupt release row {row!r}: {exc}") from exc
+
+
+def _row_to_swarm(row: tuple[Any, ...]) -> SwarmInfo:
+    try:
+        return SwarmInfo(str(row[0]), str(row[1]), str(row[2]), str(row[3]))
+    except RequestError as exc:
+        raise StorageError(f"corrupt swarm row {row!r}: {exc}") from exc
+
+
+def _insert_swarms(conn: sqlite3.Connection, swarms: list[SwarmInfo]) -> None:
+    conn.executemany(
+        "INSERT INTO swarms (info_hash, announce_hash, product, version, payload_kind) "
+        "VALUES (?, ?, ?, ?, ?)",
+        [(s.info_hash, s.announce_hash, s.product, s.version, s.payload_kind)
+         for s in swarms],
+    )
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
 
 
 def _connect(path: Path, create: bool) -> sqlite3.Connection:
@@ -382,14 +480,18 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
                 if others:
                     raise StorageError(f"{path} is an SQLite database but not a tracker's "
                                        "(no schema_version table)")
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                _run_script(conn, _SCHEMA)
+                _run_script(conn, _SCHEMA_SWARMS)
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)",
                              (SCHEMA_VERSION,))
             else:
                 row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
                 version = row[0]
+                if isinstance(version, int) and 1 <= version < SCHEMA_VERSION:
+                    for step in range(version, SCHEMA_VERSION):
+                        _run_script(conn, _MIGRATIONS[step])
+                    conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+                    version = SCHEMA_VERSION
                 if version != SCHEMA_VERSION:
                     raise StorageError(f"{path}: tracker schema version {version!r}, this "
                                        f"swarmota supports {SCHEMA_VERSION}")

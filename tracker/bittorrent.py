@@ -1,0 +1,439 @@
+"""The BitTorrent HTTP tracker protocol as values: query parsing, bencoded answers. Pure.
+
+No I/O: query strings arrive as bytes (ASGI ``scope["query_string"]``) with a size
+limit and leave as frozen dataclasses, or raise :class:`~tracker.errors.RequestError`
+whose message is the ``failure reason`` to send back (bencoded, HTTP 200, as clients
+expect). Answers are bencoded here with a tiny encoder (libtorrent is not imported
+outside ``peer/swarm.py``).
+
+Announce (BEP 3, BEP 23 compact peers, BEP 7 ``peers6``), ``GET /announce?...``:
+
+- ``info_hash`` and ``peer_id``: exactly 20 raw bytes each, percent-encoded. For our v2
+  torrents the announced info-hash is the SHA-256 v2 info-hash truncated to 20 bytes.
+- ``port`` 1..65535; ``uploaded``, ``downloaded``, ``left``: decimal integers
+  0..2**63-1 (``uploaded``/``downloaded`` default to 0; ``left`` is required: 0 means
+  seed).
+- ``event``: ``started``, ``completed``, ``stopped``, empty or absent.
+- ``compact``: ``1`` (default) or ``0``; ``no_peer_id``: ``0``/``1``.
+- ``numwant``: default :data:`DEFAULT_NUMWANT`, clamped to :data:`MAX_NUMWANT`.
+- ``key``: optional, at most 64 bytes, kept but unused.
+- the ``ip`` parameter (and ``ipv4``/``ipv6``) is ignored: a peer's address is always
+  the connection's remote address.
+
+Known parameters may appear once; unknown parameters (clients send many: ``corrupt``,
+``redundant``, ``supportcrypto``, ``trackerid`` ...) are ignored. Percent escapes must be
+well formed (``%`` + two hex digits); ``+`` is a literal plus.
+
+Scrape (BEP 48), ``GET /scrape?info_hash=...`` (1..:data:`MAX_SCRAPE_HASHES` times):
+``{"files": {info_hash: {"complete", "downloaded", "incomplete"}}}`` for the known ones.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from tracker.errors import RequestError
+
+__all__ = [
+    "ANNOUNCE_HASH_BYTES",
+    "DEFAULT_NUMWANT",
+    "EVENTS",
+    "MAX_NUMWANT",
+    "MAX_QUERY_BYTES",
+    "MAX_SCRAPE_HASHES",
+    "AnnounceRequest",
+    "HandedPeer",
+    "PeerAddress",
+    "ScrapeCounts",
+    "ScrapeRequest",
+    "SwarmInfo",
+    "announce_answer",
+    "bencode",
+    "failure_answer",
+    "parse_announce",
+    "parse_scrape",
+    "peer_address",
+    "scrape_answer",
+]
+
+ANNOUNCE_HASH_BYTES: Final = 20
+PEER_ID_BYTES: Final = 20
+DEFAULT_NUMWANT: Final = 50
+MAX_NUMWANT: Final = 200
+MAX_SCRAPE_HASHES: Final = 64
+MAX_QUERY_BYTES: Final = 8 * 1024
+MAX_KEY_BYTES: Final = 64
+MAX_TRANSFER_COUNT: Final = 2**63 - 1
+EVENTS: Final = ("", "started", "completed", "stopped")
+PAYLOAD_KINDS: Final = ("full", "delta")
+
+_INFO_HASH_RE: Final = re.compile(r"[0-9a-f]{64}")
+_DIGITS_RE: Final = re.compile(rb"[0-9]{1,20}")
+_BAD_ESCAPE_RE: Final = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
+# --- values ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SwarmInfo:
+    """A swarm the tracker serves: one payload of one registered release.
+
+    ``info_hash`` is the payload torrent's full SHA-256 v2 info-hash (64 lowercase hex
+    characters); clients announce :attr:`announce_hash`, its first 20 bytes.
+    ``payload_kind`` is the manifest payload's ``kind`` (``full`` or ``delta``).
+
+    Raises:
+        RequestError: a malformed info-hash or kind.
+    """
+
+    info_hash: str
+    product: str
+    version: str
+    payload_kind: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.info_hash, str) or not _INFO_HASH_RE.fullmatch(self.info_hash):
+            raise RequestError(f"swarm: info_hash must be 64 lowercase hex characters, "
+                               f"got {self.info_hash!r:.80}")
+        if self.payload_kind not in PAYLOAD_KINDS:
+            raise RequestError(f"swarm: payload kind must be one of {PAYLOAD_KINDS}, "
+                               f"got {self.payload_kind!r:.40}")
+
+    @property
+    def announce_hash(self) -> bytes:
+        """The 20 bytes clients announce (the v2 info-hash truncated)."""
+        return bytes.fromhex(self.info_hash)[:ANNOUNCE_HASH_BYTES]
+
+
+@dataclass(frozen=True)
+class PeerAddress:
+    """Where a peer listens: a normalised IP (IPv4-mapped IPv6 becomes IPv4) and port."""
+
+    ip: str
+    port: int
+
+    @property
+    def is_ipv6(self) -> bool:
+        return ":" in self.ip
+
+    @property
+    def compact(self) -> bytes:
+        """BEP 23 / BEP 7: packed address then big-endian port (6 or 18 bytes)."""
+        return ipaddress.ip_address(self.ip).packed + self.port.to_bytes(2, "big")
+
+
+@dataclass(frozen=True)
+class HandedPeer:
+    """A peer handed out in an announce answer."""
+
+    address: PeerAddress
+    peer_id: bytes
+
+
+@dataclass(frozen=True)
+class AnnounceRequest:
+    """One parsed announce. ``numwant`` is already clamped to 0..MAX_NUMWANT."""
+
+    announce_hash: bytes
+    peer_id: bytes
+    port: int
+    uploaded: int
+    downloaded: int
+    left: int
+    event: str
+    compact: bool
+    no_peer_id: bool
+    numwant: int
+    key: bytes | None
+
+    @property
+    def is_seed(self) -> bool:
+        return self.left == 0
+
+
+@dataclass(frozen=True)
+class ScrapeRequest:
+    """One parsed scrape: the announce hashes asked about, without duplicates, in order."""
+
+    announce_hashes: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class ScrapeCounts:
+    """BEP 48 counters of one swarm."""
+
+    complete: int
+    downloaded: int
+    incomplete: int
+
+
+# --- parsing --------------------------------------------------------------------------
+
+
+def peer_address(client: Sequence[object] | None, port: int) -> PeerAddress:
+    """The announcing peer's address: the connection's remote IP and the announced port.
+
+    ``client`` is the ASGI ``scope["client"]`` (``(host, port)`` or ``None``).
+
+    Raises:
+        RequestError: no remote address, or one that is not an IP address.
+    """
+    if not client:
+        raise RequestError("cannot tell the peer's address")
+    try:
+        ip = ipaddress.ip_address(str(client[0]))
+    except ValueError:
+        raise RequestError("the peer's address is not an IP address") from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return PeerAddress(str(ip), port)
+
+
+def _split_query(query: bytes, known: Iterable[str], repeatable: str = "",
+                 max_bytes: int = MAX_QUERY_BYTES) -> dict[str, list[bytes]]:
+    """Decode ``a=b&c=d`` into known names -> raw values; unknown names are dropped."""
+    if len(query) > max_bytes:
+        raise RequestError(f"query string of {len(query)} bytes is over the limit of "
+                           f"{max_bytes} bytes")
+    names = set(known)
+    out: dict[str, list[bytes]] = {}
+    for part in query.split(b"&"):
+        if not part:
+            continue
+        raw_name, _, raw_value = part.partition(b"=")
+        if _BAD_ESCAPE_RE.search(part):
+            raise RequestError("malformed percent-escape in the query string")
+        try:
+            name = _unquote(raw_name).decode("ascii")
+        except UnicodeDecodeError:
+            continue  # not one of ours
+        if name not in names:
+            continue
+        values = out.setdefault(name, [])
+        if values and name != repeatable:
+            raise RequestError(f"{name} given more than once")
+        values.append(_unquote(raw_value))
+    return out
+
+
+def _unquote(raw: bytes) -> bytes:
+    """Percent-decode ``raw`` (escapes already checked); ``+`` stays a plus."""
+    if b"%" not in raw:
+        return raw
+    pieces = raw.split(b"%")
+    out = bytearray(pieces[0])
+    for piece in pieces[1:]:
+        out.append(int(piece[:2], 16))
+        out += piece[2:]
+    return bytes(out)
+
+
+def _one(params: Mapping[str, list[bytes]], name: str) -> bytes | None:
+    values = params.get(name)
+    return values[0] if values else None
+
+
+def _hash20(value: bytes, name: str) -> bytes:
+    if len(value) != ANNOUNCE_HASH_BYTES:
+        raise RequestError(f"{name} must be {ANNOUNCE_HASH_BYTES} bytes, got {len(value)}")
+    return value
+
+
+def _count(params: Mapping[str, list[bytes]], name: str, *, default: int | None,
+           hi: int = MAX_TRANSFER_COUNT) -> int:
+    raw = _one(params, name)
+    if raw is None:
+        if default is None:
+            raise RequestError(f"missing {name}")
+        return default
+    if not _DIGITS_RE.fullmatch(raw):
+        raise RequestError(f"{name} must be a non-negative decimal integer, "
+                           f"got {raw[:24]!r}")
+    value = int(raw)
+    if value > hi:
+        raise RequestError(f"{name} must be at most {hi}, got {value}")
+    return value
+
+
+def _flag(params: Mapping[str, list[bytes]], name: str, default: bool) -> bool:
+    raw = _one(params, name)
+    if raw is None:
+        return default
+    if raw not in (b"0", b"1"):
+        raise RequestError(f"{name} must be 0 or 1, got {raw[:24]!r}")
+    return raw == b"1"
+
+
+_ANNOUNCE_PARAMS: Final = ("info_hash", "peer_id", "port", "uploaded", "downloaded", "left",
+                           "event", "compact", "no_peer_id", "numwant", "key")
+
+
+def parse_announce(query: bytes, *, max_bytes: int = MAX_QUERY_BYTES) -> AnnounceRequest:
+    """Parse an announce query string (the bytes after ``?``).
+
+    Raises:
+        RequestError: the ``failure reason``: a missing or malformed parameter, a
+            repeated known parameter, or a query over ``max_bytes``.
+    """
+    params = _split_query(query, _ANNOUNCE_PARAMS, max_bytes=max_bytes)
+    info_hash = _one(params, "info_hash")
+    if info_hash is None:
+        raise RequestError("missing info_hash")
+    peer_id = _one(params, "peer_id")
+    if peer_id is None:
+        raise RequestError("missing peer_id")
+    if _one(params, "port") is None:
+        raise RequestError("missing port")
+    port = _count(params, "port", default=None, hi=65535)
+    if port == 0:
+        raise RequestError("port must be within 1..65535, got 0")
+    raw_event = _one(params, "event")
+    event = "" if raw_event is None else raw_event.decode("latin-1")
+    if event not in EVENTS:
+        raise RequestError(f"event must be started, completed, stopped or empty, "
+                           f"got {event[:24]!r}")
+    key = _one(params, "key")
+    if key is not None and len(key) > MAX_KEY_BYTES:
+        raise RequestError(f"key must be at most {MAX_KEY_BYTES} bytes")
+    numwant = min(_count(params, "numwant", default=DEFAULT_NUMWANT), MAX_NUMWANT)
+    return AnnounceRequest(
+        announce_hash=_hash20(info_hash, "info_hash"),
+        peer_id=_hash20(peer_id, "peer_id"),
+        port=port,
+        uploaded=_count(params, "uploaded", default=0),
+        downloaded=_count(params, "downloaded", default=0),
+        left=_count(params, "left", default=None),
+        event=event,
+        compact=_flag(params, "compact", True),
+        no_peer_id=_flag(params, "no_peer_id", False),
+        numwant=numwant,
+        key=key,
+    )
+
+
+def parse_scrape(query: bytes, *, max_bytes: int = MAX_QUERY_BYTES) -> ScrapeRequest:
+    """Parse a scrape query: one or more ``info_hash`` (full scrapes are refused).
+
+    Raises:
+        RequestError: no info_hash, more than :data:`MAX_SCRAPE_HASHES`, one that is not
+            20 bytes, a malformed escape, or a query over ``max_bytes``.
+    """
+    params = _split_query(query, ("info_hash",), repeatable="info_hash", max_bytes=max_bytes)
+    hashes = params.get("info_hash", [])
+    if not hashes:
+        raise RequestError("missing info_hash (full scrapes are not supported)")
+    if len(hashes) > MAX_SCRAPE_HASHES:
+        raise RequestError(f"at most {MAX_SCRAPE_HASHES} info_hash values per scrape, "
+                           f"got {len(hashes)}")
+    unique = dict.fromkeys(_hash20(h, "info_hash") for h in hashes)
+    return ScrapeRequest(tuple(unique))
+
+
+# --- answers --------------------------------------------------------------------------
+
+Bencodable = (int | bytes | str | Sequence["Bencodable"] | Mapping[str, "Bencodable"]
+              | Mapping[bytes, "Bencodable"])
+
+
+def bencode(value: Bencodable) -> bytes:
+    """Bencode ints, bytes, str (UTF-8), lists/tuples and dicts (keys sorted as bytes).
+
+    Raises:
+        TypeError: a value of another type (a programming error), e.g. ``bool``.
+    """
+    out = bytearray()
+    _bencode_into(value, out)
+    return bytes(out)
+
+
+def _bencode_into(value: object, out: bytearray) -> None:
+    if isinstance(value, bool):
+        raise TypeError("cannot bencode a bool")
+    if isinstance(value, int):
+        out += b"i%de" % value
+    elif isinstance(value, bytes | str):
+        data = value.encode("utf-8") if isinstance(value, str) else value
+        out += b"%d:" % len(data)
+        out += data
+    elif isinstance(value, Mapping):
+        items = sorted(((k.encode("utf-8") if isinstance(k, str) else k), v)
+                       for k, v in value.items())
+        out += b"d"
+        previous = None
+        for key, item in items:
+            if not isinstance(key, bytes):
+                raise TypeError(f"cannot bencode a dict key of type {type(key).__name__}")
+            if key == previous:
+                raise TypeError(f"duplicate dict key {key!r}")
+            previous = key
+            _bencode_into(key, out)
+            _bencode_into(item, out)
+        out += b"e"
+    elif isinstance(value, list | tuple):
+        out += b"l"
+        for item in value:
+            _bencode_into(item, out)
+        out += b"e"
+    else:
+        raise TypeError(f"cannot bencode {type(value).__name__}")
+
+
+def failure_answer(reason: str) -> bytes:
+    """``d14:failure reason...e``: how a tracker refuses (sent with HTTP 200)."""
+    return bencode({"failure reason": reason})
+
+
+def announce_answer(
+    peers: Iterable[HandedPeer],
+    *,
+    complete: int,
+    incomplete: int,
+    interval_s: int,
+    min_interval_s: int,
+    compact: bool,
+    no_peer_id: bool = False,
+) -> bytes:
+    """The bencoded answer to an announce.
+
+    Compact (BEP 23/BEP 7): IPv4 peers as 6-byte strings concatenated in ``peers``, IPv6
+    peers as 18-byte strings in ``peers6`` (present only if there are any). Otherwise
+    ``peers`` is a list of ``{"ip", "port", "peer id"}`` dicts (``peer id`` left out when
+    ``no_peer_id``).
+    """
+    answer: dict[str, Bencodable] = {
+        "interval": interval_s,
+        "min interval": min_interval_s,
+        "complete": complete,
+        "incomplete": incomplete,
+    }
+    if compact:
+        v4 = bytearray()
+        v6 = bytearray()
+        for peer in peers:
+            (v6 if peer.address.is_ipv6 else v4).extend(peer.address.compact)
+        answer["peers"] = bytes(v4)
+        if v6:
+            answer["peers6"] = bytes(v6)
+    else:
+        listed: list[Bencodable] = []
+        for peer in peers:
+            entry: dict[str, Bencodable] = {"ip": peer.address.ip, "port": peer.address.port}
+            if not no_peer_id:
+                entry["peer id"] = peer.peer_id
+            listed.append(entry)
+        answer["peers"] = listed
+    return bencode(answer)
+
+
+def scrape_answer(files: Mapping[bytes, ScrapeCounts]) -> bytes:
+    """The bencoded BEP 48 answer: ``{"files": {hash: {complete, downloaded, incomplete}}}``."""
+    return bencode({"files": {
+        announce_hash: {"complete": c.complete, "downloaded": c.downloaded,
+                        "incomplete": c.incomplete}
+        for announce_hash, c in files.items()
+    }})
