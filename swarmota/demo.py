@@ -119,7 +119,7 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
     store = SqliteStore(db)
     try:
         for m in (m1, m2):
-            store.add_release(Release(m.product, m.version, m.release_counter, m.target_name))
+            store.add_release(Release.from_manifest(m))
     finally:
         store.close()
 

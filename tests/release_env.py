@@ -77,7 +77,7 @@ class ReleaseEnv:
     def register(self, m: ReleaseManifest) -> None:
         store = SqliteStore(self.db)
         try:
-            store.add_release(Release(m.product, m.version, m.release_counter, m.target_name))
+            store.add_release(Release.from_manifest(m))
         finally:
             store.close()
 
