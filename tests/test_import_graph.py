@@ -22,6 +22,7 @@ THIRD_PARTY_OWNERS = {
     "zstandard": {"peer/install.py", "peer/delta.py", "seeder/publish.py", "seeder/delta.py"},
     "bsdiff4": {"peer/delta.py", "seeder/delta.py"},
     "backports": {"seeder/delta.py"},
+    "hdiffpatch": {"seeder/covers.py"},
 }
 
 
