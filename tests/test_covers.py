@@ -106,7 +106,7 @@ def test_unreadable_hdiffpatch_output_falls_back_to_bsdiff4(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     base = make_image(64 * KiB, seed=8)
     target = mutate_image(base, seed=9)
-    monkeypatch.setattr(covers.hdiffpatch, "diff", lambda *a, **k: b"HDIFF99&\x00")
+    monkeypatch.setattr(hdiffpatch, "diff", lambda *a, **k: b"HDIFF99&\x00")
     delta = build_delta("bsdiff-zstd", base, target, level=3)
     assert apply_delta("bsdiff-zstd", base, delta, target_size=len(target)) == target
     assert "using bsdiff4" in caplog.text
