@@ -5,6 +5,8 @@
 - :mod:`seeder.publish`: image -> zstd payload -> release manifest -> signed target.
 - :mod:`seeder.origin` / :mod:`seeder.server`: a static-file ASGI app with byte ranges,
   served with the shared hypercorn adapter.
+- :mod:`seeder.seeding`: seeds every published payload over BitTorrent (the swarm
+  adapter :mod:`peer.swarm`), rescanning for new releases.
 - :mod:`seeder.cli`: ``swarmota seeder init|publish|timestamp|serve``.
 
 Errors: :mod:`seeder.errors` (``SeederError`` > ``RepositoryError``, ``PublishError``).
@@ -15,6 +17,7 @@ from seeder.errors import PublishError, RepositoryError, SeederError
 from seeder.origin import OriginApp, OriginConfig, OriginStats
 from seeder.publish import build_full_payload, publish_release, published_releases
 from seeder.repository import ExpiryConfig, Repository
+from seeder.seeding import PayloadSeeder, SeedingConfig, SeedingStats
 from seeder.server import serve_origin
 
 __all__ = [
@@ -22,10 +25,13 @@ __all__ = [
     "OriginApp",
     "OriginConfig",
     "OriginStats",
+    "PayloadSeeder",
     "PublishError",
     "Repository",
     "RepositoryError",
     "SeederError",
+    "SeedingConfig",
+    "SeedingStats",
     "build_full_payload",
     "publish_release",
     "published_releases",

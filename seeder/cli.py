@@ -1,8 +1,10 @@
 """``swarmota seeder ...``: create a repository, publish releases, refresh timestamp, serve.
 
-A thin shell over :mod:`seeder.repository`, :mod:`seeder.publish` and
-:mod:`seeder.server`. Each leaf command sets ``func(args) -> int``; seeder errors are
-printed as ``error: <message>`` on stderr with exit code 2.
+A thin shell over :mod:`seeder.repository`, :mod:`seeder.publish`,
+:mod:`seeder.server` and :mod:`seeder.seeding` (``serve`` also seeds every published
+payload over BitTorrent unless ``--no-seed``). Each leaf command sets
+``func(args) -> int``; seeder errors are printed as ``error: <message>`` on stderr with
+exit code 2.
 """
 
 from __future__ import annotations
@@ -20,15 +22,18 @@ from pathlib import Path
 import trio
 
 from infra.http_serve import ListenConfig, parse_listen
+from peer.swarm import SwarmConfig
 from seeder.errors import SeederError
 from seeder.origin import OriginApp, OriginConfig
 from seeder.publish import DEFAULT_ZSTD_LEVEL, DeltaSummary, publish_release
 from seeder.repository import ExpiryConfig, Repository
+from seeder.seeding import DEFAULT_RESCAN_INTERVAL_S, PayloadSeeder, SeedingConfig
 from seeder.server import serve_origin
 
-__all__ = ["DEFAULT_LISTEN", "add_parser"]
+__all__ = ["DEFAULT_LISTEN", "DEFAULT_SEED_PORT", "add_parser"]
 
 DEFAULT_LISTEN = "127.0.0.1:8460"
+DEFAULT_SEED_PORT = 6881  # BitTorrent's customary first port
 _EXIT_ERROR = 2
 _EXPIRY_WARNING_S = 7 * 24 * 3600
 
@@ -113,17 +118,20 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     serve = sub.add_parser(
         "serve",
-        help="serve the origin tree over HTTP",
+        help="serve the origin tree over HTTP and seed its payloads over BitTorrent",
         description=(
             "Serve a repository's origin/ directory (or an origin directory itself) "
-            "with GET, HEAD and byte ranges. Stop with Ctrl-C."
+            "with GET, HEAD and byte ranges, and seed every published payload over "
+            "BitTorrent (TCP; DHT, local peer discovery, UPnP and NAT-PMP stay off): "
+            "each payloads/*.torrent whose payload file exists, checked again every "
+            f"{DEFAULT_RESCAN_INTERVAL_S:g} s for new releases. Stop with Ctrl-C."
         ),
     )
     serve.add_argument("directory", metavar="REPO_OR_ORIGIN_DIR", type=Path,
                        help="a repository (serves REPO/origin) or an origin directory")
     serve.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                        type=_listen_arg,
-                       help="address to listen on (default %(default)s)")
+                       help="HTTP address to listen on (default %(default)s)")
     serve.add_argument("--tls-cert", type=Path, metavar="FILE", default=None,
                        help="PEM certificate chain: serve HTTPS (TLS 1.2 or newer); "
                             "needs --tls-key")
@@ -134,6 +142,21 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                        help="cap the bytes per second sent to all clients together, e.g. "
                             "2500000, 2.5M or 20Mi (k/M/G: powers of 1000, Ki/Mi/Gi: "
                             "powers of 1024; default: no limit)")
+    seeding = serve.add_argument_group("BitTorrent seeding (on by default)")
+    seeding.add_argument("--no-seed", action="store_false", dest="seed",
+                         help="serve HTTP only: do not seed payloads over BitTorrent")
+    seeding.add_argument("--seed-listen", default=None, metavar="HOST:PORT", type=_listen_arg,
+                         help="address to accept BitTorrent peers on, TCP (default: the "
+                              f"--listen host, port {DEFAULT_SEED_PORT}; port 0 picks a "
+                              "free port; a port in use makes libtorrent try the next ones)")
+    seeding.add_argument("--seed-upload-limit-bytes-per-s", type=_rate_or_zero_arg,
+                         metavar="N", default=0,
+                         help="cap BitTorrent upload for all peers together, same units as "
+                              "--rate-limit-bytes-per-s (default 0: no limit)")
+    seeding.add_argument("--announce-url", action="append", default=[], metavar="URL",
+                         dest="announce_urls",
+                         help="tracker announce URL added to every torrent's own trackers "
+                              "(repeatable), e.g. http://TRACKER/announce")
     serve.set_defaults(func=_wrap(_cmd_serve))
 
 
@@ -219,16 +242,12 @@ def _cmd_timestamp(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    directory: Path = args.directory
-    if (directory / "repo.json").is_file() and (directory / "origin").is_dir():
-        directory = directory / "origin"
-    if not (directory / "metadata").is_dir():
-        raise SeederError(f"{args.directory} is neither a repository nor an origin "
-                          "directory (no metadata/ inside)")
+    directory = _origin_dir(args.directory)
     host, port = args.listen
     certfile, keyfile = _tls_files(args.tls_cert, args.tls_key)
     listen = ListenConfig(host=host, port=port, certfile=certfile, keyfile=keyfile)
     app = OriginApp(directory, OriginConfig(rate_limit_bytes_per_s=args.rate_limit_bytes_per_s))
+    seeder = PayloadSeeder(directory, _seeding_config(args)) if args.seed else None
 
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -238,6 +257,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 if args.rate_limit_bytes_per_s is not None:
                     print(f"  rate limit: {args.rate_limit_bytes_per_s} bytes/s for all "
                           "clients together", flush=True)
+                if seeder is not None:
+                    await nursery.start(seeder.run)
+                    _print_seeding(seeder, args)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break
@@ -250,10 +272,64 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if rest is not None or os_errors is None:
             raise
         raise SeederError(f"cannot serve on {host}:{port}: {_first_leaf(os_errors)}") from group
+    finally:
+        if seeder is not None:
+            seeder.close()  # already closed by seeder.run unless serving never started
     stats = app.statistics()
     print(f"stopped after {stats.requests} requests, {stats.bytes_total} bytes sent",
           flush=True)
+    if seeder is not None:
+        seeding = seeder.statistics()
+        print(f"seeded {seeding.torrents_seeded} payloads, {seeding.bytes_uploaded_payload} "
+              "bytes uploaded over BitTorrent", flush=True)
     return 0
+
+
+def _origin_dir(directory: Path) -> Path:
+    """The origin directory of a repository, or ``directory`` itself if it is one.
+
+    Raises:
+        SeederError: neither (no ``metadata/`` inside).
+    """
+    if (directory / "repo.json").is_file() and (directory / "origin").is_dir():
+        return directory / "origin"
+    if not (directory / "metadata").is_dir():
+        raise SeederError(f"{directory} is neither a repository nor an origin "
+                          "directory (no metadata/ inside)")
+    return directory
+
+
+def _seeding_config(args: argparse.Namespace) -> SeedingConfig:
+    """The seeder's settings from ``serve``'s options.
+
+    Raises:
+        SeederError: a bad listen host or announce URL.
+    """
+    host, port = args.seed_listen or (args.listen[0], DEFAULT_SEED_PORT)
+    try:
+        swarm = SwarmConfig(listen_host=host, listen_port=port,
+                            upload_rate_limit_bytes_per_s=args.seed_upload_limit_bytes_per_s)
+        return SeedingConfig(swarm=swarm, announce_urls=tuple(args.announce_urls))
+    except ValueError as exc:
+        raise SeederError(str(exc)) from None
+
+
+def _print_seeding(seeder: PayloadSeeder, args: argparse.Namespace) -> None:
+    stats = seeder.statistics()
+    print(f"seeding {stats.torrents_seeded} payloads over BitTorrent at "
+          f"{_format_address(*seeder.listen_address)} (TCP)", flush=True)
+    if args.seed_upload_limit_bytes_per_s:
+        print(f"  upload limit: {args.seed_upload_limit_bytes_per_s} bytes/s for all "
+              "peers together", flush=True)
+    for url in args.announce_urls:
+        print(f"  announcing to {url}", flush=True)
+    if stats.torrents_skipped:
+        print(f"  skipped {stats.torrents_skipped} unusable torrent files (see the "
+              "warnings)", flush=True)
+
+
+def _format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -339,6 +415,13 @@ def _rate_arg(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive rate, got {text!r}")
     return value
+
+
+def _rate_or_zero_arg(text: str) -> int:
+    """Like :func:`_rate_arg`, and ``"0"`` means no limit."""
+    if text.strip() == "0":
+        return 0
+    return _rate_arg(text)
 
 
 def _listen_arg(text: str) -> tuple[str, int]:

@@ -92,7 +92,7 @@ def test_serve_over_https_with_a_rate_limit(repo: Repository, tmp_path: Path) ->
     process = subprocess.Popen(
         [sys.executable, "-c", _RUN_CLI, "seeder", "serve", str(repo.path), "--listen",
          "127.0.0.1:0", "--tls-cert", str(cert), "--tls-key", str(key),
-         "--rate-limit-bytes-per-s", "1Mi"],
+         "--rate-limit-bytes-per-s", "1Mi", "--no-seed"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )

@@ -136,7 +136,7 @@ def test_serve_a_repository_then_stop_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     repo = Repository.create(tmp_path / "repo")
     process = subprocess.Popen(
         [sys.executable, "-c", _RUN_CLI, "seeder", "serve", str(repo.path), "--listen",
-         "127.0.0.1:0"],
+         "127.0.0.1:0", "--seed-listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
@@ -156,6 +156,7 @@ def test_serve_a_repository_then_stop_cleanly_on_ctrl_c(tmp_path: Path) -> None:
             process.wait()
     assert process.returncode == 0, err
     assert "stopped after 1 requests" in out
+    assert "seeded 0 payloads, 0 bytes uploaded over BitTorrent" in out
 
 
 def test_timestamp_warns_when_snapshot_is_about_to_expire(
