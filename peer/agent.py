@@ -1,12 +1,14 @@
 """The update orchestrator: one pass of check-in, fetch, verify, install, switch, check.
 
     check in -> TUF refresh + release manifest -> applicability / anti-rollback
-    -> chunks from the origin (each verified) -> payload verified -> write the inactive
+    -> chunks from LAN peers and the origin (swarm mode, ``peer.swarm_fetch``) or from
+       the origin only (direct mode), each verified -> payload verified -> write the inactive
     slot: from the delta whose base is the active slot (base and result verified), or
     from the full payload (also the fallback when anything about the delta fails)
     -> boot control: new slot primary, pending, 1 try
     -> "reboot" (the bootloader consumes the try) -> health check
     -> commit (mark good) or fall back -> report to the tracker
+    -> swarm mode: keep seeding the installed payload for ``seed_time_s`` (upload policy)
 
 A pending switch left by a crash or power loss is finished first (the try counter decides
 whether the new slot gets its health check or the committed slot boots again). Every
@@ -56,7 +58,10 @@ from peer.errors import (
 from peer.health import run_health_check
 from peer.http import HttpClient
 from peer.install import install_delta, install_image
+from peer.policy import upload_policy
 from peer.state import DeviceState
+from peer.swarm import SwarmConfig, SwarmSession, TorrentHandleRef
+from peer.swarm_fetch import SwarmOptions, SwarmUnavailable, swarm_download
 from peer.tracker_client import Offer, checkin, send_report
 from peer.trust import fetch_release_manifest
 
@@ -81,6 +86,10 @@ class UpdateResult:
     chunks_reused: int = 0
     payload_kind: str | None = None
     delta_fallback: str | None = None
+    download_mode: str | None = None
+    swarm_note: str | None = None
+    banned_peers: list[str] = field(default_factory=list)
+    bytes_uploaded: int = 0
     reported: bool = False
     poll_after_s: int = 3600
     timings_s: dict[str, float] = field(default_factory=dict)
@@ -105,19 +114,34 @@ def _device_lock(state: DeviceState) -> Iterator[None]:
 
 
 async def update_once(state: DeviceState, *,
-                      clock: Callable[[], float] = time.monotonic) -> UpdateResult:
+                      clock: Callable[[], float] = time.monotonic,
+                      seed_time_s: float | None = None,
+                      on_seeding: Callable[[UpdateResult, float], None] | None = None,
+                      ) -> UpdateResult:
     """Run one update pass on the device in ``state``; never raises ``PeerError``
-    except ``ConfigError`` (the device itself is not usable)."""
+    except ``ConfigError`` (the device itself is not usable).
+
+    After a swarm-mode update the installed payload is shared with peers for
+    ``seed_time_s`` (default: the device configuration's) before this returns; the
+    result is saved and reported before that, so cancelling the seeding loses nothing.
+    ``on_seeding(result, seconds)`` is called when that sharing starts.
+    """
     with _device_lock(state):
         config = state.config()
         bc = state.bootctl()
         async with HttpClient(timeout_s=config.http_timeout_s) as http:
-            run = _Run(state, http, clock)
-            if bc.pending:
-                result = await run.finish_pending(bc)
-            else:
-                result = await run.update(bc)
-            await run.report(result)
+            run = _Run(state, http, clock,
+                       config.seed_time_s if seed_time_s is None else seed_time_s)
+            try:
+                if bc.pending:
+                    result = await run.finish_pending(bc)
+                else:
+                    result = await run.update(bc)
+                await run.report(result)
+                state.save_result({**result.to_json(), "finished_at": time.time()})
+                await run.seed(result, on_seeding)
+            finally:
+                await run.close()
         state.save_result({**result.to_json(), "finished_at": time.time()})
         return result
 
@@ -126,12 +150,18 @@ class _Run:
     """State of one pass; owned by ``update_once``."""
 
     def __init__(self, state: DeviceState, http: HttpClient,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], seed_time_s: float) -> None:
+        if seed_time_s < 0:
+            raise ConfigError(f"seed time must be >= 0, not {seed_time_s}")
+        self.seed_time_s = seed_time_s
         self.state = state
         self.config = state.config()
         self.http = http
         self.clock = clock
         self.timings: dict[str, float] = {}
+        self.swarm: SwarmSession | None = None
+        self.installed: tuple[TorrentHandleRef, PayloadWorkdir] | None = None
+        self.last_swarm: tuple[TorrentHandleRef, PayloadWorkdir] | None = None
 
     @contextmanager
     def _timed(self, name: str) -> Iterator[None]:
@@ -167,7 +197,8 @@ class _Run:
             record = SlotRecord(release.version, release.release_counter,
                                 release.image.sha256, release.image.size)
             bc = write_bootctl(self.state.bootctl_path, switch_to(bc, target, record))
-            await trio.to_thread.run_sync(work.remove)
+            if self.installed is None or self.installed[1] is not work:
+                await trio.to_thread.run_sync(work.remove)  # else removed after seeding
             await self._reboot_and_check(bc)
             result.updated = True
             result.message = f"updated {active.version} -> {release.version}"
@@ -181,15 +212,123 @@ class _Run:
         return result
 
     async def _download(self, payload: Payload, result: UpdateResult) -> PayloadWorkdir:
+        """Fetch ``payload`` (swarm or direct mode); the origin's bytes are counted exactly
+        (everything this pass's HTTP client received for it)."""
         work = PayloadWorkdir(self.state.downloads_dir, payload)
         url = f"{self.config.origin_url.rstrip('/')}/{payload.path}"
-        with self._timed(f"download_{payload.kind}"):
-            stats = await download_payload(
-                self.http, url, work, concurrency=self.config.download_concurrency,
-                attempts=self.config.chunk_attempts, backoff_s=self.config.retry_backoff_s)
-        result.bytes_origin += stats.bytes_origin
+        before = self.http.bytes_received
+        self.last_swarm = None
+        try:
+            with self._timed(f"download_{payload.kind}"):
+                if self.config.download_mode == "swarm":
+                    try:
+                        await self._swarm_download(work, url, result)
+                        return work
+                    except SwarmUnavailable as exc:
+                        log.warning("swarm unavailable, downloading directly: %s", exc)
+                        result.swarm_note = str(exc)
+                result.download_mode = "direct"
+                stats = await download_payload(
+                    self.http, url, work, concurrency=self.config.download_concurrency,
+                    attempts=self.config.chunk_attempts, backoff_s=self.config.retry_backoff_s,
+                    on_chunk=self._direct_progress(payload))
+                result.chunks_reused += stats.chunks_reused
+                return work
+        finally:
+            result.bytes_origin += self.http.bytes_received - before
+
+    async def _swarm_download(self, work: PayloadWorkdir, url: str,
+                              result: UpdateResult) -> None:
+        config = self.config
+        session = await self._swarm_session()
+        options = SwarmOptions(
+            announce_urls=(f"{config.tracker_url.rstrip('/')}/announce",),
+            stall_s=config.swarm_stall_s, timeout_s=config.swarm_timeout_s,
+            waste_budget_bytes=config.swarm_waste_budget_bytes,
+            direct_concurrency=config.download_concurrency, attempts=config.chunk_attempts,
+            backoff_s=config.retry_backoff_s, spread_key=config.device_id)
+        result.download_mode = "swarm"
+        ref, stats = await swarm_download(session, self.http, work, payload_url=url,
+                                          options=options, progress=self.state.save_progress)
+        result.bytes_peers += stats.bytes_peers
         result.chunks_reused += stats.chunks_reused
-        return work
+        result.banned_peers.extend(p for p in stats.banned_peers if p not in result.banned_peers)
+        if stats.fell_back:
+            result.swarm_note = stats.fell_back
+        if ref is not None:
+            self.last_swarm = (ref, work)
+
+    async def _swarm_session(self) -> SwarmSession:
+        if self.swarm is None:
+            host, port = self.config.swarm_listen_host_port
+            policy = upload_policy(self.config)
+            if not policy.allowed:
+                log.info("not uploading to peers: %s", policy.reason)
+            swarm_config = SwarmConfig(
+                listen_host=host, listen_port=port,
+                download_rate_limit_bytes_per_s=self.config.download_rate_limit_bytes_per_s,
+                upload_rate_limit_bytes_per_s=policy.rate_limit_bytes_per_s,
+                upload_enabled=policy.allowed)
+            self.swarm = await trio.to_thread.run_sync(SwarmSession, swarm_config)
+        return self.swarm
+
+    def _direct_progress(self, payload: Payload) -> Callable[[int, int], None]:
+        done = [0, 0.0]
+
+        def on_chunk(index: int, length: int) -> None:
+            done[0] += 1
+            now = self.clock()
+            if now - done[1] >= 0.5 or done[0] == payload.chunk_count:
+                done[1] = now
+                self.state.save_progress({
+                    "phase": "downloading", "mode": "direct",
+                    "payload": payload.sha256[:12], "kind": payload.kind,
+                    "size": payload.size, "chunks_total": payload.chunk_count,
+                    "chunks_done_this_run": done[0], "bytes_origin": self.http.bytes_received,
+                    "bytes_peers": 0, "peers": 0})
+        return on_chunk
+
+    async def seed(self, result: UpdateResult,
+                   on_seeding: Callable[[UpdateResult, float], None] | None = None,
+                   ) -> None:
+        """After a successful swarm update, keep seeding the installed payload for
+        ``seed_time_s`` if the upload policy allows it."""
+        if self.installed is None or self.swarm is None:
+            return
+        ref, work = self.installed
+        policy = upload_policy(self.config)
+        seconds = self.seed_time_s
+        if not result.updated or seconds <= 0 or not policy.allowed:
+            if result.updated and seconds > 0:
+                log.info("not seeding: %s", policy.reason)
+            return
+        log.info("seeding %s for %.0f s", ref.name, seconds)
+        if on_seeding is not None:
+            on_seeding(result, seconds)
+        deadline = self.clock() + seconds
+        while (left := deadline - self.clock()) > 0:
+            stats = self.swarm.statistics(ref)
+            result.bytes_uploaded = stats.bytes_uploaded_payload
+            self.state.save_progress({
+                "phase": "seeding", "payload": work.payload.sha256[:12],
+                "bytes_uploaded": stats.bytes_uploaded_payload, "peers": stats.num_peers,
+                "upload_rate_bytes_per_s": stats.upload_rate_bytes_per_s,
+                "seconds_left": round(left, 1)})
+            await trio.sleep(min(1.0, left))
+        result.bytes_uploaded = self.swarm.statistics(ref).bytes_uploaded_payload
+
+    async def close(self) -> None:
+        """Stop the swarm session (in a thread: libtorrent waits for its last announces)
+        and remove a seeded payload's work area."""
+        self.state.save_progress(None)
+        swarm, self.swarm = self.swarm, None
+        if swarm is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(swarm.close)
+        if self.installed is not None:
+            _, work = self.installed
+            self.installed = None
+            await trio.to_thread.run_sync(work.remove)
 
     async def _install(self, release: ReleaseManifest, bc: BootControl, target: str,
                        result: UpdateResult) -> PayloadWorkdir:
@@ -206,6 +345,7 @@ class _Run:
                         install_delta, work.part, delta, self.state.slot_path(bc.committed),
                         release.image, self.state.slot_path(target))
                 result.payload_kind = "delta"
+                self._mark_installed(work)
                 return work
             except (DownloadFailed, VerifyFailed, InstallFailed) as exc:
                 log.warning("delta %s unusable, falling back to the full payload: %s",
@@ -216,7 +356,13 @@ class _Run:
             await trio.to_thread.run_sync(install_image, work.part, release.image,
                                           self.state.slot_path(target))
         result.payload_kind = "full"
+        self._mark_installed(work)
         return work
+
+    def _mark_installed(self, work: PayloadWorkdir) -> None:
+        """Remember the swarm torrent of the installed payload (seeded afterwards)."""
+        if self.last_swarm is not None and self.last_swarm[1] is work:
+            self.installed = self.last_swarm
 
     async def _fetch_release(self, offer: Offer, bc: BootControl,
                              result: UpdateResult) -> ReleaseManifest:

@@ -6,13 +6,14 @@ import argparse
 import json
 import shlex
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from peer.agent import update_once
-from peer.config import DeviceConfig
+from peer.agent import UpdateResult, update_once
+from peer.config import DOWNLOAD_MODES, DeviceConfig
 from peer.errors import ConfigError
 from peer.state import DeviceState, init_device
 
@@ -46,6 +47,26 @@ def add_parser(subparsers: Any) -> None:
                            "(env: SWARMOTA_SLOT, SWARMOTA_SLOT_IMAGE, SWARMOTA_VERSION)")
     init.add_argument("--health-timeout-s", type=float, default=60.0)
     init.add_argument("--concurrency", type=int, default=4, help="parallel chunk downloads")
+    init.add_argument("--download-mode", choices=DOWNLOAD_MODES, default="swarm",
+                      help="swarm: chunks from LAN peers and the origin (BitTorrent through "
+                           "the tracker); direct: HTTP(S) from the origin only "
+                           "(default %(default)s)")
+    init.add_argument("--swarm-listen", default="0.0.0.0:6881", metavar="HOST:PORT",
+                      help="where the swarm accepts peers (port 0: any free port; "
+                           "default %(default)s)")
+    init.add_argument("--download-limit", type=int, default=0, metavar="BYTES_PER_S",
+                      help="swarm download rate limit, 0 = unlimited")
+    init.add_argument("--upload-limit", type=int, default=0, metavar="BYTES_PER_S",
+                      help="upload rate limit to peers, 0 = unlimited")
+    init.add_argument("--seed-time-s", type=float, default=300.0,
+                      help="keep sharing an installed payload with peers this long after "
+                           "an update (default %(default)s; 0 = not at all)")
+    init.add_argument("--metered", action="store_true",
+                      help="the device's network is metered: never upload to peers")
+    init.add_argument("--battery-file", default=None, metavar="PATH",
+                      help="file holding the battery percentage; no upload below "
+                           "--min-battery-percent (or when unreadable)")
+    init.add_argument("--min-battery-percent", type=int, default=30)
     init.add_argument("--force", action="store_true", help="re-provision an existing directory")
     init.set_defaults(func=_init)
 
@@ -57,6 +78,13 @@ def add_parser(subparsers: Any) -> None:
                     "(0 ok, 10 download, 20 verify, 30 install, 40 post-check failed).")
     update.add_argument("state", type=Path)
     update.add_argument("--json", action="store_true", help="print the result as JSON")
+    update.add_argument("--seed-time-s", type=float, default=None,
+                        help="after a swarm-mode update, share the payload with peers this "
+                             "long (default: the device's seed time from 'peer init'; "
+                             "0 = exit at once)")
+    update.epilog = ("In swarm mode the command keeps sharing the installed payload for the "
+                     "seed time before it exits (the result is already saved and reported; "
+                     "Ctrl-C ends the sharing); 'peer status' shows the progress.")
     update.set_defaults(func=_update)
 
     status = sub.add_parser("status", help="show slots, versions and the last result")
@@ -71,7 +99,12 @@ def _init(args: argparse.Namespace) -> int:
             device_id=args.device_id, product=args.product, hardware_id=args.hardware_id,
             origin_url=args.origin, tracker_url=args.tracker,
             health_command=tuple(shlex.split(args.health_command)),
-            health_timeout_s=args.health_timeout_s, download_concurrency=args.concurrency)
+            health_timeout_s=args.health_timeout_s, download_concurrency=args.concurrency,
+            download_mode=args.download_mode, swarm_listen=args.swarm_listen,
+            download_rate_limit_bytes_per_s=args.download_limit,
+            upload_rate_limit_bytes_per_s=args.upload_limit, seed_time_s=args.seed_time_s,
+            network_metered=args.metered, battery_percent_path=args.battery_file,
+            min_battery_percent_to_upload=args.min_battery_percent)
         root = args.root.read_bytes()
         state = init_device(args.state, config, root_json=root, image=args.image,
                             version=args.version, release_counter=args.release_counter,
@@ -86,7 +119,15 @@ def _init(args: argparse.Namespace) -> int:
 
 def _update(args: argparse.Namespace) -> int:
     try:
-        result = trio.run(update_once, DeviceState(args.state))
+        if args.seed_time_s is not None and args.seed_time_s < 0:
+            raise ConfigError("--seed-time-s must be >= 0")
+
+        def on_seeding(_: UpdateResult, seconds: float) -> None:
+            print(f"updated; sharing the payload with peers for {seconds:.0f} s "
+                  "(Ctrl-C to stop)", file=sys.stderr, flush=True)
+
+        result = trio.run(partial(update_once, DeviceState(args.state),
+                                  seed_time_s=args.seed_time_s, on_seeding=on_seeding))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -95,9 +136,14 @@ def _update(args: argparse.Namespace) -> int:
     else:
         print(f"status {int(result.status)}: {result.message}")
         if result.attempted:
-            print(f"  bytes from origin {result.bytes_origin}, peers {result.bytes_peers}, "
-                  f"metadata {result.bytes_metadata}; chunks reused {result.chunks_reused}; "
-                  f"reported: {'yes' if result.reported else 'no'}")
+            print(f"  {result.download_mode or '-'} mode: bytes from origin "
+                  f"{result.bytes_origin}, peers {result.bytes_peers}, metadata "
+                  f"{result.bytes_metadata}, uploaded {result.bytes_uploaded}; chunks reused "
+                  f"{result.chunks_reused}; reported: {'yes' if result.reported else 'no'}")
+            if result.swarm_note:
+                print(f"  swarm: {result.swarm_note}")
+            if result.banned_peers:
+                print(f"  banned peers: {', '.join(result.banned_peers)}")
     return int(result.status)
 
 
@@ -110,9 +156,11 @@ def _status(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     last = state.last_result()
+    progress = state.progress()
     if args.json:
         print(json.dumps({"device": config.to_json(), "bootctl": bc.to_json(),
-                          "last_result": last}, indent=2, sort_keys=True))
+                          "last_result": last, "progress": progress}, indent=2,
+                         sort_keys=True))
         return 0
     print(f"device {config.device_id}  product {config.product}  hardware {config.hardware_id}")
     print(f"origin {config.origin_url}  tracker {config.tracker_url}")
@@ -129,4 +177,16 @@ def _status(args: argparse.Namespace) -> int:
         print(f"last result: status {last.get('status')}: {last.get('message')}")
     else:
         print("last result: none")
+    if progress:
+        print(f"now: {_describe_progress(progress)}")
     return 0
+
+
+def _describe_progress(p: dict[str, Any]) -> str:
+    if p.get("phase") == "seeding":
+        return (f"seeding {p.get('payload')}: {p.get('bytes_uploaded')} bytes uploaded to "
+                f"{p.get('peers')} peers, {p.get('seconds_left')} s left")
+    done = p.get("chunks_done", p.get("chunks_done_this_run"))
+    return (f"downloading {p.get('kind')} payload {p.get('payload')} ({p.get('mode')} mode): "
+            f"{done}/{p.get('chunks_total')} chunks, {p.get('bytes_peers')} bytes from "
+            f"{p.get('peers')} peers, {p.get('bytes_origin')} from the origin")

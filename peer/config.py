@@ -13,7 +13,9 @@ from infra.fsio import atomic_write_json
 from manifest import ManifestFormatError, validate_product
 from peer.errors import ConfigError
 
-__all__ = ["DeviceConfig", "load_config", "save_config"]
+__all__ = ["DOWNLOAD_MODES", "DeviceConfig", "load_config", "save_config"]
+
+DOWNLOAD_MODES = ("swarm", "direct")
 
 _DEVICE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
@@ -33,6 +35,18 @@ class DeviceConfig:
     chunk_attempts: int = 4
     http_timeout_s: float = 30.0
     retry_backoff_s: float = 0.2
+    # --- swarm (peer/swarm_fetch.py); rates in bytes/s, 0 = unlimited
+    download_mode: str = "swarm"
+    swarm_listen: str = "0.0.0.0:6881"
+    download_rate_limit_bytes_per_s: int = 0
+    upload_rate_limit_bytes_per_s: int = 0
+    seed_time_s: float = 300.0
+    network_metered: bool = False
+    battery_percent_path: str | None = None
+    min_battery_percent_to_upload: int = 30
+    swarm_stall_s: float = 10.0
+    swarm_timeout_s: float = 1800.0
+    swarm_waste_budget_bytes: int = 16 * 1024 * 1024
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -54,6 +68,24 @@ class DeviceConfig:
             raise ConfigError("chunk_attempts must be within 1..100")
         if self.health_timeout_s <= 0 or self.http_timeout_s <= 0:
             raise ConfigError("timeouts must be positive")
+        if self.download_mode not in DOWNLOAD_MODES:
+            raise ConfigError(f"download_mode must be one of {list(DOWNLOAD_MODES)}, "
+                              f"got {self.download_mode!r}")
+        host, _, port = self.swarm_listen.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"swarm_listen must be HOST:PORT, got {self.swarm_listen!r}")
+        if min(self.download_rate_limit_bytes_per_s, self.upload_rate_limit_bytes_per_s,
+               self.swarm_waste_budget_bytes) < 0:
+            raise ConfigError("rate limits and the waste budget must be >= 0")
+        if self.seed_time_s < 0 or self.swarm_stall_s <= 0 or self.swarm_timeout_s <= 0:
+            raise ConfigError("seed_time_s must be >= 0, swarm_stall_s and swarm_timeout_s > 0")
+        if not 0 <= self.min_battery_percent_to_upload <= 100:
+            raise ConfigError("min_battery_percent_to_upload must be within 0..100")
+
+    @property
+    def swarm_listen_host_port(self) -> tuple[str, int]:
+        host, _, port = self.swarm_listen.rpartition(":")
+        return host.strip("[]"), int(port)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

@@ -9,10 +9,10 @@ and only the missing or damaged ones are fetched again.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,11 +97,8 @@ class PayloadWorkdir:
                                  f"the manifest (size {size}, sha256 {digest.hexdigest()})")
 
     def remove(self) -> None:
-        for f in (self.part, self.log):
-            with contextlib.suppress(FileNotFoundError):
-                f.unlink()
-        with contextlib.suppress(OSError):
-            self.path.rmdir()
+        """Delete the work area (payload, verification log, swarm resume data)."""
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024

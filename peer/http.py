@@ -101,6 +101,23 @@ class HttpClient:
         except httpx.HTTPError as exc:
             raise DownloadFailed(f"GET {url} (range {offset}+{length}): {exc}") from exc
 
+    async def get_bytes(self, url: str, *, max_bytes: int) -> bytes:
+        """GET a whole small file (200 only), refusing answers over ``max_bytes``."""
+        try:
+            async with self._client.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise DownloadFailed(f"GET {url}: HTTP {response.status_code}",
+                                         http_status=response.status_code)
+                out = bytearray()
+                async for block in response.aiter_raw(_READ_BLOCK):
+                    self.bytes_received += len(block)
+                    out += block
+                    if len(out) > max_bytes:
+                        raise DownloadFailed(f"GET {url}: more than {max_bytes} bytes")
+                return bytes(out)
+        except httpx.HTTPError as exc:
+            raise DownloadFailed(f"GET {url}: {exc}") from exc
+
     async def _read_exact(self, response: httpx.Response, url: str, skip: int,
                           length: int) -> bytes:
         out = bytearray()

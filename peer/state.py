@@ -7,6 +7,7 @@
     STATE/downloads/         payloads being assembled, per payload SHA-256
     STATE/last_result.json   outcome of the last update attempt
     STATE/outbox.json        reports not yet delivered to the tracker (oldest first)
+    STATE/progress.json      live progress of a running update (download or seeding)
 """
 
 from __future__ import annotations
@@ -77,6 +78,27 @@ class DeviceState:
 
     def save_result(self, result: dict[str, Any]) -> None:
         atomic_write_json(self.result_path, result)
+
+    @property
+    def progress_path(self) -> Path:
+        return self.root / "progress.json"
+
+    def progress(self) -> dict[str, Any] | None:
+        """The running update's last progress record, if any."""
+        try:
+            value = json.loads(self.progress_path.read_bytes())
+        except (FileNotFoundError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def save_progress(self, progress: dict[str, Any] | None) -> None:
+        """Replace the progress record (``None`` removes it). Not fsynced: it is a view."""
+        if progress is None:
+            self.progress_path.unlink(missing_ok=True)
+            return
+        tmp = self.progress_path.with_name(".progress.json.tmp")
+        tmp.write_text(json.dumps(progress, sort_keys=True))
+        os.replace(tmp, self.progress_path)
 
     @property
     def outbox_path(self) -> Path:

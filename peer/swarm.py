@@ -50,6 +50,7 @@ from peer.errors import DownloadFailed
 
 __all__ = [
     "MIN_PIECE_SIZE_BYTES",
+    "PieceView",
     "SwarmConfig",
     "SwarmEvent",
     "SwarmSession",
@@ -57,6 +58,7 @@ __all__ = [
     "TorrentFile",
     "TorrentHandleRef",
     "make_torrent",
+    "read_torrent",
     "session_settings",
 ]
 
@@ -199,6 +201,25 @@ def make_torrent(
     )
 
 
+def read_torrent(data: bytes) -> TorrentFile:
+    """Parse a v2 single-file torrent (e.g. fetched from the origin) into a
+    :class:`TorrentFile`.
+
+    Raises:
+        ValueError: not a torrent, not v2, or not exactly one file (pad files aside).
+    """
+    ti = _parse_torrent(data)
+    info_hash = _v2_info_hash(ti)
+    files = ti.layout()
+    real = [i for i in range(files.num_files()) if not files.file_flags(i) & files.flag_pad_file]
+    if real != [0]:
+        raise ValueError("not a single-file torrent")
+    return TorrentFile(data=data, info_hash=info_hash,
+                       announce_hash=bytes.fromhex(info_hash)[:20], name=str(ti.name()),
+                       size_bytes=int(files.file_size(0)),
+                       piece_size_bytes=int(ti.piece_length()))
+
+
 def _v2_info_hash(ti: Any) -> str:
     hashes = ti.info_hashes()
     if not hashes.has_v2():
@@ -223,8 +244,9 @@ class SwarmConfig:
     ``listen_host``/``listen_port``: where to accept peers (port 0: any free port).
     Rate limits are in bytes per second, 0 meaning unlimited. The discovery and NAT
     features default to off: LSD multicasts info-hashes on the LAN, DHT contacts public
-    bootstrap routers. ``allow_multiple_connections_per_ip`` is for tests where several
-    sessions share one loopback address.
+    bootstrap routers. ``upload_enabled=False`` never unchokes a peer (no upload at all,
+    e.g. on a metered network). ``allow_multiple_connections_per_ip`` is for tests where
+    several sessions share one loopback address.
     """
 
     listen_host: str = "127.0.0.1"
@@ -235,6 +257,7 @@ class SwarmConfig:
     enable_natpmp: bool = False
     download_rate_limit_bytes_per_s: int = 0
     upload_rate_limit_bytes_per_s: int = 0
+    upload_enabled: bool = True
     allow_multiple_connections_per_ip: bool = False
 
     def __post_init__(self) -> None:
@@ -271,8 +294,12 @@ def session_settings(config: SwarmConfig) -> dict[str, Any]:
         "enable_incoming_tcp": True,
         "download_rate_limit": config.download_rate_limit_bytes_per_s,
         "upload_rate_limit": config.upload_rate_limit_bytes_per_s,
+        # -1: libtorrent's default (automatic); 0: nobody is ever unchoked, so no upload
+        "unchoke_slots_limit": 8 if config.upload_enabled else 0,
         "allow_multiple_connections_per_ip": config.allow_multiple_connections_per_ip,
         "ssrf_mitigation": True,
+        # closing a session waits for "stopped" announces; do not wait long for them
+        "stop_tracker_timeout": 1,
         "report_web_seed_downloads": True,
         "alert_mask": _ALERT_MASK,
         # piece alerts come one per piece; room for a few seconds of them between polls
@@ -341,6 +368,18 @@ class SwarmEvent:
     piece: int | None = None
     url: str | None = None
     error: str | None = None
+    peer: str | None = None
+    resume_data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class PieceView:
+    """Which pieces this session has, and how many connected peers have each."""
+
+    have: tuple[bool, ...]
+    availability: tuple[int, ...]
+    num_peers: int
+    checking: bool  # libtorrent is still hashing existing data; pieces added now are lost
 
 
 @dataclass
@@ -377,6 +416,9 @@ _STATE_NAMES: Final = {
     int(lt.torrent_status.states.seeding): "seeding",
     int(lt.torrent_status.states.checking_resume_data): "checking_resume_data",
 }
+
+_CHECKING_STATES: Final = frozenset({int(lt.torrent_status.states.checking_files),
+                                     int(lt.torrent_status.states.checking_resume_data)})
 
 
 class SwarmSession:
@@ -417,14 +459,26 @@ class SwarmSession:
         save_dir: Path,
         *,
         web_seeds: Sequence[str] = (),
+        trackers: Sequence[str] = (),
         seed_mode: bool = False,
+        file_name: str | None = None,
+        torrent_urls: bool = True,
+        resume_data: bytes | None = None,
     ) -> TorrentHandleRef:
         """Start downloading (or seeding) ``torrent`` into ``save_dir``.
 
         ``web_seeds`` (file URLs naming the torrent's file, or directory URLs ending in
-        ``/``) are added to those in the torrent. ``seed_mode=True`` trusts that
+        ``/``) are added to those in the torrent; ``trackers`` (announce URLs) likewise.
+        ``seed_mode=True`` trusts that
         the complete file is already in ``save_dir`` (no re-check; pieces are verified
-        lazily when first uploaded).
+        lazily when first uploaded). ``file_name`` stores the payload under another name
+        in ``save_dir``; ``torrent_urls=False`` ignores the web seeds and trackers written
+        in the torrent (outside its info dict, so not covered by the info-hash: a device
+        uses only its own tracker, and fetches from the origin itself). ``resume_data``
+        (from a ``save_resume_data`` event of an earlier session) restores the pieces
+        already downloaded without re-hashing the file; it is ignored, with a warning
+        event, if it belongs to another torrent. Without it, an existing file is hashed
+        and its valid pieces kept.
 
         Raises:
             ValueError: ``torrent`` is not a v2 torrent, a web seed URL is not plain
@@ -434,16 +488,25 @@ class SwarmSession:
         ti = _parse_torrent(torrent)
         info_hash = _v2_info_hash(ti)
         seed_urls = [_web_seed_base(url, ti.name()) for url in web_seeds]
+        for url in trackers:
+            _check_url(url, "tracker")
         if info_hash in self._torrents:
             raise ValueError(f"torrent {info_hash} already added")
-        params = lt.add_torrent_params()
+        params = self._resume_params(resume_data, info_hash)
         params.ti = ti
         params.save_path = str(save_dir)
+        if file_name is not None:
+            if not file_name or "/" in file_name or file_name in (".", ".."):
+                raise ValueError(f"bad file name {file_name!r}")
+            params.renamed_files = {0: file_name}
         if seed_urls:
             params.url_seeds = seed_urls
+        if trackers:
+            params.trackers = list(trackers)
         flags = params.flags
         flags &= ~lt.torrent_flags.auto_managed
-        flags &= ~lt.torrent_flags.paused
+        # Added paused, so that nothing is contacted before the URLs are settled.
+        flags |= lt.torrent_flags.paused
         if seed_mode:
             flags |= lt.torrent_flags.seed_mode
         params.flags = flags
@@ -451,10 +514,67 @@ class SwarmSession:
             handle = self._session.add_torrent(params)
         except RuntimeError as exc:
             raise ValueError(f"libtorrent refused the torrent: {exc}") from exc
-        ref = TorrentHandleRef(info_hash=info_hash, name=ti.name(), save_dir=save_dir)
+        if not torrent_urls:
+            for url in handle.url_seeds():
+                if url not in seed_urls:
+                    handle.remove_url_seed(url)
+            handle.replace_trackers([lt.announce_entry(url) for url in trackers])
+        handle.resume()
+        ref = TorrentHandleRef(info_hash=info_hash, name=file_name or ti.name(),
+                               save_dir=save_dir)
         self._torrents[info_hash] = _Torrent(ref=ref, handle=handle,
                                              size_bytes=int(ti.total_size()))
         return ref
+
+    def _resume_params(self, resume_data: bytes | None, info_hash: str) -> Any:
+        if resume_data is None:
+            return lt.add_torrent_params()
+        try:
+            params = lt.read_resume_data(resume_data)
+            hashes = params.info_hashes
+            if not hashes.has_v2() or str(hashes.v2) != info_hash:
+                raise ValueError("resume data of another torrent")
+        except (RuntimeError, ValueError) as exc:
+            self._events.append(SwarmEvent(kind="resume_data_ignored", message=str(exc),
+                                           info_hash=info_hash))
+            return lt.add_torrent_params()
+        return params
+
+    def add_piece(self, ref: TorrentHandleRef, index: int, data: bytes) -> None:
+        """Hand libtorrent a piece fetched elsewhere (already verified by the caller).
+
+        libtorrent checks it against the torrent's Merkle tree, writes it and offers it
+        to peers; a piece that fails shows up as a ``hash_failed`` event."""
+        t = self._torrent(ref)
+        t.handle.add_piece(index, data, 0)
+
+    def pieces(self, ref: TorrentHandleRef) -> PieceView:
+        """The pieces we have and their availability among connected peers."""
+        t = self._torrent(ref)
+        status = t.handle.status(lt.status_flags_t.query_pieces)
+        have = tuple(bool(b) for b in status.pieces)
+        availability = tuple(int(a) for a in t.handle.piece_availability())
+        if len(availability) != len(have):  # libtorrent returns [] with no peers
+            availability = (0,) * len(have)
+        checking = int(status.state) in _CHECKING_STATES
+        return PieceView(have=have, availability=availability,
+                         num_peers=int(status.num_peers), checking=checking)
+
+    def request_resume_data(self, ref: TorrentHandleRef) -> None:
+        """Ask for resume data; it arrives as a ``save_resume_data`` event with
+        ``resume_data`` set (after libtorrent flushed the pieces it describes)."""
+        t = self._torrent(ref)
+        t.handle.save_resume_data(lt.save_resume_flags_t.flush_disk_cache)
+
+    def set_rate_limits(self, *, download_bytes_per_s: int, upload_bytes_per_s: int,
+                        upload_enabled: bool = True) -> None:
+        """Change the session's rate limits (bytes/s, 0 = unlimited) and upload switch."""
+        self._check_open()
+        self._session.apply_settings({
+            "download_rate_limit": download_bytes_per_s,
+            "upload_rate_limit": upload_bytes_per_s,
+            "unchoke_slots_limit": 8 if upload_enabled else 0,
+        })
 
     def connect_peer(self, ref: TorrentHandleRef, host: str, port: int) -> None:
         """Ask libtorrent to connect to a peer at ``host:port`` for this torrent."""
@@ -624,6 +744,13 @@ def _copy_alert(alert: Any) -> SwarmEvent:
     err = getattr(alert, "error", None)
     if err is not None and hasattr(err, "value") and err.value() != 0:
         error = str(err.message())
+    peer: str | None = None
+    endpoint = getattr(alert, "endpoint", None) if isinstance(alert, lt.peer_alert) else None
+    if isinstance(endpoint, tuple) and len(endpoint) == 2:
+        peer = f"{endpoint[0]}:{endpoint[1]}"
+    resume: bytes | None = None
+    if isinstance(alert, lt.save_resume_data_alert):
+        resume = bytes(lt.write_resume_data_buf(alert.params))
     return SwarmEvent(
         kind=kind,
         message=str(alert.message()),
@@ -631,4 +758,6 @@ def _copy_alert(alert: Any) -> SwarmEvent:
         piece=int(piece) if isinstance(piece, int) else None,
         url=str(url) if url else None,
         error=error,
+        peer=peer,
+        resume_data=resume,
     )

@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from infra.http_serve import ListenConfig
-from manifest import ReleaseManifest
+from manifest import Payload, ReleaseManifest
 from peer.config import DeviceConfig
 from peer.state import DeviceState, init_device
 from seeder.origin import OriginApp
@@ -43,6 +44,7 @@ class ReleaseEnv:
     v2: bytes
     m1: ReleaseManifest
     m2: ReleaseManifest
+    devices_made: int = 0
 
     def image_path(self, name: str, data: bytes) -> Path:
         path = self.workdir / "images" / name
@@ -54,18 +56,28 @@ class ReleaseEnv:
     def device(self, name: str = "dev-1", *, image: bytes | None = None, version: str = "1.0.0",
                counter: int = 1, health_command: Sequence[str] = (),
                tracker_url: str | None = None, health_timeout_s: float = 10.0,
-               chunk_attempts: int = 3) -> DeviceState:
+               chunk_attempts: int = 3, mode: str = "swarm", seed_time_s: float = 0.0,
+               **swarm: Any) -> DeviceState:
+        """A provisioned device; each gets its own loopback address for the swarm."""
+        self.devices_made += 1
         config = DeviceConfig(device_id=name, product=PRODUCT, hardware_id=HARDWARE_ID,
                               origin_url=self.origin_url,
                               tracker_url=tracker_url or self.tracker_url,
                               health_command=tuple(health_command),
                               health_timeout_s=health_timeout_s, chunk_attempts=chunk_attempts,
-                              retry_backoff_s=0.01, http_timeout_s=10.0)
+                              retry_backoff_s=0.01, http_timeout_s=10.0,
+                              download_mode=mode, seed_time_s=seed_time_s,
+                              swarm_listen=f"127.0.0.{10 + self.devices_made}:0", **swarm)
         data = self.v1 if image is None else image
         img = self.image_path(f"factory-{version}.img", data)
         return init_device(self.workdir / "devices" / name, config,
                            root_json=self.repo.root_bytes(), image=img, version=version,
                            release_counter=counter)
+
+    def origin_bytes(self, payload: Payload) -> int:
+        """What a lone swarm-mode device fetches from the origin: torrent + payload."""
+        torrent = self.repo.origin_dir / f"{payload.path}.torrent"
+        return payload.size + torrent.stat().st_size
 
     def reports(self) -> list:  # type: ignore[type-arg]
         store = SqliteStore(self.db)

@@ -39,7 +39,7 @@ async def test_device_on_v1_installs_v3_from_the_delta_for_v1(env: ReleaseEnv) -
     result = await update_once(dev)
     assert result.status == StatusCode.OK, result.message
     assert result.payload_kind == "delta" and result.delta_fallback is None
-    assert result.bytes_origin == from_v1.size
+    assert result.bytes_origin == env.origin_bytes(from_v1)
     assert dev.slot_path("b").read_bytes() == v3
     assert not list(dev.downloads_dir.iterdir())
 

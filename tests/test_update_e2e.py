@@ -32,10 +32,10 @@ async def test_device_updates_v1_to_v2_and_reports(env: ReleaseEnv) -> None:
     assert slot_bytes(dev) == env.v2
     assert slot_bytes(dev, "a") == env.v1
     assert bc.min_release_counter == 2
-    assert result.bytes_origin == env.m2.full_payload.size
+    assert result.bytes_origin == env.origin_bytes(env.m2.full_payload)
     (report,) = env.reports()
     assert (report.device_id, report.status, report.to_version) == ("dev-1", 0, "2.0.0")
-    assert report.bytes_origin == env.m2.full_payload.size
+    assert report.bytes_origin == env.origin_bytes(env.m2.full_payload)
     assert not list(dev.downloads_dir.iterdir()), "temporary download space reclaimed"
     # A second pass finds nothing to do and downloads nothing.
     again = await update_once(dev)
@@ -43,8 +43,8 @@ async def test_device_updates_v1_to_v2_and_reports(env: ReleaseEnv) -> None:
     assert len(env.reports()) == 1
 
 
-async def test_fleet_updates_concurrently(env: ReleaseEnv) -> None:
-    devices = [env.device(f"dev-{i}") for i in range(4)]
+async def test_fleet_updates_concurrently_in_direct_mode(env: ReleaseEnv) -> None:
+    devices = [env.device(f"dev-{i}", mode="direct") for i in range(4)]
     async with trio.open_nursery() as nursery:
         for d in devices:
             nursery.start_soon(update_once, d)
@@ -93,12 +93,15 @@ async def test_cli_init_update_status_end_to_end(env: ReleaseEnv, tmp_path: Path
         [*exe, "peer", "init", str(state), "--root", str(root), "--origin", env.origin_url,
          "--tracker", env.tracker_url, "--image", str(image), "--version", "1.0.0",
          "--release-counter", "1", "--device-id", "cli-1", "--product", "acme-router",
-         "--hardware-id", "acme-router-hw1"], capture_stdout=True, check=False)
+         "--hardware-id", "acme-router-hw1", "--swarm-listen", "127.0.0.9:0"],
+        capture_stdout=True, check=False)
     assert init.returncode == 0, init
-    upd = await trio.run_process([*exe, "peer", "update", str(state)], capture_stdout=True,
-                                 capture_stderr=True, check=False)
+    upd = await trio.run_process([*exe, "peer", "update", str(state), "--seed-time-s", "1"],
+                                 capture_stdout=True, capture_stderr=True, check=False)
     assert upd.returncode == 0, upd.stderr
     assert b"updated 1.0.0 -> 2.0.0" in upd.stdout
+    assert b"swarm mode: bytes from origin" in upd.stdout
+    assert b"sharing the payload with peers for 1 s" in upd.stderr
     status = await trio.run_process([*exe, "peer", "status", str(state)], capture_stdout=True)
     assert b"slot b: 2.0.0" in status.stdout and b"booted committed" in status.stdout
 
