@@ -24,11 +24,13 @@ import trio
 
 from infra.http_serve import ListenConfig
 from peer.agent import UpdateResult, update_once
-from peer.config import DeviceConfig
+from peer.config import DOWNLOAD_MODES, DeviceConfig
 from peer.state import DeviceState, init_device
-from seeder.origin import OriginApp
+from peer.swarm import SwarmConfig
+from seeder.origin import OriginApp, OriginConfig
 from seeder.publish import publish_release
 from seeder.repository import Repository
+from seeder.seeding import PayloadSeeder, SeedingConfig
 from seeder.server import serve_origin
 from tracker.config import TrackerConfig
 from tracker.protocol import Release
@@ -39,6 +41,7 @@ __all__ = ["DemoOutcome", "add_parser", "make_image", "mutate_image", "run_demo"
 
 PRODUCT = "acme-router"
 HARDWARE_ID = "acme-router-hw1"
+SEEDER_HOST = "127.0.0.2"
 
 
 def make_image(size_bytes: int, *, seed: int) -> bytes:
@@ -71,18 +74,39 @@ def mutate_image(image: bytes, *, seed: int, fraction: float = 0.05) -> bytes:
 
 @dataclass(frozen=True)
 class DemoOutcome:
+    """What the demo saw. Byte counts: ``origin_bytes_payloads`` is what the origin's
+    HTTP server sent from ``payloads/`` (chunks and torrent files), ``seeder_bytes`` what
+    the seeder uploaded over BitTorrent; both are the CDN's egress. ``peer_bytes`` is
+    what devices got from each other (piece data from peers minus the seeder's)."""
+
     ok: bool
     results: dict[str, UpdateResult]
     origin_bytes_payloads: int
     origin_bytes_total: int
+    seeder_bytes: int
+    peer_bytes: int
     payload_size: int
     reports_stored: int
     elapsed_s: float
 
+    @property
+    def cdn_bytes(self) -> int:
+        return self.origin_bytes_payloads + self.seeder_bytes
+
+
+DEMO_SEED_TIME_S = 120.0  # a ceiling: the demo stops the fleet once every device is done
+
 
 async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4 << 20,
-                   zstd_level: int = 9, out: Any = sys.stdout) -> DemoOutcome:
-    """Run the whole demo in ``workdir``; return what happened."""
+                   zstd_level: int = 9, mode: str = "swarm",
+                   cdn_rate_bytes_per_s: int | None = 4 << 20,
+                   out: Any = sys.stdout) -> DemoOutcome:
+    """Run the whole demo in ``workdir``; return what happened.
+
+    ``mode`` is the devices' download mode (``swarm`` or ``direct``);
+    ``cdn_rate_bytes_per_s`` caps the origin's HTTP egress and, separately, the seeder's
+    BitTorrent upload (``None``: no caps), as a CDN-to-home link would.
+    """
 
     def say(msg: str) -> None:
         print(msg, file=out, flush=True)
@@ -123,36 +147,61 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
     finally:
         store.close()
 
-    origin = OriginApp(repo.origin_dir)
+    origin = OriginApp(repo.origin_dir, OriginConfig(rate_limit_bytes_per_s=cdn_rate_bytes_per_s))
     results: dict[str, UpdateResult] = {}
     async with trio.open_nursery() as nursery:
         origin_url = await nursery.start(serve_origin, origin, ListenConfig())
         tracker_url = await nursery.start(serve_tracker, TrackerConfig(db_path=db))
-        say(f"[3/5] origin at {origin_url}, tracker at {tracker_url}")
+        seeder = PayloadSeeder(repo.origin_dir, SeedingConfig(
+            swarm=SwarmConfig(listen_host=SEEDER_HOST,
+                              upload_rate_limit_bytes_per_s=cdn_rate_bytes_per_s or 0),
+            announce_urls=(f"{tracker_url}/announce",)))
+        await nursery.start(seeder.run)
+        rate = "unlimited" if cdn_rate_bytes_per_s is None else \
+            f"{cdn_rate_bytes_per_s / (1 << 20):g} MiB/s each"
+        say(f"[3/5] origin at {origin_url}, tracker at {tracker_url}, seeder at "
+            f"{seeder.listen_address[0]}:{seeder.listen_address[1]} (CDN egress {rate})")
 
         states = []
         for n in range(devices):
             device_id = f"device-{n + 1:02d}"
             config = DeviceConfig(device_id=device_id, product=PRODUCT, hardware_id=HARDWARE_ID,
-                                  origin_url=origin_url, tracker_url=tracker_url)
+                                  origin_url=origin_url, tracker_url=tracker_url,
+                                  download_mode=mode, swarm_listen=f"127.0.0.{11 + n}:0",
+                                  seed_time_s=DEMO_SEED_TIME_S)
             states.append(init_device(workdir / "devices" / device_id, config,
                                       root_json=repo.root_bytes(), image=images / "v1.img",
                                       version="1.0.0", release_counter=1))
-        say(f"[4/5] {devices} devices provisioned on v1.0.0; updating them all")
+        say(f"[4/5] {devices} devices provisioned on v1.0.0 ({mode} mode); updating them all")
+
+        fleet_done = trio.Event()
+
+        def done(device_id: str, result: UpdateResult) -> None:
+            results[device_id] = result
+            if len(results) == devices:
+                fleet_done.set()
 
         async def one(state: DeviceState) -> None:
-            results[state.config().device_id] = await update_once(state)
+            device_id = state.config().device_id
+            result = await update_once(
+                state, on_seeding=lambda r, _s: done(device_id, r))
+            done(device_id, result)
 
         async with trio.open_nursery() as fleet:
             for state in states:
                 fleet.start_soon(one, state)
+            # Devices that finished keep sharing with those still downloading; once
+            # everyone is done there is nobody left to share with.
+            await fleet_done.wait()
+            fleet.cancel_scope.cancel()
+        seeding = seeder.statistics()
         nursery.cancel_scope.cancel()
 
     want = hashlib.sha256(v2).hexdigest()
     ok = True
     say("[5/5] report")
-    say(f"  {'device':<11} {'status':>6} {'result':<9} {'payload':<7} {'from origin':>12} "
-        f"{'time s':>7}  slot")
+    say(f"  {'device':<11} {'status':>6} {'result':<9} {'payload':<7} {'mode':<6} "
+        f"{'from origin':>12} {'from peers':>11} {'time s':>7}  slot")
     for state in states:
         device_id = state.config().device_id
         res = results[device_id]
@@ -161,7 +210,8 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
         good = res.status == 0 and res.updated and slot_ok and not bc.pending
         ok &= good
         say(f"  {device_id:<11} {int(res.status):>6} {'updated' if good else 'FAILED':<9} "
-            f"{res.payload_kind or '-':<7} {res.bytes_origin:>12,} "
+            f"{res.payload_kind or '-':<7} {res.download_mode or '-':<6} "
+            f"{res.bytes_origin:>12,} {res.bytes_peers:>11,} "
             f"{res.timings_s.get('total', 0.0):>7.2f}  "
             f"{bc.primary}={bc.slot(bc.primary).version}"
             + ("" if good else f"  ({res.message})"))
@@ -172,27 +222,42 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
     finally:
         store.close()
     elapsed = time.monotonic() - started
-    say(f"  origin served {stats.bytes_total:,} bytes ({stats.bytes_payloads:,} payload, "
-        f"{stats.bytes_metadata + stats.bytes_targets:,} metadata and manifests); "
-        f"{devices} devices x {payload_size:,} byte delta = {devices * payload_size:,}; "
-        f"full images would have been {devices * full.size:,}")
+    peer_bytes = max(0, sum(r.bytes_peers for r in results.values())
+                     - seeding.bytes_uploaded_payload)
+    cdn = stats.bytes_payloads + seeding.bytes_uploaded_payload
+    needed = devices * payload_size
+    say(f"  origin served {stats.bytes_total:,} bytes over HTTP ({stats.bytes_payloads:,} from "
+        f"payloads/, {stats.bytes_metadata + stats.bytes_targets:,} metadata and manifests); "
+        f"the seeder uploaded {seeding.bytes_uploaded_payload:,}; devices shared "
+        f"{peer_bytes:,} among themselves")
+    say(f"  CDN egress for payloads {cdn:,} bytes for {devices} devices x {payload_size:,} "
+        f"byte delta = {needed:,} ({100 * (1 - cdn / needed):.0f}% saved); full images "
+        f"from the CDN would have been {devices * full.size:,}")
     say(f"  tracker stored {len(reports)} reports; demo took {elapsed:.1f} s")
     say("demo OK: every device runs verified v2.0.0" if ok else "demo FAILED")
     return DemoOutcome(ok=ok and len(reports) == devices, results=results,
                        origin_bytes_payloads=stats.bytes_payloads,
-                       origin_bytes_total=stats.bytes_total, payload_size=payload_size,
-                       reports_stored=len(reports), elapsed_s=elapsed)
+                       origin_bytes_total=stats.bytes_total,
+                       seeder_bytes=seeding.bytes_uploaded_payload, peer_bytes=peer_bytes,
+                       payload_size=payload_size, reports_stored=len(reports),
+                       elapsed_s=elapsed)
 
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "demo", help="publish, serve and update a fleet on loopback",
-        description="Full walk-through on 127.0.0.1 in a temporary directory: repository, "
-                    "v1 and v2 releases, origin and tracker servers, a fleet of devices "
-                    "updated from v1 to v2, and a report. Exit code 0 only if every device "
-                    "ends on verified v2.")
-    p.add_argument("--devices", type=int, default=4, help="fleet size (default 4)")
+        description="Full walk-through on loopback in a temporary directory: repository, "
+                    "v1 and v2 releases, origin, tracker and seeder, a fleet of devices "
+                    "(each on its own 127.0.0.x address) updated from v1 to v2 through the "
+                    "swarm, and a report of where the bytes came from. Exit code 0 only if "
+                    "every device ends on verified v2.")
+    p.add_argument("--devices", type=int, default=4, help="fleet size, 1..64 (default 4)")
     p.add_argument("--image-mib", type=int, default=4, help="image size in MiB (default 4)")
+    p.add_argument("--mode", choices=DOWNLOAD_MODES, default="swarm",
+                   help="device download mode (default %(default)s)")
+    p.add_argument("--cdn-rate-mib", type=float, default=4.0,
+                   help="cap on the origin's HTTP egress and on the seeder's upload, MiB/s "
+                        "each (default %(default)s; 0 = no cap)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="keep everything in this (new) directory instead of a temporary one")
     p.set_defaults(func=_main)
@@ -202,18 +267,25 @@ def _main(args: argparse.Namespace) -> int:
     if not 1 <= args.devices <= 64 or not 1 <= args.image_mib <= 1024:
         print("error: --devices must be 1..64 and --image-mib 1..1024", file=sys.stderr)
         return 2
+    if args.cdn_rate_mib < 0:
+        print("error: --cdn-rate-mib must be >= 0", file=sys.stderr)
+        return 2
+    rate = int(args.cdn_rate_mib * (1 << 20)) or None
+
+    def run(workdir: Path) -> DemoOutcome:
+        return trio.run(lambda: run_demo(workdir, devices=args.devices,
+                                         image_size_bytes=args.image_mib << 20,
+                                         mode=args.mode, cdn_rate_bytes_per_s=rate))
+
     if args.workdir is not None:
         if args.workdir.exists() and any(args.workdir.iterdir()):
             print(f"error: {args.workdir} is not empty", file=sys.stderr)
             return 2
         args.workdir.mkdir(parents=True, exist_ok=True)
-        outcome = trio.run(lambda: run_demo(args.workdir, devices=args.devices,
-                                            image_size_bytes=args.image_mib << 20))
-        return 0 if outcome.ok else 1
+        return 0 if run(args.workdir).ok else 1
     tmp = Path(tempfile.mkdtemp(prefix="swarmota-demo-"))
     try:
-        outcome = trio.run(lambda: run_demo(tmp, devices=args.devices,
-                                            image_size_bytes=args.image_mib << 20))
+        outcome = run(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0 if outcome.ok else 1

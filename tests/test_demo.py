@@ -10,16 +10,30 @@ import pytest
 from swarmota.demo import run_demo
 
 
-async def test_demo_updates_every_device_through_the_delta(tmp_path: Path) -> None:
+async def test_demo_updates_every_device_through_the_delta_in_the_swarm(
+        tmp_path: Path) -> None:
     out = io.StringIO()
-    outcome = await run_demo(tmp_path, devices=2, image_size_bytes=1 << 20, zstd_level=3,
+    outcome = await run_demo(tmp_path, devices=3, image_size_bytes=1 << 20, zstd_level=3,
                              out=out)
     text = out.getvalue()
     assert outcome.ok, text
-    assert outcome.reports_stored == 2
-    assert all(r.payload_kind == "delta" for r in outcome.results.values())
+    assert outcome.reports_stored == 3
+    results = outcome.results.values()
+    assert all(r.payload_kind == "delta" and r.download_mode == "swarm" for r in results)
+    # Every payload byte a device used came from the origin, the seeder or a peer.
+    assert outcome.origin_bytes_payloads + sum(r.bytes_peers for r in results) \
+        >= 3 * outcome.payload_size
+    assert "demo OK" in text and text.count(" updated ") == 3
+    assert "CDN egress for payloads" in text and "saved" in text
+
+
+async def test_demo_in_direct_mode_fetches_each_delta_from_the_origin(tmp_path: Path) -> None:
+    out = io.StringIO()
+    outcome = await run_demo(tmp_path, devices=2, image_size_bytes=1 << 20, zstd_level=3,
+                             mode="direct", cdn_rate_bytes_per_s=None, out=out)
+    assert outcome.ok, out.getvalue()
     assert outcome.origin_bytes_payloads == 2 * outcome.payload_size
-    assert "demo OK" in text and text.count(" updated ") == 2
+    assert outcome.seeder_bytes == 0 and outcome.peer_bytes == 0
 
 
 async def test_demo_reports_failure_when_a_device_cannot_update(
