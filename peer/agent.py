@@ -146,6 +146,15 @@ async def update_once(state: DeviceState, *,
         return result
 
 
+@dataclass(frozen=True)
+class _Seedable:
+    """A payload downloaded through the swarm, still in the session (may be seeded)."""
+
+    ref: TorrentHandleRef
+    work: PayloadWorkdir
+    uploaded_bytes: int  # by this torrent while it was downloading
+
+
 class _Run:
     """State of one pass; owned by ``update_once``."""
 
@@ -160,8 +169,8 @@ class _Run:
         self.clock = clock
         self.timings: dict[str, float] = {}
         self.swarm: SwarmSession | None = None
-        self.installed: tuple[TorrentHandleRef, PayloadWorkdir] | None = None
-        self.last_swarm: tuple[TorrentHandleRef, PayloadWorkdir] | None = None
+        self.installed: _Seedable | None = None
+        self.last_swarm: _Seedable | None = None
 
     @contextmanager
     def _timed(self, name: str) -> Iterator[None]:
@@ -197,7 +206,7 @@ class _Run:
             record = SlotRecord(release.version, release.release_counter,
                                 release.image.sha256, release.image.size)
             bc = write_bootctl(self.state.bootctl_path, switch_to(bc, target, record))
-            if self.installed is None or self.installed[1] is not work:
+            if self.installed is None or self.installed.work is not work:
                 await trio.to_thread.run_sync(work.remove)  # else removed after seeding
             await self._reboot_and_check(bc)
             result.updated = True
@@ -251,12 +260,13 @@ class _Run:
         ref, stats = await swarm_download(session, self.http, work, payload_url=url,
                                           options=options, progress=self.state.save_progress)
         result.bytes_peers += stats.bytes_peers
+        result.bytes_uploaded += stats.bytes_uploaded
         result.chunks_reused += stats.chunks_reused
         result.banned_peers.extend(p for p in stats.banned_peers if p not in result.banned_peers)
         if stats.fell_back:
             result.swarm_note = stats.fell_back
         if ref is not None:
-            self.last_swarm = (ref, work)
+            self.last_swarm = _Seedable(ref, work, stats.bytes_uploaded)
 
     async def _swarm_session(self) -> SwarmSession:
         if self.swarm is None:
@@ -295,7 +305,9 @@ class _Run:
         ``seed_time_s`` if the upload policy allows it."""
         if self.installed is None or self.swarm is None:
             return
-        ref, work = self.installed
+        ref, work = self.installed.ref, self.installed.work
+        # the installed torrent's counter includes what it uploaded while downloading
+        uploaded_before = result.bytes_uploaded - self.installed.uploaded_bytes
         policy = upload_policy(self.config)
         seconds = self.seed_time_s
         if not result.updated or seconds <= 0 or not policy.allowed:
@@ -307,28 +319,33 @@ class _Run:
             on_seeding(result, seconds)
         deadline = self.clock() + seconds
         while (left := deadline - self.clock()) > 0:
+            policy = upload_policy(self.config)
+            if not policy.allowed:  # e.g. the battery ran low meanwhile
+                log.info("stopped seeding: %s", policy.reason)
+                break
             stats = self.swarm.statistics(ref)
-            result.bytes_uploaded = stats.bytes_uploaded_payload
+            result.bytes_uploaded = uploaded_before + stats.bytes_uploaded_payload
             self.state.save_progress({
                 "phase": "seeding", "payload": work.payload.sha256[:12],
                 "bytes_uploaded": stats.bytes_uploaded_payload, "peers": stats.num_peers,
                 "upload_rate_bytes_per_s": stats.upload_rate_bytes_per_s,
                 "seconds_left": round(left, 1)})
             await trio.sleep(min(1.0, left))
-        result.bytes_uploaded = self.swarm.statistics(ref).bytes_uploaded_payload
+        result.bytes_uploaded = (uploaded_before
+                                 + self.swarm.statistics(ref).bytes_uploaded_payload)
 
     async def close(self) -> None:
         """Stop the swarm session (in a thread: libtorrent waits for its last announces)
-        and remove a seeded payload's work area."""
+        and remove a seeded payload's work area; also when the pass is cancelled."""
         self.state.save_progress(None)
         swarm, self.swarm = self.swarm, None
-        if swarm is not None:
-            with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True):
+            if swarm is not None:
                 await trio.to_thread.run_sync(swarm.close)
-        if self.installed is not None:
-            _, work = self.installed
-            self.installed = None
-            await trio.to_thread.run_sync(work.remove)
+            if self.installed is not None:
+                work = self.installed.work
+                self.installed = None
+                await trio.to_thread.run_sync(work.remove)
 
     async def _install(self, release: ReleaseManifest, bc: BootControl, target: str,
                        result: UpdateResult) -> PayloadWorkdir:
@@ -361,7 +378,7 @@ class _Run:
 
     def _mark_installed(self, work: PayloadWorkdir) -> None:
         """Remember the swarm torrent of the installed payload (seeded afterwards)."""
-        if self.last_swarm is not None and self.last_swarm[1] is work:
+        if self.last_swarm is not None and self.last_swarm.work is work:
             self.installed = self.last_swarm
 
     async def _fetch_release(self, offer: Offer, bc: BootControl,

@@ -97,7 +97,7 @@ class PayloadWorkdir:
                                  f"the manifest (size {size}, sha256 {digest.hexdigest()})")
 
     def remove(self) -> None:
-        """Delete the work area (payload, verification log, swarm resume data)."""
+        """Delete the work area (payload, verification log)."""
         shutil.rmtree(self.path, ignore_errors=True)
 
 

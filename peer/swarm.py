@@ -34,11 +34,12 @@ for v2 torrents whose size is not a multiple of the piece size (see
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 import threading
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, cast
 from urllib.parse import unquote, urlsplit
@@ -65,6 +66,8 @@ __all__ = [
 MIN_PIECE_SIZE_BYTES: Final = 16 * 1024
 _MAX_PIECE_SIZE_BYTES: Final = 64 * 1024 * 1024
 _POLL_INTERVAL_S: Final = 0.05
+_MAX_QUEUED_DISK_BYTES: Final = 4 * 1024 * 1024
+_PEER_ID_PREFIX: Final = b"-SW0100-"  # Azureus style: client "SW", version 0.1.0.0
 _MAX_BUFFERED_EVENTS: Final = 10_000
 
 _ALERT_MASK: Final = int(
@@ -246,7 +249,9 @@ class SwarmConfig:
     features default to off: LSD multicasts info-hashes on the LAN, DHT contacts public
     bootstrap routers. ``upload_enabled=False`` never unchokes a peer (no upload at all,
     e.g. on a metered network). ``allow_multiple_connections_per_ip`` is for tests where
-    several sessions share one loopback address.
+    several sessions share one loopback address. ``peer_id``: the 20-byte BitTorrent
+    peer id (default: a fresh random one per session, so that a device is not
+    recognisable across swarms).
     """
 
     listen_host: str = "127.0.0.1"
@@ -259,8 +264,12 @@ class SwarmConfig:
     upload_rate_limit_bytes_per_s: int = 0
     upload_enabled: bool = True
     allow_multiple_connections_per_ip: bool = False
+    peer_id: bytes | None = None
 
     def __post_init__(self) -> None:
+        if self.peer_id is not None and (len(self.peer_id) != 20
+                                         or not self.peer_id.isascii()):
+            raise ValueError("peer_id must be 20 ASCII bytes")
         if not self.listen_host or any(c in self.listen_host for c in " ,"):
             raise ValueError(f"bad listen_host: {self.listen_host!r}")
         if not 0 <= self.listen_port <= 65535:
@@ -278,9 +287,14 @@ class SwarmConfig:
 
 
 def session_settings(config: SwarmConfig) -> dict[str, Any]:
-    """Map ``config`` to libtorrent ``settings_pack`` names (a pure function)."""
-    return {
+    """Map ``config`` to libtorrent ``settings_pack`` names (a pure function).
+
+    A specific listen address is also the source of outgoing connections (otherwise the
+    kernel picks one: on loopback, 127.0.0.1 for every session)."""
+    unspecified = config.listen_host in ("0.0.0.0", "::", "[::]")
+    settings: dict[str, Any] = {
         "listen_interfaces": config.listen_interface,
+        "outgoing_interfaces": "" if unspecified else config.listen_host.strip("[]"),
         "enable_dht": config.enable_dht,
         "dht_bootstrap_nodes": "" if not config.enable_dht else lt.default_settings()[
             "dht_bootstrap_nodes"],
@@ -294,10 +308,12 @@ def session_settings(config: SwarmConfig) -> dict[str, Any]:
         "enable_incoming_tcp": True,
         "download_rate_limit": config.download_rate_limit_bytes_per_s,
         "upload_rate_limit": config.upload_rate_limit_bytes_per_s,
-        # -1: libtorrent's default (automatic); 0: nobody is ever unchoked, so no upload
-        "unchoke_slots_limit": 8 if config.upload_enabled else 0,
+        **_upload_switch(config.upload_enabled),
         "allow_multiple_connections_per_ip": config.allow_multiple_connections_per_ip,
         "ssrf_mitigation": True,
+        # libtorrent 2.1 keeps verified pieces in memory until this many bytes are queued
+        # (default 100 MiB): bound it for small devices; SwarmSession.flush writes sooner
+        "max_queued_disk_bytes": _MAX_QUEUED_DISK_BYTES,
         # closing a session waits for "stopped" announces; do not wait long for them
         "stop_tracker_timeout": 1,
         "report_web_seed_downloads": True,
@@ -305,6 +321,18 @@ def session_settings(config: SwarmConfig) -> dict[str, Any]:
         # piece alerts come one per piece; room for a few seconds of them between polls
         "alert_queue_size": 20_000,
     }
+    if config.peer_id is not None:
+        # 20 bytes or more: the whole peer id, not a prefix of a random one
+        settings["peer_fingerprint"] = config.peer_id.decode("ascii")
+    return settings
+
+
+def _upload_switch(enabled: bool) -> dict[str, int]:
+    # No upload at all: nobody is unchoked, and no "allowed fast" pieces (BEP 6) that
+    # choked peers may still request. (LAN peers too: SwarmSession puts
+    # every peer in the global peer class.)
+    return {"unchoke_slots_limit": 8 if enabled else 0,
+            "allowed_fast_set_size": 5 if enabled else 0}
 
 
 # --------------------------------------------------------------------------- session
@@ -369,7 +397,6 @@ class SwarmEvent:
     url: str | None = None
     error: str | None = None
     peer: str | None = None
-    resume_data: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -380,6 +407,7 @@ class PieceView:
     availability: tuple[int, ...]
     num_peers: int
     checking: bool  # libtorrent is still hashing existing data; pieces added now are lost
+    downloading_peer_ids: tuple[bytes, ...] = ()  # connected peers that are not seeds
 
 
 @dataclass
@@ -430,8 +458,18 @@ class SwarmSession:
     """
 
     def __init__(self, config: SwarmConfig) -> None:
+        if config.peer_id is None:
+            config = replace(config, peer_id=_PEER_ID_PREFIX + secrets.token_hex(6).encode())
         self._config = config
         self._session: Any = lt.session(cast(Any, session_settings(config)))
+        # libtorrent puts peers on local networks (LAN, loopback) in a "local" peer class
+        # that ignores rate limits and unchoke slots. A device's limits exist to protect
+        # its owner's LAN: every peer goes into the global class instead.
+        everyone = lt.ip_filter()
+        global_class = 1 << int(self._session.global_peer_class_id)
+        everyone.add_rule("0.0.0.0", "255.255.255.255", global_class)
+        everyone.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", global_class)
+        self._session.set_peer_class_filter(everyone)
         self._torrents: dict[str, _Torrent] = {}
         self._events: deque[SwarmEvent] = deque(maxlen=_MAX_BUFFERED_EVENTS)
         self._alert_lock = threading.Lock()
@@ -446,6 +484,12 @@ class SwarmSession:
     @property
     def config(self) -> SwarmConfig:
         return self._config
+
+    @property
+    def peer_id(self) -> bytes:
+        """This session's 20-byte BitTorrent peer id."""
+        assert self._config.peer_id is not None
+        return self._config.peer_id
 
     @property
     def listen_port(self) -> int:
@@ -463,7 +507,6 @@ class SwarmSession:
         seed_mode: bool = False,
         file_name: str | None = None,
         torrent_urls: bool = True,
-        resume_data: bytes | None = None,
     ) -> TorrentHandleRef:
         """Start downloading (or seeding) ``torrent`` into ``save_dir``.
 
@@ -474,11 +517,8 @@ class SwarmSession:
         lazily when first uploaded). ``file_name`` stores the payload under another name
         in ``save_dir``; ``torrent_urls=False`` ignores the web seeds and trackers written
         in the torrent (outside its info dict, so not covered by the info-hash: a device
-        uses only its own tracker, and fetches from the origin itself). ``resume_data``
-        (from a ``save_resume_data`` event of an earlier session) restores the pieces
-        already downloaded without re-hashing the file; it is ignored, with a warning
-        event, if it belongs to another torrent. Without it, an existing file is hashed
-        and its valid pieces kept.
+        uses only its own tracker, and fetches from the origin itself). An existing file is
+        hashed and its valid pieces kept.
 
         Raises:
             ValueError: ``torrent`` is not a v2 torrent, a web seed URL is not plain
@@ -492,7 +532,7 @@ class SwarmSession:
             _check_url(url, "tracker")
         if info_hash in self._torrents:
             raise ValueError(f"torrent {info_hash} already added")
-        params = self._resume_params(resume_data, info_hash)
+        params = lt.add_torrent_params()
         params.ti = ti
         params.save_path = str(save_dir)
         if file_name is not None:
@@ -526,20 +566,6 @@ class SwarmSession:
                                              size_bytes=int(ti.total_size()))
         return ref
 
-    def _resume_params(self, resume_data: bytes | None, info_hash: str) -> Any:
-        if resume_data is None:
-            return lt.add_torrent_params()
-        try:
-            params = lt.read_resume_data(resume_data)
-            hashes = params.info_hashes
-            if not hashes.has_v2() or str(hashes.v2) != info_hash:
-                raise ValueError("resume data of another torrent")
-        except (RuntimeError, ValueError) as exc:
-            self._events.append(SwarmEvent(kind="resume_data_ignored", message=str(exc),
-                                           info_hash=info_hash))
-            return lt.add_torrent_params()
-        return params
-
     def add_piece(self, ref: TorrentHandleRef, index: int, data: bytes) -> None:
         """Hand libtorrent a piece fetched elsewhere (already verified by the caller).
 
@@ -557,24 +583,33 @@ class SwarmSession:
         if len(availability) != len(have):  # libtorrent returns [] with no peers
             availability = (0,) * len(have)
         checking = int(status.state) in _CHECKING_STATES
+        leechers = tuple(sorted({p.pid.to_bytes() for p in t.handle.get_peer_info()
+                                 if p.connection_type == lt.peer_info.standard_bittorrent
+                                 and not p.flags & lt.peer_info.seed}))
         return PieceView(have=have, availability=availability,
-                         num_peers=int(status.num_peers), checking=checking)
+                         num_peers=int(status.num_peers), checking=checking,
+                         downloading_peer_ids=leechers)
 
-    def request_resume_data(self, ref: TorrentHandleRef) -> None:
-        """Ask for resume data; it arrives as a ``save_resume_data`` event with
-        ``resume_data`` set (after libtorrent flushed the pieces it describes)."""
+    def flush(self, ref: TorrentHandleRef) -> None:
+        """Ask libtorrent to write the pieces it holds in memory to the file (they are
+        verified, but only in memory: a crash would lose them). Returns at once."""
+        self._torrent(ref).handle.flush_cache()
+
+    async def flush_and_wait(self, ref: TorrentHandleRef, *, timeout_s: float) -> bool:
+        """:meth:`flush`, then wait until libtorrent confirms it (``cache_flushed``);
+        False if it did not within ``timeout_s``. Other events are kept for
+        :meth:`pop_events`."""
         t = self._torrent(ref)
-        t.handle.save_resume_data(lt.save_resume_flags_t.flush_disk_cache)
-
-    def set_rate_limits(self, *, download_bytes_per_s: int, upload_bytes_per_s: int,
-                        upload_enabled: bool = True) -> None:
-        """Change the session's rate limits (bytes/s, 0 = unlimited) and upload switch."""
-        self._check_open()
-        self._session.apply_settings({
-            "download_rate_limit": download_bytes_per_s,
-            "upload_rate_limit": upload_bytes_per_s,
-            "unchoke_slots_limit": 8 if upload_enabled else 0,
-        })
+        await trio.to_thread.run_sync(t.handle.flush_cache)
+        with trio.move_on_after(timeout_s):
+            while True:
+                events = await trio.to_thread.run_sync(self._pop_alerts)
+                self._events.extend(events)
+                if any(e.kind == "cache_flushed" and e.info_hash == ref.info_hash
+                       for e in events):
+                    return True
+                await trio.sleep(_POLL_INTERVAL_S)
+        return False
 
     def connect_peer(self, ref: TorrentHandleRef, host: str, port: int) -> None:
         """Ask libtorrent to connect to a peer at ``host:port`` for this torrent."""
@@ -748,9 +783,6 @@ def _copy_alert(alert: Any) -> SwarmEvent:
     endpoint = getattr(alert, "endpoint", None) if isinstance(alert, lt.peer_alert) else None
     if isinstance(endpoint, tuple) and len(endpoint) == 2:
         peer = f"{endpoint[0]}:{endpoint[1]}"
-    resume: bytes | None = None
-    if isinstance(alert, lt.save_resume_data_alert):
-        resume = bytes(lt.write_resume_data_buf(alert.params))
     return SwarmEvent(
         kind=kind,
         message=str(alert.message()),
@@ -759,5 +791,4 @@ def _copy_alert(alert: Any) -> SwarmEvent:
         url=str(url) if url else None,
         error=error,
         peer=peer,
-        resume_data=resume,
     )

@@ -15,40 +15,45 @@ When peers cannot help, the origin finishes the job within bounds:
 
 * no piece arrived from peers for ``stall_s`` seconds: the origin may fetch any missing
   chunk, not only those nobody has;
-* peers wasted more than ``waste_budget_bytes`` (failed hash checks, redundant blocks) or
-  the swarm took longer than ``timeout_s``: the torrent is dropped and the rest comes
+* peers sent more than ``waste_budget_bytes`` of bad data (failed hash checks) or the
+  swarm took longer than ``timeout_s``: the torrent is dropped and the rest comes
   from the origin with the direct downloader.
 
 Before the payload is used, every chunk of the assembled file is verified again against
 the manifest's SHA-256 (a chunk that fails is fetched from the origin), then the whole
-file. Progress survives a crash: libtorrent's resume data is saved every few seconds in
-``WORK/resume.dat``, and on restart the pieces it lists (or, without it, the valid
-pieces found by hashing the file) are kept.
+file. Progress survives a crash without fetching a verified piece twice: the next download
+makes libtorrent hash the file it finds and keep every piece that matches the torrent's
+Merkle tree (whose root is the signed info-hash), ~380 MB/s. libtorrent holds verified
+pieces in memory until it writes them: the loop asks it to write new ones every 0.2 s,
+and a clean stop waits until they are written, so a crash loses at most that much.
+(libtorrent's own resume data is not used: it skips that check, goes stale when the
+process dies, and in 2.1.1 it left out pieces added with ``add_piece``.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from infra.fsio import atomic_write_bytes
 from manifest import IntegrityError, Payload
 from peer.download import PayloadWorkdir, download_payload
 from peer.errors import DownloadFailed, VerifyFailed
 from peer.http import HttpClient
-from peer.swarm import SwarmEvent, SwarmSession, TorrentHandleRef, read_torrent
+from peer.swarm import PieceView, SwarmEvent, SwarmSession, TorrentHandleRef, read_torrent
 
 __all__ = [
     "MAX_TORRENT_BYTES",
     "SwarmFetchStats",
     "SwarmOptions",
     "SwarmUnavailable",
+    "owned_blocks",
     "pick_origin_run",
     "swarm_download",
 ]
@@ -58,9 +63,11 @@ log = logging.getLogger(__name__)
 MAX_TORRENT_BYTES = 4 * 1024 * 1024
 PAYLOAD_FILE = "payload.part"
 _TICK_S = 0.1
-_RESUME_EVERY_S = 2.0
 _PROGRESS_EVERY_S = 0.5
-_ORIGIN_RUN_BYTES = 256 * 1024  # small runs: other devices see our pieces soon
+_FLUSH_EVERY_S = 0.2
+_ORIGIN_RUN_BYTES = 256 * 1024  # alone: large Range requests
+_OWNER_BLOCK_BYTES = 64 * 1024  # with peers: blocks of this size are split among them
+_ADDED_TTL_S = 2.0  # a piece handed to libtorrent counts as "ours" this long before `have`
 
 
 class SwarmUnavailable(DownloadFailed):
@@ -78,6 +85,7 @@ class SwarmOptions:
     timeout_s: float = 1800.0
     waste_budget_bytes: int = 16 * 1024 * 1024
     origin_parallel: int = 2
+    help_after_s: float = 2.0
     direct_concurrency: int = 4
     attempts: int = 4
     backoff_s: float = 0.2
@@ -90,6 +98,7 @@ class SwarmFetchStats:
 
     bytes_origin: int = 0
     bytes_peers: int = 0
+    bytes_uploaded: int = 0
     chunks_reused: int = 0
     chunks_from_origin: int = 0
     chunks_rejected: int = 0
@@ -102,12 +111,16 @@ class SwarmFetchStats:
 Progress = Callable[[dict[str, Any]], None]
 
 
-def pick_origin_run(wanted: list[bool], cursor: int, max_pieces: int) -> list[int]:
+def pick_origin_run(wanted: list[bool], cursor: int, max_pieces: int,
+                    jitter: float = 0.5) -> list[int]:
     """The next adjacent pieces to fetch from the origin, or ``[]`` if none is wanted.
 
-    Continues from ``cursor`` while it points at a wanted piece; otherwise starts in the
-    middle of the longest run of wanted pieces, so that devices which begin at different
-    places (their ``cursor``) split the payload instead of fetching the same chunks.
+    Continues from ``cursor`` while it points at a wanted piece; otherwise jumps into the
+    longest run of wanted pieces, at the fraction ``jitter`` (0 <= jitter < 1) of its
+    length when it is longer than ``2 * max_pieces``, else at its start. Devices start
+    at different cursors and draw different jitters, so they split the payload instead
+    of fetching the same chunks; one that runs into pieces another device already has
+    jumps to the largest gap left.
     """
     n = len(wanted)
     if n == 0 or max_pieces < 1:
@@ -127,13 +140,31 @@ def pick_origin_run(wanted: list[bool], cursor: int, max_pieces: int) -> list[in
                 run_len = 0
         if best_len == 0:
             return []
-        start = best_start + best_len // 2 if best_len > 2 * max_pieces else best_start
+        start = best_start + int(jitter * best_len) if best_len > 2 * max_pieces else best_start
     run: list[int] = []
     i = start
     while i < n and wanted[i] and len(run) < max_pieces:
         run.append(i)
         i += 1
     return run
+
+
+def owned_blocks(num_blocks: int, me: bytes, others: Sequence[bytes]) -> list[bool]:
+    """Which of ``num_blocks`` blocks ``me`` fetches from the origin, sharing with
+    ``others`` (peer ids of the connected peers that are still downloading).
+
+    Rendezvous hashing: a block belongs to the peer id with the highest
+    ``SHA-256(peer id || block index)``. Peers that see the same set of downloaders agree
+    on every owner without talking, so each block is fetched from the origin once; a
+    peer that joins or leaves moves only its own share.
+    """
+    candidates = sorted({me, *others})
+    owned = []
+    for block in range(num_blocks):
+        suffix = block.to_bytes(8, "big")
+        best = max(candidates, key=lambda pid: hashlib.sha256(pid + suffix).digest())
+        owned.append(best == me)
+    return owned
 
 
 async def swarm_download(
@@ -164,16 +195,15 @@ async def swarm_download(
     torrent = await _fetch_torrent(http, payload, payload_url + ".torrent")
     done = await trio.to_thread.run_sync(work.prepare)
     stats.chunks_reused = len(done)
-    resume = work.path / "resume.dat"
-    resume_data = resume.read_bytes() if resume.exists() else None
     ref = session.add_payload(torrent, work.path, trackers=options.announce_urls,
-                              file_name=PAYLOAD_FILE, torrent_urls=False,
-                              resume_data=resume_data)
+                              file_name=PAYLOAD_FILE, torrent_urls=False)
     run = _SwarmRun(session, http, work, ref, payload_url, options, stats, clock, progress)
     try:
         complete = await run.run()
     finally:
-        stats.bytes_peers = session.statistics(ref).bytes_downloaded_payload
+        torrent_stats = session.statistics(ref)
+        stats.bytes_peers = torrent_stats.bytes_downloaded_payload
+        stats.bytes_uploaded = torrent_stats.bytes_uploaded_payload
     kept: TorrentHandleRef | None = ref
     if not complete:
         session.remove(ref)
@@ -264,23 +294,30 @@ class _SwarmRun:
         self.stats = stats
         self.clock = clock
         self.progress = progress
-        self.in_flight: set[int] = set()
+        self.requesting: set[int] = set()  # asked of the origin, answer not yet in
+        self.added: dict[int, float] = {}  # handed to libtorrent (when), not yet in `have`
+        self.view: PieceView | None = None
+        self.stalled = False
         self.rejected_bytes = 0
         self.origin_failures: dict[int, int] = {}
         self.failure: DownloadFailed | VerifyFailed | None = None
         self.http_before = http.bytes_received
         key = hashlib.sha256(options.spread_key.encode()).digest()
+        self.rng = random.Random(key)
         self.cursor = int.from_bytes(key[:8], "big") % max(1, self.payload.chunk_count)
-        self.max_run = max(1, min(_ORIGIN_RUN_BYTES // self.payload.chunk_size, 16))
+        self.max_run_alone = max(1, min(_ORIGIN_RUN_BYTES // self.payload.chunk_size, 16))
+        self.block_pieces = max(1, _OWNER_BLOCK_BYTES // self.payload.chunk_size)
+        self.owned: tuple[tuple[bytes, ...], list[bool]] | None = None
+        self.share_done_at: float | None = None
 
     async def run(self) -> bool:
         """True when libtorrent has every piece; False when the origin must finish.
-        Resume data is saved on the way out, whatever the outcome."""
+        Verified pieces are written to the file on the way out, whatever the outcome."""
         try:
             complete = await self._loop()
         finally:
             with trio.CancelScope(shield=True):
-                await self._save_resume()
+                await self._write_out()
         if complete:
             await self.session.wait_complete(self.ref, timeout_s=60)
         return complete
@@ -289,8 +326,9 @@ class _SwarmRun:
         start = self.clock()
         last_gain = start
         last_have = -1
-        last_resume = last_progress = 0.0
-        ready = False
+        last_progress = last_flush = 0.0
+        flushed = 0
+        ready = workers = False
         async with trio.open_nursery() as nursery:
             while self.failure is None:
                 now = self.clock()
@@ -300,7 +338,7 @@ class _SwarmRun:
                     await trio.sleep(_TICK_S)
                     continue
                 have = sum(view.have)
-                if not ready:  # pieces kept from an earlier run (resume data or file check)
+                if not ready:  # pieces kept from an earlier run (libtorrent checked the file)
                     ready = True
                     self.stats.chunks_reused = max(self.stats.chunks_reused, have)
                 if have == len(view.have):
@@ -308,9 +346,10 @@ class _SwarmRun:
                     return True
                 if have > last_have:
                     last_have, last_gain = have, now
-                if now - last_resume >= _RESUME_EVERY_S:
-                    last_resume = now
-                    self.session.request_resume_data(self.ref)
+                if have > flushed and now - last_flush >= _FLUSH_EVERY_S:
+                    # new verified pieces are only in memory: a crash would lose them
+                    last_flush, flushed = now, have
+                    self.session.flush(self.ref)
                 if self.progress is not None and now - last_progress >= _PROGRESS_EVERY_S:
                     last_progress = now
                     self._report_progress(view.num_peers, have)
@@ -321,35 +360,80 @@ class _SwarmRun:
                     self.stats.fell_back = reason
                     nursery.cancel_scope.cancel()
                     return False
-                if now - start >= self.options.grace_s:
-                    self._start_origin_fetches(nursery, view.have, view.availability,
-                                               stalled=now - last_gain >= self.options.stall_s)
+                self.view = view
+                self.stalled = now - last_gain >= self.options.stall_s
+                if not workers and now - start >= self.options.grace_s:
+                    workers = True
+                    for _ in range(self.options.origin_parallel):
+                        nursery.start_soon(self._origin_worker)
                 await trio.sleep(_TICK_S)
             nursery.cancel_scope.cancel()
         raise self.failure
 
-    def _start_origin_fetches(self, nursery: trio.Nursery, have: tuple[bool, ...],
-                              availability: tuple[int, ...], *, stalled: bool) -> None:
-        """Fetch from the origin what no peer has (anything missing once stalled)."""
-        wanted = [not h and i not in self.in_flight and (stalled or availability[i] == 0)
-                  for i, h in enumerate(have)]
-        while len(self.in_flight) < self.options.origin_parallel:
-            run = pick_origin_run(wanted, self.cursor, self.max_run)
-            if not run:
-                return
-            for i in run:
-                wanted[i] = False
-            self.in_flight.update(run)
+    def _next_origin_run(self) -> list[int]:
+        """Claim the next pieces to fetch from the origin, or ``[]`` for now.
+
+        Only pieces no connected peer has and nobody here is fetching already. With
+        other downloaders connected, the payload is cut into blocks split among them
+        (:func:`owned_blocks`): this device fetches its own blocks, and helps with the
+        others' only once its share is done and ``help_after_s`` has passed (an owner
+        that is slow, gone or silent). Once the swarm stalled, any missing piece.
+        """
+        view = self.view
+        if view is None:
+            return []
+        now = self.clock()
+        self.added = {i: t for i, t in self.added.items()
+                      if not view.have[i] and now - t < _ADDED_TTL_S}
+        wanted = [not have and i not in self.requesting and i not in self.added
+                  and (self.stalled or view.availability[i] == 0)
+                  for i, have in enumerate(view.have)]
+        if self.stalled or not view.downloading_peer_ids:
+            max_run, pick = self.max_run_alone, wanted
+        else:
+            owned = self._owned_pieces(view.downloading_peer_ids)
+            mine = [w and o for w, o in zip(wanted, owned, strict=True)]
+            max_run = self.block_pieces
+            if any(mine):
+                self.share_done_at, pick = None, mine
+            else:
+                if self.share_done_at is None:
+                    self.share_done_at = now
+                pick = wanted if now - self.share_done_at >= self.options.help_after_s else []
+        run = pick_origin_run(pick, self.cursor, max_run, self.rng.random()) if pick else []
+        if run:
+            self.requesting.update(run)
             self.cursor = run[-1] + 1
-            nursery.start_soon(self._fetch_from_origin, run)
+        return run
+
+    def _owned_pieces(self, others: tuple[bytes, ...]) -> list[bool]:
+        if self.owned is None or self.owned[0] != others:
+            n = self.payload.chunk_count
+            blocks = owned_blocks(-(-n // self.block_pieces), self.session.peer_id, others)
+            self.owned = (others, [blocks[i // self.block_pieces] for i in range(n)])
+        return self.owned[1]
+
+    async def _origin_worker(self) -> None:
+        """One of ``origin_parallel`` loops: fetch a run, verify, hand it over, repeat."""
+        while True:
+            run = self._next_origin_run()
+            if not run:
+                await trio.sleep(_TICK_S)
+                continue
+            try:
+                await self._fetch_from_origin(run)
+            finally:
+                self.requesting.difference_update(run)
 
     def _give_up_reason(self, elapsed: float) -> str | None:
         if elapsed >= self.options.timeout_s:
             return f"no complete payload after {self.options.timeout_s:.0f} s"
+        # Redundant blocks (end-game duplicates) are LAN traffic, not harm: only bad data
+        # from peers and refused origin chunks count against the budget.
         s = self.session.statistics(self.ref)
-        wasted = s.bytes_failed + s.bytes_redundant + self.rejected_bytes
+        wasted = s.bytes_failed + self.rejected_bytes
         if wasted > self.options.waste_budget_bytes:
-            return (f"{wasted} bytes wasted (bad or redundant data), over the budget of "
+            return (f"{wasted} bytes of bad data, over the budget of "
                     f"{self.options.waste_budget_bytes}")
         return None
 
@@ -364,7 +448,6 @@ class _SwarmRun:
                 self.failure = DownloadFailed(f"chunk {run[0]} not fetched after "
                                               f"{self.options.attempts} attempts: {exc}")
             await trio.sleep(self._backoff(run[0]))
-            self.in_flight.difference_update(run)
             return
         for index in run:
             offset, length = self.payload.chunk_span(index)
@@ -380,10 +463,8 @@ class _SwarmRun:
                                                 f"{self.options.attempts} times: {exc}")
                 continue
             self.session.add_piece(self.ref, index, chunk)
+            self.added[index] = self.clock()
             self.stats.chunks_from_origin += 1
-        # Keep the pieces marked until libtorrent has them (hashing takes a moment).
-        await trio.sleep(_TICK_S * 3)
-        self.in_flight.difference_update(run)
 
     def _count_failure(self, index: int) -> bool:
         """Count a failed origin attempt at ``index``; True when attempts are used up."""
@@ -399,23 +480,21 @@ class _SwarmRun:
                 continue
             if event.kind == "hash_failed":
                 self.stats.pieces_failed_hash += 1
-            elif event.kind == "peer_ban" and event.peer:
-                if event.peer not in self.stats.banned_peers:
-                    self.stats.banned_peers.append(event.peer)
-                    log.warning("banned peer %s (sent data that failed verification)",
-                                event.peer)
-            elif event.kind == "save_resume_data" and event.resume_data:
-                atomic_write_bytes(self.work.path / "resume.dat", event.resume_data)
+            elif (event.kind == "peer_ban" and event.peer
+                  and event.peer not in self.stats.banned_peers):
+                self.stats.banned_peers.append(event.peer)
+                log.warning("banned peer %s (sent data that failed verification)", event.peer)
 
-    async def _save_resume(self) -> None:
-        self.session.request_resume_data(self.ref)
+    async def _write_out(self) -> None:
+        """Wait (at most ~2 s each) until the pieces handed to libtorrent are verified
+        and every verified piece is written to the file."""
         with trio.move_on_after(2):
-            while True:
-                events = self.session.pop_events()
-                self._handle_events(events)
-                if any(e.kind == "save_resume_data" for e in events):
-                    return
-                await trio.sleep(_TICK_S)
+            while self.added:
+                view = await trio.to_thread.run_sync(self.session.pieces, self.ref)
+                self.added = {i: t for i, t in self.added.items() if not view.have[i]}
+                if self.added:
+                    await trio.sleep(_TICK_S / 2)
+        await self.session.flush_and_wait(self.ref, timeout_s=2)
 
     def _report_progress(self, num_peers: int, have: int) -> None:
         assert self.progress is not None

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from tracker.protocol import Release
 from tracker.server import serve_tracker
 from tracker.store import SqliteStore
 
-__all__ = ["DemoOutcome", "add_parser", "make_image", "mutate_image", "run_demo"]
+__all__ = ["DemoOutcome", "add_parser", "make_image", "mutate_image", "run_demo", "update_fleet"]
 
 PRODUCT = "acme-router"
 HARDWARE_ID = "acme-router-hw1"
@@ -97,6 +98,32 @@ class DemoOutcome:
 DEMO_SEED_TIME_S = 120.0  # a ceiling: the demo stops the fleet once every device is done
 
 
+async def update_fleet(states: Sequence[DeviceState]) -> dict[str, UpdateResult]:
+    """Update every device at once (one ``update_once`` each) and return the results by
+    device id. Devices that finished keep sharing their payload with those still
+    downloading (their seed time is the ceiling); once every device has a result there
+    is nobody left to share with, and the fleet stops."""
+    results: dict[str, UpdateResult] = {}
+    fleet_done = trio.Event()
+
+    def done(device_id: str, result: UpdateResult) -> None:
+        results[device_id] = result
+        if len(results) == len(states):
+            fleet_done.set()
+
+    async def one(state: DeviceState) -> None:
+        device_id = state.config().device_id
+        result = await update_once(state, on_seeding=lambda r, _s: done(device_id, r))
+        done(device_id, result)
+
+    async with trio.open_nursery() as fleet:
+        for state in states:
+            fleet.start_soon(one, state)
+        await fleet_done.wait()
+        fleet.cancel_scope.cancel()
+    return results
+
+
 async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4 << 20,
                    zstd_level: int = 9, mode: str = "swarm",
                    cdn_rate_bytes_per_s: int | None = 4 << 20,
@@ -148,7 +175,6 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
         store.close()
 
     origin = OriginApp(repo.origin_dir, OriginConfig(rate_limit_bytes_per_s=cdn_rate_bytes_per_s))
-    results: dict[str, UpdateResult] = {}
     async with trio.open_nursery() as nursery:
         origin_url = await nursery.start(serve_origin, origin, ListenConfig())
         tracker_url = await nursery.start(serve_tracker, TrackerConfig(db_path=db))
@@ -174,26 +200,7 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
                                       version="1.0.0", release_counter=1))
         say(f"[4/5] {devices} devices provisioned on v1.0.0 ({mode} mode); updating them all")
 
-        fleet_done = trio.Event()
-
-        def done(device_id: str, result: UpdateResult) -> None:
-            results[device_id] = result
-            if len(results) == devices:
-                fleet_done.set()
-
-        async def one(state: DeviceState) -> None:
-            device_id = state.config().device_id
-            result = await update_once(
-                state, on_seeding=lambda r, _s: done(device_id, r))
-            done(device_id, result)
-
-        async with trio.open_nursery() as fleet:
-            for state in states:
-                fleet.start_soon(one, state)
-            # Devices that finished keep sharing with those still downloading; once
-            # everyone is done there is nobody left to share with.
-            await fleet_done.wait()
-            fleet.cancel_scope.cancel()
+        results = await update_fleet(states)
         seeding = seeder.statistics()
         nursery.cancel_scope.cancel()
 

@@ -15,7 +15,7 @@ from infra.http_serve import ListenConfig
 from manifest import Payload, ReleaseManifest
 from peer.config import DeviceConfig
 from peer.state import DeviceState, init_device
-from seeder.origin import OriginApp
+from seeder.origin import OriginApp, OriginConfig
 from seeder.publish import publish_release
 from seeder.repository import Repository
 from seeder.server import serve_origin
@@ -103,12 +103,15 @@ def publish(repo: Repository, workdir: Path, data: bytes, version: str,
                            release_counter=counter, compatibility=[HARDWARE_ID], zstd_level=3)
 
 
-async def start_env(nursery: trio.Nursery, workdir: Path, v1: bytes, v2: bytes) -> ReleaseEnv:
+async def start_env(nursery: trio.Nursery, workdir: Path, v1: bytes, v2: bytes, *,
+                    origin_config: OriginConfig | None = None) -> ReleaseEnv:
+    """Publish v1 and v2, start the origin (``origin_config``: e.g. a rate limit) and the
+    tracker on 127.0.0.1, register both releases."""
     repo = Repository.create(workdir / "repo")
     m1 = publish(repo, workdir, v1, "1.0.0", 1)
     m2 = publish(repo, workdir, v2, "2.0.0", 2)
     db = workdir / "tracker.sqlite"
-    origin = OriginApp(repo.origin_dir)
+    origin = OriginApp(repo.origin_dir, origin_config or OriginConfig())
     origin_url = await nursery.start(serve_origin, origin, ListenConfig())
     tracker_url = await nursery.start(serve_tracker, TrackerConfig(db_path=db))
     env = ReleaseEnv(workdir, repo, origin, origin_url, tracker_url, db, v1, v2, m1, m2)

@@ -145,8 +145,24 @@ def test_session_settings_are_quiet_and_tcp_only() -> None:
     assert settings["ssrf_mitigation"] is True
     assert settings["download_rate_limit"] == 0
     assert settings["upload_rate_limit"] == 0
-    # every name is one libtorrent knows
-    assert set(settings) <= set(lt.default_settings())
+    # outgoing connections leave from the listen address, not from whatever the kernel picks
+    assert settings["outgoing_interfaces"] == "127.0.0.2"
+    assert session_settings(SwarmConfig(listen_host="0.0.0.0"))["outgoing_interfaces"] == ""
+    # every name is one libtorrent knows (outgoing_interfaces is missing from the
+    # bindings' default_settings(), but a session takes it and reports it back)
+    known = set(lt.session({"enable_dht": False}).get_settings())
+    assert set(settings) <= known
+
+
+def test_peer_id_is_random_per_session_unless_given() -> None:
+    with SwarmSession(SwarmConfig(listen_host="127.0.0.2")) as a, \
+            SwarmSession(SwarmConfig(listen_host="127.0.0.3")) as b:
+        assert len(a.peer_id) == 20 and a.peer_id.startswith(b"-SW0100-")
+        assert a.peer_id != b.peer_id
+    given = b"-SW0100-abcdefabcdef"
+    assert session_settings(SwarmConfig(peer_id=given))["peer_fingerprint"] == given.decode()
+    with pytest.raises(ValueError, match="20 ASCII bytes"):
+        SwarmConfig(peer_id=b"short")
 
 
 def test_session_settings_map_limits_and_ipv6() -> None:
@@ -281,3 +297,46 @@ async def test_libtorrent_downloads_a_published_payload_from_the_origin_web_seed
                                   web_seeds=[f"{url}/{payload.path}"])
         await session.wait_complete(ref, timeout_s=60)
         assert ref.path.read_bytes() == (repo.origin_dir / payload.path).read_bytes()
+
+
+async def seed_and_leech(tmp_path: Path, seeder: SwarmConfig, leecher: SwarmConfig,
+                         seconds: float) -> tuple[int, int]:
+    """A 2 MiB payload seeded by one session, leeched by another over loopback for
+    ``seconds``: (piece bytes the seeder uploaded, the leecher downloaded)."""
+    payload = write_payload(tmp_path / "seed", 2 * 1024 * 1024)
+    torrent = await trio.to_thread.run_sync(
+        lambda: make_torrent(payload, piece_size_bytes=16 * 1024))
+    with SwarmSession(seeder) as a, SwarmSession(leecher) as b:
+        ra = a.add_payload(torrent.data, payload.parent, seed_mode=True)
+        rb = b.add_payload(torrent.data, tmp_path / "leech")
+        b.connect_peer(rb, seeder.listen_host, a.listen_port)
+        await trio.sleep(seconds)
+        return a.statistics(ra).bytes_uploaded_payload, b.statistics(rb).bytes_downloaded_payload
+
+
+async def test_upload_rate_limit_holds_for_lan_peers(tmp_path: Path) -> None:
+    """libtorrent exempts local-network peers from rate limits by default; a device's
+    cap must hold on its own LAN (here: loopback), where its peers are."""
+    limit = 64 * 1024
+    uploaded, _ = await seed_and_leech(
+        tmp_path, SwarmConfig(listen_host="127.0.0.2", upload_rate_limit_bytes_per_s=limit),
+        SwarmConfig(listen_host="127.0.0.3"), seconds=2.0)
+    # unlimited, the 2 MiB would be across in well under a second
+    assert 0 < uploaded <= 4 * limit, uploaded
+
+
+async def test_download_rate_limit_holds_for_lan_peers(tmp_path: Path) -> None:
+    limit = 64 * 1024
+    _, done = await seed_and_leech(
+        tmp_path, SwarmConfig(listen_host="127.0.0.2"),
+        SwarmConfig(listen_host="127.0.0.3", download_rate_limit_bytes_per_s=limit),
+        seconds=2.0)
+    assert 0 < done <= 4 * limit, done
+
+
+async def test_upload_disabled_sends_no_piece_data_at_all(tmp_path: Path) -> None:
+    """Not even BEP 6 "allowed fast" pieces, which choked peers may otherwise request."""
+    uploaded, done = await seed_and_leech(
+        tmp_path, SwarmConfig(listen_host="127.0.0.2", upload_enabled=False),
+        SwarmConfig(listen_host="127.0.0.3"), seconds=2.0)
+    assert uploaded == 0 and done == 0
