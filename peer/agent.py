@@ -45,6 +45,7 @@ from peer.bootctl import (
     switch_to,
     write_bootctl,
 )
+from peer.config import DeviceConfig
 from peer.download import PayloadWorkdir, download_payload
 from peer.errors import (
     ConfigError,
@@ -146,6 +147,15 @@ async def update_once(state: DeviceState, *,
         return result
 
 
+def _min_peer_rate(config: DeviceConfig) -> int:
+    """Below this rate from peers the origin helps; never above half the device's own
+    download limit (the swarm cannot be faster than that)."""
+    rate = config.swarm_min_rate_bytes_per_s
+    if config.download_rate_limit_bytes_per_s:
+        rate = min(rate, config.download_rate_limit_bytes_per_s // 2)
+    return rate
+
+
 @dataclass(frozen=True)
 class _Seedable:
     """A payload downloaded through the swarm, still in the session (may be seeded)."""
@@ -242,6 +252,7 @@ class _Run:
                     attempts=self.config.chunk_attempts, backoff_s=self.config.retry_backoff_s,
                     on_chunk=self._direct_progress(payload))
                 result.chunks_reused += stats.chunks_reused
+                self.timings[f"transfer_{payload.kind}"] = round(stats.transfer_s, 6)
                 return work
         finally:
             result.bytes_origin += self.http.bytes_received - before
@@ -253,6 +264,7 @@ class _Run:
         options = SwarmOptions(
             announce_urls=(f"{config.tracker_url.rstrip('/')}/announce",),
             stall_s=config.swarm_stall_s, timeout_s=config.swarm_timeout_s,
+            min_peer_rate_bytes_per_s=_min_peer_rate(config),
             waste_budget_bytes=config.swarm_waste_budget_bytes,
             direct_concurrency=config.download_concurrency, attempts=config.chunk_attempts,
             backoff_s=config.retry_backoff_s, spread_key=config.device_id)
@@ -261,6 +273,7 @@ class _Run:
                                           options=options, progress=self.state.save_progress)
         result.bytes_peers += stats.bytes_peers
         result.bytes_uploaded += stats.bytes_uploaded
+        self.timings[f"transfer_{work.payload.kind}"] = round(stats.transfer_s, 6)
         result.chunks_reused += stats.chunks_reused
         result.banned_peers.extend(p for p in stats.banned_peers if p not in result.banned_peers)
         if stats.fell_back:

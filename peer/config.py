@@ -45,6 +45,7 @@ class DeviceConfig:
     battery_percent_path: str | None = None
     min_battery_percent_to_upload: int = 30
     swarm_stall_s: float = 10.0
+    swarm_min_rate_bytes_per_s: int = 32 * 1024
     swarm_timeout_s: float = 1800.0
     swarm_waste_budget_bytes: int = 16 * 1024 * 1024
     extra: dict[str, Any] = field(default_factory=dict)
@@ -75,7 +76,7 @@ class DeviceConfig:
         if not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"swarm_listen must be HOST:PORT, got {self.swarm_listen!r}")
         if min(self.download_rate_limit_bytes_per_s, self.upload_rate_limit_bytes_per_s,
-               self.swarm_waste_budget_bytes) < 0:
+               self.swarm_waste_budget_bytes, self.swarm_min_rate_bytes_per_s) < 0:
             raise ConfigError("rate limits and the waste budget must be >= 0")
         if self.seed_time_s < 0 or self.swarm_stall_s <= 0 or self.swarm_timeout_s <= 0:
             raise ConfigError("seed_time_s must be >= 0, swarm_stall_s and swarm_timeout_s > 0")

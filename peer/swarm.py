@@ -314,6 +314,10 @@ def session_settings(config: SwarmConfig) -> dict[str, Any]:
         # libtorrent 2.1 keeps verified pieces in memory until this many bytes are queued
         # (default 100 MiB): bound it for small devices; SwarmSession.flush writes sooner
         "max_queued_disk_bytes": _MAX_QUEUED_DISK_BYTES,
+        # A peer that finishes announces "upload only"; leechers that have not yet seen
+        # its last HAVE messages find it uninteresting and hang up, exactly when it holds
+        # the pieces they miss (seen with 16 devices: the origin then sent them again).
+        "close_redundant_connections": False,
         # closing a session waits for "stopped" announces; do not wait long for them
         "stop_tracker_timeout": 1,
         "report_web_seed_downloads": True,
@@ -408,6 +412,8 @@ class PieceView:
     num_peers: int
     checking: bool  # libtorrent is still hashing existing data; pieces added now are lost
     downloading_peer_ids: tuple[bytes, ...] = ()  # connected peers that are not seeds
+    bytes_failed: int = 0  # piece data that failed its hash check, since added
+    bytes_useful_from_peers: int = 0  # piece data from peers, minus failed and redundant
 
 
 @dataclass
@@ -588,7 +594,11 @@ class SwarmSession:
                                  and not p.flags & lt.peer_info.seed}))
         return PieceView(have=have, availability=availability,
                          num_peers=int(status.num_peers), checking=checking,
-                         downloading_peer_ids=leechers)
+                         downloading_peer_ids=leechers,
+                         bytes_failed=int(status.total_failed_bytes),
+                         bytes_useful_from_peers=max(0, int(status.total_payload_download)
+                                                     - int(status.total_failed_bytes)
+                                                     - int(status.total_redundant_bytes)))
 
     def flush(self, ref: TorrentHandleRef) -> None:
         """Ask libtorrent to write the pieces it holds in memory to the file (they are

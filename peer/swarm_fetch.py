@@ -5,23 +5,28 @@ of handing libtorrent a BEP 19 web seed: libtorrent would fetch from the origin 
 its picker wants on every device, and a fleet would pull the payload from the CDN once
 per device. Here the agent fetches from the origin (HTTP Range, adjacent chunks in one
 request) only chunks that **no connected peer has** and this device is not already
-fetching, picked so that devices spread over the payload (:func:`pick_origin_run`),
-verifies each against the signed manifest and gives it to libtorrent
+fetching. Devices downloading together split the payload without talking: its blocks
+are dealt round robin over the sorted peer ids of the downloaders (:func:`owned_blocks`),
+each fetches its own, and helps with the others' only once its share is done. The agent
+verifies each chunk against the signed manifest and gives it to libtorrent
 (:meth:`SwarmSession.add_piece`), which shares it with the LAN. Everything else comes
 from peers; libtorrent checks every block against the torrent's Merkle tree (whose root,
 the info-hash, is in the signed manifest) and bans peers that send bad data.
 
 When peers cannot help, the origin finishes the job within bounds:
 
-* no piece arrived from peers for ``stall_s`` seconds: the origin may fetch any missing
-  chunk, not only those nobody has;
+* peers delivered less than ``min_peer_rate_bytes_per_s`` of good data over the last
+  ``stall_s`` seconds (none, silent, lying or slow peers): the origin may fetch any
+  missing chunk, not only those nobody has, until peers deliver at that rate again;
 * peers sent more than ``waste_budget_bytes`` of bad data (failed hash checks) or the
   swarm took longer than ``timeout_s``: the torrent is dropped and the rest comes
   from the origin with the direct downloader.
 
 Before the payload is used, every chunk of the assembled file is verified again against
-the manifest's SHA-256 (a chunk that fails is fetched from the origin), then the whole
-file. Progress survives a crash without fetching a verified piece twice: the next download
+the manifest's SHA-256 (a chunk that fails is fetched from the origin), and the whole
+file, in one pass.
+
+Progress survives a crash without fetching a verified piece twice: the next download
 makes libtorrent hash the file it finds and keep every piece that matches the torrent's
 Merkle tree (whose root is the signed info-hash), ~380 MB/s. libtorrent holds verified
 pieces in memory until it writes them: the loop asks it to write new ones every 0.2 s,
@@ -36,6 +41,7 @@ import hashlib
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +59,7 @@ __all__ = [
     "SwarmFetchStats",
     "SwarmOptions",
     "SwarmUnavailable",
+    "first_run",
     "owned_blocks",
     "pick_origin_run",
     "swarm_download",
@@ -82,6 +89,7 @@ class SwarmOptions:
     announce_urls: tuple[str, ...] = ()
     grace_s: float = 0.5
     stall_s: float = 10.0
+    min_peer_rate_bytes_per_s: int = 32 * 1024
     timeout_s: float = 1800.0
     waste_budget_bytes: int = 16 * 1024 * 1024
     origin_parallel: int = 2
@@ -106,6 +114,7 @@ class SwarmFetchStats:
     banned_peers: list[str] = field(default_factory=list)
     fell_back: str | None = None
     seconds: float = 0.0
+    transfer_s: float = 0.0  # until every piece was there, verified (before the final pass)
 
 
 Progress = Callable[[dict[str, Any]], None]
@@ -153,18 +162,28 @@ def owned_blocks(num_blocks: int, me: bytes, others: Sequence[bytes]) -> list[bo
     """Which of ``num_blocks`` blocks ``me`` fetches from the origin, sharing with
     ``others`` (peer ids of the connected peers that are still downloading).
 
-    Rendezvous hashing: a block belongs to the peer id with the highest
-    ``SHA-256(peer id || block index)``. Peers that see the same set of downloaders agree
-    on every owner without talking, so each block is fetched from the origin once; a
-    peer that joins or leaves moves only its own share.
+    Round robin over the sorted peer ids: with ``n`` downloaders, the one of rank ``k``
+    owns blocks ``k, k + n, k + 2n, ...``. Peers that see the same set of downloaders
+    agree on every owner without talking, and the shares differ by one block at most,
+    so they finish together and each block is fetched from the origin once.
     """
     candidates = sorted({me, *others})
-    owned = []
-    for block in range(num_blocks):
-        suffix = block.to_bytes(8, "big")
-        best = max(candidates, key=lambda pid: hashlib.sha256(pid + suffix).digest())
-        owned.append(best == me)
-    return owned
+    rank, n = candidates.index(me), len(candidates)
+    return [block % n == rank for block in range(num_blocks)]
+
+
+def first_run(mask: Sequence[bool], max_pieces: int, start: int = 0) -> list[int]:
+    """The first adjacent pieces set in ``mask`` at or after ``start`` (wrapping around
+    to the beginning), at most ``max_pieces``."""
+    n = len(mask)
+    for step in range(n):
+        first = (start + step) % n
+        if mask[first]:
+            end = first
+            while end + 1 < n and mask[end + 1] and end + 1 - first < max_pieces:
+                end += 1
+            return list(range(first, end + 1))
+    return []
 
 
 async def swarm_download(
@@ -193,11 +212,14 @@ async def swarm_download(
     started = clock()
     received_before = http.bytes_received
     torrent = await _fetch_torrent(http, payload, payload_url + ".torrent")
-    done = await trio.to_thread.run_sync(work.prepare)
-    stats.chunks_reused = len(done)
+    if work.part.exists():  # an earlier attempt: fix its size, count its verified chunks
+        stats.chunks_reused = len(await trio.to_thread.run_sync(work.prepare))
+    else:  # libtorrent creates the file: no zeros for it to hash first
+        work.path.mkdir(parents=True, exist_ok=True)
     ref = session.add_payload(torrent, work.path, trackers=options.announce_urls,
                               file_name=PAYLOAD_FILE, torrent_urls=False)
-    run = _SwarmRun(session, http, work, ref, payload_url, options, stats, clock, progress)
+    run = _SwarmRun(session, http, work, ref, payload_url, options, stats, clock, progress,
+                    started)
     try:
         complete = await run.run()
     finally:
@@ -209,8 +231,12 @@ async def swarm_download(
         session.remove(ref)
         kept = None
         await _finish_direct(http, payload_url, work, options, stats)
+        stats.transfer_s = clock() - started
     else:
-        bad = await trio.to_thread.run_sync(_verify_chunks, work)
+        try:
+            bad = await trio.to_thread.run_sync(work.verify_all)
+        except IntegrityError as exc:
+            raise VerifyFailed(str(exc)) from exc
         if bad:
             log.warning("%d chunks failed verification after the swarm; fetching them "
                         "from the origin", len(bad))
@@ -219,11 +245,6 @@ async def swarm_download(
             kept = None
             stats.fell_back = f"{len(bad)} chunks did not match the manifest"
             await _finish_direct(http, payload_url, work, options, stats)
-        else:
-            try:
-                await trio.to_thread.run_sync(work.verify_whole)
-            except IntegrityError as exc:
-                raise VerifyFailed(str(exc)) from exc
     stats.bytes_origin = http.bytes_received - received_before
     stats.seconds = clock() - started
     return kept, stats
@@ -259,31 +280,14 @@ async def _finish_direct(http: HttpClient, url: str, work: PayloadWorkdir,
     stats.chunks_from_origin += direct.chunks_fetched
 
 
-def _verify_chunks(work: PayloadWorkdir) -> list[int]:
-    """Check every chunk of the file against the manifest; log the good ones."""
-    payload = work.payload
-    bad: list[int] = []
-    good: list[str] = []
-    with open(work.part, "rb") as fh:
-        for index in range(payload.chunk_count):
-            offset, length = payload.chunk_span(index)
-            fh.seek(offset)
-            if hashlib.sha256(fh.read(length)).hexdigest() == payload.chunks[index]:
-                good.append(f"{index}\n")
-            else:
-                bad.append(index)
-    with open(work.log, "w") as fh:
-        fh.writelines(good)
-    return bad
-
-
 class _SwarmRun:
     """The polling loop of one swarm download; owned by :func:`swarm_download`."""
 
     def __init__(self, session: SwarmSession, http: HttpClient, work: PayloadWorkdir,
                  ref: TorrentHandleRef, payload_url: str, options: SwarmOptions,
                  stats: SwarmFetchStats, clock: Callable[[], float],
-                 progress: Progress | None) -> None:
+                 progress: Progress | None, started: float) -> None:
+        self.started_download = started
         self.session = session
         self.http = http
         self.work = work
@@ -309,6 +313,7 @@ class _SwarmRun:
         self.block_pieces = max(1, _OWNER_BLOCK_BYTES // self.payload.chunk_size)
         self.owned: tuple[tuple[bytes, ...], list[bool]] | None = None
         self.share_done_at: float | None = None
+        self.ready_at: float | None = None  # libtorrent done checking, origin workers on
 
     async def run(self) -> bool:
         """True when libtorrent has every piece; False when the origin must finish.
@@ -324,8 +329,7 @@ class _SwarmRun:
 
     async def _loop(self) -> bool:
         start = self.clock()
-        last_gain = start
-        last_have = -1
+        peer_bytes: deque[tuple[float, int]] = deque()  # (time, useful bytes from peers)
         last_progress = last_flush = 0.0
         flushed = 0
         ready = workers = False
@@ -337,15 +341,15 @@ class _SwarmRun:
                 if view.checking or len(view.have) != self.payload.chunk_count:
                     await trio.sleep(_TICK_S)
                     continue
+                self.view = view
                 have = sum(view.have)
                 if not ready:  # pieces kept from an earlier run (libtorrent checked the file)
                     ready = True
                     self.stats.chunks_reused = max(self.stats.chunks_reused, have)
                 if have == len(view.have):
+                    self.stats.transfer_s = now - self.started_download
                     nursery.cancel_scope.cancel()
                     return True
-                if have > last_have:
-                    last_have, last_gain = have, now
                 if have > flushed and now - last_flush >= _FLUSH_EVERY_S:
                     # new verified pieces are only in memory: a crash would lose them
                     last_flush, flushed = now, have
@@ -360,15 +364,29 @@ class _SwarmRun:
                     self.stats.fell_back = reason
                     nursery.cancel_scope.cancel()
                     return False
-                self.view = view
-                self.stalled = now - last_gain >= self.options.stall_s
-                if not workers and now - start >= self.options.grace_s:
+                self.stalled = self._peers_too_slow(peer_bytes, now, view, start)
+                if not workers:
                     workers = True
+                    self.ready_at = now
                     for _ in range(self.options.origin_parallel):
                         nursery.start_soon(self._origin_worker)
                 await trio.sleep(_TICK_S)
             nursery.cancel_scope.cancel()
         raise self.failure
+
+    def _peers_too_slow(self, samples: deque[tuple[float, int]], now: float,
+                        view: PieceView, start: float) -> bool:
+        """Did peers deliver less than the minimum rate over the last ``stall_s``?
+        (Never before ``stall_s`` has passed.) Only good data from peers counts: the
+        origin's chunks and bad or redundant blocks do not."""
+        samples.append((now, view.bytes_useful_from_peers))
+        window = self.options.stall_s
+        while len(samples) > 1 and samples[1][0] <= now - window:
+            samples.popleft()
+        if now - start < window:
+            return False
+        gained = samples[-1][1] - samples[0][1]
+        return gained < self.options.min_peer_rate_bytes_per_s * window
 
     def _next_origin_run(self) -> list[int]:
         """Claim the next pieces to fetch from the origin, or ``[]`` for now.
@@ -377,7 +395,8 @@ class _SwarmRun:
         other downloaders connected, the payload is cut into blocks split among them
         (:func:`owned_blocks`): this device fetches its own blocks, and helps with the
         others' only once its share is done and ``help_after_s`` has passed (an owner
-        that is slow, gone or silent). Once the swarm stalled, any missing piece.
+        that is slow, gone or silent). Alone, runs from the cursor (small ones while
+        peers may still be connecting). Once the swarm stalled, any missing piece.
         """
         view = self.view
         if view is None:
@@ -388,19 +407,43 @@ class _SwarmRun:
         wanted = [not have and i not in self.requesting and i not in self.added
                   and (self.stalled or view.availability[i] == 0)
                   for i, have in enumerate(view.have)]
-        if self.stalled or not view.downloading_peer_ids:
+        if self.stalled:
             max_run, pick = self.max_run_alone, wanted
+        elif not view.downloading_peer_ids:
+            # Alone so far. Others may still be connecting: small runs for ``grace_s``
+            # (devices start at different places, so they rarely fetch the same block).
+            alone_for = now - (self.ready_at or now)
+            max_run = self.max_run_alone if alone_for >= self.options.grace_s \
+                else self.block_pieces
+            pick = wanted
         else:
+            # Owners walk their blocks from their own (random) cursor: while the set of
+            # downloaders changes (peers connecting), a block that moves to a new owner is
+            # rarely the one its old owner is fetching at that moment.
             owned = self._owned_pieces(view.downloading_peer_ids)
             mine = [w and o for w, o in zip(wanted, owned, strict=True)]
-            max_run = self.block_pieces
-            if any(mine):
-                self.share_done_at, pick = None, mine
+            run = first_run(mine, self.block_pieces, self.cursor)
+            if run:
+                self.share_done_at = None
             else:
                 if self.share_done_at is None:
                     self.share_done_at = now
-                pick = wanted if now - self.share_done_at >= self.options.help_after_s else []
-        run = pick_origin_run(pick, self.cursor, max_run, self.rng.random()) if pick else []
+                if now - self.share_done_at >= self.options.help_after_s:
+                    run = self._help_run(wanted)
+            return self._claim(run)
+        return self._claim(
+            pick_origin_run(pick, self.cursor, max_run, self.rng.random()) if pick else [])
+
+    def _help_run(self, wanted: list[bool]) -> list[int]:
+        """A block still missing, at random (so that helpers spread), from its first
+        missing piece."""
+        starts = [i for i, w in enumerate(wanted)
+                  if w and (i % self.block_pieces == 0 or not wanted[i - 1])]
+        if not starts:
+            return []
+        return first_run(wanted, self.block_pieces, self.rng.choice(starts))
+
+    def _claim(self, run: list[int]) -> list[int]:
         if run:
             self.requesting.update(run)
             self.cursor = run[-1] + 1
@@ -430,8 +473,8 @@ class _SwarmRun:
             return f"no complete payload after {self.options.timeout_s:.0f} s"
         # Redundant blocks (end-game duplicates) are LAN traffic, not harm: only bad data
         # from peers and refused origin chunks count against the budget.
-        s = self.session.statistics(self.ref)
-        wasted = s.bytes_failed + self.rejected_bytes
+        assert self.view is not None
+        wasted = self.view.bytes_failed + self.rejected_bytes
         if wasted > self.options.waste_budget_bytes:
             return (f"{wasted} bytes of bad data, over the budget of "
                     f"{self.options.waste_budget_bytes}")

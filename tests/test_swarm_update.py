@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import random
 import signal
 import subprocess
@@ -193,6 +194,30 @@ async def test_only_lying_and_silent_peers_the_origin_finishes_the_job(
     assert result.bytes_origin <= env.origin_bytes(full) + 4 * full.chunk_size
 
 
+async def test_only_a_trickling_peer_the_origin_takes_over_after_the_stall_window(
+        slow_env: ReleaseEnv) -> None:
+    """An honest peer that sends real pieces at 2 KiB/s: not banned, and the origin does
+    not wait for it beyond ``swarm_stall_s``."""
+    env = slow_env
+    full = env.m2.full_payload
+    assert full.info_hash is not None
+    data = (env.repo.origin_dir / full.path).read_bytes()
+    with FakeBtPeer(bytes.fromhex(full.info_hash)[:20], full.chunk_count, mode=Mode.SLOW,
+                    host=SILENT_HOST, payload=data, piece_size_bytes=full.chunk_size,
+                    slow_bytes_per_s=2048) as slow:
+        await announce_fake(env, full, slow)
+        dev = off_base_device(env, "patient")
+        started = trio.current_time()
+        result = await update_once(dev)
+        elapsed = trio.current_time() - started
+        stats = slow.stats()
+    assert_on_v2(env, dev, result)
+    assert stats.handshakes >= 1 and stats.requests >= 1, "the slow peer was asked"
+    assert result.banned_peers == []
+    assert elapsed < full.size / ORIGIN_RATE_BYTES_PER_S + STALL_S + 20
+    assert result.bytes_origin <= env.origin_bytes(full)
+
+
 async def test_torrent_not_matching_the_signed_info_hash_is_refused_and_the_origin_used(
         env: ReleaseEnv) -> None:
     full = env.m2.full_payload
@@ -270,10 +295,13 @@ async def test_killed_mid_swarm_download_resumes_without_refetching_verified_chu
             while True:
                 progress = dev.progress() or {}
                 done_at_kill = progress.get("chunks_done", 0)
-                if done_at_kill >= full.chunk_count // 3:
+                if done_at_kill >= full.chunk_count // 5:
                     break
                 assert proc.poll() is None, "the agent finished before it could be killed"
                 await trio.sleep(0.05)
+            # verified pieces are written to the file within 0.2 s: give them that
+            await trio.sleep(0.5)
+            assert proc.poll() is None, "the agent finished before it could be killed"
     finally:
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
@@ -282,10 +310,34 @@ async def test_killed_mid_swarm_download_resumes_without_refetching_verified_chu
 
     result = await update_once(dev)
     assert_on_v2(env, dev, result)
-    # lost: pieces since the last flush (0.2 s) and since the last progress record (0.5 s)
-    # at 8 chunks/s, and those being written
-    assert result.chunks_reused >= done_at_kill - 8, (result.chunks_reused, done_at_kill)
+    assert result.chunks_reused >= done_at_kill, (result.chunks_reused, done_at_kill)
     # (the device's own count: the origin may still be pushing bytes to the dead process)
     torrent_bytes = env.origin_bytes(full) - full.size
     assert result.bytes_origin <= (full.chunk_count - result.chunks_reused) * full.chunk_size \
         + torrent_bytes, (result.bytes_origin, result.chunks_reused)
+
+
+async def test_peer_status_shows_live_download_progress(slow_env: ReleaseEnv) -> None:
+    """While a swarm download runs, ``swarmota peer status`` tells how far it is and where
+    the bytes come from."""
+    env = slow_env
+    dev = off_base_device(env, "watched")
+    seen: list[str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(update_once, dev, seed_time_s=0))
+        with trio.fail_after(30):
+            while not (dev.progress() or {}).get("chunks_done"):
+                await trio.sleep(0.05)
+        status = await trio.run_process(
+            [sys.executable, "-m", "swarmota.cli", "peer", "status", str(dev.root)],
+            capture_stdout=True)
+        seen.append(status.stdout.decode())
+        as_json = await trio.run_process(
+            [sys.executable, "-m", "swarmota.cli", "peer", "status", str(dev.root), "--json"],
+            capture_stdout=True)
+    text = seen[0]
+    assert "now: downloading full payload" in text and "(swarm mode)" in text
+    assert "from the origin" in text and "chunks" in text
+    progress = json.loads(as_json.stdout)["progress"]
+    assert progress is None or progress["chunks_total"] == env.m2.full_payload.chunk_count
+    assert dev.progress() is None, "no progress record once the pass is over"
