@@ -13,9 +13,12 @@ Three parts, smallest first:
   uTP is ~30x slower on loopback).
 - :class:`SwarmSession`: a small trio-friendly wrapper around one ``lt.session``. Callers
   get our own objects (:class:`TorrentHandleRef`, :class:`SwarmStats`,
-  :class:`SwarmEvent`), never libtorrent's. Waiting polls libtorrent from worker
-  threads (``trio.to_thread.run_sync``) between short ``trio.sleep`` calls, so the event
-  loop never blocks on libtorrent.
+  :class:`SwarmEvent`, :class:`PieceView`), never libtorrent's. Waiting polls libtorrent
+  from worker threads (``trio.to_thread.run_sync``) between short ``trio.sleep`` calls,
+  so the event loop never blocks on libtorrent. Every peer is in libtorrent's global
+  peer class (by default peers on local networks bypass rate limits and unchoke
+  slots: a device's caps must hold on its own LAN); each session gets a fresh random
+  peer id unless told one; outgoing connections leave from the listen address.
 
 Errors: bad arguments (piece size, URLs with a query string, undecodable torrent data,
 a closed session) raise ``ValueError`` / ``RuntimeError``; a download that fails or

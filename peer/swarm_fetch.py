@@ -325,6 +325,7 @@ class _SwarmRun:
                 await self._write_out()
         if complete:
             await self.session.wait_complete(self.ref, timeout_s=60)
+        self._handle_events(self.session.pop_events())  # bans seen while finishing
         return complete
 
     async def _loop(self) -> bool:

@@ -38,7 +38,8 @@ from tracker.protocol import Release
 from tracker.server import serve_tracker
 from tracker.store import SqliteStore
 
-__all__ = ["DemoOutcome", "add_parser", "make_image", "mutate_image", "run_demo", "update_fleet"]
+__all__ = ["DemoOutcome", "add_parser", "make_image", "mutate_image", "run_demo",
+           "update_fleet", "write_images"]
 
 PRODUCT = "acme-router"
 HARDWARE_ID = "acme-router-hw1"
@@ -71,6 +72,16 @@ def mutate_image(image: bytes, *, seed: int, fraction: float = 0.05) -> bytes:
         out[at:at + 4096] = rng.randbytes(4096)
     out += rng.randbytes(len(image) // 100)
     return bytes(out)
+
+
+def write_images(directory: Path, size_bytes: int) -> Path:
+    """Write ``v1.img`` (:func:`make_image`) and ``v2.img`` (its :func:`mutate_image`)
+    into the new ``directory``; return it."""
+    v1 = make_image(size_bytes, seed=1)
+    directory.mkdir(parents=True)
+    (directory / "v1.img").write_bytes(v1)
+    (directory / "v2.img").write_bytes(mutate_image(v1, seed=2))
+    return directory
 
 
 @dataclass(frozen=True)
@@ -139,12 +150,8 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
         print(msg, file=out, flush=True)
 
     started = time.monotonic()
-    v1 = make_image(image_size_bytes, seed=1)
-    v2 = mutate_image(v1, seed=2)
-    images = workdir / "images"
-    images.mkdir(parents=True)
-    (images / "v1.img").write_bytes(v1)
-    (images / "v2.img").write_bytes(v2)
+    images = write_images(workdir / "images", image_size_bytes)
+    v2 = (images / "v2.img").read_bytes()
 
     say(f"[1/5] creating a TUF repository in {workdir / 'repo'}")
     repo = Repository.create(workdir / "repo")

@@ -317,10 +317,13 @@ async def test_killed_mid_swarm_download_resumes_without_refetching_verified_chu
         + torrent_bytes, (result.bytes_origin, result.chunks_reused)
 
 
-async def test_peer_status_shows_live_download_progress(slow_env: ReleaseEnv) -> None:
+async def test_peer_status_shows_live_download_progress(
+        tmp_path: Path, nursery: trio.Nursery, images: tuple[bytes, bytes]) -> None:
     """While a swarm download runs, ``swarmota peer status`` tells how far it is and where
     the bytes come from."""
-    env = slow_env
+    # ~7 s for the payload: the status commands (a Python start each) see it running
+    env = await start_env(nursery, tmp_path, *images, origin_config=OriginConfig(
+        rate_limit_bytes_per_s=96 * 1024, rate_limit_burst_bytes=16 * 1024))
     dev = off_base_device(env, "watched")
     seen: list[str] = []
     async with trio.open_nursery() as nursery:
