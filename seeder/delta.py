@@ -23,8 +23,9 @@ never published.
 
 :func:`build_best_delta` runs each engine in its own worker process (at most two at a
 time, and never two bsdiff runs at once) and keeps the smallest. Memory: each worker
-holds the base and the target plus its engine's working set (bsdiff-zstd: ~12x the
-input, mostly the LZMA2 match finder);
+holds the base and the target plus its engine's working set (bsdiff-zstd: HDiffPatch's
+suffix array, the LZMA2 match finder of a 4 MiB dictionary, zstd with the base as
+prefix);
 the calling process holds only the finished deltas.
 
 Errors: :class:`seeder.errors.PublishError` for bad input (a base missing, empty,
@@ -34,6 +35,7 @@ delta.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import lzma
@@ -103,7 +105,10 @@ def build_delta(engine: str, base: bytes, target: bytes, *,
         raise PublishError("the delta base is empty")
     if engine == "bsdiff-zstd":
         control, diff, extra = _bsdiff_streams(base, target)
+        _return_free_memory()  # HDiffPatch's suffix array
         delta = _bsdiff_container(base, control, diff, extra, len(target), level)
+        del control, diff, extra  # ~the target's size: not needed to verify
+        _return_free_memory()
     else:
         delta = _zstd_patch(base, target, level)
     try:
@@ -217,9 +222,22 @@ def file_digest(path: Path, what: str) -> tuple[int, str]:
 # --- helpers ---------------------------------------------------------------------------
 
 
-def _zstd_patch(base: bytes, target: bytes, level: int, *, span: int = 0) -> bytes:
+def _return_free_memory() -> None:
+    """Give memory freed by the compressors back to the OS (glibc keeps it in per-thread
+    arenas otherwise, and the verification apply then adds to the peak). A no-op where
+    there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _zstd_patch(base: bytes, target: bytes, level: int, *, span: int = 0,
+                hash_log: int | None = None) -> bytes:
     """One zstd frame of ``target`` with ``base`` as prefix (``zstd --patch-from``); the
-    window covers the larger image, or ``span`` bytes if larger."""
+    window covers the larger image, or ``span`` bytes if larger; ``hash_log`` caps the
+    hash table (``None``: the level's own)."""
     largest = max(len(base), len(target), span, 2)
     window_log = min(_MAX_WINDOW_LOG, max(_MIN_WINDOW_LOG, math.ceil(math.log2(largest))))
     options: dict[int, int] = {
@@ -229,6 +247,8 @@ def _zstd_patch(base: bytes, target: bytes, level: int, *, span: int = 0) -> byt
         CompressionParameter.content_size_flag: 1,
         CompressionParameter.checksum_flag: 0,
     }
+    if hash_log is not None:
+        options[CompressionParameter.hash_log] = hash_log
     try:
         return zstd_compress(target, options=options,
                              zstd_dict=ZstdDict(base, is_raw=True).as_prefix)
@@ -266,21 +286,37 @@ def _bsdiff_streams(base: bytes, target: bytes) -> tuple[bytes, bytes, bytes]:
         return control, diff, extra
 
 
-def _lzma2(data: bytes, level: int, *, lc: int = 2) -> bytes:
+ENCODER_DICT_BYTES = 4 * 1024 * 1024
+_EXTRA_HASH_LOG = 21
+assert ENCODER_DICT_BYTES <= LZMA2_DICT_BYTES
+
+
+def _lzma2(data: bytes, level: int, *, lc: int = 3) -> bytes:
     """Raw LZMA2 (end marker included); zstd ``level`` 17+ maps to preset 9 extreme.
 
-    ``lc=2``, ``pb=0`` measured best on bsdiff diff streams (byte differences, no
-    alignment); ``lc=0`` on transposed control streams."""
+    ``lc=3``, ``pb=0`` measured best on bsdiff diff streams (byte differences, no
+    alignment; lc=3 saved 33-321 bytes over lc=2 on the real pairs with a 4 MiB
+    dictionary); ``lc=0`` on transposed control streams. The dictionary is at most
+    :data:`ENCODER_DICT_BYTES` (the match finder needs ~10x it): on the real images a
+    4 MiB dictionary gave the same size as 16 MiB (273,097 vs 273,136 bytes for the
+    diff stream of 3.0.17 -> 3.0.22) in a third of the memory; 1 MiB cost 1%. Devices
+    decode with :data:`peer.delta.LZMA2_DICT_BYTES`, which covers it."""
     preset = 9 | lzma.PRESET_EXTREME if level >= 17 else min(9, level // 2)
-    dict_size = min(LZMA2_DICT_BYTES, max(1 << 16, 1 << max(1, len(data) - 1).bit_length()))
+    dict_size = min(ENCODER_DICT_BYTES,
+                    max(1 << 16, 1 << max(1, len(data) - 1).bit_length()))
     return lzma.compress(data, format=lzma.FORMAT_RAW, filters=[
         {"id": lzma.FILTER_LZMA2, "preset": preset, "dict_size": dict_size, "lc": lc,
          "pb": 0}])
 
 
 def _zstd_prefixed(base: bytes, data: bytes, level: int) -> bytes:
-    """One zstd frame of ``data`` with ``base`` as a raw prefix (long-distance matching)."""
-    return _zstd_patch(base, data, level, span=len(base) + len(data))
+    """One zstd frame of ``data`` with ``base`` as a raw prefix (long-distance matching).
+
+    The hash table is capped at 2^21 entries (level 19 takes 2^22 at this window): the
+    same bytes on the real images' extra streams, 8-16 MiB less memory. (Capping the
+    chain table too cost ~300 bytes per delta.)"""
+    return _zstd_patch(base, data, level, span=len(base) + len(data),
+                       hash_log=_EXTRA_HASH_LOG)
 
 
 def _run_engine(engine: str, base_path: Path, target_path: Path,
