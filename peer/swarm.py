@@ -417,6 +417,8 @@ class PieceView:
     downloading_peer_ids: tuple[bytes, ...] = ()  # connected peers that are not seeds
     bytes_failed: int = 0  # piece data that failed its hash check, since added
     bytes_useful_from_peers: int = 0  # piece data from peers, minus failed and redundant
+    tracker_replied: bool = False  # a tracker has answered an announce of this torrent
+    known_peers: int = 0  # peers libtorrent knows of (connected or not)
 
 
 @dataclass
@@ -601,7 +603,9 @@ class SwarmSession:
                          bytes_failed=int(status.total_failed_bytes),
                          bytes_useful_from_peers=max(0, int(status.total_payload_download)
                                                      - int(status.total_failed_bytes)
-                                                     - int(status.total_redundant_bytes)))
+                                                     - int(status.total_redundant_bytes)),
+                         tracker_replied=bool(status.current_tracker),
+                         known_peers=int(status.list_peers))
 
     def flush(self, ref: TorrentHandleRef) -> None:
         """Ask libtorrent to write the pieces it holds in memory to the file (they are

@@ -411,9 +411,14 @@ class _SwarmRun:
         if self.stalled:
             max_run, pick = self.max_run_alone, wanted
         elif not view.downloading_peer_ids:
-            # Alone so far. Others may still be connecting: small runs for ``grace_s``
-            # (devices start at different places, so they rarely fetch the same block).
+            # Alone so far. For ``grace_s``, peers may still be on their way: wait for the
+            # tracker's answer and for the peers it named to connect (a seed among them
+            # makes the origin unnecessary), then small runs (devices start at different
+            # places, so they rarely fetch the same block).
             alone_for = now - (self.ready_at or now)
+            if alone_for < self.options.grace_s and (
+                    not view.tracker_replied or view.known_peers > view.num_peers):
+                return []
             max_run = self.max_run_alone if alone_for >= self.options.grace_s \
                 else self.block_pieces
             pick = wanted

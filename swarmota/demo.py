@@ -18,12 +18,14 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from infra.http_serve import ListenConfig
+from manifest import Payload
 from peer.agent import UpdateResult, update_once
 from peer.config import DOWNLOAD_MODES, DeviceConfig
 from peer.state import DeviceState, init_device
@@ -35,6 +37,7 @@ from seeder.seeding import PayloadSeeder, SeedingConfig
 from seeder.server import serve_origin
 from tracker.config import TrackerConfig
 from tracker.protocol import Release
+from tracker.registry import SwarmRegistry
 from tracker.server import serve_tracker
 from tracker.store import SqliteStore
 
@@ -107,6 +110,15 @@ class DemoOutcome:
 
 
 DEMO_SEED_TIME_S = 120.0  # a ceiling: the demo stops the fleet once every device is done
+
+
+async def _wait_for_seeds(registry: SwarmRegistry, payloads: Sequence[Payload], *,
+                          timeout_s: float = 10.0) -> None:
+    """Until the tracker counts a seed in the swarm of each payload (or ``timeout_s``)."""
+    hashes = [bytes.fromhex(p.info_hash)[:20] for p in payloads if p.info_hash]
+    with trio.move_on_after(timeout_s):
+        while any(registry.scrape(h).complete == 0 for h in hashes):
+            await trio.sleep(0.05)
 
 
 async def update_fleet(states: Sequence[DeviceState]) -> dict[str, UpdateResult]:
@@ -184,12 +196,18 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
     origin = OriginApp(repo.origin_dir, OriginConfig(rate_limit_bytes_per_s=cdn_rate_bytes_per_s))
     async with trio.open_nursery() as nursery:
         origin_url = await nursery.start(serve_origin, origin, ListenConfig())
-        tracker_url = await nursery.start(serve_tracker, TrackerConfig(db_path=db))
+        tracker_config = TrackerConfig(db_path=db)
+        registry = SwarmRegistry(interval_s=tracker_config.announce_interval_s)
+        tracker_url = await nursery.start(
+            partial(serve_tracker, tracker_config, registry=registry))
         seeder = PayloadSeeder(repo.origin_dir, SeedingConfig(
             swarm=SwarmConfig(listen_host=SEEDER_HOST,
                               upload_rate_limit_bytes_per_s=cdn_rate_bytes_per_s or 0),
             announce_urls=(f"{tracker_url}/announce",)))
         await nursery.start(seeder.run)
+        # A seeder is up long before a rollout; here it just started: let its first
+        # announces reach the tracker, or the first devices would not hear of it.
+        await _wait_for_seeds(registry, [p for p in m2.payloads if p.info_hash])
         rate = "unlimited" if cdn_rate_bytes_per_s is None else \
             f"{cdn_rate_bytes_per_s / (1 << 20):g} MiB/s each"
         say(f"[3/5] origin at {origin_url}, tracker at {tracker_url}, seeder at "
