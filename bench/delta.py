@@ -3,10 +3,11 @@
 For every base -> newer pair of the images in ``--data`` (by default the three real
 ``rootfs-openssl-*.img.zst`` images in ``../shared/data``) this measures, in one run:
 
-* our engines (:data:`seeder.delta.ENGINES`) through :func:`seeder.delta.build_delta`,
-  exactly what publish runs (its time therefore includes the verification apply
-  ``build_delta`` does before returning); "ours" is the smaller of them, the one publish
-  keeps;
+* our engines (:data:`seeder.delta.ENGINES`) through
+  :func:`seeder.delta.build_delta_from_files`, exactly what publish runs in its worker
+  processes (its time therefore includes reading both images, page-cached, and the
+  verification apply it does before returning); "ours" is the smaller of them, the one
+  publish keeps;
 * baselines: stock ``bsdiff4.diff`` / ``bsdiff4.patch``, ``xdelta3 -9 -e -s`` /
   ``xdelta3 -d``, ``zstd -19 --long=27 --patch-from`` / ``zstd -d --long=27
   --patch-from``;
@@ -20,11 +21,12 @@ Measurement method. Every generation runs in a fresh process, launched through G
 ``/usr/bin/time -f %M`` when present (else through a tiny ``python -S`` launcher that
 ``wait4``s its child): a child forked directly from this (large) process would report
 this process's resident size as its own peak (Linux keeps the pre-exec high-water mark
-in ``ru_maxrss``). Python candidates run in a worker that loads both images, then
-times only the delta call itself; their peak includes the interpreter and both images,
-whose level is measured by a ``noop`` worker ("floor"). CLI tools are timed by wall
-clock around the process. Python applies are timed in this process, CLI applies around
-the tool process.
+in ``ru_maxrss``). Python baselines run in a worker that loads both images, then
+times only the delta call itself; our engines' worker times the call that reads the
+images and builds the delta (publish's worker function). Every peak includes the
+interpreter and both images; that level is measured by a ``noop`` worker ("floor").
+CLI tools are timed by wall clock around the process. Python applies are timed in this
+process, CLI applies around the tool process.
 
 Missing CLI tools (Debian packages ``xdelta3`` and ``zstd``) are installed with
 ``apt-get`` when running as root (unless ``--no-install``), else reported and their
@@ -56,7 +58,7 @@ import bsdiff4
 import zstandard
 
 from peer.delta import apply_delta
-from seeder.delta import ENGINES, build_delta
+from seeder.delta import ENGINES, build_delta_from_files
 
 __all__ = [
     "BASELINES",
@@ -108,12 +110,15 @@ def _worker(argv: list[str]) -> int:
     """Generate one delta: ``method base target out level``; print timing JSON."""
     method, base_path, target_path, out_path, level_s = argv
     level = int(level_s)
+    if method in ENGINES:  # publish's own worker function: it reads the images itself
+        start = time.perf_counter()
+        delta = build_delta_from_files(method, Path(base_path), Path(target_path),
+                                       level=level)
+        return _worker_done(out_path, delta, time.perf_counter() - start)
     base = Path(base_path).read_bytes()
     target = Path(target_path).read_bytes()
     start = time.perf_counter()
-    if method in ENGINES:
-        delta = build_delta(method, base, target, level=level)
-    elif method == "bsdiff4":
+    if method == "bsdiff4":
         delta = bsdiff4.diff(base, target)
     elif method == "full-zstd":
         delta = zstandard.ZstdCompressor(level=level).compress(target)
@@ -122,7 +127,10 @@ def _worker(argv: list[str]) -> int:
     else:
         print(f"unknown method {method!r}", file=sys.stderr)
         return 2
-    seconds = time.perf_counter() - start
+    return _worker_done(out_path, delta, time.perf_counter() - start)
+
+
+def _worker_done(out_path: str, delta: bytes, seconds: float) -> int:
     Path(out_path).write_bytes(delta)
     print(json.dumps({"seconds": seconds, "vmhwm_kib": _vmhwm_kib()}))
     return 0
@@ -512,7 +520,7 @@ def run_bench(images: Sequence[tuple[str, Path]], *, work_dir: Path, repeat: int
         "rss_source": runner.rss_source,
         "notes": [
             "sizes are deterministic; times are medians over `repeat` runs",
-            "our generation times come from seeder.delta.build_delta and include its "
+            "our generation times come from seeder.delta.build_delta_from_files and include its "
             "verification apply",
             "python peak RSS includes the interpreter and both images (see floor_rss_kib)",
             "CLI times are wall clock around the tool process",
@@ -624,7 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m bench.delta",
-        description="Compare our delta engines (seeder.delta.build_delta) with xdelta3, "
+        description="Compare our delta engines (seeder.delta.build_delta_from_files) with xdelta3, "
                     "zstd --patch-from and stock bsdiff4 on every base -> newer pair of "
                     "the real rootfs images: payload bytes, generation time, peak "
                     "memory, apply time, round trip. Writes delta.json and delta.md.",

@@ -23,10 +23,11 @@ never published.
 
 :func:`build_best_delta` runs each engine in its own worker process (at most two at a
 time, and never two bsdiff runs at once) and keeps the smallest. Memory: each worker
-holds the base and the target plus its engine's working set (bsdiff-zstd: HDiffPatch's
-suffix array, the LZMA2 match finder of a 4 MiB dictionary, zstd with the base as
-prefix);
-the calling process holds only the finished deltas.
+reads the images itself (:func:`build_delta_from_files`) and holds each only while it
+needs it: while compressing, bsdiff-zstd holds the base once (as zstd's prefix), not the
+target, beside its engine's working set (the LZMA2 match finder of a 3 MiB dictionary
+and zstd's binary tree over the base); the calling process holds only the finished
+deltas.
 
 Errors: :class:`seeder.errors.PublishError` for bad input (a base missing, empty,
 unreadable or identical to the target, an unknown engine) or when no engine produced a
@@ -73,6 +74,7 @@ __all__ = [
     "Progress",
     "build_best_delta",
     "build_delta",
+    "build_delta_from_files",
     "file_digest",
 ]
 
@@ -97,25 +99,59 @@ def build_delta(engine: str, base: bytes, target: bytes, *,
         PublishError: unknown engine, ``level`` outside 1..22, an empty base, or the
             delta does not reproduce the target (a bug in an engine).
     """
+    return _build(engine, lambda: base, lambda: target, level)
+
+
+def build_delta_from_files(engine: str, base_path: Path, target_path: Path, *,
+                           level: int = DEFAULT_DELTA_LEVEL) -> bytes:
+    """:func:`build_delta` from image files: what publish runs in each worker process.
+
+    Holds less memory than the bytes API can (whose caller keeps both images): the
+    target is dropped once it is no longer needed (bsdiff's streams built, or compressed)
+    and checked afterwards by its SHA-256; the base is held once, as the zstd prefix,
+    while compressing, and read again to verify the delta.
+
+    Raises:
+        PublishError: as :func:`build_delta`; a file that cannot be read; the base
+            changed on disk while the delta was built (the verification fails).
+    """
+    return _build(engine, lambda: _read_image(base_path, "delta base"),
+                  lambda: _read_image(target_path, "image"), level)
+
+
+def _build(engine: str, load_base: Callable[[], bytes], load_target: Callable[[], bytes],
+           level: int) -> bytes:
+    """Build and verify one delta. Keeps each image only as long as it is needed, so
+    the memory is freed when the loaders return fresh objects (see
+    :func:`build_delta_from_files`)."""
     if engine not in ENGINES:
         raise PublishError(f"unknown delta engine {engine!r}; choose from {list(ENGINES)}")
     if not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
         raise PublishError(f"zstd level {level} outside 1..{zstandard.MAX_COMPRESSION_LEVEL}")
+    base = load_base()
     if not base:
         raise PublishError("the delta base is empty")
+    target = load_target()
+    target_size, target_sha = len(target), hashlib.sha256(target).digest()
     if engine == "bsdiff-zstd":
-        control, diff, extra = _bsdiff_streams(base, target)
+        streams = _bsdiff_streams(base, target)
+        del target
         _return_free_memory()  # HDiffPatch's suffix array
-        delta = _bsdiff_container(base, control, diff, extra, len(target), level)
-        del control, diff, extra  # ~the target's size: not needed to verify
-        _return_free_memory()
+    prefix, base_size = ZstdDict(base, is_raw=True), len(base)  # a copy of the base
+    del base
+    if engine == "bsdiff-zstd":
+        delta = _bsdiff_container(prefix, base_size, *streams, target_size, level)
+        del streams  # ~the target's size: not needed to verify
     else:
-        delta = _zstd_patch(base, target, level)
+        delta = _zstd_patch(prefix, base_size, target, level)
+        del target
+    del prefix
+    _return_free_memory()
     try:
-        rebuilt = apply_delta(engine, base, delta, target_size=len(target))
+        rebuilt = apply_delta(engine, load_base(), delta, target_size=target_size)
     except DeltaError as exc:
         raise PublishError(f"{engine} delta does not apply to its own base: {exc}") from exc
-    if rebuilt != target:
+    if hashlib.sha256(rebuilt).digest() != target_sha:
         raise PublishError(f"{engine} delta does not reproduce the target")
     return delta
 
@@ -233,37 +269,39 @@ def _return_free_memory() -> None:
         pass
 
 
-def _zstd_patch(base: bytes, target: bytes, level: int, *, span: int = 0,
-                hash_log: int | None = None) -> bytes:
-    """One zstd frame of ``target`` with ``base`` as prefix (``zstd --patch-from``); the
-    window covers the larger image, or ``span`` bytes if larger; ``hash_log`` caps the
-    hash table (``None``: the level's own)."""
-    largest = max(len(base), len(target), span, 2)
+def _zstd_patch(prefix: ZstdDict, base_size: int, target: bytes, level: int, *,
+                span: int = 0, hash_log: int | None = None,
+                long_distance: bool = True) -> bytes:
+    """One zstd frame of ``target`` with the base (``prefix``, ``base_size`` bytes) as
+    prefix (``zstd --patch-from``); the window covers the larger image, or ``span`` bytes
+    if larger; ``hash_log`` caps the hash table (``None``: the level's own);
+    ``long_distance`` turns long-distance matching on (else explicitly off)."""
+    largest = max(base_size, len(target), span, 2)
     window_log = min(_MAX_WINDOW_LOG, max(_MIN_WINDOW_LOG, math.ceil(math.log2(largest))))
     options: dict[int, int] = {
         CompressionParameter.compression_level: level,
         CompressionParameter.window_log: window_log,
-        CompressionParameter.enable_long_distance_matching: 1,
+        # 1 on, 2 off (0 would mean "zstd decides")
+        CompressionParameter.enable_long_distance_matching: 1 if long_distance else 2,
         CompressionParameter.content_size_flag: 1,
         CompressionParameter.checksum_flag: 0,
     }
     if hash_log is not None:
         options[CompressionParameter.hash_log] = hash_log
     try:
-        return zstd_compress(target, options=options,
-                             zstd_dict=ZstdDict(base, is_raw=True).as_prefix)
+        return zstd_compress(target, options=options, zstd_dict=prefix.as_prefix)
     except ZstdError as exc:
         raise PublishError(f"zstd-patch compression failed: {exc}") from exc
 
 
-def _bsdiff_container(base: bytes, control: bytes, diff: bytes, extra: bytes,
-                      target_size: int, level: int) -> bytes:
+def _bsdiff_container(prefix: ZstdDict, base_size: int, control: bytes, diff: bytes,
+                      extra: bytes, target_size: int, level: int) -> bytes:
     """Compress bsdiff's raw streams into a version-2 ``bsdiff-zstd`` container."""
     stored_control = transpose_control(control)
     plain = zstandard.ZstdCompressor(level=level, write_content_size=True)
     with ThreadPoolExecutor(max_workers=2) as threads:
         diff_body = threads.submit(_lzma2, diff, level)
-        extra_body = threads.submit(_zstd_prefixed, base, extra, level)
+        extra_body = threads.submit(_zstd_prefixed, prefix, base_size, extra, level)
         # The control stream is small: try both codecs, keep the smaller.
         control_codec, control_body = min(
             (CODEC_ZSTD, plain.compress(stored_control)),
@@ -286,8 +324,8 @@ def _bsdiff_streams(base: bytes, target: bytes) -> tuple[bytes, bytes, bytes]:
         return control, diff, extra
 
 
-ENCODER_DICT_BYTES = 4 * 1024 * 1024
-_EXTRA_HASH_LOG = 21
+ENCODER_DICT_BYTES = 3 * 1024 * 1024
+_EXTRA_HASH_LOG = 19
 assert ENCODER_DICT_BYTES <= LZMA2_DICT_BYTES
 
 
@@ -297,10 +335,12 @@ def _lzma2(data: bytes, level: int, *, lc: int = 3) -> bytes:
     ``lc=3``, ``pb=0`` measured best on bsdiff diff streams (byte differences, no
     alignment; lc=3 saved 33-321 bytes over lc=2 on the real pairs with a 4 MiB
     dictionary); ``lc=0`` on transposed control streams. The dictionary is at most
-    :data:`ENCODER_DICT_BYTES` (the match finder needs ~10x it): on the real images a
+    :data:`ENCODER_DICT_BYTES` (the match finder needs ~11x it): on the real images a
     4 MiB dictionary gave the same size as 16 MiB (273,097 vs 273,136 bytes for the
-    diff stream of 3.0.17 -> 3.0.22) in a third of the memory; 1 MiB cost 1%. Devices
-    decode with :data:`peer.delta.LZMA2_DICT_BYTES`, which covers it."""
+    diff stream of 3.0.17 -> 3.0.22) in a third of the memory, and 3 MiB the same again
+    (-310, -20 and +148 bytes on the three pairs) in 9 MiB less, and 20% faster; 1 MiB
+    cost 1%. Devices decode with :data:`peer.delta.LZMA2_DICT_BYTES`, which covers
+    it."""
     preset = 9 | lzma.PRESET_EXTREME if level >= 17 else min(9, level // 2)
     dict_size = min(ENCODER_DICT_BYTES,
                     max(1 << 16, 1 << max(1, len(data) - 1).bit_length()))
@@ -309,26 +349,31 @@ def _lzma2(data: bytes, level: int, *, lc: int = 3) -> bytes:
          "pb": 0}])
 
 
-def _zstd_prefixed(base: bytes, data: bytes, level: int) -> bytes:
-    """One zstd frame of ``data`` with ``base`` as a raw prefix (long-distance matching).
+def _zstd_prefixed(prefix: ZstdDict, base_size: int, data: bytes, level: int) -> bytes:
+    """One zstd frame of ``data`` with the base as a raw prefix.
 
-    The hash table is capped at 2^21 entries (level 19 takes 2^22 at this window): the
-    same bytes on the real images' extra streams, 8-16 MiB less memory. (Capping the
-    chain table too cost ~300 bytes per delta.)"""
-    return _zstd_patch(base, data, level, span=len(base) + len(data),
-                       hash_log=_EXTRA_HASH_LOG)
+    Measured on the real images' extra streams (level 19, window 2^24): long-distance
+    matching found nothing the binary tree did not (same bytes; 8 MiB of tables), and a
+    hash table of 2^19 entries gave the same bytes as the level's 2^22 (12 MiB less; it
+    takes ~1 s longer, still less than the diff stream's LZMA2 beside it). Capping the
+    chain table (the tree, 64 MiB) cost 300-600 bytes per delta: kept."""
+    return _zstd_patch(prefix, base_size, data, level, span=base_size + len(data),
+                       hash_log=_EXTRA_HASH_LOG, long_distance=False)
+
+
+def _read_image(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise PublishError(f"cannot read {what} {path}: {exc}") from exc
 
 
 def _run_engine(engine: str, base_path: Path, target_path: Path,
                 level: int) -> tuple[bytes, float]:
-    """Worker process: read both images, build and verify one delta; return it and its time."""
-    try:
-        base = base_path.read_bytes()
-        target = target_path.read_bytes()
-    except OSError as exc:
-        raise PublishError(f"cannot read images for {engine}: {exc}") from exc
+    """Worker process: build and verify one delta from the image files; return it and
+    its time."""
     started = time.monotonic()
-    delta = build_delta(engine, base, target, level=level)
+    delta = build_delta_from_files(engine, base_path, target_path, level=level)
     return delta, time.monotonic() - started
 
 

@@ -33,7 +33,7 @@ from peer.delta import (
     transpose_control,
 )
 from peer.errors import InstallFailed
-from seeder.delta import ENGINES, build_best_delta, build_delta
+from seeder.delta import ENGINES, _build, build_best_delta, build_delta, build_delta_from_files
 from seeder.errors import PublishError
 from swarmota.demo import make_image, mutate_image
 
@@ -376,7 +376,7 @@ def test_version_2_header_byte_changes_only_raise_delta_error(
 
 def test_real_images_version_2_stays_well_below_stock_bsdiff() -> None:
     """Regression guard. The issue's target (<= 0.85 x the best other tool; measured
-    1,165,080 = 0.850 x stock bsdiff4 here) is checked by bench/delta.py: its margin
+    1,165,026 = 0.850 x stock bsdiff4 here) is checked by bench/delta.py: its margin
     on this pair is too thin to pin in a test that runs against whatever zstd/liblzma
     versions a fresh machine installs."""
     base, target = real_image("3.0.20"), real_image("3.0.22")
@@ -384,6 +384,26 @@ def test_real_images_version_2_stays_well_below_stock_bsdiff() -> None:
     assert delta[4] == 2
     assert len(delta) <= 1_192_557  # 0.87 x stock bsdiff4 (1,370,755) on this pair
     assert apply_delta("bsdiff-zstd", base, delta, target_size=len(target)) == target
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_delta_from_files_is_the_bytes_api_delta(engine: str, tmp_path: Path) -> None:
+    """Publish's workers build from files (holding less memory); same delta."""
+    (tmp_path / "v1.img").write_bytes(BASE)
+    (tmp_path / "v2.img").write_bytes(TARGET)
+    delta = build_delta_from_files(engine, tmp_path / "v1.img", tmp_path / "v2.img", level=3)
+    assert delta == build_delta(engine, BASE, TARGET, level=3)
+    with pytest.raises(PublishError, match="cannot read image"):
+        build_delta_from_files(engine, tmp_path / "v1.img", tmp_path / "v3.img", level=3)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_base_changed_while_building_is_never_published(engine: str) -> None:
+    """The base is read again to verify the delta: if it changed on disk meanwhile the
+    delta does not reproduce the target, and the build fails instead of shipping it."""
+    reads = iter([BASE, mutate_image(BASE, seed=99)])
+    with pytest.raises(PublishError, match=r"does not (reproduce|apply)"):
+        _build(engine, lambda: next(reads), lambda: TARGET, 3)
 
 
 # --- bad publisher input ------------------------------------------------------------------
