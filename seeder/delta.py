@@ -163,12 +163,14 @@ def build_best_delta(
     engines: Sequence[str] = ENGINES,
     level: int = DEFAULT_DELTA_LEVEL,
     progress: Progress | None = None,
+    finished: Progress | None = None,
 ) -> tuple[str, bytes, dict[str, int]]:
     """Build a delta from ``base_path`` to ``target_path`` with each engine; keep the smallest.
 
     Returns ``(engine, delta, sizes_by_engine)``. ``progress(message)`` is called as each
-    engine starts and finishes (with its size and time). An engine that fails (e.g. its
-    worker runs out of memory) is reported and skipped.
+    engine starts, and ``finished(message)`` (default: ``progress``) once as each engine
+    finishes (with its size and time) or fails. An engine that fails (e.g. its worker
+    runs out of memory) is reported and skipped.
 
     Raises:
         PublishError: a file is missing, unreadable, not a regular file or empty; the base
@@ -176,6 +178,7 @@ def build_best_delta(
             an unknown one; ``level`` is outside 1..22; or no engine produced a delta.
     """
     say = progress if progress is not None else _log_progress
+    done = finished if finished is not None else say
     engines = tuple(engines)
     unknown = [e for e in engines if e not in ENGINES]
     if not engines or unknown or len(set(engines)) != len(engines):
@@ -214,12 +217,12 @@ def build_best_delta(
                 delta, seconds = future.result()
             except (PublishError, BrokenProcessPool, MemoryError, OSError) as exc:
                 failures.append(f"{engine}: {exc}")
-                say(f"delta {name}: {engine} failed: {exc}")
+                done(f"delta {name}: {engine} failed: {exc}")
                 log.warning("delta engine %s failed on %s: %s", engine, base_path, exc)
                 continue
             sizes[engine] = len(delta)
             deltas[engine] = delta
-            say(f"delta {name}: {engine} {len(delta)} bytes in {seconds:.1f} s")
+            done(f"delta {name}: {engine} {len(delta):,} bytes in {seconds:.1f} s")
     if not deltas:
         raise PublishError(f"no delta engine produced a delta from {base_path}: "
                            f"{'; '.join(failures)}")

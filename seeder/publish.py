@@ -47,7 +47,7 @@ from manifest import (
 )
 from manifest.release import MAX_IMAGE_SIZE_BYTES
 from peer.swarm import make_torrent
-from seeder.delta import Progress, build_best_delta, file_digest
+from seeder.delta import ENGINES, Progress, build_best_delta, file_digest
 from seeder.errors import PublishError, RepositoryError
 from seeder.repository import Repository
 
@@ -105,8 +105,10 @@ def publish_release(
     from that base to ``image`` (:func:`seeder.delta.build_best_delta`, checked to
     rebuild the image) is stored as ``payloads/<sha256>.<ext>`` and listed after the
     full payload as a ``delta`` payload naming its base by size and SHA-256.
-    ``progress(message)`` receives a line as each delta engine starts and finishes;
-    ``on_delta`` a :class:`DeltaSummary` per delta built.
+    ``progress(message)`` receives a line as each step starts and finishes, prefixed
+    with a bar of the steps done (compressing the image, each delta engine per base,
+    signing): ``[#####---------------] 1/4 full payload: ...``; ``on_delta`` a
+    :class:`DeltaSummary` per delta built.
 
     Every payload gets a BitTorrent v2 torrent (:func:`attach_torrent`), piece size equal
     to its chunk size, written beside it as ``<payload path>.torrent``; its info-hash is
@@ -143,7 +145,11 @@ def publish_release(
     if existing is not None:
         return _same_release_or_raise(existing, image, release_counter, compat, base_shas)
 
+    steps = _Steps(progress, 2 + len(base_infos) * len(ENGINES))
+    steps.note(f"compressing {image.name} ({image_size:,} bytes, zstd level {zstd_level})")
     image_info, payload = build_full_payload(image, repo.origin_dir, zstd_level=zstd_level)
+    steps.finish(f"full payload: {payload.size:,} bytes "
+                 f"({payload.size / max(1, image_size):.1%} of the image)")
     if image_info.size != image_size:
         raise PublishError(f"image {image} changed size while it was being published")
     def with_torrent(p: Payload) -> Payload:
@@ -154,7 +160,7 @@ def publish_release(
     payloads = [payload]
     for base_path, base_info in base_infos.items():
         engine, delta, sizes = build_best_delta(base_path, image, level=zstd_level,
-                                                progress=progress)
+                                                progress=steps.note, finished=steps.finish)
         delta_payload = with_torrent(store_payload(repo.origin_dir, delta, kind="delta",
                                                    encoding=engine, base=base_info))
         del delta
@@ -182,10 +188,32 @@ def publish_release(
             return _same_release_or_raise(existing, image, release_counter, compat,
                                           base_shas)
         repo.add_target(name, data, now=now)
+    steps.finish(f"signed {name} (targets, snapshot, timestamp)")
     log.info("published %s (counter %d): payload %s, %d bytes, %d chunks, %d deltas",
              name, release_counter, payload.path, payload.size, payload.chunk_count,
              len(payloads) - 1)
     return manifest
+
+
+class _Steps:
+    """Counts the steps of one publish and prefixes each progress line with a bar."""
+
+    _BAR = 20
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self._progress = progress
+        self._total = total
+        self._done = 0
+
+    def note(self, message: str) -> None:
+        if self._progress is not None:
+            filled = self._BAR * self._done // self._total
+            self._progress(f"[{'#' * filled}{'-' * (self._BAR - filled)}] "
+                           f"{self._done}/{self._total} {message}")
+
+    def finish(self, message: str) -> None:
+        self._done = min(self._total, self._done + 1)
+        self.note(message)
 
 
 def attach_torrent(origin_dir: Path, payload: Payload, *, web_seed_url: str | None = None,

@@ -86,7 +86,7 @@ def test_best_delta_keeps_the_smallest_and_reports_progress(tmp_path: Path) -> N
     assert apply_delta(engine, BASE, delta, target_size=len(TARGET)) == TARGET
     for name in ENGINES:
         assert any(name in m and "started" in m for m in messages)
-        assert any(name in m and f"{sizes[name]} bytes" in m for m in messages)
+        assert any(name in m and f"{sizes[name]:,} bytes" in m for m in messages)
 
 
 def test_real_images_round_trip_with_both_engines() -> None:

@@ -303,6 +303,10 @@ def test_delta_summaries_and_progress_are_reported(repo: Repository,
     assert summary.sizes_by_engine[summary.payload.encoding] == summary.payload.size
     assert len(summary.sizes_by_engine) == 2
     assert any("started" in m for m in messages)
+    # One bar for the whole publish: image, two engines for the one base, signing.
+    assert messages[0].startswith("[--------------------] 0/4 compressing")
+    assert messages[-1].startswith("[####################] 4/4 signed releases/")
+    assert [m.split()[1] for m in messages if "bytes in" in m] == ["2/4", "3/4"]
 
 
 def test_bad_delta_bases_are_refused_before_any_work(repo: Repository,
