@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["build_parser", "main"]
 
@@ -32,7 +34,36 @@ def build_parser() -> argparse.ArgumentParser:
     tracker_cli.add_parser(sub)
     peer_cli.add_parser(sub)
     demo.add_parser(sub)
+    _add_bench_parser(sub)
     return parser
+
+
+BENCHMARKS = ("fleet", "swarm", "delta")
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bench = sub.add_parser(
+        "bench", help="run a benchmark from the source checkout (bench/)",
+        description="Run a benchmark of bench/ (a source checkout is needed): fleet (a "
+                    "shaped network namespace, root), swarm (loopback) or delta (needs "
+                    "../shared/data). Arguments after the name go to the benchmark; "
+                    "'swarmota bench fleet --help' lists them.")
+    bench.add_argument("name", choices=BENCHMARKS)
+    bench.add_argument("args", nargs=argparse.REMAINDER,
+                       help="arguments for the benchmark")
+    bench.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    """Benchmarks are not part of the installed package: run ``python -m bench.NAME``
+    in the checkout this ``swarmota`` was installed from."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / f"{args.name}.py").is_file():
+        print(f"swarmota bench: {root / 'bench'} not found: benchmarks run from a source "
+              "checkout (pip install -e .)", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, "-m", f"bench.{args.name}", *args.args],
+                           cwd=root)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
