@@ -28,6 +28,8 @@ ship a wrong image.
 
 from __future__ import annotations
 
+import itertools
+import operator
 import struct
 
 import hdiffpatch
@@ -137,12 +139,26 @@ def _trim(base: bytes, target: bytes, cover: Cover) -> Cover:
 
 
 def _edge_cut(base: bytes, target: bytes, old: int, new: int, limit: int, step: int) -> int:
-    score = best = cut = 0
-    for k in range(limit):
-        score += 1 if base[old + k * step] != target[new + k * step] else -1
-        if score > best:
-            best, cut = score, k + 1
-    return cut
+    """How many bytes to cut at one cover edge: the shortest prefix (walking from the
+    edge by ``step``) where mismatches outnumber matches the most. Running score +1 per
+    mismatching byte, -1 per match; the cut ends at its first strict maximum above 0.
+
+    Vectorised: the bytes' XOR marks mismatches; cumulative sums run in C."""
+    if limit <= 0:
+        return 0
+    if step > 0:
+        a, b = base[old:old + limit], target[new:new + limit]
+    else:
+        a, b = base[old - limit + 1:old + 1][::-1], target[new - limit + 1:new + 1][::-1]
+    xor = (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(limit, "little")
+    # score after k+1 bytes = 2 * mismatches - (k + 1)
+    scores = list(map(operator.sub, itertools.accumulate(xor.translate(_MISMATCH_TWO)),
+                      range(1, limit + 1)))
+    best = max(scores)
+    return scores.index(best) + 1 if best > 0 else 0
+
+
+_MISMATCH_TWO = bytes([0] + [2] * 255)  # byte XOR -> 2 if the bytes differ, else 0
 
 
 def _streams(base: bytes, target: bytes, covers: list[Cover]) -> tuple[bytes, bytes, bytes]:

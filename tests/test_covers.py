@@ -110,3 +110,30 @@ def test_unreadable_hdiffpatch_output_falls_back_to_bsdiff4(
     delta = build_delta("bsdiff-zstd", base, target, level=3)
     assert apply_delta("bsdiff-zstd", base, delta, target_size=len(target)) == target
     assert "using bsdiff4" in caplog.text
+
+
+def _edge_cut_reference(base: bytes, target: bytes, old: int, new: int, limit: int,
+                        step: int) -> int:
+    """bsdiff's edge rule as a plain loop: +1 per mismatch, -1 per match, cut at the first
+    strict maximum above zero."""
+    score = best = cut = 0
+    for k in range(limit):
+        score += 1 if base[old + k * step] != target[new + k * step] else -1
+        if score > best:
+            best, cut = score, k + 1
+    return cut
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=st.binary(min_size=1, max_size=300), flips=st.lists(st.integers(0, 299), max_size=60),
+       step=st.sampled_from([1, -1]), data=st.data())
+def test_vectorised_edge_cut_is_bsdiffs_rule(a: bytes, flips: list[int], step: int,
+                                             data: st.DataObject) -> None:
+    b = bytearray(a)
+    for i in flips:
+        if i < len(b):
+            b[i] ^= 0x5A
+    limit = data.draw(st.integers(0, len(a)))
+    edge = 0 if step > 0 else len(a) - 1
+    assert covers._edge_cut(a, bytes(b), edge, edge, limit, step) == \
+        _edge_cut_reference(a, bytes(b), edge, edge, limit, step)
