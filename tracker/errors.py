@@ -4,6 +4,11 @@
      +-- RequestError              bad input from a client or an operator: malformed,
      |                             oversized or out-of-range values; ``str(exc)`` is safe
      |                             to send back as the HTTP 400 body
+     +-- ConflictError             an operator action that does not apply to the current
+     |                             state (e.g. resume a rollout that is not paused, create
+     |                             a second rollout of a release): HTTP 409
+     +-- AuthError                 an admin request without a valid token (HTTP 401) or
+     |                             with too small a role (``forbidden``: HTTP 403)
      +-- StorageError              the SQLite database failed (wraps ``sqlite3.Error`` and
           |                        ``OSError``; the original is chained as ``__cause__``)
           +-- ReleaseConflictError a release with the same product and version, or the
@@ -17,6 +22,8 @@ Foreign exceptions are translated where the foreign library is called: ``sqlite3
 from __future__ import annotations
 
 __all__ = [
+    "AuthError",
+    "ConflictError",
     "ReleaseConflictError",
     "RequestError",
     "StorageError",
@@ -30,6 +37,18 @@ class TrackerError(Exception):
 
 class RequestError(TrackerError):
     """Input that the tracker refuses; the message names the fault and is client-safe."""
+
+
+class ConflictError(TrackerError):
+    """An action that the current state does not allow; the message is client-safe."""
+
+
+class AuthError(TrackerError):
+    """An admin request refused: no or bad token (401) or too small a role (403)."""
+
+    def __init__(self, message: str, *, forbidden: bool = False) -> None:
+        super().__init__(message)
+        self.forbidden = forbidden
 
 
 class StorageError(TrackerError):
