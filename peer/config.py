@@ -18,6 +18,7 @@ __all__ = ["DOWNLOAD_MODES", "DeviceConfig", "load_config", "save_config"]
 DOWNLOAD_MODES = ("swarm", "direct")
 
 _DEVICE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_NETWORK_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class DeviceConfig:
     swarm_min_rate_bytes_per_s: int = 32 * 1024
     swarm_timeout_s: float = 1800.0
     swarm_waste_budget_bytes: int = 16 * 1024 * 1024
+    # --- LAN-first hand-out: an opaque id of the home network (e.g. a hash of the
+    # gateway's address) and a coarse region, sent at check-in when set
+    network_id: str | None = None
+    region: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,6 +87,11 @@ class DeviceConfig:
             raise ConfigError("seed_time_s must be >= 0, swarm_stall_s and swarm_timeout_s > 0")
         if not 0 <= self.min_battery_percent_to_upload <= 100:
             raise ConfigError("min_battery_percent_to_upload must be within 0..100")
+        for name in ("network_id", "region"):
+            value = getattr(self, name)
+            if value is not None and not _NETWORK_ID_RE.fullmatch(value):
+                raise ConfigError(f"{name} must be 1-64 chars of A-Z a-z 0-9 . _ : -, "
+                                  f"got {value!r}")
 
     @property
     def swarm_listen_host_port(self) -> tuple[str, int]:

@@ -237,3 +237,13 @@ def test_bad_plans_are_refused(bad: dict[str, object]) -> None:
 def test_plans_round_trip_through_json() -> None:
     plan = RolloutPlan(canary_devices=("a", "b"), stages_percent=(5, 100), max_in_flight=3)
     assert RolloutPlan.from_json(plan.to_json()) == plan
+
+
+def test_the_canary_stage_never_advances_without_its_canaries() -> None:
+    plan = RolloutPlan(canary_devices=("c1", "c2", "c3"), min_successes=2, soak_s=10)
+    state, _ = new_rollout("r", "p", "2.0.0", 2, plan, 0.0)
+    assert tick(state, 1e6)[0].stage == 0          # nobody checked in, however long
+    result = admit(state, "c1", None, 1.0)
+    assert result.admission is not None
+    state, _, _ = on_report(result.state, result.admission, 0, 2.0)
+    assert tick(state, 1e6)[0].stage == 0          # one success of the two needed

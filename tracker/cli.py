@@ -25,9 +25,11 @@ import trio
 
 from infra.http_serve import ListenConfig, parse_listen
 from manifest import MAX_MANIFEST_BYTES, ManifestFormatError, parse_release_manifest
+from tracker.catalogue import register_release
 from tracker.config import DEFAULT_POLL_AFTER_S, TrackerConfig
-from tracker.errors import RequestError, StorageError
+from tracker.errors import ConflictError, RequestError, StorageError
 from tracker.protocol import DEVICE_ID_RE, STATUS_NAMES, Release
+from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
 from tracker.store import SqliteStore
 
@@ -89,6 +91,20 @@ def add_parser(subparsers: Any) -> None:
                     "the server runs.",
     )
     _add_db(add, "created if it does not exist")
+    add.add_argument("--rollout", choices=("staged", "all", "none"), default="staged",
+                     help="start its rollout: 'staged' (default): the canary devices "
+                          "(--canary), then 1%%, 10%%, 50%%, 100%% of the fleet "
+                          "(--stages), each after a soak time (--soak-s) and enough "
+                          "successes, halting by itself on failures; 'all': every "
+                          "device at once (auto-halt still on); 'none': register only "
+                          "(offered to nobody until a rollout is created)")
+    add.add_argument("--canary", metavar="DEVICE_ID", action="append", type=_device_arg,
+                     default=[], help="a canary device (repeat for several)")
+    add.add_argument("--stages", metavar="P1,P2,...", type=_stages_arg,
+                     default=RolloutPlan().stages_percent,
+                     help="stage percentages, increasing, ending at 100 (default 1,10,50,100)")
+    add.add_argument("--soak-s", metavar="S", type=float, default=RolloutPlan().soak_s,
+                     help=f"seconds each stage runs at least (default {RolloutPlan().soak_s:g})")
     add.add_argument("manifest", metavar="MANIFEST_FILE", type=Path,
                      help="release manifest JSON file")
     add.set_defaults(func=cmd_release_add)
@@ -169,9 +185,19 @@ def cmd_release_add(args: argparse.Namespace) -> int:
         print(f"error: {path} is not a valid release manifest: {exc}", file=sys.stderr)
         return 2
     try:
+        plan = None
+        if args.rollout == "all":
+            plan = RolloutPlan.everyone()
+        elif args.rollout == "staged":
+            plan = RolloutPlan(canary_devices=tuple(args.canary),
+                               stages_percent=args.stages, soak_s=args.soak_s)
+    except RequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         with SqliteStore(args.db) as store:
-            added = store.add_release(release)
-    except StorageError as exc:  # ReleaseConflictError included: it says what clashes
+            added, rollout = register_release(store, release, plan)
+    except (StorageError, ConflictError) as exc:  # ReleaseConflictError says what clashes
         print(f"error: {exc}", file=sys.stderr)
         return 1
     what = "added" if added else "already registered:"
@@ -180,6 +206,14 @@ def cmd_release_add(args: argparse.Namespace) -> int:
     for swarm in release.swarms:
         print(f"  swarm {swarm.payload_kind}: info-hash {swarm.info_hash} "
               f"(announced as {swarm.announce_hash.hex()})")
+    if rollout is None:
+        print("no rollout: offered to nobody until one is created")
+    elif rollout.plan == RolloutPlan.everyone():
+        print("rollout: every device at once")
+    else:
+        names = rollout.plan.stage_names[0 if rollout.plan.canary_devices else 1:]
+        print(f"rollout {rollout.rollout_id}: {rollout.phase} at stage {rollout.stage_name} "
+              f"of {', '.join(names)}")
     return 0
 
 
@@ -251,6 +285,15 @@ def _poll_arg(text: str) -> int:
     if not 0 <= value <= _MAX_POLL_AFTER_S:
         raise argparse.ArgumentTypeError(f"{value} outside 0..{_MAX_POLL_AFTER_S}")
     return value
+
+
+def _stages_arg(text: str) -> tuple[float, ...]:
+    try:
+        stages = tuple(float(p) for p in text.split(","))
+        RolloutPlan(stages_percent=stages)
+    except (ValueError, RequestError) as exc:
+        raise argparse.ArgumentTypeError(f"bad stages {text!r}: {exc}") from None
+    return stages
 
 
 def _device_arg(text: str) -> str:

@@ -28,7 +28,7 @@ Rules, all decided here and nowhere else:
 - **Reports** (:func:`on_report`): status 0 counts as a success; 10, 20 and 30 (install
   errors) as failures; 40 (post-reboot health check failed, the device rolled back) as a
   rollback, which counts as a failure for halting. A device counts once, by its latest
-  report.
+  report; a report repeating the device's current status (a replay) changes nothing.
 - **Auto-halt**: after every report, an ``active`` or ``paused`` rollout halts when its
   failures (failed + rolled back, over every stage) reach
   :attr:`RolloutPlan.halt_failure_count`, or when at least
@@ -37,8 +37,9 @@ Rules, all decided here and nowhere else:
 - **Advance** (:func:`tick`): an ``active`` rollout moves to the next stage when the
   current one has soaked for :attr:`RolloutPlan.soak_s`, has at least
   ``min(min_successes, devices admitted in it)`` successes and a success rate of at
-  least :attr:`RolloutPlan.min_success_rate` among its reports. A stage nobody was
-  admitted to advances after its soak time alone.
+  least :attr:`RolloutPlan.min_success_rate` among its reports. The canary stage needs
+  ``min(min_successes, number of canaries)`` successes, whoever has checked in; a
+  percentage stage nobody was admitted to advances after its soak time alone.
 
 Downgrades are not decided here: the caller only asks about releases whose counter is
 higher than the device's (see :func:`tracker.protocol.decide_offer`).
@@ -94,7 +95,7 @@ class RolloutPlan:
         canary_devices: device ids of stage 0 (empty: no canary stage).
         stages_percent: increasing percentages in (0, 100], the last one 100.
         min_successes: successes a stage needs before it advances (capped by the
-            number of devices admitted in it).
+            number of canaries, or of devices admitted in a percentage stage).
         min_success_rate: success rate (0..1) a stage needs among its reports.
         soak_s: seconds a stage runs at least before it advances.
         halt_min_sample: reports needed before the failure rate can halt the rollout.
@@ -360,6 +361,8 @@ def on_report(state: RolloutState, admission: Admission, status: int, now: float
               ) -> tuple[RolloutState, Admission, list[Decision]]:
     """Count a report of an admitted device; may halt the rollout."""
     new_status = "succeeded" if status == 0 else "rolled_back" if status == 40 else "failed"
+    if admission.status == new_status:
+        return state, admission, []  # a replay (or a repeat) changes nothing
     counters = state.counters
     if admission.status == "downloading":
         counters = _bump(counters, admission.stage, downloading=-1)
@@ -386,7 +389,8 @@ def tick(state: RolloutState, now: float) -> tuple[RolloutState, list[Decision]]
     if now - state.stage_started_at < plan.soak_s:
         return state, []
     current = state.counters[state.stage]
-    if current.succeeded < min(plan.min_successes, current.admitted):
+    population = len(plan.canary_devices) if state.stage == 0 else current.admitted
+    if current.succeeded < min(plan.min_successes, population):
         return state, []
     if current.reported and current.succeeded / current.reported < plan.min_success_rate:
         return state, []
