@@ -5,17 +5,31 @@
     swarmota tracker release list --db PATH
     swarmota tracker reports --db PATH [--device ID]
     swarmota tracker devices --db PATH
+    swarmota tracker admin token create --db PATH --role ROLE --name NAME [--expires-in-s N]
+    swarmota tracker admin [--url URL] [--token T] releases | fleet | audit
+    swarmota tracker admin [--url URL] [--token T] rollout list
+    swarmota tracker admin [--url URL] [--token T] rollout show PRODUCT VERSION
+    swarmota tracker admin [--url URL] [--token T] rollout create PRODUCT VERSION [plan]
+    swarmota tracker admin [--url URL] [--token T] rollout pause|resume|abort|force|revoke
+        PRODUCT VERSION
+
+The admin API commands read the token from ``--token`` or ``$SWARMOTA_TRACKER_TOKEN``
+and print the tracker's JSON answer.
 
 Every leaf command sets ``func(args) -> int``. Exit codes: 0 success, 1 runtime failure
-(storage, address in use, release conflict), 2 bad input (unreadable or invalid
-manifest file; argparse uses 2 for bad arguments too).
+(storage, address in use, release conflict, an admin API error such as 401/403/409),
+2 bad input (unreadable or invalid manifest file, invalid plan; argparse uses 2 for bad
+arguments too).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
+import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,13 +39,15 @@ import trio
 
 from infra.http_serve import ListenConfig, parse_listen
 from manifest import MAX_MANIFEST_BYTES, ManifestFormatError, parse_release_manifest
+from tracker.admin import ROLES, TOKEN_NAME_RE, hash_token, new_token
+from tracker.admin_client import AdminClient
 from tracker.catalogue import register_release
 from tracker.config import DEFAULT_POLL_AFTER_S, TrackerConfig
-from tracker.errors import ConflictError, RequestError, StorageError
+from tracker.errors import AdminApiError, ConflictError, RequestError, StorageError
 from tracker.protocol import DEVICE_ID_RE, STATUS_NAMES, Release
-from tracker.rollout import RolloutPlan
+from tracker.rollout import ACTIONS, RolloutPlan
 from tracker.server import serve_tracker
-from tracker.store import SqliteStore
+from tracker.store import AuditEntry, SqliteStore, TokenRecord
 
 __all__ = ["DEFAULT_LISTEN", "add_parser"]
 
@@ -131,6 +147,80 @@ def add_parser(subparsers: Any) -> None:
                     "version, release counter and last check-in time.")
     _add_db(devices, "must exist")
     devices.set_defaults(func=cmd_devices)
+
+    _add_admin_parser(tracker_sub)
+
+
+def _add_admin_parser(tracker_sub: Any) -> None:
+    admin = tracker_sub.add_parser(
+        "admin", help="the control plane: tokens, rollouts, fleet status, audit",
+        description="Create admin tokens (directly in the database), and call the "
+                    "tracker's admin API: list releases, create and steer rollouts, show "
+                    "fleet status and the audit log. Roles: viewer (read), operator "
+                    "(create, pause, resume, abort, force), admin (revoke, audit).")
+    admin.add_argument("--url", default=f"http://{DEFAULT_LISTEN}",
+                       help=f"tracker base URL (default http://{DEFAULT_LISTEN})")
+    admin.add_argument("--token", default=None,
+                       help="bearer token (default: $SWARMOTA_TRACKER_TOKEN)")
+    admin_sub = admin.add_subparsers(dest="admin_command", metavar="COMMAND", required=True)
+
+    token = admin_sub.add_parser("token", help="manage admin tokens")
+    token_sub = token.add_subparsers(dest="token_command", metavar="COMMAND", required=True)
+    create = token_sub.add_parser(
+        "create", help="create a token and print it once",
+        description="Create a bearer token with a role. Only its SHA-256 is stored: the "
+                    "token is printed once and cannot be shown again.")
+    _add_db(create, "created if it does not exist")
+    create.add_argument("--role", choices=ROLES, required=True)
+    create.add_argument("--name", required=True, type=_token_name_arg,
+                        help="who holds it (shown in the audit log)")
+    create.add_argument("--expires-in-s", type=float, default=None, metavar="S",
+                        help="expire after S seconds (default: never)")
+    create.set_defaults(func=cmd_token_create)
+
+    for name, what in (("releases", "registered releases and their rollout phase"),
+                       ("fleet", "devices per version, reports per status, bytes saved"),
+                       ("audit", "the audit log (admin role)")):
+        leaf = admin_sub.add_parser(name, help=f"show {what}")
+        leaf.set_defaults(func=functools.partial(_cmd_api, "GET", name, None))
+
+    rollout = admin_sub.add_parser("rollout", help="create, show and steer rollouts")
+    rollout_sub = rollout.add_subparsers(dest="rollout_command", metavar="COMMAND",
+                                         required=True)
+    listing = rollout_sub.add_parser("list", help="every rollout with per-stage counters")
+    listing.set_defaults(func=functools.partial(_cmd_api, "GET", "rollouts", None))
+    show = rollout_sub.add_parser("show", help="one rollout with per-stage counters")
+    _add_release_args(show)
+    show.set_defaults(func=lambda args: _cmd_api(
+        "GET", f"rollouts/{args.product}/{args.version}", None, args))
+    new = rollout_sub.add_parser(
+        "create", help="start the rollout of a registered release",
+        description="Start a rollout: canaries first (--canary), then percentage stages "
+                    "(--stages), each advancing after --soak-s seconds with at least "
+                    "--min-successes successes; halts by itself on failures. --everyone "
+                    "offers it to every device at once.")
+    _add_release_args(new)
+    new.add_argument("--everyone", action="store_true",
+                     help="one stage of 100%% (auto-halt stays on)")
+    new.add_argument("--canary", metavar="DEVICE_ID", action="append", type=_device_arg,
+                     default=[], help="a canary device (repeat for several)")
+    new.add_argument("--stages", metavar="P1,P2,...", type=_stages_arg, default=None,
+                     help="stage percentages ending at 100 (default 1,10,50,100)")
+    new.add_argument("--soak-s", metavar="S", type=float, default=None)
+    new.add_argument("--min-successes", metavar="N", type=int, default=None)
+    new.add_argument("--max-in-flight", metavar="N", type=int, default=None,
+                     help="devices at most offered or downloading at once (0: no cap)")
+    new.set_defaults(func=cmd_rollout_create)
+    for action in ACTIONS:
+        leaf = rollout_sub.add_parser(action, help=f"{action} a rollout"
+                                      + (" (admin role)" if action == "revoke" else ""))
+        _add_release_args(leaf)
+        leaf.set_defaults(func=functools.partial(_cmd_action, action))
+
+
+def _add_release_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("product")
+    parser.add_argument("version")
 
 
 # --- commands ---------------------------------------------------------------------------
@@ -262,7 +352,75 @@ def cmd_devices(args: argparse.Namespace) -> int:
                                   "LAST SEEN (UTC)"], rows, "no devices have checked in")
 
 
+def cmd_token_create(args: argparse.Namespace) -> int:
+    """Create a token in the database and print it once."""
+    token = new_token()
+    now = time.time()
+    expires_at = None if args.expires_in_s is None else now + args.expires_in_s
+    try:
+        with SqliteStore(args.db) as store:
+            store.add_token(TokenRecord(hash_token(token), args.name, args.role, now,
+                                        expires_at))
+            store.add_audit([AuditEntry(now, "cli", "token.create", args.name, "ok",
+                                        f"role {args.role}")])
+    except StorageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(token)
+    print(f"(role {args.role} for {args.name}; only its hash is stored: keep it now)",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_rollout_create(args: argparse.Namespace) -> int:
+    """POST a new rollout."""
+    plan: dict[str, Any] | str
+    if args.everyone:
+        plan = "everyone"
+    else:
+        plan = {"canary_devices": list(args.canary)}
+        for key, value in (("stages_percent", args.stages), ("soak_s", args.soak_s),
+                           ("min_successes", args.min_successes),
+                           ("max_in_flight", args.max_in_flight)):
+            if value is not None:
+                plan[key] = list(value) if key == "stages_percent" else value
+        try:
+            RolloutPlan.from_json(plan)
+        except RequestError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return _cmd_api("POST", "rollouts", {"product": args.product, "version": args.version,
+                                         "plan": plan}, args)
+
+
+def _cmd_action(action: str, args: argparse.Namespace) -> int:
+    return _cmd_api("POST", f"rollouts/{args.product}/{args.version}/{action}", None, args)
+
+
+def _cmd_api(method: str, path: str, body: Any, args: argparse.Namespace) -> int:
+    token = args.token or os.environ.get("SWARMOTA_TRACKER_TOKEN")
+    if not token:
+        print("error: no token: pass --token or set SWARMOTA_TRACKER_TOKEN",
+              file=sys.stderr)
+        return 2
+    try:
+        with AdminClient(args.url, token) as client:
+            answer = client.get(path) if method == "GET" else client.post(path, body)
+    except AdminApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, indent=2, sort_keys=True))
+    return 0
+
+
 # --- helpers ----------------------------------------------------------------------------
+
+
+def _token_name_arg(text: str) -> str:
+    if not TOKEN_NAME_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"invalid name {text!r}: 1-64 chars of "
+                                         "A-Z a-z 0-9 . _ @ -")
+    return text
 
 
 def _add_db(parser: argparse.ArgumentParser, note: str) -> None:

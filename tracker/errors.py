@@ -9,6 +9,9 @@
      |                             a second rollout of a release): HTTP 409
      +-- AuthError                 an admin request without a valid token (HTTP 401) or
      |                             with too small a role (``forbidden``: HTTP 403)
+     +-- AdminApiError             the admin API answered an error (``status``: the HTTP
+     |                             status, 0 if the tracker could not be reached); raised
+     |                             by :mod:`tracker.admin_client` (wraps ``httpx`` errors)
      +-- StorageError              the SQLite database failed (wraps ``sqlite3.Error`` and
           |                        ``OSError``; the original is chained as ``__cause__``)
           +-- ReleaseConflictError a release with the same product and version, or the
@@ -16,12 +19,14 @@
                                    content is already registered
 
 Foreign exceptions are translated where the foreign library is called: ``sqlite3`` in
-``tracker.store`` only. ``RuntimeError`` means a programming bug.
+``tracker.store`` only, ``httpx`` in ``tracker.admin_client`` only. ``RuntimeError``
+means a programming bug.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AdminApiError",
     "AuthError",
     "ConflictError",
     "ReleaseConflictError",
@@ -49,6 +54,14 @@ class AuthError(TrackerError):
     def __init__(self, message: str, *, forbidden: bool = False) -> None:
         super().__init__(message)
         self.forbidden = forbidden
+
+
+class AdminApiError(TrackerError):
+    """An admin API call failed; ``status`` is the HTTP status (0: no answer)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class StorageError(TrackerError):
