@@ -116,6 +116,10 @@ class MemoryStore:
             self.admissions[(state.rollout_id, a.device_id)] = a
         self.audit_log.extend(audit)
 
+    def in_flight(self, rollout_id: str, since: float) -> int:
+        return sum(1 for (r, _), a in self.admissions.items()
+                   if r == rollout_id and a.in_flight and a.updated_at >= since)
+
     def add_token(self, record: TokenRecord) -> None:
         self.tokens[record.token_hash] = record
 

@@ -188,7 +188,7 @@ async def test_downgrades_are_never_offered_and_the_newest_admitted_release_wins
 
 
 async def test_a_stage_caps_downloads_in_flight_and_paces_check_ins(
-        app: TrackerApp, store: SqliteStore) -> None:
+        app: TrackerApp, store: SqliteStore, clock: Clock) -> None:
     plan = RolloutPlan(stages_percent=(100.0,), min_successes=0, soak_s=0, max_in_flight=2)
     register_release(store, release(), plan, now=START)
     answers = [(await call(app, "POST", "/v1/checkin", checkin_body(f"d{i}")))[1]
@@ -200,6 +200,12 @@ async def test_a_stage_caps_downloads_in_flight_and_paces_check_ins(
     await call(app, "POST", "/v1/report", report_body("d0", 0))
     assert await offered(app, "d2") == "2.0.0"
     assert app.statistics().paced == 1
+    # d1 and d2 in flight: d3 waits, until they have been silent for the timeout.
+    assert await offered(app, "d3") is None
+    clock.now += plan.in_flight_timeout_s - 1
+    assert await offered(app, "d3") is None
+    clock.now += 2
+    assert await offered(app, "d3") == "2.0.0"
 
 
 # --- the swarm follows the rollout, LAN first -----------------------------------------------

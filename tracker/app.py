@@ -321,7 +321,11 @@ class TrackerApp:
                 continue  # registered but not rolled out: offered to nobody
             ticked, decisions = tick(state, now)
             admission = store.admission(state.rollout_id, checkin.device_id)
-            result = admit(ticked, checkin.device_id, admission, now)
+            in_flight = None
+            if admission is None and ticked.plan.max_in_flight:
+                in_flight = store.in_flight(state.rollout_id,
+                                            now - ticked.plan.in_flight_timeout_s)
+            result = admit(ticked, checkin.device_id, admission, now, in_flight=in_flight)
             changed = ([result.admission] if result.admission is not None
                        and result.admission != admission else [])
             if decisions or changed:

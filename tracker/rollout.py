@@ -102,6 +102,8 @@ class RolloutPlan:
         halt_failure_rate: failure rate (0..1) above which the rollout halts.
         halt_failure_count: failures at which the rollout halts whatever the rate.
         max_in_flight: devices at most offered or downloading at once (0: no cap).
+        in_flight_timeout_s: a device offered the release (or downloading) that has not
+            reported for this long no longer counts against ``max_in_flight``.
 
     Raises:
         RequestError: a value out of range.
@@ -116,6 +118,7 @@ class RolloutPlan:
     halt_failure_rate: float = 0.05
     halt_failure_count: int = 20
     max_in_flight: int = 0
+    in_flight_timeout_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if len(self.canary_devices) > MAX_CANARY_DEVICES:
@@ -141,8 +144,11 @@ class RolloutPlan:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 10**9:
                 raise RequestError(f"plan: {name} must be an integer within 0..10^9")
-        if not (isinstance(self.soak_s, int | float) and 0 <= self.soak_s <= 365 * 86400):
-            raise RequestError("plan: soak_s must be within 0..31536000")
+        for name in ("soak_s", "in_flight_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and not isinstance(value, bool)
+                    and 0 <= value <= 365 * 86400):
+                raise RequestError(f"plan: {name} must be within 0..31536000")
         if self.halt_failure_count < 1:
             raise RequestError("plan: halt_failure_count must be at least 1")
 
@@ -164,7 +170,8 @@ class RolloutPlan:
                 "halt_min_sample": self.halt_min_sample,
                 "halt_failure_rate": self.halt_failure_rate,
                 "halt_failure_count": self.halt_failure_count,
-                "max_in_flight": self.max_in_flight}
+                "max_in_flight": self.max_in_flight,
+                "in_flight_timeout_s": self.in_flight_timeout_s}
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> RolloutPlan:

@@ -313,6 +313,10 @@ class Store(Protocol):
         """Write a rollout's new state, changed admissions and audit entries at once."""
         ...
 
+    def in_flight(self, rollout_id: str, since: float) -> int:
+        """Devices offered or downloading, whose admission changed at or after ``since``."""
+        ...
+
     # --- control plane --------------------------------------------------------------------
 
     def add_token(self, record: TokenRecord) -> None:
@@ -557,6 +561,14 @@ class SqliteStore:
                 [(state.rollout_id, a.device_id, a.stage, a.status, a.updated_at)
                  for a in admissions])
             _insert_audit(conn, audit)
+
+    def in_flight(self, rollout_id: str, since: float) -> int:
+        with self._connection("count in flight") as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM rollout_devices WHERE rollout_id = ? AND status IN "
+                "('offered', 'downloading') AND updated_at >= ?",
+                (rollout_id, since)).fetchone()
+        return int(row[0])
 
     # --- control plane ------------------------------------------------------------------
 
