@@ -40,6 +40,8 @@ async def checkin(http: HttpClient, config: DeviceConfig, *, version: str,
         body["network_id"] = config.network_id
     if config.region is not None:
         body["region"] = config.region
+    if config.labels:
+        body["labels"] = list(config.labels)
     answer = await http.post_json(_url(config, "checkin"), body)
     poll = answer.get("poll_after_s", 3600)
     poll_after_s = poll if isinstance(poll, int) and 0 <= poll <= 7 * 86400 else 3600

@@ -14,7 +14,10 @@ from peer.errors import ConfigError
 from peer.http import HttpClient
 from peer.swarm_fetch import announce_urls
 from peer.tracker_client import checkin
+from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
+from tracker.protocol import Release
+from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
 from tracker.store import SqliteStore
 
@@ -30,9 +33,14 @@ async def test_network_id_and_region_are_declared_at_check_in_only_when_set(
     config = TrackerConfig(db_path=db, listen=ListenConfig(host="127.0.0.1", port=0))
     url = await nursery.start(functools.partial(serve_tracker, config))
     async with HttpClient(timeout_s=5) as http:
-        offer, _ = await checkin(http, device(url, network_id="gw-5f3a", region="eu-west"),
-                                 version="1.0.0", release_counter=1)
-        assert offer is None
+        config = DeviceConfig(device_id="dev-1", product="acme-router", hardware_id="hw1",
+                              origin_url="http://127.0.0.1:1", tracker_url=url,
+                              network_id="gw-5f3a", region="eu-west", labels=("beta",))
+        with SqliteStore(db) as store:
+            register_release(store, Release.create("acme-router", "2.0.0", 2),
+                             RolloutPlan(canary_label="beta"))
+        offer, _ = await checkin(http, config, version="1.0.0", release_counter=1)
+        assert offer is not None and offer.version == "2.0.0"  # a canary by its label
         with SqliteStore(db) as store:
             record = store.device("dev-1")
         assert record is not None and (record.network_id, record.region) == ("gw-5f3a",
@@ -46,6 +54,9 @@ async def test_network_id_and_region_are_declared_at_check_in_only_when_set(
 def test_bad_network_ids_are_refused_by_the_device_config() -> None:
     with pytest.raises(ConfigError, match="network_id"):
         device("http://127.0.0.1:1", network_id="spaces are not ok")
+    with pytest.raises(ConfigError, match="labels"):
+        DeviceConfig(device_id="d", product="p", hardware_id="h", origin_url="http://o",
+                     tracker_url="http://t", labels=("a/b",))
 
 
 def test_announce_urls_carry_the_device_id() -> None:

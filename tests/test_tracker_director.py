@@ -151,6 +151,18 @@ async def test_canaries_first_then_stages_with_soak_and_the_state_survives_a_res
     assert [e.action for e in store.audit()] == ["rollout.create", "rollout.stage-advanced"]
 
 
+async def test_devices_declaring_the_canary_label_are_canaries(
+        app: TrackerApp, store: SqliteStore) -> None:
+    register_release(store, release(), RolloutPlan(canary_label="beta"), now=START)
+    status, answer = await call(app, "POST", "/v1/checkin",
+                                {**checkin_body("dev-7"), "labels": ["lab", "beta"]})
+    assert status == 200 and answer["release"]["version"] == "2.0.0"
+    assert await offered(app, "dev-8") is None
+    status, answer = await call(app, "POST", "/v1/checkin",
+                                {**checkin_body("dev-9"), "labels": ["no spaces"]})
+    assert status == 400 and "checkin.labels" in answer["error"]
+
+
 async def test_failing_canaries_halt_the_rollout_and_nobody_new_gets_it(
         app: TrackerApp, store: SqliteStore, clock: Clock) -> None:
     canaries = ("c1", "c2", "c3", "c4")

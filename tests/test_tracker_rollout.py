@@ -247,3 +247,20 @@ def test_the_canary_stage_never_advances_without_its_canaries() -> None:
     assert result.admission is not None
     state, _, _ = on_report(result.state, result.admission, 0, 2.0)
     assert tick(state, 1e6)[0].stage == 0          # one success of the two needed
+
+
+def test_a_label_names_canaries_too_and_their_stage_needs_min_successes() -> None:
+    plan = RolloutPlan(canary_label="beta", min_successes=2, soak_s=0)
+    state, _ = new_rollout("r", "p", "2.0.0", 2, plan, 0.0)
+    assert state.stage_name == "canary"
+    assert not admit(state, "d1", None, 1.0).offer
+    admissions = []
+    for device in ("d1", "d2"):
+        result = admit(state, device, None, 1.0, labels=("home", "beta"))
+        assert result.offer and result.admission is not None and result.admission.stage == 0
+        state = result.state
+        admissions.append(result.admission)
+    state, _, _ = on_report(state, admissions[0], 0, 2.0)
+    assert tick(state, 3.0)[0].stage == 0
+    state, _, _ = on_report(state, admissions[1], 0, 2.0)
+    assert tick(state, 3.0)[0].stage_name == "1%"

@@ -325,7 +325,8 @@ class TrackerApp:
             if admission is None and ticked.plan.max_in_flight:
                 in_flight = store.in_flight(state.rollout_id,
                                             now - ticked.plan.in_flight_timeout_s)
-            result = admit(ticked, checkin.device_id, admission, now, in_flight=in_flight)
+            result = admit(ticked, checkin.device_id, admission, now, in_flight=in_flight,
+                           labels=checkin.labels)
             changed = ([result.admission] if result.admission is not None
                        and result.admission != admission else [])
             if decisions or changed:
@@ -723,7 +724,7 @@ def _open_to_all(state: RolloutState) -> bool:
     """Whether every device of the product may take the release now."""
     if state.phase == "forced":
         return True
-    return (state.phase == "active" and not state.plan.canary_devices
+    return (state.phase == "active" and not state.plan.has_canaries
             and state.plan.stages_percent == (100.0,))
 
 

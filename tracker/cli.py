@@ -116,6 +116,8 @@ def add_parser(subparsers: Any) -> None:
                           "(offered to nobody until a rollout is created)")
     add.add_argument("--canary", metavar="DEVICE_ID", action="append", type=_device_arg,
                      default=[], help="a canary device (repeat for several)")
+    add.add_argument("--canary-label", metavar="LABEL", default=None,
+                     help="devices declaring this label at check-in are canaries too")
     add.add_argument("--stages", metavar="P1,P2,...", type=_stages_arg,
                      default=RolloutPlan().stages_percent,
                      help="stage percentages, increasing, ending at 100 (default 1,10,50,100)")
@@ -204,6 +206,8 @@ def _add_admin_parser(tracker_sub: Any) -> None:
                      help="one stage of 100%% (auto-halt stays on)")
     new.add_argument("--canary", metavar="DEVICE_ID", action="append", type=_device_arg,
                      default=[], help="a canary device (repeat for several)")
+    new.add_argument("--canary-label", metavar="LABEL", default=None,
+                     help="devices declaring this label at check-in are canaries too")
     new.add_argument("--stages", metavar="P1,P2,...", type=_stages_arg, default=None,
                      help="stage percentages ending at 100 (default 1,10,50,100)")
     new.add_argument("--soak-s", metavar="S", type=float, default=None)
@@ -280,6 +284,7 @@ def cmd_release_add(args: argparse.Namespace) -> int:
             plan = RolloutPlan.everyone()
         elif args.rollout == "staged":
             plan = RolloutPlan(canary_devices=tuple(args.canary),
+                               canary_label=args.canary_label,
                                stages_percent=args.stages, soak_s=args.soak_s)
     except RequestError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -301,7 +306,7 @@ def cmd_release_add(args: argparse.Namespace) -> int:
     elif rollout.plan == RolloutPlan.everyone():
         print("rollout: every device at once")
     else:
-        names = rollout.plan.stage_names[0 if rollout.plan.canary_devices else 1:]
+        names = rollout.plan.stage_names[0 if rollout.plan.has_canaries else 1:]
         print(f"rollout {rollout.rollout_id}: {rollout.phase} at stage {rollout.stage_name} "
               f"of {', '.join(names)}")
     return 0
@@ -378,7 +383,7 @@ def cmd_rollout_create(args: argparse.Namespace) -> int:
     if args.everyone:
         plan = "everyone"
     else:
-        plan = {"canary_devices": list(args.canary)}
+        plan = {"canary_devices": list(args.canary), "canary_label": args.canary_label}
         for key, value in (("stages_percent", args.stages), ("soak_s", args.soak_s),
                            ("min_successes", args.min_successes),
                            ("max_in_flight", args.max_in_flight)):

@@ -39,6 +39,7 @@ __all__ = [
     "HARDWARE_ID_RE",
     "MAX_BODY_BYTES",
     "MAX_BYTES_COUNT",
+    "MAX_LABELS",
     "MAX_MESSAGE_CHARS",
     "MAX_RELEASE_COUNTER",
     "MAX_TIMINGS",
@@ -83,7 +84,8 @@ STATUS_NAMES: Mapping[int, str] = {
 """Device status codes (see ARCHITECTURE.md) and their display names."""
 
 _CHECKIN_KEYS = ("device_id", "product", "hardware_id", "version", "release_counter")
-_CHECKIN_OPTIONAL_KEYS = ("network_id", "region")
+_CHECKIN_OPTIONAL_KEYS = ("network_id", "region", "labels")
+MAX_LABELS = 16
 NETWORK_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _REPORT_KEYS = ("device_id", "product", "from_version", "to_version", "status", "message",
                 "bytes_origin", "bytes_peers", "timings_s")
@@ -99,7 +101,9 @@ class CheckIn:
     ``network_id`` (optional): an opaque id of the device's LAN, e.g. a hash of its
     gateway's address, so that the tracker can hand it peers of the same LAN first;
     ``region`` (optional): a coarse location, the next preference. Both match
-    :data:`NETWORK_ID_RE`.
+    :data:`NETWORK_ID_RE`. ``labels`` (optional, at most :data:`MAX_LABELS`, each
+    matching :data:`NETWORK_ID_RE`): groups the device is in, e.g. ``canary`` (a
+    rollout's canary group may be a label).
     """
 
     device_id: str
@@ -109,6 +113,7 @@ class CheckIn:
     release_counter: int
     network_id: str | None = None
     region: str | None = None
+    labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -229,6 +234,7 @@ def parse_checkin(data: bytes, *, max_bytes: int = MAX_BODY_BYTES) -> CheckIn:
                              MAX_RELEASE_COUNTER),
         network_id=_network_id(obj.get("network_id"), "checkin.network_id"),
         region=_network_id(obj.get("region"), "checkin.region"),
+        labels=_labels(obj.get("labels", []), "checkin.labels"),
     )
 
 
@@ -328,6 +334,20 @@ def _network_id(value: Any, where: str) -> str | None:
         raise RequestError(f"{where}: invalid id {_show(text)}: 1-64 chars of "
                            "A-Z a-z 0-9 . _ : -")
     return text
+
+
+def _labels(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise RequestError(f"{where}: expected a list, got {_kind(value)}")
+    if len(value) > MAX_LABELS:
+        raise RequestError(f"{where}: {len(value)} labels, limit {MAX_LABELS}")
+    labels = []
+    for item in value:
+        label = _network_id(item, where)
+        if label is None:
+            raise RequestError(f"{where}: expected strings, got null")
+        labels.append(label)
+    return tuple(labels)
 
 
 def _hardware_id(value: Any, where: str) -> str:
@@ -454,6 +474,8 @@ def checkin_to_json(checkin: CheckIn) -> dict[str, Any]:
         out["network_id"] = checkin.network_id
     if checkin.region is not None:
         out["region"] = checkin.region
+    if checkin.labels:
+        out["labels"] = list(checkin.labels)
     return out
 
 

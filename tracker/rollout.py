@@ -2,8 +2,9 @@
 
 A rollout releases one registered release to its product's fleet in stages:
 
-- stage 0, ``canary``: the devices named in :attr:`RolloutPlan.canary_devices` (if the
-  plan names none, the rollout starts at stage 1);
+- stage 0, ``canary``: the devices named in :attr:`RolloutPlan.canary_devices` and
+  those declaring the label :attr:`RolloutPlan.canary_label` at check-in (if the plan
+  has neither, the rollout starts at stage 1);
 - stages 1..n: percentages of the fleet (default 1, 10, 50, 100). A device's cohort is
   :func:`cohort_percent`, a deterministic hash of the rollout id and the device id, in
   ``[0, 100)``; the device belongs to the first stage whose percentage exceeds its
@@ -53,7 +54,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
@@ -62,6 +64,7 @@ from tracker.errors import ConflictError, RequestError
 __all__ = [
     "ACTIONS",
     "DEVICE_STATUSES",
+    "LABEL_RE",
     "PHASES",
     "Admission",
     "Decision",
@@ -85,6 +88,7 @@ IN_FLIGHT: Final = ("offered", "downloading")
 _OFFERING_TO_NEW: Final = ("active", "forced")
 _TERMINAL: Final = ("aborted", "revoked")
 MAX_CANARY_DEVICES: Final = 10_000
+LABEL_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,9 @@ class RolloutPlan:
     """How a rollout proceeds. Validated on construction.
 
     Attributes:
-        canary_devices: device ids of stage 0 (empty: no canary stage).
+        canary_devices: device ids of stage 0.
+        canary_label: devices declaring this label at check-in are in stage 0 too
+            (``None``: none; with neither, there is no canary stage).
         stages_percent: increasing percentages in (0, 100], the last one 100.
         min_successes: successes a stage needs before it advances (capped by the
             number of canaries, or of devices admitted in a percentage stage).
@@ -110,6 +116,7 @@ class RolloutPlan:
     """
 
     canary_devices: tuple[str, ...] = ()
+    canary_label: str | None = None
     stages_percent: tuple[float, ...] = (1.0, 10.0, 50.0, 100.0)
     min_successes: int = 10
     min_success_rate: float = 0.95
@@ -125,6 +132,9 @@ class RolloutPlan:
             raise RequestError(f"plan: at most {MAX_CANARY_DEVICES} canary devices")
         if len(set(self.canary_devices)) != len(self.canary_devices):
             raise RequestError("plan: a canary device is listed twice")
+        if self.canary_label is not None and not (
+                isinstance(self.canary_label, str) and LABEL_RE.fullmatch(self.canary_label)):
+            raise RequestError("plan: canary_label must be 1-64 chars of A-Z a-z 0-9 . _ : -")
         stages = self.stages_percent
         if not stages or len(stages) > 20:
             raise RequestError("plan: stages_percent needs 1..20 stages")
@@ -158,12 +168,17 @@ class RolloutPlan:
         return cls(stages_percent=(100.0,), min_successes=0, soak_s=0.0)
 
     @property
+    def has_canaries(self) -> bool:
+        return bool(self.canary_devices) or self.canary_label is not None
+
+    @property
     def stage_names(self) -> tuple[str, ...]:
         """``canary`` then ``1%``, ``10%`` ... (stage 0 exists even without canaries)."""
         return ("canary", *(f"{p:g}%" for p in self.stages_percent))
 
     def to_json(self) -> dict[str, Any]:
         return {"canary_devices": list(self.canary_devices),
+                "canary_label": self.canary_label,
                 "stages_percent": list(self.stages_percent),
                 "min_successes": self.min_successes,
                 "min_success_rate": self.min_success_rate, "soak_s": self.soak_s,
@@ -288,7 +303,7 @@ def new_rollout(rollout_id: str, product: str, version: str, release_counter: in
     """A fresh rollout: at the canary stage, or at stage 1 without canaries."""
     if not rollout_id or len(rollout_id) > 64:
         raise RequestError("rollout id must be 1..64 characters")
-    stage = 0 if plan.canary_devices else 1
+    stage = 0 if plan.has_canaries else 1
     state = RolloutState(rollout_id, product, version, release_counter, plan, "active",
                          stage, now, now, tuple(StageCounters() for _ in plan.stage_names))
     return state, Decision("created", f"{product} {version} at stage {state.stage_name}")
@@ -300,9 +315,12 @@ def cohort_percent(rollout_id: str, device_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64 * 100
 
 
-def stage_of(plan: RolloutPlan, rollout_id: str, device_id: str) -> int:
-    """The stage ``device_id`` belongs to: 0 for canaries, else 1..n by cohort."""
-    if device_id in plan.canary_devices:
+def stage_of(plan: RolloutPlan, rollout_id: str, device_id: str,
+             labels: Collection[str] = ()) -> int:
+    """The stage ``device_id`` (declaring ``labels``) belongs to: 0 for canaries, else
+    1..n by cohort."""
+    if device_id in plan.canary_devices or (plan.canary_label is not None
+                                            and plan.canary_label in labels):
         return 0
     cohort = cohort_percent(rollout_id, device_id)
     for index, percent in enumerate(plan.stages_percent, start=1):
@@ -323,8 +341,9 @@ class AdmitResult:
 
 
 def admit(state: RolloutState, device_id: str, admission: Admission | None, now: float,
-          *, in_flight: int | None = None) -> AdmitResult:
-    """Whether to offer the release to ``device_id`` now (``admission``: its record).
+          *, in_flight: int | None = None, labels: Collection[str] = ()) -> AdmitResult:
+    """Whether to offer the release to ``device_id`` now (``admission``: its record;
+    ``labels``: what it declared at check-in).
 
     ``in_flight`` is the number of devices offered or downloading right now (default:
     the counters' view); with a cap in the plan, a new device is paced (no offer,
@@ -341,7 +360,7 @@ def admit(state: RolloutState, device_id: str, admission: Admission | None, now:
                            "admitted before" if offer else f"rollout {state.phase}")
     if state.phase not in _OFFERING_TO_NEW:
         return AdmitResult(False, state, None, f"rollout {state.phase}")
-    stage = stage_of(state.plan, state.rollout_id, device_id)
+    stage = stage_of(state.plan, state.rollout_id, device_id, labels)
     if state.phase != "forced" and stage > state.stage:
         return AdmitResult(False, state, None, f"cohort in stage {stage}")
     cap = state.plan.max_in_flight
@@ -396,7 +415,11 @@ def tick(state: RolloutState, now: float) -> tuple[RolloutState, list[Decision]]
     if now - state.stage_started_at < plan.soak_s:
         return state, []
     current = state.counters[state.stage]
-    population = len(plan.canary_devices) if state.stage == 0 else current.admitted
+    if state.stage == 0:  # a labelled group's size is unknown: min_successes it is
+        population = (len(plan.canary_devices) if plan.canary_label is None
+                      else plan.min_successes)
+    else:
+        population = current.admitted
     if current.succeeded < min(plan.min_successes, population):
         return state, []
     if current.reported and current.succeeded / current.reported < plan.min_success_rate:
