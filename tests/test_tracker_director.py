@@ -257,7 +257,10 @@ async def test_announces_get_peers_only_for_devices_admitted_to_the_release(
     assert app.statistics().announces_refused == 2
     state = store.rollout_of(PRODUCT, "2.0.0")
     assert state is not None and state.counters[0].downloading == 1  # c1 joined the swarm
-    store.save_rollout(apply_action(state, "abort", 0.0)[0])
+    operator = token_for(store, "operator")
+    status, _ = await call(app, "POST", f"/v1/admin/rollouts/{PRODUCT}/2.0.0/abort",
+                           token=operator)
+    assert status == 200
     assert await announce(app, "c1", 7001) == []                  # aborted: nobody
 
 

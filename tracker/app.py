@@ -187,6 +187,11 @@ class TrackerApp:
             max_peers_total=config.max_peers_total)
         self._known_swarms: dict[bytes, SwarmInfo] = {}
         self._networks: OrderedDict[str, tuple[str | None, str | None]] = OrderedDict()
+        # The swarm gate's caches (announces are frequent): rollouts by release, for
+        # _ROLLOUT_CACHE_S (monotonic) or until this app changes a phase or stage; and
+        # devices known admitted and past "offered" (admission never ends by itself).
+        self._rollout_cache: dict[tuple[str, str], tuple[float, RolloutState | None]] = {}
+        self._admitted: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._bittorrent_routes: dict[str, Callable[[Scope], Awaitable[bytes]]] = {
             "/announce": self._announce,
             "/scrape": self._scrape,
@@ -290,6 +295,8 @@ class TrackerApp:
         offer, paced, decisions = await self._in_thread(
             lambda: self._decide_offer(checkin, now))
         self._count_decisions(decisions)
+        if decisions:
+            self._rollout_cache.clear()
         self._remember_network(checkin.device_id, checkin.network_id, checkin.region)
         self._checkins += 1
         if offer is not None:
@@ -344,6 +351,8 @@ class TrackerApp:
         now = self._clock()
         report_id, decisions = await self._in_thread(lambda: self._record_report(report, now))
         self._count_decisions(decisions)
+        if decisions:
+            self._rollout_cache.clear()
         self._reports += 1
         self._reports_by_status[report.status] += 1
         log.info("report %d from %s: %s -> %s status %d", report_id, report.device_id,
@@ -407,10 +416,13 @@ class TrackerApp:
             return self._admin_action(action, parts, record.name, body, now)
 
         try:
-            return await self._in_thread(run)
+            answer = await self._in_thread(run)
         except AuthError:
             self._admin_refused += 1
             raise
+        if method == "POST":
+            self._rollout_cache.clear()
+        return answer
 
     def _admin_action(self, action: str, parts: list[str], actor: str, body: bytes,
                       now: float) -> tuple[int, object]:
@@ -567,8 +579,17 @@ class TrackerApp:
             raise RequestError(f"unknown info_hash {request.announce_hash.hex()}: no "
                                "registered release has this swarm")
         now = self._clock()
-        allowed, network = await self._in_thread(lambda: self._swarm_gate(swarm, request,
-                                                                           now))
+        cached = self._cached_gate(swarm, request)
+        if cached is not None:
+            allowed, network = cached
+        else:
+            allowed, network, state, admitted = await self._in_thread(
+                lambda: self._swarm_gate(swarm, request, now))
+            self._rollout_cache[(swarm.product, swarm.version)] = (time.monotonic(), state)
+            if admitted and state is not None and request.device_id is not None:
+                self._remember(self._admitted, (state.rollout_id, request.device_id))
+            if request.device_id is not None:
+                self._remember_network(request.device_id, *network)
         if allowed:
             result = self.registry.announce(request, address.ip, *network)
             self._announces += 1
@@ -586,40 +607,65 @@ class TrackerApp:
                                min_interval_s=self._config.announce_min_interval_s,
                                compact=request.compact, no_peer_id=request.no_peer_id)
 
+    def _cached_gate(self, swarm: SwarmInfo, request: AnnounceRequest
+                     ) -> tuple[bool, tuple[str | None, str | None]] | None:
+        """The swarm gate's answer from the caches alone, or ``None`` on a miss."""
+        device_id = request.device_id
+        if device_id is None and request.is_seed:
+            return True, (None, None)  # the seeder (or another anonymous seed)
+        cached = self._rollout_cache.get((swarm.product, swarm.version))
+        if cached is None or time.monotonic() - cached[0] >= _ROLLOUT_CACHE_S:
+            return None
+        state = cached[1]
+        if device_id is None:
+            return state is not None and _open_to_all(state), (None, None)
+        network = self._networks.get(device_id)
+        if network is None:
+            return None
+        if state is None or state.phase in ("aborted", "revoked"):
+            return False, network
+        if (state.rollout_id, device_id) in self._admitted:
+            return True, network
+        return None
+
     def _swarm_gate(self, swarm: SwarmInfo, request: AnnounceRequest, now: float
-                    ) -> tuple[bool, tuple[str | None, str | None]]:
+                    ) -> tuple[bool, tuple[str | None, str | None], RolloutState | None,
+                               bool]:
         """In a worker thread: may this announce join the swarm (the swarm follows the
-        rollout), and the device's network and region (for LAN-first hand-out)."""
+        rollout); the device's network and region (for LAN-first hand-out), the
+        release's rollout, and whether the device is admitted and past "offered"."""
         store = self._store
         device_id = request.device_id
+        state = store.rollout_of(swarm.product, swarm.version)
         if device_id is None:
-            if request.is_seed:
-                return True, (None, None)  # the seeder (or another anonymous seed)
-            state = store.rollout_of(swarm.product, swarm.version)
-            return state is not None and _open_to_all(state), (None, None)
+            allowed = request.is_seed or (state is not None and _open_to_all(state))
+            return allowed, (None, None), state, False
         network = self._networks.get(device_id)
         if network is None:
             record = store.device(device_id)
             network = (None, None) if record is None else (record.network_id, record.region)
-            self._remember_network(device_id, *network)
-        state = store.rollout_of(swarm.product, swarm.version)
         if state is None or state.phase in ("aborted", "revoked"):
-            return False, network
+            return False, network, state, False
         admission = store.admission(state.rollout_id, device_id)
         if admission is None:
-            return False, network
+            return False, network, state, False
         if not request.is_seed and admission.status == "offered":
             state, admission = mark_downloading(state, admission, now)
             store.save_rollout(state, [admission])
-        return True, network
+        return True, network, state, admission.status != "offered"
 
     def _remember_network(self, device_id: str, network_id: str | None,
                           region: str | None) -> None:
         """Cache what a device declared (bounded: the oldest entries go first)."""
         self._networks[device_id] = (network_id, region)
-        self._networks.move_to_end(device_id)
-        while len(self._networks) > self._config.max_peers_total:
-            self._networks.popitem(last=False)
+        self._remember(self._networks, device_id)
+
+    def _remember(self, cache: OrderedDict[Any, Any], key: Any) -> None:
+        if key not in cache:
+            cache[key] = None
+        cache.move_to_end(key)
+        while len(cache) > self._config.max_peers_total:
+            cache.popitem(last=False)
 
     async def _scrape(self, scope: Scope) -> bytes:
         request = parse_scrape(scope.get("query_string", b""))
@@ -666,6 +712,9 @@ class TrackerApp:
 
 
 _ADMIN_MAX_BODY_BYTES = 1024 * 1024
+_ROLLOUT_CACHE_S = 1.0
+"""How long announces trust a cached rollout phase that this app did not change (e.g. a
+rollout created by ``tracker release add`` in another process)."""
 
 
 def _admin_route(method: str, parts: list[str]) -> tuple[str, str]:

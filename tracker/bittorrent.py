@@ -34,6 +34,7 @@ Scrape (BEP 48), ``GET /scrape?info_hash=...`` (1..:data:`MAX_SCRAPE_HASHES` tim
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -125,7 +126,7 @@ class PeerAddress:
     def is_ipv6(self) -> bool:
         return ":" in self.ip
 
-    @property
+    @functools.cached_property
     def compact(self) -> bytes:
         """BEP 23 / BEP 7: packed address then big-endian port (6 or 18 bytes)."""
         return ipaddress.ip_address(self.ip).packed + self.port.to_bytes(2, "big")

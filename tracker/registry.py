@@ -182,11 +182,17 @@ class SwarmRegistry:
             else:
                 place = 4
             groups[place + (p.left != 0)].append(p)
-        chosen = []
-        for group in groups:
-            self._rng.shuffle(group)
-            chosen.extend(group)
-        peers = tuple(HandedPeer(p.address, p.peer_id) for p in chosen[: request.numwant])
+        chosen: list[_Peer] = []
+        for group in groups:  # random within a group; sample only what is handed out
+            need = request.numwant - len(chosen)
+            if need <= 0:
+                break
+            if need < len(group):
+                chosen.extend(self._rng.sample(group, need))
+            else:
+                self._rng.shuffle(group)
+                chosen.extend(group)
+        peers = tuple(HandedPeer(p.address, p.peer_id) for p in chosen)
         complete, incomplete = _counts(swarm or {})
         return AnnounceResult(peers, complete, incomplete, stored)
 
