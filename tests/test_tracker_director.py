@@ -21,6 +21,7 @@ from tracker.app import TrackerApp
 from tracker.bittorrent import SwarmInfo
 from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
+from tracker.errors import StaleStateError
 from tracker.protocol import Release
 from tracker.registry import SwarmRegistry
 from tracker.rollout import RolloutPlan, apply_action, stage_of
@@ -431,3 +432,45 @@ def test_a_version_2_database_is_migrated_and_its_releases_have_no_rollout(
     raw = sqlite3.connect(db)
     assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     raw.close()
+
+
+# --- several tracker processes on one database ----------------------------------------------
+
+
+def test_a_rollout_saved_by_someone_else_since_it_was_read_is_refused(
+        store: SqliteStore) -> None:
+    register_release(store, release(), RolloutPlan(), now=START)
+    with SqliteStore(store.path, create=False) as other:
+        mine = store.rollout_of(PRODUCT, "2.0.0")
+        theirs = other.rollout_of(PRODUCT, "2.0.0")
+        assert mine is not None and theirs is not None
+        other.save_rollout(apply_action(theirs, "pause", START)[0])
+        with pytest.raises(StaleStateError, match="changed since it was read"):
+            store.save_rollout(apply_action(mine, "abort", START)[0])
+        state = store.rollout_of(PRODUCT, "2.0.0")
+        assert state is not None and state.phase == "paused" and state.revision == 1
+
+
+async def test_two_trackers_on_one_database_count_every_device_once(
+        store: SqliteStore, clock: Clock) -> None:
+    register_release(store, release(), RolloutPlan.everyone(), now=START)
+    stores = [SqliteStore(store.path, create=False, clock=clock) for _ in range(2)]
+    apps = [TrackerApp(s, TrackerConfig(db_path=store.path), clock) for s in stores]
+    devices = [f"dev-{i}" for i in range(40)]
+
+    async def device_life(app: TrackerApp, device: str) -> None:
+        assert await offered(app, device) == "2.0.0"
+        status, _ = await call(app, "POST", "/v1/report",
+                               report_body(device, 0 if device[-1] != "7" else 30))
+        assert status == 200
+
+    async with trio.open_nursery() as nursery:
+        for i, device in enumerate(devices):
+            nursery.start_soon(device_life, apps[i % 2], device)
+    state = store.rollout_of(PRODUCT, "2.0.0")
+    assert state is not None
+    totals = state.totals
+    assert (totals.admitted, totals.succeeded, totals.failed) == (40, 36, 4)
+    assert totals.bytes_peers == 40 * 900
+    for s in stores:
+        s.close()

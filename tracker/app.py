@@ -43,6 +43,7 @@ one at a time (a ``trio.CapacityLimiter(1)``), so the event loop never blocks on
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -77,7 +78,13 @@ from tracker.bittorrent import (
     scrape_answer,
 )
 from tracker.config import TrackerConfig
-from tracker.errors import AuthError, ConflictError, RequestError, StorageError
+from tracker.errors import (
+    AuthError,
+    ConflictError,
+    RequestError,
+    StaleStateError,
+    StorageError,
+)
 from tracker.metrics import Metric, render_metrics
 from tracker.protocol import (
     STATUS_NAMES,
@@ -323,27 +330,36 @@ class TrackerApp:
         for release in candidates:
             if decide_offer(checkin, [release]) is None:  # the anti-downgrade rule
                 continue
-            state = store.rollout_of(release.product, release.version)
-            if state is None:
-                continue  # registered but not rolled out: offered to nobody
-            ticked, decisions = tick(state, now)
-            admission = store.admission(state.rollout_id, checkin.device_id)
-            in_flight = None
-            if admission is None and ticked.plan.max_in_flight:
-                in_flight = store.in_flight(state.rollout_id,
-                                            now - ticked.plan.in_flight_timeout_s)
-            result = admit(ticked, checkin.device_id, admission, now, in_flight=in_flight,
-                           labels=checkin.labels)
-            changed = ([result.admission] if result.admission is not None
-                       and result.admission != admission else [])
-            if decisions or changed:
-                store.save_rollout(result.state, changed,
-                                   self._decision_audit(state, decisions, now))
+            offer, held, decisions = _retry_stale(
+                functools.partial(self._admit, release, checkin, now))
             decided += decisions
-            paced = paced or result.paced
-            if result.offer:
+            paced = paced or held
+            if offer:
                 return release, False, decided
         return None, paced, decided
+
+    def _admit(self, release: Release, checkin: CheckIn,
+               now: float) -> tuple[bool, bool, list[Decision]]:
+        """In a worker thread: ``(offer, paced, decisions)`` of one release's rollout for
+        one device, saved. Raises StaleStateError if the rollout changed meanwhile."""
+        store = self._store
+        state = store.rollout_of(release.product, release.version)
+        if state is None:
+            return False, False, []  # registered but not rolled out: offered to nobody
+        ticked, decisions = tick(state, now)
+        admission = store.admission(state.rollout_id, checkin.device_id)
+        in_flight = None
+        if admission is None and ticked.plan.max_in_flight:
+            in_flight = store.in_flight(state.rollout_id,
+                                        now - ticked.plan.in_flight_timeout_s)
+        result = admit(ticked, checkin.device_id, admission, now, in_flight=in_flight,
+                       labels=checkin.labels)
+        changed = ([result.admission] if result.admission is not None
+                   and result.admission != admission else [])
+        if decisions or changed:
+            store.save_rollout(result.state, changed,
+                               self._decision_audit(state, decisions, now))
+        return result.offer, result.paced, decisions
 
     async def _report(self, receive: Receive) -> object:
         report = parse_report(await self._read_body(receive),
@@ -362,24 +378,29 @@ class TrackerApp:
     def _record_report(self, report: Report, now: float) -> tuple[int, list[Decision]]:
         """In a worker thread: store the report; count it in the rollout that admitted
         the device (reports of devices not admitted are stored, not counted)."""
+        report_id = self._store.add_report(report, now)
+        return report_id, _retry_stale(lambda: self._count_report(report_id, report, now))
+
+    def _count_report(self, report_id: int, report: Report, now: float) -> list[Decision]:
+        """In a worker thread: count a stored report in its rollout, if the device was
+        admitted. Raises StaleStateError if the rollout changed meanwhile."""
         store = self._store
-        report_id = store.add_report(report, now)
         state = store.rollout_of(report.product, report.to_version)
         if state is None:
-            return report_id, []
+            return []
         admission = store.admission(state.rollout_id, report.device_id)
         if admission is None:
             log.warning("report %d: %s was not admitted to the rollout of %s %s; not "
                         "counted", report_id, report.device_id, report.product,
                         report.to_version)
-            return report_id, []
+            return []
         counted, admission, decisions = on_report(
             state, admission, report.status, now, bytes_origin=report.bytes_origin,
             bytes_peers=report.bytes_peers)
         counted, more = tick(counted, now)
         decisions += more
         store.save_rollout(counted, [admission], self._decision_audit(state, decisions, now))
-        return report_id, decisions
+        return decisions
 
     async def _health(self, receive: Receive) -> object:
         return {"ok": True}
@@ -413,7 +434,8 @@ class TrackerApp:
                 self._store.add_audit([AuditEntry(now, actor, f"{method} {path[:200]}",
                                                   "-", "refused", str(exc))])
                 raise
-            return self._admin_action(action, parts, record.name, body, now)
+            name = record.name
+            return _retry_stale(lambda: self._admin_action(action, parts, name, body, now))
 
         try:
             answer = await self._in_thread(run)
@@ -584,7 +606,7 @@ class TrackerApp:
             allowed, network = cached
         else:
             allowed, network, state, admitted = await self._in_thread(
-                lambda: self._swarm_gate(swarm, request, now))
+                lambda: _retry_stale(lambda: self._swarm_gate(swarm, request, now)))
             self._rollout_cache[(swarm.product, swarm.version)] = (time.monotonic(), state)
             if admitted and state is not None and request.device_id is not None:
                 self._remember(self._admitted, (state.rollout_id, request.device_id))
@@ -715,6 +737,26 @@ _ADMIN_MAX_BODY_BYTES = 1024 * 1024
 _ROLLOUT_CACHE_S = 1.0
 """How long announces trust a cached rollout phase that this app did not change (e.g. a
 rollout created by ``tracker release add`` in another process)."""
+
+
+_STALE_RETRIES = 10
+
+
+def _retry_stale(fn: Callable[[], _T]) -> _T:
+    """``fn()``, run again (it reads afresh) when the rollout it saves changed since it
+    read it, e.g. through another tracker process on the same database.
+
+    Raises:
+        StaleStateError: still stale after ``_STALE_RETRIES`` attempts.
+    """
+    for attempt in range(_STALE_RETRIES):
+        try:
+            return fn()
+        except StaleStateError:
+            if attempt == _STALE_RETRIES - 1:
+                raise
+            log.info("rollout changed meanwhile; reading it again")
+    raise RuntimeError("unreachable")
 
 
 def _admin_route(method: str, parts: list[str]) -> tuple[str, str]:

@@ -7,6 +7,8 @@
      +-- ConflictError             an operator action that does not apply to the current
      |                             state (e.g. resume a rollout that is not paused, create
      |                             a second rollout of a release): HTTP 409
+     |    +-- StaleStateError      a rollout changed (another request or tracker process)
+     |                             between reading and saving it: read it again
      +-- AuthError                 an admin request without a valid token (HTTP 401) or
      |                             with too small a role (``forbidden``: HTTP 403)
      +-- AdminApiError             the admin API answered an error (``status``: the HTTP
@@ -31,6 +33,7 @@ __all__ = [
     "ConflictError",
     "ReleaseConflictError",
     "RequestError",
+    "StaleStateError",
     "StorageError",
     "TrackerError",
 ]
@@ -46,6 +49,10 @@ class RequestError(TrackerError):
 
 class ConflictError(TrackerError):
     """An action that the current state does not allow; the message is client-safe."""
+
+
+class StaleStateError(ConflictError):
+    """The rollout was saved by someone else since it was read (optimistic locking)."""
 
 
 class AuthError(TrackerError):

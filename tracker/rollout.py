@@ -279,6 +279,8 @@ class RolloutState:
     counters: tuple[StageCounters, ...]
     halt_reason: str = ""
     actor: str = field(default="", compare=False)
+    revision: int = field(default=0, compare=False)
+    """Storage's optimistic lock: how many times this rollout was saved when read."""
 
     @property
     def stage_name(self) -> str:

@@ -37,7 +37,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tracker.bittorrent import SwarmInfo
-from tracker.errors import ConflictError, ReleaseConflictError, RequestError, StorageError
+from tracker.errors import (
+    ConflictError,
+    ReleaseConflictError,
+    RequestError,
+    StaleStateError,
+    StorageError,
+)
 from tracker.protocol import CheckIn, Release, Report
 from tracker.rollout import Admission, RolloutPlan, RolloutState, StageCounters
 
@@ -107,6 +113,7 @@ CREATE TABLE rollouts (
     stage_started_at REAL NOT NULL,
     created_at REAL NOT NULL,
     halt_reason TEXT NOT NULL,
+    revision INTEGER NOT NULL DEFAULT 0,
     UNIQUE (product, version)
 );
 CREATE TABLE rollout_stages (
@@ -310,7 +317,13 @@ class Store(Protocol):
 
     def save_rollout(self, state: RolloutState, admissions: Sequence[Admission] = (),
                      audit: Sequence[AuditEntry] = ()) -> None:
-        """Write a rollout's new state, changed admissions and audit entries at once."""
+        """Write a rollout's new state, changed admissions and audit entries at once,
+        if nobody saved the rollout since ``state`` was read (``state.revision``).
+
+        Raises:
+            StaleStateError: it was saved since (nothing written; read it again).
+            StorageError: the database failed.
+        """
         ...
 
     def in_flight(self, rollout_id: str, since: float) -> int:
@@ -547,11 +560,17 @@ class SqliteStore:
         with self._transaction("save rollout") as conn:
             cursor = conn.execute(
                 "UPDATE rollouts SET phase = ?, stage = ?, stage_started_at = ?, "
-                "halt_reason = ? WHERE rollout_id = ?",
+                "halt_reason = ?, revision = revision + 1 "
+                "WHERE rollout_id = ? AND revision = ?",
                 (state.phase, state.stage, state.stage_started_at, state.halt_reason,
-                 state.rollout_id))
+                 state.rollout_id, state.revision))
             if cursor.rowcount != 1:
-                raise StorageError(f"rollout {state.rollout_id} is not stored")
+                row = conn.execute("SELECT revision FROM rollouts WHERE rollout_id = ?",
+                                   (state.rollout_id,)).fetchone()
+                if row is None:
+                    raise StorageError(f"rollout {state.rollout_id} is not stored")
+                raise StaleStateError(f"rollout {state.rollout_id} changed since it was "
+                                      f"read (revision {state.revision}, now {row[0]})")
             _write_stages(conn, state)
             conn.executemany(
                 "INSERT INTO rollout_devices (rollout_id, device_id, stage, status, "
@@ -689,7 +708,7 @@ class SqliteStore:
 _DEVICE_COLUMNS = ("device_id, product, hardware_id, version, release_counter, last_seen, "
                    "network_id, region")
 _ROLLOUT_COLUMNS = ("rollout_id, product, version, counter, plan_json, phase, stage, "
-                    "stage_started_at, created_at, halt_reason")
+                    "stage_started_at, created_at, halt_reason, revision")
 _STAGE_FIELDS = ("admitted", "downloading", "succeeded", "failed", "rolled_back",
                  "bytes_origin", "bytes_peers")
 
@@ -702,7 +721,7 @@ def _row_to_device(r: tuple[Any, ...]) -> DeviceRecord:
 
 def _row_to_rollout(conn: sqlite3.Connection, row: tuple[Any, ...]) -> RolloutState:
     (rollout_id, product, version, counter, plan_json, phase, stage, stage_started_at,
-     created_at, halt_reason) = row
+     created_at, halt_reason, revision) = row
     try:
         plan = RolloutPlan.from_json(json.loads(plan_json))
     except (ValueError, RequestError) as exc:
@@ -713,7 +732,7 @@ def _row_to_rollout(conn: sqlite3.Connection, row: tuple[Any, ...]) -> RolloutSt
     counters = tuple(stages.get(i, StageCounters()) for i in range(len(plan.stage_names)))
     return RolloutState(str(rollout_id), str(product), str(version), int(counter), plan,
                         str(phase), int(stage), float(stage_started_at), float(created_at),
-                        counters, str(halt_reason))
+                        counters, str(halt_reason), revision=int(revision))
 
 
 def _write_stages(conn: sqlite3.Connection, state: RolloutState) -> None:
