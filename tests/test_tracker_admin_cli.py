@@ -117,3 +117,33 @@ async def test_operators_steer_a_rollout_through_the_cli_and_devices_follow(
         assert "swarmota_tracker_checkins_total 3" in metrics
         assert "swarmota_tracker_admin_refused_total 2" in metrics
         assert 'swarmota_tracker_rollout_decisions_total{kind="forced"} 1' in metrics
+
+
+def test_release_add_starts_a_staged_rollout_by_default(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "tracker.db"
+    manifest = manifest_file(tmp_path)
+    assert run_cli("release", "add", "--db", str(db), "--canary", "dev-1",
+                   "--canary-label", "beta", "--stages", "5,100", str(manifest)) == 0
+    out = capsys.readouterr().out
+    assert "active at stage canary of canary, 5%, 100%" in out
+    with SqliteStore(db) as store:
+        state = store.rollout_of(PRODUCT, "2.0.0")
+    assert state is not None
+    assert state.plan.canary_devices == ("dev-1",) and state.plan.canary_label == "beta"
+    assert state.plan.soak_s == 3600 and state.plan.stages_percent == (5.0, 100.0)
+    # Adding it again keeps the rollout it has.
+    assert run_cli("release", "add", "--db", str(db), "--rollout", "all", str(manifest)) == 0
+    assert "already registered" in capsys.readouterr().out
+    with SqliteStore(db) as store:
+        again = store.rollout_of(PRODUCT, "2.0.0")
+    assert again is not None and again.rollout_id == state.rollout_id
+
+
+def test_release_add_refuses_bad_stages(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        run_cli("release", "add", "--db", str(tmp_path / "t.db"), "--stages", "10,5",
+                str(manifest_file(tmp_path)))
+    assert exc.value.code == 2
+    assert "bad stages" in capsys.readouterr().err
