@@ -147,3 +147,33 @@ def test_release_add_refuses_bad_stages(tmp_path: Path,
                 str(manifest_file(tmp_path)))
     assert exc.value.code == 2
     assert "bad stages" in capsys.readouterr().err
+
+
+async def test_the_admin_cli_talks_https_and_checks_the_certificate(
+        tmp_path: Path, nursery: trio.Nursery, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.test_origin_tls import make_self_signed_cert
+
+    cert, key = make_self_signed_cert(tmp_path)
+    db = tmp_path / "tracker.db"
+    config = TrackerConfig(db_path=db, listen=ListenConfig(
+        host="127.0.0.1", port=0, certfile=str(cert), keyfile=str(key)))
+    url = await nursery.start(functools.partial(serve_tracker, config))
+    assert url.startswith("https://127.0.0.1:")
+    assert run_cli("admin", "token", "create", "--db", str(db), "--role", "viewer",
+                   "--name", "v") == 0
+    token = capsys.readouterr().out.strip()
+
+    def admin(*extra: str) -> int:
+        return run_cli("admin", "--url", url, "--token", token, *extra, "releases")
+
+    assert await trio.to_thread.run_sync(admin, "--ca-file", str(cert)) == 0
+    assert json.loads(capsys.readouterr().out) == {"releases": []}
+    assert await trio.to_thread.run_sync(admin) == 1  # not trusted by the system
+    assert "certificate" in capsys.readouterr().err.lower()
+
+
+def test_serve_refuses_half_a_tls_configuration(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("serve", "--db", str(tmp_path / "t.db"), "--tls-cert",
+                   str(tmp_path / "cert.pem")) == 2
+    assert "go together" in capsys.readouterr().err

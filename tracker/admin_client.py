@@ -6,6 +6,7 @@ its HTTP status and the tracker's message; a transport failure has status 0.
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import httpx
@@ -18,14 +19,23 @@ __all__ = ["AdminClient"]
 class AdminClient:
     """Calls ``<base_url>/v1/admin/...`` with ``Authorization: Bearer <token>``.
 
-    A context manager; ``transport`` is for tests (default: real HTTP).
+    A context manager. ``ca_file``: PEM certificates to trust for an ``https`` tracker
+    (e.g. its self-signed certificate; default: the system's trust store).
+    ``transport`` is for tests (default: real HTTP).
     """
 
     def __init__(self, base_url: str, token: str, *, timeout_s: float = 10.0,
+                 ca_file: str | None = None,
                  transport: httpx.BaseTransport | None = None) -> None:
+        verify: ssl.SSLContext | bool = True
+        if ca_file is not None:
+            try:
+                verify = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise AdminApiError(f"cannot use {ca_file} as CA file: {exc}") from exc
         self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s,
                                   headers={"authorization": f"Bearer {token}"},
-                                  transport=transport, trust_env=False)
+                                  transport=transport, trust_env=False, verify=verify)
 
     def __enter__(self) -> AdminClient:
         return self

@@ -1,12 +1,13 @@
 """``swarmota tracker ...``: run the tracker and manage its release catalogue.
 
-    swarmota tracker serve --db PATH [--listen HOST:PORT] [--poll-after-s N]
+    swarmota tracker serve --db PATH [--listen HOST:PORT] [--tls-cert F --tls-key F]
+        [--poll-after-s N]
     swarmota tracker release add --db PATH MANIFEST_FILE
     swarmota tracker release list --db PATH
     swarmota tracker reports --db PATH [--device ID]
     swarmota tracker devices --db PATH
     swarmota tracker admin token create --db PATH --role ROLE --name NAME [--expires-in-s N]
-    swarmota tracker admin [--url URL] [--token T] releases | fleet | audit
+    swarmota tracker admin [--url URL] [--token T] [--ca-file F] releases | fleet | audit
     swarmota tracker admin [--url URL] [--token T] rollout list
     swarmota tracker admin [--url URL] [--token T] rollout show PRODUCT VERSION
     swarmota tracker admin [--url URL] [--token T] rollout create PRODUCT VERSION [plan]
@@ -28,6 +29,7 @@ import argparse
 import functools
 import json
 import os
+import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -79,6 +81,11 @@ def add_parser(subparsers: Any) -> None:
                        default=_listen_arg(DEFAULT_LISTEN),
                        help=f"address to listen on (default {DEFAULT_LISTEN}; IPv6 as "
                             "[::1]:PORT; port 0 picks a free port)")
+    serve.add_argument("--tls-cert", metavar="FILE", type=Path, default=None,
+                       help="PEM certificate (chain): serve HTTPS (needs --tls-key); "
+                            "bearer tokens of the admin API should only travel over it")
+    serve.add_argument("--tls-key", metavar="FILE", type=Path, default=None,
+                       help="PEM private key of --tls-cert")
     serve.add_argument("--poll-after-s", metavar="N", type=_poll_arg,
                        default=DEFAULT_POLL_AFTER_S,
                        help="seconds devices should wait between check-ins "
@@ -164,6 +171,9 @@ def _add_admin_parser(tracker_sub: Any) -> None:
                        help=f"tracker base URL (default http://{DEFAULT_LISTEN})")
     admin.add_argument("--token", default=None,
                        help="bearer token (default: $SWARMOTA_TRACKER_TOKEN)")
+    admin.add_argument("--ca-file", metavar="FILE", default=None,
+                       help="PEM certificates to trust for an https tracker (default: "
+                            "the system's)")
     admin_sub = admin.add_subparsers(dest="admin_command", metavar="COMMAND", required=True)
 
     token = admin_sub.add_parser("token", help="manage admin tokens")
@@ -233,7 +243,14 @@ def _add_release_args(parser: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the tracker until Ctrl-C; 0 after a clean stop, 1 if it cannot start."""
     host, port = args.listen
-    config = TrackerConfig(db_path=args.db, listen=ListenConfig(host=host, port=port),
+    try:
+        certfile, keyfile = _tls_files(args.tls_cert, args.tls_key)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    config = TrackerConfig(db_path=args.db,
+                           listen=ListenConfig(host=host, port=port, certfile=certfile,
+                                               keyfile=keyfile),
                            poll_after_s=args.poll_after_s)
 
     async def main() -> None:
@@ -409,7 +426,7 @@ def _cmd_api(method: str, path: str, body: Any, args: argparse.Namespace) -> int
               file=sys.stderr)
         return 2
     try:
-        with AdminClient(args.url, token) as client:
+        with AdminClient(args.url, token, ca_file=args.ca_file) as client:
             answer = client.get(path) if method == "GET" else client.post(path, body)
     except AdminApiError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -419,6 +436,26 @@ def _cmd_api(method: str, path: str, body: Any, args: argparse.Namespace) -> int
 
 
 # --- helpers ----------------------------------------------------------------------------
+
+
+def _tls_files(cert: Path | None, key: Path | None) -> tuple[str | None, str | None]:
+    """``(certfile, keyfile)`` for :class:`ListenConfig`, checked before serving.
+
+    Raises:
+        ValueError: only one of the two given, or not a readable PEM certificate and
+            its private key.
+    """
+    if cert is None and key is None:
+        return None, None
+    if cert is None or key is None:
+        raise ValueError("--tls-cert and --tls-key go together: give both (HTTPS) or "
+                         "neither (plain HTTP)")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"--tls-cert {cert} / --tls-key {key}: not a readable PEM "
+                         f"certificate and its private key ({exc})") from None
+    return str(cert), str(key)
 
 
 def _token_name_arg(text: str) -> str:
