@@ -75,8 +75,10 @@ from seeder.publish import publish_release
 from seeder.repository import Repository
 from seeder.server import serve_origin
 from swarmota.demo import write_images
+from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
 from tracker.protocol import Release
+from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
 from tracker.store import SqliteStore
 
@@ -181,8 +183,9 @@ async def run_fleet(workdir: Path, published: Published, *, kind: str, scenario:
     db = workdir / "tracker.sqlite"
     store = SqliteStore(db)
     try:
-        for m in published.releases:
-            store.add_release(Release.from_manifest(m))
+        for m in published.releases:  # every device at once: the benchmark measures delivery
+            register_release(store, Release.from_manifest(m), RolloutPlan.everyone(),
+                             actor="bench")
     finally:
         store.close()
     payload = published.payload

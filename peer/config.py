@@ -18,6 +18,7 @@ __all__ = ["DOWNLOAD_MODES", "DeviceConfig", "load_config", "save_config"]
 DOWNLOAD_MODES = ("swarm", "direct")
 
 _DEVICE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_NETWORK_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,12 @@ class DeviceConfig:
     swarm_min_rate_bytes_per_s: int = 32 * 1024
     swarm_timeout_s: float = 1800.0
     swarm_waste_budget_bytes: int = 16 * 1024 * 1024
+    # --- LAN-first hand-out: an opaque id of the home network (e.g. a hash of the
+    # gateway's address) and a coarse region, sent at check-in when set
+    network_id: str | None = None
+    region: str | None = None
+    # groups the device declares at check-in (a rollout's canary group may be a label)
+    labels: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,6 +89,13 @@ class DeviceConfig:
             raise ConfigError("seed_time_s must be >= 0, swarm_stall_s and swarm_timeout_s > 0")
         if not 0 <= self.min_battery_percent_to_upload <= 100:
             raise ConfigError("min_battery_percent_to_upload must be within 0..100")
+        if len(self.labels) > 16:
+            raise ConfigError("at most 16 labels")
+        for name, value in (("network_id", self.network_id), ("region", self.region),
+                            *(("labels", label) for label in self.labels)):
+            if value is not None and not _NETWORK_ID_RE.fullmatch(value):
+                raise ConfigError(f"{name} must be 1-64 chars of A-Z a-z 0-9 . _ : -, "
+                                  f"got {value!r}")
 
     @property
     def swarm_listen_host_port(self) -> tuple[str, int]:
@@ -91,6 +105,7 @@ class DeviceConfig:
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["health_command"] = list(self.health_command)
+        out["labels"] = list(self.labels)
         return out
 
 
@@ -108,6 +123,7 @@ def load_config(path: Path) -> DeviceConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     raw["health_command"] = tuple(raw.get("health_command", ()))
+    raw["labels"] = tuple(raw.get("labels", ()))
     try:
         return DeviceConfig(**raw)
     except TypeError as exc:

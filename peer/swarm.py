@@ -102,10 +102,17 @@ class TorrentFile:
     piece_size_bytes: int
 
 
-def _check_url(url: str, what: str) -> str:
+def _check_url(url: str, what: str, *, allow_query: bool = False) -> str:
+    """Refuse non-http(s) URLs, fragments, and query strings unless ``allow_query``
+    (announce URLs a device adds to its session may carry ``?device_id=...``: libtorrent
+    appends its parameters with ``&``, and its SSRF mitigation accepts a query on a
+    tracker whose path is ``/announce``)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"{what} must be an http(s) URL: {url!r}")
+    if allow_query and parts.path.endswith("/announce") and not parts.fragment \
+            and "#" not in url:
+        return url
     if parts.query or parts.fragment or "?" in url or "#" in url:
         raise ValueError(f"{what} must not have a query string or fragment "
                          f"(libtorrent's SSRF mitigation stalls on them): {url!r}")
@@ -540,7 +547,7 @@ class SwarmSession:
         info_hash = _v2_info_hash(ti)
         seed_urls = [_web_seed_base(url, ti.name()) for url in web_seeds]
         for url in trackers:
-            _check_url(url, "tracker")
+            _check_url(url, "tracker", allow_query=True)
         if info_hash in self._torrents:
             raise ValueError(f"torrent {info_hash} already added")
         params = lt.add_torrent_params()

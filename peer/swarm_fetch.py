@@ -45,6 +45,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import trio
 
@@ -59,6 +60,7 @@ __all__ = [
     "SwarmFetchStats",
     "SwarmOptions",
     "SwarmUnavailable",
+    "announce_urls",
     "first_run",
     "owned_blocks",
     "pick_origin_run",
@@ -98,6 +100,18 @@ class SwarmOptions:
     attempts: int = 4
     backoff_s: float = 0.2
     spread_key: str = ""
+    device_id: str | None = None
+    """Added to each announce URL as ``device_id=...`` so that the tracker can admit the
+    device to the swarm of a release rolled out in stages (and hand out its LAN peers
+    first); ``None`` announces anonymously (only open rollouts then give peers)."""
+
+
+def announce_urls(urls: tuple[str, ...], device_id: str | None) -> tuple[str, ...]:
+    """``urls`` with ``device_id=...`` added to each query (unchanged without an id)."""
+    if device_id is None:
+        return urls
+    param = "device_id=" + quote(device_id, safe="")
+    return tuple(f"{url}{'&' if '?' in url else '?'}{param}" for url in urls)
 
 
 @dataclass
@@ -216,7 +230,8 @@ async def swarm_download(
         stats.chunks_reused = len(await trio.to_thread.run_sync(work.prepare))
     else:  # libtorrent creates the file: no zeros for it to hash first
         work.path.mkdir(parents=True, exist_ok=True)
-    ref = session.add_payload(torrent, work.path, trackers=options.announce_urls,
+    ref = session.add_payload(torrent, work.path,
+                              trackers=announce_urls(options.announce_urls, options.device_id),
                               file_name=PAYLOAD_FILE, torrent_urls=False)
     run = _SwarmRun(session, http, work, ref, payload_url, options, stats, clock, progress,
                     started)

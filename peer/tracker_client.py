@@ -31,11 +31,18 @@ class Offer:
 async def checkin(http: HttpClient, config: DeviceConfig, *, version: str,
                   release_counter: int) -> tuple[Offer | None, int]:
     """Ask the tracker what to install. Returns ``(offer or None, poll_after_s)``."""
-    answer = await http.post_json(_url(config, "checkin"), {
+    body: dict[str, Any] = {
         "device_id": config.device_id, "product": config.product,
         "hardware_id": config.hardware_id, "version": version,
         "release_counter": release_counter,
-    })
+    }
+    if config.network_id is not None:  # optional: only trackers with LAN-first know them
+        body["network_id"] = config.network_id
+    if config.region is not None:
+        body["region"] = config.region
+    if config.labels:
+        body["labels"] = list(config.labels)
+    answer = await http.post_json(_url(config, "checkin"), body)
     poll = answer.get("poll_after_s", 3600)
     poll_after_s = poll if isinstance(poll, int) and 0 <= poll <= 7 * 86400 else 3600
     release = answer.get("release")

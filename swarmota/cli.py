@@ -38,15 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BENCHMARKS = ("fleet", "swarm", "delta")
+BENCHMARKS = ("fleet", "swarm", "delta", "tracker")
 
 
 def _add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = sub.add_parser(
         "bench", help="run a benchmark from the source checkout (bench/)",
         description="Run a benchmark of bench/ (a source checkout is needed): fleet (a "
-                    "shaped network namespace, root), swarm (loopback) or delta (needs "
-                    "../shared/data). Arguments after the name go to the benchmark; "
+                    "shaped network namespace, root), swarm (loopback), delta (needs "
+                    "../shared/data) or tracker (load on loopback). Arguments after the name go to the benchmark; "
                     "'swarmota bench fleet --help' lists them.")
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("args", nargs=argparse.REMAINDER,

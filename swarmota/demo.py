@@ -35,9 +35,11 @@ from seeder.publish import publish_release
 from seeder.repository import Repository
 from seeder.seeding import PayloadSeeder, SeedingConfig
 from seeder.server import serve_origin
+from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
 from tracker.protocol import Release
 from tracker.registry import SwarmRegistry
+from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
 from tracker.store import SqliteStore
 
@@ -188,8 +190,9 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
     db = workdir / "tracker.sqlite"
     store = SqliteStore(db)
     try:
-        for m in (m1, m2):
-            store.add_release(Release.from_manifest(m))
+        for m in (m1, m2):  # every device at once (issue 7 adds a canary rollout)
+            register_release(store, Release.from_manifest(m), RolloutPlan.everyone(),
+                             actor="demo")
     finally:
         store.close()
 

@@ -20,8 +20,10 @@ from seeder.publish import publish_release
 from seeder.repository import Repository
 from seeder.server import serve_origin
 from swarmota.demo import make_image, mutate_image
+from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
 from tracker.protocol import Release
+from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
 from tracker.store import SqliteStore
 
@@ -89,7 +91,7 @@ class ReleaseEnv:
     def register(self, m: ReleaseManifest) -> None:
         store = SqliteStore(self.db)
         try:
-            store.add_release(Release.from_manifest(m))
+            register_release(store, Release.from_manifest(m), RolloutPlan.everyone())
         finally:
             store.close()
 

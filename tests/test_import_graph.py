@@ -15,7 +15,7 @@ ALLOWED = {
     "swarmota": {"manifest", "infra", "tracker", "peer", "seeder"},
 }
 THIRD_PARTY_OWNERS = {
-    "httpx": {"peer/http.py"},
+    "httpx": {"peer/http.py", "tracker/admin_client.py"},
     "hypercorn": {"infra/http_serve.py"},
     "libtorrent": {"peer/swarm.py"},
     "sqlite3": {"tracker/store.py"},

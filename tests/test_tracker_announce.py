@@ -49,10 +49,12 @@ from tracker.bittorrent import (
     peer_address,
     scrape_answer,
 )
+from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
 from tracker.errors import ReleaseConflictError, RequestError
 from tracker.protocol import Release
 from tracker.registry import SwarmRegistry
+from tracker.rollout import RolloutPlan
 from tracker.store import _SCHEMA, SCHEMA_VERSION, SqliteStore
 
 INFO_HASH = sha256_hex(b"torrent info dict")
@@ -490,7 +492,8 @@ async def call(app: TrackerApp, path: str, query: bytes = b"", method: str = "GE
 
 @pytest.fixture
 def app(store: SqliteStore) -> TrackerApp:
-    store.add_release(Release.from_manifest(build_manifest()), 1.0)
+    register_release(store, Release.from_manifest(build_manifest()), RolloutPlan.everyone(),
+                     now=1.0)
     config = TrackerConfig(db_path=store.path, announce_interval_s=120,
                            announce_min_interval_s=30)
     registry = SwarmRegistry(interval_s=120, clock=FakeClock(), rng=random.Random(0))
@@ -547,7 +550,7 @@ async def test_a_swarm_registered_while_running_is_served(store: SqliteStore) ->
     app = TrackerApp(store, TrackerConfig(db_path=store.path))
     _, _, body = await call(app, "/announce", announce_query())
     assert b"failure reason" in bdecode(body)
-    await trio.to_thread.run_sync(
-        lambda: store.add_release(Release.from_manifest(build_manifest()), 1.0))
+    await trio.to_thread.run_sync(lambda: register_release(
+        store, Release.from_manifest(build_manifest()), RolloutPlan.everyone(), now=1.0))
     _, _, body = await call(app, "/announce", announce_query())
     assert bdecode(body)[b"interval"] == 300

@@ -19,9 +19,11 @@ import trio
 from infra.http_serve import ListenConfig
 from manifest import ImageInfo, Payload, ReleaseManifest, chunk_hashes, sha256_hex
 from peer.swarm import SwarmConfig, SwarmSession, make_torrent
+from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
 from tracker.protocol import Release
 from tracker.registry import SwarmRegistry
+from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
 from tracker.store import SqliteStore
 
@@ -60,7 +62,7 @@ async def test_leecher_finds_the_seeder_through_the_tracker_only(
     release = Release.from_manifest(manifest_for(data, torrent.info_hash))
     assert [s.announce_hash for s in release.swarms] == [torrent.announce_hash]
     with SqliteStore(db) as store:
-        assert store.add_release(release) is True
+        assert register_release(store, release, RolloutPlan.everyone())[0] is True
 
     leech_dir = tmp_path / "leech"
     leech_dir.mkdir()
@@ -93,3 +95,62 @@ async def test_leecher_finds_the_seeder_through_the_tracker_only(
     assert registry_stats.refused == 0
     assert registry_stats.downloads == 1  # the leecher announced "completed"
     assert registry_stats.peers == 0  # both announced "stopped"
+
+
+async def test_the_swarm_follows_the_rollout_for_real_clients(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """A canary (admitted) and an outsider (not admitted) both announce with their device
+    id in the tracker URL, as ``peer.swarm_fetch`` does; only the canary gets the seeder
+    (and the seeder never hears of the outsider)."""
+    import httpx
+
+    from peer.swarm_fetch import announce_urls
+
+    db = tmp_path / "tracker.db"
+    registry = SwarmRegistry(interval_s=300)
+    config = TrackerConfig(db_path=db, listen=ListenConfig(host="127.0.0.1", port=0))
+    tracker_url = await nursery.start(functools.partial(serve_tracker, config,
+                                                        registry=registry))
+    seed_dir = tmp_path / "seed"
+    seed_dir.mkdir()
+    data = random.Random(7).randbytes(SIZE)
+    (seed_dir / "payload.zst").write_bytes(data)
+    torrent = await trio.to_thread.run_sync(functools.partial(
+        make_torrent, seed_dir / "payload.zst", piece_size_bytes=PIECE,
+        trackers=[f"{tracker_url}/announce"]))
+    with SqliteStore(db) as store:
+        register_release(store, Release.from_manifest(manifest_for(data, torrent.info_hash)),
+                         RolloutPlan(canary_devices=("canary-1",)))
+    async with httpx.AsyncClient(base_url=tracker_url, timeout=5) as client:
+        for device in ("canary-1", "outsider-1"):
+            answer = (await client.post("/v1/checkin", json={
+                "device_id": device, "product": "acme-router", "hardware_id": "hw1",
+                "version": "1.0.0", "release_counter": 1, "network_id": "home-1"})).json()
+            assert (answer["release"] is not None) == (device == "canary-1")
+
+    announce = (f"{tracker_url}/announce",)
+    dirs = {name: tmp_path / name for name in ("canary", "outsider")}
+    for d in dirs.values():
+        d.mkdir()
+    with SwarmSession(SwarmConfig(listen_host="127.0.0.2")) as seeder, \
+            SwarmSession(SwarmConfig(listen_host="127.0.0.3")) as canary, \
+            SwarmSession(SwarmConfig(listen_host="127.0.0.4")) as outsider:
+        seeder.add_payload(torrent.data, seed_dir, seed_mode=True)
+        with trio.fail_after(TIMEOUT_S):
+            while registry.statistics().seeds < 1:
+                await trio.sleep(0.05)
+        out_ref = outsider.add_payload(torrent.data, dirs["outsider"], torrent_urls=False,
+                                       trackers=announce_urls(announce, "outsider-1"))
+        ref = canary.add_payload(torrent.data, dirs["canary"], torrent_urls=False,
+                                 trackers=announce_urls(announce, "canary-1"))
+        await canary.wait_complete(ref, timeout_s=TIMEOUT_S)
+        assert ref.path.read_bytes() == data
+        with trio.fail_after(TIMEOUT_S):  # the outsider has been answered (with nobody)
+            while not outsider.pieces(out_ref).tracker_replied:
+                await trio.sleep(0.05)
+        await trio.sleep(1.0)
+        assert outsider.statistics(out_ref).bytes_downloaded_payload == 0
+        assert registry.statistics().peers == 2  # seeder and canary, never the outsider
+    with SqliteStore(db) as store:
+        state = store.rollout_of("acme-router", "2.0.0")
+        assert state is not None and state.counters[0].downloading == 1

@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 
 from tracker.app import TrackerApp, TrackerStatistics
+from tracker.bittorrent import SwarmInfo
 from tracker.config import TrackerConfig
 from tracker.errors import StorageError
 from tracker.protocol import CheckIn, Release, Report
-from tracker.store import DeviceRecord, Store, StoredReport
+from tracker.rollout import Admission, RolloutPlan, RolloutState, new_rollout
+from tracker.store import AuditEntry, DeviceRecord, Store, StoredReport, TokenRecord
 
 Message = MutableMapping[str, Any]
 
@@ -31,6 +33,10 @@ class MemoryStore:
         self.catalogue: list[Release] = []
         self.checkins: list[tuple[CheckIn, float]] = []
         self.stored: list[StoredReport] = []
+        self.rollout_states: dict[tuple[str, str], RolloutState] = {}
+        self.admissions: dict[tuple[str, str], Admission] = {}
+        self.tokens: dict[str, TokenRecord] = {}
+        self.audit_log: list[AuditEntry] = []
         self.broken = False
 
     def _check(self) -> None:
@@ -64,6 +70,75 @@ class MemoryStore:
     def devices(self) -> list[DeviceRecord]:
         self._check()
         return []
+
+    def device(self, device_id: str) -> DeviceRecord | None:
+        self._check()
+        return None
+
+    def swarm_of(self, announce_hash: bytes) -> SwarmInfo | None:
+        self._check()
+        return None
+
+    def swarms(self, product: str | None = None) -> list[SwarmInfo]:
+        self._check()
+        return []
+
+    def release_to_everyone(self, release: Release) -> None:
+        """Register ``release`` with a rollout to every device at once."""
+        self.catalogue.append(release)
+        state, _ = new_rollout(f"r-{release.version}", release.product, release.version,
+                               release.release_counter, RolloutPlan.everyone(), 0.0)
+        self.create_rollout(state)
+
+    def create_rollout(self, state: RolloutState, audit: Sequence[AuditEntry] = ()) -> None:
+        self._check()
+        self.rollout_states[(state.product, state.version)] = state
+        self.audit_log.extend(audit)
+
+    def rollouts(self, product: str | None = None) -> list[RolloutState]:
+        self._check()
+        return [r for r in self.rollout_states.values()
+                if product is None or r.product == product]
+
+    def rollout_of(self, product: str, version: str) -> RolloutState | None:
+        self._check()
+        return self.rollout_states.get((product, version))
+
+    def admission(self, rollout_id: str, device_id: str) -> Admission | None:
+        self._check()
+        return self.admissions.get((rollout_id, device_id))
+
+    def save_rollout(self, state: RolloutState, admissions: Sequence[Admission] = (),
+                     audit: Sequence[AuditEntry] = ()) -> None:
+        self._check()
+        self.rollout_states[(state.product, state.version)] = state
+        for a in admissions:
+            self.admissions[(state.rollout_id, a.device_id)] = a
+        self.audit_log.extend(audit)
+
+    def in_flight(self, rollout_id: str, since: float) -> int:
+        return sum(1 for (r, _), a in self.admissions.items()
+                   if r == rollout_id and a.in_flight and a.updated_at >= since)
+
+    def add_token(self, record: TokenRecord) -> None:
+        self.tokens[record.token_hash] = record
+
+    def token(self, token_hash: str) -> TokenRecord | None:
+        self._check()
+        return self.tokens.get(token_hash)
+
+    def add_audit(self, entries: Sequence[AuditEntry]) -> None:
+        self._check()
+        self.audit_log.extend(entries)
+
+    def audit(self, *, since: float = 0.0, limit: int = 1000) -> list[AuditEntry]:
+        return [e for e in self.audit_log if e.at >= since][:limit]
+
+    def prune_audit(self, before: float) -> int:
+        kept = [e for e in self.audit_log if e.at >= before]
+        pruned = len(self.audit_log) - len(kept)
+        self.audit_log = kept
+        return pruned
 
     def close(self) -> None:
         pass
@@ -120,14 +195,15 @@ def store() -> MemoryStore:
 
 @pytest.fixture
 def app(store: MemoryStore, tmp_path: Path) -> TrackerApp:
-    config = TrackerConfig(db_path=tmp_path / "unused.db", poll_after_s=30, max_body_bytes=1000)
+    config = TrackerConfig(db_path=tmp_path / "unused.db", poll_after_s=30, max_body_bytes=1000,
+                           poll_jitter_fraction=0)
     typed: Store = store
     return TrackerApp(typed, config, clock=lambda: 42.0)
 
 
 async def test_checkin_records_the_device_at_the_clocks_time(
         app: TrackerApp, store: MemoryStore) -> None:
-    store.catalogue.append(Release.create("acme-router", "2.0.0", 2))
+    store.release_to_everyone(Release.create("acme-router", "2.0.0", 2))
     exchange = await call(app, "POST", "/v1/checkin", [json.dumps(CHECKIN).encode()])
     assert exchange.status == 200
     assert exchange.headers[b"content-type"] == b"application/json"
@@ -180,7 +256,7 @@ async def test_statistics_count_checkins_offers_reports_and_errors(
         app: TrackerApp, store: MemoryStore) -> None:
     assert app.statistics() == TrackerStatistics(checkins=0, reports=0, offers=0, errors=0)
     await call(app, "POST", "/v1/checkin", [json.dumps(CHECKIN).encode()])
-    store.catalogue.append(Release.create("acme-router", "2.0.0", 2))
+    store.release_to_everyone(Release.create("acme-router", "2.0.0", 2))
     await call(app, "POST", "/v1/checkin", [json.dumps(CHECKIN).encode()])
     await call(app, "POST", "/v1/report", [json.dumps(REPORT).encode()])
     await call(app, "POST", "/v1/report", [b"[]"])

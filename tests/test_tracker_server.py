@@ -25,8 +25,10 @@ from manifest import (
     sha256_hex,
 )
 from tracker import cli
+from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
 from tracker.protocol import Release
+from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
 from tracker.store import SqliteStore
 
@@ -50,7 +52,7 @@ class Tracker:
 async def tracker(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Tracker]:
     config = TrackerConfig(db_path=tmp_path / "tracker.db",
                            listen=ListenConfig(host="127.0.0.1", port=0),
-                           poll_after_s=60, max_body_bytes=4096)
+                           poll_after_s=60, max_body_bytes=4096, poll_jitter_fraction=0)
     url = await nursery.start(functools.partial(serve_tracker, config, clock=lambda: NOW))
     assert url.startswith("http://127.0.0.1:")
     async with httpx.AsyncClient(base_url=url, timeout=5) as client:
@@ -58,8 +60,9 @@ async def tracker(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Tracke
 
 
 def add_release(db_path: Path, release: Release) -> None:
+    """Register ``release`` with a rollout to every device at once."""
     with SqliteStore(db_path) as store:
-        store.add_release(release, NOW)
+        register_release(store, release, RolloutPlan.everyone(), now=NOW)
 
 
 def build_manifest(version: str = "2.0.0", counter: int = 2) -> ReleaseManifest:
@@ -207,10 +210,13 @@ async def test_cli_release_add_registers_a_manifest_file_and_devices_get_it(
     manifest_file = tmp_path / "abc.2.0.0.json"
     manifest_file.write_bytes(build_manifest().to_bytes())
 
-    assert run_cli("release", "add", "--db", str(tracker.db_path), str(manifest_file)) == 0
+    assert run_cli("release", "add", "--db", str(tracker.db_path), "--rollout", "all",
+                   str(manifest_file)) == 0
     assert capsys.readouterr().out == ("added acme-router 2.0.0 (release counter 2, target "
-                                       "releases/acme-router/2.0.0.json)\n")
-    assert run_cli("release", "add", "--db", str(tracker.db_path), str(manifest_file)) == 0
+                                       "releases/acme-router/2.0.0.json)\n"
+                                       "rollout: every device at once\n")
+    assert run_cli("release", "add", "--db", str(tracker.db_path), "--rollout", "all",
+                   str(manifest_file)) == 0
     assert "already registered" in capsys.readouterr().out
 
     response = await tracker.client.post("/v1/checkin", json=CHECKIN)

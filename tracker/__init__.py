@@ -1,9 +1,14 @@
 """The tracker: which release each device should install, and what devices report.
 
 Devices check in (``POST /v1/checkin``) with their product, hardware id, version and
-release counter; the tracker records them and offers the newest registered release of
-their product with a higher counter. After an attempt they report the outcome
-(``POST /v1/report``). Operators register releases from release manifest files.
+release counter (and optionally their network id and region); the tracker records them
+and offers the newest registered release of their product with a higher counter whose
+rollout admits the device (canaries, then percentage stages; a release without a
+rollout is offered to nobody). After an attempt they report the outcome
+(``POST /v1/report``), which feeds the rollout: stages advance on successes and soak
+time, and the rollout halts by itself on failures. Operators register releases from
+release manifest files and steer rollouts through the admin API (``/v1/admin/...``,
+bearer tokens with roles, audited); ``/metrics`` serves Prometheus counters.
 
 The tracker is also a BitTorrent HTTP tracker for the swarms of registered releases'
 payloads (each manifest payload's ``info_hash``, the torrent's SHA-256 v2 info-hash;
@@ -18,6 +23,12 @@ against signed TUF metadata and refuse anything not applicable or not newer.
 Layout (pure core, thin shells):
 
 - :mod:`tracker.protocol`: request parsing, the offer decision, answers. Pure.
+- :mod:`tracker.rollout`: rollouts as a state machine (events and a clock in,
+  decisions out). Pure.
+- :mod:`tracker.admin`: roles, tokens, admin API views. Pure.
+- :mod:`tracker.metrics`: Prometheus text. Pure.
+- :mod:`tracker.catalogue`: register a release and start its rollout.
+- :mod:`tracker.admin_client`: the admin API client (httpx) behind the CLI.
 - :mod:`tracker.bittorrent`: announce/scrape query parsing and bencoded answers. Pure.
 - :mod:`tracker.registry`: :class:`SwarmRegistry`, the in-memory peer registry
   (bounded, expiring, clock and RNG passed in).
@@ -28,6 +39,7 @@ Layout (pure core, thin shells):
 - :mod:`tracker.errors`: the exception tree.
 """
 
+from tracker.admin_client import AdminClient
 from tracker.app import TrackerApp, TrackerStatistics
 from tracker.bittorrent import (
     AnnounceRequest,
@@ -36,8 +48,17 @@ from tracker.bittorrent import (
     parse_announce,
     parse_scrape,
 )
+from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
-from tracker.errors import ReleaseConflictError, RequestError, StorageError, TrackerError
+from tracker.errors import (
+    AdminApiError,
+    AuthError,
+    ConflictError,
+    ReleaseConflictError,
+    RequestError,
+    StorageError,
+    TrackerError,
+)
 from tracker.protocol import (
     STATUS_NAMES,
     CheckIn,
@@ -49,22 +70,40 @@ from tracker.protocol import (
     parse_report,
 )
 from tracker.registry import AnnounceResult, RegistryStatistics, SwarmRegistry
+from tracker.rollout import Admission, Decision, RolloutPlan, RolloutState, StageCounters
 from tracker.server import serve_tracker
-from tracker.store import DeviceRecord, SqliteStore, Store, StoredReport
+from tracker.store import (
+    AuditEntry,
+    DeviceRecord,
+    SqliteStore,
+    Store,
+    StoredReport,
+    TokenRecord,
+)
 
 __all__ = [
     "STATUS_NAMES",
+    "AdminApiError",
+    "AdminClient",
+    "Admission",
     "AnnounceRequest",
     "AnnounceResult",
+    "AuditEntry",
+    "AuthError",
     "CheckIn",
+    "ConflictError",
+    "Decision",
     "DeviceRecord",
     "Release",
     "ReleaseConflictError",
     "RegistryStatistics",
     "Report",
     "RequestError",
+    "RolloutPlan",
+    "RolloutState",
     "ScrapeRequest",
     "SqliteStore",
+    "StageCounters",
     "StorageError",
     "Store",
     "StoredReport",
@@ -73,6 +112,7 @@ __all__ = [
     "TrackerApp",
     "TrackerConfig",
     "TrackerError",
+    "TokenRecord",
     "TrackerStatistics",
     "checkin_answer",
     "decide_offer",
@@ -80,5 +120,6 @@ __all__ = [
     "parse_checkin",
     "parse_report",
     "parse_scrape",
+    "register_release",
     "serve_tracker",
 ]

@@ -8,7 +8,21 @@ Routes (see ARCHITECTURE.md, "Device <-> tracker API"):
 - ``GET /v1/health``: ``{"ok": true}``;
 - ``GET /announce`` and ``GET /scrape``: the BitTorrent HTTP tracker (BEP 3/23/7/48)
   for the swarms of registered releases (:mod:`tracker.bittorrent`); peers live in one
-  in-memory :class:`~tracker.registry.SwarmRegistry` owned by the app.
+  in-memory :class:`~tracker.registry.SwarmRegistry` owned by the app;
+- ``GET /metrics``: Prometheus text (no token: scrape it from the operator network);
+- ``/v1/admin/...``: the admin API (bearer tokens, roles, audit; see ARCHITECTURE.md).
+
+Rollouts (:mod:`tracker.rollout`) decide offers: a check-in is offered the newest
+release of its product with a higher counter whose rollout admits the device; a release
+without a rollout is offered to nobody. Rollouts are advanced (soak, stage checks) at
+every check-in and report of their product; reports of admitted devices feed their
+counters and may halt them. The swarm follows the rollout: an announce that names a
+device (``device_id``) gets peers only if that device is admitted to the swarm's
+release; an anonymous seed (the seeder) always does; an anonymous leecher only while
+the rollout is open to every device (one 100% stage and no canaries, or forced).
+Peers are handed out LAN first, from the network id and region of the device's check-in.
+Store calls that decide and write run in one worker-thread call each, and those calls
+run one at a time, so concurrent check-ins, reports and admin actions are serialised.
 
 Every answer is a JSON object with ``content-type: application/json``. Errors are
 ``{"error": "<message>"}``: 400 for a request the protocol refuses, 404 for an unknown
@@ -29,16 +43,31 @@ one at a time (a ``trio.CapacityLimiter(1)``), so the event loop never blocks on
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
 from infra.http_serve import Receive, Scope, Send
+from tracker.admin import (
+    ACTION_ROLES,
+    audit_to_json,
+    check_token,
+    fleet_to_json,
+    hash_token,
+    release_view,
+    rollout_to_json,
+    token_from_header,
+)
 from tracker.bittorrent import (
+    AnnounceRequest,
     ScrapeCounts,
     SwarmInfo,
     announce_answer,
@@ -49,18 +78,38 @@ from tracker.bittorrent import (
     scrape_answer,
 )
 from tracker.config import TrackerConfig
-from tracker.errors import RequestError, StorageError
+from tracker.errors import (
+    AuthError,
+    ConflictError,
+    RequestError,
+    StaleStateError,
+    StorageError,
+)
+from tracker.metrics import Metric, render_metrics
 from tracker.protocol import (
+    STATUS_NAMES,
     CheckIn,
     Release,
+    Report,
     checkin_answer,
     decide_offer,
     encode_json,
     parse_checkin,
     parse_report,
 )
-from tracker.registry import SwarmRegistry
-from tracker.store import Store
+from tracker.registry import AnnounceResult, SwarmRegistry
+from tracker.rollout import (
+    Decision,
+    RolloutPlan,
+    RolloutState,
+    admit,
+    apply_action,
+    mark_downloading,
+    new_rollout,
+    on_report,
+    tick,
+)
+from tracker.store import AuditEntry, Store
 
 __all__ = ["TrackerApp", "TrackerStatistics"]
 
@@ -82,6 +131,12 @@ class TrackerStatistics:
         scrapes: BitTorrent scrapes answered.
         bittorrent_failures: announces and scrapes answered with a ``failure reason``
             (bad query, unknown info-hash, storage failure).
+        paced: check-ins held back by a stage's in-flight cap.
+        announces_refused: announces answered without peers because the device (or an
+            anonymous leecher) is not admitted to the swarm's release.
+        stage_transitions: rollout stages advanced.
+        halts: rollouts halted by themselves.
+        admin_requests / admin_refused: admin API calls, and those refused (401/403).
     """
 
     checkins: int
@@ -91,6 +146,12 @@ class TrackerStatistics:
     announces: int = 0
     scrapes: int = 0
     bittorrent_failures: int = 0
+    paced: int = 0
+    announces_refused: int = 0
+    stage_transitions: int = 0
+    halts: int = 0
+    admin_requests: int = 0
+    admin_refused: int = 0
 
 
 class _HttpError(Exception):
@@ -111,23 +172,33 @@ class _Disconnected(Exception):
 class TrackerApp:
     """The tracker API over ``store``; an ASGI 3 application.
 
-    ``clock`` returns seconds since the epoch; it timestamps check-ins and reports.
-    ``registry`` holds BitTorrent peers (default: a new one from ``config``'s interval
-    and limits, on the monotonic clock); pass one to read its statistics or to control
-    its clock. Only ``http`` scopes are served; ``infra.http_serve`` answers ``lifespan``.
+    ``clock`` returns seconds since the epoch; it timestamps check-ins, reports, rollout
+    decisions and audit entries, and checks token expiry. ``registry`` holds BitTorrent
+    peers (default: a new one from ``config``'s interval and limits, on the monotonic
+    clock); pass one to read its statistics or to control its clock. ``rng`` draws the
+    jitter of ``poll_after_s`` and new rollout ids. Only ``http`` scopes are served;
+    ``infra.http_serve`` answers ``lifespan``.
     """
 
     def __init__(self, store: Store, config: TrackerConfig,
                  clock: Callable[[], float] = time.time, *,
-                 registry: SwarmRegistry | None = None) -> None:
+                 registry: SwarmRegistry | None = None,
+                 rng: random.Random | None = None) -> None:
         self._store = store
         self._config = config
         self._clock = clock
+        self._rng = rng if rng is not None else random.Random()
         self.registry = registry if registry is not None else SwarmRegistry(
             interval_s=config.announce_interval_s,
             max_peers_per_swarm=config.max_peers_per_swarm,
             max_peers_total=config.max_peers_total)
         self._known_swarms: dict[bytes, SwarmInfo] = {}
+        self._networks: OrderedDict[str, tuple[str | None, str | None]] = OrderedDict()
+        # The swarm gate's caches (announces are frequent): rollouts by release, for
+        # _ROLLOUT_CACHE_S (monotonic) or until this app changes a phase or stage; and
+        # devices known admitted and past "offered" (admission never ends by itself).
+        self._rollout_cache: dict[tuple[str, str], tuple[float, RolloutState | None]] = {}
+        self._admitted: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._bittorrent_routes: dict[str, Callable[[Scope], Awaitable[bytes]]] = {
             "/announce": self._announce,
             "/scrape": self._scrape,
@@ -145,39 +216,71 @@ class TrackerApp:
         self._announces = 0
         self._scrapes = 0
         self._bittorrent_failures = 0
+        self._paced = 0
+        self._announces_refused = 0
+        self._admin_requests = 0
+        self._admin_refused = 0
+        self._reports_by_status = dict.fromkeys(STATUS_NAMES, 0)
+        self._decisions: dict[str, int] = {}
+        self._last_prune = -float("inf")
 
     def statistics(self) -> TrackerStatistics:
         """A snapshot of the counters."""
         return TrackerStatistics(checkins=self._checkins, reports=self._reports,
                                  offers=self._offers, errors=self._errors,
                                  announces=self._announces, scrapes=self._scrapes,
-                                 bittorrent_failures=self._bittorrent_failures)
+                                 bittorrent_failures=self._bittorrent_failures,
+                                 paced=self._paced,
+                                 announces_refused=self._announces_refused,
+                                 stage_transitions=self._decisions.get("stage-advanced", 0),
+                                 halts=self._decisions.get("halted", 0),
+                                 admin_requests=self._admin_requests,
+                                 admin_refused=self._admin_refused)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan is answered by infra.http_serve
             return
-        bittorrent = self._bittorrent_routes.get(scope["path"])
+        path = scope["path"]
+        bittorrent = self._bittorrent_routes.get(path)
         if bittorrent is not None and scope["method"] == "GET":
             await self._serve_bittorrent(scope, send, bittorrent)
             return
+        if path == "/metrics" and scope["method"] == "GET":
+            await _send_bytes(send, 200, self._metrics(),
+                              b"text/plain; version=0.0.4; charset=utf-8")
+            return
+        status = 200
         try:
-            route = self._routes.get(scope["path"])
-            if bittorrent is not None:
-                route = ("GET", self._health)  # only reached with a wrong method
-            if route is None:
-                raise _HttpError(404, f"no such endpoint {scope['path'][:200]!r}")
-            method, handler = route
-            if scope["method"] != method:
-                raise _HttpError(405, f"{scope['path']} only accepts {method}",
-                                 ((b"allow", method.encode("ascii")),))
-            if method == "POST":
-                self._check_content_length(scope)
-            answer = await handler(receive)
+            if path.startswith("/v1/admin/"):
+                status, answer = await self._admin(scope, receive)
+            else:
+                route = self._routes.get(path)
+                if bittorrent is not None or path == "/metrics":
+                    route = ("GET", self._health)  # only reached with a wrong method
+                if route is None:
+                    raise _HttpError(404, f"no such endpoint {path[:200]!r}")
+                method, handler = route
+                if scope["method"] != method:
+                    raise _HttpError(405, f"{path} only accepts {method}",
+                                     ((b"allow", method.encode("ascii")),))
+                if method == "POST":
+                    self._check_content_length(scope)
+                answer = await handler(receive)
         except _Disconnected:
             return
         except _HttpError as exc:
             self._errors += 1
             await _send_json(send, exc.status, {"error": exc.message}, exc.headers)
+            return
+        except AuthError as exc:
+            self._errors += 1
+            headers = () if exc.forbidden else ((b"www-authenticate", b"Bearer"),)
+            await _send_json(send, 403 if exc.forbidden else 401, {"error": str(exc)},
+                             headers)
+            return
+        except ConflictError as exc:
+            self._errors += 1
+            await _send_json(send, 409, {"error": str(exc)})
             return
         except RequestError as exc:
             self._errors += 1
@@ -185,41 +288,275 @@ class TrackerApp:
             return
         except StorageError:
             self._errors += 1
-            log.exception("tracker storage failed on %s %s", scope["method"], scope["path"])
+            log.exception("tracker storage failed on %s %s", scope["method"], path)
             await _send_json(send, 500, {"error": "tracker storage failure"})
             return
-        await _send_json(send, 200, answer)
+        await _send_json(send, status, answer)
 
-    # --- handlers ---------------------------------------------------------------------
+    # --- device handlers ----------------------------------------------------------------
 
     async def _checkin(self, receive: Receive) -> object:
         checkin = parse_checkin(await self._read_body(receive),
                                 max_bytes=self._config.max_body_bytes)
         now = self._clock()
-
-        def record_and_list() -> list[Release]:
-            self._store.record_checkin(checkin, now)
-            return self._store.releases(checkin.product)
-
-        offer = decide_offer(checkin, await self._in_thread(record_and_list))
+        offer, paced, decisions = await self._in_thread(
+            lambda: self._decide_offer(checkin, now))
+        self._count_decisions(decisions)
+        if decisions:
+            self._rollout_cache.clear()
+        self._remember_network(checkin.device_id, checkin.network_id, checkin.region)
         self._checkins += 1
         if offer is not None:
             self._offers += 1
+        if paced:
+            self._paced += 1
         _log_checkin(checkin, offer)
-        return checkin_answer(offer, self._config.poll_after_s)
+        base = self._config.poll_after_s
+        if paced:
+            base = min(base, self._config.paced_poll_after_s)
+        return checkin_answer(offer, self._jitter(base))
+
+    def _decide_offer(self, checkin: CheckIn,
+                      now: float) -> tuple[Release | None, bool, list[Decision]]:
+        """In a worker thread: record the check-in, then ask each newer release's
+        rollout, newest first, whether it admits the device."""
+        store = self._store
+        store.record_checkin(checkin, now)
+        candidates = [r for r in store.releases(checkin.product)
+                      if r.release_counter > checkin.release_counter]
+        candidates.sort(key=lambda r: r.release_counter, reverse=True)
+        paced = False
+        decided: list[Decision] = []
+        for release in candidates:
+            if decide_offer(checkin, [release]) is None:  # the anti-downgrade rule
+                continue
+            offer, held, decisions = _retry_stale(
+                functools.partial(self._admit, release, checkin, now))
+            decided += decisions
+            paced = paced or held
+            if offer:
+                return release, False, decided
+        return None, paced, decided
+
+    def _admit(self, release: Release, checkin: CheckIn,
+               now: float) -> tuple[bool, bool, list[Decision]]:
+        """In a worker thread: ``(offer, paced, decisions)`` of one release's rollout for
+        one device, saved. Raises StaleStateError if the rollout changed meanwhile."""
+        store = self._store
+        state = store.rollout_of(release.product, release.version)
+        if state is None:
+            return False, False, []  # registered but not rolled out: offered to nobody
+        ticked, decisions = tick(state, now)
+        admission = store.admission(state.rollout_id, checkin.device_id)
+        in_flight = None
+        if admission is None and ticked.plan.max_in_flight:
+            in_flight = store.in_flight(state.rollout_id,
+                                        now - ticked.plan.in_flight_timeout_s)
+        result = admit(ticked, checkin.device_id, admission, now, in_flight=in_flight,
+                       labels=checkin.labels)
+        changed = ([result.admission] if result.admission is not None
+                   and result.admission != admission else [])
+        if decisions or changed:
+            store.save_rollout(result.state, changed,
+                               self._decision_audit(state, decisions, now))
+        return result.offer, result.paced, decisions
 
     async def _report(self, receive: Receive) -> object:
         report = parse_report(await self._read_body(receive),
                               max_bytes=self._config.max_body_bytes)
         now = self._clock()
-        report_id = await self._in_thread(lambda: self._store.add_report(report, now))
+        report_id, decisions = await self._in_thread(lambda: self._record_report(report, now))
+        self._count_decisions(decisions)
+        if decisions:
+            self._rollout_cache.clear()
         self._reports += 1
+        self._reports_by_status[report.status] += 1
         log.info("report %d from %s: %s -> %s status %d", report_id, report.device_id,
                  report.from_version, report.to_version, report.status)
         return {"ok": True}
 
+    def _record_report(self, report: Report, now: float) -> tuple[int, list[Decision]]:
+        """In a worker thread: store the report; count it in the rollout that admitted
+        the device (reports of devices not admitted are stored, not counted)."""
+        report_id = self._store.add_report(report, now)
+        return report_id, _retry_stale(lambda: self._count_report(report_id, report, now))
+
+    def _count_report(self, report_id: int, report: Report, now: float) -> list[Decision]:
+        """In a worker thread: count a stored report in its rollout, if the device was
+        admitted. Raises StaleStateError if the rollout changed meanwhile."""
+        store = self._store
+        state = store.rollout_of(report.product, report.to_version)
+        if state is None:
+            return []
+        admission = store.admission(state.rollout_id, report.device_id)
+        if admission is None:
+            log.warning("report %d: %s was not admitted to the rollout of %s %s; not "
+                        "counted", report_id, report.device_id, report.product,
+                        report.to_version)
+            return []
+        counted, admission, decisions = on_report(
+            state, admission, report.status, now, bytes_origin=report.bytes_origin,
+            bytes_peers=report.bytes_peers)
+        counted, more = tick(counted, now)
+        decisions += more
+        store.save_rollout(counted, [admission], self._decision_audit(state, decisions, now))
+        return decisions
+
     async def _health(self, receive: Receive) -> object:
         return {"ok": True}
+
+    # --- admin API ----------------------------------------------------------------------
+
+    async def _admin(self, scope: Scope, receive: Receive) -> tuple[int, object]:
+        """Route ``/v1/admin/...``: authenticate, authorise, act, audit."""
+        self._admin_requests += 1
+        method, path = scope["method"], scope["path"]
+        parts = path.split("/")[3:]  # after "", "v1", "admin"
+        needed, action = _admin_route(method, parts)
+        header = None
+        for name, value in scope.get("headers", ()):
+            if name.lower() == b"authorization":
+                header = value
+        token = token_from_header(header)
+        now = self._clock()
+        if method == "POST":
+            self._check_content_length(scope)
+            body = await self._read_body(receive)
+        else:
+            body = b""
+
+        def run() -> tuple[int, object]:
+            record = None if token is None else self._store.token(hash_token(token))
+            try:
+                record = check_token(record, needed, now)
+            except AuthError as exc:
+                actor = "anonymous" if record is None else record.name
+                self._store.add_audit([AuditEntry(now, actor, f"{method} {path[:200]}",
+                                                  "-", "refused", str(exc))])
+                raise
+            name = record.name
+            return _retry_stale(lambda: self._admin_action(action, parts, name, body, now))
+
+        try:
+            answer = await self._in_thread(run)
+        except AuthError:
+            self._admin_refused += 1
+            raise
+        if method == "POST":
+            self._rollout_cache.clear()
+        return answer
+
+    def _admin_action(self, action: str, parts: list[str], actor: str, body: bytes,
+                      now: float) -> tuple[int, object]:
+        """In a worker thread, authorised: one admin action."""
+        store = self._store
+        if action == "releases":
+            rollouts = {(r.product, r.version): r for r in store.rollouts()}
+            return 200, {"releases": [release_view(r, rollouts.get((r.product, r.version)))
+                                      for r in store.releases()]}
+        if action == "rollouts":
+            return 200, {"rollouts": [rollout_to_json(tick(r, now)[0])
+                                      for r in store.rollouts()]}
+        if action == "fleet":
+            return 200, fleet_to_json(store.devices(), store.reports(), store.rollouts())
+        if action == "audit":
+            return 200, {"audit": [audit_to_json(e) for e in store.audit(limit=10_000)]}
+        if action == "create":
+            product, version, plan = _parse_rollout_request(body)
+            release = next((r for r in store.releases(product) if r.version == version),
+                           None)
+            if release is None:
+                raise RequestError(f"no release {product} {version} is registered")
+            rollout_id = f"{self._rng.getrandbits(64):016x}"
+            state, decision = new_rollout(rollout_id, product, version,
+                                          release.release_counter, plan, now)
+            store.create_rollout(state, [AuditEntry(
+                now, actor, "rollout.create", f"{product} {version}", "ok",
+                f"{decision.detail}; plan {json.dumps(plan.to_json(), sort_keys=True)}")])
+            self._maybe_prune(now)
+            return 201, rollout_to_json(state)
+        product, version = parts[1], parts[2]
+        found = store.rollout_of(product, version)
+        if found is None:
+            raise _HttpError(404, f"no rollout of {product[:64]} {version[:64]}")
+        state = found
+        if action == "show":
+            return 200, rollout_to_json(tick(state, now)[0])
+        target = f"{product} {version}"
+        try:
+            new, decision = apply_action(state, action, now, actor)
+        except ConflictError as exc:
+            store.add_audit([AuditEntry(now, actor, f"rollout.{action}", target, "refused",
+                                        str(exc))])
+            raise
+        store.save_rollout(new, (), [AuditEntry(now, actor, f"rollout.{action}", target,
+                                                "ok", decision.detail)])
+        self._decisions[decision.kind] = self._decisions.get(decision.kind, 0) + 1
+        self._maybe_prune(now)
+        return 200, rollout_to_json(new)
+
+    def _decision_audit(self, state: RolloutState, decisions: Sequence[Decision],
+                        now: float) -> list[AuditEntry]:
+        if decisions:
+            self._maybe_prune(now)
+        return [AuditEntry(now, "tracker", f"rollout.{d.kind}",
+                           f"{state.product} {state.version}", "decided", d.detail)
+                for d in decisions]
+
+    def _maybe_prune(self, now: float) -> None:
+        """In a worker thread: apply the audit retention at most once an hour."""
+        if now - self._last_prune >= 3600:
+            self._last_prune = now
+            pruned = self._store.prune_audit(now - self._config.audit_retention_s)
+            if pruned:
+                log.info("audit retention: %d entries deleted", pruned)
+
+    def _count_decisions(self, decisions: Sequence[Decision]) -> None:
+        for decision in decisions:
+            self._decisions[decision.kind] = self._decisions.get(decision.kind, 0) + 1
+            log.warning("rollout decision: %s: %s", decision.kind, decision.detail)
+
+    def _jitter(self, seconds: int) -> int:
+        fraction = self._config.poll_jitter_fraction
+        if not fraction or not seconds:
+            return seconds
+        return min(7 * 24 * 3600, max(1, round(seconds * self._rng.uniform(1 - fraction,
+                                                                            1 + fraction))))
+
+    # --- metrics ------------------------------------------------------------------------
+
+    def _metrics(self) -> bytes:
+        registry = self.registry.statistics()
+        none: tuple[tuple[str, str], ...] = ()
+
+        def counter(name: str, text: str, value: float) -> Metric:
+            return Metric(f"swarmota_tracker_{name}", text, "counter", {none: value})
+
+        return render_metrics([
+            counter("checkins_total", "Check-ins answered.", self._checkins),
+            counter("offers_total", "Check-ins answered with a release.", self._offers),
+            counter("offers_paced_total", "Check-ins held back by an in-flight cap.",
+                    self._paced),
+            Metric("swarmota_tracker_reports_total", "Reports stored, by status.", "counter",
+                   {(("status", STATUS_NAMES[code]),): n
+                    for code, n in self._reports_by_status.items()}),
+            counter("announces_total", "BitTorrent announces answered.", self._announces),
+            counter("announces_refused_total",
+                    "Announces answered without peers (not admitted).",
+                    self._announces_refused),
+            counter("scrapes_total", "BitTorrent scrapes answered.", self._scrapes),
+            Metric("swarmota_tracker_rollout_decisions_total",
+                   "Rollout decisions (stage-advanced, halted, operator actions).",
+                   "counter", {(("kind", k),): n for k, n in self._decisions.items()}),
+            counter("admin_requests_total", "Admin API requests.", self._admin_requests),
+            counter("admin_refused_total", "Admin API requests refused (401/403).",
+                    self._admin_refused),
+            counter("errors_total", "Requests answered with an error status.",
+                    self._errors),
+            Metric("swarmota_tracker_peers", "Peers in the swarm registry.", "gauge",
+                   {(("role", "seed"),): registry.seeds,
+                    (("role", "leecher"),): registry.leechers}),
+        ])
 
     # --- BitTorrent tracker -----------------------------------------------------------
 
@@ -259,19 +596,98 @@ class TrackerApp:
     async def _announce(self, scope: Scope) -> bytes:
         request = parse_announce(scope.get("query_string", b""))
         address = peer_address(scope.get("client"), request.port)
-        if request.announce_hash not in await self._swarms_of([request.announce_hash]):
+        swarm = (await self._swarms_of([request.announce_hash])).get(request.announce_hash)
+        if swarm is None:
             raise RequestError(f"unknown info_hash {request.announce_hash.hex()}: no "
                                "registered release has this swarm")
-        result = self.registry.announce(request, address.ip)
-        self._announces += 1
-        log.debug("announce %s from %s:%d (%s, left %d): %d peers handed out",
+        now = self._clock()
+        cached = self._cached_gate(swarm, request)
+        if cached is not None:
+            allowed, network = cached
+        else:
+            allowed, network, state, admitted = await self._in_thread(
+                lambda: _retry_stale(lambda: self._swarm_gate(swarm, request, now)))
+            self._rollout_cache[(swarm.product, swarm.version)] = (time.monotonic(), state)
+            if admitted and state is not None and request.device_id is not None:
+                self._remember(self._admitted, (state.rollout_id, request.device_id))
+            if request.device_id is not None:
+                self._remember_network(request.device_id, *network)
+        if allowed:
+            result = self.registry.announce(request, address.ip, *network)
+            self._announces += 1
+        else:
+            counts = self.registry.scrape(request.announce_hash)
+            result = AnnounceResult((), counts.complete, counts.incomplete, stored=False)
+            self._announces_refused += 1
+        log.debug("announce %s from %s:%d (%s, left %d, device %s): %d peers handed out",
                   request.announce_hash.hex(), address.ip, address.port,
-                  request.event or "update", request.left, len(result.peers))
+                  request.event or "update", request.left, request.device_id,
+                  len(result.peers))
         return announce_answer(result.peers, complete=result.complete,
                                incomplete=result.incomplete,
                                interval_s=self._config.announce_interval_s,
                                min_interval_s=self._config.announce_min_interval_s,
                                compact=request.compact, no_peer_id=request.no_peer_id)
+
+    def _cached_gate(self, swarm: SwarmInfo, request: AnnounceRequest
+                     ) -> tuple[bool, tuple[str | None, str | None]] | None:
+        """The swarm gate's answer from the caches alone, or ``None`` on a miss."""
+        device_id = request.device_id
+        if device_id is None and request.is_seed:
+            return True, (None, None)  # the seeder (or another anonymous seed)
+        cached = self._rollout_cache.get((swarm.product, swarm.version))
+        if cached is None or time.monotonic() - cached[0] >= _ROLLOUT_CACHE_S:
+            return None
+        state = cached[1]
+        if device_id is None:
+            return state is not None and _open_to_all(state), (None, None)
+        network = self._networks.get(device_id)
+        if network is None:
+            return None
+        if state is None or state.phase in ("aborted", "revoked"):
+            return False, network
+        if (state.rollout_id, device_id) in self._admitted:
+            return True, network
+        return None
+
+    def _swarm_gate(self, swarm: SwarmInfo, request: AnnounceRequest, now: float
+                    ) -> tuple[bool, tuple[str | None, str | None], RolloutState | None,
+                               bool]:
+        """In a worker thread: may this announce join the swarm (the swarm follows the
+        rollout); the device's network and region (for LAN-first hand-out), the
+        release's rollout, and whether the device is admitted and past "offered"."""
+        store = self._store
+        device_id = request.device_id
+        state = store.rollout_of(swarm.product, swarm.version)
+        if device_id is None:
+            allowed = request.is_seed or (state is not None and _open_to_all(state))
+            return allowed, (None, None), state, False
+        network = self._networks.get(device_id)
+        if network is None:
+            record = store.device(device_id)
+            network = (None, None) if record is None else (record.network_id, record.region)
+        if state is None or state.phase in ("aborted", "revoked"):
+            return False, network, state, False
+        admission = store.admission(state.rollout_id, device_id)
+        if admission is None:
+            return False, network, state, False
+        if not request.is_seed and admission.status == "offered":
+            state, admission = mark_downloading(state, admission, now)
+            store.save_rollout(state, [admission])
+        return True, network, state, admission.status != "offered"
+
+    def _remember_network(self, device_id: str, network_id: str | None,
+                          region: str | None) -> None:
+        """Cache what a device declared (bounded: the oldest entries go first)."""
+        self._networks[device_id] = (network_id, region)
+        self._remember(self._networks, device_id)
+
+    def _remember(self, cache: OrderedDict[Any, Any], key: Any) -> None:
+        if key not in cache:
+            cache[key] = None
+        cache.move_to_end(key)
+        while len(cache) > self._config.max_peers_total:
+            cache.popitem(last=False)
 
     async def _scrape(self, scope: Scope) -> bytes:
         request = parse_scrape(scope.get("query_string", b""))
@@ -315,6 +731,92 @@ class TrackerApp:
             body += chunk
             if not message.get("more_body", False):
                 return bytes(body)
+
+
+_ADMIN_MAX_BODY_BYTES = 1024 * 1024
+_ROLLOUT_CACHE_S = 1.0
+"""How long announces trust a cached rollout phase that this app did not change (e.g. a
+rollout created by ``tracker release add`` in another process)."""
+
+
+_STALE_RETRIES = 10
+
+
+def _retry_stale(fn: Callable[[], _T]) -> _T:
+    """``fn()``, run again (it reads afresh) when the rollout it saves changed since it
+    read it, e.g. through another tracker process on the same database.
+
+    Raises:
+        StaleStateError: still stale after ``_STALE_RETRIES`` attempts.
+    """
+    for attempt in range(_STALE_RETRIES):
+        try:
+            return fn()
+        except StaleStateError:
+            if attempt == _STALE_RETRIES - 1:
+                raise
+            log.info("rollout changed meanwhile; reading it again")
+    raise RuntimeError("unreachable")
+
+
+def _admin_route(method: str, parts: list[str]) -> tuple[str, str]:
+    """``(role needed, action)`` of an admin path split after ``/v1/admin/``.
+
+    Raises:
+        _HttpError: 404 for an unknown path, 405 for a wrong method.
+    """
+    reads = {"releases": "viewer", "rollouts": "viewer", "fleet": "viewer",
+             "audit": "admin"}
+    if len(parts) == 1 and parts[0] in reads:
+        if parts[0] == "rollouts" and method == "POST":
+            return "operator", "create"
+        _expect(method, "GET" if parts[0] != "rollouts" else "GET, POST")
+        return reads[parts[0]], parts[0]
+    if len(parts) == 3 and parts[0] == "rollouts":
+        _expect(method, "GET")
+        return "viewer", "show"
+    if len(parts) == 4 and parts[0] == "rollouts" and parts[3] in ACTION_ROLES:
+        _expect(method, "POST")
+        return ACTION_ROLES[parts[3]], parts[3]
+    raise _HttpError(404, f"no such admin endpoint {'/'.join(parts)[:200]!r}")
+
+
+def _expect(method: str, allowed: str) -> None:
+    if method not in allowed.split(", "):
+        raise _HttpError(405, f"this endpoint only accepts {allowed}",
+                         ((b"allow", allowed.encode("ascii")),))
+
+
+def _parse_rollout_request(body: bytes) -> tuple[str, str, RolloutPlan]:
+    """``{"product", "version", "plan"?}``; ``plan`` is an object (see
+    :class:`~tracker.rollout.RolloutPlan`, missing keys take defaults) or ``"everyone"``.
+
+    Raises:
+        RequestError: not such a JSON object.
+    """
+    if len(body) > _ADMIN_MAX_BODY_BYTES:
+        raise RequestError("rollout: body too large")
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise RequestError(f"rollout: body is not valid UTF-8 JSON: {str(exc)[:80]}") from None
+    if not isinstance(obj, dict) or not set(obj) <= {"product", "version", "plan"}:
+        raise RequestError("rollout: expected an object with product, version and "
+                           "optionally plan")
+    product, version = obj.get("product"), obj.get("version")
+    if not isinstance(product, str) or not isinstance(version, str):
+        raise RequestError("rollout: product and version must be strings")
+    raw_plan: Any = obj.get("plan", {})
+    plan = RolloutPlan.everyone() if raw_plan == "everyone" else RolloutPlan.from_json(raw_plan)
+    return product, version, plan
+
+
+def _open_to_all(state: RolloutState) -> bool:
+    """Whether every device of the product may take the release now."""
+    if state.phase == "forced":
+        return True
+    return (state.phase == "active" and not state.plan.has_canaries
+            and state.plan.stages_percent == (100.0,))
 
 
 def _log_checkin(checkin: CheckIn, offer: Release | None) -> None:

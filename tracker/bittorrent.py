@@ -17,6 +17,10 @@ Announce (BEP 3, BEP 23 compact peers, BEP 7 ``peers6``), ``GET /announce?...``:
 - ``compact``: ``1`` (default) or ``0``; ``no_peer_id``: ``0``/``1``.
 - ``numwant``: default :data:`DEFAULT_NUMWANT`, clamped to :data:`MAX_NUMWANT`.
 - ``key``: optional, at most 64 bytes, kept but unused.
+- ``device_id``: optional, our extension: the announcing device's id (the one it checks
+  in with, ``[A-Za-z0-9._:-]{1,128}``). Devices add it to the tracker URL
+  (``/announce?device_id=...``; clients append their parameters with ``&``). The
+  tracker uses it to let the swarm follow the rollout and to hand out LAN peers first.
 - the ``ip`` parameter (and ``ipv4``/``ipv6``) is ignored: a peer's address is always
   the connection's remote address.
 
@@ -30,6 +34,7 @@ Scrape (BEP 48), ``GET /scrape?info_hash=...`` (1..:data:`MAX_SCRAPE_HASHES` tim
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -121,7 +126,7 @@ class PeerAddress:
     def is_ipv6(self) -> bool:
         return ":" in self.ip
 
-    @property
+    @functools.cached_property
     def compact(self) -> bytes:
         """BEP 23 / BEP 7: packed address then big-endian port (6 or 18 bytes)."""
         return ipaddress.ip_address(self.ip).packed + self.port.to_bytes(2, "big")
@@ -150,6 +155,7 @@ class AnnounceRequest:
     no_peer_id: bool
     numwant: int
     key: bytes | None
+    device_id: str | None = None
 
     @property
     def is_seed(self) -> bool:
@@ -270,7 +276,8 @@ def _flag(params: Mapping[str, list[bytes]], name: str, default: bool) -> bool:
 
 
 _ANNOUNCE_PARAMS: Final = ("info_hash", "peer_id", "port", "uploaded", "downloaded", "left",
-                           "event", "compact", "no_peer_id", "numwant", "key")
+                           "event", "compact", "no_peer_id", "numwant", "key", "device_id")
+_DEVICE_ID_RE: Final = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
 def parse_announce(query: bytes, *, max_bytes: int = MAX_QUERY_BYTES) -> AnnounceRequest:
@@ -301,6 +308,9 @@ def parse_announce(query: bytes, *, max_bytes: int = MAX_QUERY_BYTES) -> Announc
     if key is not None and len(key) > MAX_KEY_BYTES:
         raise RequestError(f"key must be at most {MAX_KEY_BYTES} bytes")
     numwant = min(_count(params, "numwant", default=DEFAULT_NUMWANT), MAX_NUMWANT)
+    device_id = _one(params, "device_id")
+    if device_id is not None and not _DEVICE_ID_RE.fullmatch(device_id):
+        raise RequestError("device_id must be 1-128 chars of A-Z a-z 0-9 . _ : -")
     return AnnounceRequest(
         announce_hash=_hash20(info_hash, "info_hash"),
         peer_id=_hash20(peer_id, "peer_id"),
@@ -313,6 +323,7 @@ def parse_announce(query: bytes, *, max_bytes: int = MAX_QUERY_BYTES) -> Announc
         no_peer_id=_flag(params, "no_peer_id", False),
         numwant=numwant,
         key=key,
+        device_id=None if device_id is None else device_id.decode("ascii"),
     )
 
 

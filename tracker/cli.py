@@ -1,21 +1,37 @@
 """``swarmota tracker ...``: run the tracker and manage its release catalogue.
 
-    swarmota tracker serve --db PATH [--listen HOST:PORT] [--poll-after-s N]
+    swarmota tracker serve --db PATH [--listen HOST:PORT] [--tls-cert F --tls-key F]
+        [--poll-after-s N]
     swarmota tracker release add --db PATH MANIFEST_FILE
     swarmota tracker release list --db PATH
     swarmota tracker reports --db PATH [--device ID]
     swarmota tracker devices --db PATH
+    swarmota tracker admin token create --db PATH --role ROLE --name NAME [--expires-in-s N]
+    swarmota tracker admin [--url URL] [--token T] [--ca-file F] releases | fleet | audit
+    swarmota tracker admin [--url URL] [--token T] rollout list
+    swarmota tracker admin [--url URL] [--token T] rollout show PRODUCT VERSION
+    swarmota tracker admin [--url URL] [--token T] rollout create PRODUCT VERSION [plan]
+    swarmota tracker admin [--url URL] [--token T] rollout pause|resume|abort|force|revoke
+        PRODUCT VERSION
+
+The admin API commands read the token from ``--token`` or ``$SWARMOTA_TRACKER_TOKEN``
+and print the tracker's JSON answer.
 
 Every leaf command sets ``func(args) -> int``. Exit codes: 0 success, 1 runtime failure
-(storage, address in use, release conflict), 2 bad input (unreadable or invalid
-manifest file; argparse uses 2 for bad arguments too).
+(storage, address in use, release conflict, an admin API error such as 401/403/409),
+2 bad input (unreadable or invalid manifest file, invalid plan; argparse uses 2 for bad
+arguments too).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
+import os
+import ssl
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,11 +41,15 @@ import trio
 
 from infra.http_serve import ListenConfig, parse_listen
 from manifest import MAX_MANIFEST_BYTES, ManifestFormatError, parse_release_manifest
+from tracker.admin import ROLES, TOKEN_NAME_RE, hash_token, new_token
+from tracker.admin_client import AdminClient
+from tracker.catalogue import register_release
 from tracker.config import DEFAULT_POLL_AFTER_S, TrackerConfig
-from tracker.errors import RequestError, StorageError
+from tracker.errors import AdminApiError, ConflictError, RequestError, StorageError
 from tracker.protocol import DEVICE_ID_RE, STATUS_NAMES, Release
+from tracker.rollout import ACTIONS, RolloutPlan
 from tracker.server import serve_tracker
-from tracker.store import SqliteStore
+from tracker.store import AuditEntry, SqliteStore, TokenRecord
 
 __all__ = ["DEFAULT_LISTEN", "add_parser"]
 
@@ -61,6 +81,11 @@ def add_parser(subparsers: Any) -> None:
                        default=_listen_arg(DEFAULT_LISTEN),
                        help=f"address to listen on (default {DEFAULT_LISTEN}; IPv6 as "
                             "[::1]:PORT; port 0 picks a free port)")
+    serve.add_argument("--tls-cert", metavar="FILE", type=Path, default=None,
+                       help="PEM certificate (chain): serve HTTPS (needs --tls-key); "
+                            "bearer tokens of the admin API should only travel over it")
+    serve.add_argument("--tls-key", metavar="FILE", type=Path, default=None,
+                       help="PEM private key of --tls-cert")
     serve.add_argument("--poll-after-s", metavar="N", type=_poll_arg,
                        default=DEFAULT_POLL_AFTER_S,
                        help="seconds devices should wait between check-ins "
@@ -89,6 +114,22 @@ def add_parser(subparsers: Any) -> None:
                     "the server runs.",
     )
     _add_db(add, "created if it does not exist")
+    add.add_argument("--rollout", choices=("staged", "all", "none"), default="staged",
+                     help="start its rollout: 'staged' (default): the canary devices "
+                          "(--canary), then 1%%, 10%%, 50%%, 100%% of the fleet "
+                          "(--stages), each after a soak time (--soak-s) and enough "
+                          "successes, halting by itself on failures; 'all': every "
+                          "device at once (auto-halt still on); 'none': register only "
+                          "(offered to nobody until a rollout is created)")
+    add.add_argument("--canary", metavar="DEVICE_ID", action="append", type=_device_arg,
+                     default=[], help="a canary device (repeat for several)")
+    add.add_argument("--canary-label", metavar="LABEL", default=None,
+                     help="devices declaring this label at check-in are canaries too")
+    add.add_argument("--stages", metavar="P1,P2,...", type=_stages_arg,
+                     default=RolloutPlan().stages_percent,
+                     help="stage percentages, increasing, ending at 100 (default 1,10,50,100)")
+    add.add_argument("--soak-s", metavar="S", type=float, default=RolloutPlan().soak_s,
+                     help=f"seconds each stage runs at least (default {RolloutPlan().soak_s:g})")
     add.add_argument("manifest", metavar="MANIFEST_FILE", type=Path,
                      help="release manifest JSON file")
     add.set_defaults(func=cmd_release_add)
@@ -116,6 +157,85 @@ def add_parser(subparsers: Any) -> None:
     _add_db(devices, "must exist")
     devices.set_defaults(func=cmd_devices)
 
+    _add_admin_parser(tracker_sub)
+
+
+def _add_admin_parser(tracker_sub: Any) -> None:
+    admin = tracker_sub.add_parser(
+        "admin", help="the control plane: tokens, rollouts, fleet status, audit",
+        description="Create admin tokens (directly in the database), and call the "
+                    "tracker's admin API: list releases, create and steer rollouts, show "
+                    "fleet status and the audit log. Roles: viewer (read), operator "
+                    "(create, pause, resume, abort, force), admin (revoke, audit).")
+    admin.add_argument("--url", default=f"http://{DEFAULT_LISTEN}",
+                       help=f"tracker base URL (default http://{DEFAULT_LISTEN})")
+    admin.add_argument("--token", default=None,
+                       help="bearer token (default: $SWARMOTA_TRACKER_TOKEN)")
+    admin.add_argument("--ca-file", metavar="FILE", default=None,
+                       help="PEM certificates to trust for an https tracker (default: "
+                            "the system's)")
+    admin_sub = admin.add_subparsers(dest="admin_command", metavar="COMMAND", required=True)
+
+    token = admin_sub.add_parser("token", help="manage admin tokens")
+    token_sub = token.add_subparsers(dest="token_command", metavar="COMMAND", required=True)
+    create = token_sub.add_parser(
+        "create", help="create a token and print it once",
+        description="Create a bearer token with a role. Only its SHA-256 is stored: the "
+                    "token is printed once and cannot be shown again.")
+    _add_db(create, "created if it does not exist")
+    create.add_argument("--role", choices=ROLES, required=True)
+    create.add_argument("--name", required=True, type=_token_name_arg,
+                        help="who holds it (shown in the audit log)")
+    create.add_argument("--expires-in-s", type=float, default=None, metavar="S",
+                        help="expire after S seconds (default: never)")
+    create.set_defaults(func=cmd_token_create)
+
+    for name, what in (("releases", "registered releases and their rollout phase"),
+                       ("fleet", "devices per version, reports per status, bytes saved"),
+                       ("audit", "the audit log (admin role)")):
+        leaf = admin_sub.add_parser(name, help=f"show {what}")
+        leaf.set_defaults(func=functools.partial(_cmd_api, "GET", name, None))
+
+    rollout = admin_sub.add_parser("rollout", help="create, show and steer rollouts")
+    rollout_sub = rollout.add_subparsers(dest="rollout_command", metavar="COMMAND",
+                                         required=True)
+    listing = rollout_sub.add_parser("list", help="every rollout with per-stage counters")
+    listing.set_defaults(func=functools.partial(_cmd_api, "GET", "rollouts", None))
+    show = rollout_sub.add_parser("show", help="one rollout with per-stage counters")
+    _add_release_args(show)
+    show.set_defaults(func=lambda args: _cmd_api(
+        "GET", f"rollouts/{args.product}/{args.version}", None, args))
+    new = rollout_sub.add_parser(
+        "create", help="start the rollout of a registered release",
+        description="Start a rollout: canaries first (--canary), then percentage stages "
+                    "(--stages), each advancing after --soak-s seconds with at least "
+                    "--min-successes successes; halts by itself on failures. --everyone "
+                    "offers it to every device at once.")
+    _add_release_args(new)
+    new.add_argument("--everyone", action="store_true",
+                     help="one stage of 100%% (auto-halt stays on)")
+    new.add_argument("--canary", metavar="DEVICE_ID", action="append", type=_device_arg,
+                     default=[], help="a canary device (repeat for several)")
+    new.add_argument("--canary-label", metavar="LABEL", default=None,
+                     help="devices declaring this label at check-in are canaries too")
+    new.add_argument("--stages", metavar="P1,P2,...", type=_stages_arg, default=None,
+                     help="stage percentages ending at 100 (default 1,10,50,100)")
+    new.add_argument("--soak-s", metavar="S", type=float, default=None)
+    new.add_argument("--min-successes", metavar="N", type=int, default=None)
+    new.add_argument("--max-in-flight", metavar="N", type=int, default=None,
+                     help="devices at most offered or downloading at once (0: no cap)")
+    new.set_defaults(func=cmd_rollout_create)
+    for action in ACTIONS:
+        leaf = rollout_sub.add_parser(action, help=f"{action} a rollout"
+                                      + (" (admin role)" if action == "revoke" else ""))
+        _add_release_args(leaf)
+        leaf.set_defaults(func=functools.partial(_cmd_action, action))
+
+
+def _add_release_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("product")
+    parser.add_argument("version")
+
 
 # --- commands ---------------------------------------------------------------------------
 
@@ -123,7 +243,14 @@ def add_parser(subparsers: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the tracker until Ctrl-C; 0 after a clean stop, 1 if it cannot start."""
     host, port = args.listen
-    config = TrackerConfig(db_path=args.db, listen=ListenConfig(host=host, port=port),
+    try:
+        certfile, keyfile = _tls_files(args.tls_cert, args.tls_key)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    config = TrackerConfig(db_path=args.db,
+                           listen=ListenConfig(host=host, port=port, certfile=certfile,
+                                               keyfile=keyfile),
                            poll_after_s=args.poll_after_s)
 
     async def main() -> None:
@@ -169,9 +296,20 @@ def cmd_release_add(args: argparse.Namespace) -> int:
         print(f"error: {path} is not a valid release manifest: {exc}", file=sys.stderr)
         return 2
     try:
+        plan = None
+        if args.rollout == "all":
+            plan = RolloutPlan.everyone()
+        elif args.rollout == "staged":
+            plan = RolloutPlan(canary_devices=tuple(args.canary),
+                               canary_label=args.canary_label,
+                               stages_percent=args.stages, soak_s=args.soak_s)
+    except RequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         with SqliteStore(args.db) as store:
-            added = store.add_release(release)
-    except StorageError as exc:  # ReleaseConflictError included: it says what clashes
+            added, rollout = register_release(store, release, plan)
+    except (StorageError, ConflictError) as exc:  # ReleaseConflictError says what clashes
         print(f"error: {exc}", file=sys.stderr)
         return 1
     what = "added" if added else "already registered:"
@@ -180,6 +318,14 @@ def cmd_release_add(args: argparse.Namespace) -> int:
     for swarm in release.swarms:
         print(f"  swarm {swarm.payload_kind}: info-hash {swarm.info_hash} "
               f"(announced as {swarm.announce_hash.hex()})")
+    if rollout is None:
+        print("no rollout: offered to nobody until one is created")
+    elif rollout.plan == RolloutPlan.everyone():
+        print("rollout: every device at once")
+    else:
+        names = rollout.plan.stage_names[0 if rollout.plan.has_canaries else 1:]
+        print(f"rollout {rollout.rollout_id}: {rollout.phase} at stage {rollout.stage_name} "
+              f"of {', '.join(names)}")
     return 0
 
 
@@ -228,7 +374,95 @@ def cmd_devices(args: argparse.Namespace) -> int:
                                   "LAST SEEN (UTC)"], rows, "no devices have checked in")
 
 
+def cmd_token_create(args: argparse.Namespace) -> int:
+    """Create a token in the database and print it once."""
+    token = new_token()
+    now = time.time()
+    expires_at = None if args.expires_in_s is None else now + args.expires_in_s
+    try:
+        with SqliteStore(args.db) as store:
+            store.add_token(TokenRecord(hash_token(token), args.name, args.role, now,
+                                        expires_at))
+            store.add_audit([AuditEntry(now, "cli", "token.create", args.name, "ok",
+                                        f"role {args.role}")])
+    except StorageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(token)
+    print(f"(role {args.role} for {args.name}; only its hash is stored: keep it now)",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_rollout_create(args: argparse.Namespace) -> int:
+    """POST a new rollout."""
+    plan: dict[str, Any] | str
+    if args.everyone:
+        plan = "everyone"
+    else:
+        plan = {"canary_devices": list(args.canary), "canary_label": args.canary_label}
+        for key, value in (("stages_percent", args.stages), ("soak_s", args.soak_s),
+                           ("min_successes", args.min_successes),
+                           ("max_in_flight", args.max_in_flight)):
+            if value is not None:
+                plan[key] = list(value) if key == "stages_percent" else value
+        try:
+            RolloutPlan.from_json(plan)
+        except RequestError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    return _cmd_api("POST", "rollouts", {"product": args.product, "version": args.version,
+                                         "plan": plan}, args)
+
+
+def _cmd_action(action: str, args: argparse.Namespace) -> int:
+    return _cmd_api("POST", f"rollouts/{args.product}/{args.version}/{action}", None, args)
+
+
+def _cmd_api(method: str, path: str, body: Any, args: argparse.Namespace) -> int:
+    token = args.token or os.environ.get("SWARMOTA_TRACKER_TOKEN")
+    if not token:
+        print("error: no token: pass --token or set SWARMOTA_TRACKER_TOKEN",
+              file=sys.stderr)
+        return 2
+    try:
+        with AdminClient(args.url, token, ca_file=args.ca_file) as client:
+            answer = client.get(path) if method == "GET" else client.post(path, body)
+    except AdminApiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, indent=2, sort_keys=True))
+    return 0
+
+
 # --- helpers ----------------------------------------------------------------------------
+
+
+def _tls_files(cert: Path | None, key: Path | None) -> tuple[str | None, str | None]:
+    """``(certfile, keyfile)`` for :class:`ListenConfig`, checked before serving.
+
+    Raises:
+        ValueError: only one of the two given, or not a readable PEM certificate and
+            its private key.
+    """
+    if cert is None and key is None:
+        return None, None
+    if cert is None or key is None:
+        raise ValueError("--tls-cert and --tls-key go together: give both (HTTPS) or "
+                         "neither (plain HTTP)")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"--tls-cert {cert} / --tls-key {key}: not a readable PEM "
+                         f"certificate and its private key ({exc})") from None
+    return str(cert), str(key)
+
+
+def _token_name_arg(text: str) -> str:
+    if not TOKEN_NAME_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"invalid name {text!r}: 1-64 chars of "
+                                         "A-Z a-z 0-9 . _ @ -")
+    return text
 
 
 def _add_db(parser: argparse.ArgumentParser, note: str) -> None:
@@ -251,6 +485,15 @@ def _poll_arg(text: str) -> int:
     if not 0 <= value <= _MAX_POLL_AFTER_S:
         raise argparse.ArgumentTypeError(f"{value} outside 0..{_MAX_POLL_AFTER_S}")
     return value
+
+
+def _stages_arg(text: str) -> tuple[float, ...]:
+    try:
+        stages = tuple(float(p) for p in text.split(","))
+        RolloutPlan(stages_percent=stages)
+    except (ValueError, RequestError) as exc:
+        raise argparse.ArgumentTypeError(f"bad stages {text!r}: {exc}") from None
+    return stages
 
 
 def _device_arg(text: str) -> str:

@@ -11,6 +11,9 @@ from tracker.registry import DEFAULT_MAX_PEERS_PER_SWARM, DEFAULT_MAX_PEERS_TOTA
 __all__ = [
     "DEFAULT_ANNOUNCE_INTERVAL_S",
     "DEFAULT_ANNOUNCE_MIN_INTERVAL_S",
+    "DEFAULT_AUDIT_RETENTION_S",
+    "DEFAULT_PACED_POLL_AFTER_S",
+    "DEFAULT_POLL_JITTER_FRACTION",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_PEERS_PER_SWARM",
     "DEFAULT_MAX_PEERS_TOTAL",
@@ -22,6 +25,9 @@ DEFAULT_POLL_AFTER_S = 3600
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 DEFAULT_ANNOUNCE_INTERVAL_S = 300
 DEFAULT_ANNOUNCE_MIN_INTERVAL_S = 60
+DEFAULT_POLL_JITTER_FRACTION = 0.1
+DEFAULT_PACED_POLL_AFTER_S = 300
+DEFAULT_AUDIT_RETENTION_S = 365 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,11 @@ class TrackerConfig:
             announces; peers silent for twice as long are forgotten.
         announce_min_interval_s: BitTorrent ``min interval`` (at most the interval).
         max_peers_per_swarm / max_peers_total: bounds of the in-memory peer registry.
+        poll_jitter_fraction: each ``poll_after_s`` answer is drawn uniformly from
+            ``poll_after_s * (1 +- fraction)`` so that a fleet does not come back in step.
+        paced_poll_after_s: ``poll_after_s`` (jittered too, at most ``poll_after_s``)
+            for a device held back by a stage's in-flight cap.
+        audit_retention_s: audit entries older than this are deleted (checked hourly).
 
     Raises:
         ValueError: ``poll_after_s`` outside 0..604800, ``max_body_bytes`` outside
@@ -53,6 +64,9 @@ class TrackerConfig:
     announce_min_interval_s: int = DEFAULT_ANNOUNCE_MIN_INTERVAL_S
     max_peers_per_swarm: int = DEFAULT_MAX_PEERS_PER_SWARM
     max_peers_total: int = DEFAULT_MAX_PEERS_TOTAL
+    poll_jitter_fraction: float = DEFAULT_POLL_JITTER_FRACTION
+    paced_poll_after_s: int = DEFAULT_PACED_POLL_AFTER_S
+    audit_retention_s: float = DEFAULT_AUDIT_RETENTION_S
 
     def __post_init__(self) -> None:
         if not 0 <= self.poll_after_s <= 7 * 24 * 3600:
@@ -67,3 +81,9 @@ class TrackerConfig:
                              f"got {self.announce_min_interval_s}")
         if self.max_peers_per_swarm < 1 or self.max_peers_total < 1:
             raise ValueError("max_peers_per_swarm and max_peers_total must be at least 1")
+        if not 0 <= self.poll_jitter_fraction <= 0.5:
+            raise ValueError("poll_jitter_fraction must be within 0..0.5")
+        if not 0 <= self.paced_poll_after_s <= 7 * 24 * 3600:
+            raise ValueError("paced_poll_after_s must be within 0..604800")
+        if self.audit_retention_s <= 0:
+            raise ValueError("audit_retention_s must be positive")

@@ -39,10 +39,12 @@ __all__ = [
     "HARDWARE_ID_RE",
     "MAX_BODY_BYTES",
     "MAX_BYTES_COUNT",
+    "MAX_LABELS",
     "MAX_MESSAGE_CHARS",
     "MAX_RELEASE_COUNTER",
     "MAX_TIMINGS",
     "MAX_TIMING_S",
+    "NETWORK_ID_RE",
     "STATUS_NAMES",
     "TIMING_NAME_RE",
     "CheckIn",
@@ -82,6 +84,9 @@ STATUS_NAMES: Mapping[int, str] = {
 """Device status codes (see ARCHITECTURE.md) and their display names."""
 
 _CHECKIN_KEYS = ("device_id", "product", "hardware_id", "version", "release_counter")
+_CHECKIN_OPTIONAL_KEYS = ("network_id", "region", "labels")
+MAX_LABELS = 16
+NETWORK_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _REPORT_KEYS = ("device_id", "product", "from_version", "to_version", "status", "message",
                 "bytes_origin", "bytes_peers", "timings_s")
 
@@ -91,13 +96,24 @@ _REPORT_KEYS = ("device_id", "product", "from_version", "to_version", "status", 
 
 @dataclass(frozen=True)
 class CheckIn:
-    """A device says who it is and what it runs (``POST /v1/checkin``)."""
+    """A device says who it is and what it runs (``POST /v1/checkin``).
+
+    ``network_id`` (optional): an opaque id of the device's LAN, e.g. a hash of its
+    gateway's address, so that the tracker can hand it peers of the same LAN first;
+    ``region`` (optional): a coarse location, the next preference. Both match
+    :data:`NETWORK_ID_RE`. ``labels`` (optional, at most :data:`MAX_LABELS`, each
+    matching :data:`NETWORK_ID_RE`): groups the device is in, e.g. ``canary`` (a
+    rollout's canary group may be a label).
+    """
 
     device_id: str
     product: str
     hardware_id: str
     version: str
     release_counter: int
+    network_id: str | None = None
+    region: str | None = None
+    labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -207,7 +223,8 @@ def parse_checkin(data: bytes, *, max_bytes: int = MAX_BODY_BYTES) -> CheckIn:
     Raises:
         RequestError: larger than ``max_bytes``, not a JSON object, or any field invalid.
     """
-    obj = _object(_load(data, max_bytes, "checkin"), "checkin", _CHECKIN_KEYS)
+    obj = _object(_load(data, max_bytes, "checkin"), "checkin", _CHECKIN_KEYS,
+                  _CHECKIN_OPTIONAL_KEYS)
     return CheckIn(
         device_id=_device_id(obj["device_id"], "checkin.device_id"),
         product=_product(obj["product"], "checkin.product"),
@@ -215,6 +232,9 @@ def parse_checkin(data: bytes, *, max_bytes: int = MAX_BODY_BYTES) -> CheckIn:
         version=_version(obj["version"], "checkin.version"),
         release_counter=_int(obj["release_counter"], "checkin.release_counter",
                              MAX_RELEASE_COUNTER),
+        network_id=_network_id(obj.get("network_id"), "checkin.network_id"),
+        region=_network_id(obj.get("region"), "checkin.region"),
+        labels=_labels(obj.get("labels", []), "checkin.labels"),
     )
 
 
@@ -269,10 +289,11 @@ def _reject_constant(text: str) -> Any:
     raise RequestError(f"constant {text} is not allowed")
 
 
-def _object(value: Any, where: str, keys: Sequence[str]) -> Mapping[str, Any]:
+def _object(value: Any, where: str, keys: Sequence[str],
+            optional: Sequence[str] = ()) -> Mapping[str, Any]:
     if not isinstance(value, dict):
         raise RequestError(f"{where}: expected a JSON object, got {_kind(value)}")
-    extra = sorted(set(value) - set(keys))
+    extra = sorted(set(value) - set(keys) - set(optional))
     if extra:
         shown = ", ".join(_show(k) for k in extra[:5])
         more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
@@ -303,6 +324,30 @@ def _device_id(value: Any, where: str) -> str:
         raise RequestError(f"{where}: invalid device id {_show(text)}: "
                            "1-128 chars of A-Z a-z 0-9 . _ : -")
     return text
+
+
+def _network_id(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    text = _str(value, where)
+    if not NETWORK_ID_RE.fullmatch(text):
+        raise RequestError(f"{where}: invalid id {_show(text)}: 1-64 chars of "
+                           "A-Z a-z 0-9 . _ : -")
+    return text
+
+
+def _labels(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise RequestError(f"{where}: expected a list, got {_kind(value)}")
+    if len(value) > MAX_LABELS:
+        raise RequestError(f"{where}: {len(value)} labels, limit {MAX_LABELS}")
+    labels = []
+    for item in value:
+        label = _network_id(item, where)
+        if label is None:
+            raise RequestError(f"{where}: expected strings, got null")
+        labels.append(label)
+    return tuple(labels)
 
 
 def _hardware_id(value: Any, where: str) -> str:
@@ -418,13 +463,20 @@ def checkin_answer(offer: Release | None, poll_after_s: int) -> dict[str, Any]:
 
 def checkin_to_json(checkin: CheckIn) -> dict[str, Any]:
     """The request body of a check-in; ``parse_checkin`` inverts it."""
-    return {
+    out: dict[str, Any] = {
         "device_id": checkin.device_id,
         "product": checkin.product,
         "hardware_id": checkin.hardware_id,
         "version": checkin.version,
         "release_counter": checkin.release_counter,
     }
+    if checkin.network_id is not None:
+        out["network_id"] = checkin.network_id
+    if checkin.region is not None:
+        out["region"] = checkin.region
+    if checkin.labels:
+        out["labels"] = list(checkin.labels)
+    return out
 
 
 def report_to_json(report: Report) -> dict[str, Any]:

@@ -9,11 +9,11 @@ peers) but not remembered, and counted in ``refused``. Only swarms the caller ha
 checked against the release catalogue should reach :meth:`SwarmRegistry.announce`;
 completion counters are kept for those swarms only.
 
-Hand-out policy: a leecher gets seeds first, then other leechers; a seed gets leechers
-only; each group is shuffled; the requester never gets itself.
-
-LAN-first hook: every entry keeps an optional ``network_id`` (the device's network, to
-be supplied by a later policy). It is stored and ignored by the hand-out for now.
+Hand-out policy, LAN first: peers of the requester's network (same ``network_id``)
+come first, then peers of its region (same ``region``), then anyone; within each of
+these groups a leecher gets seeds before leechers, and a seed gets leechers only; each
+group is shuffled; the requester never gets itself. The caller supplies ``network_id``
+and ``region`` (what the device declared at check-in); unknown ones match nobody.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class _Peer:
     last_seen: float
     network_id: str | None
     completed: bool
+    region: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class SwarmRegistry:
         self._downloads_total = 0
 
     def announce(self, request: AnnounceRequest, ip: str,
-                 network_id: str | None = None) -> AnnounceResult:
+                 network_id: str | None = None, region: str | None = None) -> AnnounceResult:
         """Record ``request`` from a peer at ``ip`` and choose peers for it.
 
         ``ip`` is the connection's remote address (normalised, see
@@ -152,7 +153,7 @@ class SwarmRegistry:
                 stored = False
             else:
                 entry = _Peer(PeerAddress(ip, request.port), request.peer_id, request.left,
-                              now, network_id, completed=False)
+                              now, network_id, completed=False, region=region)
                 if swarm is None:
                     swarm = self._swarms[request.announce_hash] = {}
                 swarm[key] = entry
@@ -162,6 +163,7 @@ class SwarmRegistry:
             entry.left = request.left
             entry.last_seen = now
             entry.network_id = network_id
+            entry.region = region
         if request.event == "completed" and entry is not None and not entry.completed:
             entry.completed = True
             self._downloads[request.announce_hash] = (
@@ -169,12 +171,28 @@ class SwarmRegistry:
             self._downloads_total += 1
 
         others = [] if swarm is None else [p for k, p in swarm.items() if k != key]
-        seeds = [p for p in others if p.left == 0]
-        leechers = [p for p in others if p.left != 0]
-        self._rng.shuffle(seeds)
-        self._rng.shuffle(leechers)
-        chosen = leechers if request.is_seed else seeds + leechers
-        peers = tuple(HandedPeer(p.address, p.peer_id) for p in chosen[: request.numwant])
+        if request.is_seed:
+            others = [p for p in others if p.left != 0]
+        groups: list[list[_Peer]] = [[] for _ in range(6)]
+        for p in others:
+            if network_id is not None and p.network_id == network_id:
+                place = 0
+            elif region is not None and p.region == region:
+                place = 2
+            else:
+                place = 4
+            groups[place + (p.left != 0)].append(p)
+        chosen: list[_Peer] = []
+        for group in groups:  # random within a group; sample only what is handed out
+            need = request.numwant - len(chosen)
+            if need <= 0:
+                break
+            if need < len(group):
+                chosen.extend(self._rng.sample(group, need))
+            else:
+                self._rng.shuffle(group)
+                chosen.extend(group)
+        peers = tuple(HandedPeer(p.address, p.peer_id) for p in chosen)
         complete, incomplete = _counts(swarm or {})
         return AnnounceResult(peers, complete, incomplete, stored)
 

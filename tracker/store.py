@@ -30,19 +30,27 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from tracker.bittorrent import SwarmInfo
-from tracker.errors import ReleaseConflictError, RequestError, StorageError
+from tracker.errors import (
+    ConflictError,
+    ReleaseConflictError,
+    RequestError,
+    StaleStateError,
+    StorageError,
+)
 from tracker.protocol import CheckIn, Release, Report
+from tracker.rollout import Admission, RolloutPlan, RolloutState, StageCounters
 
-__all__ = ["SCHEMA_VERSION", "DeviceRecord", "SqliteStore", "Store", "StoredReport"]
+__all__ = ["SCHEMA_VERSION", "AuditEntry", "DeviceRecord", "SqliteStore", "Store",
+           "StoredReport", "TokenRecord"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _BUSY_TIMEOUT_MS = 5000
 
 # Version 1 of the schema; later versions add _MIGRATIONS in order.
@@ -93,7 +101,62 @@ CREATE TABLE swarms (
 );
 CREATE INDEX swarms_by_release ON swarms (product, version);
 """
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_SWARMS}
+_SCHEMA_ROLLOUTS = """
+CREATE TABLE rollouts (
+    rollout_id TEXT PRIMARY KEY,
+    product TEXT NOT NULL,
+    version TEXT NOT NULL,
+    counter INTEGER NOT NULL,
+    plan_json TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    stage INTEGER NOT NULL,
+    stage_started_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    halt_reason TEXT NOT NULL,
+    revision INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (product, version)
+);
+CREATE TABLE rollout_stages (
+    rollout_id TEXT NOT NULL,
+    stage INTEGER NOT NULL,
+    admitted INTEGER NOT NULL,
+    downloading INTEGER NOT NULL,
+    succeeded INTEGER NOT NULL,
+    failed INTEGER NOT NULL,
+    rolled_back INTEGER NOT NULL,
+    bytes_origin INTEGER NOT NULL,
+    bytes_peers INTEGER NOT NULL,
+    PRIMARY KEY (rollout_id, stage)
+);
+CREATE TABLE rollout_devices (
+    rollout_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    stage INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (rollout_id, device_id)
+);
+ALTER TABLE devices ADD COLUMN network_id TEXT;
+ALTER TABLE devices ADD COLUMN region TEXT;
+CREATE TABLE admin_tokens (
+    token_hash TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL
+);
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX audit_by_time ON audit (at);
+"""
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_SWARMS, 2: _SCHEMA_ROLLOUTS}
 """DDL that takes a database from version ``key`` to ``key + 1``."""
 
 
@@ -140,6 +203,42 @@ class DeviceRecord:
     version: str
     release_counter: int
     last_seen: float
+    network_id: str | None = None
+    region: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """An admin token as stored: the SHA-256 hex of the token, never the token itself.
+
+    ``expires_at`` (epoch s) is ``None`` for a token that does not expire.
+    """
+
+    token_hash: str
+    name: str
+    role: str
+    created_at: float
+    expires_at: float | None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One line of the append-only audit log.
+
+    ``actor``: the token's name, ``tracker`` for rollout decisions, or ``anonymous``;
+    ``action``: what was asked or decided (``rollout.create``, ``rollout.pause``,
+    ``rollout.halted``, ``auth`` ...); ``target``: what it was about (e.g.
+    ``acme-router 2.0.0``); ``outcome``: ``ok``, ``refused`` or ``decided``;
+    ``detail``: free text. ``entry_id`` is 0 for an entry not stored yet.
+    """
+
+    at: float
+    actor: str
+    action: str
+    target: str
+    outcome: str
+    detail: str
+    entry_id: int = 0
 
 
 class Store(Protocol):
@@ -186,6 +285,71 @@ class Store(Protocol):
 
     def devices(self) -> list[DeviceRecord]:
         """Every device that ever checked in, by device id."""
+        ...
+
+    def device(self, device_id: str) -> DeviceRecord | None:
+        """What ``device_id`` said at its latest check-in, if it ever checked in."""
+        ...
+
+    # --- rollouts (schema 3) ------------------------------------------------------------
+
+    def create_rollout(self, state: RolloutState, audit: Sequence[AuditEntry] = ()) -> None:
+        """Store a new rollout (and audit entries) in one transaction.
+
+        Raises:
+            RequestError: its release is not registered.
+            ConflictError: the release already has a rollout.
+            StorageError: the database failed.
+        """
+        ...
+
+    def rollouts(self, product: str | None = None) -> list[RolloutState]:
+        """Every rollout (of ``product`` if given), by product then release counter."""
+        ...
+
+    def rollout_of(self, product: str, version: str) -> RolloutState | None:
+        """The rollout of one release, if it has one."""
+        ...
+
+    def admission(self, rollout_id: str, device_id: str) -> Admission | None:
+        """A device's admission record in a rollout, if it was admitted."""
+        ...
+
+    def save_rollout(self, state: RolloutState, admissions: Sequence[Admission] = (),
+                     audit: Sequence[AuditEntry] = ()) -> None:
+        """Write a rollout's new state, changed admissions and audit entries at once,
+        if nobody saved the rollout since ``state`` was read (``state.revision``).
+
+        Raises:
+            StaleStateError: it was saved since (nothing written; read it again).
+            StorageError: the database failed.
+        """
+        ...
+
+    def in_flight(self, rollout_id: str, since: float) -> int:
+        """Devices offered or downloading, whose admission changed at or after ``since``."""
+        ...
+
+    # --- control plane --------------------------------------------------------------------
+
+    def add_token(self, record: TokenRecord) -> None:
+        """Store an admin token record (its hash)."""
+        ...
+
+    def token(self, token_hash: str) -> TokenRecord | None:
+        """The token record with this hash, if any."""
+        ...
+
+    def add_audit(self, entries: Sequence[AuditEntry]) -> None:
+        """Append audit entries."""
+        ...
+
+    def audit(self, *, since: float = 0.0, limit: int = 1000) -> list[AuditEntry]:
+        """Audit entries at or after ``since``, oldest first, at most ``limit``."""
+        ...
+
+    def prune_audit(self, before: float) -> int:
+        """Drop audit entries older than ``before`` (retention); return how many."""
         ...
 
     def close(self) -> None:
@@ -314,22 +478,151 @@ class SqliteStore:
         with self._transaction("record check-in") as conn:
             conn.execute(
                 "INSERT INTO devices (device_id, product, hardware_id, version, "
-                "release_counter, last_seen) VALUES (?, ?, ?, ?, ?, ?) "
+                "release_counter, last_seen, network_id, region) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (device_id) DO UPDATE SET product = excluded.product, "
                 "hardware_id = excluded.hardware_id, version = excluded.version, "
-                "release_counter = excluded.release_counter, last_seen = excluded.last_seen",
+                "release_counter = excluded.release_counter, last_seen = excluded.last_seen, "
+                "network_id = excluded.network_id, region = excluded.region",
                 (checkin.device_id, checkin.product, checkin.hardware_id, checkin.version,
-                 checkin.release_counter, now),
+                 checkin.release_counter, now, checkin.network_id, checkin.region),
             )
 
     def devices(self) -> list[DeviceRecord]:
         with self._connection("list devices") as conn:
             rows = conn.execute(
-                "SELECT device_id, product, hardware_id, version, release_counter, last_seen "
-                "FROM devices ORDER BY device_id"
-            ).fetchall()
-        return [DeviceRecord(str(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4]),
-                             float(r[5])) for r in rows]
+                f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id").fetchall()
+        return [_row_to_device(r) for r in rows]
+
+    def device(self, device_id: str) -> DeviceRecord | None:
+        with self._connection("look up device") as conn:
+            row = conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?",
+                               (device_id,)).fetchone()
+        return None if row is None else _row_to_device(row)
+
+    # --- rollouts -----------------------------------------------------------------------
+
+    def create_rollout(self, state: RolloutState, audit: Sequence[AuditEntry] = ()) -> None:
+        with self._transaction("create rollout") as conn:
+            row = conn.execute("SELECT counter FROM releases WHERE product = ? AND version = ?",
+                               (state.product, state.version)).fetchone()
+            if row is None:
+                raise RequestError(f"no release {state.product} {state.version} is "
+                                   "registered")
+            if int(row[0]) != state.release_counter:
+                raise RuntimeError("rollout built with the wrong release counter")
+            taken = conn.execute(
+                "SELECT rollout_id FROM rollouts WHERE rollout_id = ? OR "
+                "(product = ? AND version = ?)",
+                (state.rollout_id, state.product, state.version)).fetchone()
+            if taken is not None:
+                raise ConflictError(f"{state.product} {state.version} already has a "
+                                    f"rollout ({taken[0]})")
+            conn.execute(
+                "INSERT INTO rollouts (rollout_id, product, version, counter, plan_json, "
+                "phase, stage, stage_started_at, created_at, halt_reason) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (state.rollout_id, state.product, state.version, state.release_counter,
+                 json.dumps(state.plan.to_json(), sort_keys=True), state.phase, state.stage,
+                 state.stage_started_at, state.created_at, state.halt_reason))
+            _write_stages(conn, state)
+            _insert_audit(conn, audit)
+
+    def rollouts(self, product: str | None = None) -> list[RolloutState]:
+        sql = f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts"
+        params: tuple[str, ...] = ()
+        if product is not None:
+            sql += " WHERE product = ?"
+            params = (product,)
+        sql += " ORDER BY product, counter"
+        with self._connection("list rollouts") as conn:
+            rows = conn.execute(sql, params).fetchall()
+            return [_row_to_rollout(conn, row) for row in rows]
+
+    def rollout_of(self, product: str, version: str) -> RolloutState | None:
+        with self._connection("look up rollout") as conn:
+            row = conn.execute(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts "
+                               "WHERE product = ? AND version = ?",
+                               (product, version)).fetchone()
+            return None if row is None else _row_to_rollout(conn, row)
+
+    def admission(self, rollout_id: str, device_id: str) -> Admission | None:
+        with self._connection("look up admission") as conn:
+            row = conn.execute(
+                "SELECT device_id, stage, status, updated_at FROM rollout_devices "
+                "WHERE rollout_id = ? AND device_id = ?", (rollout_id, device_id)).fetchone()
+        if row is None:
+            return None
+        return Admission(str(row[0]), int(row[1]), str(row[2]), float(row[3]))
+
+    def save_rollout(self, state: RolloutState, admissions: Sequence[Admission] = (),
+                     audit: Sequence[AuditEntry] = ()) -> None:
+        with self._transaction("save rollout") as conn:
+            cursor = conn.execute(
+                "UPDATE rollouts SET phase = ?, stage = ?, stage_started_at = ?, "
+                "halt_reason = ?, revision = revision + 1 "
+                "WHERE rollout_id = ? AND revision = ?",
+                (state.phase, state.stage, state.stage_started_at, state.halt_reason,
+                 state.rollout_id, state.revision))
+            if cursor.rowcount != 1:
+                row = conn.execute("SELECT revision FROM rollouts WHERE rollout_id = ?",
+                                   (state.rollout_id,)).fetchone()
+                if row is None:
+                    raise StorageError(f"rollout {state.rollout_id} is not stored")
+                raise StaleStateError(f"rollout {state.rollout_id} changed since it was "
+                                      f"read (revision {state.revision}, now {row[0]})")
+            _write_stages(conn, state)
+            conn.executemany(
+                "INSERT INTO rollout_devices (rollout_id, device_id, stage, status, "
+                "updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (rollout_id, device_id) "
+                "DO UPDATE SET stage = excluded.stage, status = excluded.status, "
+                "updated_at = excluded.updated_at",
+                [(state.rollout_id, a.device_id, a.stage, a.status, a.updated_at)
+                 for a in admissions])
+            _insert_audit(conn, audit)
+
+    def in_flight(self, rollout_id: str, since: float) -> int:
+        with self._connection("count in flight") as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM rollout_devices WHERE rollout_id = ? AND status IN "
+                "('offered', 'downloading') AND updated_at >= ?",
+                (rollout_id, since)).fetchone()
+        return int(row[0])
+
+    # --- control plane ------------------------------------------------------------------
+
+    def add_token(self, record: TokenRecord) -> None:
+        with self._transaction("add token") as conn:
+            conn.execute("INSERT INTO admin_tokens (token_hash, name, role, created_at, "
+                         "expires_at) VALUES (?, ?, ?, ?, ?)",
+                         (record.token_hash, record.name, record.role, record.created_at,
+                          record.expires_at))
+
+    def token(self, token_hash: str) -> TokenRecord | None:
+        with self._connection("look up token") as conn:
+            row = conn.execute("SELECT token_hash, name, role, created_at, expires_at "
+                               "FROM admin_tokens WHERE token_hash = ?",
+                               (token_hash,)).fetchone()
+        if row is None:
+            return None
+        return TokenRecord(str(row[0]), str(row[1]), str(row[2]), float(row[3]),
+                           None if row[4] is None else float(row[4]))
+
+    def add_audit(self, entries: Sequence[AuditEntry]) -> None:
+        with self._transaction("append audit") as conn:
+            _insert_audit(conn, entries)
+
+    def audit(self, *, since: float = 0.0, limit: int = 1000) -> list[AuditEntry]:
+        with self._connection("read audit") as conn:
+            rows = conn.execute(
+                "SELECT at, actor, action, target, outcome, detail, id FROM audit "
+                "WHERE at >= ? ORDER BY id LIMIT ?", (since, limit)).fetchall()
+        return [AuditEntry(float(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]),
+                           str(r[5]), int(r[6])) for r in rows]
+
+    def prune_audit(self, before: float) -> int:
+        with self._transaction("prune audit") as conn:
+            return int(conn.execute("DELETE FROM audit WHERE at < ?", (before,)).rowcount)
 
     # --- reports ----------------------------------------------------------------------
 
@@ -412,6 +705,51 @@ class SqliteStore:
                 raise
 
 
+_DEVICE_COLUMNS = ("device_id, product, hardware_id, version, release_counter, last_seen, "
+                   "network_id, region")
+_ROLLOUT_COLUMNS = ("rollout_id, product, version, counter, plan_json, phase, stage, "
+                    "stage_started_at, created_at, halt_reason, revision")
+_STAGE_FIELDS = ("admitted", "downloading", "succeeded", "failed", "rolled_back",
+                 "bytes_origin", "bytes_peers")
+
+
+def _row_to_device(r: tuple[Any, ...]) -> DeviceRecord:
+    return DeviceRecord(str(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4]), float(r[5]),
+                        None if r[6] is None else str(r[6]),
+                        None if r[7] is None else str(r[7]))
+
+
+def _row_to_rollout(conn: sqlite3.Connection, row: tuple[Any, ...]) -> RolloutState:
+    (rollout_id, product, version, counter, plan_json, phase, stage, stage_started_at,
+     created_at, halt_reason, revision) = row
+    try:
+        plan = RolloutPlan.from_json(json.loads(plan_json))
+    except (ValueError, RequestError) as exc:
+        raise StorageError(f"rollout {rollout_id}: corrupt plan: {exc}") from exc
+    stages = {int(r[0]): StageCounters(*(int(v) for v in r[1:])) for r in conn.execute(
+        f"SELECT stage, {', '.join(_STAGE_FIELDS)} FROM rollout_stages WHERE rollout_id = ?",
+        (rollout_id,))}
+    counters = tuple(stages.get(i, StageCounters()) for i in range(len(plan.stage_names)))
+    return RolloutState(str(rollout_id), str(product), str(version), int(counter), plan,
+                        str(phase), int(stage), float(stage_started_at), float(created_at),
+                        counters, str(halt_reason), revision=int(revision))
+
+
+def _write_stages(conn: sqlite3.Connection, state: RolloutState) -> None:
+    conn.executemany(
+        f"INSERT OR REPLACE INTO rollout_stages (rollout_id, stage, {', '.join(_STAGE_FIELDS)})"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(state.rollout_id, i, *(getattr(c, f) for f in _STAGE_FIELDS))
+         for i, c in enumerate(state.counters)])
+
+
+def _insert_audit(conn: sqlite3.Connection, entries: Sequence[AuditEntry]) -> None:
+    conn.executemany(
+        "INSERT INTO audit (at, actor, action, target, outcome, detail) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        [(e.at, e.actor, e.action, e.target, e.outcome, e.detail) for e in entries])
+
+
 def _row_to_release(row: tuple[Any, ...], swarms: list[SwarmInfo]) -> Release:
     product, version, counter, target = row
     try:
@@ -482,6 +820,7 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
                                        "(no schema_version table)")
                 _run_script(conn, _SCHEMA)
                 _run_script(conn, _SCHEMA_SWARMS)
+                _run_script(conn, _SCHEMA_ROLLOUTS)
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)",
                              (SCHEMA_VERSION,))
             else:
