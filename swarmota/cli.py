@@ -46,8 +46,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "bench", help="run a benchmark from the source checkout (bench/)",
         description="Run a benchmark of bench/ (a source checkout is needed): fleet (a "
                     "shaped network namespace, root), swarm (loopback), delta (needs "
-                    "../shared/data) or tracker (load on loopback). Arguments after the name go to the benchmark; "
-                    "'swarmota bench fleet --help' lists them.")
+                    "../shared/data) or tracker (load on loopback). Arguments after the "
+                    "name go to the benchmark; 'swarmota bench fleet --help' lists them.")
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("args", nargs=argparse.REMAINDER,
                        help="arguments for the benchmark")
