@@ -267,7 +267,8 @@ class _Run:
             min_peer_rate_bytes_per_s=_min_peer_rate(config),
             waste_budget_bytes=config.swarm_waste_budget_bytes,
             direct_concurrency=config.download_concurrency, attempts=config.chunk_attempts,
-            backoff_s=config.retry_backoff_s, spread_key=config.device_id)
+            backoff_s=config.retry_backoff_s, spread_key=config.device_id,
+            device_id=config.device_id)  # the tracker admits the announce by rollout
         result.download_mode = "swarm"
         ref, stats = await swarm_download(session, self.http, work, payload_url=url,
                                           options=options, progress=self.state.save_progress)

@@ -1,10 +1,14 @@
 """``swarmota demo``: a full publish and fleet update on loopback, in a temporary directory.
 
-Creates a TUF repository, publishes v1 and v2 of a generated firmware-like image, starts
-the origin server and the tracker on 127.0.0.1, provisions a fleet of devices on v1,
-updates them all to v2 concurrently, prints a report and exits non-zero if any device
-did not end up with verified v2 bytes in its active slot. Needs nothing outside this
-package.
+Creates a TUF repository, publishes v1 and v2 (with a delta from v1) of a generated
+firmware-like image, starts the origin server (egress capped like a CDN-to-home link),
+the tracker and a seeder on 127.0.0.x, provisions a fleet of devices on v1 and rolls v2
+out canary-first in two stages: the canary devices update first while the others are
+told to wait; once every canary has reported success the tracker opens the release to
+everyone and the rest update together, sharing through the swarm. It prints a report
+(per device, per rollout stage, bytes from the origin vs from peers, the origin
+bandwidth saved) and exits non-zero if any device did not end up with verified v2 bytes
+in its active slot. Needs nothing outside this package.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,8 +47,8 @@ from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
 from tracker.store import SqliteStore
 
-__all__ = ["DemoOutcome", "add_parser", "make_image", "mutate_image", "run_demo",
-           "update_fleet", "write_images"]
+__all__ = ["DemoOutcome", "add_parser", "canary_plan", "make_image", "mutate_image",
+           "run_demo", "update_fleet", "write_images"]
 
 PRODUCT = "acme-router"
 HARDWARE_ID = "acme-router-hw1"
@@ -105,6 +109,9 @@ class DemoOutcome:
     payload_size: int
     reports_stored: int
     elapsed_s: float
+    rollout_stages: list[tuple[str, int, int, int, int, int]] = field(default_factory=list)
+    """Per stage: name, devices admitted, succeeded, failed (incl. rolled back), bytes
+    from the origin and from peers as the devices reported them."""
 
     @property
     def cdn_bytes(self) -> int:
@@ -123,41 +130,68 @@ async def _wait_for_seeds(registry: SwarmRegistry, payloads: Sequence[Payload], 
             await trio.sleep(0.05)
 
 
+class _Fleet:
+    """Devices updating in waves inside one nursery. A device that has installed keeps
+    sharing its payload (its seed time is the ceiling) until the nursery is cancelled,
+    so canaries help the waves after them, as deployed devices do."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self.results: dict[str, UpdateResult] = {}
+        self._changed = trio.Event()
+
+    def _done(self, device_id: str, result: UpdateResult) -> None:
+        self.results.setdefault(device_id, result)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _one(self, state: DeviceState) -> None:
+        device_id = state.config().device_id
+        result = await update_once(state, on_seeding=lambda r, _s: self._done(device_id, r))
+        self._done(device_id, result)
+
+    async def wave(self, states: Sequence[DeviceState]) -> dict[str, UpdateResult]:
+        """Start one update of each device; return their results once all have one."""
+        ids = [state.config().device_id for state in states]
+        for device_id in ids:
+            self.results.pop(device_id, None)
+        for state in states:
+            self._nursery.start_soon(self._one, state)
+        while not all(device_id in self.results for device_id in ids):
+            await self._changed.wait()
+        return {device_id: self.results[device_id] for device_id in ids}
+
+
 async def update_fleet(states: Sequence[DeviceState]) -> dict[str, UpdateResult]:
     """Update every device at once (one ``update_once`` each) and return the results by
     device id. Devices that finished keep sharing their payload with those still
     downloading (their seed time is the ceiling); once every device has a result there
     is nobody left to share with, and the fleet stops."""
-    results: dict[str, UpdateResult] = {}
-    fleet_done = trio.Event()
-
-    def done(device_id: str, result: UpdateResult) -> None:
-        results[device_id] = result
-        if len(results) == len(states):
-            fleet_done.set()
-
-    async def one(state: DeviceState) -> None:
-        device_id = state.config().device_id
-        result = await update_once(state, on_seeding=lambda r, _s: done(device_id, r))
-        done(device_id, result)
-
-    async with trio.open_nursery() as fleet:
-        for state in states:
-            fleet.start_soon(one, state)
-        await fleet_done.wait()
-        fleet.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        results = await _Fleet(nursery).wave(states)
+        nursery.cancel_scope.cancel()
     return results
+
+
+def canary_plan(canaries: Sequence[str]) -> RolloutPlan:
+    """The demo's two stages: the canary devices, then everyone. The canary stage
+    advances once every canary has succeeded (no soak: a demo has no hours to spare);
+    the first failure halts the rollout."""
+    return RolloutPlan(canary_devices=tuple(canaries), stages_percent=(100.0,),
+                       min_successes=len(canaries), min_success_rate=1.0, soak_s=0.0,
+                       halt_min_sample=1, halt_failure_rate=0.0, halt_failure_count=1)
 
 
 async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4 << 20,
                    zstd_level: int = 9, mode: str = "swarm",
-                   cdn_rate_bytes_per_s: int | None = 4 << 20,
+                   cdn_rate_bytes_per_s: int | None = 4 << 20, canaries: int = 1,
                    out: Any = sys.stdout) -> DemoOutcome:
     """Run the whole demo in ``workdir``; return what happened.
 
     ``mode`` is the devices' download mode (``swarm`` or ``direct``);
     ``cdn_rate_bytes_per_s`` caps the origin's HTTP egress and, separately, the seeder's
-    BitTorrent upload (``None``: no caps), as a CDN-to-home link would.
+    BitTorrent upload (``None``: no caps), as a CDN-to-home link would; the first
+    ``canaries`` devices (at least one) form the rollout's canary stage.
     """
 
     def say(msg: str) -> None:
@@ -167,9 +201,9 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
     images = write_images(workdir / "images", image_size_bytes)
     v2 = (images / "v2.img").read_bytes()
 
-    say(f"[1/5] creating a TUF repository in {workdir / 'repo'}")
+    say(f"[1/6] creating a TUF repository in {workdir / 'repo'}")
     repo = Repository.create(workdir / "repo")
-    say(f"[2/5] publishing v1, then v2 with a delta from v1 ({len(v2):,} byte images, "
+    say(f"[2/6] publishing v1, then v2 with a delta from v1 ({len(v2):,} byte images, "
         f"zstd level {zstd_level})")
     m1 = await trio.to_thread.run_sync(lambda: publish_release(
         repo, images / "v1.img", product=PRODUCT, version="1.0.0", release_counter=1,
@@ -187,12 +221,14 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
         f"({100 * delta.size / full.size:.1f}% of the full payload, "
         f"{delta.chunk_count} chunks)")
 
+    device_ids = [f"device-{n + 1:02d}" for n in range(devices)]
+    canary_ids = device_ids[:max(1, min(canaries, devices))]
     db = workdir / "tracker.sqlite"
     store = SqliteStore(db)
-    try:
-        for m in (m1, m2):  # every device at once (issue 7 adds a canary rollout)
-            register_release(store, Release.from_manifest(m), RolloutPlan.everyone(),
-                             actor="demo")
+    try:  # v1 is what the fleet runs: registered, offered to nobody
+        register_release(store, Release.from_manifest(m1), None, actor="demo")
+        register_release(store, Release.from_manifest(m2), canary_plan(canary_ids),
+                         actor="demo")
     finally:
         store.close()
 
@@ -213,12 +249,11 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
         await _wait_for_seeds(registry, [p for p in m2.payloads if p.info_hash])
         rate = "unlimited" if cdn_rate_bytes_per_s is None else \
             f"{cdn_rate_bytes_per_s / (1 << 20):g} MiB/s each"
-        say(f"[3/5] origin at {origin_url}, tracker at {tracker_url}, seeder at "
+        say(f"[3/6] origin at {origin_url}, tracker at {tracker_url}, seeder at "
             f"{seeder.listen_address[0]}:{seeder.listen_address[1]} (CDN egress {rate})")
 
         states = []
-        for n in range(devices):
-            device_id = f"device-{n + 1:02d}"
+        for n, device_id in enumerate(device_ids):
             config = DeviceConfig(device_id=device_id, product=PRODUCT, hardware_id=HARDWARE_ID,
                                   origin_url=origin_url, tracker_url=tracker_url,
                                   download_mode=mode, swarm_listen=f"127.0.0.{11 + n}:0",
@@ -226,15 +261,29 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
             states.append(init_device(workdir / "devices" / device_id, config,
                                       root_json=repo.root_bytes(), image=images / "v1.img",
                                       version="1.0.0", release_counter=1))
-        say(f"[4/5] {devices} devices provisioned on v1.0.0 ({mode} mode); updating them all")
+        canary_states, rest = states[:len(canary_ids)], states[len(canary_ids):]
+        say(f"[4/6] {devices} devices provisioned on v1.0.0 ({mode} mode); rollout of 2.0.0: "
+            f"canary ({', '.join(canary_ids)}), then 100%; the first failure halts it")
 
-        results = await update_fleet(states)
+        async with trio.open_nursery() as fleet_nursery:
+            fleet = _Fleet(fleet_nursery)
+            waiting = await fleet.wave(rest)  # they check in first: not their turn yet
+            offered_early = [d for d, r in waiting.items() if r.attempted]
+            say(f"[5/6] stage canary: {len(rest)} other devices checked in and were told to "
+                f"wait ({len(offered_early)} offered); updating the canaries")
+            results = dict(await fleet.wave(canary_states))
+            canaries_ok = all(r.status == 0 and r.updated for r in results.values())
+            say(f"      canaries {'all updated' if canaries_ok else 'FAILED'}; "
+                f"{len(rest)} devices check in again")
+            results.update(await fleet.wave(rest))
+            say(f"[6/6] stage 100%: {sum(r.updated for r in results.values())} of {devices} "
+                "devices updated; report")
+            fleet_nursery.cancel_scope.cancel()
         seeding = seeder.statistics()
         nursery.cancel_scope.cancel()
 
     want = hashlib.sha256(v2).hexdigest()
-    ok = True
-    say("[5/5] report")
+    ok = not offered_early
     say(f"  {'device':<11} {'status':>6} {'result':<9} {'payload':<7} {'mode':<6} "
         f"{'from origin':>12} {'from peers':>11} {'time s':>7}  slot")
     for state in states:
@@ -254,8 +303,22 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
     store = SqliteStore(db)
     try:
         reports = store.reports()
+        rollout = store.rollout_of(PRODUCT, "2.0.0")
     finally:
         store.close()
+    stages: list[tuple[str, int, int, int, int, int]] = []
+    if rollout is not None:
+        say(f"  rollout {rollout.phase}, stage {rollout.stage_name}"
+            + (f" ({rollout.halt_reason})" if rollout.halt_reason else ""))
+        say(f"  {'stage':<8} {'admitted':>8} {'succeeded':>9} {'failed':>6} "
+            f"{'from origin':>12} {'from peers':>11}")
+        for name, c in zip(rollout.plan.stage_names, rollout.counters, strict=True):
+            failed = c.failed + c.rolled_back
+            stages.append((name, c.admitted, c.succeeded, failed, c.bytes_origin,
+                           c.bytes_peers))
+            say(f"  {name:<8} {c.admitted:>8} {c.succeeded:>9} {failed:>6} "
+                f"{c.bytes_origin:>12,} {c.bytes_peers:>11,}")
+        ok &= rollout.stage == len(rollout.plan.stage_names) - 1 and rollout.phase == "active"
     elapsed = time.monotonic() - started
     peer_bytes = max(0, sum(r.bytes_peers for r in results.values())
                      - seeding.bytes_uploaded_payload)
@@ -275,7 +338,7 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
                        origin_bytes_total=stats.bytes_total,
                        seeder_bytes=seeding.bytes_uploaded_payload, peer_bytes=peer_bytes,
                        payload_size=payload_size, reports_stored=len(reports),
-                       elapsed_s=elapsed)
+                       elapsed_s=elapsed, rollout_stages=stages)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -284,8 +347,9 @@ def add_parser(subparsers: Any) -> None:
         description="Full walk-through on loopback in a temporary directory: repository, "
                     "v1 and v2 releases, origin, tracker and seeder, a fleet of devices "
                     "(each on its own 127.0.0.x address) updated from v1 to v2 through the "
-                    "swarm, and a report of where the bytes came from. Exit code 0 only if "
-                    "every device ends on verified v2.")
+                    "swarm in a canary-first rollout (the canaries, then everyone), and a "
+                    "report of where the bytes came from. Exit code 0 only if every device "
+                    "ends on verified v2.")
     p.add_argument("--devices", type=int, default=4, help="fleet size, 1..64 (default 4)")
     p.add_argument("--image-mib", type=int, default=4, help="image size in MiB (default 4)")
     p.add_argument("--mode", choices=DOWNLOAD_MODES, default="swarm",
@@ -293,6 +357,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--cdn-rate-mib", type=float, default=4.0,
                    help="cap on the origin's HTTP egress and on the seeder's upload, MiB/s "
                         "each (default %(default)s; 0 = no cap)")
+    p.add_argument("--canaries", type=int, default=1,
+                   help="devices in the rollout's canary stage (default %(default)s)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="keep everything in this (new) directory instead of a temporary one")
     p.set_defaults(func=_main)
@@ -305,12 +371,16 @@ def _main(args: argparse.Namespace) -> int:
     if args.cdn_rate_mib < 0:
         print("error: --cdn-rate-mib must be >= 0", file=sys.stderr)
         return 2
+    if not 1 <= args.canaries <= args.devices:
+        print("error: --canaries must be 1..--devices", file=sys.stderr)
+        return 2
     rate = int(args.cdn_rate_mib * (1 << 20)) or None
 
     def run(workdir: Path) -> DemoOutcome:
         return trio.run(lambda: run_demo(workdir, devices=args.devices,
                                          image_size_bytes=args.image_mib << 20,
-                                         mode=args.mode, cdn_rate_bytes_per_s=rate))
+                                         mode=args.mode, cdn_rate_bytes_per_s=rate,
+                                         canaries=args.canaries))
 
     if args.workdir is not None:
         if args.workdir.exists() and any(args.workdir.iterdir()):

@@ -25,6 +25,10 @@ async def test_demo_updates_every_device_through_the_delta_in_the_swarm(
         >= 3 * outcome.payload_size
     assert "demo OK" in text and text.count(" updated ") == 3
     assert "CDN egress for payloads" in text and "saved" in text
+    # Canary first: the others were told to wait, then the rollout opened to everyone.
+    assert "2 other devices checked in and were told to wait (0 offered)" in text
+    canary, everyone = outcome.rollout_stages
+    assert canary[:4] == ("canary", 1, 1, 0) and everyone[:4] == ("100%", 2, 2, 0)
 
 
 async def test_demo_in_direct_mode_fetches_each_delta_from_the_origin(tmp_path: Path) -> None:
@@ -53,7 +57,13 @@ async def test_demo_reports_failure_when_a_device_cannot_update(
 
     monkeypatch.setattr(demo, "publish_release", publish_then_damage)
     out = io.StringIO()
-    outcome = await run_demo(tmp_path, devices=1, image_size_bytes=1 << 20, zstd_level=3,
+    outcome = await run_demo(tmp_path, devices=3, image_size_bytes=1 << 20, zstd_level=3,
                              out=out)
     assert not outcome.ok
-    assert "demo FAILED" in out.getvalue()
+    text = out.getvalue()
+    assert "demo FAILED" in text
+    # The bad release stopped itself at the canary: nobody else was ever offered it.
+    assert "rollout halted" in text
+    canary, everyone = outcome.rollout_stages
+    assert canary[1:4] == (1, 0, 1) and everyone[1] == 0
+    assert not any(outcome.results[d].attempted for d in ("device-02", "device-03"))

@@ -514,7 +514,9 @@ class TrackerApp:
     def _count_decisions(self, decisions: Sequence[Decision]) -> None:
         for decision in decisions:
             self._decisions[decision.kind] = self._decisions.get(decision.kind, 0) + 1
-            log.warning("rollout decision: %s: %s", decision.kind, decision.detail)
+            # a halt needs an operator's eyes; other decisions are the plan working
+            level = logging.WARNING if decision.kind == "halted" else logging.INFO
+            log.log(level, "rollout decision: %s: %s", decision.kind, decision.detail)
 
     def _jitter(self, seconds: int) -> int:
         fraction = self._config.poll_jitter_fraction
