@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -339,51 +340,71 @@ def _apply_argv(method: str, base: Path, delta: Path, out: Path,
             "-o", str(out)]
 
 
-def _measure(method: str, base_path: Path, target_path: Path, base: bytes, target: bytes,
-             *, runner: _Runner, work_dir: Path, repeat: int, level: int,
-             tools: dict[str, str | None]) -> dict[str, Any]:
-    """Generate ``repeat`` times in fresh processes, then apply ``repeat`` times."""
-    gen_s: list[float] = []
-    wall_s: list[float] = []
-    rss: list[int] = []
-    vmhwm: list[int] = []
-    sizes: list[int] = []
-    delta = b""
+@dataclass
+class _Generations:
+    """The generation runs of one method on one pair (filled one run at a time)."""
+
+    argv: list[str] = field(default_factory=list)
+    gen_s: list[float] = field(default_factory=list)
+    wall_s: list[float] = field(default_factory=list)
+    rss: list[int] = field(default_factory=list)
+    vmhwm: list[int] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    delta: bytes = b""
+    error: str | None = None
+
+
+def _generate_once(method: str, base_path: Path, target_path: Path, runs: _Generations, *,
+                   runner: _Runner, work_dir: Path, level: int,
+                   tools: dict[str, str | None]) -> None:
+    """One generation in a fresh process, appended to ``runs`` (or its error recorded)."""
+    if runs.error is not None:
+        return
     out = work_dir / f"{method}.delta"
-    argv: list[str] = []
-    for i in range(repeat):
-        out.unlink(missing_ok=True)
-        argv = _gen_argv(method, base_path, target_path, out, level, tools)
-        wall, rc, peak, stdout, stderr = runner.run(argv, f"{method}-{i}")
-        if rc != 0 or not out.exists():
-            return {"error": f"generation exited {rc}: {stderr.strip()[-800:]}",
-                    "command": _show(argv)}
-        delta = out.read_bytes()
-        sizes.append(len(delta))
-        wall_s.append(wall)
-        if peak is not None:
-            rss.append(peak)
-        if method in _PY_METHODS:
-            report = json.loads(stdout.strip().splitlines()[-1])
-            gen_s.append(float(report["seconds"]))
-            if report.get("vmhwm_kib") is not None:
-                vmhwm.append(int(report["vmhwm_kib"]))
-        else:
-            gen_s.append(wall)
+    out.unlink(missing_ok=True)
+    runs.argv = _gen_argv(method, base_path, target_path, out, level, tools)
+    wall, rc, peak, stdout, stderr = runner.run(runs.argv, f"{method}-{len(runs.sizes)}")
+    if rc != 0 or not out.exists():
+        runs.error = f"generation exited {rc}: {stderr.strip()[-800:]}"
+        return
+    runs.delta = out.read_bytes()
+    out.unlink()
+    runs.sizes.append(len(runs.delta))
+    runs.wall_s.append(wall)
+    if peak is not None:
+        runs.rss.append(peak)
+    if method in _PY_METHODS:
+        report = json.loads(stdout.strip().splitlines()[-1])
+        runs.gen_s.append(float(report["seconds"]))
+        if report.get("vmhwm_kib") is not None:
+            runs.vmhwm.append(int(report["vmhwm_kib"]))
+    else:
+        runs.gen_s.append(wall)
+
+
+def _measure(method: str, base_path: Path, target_path: Path, base: bytes, target: bytes,
+             runs: _Generations, *, runner: _Runner, work_dir: Path, repeat: int,
+             tools: dict[str, str | None]) -> dict[str, Any]:
+    """The result of ``runs`` (generations done), then ``repeat`` timed applies."""
+    if runs.error is not None:
+        return {"error": runs.error, "command": _show(runs.argv)}
+    delta = runs.delta
     result: dict[str, Any] = {
-        "command": _show(argv).replace(str(work_dir) + "/", ""),
-        "bytes": sizes[-1],
-        "sizes_seen": sorted(set(sizes)),
-        "deterministic": len(set(sizes)) == 1,
-        "gen_s": _median(gen_s),
-        "gen_s_runs": gen_s,
-        "process_wall_s_runs": wall_s,
-        "peak_rss_kib": max(rss) if rss else None,
-        "peak_rss_kib_runs": rss,
-        "vmhwm_kib_runs": vmhwm,
+        "command": _show(runs.argv).replace(str(work_dir) + "/", ""),
+        "bytes": runs.sizes[-1],
+        "sizes_seen": sorted(set(runs.sizes)),
+        "deterministic": len(set(runs.sizes)) == 1,
+        "gen_s": _median(runs.gen_s),
+        "gen_s_runs": runs.gen_s,
+        "process_wall_s_runs": runs.wall_s,
+        "peak_rss_kib": max(runs.rss) if runs.rss else None,
+        "peak_rss_kib_runs": runs.rss,
+        "vmhwm_kib_runs": runs.vmhwm,
     }
     if method == "noop":
         return result
+    out = work_dir / f"{method}.delta"
+    out.write_bytes(delta)
     apply_s: list[float] = []
     ok = True
     error = None
@@ -486,20 +507,31 @@ def run_bench(images: Sequence[tuple[str, Path]], *, work_dir: Path, repeat: int
                 "target_sha256": hashlib.sha256(target).hexdigest(),
                 "methods": {},
             }
-            measure_args: dict[str, Any] = {"runner": runner, "work_dir": work_dir,
-                                            "repeat": repeat, "level": level, "tools": tools}
-            floor = _measure("noop", base_path, target_path, base, target, **measure_args)
-            pair["floor_rss_kib"] = floor.get("peak_rss_kib")
+            gen_args: dict[str, Any] = {"runner": runner, "work_dir": work_dir,
+                                        "level": level, "tools": tools}
+            todo = ["noop"]
             for method in methods:
                 if method in CLI_TOOLS and not tools.get(method):
                     pair["methods"][method] = {"skipped": f"{CLI_TOOLS[method]} not installed"}
-                    continue
-                if method == "full-zstd" and target_v in full_cache:
+                elif method == "full-zstd" and target_v in full_cache:
                     pair["methods"][method] = full_cache[target_v]
+                else:
+                    todo.append(method)
+            # Round robin: each repetition runs every method once, so that ours and the
+            # baselines see the same machine (shared CPUs drift over minutes).
+            gens = {method: _Generations() for method in todo}
+            for rep in range(repeat):
+                progress(f"{base_v} -> {target_v}: generation round {rep + 1}/{repeat} "
+                         f"({', '.join(todo[1:])})")
+                for method in todo:
+                    _generate_once(method, base_path, target_path, gens[method], **gen_args)
+            for method in todo:
+                result = _measure(method, base_path, target_path, base, target, gens[method],
+                                  runner=runner, work_dir=work_dir, repeat=repeat,
+                                  tools=tools)
+                if method == "noop":
+                    pair["floor_rss_kib"] = result.get("peak_rss_kib")
                     continue
-                progress(f"{base_v} -> {target_v}: {method} ...")
-                result = _measure(method, base_path, target_path, base, target,
-                                  **measure_args)
                 pair["methods"][method] = result
                 if method == "full-zstd":
                     full_cache[target_v] = result
@@ -519,7 +551,8 @@ def run_bench(images: Sequence[tuple[str, Path]], *, work_dir: Path, repeat: int
         "methods": list(methods),
         "rss_source": runner.rss_source,
         "notes": [
-            "sizes are deterministic; times are medians over `repeat` runs",
+            "sizes are deterministic; times are medians over `repeat` runs, taken round "
+            "robin (every method once per round) so that all see the same machine",
             "our generation times come from seeder.delta.build_delta_from_files and include its "
             "verification apply",
             "python peak RSS includes the interpreter and both images (see floor_rss_kib)",
