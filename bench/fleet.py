@@ -106,7 +106,7 @@ class FleetConfig:
     fleet_sizes: tuple[int, ...] = (4, 8, 16)
     repeat: int = 3
     image_bytes: int = 32 << 20
-    origin_rate_bits_per_s: int = 40_000_000
+    origin_rate_bits_per_s: int = 20_000_000
     lan_rate_bits_per_s: int = 0
     scenarios: tuple[str, ...] = SCENARIOS
     kinds: tuple[str, ...] = PAYLOAD_KINDS
@@ -672,7 +672,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="fleet sizes")
     parser.add_argument("--repeat", type=int, default=3, help="runs per cell; medians")
     parser.add_argument("--image-mib", type=int, default=32, help="image size")
-    parser.add_argument("--origin-mbit", type=float, default=40.0,
+    parser.add_argument("--origin-mbit", type=float, default=20.0,
                         help="origin egress link (CDN to home), Mbit/s")
     parser.add_argument("--lan-mbit", type=float, default=0.0,
                         help="LAN rate between devices, Mbit/s (0: unshaped)")
