@@ -228,12 +228,26 @@ def _install_pinning(transport: _Transport, pins: frozenset[str]) -> _Transport:
     return transport
 
 
-def _client_options(tls: TlsPolicy, transport: httpx.HTTPTransport | httpx.AsyncHTTPTransport,
-                    ) -> dict[str, Any]:
-    # With pins, proxies from the environment are ignored: a proxy transport would
-    # bypass the pinned pool.
-    return {"follow_redirects": False, "headers": {"user-agent": _USER_AGENT},
-            "transport": transport, "trust_env": not tls.pins}
+def _sync_client_options(tls: TlsPolicy) -> dict[str, Any]:
+    """Options for httpx.Client: with pins, a transport whose pool checks them."""
+    options: dict[str, Any] = {"follow_redirects": False,
+                               "headers": {"user-agent": _USER_AGENT}}
+    if not tls.pins:
+        return {**options, "verify": tls.ssl_context()}
+    transport = _install_pinning(httpx.HTTPTransport(verify=tls.ssl_context()), tls.pins)
+    # No proxies from the environment: a proxy transport would bypass the pinned pool.
+    return {**options, "transport": transport, "trust_env": False}
+
+
+def _async_client_options(tls: TlsPolicy) -> dict[str, Any]:
+    """Options for httpx.AsyncClient, as :func:`_sync_client_options`."""
+    options: dict[str, Any] = {"follow_redirects": False,
+                               "headers": {"user-agent": _USER_AGENT}}
+    if not tls.pins:
+        return {**options, "verify": tls.ssl_context()}
+    transport = _install_pinning(httpx.AsyncHTTPTransport(verify=tls.ssl_context()),
+                                 tls.pins)
+    return {**options, "transport": transport, "trust_env": False}
 
 
 def _describe(exc: BaseException) -> str:
@@ -272,11 +286,8 @@ class TufFetcher(FetcherInterface):
 
     def __init__(self, *, timeout_s: float, tls: TlsPolicy | None = None) -> None:
         """Raises ConfigError: ``tls.ca_file`` cannot be loaded."""
-        tls = tls or TlsPolicy()
-        transport = httpx.HTTPTransport(verify=tls.ssl_context())
-        if tls.pins:
-            _install_pinning(transport, tls.pins)
-        self._client = httpx.Client(timeout=timeout_s, **_client_options(tls, transport))
+        self._client = httpx.Client(timeout=timeout_s,
+                                    **_sync_client_options(tls or TlsPolicy()))
         self.bytes_received = 0
 
     def close(self) -> None:
@@ -315,11 +326,8 @@ class HttpClient:
     def __init__(self, *, timeout_s: float, tls: TlsPolicy | None = None) -> None:
         """Raises ConfigError: ``tls.ca_file`` cannot be loaded."""
         self.tls = tls or TlsPolicy()
-        transport = httpx.AsyncHTTPTransport(verify=self.tls.ssl_context())
-        if self.tls.pins:
-            _install_pinning(transport, self.tls.pins)
         self._client = httpx.AsyncClient(timeout=timeout_s,
-                                         **_client_options(self.tls, transport))
+                                         **_async_client_options(self.tls))
         self.bytes_received = 0
 
     @classmethod
