@@ -9,6 +9,7 @@ http or another host; a downgrade of the TLS version is refused by the servers.
 from __future__ import annotations
 
 import functools
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -159,17 +160,72 @@ async def test_backup_pin_accepts_a_rotated_server_key(
 
 
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+def _client_hello(version: int, ciphers: tuple[int, ...]) -> bytes:
+    """A minimal ClientHello record offering exactly ``version`` (no supported_versions
+    extension), written by hand: no client TLS library decides what is offered."""
+    def u16(n: int) -> bytes:
+        return n.to_bytes(2, "big")
+
+    def ext(kind: int, data: bytes) -> bytes:
+        return u16(kind) + u16(len(data)) + data
+
+    suites = b"".join(u16(c) for c in ciphers)
+    groups, sigs = u16(23), bytes.fromhex("040308040401")  # P-256; ECDSA/PSS/PKCS1 SHA-256
+    extensions = (ext(10, u16(len(groups)) + groups) + ext(11, b"\x01\x00")
+                  + ext(13, u16(len(sigs)) + sigs))
+    body = (u16(version) + bytes(32) + b"\x00" + u16(len(suites)) + suites + b"\x01\x00"
+            + u16(len(extensions)) + extensions)
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + u16(len(handshake)) + handshake
+
+
+# TLS 1.1: ECDHE-ECDSA with AES-CBC; TLS 1.2 also with AES-GCM (hypercorn's ciphers).
+_TLS11_HELLO = _client_hello(0x0302, (0xC009, 0xC00A, 0xC02B, 0xC02C))
+_TLS12_HELLO = _client_hello(0x0302 + 1, (0xC02B, 0xC02C, 0xC009))
+
+
+def _first_server_record(url: str, hello: bytes) -> bytes:
+    host, port = url.removeprefix("https://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(hello)
+        data = b""
+        while len(data) < 11:
+            block = sock.recv(4096)
+            if not block:
+                break
+            data += block
+        return data
+
+
+def _is_refused(record: bytes) -> bool:
+    """A fatal protocol_version alert, or (hypercorn on trio does not flush the alert)
+    the connection closed before any handshake record."""
+    return record == b"" or (record[:1] == b"\x15" and record[5:7] == b"\x02\x46")
+
+
+def _is_server_hello(record: bytes, version: int) -> bool:
+    return record[:1] == b"\x16" and record[5:6] == b"\x02" and record[9:11] == version.to_bytes(
+        2, "big")
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
 async def test_tls_below_1_2_is_refused(pki: Pki, tmp_path: Path,
                                         nursery: trio.Nursery) -> None:
     url = await _serve(nursery, _origin_app(tmp_path), pki.origin)
-    only_12 = ssl.create_default_context(cafile=str(pki.ca))
-    only_12.maximum_version = ssl.TLSVersion.TLSv1_2
     with trio.fail_after(20):
+        # A hand-written TLS 1.1 ClientHello is refused, the same hello for TLS 1.2
+        # gets a ServerHello (control: the hello is well-formed).
+        refused = await trio.to_thread.run_sync(_first_server_record, url, _TLS11_HELLO)
+        assert _is_refused(refused), refused.hex()
+        accepted = await trio.to_thread.run_sync(_first_server_record, url, _TLS12_HELLO)
+        assert _is_server_hello(accepted, 0x0303), accepted.hex()
+        only_12 = ssl.create_default_context(cafile=str(pki.ca))
+        only_12.maximum_version = ssl.TLSVersion.TLSv1_2
         assert await trio.to_thread.run_sync(_handshake, url, only_12) == "TLSv1.2"
-        if not _local_tls11_works(pki.origin.cert, pki.origin.key):
-            pytest.skip("this Python/OpenSSL cannot negotiate TLS 1.1 even with itself")
-        with pytest.raises((ssl.SSLError, ConnectionError)):
-            await trio.to_thread.run_sync(_handshake, url, _tls11_client_context(pki.ca))
+        if _local_tls11_works(pki.origin.cert, pki.origin.key):  # with the ssl module too
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                await trio.to_thread.run_sync(_handshake, url,
+                                              _tls11_client_context(pki.ca))
 
 
 async def test_tracker_refuses_tls_1_2(pki: Pki, tmp_path: Path,
@@ -187,6 +243,8 @@ async def test_tracker_refuses_tls_1_2(pki: Pki, tmp_path: Path,
         assert await trio.to_thread.run_sync(_handshake, origin_url, only_12) == "TLSv1.2"
         with pytest.raises((ssl.SSLError, ConnectionError)):
             await trio.to_thread.run_sync(_handshake, url, only_12)
+        refused = await trio.to_thread.run_sync(_first_server_record, url, _TLS12_HELLO)
+        assert _is_refused(refused), refused.hex()
         assert await trio.to_thread.run_sync(_handshake, url, modern) == "TLSv1.3"
 
 
