@@ -1,4 +1,5 @@
-"""The httpx adapter of the device agent: the only peer module that imports httpx.
+"""The httpx adapter of the device agent: the only peer module that imports httpx (and
+httpcore, httpx's transport layer, for the pin check).
 
 - :class:`TufFetcher`: python-tuf's network seam (``FetcherInterface``), blocking, used
   from a worker thread.

@@ -248,6 +248,13 @@ async def test_tracker_refuses_tls_1_2(pki: Pki, tmp_path: Path,
         assert await trio.to_thread.run_sync(_handshake, url, modern) == "TLSv1.3"
 
 
+def test_listen_config_refuses_unknown_tls_versions() -> None:
+    assert ListenConfig(tls_min_version="1.3").tls_min_version == "1.3"
+    for bad in ("1.1", "1.0", "TLSv1.2", ""):
+        with pytest.raises(ValueError, match="tls_min_version"):
+            ListenConfig(tls_min_version=bad)
+
+
 class _Redirector:
     """An HTTPS app that redirects ``/to-http`` to plain http and ``/to-host`` to
     another loopback address, and counts requests to ``/target``."""
