@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,16 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-__all__ = ["ASGIApp", "ListenConfig", "Receive", "Scope", "Send", "parse_listen", "serve_asgi"]
+__all__ = [
+    "TLS_VERSIONS",
+    "ASGIApp",
+    "ListenConfig",
+    "Receive",
+    "Scope",
+    "Send",
+    "parse_listen",
+    "serve_asgi",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -27,15 +37,41 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
 @dataclass(frozen=True)
 class ListenConfig:
-    """Where and how to listen. ``certfile``/``keyfile`` enable TLS."""
+    """Where and how to listen. ``certfile``/``keyfile`` enable TLS; clients offering
+    less than ``tls_min_version`` (``"1.2"`` or ``"1.3"``) fail the handshake.
+
+    Raises:
+        ValueError: ``tls_min_version`` is not a key of :data:`TLS_VERSIONS`.
+    """
 
     host: str = "127.0.0.1"
     port: int = 0
     certfile: str | None = None
     keyfile: str | None = None
     access_log: bool = False
+    tls_min_version: str = "1.2"
+
+    def __post_init__(self) -> None:
+        if self.tls_min_version not in TLS_VERSIONS:
+            raise ValueError(f"tls_min_version must be one of {sorted(TLS_VERSIONS)}, "
+                             f"got {self.tls_min_version!r}")
+
+
+class _Config(Config):
+    """hypercorn's configuration with a TLS floor above its own (TLS 1.2)."""
+
+    tls_minimum_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        context = super().create_ssl_context()
+        if context is not None:
+            context.minimum_version = self.tls_minimum_version
+        return context
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -79,7 +115,8 @@ async def serve_asgi(
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` until cancelled; report the base URL once listening."""
-    config = Config()
+    config = _Config()
+    config.tls_minimum_version = TLS_VERSIONS[listen.tls_min_version]
     host = f"[{listen.host}]" if ":" in listen.host else listen.host
     config.bind = [f"{host}:{listen.port}"]
     config.certfile = listen.certfile

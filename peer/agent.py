@@ -130,7 +130,7 @@ async def update_once(state: DeviceState, *,
     with _device_lock(state):
         config = state.config()
         bc = state.bootctl()
-        async with HttpClient(timeout_s=config.http_timeout_s) as http:
+        async with HttpClient.for_device(config) as http:
             run = _Run(state, http, clock,
                        config.seed_time_s if seed_time_s is None else seed_time_s)
             try:
@@ -402,7 +402,7 @@ class _Run:
                 lambda: fetch_release_manifest(
                     self.state.trust_dir, self.config.origin_url, offer.target,
                     timeout_s=self.config.http_timeout_s,
-                    scratch_dir=self.state.downloads_dir))
+                    scratch_dir=self.state.downloads_dir, tls=self.http.tls))
         result.bytes_metadata += metadata_bytes
         try:
             release = parse_release_manifest(data)

@@ -67,6 +67,15 @@ def add_parser(subparsers: Any) -> None:
                       help="file holding the battery percentage; no upload below "
                            "--min-battery-percent (or when unreadable)")
     init.add_argument("--min-battery-percent", type=int, default=30)
+    init.add_argument("--tls-pin", action="append", default=[], metavar="PIN",
+                      dest="tls_pins",
+                      help="SPKI pin (sha256/BASE64, from 'swarmota tls pin') of a key the "
+                           "origin or tracker may use; repeat for each server key and at "
+                           "least one spare key. With pins, both URLs must be https:// and "
+                           "a server with any other key is refused before anything is sent")
+    init.add_argument("--tls-ca-file", default=None, metavar="PEM",
+                      help="CA certificate(s) to trust instead of the system store, e.g. "
+                           "the ca.pem of 'swarmota tls ca'")
     init.add_argument("--force", action="store_true", help="re-provision an existing directory")
     init.set_defaults(func=_init)
 
@@ -104,7 +113,8 @@ def _init(args: argparse.Namespace) -> int:
             download_rate_limit_bytes_per_s=args.download_limit,
             upload_rate_limit_bytes_per_s=args.upload_limit, seed_time_s=args.seed_time_s,
             network_metered=args.metered, battery_percent_path=args.battery_file,
-            min_battery_percent_to_upload=args.min_battery_percent)
+            min_battery_percent_to_upload=args.min_battery_percent,
+            tls_pins=tuple(args.tls_pins), tls_ca_file=_ca_file(args.tls_ca_file))
         root = args.root.read_bytes()
         state = init_device(args.state, config, root_json=root, image=args.image,
                             version=args.version, release_counter=args.release_counter,
@@ -115,6 +125,15 @@ def _init(args: argparse.Namespace) -> int:
     print(f"device {config.device_id} provisioned in {state.root} "
           f"(slot a: {args.version}, counter {args.release_counter})")
     return 0
+
+
+def _ca_file(path: str | None) -> str | None:
+    """The absolute path of a readable CA bundle (the device config outlives the cwd)."""
+    if path is None:
+        return None
+    resolved = Path(path).resolve()
+    resolved.read_bytes()  # OSError: reported by _init
+    return str(resolved)
 
 
 def _update(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from infra.fsio import atomic_write_json
+from infra.tlspin import PinError, check_pin
 from manifest import ManifestFormatError, validate_product
 from peer.errors import ConfigError
 
@@ -36,6 +37,11 @@ class DeviceConfig:
     chunk_attempts: int = 4
     http_timeout_s: float = 30.0
     retry_backoff_s: float = 0.2
+    # --- TLS (peer/http.py): SPKI pins of the origin's and tracker's keys plus at least
+    # one backup, provisioned with the device (never learned from the network); a CA
+    # bundle (PEM) instead of the system store, e.g. a private or development CA
+    tls_pins: tuple[str, ...] = ()
+    tls_ca_file: str | None = None
     # --- swarm (peer/swarm_fetch.py); rates in bytes/s, 0 = unlimited
     download_mode: str = "swarm"
     swarm_listen: str = "0.0.0.0:6881"
@@ -96,6 +102,28 @@ class DeviceConfig:
             if value is not None and not _NETWORK_ID_RE.fullmatch(value):
                 raise ConfigError(f"{name} must be 1-64 chars of A-Z a-z 0-9 . _ : -, "
                                   f"got {value!r}")
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        if not isinstance(self.tls_pins, tuple):
+            raise ConfigError("tls_pins must be a tuple of pins")
+        for pin in self.tls_pins:
+            try:
+                check_pin(pin)
+            except PinError as exc:
+                raise ConfigError(f"tls_pins: {exc} (use 'swarmota tls pin FILE')") from None
+        if self.tls_pins:
+            if len(set(self.tls_pins)) < 2:
+                raise ConfigError("tls_pins needs at least two distinct pins: the servers' "
+                                  "keys and a backup key to rotate to (a single pin bricks "
+                                  "the fleet the day that key must change)")
+            for name in ("origin_url", "tracker_url"):
+                if urlsplit(getattr(self, name)).scheme != "https":
+                    raise ConfigError(f"tls_pins are set, so {name} must be https://, got "
+                                      f"{getattr(self, name)!r}")
+        if self.tls_ca_file is not None and (not isinstance(self.tls_ca_file, str)
+                                             or not self.tls_ca_file):
+            raise ConfigError("tls_ca_file must be a path to a PEM file, or null")
 
     @property
     def swarm_listen_host_port(self) -> tuple[str, int]:
@@ -106,6 +134,7 @@ class DeviceConfig:
         out = asdict(self)
         out["health_command"] = list(self.health_command)
         out["labels"] = list(self.labels)
+        out["tls_pins"] = list(self.tls_pins)
         return out
 
 
@@ -124,6 +153,8 @@ def load_config(path: Path) -> DeviceConfig:
         raise ConfigError(f"{path}: expected a JSON object")
     raw["health_command"] = tuple(raw.get("health_command", ()))
     raw["labels"] = tuple(raw.get("labels", ()))
+    if isinstance(raw.get("tls_pins"), list):
+        raw["tls_pins"] = tuple(raw["tls_pins"])
     try:
         return DeviceConfig(**raw)
     except TypeError as exc:

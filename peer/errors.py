@@ -3,6 +3,7 @@
     PeerError                      base; ``status`` is the code reported to the tracker
      +-- ConfigError               bad or missing device state / configuration (not reported)
      +-- DownloadFailed     (10)   transport: tracker/origin unreachable, HTTP errors, retries spent
+     |    +-- PinMismatch   (10)   a server's TLS key is not one of the pinned keys (nothing sent)
      +-- VerifyFailed       (20)   trust: metadata, manifest, chunk, payload or image rejected
      +-- InstallFailed      (30)   writing or decompressing into the inactive slot failed
      +-- PostCheckFailed    (40)   the new slot failed its health check; rolled back
@@ -20,6 +21,7 @@ __all__ = [
     "DownloadFailed",
     "InstallFailed",
     "PeerError",
+    "PinMismatch",
     "PostCheckFailed",
     "StatusCode",
     "VerifyFailed",
@@ -52,6 +54,11 @@ class DownloadFailed(PeerError):
     def __init__(self, message: str, *, http_status: int | None = None) -> None:
         super().__init__(message)
         self.http_status = http_status
+
+
+class PinMismatch(DownloadFailed):
+    """The server's certificate carries a public key outside the device's ``tls_pins``:
+    the connection was closed right after the TLS handshake, before any HTTP byte."""
 
 
 class VerifyFailed(PeerError):

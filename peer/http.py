@@ -1,12 +1,20 @@
-"""The httpx adapter of the device agent: the only peer module that imports httpx.
+"""The httpx adapter of the device agent: the only peer module that imports httpx (and
+httpcore, httpx's transport layer, for the pin check).
 
 - :class:`TufFetcher`: python-tuf's network seam (``FetcherInterface``), blocking, used
   from a worker thread.
 - :class:`HttpClient`: async requests for the agent: ranged payload reads with a hard
   byte limit, and small JSON POSTs to the tracker.
+- :class:`TlsPolicy`: how both trust servers: a CA bundle (default: the system store)
+  and SPKI pins. Chain and hostname checks always apply; pins come on top. The pin is
+  checked by a wrapper around httpcore's network backend, right after the TLS handshake
+  and before the first HTTP byte; on a mismatch the connection is closed and
+  :class:`peer.errors.PinMismatch` raised (fail closed).
 
 httpx errors become :class:`peer.errors.DownloadFailed`; a server that sends more bytes
-than asked for (endless data) is cut at the limit and the read fails.
+than asked for (endless data) is cut at the limit and the read fails. Redirects are
+never followed; a 3xx fails with a message saying where it pointed (plain http, another
+host).
 """
 
 from __future__ import annotations
@@ -15,16 +23,21 @@ import functools
 import json
 import re
 import ssl
-from collections.abc import Iterator
+import typing
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import httpcore
 import httpx
 from tuf.api import exceptions as tuf_exceptions
 from tuf.ngclient import FetcherInterface
 
-from peer.errors import DownloadFailed
+from infra.tlspin import PinError, pin_of_certificate_der
+from peer.config import DeviceConfig
+from peer.errors import ConfigError, DownloadFailed, PinMismatch
 
-__all__ = ["MAX_JSON_RESPONSE_BYTES", "HttpClient", "TufFetcher"]
+__all__ = ["MAX_JSON_RESPONSE_BYTES", "HttpClient", "TlsPolicy", "TufFetcher"]
 
 MAX_JSON_RESPONSE_BYTES = 64 * 1024
 _READ_BLOCK = 64 * 1024
@@ -33,20 +46,249 @@ _USER_AGENT = "swarmota-peer/0.1"
 
 
 @functools.cache
-def _tls_context() -> ssl.SSLContext:
+def _system_tls_context() -> ssl.SSLContext:
     """The system's default verifying TLS context, built once: loading the CA bundle
     takes ~30 ms, and every update pass opens two clients. SSL contexts are safe to
     share between threads for client connections."""
     return ssl.create_default_context()
 
 
+@dataclass(frozen=True)
+class TlsPolicy:
+    """Which servers the agent trusts.
+
+    ``ca_file``: a PEM CA bundle used instead of the system store (a private or
+    development CA). ``pins``: SPKI pins (``sha256/...``, :mod:`infra.tlspin`); when not
+    empty, a server whose certificate key is not among them is refused after the
+    handshake, before anything is sent. Empty: no pinning.
+    """
+
+    pins: frozenset[str] = frozenset()
+    ca_file: str | None = None
+
+    @classmethod
+    def for_device(cls, config: DeviceConfig) -> TlsPolicy:
+        return cls(pins=frozenset(config.tls_pins), ca_file=config.tls_ca_file)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A verifying client context (TLS 1.2 at least).
+
+        Raises:
+            ConfigError: ``ca_file`` cannot be read or holds no certificate.
+        """
+        if self.ca_file is None:
+            return _system_tls_context()
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"tls_ca_file {self.ca_file}: cannot load it: {exc}") from None
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
+
+
+def _check_pin(ssl_object: Any, host: str | None, pins: frozenset[str]) -> None:
+    """Raise PinMismatch unless the peer certificate of ``ssl_object`` has a pinned key."""
+    der = ssl_object.getpeercert(True) if ssl_object is not None else None
+    if not der:
+        raise PinMismatch(f"TLS to {host}: no server certificate to check against the pins")
+    try:
+        seen = pin_of_certificate_der(der)
+    except PinError as exc:
+        raise PinMismatch(f"TLS to {host}: unreadable server certificate: {exc}") from None
+    if seen not in pins:
+        raise PinMismatch(f"TLS to {host}: the server key {seen} matches none of the "
+                          f"{len(pins)} pinned keys (tls_pins); connection closed, "
+                          "nothing sent")
+
+
+class _PinnedStream(httpcore.NetworkStream):
+    """A blocking stream whose ``start_tls`` checks the server's key against the pins."""
+
+    def __init__(self, stream: httpcore.NetworkStream, pins: frozenset[str]) -> None:
+        self._stream = stream
+        self._pins = pins
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        tls = self._stream.start_tls(ssl_context, server_hostname, timeout)
+        try:
+            _check_pin(tls.get_extra_info("ssl_object"), server_hostname, self._pins)
+        except BaseException:
+            tls.close()
+            raise
+        return _PinnedStream(tls, self._pins)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _PinnedBackend(httpcore.NetworkBackend):
+    def __init__(self, backend: httpcore.NetworkBackend, pins: frozenset[str]) -> None:
+        self._backend = backend
+        self._pins = pins
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        return _PinnedStream(self._backend.connect_tcp(host, port, timeout, local_address,
+                                                       socket_options), self._pins)
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Iterable[Any] | None = None,
+                            ) -> httpcore.NetworkStream:
+        return _PinnedStream(self._backend.connect_unix_socket(path, timeout, socket_options),
+                             self._pins)
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+class _AsyncPinnedStream(httpcore.AsyncNetworkStream):
+    """The async twin of :class:`_PinnedStream` (trio or asyncio, as httpcore detects)."""
+
+    def __init__(self, stream: httpcore.AsyncNetworkStream, pins: frozenset[str]) -> None:
+        self._stream = stream
+        self._pins = pins
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._stream.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._stream.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
+        tls = await self._stream.start_tls(ssl_context, server_hostname, timeout)
+        try:
+            _check_pin(tls.get_extra_info("ssl_object"), server_hostname, self._pins)
+        except BaseException:
+            await tls.aclose()
+            raise
+        return _AsyncPinnedStream(tls, self._pins)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _AsyncPinnedBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self, backend: httpcore.AsyncNetworkBackend, pins: frozenset[str]) -> None:
+        self._backend = backend
+        self._pins = pins
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options: Iterable[Any] | None = None,
+                          ) -> httpcore.AsyncNetworkStream:
+        stream = await self._backend.connect_tcp(host, port, timeout, local_address,
+                                                 socket_options)
+        return _AsyncPinnedStream(stream, self._pins)
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Iterable[Any] | None = None,
+                                  ) -> httpcore.AsyncNetworkStream:
+        stream = await self._backend.connect_unix_socket(path, timeout, socket_options)
+        return _AsyncPinnedStream(stream, self._pins)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._backend.sleep(seconds)
+
+
+_Transport = typing.TypeVar("_Transport", httpx.HTTPTransport, httpx.AsyncHTTPTransport)
+
+
+def _install_pinning(transport: _Transport, pins: frozenset[str]) -> _Transport:
+    """Wrap the network backend of ``transport``'s httpcore pool with the pin check.
+
+    The one place that reaches into private attributes: httpx's ``_pool`` and
+    httpcore's ``_network_backend``. If either library changes them, this raises (and
+    tests/test_transport_attacks.py fails) rather than silently not pinning.
+    """
+    pool = getattr(transport, "_pool", None)
+    if type(pool) is httpcore.ConnectionPool and isinstance(
+            getattr(pool, "_network_backend", None), httpcore.NetworkBackend):
+        pool._network_backend = _PinnedBackend(pool._network_backend, pins)
+    elif type(pool) is httpcore.AsyncConnectionPool and isinstance(
+            getattr(pool, "_network_backend", None), httpcore.AsyncNetworkBackend):
+        pool._network_backend = _AsyncPinnedBackend(pool._network_backend, pins)
+    else:
+        raise RuntimeError(f"httpx {httpx.__version__} / httpcore {httpcore.__version__}: "
+                           f"transport pool {type(pool).__name__} has no network backend "
+                           "to wrap; TLS pinning cannot be installed")
+    return transport
+
+
+def _sync_client_options(tls: TlsPolicy) -> dict[str, Any]:
+    """Options for httpx.Client: with pins, a transport whose pool checks them."""
+    options: dict[str, Any] = {"follow_redirects": False,
+                               "headers": {"user-agent": _USER_AGENT}}
+    if not tls.pins:
+        return {**options, "verify": tls.ssl_context()}
+    transport = _install_pinning(httpx.HTTPTransport(verify=tls.ssl_context()), tls.pins)
+    # No proxies from the environment: a proxy transport would bypass the pinned pool.
+    return {**options, "transport": transport, "trust_env": False}
+
+
+def _async_client_options(tls: TlsPolicy) -> dict[str, Any]:
+    """Options for httpx.AsyncClient, as :func:`_sync_client_options`."""
+    options: dict[str, Any] = {"follow_redirects": False,
+                               "headers": {"user-agent": _USER_AGENT}}
+    if not tls.pins:
+        return {**options, "verify": tls.ssl_context()}
+    transport = _install_pinning(httpx.AsyncHTTPTransport(verify=tls.ssl_context()),
+                                 tls.pins)
+    return {**options, "transport": transport, "trust_env": False}
+
+
+def _describe(exc: BaseException) -> str:
+    """The messages along an exception's cause chain: under trio, httpx's ConnectError
+    for a refused certificate has an empty message; the SSL error is its cause."""
+    parts: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(parts) < 4:
+        text = str(seen)
+        if text and text not in parts:
+            parts.append(text)
+        seen = seen.__cause__ or seen.__context__
+    return ": ".join(parts) or type(exc).__name__
+
+
+def _redirect_message(method: str, url: str, response: httpx.Response) -> str:
+    """Why a 3xx answer is refused: the agent follows no redirect, and says where it led."""
+    location = response.headers.get("location", "")
+    here = httpx.URL(url)
+    try:
+        there = here.join(location)
+    except httpx.InvalidURL:
+        there = here
+    if there.scheme != "https":
+        why = "to plain http" if there.scheme == "http" else "to a non-https URL"
+    elif (there.host, there.port) != (here.host, here.port):
+        why = f"to another host ({there.host})"
+    else:
+        why = "(redirects are never followed)"
+    return (f"{method} {url}: HTTP {response.status_code} redirect {why} refused: "
+            f"Location {location[:200]!r}")
+
+
 class TufFetcher(FetcherInterface):
     """python-tuf fetcher over a blocking httpx client (call from a worker thread)."""
 
-    def __init__(self, *, timeout_s: float) -> None:
-        self._client = httpx.Client(timeout=timeout_s, follow_redirects=False,
-                                    headers={"user-agent": _USER_AGENT},
-                                    verify=_tls_context())
+    def __init__(self, *, timeout_s: float, tls: TlsPolicy | None = None) -> None:
+        """Raises ConfigError: ``tls.ca_file`` cannot be loaded."""
+        self._client = httpx.Client(timeout=timeout_s,
+                                    **_sync_client_options(tls or TlsPolicy()))
         self.bytes_received = 0
 
     def close(self) -> None:
@@ -56,11 +298,12 @@ class TufFetcher(FetcherInterface):
         try:
             response = self._client.send(self._client.build_request("GET", url), stream=True)
         except httpx.HTTPError as exc:
-            raise tuf_exceptions.DownloadError(f"GET {url}: {exc}") from exc
+            raise tuf_exceptions.DownloadError(f"GET {url}: {_describe(exc)}") from exc
         if response.status_code != 200:
             response.close()
-            raise tuf_exceptions.DownloadHTTPError(f"GET {url}: HTTP {response.status_code}",
-                                                   response.status_code)
+            message = (_redirect_message("GET", url, response) if response.is_redirect
+                       else f"GET {url}: HTTP {response.status_code}")
+            raise tuf_exceptions.DownloadHTTPError(message, response.status_code)
         return self._stream(url, response)
 
     def _stream(self, url: str, response: httpx.Response) -> Iterator[bytes]:
@@ -69,19 +312,33 @@ class TufFetcher(FetcherInterface):
                 self.bytes_received += len(block)
                 yield block
         except httpx.HTTPError as exc:
-            raise tuf_exceptions.DownloadError(f"GET {url}: {exc}") from exc
+            raise tuf_exceptions.DownloadError(f"GET {url}: {_describe(exc)}") from exc
         finally:
             response.close()
 
 
 class HttpClient:
-    """Async HTTP for the agent. Use as ``async with HttpClient(...) as http:``."""
+    """Async HTTP for the agent. Use as ``async with HttpClient(...) as http:``.
 
-    def __init__(self, *, timeout_s: float) -> None:
-        self._client = httpx.AsyncClient(timeout=timeout_s, follow_redirects=False,
-                                          headers={"user-agent": _USER_AGENT},
-                                          verify=_tls_context())
+    ``tls`` (default: system store, no pins) is also what :attr:`tls` returns, so that
+    the blocking :class:`TufFetcher` of the same pass trusts the same servers.
+    """
+
+    def __init__(self, *, timeout_s: float, tls: TlsPolicy | None = None) -> None:
+        """Raises ConfigError: ``tls.ca_file`` cannot be loaded."""
+        self.tls = tls or TlsPolicy()
+        self._client = httpx.AsyncClient(timeout=timeout_s,
+                                         **_async_client_options(self.tls))
         self.bytes_received = 0
+
+    @classmethod
+    def for_device(cls, config: DeviceConfig) -> HttpClient:
+        """A client with the device's timeout, CA bundle and pins.
+
+        Raises:
+            ConfigError: the configured CA bundle cannot be loaded.
+        """
+        return cls(timeout_s=config.http_timeout_s, tls=TlsPolicy.for_device(config))
 
     async def __aenter__(self) -> HttpClient:
         return self
@@ -106,17 +363,23 @@ class HttpClient:
                     skip = 0
                 elif response.status_code == 200:
                     skip = offset
+                elif response.is_redirect:
+                    raise DownloadFailed(_redirect_message("GET", url, response),
+                                         http_status=response.status_code)
                 else:
                     raise DownloadFailed(f"GET {url} (range {offset}+{length}): "
                                          f"HTTP {response.status_code}")
                 return await self._read_exact(response, url, skip, length)
         except httpx.HTTPError as exc:
-            raise DownloadFailed(f"GET {url} (range {offset}+{length}): {exc}") from exc
+            raise DownloadFailed(f"GET {url} (range {offset}+{length}): {_describe(exc)}") from exc
 
     async def get_bytes(self, url: str, *, max_bytes: int) -> bytes:
         """GET a whole small file (200 only), refusing answers over ``max_bytes``."""
         try:
             async with self._client.stream("GET", url) as response:
+                if response.is_redirect:
+                    raise DownloadFailed(_redirect_message("GET", url, response),
+                                         http_status=response.status_code)
                 if response.status_code != 200:
                     raise DownloadFailed(f"GET {url}: HTTP {response.status_code}",
                                          http_status=response.status_code)
@@ -128,7 +391,7 @@ class HttpClient:
                         raise DownloadFailed(f"GET {url}: more than {max_bytes} bytes")
                 return bytes(out)
         except httpx.HTTPError as exc:
-            raise DownloadFailed(f"GET {url}: {exc}") from exc
+            raise DownloadFailed(f"GET {url}: {_describe(exc)}") from exc
 
     async def _read_exact(self, response: httpx.Response, url: str, skip: int,
                           length: int) -> bytes:
@@ -148,6 +411,9 @@ class HttpClient:
         """POST ``body`` as JSON, return the (size-limited) JSON object answer."""
         try:
             async with self._client.stream("POST", url, json=body) as response:
+                if response.is_redirect:
+                    raise DownloadFailed(_redirect_message("POST", url, response),
+                                         http_status=response.status_code)
                 data = bytearray()
                 async for block in response.aiter_bytes(_READ_BLOCK):
                     data += block
@@ -156,7 +422,7 @@ class HttpClient:
                                              f"{MAX_JSON_RESPONSE_BYTES} bytes")
                 status = response.status_code
         except httpx.HTTPError as exc:
-            raise DownloadFailed(f"POST {url}: {exc}") from exc
+            raise DownloadFailed(f"POST {url}: {_describe(exc)}") from exc
         try:
             answer = json.loads(bytes(data))
         except ValueError:

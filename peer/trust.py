@@ -17,21 +17,24 @@ from pathlib import Path
 from tuf.api import exceptions as tuf_exceptions
 from tuf.ngclient import Updater
 
-from peer.errors import DownloadFailed, VerifyFailed
-from peer.http import TufFetcher
+from peer.errors import DownloadFailed, PinMismatch, VerifyFailed
+from peer.http import TlsPolicy, TufFetcher
 
 __all__ = ["fetch_release_manifest"]
 
 
 def fetch_release_manifest(trust_dir: Path, origin_url: str, target_name: str, *,
-                           timeout_s: float, scratch_dir: Path) -> tuple[bytes, int]:
+                           timeout_s: float, scratch_dir: Path,
+                           tls: TlsPolicy | None = None) -> tuple[bytes, int]:
     """Return ``(manifest bytes, metadata bytes downloaded)`` for ``target_name``.
 
     ``trust_dir`` holds the trusted metadata (``root.json`` at least); python-tuf
-    updates it only with metadata it accepted.
+    updates it only with metadata it accepted. ``tls``: CA bundle and pins for the
+    origin (default: system store, no pins); a key outside the pins raises
+    ``PinMismatch`` before any request, and no metadata moves.
     """
     base = origin_url.rstrip("/")
-    fetcher = TufFetcher(timeout_s=timeout_s)
+    fetcher = TufFetcher(timeout_s=timeout_s, tls=tls)
     scratch_dir.mkdir(parents=True, exist_ok=True)
     scratch = scratch_dir / "release-manifest.download"
     try:
@@ -49,6 +52,8 @@ def fetch_release_manifest(trust_dir: Path, origin_url: str, target_name: str, *
     except tuf_exceptions.RepositoryError as exc:
         raise VerifyFailed(f"metadata rejected: {type(exc).__name__}: {exc}") from exc
     except tuf_exceptions.DownloadError as exc:
+        if isinstance(exc.__cause__, PinMismatch):  # python-tuf wraps what its fetcher raises
+            raise PinMismatch(f"metadata download refused: {exc.__cause__}") from exc
         raise DownloadFailed(f"metadata download failed: {exc}") from exc
     except OSError as exc:
         raise VerifyFailed(f"cannot use trusted metadata in {trust_dir}: {exc}") from exc

@@ -19,7 +19,7 @@ __all__ = ["build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     from peer import cli as peer_cli
     from seeder import cli as seeder_cli
-    from swarmota import demo
+    from swarmota import demo, tlscli
     from tracker import cli as tracker_cli
 
     parser = argparse.ArgumentParser(
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     tracker_cli.add_parser(sub)
     peer_cli.add_parser(sub)
     demo.add_parser(sub)
+    tlscli.add_parser(sub)
     _add_bench_parser(sub)
     return parser
 

@@ -106,16 +106,19 @@ def publish(repo: Repository, workdir: Path, data: bytes, version: str,
 
 
 async def start_env(nursery: trio.Nursery, workdir: Path, v1: bytes, v2: bytes, *,
-                    origin_config: OriginConfig | None = None) -> ReleaseEnv:
+                    origin_config: OriginConfig | None = None,
+                    origin_listen: ListenConfig | None = None,
+                    tracker_listen: ListenConfig | None = None) -> ReleaseEnv:
     """Publish v1 and v2, start the origin (``origin_config``: e.g. a rate limit) and the
-    tracker on 127.0.0.1, register both releases."""
+    tracker on 127.0.0.1 (``*_listen``: e.g. TLS certificates), register both releases."""
     repo = Repository.create(workdir / "repo")
     m1 = publish(repo, workdir, v1, "1.0.0", 1)
     m2 = publish(repo, workdir, v2, "2.0.0", 2)
     db = workdir / "tracker.sqlite"
     origin = OriginApp(repo.origin_dir, origin_config or OriginConfig())
-    origin_url = await nursery.start(serve_origin, origin, ListenConfig())
-    tracker_url = await nursery.start(serve_tracker, TrackerConfig(db_path=db))
+    origin_url = await nursery.start(serve_origin, origin, origin_listen or ListenConfig())
+    tracker_url = await nursery.start(serve_tracker, TrackerConfig(
+        db_path=db, listen=tracker_listen or ListenConfig()))
     env = ReleaseEnv(workdir, repo, origin, origin_url, tracker_url, db, v1, v2, m1, m2)
     env.register(m1)
     env.register(m2)

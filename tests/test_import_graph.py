@@ -16,6 +16,7 @@ ALLOWED = {
 }
 THIRD_PARTY_OWNERS = {
     "httpx": {"peer/http.py", "tracker/admin_client.py"},
+    "httpcore": {"peer/http.py"},
     "hypercorn": {"infra/http_serve.py"},
     "libtorrent": {"peer/swarm.py"},
     "sqlite3": {"tracker/store.py"},

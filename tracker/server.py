@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -15,7 +16,10 @@ from tracker.config import TrackerConfig
 from tracker.registry import SwarmRegistry
 from tracker.store import SqliteStore
 
-__all__ = ["serve_tracker"]
+__all__ = ["TRACKER_TLS_MIN_VERSION", "serve_tracker"]
+
+#: The tracker speaks TLS 1.3 only (devices are ours; no legacy clients to serve).
+TRACKER_TLS_MIN_VERSION = "1.3"
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +34,8 @@ async def serve_tracker(
     """Serve the tracker API until cancelled.
 
     Opens (creating if needed) the database at ``config.db_path``, listens on
-    ``config.listen`` and passes the bound base URL (``http://HOST:PORT``) to
+    ``config.listen`` (over TLS: 1.3 only, whatever ``config.listen`` says) and passes
+    the bound base URL (``http://HOST:PORT`` or ``https://...``) to
     ``task_status.started``. The store is closed when the service stops, after every
     request handler has finished. ``clock`` (epoch seconds) timestamps check-ins,
     reports and releases. ``registry`` holds the BitTorrent peers (default: a new one
@@ -44,7 +49,8 @@ async def serve_tracker(
         functools.partial(SqliteStore, config.db_path, clock=clock))
     try:
         app = TrackerApp(store, config, clock, registry=registry)
-        await serve_asgi(app, config.listen, task_status=task_status)
+        listen = dataclasses.replace(config.listen, tls_min_version=TRACKER_TLS_MIN_VERSION)
+        await serve_asgi(app, listen, task_status=task_status)
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store.close)

@@ -1,0 +1,243 @@
+"""A development certificate authority: a CA, server certificates, spare keys, pins.
+
+For demos, tests and private fleets that run their own CA. Keys are ECDSA P-256; files
+are PEM, written atomically (:mod:`infra.fsio`), private keys with mode 0600.
+
+Layout::
+
+    CA_DIR/ca.pem  ca-key.pem                 create_ca
+    OUT_DIR/cert.pem  key.pem                 issue_server_cert (+ backup-key.pem)
+    FILE                                      generate_key_file (a spare key)
+
+Errors: :class:`DevCaError` (bad names, missing or unreadable CA, refusing to overwrite
+a key).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from infra.fsio import atomic_write_bytes
+from infra.tlspin import pin_of_certificate, pin_of_public_key
+
+__all__ = [
+    "BACKUP_KEY_FILE",
+    "CA_CERT_FILE",
+    "CA_KEY_FILE",
+    "CERT_FILE",
+    "KEY_FILE",
+    "DevCaError",
+    "ServerFiles",
+    "create_ca",
+    "generate_key_file",
+    "issue_server_cert",
+]
+
+CA_CERT_FILE = "ca.pem"
+CA_KEY_FILE = "ca-key.pem"
+CERT_FILE = "cert.pem"
+KEY_FILE = "key.pem"
+BACKUP_KEY_FILE = "backup-key.pem"
+
+_DNS_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+class DevCaError(Exception):
+    """The CA or a certificate cannot be made (the message says why)."""
+
+
+@dataclass(frozen=True)
+class ServerFiles:
+    """What :func:`issue_server_cert` wrote, with the SPKI pins to provision devices."""
+
+    cert: Path
+    key: Path
+    pin: str
+    backup_key: Path | None = None
+    backup_pin: str | None = None
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _write_new_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    if path.exists():
+        raise DevCaError(f"{path} exists: refusing to overwrite a private key")
+    atomic_write_bytes(path, _key_pem(key), mode=0o600)
+
+
+def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as exc:
+        raise DevCaError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise DevCaError(f"{path}: not an unencrypted PEM private key: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise DevCaError(f"{path}: expected an ECDSA key, got {type(key).__name__}")
+    return key
+
+
+def _now(now: datetime.datetime | None) -> datetime.datetime:
+    return now if now is not None else datetime.datetime.now(datetime.UTC)
+
+
+def create_ca(directory: Path, *, common_name: str = "swarmota development CA",
+              valid_days: int = 3650, now: datetime.datetime | None = None) -> Path:
+    """Create ``ca-key.pem`` and the self-signed ``ca.pem`` in ``directory``; return the
+    certificate's path (the file clients trust, e.g. ``peer init --tls-ca-file``).
+
+    Raises:
+        DevCaError: ``directory`` already holds a CA key, or ``valid_days`` < 1.
+    """
+    if valid_days < 1:
+        raise DevCaError(f"valid_days must be at least 1, got {valid_days}")
+    key = _new_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    start = _now(now)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start - datetime.timedelta(minutes=5))
+        .not_valid_after(start + datetime.timedelta(days=valid_days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_new_key(directory / CA_KEY_FILE, key)
+    cert_path = directory / CA_CERT_FILE
+    atomic_write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path
+
+
+def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert_path = ca_dir / CA_CERT_FILE
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except OSError as exc:
+        raise DevCaError(f"cannot read {cert_path}: {exc.strerror or exc} "
+                         "(create the CA with 'swarmota tls ca DIR')") from None
+    except ValueError as exc:
+        raise DevCaError(f"{cert_path}: not a PEM certificate: {exc}") from None
+    key = _load_key(ca_dir / CA_KEY_FILE)
+    if pin_of_certificate(cert) != pin_of_public_key(key.public_key()):
+        raise DevCaError(f"{ca_dir}: {CA_KEY_FILE} does not belong to {CA_CERT_FILE}")
+    return cert, key
+
+
+def _san_entry(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    labels = name.rstrip(".").split(".")
+    if len(name) > 253 or not all(_DNS_LABEL_RE.fullmatch(label) for label in labels):
+        raise DevCaError(f"{name!r} is neither an IP address nor a DNS name")
+    return x509.DNSName(name.rstrip(".").lower())
+
+
+def issue_server_cert(ca_dir: Path, out_dir: Path, names: Sequence[str], *,
+                      key_file: Path | None = None, backup: bool = False,
+                      valid_days: int = 397,
+                      now: datetime.datetime | None = None) -> ServerFiles:
+    """Issue ``out_dir/cert.pem`` for ``names`` (DNS names and IP addresses, all in the
+    subjectAltName; the first is also the common name), signed by the CA in ``ca_dir``.
+
+    The certificate's key is ``key_file`` if given (e.g. the spare key a server rotates
+    to; it is copied to ``out_dir/key.pem``), else ``out_dir/key.pem`` if it exists
+    (renewal keeps the key, and so its pin), else a new key. With ``backup`` a spare key
+    ``out_dir/backup-key.pem`` is created if missing; pin it on devices next to the
+    current key.
+
+    Raises:
+        DevCaError: no names, a bad name, ``valid_days`` < 1, a missing or unreadable CA
+            or key.
+    """
+    if not names:
+        raise DevCaError("at least one DNS name or IP address is needed")
+    if valid_days < 1:
+        raise DevCaError(f"valid_days must be at least 1, got {valid_days}")
+    sans = [_san_entry(name) for name in names]
+    ca_cert, ca_key = _load_ca(ca_dir)
+    key_path = out_dir / KEY_FILE
+    if key_file is not None:
+        key = _load_key(key_file)
+    elif key_path.exists():
+        key = _load_key(key_path)
+    else:
+        key = _new_key()
+    start = _now(now)
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start - datetime.timedelta(minutes=5))
+        .not_valid_after(start + datetime.timedelta(days=valid_days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                       critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(key_path, _key_pem(key), mode=0o600)
+    cert_path = out_dir / CERT_FILE
+    atomic_write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    files = ServerFiles(cert=cert_path, key=key_path, pin=pin_of_certificate(cert))
+    if backup:
+        backup_path = out_dir / BACKUP_KEY_FILE
+        backup_pin = (pin_of_public_key(_load_key(backup_path).public_key())
+                      if backup_path.exists() else generate_key_file(backup_path))
+        files = ServerFiles(cert=cert_path, key=key_path, pin=files.pin,
+                            backup_key=backup_path, backup_pin=backup_pin)
+    return files
+
+
+def generate_key_file(path: Path) -> str:
+    """Write a new private key to ``path`` (mode 0600); return its SPKI pin.
+
+    Raises:
+        DevCaError: ``path`` exists (keys are never overwritten).
+    """
+    key = _new_key()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_new_key(path, key)
+    return pin_of_public_key(key.public_key())
