@@ -10,9 +10,14 @@
     -> commit (mark good) or fall back -> report to the tracker
     -> swarm mode: keep seeding the installed payload for ``seed_time_s`` (upload policy)
 
-A pending switch left by a crash or power loss is finished first (the try counter decides
-whether the new slot gets its health check or the committed slot boots again). Every
-failure maps to a status code (``peer.errors``); the active slot is never written.
+Every step is a transition of the update state machine (``peer.machine``), persisted in
+``STATE/journal.json`` before its side effects. On start the journal and boot control
+say how to continue: a pending switch left by a crash or power loss is finished first
+(the try counter decides whether the new slot gets its health check or the committed
+slot boots again); a pass interrupted before the switch is started over after partial
+slot writes are reclaimed (verified chunks are kept); an outcome not yet reported is
+reported. Every failure maps to a status code (``peer.errors``); the active slot is
+never written. Named crash points (``peer.crashpoints``) mark every step for tests.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +41,7 @@ from manifest import (
     check_applicable,
     parse_release_manifest,
 )
+from peer import machine
 from peer.bootctl import (
     BootControl,
     SlotRecord,
@@ -46,7 +53,8 @@ from peer.bootctl import (
     write_bootctl,
 )
 from peer.config import DeviceConfig
-from peer.download import PayloadWorkdir, download_payload
+from peer.crashpoints import crash_point
+from peer.download import PayloadWorkdir, download_payload, verify_payload
 from peer.errors import (
     ConfigError,
     DownloadFailed,
@@ -59,7 +67,9 @@ from peer.errors import (
 from peer.health import run_health_check
 from peer.http import HttpClient
 from peer.install import install_delta, install_image
+from peer.machine import Action, Event, Journal, JournalError, Phase
 from peer.policy import upload_policy
+from peer.slots import SlotBackend
 from peer.state import DeviceState
 from peer.swarm import SwarmConfig, SwarmSession, TorrentHandleRef
 from peer.swarm_fetch import SwarmOptions, SwarmUnavailable, swarm_download
@@ -118,6 +128,7 @@ async def update_once(state: DeviceState, *,
                       clock: Callable[[], float] = time.monotonic,
                       seed_time_s: float | None = None,
                       on_seeding: Callable[[UpdateResult, float], None] | None = None,
+                      slots: SlotBackend | None = None,
                       ) -> UpdateResult:
     """Run one update pass on the device in ``state``; never raises ``PeerError``
     except ``ConfigError`` (the device itself is not usable).
@@ -125,19 +136,18 @@ async def update_once(state: DeviceState, *,
     After a swarm-mode update the installed payload is shared with peers for
     ``seed_time_s`` (default: the device configuration's) before this returns; the
     result is saved and reported before that, so cancelling the seeding loses nothing.
-    ``on_seeding(result, seconds)`` is called when that sharing starts.
+    ``on_seeding(result, seconds)`` is called when that sharing starts. ``slots`` is
+    the slot backend (default: the state directory's file-backed slots).
     """
     with _device_lock(state):
         config = state.config()
         bc = state.bootctl()
         async with HttpClient(timeout_s=config.http_timeout_s) as http:
             run = _Run(state, http, clock,
-                       config.seed_time_s if seed_time_s is None else seed_time_s)
+                       config.seed_time_s if seed_time_s is None else seed_time_s,
+                       state.slots() if slots is None else slots)
             try:
-                if bc.pending:
-                    result = await run.finish_pending(bc)
-                else:
-                    result = await run.update(bc)
+                result = await run.start(bc)
                 await run.report(result)
                 state.save_result({**result.to_json(), "finished_at": time.time()})
                 await run.seed(result, on_seeding)
@@ -169,11 +179,13 @@ class _Run:
     """State of one pass; owned by ``update_once``."""
 
     def __init__(self, state: DeviceState, http: HttpClient,
-                 clock: Callable[[], float], seed_time_s: float) -> None:
+                 clock: Callable[[], float], seed_time_s: float, slots: SlotBackend) -> None:
         if seed_time_s < 0:
             raise ConfigError(f"seed time must be >= 0, not {seed_time_s}")
         self.seed_time_s = seed_time_s
         self.state = state
+        self.slots = slots
+        self.journal = Journal()
         self.config = state.config()
         self.http = http
         self.clock = clock
@@ -190,6 +202,53 @@ class _Run:
         finally:
             self.timings[name] = round(self.clock() - start, 6)
 
+    def _step(self, event: Event, **fields: Any) -> None:
+        """Advance the state machine; persist the journal unless the new state is
+        ``checking`` or an ``idle`` reached from it (no durable side effects)."""
+        before = self.journal.phase
+        self.journal = machine.advance(self.journal, event, **fields)
+        if self.journal.phase is Phase.CHECKING or (
+                self.journal.phase is Phase.IDLE and before is Phase.CHECKING):
+            return
+        self.state.save_journal(self.journal)
+
+    async def start(self, bc: BootControl) -> UpdateResult:
+        """Read the journal, recover from an interrupted pass, run this one."""
+        try:
+            journal = self.state.journal()
+        except JournalError as exc:
+            # Written atomically, so damage: treat it as a pass interrupted before the
+            # switch (boot control, checksummed and read back, still decides the rest).
+            log.warning("%s: %s; starting over", self.state.journal_path, exc)
+            journal = Journal(phase=Phase.APPLYING)
+        rec = machine.recover(journal, pending=bc.pending,
+                              committed_version=bc.slot(bc.committed).version)
+        if rec.journal != journal:
+            self.state.save_journal(rec.journal)
+        self.journal = rec.journal
+        if journal.phase is not Phase.IDLE or bc.pending:
+            log.warning("recovering: %s", rec.note)
+        if Action.RECLAIM_SLOT_WRITES in rec.actions:
+            removed = await trio.to_thread.run_sync(self.slots.reclaim)
+            if removed:
+                log.warning("removed partial slot writes: %s", ", ".join(removed))
+        if Action.FINISH_PENDING in rec.actions:
+            return await self.finish_pending(bc)
+        if Action.QUEUE_REPORT in rec.actions:
+            result = self._recovered_result(rec.journal)
+            if result.updated:  # the interrupted pass's payload is of no use any more
+                await trio.to_thread.run_sync(self._remove_downloads, set())
+            return result
+        return await self.update(bc)
+
+    def _recovered_result(self, journal: Journal) -> UpdateResult:
+        """The outcome of an attempt that finished (or was reported) before a restart."""
+        status = StatusCode(journal.status if journal.status is not None else 0)
+        return UpdateResult(status, journal.message or "", attempted=True,
+                            updated=status == StatusCode.OK,
+                            from_version=journal.from_version, to_version=journal.to_version,
+                            payload_kind=journal.payload_kind, timings_s=self.timings)
+
     async def update(self, bc: BootControl) -> UpdateResult:
         active = bc.slot(bc.committed)
         if active.version is None:
@@ -197,28 +256,46 @@ class _Run:
         result = UpdateResult(StatusCode.OK, "up to date", from_version=active.version,
                               timings_s=self.timings)
         start = self.clock()
+        self._step(Event.CHECK)
         try:
             with self._timed("checkin"):
                 offer, result.poll_after_s = await checkin(
                     self.http, self.config, version=active.version,
                     release_counter=bc.min_release_counter)
         except DownloadFailed as exc:
+            self._step(Event.NO_OFFER)
             result.status, result.message = exc.status, f"check-in failed: {exc}"
             return result
         if offer is None:
+            self._step(Event.NO_OFFER)
+            await trio.to_thread.run_sync(self._remove_downloads, set())
             return result
         result.attempted = True
         result.to_version = offer.version
+        target = other_slot(bc.committed)
         try:
             release = await self._fetch_release(offer, bc, result)
-            target = other_slot(bc.committed)
-            work = await self._install(release, bc, target, result)
+            delta = release.delta_for(active.sha256) if active.sha256 else None
+            first = delta or release.full_payload
+            self._step(Event.OFFER, from_version=active.version, to_version=release.version,
+                       release_counter=release.release_counter, target_slot=target,
+                       payload_sha256=first.sha256, payload_kind=first.kind)
+            await trio.to_thread.run_sync(self._remove_downloads,
+                                          {p.sha256 for p in release.payloads})
+            work = await self._install(release, delta, bc, target, result)
+            self._step(Event.APPLIED)
             record = SlotRecord(release.version, release.release_counter,
                                 release.image.sha256, release.image.size)
-            bc = write_bootctl(self.state.bootctl_path, switch_to(bc, target, record))
-            if self.installed is None or self.installed.work is not work:
-                await trio.to_thread.run_sync(work.remove)  # else removed after seeding
-            await self._reboot_and_check(bc)
+            await self._read_back(target, record)
+            bc = write_bootctl(self.state.bootctl_path, switch_to(bc, target, record),
+                               what="switch")
+            self._step(Event.SWITCHED)
+            try:
+                await self._reboot_and_check(bc)
+            finally:
+                # kept until the outcome: a crash in between re-applies it without a download
+                if self.installed is None or self.installed.work is not work:
+                    await trio.to_thread.run_sync(work.remove)  # else removed after seeding
             result.updated = True
             result.message = f"updated {active.version} -> {release.version}"
         except PeerError as exc:
@@ -229,6 +306,29 @@ class _Run:
         finally:
             self.timings["total"] = round(self.clock() - start, 6)
         return result
+
+    async def _read_back(self, slot: str, record: SlotRecord) -> None:
+        """The written slot, read back from storage, must be the signed image before
+        boot control may name it (catches damage after the write)."""
+        try:
+            size, sha = await trio.to_thread.run_sync(self.slots.hash, slot)
+        except OSError as exc:
+            raise InstallFailed(f"cannot read slot {slot} back: {exc}") from exc
+        if (size, sha) != (record.size, record.sha256):
+            raise VerifyFailed(f"slot {slot} read back after writing is not the signed image "
+                               f"(size {size}, sha256 {sha}); not switching to it")
+
+    def _remove_downloads(self, keep: set[str]) -> None:
+        """Reclaim work areas of payloads other than ``keep`` (an older release's
+        interrupted download; resume is keyed to the payload hash, never mixed)."""
+        try:
+            entries = list(self.state.downloads_dir.iterdir())
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if entry.is_dir() and entry.name not in keep:
+                log.info("removing stale download %s", entry.name[:12])
+                shutil.rmtree(entry, ignore_errors=True)
 
     async def _download(self, payload: Payload, result: UpdateResult) -> PayloadWorkdir:
         """Fetch ``payload`` (swarm or direct mode); the origin's bytes are counted exactly
@@ -250,7 +350,7 @@ class _Run:
                 stats = await download_payload(
                     self.http, url, work, concurrency=self.config.download_concurrency,
                     attempts=self.config.chunk_attempts, backoff_s=self.config.retry_backoff_s,
-                    on_chunk=self._direct_progress(payload))
+                    on_chunk=self._direct_progress(payload), verify=False)
                 result.chunks_reused += stats.chunks_reused
                 self.timings[f"transfer_{payload.kind}"] = round(stats.transfer_s, 6)
                 return work
@@ -360,20 +460,21 @@ class _Run:
                 self.installed = None
                 await trio.to_thread.run_sync(work.remove)
 
-    async def _install(self, release: ReleaseManifest, bc: BootControl, target: str,
-                       result: UpdateResult) -> PayloadWorkdir:
-        """Write the release image into slot ``target``: from the delta whose base is the
-        active slot when there is one, else (or if anything about the delta fails) from
+    async def _install(self, release: ReleaseManifest, delta: Payload | None,
+                       bc: BootControl, target: str, result: UpdateResult) -> PayloadWorkdir:
+        """Write the release image into slot ``target``: from ``delta`` (whose base is the
+        active slot) when there is one, else (or if anything about the delta fails) from
         the full payload. Returns the work area to clean up after the switch."""
-        base = bc.slot(bc.committed)
-        delta = release.delta_for(base.sha256) if base.sha256 else None
         if delta is not None:
             try:
                 work = await self._download(delta, result)
+                self._step(Event.DOWNLOADED)
+                await verify_payload(work)
+                self._step(Event.VERIFIED)
                 with self._timed("install_delta"):
                     await trio.to_thread.run_sync(
-                        install_delta, work.part, delta, self.state.slot_path(bc.committed),
-                        release.image, self.state.slot_path(target))
+                        install_delta, work.part, delta, self.slots, bc.committed,
+                        release.image, target)
                 result.payload_kind = "delta"
                 self._mark_installed(work)
                 return work
@@ -381,10 +482,15 @@ class _Run:
                 log.warning("delta %s unusable, falling back to the full payload: %s",
                             delta.sha256[:12], exc)
                 result.delta_fallback = str(exc)
+                self._step(Event.FALLBACK, payload_sha256=release.full_payload.sha256,
+                           payload_kind="full")
         work = await self._download(release.full_payload, result)
+        self._step(Event.DOWNLOADED)
+        await verify_payload(work)
+        self._step(Event.VERIFIED)
         with self._timed("install"):
             await trio.to_thread.run_sync(install_image, work.part, release.image,
-                                          self.state.slot_path(target))
+                                          self.slots, target)
         result.payload_kind = "full"
         self._mark_installed(work)
         return work
@@ -419,20 +525,26 @@ class _Run:
         """Boot the pending slot (consuming a try), health-check it, commit or fall back."""
         path = self.state.bootctl_path
         bc, booted = boot(bc)
-        bc = write_bootctl(path, bc)
+        bc = write_bootctl(path, bc, what="boot")
         if not bc.pending:
+            self._step(Event.UNHEALTHY)
             raise PostCheckFailed("the new slot used up its boot tries; fell back to "
                                   f"slot {booted}")
         try:
+            crash_point("health.before")
             with self._timed("health"):
                 await run_health_check(self.config.health_command, slot=booted,
-                                       image=self.state.slot_path(booted),
+                                       image=self.slots.image_path(booted),
                                        record=bc.slot(booted),
                                        timeout_s=self.config.health_timeout_s)
+            crash_point("health.after")
         except PostCheckFailed:
-            write_bootctl(path, fall_back(bc))
+            crash_point("health.after")
+            self._step(Event.UNHEALTHY)
+            write_bootctl(path, fall_back(bc), what="fall_back")
             raise
-        return write_bootctl(path, mark_good(bc))
+        self._step(Event.HEALTHY)
+        return write_bootctl(path, mark_good(bc), what="commit")
 
     async def finish_pending(self, bc: BootControl) -> UpdateResult:
         """A switch was written but not committed (crash, power loss): finish it."""
@@ -440,20 +552,43 @@ class _Run:
         result = UpdateResult(StatusCode.OK, "", attempted=True,
                               from_version=bc.slot(bc.committed).version,
                               to_version=pending.version, timings_s=self.timings)
+        if self.journal.phase is not Phase.HEALTH_CHECKING:
+            self.journal = Journal(seq=self.journal.seq, attempt=self.journal.attempt)
+            self._step(Event.RESUME_PENDING, from_version=result.from_version,
+                       to_version=pending.version, release_counter=pending.release_counter,
+                       target_slot=bc.primary)
         try:
             await self._reboot_and_check(bc)
             result.updated = True
             result.message = f"updated {result.from_version} -> {pending.version} " \
                              "(finished after restart)"
+            # the interrupted pass's payload is of no use any more
+            await trio.to_thread.run_sync(self._remove_downloads, set())
         except PeerError as exc:
             result.status, result.message = exc.status, str(exc)
         return result
 
     async def report(self, result: UpdateResult) -> None:
-        """Deliver earlier undelivered reports and this one; keep what fails for later."""
+        """Deliver earlier undelivered reports and this one; keep what fails for later.
+
+        This attempt's report goes through the journal (``reporting``, with the body)
+        into the durable outbox before anything is sent, so a crash loses no report."""
         queue = self.state.outbox()
         if result.attempted:
-            queue.append(self._report_body(result))
+            if self.journal.phase is Phase.REPORTING and self.journal.report is not None:
+                body = self.journal.report  # recovered
+            else:
+                body = self._report_body(result)
+                event = {Phase.COMMITTED: Event.REPORT, Phase.ROLLED_BACK: Event.REPORT}.get(
+                    self.journal.phase, Event.FAILED)
+                self._step(event, status=int(result.status), message=result.message[:4096],
+                           report=body)
+            crash_point("report.before_queue")
+            if body not in queue:
+                queue.append(body)
+                self.state.save_outbox(queue)
+            self._step(Event.QUEUED)
+        crash_point("report.before_send")
         delivered = 0
         for body in queue:
             try:

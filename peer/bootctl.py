@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.fsio import atomic_write_bytes
+from peer.crashpoints import crash_point, fsio_hook
 from peer.errors import ConfigError, InstallFailed
 
 __all__ = [
@@ -164,12 +165,19 @@ def read_bootctl(path: Path) -> BootControl:
         raise ConfigError(f"{path} not found: run 'swarmota peer init' first") from None
 
 
-def write_bootctl(path: Path, bc: BootControl) -> BootControl:
-    """Persist ``bc`` with the next generation, read it back, return what was stored."""
+def write_bootctl(path: Path, bc: BootControl, *, what: str = "write") -> BootControl:
+    """Persist ``bc`` with the next generation, read it back, return what was stored.
+
+    ``what`` names the write in crash points: ``bootctl.<what>.before_write``, the
+    atomic write's steps ``bootctl.<what>.before_fsync`` .. ``.after_dir_fsync``, and
+    ``bootctl.<what>.after_read_back``.
+    """
     stored = replace(bc, generation=bc.generation + 1)
     try:
-        atomic_write_bytes(path, _encode(stored))
+        crash_point(f"bootctl.{what}.before_write")
+        atomic_write_bytes(path, _encode(stored), hook=fsio_hook(f"bootctl.{what}"))
         back = read_bootctl(path)
+        crash_point(f"bootctl.{what}.after_read_back")
     except OSError as exc:
         raise InstallFailed(f"cannot write boot control {path}: {exc}") from exc
     if back != stored:

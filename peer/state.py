@@ -8,6 +8,7 @@
     STATE/last_result.json   outcome of the last update attempt
     STATE/outbox.json        reports not yet delivered to the tracker (oldest first)
     STATE/progress.json      live progress of a running update (download or seeding)
+    STATE/journal.json       the update state machine's journal (peer.machine)
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ from tuf.api.metadata import Root as RootRole
 from infra.fsio import atomic_write_bytes, atomic_write_json, fsync_dir
 from peer.bootctl import BootControl, SlotRecord, initial_bootctl, read_bootctl, write_bootctl
 from peer.config import DeviceConfig, load_config, save_config
+from peer.crashpoints import fsio_hook
 from peer.errors import ConfigError
 from peer.install import hash_file
+from peer.machine import Journal, JournalError, decode_journal, encode_journal
+from peer.slots import FileSlots
 
-__all__ = ["MAX_OUTBOX_REPORTS", "DeviceState", "init_device"]
+__all__ = ["MAX_OUTBOX_REPORTS", "DeviceState", "JournalError", "init_device"]
 
 MAX_OUTBOX_REPORTS = 32
 
@@ -65,6 +69,31 @@ class DeviceState:
 
     def config(self) -> DeviceConfig:
         return load_config(self.config_path)
+
+    def slots(self) -> FileSlots:
+        """The device's slot backend (file-backed: ``STATE/slots/``)."""
+        return FileSlots(self.root / "slots")
+
+    @property
+    def journal_path(self) -> Path:
+        return self.root / "journal.json"
+
+    def journal(self) -> Journal:
+        """The update journal; idle when there is none.
+
+        Raises:
+            JournalError: the file exists but does not parse.
+        """
+        try:
+            data = self.journal_path.read_bytes()
+        except FileNotFoundError:
+            return Journal()
+        return decode_journal(data)
+
+    def save_journal(self, journal: Journal) -> None:
+        """Persist ``journal`` atomically (crash points ``journal.*``)."""
+        atomic_write_bytes(self.journal_path, encode_journal(journal),
+                           hook=fsio_hook("journal"))
 
     def bootctl(self) -> BootControl:
         return read_bootctl(self.bootctl_path)
@@ -114,7 +143,8 @@ class DeviceState:
 
     def save_outbox(self, reports: list[dict[str, Any]]) -> None:
         """Persist undelivered reports, keeping the newest ``MAX_OUTBOX_REPORTS``."""
-        atomic_write_json(self.outbox_path, reports[-MAX_OUTBOX_REPORTS:])
+        atomic_write_json(self.outbox_path, reports[-MAX_OUTBOX_REPORTS:],
+                          hook=fsio_hook("outbox"))
 
 
 def init_device(state_dir: Path, config: DeviceConfig, *, root_json: bytes, image: Path,
