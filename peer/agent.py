@@ -482,6 +482,9 @@ class _Run:
                 log.warning("delta %s unusable, falling back to the full payload: %s",
                             delta.sha256[:12], exc)
                 result.delta_fallback = str(exc)
+                # the delta's work area (if any) is of no use to this pass any more
+                await trio.to_thread.run_sync(
+                    PayloadWorkdir(self.state.downloads_dir, delta).remove)
                 self._step(Event.FALLBACK, payload_sha256=release.full_payload.sha256,
                            payload_kind="full")
         work = await self._download(release.full_payload, result)

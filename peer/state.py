@@ -3,7 +3,7 @@
     STATE/device.json        peer.config.DeviceConfig
     STATE/trust/root.json    trusted TUF root (python-tuf keeps its cache beside it)
     STATE/slots/a.img, b.img file-backed A/B slots
-    STATE/bootctl.json       peer.bootctl record
+    STATE/bootctl.json       peer.bootctl record (and bootctl.json.redundant, its twin)
     STATE/downloads/         payloads being assembled, per payload SHA-256
     STATE/last_result.json   outcome of the last update attempt
     STATE/outbox.json        reports not yet delivered to the tracker (oldest first)
@@ -25,7 +25,14 @@ from tuf.api.metadata import Metadata
 from tuf.api.metadata import Root as RootRole
 
 from infra.fsio import atomic_write_bytes, atomic_write_json, fsync_dir
-from peer.bootctl import BootControl, SlotRecord, initial_bootctl, read_bootctl, write_bootctl
+from peer.bootctl import (
+    BootControl,
+    SlotRecord,
+    initial_bootctl,
+    read_bootctl,
+    remove_bootctl,
+    write_bootctl,
+)
 from peer.config import DeviceConfig, load_config, save_config
 from peer.crashpoints import fsio_hook
 from peer.errors import ConfigError
@@ -182,6 +189,8 @@ def init_device(state_dir: Path, config: DeviceConfig, *, root_json: bytes, imag
     fsync_dir(slot_a.parent)
     size, sha = hash_file(slot_a)
     save_config(state.config_path, config)
+    remove_bootctl(state.bootctl_path)
+    state.journal_path.unlink(missing_ok=True)
     write_bootctl(state.bootctl_path, initial_bootctl(SlotRecord(version, release_counter,
                                                                  sha, size)))
     return state
