@@ -6,6 +6,8 @@ TUF targets role signs its length and hashes. It states:
 - ``product``, ``version``, ``release_counter`` (monotonic, for anti-rollback) and the
   hardware ``compatibility`` ids the image may be installed on;
 - ``image``: size and SHA-256 of the image that must end up in the slot;
+- ``critical`` (optional, default false): an emergency release; devices install it
+  outside their maintenance windows and without their install delay;
 - ``payloads``: how to get that image. Each payload has a kind, an encoding, its size
   and SHA-256, a chunk size and the SHA-256 of every chunk, and optionally the
   BitTorrent v2 info-hash of its torrent. Exactly one is ``full`` (encoding ``zstd``:
@@ -170,6 +172,7 @@ class ReleaseManifest:
     update_type: str
     image: ImageInfo
     payloads: tuple[Payload, ...]
+    critical: bool = False
 
     @property
     def target_name(self) -> str:
@@ -199,6 +202,8 @@ class ReleaseManifest:
             "update_type": self.update_type,
             "image": {"size": self.image.size, "sha256": self.image.sha256},
             "payloads": [p.to_json() for p in self.payloads],
+            # only when set: manifests without it keep their exact bytes
+            **({"critical": True} if self.critical else {}),
         }
 
     def to_bytes(self) -> bytes:
@@ -357,7 +362,8 @@ def parse_release_manifest(data: bytes) -> ReleaseManifest:
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ManifestFormatError(f"manifest is not valid JSON: {exc}") from None
     obj = _obj(raw, "manifest", ("schema", "product", "version", "release_counter",
-                                 "compatibility", "update_type", "image", "payloads"))
+                                 "compatibility", "update_type", "image", "payloads"),
+               optional=("critical",))
     if obj["schema"] != SCHEMA_VERSION or isinstance(obj["schema"], bool):
         raise ManifestFormatError(f"unsupported manifest schema {obj['schema']!r}")
     compat = obj["compatibility"]
@@ -393,4 +399,11 @@ def parse_release_manifest(data: bytes) -> ReleaseManifest:
         update_type=_choice(obj["update_type"], "update_type", UPDATE_TYPES),
         image=image,
         payloads=payloads,
+        critical=_critical(obj.get("critical", False)),
     )
+
+
+def _critical(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ManifestFormatError("critical: expected true or false")
+    return value

@@ -101,6 +101,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                          dest="announce_urls",
                          help="tracker announce URL put in each payload's torrent "
                               "(repeatable)")
+    publish.add_argument("--critical", action="store_true",
+                         help="an emergency release: devices install it even outside their "
+                              "maintenance windows and without their install delay")
     publish.set_defaults(func=_wrap(_cmd_publish))
 
     timestamp = sub.add_parser(
@@ -193,7 +196,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         release_counter=args.counter, compatibility=args.hardware_ids,
         zstd_level=args.zstd_level, bases=args.bases, progress=progress,
         on_delta=built.append, web_seed_url=args.web_seed_url,
-        announce_urls=args.announce_urls,
+        announce_urls=args.announce_urls, critical=args.critical,
     )
     payload = manifest.full_payload
     target = repo.targets()[manifest.target_name]

@@ -93,6 +93,7 @@ def publish_release(
     on_delta: Callable[[DeltaSummary], None] | None = None,
     web_seed_url: str | None = None,
     announce_urls: Sequence[str] = (),
+    critical: bool = False,
 ) -> ReleaseManifest:
     """Publish ``image`` as release ``version`` of ``product`` and return its manifest.
 
@@ -112,7 +113,8 @@ def publish_release(
     to its chunk size, written beside it as ``<payload path>.torrent``; its info-hash is
     in the signed manifest. ``web_seed_url`` (the origin's public base URL) becomes the
     payload's BEP 19 web seed, ``announce_urls`` the torrent's trackers; both sit outside
-    the info dict, so they never change the info-hash.
+    the info dict, so they never change the info-hash. ``critical`` marks an emergency
+    release (devices install it outside their maintenance windows).
 
     Duplicate hardware ids are dropped (first occurrence kept). Publishing the same
     release again (same version, image, counter, hardware ids and delta bases) returns
@@ -170,6 +172,7 @@ def publish_release(
         update_type="image",
         image=image_info,
         payloads=tuple(payloads),
+        critical=critical,
     )
     try:
         data = manifest.to_bytes()

@@ -216,3 +216,17 @@ def test_delta_whose_base_is_the_target_image_is_refused() -> None:
     m = make_manifest()
     with pytest.raises(ManifestFormatError, match="base is the image itself"):
         with_delta(base_sha=m.image.sha256).to_bytes()
+
+
+def test_critical_flag_is_optional_strict_and_round_trips() -> None:
+    from dataclasses import replace
+
+    plain = make_manifest()
+    assert plain.critical is False and b"critical" not in plain.to_bytes()
+    urgent = replace(plain, critical=True)
+    assert parse_release_manifest(urgent.to_bytes()).critical is True
+    doc = raw(plain)
+    for bad in (1, "yes", None):
+        doc["critical"] = bad
+        with pytest.raises(ManifestFormatError, match="critical"):
+            parse_release_manifest(json.dumps(doc).encode())
