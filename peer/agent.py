@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -67,6 +69,7 @@ from peer.errors import (
 from peer.health import run_health_check
 from peer.http import HttpClient
 from peer.install import install_delta, install_image
+from peer.install_policy import Decision, PolicyPowerSource, decide, load_policy
 from peer.machine import Action, Event, Journal, JournalError, Phase
 from peer.policy import upload_policy
 from peer.slots import SlotBackend
@@ -99,6 +102,7 @@ class UpdateResult:
     delta_fallback: str | None = None
     download_mode: str | None = None
     swarm_note: str | None = None
+    deferred: str | None = None  # why an offered release was not attempted (policy)
     banned_peers: list[str] = field(default_factory=list)
     bytes_uploaded: int = 0
     reported: bool = False
@@ -129,6 +133,7 @@ async def update_once(state: DeviceState, *,
                       seed_time_s: float | None = None,
                       on_seeding: Callable[[UpdateResult, float], None] | None = None,
                       slots: SlotBackend | None = None,
+                      wall_clock: Callable[[], float] = time.time,
                       ) -> UpdateResult:
     """Run one update pass on the device in ``state``; never raises ``PeerError``
     except ``ConfigError`` (the device itself is not usable).
@@ -137,7 +142,8 @@ async def update_once(state: DeviceState, *,
     ``seed_time_s`` (default: the device configuration's) before this returns; the
     result is saved and reported before that, so cancelling the seeding loses nothing.
     ``on_seeding(result, seconds)`` is called when that sharing starts. ``slots`` is
-    the slot backend (default: the state directory's file-backed slots).
+    the slot backend (default: the state directory's file-backed slots); ``wall_clock``
+    (seconds since the epoch) measures the install policy's windows and delay.
     """
     with _device_lock(state):
         config = state.config()
@@ -145,7 +151,7 @@ async def update_once(state: DeviceState, *,
         async with HttpClient(timeout_s=config.http_timeout_s) as http:
             run = _Run(state, http, clock,
                        config.seed_time_s if seed_time_s is None else seed_time_s,
-                       state.slots() if slots is None else slots)
+                       state.slots() if slots is None else slots, wall_clock)
             try:
                 result = await run.start(bc)
                 await run.report(result)
@@ -179,12 +185,15 @@ class _Run:
     """State of one pass; owned by ``update_once``."""
 
     def __init__(self, state: DeviceState, http: HttpClient,
-                 clock: Callable[[], float], seed_time_s: float, slots: SlotBackend) -> None:
+                 clock: Callable[[], float], seed_time_s: float, slots: SlotBackend,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         if seed_time_s < 0:
             raise ConfigError(f"seed time must be >= 0, not {seed_time_s}")
         self.seed_time_s = seed_time_s
         self.state = state
         self.slots = slots
+        self.wall_clock = wall_clock
+        self.policy = load_policy(state.policy_path)  # ConfigError: a bad file, said early
         self.journal = Journal()
         self.config = state.config()
         self.http = http
@@ -275,8 +284,17 @@ class _Run:
         target = other_slot(bc.committed)
         try:
             release = await self._fetch_release(offer, bc, result)
+            decision = await self._decide(release)
+            if not decision.allowed:
+                self._step(Event.NO_OFFER)
+                result.attempted = False
+                result.deferred = decision.reason
+                result.message = f"{release.version} offered, deferred: {decision.reason}"
+                log.info("%s", result.message)
+                return result
             delta = release.delta_for(active.sha256) if active.sha256 else None
             first = delta or release.full_payload
+            await trio.to_thread.run_sync(self._check_space, release, first)
             self._step(Event.OFFER, from_version=active.version, to_version=release.version,
                        release_counter=release.release_counter, target_slot=target,
                        payload_sha256=first.sha256, payload_kind=first.kind)
@@ -306,6 +324,45 @@ class _Run:
         finally:
             self.timings["total"] = round(self.clock() - start, 6)
         return result
+
+    async def _decide(self, release: ReleaseManifest) -> Decision:
+        """The install policy's verdict on ``release`` now (``peer.install_policy``)."""
+        now_s = self.wall_clock()
+        first = await trio.to_thread.run_sync(self.state.first_offered, release.version, now_s)
+        power = None
+        if self.policy.min_battery_percent:
+            power = await trio.to_thread.run_sync(PolicyPowerSource(self.policy).read)
+        return decide(self.policy, now=datetime.fromtimestamp(now_s, UTC),
+                      critical=release.critical, metered=self.config.network_metered,
+                      power=power, first_offered_at_s=first, now_s=now_s)
+
+    def _check_space(self, release: ReleaseManifest, payload: Payload) -> None:
+        """The payload still to download and the new image must fit, besides the
+        policy's reserve (before anything is downloaded).
+
+        Raises:
+            InstallFailed: they do not.
+        """
+        downloads = self.state.downloads_dir
+        downloads.mkdir(parents=True, exist_ok=True)
+        part = downloads / payload.sha256 / "payload.part"
+        try:
+            have = part.stat().st_blocks * 512
+        except FileNotFoundError:
+            have = 0
+        slots_dir = self.slots.image_path("a").parent
+        needs = {downloads: max(0, payload.size - have), slots_dir: release.image.size}
+        by_device: dict[int, tuple[Path, int]] = {}
+        for path, need in needs.items():
+            dev = os.stat(path).st_dev
+            prev = by_device.get(dev, (path, 0))
+            by_device[dev] = (prev[0], prev[1] + need)
+        for path, need in by_device.values():
+            st = os.statvfs(path)
+            free = st.f_bavail * st.f_frsize
+            if free < need + self.policy.reserve_bytes:
+                raise InstallFailed(f"not enough free space in {path}: {need} bytes needed "
+                                    f"(+{self.policy.reserve_bytes} reserved), {free} free")
 
     async def _read_back(self, slot: str, record: SlotRecord) -> None:
         """The written slot, read back from storage, must be the signed image before

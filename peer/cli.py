@@ -12,9 +12,11 @@ from typing import Any
 
 import trio
 
+from infra.fsio import atomic_write_bytes
 from peer.agent import UpdateResult, update_once
 from peer.config import DOWNLOAD_MODES, DeviceConfig
 from peer.errors import ConfigError
+from peer.install_policy import load_policy
 from peer.state import DeviceState, init_device
 
 __all__ = ["add_parser"]
@@ -67,6 +69,10 @@ def add_parser(subparsers: Any) -> None:
                       help="file holding the battery percentage; no upload below "
                            "--min-battery-percent (or when unreadable)")
     init.add_argument("--min-battery-percent", type=int, default=30)
+    init.add_argument("--policy", type=Path, default=None, metavar="FILE",
+                      help="install policy (TOML: maintenance windows, install delay, "
+                           "battery/charging, metered network, free-space reserve); "
+                           "validated and copied to STATE/policy.toml")
     init.add_argument("--force", action="store_true", help="re-provision an existing directory")
     init.set_defaults(func=_init)
 
@@ -106,9 +112,17 @@ def _init(args: argparse.Namespace) -> int:
             network_metered=args.metered, battery_percent_path=args.battery_file,
             min_battery_percent_to_upload=args.min_battery_percent)
         root = args.root.read_bytes()
+        policy = None
+        if args.policy is not None:
+            if not args.policy.is_file():
+                raise ConfigError(f"policy {args.policy} does not exist")
+            load_policy(args.policy)  # refuse a bad file before provisioning anything
+            policy = args.policy.read_bytes()
         state = init_device(args.state, config, root_json=root, image=args.image,
                             version=args.version, release_counter=args.release_counter,
                             force=args.force)
+        if policy is not None:
+            atomic_write_bytes(state.policy_path, policy)
     except (ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -135,6 +149,8 @@ def _update(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json(), indent=2, sort_keys=True))
     else:
         print(f"status {int(result.status)}: {result.message}")
+        if result.deferred:
+            print(f"  not attempted now (install policy): {result.deferred}")
         if result.attempted:
             print(f"  {result.download_mode or '-'} mode: bytes from origin "
                   f"{result.bytes_origin}, peers {result.bytes_peers}, metadata "

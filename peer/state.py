@@ -9,6 +9,8 @@
     STATE/outbox.json        reports not yet delivered to the tracker (oldest first)
     STATE/progress.json      live progress of a running update (download or seeding)
     STATE/journal.json       the update state machine's journal (peer.machine)
+    STATE/policy.toml        install policy (optional; peer.install_policy)
+    STATE/offers.json        when the release now offered was first offered (install delay)
 """
 
 from __future__ import annotations
@@ -80,6 +82,22 @@ class DeviceState:
     def slots(self) -> FileSlots:
         """The device's slot backend (file-backed: ``STATE/slots/``)."""
         return FileSlots(self.root / "slots")
+
+    @property
+    def policy_path(self) -> Path:
+        return self.root / "policy.toml"
+
+    def first_offered(self, version: str, now_s: float) -> float:
+        """When ``version`` was first offered (``now_s`` if it is new: recorded)."""
+        path = self.root / "offers.json"
+        try:
+            seen = json.loads(path.read_bytes())
+            if isinstance(seen, dict) and seen.get("version") == version:
+                return float(seen["first_offered_at_s"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            pass
+        atomic_write_json(path, {"version": version, "first_offered_at_s": now_s})
+        return now_s
 
     @property
     def journal_path(self) -> Path:

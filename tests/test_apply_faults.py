@@ -2,9 +2,10 @@
 boot"), each through the real agent, origin and tracker on loopback.
 
 Threats: a torn slot image (partial write; data blocks lost after the switch); a torn
-boot-control record; disk full; a read error on the base slot during a delta; a byte
-flipped in the inactive slot after writing; a reboot loop (the new slot never reaches
-its health check); a retry after a failed install; a resume across two releases.
+boot-control record; disk full (found by the free-space check, or while writing); a
+read error on the base slot during a delta; a byte flipped in the inactive slot after
+writing; a reboot loop (the new slot never reaches its health check); a retry after a
+failed install; a resume across two releases.
 Every test checks the invariants: a typed status; the active slot byte-identical or the
 new one verified and committed; nothing partial promoted, temporary space reclaimed;
 the next clean run succeeds; the tracker hears about it.
@@ -129,25 +130,68 @@ def tiny_tmpfs(directory: Path, size: str) -> Iterator[None]:
         subprocess.run(["umount", "-l", str(directory)], check=False)
 
 
-async def test_disk_full_while_writing_the_slot(env: ReleaseEnv) -> None:
-    """The slots live on a file system with room for slot a only: the install fails with
-    30, the active slot is untouched, the temporary file is gone; with room again, the
-    next run installs from the payload already verified (nothing downloaded again)."""
+async def test_disk_full_is_refused_before_anything_is_downloaded(env: ReleaseEnv) -> None:
+    """The slots live on a file system with room for slot a only: the free-space check
+    against the manifest's sizes fails the attempt with 30 before any download; the
+    active slot is untouched. With room again, the next run installs."""
     dev = env.device("dev-1", mode="direct")
     slots = dev.slot_path("a").parent
     with tiny_tmpfs(slots, f"{len(env.v1) + 200 * 1024}"):
         result = await update_once(dev)
         assert result.status == StatusCode.INSTALL_FAILED, result.message
-        assert "No space left" in result.message
+        assert "not enough free space" in result.message
+        assert result.bytes_origin == 0
         assert_on(dev, env.v1, slot="a")
         assert sorted(p.name for p in slots.iterdir()) == ["a.img"]
         assert [r.status for r in env.reports()] == [30]
         subprocess.run(["mount", "-o", "remount,size=8m", str(slots)], check=True)
         again = await update_once(dev)
         assert again.status == StatusCode.OK, again.message
-        assert again.bytes_origin == 0, "the verified payload was kept for the retry"
         assert_on(dev, env.v2, slot="b")
         assert_no_leftovers(dev)
+
+
+class DiskFillsUp(FileSlots):
+    """Slots whose file system fills up halfway through writing an image (another
+    process took the space after the free-space check)."""
+
+    def begin_write(self, slot: str, size: int) -> SlotWriter:
+        inner = super().begin_write(slot, size)
+
+        class Filling:
+            written = 0
+
+            def write(self, data: bytes) -> None:
+                if self.written + len(data) > size // 2:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                self.written += len(data)
+                inner.write(data)
+
+            def commit(self) -> None:
+                inner.commit()
+
+            def discard(self) -> None:
+                inner.discard()
+
+        return Filling()
+
+
+async def test_disk_full_while_writing_the_slot(env: ReleaseEnv) -> None:
+    """30, the active slot untouched, the temporary file reclaimed; the retry installs
+    from the payload already verified (nothing downloaded again)."""
+    dev = env.device("dev-1", mode="direct")
+    slots = dev.slot_path("a").parent
+    result = await update_once(dev, slots=DiskFillsUp(slots))
+    assert result.status == StatusCode.INSTALL_FAILED, result.message
+    assert "No space left" in result.message
+    assert_on(dev, env.v1, slot="a")
+    assert sorted(p.name for p in slots.iterdir()) == ["a.img"]
+    assert [r.status for r in env.reports()] == [30]
+    again = await update_once(dev)
+    assert again.status == StatusCode.OK, again.message
+    assert again.bytes_origin == 0, "the verified payload was kept for the retry"
+    assert_on(dev, env.v2, slot="b")
+    assert_no_leftovers(dev)
 
 
 class UnreadableBase(FileSlots):
