@@ -134,6 +134,7 @@ async def update_once(state: DeviceState, *,
                       on_seeding: Callable[[UpdateResult, float], None] | None = None,
                       slots: SlotBackend | None = None,
                       wall_clock: Callable[[], float] = time.time,
+                      retry_budget: int | None = None,
                       ) -> UpdateResult:
     """Run one update pass on the device in ``state``; never raises ``PeerError``
     except ``ConfigError`` (the device itself is not usable).
@@ -143,7 +144,9 @@ async def update_once(state: DeviceState, *,
     result is saved and reported before that, so cancelling the seeding loses nothing.
     ``on_seeding(result, seconds)`` is called when that sharing starts. ``slots`` is
     the slot backend (default: the state directory's file-backed slots); ``wall_clock``
-    (seconds since the epoch) measures the install policy's windows and delay.
+    (seconds since the epoch) measures the install policy's windows and delay. With a
+    ``retry_budget``, a release whose attempts already failed that many times is not
+    attempted again (``deferred``) until another release is offered.
     """
     with _device_lock(state):
         config = state.config()
@@ -152,8 +155,11 @@ async def update_once(state: DeviceState, *,
             run = _Run(state, http, clock,
                        config.seed_time_s if seed_time_s is None else seed_time_s,
                        state.slots() if slots is None else slots, wall_clock)
+            run.retry_budget = retry_budget
             try:
                 result = await run.start(bc)
+                if result.attempted and result.to_version is not None:
+                    state.count_attempt(result.to_version, ok=result.status == StatusCode.OK)
                 await run.report(result)
                 state.save_result({**result.to_json(), "finished_at": time.time()})
                 await run.seed(result, on_seeding)
@@ -193,6 +199,7 @@ class _Run:
         self.state = state
         self.slots = slots
         self.wall_clock = wall_clock
+        self.retry_budget: int | None = None
         self.policy = load_policy(state.policy_path)  # ConfigError: a bad file, said early
         self.journal = Journal()
         self.config = state.config()
@@ -279,6 +286,14 @@ class _Run:
             self._step(Event.NO_OFFER)
             await trio.to_thread.run_sync(self._remove_downloads, set())
             return result
+        if self.retry_budget is not None:
+            spent = self.state.failed_attempts(offer.version)
+            if spent >= self.retry_budget:
+                self._step(Event.NO_OFFER)
+                result.to_version = offer.version
+                result.deferred = f"retry budget spent ({spent} failed attempts)"
+                result.message = f"{offer.version} offered, not attempted: {result.deferred}"
+                return result
         result.attempted = True
         result.to_version = offer.version
         target = other_slot(bc.committed)
@@ -305,15 +320,19 @@ class _Run:
             record = SlotRecord(release.version, release.release_counter,
                                 release.image.sha256, release.image.size)
             await self._read_back(target, record)
-            bc = write_bootctl(self.state.bootctl_path, switch_to(bc, target, record),
-                               what="switch")
-            self._step(Event.SWITCHED)
-            try:
-                await self._reboot_and_check(bc)
-            finally:
-                # kept until the outcome: a crash in between re-applies it without a download
-                if self.installed is None or self.installed.work is not work:
-                    await trio.to_thread.run_sync(work.remove)  # else removed after seeding
+            # From the switch to the outcome, a shutdown request waits (the health check
+            # has its own timeout): cancelling here would cost the new slot its one try.
+            with trio.CancelScope(shield=True):
+                bc = write_bootctl(self.state.bootctl_path, switch_to(bc, target, record),
+                                   what="switch")
+                self._step(Event.SWITCHED)
+                try:
+                    await self._reboot_and_check(bc)
+                finally:
+                    # kept until the outcome: a crash in between re-applies it without
+                    # downloading it again
+                    if self.installed is None or self.installed.work is not work:
+                        await trio.to_thread.run_sync(work.remove)  # else after seeding
             result.updated = True
             result.message = f"updated {active.version} -> {release.version}"
         except PeerError as exc:

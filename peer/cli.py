@@ -1,10 +1,11 @@
-"""``swarmota peer``: provision a device, run an update pass, show its status."""
+"""``swarmota peer``: provision a device, run an update pass or the daemon, show status."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import shlex
+import signal
 import sys
 from functools import partial
 from pathlib import Path
@@ -15,6 +16,7 @@ import trio
 from infra.fsio import atomic_write_bytes
 from peer.agent import UpdateResult, update_once
 from peer.config import DOWNLOAD_MODES, DeviceConfig
+from peer.daemon import DaemonConfig, run_daemon
 from peer.errors import ConfigError
 from peer.install_policy import load_policy
 from peer.state import DeviceState, init_device
@@ -24,7 +26,8 @@ __all__ = ["add_parser"]
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("peer", help="the device agent",
-                              description="The device agent: provision, update, status.")
+                              description="The device agent: provision, update (one pass), run "
+                                          "(the daemon), status.")
     sub = p.add_subparsers(dest="peer_command", metavar="COMMAND", required=True)
 
     init = sub.add_parser(
@@ -92,6 +95,30 @@ def add_parser(subparsers: Any) -> None:
                      "seed time before it exits (the result is already saved and reported; "
                      "Ctrl-C ends the sharing); 'peer status' shows the progress.")
     update.set_defaults(func=_update)
+
+    run = sub.add_parser(
+        "run", help="run update passes forever (the device daemon)",
+        description="The agent as a daemon: an update pass, then sleep the poll interval "
+                    "(with jitter) or, after a failure, an exponential backoff; a release "
+                    "whose attempts failed --retry-budget times is not attempted again "
+                    "until another one is offered. SIGTERM or SIGINT: exit 0 at once when "
+                    "idle; a pass in progress stops at the next safe point (never between "
+                    "the switch and the health check's outcome) and is picked up from the "
+                    "journal on the next start.")
+    run.add_argument("state", type=Path)
+    run.add_argument("--poll-interval-s", type=float, default=None,
+                     help="seconds between passes (default: what the tracker asks for)")
+    run.add_argument("--jitter-fraction", type=float, default=0.1,
+                     help="random jitter, a fraction of the interval either way "
+                          "(default %(default)s)")
+    run.add_argument("--backoff-initial-s", type=float, default=30.0)
+    run.add_argument("--backoff-max-s", type=float, default=3600.0)
+    run.add_argument("--retry-budget", type=int, default=3,
+                     help="failed attempts per release before it is left alone "
+                          "(default %(default)s)")
+    run.add_argument("--seed-time-s", type=float, default=None,
+                     help="seed time after each swarm-mode update (default: the device's)")
+    run.set_defaults(func=_run)
 
     status = sub.add_parser("status", help="show slots, versions and the last result")
     status.add_argument("state", type=Path)
@@ -161,6 +188,38 @@ def _update(args: argparse.Namespace) -> int:
             if result.banned_peers:
                 print(f"  banned peers: {', '.join(result.banned_peers)}")
     return int(result.status)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        config = DaemonConfig(
+            poll_interval_s=args.poll_interval_s, jitter_fraction=args.jitter_fraction,
+            backoff_initial_s=args.backoff_initial_s, backoff_max_s=args.backoff_max_s,
+            retry_budget=args.retry_budget, seed_time_s=args.seed_time_s)
+        state = DeviceState(args.state)
+        state.config()  # refuse an unusable state directory before starting
+
+        def on_result(result: UpdateResult, delay_s: float) -> None:
+            print(f"status {int(result.status)}: {result.message} (next pass in "
+                  f"{delay_s:.0f} s)", flush=True)
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                async def stop_on_signal() -> None:
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                        async for signum in signals:
+                            print(f"{signal.Signals(signum).name}: stopping", flush=True)
+                            nursery.cancel_scope.cancel()
+                            return
+
+                nursery.start_soon(stop_on_signal)
+                await run_daemon(state, config, on_result=on_result)
+
+        trio.run(main)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:

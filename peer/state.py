@@ -11,6 +11,7 @@
     STATE/journal.json       the update state machine's journal (peer.machine)
     STATE/policy.toml        install policy (optional; peer.install_policy)
     STATE/offers.json        when the release now offered was first offered (install delay)
+    STATE/attempts.json      failed attempts in a row of one release (retry budget)
 """
 
 from __future__ import annotations
@@ -98,6 +99,25 @@ class DeviceState:
             pass
         atomic_write_json(path, {"version": version, "first_offered_at_s": now_s})
         return now_s
+
+    @property
+    def attempts_path(self) -> Path:
+        return self.root / "attempts.json"
+
+    def failed_attempts(self, version: str) -> int:
+        """How many attempts to install ``version`` failed in a row."""
+        try:
+            raw = json.loads(self.attempts_path.read_bytes())
+            if isinstance(raw, dict) and raw.get("version") == version:
+                return int(raw["failures"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            pass
+        return 0
+
+    def count_attempt(self, version: str, *, ok: bool) -> None:
+        """Record an attempt's outcome (a success clears the count)."""
+        failures = 0 if ok else self.failed_attempts(version) + 1
+        atomic_write_json(self.attempts_path, {"version": version, "failures": failures})
 
     @property
     def journal_path(self) -> Path:
