@@ -94,6 +94,8 @@ def publish_release(
     web_seed_url: str | None = None,
     announce_urls: Sequence[str] = (),
     critical: bool = False,
+    update_type: str = "image",
+    component: str | None = None,
 ) -> ReleaseManifest:
     """Publish ``image`` as release ``version`` of ``product`` and return its manifest.
 
@@ -114,7 +116,9 @@ def publish_release(
     in the signed manifest. ``web_seed_url`` (the origin's public base URL) becomes the
     payload's BEP 19 web seed, ``announce_urls`` the torrent's trackers; both sit outside
     the info dict, so they never change the info-hash. ``critical`` marks an emergency
-    release (devices install it outside their maintenance windows).
+    release (devices install it outside their maintenance windows). ``update_type``
+    ``module``, ``app`` or ``config`` with a ``component`` name publishes ``image`` as
+    the new content of that component instead of a slot image.
 
     Duplicate hardware ids are dropped (first occurrence kept). Publishing the same
     release again (same version, image, counter, hardware ids and delta bases) returns
@@ -134,7 +138,7 @@ def publish_release(
     if isinstance(compatibility, str):
         raise PublishError("compatibility must be a list of hardware ids, not a string")
     compat = tuple(dict.fromkeys(compatibility))
-    _check_fields(product, version, release_counter, compat)
+    _check_fields(product, version, release_counter, compat, update_type, component)
     name = release_target_name(product, version)
     image_size = _image_size(image)
     base_infos = _check_bases(image, bases)
@@ -169,10 +173,11 @@ def publish_release(
         version=version,
         release_counter=release_counter,
         compatibility=compat,
-        update_type="image",
+        update_type=update_type,
         image=image_info,
         payloads=tuple(payloads),
         critical=critical,
+        component=component,
     )
     try:
         data = manifest.to_bytes()
@@ -475,7 +480,8 @@ def _check_image_size(image: Path, size: int) -> None:
 
 
 def _check_fields(product: str, version: str, release_counter: int,
-                  compatibility: tuple[str, ...]) -> None:
+                  compatibility: tuple[str, ...], update_type: str = "image",
+                  component: str | None = None) -> None:
     """Validate the manifest fields with the trust core's own parser, before any work.
 
     A placeholder manifest carrying the real product, version, counter and hardware
@@ -487,11 +493,12 @@ def _check_fields(product: str, version: str, release_counter: int,
         version=version,
         release_counter=release_counter,
         compatibility=compatibility,
-        update_type="image",
+        update_type=update_type,
         image=ImageInfo(size=1, sha256=_PLACEHOLDER_SHA256),
         payloads=(Payload(kind="full", encoding="zstd", size=1,
                           sha256=_PLACEHOLDER_SHA256, chunk_size=choose_chunk_size(1),
                           chunks=(_PLACEHOLDER_SHA256,)),),
+        component=component,
     )
     try:
         release_target_name(product, version)
