@@ -18,6 +18,11 @@ slot boots again); a pass interrupted before the switch is started over after pa
 slot writes are reclaimed (verified chunks are kept); an outcome not yet reported is
 reported. Every failure maps to a status code (``peer.errors``); the active slot is
 never written. Named crash points (``peer.crashpoints``) mark every step for tests.
+
+Releases of update type module, app or config go through the same states into their
+component directory instead of a slot (``peer.components``: atomic replace of a
+``current`` symlink, health check, commit or back to the previous version); a
+component left mid-switch by a crash is rolled back on start.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,6 +59,7 @@ from peer.bootctl import (
     switch_to,
     write_bootctl,
 )
+from peer.components import CURRENT, ComponentStore, InstalledVersion
 from peer.config import DeviceConfig
 from peer.crashpoints import crash_point
 from peer.download import PayloadWorkdir, download_payload, verify_payload
@@ -169,6 +175,13 @@ async def update_once(state: DeviceState, *,
         return result
 
 
+def _component_of(target_slot: str | None) -> str | None:
+    """The component a journal's target names (``component:<name>``), if any."""
+    if target_slot is not None and target_slot.startswith("component:"):
+        return target_slot.removeprefix("component:")
+    return None
+
+
 def _min_peer_rate(config: DeviceConfig) -> int:
     """Below this rate from peers the origin helps; never above half the device's own
     download limit (the swarm cannot be faster than that)."""
@@ -198,6 +211,7 @@ class _Run:
         self.seed_time_s = seed_time_s
         self.state = state
         self.slots = slots
+        self.components = ComponentStore(state.root / "components")
         self.wall_clock = wall_clock
         self.retry_budget: int | None = None
         self.policy = load_policy(state.policy_path)  # ConfigError: a bad file, said early
@@ -237,8 +251,15 @@ class _Run:
             # switch (boot control, checksummed and read back, still decides the rest).
             log.warning("%s: %s; starting over", self.state.journal_path, exc)
             journal = Journal(phase=Phase.APPLYING)
-        rec = machine.recover(journal, pending=bc.pending,
-                              committed_version=bc.slot(bc.committed).version)
+        committed_version = bc.slot(bc.committed).version
+        component = _component_of(journal.target_slot)
+        if component is not None:
+            record = self.components.record(component)
+            committed_version = (record.current.version if record.current and
+                                 not record.pending else None)
+        pending_components = await trio.to_thread.run_sync(self.components.pending)
+        rec = machine.recover(journal, pending=bc.pending or bool(pending_components),
+                              committed_version=committed_version)
         if rec.journal != journal:
             self.state.save_journal(rec.journal)
         self.journal = rec.journal
@@ -246,16 +267,53 @@ class _Run:
             log.warning("recovering: %s", rec.note)
         if Action.RECLAIM_SLOT_WRITES in rec.actions:
             removed = await trio.to_thread.run_sync(self.slots.reclaim)
+            for name in self.components.names():
+                removed += await trio.to_thread.run_sync(self.components.staging(name).reclaim)
             if removed:
                 log.warning("removed partial slot writes: %s", ", ".join(removed))
         if Action.FINISH_PENDING in rec.actions:
-            return await self.finish_pending(bc)
+            if bc.pending:
+                return await self.finish_pending(bc)
+            return await self._roll_back_components(pending_components, bc)
         if Action.QUEUE_REPORT in rec.actions:
             result = self._recovered_result(rec.journal)
             if result.updated:  # the interrupted pass's payload is of no use any more
                 await trio.to_thread.run_sync(self._remove_downloads, set())
+                if component is not None and rec.journal.release_counter is not None:
+                    self._raise_floor(rec.journal.release_counter)
             return result
         return await self.update(bc)
+
+    async def _roll_back_components(self, names: list[str], bc: BootControl) -> UpdateResult:
+        """Components left mid-switch by a crash go back to their previous version (as
+        an A/B slot whose try was used up); reported as rolled back (40)."""
+        j = self.journal
+        result = UpdateResult(StatusCode.POSTCHECK_FAILED, "", attempted=True,
+                              from_version=j.from_version or bc.slot(bc.committed).version,
+                              to_version=j.to_version, timings_s=self.timings)
+        for name in names:
+            record = self.components.record(name)
+            if result.to_version is None and record.current is not None:
+                result.to_version = record.current.version
+            await trio.to_thread.run_sync(self.components.roll_back, name)
+        if result.to_version is None:
+            raise RuntimeError("a pending component always has a current version")
+        result.message = (f"component {', '.join(names)}: switch to {result.to_version} "
+                          "interrupted before its health check passed; rolled back")
+        if self.journal.phase is Phase.IDLE:
+            self._step(Event.RESUME_PENDING, from_version=result.from_version,
+                       to_version=result.to_version)
+        if self.journal.phase is Phase.HEALTH_CHECKING:
+            self._step(Event.UNHEALTHY)
+        return result
+
+    def _raise_floor(self, counter: int) -> BootControl:
+        """A committed component release raises the anti-rollback floor too."""
+        bc = self.state.bootctl()
+        if counter <= bc.min_release_counter:
+            return bc
+        return write_bootctl(self.state.bootctl_path,
+                             replace(bc, min_release_counter=counter), what="floor")
 
     def _recovered_result(self, journal: Journal) -> UpdateResult:
         """The outcome of an attempt that finished (or was reported) before a restart."""
@@ -307,19 +365,32 @@ class _Run:
                 result.message = f"{release.version} offered, deferred: {decision.reason}"
                 log.info("%s", result.message)
                 return result
-            delta = release.delta_for(active.sha256) if active.sha256 else None
+            name = release.component
+            backend, base_slot = self.slots, bc.committed
+            base_sha, from_version = active.sha256, active.version
+            if name is not None:  # module, app or config: a component, not a slot
+                target = f"component:{name}"
+                backend, base_slot = self.components.staging(name), "current"
+                current = self.components.record(name).current
+                base_sha = current.sha256 if current else None
+                from_version = current.version if current else active.version
+                result.from_version = from_version
+            delta = release.delta_for(base_sha) if base_sha else None
             first = delta or release.full_payload
             await trio.to_thread.run_sync(self._check_space, release, first)
-            self._step(Event.OFFER, from_version=active.version, to_version=release.version,
+            self._step(Event.OFFER, from_version=from_version, to_version=release.version,
                        release_counter=release.release_counter, target_slot=target,
                        payload_sha256=first.sha256, payload_kind=first.kind)
             await trio.to_thread.run_sync(self._remove_downloads,
                                           {p.sha256 for p in release.payloads})
-            work = await self._install(release, delta, bc, target, result)
+            if name is not None:
+                await self._update_component(release, name, delta, result)
+                return result
+            work = await self._install(release, delta, backend, base_slot, target, result)
             self._step(Event.APPLIED)
             record = SlotRecord(release.version, release.release_counter,
                                 release.image.sha256, release.image.size)
-            await self._read_back(target, record)
+            await self._read_back(self.slots, target, record)
             # From the switch to the outcome, a shutdown request waits (the health check
             # has its own timeout): cancelling here would cost the new slot its one try.
             with trio.CancelScope(shield=True):
@@ -383,11 +454,52 @@ class _Run:
                 raise InstallFailed(f"not enough free space in {path}: {need} bytes needed "
                                     f"(+{self.policy.reserve_bytes} reserved), {free} free")
 
-    async def _read_back(self, slot: str, record: SlotRecord) -> None:
+    async def _update_component(self, release: ReleaseManifest, name: str,
+                                delta: Payload | None, result: UpdateResult) -> None:
+        """Install a module, app or config release into its component directory: atomic
+        replace, health check, commit or roll back (``peer.components``)."""
+        staging = self.components.staging(name)
+        work = await self._install(release, delta, staging, "current", "incoming", result)
+        self._step(Event.APPLIED)
+        record = SlotRecord(release.version, release.release_counter, release.image.sha256,
+                            release.image.size)
+        await self._read_back(staging, "incoming", record)
+        new = InstalledVersion(release.version, release.release_counter,
+                               release.image.sha256, release.image.size)
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(self.components.switch, name, new)
+            except OSError as exc:
+                raise InstallFailed(f"cannot switch component {name}: {exc}") from exc
+            self._step(Event.SWITCHED)
+            try:
+                crash_point("health.before")
+                with self._timed("health"):
+                    await run_health_check(
+                        self.config.health_command, slot=f"component:{name}",
+                        image=self.components.directory(name) / CURRENT, record=record,
+                        timeout_s=self.config.health_timeout_s)
+                crash_point("health.after")
+            except PostCheckFailed:
+                crash_point("health.after")
+                self._step(Event.UNHEALTHY)
+                await trio.to_thread.run_sync(self.components.roll_back, name)
+                raise
+            finally:
+                if self.installed is None or self.installed.work is not work:
+                    await trio.to_thread.run_sync(work.remove)  # else after seeding
+            self._step(Event.HEALTHY)
+            await trio.to_thread.run_sync(self.components.commit, name)
+            self._raise_floor(release.release_counter)
+        result.updated = True
+        result.message = (f"updated component {name} {result.from_version} -> "
+                          f"{release.version} ({release.update_type})")
+
+    async def _read_back(self, backend: SlotBackend, slot: str, record: SlotRecord) -> None:
         """The written slot, read back from storage, must be the signed image before
         boot control may name it (catches damage after the write)."""
         try:
-            size, sha = await trio.to_thread.run_sync(self.slots.hash, slot)
+            size, sha = await trio.to_thread.run_sync(backend.hash, slot)
         except OSError as exc:
             raise InstallFailed(f"cannot read slot {slot} back: {exc}") from exc
         if (size, sha) != (record.size, record.sha256):
@@ -537,7 +649,8 @@ class _Run:
                 await trio.to_thread.run_sync(work.remove)
 
     async def _install(self, release: ReleaseManifest, delta: Payload | None,
-                       bc: BootControl, target: str, result: UpdateResult) -> PayloadWorkdir:
+                       backend: SlotBackend, base: str, target: str,
+                       result: UpdateResult) -> PayloadWorkdir:
         """Write the release image into slot ``target``: from ``delta`` (whose base is the
         active slot) when there is one, else (or if anything about the delta fails) from
         the full payload. Returns the work area to clean up after the switch."""
@@ -549,8 +662,8 @@ class _Run:
                 self._step(Event.VERIFIED)
                 with self._timed("install_delta"):
                     await trio.to_thread.run_sync(
-                        install_delta, work.part, delta, self.slots, bc.committed,
-                        release.image, target)
+                        install_delta, work.part, delta, backend, base, release.image,
+                        target)
                 result.payload_kind = "delta"
                 self._mark_installed(work)
                 return work
@@ -569,7 +682,7 @@ class _Run:
         self._step(Event.VERIFIED)
         with self._timed("install"):
             await trio.to_thread.run_sync(install_image, work.part, release.image,
-                                          self.slots, target)
+                                          backend, target)
         result.payload_kind = "full"
         self._mark_installed(work)
         return work
