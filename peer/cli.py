@@ -203,6 +203,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"status {int(result.status)}: {result.message} (next pass in "
                   f"{delay_s:.0f} s)", flush=True)
 
+        errors: list[ConfigError] = []
+
         async def main() -> None:
             async with trio.open_nursery() as nursery:
                 async def stop_on_signal() -> None:
@@ -213,9 +215,15 @@ def _run(args: argparse.Namespace) -> int:
                             return
 
                 nursery.start_soon(stop_on_signal)
-                await run_daemon(state, config, on_result=on_result)
+                try:
+                    await run_daemon(state, config, on_result=on_result)
+                except ConfigError as exc:  # the device became unusable: say so, exit 2
+                    errors.append(exc)
+                    nursery.cancel_scope.cancel()
 
         trio.run(main)
+        if errors:
+            raise errors[0]
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

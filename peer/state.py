@@ -212,8 +212,10 @@ def init_device(state_dir: Path, config: DeviceConfig, *, root_json: bytes, imag
     if not image.is_file():
         raise ConfigError(f"slot A image {image} does not exist")
     if force and state_dir.exists():
-        for sub in ("trust", "slots", "downloads"):
+        for sub in ("trust", "slots", "downloads", "components"):
             shutil.rmtree(state_dir / sub, ignore_errors=True)
+        for stale in ("offers.json", "attempts.json"):
+            (state_dir / stale).unlink(missing_ok=True)
     (state_dir / "slots").mkdir(parents=True, exist_ok=True)
     state.trust_dir.mkdir(parents=True, exist_ok=True)
     state.downloads_dir.mkdir(parents=True, exist_ok=True)

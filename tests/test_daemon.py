@@ -95,3 +95,15 @@ async def test_peer_run_updates_then_exits_promptly_on_sigterm(env: ReleaseEnv) 
     assert "status 0: updated 1.0.0 -> 2.0.0" in out and "SIGTERM: stopping" in out
     assert out.count("status 0: up to date") >= 1
     assert dev.slot_path("b").read_bytes() == env.v2
+
+
+async def test_peer_run_stops_with_a_clear_error_when_the_device_is_unusable(
+        env: ReleaseEnv) -> None:
+    dev = env.device("dev-1", mode="direct")
+    dev.policy_path.write_text("[schedule]\nwindows = ['noon']\n")
+    with trio.fail_after(60):
+        proc = await trio.run_process(
+            [sys.executable, "-m", "swarmota.cli", "peer", "run", str(dev.root)],
+            cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert b"error: policy" in proc.stderr and b"window 'noon'" in proc.stderr
