@@ -147,7 +147,8 @@ def publish_release(
     # Cheap checks before the expensive compression; repeated under the lock below.
     existing = _check_conflicts(repo, product, version, release_counter)
     if existing is not None:
-        return _same_release_or_raise(existing, image, release_counter, compat, base_shas)
+        return _same_release_or_raise(existing, image, release_counter, compat, base_shas,
+                                      kind=(update_type, component, critical))
 
     image_info, payload = build_full_payload(image, repo.origin_dir, zstd_level=zstd_level)
     if image_info.size != image_size:
@@ -188,7 +189,7 @@ def publish_release(
         existing = _check_conflicts(repo, product, version, release_counter)
         if existing is not None:
             return _same_release_or_raise(existing, image, release_counter, compat,
-                                          base_shas)
+                                          base_shas, kind=(update_type, component, critical))
         repo.add_target(name, data, now=now)
     log.info("published %s (counter %d): payload %s, %d bytes, %d chunks, %d deltas",
              name, release_counter, payload.path, payload.size, payload.chunk_count,
@@ -530,9 +531,15 @@ def _check_conflicts(repo: Repository, product: str, version: str,
 
 def _same_release_or_raise(existing: ReleaseManifest, image: Path, release_counter: int,
                            compatibility: tuple[str, ...],
-                           base_shas: frozenset[str] = frozenset()) -> ReleaseManifest:
-    """Return ``existing`` if it is the release being published again, else raise."""
+                           base_shas: frozenset[str] = frozenset(), *,
+                           kind: tuple[str, str | None, bool] = ("image", None, False),
+                           ) -> ReleaseManifest:
+    """Return ``existing`` if it is the release being published again, else raise.
+    ``kind``: the update type, component and critical flag being published."""
     differences: list[str] = []
+    had = (existing.update_type, existing.component, existing.critical)
+    if had != kind:
+        differences.append(f"update type, component, critical {had} != {kind}")
     existing_bases = frozenset(p.base.sha256 for p in existing.payloads
                                if p.base is not None)
     if existing_bases != base_shas:
