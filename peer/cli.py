@@ -15,11 +15,12 @@ import trio
 
 from infra.fsio import atomic_write_bytes
 from peer.agent import UpdateResult, update_once
+from peer.components import ComponentStore
 from peer.config import DOWNLOAD_MODES, DeviceConfig
 from peer.daemon import DaemonConfig, run_daemon
 from peer.errors import ConfigError
 from peer.install_policy import load_policy
-from peer.state import DeviceState, init_device
+from peer.state import DeviceState, JournalError, init_device
 
 __all__ = ["add_parser"]
 
@@ -240,10 +241,16 @@ def _status(args: argparse.Namespace) -> int:
         return 2
     last = state.last_result()
     progress = state.progress()
+    try:
+        journal: dict[str, Any] | None = state.journal().to_json()
+    except JournalError as exc:
+        journal = {"error": str(exc)}
+    store = ComponentStore(state.root / "components")
+    components = {name: store.record(name).to_json() for name in store.names()}
     if args.json:
         print(json.dumps({"device": config.to_json(), "bootctl": bc.to_json(),
-                          "last_result": last, "progress": progress}, indent=2,
-                         sort_keys=True))
+                          "last_result": last, "progress": progress, "journal": journal,
+                          "components": components}, indent=2, sort_keys=True))
         return 0
     print(f"device {config.device_id}  product {config.product}  hardware {config.hardware_id}")
     print(f"origin {config.origin_url}  tracker {config.tracker_url}")
@@ -256,6 +263,15 @@ def _status(args: argparse.Namespace) -> int:
     if bc.pending:
         print(f"  update pending on slot {bc.primary}, tries left {bc.tries_remaining}")
     print(f"  anti-rollback floor: release counter {bc.min_release_counter}")
+    for name, record in components.items():
+        cur = record["current"]
+        print(f"  component {name}: {cur['version'] if cur else '(none)'}"
+              f"{'  (switch pending)' if record['pending'] else ''}")
+    if journal and journal.get("phase", "idle") != "idle":
+        print(f"update journal: {journal.get('phase', journal.get('error'))} "
+              f"(to {journal.get('to_version')}); finished on the next start")
+    if state.policy_path.exists():
+        print(f"install policy: {state.policy_path}")
     if last:
         print(f"last result: status {last.get('status')}: {last.get('message')}")
     else:

@@ -71,6 +71,10 @@ async def test_torn_partial_slot_write_is_reclaimed_and_rewritten(env: ReleaseEn
     partial = dev.slot_path("b").with_name(".b.img.installing")
     assert partial.exists() and not dev.slot_path("b").exists()
     partial.write_bytes(partial.read_bytes()[:1000] + b"\xff" * 5000)  # torn, garbled
+    status = subprocess.run([sys.executable, "-m", "swarmota.cli", "peer", "status",
+                             str(dev.root)], capture_output=True, text=True, cwd=ROOT,
+                            check=True).stdout
+    assert "update journal: applying (to 2.0.0); finished on the next start" in status
     assert_on(dev, env.v1, slot="a")
     result = await update_once(dev)
     assert result.status == StatusCode.OK and result.bytes_origin == 0, result

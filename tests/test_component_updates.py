@@ -68,6 +68,10 @@ async def test_module_update_installs_into_its_component_then_a_delta_follows(
     assert names == sorted(["current", "record.json", f"v-{m3.image.sha256}",
                             f"v-{m4.image.sha256}"]), "current and previous kept, nothing else"
     assert [(r.to_version, r.status) for r in env.reports()] == [("3.0.0", 0), ("4.0.0", 0)]
+    status = subprocess.run([sys.executable, "-m", "swarmota.cli", "peer", "status",
+                             str(dev.root)], capture_output=True, text=True, cwd=ROOT,
+                            check=True)
+    assert "component modem-fw: 4.0.0" in status.stdout
 
 
 async def test_failed_health_check_restores_the_previous_content(
