@@ -23,6 +23,7 @@ from manifest.errors import (
 )
 from manifest.release import (
     MAX_MANIFEST_BYTES,
+    UPDATE_TYPES,
     ImageInfo,
     Payload,
     ReleaseManifest,
@@ -53,5 +54,6 @@ __all__ = [
     "sha256_hex",
     "validate_product",
     "validate_version",
+    "UPDATE_TYPES",
     "verify_bytes",
 ]

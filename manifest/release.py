@@ -6,6 +6,10 @@ TUF targets role signs its length and hashes. It states:
 - ``product``, ``version``, ``release_counter`` (monotonic, for anti-rollback) and the
   hardware ``compatibility`` ids the image may be installed on;
 - ``image``: size and SHA-256 of the image that must end up in the slot;
+- ``component`` (exactly when ``update_type`` is not ``image``): the name of the
+  component (e.g. ``modem-fw``) whose content the "image" is;
+- ``critical`` (optional, default false): an emergency release; devices install it
+  outside their maintenance windows and without their install delay;
 - ``payloads``: how to get that image. Each payload has a kind, an encoding, its size
   and SHA-256, a chunk size and the SHA-256 of every chunk, and optionally the
   BitTorrent v2 info-hash of its torrent. Exactly one is ``full`` (encoding ``zstd``:
@@ -40,6 +44,7 @@ __all__ = [
     "MAX_IMAGE_SIZE_BYTES",
     "MAX_MANIFEST_BYTES",
     "SCHEMA_VERSION",
+    "UPDATE_TYPES",
     "ImageInfo",
     "Payload",
     "ReleaseManifest",
@@ -65,7 +70,10 @@ PAYLOAD_KINDS = ("full", "delta")
 # encoding -> file extension in the origin tree; "zstd" is the full image compressed.
 ENCODINGS = {"zstd": "zst", "bsdiff-zstd": "bsdz", "zstd-patch": "zpatch"}
 DELTA_ENCODINGS = ("bsdiff-zstd", "zstd-patch")
-UPDATE_TYPES = ("image",)
+# image: a whole A/B slot image; module (modem firmware, bootloader), app, config: the
+# new content of one named component, installed beside the slots (``component``).
+UPDATE_TYPES = ("image", "module", "app", "config")
+_COMPONENT_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 def validate_product(product: str) -> str:
@@ -170,6 +178,8 @@ class ReleaseManifest:
     update_type: str
     image: ImageInfo
     payloads: tuple[Payload, ...]
+    critical: bool = False
+    component: str | None = None
 
     @property
     def target_name(self) -> str:
@@ -199,6 +209,9 @@ class ReleaseManifest:
             "update_type": self.update_type,
             "image": {"size": self.image.size, "sha256": self.image.sha256},
             "payloads": [p.to_json() for p in self.payloads],
+            # only when set: manifests without it keep their exact bytes
+            **({"critical": True} if self.critical else {}),
+            **({"component": self.component} if self.component is not None else {}),
         }
 
     def to_bytes(self) -> bytes:
@@ -357,7 +370,8 @@ def parse_release_manifest(data: bytes) -> ReleaseManifest:
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ManifestFormatError(f"manifest is not valid JSON: {exc}") from None
     obj = _obj(raw, "manifest", ("schema", "product", "version", "release_counter",
-                                 "compatibility", "update_type", "image", "payloads"))
+                                 "compatibility", "update_type", "image", "payloads"),
+               optional=("critical", "component"))
     if obj["schema"] != SCHEMA_VERSION or isinstance(obj["schema"], bool):
         raise ManifestFormatError(f"unsupported manifest schema {obj['schema']!r}")
     compat = obj["compatibility"]
@@ -380,6 +394,7 @@ def parse_release_manifest(data: bytes) -> ReleaseManifest:
         raise ManifestFormatError("payloads: two deltas from the same base")
     if image.sha256 in bases:
         raise ManifestFormatError("payloads: a delta whose base is the image itself")
+    update_type = _choice(obj["update_type"], "update_type", UPDATE_TYPES)
     try:
         product = validate_product(obj["product"])
         version = validate_version(obj["version"])
@@ -390,7 +405,26 @@ def parse_release_manifest(data: bytes) -> ReleaseManifest:
         version=version,
         release_counter=_int(obj["release_counter"], "release_counter", 0, MAX_RELEASE_COUNTER),
         compatibility=tuple(compat),
-        update_type=_choice(obj["update_type"], "update_type", UPDATE_TYPES),
+        update_type=update_type,
         image=image,
         payloads=payloads,
+        critical=_critical(obj.get("critical", False)),
+        component=_component(obj.get("component"), update_type),
     )
+
+
+def _component(value: Any, update_type: str) -> str | None:
+    if update_type == "image":
+        if value is not None:
+            raise ManifestFormatError("component: only for module, app and config updates")
+        return None
+    if not isinstance(value, str) or not _COMPONENT_RE.fullmatch(value):
+        raise ManifestFormatError(f"component: a {update_type} update needs a component "
+                                  "name (1-64 chars of a-z 0-9 . _ -, starting alphanumeric)")
+    return value
+
+
+def _critical(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ManifestFormatError("critical: expected true or false")
+    return value

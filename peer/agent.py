@@ -10,9 +10,19 @@
     -> commit (mark good) or fall back -> report to the tracker
     -> swarm mode: keep seeding the installed payload for ``seed_time_s`` (upload policy)
 
-A pending switch left by a crash or power loss is finished first (the try counter decides
-whether the new slot gets its health check or the committed slot boots again). Every
-failure maps to a status code (``peer.errors``); the active slot is never written.
+Every step is a transition of the update state machine (``peer.machine``), persisted in
+``STATE/journal.json`` before its side effects. On start the journal and boot control
+say how to continue: a pending switch left by a crash or power loss is finished first
+(the try counter decides whether the new slot gets its health check or the committed
+slot boots again); a pass interrupted before the switch is started over after partial
+slot writes are reclaimed (verified chunks are kept); an outcome not yet reported is
+reported. Every failure maps to a status code (``peer.errors``); the active slot is
+never written. Named crash points (``peer.crashpoints``) mark every step for tests.
+
+Releases of update type module, app or config go through the same states into their
+component directory instead of a slot (``peer.components``: atomic replace of a
+``current`` symlink, health check, commit or back to the previous version); a
+component left mid-switch by a crash is rolled back on start.
 """
 
 from __future__ import annotations
@@ -20,10 +30,13 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -35,6 +48,7 @@ from manifest import (
     check_applicable,
     parse_release_manifest,
 )
+from peer import machine
 from peer.bootctl import (
     BootControl,
     SlotRecord,
@@ -45,8 +59,10 @@ from peer.bootctl import (
     switch_to,
     write_bootctl,
 )
+from peer.components import CURRENT, ComponentStore, InstalledVersion
 from peer.config import DeviceConfig
-from peer.download import PayloadWorkdir, download_payload
+from peer.crashpoints import crash_point
+from peer.download import PayloadWorkdir, download_payload, verify_payload
 from peer.errors import (
     ConfigError,
     DownloadFailed,
@@ -59,7 +75,10 @@ from peer.errors import (
 from peer.health import run_health_check
 from peer.http import HttpClient
 from peer.install import install_delta, install_image
+from peer.install_policy import Decision, PolicyPowerSource, decide, load_policy
+from peer.machine import Action, Event, Journal, JournalError, Phase
 from peer.policy import upload_policy
+from peer.slots import SlotBackend
 from peer.state import DeviceState
 from peer.swarm import SwarmConfig, SwarmSession, TorrentHandleRef
 from peer.swarm_fetch import SwarmOptions, SwarmUnavailable, swarm_download
@@ -89,6 +108,7 @@ class UpdateResult:
     delta_fallback: str | None = None
     download_mode: str | None = None
     swarm_note: str | None = None
+    deferred: str | None = None  # why an offered release was not attempted (policy)
     banned_peers: list[str] = field(default_factory=list)
     bytes_uploaded: int = 0
     reported: bool = False
@@ -118,6 +138,9 @@ async def update_once(state: DeviceState, *,
                       clock: Callable[[], float] = time.monotonic,
                       seed_time_s: float | None = None,
                       on_seeding: Callable[[UpdateResult, float], None] | None = None,
+                      slots: SlotBackend | None = None,
+                      wall_clock: Callable[[], float] = time.time,
+                      retry_budget: int | None = None,
                       ) -> UpdateResult:
     """Run one update pass on the device in ``state``; never raises ``PeerError``
     except ``ConfigError`` (the device itself is not usable).
@@ -125,19 +148,24 @@ async def update_once(state: DeviceState, *,
     After a swarm-mode update the installed payload is shared with peers for
     ``seed_time_s`` (default: the device configuration's) before this returns; the
     result is saved and reported before that, so cancelling the seeding loses nothing.
-    ``on_seeding(result, seconds)`` is called when that sharing starts.
+    ``on_seeding(result, seconds)`` is called when that sharing starts. ``slots`` is
+    the slot backend (default: the state directory's file-backed slots); ``wall_clock``
+    (seconds since the epoch) measures the install policy's windows and delay. With a
+    ``retry_budget``, a release whose attempts already failed that many times is not
+    attempted again (``deferred``) until another release is offered.
     """
     with _device_lock(state):
         config = state.config()
         bc = state.bootctl()
         async with HttpClient.for_device(config) as http:
             run = _Run(state, http, clock,
-                       config.seed_time_s if seed_time_s is None else seed_time_s)
+                       config.seed_time_s if seed_time_s is None else seed_time_s,
+                       state.slots() if slots is None else slots, wall_clock)
+            run.retry_budget = retry_budget
             try:
-                if bc.pending:
-                    result = await run.finish_pending(bc)
-                else:
-                    result = await run.update(bc)
+                result = await run.start(bc)
+                if result.attempted and result.to_version is not None:
+                    state.count_attempt(result.to_version, ok=result.status == StatusCode.OK)
                 await run.report(result)
                 state.save_result({**result.to_json(), "finished_at": time.time()})
                 await run.seed(result, on_seeding)
@@ -145,6 +173,13 @@ async def update_once(state: DeviceState, *,
                 await run.close()
         state.save_result({**result.to_json(), "finished_at": time.time()})
         return result
+
+
+def _component_of(target_slot: str | None) -> str | None:
+    """The component a journal's target names (``component:<name>``), if any."""
+    if target_slot is not None and target_slot.startswith("component:"):
+        return target_slot.removeprefix("component:")
+    return None
 
 
 def _min_peer_rate(config: DeviceConfig) -> int:
@@ -169,11 +204,18 @@ class _Run:
     """State of one pass; owned by ``update_once``."""
 
     def __init__(self, state: DeviceState, http: HttpClient,
-                 clock: Callable[[], float], seed_time_s: float) -> None:
+                 clock: Callable[[], float], seed_time_s: float, slots: SlotBackend,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         if seed_time_s < 0:
             raise ConfigError(f"seed time must be >= 0, not {seed_time_s}")
         self.seed_time_s = seed_time_s
         self.state = state
+        self.slots = slots
+        self.components = ComponentStore(state.root / "components")
+        self.wall_clock = wall_clock
+        self.retry_budget: int | None = None
+        self.policy = load_policy(state.policy_path)  # ConfigError: a bad file, said early
+        self.journal = Journal()
         self.config = state.config()
         self.http = http
         self.clock = clock
@@ -190,6 +232,103 @@ class _Run:
         finally:
             self.timings[name] = round(self.clock() - start, 6)
 
+    def _step(self, event: Event, **fields: Any) -> None:
+        """Advance the state machine; persist the journal unless the new state is
+        ``checking`` or an ``idle`` reached from it (no durable side effects)."""
+        before = self.journal.phase
+        self.journal = machine.advance(self.journal, event, **fields)
+        if self.journal.phase is Phase.CHECKING or (
+                self.journal.phase is Phase.IDLE and before is Phase.CHECKING):
+            return
+        self.state.save_journal(self.journal)
+
+    async def start(self, bc: BootControl) -> UpdateResult:
+        """Read the journal, recover from an interrupted pass, run this one."""
+        try:
+            journal = self.state.journal()
+        except JournalError as exc:
+            # Written atomically, so damage: treat it as a pass interrupted before the
+            # switch (boot control, checksummed and read back, still decides the rest).
+            log.warning("%s: %s; starting over", self.state.journal_path, exc)
+            journal = Journal(phase=Phase.APPLYING)
+        committed_version = bc.slot(bc.committed).version
+        component = _component_of(journal.target_slot)
+        if component is not None:
+            record = self.components.record(component)
+            committed_version = (record.current.version if record.current and
+                                 not record.pending else None)
+        pending_components = await trio.to_thread.run_sync(self.components.pending)
+        rec = machine.recover(journal, pending=bc.pending or bool(pending_components),
+                              committed_version=committed_version)
+        if rec.journal != journal:
+            self.state.save_journal(rec.journal)
+        self.journal = rec.journal
+        if journal.phase is not Phase.IDLE or bc.pending:
+            log.warning("recovering: %s", rec.note)
+        if Action.RECLAIM_SLOT_WRITES in rec.actions:
+            removed = await trio.to_thread.run_sync(self.slots.reclaim)
+            for name in self.components.names():
+                removed += await trio.to_thread.run_sync(self.components.staging(name).reclaim)
+            if removed:
+                log.warning("removed partial slot writes: %s", ", ".join(removed))
+        if Action.FINISH_PENDING in rec.actions:
+            if bc.pending:
+                return await self.finish_pending(bc)
+            return await self._roll_back_components(pending_components, bc)
+        if Action.QUEUE_REPORT in rec.actions:
+            result = self._recovered_result(rec.journal)
+            if result.updated:  # the interrupted pass's payload is of no use any more
+                await trio.to_thread.run_sync(self._remove_downloads, set())
+                if component is not None and rec.journal.release_counter is not None:
+                    try:
+                        self._raise_floor(rec.journal.release_counter)
+                    except InstallFailed as exc:  # the next commit raises it
+                        log.warning("anti-rollback floor not raised: %s", exc)
+            return result
+        return await self.update(bc)
+
+    async def _roll_back_components(self, names: list[str], bc: BootControl) -> UpdateResult:
+        """Components left mid-switch by a crash go back to their previous version (as
+        an A/B slot whose try was used up); reported as rolled back (40)."""
+        j = self.journal
+        result = UpdateResult(StatusCode.POSTCHECK_FAILED, "", attempted=True,
+                              from_version=j.from_version or bc.slot(bc.committed).version,
+                              to_version=j.to_version, timings_s=self.timings)
+        for name in names:
+            record = self.components.record(name)
+            if result.to_version is None and record.current is not None:
+                result.to_version = record.current.version
+            try:
+                await trio.to_thread.run_sync(self.components.roll_back, name)
+            except OSError as exc:
+                raise ConfigError(f"cannot roll back component {name}: {exc}") from exc
+        if result.to_version is None:
+            raise RuntimeError("a pending component always has a current version")
+        result.message = (f"component {', '.join(names)}: switch to {result.to_version} "
+                          "interrupted before its health check passed; rolled back")
+        if self.journal.phase is Phase.IDLE:
+            self._step(Event.RESUME_PENDING, from_version=result.from_version,
+                       to_version=result.to_version)
+        if self.journal.phase is Phase.HEALTH_CHECKING:
+            self._step(Event.UNHEALTHY)
+        return result
+
+    def _raise_floor(self, counter: int) -> BootControl:
+        """A committed component release raises the anti-rollback floor too."""
+        bc = self.state.bootctl()
+        if counter <= bc.min_release_counter:
+            return bc
+        return write_bootctl(self.state.bootctl_path,
+                             replace(bc, min_release_counter=counter), what="floor")
+
+    def _recovered_result(self, journal: Journal) -> UpdateResult:
+        """The outcome of an attempt that finished (or was reported) before a restart."""
+        status = StatusCode(journal.status if journal.status is not None else 0)
+        return UpdateResult(status, journal.message or "", attempted=True,
+                            updated=status == StatusCode.OK,
+                            from_version=journal.from_version, to_version=journal.to_version,
+                            payload_kind=journal.payload_kind, timings_s=self.timings)
+
     async def update(self, bc: BootControl) -> UpdateResult:
         active = bc.slot(bc.committed)
         if active.version is None:
@@ -197,28 +336,80 @@ class _Run:
         result = UpdateResult(StatusCode.OK, "up to date", from_version=active.version,
                               timings_s=self.timings)
         start = self.clock()
+        self._step(Event.CHECK)
         try:
             with self._timed("checkin"):
                 offer, result.poll_after_s = await checkin(
                     self.http, self.config, version=active.version,
                     release_counter=bc.min_release_counter)
         except DownloadFailed as exc:
+            self._step(Event.NO_OFFER)
             result.status, result.message = exc.status, f"check-in failed: {exc}"
             return result
         if offer is None:
+            self._step(Event.NO_OFFER)
+            await trio.to_thread.run_sync(self._remove_downloads, set())
             return result
+        if self.retry_budget is not None:
+            spent = self.state.failed_attempts(offer.version)
+            if spent >= self.retry_budget:
+                self._step(Event.NO_OFFER)
+                result.to_version = offer.version
+                result.deferred = f"retry budget spent ({spent} failed attempts)"
+                result.message = f"{offer.version} offered, not attempted: {result.deferred}"
+                return result
         result.attempted = True
         result.to_version = offer.version
+        target = other_slot(bc.committed)
         try:
             release = await self._fetch_release(offer, bc, result)
-            target = other_slot(bc.committed)
-            work = await self._install(release, bc, target, result)
+            decision = await self._decide(release)
+            if not decision.allowed:
+                self._step(Event.NO_OFFER)
+                result.attempted = False
+                result.deferred = decision.reason
+                result.message = f"{release.version} offered, deferred: {decision.reason}"
+                log.info("%s", result.message)
+                return result
+            name = release.component
+            backend, base_slot = self.slots, bc.committed
+            base_sha, from_version = active.sha256, active.version
+            if name is not None:  # module, app or config: a component, not a slot
+                target = f"component:{name}"
+                backend, base_slot = self.components.staging(name), "current"
+                current = self.components.record(name).current
+                base_sha = current.sha256 if current else None
+                from_version = current.version if current else active.version
+                result.from_version = from_version
+            delta = release.delta_for(base_sha) if base_sha else None
+            first = delta or release.full_payload
+            await trio.to_thread.run_sync(self._check_space, release, first)
+            self._step(Event.OFFER, from_version=from_version, to_version=release.version,
+                       release_counter=release.release_counter, target_slot=target,
+                       payload_sha256=first.sha256, payload_kind=first.kind)
+            await trio.to_thread.run_sync(self._remove_downloads,
+                                          {p.sha256 for p in release.payloads})
+            if name is not None:
+                await self._update_component(release, name, delta, result)
+                return result
+            work = await self._install(release, delta, backend, base_slot, target, result)
+            self._step(Event.APPLIED)
             record = SlotRecord(release.version, release.release_counter,
                                 release.image.sha256, release.image.size)
-            bc = write_bootctl(self.state.bootctl_path, switch_to(bc, target, record))
-            if self.installed is None or self.installed.work is not work:
-                await trio.to_thread.run_sync(work.remove)  # else removed after seeding
-            await self._reboot_and_check(bc)
+            await self._read_back(self.slots, target, record)
+            # From the switch to the outcome, a shutdown request waits (the health check
+            # has its own timeout): cancelling here would cost the new slot its one try.
+            with trio.CancelScope(shield=True):
+                bc = write_bootctl(self.state.bootctl_path, switch_to(bc, target, record),
+                                   what="switch")
+                self._step(Event.SWITCHED)
+                try:
+                    await self._reboot_and_check(bc)
+                finally:
+                    # kept until the outcome: a crash in between re-applies it without
+                    # downloading it again
+                    if self.installed is None or self.installed.work is not work:
+                        await trio.to_thread.run_sync(work.remove)  # else after seeding
             result.updated = True
             result.message = f"updated {active.version} -> {release.version}"
         except PeerError as exc:
@@ -229,6 +420,109 @@ class _Run:
         finally:
             self.timings["total"] = round(self.clock() - start, 6)
         return result
+
+    async def _decide(self, release: ReleaseManifest) -> Decision:
+        """The install policy's verdict on ``release`` now (``peer.install_policy``)."""
+        now_s = self.wall_clock()
+        first = await trio.to_thread.run_sync(self.state.first_offered, release.version, now_s)
+        power = None
+        if self.policy.min_battery_percent:
+            power = await trio.to_thread.run_sync(PolicyPowerSource(self.policy).read)
+        return decide(self.policy, now=datetime.fromtimestamp(now_s, UTC),
+                      critical=release.critical, metered=self.config.network_metered,
+                      power=power, first_offered_at_s=first, now_s=now_s)
+
+    def _check_space(self, release: ReleaseManifest, payload: Payload) -> None:
+        """The payload still to download and the new image must fit, besides the
+        policy's reserve (before anything is downloaded).
+
+        Raises:
+            InstallFailed: they do not.
+        """
+        downloads = self.state.downloads_dir
+        downloads.mkdir(parents=True, exist_ok=True)
+        part = downloads / payload.sha256 / "payload.part"
+        try:
+            have = part.stat().st_blocks * 512
+        except FileNotFoundError:
+            have = 0
+        slots_dir = self.slots.image_path("a").parent
+        needs = {downloads: max(0, payload.size - have), slots_dir: release.image.size}
+        by_device: dict[int, tuple[Path, int]] = {}
+        for path, need in needs.items():
+            dev = os.stat(path).st_dev
+            prev = by_device.get(dev, (path, 0))
+            by_device[dev] = (prev[0], prev[1] + need)
+        for path, need in by_device.values():
+            st = os.statvfs(path)
+            free = st.f_bavail * st.f_frsize
+            if free < need + self.policy.reserve_bytes:
+                raise InstallFailed(f"not enough free space in {path}: {need} bytes needed "
+                                    f"(+{self.policy.reserve_bytes} reserved), {free} free")
+
+    async def _update_component(self, release: ReleaseManifest, name: str,
+                                delta: Payload | None, result: UpdateResult) -> None:
+        """Install a module, app or config release into its component directory: atomic
+        replace, health check, commit or roll back (``peer.components``)."""
+        staging = self.components.staging(name)
+        work = await self._install(release, delta, staging, "current", "incoming", result)
+        self._step(Event.APPLIED)
+        record = SlotRecord(release.version, release.release_counter, release.image.sha256,
+                            release.image.size)
+        await self._read_back(staging, "incoming", record)
+        new = InstalledVersion(release.version, release.release_counter,
+                               release.image.sha256, release.image.size)
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(self.components.switch, name, new)
+            except OSError as exc:
+                raise InstallFailed(f"cannot switch component {name}: {exc}") from exc
+            self._step(Event.SWITCHED)
+            try:
+                crash_point("health.before")
+                with self._timed("health"):
+                    await run_health_check(
+                        self.config.health_command, slot=f"component:{name}",
+                        image=self.components.directory(name) / CURRENT, record=record,
+                        timeout_s=self.config.health_timeout_s)
+                crash_point("health.after")
+            except PostCheckFailed:
+                crash_point("health.after")
+                self._step(Event.UNHEALTHY)
+                await trio.to_thread.run_sync(self.components.roll_back, name)
+                raise
+            finally:
+                if self.installed is None or self.installed.work is not work:
+                    await trio.to_thread.run_sync(work.remove)  # else after seeding
+            self._step(Event.HEALTHY)
+            await trio.to_thread.run_sync(self.components.commit, name)
+            self._raise_floor(release.release_counter)
+        result.updated = True
+        result.message = (f"updated component {name} {result.from_version} -> "
+                          f"{release.version} ({release.update_type})")
+
+    async def _read_back(self, backend: SlotBackend, slot: str, record: SlotRecord) -> None:
+        """The written slot, read back from storage, must be the signed image before
+        boot control may name it (catches damage after the write)."""
+        try:
+            size, sha = await trio.to_thread.run_sync(backend.hash, slot)
+        except OSError as exc:
+            raise InstallFailed(f"cannot read slot {slot} back: {exc}") from exc
+        if (size, sha) != (record.size, record.sha256):
+            raise VerifyFailed(f"slot {slot} read back after writing is not the signed image "
+                               f"(size {size}, sha256 {sha}); not switching to it")
+
+    def _remove_downloads(self, keep: set[str]) -> None:
+        """Reclaim work areas of payloads other than ``keep`` (an older release's
+        interrupted download; resume is keyed to the payload hash, never mixed)."""
+        try:
+            entries = list(self.state.downloads_dir.iterdir())
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if entry.is_dir() and entry.name not in keep:
+                log.info("removing stale download %s", entry.name[:12])
+                shutil.rmtree(entry, ignore_errors=True)
 
     async def _download(self, payload: Payload, result: UpdateResult) -> PayloadWorkdir:
         """Fetch ``payload`` (swarm or direct mode); the origin's bytes are counted exactly
@@ -250,7 +544,7 @@ class _Run:
                 stats = await download_payload(
                     self.http, url, work, concurrency=self.config.download_concurrency,
                     attempts=self.config.chunk_attempts, backoff_s=self.config.retry_backoff_s,
-                    on_chunk=self._direct_progress(payload))
+                    on_chunk=self._direct_progress(payload), verify=False)
                 result.chunks_reused += stats.chunks_reused
                 self.timings[f"transfer_{payload.kind}"] = round(stats.transfer_s, 6)
                 return work
@@ -361,20 +655,22 @@ class _Run:
                 self.installed = None
                 await trio.to_thread.run_sync(work.remove)
 
-    async def _install(self, release: ReleaseManifest, bc: BootControl, target: str,
+    async def _install(self, release: ReleaseManifest, delta: Payload | None,
+                       backend: SlotBackend, base: str, target: str,
                        result: UpdateResult) -> PayloadWorkdir:
-        """Write the release image into slot ``target``: from the delta whose base is the
-        active slot when there is one, else (or if anything about the delta fails) from
+        """Write the release image into slot ``target``: from ``delta`` (whose base is the
+        active slot) when there is one, else (or if anything about the delta fails) from
         the full payload. Returns the work area to clean up after the switch."""
-        base = bc.slot(bc.committed)
-        delta = release.delta_for(base.sha256) if base.sha256 else None
         if delta is not None:
             try:
                 work = await self._download(delta, result)
+                self._step(Event.DOWNLOADED)
+                await verify_payload(work)
+                self._step(Event.VERIFIED)
                 with self._timed("install_delta"):
                     await trio.to_thread.run_sync(
-                        install_delta, work.part, delta, self.state.slot_path(bc.committed),
-                        release.image, self.state.slot_path(target))
+                        install_delta, work.part, delta, backend, base, release.image,
+                        target)
                 result.payload_kind = "delta"
                 self._mark_installed(work)
                 return work
@@ -382,10 +678,18 @@ class _Run:
                 log.warning("delta %s unusable, falling back to the full payload: %s",
                             delta.sha256[:12], exc)
                 result.delta_fallback = str(exc)
+                # the delta's work area (if any) is of no use to this pass any more
+                await trio.to_thread.run_sync(
+                    PayloadWorkdir(self.state.downloads_dir, delta).remove)
+                self._step(Event.FALLBACK, payload_sha256=release.full_payload.sha256,
+                           payload_kind="full")
         work = await self._download(release.full_payload, result)
+        self._step(Event.DOWNLOADED)
+        await verify_payload(work)
+        self._step(Event.VERIFIED)
         with self._timed("install"):
             await trio.to_thread.run_sync(install_image, work.part, release.image,
-                                          self.state.slot_path(target))
+                                          backend, target)
         result.payload_kind = "full"
         self._mark_installed(work)
         return work
@@ -420,20 +724,26 @@ class _Run:
         """Boot the pending slot (consuming a try), health-check it, commit or fall back."""
         path = self.state.bootctl_path
         bc, booted = boot(bc)
-        bc = write_bootctl(path, bc)
+        bc = write_bootctl(path, bc, what="boot")
         if not bc.pending:
+            self._step(Event.UNHEALTHY)
             raise PostCheckFailed("the new slot used up its boot tries; fell back to "
                                   f"slot {booted}")
         try:
+            crash_point("health.before")
             with self._timed("health"):
                 await run_health_check(self.config.health_command, slot=booted,
-                                       image=self.state.slot_path(booted),
+                                       image=self.slots.image_path(booted),
                                        record=bc.slot(booted),
                                        timeout_s=self.config.health_timeout_s)
+            crash_point("health.after")
         except PostCheckFailed:
-            write_bootctl(path, fall_back(bc))
+            crash_point("health.after")
+            self._step(Event.UNHEALTHY)
+            write_bootctl(path, fall_back(bc), what="fall_back")
             raise
-        return write_bootctl(path, mark_good(bc))
+        self._step(Event.HEALTHY)
+        return write_bootctl(path, mark_good(bc), what="commit")
 
     async def finish_pending(self, bc: BootControl) -> UpdateResult:
         """A switch was written but not committed (crash, power loss): finish it."""
@@ -441,20 +751,43 @@ class _Run:
         result = UpdateResult(StatusCode.OK, "", attempted=True,
                               from_version=bc.slot(bc.committed).version,
                               to_version=pending.version, timings_s=self.timings)
+        if self.journal.phase is not Phase.HEALTH_CHECKING:
+            self.journal = Journal(seq=self.journal.seq, attempt=self.journal.attempt)
+            self._step(Event.RESUME_PENDING, from_version=result.from_version,
+                       to_version=pending.version, release_counter=pending.release_counter,
+                       target_slot=bc.primary)
         try:
             await self._reboot_and_check(bc)
             result.updated = True
             result.message = f"updated {result.from_version} -> {pending.version} " \
                              "(finished after restart)"
+            # the interrupted pass's payload is of no use any more
+            await trio.to_thread.run_sync(self._remove_downloads, set())
         except PeerError as exc:
             result.status, result.message = exc.status, str(exc)
         return result
 
     async def report(self, result: UpdateResult) -> None:
-        """Deliver earlier undelivered reports and this one; keep what fails for later."""
+        """Deliver earlier undelivered reports and this one; keep what fails for later.
+
+        This attempt's report goes through the journal (``reporting``, with the body)
+        into the durable outbox before anything is sent, so a crash loses no report."""
         queue = self.state.outbox()
         if result.attempted:
-            queue.append(self._report_body(result))
+            if self.journal.phase is Phase.REPORTING and self.journal.report is not None:
+                body = self.journal.report  # recovered
+            else:
+                body = self._report_body(result)
+                event = {Phase.COMMITTED: Event.REPORT, Phase.ROLLED_BACK: Event.REPORT}.get(
+                    self.journal.phase, Event.FAILED)
+                self._step(event, status=int(result.status), message=result.message[:4096],
+                           report=body)
+            crash_point("report.before_queue")
+            if body not in queue:
+                queue.append(body)
+                self.state.save_outbox(queue)
+            self._step(Event.QUEUED)
+        crash_point("report.before_send")
         delivered = 0
         for body in queue:
             try:

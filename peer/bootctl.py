@@ -6,7 +6,12 @@ differ; only then is the try counter armed, so a committed slot never falls back
 
 The transitions are pure functions on a frozen record; :func:`write_bootctl` persists a
 record atomically (temp, fsync, rename, fsync dir), with a SHA-256 over its content, and
-reads it back before returning.
+reads it back before returning. Like U-Boot's redundant environment there are two
+copies, ``bootctl.json`` and ``bootctl.json.redundant``: each write replaces the copy
+holding the older generation (or a damaged one), and :func:`read_bootctl` takes the
+valid copy with the highest generation. A copy torn by the storage (a power cut on a
+file system that loses data blocks but keeps the rename) therefore costs at most the
+last transition, never the device: the other copy still names a verified slot.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.fsio import atomic_write_bytes
+from peer.crashpoints import crash_point, fsio_hook
 from peer.errors import ConfigError, InstallFailed
 
 __all__ = [
@@ -30,6 +36,8 @@ __all__ = [
     "mark_good",
     "other_slot",
     "read_bootctl",
+    "redundant_path",
+    "remove_bootctl",
     "switch_to",
     "write_bootctl",
 ]
@@ -157,21 +165,72 @@ def _decode(data: bytes, path: Path) -> BootControl:
     return bc
 
 
+def redundant_path(path: Path) -> Path:
+    """The second copy of the boot-control record at ``path``."""
+    return path.with_name(f"{path.name}.redundant")
+
+
+def _read_copies(path: Path) -> tuple[list[tuple[Path, BootControl]], list[str]]:
+    valid: list[tuple[Path, BootControl]] = []
+    problems: list[str] = []
+    for copy in (path, redundant_path(path)):
+        try:
+            valid.append((copy, _decode(copy.read_bytes(), copy)))
+        except FileNotFoundError:
+            problems.append(f"{copy} not found")
+        except ConfigError as exc:
+            problems.append(str(exc))
+        except OSError as exc:
+            problems.append(f"{copy}: {exc}")
+    return valid, problems
+
+
 def read_bootctl(path: Path) -> BootControl:
-    try:
-        return _decode(path.read_bytes(), path)
-    except FileNotFoundError:
-        raise ConfigError(f"{path} not found: run 'swarmota peer init' first") from None
+    """The newest valid copy of the record.
+
+    Raises:
+        ConfigError: neither copy exists or is valid (the messages name both).
+    """
+    valid, problems = _read_copies(path)
+    if valid:
+        return max(valid, key=lambda item: item[1].generation)[1]
+    if not path.exists() and not redundant_path(path).exists():
+        raise ConfigError(f"{path} not found: run 'swarmota peer init' first")
+    raise ConfigError("no valid boot-control record: " + "; ".join(problems))
 
 
-def write_bootctl(path: Path, bc: BootControl) -> BootControl:
-    """Persist ``bc`` with the next generation, read it back, return what was stored."""
+def remove_bootctl(path: Path) -> None:
+    """Delete both copies (re-provisioning)."""
+    for copy in (path, redundant_path(path)):
+        copy.unlink(missing_ok=True)
+
+
+def _older_copy(path: Path) -> Path:
+    """Where the next write goes: a missing or damaged copy, else the older one."""
+    valid, _ = _read_copies(path)
+    held = {copy: bc.generation for copy, bc in valid}
+    for copy in (path, redundant_path(path)):
+        if copy not in held:
+            return copy
+    return min(held, key=lambda copy: (held[copy], copy != path))
+
+
+def write_bootctl(path: Path, bc: BootControl, *, what: str = "write") -> BootControl:
+    """Persist ``bc`` with the next generation, read it back, return what was stored.
+
+    ``what`` names the write in crash points: ``bootctl.<what>.before_write``, the
+    atomic write's steps ``bootctl.<what>.before_fsync`` .. ``.after_dir_fsync``, and
+    ``bootctl.<what>.after_read_back``.
+    """
     stored = replace(bc, generation=bc.generation + 1)
+    target = _older_copy(path)
     try:
-        atomic_write_bytes(path, _encode(stored))
-        back = read_bootctl(path)
-    except OSError as exc:
-        raise InstallFailed(f"cannot write boot control {path}: {exc}") from exc
+        crash_point(f"bootctl.{what}.before_write")
+        atomic_write_bytes(target, _encode(stored), hook=fsio_hook(f"bootctl.{what}"))
+        back = _decode(target.read_bytes(), target)
+        crash_point(f"bootctl.{what}.after_read_back")
+    except (OSError, ConfigError) as exc:
+        raise InstallFailed(f"cannot write boot control {target}: {exc}") from exc
     if back != stored:
-        raise InstallFailed(f"boot control {path} read back differs from what was written")
+        raise InstallFailed(f"boot control {target} read back differs from what was written")
     return stored

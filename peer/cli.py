@@ -1,10 +1,11 @@
-"""``swarmota peer``: provision a device, run an update pass, show its status."""
+"""``swarmota peer``: provision a device, run an update pass or the daemon, show status."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import shlex
+import signal
 import sys
 from functools import partial
 from pathlib import Path
@@ -12,17 +13,22 @@ from typing import Any
 
 import trio
 
+from infra.fsio import atomic_write_bytes
 from peer.agent import UpdateResult, update_once
+from peer.components import ComponentStore
 from peer.config import DOWNLOAD_MODES, DeviceConfig
+from peer.daemon import DaemonConfig, run_daemon
 from peer.errors import ConfigError
-from peer.state import DeviceState, init_device
+from peer.install_policy import load_policy
+from peer.state import DeviceState, JournalError, init_device
 
 __all__ = ["add_parser"]
 
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("peer", help="the device agent",
-                              description="The device agent: provision, update, status.")
+                              description="The device agent: provision, update (one pass), run "
+                                          "(the daemon), status.")
     sub = p.add_subparsers(dest="peer_command", metavar="COMMAND", required=True)
 
     init = sub.add_parser(
@@ -76,6 +82,10 @@ def add_parser(subparsers: Any) -> None:
     init.add_argument("--tls-ca-file", default=None, metavar="PEM",
                       help="CA certificate(s) to trust instead of the system store, e.g. "
                            "the ca.pem of 'swarmota tls ca'")
+    init.add_argument("--policy", type=Path, default=None, metavar="FILE",
+                      help="install policy (TOML: maintenance windows, install delay, "
+                           "battery/charging, metered network, free-space reserve); "
+                           "validated and copied to STATE/policy.toml")
     init.add_argument("--force", action="store_true", help="re-provision an existing directory")
     init.set_defaults(func=_init)
 
@@ -95,6 +105,30 @@ def add_parser(subparsers: Any) -> None:
                      "seed time before it exits (the result is already saved and reported; "
                      "Ctrl-C ends the sharing); 'peer status' shows the progress.")
     update.set_defaults(func=_update)
+
+    run = sub.add_parser(
+        "run", help="run update passes forever (the device daemon)",
+        description="The agent as a daemon: an update pass, then sleep the poll interval "
+                    "(with jitter) or, after a failure, an exponential backoff; a release "
+                    "whose attempts failed --retry-budget times is not attempted again "
+                    "until another one is offered. SIGTERM or SIGINT: exit 0 at once when "
+                    "idle; a pass in progress stops at the next safe point (never between "
+                    "the switch and the health check's outcome) and is picked up from the "
+                    "journal on the next start.")
+    run.add_argument("state", type=Path)
+    run.add_argument("--poll-interval-s", type=float, default=None,
+                     help="seconds between passes (default: what the tracker asks for)")
+    run.add_argument("--jitter-fraction", type=float, default=0.1,
+                     help="random jitter, a fraction of the interval either way "
+                          "(default %(default)s)")
+    run.add_argument("--backoff-initial-s", type=float, default=30.0)
+    run.add_argument("--backoff-max-s", type=float, default=3600.0)
+    run.add_argument("--retry-budget", type=int, default=3,
+                     help="failed attempts per release before it is left alone "
+                          "(default %(default)s)")
+    run.add_argument("--seed-time-s", type=float, default=None,
+                     help="seed time after each swarm-mode update (default: the device's)")
+    run.set_defaults(func=_run)
 
     status = sub.add_parser("status", help="show slots, versions and the last result")
     status.add_argument("state", type=Path)
@@ -116,9 +150,17 @@ def _init(args: argparse.Namespace) -> int:
             min_battery_percent_to_upload=args.min_battery_percent,
             tls_pins=tuple(args.tls_pins), tls_ca_file=_ca_file(args.tls_ca_file))
         root = args.root.read_bytes()
+        policy = None
+        if args.policy is not None:
+            if not args.policy.is_file():
+                raise ConfigError(f"policy {args.policy} does not exist")
+            load_policy(args.policy)  # refuse a bad file before provisioning anything
+            policy = args.policy.read_bytes()
         state = init_device(args.state, config, root_json=root, image=args.image,
                             version=args.version, release_counter=args.release_counter,
                             force=args.force)
+        if policy is not None:
+            atomic_write_bytes(state.policy_path, policy)
     except (ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -154,6 +196,8 @@ def _update(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json(), indent=2, sort_keys=True))
     else:
         print(f"status {int(result.status)}: {result.message}")
+        if result.deferred:
+            print(f"  not attempted now (install policy): {result.deferred}")
         if result.attempted:
             print(f"  {result.download_mode or '-'} mode: bytes from origin "
                   f"{result.bytes_origin}, peers {result.bytes_peers}, metadata "
@@ -166,6 +210,46 @@ def _update(args: argparse.Namespace) -> int:
     return int(result.status)
 
 
+def _run(args: argparse.Namespace) -> int:
+    try:
+        config = DaemonConfig(
+            poll_interval_s=args.poll_interval_s, jitter_fraction=args.jitter_fraction,
+            backoff_initial_s=args.backoff_initial_s, backoff_max_s=args.backoff_max_s,
+            retry_budget=args.retry_budget, seed_time_s=args.seed_time_s)
+        state = DeviceState(args.state)
+        state.config()  # refuse an unusable state directory before starting
+
+        def on_result(result: UpdateResult, delay_s: float) -> None:
+            print(f"status {int(result.status)}: {result.message} (next pass in "
+                  f"{delay_s:.0f} s)", flush=True)
+
+        errors: list[ConfigError] = []
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                async def stop_on_signal() -> None:
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                        async for signum in signals:
+                            print(f"{signal.Signals(signum).name}: stopping", flush=True)
+                            nursery.cancel_scope.cancel()
+                            return
+
+                nursery.start_soon(stop_on_signal)
+                try:
+                    await run_daemon(state, config, on_result=on_result)
+                except ConfigError as exc:  # the device became unusable: say so, exit 2
+                    errors.append(exc)
+                    nursery.cancel_scope.cancel()
+
+        trio.run(main)
+        if errors:
+            raise errors[0]
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _status(args: argparse.Namespace) -> int:
     state = DeviceState(args.state)
     try:
@@ -176,10 +260,16 @@ def _status(args: argparse.Namespace) -> int:
         return 2
     last = state.last_result()
     progress = state.progress()
+    try:
+        journal: dict[str, Any] | None = state.journal().to_json()
+    except JournalError as exc:
+        journal = {"error": str(exc)}
+    store = ComponentStore(state.root / "components")
+    components = {name: store.record(name).to_json() for name in store.names()}
     if args.json:
         print(json.dumps({"device": config.to_json(), "bootctl": bc.to_json(),
-                          "last_result": last, "progress": progress}, indent=2,
-                         sort_keys=True))
+                          "last_result": last, "progress": progress, "journal": journal,
+                          "components": components}, indent=2, sort_keys=True))
         return 0
     print(f"device {config.device_id}  product {config.product}  hardware {config.hardware_id}")
     print(f"origin {config.origin_url}  tracker {config.tracker_url}")
@@ -192,6 +282,15 @@ def _status(args: argparse.Namespace) -> int:
     if bc.pending:
         print(f"  update pending on slot {bc.primary}, tries left {bc.tries_remaining}")
     print(f"  anti-rollback floor: release counter {bc.min_release_counter}")
+    for name, record in components.items():
+        cur = record["current"]
+        print(f"  component {name}: {cur['version'] if cur else '(none)'}"
+              f"{'  (switch pending)' if record['pending'] else ''}")
+    if journal and journal.get("phase", "idle") != "idle":
+        print(f"update journal: {journal.get('phase', journal.get('error'))} "
+              f"(to {journal.get('to_version')}); finished on the next start")
+    if state.policy_path.exists():
+        print(f"install policy: {state.policy_path}")
     if last:
         print(f"last result: status {last.get('status')}: {last.get('message')}")
     else:

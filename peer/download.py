@@ -20,6 +20,7 @@ from pathlib import Path
 import trio
 
 from manifest import IntegrityError, Payload, sha256_hex
+from peer.crashpoints import crash_point
 from peer.errors import DownloadFailed, PeerError, VerifyFailed
 from peer.http import HttpClient
 
@@ -29,6 +30,7 @@ __all__ = [
     "PayloadWorkdir",
     "download_payload",
     "plan_requests",
+    "verify_payload",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ class PayloadWorkdir:
             os.close(fd)
         with open(self.log, "a") as fh:
             fh.write(f"{index}\n")
+        crash_point("download.chunk_written")
 
     def verify_all(self) -> list[int]:
         """One pass over the assembled file (fsynced first): every chunk against the
@@ -166,12 +169,15 @@ async def download_payload(
     attempts: int,
     backoff_s: float,
     on_chunk: Callable[[int, int], None] | None = None,
+    verify: bool = True,
 ) -> DownloadStats:
     """Fetch every missing chunk of ``work.payload`` from ``url`` and verify the whole.
 
     Adjacent missing chunks are fetched with one Range request (:func:`plan_requests`);
     every chunk in it is verified and written on its own, so one bad chunk costs only a
     retry of that chunk. Each chunk gets ``attempts`` tries with exponential backoff.
+    With ``verify`` False the final pass over the whole payload is left to the caller
+    (:meth:`PayloadWorkdir.verify_whole`).
 
     Raises:
         DownloadFailed: a chunk could not be fetched in ``attempts`` tries.
@@ -247,16 +253,26 @@ async def download_payload(
     if failure:
         raise failure[0]
     transfer_s = trio.current_time() - started
-    try:
-        await trio.to_thread.run_sync(work.verify_whole)
-    except IntegrityError as exc:
-        # Every chunk was verified, so this means damage on disk: start over next time.
-        await trio.to_thread.run_sync(work.remove)
-        raise VerifyFailed(str(exc)) from exc
+    if verify:
+        await verify_payload(work)
     return DownloadStats(chunks_total=payload.chunk_count, chunks_reused=len(done),
                          chunks_fetched=fetched,
                          bytes_origin=http.bytes_received - received_before,
                          bytes_rejected=rejected, transfer_s=transfer_s)
+
+
+async def verify_payload(work: PayloadWorkdir) -> None:
+    """The whole assembled payload against the manifest (in a worker thread).
+
+    Raises:
+        VerifyFailed: it does not match; every chunk was verified when written, so this
+            means damage on disk: the work area is removed (start over next time).
+    """
+    try:
+        await trio.to_thread.run_sync(work.verify_whole)
+    except IntegrityError as exc:
+        await trio.to_thread.run_sync(work.remove)
+        raise VerifyFailed(str(exc)) from exc
 
 
 def _verify_and_write(work: PayloadWorkdir, index: int, data: bytes) -> None:

@@ -1,32 +1,32 @@
 """Write a verified payload into a slot: the zstandard adapter of the device agent.
 
-The payload is decompressed in a stream into a temporary file beside the slot, the output
-is size-capped at the signed image size (a payload that expands further is refused) and
-hashed on the way, then fsynced and renamed over the slot image. Nothing is promoted
-unless the SHA-256 matches the manifest.
+The payload is decompressed in a stream into the slot backend's writer (a temporary
+file beside the slot for :class:`peer.slots.FileSlots`), the output is size-capped at
+the signed image size (a payload that expands further is refused) and hashed on the
+way; the write is committed (fsync, rename) only if the SHA-256 matches the manifest,
+and discarded otherwise. Nothing unverified is ever promoted.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 from pathlib import Path
 
 import zstandard
 
-from infra.fsio import fsync_dir
 from manifest import ImageInfo, Payload, sha256_hex
 from peer.delta import apply_delta
 from peer.errors import InstallFailed, VerifyFailed
+from peer.slots import SlotBackend, SlotWriter
 
 __all__ = ["hash_file", "install_delta", "install_image"]
 
 _BLOCK = 1 << 20
 
 
-def install_image(payload_path: Path, image: ImageInfo, slot_path: Path) -> None:
-    """Decompress ``payload_path`` (zstd) into ``slot_path`` if it yields ``image``.
+def install_image(payload_path: Path, image: ImageInfo, slots: SlotBackend,
+                  slot: str) -> None:
+    """Decompress ``payload_path`` (zstd) into ``slot`` if it yields ``image``.
 
     Blocking; run it in a worker thread.
 
@@ -34,11 +34,12 @@ def install_image(payload_path: Path, image: ImageInfo, slot_path: Path) -> None
         VerifyFailed: the output is longer, shorter or different from the signed image.
         InstallFailed: decompression or a write failed (e.g. disk full).
     """
-    tmp = slot_path.with_name(f".{slot_path.name}.installing")
     digest = hashlib.sha256()
     written = 0
+    writer: SlotWriter | None = None
     try:
-        with open(payload_path, "rb") as src, open(tmp, "wb") as dst:
+        writer = slots.begin_write(slot, image.size)
+        with open(payload_path, "rb") as src:
             reader = zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True)
             while block := reader.read(_BLOCK):
                 written += len(block)
@@ -46,27 +47,24 @@ def install_image(payload_path: Path, image: ImageInfo, slot_path: Path) -> None
                     raise VerifyFailed(f"payload expands beyond the signed image size "
                                        f"{image.size}")
                 digest.update(block)
-                dst.write(block)
-            dst.flush()
-            os.fsync(dst.fileno())
+                writer.write(block)
         if written != image.size or digest.hexdigest() != image.sha256:
             raise VerifyFailed(f"image mismatch: got {written} bytes sha256 "
                                f"{digest.hexdigest()}, signed {image.size} bytes "
                                f"{image.sha256}")
-        os.replace(tmp, slot_path)
-        fsync_dir(slot_path.parent)
+        writer.commit()
     except zstandard.ZstdError as exc:
         raise InstallFailed(f"cannot decompress payload: {exc}") from exc
     except OSError as exc:
-        raise InstallFailed(f"cannot write slot {slot_path}: {exc}") from exc
+        raise InstallFailed(f"cannot write slot {slot}: {exc}") from exc
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        if writer is not None:
+            writer.discard()
 
 
-def install_delta(delta_path: Path, delta: Payload, base_path: Path, image: ImageInfo,
-                  slot_path: Path) -> None:
-    """Apply a verified delta payload to the base slot image, into ``slot_path``.
+def install_delta(delta_path: Path, delta: Payload, slots: SlotBackend, base_slot: str,
+                  image: ImageInfo, slot: str) -> None:
+    """Apply a verified delta payload to the image in ``base_slot``, into ``slot``.
 
     Blocking; run it in a worker thread. Holds the base, the delta and the result in
     memory (images of up to a few hundred MB).
@@ -80,7 +78,7 @@ def install_delta(delta_path: Path, delta: Payload, base_path: Path, image: Imag
     if delta.base is None:
         raise RuntimeError("install_delta needs a delta payload")
     try:
-        base = base_path.read_bytes()
+        base = slots.read(base_slot)
         patch = delta_path.read_bytes()
     except OSError as exc:
         raise InstallFailed(f"cannot read delta inputs: {exc}") from exc
@@ -91,23 +89,18 @@ def install_delta(delta_path: Path, delta: Payload, base_path: Path, image: Imag
     if len(result) != image.size or sha256_hex(result) != image.sha256:
         raise VerifyFailed(f"delta {delta.sha256[:12]} produced an image that is not the "
                            f"signed one")
-    _write_slot(result, slot_path)
-
-
-def _write_slot(data: bytes, slot_path: Path) -> None:
-    tmp = slot_path.with_name(f".{slot_path.name}.installing")
+    writer: SlotWriter | None = None
     try:
-        with open(tmp, "wb") as dst:
-            dst.write(data)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, slot_path)
-        fsync_dir(slot_path.parent)
+        writer = slots.begin_write(slot, image.size)
+        view = memoryview(result)
+        for offset in range(0, len(view), _BLOCK):
+            writer.write(bytes(view[offset:offset + _BLOCK]))
+        writer.commit()
     except OSError as exc:
-        raise InstallFailed(f"cannot write slot {slot_path}: {exc}") from exc
+        raise InstallFailed(f"cannot write slot {slot}: {exc}") from exc
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        if writer is not None:
+            writer.discard()
 
 
 def hash_file(path: Path) -> tuple[int, str]:

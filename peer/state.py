@@ -3,11 +3,15 @@
     STATE/device.json        peer.config.DeviceConfig
     STATE/trust/root.json    trusted TUF root (python-tuf keeps its cache beside it)
     STATE/slots/a.img, b.img file-backed A/B slots
-    STATE/bootctl.json       peer.bootctl record
+    STATE/bootctl.json       peer.bootctl record (and bootctl.json.redundant, its twin)
     STATE/downloads/         payloads being assembled, per payload SHA-256
     STATE/last_result.json   outcome of the last update attempt
     STATE/outbox.json        reports not yet delivered to the tracker (oldest first)
     STATE/progress.json      live progress of a running update (download or seeding)
+    STATE/journal.json       the update state machine's journal (peer.machine)
+    STATE/policy.toml        install policy (optional; peer.install_policy)
+    STATE/offers.json        when the release now offered was first offered (install delay)
+    STATE/attempts.json      failed attempts in a row of one release (retry budget)
 """
 
 from __future__ import annotations
@@ -24,12 +28,22 @@ from tuf.api.metadata import Metadata
 from tuf.api.metadata import Root as RootRole
 
 from infra.fsio import atomic_write_bytes, atomic_write_json, fsync_dir
-from peer.bootctl import BootControl, SlotRecord, initial_bootctl, read_bootctl, write_bootctl
+from peer.bootctl import (
+    BootControl,
+    SlotRecord,
+    initial_bootctl,
+    read_bootctl,
+    remove_bootctl,
+    write_bootctl,
+)
 from peer.config import DeviceConfig, load_config, save_config
+from peer.crashpoints import fsio_hook
 from peer.errors import ConfigError
 from peer.install import hash_file
+from peer.machine import Journal, JournalError, decode_journal, encode_journal
+from peer.slots import FileSlots
 
-__all__ = ["MAX_OUTBOX_REPORTS", "DeviceState", "init_device"]
+__all__ = ["MAX_OUTBOX_REPORTS", "DeviceState", "JournalError", "init_device"]
 
 MAX_OUTBOX_REPORTS = 32
 
@@ -65,6 +79,66 @@ class DeviceState:
 
     def config(self) -> DeviceConfig:
         return load_config(self.config_path)
+
+    def slots(self) -> FileSlots:
+        """The device's slot backend (file-backed: ``STATE/slots/``)."""
+        return FileSlots(self.root / "slots")
+
+    @property
+    def policy_path(self) -> Path:
+        return self.root / "policy.toml"
+
+    def first_offered(self, version: str, now_s: float) -> float:
+        """When ``version`` was first offered (``now_s`` if it is new: recorded)."""
+        path = self.root / "offers.json"
+        try:
+            seen = json.loads(path.read_bytes())
+            if isinstance(seen, dict) and seen.get("version") == version:
+                return float(seen["first_offered_at_s"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            pass
+        atomic_write_json(path, {"version": version, "first_offered_at_s": now_s})
+        return now_s
+
+    @property
+    def attempts_path(self) -> Path:
+        return self.root / "attempts.json"
+
+    def failed_attempts(self, version: str) -> int:
+        """How many attempts to install ``version`` failed in a row."""
+        try:
+            raw = json.loads(self.attempts_path.read_bytes())
+            if isinstance(raw, dict) and raw.get("version") == version:
+                return int(raw["failures"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            pass
+        return 0
+
+    def count_attempt(self, version: str, *, ok: bool) -> None:
+        """Record an attempt's outcome (a success clears the count)."""
+        failures = 0 if ok else self.failed_attempts(version) + 1
+        atomic_write_json(self.attempts_path, {"version": version, "failures": failures})
+
+    @property
+    def journal_path(self) -> Path:
+        return self.root / "journal.json"
+
+    def journal(self) -> Journal:
+        """The update journal; idle when there is none.
+
+        Raises:
+            JournalError: the file exists but does not parse.
+        """
+        try:
+            data = self.journal_path.read_bytes()
+        except FileNotFoundError:
+            return Journal()
+        return decode_journal(data)
+
+    def save_journal(self, journal: Journal) -> None:
+        """Persist ``journal`` atomically (crash points ``journal.*``)."""
+        atomic_write_bytes(self.journal_path, encode_journal(journal),
+                           hook=fsio_hook("journal"))
 
     def bootctl(self) -> BootControl:
         return read_bootctl(self.bootctl_path)
@@ -114,7 +188,8 @@ class DeviceState:
 
     def save_outbox(self, reports: list[dict[str, Any]]) -> None:
         """Persist undelivered reports, keeping the newest ``MAX_OUTBOX_REPORTS``."""
-        atomic_write_json(self.outbox_path, reports[-MAX_OUTBOX_REPORTS:])
+        atomic_write_json(self.outbox_path, reports[-MAX_OUTBOX_REPORTS:],
+                          hook=fsio_hook("outbox"))
 
 
 def init_device(state_dir: Path, config: DeviceConfig, *, root_json: bytes, image: Path,
@@ -137,8 +212,10 @@ def init_device(state_dir: Path, config: DeviceConfig, *, root_json: bytes, imag
     if not image.is_file():
         raise ConfigError(f"slot A image {image} does not exist")
     if force and state_dir.exists():
-        for sub in ("trust", "slots", "downloads"):
+        for sub in ("trust", "slots", "downloads", "components"):
             shutil.rmtree(state_dir / sub, ignore_errors=True)
+        for stale in ("offers.json", "attempts.json"):
+            (state_dir / stale).unlink(missing_ok=True)
     (state_dir / "slots").mkdir(parents=True, exist_ok=True)
     state.trust_dir.mkdir(parents=True, exist_ok=True)
     state.downloads_dir.mkdir(parents=True, exist_ok=True)
@@ -152,6 +229,8 @@ def init_device(state_dir: Path, config: DeviceConfig, *, root_json: bytes, imag
     fsync_dir(slot_a.parent)
     size, sha = hash_file(slot_a)
     save_config(state.config_path, config)
+    remove_bootctl(state.bootctl_path)
+    state.journal_path.unlink(missing_ok=True)
     write_bootctl(state.bootctl_path, initial_bootctl(SlotRecord(version, release_counter,
                                                                  sha, size)))
     return state

@@ -22,6 +22,7 @@ from pathlib import Path
 import trio
 
 from infra.http_serve import ListenConfig, parse_listen
+from manifest import UPDATE_TYPES
 from peer.swarm import SwarmConfig
 from seeder.errors import SeederError
 from seeder.origin import OriginApp, OriginConfig
@@ -101,6 +102,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                          dest="announce_urls",
                          help="tracker announce URL put in each payload's torrent "
                               "(repeatable)")
+    publish.add_argument("--critical", action="store_true",
+                         help="an emergency release: devices install it even outside their "
+                              "maintenance windows and without their install delay")
+    publish.add_argument("--update-type", choices=UPDATE_TYPES, default="image",
+                         help="image: a whole A/B slot image (default); module (e.g. modem "
+                              "firmware, bootloader), app, config: IMAGE is the new content "
+                              "of the component named by --component")
+    publish.add_argument("--component", default=None, metavar="NAME",
+                         help="component name, e.g. modem-fw (with --update-type other than "
+                              "image)")
     publish.set_defaults(func=_wrap(_cmd_publish))
 
     timestamp = sub.add_parser(
@@ -193,7 +204,8 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         release_counter=args.counter, compatibility=args.hardware_ids,
         zstd_level=args.zstd_level, bases=args.bases, progress=progress,
         on_delta=built.append, web_seed_url=args.web_seed_url,
-        announce_urls=args.announce_urls,
+        announce_urls=args.announce_urls, critical=args.critical,
+        update_type=args.update_type, component=args.component,
     )
     payload = manifest.full_payload
     target = repo.targets()[manifest.target_name]

@@ -93,6 +93,9 @@ def publish_release(
     on_delta: Callable[[DeltaSummary], None] | None = None,
     web_seed_url: str | None = None,
     announce_urls: Sequence[str] = (),
+    critical: bool = False,
+    update_type: str = "image",
+    component: str | None = None,
 ) -> ReleaseManifest:
     """Publish ``image`` as release ``version`` of ``product`` and return its manifest.
 
@@ -114,7 +117,10 @@ def publish_release(
     to its chunk size, written beside it as ``<payload path>.torrent``; its info-hash is
     in the signed manifest. ``web_seed_url`` (the origin's public base URL) becomes the
     payload's BEP 19 web seed, ``announce_urls`` the torrent's trackers; both sit outside
-    the info dict, so they never change the info-hash.
+    the info dict, so they never change the info-hash. ``critical`` marks an emergency
+    release (devices install it outside their maintenance windows). ``update_type``
+    ``module``, ``app`` or ``config`` with a ``component`` name publishes ``image`` as
+    the new content of that component instead of a slot image.
 
     Duplicate hardware ids are dropped (first occurrence kept). Publishing the same
     release again (same version, image, counter, hardware ids and delta bases) returns
@@ -134,7 +140,7 @@ def publish_release(
     if isinstance(compatibility, str):
         raise PublishError("compatibility must be a list of hardware ids, not a string")
     compat = tuple(dict.fromkeys(compatibility))
-    _check_fields(product, version, release_counter, compat)
+    _check_fields(product, version, release_counter, compat, update_type, component)
     name = release_target_name(product, version)
     image_size = _image_size(image)
     base_infos = _check_bases(image, bases)
@@ -143,7 +149,8 @@ def publish_release(
     # Cheap checks before the expensive compression; repeated under the lock below.
     existing = _check_conflicts(repo, product, version, release_counter)
     if existing is not None:
-        return _same_release_or_raise(existing, image, release_counter, compat, base_shas)
+        return _same_release_or_raise(existing, image, release_counter, compat, base_shas,
+                                      kind=(update_type, component, critical))
 
     steps = _Steps(progress, 2 + len(base_infos) * len(ENGINES))
     steps.note(f"compressing {image.name} ({image_size:,} bytes, zstd level {zstd_level})")
@@ -173,9 +180,11 @@ def publish_release(
         version=version,
         release_counter=release_counter,
         compatibility=compat,
-        update_type="image",
+        update_type=update_type,
         image=image_info,
         payloads=tuple(payloads),
+        critical=critical,
+        component=component,
     )
     try:
         data = manifest.to_bytes()
@@ -186,7 +195,7 @@ def publish_release(
         existing = _check_conflicts(repo, product, version, release_counter)
         if existing is not None:
             return _same_release_or_raise(existing, image, release_counter, compat,
-                                          base_shas)
+                                          base_shas, kind=(update_type, component, critical))
         repo.add_target(name, data, now=now)
     steps.finish(f"signed {name} (targets, snapshot, timestamp)")
     log.info("published %s (counter %d): payload %s, %d bytes, %d chunks, %d deltas",
@@ -500,7 +509,8 @@ def _check_image_size(image: Path, size: int) -> None:
 
 
 def _check_fields(product: str, version: str, release_counter: int,
-                  compatibility: tuple[str, ...]) -> None:
+                  compatibility: tuple[str, ...], update_type: str = "image",
+                  component: str | None = None) -> None:
     """Validate the manifest fields with the trust core's own parser, before any work.
 
     A placeholder manifest carrying the real product, version, counter and hardware
@@ -512,11 +522,12 @@ def _check_fields(product: str, version: str, release_counter: int,
         version=version,
         release_counter=release_counter,
         compatibility=compatibility,
-        update_type="image",
+        update_type=update_type,
         image=ImageInfo(size=1, sha256=_PLACEHOLDER_SHA256),
         payloads=(Payload(kind="full", encoding="zstd", size=1,
                           sha256=_PLACEHOLDER_SHA256, chunk_size=choose_chunk_size(1),
                           chunks=(_PLACEHOLDER_SHA256,)),),
+        component=component,
     )
     try:
         release_target_name(product, version)
@@ -548,9 +559,15 @@ def _check_conflicts(repo: Repository, product: str, version: str,
 
 def _same_release_or_raise(existing: ReleaseManifest, image: Path, release_counter: int,
                            compatibility: tuple[str, ...],
-                           base_shas: frozenset[str] = frozenset()) -> ReleaseManifest:
-    """Return ``existing`` if it is the release being published again, else raise."""
+                           base_shas: frozenset[str] = frozenset(), *,
+                           kind: tuple[str, str | None, bool] = ("image", None, False),
+                           ) -> ReleaseManifest:
+    """Return ``existing`` if it is the release being published again, else raise.
+    ``kind``: the update type, component and critical flag being published."""
     differences: list[str] = []
+    had = (existing.update_type, existing.component, existing.critical)
+    if had != kind:
+        differences.append(f"update type, component, critical {had} != {kind}")
     existing_bases = frozenset(p.base.sha256 for p in existing.payloads
                                if p.base is not None)
     if existing_bases != base_shas:

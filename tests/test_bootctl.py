@@ -13,6 +13,7 @@ from peer.bootctl import (
     initial_bootctl,
     mark_good,
     read_bootctl,
+    redundant_path,
     switch_to,
     write_bootctl,
 )
@@ -62,4 +63,46 @@ def test_torn_or_corrupt_record_is_detected(tmp_path: Path) -> None:
         read_bootctl(path)
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ConfigError):
+        read_bootctl(path)
+
+
+def test_writes_alternate_between_the_two_copies(tmp_path: Path) -> None:
+    path = tmp_path / "bootctl.json"
+    first = write_bootctl(path, initial_bootctl(V1))
+    second = write_bootctl(path, switch_to(first, "b", V2))
+    assert read_bootctl(redundant_path(path)) == second
+    assert read_bootctl(path) == second  # the newest valid copy wins
+    third = write_bootctl(path, mark_good(second))
+    assert _decode_file(path) == third and _decode_file(redundant_path(path)) == second
+
+
+def _decode_file(path: Path) -> object:
+    from peer.bootctl import _decode
+
+    return _decode(path.read_bytes(), path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble", "empty"])
+def test_a_torn_copy_costs_at_most_the_last_transition(tmp_path: Path, damage: str) -> None:
+    """Power cut on a file system that keeps the rename but loses data blocks: the
+    newest copy is torn; the other copy (one transition older) still boots a verified
+    slot, and the next write goes over the torn copy."""
+    path = tmp_path / "bootctl.json"
+    committed = write_bootctl(path, initial_bootctl(V1))
+    pending = write_bootctl(path, switch_to(committed, "b", V2))
+    newest = redundant_path(path)
+    data = newest.read_bytes()
+    newest.write_bytes({"truncate": data[: len(data) // 3], "empty": b"",
+                        "garble": data.replace(b'"primary": "b"', b'"primary": "a"')}[damage])
+    assert read_bootctl(path) == committed
+    again = write_bootctl(path, switch_to(read_bootctl(path), "b", V2))
+    assert again.generation == pending.generation and read_bootctl(newest) == again
+
+
+def test_both_copies_torn_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "bootctl.json"
+    write_bootctl(path, switch_to(write_bootctl(path, initial_bootctl(V1)), "b", V2))
+    path.write_bytes(b"{")
+    redundant_path(path).write_bytes(b"")
+    with pytest.raises(ConfigError, match="no valid boot-control record"):
         read_bootctl(path)

@@ -216,3 +216,41 @@ def test_delta_whose_base_is_the_target_image_is_refused() -> None:
     m = make_manifest()
     with pytest.raises(ManifestFormatError, match="base is the image itself"):
         with_delta(base_sha=m.image.sha256).to_bytes()
+
+
+def test_critical_flag_is_optional_strict_and_round_trips() -> None:
+    from dataclasses import replace
+
+    plain = make_manifest()
+    assert plain.critical is False and b"critical" not in plain.to_bytes()
+    urgent = replace(plain, critical=True)
+    assert parse_release_manifest(urgent.to_bytes()).critical is True
+    doc = raw(plain)
+    for bad in (1, "yes", None):
+        doc["critical"] = bad
+        with pytest.raises(ManifestFormatError, match="critical"):
+            parse_release_manifest(json.dumps(doc).encode())
+
+
+def test_component_updates_name_their_component_and_images_do_not() -> None:
+    from dataclasses import replace
+
+    plain = make_manifest()
+    assert plain.component is None and b"component" not in plain.to_bytes()
+    for kind in ("module", "app", "config"):
+        m = replace(plain, update_type=kind, component="modem-fw")
+        back = parse_release_manifest(m.to_bytes())
+        assert (back.update_type, back.component) == (kind, "modem-fw")
+    doc = raw(plain)
+    doc["component"] = "modem-fw"
+    with pytest.raises(ManifestFormatError, match="only for module, app and config"):
+        parse_release_manifest(json.dumps(doc).encode())
+    doc["update_type"] = "module"
+    for bad in (None, "", "../etc", "Modem", 3):
+        doc["component"] = bad
+        with pytest.raises(ManifestFormatError, match="needs a component name"):
+            parse_release_manifest(json.dumps(doc).encode())
+    doc["update_type"] = "firmware"
+    doc["component"] = "modem-fw"
+    with pytest.raises(ManifestFormatError, match="update_type"):
+        parse_release_manifest(json.dumps(doc).encode())

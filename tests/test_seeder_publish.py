@@ -328,3 +328,19 @@ def test_bad_delta_bases_are_refused_before_any_work(repo: Repository,
             publish(repo, v2, bases=bases)
     assert repo.targets() == {}
     assert os.listdir(repo.origin_dir / "payloads") == []
+
+
+def test_publishing_again_as_another_update_type_or_critical_is_refused(tmp_path: Path) -> None:
+    repo = Repository.create(tmp_path / "repo")
+    image = tmp_path / "fw.bin"
+    image.write_bytes(b"firmware" * 1000)
+    kw = {"product": "acme-router", "version": "3.0.0", "release_counter": 3,
+          "compatibility": ["hw1"], "zstd_level": 3}
+    first = publish_release(repo, image, update_type="module", component="modem-fw", **kw)
+    again = publish_release(repo, image, update_type="module", component="modem-fw", **kw)
+    assert again == first
+    for other in ({"update_type": "app", "component": "modem-fw"},
+                  {"update_type": "module", "component": "modem-fw", "critical": True},
+                  {}):
+        with pytest.raises(PublishError, match="update type, component, critical"):
+            publish_release(repo, image, **other, **kw)  # type: ignore[arg-type]

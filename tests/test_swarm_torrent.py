@@ -310,6 +310,10 @@ async def seed_and_leech(tmp_path: Path, seeder: SwarmConfig, leecher: SwarmConf
         ra = a.add_payload(torrent.data, payload.parent, seed_mode=True)
         rb = b.add_payload(torrent.data, tmp_path / "leech")
         b.connect_peer(rb, seeder.listen_host, a.listen_port)
+        # measure from the connection on (a loaded machine may take a while to get there)
+        with trio.fail_after(20):
+            while b.statistics(rb).num_peers == 0:
+                await trio.sleep(0.05)
         await trio.sleep(seconds)
         return a.statistics(ra).bytes_uploaded_payload, b.statistics(rb).bytes_downloaded_payload
 

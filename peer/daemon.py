@@ -1,0 +1,93 @@
+"""``swarmota peer run``: the agent as a daemon.
+
+    loop: update pass (peer.agent.update_once) -> sleep -> ...
+
+- after a pass that went fine (updated, nothing offered, or deferred by policy): sleep
+  the poll interval (the configured one, else what the tracker asked for), with random
+  jitter of ``jitter_fraction`` either way so that a fleet does not poll in lockstep;
+- after a failure (check-in failed, or an attempt failed): exponential backoff from
+  ``backoff_initial_s`` up to ``backoff_max_s`` (also jittered), reset by a good pass;
+- a release whose attempts failed ``retry_budget`` times is not attempted again until
+  the tracker offers another one (``update_once(retry_budget=...)``);
+- cancellation (``peer run`` turns SIGTERM and SIGINT into it) ends the loop: while
+  sleeping at once; in a pass, at the next checkpoint, except between the switch and the
+  health check's outcome, which is shielded (bounded by the health timeout). Whatever is
+  interrupted is picked up from the journal on the next start.
+
+:func:`next_delay_s` is the pure part (values in, seconds out).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from peer.agent import UpdateResult, update_once
+from peer.errors import ConfigError, StatusCode
+from peer.state import DeviceState
+
+__all__ = ["DaemonConfig", "next_delay_s", "run_daemon"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    poll_interval_s: float | None = None  # None: the tracker's poll_after_s
+    jitter_fraction: float = 0.1
+    backoff_initial_s: float = 30.0
+    backoff_max_s: float = 3600.0
+    retry_budget: int = 3
+    seed_time_s: float | None = None  # None: the device's
+
+    def __post_init__(self) -> None:
+        if self.poll_interval_s is not None and self.poll_interval_s <= 0:
+            raise ConfigError("poll interval must be > 0")
+        if not 0 <= self.jitter_fraction < 1:
+            raise ConfigError("jitter fraction must be within [0, 1)")
+        if not 0 < self.backoff_initial_s <= self.backoff_max_s:
+            raise ConfigError("backoff: need 0 < initial <= max")
+        if self.retry_budget < 1:
+            raise ConfigError("retry budget must be >= 1")
+
+
+def failed(result: UpdateResult) -> bool:
+    """A pass that should be retried sooner than the poll interval, with backoff."""
+    return result.status != StatusCode.OK
+
+
+def next_delay_s(config: DaemonConfig, result: UpdateResult, failures_in_row: int,
+                 rand: Callable[[], float]) -> float:
+    """Seconds to sleep after ``result``; ``failures_in_row`` counts it if it failed;
+    ``rand()`` is uniform in [0, 1)."""
+    if failures_in_row:
+        base = min(config.backoff_max_s,
+                   config.backoff_initial_s * float(2 ** min(failures_in_row - 1, 32)))
+    else:
+        base = config.poll_interval_s or float(result.poll_after_s)
+    return max(0.0, base * (1 + config.jitter_fraction * (2 * rand() - 1)))
+
+
+async def run_daemon(state: DeviceState, config: DaemonConfig, *,
+                     rand: Callable[[], float] = random.random,
+                     on_result: Callable[[UpdateResult, float], None] | None = None) -> None:
+    """Run update passes forever (until cancelled). ``on_result(result, delay_s)`` is
+    called after each pass.
+
+    Raises:
+        ConfigError: the device state is unusable (the loop cannot help that).
+    """
+    failures_in_row = 0
+    while True:
+        result = await update_once(state, seed_time_s=config.seed_time_s,
+                                   retry_budget=config.retry_budget)
+        failures_in_row = failures_in_row + 1 if failed(result) else 0
+        delay = next_delay_s(config, result, failures_in_row, rand)
+        log.info("pass: status %d: %s; next in %.0f s", result.status, result.message, delay)
+        if on_result is not None:
+            on_result(result, delay)
+        await trio.sleep(delay)

@@ -1,0 +1,166 @@
+"""Module, app and configuration updates: installed into a component directory with an
+atomic replace, health-checked, committed or rolled back; through the real agent and
+servers, including kill -9 in the middle of the switch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from manifest import ReleaseManifest
+from peer.agent import update_once
+from peer.errors import StatusCode
+from peer.state import DeviceState
+from seeder.publish import publish_release
+from tests.release_env import HARDWARE_ID, PRODUCT, ReleaseEnv
+
+ROOT = Path(__file__).resolve().parents[1]
+FW1 = b"modem firmware 1\n" * 4000
+FW2 = FW1[:30000] + b"patched!" + FW1[30008:] + b"tail\n"
+
+
+def publish_component(env: ReleaseEnv, content: bytes, version: str, counter: int, *,
+                      bases: tuple[bytes, ...] = (), kind: str = "module",
+                      name: str = "modem-fw") -> ReleaseManifest:
+    base_paths = [env.image_path(f"{name}-base-{i}.bin", b) for i, b in enumerate(bases)]
+    m = publish_release(env.repo, env.image_path(f"{name}-{version}.bin", content),
+                        product=PRODUCT, version=version, release_counter=counter,
+                        compatibility=[HARDWARE_ID], zstd_level=3, bases=base_paths,
+                        update_type=kind, component=name)
+    env.register(m)
+    return m
+
+
+def current(dev: DeviceState, name: str = "modem-fw") -> bytes:
+    return (dev.root / "components" / name / "current").read_bytes()
+
+
+def assert_slots_untouched(env: ReleaseEnv, dev: DeviceState) -> None:
+    bc = dev.bootctl()
+    assert bc.primary == bc.committed == "a" and not bc.pending
+    assert dev.slot_path("a").read_bytes() == env.v1 and not dev.slot_path("b").exists()
+
+
+async def test_module_update_installs_into_its_component_then_a_delta_follows(
+        env: ReleaseEnv) -> None:
+    m3 = publish_component(env, FW1, "3.0.0", 3)
+    assert (m3.update_type, m3.component) == ("module", "modem-fw")
+    dev = env.device("dev-1", mode="direct")
+    result = await update_once(dev)
+    assert result.status == StatusCode.OK, result.message
+    assert result.message == "updated component modem-fw 1.0.0 -> 3.0.0 (module)"
+    assert current(dev) == FW1
+    assert os.readlink(dev.root / "components" / "modem-fw" / "current").startswith("v-")
+    assert dev.bootctl().min_release_counter == 3, "anti-rollback floor raised"
+    assert_slots_untouched(env, dev)
+    assert not list(dev.downloads_dir.iterdir())
+
+    m4 = publish_component(env, FW2, "4.0.0", 4, bases=(FW1,))
+    assert m4.delta_for(m3.image.sha256) is not None
+    second = await update_once(dev)
+    assert second.status == StatusCode.OK and second.payload_kind == "delta", second.message
+    assert second.from_version == "3.0.0" and current(dev) == FW2
+    names = sorted(p.name for p in (dev.root / "components" / "modem-fw").iterdir())
+    assert names == sorted(["current", "record.json", f"v-{m3.image.sha256}",
+                            f"v-{m4.image.sha256}"]), "current and previous kept, nothing else"
+    assert [(r.to_version, r.status) for r in env.reports()] == [("3.0.0", 0), ("4.0.0", 0)]
+    status = subprocess.run([sys.executable, "-m", "swarmota.cli", "peer", "status",
+                             str(dev.root)], capture_output=True, text=True, cwd=ROOT,
+                            check=True)
+    assert "component modem-fw: 4.0.0" in status.stdout
+
+
+async def test_failed_health_check_restores_the_previous_content(
+        env: ReleaseEnv, tmp_path: Path) -> None:
+    flag = tmp_path / "unhealthy"
+    check = [sys.executable, "-c", f"import os, sys; sys.exit(os.path.exists({str(flag)!r}))"]
+    publish_component(env, FW1, "3.0.0", 3, kind="config", name="net-config")
+    dev = env.device("dev-1", mode="direct", health_command=check)
+    assert (await update_once(dev)).status == StatusCode.OK
+    publish_component(env, FW2, "4.0.0", 4, kind="config", name="net-config")
+    flag.touch()
+    result = await update_once(dev)
+    assert result.status == StatusCode.POSTCHECK_FAILED, result.message
+    assert current(dev, "net-config") == FW1
+    assert dev.bootctl().min_release_counter == 3
+    flag.unlink()
+    assert (await update_once(dev)).status == StatusCode.OK
+    assert current(dev, "net-config") == FW2
+
+
+async def killed_at(dev: DeviceState, point: str) -> None:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SWARMOTA_CRASH")}
+    environ["SWARMOTA_CRASH_AT"] = point
+    with trio.fail_after(60):
+        proc = await trio.run_process(
+            [sys.executable, "-m", "swarmota.cli", "peer", "update", str(dev.root)],
+            env=environ, cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+
+
+async def test_killed_mid_switch_rolls_back_then_the_next_run_installs(
+        env: ReleaseEnv) -> None:
+    publish_component(env, FW1, "3.0.0", 3, kind="app", name="ui-app")
+    publish_component(env, FW2, "4.0.0", 4, kind="app", name="ui-app")
+    # before the switch: started over; in it: rolled back; after the commit: reported
+    for point, outcome in (("slot_write.mid", "completed"),
+                           ("component.record.after_rename", "rolled back"),
+                           ("component.before_link_rename", "rolled back"),
+                           ("component.after_link_rename", "rolled back"),
+                           ("health.before", "rolled back"),
+                           ("component.record.after_rename:2", "completed")):
+        dev = fresh_on_fw1(env, point)
+        await killed_at(dev, point)
+        restart = await update_once(dev)
+        if outcome == "completed":
+            assert restart.status == StatusCode.OK, (point, restart.message)
+        else:
+            assert restart.status == StatusCode.POSTCHECK_FAILED, (point, restart.message)
+            assert "rolled back" in restart.message, restart.message
+            assert current(dev, "ui-app") == FW1, point
+            assert dev.bootctl().min_release_counter == 1, point
+            again = await update_once(dev)
+            assert again.status == StatusCode.OK, (point, again.message)
+        assert current(dev, "ui-app") == FW2, point
+        assert dev.bootctl().min_release_counter == 4, point
+        names = [p.name for p in (dev.root / "components" / "ui-app").iterdir()]
+        assert not [n for n in names if n.startswith(".") or n == "incoming"], (point, names)
+        assert not list(dev.downloads_dir.iterdir()), point
+
+
+def fresh_on_fw1(env: ReleaseEnv, tag: str) -> DeviceState:
+    """A device whose component already holds FW1 at 3.0.0 (installed by the agent from
+    the 3.0.0 release, which the tracker no longer offers: so install it directly)."""
+    from peer.components import ComponentStore, InstalledVersion
+    from peer.slots import hash_stream
+
+    dev = env.device(f"fw1-{tag}".replace(".", "-")[:60], mode="direct")
+    store = ComponentStore(dev.root / "components")
+    writer = store.begin_write("ui-app", len(FW1))
+    writer.write(FW1)
+    writer.commit()
+    with open(store.directory("ui-app") / "incoming", "rb") as fh:
+        size, sha = hash_stream(fh)
+    store.switch("ui-app", InstalledVersion("3.0.0", 3, sha, size))
+    store.commit("ui-app")
+    return dev
+
+
+def test_seeder_cli_needs_a_component_for_module_updates(tmp_path: Path) -> None:
+    image = tmp_path / "fw.bin"
+    image.write_bytes(FW1)
+    exe = [sys.executable, "-m", "swarmota.cli", "seeder"]
+    subprocess.run([*exe, "init", str(tmp_path / "repo")], check=True, capture_output=True,
+                   cwd=ROOT)
+    base = [*exe, "publish", str(tmp_path / "repo"), str(image), "--product", PRODUCT,
+            "--version", "3.0.0", "--counter", "3", "--hardware-id", HARDWARE_ID,
+            "--update-type", "module"]
+    bad = subprocess.run(base, capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "needs a component name" in bad.stderr
+    good = subprocess.run([*base, "--component", "modem-fw"], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert good.returncode == 0, good.stderr
