@@ -91,7 +91,9 @@ class ReleaseEnv:
     def register(self, m: ReleaseManifest) -> None:
         store = SqliteStore(self.db)
         try:
-            register_release(store, Release.from_manifest(m), RolloutPlan.everyone())
+            # the device's own retries are under test here: re-offer after a rollback
+            register_release(store, Release.from_manifest(m),
+                             RolloutPlan.everyone(retry_rolled_back=True))
         finally:
             store.close()
 

@@ -160,6 +160,21 @@ def test_halt_counts_install_errors_and_health_failures_alike() -> None:
     assert state.totals.failed == 1 and state.totals.rolled_back == 1
 
 
+@pytest.mark.parametrize("retry", [False, True])
+def test_a_device_that_rolled_back_is_not_offered_again_unless_the_plan_retries(
+        retry: bool) -> None:
+    state, _ = new_rollout("r", "p", "2.0.0", 2, RolloutPlan.everyone(
+        retry_rolled_back=retry), 0.0)
+    result = admit(state, "d1", None, 1.0)
+    assert result.offer and result.admission is not None
+    state, admission, _ = on_report(result.state, result.admission, 40, 2.0)
+    assert admit(state, "d1", admission, 3.0).offer is retry
+    failed, admission, _ = on_report(state, admission, 30, 4.0)  # an install error
+    assert admit(failed, "d1", admission, 5.0).offer  # retried whatever the plan says
+    assert RolloutPlan.from_json(RolloutPlan.everyone(
+        retry_rolled_back=retry).to_json()).retry_rolled_back is retry
+
+
 def test_absolute_failure_count_halts_before_the_minimum_sample() -> None:
     plan = RolloutPlan(stages_percent=(100.0,), min_successes=0, soak_s=0,
                        halt_min_sample=1000, halt_failure_count=3)

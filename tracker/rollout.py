@@ -110,6 +110,10 @@ class RolloutPlan:
         max_in_flight: devices at most offered or downloading at once (0: no cap).
         in_flight_timeout_s: a device offered the release (or downloading) that has not
             reported for this long no longer counts against ``max_in_flight``.
+        retry_rolled_back: offer the release again to a device that rolled it back
+            (health check failed, status 40). Off by default: such a device proved the
+            release does not work there, and re-offering would reinstall it in a loop;
+            labs that test the device's own retry turn it on.
 
     Raises:
         RequestError: a value out of range.
@@ -126,6 +130,7 @@ class RolloutPlan:
     halt_failure_count: int = 20
     max_in_flight: int = 0
     in_flight_timeout_s: float = 3600.0
+    retry_rolled_back: bool = False
 
     def __post_init__(self) -> None:
         if len(self.canary_devices) > MAX_CANARY_DEVICES:
@@ -161,11 +166,14 @@ class RolloutPlan:
                 raise RequestError(f"plan: {name} must be within 0..31536000")
         if self.halt_failure_count < 1:
             raise RequestError("plan: halt_failure_count must be at least 1")
+        if not isinstance(self.retry_rolled_back, bool):
+            raise RequestError("plan: retry_rolled_back must be true or false")
 
     @classmethod
-    def everyone(cls) -> RolloutPlan:
+    def everyone(cls, *, retry_rolled_back: bool = False) -> RolloutPlan:
         """One stage of 100%: every device at once (labs, demos). Auto-halt stays on."""
-        return cls(stages_percent=(100.0,), min_successes=0, soak_s=0.0)
+        return cls(stages_percent=(100.0,), min_successes=0, soak_s=0.0,
+                   retry_rolled_back=retry_rolled_back)
 
     @property
     def has_canaries(self) -> bool:
@@ -186,7 +194,8 @@ class RolloutPlan:
                 "halt_failure_rate": self.halt_failure_rate,
                 "halt_failure_count": self.halt_failure_count,
                 "max_in_flight": self.max_in_flight,
-                "in_flight_timeout_s": self.in_flight_timeout_s}
+                "in_flight_timeout_s": self.in_flight_timeout_s,
+                "retry_rolled_back": self.retry_rolled_back}
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> RolloutPlan:
@@ -355,7 +364,9 @@ def admit(state: RolloutState, device_id: str, admission: Admission | None, now:
         return AdmitResult(False, state, admission, f"rollout {state.phase}")
     if admission is not None:
         if state.phase in _OFFERING_TO_NEW:
-            offer = admission.status not in ("succeeded", "rolled_back")
+            done = ("succeeded",) if state.plan.retry_rolled_back else ("succeeded",
+                                                                         "rolled_back")
+            offer = admission.status not in done
         else:
             offer = admission.in_flight
         return AdmitResult(offer, state, admission,
