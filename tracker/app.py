@@ -199,7 +199,8 @@ class TrackerApp:
         # devices known admitted and past "offered" (admission never ends by itself).
         self._rollout_cache: dict[tuple[str, str], tuple[float, RolloutState | None]] = {}
         self._admitted: OrderedDict[tuple[str, str], None] = OrderedDict()
-        self._bittorrent_routes: dict[str, Callable[[Scope], Awaitable[bytes]]] = {
+        self._bittorrent_routes: dict[
+            str, Callable[[bytes, Sequence[object] | None], Awaitable[bytes]]] = {
             "/announce": self._announce,
             "/scrape": self._scrape,
         }
@@ -243,7 +244,9 @@ class TrackerApp:
         path = scope["path"]
         bittorrent = self._bittorrent_routes.get(path)
         if bittorrent is not None and scope["method"] == "GET":
-            await self._serve_bittorrent(scope, send, bittorrent)
+            status, body = await self.answer_bittorrent(
+                path, scope.get("query_string", b""), scope.get("client"))
+            await _send_bytes(send, status, body, b"text/plain")
             return
         if path == "/metrics" and scope["method"] == "GET":
             await _send_bytes(send, 200, self._metrics(),
@@ -560,20 +563,34 @@ class TrackerApp:
 
     # --- BitTorrent tracker -----------------------------------------------------------
 
-    async def _serve_bittorrent(self, scope: Scope, send: Send,
-                                handler: Callable[[Scope], Awaitable[bytes]]) -> None:
-        status = 200
+    async def answer_bittorrent(self, path: str, query: bytes,
+                                client: Sequence[object] | None) -> tuple[int, bytes]:
+        """``(HTTP status, bencoded body)`` answering ``GET path?query`` from ``client``
+        (``(host, port)`` of the connection, or ``None``), ``path`` being ``/announce``
+        or ``/scrape``.
+
+        The one BitTorrent decision of the tracker: the ASGI routes and the lean
+        endpoint (:mod:`tracker.announce_server`) both call it, so they share the swarm
+        gate, the registry, the caches and the counters. A refused request (bad query,
+        unknown info-hash) is a ``failure reason`` with status 200; a storage failure
+        one with status 500. Never raises on bad input.
+
+        Raises:
+            RuntimeError: ``path`` is not a BitTorrent route (a programming bug).
+        """
+        handler = self._bittorrent_routes.get(path)
+        if handler is None:
+            raise RuntimeError(f"{path!r} is not a BitTorrent route")
         try:
-            body = await handler(scope)
+            return 200, await handler(query, client)
         except RequestError as exc:
             self._bittorrent_failures += 1
-            body = failure_answer(str(exc))
+            return 200, failure_answer(str(exc))
         except StorageError:
             self._bittorrent_failures += 1
             self._errors += 1
-            log.exception("tracker storage failed on %s %s", scope["method"], scope["path"])
-            status, body = 500, failure_answer("tracker storage failure")
-        await _send_bytes(send, status, body, b"text/plain")
+            log.exception("tracker storage failed on GET %s", path)
+            return 500, failure_answer("tracker storage failure")
 
     async def _swarms_of(self, hashes: Sequence[bytes]) -> dict[bytes, SwarmInfo]:
         """The registered swarms among ``hashes`` (cached once known)."""
@@ -593,9 +610,9 @@ class TrackerApp:
             found.update(fresh)
         return found
 
-    async def _announce(self, scope: Scope) -> bytes:
-        request = parse_announce(scope.get("query_string", b""))
-        address = peer_address(scope.get("client"), request.port)
+    async def _announce(self, query: bytes, client: Sequence[object] | None) -> bytes:
+        request = parse_announce(query)
+        address = peer_address(client, request.port)
         swarm = (await self._swarms_of([request.announce_hash])).get(request.announce_hash)
         if swarm is None:
             raise RequestError(f"unknown info_hash {request.announce_hash.hex()}: no "
@@ -689,8 +706,8 @@ class TrackerApp:
         while len(cache) > self._config.max_peers_total:
             cache.popitem(last=False)
 
-    async def _scrape(self, scope: Scope) -> bytes:
-        request = parse_scrape(scope.get("query_string", b""))
+    async def _scrape(self, query: bytes, client: Sequence[object] | None) -> bytes:
+        request = parse_scrape(query)
         known = await self._swarms_of(request.announce_hashes)
         files: dict[bytes, ScrapeCounts] = {
             h: self.registry.scrape(h) for h in request.announce_hashes if h in known}
