@@ -199,6 +199,8 @@ class TrackerApp:
         # devices known admitted and past "offered" (admission never ends by itself).
         self._rollout_cache: dict[tuple[str, str], tuple[float, RolloutState | None]] = {}
         self._admitted: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._refreshing: dict[tuple[str, str], trio.Event] = {}
+        self._rollout_generation = 0  # bumped when this app changes a rollout
         self._bittorrent_routes: dict[
             str, Callable[[bytes, Sequence[object] | None], Awaitable[bytes]]] = {
             "/announce": self._announce,
@@ -306,7 +308,7 @@ class TrackerApp:
             lambda: self._decide_offer(checkin, now))
         self._count_decisions(decisions)
         if decisions:
-            self._rollout_cache.clear()
+            self._forget_rollouts()
         self._remember_network(checkin.device_id, checkin.network_id, checkin.region)
         self._checkins += 1
         if offer is not None:
@@ -371,7 +373,7 @@ class TrackerApp:
         report_id, decisions = await self._in_thread(lambda: self._record_report(report, now))
         self._count_decisions(decisions)
         if decisions:
-            self._rollout_cache.clear()
+            self._forget_rollouts()
         self._reports += 1
         self._reports_by_status[report.status] += 1
         log.info("report %d from %s: %s -> %s status %d", report_id, report.device_id,
@@ -446,7 +448,7 @@ class TrackerApp:
             self._admin_refused += 1
             raise
         if method == "POST":
-            self._rollout_cache.clear()
+            self._forget_rollouts()
         return answer
 
     def _admin_action(self, action: str, parts: list[str], actor: str, body: bytes,
@@ -618,13 +620,17 @@ class TrackerApp:
             raise RequestError(f"unknown info_hash {request.announce_hash.hex()}: no "
                                "registered release has this swarm")
         now = self._clock()
+        if request.device_id is not None or not request.is_seed:
+            await self._refresh_rollout(swarm)
         cached = self._cached_gate(swarm, request)
         if cached is not None:
             allowed, network = cached
         else:
+            generation, read_at = self._rollout_generation, time.monotonic()
             allowed, network, state, admitted = await self._in_thread(
                 lambda: _retry_stale(lambda: self._swarm_gate(swarm, request, now)))
-            self._rollout_cache[(swarm.product, swarm.version)] = (time.monotonic(), state)
+            if generation == self._rollout_generation:  # else a change raced the read
+                self._rollout_cache[(swarm.product, swarm.version)] = (read_at, state)
             if admitted and state is not None and request.device_id is not None:
                 self._remember(self._admitted, (state.rollout_id, request.device_id))
             if request.device_id is not None:
@@ -645,6 +651,38 @@ class TrackerApp:
                                interval_s=self._config.announce_interval_s,
                                min_interval_s=self._config.announce_min_interval_s,
                                compact=request.compact, no_peer_id=request.no_peer_id)
+
+    async def _refresh_rollout(self, swarm: SwarmInfo) -> None:
+        """Make the cached rollout of ``swarm``'s release fresh (read at most
+        ``_ROLLOUT_CACHE_S`` ago). One read at a time per release: announces arriving
+        while it runs wait for it instead of queueing reads of their own (single
+        flight), so an expiring cache costs one SQLite read, not one per announce.
+        A failed read leaves the cache stale; the caller then takes the full path."""
+        key = (swarm.product, swarm.version)
+        cached = self._rollout_cache.get(key)
+        if cached is not None and time.monotonic() - cached[0] < _ROLLOUT_CACHE_S:
+            return
+        running = self._refreshing.get(key)
+        if running is not None:
+            await running.wait()
+            return
+        done = self._refreshing[key] = trio.Event()
+        try:
+            generation, read_at = self._rollout_generation, time.monotonic()
+            state = await self._in_thread(lambda: self._store.rollout_of(*key))
+            if generation == self._rollout_generation:  # else a change raced the read
+                self._rollout_cache[key] = (read_at, state)
+        except StorageError:
+            log.warning("reading the rollout of %s %s failed", *key, exc_info=True)
+        finally:
+            del self._refreshing[key]
+            done.set()
+
+    def _forget_rollouts(self) -> None:
+        """This app changed a rollout: announces must read rollouts afresh, and reads
+        already running must not refill the cache with what they saw before."""
+        self._rollout_cache.clear()
+        self._rollout_generation += 1
 
     def _cached_gate(self, swarm: SwarmInfo, request: AnnounceRequest
                      ) -> tuple[bool, tuple[str | None, str | None]] | None:
