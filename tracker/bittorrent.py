@@ -191,13 +191,23 @@ def peer_address(client: Sequence[object] | None, port: int) -> PeerAddress:
     """
     if not client:
         raise RequestError("cannot tell the peer's address")
+    ip = _normalised_ip(str(client[0]))
+    if ip is None:
+        raise RequestError("the peer's address is not an IP address")
+    return PeerAddress(ip, port)
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalised_ip(text: str) -> str | None:
+    """``text`` as a normalised IP (IPv4-mapped IPv6 as IPv4), ``None`` if not an IP.
+    Cached: a tracker sees the same addresses again every interval."""
     try:
-        ip = ipaddress.ip_address(str(client[0]))
+        ip = ipaddress.ip_address(text)
     except ValueError:
-        raise RequestError("the peer's address is not an IP address") from None
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return PeerAddress(str(ip), port)
+    return str(ip)
 
 
 def _split_query(query: bytes, known: Iterable[str], repeatable: str = "",
@@ -423,13 +433,11 @@ def announce_answer(
         "incomplete": incomplete,
     }
     if compact:
-        v4 = bytearray()
-        v6 = bytearray()
-        for peer in peers:
-            (v6 if peer.address.is_ipv6 else v4).extend(peer.address.compact)
-        answer["peers"] = bytes(v4)
+        addresses = [peer.address for peer in peers]
+        answer["peers"] = b"".join([a.compact for a in addresses if ":" not in a.ip])
+        v6 = b"".join([a.compact for a in addresses if ":" in a.ip])
         if v6:
-            answer["peers6"] = bytes(v6)
+            answer["peers6"] = v6
     else:
         listed: list[Bencodable] = []
         for peer in peers:

@@ -55,6 +55,7 @@ class _Peer:
     last_seen: float
     network_id: str | None
     completed: bool
+    handed: HandedPeer  # what hand-outs return, built again only for a new peer id
     region: str | None = None
 
 
@@ -116,7 +117,9 @@ class _Swarm:
                    or peer.region != region)
         if reindex:
             self._unindex(key, peer)
-        peer.peer_id = request.peer_id
+        if peer.peer_id != request.peer_id:
+            peer.peer_id = request.peer_id
+            peer.handed = HandedPeer(peer.address, request.peer_id)
         peer.left = request.left
         peer.last_seen = now
         peer.network_id = network_id
@@ -254,8 +257,10 @@ class SwarmRegistry:
                 self._refused += 1
                 stored = False
             else:
-                entry = _Peer(PeerAddress(ip, request.port), request.peer_id, request.left,
-                              now, network_id, completed=False, region=region)
+                address = PeerAddress(ip, request.port)
+                entry = _Peer(address, request.peer_id, request.left, now, network_id,
+                              completed=False, handed=HandedPeer(address, request.peer_id),
+                              region=region)
                 if swarm is None:
                     swarm = self._swarms[request.announce_hash] = _Swarm()
                 swarm.add(key, entry)
@@ -271,7 +276,7 @@ class SwarmRegistry:
 
         chosen = [] if swarm is None else self._hand_out(
             swarm, key, request.numwant, request.is_seed, network_id, region)
-        peers = tuple(HandedPeer(p.address, p.peer_id) for p in chosen)
+        peers = tuple([p.handed for p in chosen])
         return AnnounceResult(peers, *_counts(swarm), stored)
 
     def _hand_out(self, swarm: _Swarm, key: _Key, numwant: int, is_seed: bool,
@@ -287,28 +292,23 @@ class SwarmRegistry:
             levels.append((_REGION, region))
         levels.append((_EVERYONE, None))
         for level, value in levels:
-            def excluded(k: _Key, p: _Peer, level: int = level) -> bool:
-                if k == key:
-                    return True
-                if level == _NETWORK:
-                    return False
-                if network_id is not None and p.network_id == network_id:
-                    return True  # an earlier group's
-                return (level == _EVERYONE and region is not None
-                        and p.region == region)
-
+            # Peers of an earlier group are not handed out again from a later one.
+            other_net = network_id if level != _NETWORK else None
+            other_region = region if level == _EVERYONE else None
             for seed in roles:
                 need = numwant - len(chosen)
                 if need <= 0:
                     return chosen
                 pool = swarm.pools.get((level, value, seed))
                 if pool is not None:
-                    chosen.extend(self._sample(swarm, pool, excluded, need))
+                    chosen.extend(self._sample(swarm, pool, need, key, other_net,
+                                               other_region))
         return chosen
 
-    def _sample(self, swarm: _Swarm, pool: _Pool,
-                excluded: Callable[[_Key, _Peer], bool], need: int) -> list[_Peer]:
-        """Up to ``need`` peers of ``pool`` not ``excluded``, a uniform random sample."""
+    def _sample(self, swarm: _Swarm, pool: _Pool, need: int, key: _Key,
+                other_net: str | None, other_region: str | None) -> list[_Peer]:
+        """Up to ``need`` peers of ``pool``, a uniform random sample, leaving out ``key``
+        and peers of network ``other_net`` or region ``other_region`` (when not None)."""
         keys, peers, rng = pool.keys, swarm.peers, self._rng
         size = len(keys)
         if size > 2 * need + 8:
@@ -316,14 +316,18 @@ class SwarmRegistry:
             draw = rng.random
             for _ in range(4 * need + 32):  # bounded; rejections fall back to a scan
                 k = keys[int(draw() * size)]  # uniform: size is far below 2**53
-                if k in picked:
+                if k in picked or k == key:
                     continue
                 p = peers[k]
-                if not excluded(k, p):
-                    picked[k] = p
-                    if len(picked) == need:
-                        return list(picked.values())
-        group = [p for k in keys if not excluded(k, p := peers[k])]
+                if ((other_net is not None and p.network_id == other_net)
+                        or (other_region is not None and p.region == other_region)):
+                    continue
+                picked[k] = p
+                if len(picked) == need:
+                    return list(picked.values())
+        group = [peers[k] for k in keys if k != key
+                 and not (other_net is not None and peers[k].network_id == other_net)
+                 and not (other_region is not None and peers[k].region == other_region)]
         if need < len(group):
             return rng.sample(group, need)
         rng.shuffle(group)
