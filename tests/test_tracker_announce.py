@@ -620,3 +620,17 @@ async def test_an_expired_rollout_cache_is_read_once_for_a_crowd(
     assert reads == 1 and len(answers) == 30
     assert all(b"failure" not in a for a in answers)
     assert app.registry.statistics().peers == 30
+
+
+@pytest.mark.parametrize("ips", [[], ["10.0.0.1"], ["::1"], ["10.0.0.1", "::2", "10.0.0.3"]])
+def test_the_hand_bencoded_compact_answer_is_what_bencode_gives(ips: list[str]) -> None:
+    peers = [HandedPeer(PeerAddress(ip, 6881 + i), bytes(20)) for i, ip in enumerate(ips)]
+    expected: dict[str, Any] = {"interval": 300, "min interval": 60, "complete": 12,
+                                "incomplete": 3,
+                                "peers": b"".join(p.address.compact for p in peers
+                                                  if ":" not in p.address.ip)}
+    v6 = b"".join(p.address.compact for p in peers if ":" in p.address.ip)
+    if v6:
+        expected["peers6"] = v6
+    assert announce_answer(peers, complete=12, incomplete=3, interval_s=300,
+                           min_interval_s=60, compact=True) == bencode(expected)

@@ -426,26 +426,27 @@ def announce_answer(
     ``peers`` is a list of ``{"ip", "port", "peer id"}`` dicts (``peer id`` left out when
     ``no_peer_id``).
     """
+    if compact:  # the hot path, bencoded by hand: keys in sorted order, as bencode does
+        addresses = [peer.address for peer in peers]
+        v4 = b"".join([a.compact for a in addresses if ":" not in a.ip])
+        v6 = b"".join([a.compact for a in addresses if ":" in a.ip])
+        tail = b"e" if not v6 else b"6:peers6%d:%se" % (len(v6), v6)
+        return (b"d8:completei%de10:incompletei%de8:intervali%de12:min intervali%de"
+                b"5:peers%d:%s%s" % (complete, incomplete, interval_s, min_interval_s,
+                                     len(v4), v4, tail))
     answer: dict[str, Bencodable] = {
         "interval": interval_s,
         "min interval": min_interval_s,
         "complete": complete,
         "incomplete": incomplete,
     }
-    if compact:
-        addresses = [peer.address for peer in peers]
-        answer["peers"] = b"".join([a.compact for a in addresses if ":" not in a.ip])
-        v6 = b"".join([a.compact for a in addresses if ":" in a.ip])
-        if v6:
-            answer["peers6"] = v6
-    else:
-        listed: list[Bencodable] = []
-        for peer in peers:
-            entry: dict[str, Bencodable] = {"ip": peer.address.ip, "port": peer.address.port}
-            if not no_peer_id:
-                entry["peer id"] = peer.peer_id
-            listed.append(entry)
-        answer["peers"] = listed
+    listed: list[Bencodable] = []
+    for peer in peers:
+        entry: dict[str, Bencodable] = {"ip": peer.address.ip, "port": peer.address.port}
+        if not no_peer_id:
+            entry["peer id"] = peer.peer_id
+        listed.append(entry)
+    answer["peers"] = listed
     return bencode(answer)
 
 
