@@ -22,8 +22,9 @@ What is refused, with a short text answer and the connection closed: a head over
 a body, an unsupported HTTP version (400), another path (404), another method on our
 paths (405, ``allow: GET``), and a connection over the concurrent cap (503). A client
 that sends nothing for ``idle_timeout_s`` between requests, or takes longer than
-``head_timeout_s`` to send a head once it started, or does not read an answer within
-``idle_timeout_s``, is disconnected. Pipelined requests
+``head_timeout_s`` to send a head once it started (when it does not arrive in one
+piece), is disconnected; a request's answer and its sending are bounded by the same
+``idle_timeout_s``. Pipelined requests
 are answered in order (the buffer stays bounded by the head limit).
 
 Errors: nothing leaves a connection task; transport failures (reset, broken pipe, TLS
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -260,9 +260,10 @@ def _client_of(stream: trio.abc.Stream) -> tuple[str, int] | None:
 async def _serve_requests(answer: AnswerBitTorrent, limits: AnnounceServerLimits,
                           stream: trio.abc.Stream, client: tuple[str, int] | None) -> None:
     """The keep-alive loop. One cancel scope per connection (cheaper than one per
-    request); its deadline follows the phase: ``idle_timeout_s`` waiting for a request
-    or sending an answer, ``head_timeout_s`` once a head started, none while the app
-    decides (its own work is bounded by the store's)."""
+    request), its deadline moved at most twice per request: ``idle_timeout_s`` from
+    the moment the loop waits for a request (that deadline also bounds the app's answer
+    and its sending), tightened to ``head_timeout_s`` if a head does not arrive in one
+    piece."""
     buffer = bytearray()
     max_head = limits.max_head_bytes
     with trio.CancelScope() as scope:
@@ -271,16 +272,18 @@ async def _serve_requests(answer: AnswerBitTorrent, limits: AnnounceServerLimits
             if end < 0:
                 scope.deadline = trio.current_time() + (
                     limits.head_timeout_s if buffer else limits.idle_timeout_s)
-                started = bool(buffer)
-                while end < 0 and len(buffer) <= max_head:
+                partial = bool(buffer)
+                while True:
                     data = await stream.receive_some(65536)
                     if not data:
                         return  # the client closed (mid-head or between requests)
-                    if not started:
-                        started = True
-                        scope.deadline = trio.current_time() + limits.head_timeout_s
                     buffer += data
                     end = buffer.find(b"\r\n\r\n", max(0, len(buffer) - len(data) - 3))
+                    if end >= 0 or len(buffer) > max_head:
+                        break
+                    if not partial:
+                        partial = True
+                        scope.deadline = trio.current_time() + limits.head_timeout_s
             if end < 0 or end + 4 > max_head:
                 await stream.send_all(_refusal_bytes(Refusal(413, "request head too large")))
                 return
@@ -289,9 +292,7 @@ async def _serve_requests(answer: AnswerBitTorrent, limits: AnnounceServerLimits
             if isinstance(parsed, Refusal):
                 await stream.send_all(_refusal_bytes(parsed))
                 return
-            scope.deadline = math.inf
             status, body = await answer(parsed.path, parsed.query, client)
-            scope.deadline = trio.current_time() + limits.idle_timeout_s
             await stream.send_all(render_response(status, body,
                                                   keep_alive=parsed.keep_alive))
             if not parsed.keep_alive:
