@@ -216,14 +216,14 @@ def _split_query(query: bytes, known: Iterable[str], repeatable: str = "",
     if len(query) > max_bytes:
         raise RequestError(f"query string of {len(query)} bytes is over the limit of "
                            f"{max_bytes} bytes")
+    if _BAD_ESCAPE_RE.search(query):  # once for all parts: "&" is no hex digit
+        raise RequestError("malformed percent-escape in the query string")
     names = set(known)
     out: dict[str, list[bytes]] = {}
     for part in query.split(b"&"):
         if not part:
             continue
         raw_name, _, raw_value = part.partition(b"=")
-        if _BAD_ESCAPE_RE.search(part):
-            raise RequestError("malformed percent-escape in the query string")
         try:
             name = _unquote(raw_name).decode("ascii")
         except UnicodeDecodeError:
@@ -242,11 +242,15 @@ def _unquote(raw: bytes) -> bytes:
     if b"%" not in raw:
         return raw
     pieces = raw.split(b"%")
-    out = bytearray(pieces[0])
+    out = [pieces[0]]
     for piece in pieces[1:]:
-        out.append(int(piece[:2], 16))
-        out += piece[2:]
-    return bytes(out)
+        out.append(_HEX_BYTE[piece[:2]])
+        out.append(piece[2:])
+    return b"".join(out)
+
+
+_HEX_BYTE: Final = {(a + b).encode(): bytes([int(a + b, 16)])
+                    for a in "0123456789abcdefABCDEF" for b in "0123456789abcdefABCDEF"}
 
 
 def _one(params: Mapping[str, list[bytes]], name: str) -> bytes | None:

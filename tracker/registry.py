@@ -312,19 +312,26 @@ class SwarmRegistry:
         keys, peers, rng = pool.keys, swarm.peers, self._rng
         size = len(keys)
         if size > 2 * need + 8:
-            picked: dict[_Key, _Peer] = {}
+            # The first ``need`` distinct, admissible keys of a sequence of uniform
+            # draws (with replacement) are a uniform sample; drawn in batches, a
+            # bounded number of them, then an exact scan if too many were rejected.
             draw = rng.random
-            for _ in range(4 * need + 32):  # bounded; rejections fall back to a scan
-                k = keys[int(draw() * size)]  # uniform: size is far below 2**53
-                if k in picked or k == key:
-                    continue
-                p = peers[k]
-                if ((other_net is not None and p.network_id == other_net)
-                        or (other_region is not None and p.region == other_region)):
-                    continue
-                picked[k] = p
-                if len(picked) == need:
-                    return list(picked.values())
+            seen: dict[_Key, None] = {}
+            picked: list[_Peer] = []
+            for _ in range(4):
+                batch = [keys[int(draw() * size)]  # uniform: size is far below 2**53
+                         for _ in range(need - len(picked) + (need >> 2) + 4)]
+                for k in batch:
+                    if k in seen or k == key:
+                        continue
+                    seen[k] = None
+                    p = peers[k]
+                    if ((other_net is not None and p.network_id == other_net)
+                            or (other_region is not None and p.region == other_region)):
+                        continue
+                    picked.append(p)
+                    if len(picked) == need:
+                        return picked
         group = [peers[k] for k in keys if k != key
                  and not (other_net is not None and peers[k].network_id == other_net)
                  and not (other_region is not None and peers[k].region == other_region)]
