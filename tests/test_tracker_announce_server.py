@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import random
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -309,3 +310,41 @@ async def test_shutdown_closes_the_listener_and_open_connections() -> None:
     await stream.aclose()
     with pytest.raises(OSError):
         await trio.open_tcp_stream("127.0.0.1", port)
+
+
+async def test_with_tls_on_the_main_listener_the_lean_endpoint_is_https_too(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    from tests.test_origin_tls import make_self_signed_cert
+
+    cert, key = make_self_signed_cert(tmp_path)
+    db = tmp_path / "tracker.db"
+    with SqliteStore(db) as store:
+        register_release(store, Release.from_manifest(build_manifest()),
+                         RolloutPlan.everyone(), now=1.0)
+    config = TrackerConfig(db_path=db, listen=ListenConfig(
+        host="127.0.0.1", port=0, certfile=str(cert), keyfile=str(key)),
+        announce_listen=("127.0.0.1", 0))
+    urls = await nursery.start(functools.partial(serve_tracker_endpoints, config))
+    assert urls.api.startswith("https://") and urls.announce.startswith("https://")
+    query = announce_query(left=0).decode()
+    async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(cert)),
+                                 timeout=TIMEOUT_S) as client:
+        for _ in range(3):  # keep-alive over TLS
+            response = await client.get(f"{urls.announce}/announce?{query}")
+            assert response.status_code == 200
+            assert bdecode(response.content)[b"complete"] == 1
+    # Plain HTTP to it gets nowhere; TLS below 1.2 is refused.
+    async with await trio.open_tcp_stream("127.0.0.1", port_of(urls.announce)) as plain:
+        await plain.send_all(get("/announce", announce_query()))
+        with trio.fail_after(TIMEOUT_S):
+            try:
+                data = await plain.receive_some(65536)
+            except trio.BrokenResourceError:
+                data = b""
+        assert b"HTTP/1.1 200" not in data
+    old = ssl.create_default_context(cafile=str(cert))
+    old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    async with httpx.AsyncClient(verify=old, timeout=TIMEOUT_S) as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get(f"{urls.announce}/announce?{query}")
