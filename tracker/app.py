@@ -8,7 +8,9 @@ Routes (see ARCHITECTURE.md, "Device <-> tracker API"):
 - ``GET /v1/health``: ``{"ok": true}``;
 - ``GET /announce`` and ``GET /scrape``: the BitTorrent HTTP tracker (BEP 3/23/7/48)
   for the swarms of registered releases (:mod:`tracker.bittorrent`); peers live in one
-  in-memory :class:`~tracker.registry.SwarmRegistry` owned by the app;
+  in-memory :class:`~tracker.registry.SwarmRegistry` owned by the app. The decision is
+  :meth:`TrackerApp.answer_bittorrent`, which the lean endpoint
+  (:mod:`tracker.announce_server`) calls too: one gate, one registry, one set of counters;
 - ``GET /metrics``: Prometheus text (no token: scrape it from the operator network);
 - ``/v1/admin/...``: the admin API (bearer tokens, roles, audit; see ARCHITECTURE.md).
 
