@@ -348,3 +348,22 @@ async def test_with_tls_on_the_main_listener_the_lean_endpoint_is_https_too(
     async with httpx.AsyncClient(verify=old, timeout=TIMEOUT_S) as client:
         with pytest.raises(httpx.ConnectError):
             await client.get(f"{urls.announce}/announce?{query}")
+
+
+async def test_a_failing_answer_loses_one_connection_not_the_listener(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def answer(path: str, query: bytes, client: object) -> tuple[int, bytes]:
+        if query == b"boom":
+            raise RuntimeError("a bug")
+        return 200, b"de"
+
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(functools.partial(serve_announce, answer, "127.0.0.1", 0))
+        async with await trio.open_tcp_stream("127.0.0.1", port_of(url)) as bad:
+            await bad.send_all(get("/announce", b"boom"))
+            await assert_closed(bad)
+        async with await trio.open_tcp_stream("127.0.0.1", port_of(url)) as good:
+            await good.send_all(get("/announce", b"fine"))
+            assert (await read_answer(good, bytearray()))[2] == b"de"
+        nursery.cancel_scope.cancel()
+    assert "answering a request failed" in caplog.text

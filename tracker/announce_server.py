@@ -28,7 +28,8 @@ piece), is disconnected; a request's answer and its sending are bounded by the s
 are answered in order (the buffer stays bounded by the head limit).
 
 Errors: nothing leaves a connection task; transport failures (reset, broken pipe, TLS
-errors) close that connection only and are logged at debug level. ``OSError`` from
+errors) close that connection only and are logged at debug level; an exception from
+``answer`` (a bug: it must not raise) is logged and closes that connection only. ``OSError`` from
 binding the listener is raised before ``started``.
 """
 
@@ -243,6 +244,8 @@ async def _serve_connection(answer: AnswerBitTorrent, limits: AnnounceServerLimi
             slots.release()
     except _TRANSPORT_ERRORS as exc:
         log.debug("lean endpoint connection ended: %r", exc)
+    except Exception:  # a bug in answering: lose this connection, not the listener
+        log.exception("lean endpoint: answering a request failed; connection closed")
     finally:
         with trio.move_on_after(1.0) as cleanup:
             cleanup.shield = True
