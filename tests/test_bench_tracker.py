@@ -1,13 +1,15 @@
-"""The tracker load benchmark's core, tiny: both transports, no errors, sane figures."""
+"""The tracker load benchmark, tiny: the in-process transports and the pinned run with
+wrk against both endpoints; no errors, sane figures."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from bench.tracker import main, run_bench
+from bench.tracker import main, render_markdown, run_bench, run_pinned
 
 
 async def test_bench_core_measures_check_ins_and_announces(tmp_path: Path) -> None:
@@ -23,6 +25,22 @@ async def test_bench_core_measures_check_ins_and_announces(tmp_path: Path) -> No
 
 
 def test_bench_refuses_bad_arguments() -> None:
-    for argv in (["--devices", "0"], ["--concurrency", "0"], ["--transport", "udp"]):
+    for argv in (["--devices", "0"], ["--concurrency", "0"], ["--transport", "udp"],
+                 ["--runs", "0"], ["--mode", "other"]):
         with pytest.raises(SystemExit):
             main(argv)
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed "
+                    "(apt-get install wrk)")
+def test_pinned_bench_measures_both_endpoints_and_check_ins(tmp_path: Path) -> None:
+    """A tiny pinned run: the tracker in its own process, wrk against both endpoints."""
+    result = run_pinned(tmp_path, devices=50, duration_s=1, runs=1, connections=4)
+    result = json.loads(json.dumps(result))  # JSON-ready
+    assert set(result["median"]) == {"announce-lean", "announce-hypercorn", "checkin"}
+    for phase, m in result["median"].items():
+        assert m["errors"] == 0, phase
+        assert m["requests_per_s"] > 10 and m["requests_per_cpu_s"] > 10
+        assert 0 < m["p50_ms"] <= m["p99_ms"]
+    markdown = render_markdown(result)
+    assert "| announce-lean |" in markdown and "| checkin |" in markdown

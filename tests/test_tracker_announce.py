@@ -554,3 +554,83 @@ async def test_a_swarm_registered_while_running_is_served(store: SqliteStore) ->
         store, Release.from_manifest(build_manifest()), RolloutPlan.everyone(), now=1.0))
     _, _, body = await call(app, "/announce", announce_query())
     assert bdecode(body)[b"interval"] == 300
+
+
+def test_big_swarms_keep_lan_first_and_seeds_first_with_sampling(clock: FakeClock) -> None:
+    """Groups larger than the hand-out are sampled, not scanned: the policy holds."""
+    registry = SwarmRegistry(interval_s=100, clock=clock, rng=random.Random(5))
+    for i in range(400):
+        registry.announce(request(left=0, port=1000 + i), "10.0.0.1")  # seeds, anywhere
+    for i in range(400):
+        registry.announce(request(left=9, port=3000 + i), "10.0.0.1")  # leechers, anywhere
+    for i in range(30):
+        registry.announce(request(left=0, port=5000 + i), "10.0.0.2", region="eu")
+    for i in range(5):
+        registry.announce(request(left=9, port=6000 + i), "10.0.0.3", network_id="lan-1",
+                          region="eu")
+    seen: set[int] = set()
+    for _ in range(40):
+        answer = registry.announce(request(left=9, port=7000, numwant=60), "10.0.0.4",
+                                   network_id="lan-1", region="eu")
+        ports = [p.address.port for p in answer.peers]
+        assert len(ports) == len(set(ports)) == 60 and 7000 not in ports
+        assert sorted(ports[:5]) == list(range(6000, 6005))  # the LAN, even leechers
+        assert sorted(ports[5:35]) == list(range(5000, 5030))  # then the region's seeds
+        assert all(1000 <= p < 1400 for p in ports[35:])  # then other seeds
+        seen.update(ports[35:])
+    assert len(seen) > 300  # uniform over the 400 other seeds, not a fixed few
+    assert (answer.complete, answer.incomplete) == (430, 406)
+
+
+def test_a_crowded_lan_falls_back_to_an_exact_scan(clock: FakeClock) -> None:
+    registry = SwarmRegistry(interval_s=100, clock=clock, rng=random.Random(6))
+    for i in range(200):
+        registry.announce(request(left=9, port=1000 + i), "10.0.0.1", network_id="lan-1")
+    for i in range(5):
+        registry.announce(request(left=9, port=2000 + i), "10.0.0.2")
+    answer = registry.announce(request(left=0, port=9000, numwant=202), "10.0.0.3",
+                               network_id="lan-1")
+    ports = [p.address.port for p in answer.peers]
+    assert len(ports) == len(set(ports)) == 202
+    assert all(1000 <= p < 1200 for p in ports[:200])
+    assert sorted(ports[200:]) != [] and all(2000 <= p < 2005 for p in ports[200:])
+
+
+async def test_an_expired_rollout_cache_is_read_once_for_a_crowd(
+        app: TrackerApp, store: SqliteStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Single flight: announces arriving together share one rollout read (no queue of
+    SQLite reads in front of the hot path)."""
+    reads = 0
+    real = store.rollout_of
+
+    def counting(product: str, version: str) -> Any:
+        nonlocal reads
+        reads += 1
+        return real(product, version)
+
+    monkeypatch.setattr(store, "rollout_of", counting)
+    answers: list[bytes] = []
+
+    async def leecher(i: int) -> None:
+        answers.append((await call(app, "/announce", announce_query(port=1000 + i)))[2])
+
+    async with trio.open_nursery() as nursery:
+        for i in range(30):
+            nursery.start_soon(leecher, i)
+    assert reads == 1 and len(answers) == 30
+    assert all(b"failure" not in a for a in answers)
+    assert app.registry.statistics().peers == 30
+
+
+@pytest.mark.parametrize("ips", [[], ["10.0.0.1"], ["::1"], ["10.0.0.1", "::2", "10.0.0.3"]])
+def test_the_hand_bencoded_compact_answer_is_what_bencode_gives(ips: list[str]) -> None:
+    peers = [HandedPeer(PeerAddress(ip, 6881 + i), bytes(20)) for i, ip in enumerate(ips)]
+    expected: dict[str, Any] = {"interval": 300, "min interval": 60, "complete": 12,
+                                "incomplete": 3,
+                                "peers": b"".join(p.address.compact for p in peers
+                                                  if ":" not in p.address.ip)}
+    v6 = b"".join(p.address.compact for p in peers if ":" in p.address.ip)
+    if v6:
+        expected["peers6"] = v6
+    assert announce_answer(peers, complete=12, incomplete=3, interval_s=300,
+                           min_interval_s=60, compact=True) == bencode(expected)

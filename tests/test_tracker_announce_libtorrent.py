@@ -14,6 +14,7 @@ import functools
 import random
 from pathlib import Path
 
+import pytest
 import trio
 
 from infra.http_serve import ListenConfig
@@ -24,7 +25,7 @@ from tracker.config import TrackerConfig
 from tracker.protocol import Release
 from tracker.registry import SwarmRegistry
 from tracker.rollout import RolloutPlan
-from tracker.server import serve_tracker
+from tracker.server import serve_tracker, serve_tracker_endpoints
 from tracker.store import SqliteStore
 
 PIECE = 16 * 1024
@@ -43,13 +44,17 @@ def manifest_for(data: bytes, info_hash: str) -> ReleaseManifest:
     )
 
 
+@pytest.mark.parametrize("endpoint", ["api", "lean"])
 async def test_leecher_finds_the_seeder_through_the_tracker_only(
-        tmp_path: Path, nursery: trio.Nursery) -> None:
+        tmp_path: Path, nursery: trio.Nursery, endpoint: str) -> None:
+    """Through the main (hypercorn) listener and through the lean endpoint."""
     db = tmp_path / "tracker.db"
     registry = SwarmRegistry(interval_s=300)
-    config = TrackerConfig(db_path=db, listen=ListenConfig(host="127.0.0.1", port=0))
-    tracker_url = await nursery.start(functools.partial(serve_tracker, config,
-                                                        registry=registry))
+    config = TrackerConfig(db_path=db, listen=ListenConfig(host="127.0.0.1", port=0),
+                           announce_listen=("127.0.0.1", 0))
+    urls = await nursery.start(functools.partial(serve_tracker_endpoints, config,
+                                                 registry=registry))
+    tracker_url = urls.api if endpoint == "api" else urls.announce
 
     seed_dir = tmp_path / "seed"
     seed_dir.mkdir()

@@ -265,6 +265,26 @@ async def test_announces_get_peers_only_for_devices_admitted_to_the_release(
     assert await announce(app, "c1", 7001) == []                  # aborted: nobody
 
 
+async def test_an_abort_by_another_tracker_process_stops_hand_out_within_the_cache_bound(
+        app: TrackerApp, store: SqliteStore, clock: Clock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The announce caches (rollout and admitted devices) never outlive a rollout change
+    made elsewhere by more than the rollout cache's lifetime (shortened here)."""
+    monkeypatch.setattr("tracker.app._ROLLOUT_CACHE_S", 0.2)
+    register_release(store, release(info_hash=INFO_HASH), RolloutPlan.everyone(), now=START)
+    assert await announce(app, None, 7000, left=0) == []          # the seeder
+    assert await offered(app, "d1") == "2.0.0"
+    for _ in range(3):                                            # cached: admitted
+        assert await announce(app, "d1", 7001) == [7000]
+    other = TrackerApp(store, TrackerConfig(db_path=store.path), clock)  # another process
+    status, _ = await call(other, "POST", f"/v1/admin/rollouts/{PRODUCT}/2.0.0/abort",
+                           token=token_for(store, "operator"))
+    assert status == 200
+    await trio.sleep(0.25)
+    assert await announce(app, "d1", 7001) == []                  # aborted: nobody
+    assert await announce(app, None, 7002) == []                  # not even anonymous
+
+
 async def test_hand_out_prefers_the_same_lan_then_the_same_region(
         app: TrackerApp, store: SqliteStore) -> None:
     register_release(store, release(info_hash=INFO_HASH), RolloutPlan.everyone(), now=START)

@@ -34,12 +34,17 @@ Layout (pure core, thin shells):
   (bounded, expiring, clock and RNG passed in).
 - :mod:`tracker.store`: the :class:`Store` interface and :class:`SqliteStore`.
 - :mod:`tracker.app`: the raw ASGI application, :class:`TrackerApp`.
-- :mod:`tracker.server`: :func:`serve_tracker`, store + app + hypercorn on trio.
+- :mod:`tracker.announce_server`: the lean BitTorrent endpoint (``/announce`` and
+  ``/scrape`` over raw trio streams, a strict HTTP/1.1 subset) deciding through the
+  same :class:`TrackerApp`.
+- :mod:`tracker.server`: :func:`serve_tracker` / :func:`serve_tracker_endpoints`,
+  store + app + hypercorn (+ the lean endpoint) on trio.
 - :mod:`tracker.cli`: ``swarmota tracker ...``.
 - :mod:`tracker.errors`: the exception tree.
 """
 
 from tracker.admin_client import AdminClient
+from tracker.announce_server import AnnounceServerLimits, serve_announce
 from tracker.app import TrackerApp, TrackerStatistics
 from tracker.bittorrent import (
     AnnounceRequest,
@@ -71,7 +76,7 @@ from tracker.protocol import (
 )
 from tracker.registry import AnnounceResult, RegistryStatistics, SwarmRegistry
 from tracker.rollout import Admission, Decision, RolloutPlan, RolloutState, StageCounters
-from tracker.server import serve_tracker
+from tracker.server import TrackerUrls, serve_tracker, serve_tracker_endpoints
 from tracker.store import (
     AuditEntry,
     DeviceRecord,
@@ -87,6 +92,7 @@ __all__ = [
     "AdminClient",
     "Admission",
     "AnnounceRequest",
+    "AnnounceServerLimits",
     "AnnounceResult",
     "AuditEntry",
     "AuthError",
@@ -114,6 +120,7 @@ __all__ = [
     "TrackerError",
     "TokenRecord",
     "TrackerStatistics",
+    "TrackerUrls",
     "checkin_answer",
     "decide_offer",
     "parse_announce",
@@ -121,5 +128,7 @@ __all__ = [
     "parse_report",
     "parse_scrape",
     "register_release",
+    "serve_announce",
     "serve_tracker",
+    "serve_tracker_endpoints",
 ]

@@ -8,7 +8,9 @@ Routes (see ARCHITECTURE.md, "Device <-> tracker API"):
 - ``GET /v1/health``: ``{"ok": true}``;
 - ``GET /announce`` and ``GET /scrape``: the BitTorrent HTTP tracker (BEP 3/23/7/48)
   for the swarms of registered releases (:mod:`tracker.bittorrent`); peers live in one
-  in-memory :class:`~tracker.registry.SwarmRegistry` owned by the app;
+  in-memory :class:`~tracker.registry.SwarmRegistry` owned by the app. The decision is
+  :meth:`TrackerApp.answer_bittorrent`, which the lean endpoint
+  (:mod:`tracker.announce_server`) calls too: one gate, one registry, one set of counters;
 - ``GET /metrics``: Prometheus text (no token: scrape it from the operator network);
 - ``/v1/admin/...``: the admin API (bearer tokens, roles, audit; see ARCHITECTURE.md).
 
@@ -199,7 +201,10 @@ class TrackerApp:
         # devices known admitted and past "offered" (admission never ends by itself).
         self._rollout_cache: dict[tuple[str, str], tuple[float, RolloutState | None]] = {}
         self._admitted: OrderedDict[tuple[str, str], None] = OrderedDict()
-        self._bittorrent_routes: dict[str, Callable[[Scope], Awaitable[bytes]]] = {
+        self._refreshing: dict[tuple[str, str], trio.Event] = {}
+        self._rollout_generation = 0  # bumped when this app changes a rollout
+        self._bittorrent_routes: dict[
+            str, Callable[[bytes, Sequence[object] | None], Awaitable[bytes]]] = {
             "/announce": self._announce,
             "/scrape": self._scrape,
         }
@@ -243,7 +248,9 @@ class TrackerApp:
         path = scope["path"]
         bittorrent = self._bittorrent_routes.get(path)
         if bittorrent is not None and scope["method"] == "GET":
-            await self._serve_bittorrent(scope, send, bittorrent)
+            status, body = await self.answer_bittorrent(
+                path, scope.get("query_string", b""), scope.get("client"))
+            await _send_bytes(send, status, body, b"text/plain")
             return
         if path == "/metrics" and scope["method"] == "GET":
             await _send_bytes(send, 200, self._metrics(),
@@ -303,7 +310,7 @@ class TrackerApp:
             lambda: self._decide_offer(checkin, now))
         self._count_decisions(decisions)
         if decisions:
-            self._rollout_cache.clear()
+            self._forget_rollouts()
         self._remember_network(checkin.device_id, checkin.network_id, checkin.region)
         self._checkins += 1
         if offer is not None:
@@ -368,7 +375,7 @@ class TrackerApp:
         report_id, decisions = await self._in_thread(lambda: self._record_report(report, now))
         self._count_decisions(decisions)
         if decisions:
-            self._rollout_cache.clear()
+            self._forget_rollouts()
         self._reports += 1
         self._reports_by_status[report.status] += 1
         log.info("report %d from %s: %s -> %s status %d", report_id, report.device_id,
@@ -443,7 +450,7 @@ class TrackerApp:
             self._admin_refused += 1
             raise
         if method == "POST":
-            self._rollout_cache.clear()
+            self._forget_rollouts()
         return answer
 
     def _admin_action(self, action: str, parts: list[str], actor: str, body: bytes,
@@ -562,20 +569,34 @@ class TrackerApp:
 
     # --- BitTorrent tracker -----------------------------------------------------------
 
-    async def _serve_bittorrent(self, scope: Scope, send: Send,
-                                handler: Callable[[Scope], Awaitable[bytes]]) -> None:
-        status = 200
+    async def answer_bittorrent(self, path: str, query: bytes,
+                                client: Sequence[object] | None) -> tuple[int, bytes]:
+        """``(HTTP status, bencoded body)`` answering ``GET path?query`` from ``client``
+        (``(host, port)`` of the connection, or ``None``), ``path`` being ``/announce``
+        or ``/scrape``.
+
+        The one BitTorrent decision of the tracker: the ASGI routes and the lean
+        endpoint (:mod:`tracker.announce_server`) both call it, so they share the swarm
+        gate, the registry, the caches and the counters. A refused request (bad query,
+        unknown info-hash) is a ``failure reason`` with status 200; a storage failure
+        one with status 500. Never raises on bad input.
+
+        Raises:
+            RuntimeError: ``path`` is not a BitTorrent route (a programming bug).
+        """
+        handler = self._bittorrent_routes.get(path)
+        if handler is None:
+            raise RuntimeError(f"{path!r} is not a BitTorrent route")
         try:
-            body = await handler(scope)
+            return 200, await handler(query, client)
         except RequestError as exc:
             self._bittorrent_failures += 1
-            body = failure_answer(str(exc))
+            return 200, failure_answer(str(exc))
         except StorageError:
             self._bittorrent_failures += 1
             self._errors += 1
-            log.exception("tracker storage failed on %s %s", scope["method"], scope["path"])
-            status, body = 500, failure_answer("tracker storage failure")
-        await _send_bytes(send, status, body, b"text/plain")
+            log.exception("tracker storage failed on GET %s", path)
+            return 500, failure_answer("tracker storage failure")
 
     async def _swarms_of(self, hashes: Sequence[bytes]) -> dict[bytes, SwarmInfo]:
         """The registered swarms among ``hashes`` (cached once known)."""
@@ -595,21 +616,25 @@ class TrackerApp:
             found.update(fresh)
         return found
 
-    async def _announce(self, scope: Scope) -> bytes:
-        request = parse_announce(scope.get("query_string", b""))
-        address = peer_address(scope.get("client"), request.port)
+    async def _announce(self, query: bytes, client: Sequence[object] | None) -> bytes:
+        request = parse_announce(query)
+        address = peer_address(client, request.port)
         swarm = (await self._swarms_of([request.announce_hash])).get(request.announce_hash)
         if swarm is None:
             raise RequestError(f"unknown info_hash {request.announce_hash.hex()}: no "
                                "registered release has this swarm")
         now = self._clock()
+        if request.device_id is not None or not request.is_seed:
+            await self._refresh_rollout(swarm)
         cached = self._cached_gate(swarm, request)
         if cached is not None:
             allowed, network = cached
         else:
+            generation, read_at = self._rollout_generation, time.monotonic()
             allowed, network, state, admitted = await self._in_thread(
                 lambda: _retry_stale(lambda: self._swarm_gate(swarm, request, now)))
-            self._rollout_cache[(swarm.product, swarm.version)] = (time.monotonic(), state)
+            if generation == self._rollout_generation:  # else a change raced the read
+                self._rollout_cache[(swarm.product, swarm.version)] = (read_at, state)
             if admitted and state is not None and request.device_id is not None:
                 self._remember(self._admitted, (state.rollout_id, request.device_id))
             if request.device_id is not None:
@@ -630,6 +655,38 @@ class TrackerApp:
                                interval_s=self._config.announce_interval_s,
                                min_interval_s=self._config.announce_min_interval_s,
                                compact=request.compact, no_peer_id=request.no_peer_id)
+
+    async def _refresh_rollout(self, swarm: SwarmInfo) -> None:
+        """Make the cached rollout of ``swarm``'s release fresh (read at most
+        ``_ROLLOUT_CACHE_S`` ago). One read at a time per release: announces arriving
+        while it runs wait for it instead of queueing reads of their own (single
+        flight), so an expiring cache costs one SQLite read, not one per announce.
+        A failed read leaves the cache stale; the caller then takes the full path."""
+        key = (swarm.product, swarm.version)
+        cached = self._rollout_cache.get(key)
+        if cached is not None and time.monotonic() - cached[0] < _ROLLOUT_CACHE_S:
+            return
+        running = self._refreshing.get(key)
+        if running is not None:
+            await running.wait()
+            return
+        done = self._refreshing[key] = trio.Event()
+        try:
+            generation, read_at = self._rollout_generation, time.monotonic()
+            state = await self._in_thread(lambda: self._store.rollout_of(*key))
+            if generation == self._rollout_generation:  # else a change raced the read
+                self._rollout_cache[key] = (read_at, state)
+        except StorageError:
+            log.warning("reading the rollout of %s %s failed", *key, exc_info=True)
+        finally:
+            del self._refreshing[key]
+            done.set()
+
+    def _forget_rollouts(self) -> None:
+        """This app changed a rollout: announces must read rollouts afresh, and reads
+        already running must not refill the cache with what they saw before."""
+        self._rollout_cache.clear()
+        self._rollout_generation += 1
 
     def _cached_gate(self, swarm: SwarmInfo, request: AnnounceRequest
                      ) -> tuple[bool, tuple[str | None, str | None]] | None:
@@ -691,8 +748,8 @@ class TrackerApp:
         while len(cache) > self._config.max_peers_total:
             cache.popitem(last=False)
 
-    async def _scrape(self, scope: Scope) -> bytes:
-        request = parse_scrape(scope.get("query_string", b""))
+    async def _scrape(self, query: bytes, client: Sequence[object] | None) -> bytes:
+        request = parse_scrape(query)
         known = await self._swarms_of(request.announce_hashes)
         files: dict[bytes, ScrapeCounts] = {
             h: self.registry.scrape(h) for h in request.announce_hashes if h in known}

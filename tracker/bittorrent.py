@@ -191,13 +191,23 @@ def peer_address(client: Sequence[object] | None, port: int) -> PeerAddress:
     """
     if not client:
         raise RequestError("cannot tell the peer's address")
+    ip = _normalised_ip(str(client[0]))
+    if ip is None:
+        raise RequestError("the peer's address is not an IP address")
+    return PeerAddress(ip, port)
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalised_ip(text: str) -> str | None:
+    """``text`` as a normalised IP (IPv4-mapped IPv6 as IPv4), ``None`` if not an IP.
+    Cached: a tracker sees the same addresses again every interval."""
     try:
-        ip = ipaddress.ip_address(str(client[0]))
+        ip = ipaddress.ip_address(text)
     except ValueError:
-        raise RequestError("the peer's address is not an IP address") from None
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return PeerAddress(str(ip), port)
+    return str(ip)
 
 
 def _split_query(query: bytes, known: Iterable[str], repeatable: str = "",
@@ -206,14 +216,14 @@ def _split_query(query: bytes, known: Iterable[str], repeatable: str = "",
     if len(query) > max_bytes:
         raise RequestError(f"query string of {len(query)} bytes is over the limit of "
                            f"{max_bytes} bytes")
+    if _BAD_ESCAPE_RE.search(query):  # once for all parts: "&" is no hex digit
+        raise RequestError("malformed percent-escape in the query string")
     names = set(known)
     out: dict[str, list[bytes]] = {}
     for part in query.split(b"&"):
         if not part:
             continue
         raw_name, _, raw_value = part.partition(b"=")
-        if _BAD_ESCAPE_RE.search(part):
-            raise RequestError("malformed percent-escape in the query string")
         try:
             name = _unquote(raw_name).decode("ascii")
         except UnicodeDecodeError:
@@ -232,11 +242,15 @@ def _unquote(raw: bytes) -> bytes:
     if b"%" not in raw:
         return raw
     pieces = raw.split(b"%")
-    out = bytearray(pieces[0])
+    out = [pieces[0]]
     for piece in pieces[1:]:
-        out.append(int(piece[:2], 16))
-        out += piece[2:]
-    return bytes(out)
+        out.append(_HEX_BYTE[piece[:2]])
+        out.append(piece[2:])
+    return b"".join(out)
+
+
+_HEX_BYTE: Final = {(a + b).encode(): bytes([int(a + b, 16)])
+                    for a in "0123456789abcdefABCDEF" for b in "0123456789abcdefABCDEF"}
 
 
 def _one(params: Mapping[str, list[bytes]], name: str) -> bytes | None:
@@ -416,28 +430,27 @@ def announce_answer(
     ``peers`` is a list of ``{"ip", "port", "peer id"}`` dicts (``peer id`` left out when
     ``no_peer_id``).
     """
+    if compact:  # the hot path, bencoded by hand: keys in sorted order, as bencode does
+        addresses = [peer.address for peer in peers]
+        v4 = b"".join([a.compact for a in addresses if ":" not in a.ip])
+        v6 = b"".join([a.compact for a in addresses if ":" in a.ip])
+        tail = b"e" if not v6 else b"6:peers6%d:%se" % (len(v6), v6)
+        return (b"d8:completei%de10:incompletei%de8:intervali%de12:min intervali%de"
+                b"5:peers%d:%s%s" % (complete, incomplete, interval_s, min_interval_s,
+                                     len(v4), v4, tail))
     answer: dict[str, Bencodable] = {
         "interval": interval_s,
         "min interval": min_interval_s,
         "complete": complete,
         "incomplete": incomplete,
     }
-    if compact:
-        v4 = bytearray()
-        v6 = bytearray()
-        for peer in peers:
-            (v6 if peer.address.is_ipv6 else v4).extend(peer.address.compact)
-        answer["peers"] = bytes(v4)
-        if v6:
-            answer["peers6"] = bytes(v6)
-    else:
-        listed: list[Bencodable] = []
-        for peer in peers:
-            entry: dict[str, Bencodable] = {"ip": peer.address.ip, "port": peer.address.port}
-            if not no_peer_id:
-                entry["peer id"] = peer.peer_id
-            listed.append(entry)
-        answer["peers"] = listed
+    listed: list[Bencodable] = []
+    for peer in peers:
+        entry: dict[str, Bencodable] = {"ip": peer.address.ip, "port": peer.address.port}
+        if not no_peer_id:
+            entry["peer id"] = peer.peer_id
+        listed.append(entry)
+    answer["peers"] = listed
     return bencode(answer)
 
 

@@ -1,7 +1,7 @@
 """``swarmota tracker ...``: run the tracker and manage its release catalogue.
 
     swarmota tracker serve --db PATH [--listen HOST:PORT] [--tls-cert F --tls-key F]
-        [--poll-after-s N]
+        [--announce-listen HOST:PORT] [--poll-after-s N]
     swarmota tracker release add --db PATH MANIFEST_FILE
     swarmota tracker release list --db PATH
     swarmota tracker reports --db PATH [--device ID]
@@ -48,7 +48,7 @@ from tracker.config import DEFAULT_POLL_AFTER_S, TrackerConfig
 from tracker.errors import AdminApiError, ConflictError, RequestError, StorageError
 from tracker.protocol import DEVICE_ID_RE, STATUS_NAMES, Release
 from tracker.rollout import ACTIONS, RolloutPlan
-from tracker.server import serve_tracker
+from tracker.server import serve_tracker_endpoints
 from tracker.store import AuditEntry, SqliteStore, TokenRecord
 
 __all__ = ["DEFAULT_LISTEN", "add_parser"]
@@ -86,6 +86,13 @@ def add_parser(subparsers: Any) -> None:
                             "bearer tokens of the admin API should only travel over it")
     serve.add_argument("--tls-key", metavar="FILE", type=Path, default=None,
                        help="PEM private key of --tls-cert")
+    serve.add_argument("--announce-listen", metavar="HOST:PORT", type=_listen_arg,
+                       default=None,
+                       help="also serve GET /announce and GET /scrape on this address "
+                            "with the lean BitTorrent endpoint (several times the "
+                            "announces/s of --listen; HTTPS too with --tls-cert); "
+                            "publish its URL + /announce as --announce-url. Default: "
+                            "off (--listen serves announces either way)")
     serve.add_argument("--poll-after-s", metavar="N", type=_poll_arg,
                        default=DEFAULT_POLL_AFTER_S,
                        help="seconds devices should wait between check-ins "
@@ -251,13 +258,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = TrackerConfig(db_path=args.db,
                            listen=ListenConfig(host=host, port=port, certfile=certfile,
                                                keyfile=keyfile),
-                           poll_after_s=args.poll_after_s)
+                           poll_after_s=args.poll_after_s,
+                           announce_listen=args.announce_listen)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            url = await nursery.start(functools.partial(serve_tracker, config))
-            print(f"tracker listening on {url} (database {config.db_path}); "
+            urls = await nursery.start(functools.partial(serve_tracker_endpoints, config))
+            print(f"tracker listening on {urls.api} (database {config.db_path}); "
                   "Ctrl-C to stop", flush=True)
+            if urls.announce is not None:
+                print(f"lean BitTorrent endpoint on {urls.announce}: announce URL "
+                      f"{urls.announce}/announce", flush=True)
 
     try:
         trio.run(main)

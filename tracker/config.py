@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.http_serve import ListenConfig
+from tracker.announce_server import AnnounceServerLimits
 from tracker.registry import DEFAULT_MAX_PEERS_PER_SWARM, DEFAULT_MAX_PEERS_TOTAL
 
 __all__ = [
@@ -48,6 +49,11 @@ class TrackerConfig:
         paced_poll_after_s: ``poll_after_s`` (jittered too, at most ``poll_after_s``)
             for a device held back by a stage's in-flight cap.
         audit_retention_s: audit entries older than this are deleted (checked hourly).
+        announce_listen: ``(host, port)`` of the lean BitTorrent endpoint
+            (:mod:`tracker.announce_server`), or ``None`` (default) for none: announces
+            and scrapes are then served by the main listener only. It uses the main
+            listener's TLS certificate and key when those are set.
+        announce_limits: bounds of the lean endpoint (head size, connections, timeouts).
 
     Raises:
         ValueError: ``poll_after_s`` outside 0..604800, ``max_body_bytes`` outside
@@ -67,6 +73,8 @@ class TrackerConfig:
     poll_jitter_fraction: float = DEFAULT_POLL_JITTER_FRACTION
     paced_poll_after_s: int = DEFAULT_PACED_POLL_AFTER_S
     audit_retention_s: float = DEFAULT_AUDIT_RETENTION_S
+    announce_listen: tuple[str, int] | None = None
+    announce_limits: AnnounceServerLimits = field(default_factory=AnnounceServerLimits)
 
     def __post_init__(self) -> None:
         if not 0 <= self.poll_after_s <= 7 * 24 * 3600:

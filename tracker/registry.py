@@ -14,12 +14,21 @@ come first, then peers of its region (same ``region``), then anyone; within each
 these groups a leecher gets seeds before leechers, and a seed gets leechers only; each
 group is shuffled; the requester never gets itself. The caller supplies ``network_id``
 and ``region`` (what the device declared at check-in); unknown ones match nobody.
+
+Cost: an announce costs O(numwant) in the common case, not O(swarm size): each swarm
+keeps its entries in last-announce order (expiry pops from the front), its seed count,
+and indexed pools of keys per (everyone | network | region) x (seed | leecher); a group
+larger than twice what is still wanted is sampled by drawing uniformly from its pool and
+rejecting the requester, duplicates and peers of an earlier group. When too many draws
+are rejected (e.g. most of the swarm is on the requester's LAN) the group is scanned
+exactly instead. Either way each group's hand-out is a uniform random sample.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -46,7 +55,104 @@ class _Peer:
     last_seen: float
     network_id: str | None
     completed: bool
+    handed: HandedPeer  # what hand-outs return, built again only for a new peer id
     region: str | None = None
+
+
+_Key = tuple[str, int]
+_PoolId = tuple[int, str | None, bool]  # (_EVERYONE | _NETWORK | _REGION, value, seed)
+_EVERYONE, _NETWORK, _REGION = 0, 1, 2
+
+
+class _Pool:
+    """A set of keys with O(1) add, discard and uniform random pick."""
+
+    __slots__ = ("index", "keys")
+
+    def __init__(self) -> None:
+        self.keys: list[_Key] = []
+        self.index: dict[_Key, int] = {}
+
+    def add(self, key: _Key) -> None:
+        if key not in self.index:
+            self.index[key] = len(self.keys)
+            self.keys.append(key)
+
+    def discard(self, key: _Key) -> None:
+        i = self.index.pop(key, None)
+        if i is None:
+            return
+        last = self.keys.pop()
+        if i < len(self.keys):
+            self.keys[i] = last
+            self.index[last] = i
+
+
+class _Swarm:
+    """One swarm's entries (oldest announce first), seed count and pools."""
+
+    __slots__ = ("peers", "pools", "seeds")
+
+    def __init__(self) -> None:
+        self.peers: OrderedDict[_Key, _Peer] = OrderedDict()
+        self.pools: dict[_PoolId, _Pool] = {}
+        self.seeds = 0
+
+    def __len__(self) -> int:
+        return len(self.peers)
+
+    def add(self, key: _Key, peer: _Peer) -> None:
+        self.peers[key] = peer
+        self._index(key, peer)
+
+    def remove(self, key: _Key) -> _Peer | None:
+        peer = self.peers.pop(key, None)
+        if peer is not None:
+            self._unindex(key, peer)
+        return peer
+
+    def update(self, key: _Key, peer: _Peer, request: AnnounceRequest, now: float,
+               network_id: str | None, region: str | None) -> None:
+        reindex = ((peer.left == 0) != (request.left == 0) or peer.network_id != network_id
+                   or peer.region != region)
+        if reindex:
+            self._unindex(key, peer)
+        if peer.peer_id != request.peer_id:
+            peer.peer_id = request.peer_id
+            peer.handed = HandedPeer(peer.address, request.peer_id)
+        peer.left = request.left
+        peer.last_seen = now
+        peer.network_id = network_id
+        peer.region = region
+        if reindex:
+            self._index(key, peer)
+        self.peers.move_to_end(key)
+
+    def _pool_ids(self, peer: _Peer) -> list[_PoolId]:
+        seed = peer.left == 0
+        ids: list[_PoolId] = [(_EVERYONE, None, seed)]
+        if peer.network_id is not None:
+            ids.append((_NETWORK, peer.network_id, seed))
+        if peer.region is not None:
+            ids.append((_REGION, peer.region, seed))
+        return ids
+
+    def _index(self, key: _Key, peer: _Peer) -> None:
+        self.seeds += peer.left == 0
+        for pool_id in self._pool_ids(peer):
+            pool = self.pools.get(pool_id)
+            if pool is None:
+                pool = self.pools[pool_id] = _Pool()
+            pool.add(key)
+
+    def _unindex(self, key: _Key, peer: _Peer) -> None:
+        self.seeds -= peer.left == 0
+        for pool_id in self._pool_ids(peer):
+            pool = self.pools.get(pool_id)
+            if pool is not None:
+                pool.discard(key)
+                if not pool.keys:
+                    del self.pools[pool_id]
 
 
 @dataclass(frozen=True)
@@ -111,7 +217,7 @@ class SwarmRegistry:
         self.max_peers_total = max_peers_total
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
-        self._swarms: dict[bytes, dict[tuple[str, int], _Peer]] = {}
+        self._swarms: dict[bytes, _Swarm] = {}
         self._downloads: dict[bytes, int] = {}
         self._total = 0
         self._last_sweep = clock()
@@ -137,14 +243,13 @@ class SwarmRegistry:
             self._purge(request.announce_hash, swarm, now)
             swarm = self._swarms.get(request.announce_hash)
         if request.event == "stopped":
-            if swarm is not None and swarm.pop(key, None) is not None:
+            if swarm is not None and swarm.remove(key) is not None:
                 self._total -= 1
                 if not swarm:
                     del self._swarms[request.announce_hash]
-            complete, incomplete = _counts(swarm or {})
-            return AnnounceResult((), complete, incomplete, stored=False)
+            return AnnounceResult((), *_counts(swarm), stored=False)
 
-        entry = swarm.get(key) if swarm is not None else None
+        entry = swarm.peers.get(key) if swarm is not None else None
         stored = True
         if entry is None:
             size = len(swarm) if swarm is not None else 0
@@ -152,49 +257,88 @@ class SwarmRegistry:
                 self._refused += 1
                 stored = False
             else:
-                entry = _Peer(PeerAddress(ip, request.port), request.peer_id, request.left,
-                              now, network_id, completed=False, region=region)
+                address = PeerAddress(ip, request.port)
+                entry = _Peer(address, request.peer_id, request.left, now, network_id,
+                              completed=False, handed=HandedPeer(address, request.peer_id),
+                              region=region)
                 if swarm is None:
-                    swarm = self._swarms[request.announce_hash] = {}
-                swarm[key] = entry
+                    swarm = self._swarms[request.announce_hash] = _Swarm()
+                swarm.add(key, entry)
                 self._total += 1
         else:
-            entry.peer_id = request.peer_id
-            entry.left = request.left
-            entry.last_seen = now
-            entry.network_id = network_id
-            entry.region = region
+            assert swarm is not None
+            swarm.update(key, entry, request, now, network_id, region)
         if request.event == "completed" and entry is not None and not entry.completed:
             entry.completed = True
             self._downloads[request.announce_hash] = (
                 self._downloads.get(request.announce_hash, 0) + 1)
             self._downloads_total += 1
 
-        others = [] if swarm is None else [p for k, p in swarm.items() if k != key]
-        if request.is_seed:
-            others = [p for p in others if p.left != 0]
-        groups: list[list[_Peer]] = [[] for _ in range(6)]
-        for p in others:
-            if network_id is not None and p.network_id == network_id:
-                place = 0
-            elif region is not None and p.region == region:
-                place = 2
-            else:
-                place = 4
-            groups[place + (p.left != 0)].append(p)
+        chosen = [] if swarm is None else self._hand_out(
+            swarm, key, request.numwant, request.is_seed, network_id, region)
+        peers = tuple([p.handed for p in chosen])
+        return AnnounceResult(peers, *_counts(swarm), stored)
+
+    def _hand_out(self, swarm: _Swarm, key: _Key, numwant: int, is_seed: bool,
+                  network_id: str | None, region: str | None) -> list[_Peer]:
+        """LAN first, then region, then anyone; seeds before leechers in each (a seed
+        gets leechers only); uniform random within each group; never ``key``."""
         chosen: list[_Peer] = []
-        for group in groups:  # random within a group; sample only what is handed out
-            need = request.numwant - len(chosen)
-            if need <= 0:
-                break
-            if need < len(group):
-                chosen.extend(self._rng.sample(group, need))
-            else:
-                self._rng.shuffle(group)
-                chosen.extend(group)
-        peers = tuple(HandedPeer(p.address, p.peer_id) for p in chosen)
-        complete, incomplete = _counts(swarm or {})
-        return AnnounceResult(peers, complete, incomplete, stored)
+        roles = (False,) if is_seed else (True, False)
+        levels: list[tuple[int, str | None]] = []
+        if network_id is not None:
+            levels.append((_NETWORK, network_id))
+        if region is not None:
+            levels.append((_REGION, region))
+        levels.append((_EVERYONE, None))
+        for level, value in levels:
+            # Peers of an earlier group are not handed out again from a later one.
+            other_net = network_id if level != _NETWORK else None
+            other_region = region if level == _EVERYONE else None
+            for seed in roles:
+                need = numwant - len(chosen)
+                if need <= 0:
+                    return chosen
+                pool = swarm.pools.get((level, value, seed))
+                if pool is not None:
+                    chosen.extend(self._sample(swarm, pool, need, key, other_net,
+                                               other_region))
+        return chosen
+
+    def _sample(self, swarm: _Swarm, pool: _Pool, need: int, key: _Key,
+                other_net: str | None, other_region: str | None) -> list[_Peer]:
+        """Up to ``need`` peers of ``pool``, a uniform random sample, leaving out ``key``
+        and peers of network ``other_net`` or region ``other_region`` (when not None)."""
+        keys, peers, rng = pool.keys, swarm.peers, self._rng
+        size = len(keys)
+        if size > 2 * need + 8:
+            # The first ``need`` distinct, admissible keys of a sequence of uniform
+            # draws (with replacement) are a uniform sample; drawn in batches, a
+            # bounded number of them, then an exact scan if too many were rejected.
+            draw = rng.random
+            seen: dict[_Key, None] = {}
+            picked: list[_Peer] = []
+            for _ in range(4):
+                batch = [keys[int(draw() * size)]  # uniform: size is far below 2**53
+                         for _ in range(need - len(picked) + (need >> 2) + 4)]
+                for k in batch:
+                    if k in seen or k == key:
+                        continue
+                    seen[k] = None
+                    p = peers[k]
+                    if ((other_net is not None and p.network_id == other_net)
+                            or (other_region is not None and p.region == other_region)):
+                        continue
+                    picked.append(p)
+                    if len(picked) == need:
+                        return picked
+        group = [peers[k] for k in keys if k != key
+                 and not (other_net is not None and peers[k].network_id == other_net)
+                 and not (other_region is not None and peers[k].region == other_region)]
+        if need < len(group):
+            return rng.sample(group, need)
+        rng.shuffle(group)
+        return group
 
     def scrape(self, announce_hash: bytes) -> ScrapeCounts:
         """BEP 48 counts of one swarm (zeros for a swarm nobody announced)."""
@@ -202,7 +346,7 @@ class SwarmRegistry:
         swarm = self._swarms.get(announce_hash)
         if swarm is not None:
             self._purge(announce_hash, swarm, now)
-        complete, incomplete = _counts(self._swarms.get(announce_hash, {}))
+        complete, incomplete = _counts(self._swarms.get(announce_hash))
         return ScrapeCounts(complete=complete, downloaded=self._downloads.get(announce_hash, 0),
                             incomplete=incomplete)
 
@@ -217,13 +361,13 @@ class SwarmRegistry:
 
     def network_of(self, announce_hash: bytes, ip: str, port: int) -> str | None:
         """The network id stored for a peer (the LAN-first hook), ``None`` if unknown."""
-        entry = self._swarms.get(announce_hash, {}).get((ip, port))
+        swarm = self._swarms.get(announce_hash)
+        entry = None if swarm is None else swarm.peers.get((ip, port))
         return None if entry is None else entry.network_id
 
     def statistics(self) -> RegistryStatistics:
         """A snapshot of the counters."""
-        seeds = sum(1 for swarm in self._swarms.values() for p in swarm.values()
-                    if p.left == 0)
+        seeds = sum(swarm.seeds for swarm in self._swarms.values())
         return RegistryStatistics(swarms=len(self._swarms), peers=self._total, seeds=seeds,
                                   leechers=self._total - seeds, announces=self._announces,
                                   refused=self._refused, expired=self._expired,
@@ -235,17 +379,21 @@ class SwarmRegistry:
             for announce_hash, swarm in list(self._swarms.items()):
                 self._purge(announce_hash, swarm, now)
 
-    def _purge(self, announce_hash: bytes, swarm: dict[tuple[str, int], _Peer],
-               now: float) -> None:
-        stale = [k for k, p in swarm.items() if now - p.last_seen > self.ttl_s]
-        for k in stale:
-            del swarm[k]
-        self._total -= len(stale)
-        self._expired += len(stale)
-        if not swarm:
+    def _purge(self, announce_hash: bytes, swarm: _Swarm, now: float) -> None:
+        """Drop expired entries: the oldest announces come first, stop at a live one."""
+        peers = swarm.peers
+        while peers:
+            key = next(iter(peers))
+            if now - peers[key].last_seen <= self.ttl_s:
+                break
+            swarm.remove(key)
+            self._total -= 1
+            self._expired += 1
+        if not peers:
             del self._swarms[announce_hash]
 
 
-def _counts(swarm: dict[tuple[str, int], _Peer]) -> tuple[int, int]:
-    seeds = sum(1 for p in swarm.values() if p.left == 0)
-    return seeds, len(swarm) - seeds
+def _counts(swarm: _Swarm | None) -> tuple[int, int]:
+    if swarm is None:
+        return 0, 0
+    return swarm.seeds, len(swarm) - swarm.seeds

@@ -1,27 +1,46 @@
-"""The tracker service: SQLite store + ASGI app + hypercorn, as one trio task."""
+"""The tracker service: SQLite store + ASGI app + hypercorn (+ the lean BitTorrent
+endpoint), as one trio task."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import logging
+import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
-from infra.http_serve import serve_asgi
+from infra.http_serve import ListenConfig, serve_asgi
+from tracker.announce_server import serve_announce
 from tracker.app import TrackerApp
 from tracker.config import TrackerConfig
 from tracker.registry import SwarmRegistry
 from tracker.store import SqliteStore
 
-__all__ = ["TRACKER_TLS_MIN_VERSION", "serve_tracker"]
+__all__ = ["TRACKER_TLS_MIN_VERSION", "TrackerUrls", "serve_tracker", "serve_tracker_endpoints"]
 
-#: The tracker speaks TLS 1.3 only (devices are ours; no legacy clients to serve).
+#: The tracker speaks TLS 1.3 only (devices are ours; no legacy clients to serve), on
+#: both of its listeners.
 TRACKER_TLS_MIN_VERSION = "1.3"
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrackerUrls:
+    """Where a running tracker listens.
+
+    Attributes:
+        api: base URL of the main listener (device, admin, metrics and BitTorrent API).
+        announce: base URL of the lean BitTorrent endpoint, or ``None`` if not enabled;
+            the announce URL for torrents is ``announce + "/announce"``.
+    """
+
+    api: str
+    announce: str | None
 
 
 async def serve_tracker(
@@ -31,27 +50,70 @@ async def serve_tracker(
     registry: SwarmRegistry | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the tracker API until cancelled.
+    """Serve the tracker until cancelled; pass the main listener's base URL
+    (``http://HOST:PORT``) to ``task_status.started``.
+
+    Same as :func:`serve_tracker_endpoints` (which see, for the arguments and errors),
+    for callers that need the main URL only.
+    """
+    async with trio.open_nursery() as nursery:
+        urls: TrackerUrls = await nursery.start(functools.partial(
+            serve_tracker_endpoints, config, clock=clock, registry=registry))
+        task_status.started(urls.api)
+
+
+async def serve_tracker_endpoints(
+    config: TrackerConfig,
+    *,
+    clock: Callable[[], float] = time.time,
+    registry: SwarmRegistry | None = None,
+    task_status: trio.TaskStatus[TrackerUrls] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the tracker API (and the lean BitTorrent endpoint if
+    ``config.announce_listen`` is set) until cancelled.
 
     Opens (creating if needed) the database at ``config.db_path``, listens on
-    ``config.listen`` (over TLS: 1.3 only, whatever ``config.listen`` says) and passes
-    the bound base URL (``http://HOST:PORT`` or ``https://...``) to
-    ``task_status.started``. The store is closed when the service stops, after every
+    ``config.listen`` (and ``config.announce_listen``, with the same TLS certificate
+    if any; over TLS both speak 1.3 only, whatever ``config.listen`` says) and passes
+    the bound :class:`TrackerUrls` to ``task_status.started``. Both
+    listeners serve one :class:`~tracker.app.TrackerApp`: one swarm registry, one swarm
+    gate, one set of counters. The store is closed when the service stops, after every
     request handler has finished. ``clock`` (epoch seconds) timestamps check-ins,
     reports and releases. ``registry`` holds the BitTorrent peers (default: a new one
     built from ``config``); pass one to read its statistics.
 
     Raises:
         StorageError: the database cannot be opened (before ``started``).
-        OSError: the address cannot be bound.
+        OSError: an address cannot be bound, or the TLS files cannot be loaded
+            (``ssl.SSLError`` is an ``OSError``).
     """
     store = await trio.to_thread.run_sync(
         functools.partial(SqliteStore, config.db_path, clock=clock))
     try:
         app = TrackerApp(store, config, clock, registry=registry)
         listen = dataclasses.replace(config.listen, tls_min_version=TRACKER_TLS_MIN_VERSION)
-        await serve_asgi(app, listen, task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            announce_url = None
+            if config.announce_listen is not None:
+                host, port = config.announce_listen
+                announce_url = await nursery.start(functools.partial(
+                    serve_announce, app.answer_bittorrent, host, port,
+                    ssl_context=_server_ssl_context(listen),
+                    limits=config.announce_limits))
+            api_url = await nursery.start(serve_asgi, app, listen)
+            task_status.started(TrackerUrls(api=api_url, announce=announce_url))
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store.close)
         log.info("tracker database %s closed", config.db_path)
+
+
+def _server_ssl_context(listen: ListenConfig) -> ssl.SSLContext | None:
+    """A server context from the main listener's certificate and TLS floor, or ``None``."""
+    if listen.certfile is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = (ssl.TLSVersion.TLSv1_3 if listen.tls_min_version == "1.3"
+                               else ssl.TLSVersion.TLSv1_2)
+    context.load_cert_chain(listen.certfile, listen.keyfile)
+    return context

@@ -1,0 +1,304 @@
+"""The lean BitTorrent HTTP tracker endpoint: ``GET /announce`` and ``GET /scrape`` only.
+
+Announces are the tracker's hottest path (every peer of every swarm, every interval),
+and a general-purpose ASGI server spends most of a core on its own machinery. This
+module answers them over raw trio streams with a small, strict HTTP/1.1 subset; the
+decisions are the app's (:meth:`tracker.app.TrackerApp.answer_bittorrent`), so both
+endpoints share one swarm gate, one peer registry, one set of caches and counters.
+
+Two layers, as in h11:
+
+- a pure core: :func:`parse_head` takes the bytes of one request head and returns a
+  :class:`Request` or a :class:`Refusal` (a value, never an exception);
+  :func:`render_response` builds the bytes of an answer;
+- a thin shell: :func:`serve_announce` accepts connections (``trio.serve_tcp``, or
+  ``trio.serve_ssl_over_tcp`` with an ``ssl.SSLContext``) and runs one task per
+  connection: read a head, answer it, repeat (keep-alive).
+
+What is accepted: ``GET <path>?<query> HTTP/1.1`` (or ``HTTP/1.0``) with header lines
+``name: value``, no body (``content-length: 0`` at most, no ``transfer-encoding``).
+What is refused, with a short text answer and the connection closed: a head over
+:attr:`AnnounceServerLimits.max_head_bytes` (413), a malformed request line or header,
+a body, an unsupported HTTP version (400), another path (404), another method on our
+paths (405, ``allow: GET``), and a connection over the concurrent cap (503). A client
+that sends nothing for ``idle_timeout_s`` between requests, or takes longer than
+``head_timeout_s`` to send a head once it started (when it does not arrive in one
+piece), is disconnected; a request's answer and its sending are bounded by the same
+``idle_timeout_s``. Pipelined requests
+are answered in order (the buffer stays bounded by the head limit).
+
+Errors: nothing leaves a connection task; transport failures (reset, broken pipe, TLS
+errors) close that connection only and are logged at debug level; an exception from
+``answer`` (a bug: it must not raise) is logged and closes that connection only. ``OSError`` from
+binding the listener is raised before ``started``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from tracker.bittorrent import MAX_QUERY_BYTES
+
+__all__ = [
+    "BITTORRENT_PATHS",
+    "DEFAULT_MAX_HEAD_BYTES",
+    "AnnounceServerLimits",
+    "AnswerBitTorrent",
+    "Refusal",
+    "Request",
+    "parse_head",
+    "render_response",
+    "serve_announce",
+]
+
+log = logging.getLogger(__name__)
+
+BITTORRENT_PATHS: Final = frozenset({"/announce", "/scrape"})
+DEFAULT_MAX_HEAD_BYTES: Final = MAX_QUERY_BYTES + 8 * 1024
+"""Room for the longest query the BitTorrent parser accepts plus ordinary headers, so
+that an over-long query gets the same ``failure reason`` as on the ASGI endpoint."""
+
+AnswerBitTorrent = Callable[[str, bytes, Sequence[object] | None], Awaitable[tuple[int, bytes]]]
+"""``(path, query, client) -> (status, body)``: :meth:`TrackerApp.answer_bittorrent`."""
+
+
+@dataclass(frozen=True)
+class AnnounceServerLimits:
+    """Bounds of the lean endpoint.
+
+    Attributes:
+        max_head_bytes: request line plus headers; more gets 413.
+        max_connections: connections served at once; more are answered 503 and closed.
+        idle_timeout_s: how long a keep-alive connection may wait for its next request.
+        head_timeout_s: how long a client may take to send one head once it started.
+        max_requests_per_connection: the connection is closed after this many answers.
+
+    Raises:
+        ValueError: a limit below 1 (or a timeout not positive).
+    """
+
+    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
+    max_connections: int = 1024
+    idle_timeout_s: float = 30.0
+    head_timeout_s: float = 10.0
+    max_requests_per_connection: int = 10_000
+
+    def __post_init__(self) -> None:
+        if min(self.max_head_bytes, self.max_connections,
+               self.max_requests_per_connection) < 1:
+            raise ValueError("max_head_bytes, max_connections and "
+                             "max_requests_per_connection must be at least 1")
+        if self.idle_timeout_s <= 0 or self.head_timeout_s <= 0:
+            raise ValueError("idle_timeout_s and head_timeout_s must be positive")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One accepted request: ``GET path?query``; ``keep_alive`` after the answer."""
+
+    path: str
+    query: bytes
+    keep_alive: bool
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request refused before the app sees it: the status, a short reason, and extra
+    headers (``allow`` for 405). The connection is closed after the answer."""
+
+    status: int
+    reason: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+_REASONS: Final = {200: b"OK", 400: b"Bad Request", 404: b"Not Found",
+                   405: b"Method Not Allowed", 413: b"Content Too Large",
+                   500: b"Internal Server Error", 503: b"Service Unavailable"}
+_TOKEN_BAD: Final = frozenset(b" \t\r\n:()<>@,;\\\"/[]?={}")
+
+
+def parse_head(head: bytes) -> Request | Refusal:
+    """The request whose head (request line and headers, without the blank line that
+    ends it) is ``head``. Pure; never raises on any input."""
+    line, _, rest = head.partition(b"\r\n")
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        return Refusal(400, "malformed request line")
+    method, target, version = parts
+    if version == b"HTTP/1.1":
+        keep_alive = True
+    elif version == b"HTTP/1.0":
+        keep_alive = False
+    else:
+        return Refusal(400, "unsupported HTTP version")
+    raw_path, _, query = target.partition(b"?")
+    if not raw_path.startswith(b"/") or not raw_path.isascii():
+        return Refusal(400, "malformed request target")
+    path = raw_path.decode("ascii")
+    if path not in BITTORRENT_PATHS:
+        return Refusal(404, "this endpoint serves /announce and /scrape only")
+    if method != b"GET":
+        return Refusal(405, f"{path} only accepts GET", ((b"allow", b"GET"),))
+    if rest:
+        for header in rest.split(b"\r\n"):
+            name, colon, value = header.partition(b":")
+            if not colon or not name or not _TOKEN_BAD.isdisjoint(name):
+                return Refusal(400, "malformed header line")
+            name = name.lower()
+            value = value.strip(b" \t")
+            if name == b"connection":
+                tokens = {t.strip().lower() for t in value.split(b",")}
+                if b"close" in tokens:
+                    keep_alive = False
+                elif b"keep-alive" in tokens:
+                    keep_alive = True
+            elif name == b"transfer-encoding" or (name == b"content-length"
+                                                  and value != b"0"):
+                return Refusal(400, "a request body is not accepted here")
+    return Request(path, query, keep_alive)
+
+
+def render_response(status: int, body: bytes, *, content_type: bytes = b"text/plain",
+                    keep_alive: bool = True,
+                    headers: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
+    """The bytes of an HTTP/1.1 answer (``connection: close`` unless ``keep_alive``)."""
+    out = [b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+           b"cache-control: no-store\r\n" % (status, _REASONS.get(status, b"Unknown"),
+                                             content_type, len(body))]
+    out.extend(b"%s: %s\r\n" % header for header in headers)
+    if not keep_alive:
+        out.append(b"connection: close\r\n")
+    out.append(b"\r\n")
+    out.append(body)
+    return b"".join(out)
+
+
+def _refusal_bytes(refusal: Refusal) -> bytes:
+    return render_response(refusal.status, refusal.reason.encode("ascii") + b"\n",
+                           keep_alive=False, headers=refusal.headers)
+
+
+_BUSY: Final = _refusal_bytes(Refusal(503, "too many connections"))
+_TRANSPORT_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                            ssl.SSLError)
+
+
+async def serve_announce(
+    answer: AnswerBitTorrent,
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    limits: AnnounceServerLimits | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``/announce`` and ``/scrape`` on ``host:port`` until cancelled.
+
+    ``answer`` decides (normally :meth:`TrackerApp.answer_bittorrent`). Port 0 lets the
+    kernel pick a free port; the base URL (``http://HOST:PORT``, or ``https://`` with
+    ``ssl_context``) is passed to ``task_status.started``. On cancellation the listener
+    and every connection are closed.
+
+    Raises:
+        OSError: the address cannot be bound (before ``started``).
+    """
+    limits = limits if limits is not None else AnnounceServerLimits()
+    slots = trio.CapacityLimiter(limits.max_connections)
+    handler = functools.partial(_serve_connection, answer, limits, slots)
+    tcp_listeners = await trio.open_tcp_listeners(port, host=host)
+    bound_host, bound_port = tcp_listeners[0].socket.getsockname()[:2]
+    listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(tcp_listeners)
+    if ssl_context is not None:
+        listeners = [trio.SSLListener(listener, ssl_context, https_compatible=True)
+                     for listener in tcp_listeners]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    scheme = "https" if ssl_context is not None else "http"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handler, listeners)
+        log.info("lean BitTorrent endpoint listening on %s://%s:%d", scheme, shown,
+                 bound_port)
+        task_status.started(f"{scheme}://{shown}:{bound_port}")
+
+
+async def _serve_connection(answer: AnswerBitTorrent, limits: AnnounceServerLimits,
+                            slots: trio.CapacityLimiter, stream: trio.abc.Stream) -> None:
+    """One connection: answer requests until the client leaves, a refusal, a timeout
+    or the per-connection cap. Never raises (transport errors end the connection)."""
+    try:
+        try:
+            slots.acquire_nowait()
+        except trio.WouldBlock:
+            with trio.move_on_after(1.0):
+                await stream.send_all(_BUSY)
+            return
+        try:
+            await _serve_requests(answer, limits, stream, _client_of(stream))
+        finally:
+            slots.release()
+    except _TRANSPORT_ERRORS as exc:
+        log.debug("lean endpoint connection ended: %r", exc)
+    except Exception:  # a bug in answering: lose this connection, not the listener
+        log.exception("lean endpoint: answering a request failed; connection closed")
+    finally:
+        with trio.move_on_after(1.0) as cleanup:
+            cleanup.shield = True
+            await trio.aclose_forcefully(stream)
+
+
+def _client_of(stream: trio.abc.Stream) -> tuple[str, int] | None:
+    inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if not isinstance(inner, trio.SocketStream):
+        return None
+    peer = inner.socket.getpeername()
+    return str(peer[0]), int(peer[1])
+
+
+async def _serve_requests(answer: AnswerBitTorrent, limits: AnnounceServerLimits,
+                          stream: trio.abc.Stream, client: tuple[str, int] | None) -> None:
+    """The keep-alive loop. One cancel scope per connection (cheaper than one per
+    request), its deadline moved at most twice per request: ``idle_timeout_s`` from
+    the moment the loop waits for a request (that deadline also bounds the app's answer
+    and its sending), tightened to ``head_timeout_s`` if a head does not arrive in one
+    piece."""
+    buffer = bytearray()
+    max_head = limits.max_head_bytes
+    with trio.CancelScope() as scope:
+        for _ in range(limits.max_requests_per_connection):
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                scope.deadline = trio.current_time() + (
+                    limits.head_timeout_s if buffer else limits.idle_timeout_s)
+                partial = bool(buffer)
+                while True:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return  # the client closed (mid-head or between requests)
+                    buffer += data
+                    end = buffer.find(b"\r\n\r\n", max(0, len(buffer) - len(data) - 3))
+                    if end >= 0 or len(buffer) > max_head:
+                        break
+                    if not partial:
+                        partial = True
+                        scope.deadline = trio.current_time() + limits.head_timeout_s
+            if end < 0 or end + 4 > max_head:
+                await stream.send_all(_refusal_bytes(Refusal(413, "request head too large")))
+                return
+            parsed = parse_head(bytes(buffer[:end]))
+            del buffer[:end + 4]
+            if isinstance(parsed, Refusal):
+                await stream.send_all(_refusal_bytes(parsed))
+                return
+            status, body = await answer(parsed.path, parsed.query, client)
+            await stream.send_all(render_response(status, body,
+                                                  keep_alive=parsed.keep_alive))
+            if not parsed.keep_alive:
+                return
+    if scope.cancelled_caught:
+        log.debug("lean endpoint: client %s timed out", client)
