@@ -51,8 +51,10 @@ from seeder.repository import Repository
 from seeder.server import serve_origin
 from swarmota.demo import make_image, mutate_image
 from tests.release_env import HARDWARE_ID, PRODUCT
+from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
 from tracker.protocol import Release
+from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
 from tracker.store import SqliteStore
 
@@ -125,7 +127,12 @@ async def start_fleet(nursery: trio.Nursery, pub: Published, workdir: Path) -> F
     tracker_url = await nursery.start(serve_tracker, TrackerConfig(db_path=db))
     store = SqliteStore(db)
     try:
-        store.add_release(Release.from_manifest(pub.m2))
+        # Every device at once, and a device that rolled back is offered v2 again (its
+        # next clean run must install it). Some kill points end in a rollback by design
+        # (killed during the health check): those must not halt this lab's rollout.
+        register_release(store, Release.from_manifest(pub.m2), RolloutPlan(
+            stages_percent=(100.0,), min_successes=0, soak_s=0.0, halt_min_sample=10**9,
+            halt_failure_count=10**9, retry_rolled_back=True))
     finally:
         store.close()
     return Fleet(pub, workdir, origin_url, tracker_url, db)
