@@ -67,3 +67,12 @@ async def test_demo_reports_failure_when_a_device_cannot_update(
     canary, everyone = outcome.rollout_stages
     assert canary[1:4] == (1, 0, 1) and everyone[1] == 0
     assert not any(outcome.results[d].attempted for d in ("device-02", "device-03"))
+
+
+async def test_demo_with_a_single_device_is_its_own_canary(tmp_path: Path) -> None:
+    out = io.StringIO()
+    outcome = await run_demo(tmp_path, devices=1, image_size_bytes=1 << 20, zstd_level=3,
+                             mode="direct", cdn_rate_bytes_per_s=None, out=out)
+    assert outcome.ok, out.getvalue()
+    canary, everyone = outcome.rollout_stages
+    assert canary[:3] == ("canary", 1, 1) and everyone[1] == 0
