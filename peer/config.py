@@ -151,10 +151,12 @@ def load_config(path: Path) -> DeviceConfig:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    raw["health_command"] = tuple(raw.get("health_command", ()))
-    raw["labels"] = tuple(raw.get("labels", ()))
-    if isinstance(raw.get("tls_pins"), list):
-        raw["tls_pins"] = tuple(raw["tls_pins"])
+    for name in ("health_command", "labels", "tls_pins"):
+        if name in raw:
+            value = raw[name]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{path}: {name} must be a list of strings")
+            raw[name] = tuple(value)
     try:
         return DeviceConfig(**raw)
     except TypeError as exc:
