@@ -3,6 +3,8 @@ real tracker on 127.0.0.1, and a factory for provisioned devices."""
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from tracker.store import SqliteStore
 PRODUCT = "acme-router"
 HARDWARE_ID = "acme-router-hw1"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -137,3 +140,15 @@ def images() -> tuple[bytes, bytes]:
 async def env(tmp_path: Path, nursery: trio.Nursery,
               images: tuple[bytes, bytes]) -> AsyncIterator[ReleaseEnv]:
     yield await start_env(nursery, tmp_path, *images)
+
+
+async def killed_at(dev: DeviceState, point: str) -> None:
+    """Run ``swarmota peer update`` until it SIGKILLs itself at crash point ``point``."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SWARMOTA_CRASH")}
+    environ["SWARMOTA_CRASH_AT"] = point
+    with trio.fail_after(60):
+        proc = await trio.run_process(
+            [sys.executable, "-m", "swarmota.cli", "peer", "update", str(dev.root)],
+            env=environ, cwd=REPO_ROOT, capture_stdout=True, capture_stderr=True,
+            check=False)
+    assert proc.returncode == -9, (proc.returncode, proc.stderr[-2000:])

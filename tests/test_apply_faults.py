@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -31,21 +30,11 @@ from peer.config import save_config
 from peer.errors import StatusCode
 from peer.slots import FileSlots, SlotWriter
 from peer.state import DeviceState
-from tests.release_env import ReleaseEnv
+from tests.release_env import ReleaseEnv, killed_at
 from tests.test_update_delta import publish_v3_with_deltas
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-async def killed_at(dev: DeviceState, point: str) -> None:
-    """Run ``swarmota peer update`` until it SIGKILLs itself at ``point``."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SWARMOTA_CRASH")}
-    environ["SWARMOTA_CRASH_AT"] = point
-    with trio.fail_after(60):
-        proc = await trio.run_process(
-            [sys.executable, "-m", "swarmota.cli", "peer", "update", str(dev.root)],
-            env=environ, cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False)
-    assert proc.returncode == -9, (proc.returncode, proc.stderr[-2000:])
 
 
 def assert_on(dev: DeviceState, image: bytes, *, slot: str) -> None:

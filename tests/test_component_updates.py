@@ -9,14 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import trio
-
 from manifest import ReleaseManifest
 from peer.agent import update_once
 from peer.errors import StatusCode
 from peer.state import DeviceState
 from seeder.publish import publish_release
-from tests.release_env import HARDWARE_ID, PRODUCT, ReleaseEnv
+from tests.release_env import HARDWARE_ID, PRODUCT, ReleaseEnv, killed_at
 
 ROOT = Path(__file__).resolve().parents[1]
 FW1 = b"modem firmware 1\n" * 4000
@@ -91,15 +89,6 @@ async def test_failed_health_check_restores_the_previous_content(
     assert (await update_once(dev)).status == StatusCode.OK
     assert current(dev, "net-config") == FW2
 
-
-async def killed_at(dev: DeviceState, point: str) -> None:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SWARMOTA_CRASH")}
-    environ["SWARMOTA_CRASH_AT"] = point
-    with trio.fail_after(60):
-        proc = await trio.run_process(
-            [sys.executable, "-m", "swarmota.cli", "peer", "update", str(dev.root)],
-            env=environ, cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False)
-    assert proc.returncode == -9, proc.stderr[-2000:]
 
 
 async def test_killed_mid_switch_rolls_back_then_the_next_run_installs(
