@@ -49,6 +49,7 @@ from manifest import (
     parse_release_manifest,
 )
 from peer import machine
+from peer.announce_relay import AnnounceRelay, background_tasks
 from peer.bootctl import (
     BootControl,
     SlotRecord,
@@ -74,6 +75,7 @@ from peer.errors import (
 )
 from peer.health import run_health_check
 from peer.http import HttpClient
+from peer.identity import Identity, load_identity
 from peer.install import install_delta, install_image
 from peer.install_policy import Decision, PolicyPowerSource, decide, load_policy
 from peer.machine import Action, Event, Journal, JournalError, Phase
@@ -157,11 +159,15 @@ async def update_once(state: DeviceState, *,
     with _device_lock(state):
         config = state.config()
         bc = state.bootctl()
-        async with HttpClient.for_device(config) as http:
+        identity = load_identity(state.root)
+        async with HttpClient.for_device(config, identity) as http, \
+                background_tasks() as nursery:
             run = _Run(state, http, clock,
                        config.seed_time_s if seed_time_s is None else seed_time_s,
                        state.slots() if slots is None else slots, wall_clock)
             run.retry_budget = retry_budget
+            run.identity = identity
+            run.nursery = nursery
             try:
                 result = await run.start(bc)
                 if result.attempted and result.to_version is not None:
@@ -221,6 +227,9 @@ class _Run:
         self.clock = clock
         self.timings: dict[str, float] = {}
         self.swarm: SwarmSession | None = None
+        self.identity: Identity | None = None
+        self.nursery: trio.Nursery | None = None  # runs the announce relay
+        self.relay_url: str | None = None
         self.installed: _Seedable | None = None
         self.last_swarm: _Seedable | None = None
 
@@ -555,8 +564,12 @@ class _Run:
                               result: UpdateResult) -> None:
         config = self.config
         session = await self._swarm_session()
+        assert self.relay_url is not None
+        identity = self.identity
         options = SwarmOptions(
-            announce_urls=(f"{config.tracker_url.rstrip('/')}/announce",),
+            # libtorrent announces through the relay: pinned, signed (peer/announce_relay)
+            announce_urls=(self.relay_url,),
+            identity=None if identity is None else (identity.cert_pem, identity.key_pem),
             stall_s=config.swarm_stall_s, timeout_s=config.swarm_timeout_s,
             min_peer_rate_bytes_per_s=_min_peer_rate(config),
             waste_budget_bytes=config.swarm_waste_budget_bytes,
@@ -577,6 +590,10 @@ class _Run:
             self.last_swarm = _Seedable(ref, work, stats.bytes_uploaded)
 
     async def _swarm_session(self) -> SwarmSession:
+        if self.relay_url is None:
+            assert self.nursery is not None
+            relay = AnnounceRelay(self.http, self.config.tracker_url)
+            self.relay_url = await self.nursery.start(relay.serve)
         if self.swarm is None:
             host, port = self.config.swarm_listen_host_port
             policy = upload_policy(self.config)
@@ -586,7 +603,8 @@ class _Run:
                 listen_host=host, listen_port=port,
                 download_rate_limit_bytes_per_s=self.config.download_rate_limit_bytes_per_s,
                 upload_rate_limit_bytes_per_s=policy.rate_limit_bytes_per_s,
-                upload_enabled=policy.allowed)
+                upload_enabled=policy.allowed,
+                ssl_listen=self.identity is not None)  # private swarms need a certificate
             self.swarm = await trio.to_thread.run_sync(SwarmSession, swarm_config)
         return self.swarm
 
