@@ -36,7 +36,10 @@ from peer.errors import ConfigError
 from peer.http import HttpClient, TlsPolicy
 from peer.identity import COUNTER_RESERVATION, install_identity, load_identity
 
-NOW = datetime.datetime.now(datetime.UTC)
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +59,10 @@ def signer_for(cas: Path, tmp: Path, device_id: str, *, ca: str = "fleet",
 
 def verify(trust: FleetTrust, headers: list[tuple[str, str]], *, method: str = "POST",
            target: bytes = b"/v1/report", body: bytes = b"{}",
-           now: datetime.datetime = NOW) -> object:
+           at: datetime.datetime | None = None) -> object:
     raw = [(k.encode(), v.encode()) for k, v in headers]
     return trust.verify(method, target, body, find_header(raw, CERT_HEADER),
-                        find_header(raw, SIGNATURE_HEADER), now)
+                        find_header(raw, SIGNATURE_HEADER), at or now())
 
 
 # --------------------------------------------------------------------------- signatures
@@ -109,9 +112,9 @@ def test_expired_or_not_yet_valid_certificate_is_refused(cas: Path, tmp_path: Pa
     trust = FleetTrust((cas / "fleet" / "ca.pem").read_bytes())
     signer = signer_for(cas, tmp_path, "dev-1", days=1)
     headers = signer.headers("POST", b"/v1/report", b"{}", 1)
-    for when in (NOW + datetime.timedelta(days=2), NOW - datetime.timedelta(hours=1)):
+    for when in (now() + datetime.timedelta(days=2), now() - datetime.timedelta(hours=1)):
         with pytest.raises(DeviceAuthError, match="validity"):
-            verify(trust, headers, now=when)
+            verify(trust, headers, at=when)
 
 
 def test_missing_malformed_or_doubled_headers_are_refused(cas: Path, tmp_path: Path) -> None:
@@ -235,7 +238,7 @@ async def test_agent_requests_are_signed_over_the_wire_and_verify(
     counters = []
     for method, target, headers, body in app.requests:
         who = trust.verify(method, target, body, find_header(headers, CERT_HEADER),
-                           find_header(headers, SIGNATURE_HEADER), NOW)
+                           find_header(headers, SIGNATURE_HEADER), now())
         assert who.device_id == "dev-1"
         counters.append(who.counter)
     assert [r[1].split(b"?")[0] for r in app.requests] == [b"/v1/report", b"/announce"]
