@@ -37,7 +37,6 @@ from peer.http import HttpClient, TlsPolicy
 from peer.identity import COUNTER_RESERVATION, install_identity, load_identity
 
 
-
 def now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
