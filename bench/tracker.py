@@ -264,7 +264,7 @@ def _start_tracker(db: Path, cpu: int | None) -> tuple[subprocess.Popen[str], st
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from swarmota.cli import main; sys.exit(main())",
          "tracker", "serve", "--db", str(db), "--listen", "127.0.0.1:0",
-         "--announce-listen", "127.0.0.1:0"],
+         "--announce-listen", "127.0.0.1:0", "--allow-unauthenticated-devices"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         if cpu is not None:
