@@ -16,7 +16,9 @@ Two layers, as in h11:
   connection: read a head, answer it, repeat (keep-alive).
 
 What is accepted: ``GET <path>?<query> HTTP/1.1`` (or ``HTTP/1.0``) with header lines
-``name: value``, no body (``content-length: 0`` at most, no ``transfer-encoding``).
+``name: value``, no body (``content-length: 0`` at most, no ``transfer-encoding``). The
+request target exactly as received and the header lines go to ``answer`` with the path
+and query, so that the app can check a signed request (:mod:`infra.deviceauth`).
 What is refused, with a short text answer and the connection closed: a head over
 :attr:`AnnounceServerLimits.max_head_bytes` (413), a malformed request line or header,
 a body, an unsupported HTTP version (400), another path (404), another method on our
