@@ -32,8 +32,16 @@ import trio
 from infra.devca import create_ca, issue_device_cert
 from infra.deviceauth import RequestSigner
 from infra.http_serve import ListenConfig
-from tests.test_tracker_announce import ANNOUNCE_HASH, announce_query, bdecode, build_manifest, q
+from tests.test_tracker_announce import (
+    ANNOUNCE_HASH,
+    announce_query,
+    bdecode,
+    build_manifest,
+    call,
+    q,
+)
 from tracker import cli
+from tracker.app import TrackerApp
 from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
 from tracker.errors import ConfigError
@@ -468,6 +476,20 @@ async def test_a_header_sent_twice_is_not_a_signature(tracker: Tracker, fleet: F
     for base in (tracker.urls.api, tracker.urls.announce):
         response = await tracker.client.get(base + target, headers=headers)
         assert "request not signed" in failure(bdecode(response.content))
+
+
+async def test_outsider_announce_is_counted_as_refused_in_the_app_statistics(
+        tmp_path: Path, fleet: Fleet) -> None:
+    db = tmp_path / "tracker.db"
+    register(db)
+    with SqliteStore(db) as store:
+        app = TrackerApp(store, TrackerConfig(db_path=db, device_ca=fleet.ca_pem))
+        _, _, body = await call(app, "/announce", announce_query(left=0))
+        assert "request not signed" in failure(bdecode(body))
+        stats = app.statistics()
+        assert (stats.device_auth_refused, stats.bittorrent_failures, stats.announces,
+                stats.errors) == (1, 1, 0, 0)
+        assert app.registry.statistics().announces == 0
 
 
 # --- lab mode and the command line ----------------------------------------------------------
