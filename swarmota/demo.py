@@ -40,6 +40,7 @@ from manifest import Payload
 from peer.agent import UpdateResult, update_once
 from peer.announce_relay import AnnounceRelay
 from peer.config import DOWNLOAD_MODES, DeviceConfig
+from peer.errors import DownloadFailed
 from peer.http import HttpClient, TlsPolicy
 from peer.identity import install_identity, load_identity_dir
 from peer.state import DeviceState, init_device
@@ -130,6 +131,22 @@ def _make_pki(directory: Path) -> _Pki:
                                 backup=True)
     fleet_ca = create_ca(fleet_ca_dir, common_name="swarmota demo fleet CA")
     return _Pki(server_ca, origin, tracker, fleet_ca, fleet_ca_dir)
+
+
+async def _outsider_is_refused(directory: Path, tracker_url: str, tls: TlsPolicy) -> bool:
+    """Whether the tracker refuses (401) a check-in signed with a certificate from a CA
+    that is not the fleet's, for a device id of the fleet."""
+    create_ca(directory / "ca", common_name="not the fleet CA")
+    files = issue_device_cert(directory / "ca", directory / "identity", "device-01")
+    identity = load_identity_dir(files.cert.parent)
+    async with HttpClient(timeout_s=10.0, tls=tls, identity=identity) as http:
+        try:
+            await http.post_json(f"{tracker_url}/v1/checkin", {
+                "device_id": "device-01", "product": PRODUCT, "hardware_id": HARDWARE_ID,
+                "version": "1.0.0", "release_counter": 1})
+        except DownloadFailed as exc:
+            return exc.http_status == 401
+    return False
 
 
 @dataclass(frozen=True)
@@ -283,7 +300,7 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
             HttpClient(timeout_s=30.0, tls=tls, identity=seeder_identity) as seeder_http:
         origin_url = await nursery.start(serve_origin, origin, ListenConfig(
             certfile=str(pki.origin.cert), keyfile=str(pki.origin.key)))
-        tracker_config = TrackerConfig(db_path=db, listen=ListenConfig(
+        tracker_config = TrackerConfig(db_path=db, device_ca=pki.fleet_ca, listen=ListenConfig(
             certfile=str(pki.tracker.cert), keyfile=str(pki.tracker.key),
             tls_min_version=TRACKER_TLS_MIN_VERSION))
         registry = SwarmRegistry(interval_s=tracker_config.announce_interval_s)
@@ -338,11 +355,14 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
             say(f"[6/6] stage 100%: {sum(r.updated for r in results.values())} of {devices} "
                 "devices updated; report")
             fleet_nursery.cancel_scope.cancel()
+        outsider_refused = await _outsider_is_refused(workdir / "outsider", tracker_url, tls)
+        say(f"      an outsider (a certificate from another CA) checks in: "
+            f"{'refused' if outsider_refused else 'ACCEPTED'} by the tracker")
         seeding = seeder.statistics()
         nursery.cancel_scope.cancel()
 
     want = hashlib.sha256(v2).hexdigest()
-    ok = not offered_early
+    ok = not offered_early and outsider_refused
     say(f"  {'device':<11} {'status':>6} {'result':<9} {'payload':<7} {'mode':<6} "
         f"{'from origin':>12} {'from peers':>11} {'time s':>7}  slot")
     for state in states:
