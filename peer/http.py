@@ -39,12 +39,35 @@ from peer.config import DeviceConfig
 from peer.errors import ConfigError, DownloadFailed, PinMismatch
 from peer.identity import Identity
 
-__all__ = ["MAX_JSON_RESPONSE_BYTES", "HttpClient", "TlsPolicy", "TufFetcher"]
+__all__ = ["MAX_JSON_RESPONSE_BYTES", "HttpClient", "TlsPolicy", "TufFetcher",
+           "decode_json_answer"]
 
 MAX_JSON_RESPONSE_BYTES = 64 * 1024
 _READ_BLOCK = 64 * 1024
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _USER_AGENT = "swarmota-peer/0.1"
+
+
+def decode_json_answer(what: str, status: int, data: bytes) -> dict[str, Any]:
+    """The JSON object a server answered with HTTP ``status`` (pure; ``what`` names the
+    request in messages).
+
+    Raises:
+        DownloadFailed: ``status`` is not 200 (the message quotes the server's error,
+            clipped), or the answer is not a JSON object (not UTF-8, not JSON, nested
+            too deeply, or another JSON value).
+    """
+    try:
+        answer = json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deeply
+        answer = None
+    if status != 200:
+        detail = answer.get("error") if isinstance(answer, dict) else data[:200].decode(
+            errors="replace")
+        raise DownloadFailed(f"{what}: HTTP {status}: {str(detail)[:200]}", http_status=status)
+    if not isinstance(answer, dict):
+        raise DownloadFailed(f"{what}: answer is not a JSON object")
+    return answer
 
 
 @functools.cache
@@ -483,14 +506,4 @@ class HttpClient:
                     status = response.status_code
         except httpx.HTTPError as exc:
             raise DownloadFailed(f"POST {url}: {_describe(exc)}") from exc
-        try:
-            answer = json.loads(bytes(data))
-        except ValueError:
-            answer = None
-        if status != 200:
-            detail = answer.get("error") if isinstance(answer, dict) else data[:200].decode(
-                errors="replace")
-            raise DownloadFailed(f"POST {url}: HTTP {status}: {detail}", http_status=status)
-        if not isinstance(answer, dict):
-            raise DownloadFailed(f"POST {url}: answer is not a JSON object")
-        return answer
+        return decode_json_answer(f"POST {url}", status, bytes(data))
