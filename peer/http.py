@@ -40,11 +40,12 @@ from peer.errors import ConfigError, DownloadFailed, PinMismatch
 from peer.identity import Identity
 
 __all__ = ["MAX_JSON_RESPONSE_BYTES", "HttpClient", "TlsPolicy", "TufFetcher",
-           "decode_json_answer"]
+           "content_range_matches", "decode_json_answer"]
 
 MAX_JSON_RESPONSE_BYTES = 64 * 1024
 _READ_BLOCK = 64 * 1024
-_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# At most 20 digits: any valid offset fits, and int() never sees 4300+ digits (ValueError).
+_CONTENT_RANGE_RE = re.compile(r"bytes ([0-9]{1,20})-([0-9]{1,20})/([0-9]{1,20}|\*)")
 _USER_AGENT = "swarmota-peer/0.1"
 
 
@@ -68,6 +69,14 @@ def decode_json_answer(what: str, status: int, data: bytes) -> dict[str, Any]:
     if not isinstance(answer, dict):
         raise DownloadFailed(f"{what}: answer is not a JSON object")
     return answer
+
+
+def content_range_matches(header: str | None, offset: int, length: int) -> bool:
+    """Whether a 206 answer's ``Content-Range`` header names exactly the ``length`` bytes
+    from ``offset`` (pure; any other value, malformed or overlong, is ``False``)."""
+    match = _CONTENT_RANGE_RE.fullmatch(header or "")
+    return (match is not None and int(match[1]) == offset
+            and int(match[2]) == offset + length - 1)
 
 
 @functools.cache
@@ -434,8 +443,8 @@ class HttpClient:
         try:
             async with self._client.stream("GET", url, headers=headers) as response:
                 if response.status_code == 206:
-                    match = _CONTENT_RANGE_RE.fullmatch(response.headers.get("content-range", ""))
-                    if not match or int(match[1]) != offset or int(match[2]) != offset + length - 1:
+                    if not content_range_matches(response.headers.get("content-range"),
+                                                 offset, length):
                         raise DownloadFailed(f"GET {url}: bad Content-Range "
                                              f"{response.headers.get('content-range')!r}")
                     skip = 0
