@@ -9,6 +9,7 @@ import contextlib
 import json
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -131,8 +132,19 @@ def test_announce_and_scrape_queries_are_parsed_or_refused(
                 parse(data)
 
 
+policy_texts = st.one_of(
+    st.text(max_size=400),
+    st.builds(lambda table, key, value: f"[{table}]\n{key} = {value}\n",
+              st.sampled_from(["schedule", "power", "network", "storage"]),
+              st.sampled_from(["windows", "delay_s", "min_battery_percent", "battery_file",
+                               "battery_command", "download_when_metered", "reserve_bytes"]),
+              st.sampled_from(["9" * 400, "-1", "1e400", "-1e400", "nan", "inf", "0", "true",
+                               '"x"', '["02:00-05:00"]', '["25:00-26:00"]', "[]"])),
+)
+
+
 @FUZZ
-@given(text=st.text(max_size=400))
+@given(text=policy_texts)
 def test_policy_files_load_or_give_a_config_error(tmp_path: Path, text: str) -> None:
     path = tmp_path / "policy.toml"
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
@@ -152,10 +164,40 @@ json_values = st.recursive(
 @given(doc=st.dictionaries(st.sampled_from([
     "device_id", "product", "hardware_id", "origin_url", "tracker_url", "download_mode",
     "health_command", "labels", "tls_pins", "tls_ca_file", "network_id", "seed_time_s",
-    "swarm_listen", "unknown"]), json_values, max_size=8))
+    "swarm_listen", "unknown"]), json_values | st.sampled_from([
+        "127.0.0.1:" + "9" * 5000, "127.0.0.1:\u00b2", "[::1]:\u0663", "h:65536", "h:01"]),
+    max_size=8))
 def test_device_config_files_load_or_give_a_config_error(tmp_path: Path,
                                                          doc: dict[str, object]) -> None:
     path = tmp_path / "device.json"
     path.write_text(json.dumps(doc))
     with contextlib.suppress(ConfigError):
         load_config(path)
+
+
+VALID_DEVICE = {"device_id": "dev-1", "product": "acme", "hardware_id": "hw1",
+                "origin_url": "http://127.0.0.1:8460", "tracker_url": "http://127.0.0.1:8470"}
+
+
+@FUZZ
+@given(key=st.sampled_from(["swarm_listen", "seed_time_s", "download_mode", "labels",
+                            "network_id", "tls_pins", "health_command", "device_id"]),
+       value=json_values | st.sampled_from([
+           "127.0.0.1:" + "9" * 5000, "127.0.0.1:\u00b2", "[::1]:\u0663", "h:65536", ":1",
+           10**400, float("inf")]))
+def test_any_value_in_a_valid_device_config_loads_or_gives_a_config_error(
+        tmp_path: Path, key: str, value: object) -> None:
+    path = tmp_path / "device.json"
+    path.write_text(json.dumps({**VALID_DEVICE, key: value}))
+    with contextlib.suppress(ConfigError):
+        config = load_config(path)
+        host, port = config.swarm_listen_host_port
+        assert host and 0 <= port <= 65535
+
+
+def test_swarm_listen_port_of_non_ascii_digits_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "device.json"
+    for listen in ("127.0.0.1:\u00b2", "[::1]:\u0663", "127.0.0.1:" + "9" * 5000):
+        path.write_text(json.dumps({**VALID_DEVICE, "swarm_listen": listen}))
+        with pytest.raises(ConfigError, match="swarm_listen"):
+            load_config(path)
