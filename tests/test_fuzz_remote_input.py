@@ -180,7 +180,7 @@ def test_every_valid_device_report_round_trips_through_the_tracker_parser(
     assert parse_report(encode_json(report_to_json(report))) == report
 
 
-@FUZZ
+@FEW
 @given(checkin=valid_checkins, report=valid_reports, edits=mutations)
 def test_corrupted_check_in_and_report_bodies_are_refused_or_still_valid(
         checkin: CheckIn, report: Report, edits: list[tuple[str, int, int]]) -> None:
@@ -192,6 +192,23 @@ def test_corrupted_check_in_and_report_bodies_are_refused_or_still_valid(
         assert parsed.status in STATUS_NAMES
         assert release_target_name(parsed.product, parsed.to_version)
         assert all(TIMING_NAME_RE.fullmatch(name) for name in parsed.timings_s)
+
+
+@FEW
+@given(checkin=valid_checkins, report=valid_reports, data=st.data())
+def test_any_field_of_a_check_in_or_report_replaced_by_hostile_json_only_raises_request_error(
+        checkin: CheckIn, report: Report, data: st.DataObject) -> None:
+    """Huge integers, lone surrogates, NaN, nested values, in any field (the plain
+    version of this is in test_tracker_protocol.py)."""
+    for body, parse in ((checkin_to_json(checkin), parse_checkin),
+                        (report_to_json(report), parse_report)):
+        key = data.draw(st.sampled_from([*sorted(body), "labels", "region", "extra"]))
+        body[key] = data.draw(json_values)
+        with contextlib.suppress(RequestError):
+            parsed = parse(_json_bytes(body))
+            assert parsed.device_id.isascii() and DEVICE_ID_RE.fullmatch(parsed.device_id)
+            if isinstance(parsed, Report):
+                parsed.message.encode("utf-8")  # storable: no lone surrogates
 
 
 @settings(FEW, max_examples=20)
@@ -486,6 +503,23 @@ def test_delta_container_with_any_header_field_replaced_only_raises_delta_error(
 def test_corrupted_delta_container_only_raises_delta_error(
         small_delta: bytes, edits: list[tuple[str, int, int]]) -> None:
     _apply_small(mutate(small_delta, edits))
+
+
+@pytest.fixture(scope="module")
+def small_patch_delta() -> bytes:
+    return build_delta("zstd-patch", DELTA_BASE, DELTA_TARGET, level=3)
+
+
+@FUZZ
+@given(edits=mutations)
+def test_corrupted_zstd_patch_delta_only_raises_delta_error(
+        small_patch_delta: bytes, edits: list[tuple[str, int, int]]) -> None:
+    try:
+        out = apply_delta("zstd-patch", DELTA_BASE, mutate(small_patch_delta, edits),
+                          target_size=len(DELTA_TARGET))
+    except DeltaError:
+        return
+    assert len(out) == len(DELTA_TARGET)
 
 
 def _offtout(value: int) -> bytes:
