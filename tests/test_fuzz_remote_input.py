@@ -329,7 +329,7 @@ def test_hostile_tracker_check_in_answer_only_raises_download_failed(
         assert 0 <= offer.release_counter <= 2**53
 
 
-def test_tracker_answer_nested_a_hundred_thousand_deep_is_download_failed() -> None:
+def test_tracker_answer_nested_thirty_thousand_deep_is_download_failed() -> None:
     with pytest.raises(DownloadFailed, match="not a JSON object"):
         decode_json_answer("POST https://tracker/v1/checkin", 200, deeply_nested(32_000))
 
@@ -558,31 +558,45 @@ def test_hostile_bsdiff_control_stream_with_valid_hashes_only_raises_delta_error
     assert len(out) == target_size
 
 
+def _zstd_frame_declaring(size: int, body: bytes) -> bytes:
+    """A zstd frame header (single segment, 8-byte content size) claiming ``size``
+    bytes, followed by ``body`` (usually not what it claims)."""
+    frame = b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + size.to_bytes(8, "little") + body
+    assert zstandard.frame_content_size(frame) == size
+    return frame
+
+
 @FEW
-@given(target_size=st.integers(0, 4096), lengths=st.lists(st.integers(0, 2**64 - 1),
-                                                          min_size=6, max_size=6),
-       frames=st.lists(st.binary(max_size=64), min_size=3, max_size=3),
-       lie_about_content=st.booleans())
+@given(target_size=st.integers(0, 4096),
+       numbers=st.lists(st.integers(0, 2**64 - 1), min_size=6, max_size=6),
+       bodies=st.lists(st.binary(max_size=64), min_size=3, max_size=3),
+       mode=st.sampled_from(["random header", "huge frames", "consistent header"]))
 def test_declared_delta_stream_lengths_never_allocate_beyond_the_signed_image_size(
-        target_size: int, lengths: list[int], frames: list[bytes],
-        lie_about_content: bool) -> None:
-    """A container declaring huge streams (or tiny zstd frames declaring huge contents)
-    allocates at most a small multiple of the target size the signed manifest gives."""
-    bodies = []
-    for i, frame in enumerate(frames):
-        if lie_about_content:  # a valid zstd frame header declaring lengths[i] bytes
-            declared = lengths[2 * i + 1] % (24 * (target_size + 1) + 1)
-            frame = (b"\x28\xb5\x2f\xfd" + bytes([0xC0]) + declared.to_bytes(8, "little")
-                     + frame)
-            lengths[2 * i + 1] = declared
-        bodies.append(frame)
-    header = struct.pack(">4sBQ", b"SWDZ", 2, target_size)
-    for i, body in enumerate(bodies):
-        comp = len(body) if lie_about_content else lengths[2 * i]
-        header += struct.pack(">BQQ32s", CODEC_ZSTD, comp, lengths[2 * i + 1],
-                              hashlib.sha256(body).digest())
-    data = header + b"".join(bodies)
+        target_size: int, numbers: list[int], bodies: list[bytes], mode: str) -> None:
+    """A container declaring huge streams, or tiny zstd frames declaring huge contents
+    (up to 12 GiB here), allocates at most a small multiple of the target size the
+    signed manifest gives, however its header is made:
+
+    - random header: any compressed and raw lengths over arbitrary bytes;
+    - huge frames: a header and frames declaring a control stream of up to 12 GiB;
+    - consistent header: lengths that pass every header check (control a multiple of
+      24 up to the limit, diff + extra = target), frames claiming them over garbage,
+      so that decompression itself is reached.
+    """
+    raw_lens = list(numbers[1::2])
+    diff = raw_lens[1] % (target_size + 1)
+    if mode == "huge frames":  # a control stream of up to 12 GiB, all else consistent
+        raw_lens = [24 * (raw_lens[0] % 2**29), diff, target_size - diff]
+    elif mode == "consistent header":
+        raw_lens = [24 * (raw_lens[0] % (target_size + 2)), diff, target_size - diff]
+    if mode != "random header":
+        bodies = [_zstd_frame_declaring(n, b) for n, b in zip(raw_lens, bodies, strict=True)]
+    comp_lens = numbers[0::2] if mode == "random header" else [len(b) for b in bodies]
+    header = struct.pack(">4sBQ", b"SWDZ", 2, target_size) + b"".join(
+        struct.pack(">BQQ32s", CODEC_ZSTD, comp, raw, hashlib.sha256(body).digest())
+        for comp, raw, body in zip(comp_lens, raw_lens, bodies, strict=True))
     assert len(header) == BSDIFF_CONTAINER_V2_HEADER_BYTES
+    data = header + b"".join(bodies)
     tracemalloc.start()
     try:
         with contextlib.suppress(DeltaError):
