@@ -47,7 +47,7 @@ from seeder.delta import build_delta
 from seeder.publish import publish_release
 from seeder.repository import Repository
 from swarmota.demo import make_image, mutate_image
-from tracker.app import _parse_rollout_request
+from tracker.app import _admin_route, _HttpError, _parse_rollout_request
 from tracker.bittorrent import (
     HandedPeer,
     PeerAddress,
@@ -223,6 +223,21 @@ def test_deeply_nested_check_in_and_report_bodies_are_refused(depth: int) -> Non
 # --- tracker: admin API bodies (operator tokens can leak; parsing must still hold) --------
 
 plan_fields = sorted(RolloutPlan().to_json())
+
+
+@FUZZ
+@given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", ""]) | st.text(max_size=8),
+       parts=st.lists(st.sampled_from(["rollouts", "releases", "fleet", "audit", "pause",
+                                       "revoke", "force", "..", "", "acme", "2.0"])
+                      | st.text(max_size=30), max_size=6))
+def test_any_admin_path_is_routed_or_refused_with_404_or_405(method: str,
+                                                             parts: list[str]) -> None:
+    try:
+        role, action = _admin_route(method, parts)
+    except _HttpError as exc:
+        assert exc.status in (404, 405)
+        return
+    assert role in ("viewer", "operator", "admin") and action
 
 
 @FUZZ
