@@ -10,7 +10,9 @@ minute on two cores.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import datetime
 import functools
 import hashlib
 import http.server
@@ -24,11 +26,23 @@ from typing import Any
 
 import libtorrent as lt
 import pytest
+import trio
+import trio.testing
 import zstandard
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from infra.devca import create_ca, issue_device_cert
+from infra.deviceauth import (
+    CERT_HEADER,
+    SIGNATURE_HEADER,
+    Authenticated,
+    DeviceAuthError,
+    FleetTrust,
+    RequestSigner,
+)
 from manifest import release_target_name
+from peer.announce_relay import _BadRequest, _read_request_target
 from peer.delta import (
     BSDIFF_CONTAINER_V2_HEADER_BYTES,
     CODEC_ZSTD,
@@ -714,3 +728,94 @@ def test_forged_timestamp_fields_from_the_origin_are_refused_and_trust_is_unchan
     if data.draw(st.booleans()):
         forged = mutate(good, data.draw(mutations))
     _refresh_with_timestamp(tuf_origin, trust, genuine, forged)
+
+
+# --- tracker: device identity headers (infra.deviceauth) ----------------------------------
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> tuple[FleetTrust, RequestSigner]:
+    work = tmp_path_factory.mktemp("fleet")
+    ca = create_ca(work / "ca", common_name="fuzz fleet CA")
+    files = issue_device_cert(ca.parent, work / "dev", "dev-1")
+    signer = RequestSigner(files.cert.read_bytes(), files.key.read_bytes())
+    return FleetTrust(ca.read_bytes()), signer
+
+
+NOW = datetime.datetime.now(datetime.UTC)
+TARGET = b"/v1/checkin"
+BODY = b'{"device_id":"dev-1"}'
+
+
+def _verify(trust: FleetTrust, method: str, target: bytes, body: bytes,
+            cert: bytes | None, sig: bytes | None) -> Authenticated | None:
+    try:
+        return trust.verify(method, target, body, cert, sig, NOW)
+    except DeviceAuthError:
+        return None
+
+
+@FUZZ
+@given(cert=st.none() | st.binary(max_size=300) | st.binary(max_size=300).map(base64.b64encode),
+       sig=st.none() | st.binary(max_size=300)
+       | st.builds(lambda c, s: b"v1;counter=%s;sig=%s" % (c, s),
+                   st.sampled_from([b"0", b"1", b"9" * 19, b"9" * 5000, b"-1", b"01"]),
+                   st.binary(max_size=80).map(base64.b64encode)))
+def test_arbitrary_identity_headers_at_the_tracker_only_raise_device_auth_error(
+        fleet: tuple[FleetTrust, RequestSigner], cert: bytes | None, sig: bytes | None) -> None:
+    trust, _ = fleet
+    assert _verify(trust, "POST", TARGET, BODY, cert, sig) is None
+
+
+@FUZZ
+@given(part=st.sampled_from(["cert", "der", "der", "sig", "body", "target", "method"]),
+       edits=mutations)
+def test_tampered_signed_request_at_the_tracker_is_refused(
+        fleet: tuple[FleetTrust, RequestSigner], part: str,
+        edits: list[tuple[str, int, int]]) -> None:
+    """Any change to a genuine signed request (its certificate header or the DER inside
+    it, signature, body, target or method) is refused, or changes nothing the signature
+    covers."""
+    trust, signer = fleet
+    headers = dict(signer.headers("POST", TARGET, BODY, 7))
+    request = {"cert": headers[CERT_HEADER].encode(), "sig": headers[SIGNATURE_HEADER].encode(),
+               "body": BODY, "target": TARGET, "method": b"POST"}
+    genuine = dict(request)
+    if part == "der":  # a certificate still in base64, its DER content changed
+        request["cert"] = base64.b64encode(mutate(base64.b64decode(request["cert"]), edits))
+    else:
+        request[part] = mutate(request[part], edits)
+    method = request["method"].decode("latin-1")
+    result = _verify(trust, method, request["target"], request["body"], request["cert"],
+                     request["sig"])
+    if result is not None:
+        assert result == Authenticated("dev-1", "device", 7)
+        assert request["body"] == genuine["body"] and request["target"] == genuine["target"]
+        assert method.upper() == "POST"
+
+
+# --- device: the loopback announce relay's request parser (any local process may connect) --
+
+@FUZZ
+@given(head=st.binary(max_size=400) | st.builds(
+    lambda method, target, rest: method + b" " + target + b" HTTP/1.1\r\n" + rest + b"\r\n\r\n",
+    st.sampled_from([b"GET", b"POST", b"get"]),
+    st.sampled_from([b"/announce?info_hash=%00", b"/scrape", b"/announce/../x", b"/x",
+                     b"/announce?a=\x00", b"/announce?a b", b"/announce?\xff"])
+    | st.binary(max_size=40),
+    st.binary(max_size=40)))
+def test_any_request_to_the_announce_relay_is_relayed_as_printable_ascii_or_refused(
+        head: bytes) -> None:
+    async def parse() -> bytes | None:
+        client, server = trio.testing.memory_stream_pair()
+        await client.send_all(head)
+        await client.send_eof()
+        try:
+            return await _read_request_target(server)  # type: ignore[arg-type]
+        except _BadRequest:
+            return None
+
+    target = trio.run(parse)
+    if target is not None:
+        assert target.split(b"?", 1)[0] in (b"/announce", b"/scrape")
+        assert target.isascii() and all(0x21 <= c < 0x7F for c in target)
+        target.decode("ascii")
