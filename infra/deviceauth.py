@@ -74,6 +74,7 @@ MAX_COUNTER = 2**63 - 1
 _MAX_CERT_HEADER = 4096
 _MAX_SIGNATURE_HEADER = 256
 _SIGNATURE_RE = re.compile(rb"v1;counter=(0|[1-9][0-9]{0,18});sig=([A-Za-z0-9+/]{1,200}={0,2})")
+_METHOD_RE = re.compile(r"[A-Za-z]{1,16}")
 _CACHE_SIZE = 10_000
 
 
@@ -202,6 +203,8 @@ class FleetTrust:
                                   f"{SIGNATURE_HEADER} headers are required")
         if len(cert_header) > _MAX_CERT_HEADER or len(signature_header) > _MAX_SIGNATURE_HEADER:
             raise DeviceAuthError("identity headers too long")
+        if not _METHOD_RE.fullmatch(method):  # signed_message encodes it as ASCII
+            raise DeviceAuthError("malformed request method")
         match = _SIGNATURE_RE.fullmatch(signature_header.strip())
         if match is None:
             raise DeviceAuthError(f"malformed {SIGNATURE_HEADER} header")

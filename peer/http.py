@@ -39,12 +39,44 @@ from peer.config import DeviceConfig
 from peer.errors import ConfigError, DownloadFailed, PinMismatch
 from peer.identity import Identity
 
-__all__ = ["MAX_JSON_RESPONSE_BYTES", "HttpClient", "TlsPolicy", "TufFetcher"]
+__all__ = ["MAX_JSON_RESPONSE_BYTES", "HttpClient", "TlsPolicy", "TufFetcher",
+           "content_range_matches", "decode_json_answer"]
 
 MAX_JSON_RESPONSE_BYTES = 64 * 1024
 _READ_BLOCK = 64 * 1024
-_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# At most 20 digits: any valid offset fits, and int() never sees 4300+ digits (ValueError).
+_CONTENT_RANGE_RE = re.compile(r"bytes ([0-9]{1,20})-([0-9]{1,20})/([0-9]{1,20}|\*)")
 _USER_AGENT = "swarmota-peer/0.1"
+
+
+def decode_json_answer(what: str, status: int, data: bytes) -> dict[str, Any]:
+    """The JSON object a server answered with HTTP ``status`` (pure; ``what`` names the
+    request in messages).
+
+    Raises:
+        DownloadFailed: ``status`` is not 200 (the message quotes the server's error,
+            clipped), or the answer is not a JSON object (not UTF-8, not JSON, nested
+            too deeply, or another JSON value).
+    """
+    try:
+        answer = json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deeply
+        answer = None
+    if status != 200:
+        detail = answer.get("error") if isinstance(answer, dict) else data[:200].decode(
+            errors="replace")
+        raise DownloadFailed(f"{what}: HTTP {status}: {str(detail)[:200]}", http_status=status)
+    if not isinstance(answer, dict):
+        raise DownloadFailed(f"{what}: answer is not a JSON object")
+    return answer
+
+
+def content_range_matches(header: str | None, offset: int, length: int) -> bool:
+    """Whether a 206 answer's ``Content-Range`` header names exactly the ``length`` bytes
+    from ``offset`` (pure; any other value, malformed or overlong, is ``False``)."""
+    match = _CONTENT_RANGE_RE.fullmatch(header or "")
+    return (match is not None and int(match[1]) == offset
+            and int(match[2]) == offset + length - 1)
 
 
 @functools.cache
@@ -411,8 +443,8 @@ class HttpClient:
         try:
             async with self._client.stream("GET", url, headers=headers) as response:
                 if response.status_code == 206:
-                    match = _CONTENT_RANGE_RE.fullmatch(response.headers.get("content-range", ""))
-                    if not match or int(match[1]) != offset or int(match[2]) != offset + length - 1:
+                    if not content_range_matches(response.headers.get("content-range"),
+                                                 offset, length):
                         raise DownloadFailed(f"GET {url}: bad Content-Range "
                                              f"{response.headers.get('content-range')!r}")
                     skip = 0
@@ -483,14 +515,4 @@ class HttpClient:
                     status = response.status_code
         except httpx.HTTPError as exc:
             raise DownloadFailed(f"POST {url}: {_describe(exc)}") from exc
-        try:
-            answer = json.loads(bytes(data))
-        except ValueError:
-            answer = None
-        if status != 200:
-            detail = answer.get("error") if isinstance(answer, dict) else data[:200].decode(
-                errors="replace")
-            raise DownloadFailed(f"POST {url}: HTTP {status}: {detail}", http_status=status)
-        if not isinstance(answer, dict):
-            raise DownloadFailed(f"POST {url}: answer is not a JSON object")
-        return answer
+        return decode_json_answer(f"POST {url}", status, bytes(data))
