@@ -181,6 +181,12 @@ async def update_once(state: DeviceState, *,
         return result
 
 
+def _report_text(message: str) -> str:
+    """A message the tracker accepts: at most 4096 characters of valid UTF-8 (error texts
+    may quote what a hostile server sent, lone surrogates included)."""
+    return message.encode("utf-8", "replace").decode("utf-8")[:4096]
+
+
 def _component_of(target_slot: str | None) -> str | None:
     """The component a journal's target names (``component:<name>``), if any."""
     if target_slot is not None and target_slot.startswith("component:"):
@@ -798,7 +804,8 @@ class _Run:
                 body = self._report_body(result)
                 event = {Phase.COMMITTED: Event.REPORT, Phase.ROLLED_BACK: Event.REPORT}.get(
                     self.journal.phase, Event.FAILED)
-                self._step(event, status=int(result.status), message=result.message[:4096],
+                self._step(event, status=int(result.status),
+                           message=_report_text(result.message),
                            report=body)
             crash_point("report.before_queue")
             if body not in queue:
@@ -827,6 +834,6 @@ class _Run:
         if result.from_version is None or result.to_version is None:
             raise RuntimeError("an attempted update always knows both versions")
         return {"from_version": result.from_version, "to_version": result.to_version,
-                "status": int(result.status), "message": result.message[:4096],
+                "status": int(result.status), "message": _report_text(result.message),
                 "bytes_origin": result.bytes_origin, "bytes_peers": result.bytes_peers,
                 "timings_s": dict(result.timings_s)}

@@ -76,8 +76,9 @@ class PayloadWorkdir:
             return done
         logged = set()
         for line in self.log.read_text(errors="replace").splitlines():
-            if line.strip().isdigit():
-                logged.add(int(line))
+            text = line.strip()
+            if text.isascii() and text.isdigit() and len(text) <= 12:  # ours, not garbage
+                logged.add(int(text))
         with open(self.part, "rb") as fh:
             for index in sorted(i for i in logged if i < self.payload.chunk_count):
                 offset, length = self.payload.chunk_span(index)

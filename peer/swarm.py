@@ -593,7 +593,8 @@ class SwarmSession:
         params.ti = ti
         params.save_path = str(save_dir)
         if file_name is not None:
-            if not file_name or "/" in file_name or file_name in (".", ".."):
+            if not file_name or file_name in (".", "..") or any(
+                    c in file_name for c in "/\\\0"):
                 raise ValueError(f"bad file name {file_name!r}")
             params.renamed_files = {0: file_name}
         if seed_urls:

@@ -42,6 +42,7 @@ from infra.deviceauth import (
     RequestSigner,
 )
 from manifest import release_target_name
+from peer.agent import _report_text
 from peer.announce_relay import _BadRequest, _read_request_target
 from peer.delta import (
     BSDIFF_CONTAINER_V2_HEADER_BYTES,
@@ -819,3 +820,16 @@ def test_any_request_to_the_announce_relay_is_relayed_as_printable_ascii_or_refu
         assert target.split(b"?", 1)[0] in (b"/announce", b"/scrape")
         assert target.isascii() and all(0x21 <= c < 0x7F for c in target)
         target.decode("ascii")
+
+
+@FEW
+@given(st.text(alphabet=st.characters(exclude_categories=()), max_size=6000))
+def test_a_report_quoting_hostile_server_text_is_still_accepted_by_the_tracker(
+        text: str) -> None:
+    """Error messages quote what servers sent (lone surrogates, any length): the report
+    must still be one the tracker stores, or it would wait in the outbox forever."""
+    body = {"device_id": "dev-1", "product": "acme-router", "from_version": "1.0.0",
+            "to_version": "2.0.0", "status": 10, "message": _report_text(text),
+            "bytes_origin": 0, "bytes_peers": 0, "timings_s": {}}
+    report = parse_report(json.dumps(body).encode())
+    assert report.message == _report_text(text) and len(report.message) <= 4096
