@@ -411,21 +411,30 @@ class HttpClient:
         Raises:
             DownloadFailed: no answer, a redirect, or an answer over ``max_bytes``.
         """
+        return await self._signed_exchange("GET", url, b"", {}, max_bytes)
+
+    async def _signed_exchange(self, method: str, url: str, content: bytes,
+                               headers: dict[str, str], max_bytes: int) -> tuple[int, bytes]:
+        """One request to the tracker, signed when the client has an identity (signed
+        requests go out one at a time, in counter order): ``(status, body)``, the body
+        at most ``max_bytes``; redirects and transport errors are DownloadFailed."""
         try:
             async with self._signing:
-                headers = self._signed("GET", url, b"")
-                async with self._client.stream("GET", url, headers=headers) as response:
+                headers = {**headers, **self._signed(method, url, content)}
+                async with self._client.stream(method, url, content=content or None,
+                                               headers=headers) as response:
                     if response.is_redirect:
-                        raise DownloadFailed(_redirect_message("GET", url, response),
+                        raise DownloadFailed(_redirect_message(method, url, response),
                                              http_status=response.status_code)
                     out = bytearray()
                     async for block in response.aiter_bytes(_READ_BLOCK):
                         out += block
                         if len(out) > max_bytes:
-                            raise DownloadFailed(f"GET {url}: more than {max_bytes} bytes")
+                            raise DownloadFailed(f"{method} {url}: answer over {max_bytes} "
+                                                 "bytes")
                     return response.status_code, bytes(out)
         except httpx.HTTPError as exc:
-            raise DownloadFailed(f"GET {url}: {_describe(exc)}") from exc
+            raise DownloadFailed(f"{method} {url}: {_describe(exc)}") from exc
 
     async def __aenter__(self) -> HttpClient:
         return self
@@ -497,22 +506,7 @@ class HttpClient:
     async def post_json(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST ``body`` as JSON, return the (size-limited) JSON object answer."""
         content = json.dumps(body, separators=(",", ":")).encode()
-        try:
-            async with self._signing:
-                headers = {"content-type": "application/json",
-                           **self._signed("POST", url, content)}
-                async with self._client.stream("POST", url, content=content,
-                                               headers=headers) as response:
-                    if response.is_redirect:
-                        raise DownloadFailed(_redirect_message("POST", url, response),
-                                             http_status=response.status_code)
-                    data = bytearray()
-                    async for block in response.aiter_bytes(_READ_BLOCK):
-                        data += block
-                        if len(data) > MAX_JSON_RESPONSE_BYTES:
-                            raise DownloadFailed(f"POST {url}: answer over "
-                                                 f"{MAX_JSON_RESPONSE_BYTES} bytes")
-                    status = response.status_code
-        except httpx.HTTPError as exc:
-            raise DownloadFailed(f"POST {url}: {_describe(exc)}") from exc
-        return decode_json_answer(f"POST {url}", status, bytes(data))
+        status, data = await self._signed_exchange(
+            "POST", url, content, {"content-type": "application/json"},
+            MAX_JSON_RESPONSE_BYTES)
+        return decode_json_answer(f"POST {url}", status, data)

@@ -13,7 +13,6 @@ counters as they were and moves ``swarmota_tracker_device_auth_refused_total``.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import functools
 import logging
@@ -40,7 +39,7 @@ from tests.test_tracker_announce import (
     call,
     q,
 )
-from tracker import cli
+from tests.tracker_cli import run_cli
 from tracker.app import TrackerApp
 from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
@@ -510,14 +509,6 @@ async def test_lab_mode_accepts_unsigned_requests(tmp_path: Path,
         assert len(answer[b"peers"]) == 6  # the anonymous seed
         assert set((await tracker.refused()).values()) == {0}
     assert (await stored(db)).reports == [("dev-1", 0)]
-
-
-def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="swarmota")
-    cli.add_parser(parser.add_subparsers(dest="component", required=True))
-    args = parser.parse_args(["tracker", *argv])
-    rc: int = args.func(args)
-    return rc
 
 
 def test_serve_requires_device_ca_or_explicit_lab_mode(

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 from pathlib import Path
@@ -14,20 +13,12 @@ import trio
 
 from infra.http_serve import ListenConfig
 from manifest import MIN_CHUNK_SIZE_BYTES, ImageInfo, Payload, ReleaseManifest, sha256_hex
-from tracker import cli
+from tests.tracker_cli import run_cli
 from tracker.config import TrackerConfig
 from tracker.server import serve_tracker
 from tracker.store import SqliteStore
 
 PRODUCT = "acme-router"
-
-
-def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="swarmota")
-    cli.add_parser(parser.add_subparsers(dest="component", required=True))
-    args = parser.parse_args(["tracker", *argv])
-    rc: int = args.func(args)
-    return rc
 
 
 def manifest_file(tmp_path: Path) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import re
@@ -24,7 +23,7 @@ from manifest import (
     chunk_hashes,
     sha256_hex,
 )
-from tracker import cli
+from tests.tracker_cli import run_cli
 from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
 from tracker.protocol import Release
@@ -76,14 +75,6 @@ def build_manifest(version: str = "2.0.0", counter: int = 2) -> ReleaseManifest:
                           sha256=sha256_hex(payload), chunk_size=MIN_CHUNK_SIZE_BYTES,
                           chunks=tuple(chunk_hashes(payload, MIN_CHUNK_SIZE_BYTES))),),
     )
-
-
-def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="swarmota")
-    cli.add_parser(parser.add_subparsers(dest="component", required=True))
-    args = parser.parse_args(["tracker", *argv])
-    rc: int = args.func(args)
-    return rc
 
 
 def assert_json_error(response: httpx.Response, status: int) -> str:
