@@ -18,23 +18,27 @@ from tuf.api import exceptions as tuf_exceptions
 from tuf.ngclient import Updater
 
 from peer.errors import DownloadFailed, PinMismatch, VerifyFailed
-from peer.http import TlsPolicy, TufFetcher
+from peer.http import DEFAULT_MIN_RATE_BYTES_PER_S, TlsPolicy, TufFetcher
 
 __all__ = ["fetch_release_manifest"]
 
 
 def fetch_release_manifest(trust_dir: Path, origin_url: str, target_name: str, *,
                            timeout_s: float, scratch_dir: Path,
-                           tls: TlsPolicy | None = None) -> tuple[bytes, int]:
+                           tls: TlsPolicy | None = None,
+                           min_rate_bytes_per_s: int = DEFAULT_MIN_RATE_BYTES_PER_S,
+                           ) -> tuple[bytes, int]:
     """Return ``(manifest bytes, metadata bytes downloaded)`` for ``target_name``.
 
     ``trust_dir`` holds the trusted metadata (``root.json`` at least); python-tuf
     updates it only with metadata it accepted. ``tls``: CA bundle and pins for the
     origin (default: system store, no pins); a key outside the pins raises
-    ``PinMismatch`` before any request, and no metadata moves.
+    ``PinMismatch`` before any request, and no metadata moves. A response slower than
+    ``min_rate_bytes_per_s`` after ``timeout_s`` is cut (slow retrieval, DownloadFailed);
+    one longer than python-tuf's limit for its role or the signed length is cut there.
     """
     base = origin_url.rstrip("/")
-    fetcher = TufFetcher(timeout_s=timeout_s, tls=tls)
+    fetcher = TufFetcher(timeout_s=timeout_s, tls=tls, min_rate_bytes_per_s=min_rate_bytes_per_s)
     scratch_dir.mkdir(parents=True, exist_ok=True)
     scratch = scratch_dir / "release-manifest.download"
     try:
