@@ -1,8 +1,10 @@
 """Shared fixtures: a published repository with v1 and v2, a real origin server and a
-real tracker on 127.0.0.1, and a factory for provisioned devices."""
+real tracker on 127.0.0.1, and a factory for provisioned devices; and the checks of the
+invariants of ../shared/RELIABILITY.md that the attack tests share."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -14,8 +16,10 @@ import pytest
 import trio
 
 from infra.http_serve import ListenConfig
-from manifest import Payload, ReleaseManifest
+from manifest import Payload, ReleaseManifest, sha256_hex
+from peer.agent import update_once
 from peer.config import DeviceConfig
+from peer.errors import StatusCode
 from peer.state import DeviceState, init_device
 from seeder.origin import OriginApp, OriginConfig
 from seeder.publish import publish_release
@@ -62,15 +66,16 @@ class ReleaseEnv:
                counter: int = 1, health_command: Sequence[str] = (),
                tracker_url: str | None = None, health_timeout_s: float = 10.0,
                chunk_attempts: int = 3, mode: str = "swarm", seed_time_s: float = 0.0,
-               **swarm: Any) -> DeviceState:
-        """A provisioned device; each gets its own loopback address for the swarm."""
+               origin_url: str | None = None, **swarm: Any) -> DeviceState:
+        """A provisioned device; each gets its own loopback address for the swarm.
+        ``origin_url``: another origin (e.g. a faulty one) instead of the env's."""
         self.devices_made += 1
+        swarm = {"retry_backoff_s": 0.01, "http_timeout_s": 10.0, **swarm}
         config = DeviceConfig(device_id=name, product=PRODUCT, hardware_id=HARDWARE_ID,
-                              origin_url=self.origin_url,
+                              origin_url=origin_url or self.origin_url,
                               tracker_url=tracker_url or self.tracker_url,
                               health_command=tuple(health_command),
                               health_timeout_s=health_timeout_s, chunk_attempts=chunk_attempts,
-                              retry_backoff_s=0.01, http_timeout_s=10.0,
                               download_mode=mode, seed_time_s=seed_time_s,
                               swarm_listen=f"127.0.0.{10 + self.devices_made}:0", **swarm)
         data = self.v1 if image is None else image
@@ -152,3 +157,87 @@ async def killed_at(dev: DeviceState, point: str) -> None:
             env=environ, cwd=REPO_ROOT, capture_stdout=True, capture_stderr=True,
             check=False)
     assert proc.returncode == -9, (proc.returncode, proc.stderr[-2000:])
+
+
+# --- the invariants of ../shared/RELIABILITY.md ------------------------------------------
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def trusted_versions(dev: DeviceState) -> dict[str, int]:
+    """The version of each top-level role in the device's trusted metadata (invariant 3)."""
+    out = {}
+    for role in ("root", "timestamp", "snapshot", "targets"):
+        path = dev.trust_dir / f"{role}.json"
+        if path.exists():
+            out[role] = json.loads(path.read_bytes())["signed"]["version"]
+    return out
+
+
+def assert_nothing_unverified_kept(dev: DeviceState, payloads: Sequence[Payload] = ()) -> None:
+    """Invariant 4: no temporary slot file; the download area holds only work areas of
+    ``payloads``, each exactly the payload's size, and every chunk its log calls verified
+    is."""
+    assert not list(dev.slot_path("a").parent.glob(".*")), "no temporary slot files left"
+    known = {p.sha256: p for p in payloads}
+    for entry in dev.downloads_dir.iterdir():
+        assert entry.name in known, f"unexpected download leftover {entry}"
+        payload = known[entry.name]
+        for file in entry.rglob("*"):
+            assert file.stat().st_size <= payload.size, f"{file}: more than declared kept"
+        part = entry / "payload.part"
+        if not part.exists():
+            continue
+        assert part.stat().st_size == payload.size, "nothing beyond the declared size kept"
+        log = entry / "verified.log"
+        data = part.read_bytes()
+        for line in (log.read_text().split() if log.exists() else []):
+            offset, length = payload.chunk_span(int(line))
+            assert sha256_hex(data[offset:offset + length]) == payload.chunks[int(line)]
+
+
+def assert_untouched(dev: DeviceState, v1: bytes, payloads: Sequence[Payload] = ()) -> None:
+    """Invariants 2 and 4 for a refused update of a device on v1: slot a byte-identical
+    and committed, nothing promoted to slot b, no unverified data kept."""
+    bc = dev.bootctl()
+    assert bc.primary == bc.committed == "a" and not bc.pending
+    assert dev.slot_path("a").read_bytes() == v1
+    assert not dev.slot_path("b").exists(), "nothing promoted to the inactive slot"
+    assert bc.min_release_counter == 1
+    assert_nothing_unverified_kept(dev, payloads)
+
+
+async def expect_refused(env: ReleaseEnv, dev: DeviceState, status: StatusCode,
+                         words: str, *, payloads: Sequence[Payload] = ()) -> None:
+    """Run one pass that must fail with ``status`` and ``words`` in its message (1),
+    leave the device on v1 (2, 4) with its trusted metadata where it was or moved
+    forward to valid versions only (3: python-tuf persists a role only after accepting
+    it, so the versions never go down), and report the failure to the tracker (6)."""
+    before = trusted_versions(dev)
+    reports = len(env.reports())
+    result = await update_once(dev)
+    assert result.status == status, result.message
+    assert words in result.message, result.message
+    assert_untouched(dev, env.v1, payloads or (*env.m1.payloads, *env.m2.payloads))
+    after = trusted_versions(dev)
+    assert all(after[role] >= version for role, version in before.items()), (before, after)
+    stored = env.reports()[reports:]
+    assert [(r.device_id, r.status) for r in stored] == [(dev.config().device_id, int(status))]
+    assert words in stored[0].message
+
+
+async def expect_clean_run(env: ReleaseEnv, dev: DeviceState) -> None:
+    """Invariant 5: once the fault is gone, the next pass installs v2 and commits it,
+    leaves no download behind, and reports success."""
+    reports = len(env.reports())
+    result = await update_once(dev)
+    assert result.status == StatusCode.OK, result.message
+    bc = dev.bootctl()
+    assert bc.primary == bc.committed == "b" and dev.slot_path("b").read_bytes() == env.v2
+    assert dev.slot_path("a").read_bytes() == env.v1
+    assert not list(dev.downloads_dir.iterdir()), "the work area is reclaimed"
+    assert [r.status for r in env.reports()[reports:]] == [0]

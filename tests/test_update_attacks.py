@@ -17,33 +17,8 @@ import trio
 from infra.http_serve import ListenConfig, serve_asgi
 from peer.agent import update_once
 from peer.errors import StatusCode
-from peer.state import DeviceState
 from seeder.repository import Repository
-from tests.release_env import ReleaseEnv, publish
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
-def assert_untouched(dev: DeviceState, v1: bytes) -> None:
-    bc = dev.bootctl()
-    assert bc.primary == bc.committed == "a" and not bc.pending
-    assert dev.slot_path("a").read_bytes() == v1
-    assert not dev.slot_path("b").exists(), "nothing promoted to the inactive slot"
-    assert not list(dev.slot_path("a").parent.glob(".*")), "no temporary slot files left"
-    assert bc.min_release_counter == 1
-
-
-async def expect_refused(env: ReleaseEnv, dev: DeviceState, status: StatusCode,
-                         words: str) -> None:
-    result = await update_once(dev)
-    assert result.status == status, result.message
-    assert words in result.message, result.message
-    assert_untouched(dev, env.v1)
-    assert [r.status for r in env.reports()] == [int(status)]
+from tests.release_env import ReleaseEnv, assert_untouched, expect_refused, flip_byte, publish
 
 
 async def test_flipped_byte_in_a_payload_chunk_is_rejected(env: ReleaseEnv) -> None:
