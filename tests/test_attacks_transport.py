@@ -11,6 +11,8 @@ measured durations. The TLS rows are in tests/test_transport_attacks.py.
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 
 from peer.agent import update_once
@@ -30,7 +32,7 @@ FAST = {"http_timeout_s": 1.0, "http_min_rate_bytes_per_s": 4096}
 
 
 async def faulty(env: ReleaseEnv, nursery: trio.Nursery, *faults: Fault,
-                 name: str = "dev-1", attempts: int = 3, **config: object,
+                 name: str = "dev-1", attempts: int = 3, **config: Any,
                  ) -> tuple[FaultyOrigin, DeviceState]:
     origin, url = await serve_faulty(nursery, env.origin)
     for fault in faults:
