@@ -50,6 +50,7 @@ class Fault:
     after_bytes: int = 0
     step_bytes: int = 16
     interval_s: float = 0.2
+    ranged: bool = True  # endless: a 206 with the asked range (else always a 200)
     hits: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -93,15 +94,15 @@ class FaultyOrigin:
             headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"range"]
             await self.inner({**scope, "headers": headers}, receive, send)
         elif fault.kind == "endless":
-            await self._endless(scope, receive, send)
+            await self._endless(scope, receive, send, fault)
         else:
             await self.inner(scope, receive, _Mangler(fault, send))
 
-    async def _endless(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _endless(self, scope: Scope, receive: Receive, send: Send, fault: Fault) -> None:
         ranged = next((v.decode() for k, v in scope["headers"] if k.lower() == b"range"), None)
         headers = [(b"content-type", b"application/octet-stream")]
         status = 200
-        if ranged is not None and ranged.startswith("bytes="):
+        if fault.ranged and ranged is not None and ranged.startswith("bytes="):
             first, _, last = ranged[len("bytes="):].partition("-")
             status = 206
             headers.append((b"content-range", f"bytes {first}-{last}/*".encode()))

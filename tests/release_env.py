@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from infra.http_serve import ListenConfig
+from infra.http_serve import ListenConfig, serve_asgi
 from manifest import Payload, ReleaseManifest, sha256_hex
 from peer.agent import update_once
 from peer.config import DeviceConfig
@@ -113,6 +113,28 @@ def publish(repo: Repository, workdir: Path, data: bytes, version: str,
     path.write_bytes(data)
     return publish_release(repo, path, product=PRODUCT, version=version,
                            release_counter=counter, compatibility=[HARDWARE_ID], zstd_level=3)
+
+
+async def serve_offer(nursery: trio.Nursery, release: dict[str, object]) -> str:
+    """A compromised (or spoofed) tracker that offers ``release`` to everyone, accepts
+    every report without storing it, and answers anything else with ``{"ok": true}``
+    (an announce gets no peers)."""
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        answer = {"release": release, "poll_after_s": 60} if scope["path"] == "/v1/checkin" \
+            else {"ok": True}
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
+
+    url: str = await nursery.start(serve_asgi, app, ListenConfig())
+    return url
 
 
 async def start_env(nursery: trio.Nursery, workdir: Path, v1: bytes, v2: bytes, *,
