@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote_from_bytes
 
+import httpx
 import pytest
 import trio
 
@@ -26,6 +29,7 @@ from seeder.publish import publish_release
 from seeder.repository import Repository
 from seeder.server import serve_origin
 from swarmota.demo import make_image, mutate_image
+from tests.fake_bt_peer import FakeBtPeer
 from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
 from tracker.protocol import Release
@@ -89,10 +93,10 @@ class ReleaseEnv:
         torrent = self.repo.origin_dir / f"{payload.path}.torrent"
         return payload.size + torrent.stat().st_size
 
-    def reports(self) -> list:  # type: ignore[type-arg]
+    def reports(self, device_id: str | None = None) -> list:  # type: ignore[type-arg]
         store = SqliteStore(self.db)
         try:
-            return list(store.reports())
+            return list(store.reports(device_id))
         finally:
             store.close()
 
@@ -179,6 +183,26 @@ async def killed_at(dev: DeviceState, point: str) -> None:
             env=environ, cwd=REPO_ROOT, capture_stdout=True, capture_stderr=True,
             check=False)
     assert proc.returncode == -9, (proc.returncode, proc.stderr[-2000:])
+
+
+def off_base_device(env: ReleaseEnv, name: str, *, stall_s: float = 2.0,
+                    **kwargs: object) -> DeviceState:
+    """A device on an image no delta applies to: it needs v2's full payload."""
+    image = random.Random(name).randbytes(64 * 1024)
+    return env.device(name, image=image, version="0.9.0", counter=1, swarm_stall_s=stall_s,
+                      **kwargs)  # type: ignore[arg-type]
+
+
+async def announce_fake(env: ReleaseEnv, payload: Payload, fake: FakeBtPeer) -> None:
+    """Announce ``fake`` to the tracker as a seed, from the fake's own address."""
+    assert payload.info_hash is not None
+    info_hash = bytes.fromhex(payload.info_hash)[:20]
+    query = (f"info_hash={quote_from_bytes(info_hash)}&peer_id={quote_from_bytes(fake.peer_id)}"
+             f"&port={fake.port}&uploaded=0&downloaded=0&left=0&compact=1&event=started")
+    transport = httpx.AsyncHTTPTransport(local_address=fake.host)
+    async with httpx.AsyncClient(transport=transport) as client:
+        answer = await client.get(f"{env.tracker_url}/announce?{query}")
+    assert answer.status_code == 200 and b"failure" not in answer.content, answer.content
 
 
 # --- the invariants of ../shared/RELIABILITY.md ------------------------------------------
