@@ -12,10 +12,12 @@ where a rule says otherwise:
 - ``trickle``: the real answer, ``step_bytes`` every ``interval_s`` (slow retrieval);
 - ``stall``: the headers (and ``after_bytes`` bytes of the body), then nothing, forever;
 - ``endless``: a 200 (206 with the asked Content-Range for a Range request) without a
-  length, streaming bytes until the client goes away (endless data).
+  length, streaming bytes until the client goes away (endless data);
+- ``redirect``: a 302 to ``location``.
 
-Each rule applies to requests whose path contains ``path_part``, at most ``times``
-times (None: always); :attr:`FaultyOrigin.hits` counts the requests each rule took.
+Each rule applies to requests whose path contains ``path_part`` (is ``/path_part`` with
+``exact``), at most ``times`` times (None: always); :attr:`Fault.hits` counts the
+requests each rule took.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-FAULTS = ("status", "reset", "ignore_range", "trickle", "stall", "endless")
+FAULTS = ("status", "reset", "ignore_range", "trickle", "stall", "endless", "redirect")
 
 
 class _Reset(Exception):
@@ -51,6 +53,8 @@ class Fault:
     step_bytes: int = 16
     interval_s: float = 0.2
     ranged: bool = True  # endless: a 206 with the asked range (else always a 200)
+    exact: bool = False
+    location: str = ""
     hits: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -58,7 +62,8 @@ class Fault:
             raise ValueError(f"unknown fault {self.kind!r}")
 
     def takes(self, path: str) -> bool:
-        if self.path_part not in path or (self.times is not None and self.hits >= self.times):
+        matches = path == "/" + self.path_part if self.exact else self.path_part in path
+        if not matches or (self.times is not None and self.hits >= self.times):
             return False
         self.hits += 1
         return True
@@ -90,6 +95,10 @@ class FaultyOrigin:
             await send({"type": "http.response.start", "status": fault.status,
                         "headers": [(b"content-type", b"text/plain")]})
             await send({"type": "http.response.body", "body": b"injected fault"})
+        elif fault.kind == "redirect":
+            await send({"type": "http.response.start", "status": 302,
+                        "headers": [(b"location", fault.location.encode())]})
+            await send({"type": "http.response.body", "body": b""})
         elif fault.kind == "ignore_range":
             headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"range"]
             await self.inner({**scope, "headers": headers}, receive, send)

@@ -18,12 +18,15 @@ import trio
 from peer.agent import update_once
 from peer.errors import StatusCode
 from peer.state import DeviceState
+from peer.swarm import SwarmConfig
+from seeder.seeding import PayloadSeeder, SeedingConfig
 from tests.faulty_origin import Fault, FaultyOrigin, serve_faulty
 from tests.release_env import (
     ReleaseEnv,
     assert_nothing_unverified_kept,
     expect_clean_run,
     expect_refused,
+    off_base_device,
     trusted_versions,
 )
 
@@ -178,3 +181,41 @@ async def test_a_stalled_origin_is_resumed_where_it_left_off_once_it_recovers(
     await expect_updated(env, dev)
     assert stall.hits == 2
     assert_nothing_unverified_kept(dev)
+
+
+async def test_redirect_of_a_payload_request_elsewhere_is_refused_and_reported(
+        env: ReleaseEnv, nursery: trio.Nursery) -> None:
+    """The TLS rows (foreign CA, unpinned key, TLS below 1.2, redirects at the HTTP
+    client) are in tests/test_transport_attacks.py; this is the device end to end: a
+    payload request answered with a redirect elsewhere fails the pass, nothing fetched
+    from there."""
+    payload = env.m2.full_payload
+    elsewhere = f"http://127.0.0.2:9/{payload.path}"
+    origin, dev = await faulty(env, nursery, Fault("redirect", payload.path, location=elsewhere),
+                               attempts=1)
+    await expect_refused(env, dev, StatusCode.DOWNLOAD_FAILED,
+                         "HTTP 302 redirect", payloads=[payload])
+    origin.faults.clear()
+    await expect_clean_run(env, dev)
+
+
+async def test_origin_stalling_every_payload_request_the_device_switches_to_peers(
+        env: ReleaseEnv, nursery: trio.Nursery) -> None:
+    """Swarm mode, the origin serves metadata and the torrent but stalls every payload
+    request; a seeder has the payload: the device takes it from the peer instead."""
+    payload = env.m2.full_payload
+    seeder = PayloadSeeder(env.repo.origin_dir, SeedingConfig(
+        swarm=SwarmConfig(listen_host="127.0.0.2"),
+        announce_urls=(f"{env.tracker_url}/announce",)))
+    await nursery.start(seeder.run)
+    origin, url = await serve_faulty(nursery, env.origin)
+    origin.add(Fault("stall", payload.path, exact=True))
+    dev = off_base_device(env, "dev-1", origin_url=url, **FAST)
+    with trio.fail_after(120):
+        result = await update_once(dev)
+    assert result.status == StatusCode.OK, result.message
+    bc = dev.bootctl()
+    assert bc.committed == bc.primary == "b" and dev.slot_path("b").read_bytes() == env.v2
+    assert result.download_mode == "swarm" and result.bytes_peers >= payload.size
+    assert not list(dev.downloads_dir.iterdir())
+    assert [r.status for r in env.reports("dev-1")] == [0]
