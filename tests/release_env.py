@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -203,6 +205,31 @@ async def announce_fake(env: ReleaseEnv, payload: Payload, fake: FakeBtPeer) -> 
     async with httpx.AsyncClient(transport=transport) as client:
         answer = await client.get(f"{env.tracker_url}/announce?{query}")
     assert answer.status_code == 200 and b"failure" not in answer.content, answer.content
+
+
+async def killed_mid_download(dev: DeviceState, chunks: int) -> int:
+    """Run ``swarmota peer update`` (seed time 0) and SIGKILL it once its progress shows
+    at least ``chunks`` chunks done, and half a second more (libtorrent writes verified
+    pieces within 0.2 s); return the chunks done at the kill."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "swarmota.cli", "peer", "update", str(dev.root),
+         "--seed-time-s", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO_ROOT)
+    try:
+        with trio.fail_after(60):
+            while True:
+                progress = dev.progress() or {}
+                done_at_kill: int = progress.get("chunks_done", 0)
+                if done_at_kill >= chunks:
+                    break
+                assert proc.poll() is None, "the agent finished before it could be killed"
+                await trio.sleep(0.05)
+            await trio.sleep(0.5)
+            assert proc.poll() is None, "the agent finished before it could be killed"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    return done_at_kill
 
 
 # --- the invariants of ../shared/RELIABILITY.md ------------------------------------------

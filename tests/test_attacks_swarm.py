@@ -26,14 +26,19 @@ from infra.http_serve import ListenConfig, Receive, Scope, Send, serve_asgi
 from peer.agent import update_once
 from peer.errors import StatusCode
 from peer.state import DeviceState
+from peer.swarm import SwarmConfig
+from seeder.origin import OriginConfig
+from seeder.seeding import PayloadSeeder, SeedingConfig
 from tests.fake_bt_peer import FakeBtPeer, Mode
 from tests.release_env import (
     REPO_ROOT,
     ReleaseEnv,
     announce_fake,
     assert_untouched,
+    killed_mid_download,
     off_base_device,
     serve_offer,
+    start_env,
 )
 
 TEASE_HOSTS = ("127.0.0.4", "127.0.0.5")
@@ -73,6 +78,29 @@ async def test_every_peer_unchokes_and_never_sends_the_origin_finishes_the_job(
     assert sum(s.pieces_sent for s in stats) == 0
     assert result.bytes_peers == 0
     assert result.bytes_origin <= env.origin_bytes(full) + 4 * full.chunk_size
+
+
+
+async def test_killed_mid_swarm_with_an_honest_seed_resumes_and_bans_nobody(
+        tmp_path: Path, nursery: trio.Nursery, images: tuple[bytes, bytes]) -> None:
+    """SIGKILL a device in the middle of a download from a (rate-limited) honest seeder
+    and a slow origin; the next pass keeps the verified chunks, finishes from the same
+    seeder, and bans nobody over data from before the restart."""
+    env = await start_env(nursery, tmp_path, *images, origin_config=OriginConfig(
+        rate_limit_bytes_per_s=64 * 1024, rate_limit_burst_bytes=16 * 1024))
+    seeder = PayloadSeeder(env.repo.origin_dir, SeedingConfig(
+        swarm=SwarmConfig(listen_host="127.0.0.2", upload_rate_limit_bytes_per_s=128 * 1024),
+        announce_urls=(f"{env.tracker_url}/announce",)))
+    await nursery.start(seeder.run)
+    full = env.m2.full_payload
+    dev = off_base_device(env, "killed")
+    done_at_kill = await killed_mid_download(dev, full.chunk_count // 5)
+    assert dev.bootctl().slot(dev.bootctl().primary).version == "0.9.0", "still on the old slot"
+    with trio.fail_after(120):
+        result = await update_once(dev, seed_time_s=0)
+    assert_updated_and_reported(env, dev, result.status, result.message)
+    assert result.chunks_reused >= done_at_kill and result.bytes_peers > 0
+    assert result.banned_peers == [], "nobody banned over data from before the restart"
 
 
 class TrackerProxy:

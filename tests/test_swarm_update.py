@@ -19,8 +19,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -37,7 +35,13 @@ from seeder.origin import OriginConfig
 from seeder.seeding import PayloadSeeder, SeedingConfig
 from swarmota.demo import update_fleet
 from tests.fake_bt_peer import FakeBtPeer, Mode
-from tests.release_env import ReleaseEnv, announce_fake, off_base_device, start_env
+from tests.release_env import (
+    ReleaseEnv,
+    announce_fake,
+    killed_mid_download,
+    off_base_device,
+    start_env,
+)
 
 ORIGIN_RATE_BYTES_PER_S = 512 * 1024
 STALL_S = 2.0  # the stall window of off_base_device
@@ -266,24 +270,7 @@ async def test_killed_mid_swarm_download_resumes_without_refetching_verified_chu
     full = env.m2.full_payload
     dev = off_base_device(env, "killed")
     work = dev.downloads_dir / full.sha256
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "swarmota.cli", "peer", "update", str(dev.root),
-         "--seed-time-s", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        with trio.fail_after(60):
-            while True:
-                progress = dev.progress() or {}
-                done_at_kill = progress.get("chunks_done", 0)
-                if done_at_kill >= full.chunk_count // 5:
-                    break
-                assert proc.poll() is None, "the agent finished before it could be killed"
-                await trio.sleep(0.05)
-            # verified pieces are written to the file within 0.2 s: give them that
-            await trio.sleep(0.5)
-            assert proc.poll() is None, "the agent finished before it could be killed"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        await proc.wait()
+    done_at_kill = await killed_mid_download(dev, full.chunk_count // 5)
     assert dev.bootctl().slot(dev.bootctl().primary).version == "0.9.0", "still on the old slot"
     assert not (work / "resume.dat").exists(), "a crash leaves no (stale) resume data"
 
