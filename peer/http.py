@@ -50,7 +50,6 @@ __all__ = ["DEFAULT_MIN_RATE_BYTES_PER_S", "MAX_JSON_RESPONSE_BYTES", "HttpClien
 
 MAX_JSON_RESPONSE_BYTES = 64 * 1024
 DEFAULT_MIN_RATE_BYTES_PER_S = 1024
-_READ_BLOCK = 64 * 1024
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _USER_AGENT = "swarmota-peer/0.1"
 
@@ -297,9 +296,9 @@ class _RateFloor:
     started, the bytes received must average at least ``min_rate`` per second.
     ``min_rate`` 0 turns the guard off. ``clock`` is trio's (async) or monotonic (sync)."""
 
-    def __init__(self, url: str, *, min_rate: int, grace_s: float,
+    def __init__(self, what: str, *, min_rate: int, grace_s: float,
                  clock: typing.Callable[[], float]) -> None:
-        self._url = url
+        self._what = what
         self._min_rate = min_rate
         self._grace_s = grace_s
         self._clock = clock
@@ -311,7 +310,7 @@ class _RateFloor:
             return
         elapsed = self._clock() - self._start
         if elapsed >= self._grace_s and received < self._min_rate * elapsed:
-            raise DownloadFailed(f"GET {self._url}: too slow (slow retrieval): {received} bytes "
+            raise DownloadFailed(f"{self._what}: too slow (slow retrieval): {received} bytes "
                                  f"in {elapsed:.1f} s, below the minimum of {self._min_rate} "
                                  "bytes/s (http_min_rate_bytes_per_s)")
 
@@ -337,7 +336,7 @@ class TufFetcher(FetcherInterface):
         self._client.close()
 
     def _fetch(self, url: str) -> Iterator[bytes]:
-        floor = _RateFloor(url, min_rate=self._min_rate, grace_s=self._timeout_s,
+        floor = _RateFloor(f"GET {url}", min_rate=self._min_rate, grace_s=self._timeout_s,
                            clock=time.monotonic)
         try:
             response = self._client.send(self._client.build_request("GET", url), stream=True)
@@ -445,7 +444,7 @@ class HttpClient:
                         raise DownloadFailed(f"GET {url}: HTTP {response.status_code}",
                                              http_status=response.status_code)
                     out = bytearray()
-                    floor = self._floor(url)
+                    floor = self._floor(f"GET {url}")
                     async for block in response.aiter_raw():
                         self.bytes_received += len(block)
                         out += block
@@ -457,8 +456,8 @@ class HttpClient:
                 raise DownloadFailed(f"GET {url}: {_describe(exc)}") from exc
         raise RuntimeError("unreachable: the deadline raises")  # pragma: no cover
 
-    def _floor(self, url: str) -> _RateFloor:
-        return _RateFloor(url, min_rate=self.min_rate_bytes_per_s, grace_s=self.timeout_s,
+    def _floor(self, what: str) -> _RateFloor:
+        return _RateFloor(what, min_rate=self.min_rate_bytes_per_s, grace_s=self.timeout_s,
                           clock=trio.current_time)
 
     @contextlib.contextmanager
@@ -478,7 +477,7 @@ class HttpClient:
         PartialResponse with what did arrive."""
         out = bytearray()
         received = 0
-        floor = self._floor(url)
+        floor = self._floor(f"GET {url}")
         try:
             # no chunk size: a block is whatever arrived, so the rate floor sees a trickle
             async for block in response.aiter_raw():
@@ -507,11 +506,13 @@ class HttpClient:
                         raise DownloadFailed(_redirect_message("POST", url, response),
                                              http_status=response.status_code)
                     data = bytearray()
-                    async for block in response.aiter_bytes(_READ_BLOCK):
+                    floor = self._floor(f"POST {url}")
+                    async for block in response.aiter_bytes():
                         data += block
                         if len(data) > MAX_JSON_RESPONSE_BYTES:
                             raise DownloadFailed(f"POST {url}: answer over "
                                                  f"{MAX_JSON_RESPONSE_BYTES} bytes")
+                        floor.check(len(data))
                     status = response.status_code
             except httpx.HTTPError as exc:
                 raise DownloadFailed(f"POST {url}: {_describe(exc)}") from exc
