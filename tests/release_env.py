@@ -121,10 +121,10 @@ def publish(repo: Repository, workdir: Path, data: bytes, version: str,
                            release_counter=counter, compatibility=[HARDWARE_ID], zstd_level=3)
 
 
-async def serve_offer(nursery: trio.Nursery, release: dict[str, object]) -> str:
-    """A compromised (or spoofed) tracker that offers ``release`` to everyone, accepts
-    every report without storing it, and answers anything else with ``{"ok": true}``
-    (an announce gets no peers)."""
+def offer_app(release: dict[str, object] | None) -> Any:
+    """The ASGI app of a compromised (or spoofed) tracker that offers ``release`` to
+    everyone, accepts every report without storing it, and answers anything else with
+    ``{"ok": true}`` (an announce gets no peers)."""
 
     async def app(scope, receive, send):  # type: ignore[no-untyped-def]
         body = b""
@@ -139,7 +139,12 @@ async def serve_offer(nursery: trio.Nursery, release: dict[str, object]) -> str:
                     "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
 
-    url: str = await nursery.start(serve_asgi, app, ListenConfig())
+    return app
+
+
+async def serve_offer(nursery: trio.Nursery, release: dict[str, object]) -> str:
+    """Serve :func:`offer_app` on 127.0.0.1; return its URL."""
+    url: str = await nursery.start(serve_asgi, offer_app(release), ListenConfig())
     return url
 
 

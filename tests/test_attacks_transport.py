@@ -11,11 +11,13 @@ measured durations. The TLS rows are in tests/test_transport_attacks.py.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import trio
 
 from peer.agent import update_once
+from peer.config import save_config
 from peer.errors import StatusCode
 from peer.state import DeviceState
 from peer.swarm import SwarmConfig
@@ -24,14 +26,16 @@ from tests.faulty_origin import Fault, FaultyOrigin, serve_faulty
 from tests.release_env import (
     ReleaseEnv,
     assert_nothing_unverified_kept,
+    assert_untouched,
     expect_clean_run,
     expect_refused,
     off_base_device,
+    offer_app,
     trusted_versions,
 )
 
 # http_timeout_s 1 s: a stall is noticed after 1 s, a trickle after 1 s below the floor
-FAST = {"http_timeout_s": 1.0, "http_min_rate_bytes_per_s": 4096}
+FAST: dict[str, Any] = {"http_timeout_s": 1.0, "http_min_rate_bytes_per_s": 4096}
 
 
 async def faulty(env: ReleaseEnv, nursery: trio.Nursery, *faults: Fault,
@@ -219,3 +223,24 @@ async def test_origin_stalling_every_payload_request_the_device_switches_to_peer
     assert result.download_mode == "swarm" and result.bytes_peers >= payload.size
     assert not list(dev.downloads_dir.iterdir())
     assert [r.status for r in env.reports("dev-1")] == [0]
+
+
+async def test_tracker_trickling_its_check_in_answer_is_cut_off_as_slow_retrieval(
+        env: ReleaseEnv, nursery: trio.Nursery) -> None:
+    """4 bytes every 0.1 s: the check-in fails with a clear error soon after the 1 s
+    grace, nothing is downloaded, the slot stays (a failed check-in is no attempt,
+    nothing to report), and the next check-in with a healthy tracker updates."""
+    tracker, url = await serve_faulty(nursery, offer_app({
+        "product": "acme-router", "version": "2.0.0", "release_counter": 2,
+        "target": "releases/acme-router/2.0.0.json"}))
+    trickle = tracker.add(Fault("trickle", "/v1/checkin", step_bytes=4, interval_s=0.1))
+    dev = env.device("dev-1", mode="direct", tracker_url=url, **FAST)
+    with trio.fail_after(60):
+        result = await update_once(dev)
+    assert result.status == StatusCode.DOWNLOAD_FAILED and not result.attempted
+    assert "check-in failed" in result.message and "slow retrieval" in result.message
+    assert trickle.hits == 1
+    assert_untouched(dev, env.v1)
+    config = dev.config()
+    save_config(dev.config_path, replace(config, tracker_url=env.tracker_url))
+    await expect_clean_run(env, dev)
