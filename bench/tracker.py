@@ -19,12 +19,25 @@ device is known and admitted), ``announce-lean`` (``GET /announce`` on the lean
 endpoint) and ``announce-hypercorn`` (the same on the main listener), interleaved in
 every round so that both see the same machine.
 
+``--signed`` (pinned mode) measures what device authentication costs, side by side in
+the same rounds: a second tracker process, pinned to the same CPU, runs with
+``--device-ca`` (a fleet CA made for the run, one identity per simulated device from
+:func:`infra.devca.issue_device_cert`), and each phase runs again against it with every
+request signed (:mod:`infra.deviceauth`): phases ``announce-lean-signed``,
+``announce-hypercorn-signed`` and ``checkin-signed``. wrk cannot sign, so the signed
+requests (counters increasing per device across phases) are made before each phase and
+replayed in order by a Lua script that reads them from a file; it stops when the list
+runs out (``exhausted`` in the result; the phase is then shorter). Refusals by the
+signed tracker (a failure reason has HTTP status 200) are read from its ``/metrics``
+and counted as errors. Results go to ``tracker-signed.json`` and ``tracker-signed.md``.
+
 ``--mode inprocess`` keeps the older, coarser view: ``asgi`` calls the application
 directly (the app's own cost), ``http`` goes through hypercorn with an httpx client in
 the same process.
 
 Run: ``.venv/bin/python -m bench.tracker [--devices 1000] [--duration-s 5] [--runs 5]
-[--connections 32] [--out bench/results]``. Writes ``tracker.json`` and ``tracker.md``.
+[--connections 32] [--signed] [--out bench/results]``. Writes ``tracker.json`` and
+``tracker.md`` (``tracker-signed.*`` with ``--signed``).
 """
 
 from __future__ import annotations
@@ -49,6 +62,8 @@ import httpx
 import trio
 
 from bench.delta import machine_info
+from infra.devca import create_ca, issue_device_cert
+from infra.deviceauth import RequestSigner
 from infra.http_serve import ListenConfig
 from tracker.app import TrackerApp
 from tracker.bittorrent import SwarmInfo
@@ -224,9 +239,82 @@ end
 """
 
 
+_LUA_SIGNED = r"""
+local reqs = {}
+local n = 0
+local i = 0
+init = function(args)
+  for line in io.lines("REQUESTS") do
+    local method, path, cert, sig, body = line:match(
+      "^(%u+)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$")
+    local headers = {["swarmota-device-cert"] = cert, ["swarmota-signature"] = sig}
+    if method == "POST" then
+      headers["content-type"] = "application/json"
+    else
+      body = nil
+    end
+    n = n + 1
+    reqs[n] = wrk.format(method, path, headers, body)
+  end
+end
+request = function()
+  if i >= n then
+    io.write("WRK-EXHAUSTED\n")
+    wrk.thread:stop()
+    return reqs[n]
+  end
+  i = i + 1
+  return reqs[i]
+end
+"""
+
+# Upper bounds of the signed request rates (requests/s), to size the pre-signed lists.
+_SIGNED_RATE_CAP = {"announce-lean": 10_000, "announce-hypercorn": 3_000, "checkin": 2_000}
+
+
 def _lua(script: str, devices: int) -> str:
     return (script.replace("DEVICES", str(devices)).replace("PRODUCT", PRODUCT)
             + _LUA_DONE)
+
+
+class _Fleet:
+    """One identity per simulated device, and the counter each has reached."""
+
+    def __init__(self, workdir: Path, devices: int) -> None:
+        self.ca_pem = create_ca(workdir / "fleet-ca")
+        self.signers = []
+        for i in range(devices):
+            files = issue_device_cert(workdir / "fleet-ca", workdir / "ids" / str(i),
+                                      f"dev-{i:06d}")
+            self.signers.append(RequestSigner(files.cert.read_bytes(),
+                                              files.key.read_bytes()))
+        self.counters = [0] * devices
+
+    def write_requests(self, path: Path, phase: str, count: int) -> None:
+        """``count`` signed requests of ``phase``, device after device, one per line."""
+        devices = len(self.signers)
+        with path.open("w") as out:
+            for j in range(count):
+                i = j % devices
+                if phase == "checkin":
+                    method, target, body = "POST", b"/v1/checkin", _checkin_body(i)
+                else:
+                    method, body = "GET", b""
+                    target = b"/announce?" + _announce_query(i)
+                self.counters[i] += 1
+                headers = dict(self.signers[i].headers(method, target, body,
+                                                       self.counters[i]))
+                out.write("\t".join([method, target.decode("ascii"),
+                                     headers["swarmota-device-cert"],
+                                     headers["swarmota-signature"],
+                                     body.decode("utf-8")]) + "\n")
+
+
+def _refused(api: str) -> int:
+    """Requests the tracker at ``api`` refused for their identity so far."""
+    text = httpx.get(api + "/metrics", timeout=10).text
+    return sum(int(m.group(1)) for m in re.finditer(
+        r"^swarmota_tracker_device_auth_refused_total\{[^}]*\} (\d+)$", text, re.MULTILINE))
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -236,16 +324,19 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _run_wrk(wrk: str, cpu: int | None, url: str, script: Path, *, connections: int,
-             duration_s: float, pid: int) -> dict[str, Any]:
+             duration_s: float, pid: int, refused: Callable[[], int] | None = None
+             ) -> dict[str, Any]:
     """One wrk run; its figures plus the tracker's CPU seconds meanwhile."""
     cmd = [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
            "--timeout", "5s", "-s", str(script), url]
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu), *cmd] if shutil.which("taskset") else cmd
+    refused_before = refused() if refused is not None else 0
     cpu_before = _cpu_seconds(pid)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60,
                           check=True)
     cpu_used = _cpu_seconds(pid) - cpu_before
+    refusals = refused() - refused_before if refused is not None else 0
     match = re.search(r"WRK-JSON (\{.*\})", done.stdout)
     if match is None:
         raise RuntimeError(f"wrk printed no figures: {done.stdout[-500:]} {done.stderr[-500:]}")
@@ -254,17 +345,22 @@ def _run_wrk(wrk: str, cpu: int | None, url: str, script: Path, *, connections: 
     return {"requests": raw["requests"], "elapsed_s": round(elapsed, 3),
             "requests_per_s": round(raw["requests"] / elapsed, 1),
             "p50_ms": round(raw["p50_us"] / 1000, 3), "p99_ms": round(raw["p99_us"] / 1000, 3),
-            "errors": raw["non2xx"] + raw["socket_errors"],
+            "errors": raw["non2xx"] + raw["socket_errors"] + refusals,
+            "exhausted": "WRK-EXHAUSTED" in done.stdout,
             "tracker_cpu_s": round(cpu_used, 3),
             "requests_per_cpu_s": round(raw["requests"] / cpu_used, 1) if cpu_used else None}
 
 
-def _start_tracker(db: Path, cpu: int | None) -> tuple[subprocess.Popen[str], str, str]:
-    """``swarmota tracker serve`` with both listeners, pinned to ``cpu``; its URLs."""
+def _start_tracker(db: Path, cpu: int | None, device_ca: Path | None = None
+                   ) -> tuple[subprocess.Popen[str], str, str]:
+    """``swarmota tracker serve`` with both listeners, pinned to ``cpu``, in lab mode
+    or checking device signatures against ``device_ca``; its URLs."""
+    auth = (["--allow-unauthenticated-devices"] if device_ca is None
+            else ["--device-ca", str(device_ca)])
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from swarmota.cli import main; sys.exit(main())",
          "tracker", "serve", "--db", str(db), "--listen", "127.0.0.1:0",
-         "--announce-listen", "127.0.0.1:0"],
+         "--announce-listen", "127.0.0.1:0", *auth],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         if cpu is not None:
@@ -290,8 +386,9 @@ def _start_tracker(db: Path, cpu: int | None) -> tuple[subprocess.Popen[str], st
 
 
 def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
-               connections: int, wrk: str = "wrk") -> dict[str, Any]:
-    """The pinned benchmark (see the module docstring); a JSON-ready dict.
+               connections: int, wrk: str = "wrk", signed: bool = False) -> dict[str, Any]:
+    """The pinned benchmark (see the module docstring); a JSON-ready dict. With
+    ``signed``, every phase runs against a second, signature-checking tracker too.
 
     Raises:
         RuntimeError: ``wrk`` is missing, or the tracker or wrk failed.
@@ -307,36 +404,72 @@ def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
     announce_lua.write_text(_lua(_LUA_ANNOUNCE, devices))
     checkin_lua = workdir / "checkin.lua"
     checkin_lua.write_text(_lua(_LUA_CHECKIN, devices))
-    proc, api, lean = _start_tracker(db, tracker_cpu)
+    fleet = _Fleet(workdir, devices) if signed else None
+    procs: list[subprocess.Popen[str]] = []
     try:
+        proc, api, lean = _start_tracker(db, tracker_cpu)
+        procs.append(proc)
         run = functools.partial(_run_wrk, wrk_path, load_cpu, connections=connections,
                                 pid=proc.pid)
+        signed_run: Callable[[str, str, float], dict[str, Any]] | None = None
+        if fleet is not None:
+            signed_db = workdir / "signed.sqlite"
+            _prepare(signed_db)
+            signed_proc, signed_api, signed_lean = _start_tracker(
+                signed_db, tracker_cpu, fleet.ca_pem)
+            procs.append(signed_proc)
+            urls = {"announce-lean": signed_lean, "announce-hypercorn": signed_api,
+                    "checkin": signed_api}
+
+            def signed_run(phase: str, kind: str, seconds: float) -> dict[str, Any]:
+                requests = workdir / "signed-requests.tsv"
+                fleet.write_requests(requests, kind,
+                                     int(_SIGNED_RATE_CAP[phase] * max(1.0, seconds)))
+                script = workdir / "signed.lua"
+                script.write_text(_LUA_SIGNED.replace("REQUESTS", str(requests))
+                                  + _LUA_DONE)
+                return _run_wrk(wrk_path, load_cpu, urls[phase], script,
+                                connections=connections, duration_s=seconds,
+                                pid=signed_proc.pid,
+                                refused=functools.partial(_refused, signed_api))
+
         # Warm-up: every device checks in (admitted) and announces once.
-        run(api, checkin_lua, duration_s=max(1.0, duration_s / 2))
-        run(lean, announce_lua, duration_s=max(1.0, duration_s / 2))
+        warm_s = max(1.0, duration_s / 2)
+        run(api, checkin_lua, duration_s=warm_s)
+        run(lean, announce_lua, duration_s=warm_s)
+        if signed_run is not None:
+            signed_run("checkin", "checkin", warm_s)
+            signed_run("announce-lean", "announce", warm_s)
         rounds: list[dict[str, Any]] = []
         for _ in range(runs):
-            rounds.append({
-                "announce-lean": run(lean, announce_lua, duration_s=duration_s),
-                "announce-hypercorn": run(api, announce_lua, duration_s=duration_s),
-                "checkin": run(api, checkin_lua, duration_s=duration_s),
-            })
+            this: dict[str, Any] = {}
+            for phase, url, script in (("announce-lean", lean, announce_lua),
+                                       ("announce-hypercorn", api, announce_lua),
+                                       ("checkin", api, checkin_lua)):
+                this[phase] = run(url, script, duration_s=duration_s)
+                if signed_run is not None:
+                    kind = "checkin" if phase == "checkin" else "announce"
+                    this[f"{phase}-signed"] = signed_run(phase, kind, duration_s)
+            rounds.append(this)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     medians = {phase: {key: statistics.median(r[phase][key] or 0 for r in rounds)
                        for key in ("requests_per_s", "p50_ms", "p99_ms",
                                    "requests_per_cpu_s")}
                for phase in rounds[0]}
     for phase in medians:
         medians[phase]["errors"] = sum(r[phase]["errors"] for r in rounds)
+        medians[phase]["exhausted"] = any(r[phase]["exhausted"] for r in rounds)
     lean_median = medians["announce-lean"]
     return {"mode": "pinned", "devices": devices, "duration_s": duration_s, "runs": runs,
             "connections": connections, "tracker_cpu": tracker_cpu, "load_cpu": load_cpu,
+            "signed": signed,
             "load_generator": "wrk -t1 (Lua: distinct device id, peer id, port)",
             "machine": machine_info({}), "loadavg_after": os.getloadavg(),
             "target": {"announces_per_s": 5000, "p99_ms": 20,
@@ -354,6 +487,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"wrk pinned to CPU {result['load_cpu']}, {result['connections']} keep-alive "
         f"connections, {result['devices']} simulated devices (one swarm), "
         f"{result['runs']} rounds of {result['duration_s']} s per phase; medians. "
+        + ("Phases `-signed`: a second tracker process on the same CPU with "
+           "`--device-ca`, every request signed by the device's fleet identity "
+           "(ECDSA P-256), pre-signed and replayed in order by wrk. "
+           if result.get("signed") else "") +
         "req/CPU-s = requests per second of tracker CPU time (robust to other load on "
         f"the machine; load average after the run: "
         f"{', '.join(f'{x:.2f}' for x in result['loadavg_after'])}).",
@@ -362,8 +499,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for phase, m in result["median"].items():
+        ran_out = " (pre-signed list ran out)" if m.get("exhausted") else ""
         lines.append(f"| {phase} | {m['requests_per_s']:.0f} | {m['p50_ms']:.2f} | "
-                     f"{m['p99_ms']:.2f} | {m['requests_per_cpu_s']:.0f} | {m['errors']} |")
+                     f"{m['p99_ms']:.2f} | {m['requests_per_cpu_s']:.0f} | "
+                     f"{m['errors']}{ran_out} |")
     lines += ["", "Every round:", "", "| round | phase | req/s | p50 ms | p99 ms | "
               "req/CPU-s |", "|---:|---|---:|---:|---:|---:|"]
     for i, r in enumerate(result["rounds"], 1):
@@ -384,6 +523,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=_positive, default=5, help="pinned: rounds")
     parser.add_argument("--connections", type=_positive, default=32,
                         help="pinned: wrk keep-alive connections")
+    parser.add_argument("--signed", action="store_true",
+                        help="pinned: also run every phase against a tracker with "
+                             "--device-ca, every request signed (tracker-signed.*)")
     parser.add_argument("--requests", type=_positive, default=5000,
                         help="inprocess: requests per phase")
     parser.add_argument("--concurrency", type=_positive, default=64,
@@ -395,19 +537,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="swarmota-bench-tracker-") as tmp:
         if args.mode == "pinned":
             result = run_pinned(Path(tmp), devices=args.devices, duration_s=args.duration_s,
-                                runs=args.runs, connections=args.connections)
+                                runs=args.runs, connections=args.connections,
+                                signed=args.signed)
         else:
             result = trio.run(functools.partial(
                 run_bench, Path(tmp), devices=args.devices, requests=args.requests,
                 concurrency=args.concurrency, transports=args.transport))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.mode == "pinned":
-        (args.out / "tracker.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "tracker.md").write_text(render_markdown(result))
+        name = "tracker-signed" if args.signed else "tracker"
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / f"{name}.md").write_text(render_markdown(result))
         for phase, m in result["median"].items():
-            print(f"{phase:20} {m['requests_per_s']:8.0f} req/s  p50 {m['p50_ms']:6.2f} ms"
+            print(f"{phase:27} {m['requests_per_s']:8.0f} req/s  p50 {m['p50_ms']:6.2f} ms"
                   f"  p99 {m['p99_ms']:6.2f} ms  {m['requests_per_cpu_s']:8.0f} req/CPU-s"
-                  f"  errors {m['errors']}")
+                  f"  errors {m['errors']}" + ("  (list exhausted)" if m["exhausted"] else ""))
         return 0
     (args.out / "tracker-inprocess.json").write_text(json.dumps(result, indent=2) + "\n")
     for transport, phases in result["transports"].items():

@@ -7,6 +7,7 @@ Layout::
 
     CA_DIR/ca.pem  ca-key.pem                 create_ca
     OUT_DIR/cert.pem  key.pem                 issue_server_cert (+ backup-key.pem)
+    OUT_DIR/cert.pem  key.pem                 issue_device_cert (a fleet identity)
     FILE                                      generate_key_file (a spare key)
 
 Errors: :class:`DevCaError` (bad names, missing or unreadable CA, refusing to overwrite
@@ -27,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from infra.deviceauth import DEVICE_ID_RE, ROLE_DEVICE, ROLE_SEED, ROLES
 from infra.fsio import atomic_write_bytes
 from infra.tlspin import pin_of_certificate, pin_of_public_key
 
@@ -39,7 +41,11 @@ __all__ = [
     "DevCaError",
     "ServerFiles",
     "create_ca",
+    "ROLES",
+    "ROLE_DEVICE",
+    "ROLE_SEED",
     "generate_key_file",
+    "issue_device_cert",
     "issue_server_cert",
 ]
 
@@ -182,9 +188,53 @@ def issue_server_cert(ca_dir: Path, out_dir: Path, names: Sequence[str], *,
     """
     if not names:
         raise DevCaError("at least one DNS name or IP address is needed")
+    sans = [_san_entry(name) for name in names]
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    files = _issue_leaf(ca_dir, out_dir, subject, sans, [ExtendedKeyUsageOID.SERVER_AUTH],
+                        key_file=key_file, valid_days=valid_days, now=now)
+    if backup:
+        backup_path = out_dir / BACKUP_KEY_FILE
+        backup_pin = (pin_of_public_key(_load_key(backup_path).public_key())
+                      if backup_path.exists() else generate_key_file(backup_path))
+        files = ServerFiles(cert=files.cert, key=files.key, pin=files.pin,
+                            backup_key=backup_path, backup_pin=backup_pin)
+    return files
+
+
+def issue_device_cert(ca_dir: Path, out_dir: Path, device_id: str, *,
+                      role: str = ROLE_DEVICE, valid_days: int = 3650,
+                      now: datetime.datetime | None = None) -> ServerFiles:
+    """Issue a fleet identity ``out_dir/cert.pem`` (+ ``key.pem``) for ``device_id``,
+    signed by the fleet CA in ``ca_dir``.
+
+    The subject is ``CN=<device_id>, OU=<role>`` (``device``, or ``seed`` for the
+    operator's seeders). The certificate serves twice: the tracker checks the requests a
+    device signs with its key (:mod:`infra.deviceauth`), and peers of a private swarm
+    (libtorrent SSL torrents whose root is the fleet CA) check it in their TLS
+    handshake; for libtorrent its subjectAltName is ``*`` (valid for every torrent of
+    the fleet CA). An existing ``key.pem`` is kept (re-issuing keeps the identity key).
+
+    Raises:
+        DevCaError: a bad device id or role, ``valid_days`` < 1, a missing or unreadable
+            CA or key.
+    """
+    if not DEVICE_ID_RE.fullmatch(device_id):
+        raise DevCaError(f"bad device id {device_id!r}: 1-128 of A-Z a-z 0-9 . _ : -")
+    if role not in ROLES:
+        raise DevCaError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id),
+                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role)])
+    return _issue_leaf(ca_dir, out_dir, subject, [x509.DNSName("*")],
+                       [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH],
+                       key_file=None, valid_days=valid_days, now=now)
+
+
+def _issue_leaf(ca_dir: Path, out_dir: Path, subject: x509.Name,
+                sans: Sequence[x509.GeneralName], usages: Sequence[x509.ObjectIdentifier],
+                *, key_file: Path | None, valid_days: int,
+                now: datetime.datetime | None) -> ServerFiles:
     if valid_days < 1:
         raise DevCaError(f"valid_days must be at least 1, got {valid_days}")
-    sans = [_san_entry(name) for name in names]
     ca_cert, ca_key = _load_ca(ca_dir)
     key_path = out_dir / KEY_FILE
     if key_file is not None:
@@ -197,7 +247,7 @@ def issue_server_cert(ca_dir: Path, out_dir: Path, names: Sequence[str], *,
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .subject_name(subject)
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -208,9 +258,8 @@ def issue_server_cert(ca_dir: Path, out_dir: Path, names: Sequence[str], *,
                                      key_encipherment=False, data_encipherment=False,
                                      key_agreement=False, key_cert_sign=False, crl_sign=False,
                                      encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                       critical=False)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
+        .add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                        critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
@@ -221,14 +270,7 @@ def issue_server_cert(ca_dir: Path, out_dir: Path, names: Sequence[str], *,
     atomic_write_bytes(key_path, _key_pem(key), mode=0o600)
     cert_path = out_dir / CERT_FILE
     atomic_write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    files = ServerFiles(cert=cert_path, key=key_path, pin=pin_of_certificate(cert))
-    if backup:
-        backup_path = out_dir / BACKUP_KEY_FILE
-        backup_pin = (pin_of_public_key(_load_key(backup_path).public_key())
-                      if backup_path.exists() else generate_key_file(backup_path))
-        files = ServerFiles(cert=cert_path, key=key_path, pin=files.pin,
-                            backup_key=backup_path, backup_pin=backup_pin)
-    return files
+    return ServerFiles(cert=cert_path, key=key_path, pin=pin_of_certificate(cert))
 
 
 def generate_key_file(path: Path) -> str:

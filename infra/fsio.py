@@ -15,14 +15,43 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["StepHook", "atomic_write_bytes", "atomic_write_json", "fsync_dir", "read_json"]
+__all__ = ["SAFE_NAME_RE", "StepHook", "UnsafeNameError", "atomic_write_bytes",
+           "atomic_write_json", "fsync_dir", "read_json", "safe_child"]
 
 StepHook = Callable[[str], None]
+
+SAFE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+"""A name that may become one path segment: 1-128 ASCII letters, digits, ``. _ + -``,
+starting alphanumeric. So never empty, ``.``, ``..``, hidden, absolute, a separator
+(``/`` or ``\\``), NUL, a control character or a non-ASCII lookalike."""
+
+
+class UnsafeNameError(ValueError):
+    """A name that is not one safe path segment (see :data:`SAFE_NAME_RE`)."""
+
+
+def safe_child(directory: Path, name: str) -> Path:
+    """``directory / name``, for a ``name`` that matches :data:`SAFE_NAME_RE`; the
+    result is checked once more to be a direct child of ``directory`` (lexically: the
+    caller owns ``directory``, and nothing from outside can make ``name`` a symlink).
+
+    Raises:
+        UnsafeNameError: ``name`` is not a safe name.
+    """
+    if not isinstance(name, str) or not SAFE_NAME_RE.fullmatch(name):
+        raise UnsafeNameError(f"unsafe file name {str(name)[:80]!r}: expected 1-128 "
+                              "chars of A-Z a-z 0-9 . _ + -, starting alphanumeric")
+    path = directory / name
+    if (path.parent != directory or path.name != name
+            or os.path.dirname(os.path.abspath(path)) != os.path.abspath(directory)):
+        raise UnsafeNameError(f"{name!r} does not stay inside {directory}")
+    return path
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

@@ -49,6 +49,7 @@ from manifest import (
     parse_release_manifest,
 )
 from peer import machine
+from peer.announce_relay import AnnounceRelay, background_tasks
 from peer.bootctl import (
     BootControl,
     SlotRecord,
@@ -74,6 +75,7 @@ from peer.errors import (
 )
 from peer.health import run_health_check
 from peer.http import HttpClient
+from peer.identity import Identity, load_identity
 from peer.install import install_delta, install_image
 from peer.install_policy import Decision, PolicyPowerSource, decide, load_policy
 from peer.machine import Action, Event, Journal, JournalError, Phase
@@ -157,11 +159,15 @@ async def update_once(state: DeviceState, *,
     with _device_lock(state):
         config = state.config()
         bc = state.bootctl()
-        async with HttpClient.for_device(config) as http:
+        identity = load_identity(state.root)
+        async with HttpClient.for_device(config, identity) as http, \
+                background_tasks() as nursery:
             run = _Run(state, http, clock,
                        config.seed_time_s if seed_time_s is None else seed_time_s,
                        state.slots() if slots is None else slots, wall_clock)
             run.retry_budget = retry_budget
+            run.identity = identity
+            run.nursery = nursery
             try:
                 result = await run.start(bc)
                 if result.attempted and result.to_version is not None:
@@ -173,6 +179,12 @@ async def update_once(state: DeviceState, *,
                 await run.close()
         state.save_result({**result.to_json(), "finished_at": time.time()})
         return result
+
+
+def _report_text(message: str) -> str:
+    """A message the tracker accepts: at most 4096 characters of valid UTF-8 (error texts
+    may quote what a hostile server sent, lone surrogates included)."""
+    return message.encode("utf-8", "replace").decode("utf-8")[:4096]
 
 
 def _component_of(target_slot: str | None) -> str | None:
@@ -221,6 +233,9 @@ class _Run:
         self.clock = clock
         self.timings: dict[str, float] = {}
         self.swarm: SwarmSession | None = None
+        self.identity: Identity | None = None
+        self.nursery: trio.Nursery | None = None  # runs the announce relay
+        self.relay_url: str | None = None
         self.installed: _Seedable | None = None
         self.last_swarm: _Seedable | None = None
 
@@ -555,8 +570,12 @@ class _Run:
                               result: UpdateResult) -> None:
         config = self.config
         session = await self._swarm_session()
+        assert self.relay_url is not None
+        identity = self.identity
         options = SwarmOptions(
-            announce_urls=(f"{config.tracker_url.rstrip('/')}/announce",),
+            # libtorrent announces through the relay: pinned, signed (peer/announce_relay)
+            announce_urls=(self.relay_url,),
+            identity=None if identity is None else (identity.cert_pem, identity.key_pem),
             stall_s=config.swarm_stall_s, timeout_s=config.swarm_timeout_s,
             min_peer_rate_bytes_per_s=_min_peer_rate(config),
             waste_budget_bytes=config.swarm_waste_budget_bytes,
@@ -577,6 +596,10 @@ class _Run:
             self.last_swarm = _Seedable(ref, work, stats.bytes_uploaded)
 
     async def _swarm_session(self) -> SwarmSession:
+        if self.relay_url is None:
+            assert self.nursery is not None
+            relay = AnnounceRelay(self.http, self.config.tracker_url)
+            self.relay_url = await self.nursery.start(relay.serve)
         if self.swarm is None:
             host, port = self.config.swarm_listen_host_port
             policy = upload_policy(self.config)
@@ -586,7 +609,8 @@ class _Run:
                 listen_host=host, listen_port=port,
                 download_rate_limit_bytes_per_s=self.config.download_rate_limit_bytes_per_s,
                 upload_rate_limit_bytes_per_s=policy.rate_limit_bytes_per_s,
-                upload_enabled=policy.allowed)
+                upload_enabled=policy.allowed,
+                ssl_listen=self.identity is not None)  # private swarms need a certificate
             self.swarm = await trio.to_thread.run_sync(SwarmSession, swarm_config)
         return self.swarm
 
@@ -781,7 +805,8 @@ class _Run:
                 body = self._report_body(result)
                 event = {Phase.COMMITTED: Event.REPORT, Phase.ROLLED_BACK: Event.REPORT}.get(
                     self.journal.phase, Event.FAILED)
-                self._step(event, status=int(result.status), message=result.message[:4096],
+                self._step(event, status=int(result.status),
+                           message=_report_text(result.message),
                            report=body)
             crash_point("report.before_queue")
             if body not in queue:
@@ -810,6 +835,6 @@ class _Run:
         if result.from_version is None or result.to_version is None:
             raise RuntimeError("an attempted update always knows both versions")
         return {"from_version": result.from_version, "to_version": result.to_version,
-                "status": int(result.status), "message": result.message[:4096],
+                "status": int(result.status), "message": _report_text(result.message),
                 "bytes_origin": result.bytes_origin, "bytes_peers": result.bytes_peers,
                 "timings_s": dict(result.timings_s)}

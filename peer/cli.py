@@ -19,6 +19,7 @@ from peer.components import ComponentStore
 from peer.config import DOWNLOAD_MODES, DeviceConfig
 from peer.daemon import DaemonConfig, run_daemon
 from peer.errors import ConfigError
+from peer.identity import install_identity
 from peer.install_policy import load_policy
 from peer.state import DeviceState, JournalError, init_device
 
@@ -86,6 +87,13 @@ def add_parser(subparsers: Any) -> None:
                       help="install policy (TOML: maintenance windows, install delay, "
                            "battery/charging, metered network, free-space reserve); "
                            "validated and copied to STATE/policy.toml")
+    init.add_argument("--identity-cert", type=Path, default=None, metavar="PEM",
+                      help="the device's certificate from the fleet CA ('swarmota tls "
+                           "device-cert'; its CN must be --device-id). With it the device "
+                           "signs every tracker request and joins private swarms; copied "
+                           "to STATE/identity/")
+    init.add_argument("--identity-key", type=Path, default=None, metavar="PEM",
+                      help="the private key of --identity-cert (copied, mode 0600)")
     init.add_argument("--force", action="store_true", help="re-provision an existing directory")
     init.set_defaults(func=_init)
 
@@ -149,6 +157,8 @@ def _init(args: argparse.Namespace) -> int:
             network_metered=args.metered, battery_percent_path=args.battery_file,
             min_battery_percent_to_upload=args.min_battery_percent,
             tls_pins=tuple(args.tls_pins), tls_ca_file=_ca_file(args.tls_ca_file))
+        if (args.identity_cert is None) != (args.identity_key is None):
+            raise ConfigError("--identity-cert and --identity-key go together")
         root = args.root.read_bytes()
         policy = None
         if args.policy is not None:
@@ -161,6 +171,9 @@ def _init(args: argparse.Namespace) -> int:
                             force=args.force)
         if policy is not None:
             atomic_write_bytes(state.policy_path, policy)
+        if args.identity_cert is not None:
+            install_identity(state.root, args.identity_cert, args.identity_key,
+                             config.device_id)
     except (ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

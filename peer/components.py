@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.fsio import atomic_write_json, fsync_dir
+from infra.fsio import UnsafeNameError, atomic_write_json, fsync_dir, safe_child
 from peer.crashpoints import crash_point, fsio_hook
+from peer.errors import VerifyFailed
 from peer.slots import FileSlots, SlotBackend, SlotWriter, hash_stream
 
 __all__ = ["ComponentRecord", "ComponentStore", "InstalledVersion"]
@@ -94,7 +95,17 @@ class ComponentStore:
         self.root = root
 
     def directory(self, name: str) -> Path:
-        return self.root / name
+        """``STATE/components/<name>``. ``name`` comes from a signed release manifest,
+        whose parser already allows only safe names; checked again here, where it
+        becomes a path.
+
+        Raises:
+            VerifyFailed: ``name`` is not one safe path segment.
+        """
+        try:
+            return safe_child(self.root, name)
+        except UnsafeNameError as exc:
+            raise VerifyFailed(f"component name refused: {exc}") from None
 
     def staging(self, name: str) -> SlotBackend:
         """Slot-backend view of component ``name`` for ``peer.install``: write slot
@@ -131,6 +142,15 @@ class ComponentStore:
         except FileNotFoundError:
             return None
 
+    @staticmethod
+    def _version_file(directory: Path, sha256: str) -> Path:
+        """``directory/v-<sha256>`` (the hash is hex by the manifest parser; checked
+        again where it becomes a path). Raises ``VerifyFailed``."""
+        try:
+            return safe_child(directory, f"v-{sha256}")
+        except UnsafeNameError as exc:
+            raise VerifyFailed(f"component version file refused: {exc}") from None
+
     def _point(self, name: str, sha256: str | None) -> None:
         """Replace the ``current`` symlink atomically (``None``: remove it)."""
         directory = self.directory(name)
@@ -140,7 +160,7 @@ class ComponentStore:
         else:
             tmp = directory / ".current.tmp"
             tmp.unlink(missing_ok=True)
-            os.symlink(f"v-{sha256}", tmp)
+            os.symlink(self._version_file(directory, sha256).name, tmp)
             crash_point("component.before_link_rename")
             os.replace(tmp, link)
         fsync_dir(directory)
@@ -150,7 +170,7 @@ class ComponentStore:
         """Make the verified ``incoming`` file version ``new`` and point ``current`` at
         it, pending until :meth:`commit` or :meth:`roll_back`. Raises ``OSError``."""
         directory = self.directory(name)
-        os.replace(directory / INCOMING, directory / f"v-{new.sha256}")
+        os.replace(directory / INCOMING, self._version_file(directory, new.sha256))
         fsync_dir(directory)
         before = self.record(name)
         record = ComponentRecord(new, before.current, True)

@@ -20,6 +20,7 @@ DOWNLOAD_MODES = ("swarm", "direct")
 
 _DEVICE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _NETWORK_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_PORT_RE = re.compile(r"[0-9]{1,5}")  # ASCII digits only: int() takes "²" and "٣" too
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class DeviceConfig:
             raise ConfigError(f"download_mode must be one of {list(DOWNLOAD_MODES)}, "
                               f"got {self.download_mode!r}")
         host, _, port = self.swarm_listen.rpartition(":")
-        if not host or not port.isdigit() or int(port) > 65535:
+        if not host or not _PORT_RE.fullmatch(port) or int(port) > 65535:
             raise ConfigError(f"swarm_listen must be HOST:PORT, got {self.swarm_listen!r}")
         if min(self.download_rate_limit_bytes_per_s, self.upload_rate_limit_bytes_per_s,
                self.swarm_waste_budget_bytes, self.swarm_min_rate_bytes_per_s,
@@ -151,7 +152,7 @@ def load_config(path: Path) -> DeviceConfig:
         raw = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise ConfigError(f"{path} not found: run 'swarmota peer init' first") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
@@ -163,5 +164,5 @@ def load_config(path: Path) -> DeviceConfig:
             raw[name] = tuple(value)
     try:
         return DeviceConfig(**raw)
-    except TypeError as exc:
+    except (TypeError, AttributeError, ValueError) as exc:  # a field of the wrong type
         raise ConfigError(f"{path}: {exc}") from None

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import trio
 
+from infra.fsio import UnsafeNameError, safe_child
 from manifest import IntegrityError, Payload, sha256_hex
 from peer.crashpoints import crash_point
 from peer.errors import DownloadFailed, PartialResponse, PeerError, VerifyFailed
@@ -48,11 +49,19 @@ class DownloadStats:
 
 
 class PayloadWorkdir:
-    """The on-disk assembly area of one payload (owned by one download at a time)."""
+    """The on-disk assembly area of one payload (owned by one download at a time):
+    ``downloads_dir/<payload sha256>``.
+
+    Raises:
+        VerifyFailed: the payload hash is not a safe directory name.
+    """
 
     def __init__(self, downloads_dir: Path, payload: Payload) -> None:
         self.payload = payload
-        self.path = downloads_dir / payload.sha256
+        try:  # the hash is hex by the manifest parser; checked again where it is a path
+            self.path = safe_child(downloads_dir, payload.sha256)
+        except UnsafeNameError as exc:
+            raise VerifyFailed(f"payload work area refused: {exc}") from None
         self.part = self.path / "payload.part"
         self.log = self.path / "verified.log"
 
@@ -67,8 +76,9 @@ class PayloadWorkdir:
             return done
         logged = set()
         for line in self.log.read_text(errors="replace").splitlines():
-            if line.strip().isdigit():
-                logged.add(int(line))
+            text = line.strip()
+            if text.isascii() and text.isdigit() and len(text) <= 12:  # ours, not garbage
+                logged.add(int(text))
         with open(self.part, "rb") as fh:
             for index in sorted(i for i in logged if i < self.payload.chunk_count):
                 offset, length = self.payload.chunk_span(index)

@@ -44,14 +44,47 @@ from tuf.ngclient import FetcherInterface
 from infra.tlspin import PinError, pin_of_certificate_der
 from peer.config import DeviceConfig
 from peer.errors import ConfigError, DownloadFailed, PartialResponse, PinMismatch
+from peer.identity import Identity
 
 __all__ = ["DEFAULT_MIN_RATE_BYTES_PER_S", "MAX_JSON_RESPONSE_BYTES", "HttpClient", "TlsPolicy",
-           "TufFetcher"]
+           "TufFetcher", "content_range_matches", "decode_json_answer"]
 
 MAX_JSON_RESPONSE_BYTES = 64 * 1024
 DEFAULT_MIN_RATE_BYTES_PER_S = 1024
-_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_READ_BLOCK = 64 * 1024
+# At most 20 digits: any valid offset fits, and int() never sees 4300+ digits (ValueError).
+_CONTENT_RANGE_RE = re.compile(r"bytes ([0-9]{1,20})-([0-9]{1,20})/([0-9]{1,20}|\*)")
 _USER_AGENT = "swarmota-peer/0.1"
+
+
+def decode_json_answer(what: str, status: int, data: bytes) -> dict[str, Any]:
+    """The JSON object a server answered with HTTP ``status`` (pure; ``what`` names the
+    request in messages).
+
+    Raises:
+        DownloadFailed: ``status`` is not 200 (the message quotes the server's error,
+            clipped), or the answer is not a JSON object (not UTF-8, not JSON, nested
+            too deeply, or another JSON value).
+    """
+    try:
+        answer = json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deeply
+        answer = None
+    if status != 200:
+        detail = answer.get("error") if isinstance(answer, dict) else data[:200].decode(
+            errors="replace")
+        raise DownloadFailed(f"{what}: HTTP {status}: {str(detail)[:200]}", http_status=status)
+    if not isinstance(answer, dict):
+        raise DownloadFailed(f"{what}: answer is not a JSON object")
+    return answer
+
+
+def content_range_matches(header: str | None, offset: int, length: int) -> bool:
+    """Whether a 206 answer's ``Content-Range`` header names exactly the ``length`` bytes
+    from ``offset`` (pure; any other value, malformed or overlong, is ``False``)."""
+    match = _CONTENT_RANGE_RE.fullmatch(header or "")
+    return (match is not None and int(match[1]) == offset
+            and int(match[2]) == offset + length - 1)
 
 
 @functools.cache
@@ -249,14 +282,18 @@ def _sync_client_options(tls: TlsPolicy) -> dict[str, Any]:
     return {**options, "transport": transport, "trust_env": False}
 
 
-def _async_client_options(tls: TlsPolicy) -> dict[str, Any]:
-    """Options for httpx.AsyncClient, as :func:`_sync_client_options`."""
+def _async_client_options(tls: TlsPolicy, local_address: str | None = None
+                          ) -> dict[str, Any]:
+    """Options for httpx.AsyncClient, as :func:`_sync_client_options`; connections leave
+    from ``local_address`` when given."""
     options: dict[str, Any] = {"follow_redirects": False,
                                "headers": {"user-agent": _USER_AGENT}}
-    if not tls.pins:
+    if not tls.pins and local_address is None:
         return {**options, "verify": tls.ssl_context()}
-    transport = _install_pinning(httpx.AsyncHTTPTransport(verify=tls.ssl_context()),
-                                 tls.pins)
+    transport = httpx.AsyncHTTPTransport(verify=tls.ssl_context(),
+                                         local_address=local_address)
+    if tls.pins:
+        transport = _install_pinning(transport, tls.pins)
     return {**options, "transport": transport, "trust_env": False}
 
 
@@ -375,24 +412,72 @@ class HttpClient:
     """
 
     def __init__(self, *, timeout_s: float, tls: TlsPolicy | None = None,
+                 identity: Identity | None = None, local_address: str | None = None,
                  min_rate_bytes_per_s: int = DEFAULT_MIN_RATE_BYTES_PER_S) -> None:
         """Raises ConfigError: ``tls.ca_file`` cannot be loaded."""
         self.tls = tls or TlsPolicy()
         self.timeout_s = timeout_s
         self.min_rate_bytes_per_s = min_rate_bytes_per_s
         self._client = httpx.AsyncClient(timeout=timeout_s,
-                                         **_async_client_options(self.tls))
+                                         **_async_client_options(self.tls, local_address))
         self.bytes_received = 0
+        self.identity = identity
+        # signed requests go out one at a time, in counter order: the tracker refuses a
+        # counter that is not above the last one it accepted from the device
+        self._signing = trio.Lock()
 
     @classmethod
-    def for_device(cls, config: DeviceConfig) -> HttpClient:
-        """A client with the device's timeout, CA bundle and pins.
+    def for_device(cls, config: DeviceConfig, identity: Identity | None = None) -> HttpClient:
+        """A client with the device's timeout, CA bundle and pins; requests to the
+        tracker are signed with ``identity`` when given. A device whose swarm listens on
+        one specific address also sends its HTTP from there, so that the address the
+        tracker sees on a (relayed) announce is the one peers can reach.
 
         Raises:
             ConfigError: the configured CA bundle cannot be loaded.
         """
+        host, _ = config.swarm_listen_host_port
+        local = None if host in ("", "0.0.0.0", "::") else host
         return cls(timeout_s=config.http_timeout_s, tls=TlsPolicy.for_device(config),
+                   identity=identity, local_address=local,
                    min_rate_bytes_per_s=config.http_min_rate_bytes_per_s)
+
+    def _signed(self, method: str, url: str, body: bytes) -> dict[str, str]:
+        """The identity headers of ``METHOD url`` (none without an identity). The target
+        signed is the one httpx sends: path and query as encoded on the wire."""
+        if self.identity is None:
+            return {}
+        try:
+            counter = self.identity.next_counter()
+        except OSError as exc:
+            raise DownloadFailed(f"{method} {url}: cannot reserve a request counter: "
+                                 f"{exc}") from exc
+        target = httpx.URL(url).raw_path
+        return dict(self.identity.signer.headers(method, target, body, counter))
+
+    async def get_tracker(self, url: str, *, max_bytes: int) -> tuple[int, bytes]:
+        """A signed GET to the tracker (BitTorrent announce or scrape relayed for
+        libtorrent): ``(HTTP status, body)`` whatever the status, the body at most
+        ``max_bytes``. Not counted in :attr:`bytes_received` (origin bytes only).
+
+        Raises:
+            DownloadFailed: no answer, a redirect, or an answer over ``max_bytes``.
+        """
+        try:
+            async with self._signing:
+                headers = self._signed("GET", url, b"")
+                async with self._client.stream("GET", url, headers=headers) as response:
+                    if response.is_redirect:
+                        raise DownloadFailed(_redirect_message("GET", url, response),
+                                             http_status=response.status_code)
+                    out = bytearray()
+                    async for block in response.aiter_bytes(_READ_BLOCK):
+                        out += block
+                        if len(out) > max_bytes:
+                            raise DownloadFailed(f"GET {url}: more than {max_bytes} bytes")
+                    return response.status_code, bytes(out)
+        except httpx.HTTPError as exc:
+            raise DownloadFailed(f"GET {url}: {_describe(exc)}") from exc
 
     async def __aenter__(self) -> HttpClient:
         return self
@@ -412,10 +497,8 @@ class HttpClient:
             try:
                 async with self._client.stream("GET", url, headers=headers) as response:
                     if response.status_code == 206:
-                        match = _CONTENT_RANGE_RE.fullmatch(
-                            response.headers.get("content-range", ""))
-                        if (not match or int(match[1]) != offset
-                                or int(match[2]) != offset + length - 1):
+                        if not content_range_matches(response.headers.get("content-range"),
+                                                     offset, length):
                             raise DownloadFailed(f"GET {url}: bad Content-Range "
                                                  f"{response.headers.get('content-range')!r}")
                         skip = 0
@@ -499,31 +582,26 @@ class HttpClient:
 
     async def post_json(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST ``body`` as JSON, return the (size-limited) JSON object answer."""
+        content = json.dumps(body, separators=(",", ":")).encode()
         with self._deadline(f"POST {url}", MAX_JSON_RESPONSE_BYTES):
             try:
-                async with self._client.stream("POST", url, json=body) as response:
-                    if response.is_redirect:
-                        raise DownloadFailed(_redirect_message("POST", url, response),
-                                             http_status=response.status_code)
-                    data = bytearray()
-                    floor = self._floor(f"POST {url}")
-                    async for block in response.aiter_bytes():
-                        data += block
-                        if len(data) > MAX_JSON_RESPONSE_BYTES:
-                            raise DownloadFailed(f"POST {url}: answer over "
-                                                 f"{MAX_JSON_RESPONSE_BYTES} bytes")
-                        floor.check(len(data))
-                    status = response.status_code
+                async with self._signing:
+                    headers = {"content-type": "application/json",
+                               **self._signed("POST", url, content)}
+                    async with self._client.stream("POST", url, content=content,
+                                                   headers=headers) as response:
+                        if response.is_redirect:
+                            raise DownloadFailed(_redirect_message("POST", url, response),
+                                                 http_status=response.status_code)
+                        data = bytearray()
+                        floor = self._floor(f"POST {url}")
+                        async for block in response.aiter_bytes():
+                            data += block
+                            if len(data) > MAX_JSON_RESPONSE_BYTES:
+                                raise DownloadFailed(f"POST {url}: answer over "
+                                                     f"{MAX_JSON_RESPONSE_BYTES} bytes")
+                            floor.check(len(data))
+                        status = response.status_code
             except httpx.HTTPError as exc:
                 raise DownloadFailed(f"POST {url}: {_describe(exc)}") from exc
-        try:
-            answer = json.loads(bytes(data))
-        except ValueError:
-            answer = None
-        if status != 200:
-            detail = answer.get("error") if isinstance(answer, dict) else data[:200].decode(
-                errors="replace")
-            raise DownloadFailed(f"POST {url}: HTTP {status}: {detail}", http_status=status)
-        if not isinstance(answer, dict):
-            raise DownloadFailed(f"POST {url}: answer is not a JSON object")
-        return answer
+        return decode_json_answer(f"POST {url}", status, bytes(data))

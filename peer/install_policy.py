@@ -173,6 +173,9 @@ def _table(doc: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
+_MAX_DELAY_S = 10 * 365 * 86400
+
+
 def _typed(table: dict[str, Any], where: str, key: str, kind: type | tuple[type, ...],
            default: Any) -> Any:
     value = table.get(key, default)
@@ -226,11 +229,14 @@ def load_policy(path: Path) -> InstallPolicy:
         if not all(isinstance(w, str) for w in windows_raw):
             raise ValueError("[schedule] windows: expected a list of strings")
         windows = tuple(parse_window(w) for w in windows_raw)
-        delay = float(_typed(schedule, "schedule", "delay_s", (int, float), 0))
+        delay_raw = _typed(schedule, "schedule", "delay_s", (int, float), 0)
         battery = int(_typed(power, "power", "min_battery_percent", int, 0))
         reserve = int(_typed(storage, "storage", "reserve_bytes", int, 0))
-        if delay < 0 or reserve < 0:
-            raise ValueError("delay_s and reserve_bytes must be >= 0")
+        # (a 400-digit delay_s would overflow float(); inf and nan are no delays either)
+        if not 0 <= delay_raw <= _MAX_DELAY_S or reserve < 0:
+            raise ValueError("delay_s and reserve_bytes must be >= 0 (and delay_s a finite "
+                             f"number of at most {_MAX_DELAY_S} s)")
+        delay = float(delay_raw)
         if not 0 <= battery <= 100:
             raise ValueError("[power] min_battery_percent must be within 0..100")
         policy = InstallPolicy(

@@ -91,7 +91,10 @@ class TorrentFile:
 
     ``data`` is the bencoded ``.torrent``; ``info_hash`` the full SHA-256 v2 info-hash
     (64 hex characters); ``announce_hash`` its first 20 bytes, the form announced to
-    trackers and used in v2 peer handshakes.
+    trackers and used in v2 peer handshakes. ``swarm_ca`` is the PEM CA certificate of a
+    private swarm (an SSL torrent: the certificate sits in the info dict, so the
+    info-hash covers it, and only peers with a certificate from that CA can connect),
+    or ``None`` for an open swarm.
     """
 
     data: bytes
@@ -100,6 +103,7 @@ class TorrentFile:
     name: str
     size_bytes: int
     piece_size_bytes: int
+    swarm_ca: bytes | None = None
 
 
 def _check_url(url: str, what: str, *, allow_query: bool = False) -> str:
@@ -152,6 +156,7 @@ def make_torrent(
     web_seeds: Sequence[str] = (),
     trackers: Sequence[str] = (),
     name: str | None = None,
+    swarm_ca: bytes | None = None,
 ) -> TorrentFile:
     """Hash ``payload_path`` into a v2-only single-file torrent.
 
@@ -160,7 +165,9 @@ def make_torrent(
     (default: the payload's file name); ``web_seeds`` (BEP 19: URLs of a file with that
     name, or of its directory ending in ``/``; stored as directory URLs) and
     ``trackers`` (announce URLs, one tier each) go outside the info dict. No creation
-    date is written, so the same inputs always give the same bytes.
+    date is written, so the same inputs always give the same bytes. ``swarm_ca`` (a PEM
+    CA certificate, the fleet CA) makes a private swarm: an SSL torrent whose peers
+    must present certificates from that CA (:meth:`SwarmSession.add_payload`).
 
     Raises:
         ValueError: piece size not a power of two in [16 KiB, 64 MiB], an empty file,
@@ -192,6 +199,8 @@ def make_torrent(
         try:
             files = lt.list_files(str(source))
             creator = lt.create_torrent(files, piece_size_bytes, lt.create_torrent.v2_only)
+            if swarm_ca is not None:
+                creator.set_root_cert(_swarm_ca_text(swarm_ca))
             lt.set_piece_hashes(creator, str(parent))
             for url in seed_urls:
                 creator.add_url_seed(url)
@@ -211,7 +220,15 @@ def make_torrent(
         name=name,
         size_bytes=info.st_size,
         piece_size_bytes=piece_size_bytes,
+        swarm_ca=swarm_ca,
     )
+
+
+def _swarm_ca_text(pem: bytes) -> str:
+    text = pem.decode("ascii", "replace")
+    if "-----BEGIN CERTIFICATE-----" not in text or len(pem) > 16 * 1024:
+        raise ValueError("swarm_ca must be one PEM CA certificate")
+    return text
 
 
 def read_torrent(data: bytes) -> TorrentFile:
@@ -230,7 +247,13 @@ def read_torrent(data: bytes) -> TorrentFile:
     return TorrentFile(data=data, info_hash=info_hash,
                        announce_hash=bytes.fromhex(info_hash)[:20], name=str(ti.name()),
                        size_bytes=int(files.file_size(0)),
-                       piece_size_bytes=int(ti.piece_length()))
+                       piece_size_bytes=int(ti.piece_length()),
+                       swarm_ca=_swarm_ca_of(ti))
+
+
+def _swarm_ca_of(ti: Any) -> bytes | None:
+    cert = ti.ssl_cert()
+    return cert.encode("ascii", "replace") if cert else None
 
 
 def _v2_info_hash(ti: Any) -> str:
@@ -275,6 +298,9 @@ class SwarmConfig:
     upload_enabled: bool = True
     allow_multiple_connections_per_ip: bool = False
     peer_id: bytes | None = None
+    ssl_listen: bool = False
+    """Also listen for TLS peers of private swarms (SSL torrents), on ``listen_port + 1``
+    (any free port when ``listen_port`` is 0); libtorrent announces that port for them."""
 
     def __post_init__(self) -> None:
         if self.peer_id is not None and (len(self.peer_id) != 20
@@ -289,11 +315,16 @@ class SwarmConfig:
 
     @property
     def listen_interface(self) -> str:
-        """``HOST:PORT`` as libtorrent expects it (IPv6 hosts in brackets)."""
+        """``HOST:PORT`` as libtorrent expects it (IPv6 hosts in brackets), followed by
+        ``,HOST:PORTs`` for the TLS listener with ``ssl_listen``."""
         host = self.listen_host
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
-        return f"{host}:{self.listen_port}"
+        plain = f"{host}:{self.listen_port}"
+        if not self.ssl_listen:
+            return plain
+        ssl_port = self.listen_port + 1 if 0 < self.listen_port < 65535 else 0
+        return f"{plain},{host}:{ssl_port}s"
 
 
 def session_settings(config: SwarmConfig) -> dict[str, Any]:
@@ -525,6 +556,7 @@ class SwarmSession:
         seed_mode: bool = False,
         file_name: str | None = None,
         torrent_urls: bool = True,
+        identity: tuple[bytes, bytes] | None = None,
     ) -> TorrentHandleRef:
         """Start downloading (or seeding) ``torrent`` into ``save_dir``.
 
@@ -536,15 +568,22 @@ class SwarmSession:
         in ``save_dir``; ``torrent_urls=False`` ignores the web seeds and trackers written
         in the torrent (outside its info dict, so not covered by the info-hash: a device
         uses only its own tracker, and fetches from the origin itself). An existing file is
-        hashed and its valid pieces kept.
+        hashed and its valid pieces kept. ``identity`` (certificate and key, PEM, from the
+        fleet CA) is this peer's TLS identity in a private swarm (an SSL torrent); peers
+        without a certificate from the torrent's CA get nothing.
 
         Raises:
             ValueError: ``torrent`` is not a v2 torrent, a web seed URL is not plain
-                http(s) or names another file, or the torrent is already in this session.
+                http(s) or names another file, the torrent is already in this session,
+                or it is a private swarm and this session has no TLS listener or no
+                ``identity`` was given.
         """
         self._check_open()
         ti = _parse_torrent(torrent)
         info_hash = _v2_info_hash(ti)
+        if ti.ssl_cert() and (identity is None or not self._config.ssl_listen):
+            raise ValueError("a private swarm (SSL torrent) needs a fleet identity and a "
+                             "session with ssl_listen")
         seed_urls = [_web_seed_base(url, ti.name()) for url in web_seeds]
         for url in trackers:
             _check_url(url, "tracker", allow_query=True)
@@ -554,7 +593,8 @@ class SwarmSession:
         params.ti = ti
         params.save_path = str(save_dir)
         if file_name is not None:
-            if not file_name or "/" in file_name or file_name in (".", ".."):
+            if not file_name or file_name in (".", "..") or any(
+                    c in file_name for c in "/\\\0"):
                 raise ValueError(f"bad file name {file_name!r}")
             params.renamed_files = {0: file_name}
         if seed_urls:
@@ -577,6 +617,11 @@ class SwarmSession:
                 if url not in seed_urls:
                     handle.remove_url_seed(url)
             handle.replace_trackers([lt.announce_entry(url) for url in trackers])
+        if ti.ssl_cert() and identity is not None:
+            # no DH parameters: TLS 1.3 and ECDHE need none (libtorrent then logs a
+            # harmless "dh params" torrent error alert)
+            handle.set_ssl_certificate_buffer(identity[0].decode("ascii"),
+                                              identity[1].decode("ascii"), "")
         handle.resume()
         ref = TorrentHandleRef(info_hash=info_hash, name=file_name or ti.name(),
                                save_dir=save_dir)

@@ -105,6 +105,9 @@ class SwarmOptions:
     """Added to each announce URL as ``device_id=...`` so that the tracker can admit the
     device to the swarm of a release rolled out in stages (and hand out its LAN peers
     first); ``None`` announces anonymously (only open rollouts then give peers)."""
+    identity: tuple[bytes, bytes] | None = None
+    """The device's fleet certificate and key (PEM): its TLS identity in a private swarm.
+    Without one, a private swarm's payload comes from the origin."""
 
 
 def announce_urls(urls: tuple[str, ...], device_id: str | None) -> tuple[str, ...]:
@@ -231,9 +234,14 @@ async def swarm_download(
         stats.chunks_reused = len(await trio.to_thread.run_sync(work.prepare))
     else:  # libtorrent creates the file: no zeros for it to hash first
         work.path.mkdir(parents=True, exist_ok=True)
-    ref = session.add_payload(torrent, work.path,
-                              trackers=announce_urls(options.announce_urls, options.device_id),
-                              file_name=PAYLOAD_FILE, torrent_urls=False)
+    try:
+        ref = session.add_payload(
+            torrent, work.path,
+            trackers=announce_urls(options.announce_urls, options.device_id),
+            file_name=PAYLOAD_FILE, torrent_urls=False, identity=options.identity)
+    except ValueError as exc:  # e.g. a private swarm and no fleet identity
+        raise SwarmUnavailable(f"cannot join the swarm of payload {payload.sha256[:12]}: "
+                               f"{exc}") from exc
     run = _SwarmRun(session, http, work, ref, payload_url, options, stats, clock, progress,
                     started)
     try:

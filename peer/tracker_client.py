@@ -6,6 +6,7 @@ about it is verified against signed metadata afterwards.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,9 +15,10 @@ from peer.config import DeviceConfig
 from peer.errors import DownloadFailed
 from peer.http import HttpClient
 
-__all__ = ["Offer", "checkin", "send_report"]
+__all__ = ["Offer", "checkin", "parse_checkin_answer", "send_report"]
 
 _COUNTER_MAX = 2**53
+_POLL_MAX_S = 7 * 86400
 
 
 @dataclass(frozen=True)
@@ -43,25 +45,43 @@ async def checkin(http: HttpClient, config: DeviceConfig, *, version: str,
     if config.labels:
         body["labels"] = list(config.labels)
     answer = await http.post_json(_url(config, "checkin"), body)
+    return parse_checkin_answer(answer)
+
+
+def parse_checkin_answer(answer: Mapping[str, Any]) -> tuple[Offer | None, int]:
+    """The offer (or ``None``) and the poll interval in a check-in answer (pure).
+
+    A missing or invalid ``poll_after_s`` (not an integer within 0..7 days) means 3600 s.
+    The offer's product and version are validated as in a release manifest, its target
+    must be the one they name, and its counter an integer within 0..2^53.
+
+    Raises:
+        DownloadFailed: the offer is malformed.
+    """
     poll = answer.get("poll_after_s", 3600)
-    poll_after_s = poll if isinstance(poll, int) and 0 <= poll <= 7 * 86400 else 3600
+    poll_after_s = (poll if isinstance(poll, int) and not isinstance(poll, bool)
+                    and 0 <= poll <= _POLL_MAX_S else 3600)
     release = answer.get("release")
     if release is None:
         return None, poll_after_s
     if not isinstance(release, dict):
         raise DownloadFailed("tracker answered a malformed release offer")
+    product, version, counter = (release.get("product"), release.get("version"),
+                                 release.get("release_counter"))
+    if not isinstance(product, str) or not isinstance(version, str):
+        raise DownloadFailed("tracker answered a malformed release offer: product and "
+                             "version must be strings")
     try:
-        product, version_s = str(release["product"]), str(release["version"])
-        counter = release["release_counter"]
-        target = release_target_name(product, version_s)
-    except (KeyError, ManifestFormatError) as exc:
+        target = release_target_name(product, version)
+    except ManifestFormatError as exc:
         raise DownloadFailed(f"tracker answered a malformed release offer: {exc}") from None
-    if not isinstance(counter, int) or not 0 <= counter <= _COUNTER_MAX:
+    if (not isinstance(counter, int) or isinstance(counter, bool)
+            or not 0 <= counter <= _COUNTER_MAX):
         raise DownloadFailed("tracker answered a malformed release counter")
     if release.get("target") != target:
-        raise DownloadFailed(f"tracker offered target {release.get('target')!r}, "
+        raise DownloadFailed(f"tracker offered target {str(release.get('target'))[:200]!r}, "
                              f"expected {target!r}")
-    return Offer(product, version_s, counter, target, poll_after_s), poll_after_s
+    return Offer(product, version, counter, target, poll_after_s), poll_after_s
 
 
 async def send_report(http: HttpClient, config: DeviceConfig, report: dict[str, Any]) -> None:

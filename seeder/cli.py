@@ -23,6 +23,10 @@ import trio
 
 from infra.http_serve import ListenConfig, parse_listen
 from manifest import UPDATE_TYPES
+from peer.announce_relay import AnnounceRelay
+from peer.errors import ConfigError
+from peer.http import HttpClient, TlsPolicy
+from peer.identity import load_identity_dir
 from peer.swarm import SwarmConfig
 from seeder.errors import SeederError
 from seeder.origin import OriginApp, OriginConfig
@@ -102,6 +106,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                          dest="announce_urls",
                          help="tracker announce URL put in each payload's torrent "
                               "(repeatable)")
+    publish.add_argument("--swarm-ca", type=Path, default=None, metavar="PEM",
+                         help="fleet CA certificate ('swarmota tls ca'): make each payload's "
+                              "swarm private (an SSL torrent; only peers with a certificate "
+                              "from this CA, 'swarmota tls device-cert', can connect)")
     publish.add_argument("--critical", action="store_true",
                          help="an emergency release: devices install it even outside their "
                               "maintenance windows and without their install delay")
@@ -168,6 +176,18 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                          dest="announce_urls",
                          help="tracker announce URL added to every torrent's own trackers "
                               "(repeatable), e.g. http://TRACKER/announce")
+    seeding.add_argument("--identity", type=Path, default=None, metavar="DIR",
+                         help="the seeder's fleet identity (cert.pem + key.pem of 'swarmota "
+                              "tls device-cert --role seed'): needed to seed private swarms; "
+                              "announces then go, signed, through a loopback relay to the "
+                              "one --announce-url only (not to trackers in the torrents)")
+    seeding.add_argument("--tracker-ca-file", default=None, metavar="PEM",
+                         help="with --identity: CA certificate(s) the tracker's HTTPS "
+                              "certificate must chain to (default: the system store)")
+    seeding.add_argument("--tracker-pin", action="append", default=[], metavar="PIN",
+                         dest="tracker_pins",
+                         help="with --identity: SPKI pin of a key the tracker may use "
+                              "(repeatable; at least two, one a spare)")
     serve.set_defaults(func=_wrap(_cmd_serve))
 
 
@@ -206,6 +226,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         on_delta=built.append, web_seed_url=args.web_seed_url,
         announce_urls=args.announce_urls, critical=args.critical,
         update_type=args.update_type, component=args.component,
+        swarm_ca=_read_swarm_ca(args.swarm_ca),
     )
     payload = manifest.full_payload
     target = repo.targets()[manifest.target_name]
@@ -259,11 +280,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     certfile, keyfile = _tls_files(args.tls_cert, args.tls_key)
     listen = ListenConfig(host=host, port=port, certfile=certfile, keyfile=keyfile)
     app = OriginApp(directory, OriginConfig(rate_limit_bytes_per_s=args.rate_limit_bytes_per_s))
-    seeder = PayloadSeeder(directory, _seeding_config(args)) if args.seed else None
+    relay = _announce_relay(args) if args.seed else None
+    seeder = PayloadSeeder(directory, _seeding_config(args, relay)) if args.seed else None
 
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
+                if relay is not None:
+                    await nursery.start(relay.serve)
                 url = await nursery.start(functools.partial(serve_origin, app, listen))
                 print(f"serving {app.root} at {url}/ (Ctrl-C to stop)", flush=True)
                 if args.rate_limit_bytes_per_s is not None:
@@ -297,6 +321,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_swarm_ca(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SeederError(f"cannot read --swarm-ca {path}: {exc.strerror or exc}") from None
+
+
 def _origin_dir(directory: Path) -> Path:
     """The origin directory of a repository, or ``directory`` itself if it is one.
 
@@ -311,8 +344,31 @@ def _origin_dir(directory: Path) -> Path:
     return directory
 
 
-def _seeding_config(args: argparse.Namespace) -> SeedingConfig:
-    """The seeder's settings from ``serve``'s options.
+def _announce_relay(args: argparse.Namespace) -> AnnounceRelay | None:
+    """With ``--identity``: the loopback relay that signs the seeder's announces.
+
+    Raises:
+        SeederError: unusable identity, TLS options, or not exactly one announce URL.
+    """
+    if args.identity is None:
+        if args.tracker_ca_file or args.tracker_pins:
+            raise SeederError("--tracker-ca-file and --tracker-pin need --identity")
+        return None
+    if len(args.announce_urls) != 1 or not args.announce_urls[0].endswith("/announce"):
+        raise SeederError("--identity needs exactly one --announce-url ending in /announce")
+    try:
+        identity = load_identity_dir(args.identity)
+        tls = TlsPolicy(pins=frozenset(args.tracker_pins), ca_file=args.tracker_ca_file)
+        tls.ssl_context()
+        http = HttpClient(timeout_s=30.0, tls=tls, identity=identity)
+        return AnnounceRelay(http, args.announce_urls[0].removesuffix("/announce"))
+    except (ConfigError, ValueError, OSError) as exc:
+        raise SeederError(str(exc)) from None
+
+
+def _seeding_config(args: argparse.Namespace,
+                    relay: AnnounceRelay | None = None) -> SeedingConfig:
+    """The seeder's settings from ``serve``'s options (announcing through ``relay``).
 
     Raises:
         SeederError: a bad listen host or announce URL.
@@ -320,8 +376,15 @@ def _seeding_config(args: argparse.Namespace) -> SeedingConfig:
     host, port = args.seed_listen or (args.listen[0], DEFAULT_SEED_PORT)
     try:
         swarm = SwarmConfig(listen_host=host, listen_port=port,
-                            upload_rate_limit_bytes_per_s=args.seed_upload_limit_bytes_per_s)
-        return SeedingConfig(swarm=swarm, announce_urls=tuple(args.announce_urls))
+                            upload_rate_limit_bytes_per_s=args.seed_upload_limit_bytes_per_s,
+                            ssl_listen=relay is not None)
+        if relay is None:
+            return SeedingConfig(swarm=swarm, announce_urls=tuple(args.announce_urls))
+        assert relay.http.identity is not None
+        identity = relay.http.identity
+        return SeedingConfig(swarm=swarm, announce_urls=(relay.announce_url,),
+                             identity=(identity.cert_pem, identity.key_pem),
+                             torrent_trackers=False)
     except ValueError as exc:
         raise SeederError(str(exc)) from None
 

@@ -219,8 +219,8 @@ def parse_range(header: str, size: int) -> ByteRange | Literal["unsatisfiable"] 
         return None
     first, last = match.groups()
     if first:
-        start = int(first)
-        end = int(last) if last else size - 1
+        start = _decimal(first)
+        end = _decimal(last) if last else size - 1
         if last and end < start:
             return None
         if start >= size:
@@ -228,12 +228,19 @@ def parse_range(header: str, size: int) -> ByteRange | Literal["unsatisfiable"] 
         return ByteRange(start, min(end, size - 1))
     if not last:
         return None
-    suffix = int(last)
+    suffix = _decimal(last)
     if suffix == 0:
         return UNSATISFIABLE
     if size == 0:
         return None
     return ByteRange(max(0, size - suffix), size - 1)
+
+
+def _decimal(digits: str) -> int:
+    """A Range number of any length (RFC 9110 sets no limit; ``int`` refuses more than
+    4300 digits): numbers of over 19 significant digits all mean 2^64, past any file."""
+    significant = digits.lstrip("0")
+    return int(significant or "0") if len(significant) <= 19 else 2**64
 
 
 def split_request_path(path: str) -> tuple[str, ...] | None:

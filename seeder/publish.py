@@ -96,6 +96,7 @@ def publish_release(
     critical: bool = False,
     update_type: str = "image",
     component: str | None = None,
+    swarm_ca: bytes | None = None,
 ) -> ReleaseManifest:
     """Publish ``image`` as release ``version`` of ``product`` and return its manifest.
 
@@ -117,7 +118,10 @@ def publish_release(
     to its chunk size, written beside it as ``<payload path>.torrent``; its info-hash is
     in the signed manifest. ``web_seed_url`` (the origin's public base URL) becomes the
     payload's BEP 19 web seed, ``announce_urls`` the torrent's trackers; both sit outside
-    the info dict, so they never change the info-hash. ``critical`` marks an emergency
+    the info dict, so they never change the info-hash. ``swarm_ca`` (the fleet CA
+    certificate, PEM) makes every payload's swarm private: an SSL torrent (the
+    certificate is in the info dict, so the signed info-hash covers it) whose peers must
+    hold a certificate from that CA. ``critical`` marks an emergency
     release (devices install it outside their maintenance windows). ``update_type``
     ``module``, ``app`` or ``config`` with a ``component`` name publishes ``image`` as
     the new content of that component instead of a slot image.
@@ -161,7 +165,7 @@ def publish_release(
         raise PublishError(f"image {image} changed size while it was being published")
     def with_torrent(p: Payload) -> Payload:
         return attach_torrent(repo.origin_dir, p, web_seed_url=web_seed_url,
-                              announce_urls=announce_urls)
+                              announce_urls=announce_urls, swarm_ca=swarm_ca)
 
     payload = with_torrent(payload)
     payloads = [payload]
@@ -226,17 +230,21 @@ class _Steps:
 
 
 def attach_torrent(origin_dir: Path, payload: Payload, *, web_seed_url: str | None = None,
-                   announce_urls: Sequence[str] = ()) -> Payload:
+                   announce_urls: Sequence[str] = (),
+                   swarm_ca: bytes | None = None) -> Payload:
     """Write the v2 torrent of a stored payload beside it; return it with its info-hash.
+    With ``swarm_ca`` (PEM) the torrent is a private (SSL) swarm of that CA.
 
     Raises:
-        PublishError: a web seed or announce URL is not a plain http(s) URL.
+        PublishError: a web seed or announce URL is not a plain http(s) URL, or
+            ``swarm_ca`` is not a PEM certificate.
         RepositoryError: the payload cannot be read or the torrent written.
     """
     web_seeds = [f"{web_seed_url.rstrip('/')}/{payload.path}"] if web_seed_url else []
     try:
         torrent = make_torrent(origin_dir / payload.path, piece_size_bytes=payload.chunk_size,
-                               web_seeds=web_seeds, trackers=announce_urls)
+                               web_seeds=web_seeds, trackers=announce_urls,
+                               swarm_ca=swarm_ca)
         atomic_write_bytes(origin_dir / payload.torrent_path, torrent.data)
     except ValueError as exc:
         raise PublishError(f"cannot make the torrent of {payload.path}: {exc}") from exc

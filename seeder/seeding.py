@@ -67,7 +67,11 @@ class SeedingConfig:
     added to every torrent's own (plain http(s), no query string or fragment, as
     :mod:`peer.swarm` requires). ``rescan_interval_s``: how often :meth:`PayloadSeeder.run`
     looks for new or removed payloads. ``max_torrent_bytes``: larger torrent files are
-    skipped.
+    skipped. ``identity``: the seeder's fleet certificate and key (PEM, role ``seed``),
+    its TLS identity in private swarms (SSL torrents; the session then needs
+    ``swarm.ssl_listen``). ``torrent_trackers=False`` ignores the trackers written in
+    the torrents and announces only to ``announce_urls`` (e.g. the loopback relay of
+    :mod:`peer.announce_relay`, which signs the seeder's announces).
 
     Raises:
         ValueError: an announce URL is not plain http(s), or a number is not positive.
@@ -77,6 +81,8 @@ class SeedingConfig:
     announce_urls: tuple[str, ...] = ()
     rescan_interval_s: float = DEFAULT_RESCAN_INTERVAL_S
     max_torrent_bytes: int = MAX_TORRENT_BYTES
+    identity: tuple[bytes, bytes] | None = None
+    torrent_trackers: bool = True
 
     def __post_init__(self) -> None:
         if not self.rescan_interval_s > 0:
@@ -325,7 +331,9 @@ class PayloadSeeder:
         """Add one torrent in seed mode; return why not, or None once it seeds."""
         try:
             ref = self._session.add_payload(data, self._payloads_dir, seed_mode=True,
-                                            trackers=self._config.announce_urls)
+                                            trackers=self._config.announce_urls,
+                                            torrent_urls=self._config.torrent_trackers,
+                                            identity=self._config.identity)
         except ValueError as exc:
             return str(exc)
         self._seeded[found.torrent_name] = _Seeded(found=found, ref=ref)

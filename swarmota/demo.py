@@ -9,6 +9,12 @@ everyone and the rest update together, sharing through the swarm. It prints a re
 (per device, per rollout stage, bytes from the origin vs from peers, the origin
 bandwidth saved) and exits non-zero if any device did not end up with verified v2 bytes
 in its active slot. Needs nothing outside this package.
+
+Security is on as in production: a development server CA issues the origin's and the
+tracker's certificates (HTTPS, TLS 1.2+ and 1.3); devices pin both keys plus a spare
+key. A fleet CA issues each device (and the seeder) an identity: every check-in, report
+and announce is signed with it, and the payloads' swarms are private (SSL torrents of
+the fleet CA), so only fleet members can join them.
 """
 
 from __future__ import annotations
@@ -28,10 +34,15 @@ from typing import Any
 
 import trio
 
+from infra.devca import ServerFiles, create_ca, issue_device_cert, issue_server_cert
 from infra.http_serve import ListenConfig
 from manifest import Payload
 from peer.agent import UpdateResult, update_once
+from peer.announce_relay import AnnounceRelay
 from peer.config import DOWNLOAD_MODES, DeviceConfig
+from peer.errors import DownloadFailed
+from peer.http import HttpClient, TlsPolicy
+from peer.identity import install_identity, load_identity_dir
 from peer.state import DeviceState, init_device
 from peer.swarm import SwarmConfig
 from seeder.origin import OriginApp, OriginConfig
@@ -44,7 +55,7 @@ from tracker.config import TrackerConfig
 from tracker.protocol import Release
 from tracker.registry import SwarmRegistry
 from tracker.rollout import RolloutPlan
-from tracker.server import serve_tracker
+from tracker.server import TRACKER_TLS_MIN_VERSION, serve_tracker
 from tracker.store import SqliteStore
 
 __all__ = ["DemoOutcome", "add_parser", "canary_plan", "make_image", "mutate_image",
@@ -91,6 +102,51 @@ def write_images(directory: Path, size_bytes: int) -> Path:
     (directory / "v1.img").write_bytes(v1)
     (directory / "v2.img").write_bytes(mutate_image(v1, seed=2))
     return directory
+
+
+@dataclass(frozen=True)
+class _Pki:
+    """The demo's certificates: a server CA (origin, tracker) and a fleet CA (devices)."""
+
+    server_ca: Path
+    origin: ServerFiles
+    tracker: ServerFiles
+    fleet_ca: Path
+    fleet_ca_dir: Path
+
+    @property
+    def pins(self) -> tuple[str, ...]:
+        assert self.tracker.backup_pin is not None
+        return (self.origin.pin, self.tracker.pin, self.tracker.backup_pin)
+
+    def identity(self, out_dir: Path, device_id: str, role: str = "device") -> ServerFiles:
+        return issue_device_cert(self.fleet_ca_dir, out_dir, device_id, role=role)
+
+
+def _make_pki(directory: Path) -> _Pki:
+    server_ca_dir, fleet_ca_dir = directory / "server-ca", directory / "fleet-ca"
+    server_ca = create_ca(server_ca_dir, common_name="swarmota demo server CA")
+    origin = issue_server_cert(server_ca_dir, directory / "origin", ["127.0.0.1"])
+    tracker = issue_server_cert(server_ca_dir, directory / "tracker", ["127.0.0.1"],
+                                backup=True)
+    fleet_ca = create_ca(fleet_ca_dir, common_name="swarmota demo fleet CA")
+    return _Pki(server_ca, origin, tracker, fleet_ca, fleet_ca_dir)
+
+
+async def _outsider_is_refused(directory: Path, tracker_url: str, tls: TlsPolicy) -> bool:
+    """Whether the tracker refuses (401) a check-in signed with a certificate from a CA
+    that is not the fleet's, for a device id of the fleet."""
+    create_ca(directory / "ca", common_name="not the fleet CA")
+    files = issue_device_cert(directory / "ca", directory / "identity", "device-01")
+    identity = load_identity_dir(files.cert.parent)
+    async with HttpClient(timeout_s=10.0, tls=tls, identity=identity) as http:
+        try:
+            await http.post_json(f"{tracker_url}/v1/checkin", {
+                "device_id": "device-01", "product": PRODUCT, "hardware_id": HARDWARE_ID,
+                "version": "1.0.0", "release_counter": 1})
+        except DownloadFailed as exc:
+            return exc.http_status == 401
+    return False
 
 
 @dataclass(frozen=True)
@@ -201,16 +257,20 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
     images = write_images(workdir / "images", image_size_bytes)
     v2 = (images / "v2.img").read_bytes()
 
-    say(f"[1/6] creating a TUF repository in {workdir / 'repo'}")
+    say(f"[1/6] creating a TUF repository in {workdir / 'repo'}, a server CA and a fleet "
+        "CA")
     repo = Repository.create(workdir / "repo")
+    pki = _make_pki(workdir / "pki")
+    fleet_ca_pem = pki.fleet_ca.read_bytes()
     say(f"[2/6] publishing v1, then v2 with a delta from v1 ({len(v2):,} byte images, "
         f"zstd level {zstd_level})")
     m1 = await trio.to_thread.run_sync(lambda: publish_release(
         repo, images / "v1.img", product=PRODUCT, version="1.0.0", release_counter=1,
-        compatibility=[HARDWARE_ID], zstd_level=zstd_level))
+        compatibility=[HARDWARE_ID], zstd_level=zstd_level, swarm_ca=fleet_ca_pem))
     m2 = await trio.to_thread.run_sync(lambda: publish_release(
         repo, images / "v2.img", product=PRODUCT, version="2.0.0", release_counter=2,
-        compatibility=[HARDWARE_ID], zstd_level=zstd_level, bases=[images / "v1.img"]))
+        compatibility=[HARDWARE_ID], zstd_level=zstd_level, bases=[images / "v1.img"],
+        swarm_ca=fleet_ca_pem))
     full = m2.full_payload
     delta = m2.delta_for(m1.image.sha256)
     assert delta is not None
@@ -233,34 +293,50 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
         store.close()
 
     origin = OriginApp(repo.origin_dir, OriginConfig(rate_limit_bytes_per_s=cdn_rate_bytes_per_s))
-    async with trio.open_nursery() as nursery:
-        origin_url = await nursery.start(serve_origin, origin, ListenConfig())
-        tracker_config = TrackerConfig(db_path=db)
+    tls = TlsPolicy(pins=frozenset(pki.pins), ca_file=str(pki.server_ca))
+    seeder_identity = load_identity_dir(
+        pki.identity(workdir / "seeder-identity", "seeder-1", role="seed").cert.parent)
+    async with trio.open_nursery() as nursery, \
+            HttpClient(timeout_s=30.0, tls=tls, identity=seeder_identity) as seeder_http:
+        origin_url = await nursery.start(serve_origin, origin, ListenConfig(
+            certfile=str(pki.origin.cert), keyfile=str(pki.origin.key)))
+        tracker_config = TrackerConfig(db_path=db, device_ca=pki.fleet_ca, listen=ListenConfig(
+            certfile=str(pki.tracker.cert), keyfile=str(pki.tracker.key),
+            tls_min_version=TRACKER_TLS_MIN_VERSION))
         registry = SwarmRegistry(interval_s=tracker_config.announce_interval_s)
         tracker_url = await nursery.start(
             partial(serve_tracker, tracker_config, registry=registry))
+        # the seeder announces, signed and pinned, through a loopback relay
+        relay = AnnounceRelay(seeder_http, tracker_url)
+        await nursery.start(relay.serve)
         seeder = PayloadSeeder(repo.origin_dir, SeedingConfig(
-            swarm=SwarmConfig(listen_host=SEEDER_HOST,
+            swarm=SwarmConfig(listen_host=SEEDER_HOST, ssl_listen=True,
                               upload_rate_limit_bytes_per_s=cdn_rate_bytes_per_s or 0),
-            announce_urls=(f"{tracker_url}/announce",)))
+            announce_urls=(relay.announce_url,), torrent_trackers=False,
+            identity=(seeder_identity.cert_pem, seeder_identity.key_pem)))
         await nursery.start(seeder.run)
         # A seeder is up long before a rollout; here it just started: let its first
         # announces reach the tracker, or the first devices would not hear of it.
         await _wait_for_seeds(registry, [p for p in m2.payloads if p.info_hash])
         rate = "unlimited" if cdn_rate_bytes_per_s is None else \
             f"{cdn_rate_bytes_per_s / (1 << 20):g} MiB/s each"
-        say(f"[3/6] origin at {origin_url}, tracker at {tracker_url}, seeder at "
-            f"{seeder.listen_address[0]}:{seeder.listen_address[1]} (CDN egress {rate})")
+        say(f"[3/6] origin at {origin_url}, tracker at {tracker_url} (keys pinned on "
+            f"devices), seeder at {seeder.listen_address[0]} (CDN egress {rate}); "
+            "private swarms: only fleet certificates get in")
 
         states = []
         for n, device_id in enumerate(device_ids):
             config = DeviceConfig(device_id=device_id, product=PRODUCT, hardware_id=HARDWARE_ID,
                                   origin_url=origin_url, tracker_url=tracker_url,
                                   download_mode=mode, swarm_listen=f"127.0.0.{11 + n}:0",
-                                  seed_time_s=DEMO_SEED_TIME_S)
-            states.append(init_device(workdir / "devices" / device_id, config,
-                                      root_json=repo.root_bytes(), image=images / "v1.img",
-                                      version="1.0.0", release_counter=1))
+                                  seed_time_s=DEMO_SEED_TIME_S, tls_pins=pki.pins,
+                                  tls_ca_file=str(pki.server_ca))
+            state = init_device(workdir / "devices" / device_id, config,
+                                root_json=repo.root_bytes(), image=images / "v1.img",
+                                version="1.0.0", release_counter=1)
+            ident = pki.identity(workdir / "pki" / "devices" / device_id, device_id)
+            install_identity(state.root, ident.cert, ident.key, device_id)
+            states.append(state)
         canary_states, rest = states[:len(canary_ids)], states[len(canary_ids):]
         say(f"[4/6] {devices} devices provisioned on v1.0.0 ({mode} mode); rollout of 2.0.0: "
             f"canary ({', '.join(canary_ids)}), then 100%; the first failure halts it")
@@ -279,11 +355,14 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
             say(f"[6/6] stage 100%: {sum(r.updated for r in results.values())} of {devices} "
                 "devices updated; report")
             fleet_nursery.cancel_scope.cancel()
+        outsider_refused = await _outsider_is_refused(workdir / "outsider", tracker_url, tls)
+        say(f"      an outsider (a certificate from another CA) checks in: "
+            f"{'refused' if outsider_refused else 'ACCEPTED'} by the tracker")
         seeding = seeder.statistics()
         nursery.cancel_scope.cancel()
 
     want = hashlib.sha256(v2).hexdigest()
-    ok = not offered_early
+    ok = not offered_early and outsider_refused
     say(f"  {'device':<11} {'status':>6} {'result':<9} {'payload':<7} {'mode':<6} "
         f"{'from origin':>12} {'from peers':>11} {'time s':>7}  slot")
     for state in states:

@@ -12,6 +12,7 @@ from infra.devca import (
     DevCaError,
     create_ca,
     generate_key_file,
+    issue_device_cert,
     issue_server_cert,
 )
 from infra.tlspin import PinError, pin_of_pem
@@ -70,6 +71,25 @@ def add_parser(subparsers: Any) -> None:
     cert.add_argument("--days", type=int, default=397, help="validity (default %(default)s)")
     cert.set_defaults(func=_cert)
 
+    device = sub.add_parser(
+        "device-cert", help="issue a fleet identity for a device or a seeder",
+        description="Issue DIR/cert.pem and DIR/key.pem (0600) with CN=DEVICE_ID and "
+                    "OU=ROLE, signed by the fleet CA. Devices get it at provisioning "
+                    "('peer init --identity-cert DIR/cert.pem --identity-key "
+                    "DIR/key.pem'), seeders with 'seeder serve --identity-cert ...'. The "
+                    "tracker accepts requests signed with it ('tracker serve --device-ca "
+                    "CA_DIR/ca.pem'), and private swarms (torrents made with 'seeder "
+                    "publish --swarm-ca CA_DIR/ca.pem') admit only peers holding one.")
+    device.add_argument("dir", type=Path)
+    device.add_argument("--ca", type=Path, required=True, metavar="CA_DIR",
+                        help="the fleet CA directory made by 'swarmota tls ca'")
+    device.add_argument("--device-id", required=True)
+    device.add_argument("--role", choices=("device", "seed"), default="device",
+                        help="'seed' for the operator's seeders (always handed peers)")
+    device.add_argument("--days", type=int, default=3650,
+                        help="validity (default %(default)s)")
+    device.set_defaults(func=_device_cert)
+
     key = sub.add_parser(
         "key", help="create a spare (backup) private key and print its pin",
         description="Write a new ECDSA P-256 private key to FILE (0600, never overwritten) "
@@ -110,6 +130,17 @@ def _cert(args: argparse.Namespace) -> int:
     print(f"certificate {files.cert}\nkey         {files.key}\npin         {files.pin}")
     if files.backup_key is not None:
         print(f"backup key  {files.backup_key}\nbackup pin  {files.backup_pin}")
+    return 0
+
+
+def _device_cert(args: argparse.Namespace) -> int:
+    try:
+        files = issue_device_cert(args.ca, args.dir, args.device_id, role=args.role,
+                                  valid_days=args.days)
+    except (DevCaError, OSError) as exc:
+        return _fail(str(exc))
+    print(f"certificate {files.cert}\nkey         {files.key}\n"
+          f"identity    {args.device_id} ({args.role})")
     return 0
 
 

@@ -113,12 +113,13 @@ class ReleaseEnv:
 
 
 def publish(repo: Repository, workdir: Path, data: bytes, version: str,
-            counter: int) -> ReleaseManifest:
+            counter: int, *, swarm_ca: bytes | None = None) -> ReleaseManifest:
     path = workdir / "images" / f"publish-{version}.img"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return publish_release(repo, path, product=PRODUCT, version=version,
-                           release_counter=counter, compatibility=[HARDWARE_ID], zstd_level=3)
+                           release_counter=counter, compatibility=[HARDWARE_ID], zstd_level=3,
+                           swarm_ca=swarm_ca)
 
 
 def offer_app(release: dict[str, object] | None) -> Any:
@@ -151,17 +152,21 @@ async def serve_offer(nursery: trio.Nursery, release: dict[str, object]) -> str:
 async def start_env(nursery: trio.Nursery, workdir: Path, v1: bytes, v2: bytes, *,
                     origin_config: OriginConfig | None = None,
                     origin_listen: ListenConfig | None = None,
-                    tracker_listen: ListenConfig | None = None) -> ReleaseEnv:
+                    tracker_listen: ListenConfig | None = None,
+                    fleet_ca: Path | None = None) -> ReleaseEnv:
     """Publish v1 and v2, start the origin (``origin_config``: e.g. a rate limit) and the
-    tracker on 127.0.0.1 (``*_listen``: e.g. TLS certificates), register both releases."""
+    tracker on 127.0.0.1 (``*_listen``: e.g. TLS certificates), register both releases.
+    With ``fleet_ca`` (a CA certificate) the swarms are private to it and the tracker
+    accepts only requests signed by its identities."""
     repo = Repository.create(workdir / "repo")
-    m1 = publish(repo, workdir, v1, "1.0.0", 1)
-    m2 = publish(repo, workdir, v2, "2.0.0", 2)
+    swarm_ca = None if fleet_ca is None else fleet_ca.read_bytes()
+    m1 = publish(repo, workdir, v1, "1.0.0", 1, swarm_ca=swarm_ca)
+    m2 = publish(repo, workdir, v2, "2.0.0", 2, swarm_ca=swarm_ca)
     db = workdir / "tracker.sqlite"
     origin = OriginApp(repo.origin_dir, origin_config or OriginConfig())
     origin_url = await nursery.start(serve_origin, origin, origin_listen or ListenConfig())
     tracker_url = await nursery.start(serve_tracker, TrackerConfig(
-        db_path=db, listen=tracker_listen or ListenConfig()))
+        db_path=db, listen=tracker_listen or ListenConfig(), device_ca=fleet_ca))
     env = ReleaseEnv(workdir, repo, origin, origin_url, tracker_url, db, v1, v2, m1, m2)
     env.register(m1)
     env.register(m2)

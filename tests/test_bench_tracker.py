@@ -44,3 +44,20 @@ def test_pinned_bench_measures_both_endpoints_and_check_ins(tmp_path: Path) -> N
         assert 0 < m["p50_ms"] <= m["p99_ms"]
     markdown = render_markdown(result)
     assert "| announce-lean |" in markdown and "| checkin |" in markdown
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed "
+                    "(apt-get install wrk)")
+def test_pinned_bench_measures_signed_requests_beside_unsigned_ones(tmp_path: Path) -> None:
+    """A tiny signed run: a second tracker with --device-ca accepts every pre-signed
+    request (a refusal, e.g. a replayed counter, would count as an error)."""
+    result = run_pinned(tmp_path, devices=20, duration_s=1, runs=1, connections=4,
+                        signed=True)
+    result = json.loads(json.dumps(result))  # JSON-ready
+    assert set(result["median"]) == {
+        "announce-lean", "announce-hypercorn", "checkin", "announce-lean-signed",
+        "announce-hypercorn-signed", "checkin-signed"}
+    for phase, m in result["median"].items():
+        assert m["errors"] == 0, phase
+        assert m["requests_per_s"] > 10, phase
+    assert "announce-lean-signed" in render_markdown(result)

@@ -24,6 +24,8 @@ async def test_demo_updates_every_device_through_the_delta_in_the_swarm(
     assert outcome.origin_bytes_payloads + sum(r.bytes_peers for r in results) \
         >= 3 * outcome.payload_size
     assert "demo OK" in text and text.count(" updated ") == 3
+    assert "origin at https://" in text and "tracker at https://" in text
+    assert "checks in: refused by the tracker" in text
     assert "CDN egress for payloads" in text and "saved" in text
     # Canary first: the others were told to wait, then the rollout opened to everyone.
     assert "2 other devices checked in and were told to wait (0 offered)" in text

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from infra.devca import create_ca, issue_device_cert
 from infra.http_serve import parse_listen
 from seeder import Repository, cli
 
@@ -172,3 +173,22 @@ def test_timestamp_warns_when_snapshot_is_about_to_expire(
     assert "valid until" in captured.out
     assert "warning: snapshot metadata expires" in captured.err
     assert "targets" not in captured.err
+
+
+def test_serve_refuses_half_an_identity_configuration(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = Repository.create(tmp_path / "repo")
+    create_ca(tmp_path / "fleet")
+    issue_device_cert(tmp_path / "fleet", tmp_path / "seed-id", "seeder-1", role="seed")
+    cases = [
+        (["--tracker-pin", "sha256/" + "A" * 43 + "="], "need --identity"),
+        (["--identity", str(tmp_path / "seed-id")], "exactly one --announce-url"),
+        (["--identity", str(tmp_path / "seed-id"), "--announce-url", "https://a/announce",
+          "--announce-url", "https://b/announce"], "exactly one --announce-url"),
+        (["--identity", str(tmp_path / "missing"), "--announce-url", "https://a/announce"],
+         "cannot read the device identity"),
+    ]
+    for extra, message in cases:
+        assert run("seeder", "serve", str(repo.path), "--listen", "127.0.0.1:0", *extra) == 2
+        assert message in capsys.readouterr().err, extra

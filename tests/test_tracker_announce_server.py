@@ -44,9 +44,11 @@ TIMEOUT_S = 10
 
 
 def test_a_plain_get_is_accepted_with_keep_alive_by_version() -> None:
-    assert parse_head(b"GET /announce?a=1&b=%20 HTTP/1.1\r\nHost: x\r\nAccept: */*") == \
-        Request("/announce", b"a=1&b=%20", keep_alive=True)
-    assert parse_head(b"GET /scrape HTTP/1.0") == Request("/scrape", b"", keep_alive=False)
+    assert parse_head(b"GET /announce?a=1&b=%20 HTTP/1.1\r\nHost: x\r\nAccept:  */* ") == \
+        Request("/announce", b"a=1&b=%20", keep_alive=True, target=b"/announce?a=1&b=%20",
+                headers=((b"host", b"x"), (b"accept", b"*/*")))
+    assert parse_head(b"GET /scrape HTTP/1.0") == Request("/scrape", b"", keep_alive=False,
+                                                          target=b"/scrape")
     assert parse_head(b"GET /scrape HTTP/1.0\r\nConnection: Keep-Alive").keep_alive  # type: ignore[union-attr]
     assert not parse_head(b"GET /scrape HTTP/1.1\r\nconnection: close").keep_alive  # type: ignore[union-attr]
     assert isinstance(parse_head(b"GET /scrape HTTP/1.1\r\ncontent-length: 0"), Request)
@@ -296,7 +298,8 @@ async def test_connections_over_the_cap_get_503(
 
 
 async def test_shutdown_closes_the_listener_and_open_connections() -> None:
-    async def answer(path: str, query: bytes, client: object) -> tuple[int, bytes]:
+    async def answer(path: str, query: bytes, client: object,
+                     **_: object) -> tuple[int, bytes]:
         return 200, b"de"
 
     async with trio.open_nursery() as nursery:
@@ -351,7 +354,8 @@ async def test_with_tls_on_the_main_listener_the_lean_endpoint_is_https_too(
 
 async def test_a_failing_answer_loses_one_connection_not_the_listener(
         caplog: pytest.LogCaptureFixture) -> None:
-    async def answer(path: str, query: bytes, client: object) -> tuple[int, bytes]:
+    async def answer(path: str, query: bytes, client: object,
+                     **_: object) -> tuple[int, bytes]:
         if query == b"boom":
             raise RuntimeError("a bug")
         return 200, b"de"

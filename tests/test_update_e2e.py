@@ -12,6 +12,7 @@ import pytest
 import trio
 import zstandard
 
+from infra.devca import create_ca, issue_device_cert
 from peer.agent import update_once
 from peer.errors import StatusCode
 from tests.release_env import SHARED_DATA, ReleaseEnv, start_env
@@ -89,13 +90,17 @@ async def test_cli_init_update_status_end_to_end(env: ReleaseEnv, tmp_path: Path
     root.write_bytes(env.repo.root_bytes())
     image = env.image_path("v1.img", env.v1)
     exe = [sys.executable, "-m", "swarmota.cli"]
+    create_ca(tmp_path / "fleet-ca")
+    ident = issue_device_cert(tmp_path / "fleet-ca", tmp_path / "cli-1-identity", "cli-1")
     init = await trio.run_process(
         [*exe, "peer", "init", str(state), "--root", str(root), "--origin", env.origin_url,
          "--tracker", env.tracker_url, "--image", str(image), "--version", "1.0.0",
          "--release-counter", "1", "--device-id", "cli-1", "--product", "acme-router",
-         "--hardware-id", "acme-router-hw1", "--swarm-listen", "127.0.0.9:0"],
+         "--hardware-id", "acme-router-hw1", "--swarm-listen", "127.0.0.9:0",
+         "--identity-cert", str(ident.cert), "--identity-key", str(ident.key)],
         capture_stdout=True, check=False)
     assert init.returncode == 0, init
+    assert (state / "identity" / "key.pem").read_bytes() == ident.key.read_bytes()
     upd = await trio.run_process([*exe, "peer", "update", str(state), "--seed-time-s", "1"],
                                  capture_stdout=True, capture_stderr=True, check=False)
     assert upd.returncode == 0, upd.stderr

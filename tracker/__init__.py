@@ -18,7 +18,11 @@ clients announce its first 20 bytes). The announce URL to put in torrents is
 memory only (a restart forgets them; clients re-announce within one interval).
 
 The tracker is untrusted for integrity: it only names a release; devices verify it
-against signed TUF metadata and refuse anything not applicable or not newer.
+against signed TUF metadata and refuse anything not applicable or not newer. Devices
+authenticate to it: with ``TrackerConfig.device_ca`` set, every device request must be
+signed by a fleet identity, name the certificate's device id and carry a counter above
+the device's last one (:mod:`tracker.identity`); without it (lab mode) nothing is
+checked.
 
 Layout (pure core, thin shells):
 
@@ -32,6 +36,8 @@ Layout (pure core, thin shells):
 - :mod:`tracker.bittorrent`: announce/scrape query parsing and bencoded answers. Pure.
 - :mod:`tracker.registry`: :class:`SwarmRegistry`, the in-memory peer registry
   (bounded, expiring, clock and RNG passed in).
+- :mod:`tracker.identity`: device identity on the tracker: the fleet CA trust, refusal
+  kinds, the in-memory announce counter window. Pure but for reading the CA file.
 - :mod:`tracker.store`: the :class:`Store` interface and :class:`SqliteStore`.
 - :mod:`tracker.app`: the raw ASGI application, :class:`TrackerApp`.
 - :mod:`tracker.announce_server`: the lean BitTorrent endpoint (``/announce`` and
@@ -58,6 +64,7 @@ from tracker.config import TrackerConfig
 from tracker.errors import (
     AdminApiError,
     AuthError,
+    ConfigError,
     ConflictError,
     ReleaseConflictError,
     RequestError,
@@ -97,6 +104,7 @@ __all__ = [
     "AuditEntry",
     "AuthError",
     "CheckIn",
+    "ConfigError",
     "ConflictError",
     "Decision",
     "DeviceRecord",

@@ -16,7 +16,9 @@ Two layers, as in h11:
   connection: read a head, answer it, repeat (keep-alive).
 
 What is accepted: ``GET <path>?<query> HTTP/1.1`` (or ``HTTP/1.0``) with header lines
-``name: value``, no body (``content-length: 0`` at most, no ``transfer-encoding``).
+``name: value``, no body (``content-length: 0`` at most, no ``transfer-encoding``). The
+request target exactly as received and the header lines go to ``answer`` with the path
+and query, so that the app can check a signed request (:mod:`infra.deviceauth`).
 What is refused, with a short text answer and the connection closed: a head over
 :attr:`AnnounceServerLimits.max_head_bytes` (413), a malformed request line or header,
 a body, an unsupported HTTP version (400), another path (404), another method on our
@@ -38,9 +40,9 @@ from __future__ import annotations
 import functools
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
@@ -65,8 +67,16 @@ DEFAULT_MAX_HEAD_BYTES: Final = MAX_QUERY_BYTES + 8 * 1024
 """Room for the longest query the BitTorrent parser accepts plus ordinary headers, so
 that an over-long query gets the same ``failure reason`` as on the ASGI endpoint."""
 
-AnswerBitTorrent = Callable[[str, bytes, Sequence[object] | None], Awaitable[tuple[int, bytes]]]
-"""``(path, query, client) -> (status, body)``: :meth:`TrackerApp.answer_bittorrent`."""
+
+class AnswerBitTorrent(Protocol):
+    """``(path, query, client, *, target, headers) -> (status, body)``:
+    :meth:`TrackerApp.answer_bittorrent`. ``target`` is the request line's target
+    exactly as received and ``headers`` the header lines (names in lower case), which
+    signed requests need (:mod:`infra.deviceauth`)."""
+
+    def __call__(self, path: str, query: bytes, client: Sequence[object] | None, *,
+                 target: bytes, headers: Sequence[tuple[bytes, bytes]]
+                 ) -> Awaitable[tuple[int, bytes]]: ...
 
 
 @dataclass(frozen=True)
@@ -101,11 +111,15 @@ class AnnounceServerLimits:
 
 @dataclass(frozen=True)
 class Request:
-    """One accepted request: ``GET path?query``; ``keep_alive`` after the answer."""
+    """One accepted request: ``GET path?query``; ``keep_alive`` after the answer;
+    ``target``: the request line's target bytes exactly as sent; ``headers``: the
+    header lines as ``(lower-case name, value without surrounding blanks)``."""
 
     path: str
     query: bytes
     keep_alive: bool
+    target: bytes = b""
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -146,6 +160,7 @@ def parse_head(head: bytes) -> Request | Refusal:
         return Refusal(404, "this endpoint serves /announce and /scrape only")
     if method != b"GET":
         return Refusal(405, f"{path} only accepts GET", ((b"allow", b"GET"),))
+    headers = []
     if rest:
         for header in rest.split(b"\r\n"):
             name, colon, value = header.partition(b":")
@@ -153,6 +168,7 @@ def parse_head(head: bytes) -> Request | Refusal:
                 return Refusal(400, "malformed header line")
             name = name.lower()
             value = value.strip(b" \t")
+            headers.append((name, value))
             if name == b"connection":
                 tokens = {t.strip().lower() for t in value.split(b",")}
                 if b"close" in tokens:
@@ -162,7 +178,7 @@ def parse_head(head: bytes) -> Request | Refusal:
             elif name == b"transfer-encoding" or (name == b"content-length"
                                                   and value != b"0"):
                 return Refusal(400, "a request body is not accepted here")
-    return Request(path, query, keep_alive)
+    return Request(path, query, keep_alive, target, tuple(headers))
 
 
 def render_response(status: int, body: bytes, *, content_type: bytes = b"text/plain",
@@ -295,7 +311,8 @@ async def _serve_requests(answer: AnswerBitTorrent, limits: AnnounceServerLimits
             if isinstance(parsed, Refusal):
                 await stream.send_all(_refusal_bytes(parsed))
                 return
-            status, body = await answer(parsed.path, parsed.query, client)
+            status, body = await answer(parsed.path, parsed.query, client,
+                                        target=parsed.target, headers=parsed.headers)
             await stream.send_all(render_response(status, body,
                                                   keep_alive=parsed.keep_alive))
             if not parsed.keep_alive:

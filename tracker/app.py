@@ -26,6 +26,19 @@ Peers are handed out LAN first, from the network id and region of the device's c
 Store calls that decide and write run in one worker-thread call each, and those calls
 run one at a time, so concurrent check-ins, reports and admin actions are serialised.
 
+Device identity (``config.device_ca`` set; :mod:`tracker.identity`): every check-in,
+report, announce and scrape must be signed by a fleet identity (:mod:`infra.deviceauth`)
+over its method, raw target and body. The device id in a check-in's or report's body,
+or an announce's ``device_id``, must be the certificate's; an identity of role ``seed``
+(the operator's seeders) always gets peers, like an anonymous seed in lab mode. The
+signature counter must be above the last one accepted from that device: stored in
+SQLite for check-ins and reports (compare-and-set), remembered in memory only for
+announces and scrapes (see :mod:`tracker.identity` for the trade-off). A refusal is
+HTTP 401 ``{"error": ...}`` on the JSON API and a ``failure reason`` on the BitTorrent
+routes; nothing is stored or counted, a WARNING is logged, and
+``swarmota_tracker_device_auth_refused_total{reason}`` moves. Without ``device_ca``
+(lab mode) device requests are not authenticated and an anonymous seed gets peers.
+
 Every answer is a JSON object with ``content-type: application/json``. Errors are
 ``{"error": "<message>"}``: 400 for a request the protocol refuses, 404 for an unknown
 path, 405 for a wrong method (with ``Allow``), 413 for a body over
@@ -45,6 +58,8 @@ one at a time (a ``trio.CapacityLimiter(1)``), so the event loop never blocks on
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import functools
 import json
 import logging
@@ -57,6 +72,13 @@ from typing import Any, TypeVar
 
 import trio
 
+from infra.deviceauth import (
+    CERT_HEADER,
+    SIGNATURE_HEADER,
+    Authenticated,
+    DeviceAuthError,
+    find_header,
+)
 from infra.http_serve import Receive, Scope, Send
 from tracker.admin import (
     ACTION_ROLES,
@@ -86,6 +108,13 @@ from tracker.errors import (
     RequestError,
     StaleStateError,
     StorageError,
+)
+from tracker.identity import (
+    REFUSAL_KINDS,
+    CounterWindow,
+    DeviceRefused,
+    load_fleet_trust,
+    replay_refusal,
 )
 from tracker.metrics import Metric, render_metrics
 from tracker.protocol import (
@@ -139,6 +168,10 @@ class TrackerStatistics:
         stage_transitions: rollout stages advanced.
         halts: rollouts halted by themselves.
         admin_requests / admin_refused: admin API calls, and those refused (401/403).
+        device_auth_refused: device requests refused for their identity (unsigned,
+            not verifying, another device's id, replayed); those of the BitTorrent
+            routes count in ``bittorrent_failures`` too, those of the JSON API in
+            ``errors``.
     """
 
     checkins: int
@@ -154,6 +187,7 @@ class TrackerStatistics:
     halts: int = 0
     admin_requests: int = 0
     admin_refused: int = 0
+    device_auth_refused: int = 0
 
 
 class _HttpError(Exception):
@@ -180,6 +214,9 @@ class TrackerApp:
     clock); pass one to read its statistics or to control its clock. ``rng`` draws the
     jitter of ``poll_after_s`` and new rollout ids. Only ``http`` scopes are served;
     ``infra.http_serve`` answers ``lifespan``.
+
+    Raises:
+        ConfigError: ``config.device_ca`` cannot be read or holds no CA certificate.
     """
 
     def __init__(self, store: Store, config: TrackerConfig,
@@ -188,6 +225,9 @@ class TrackerApp:
                  rng: random.Random | None = None) -> None:
         self._store = store
         self._config = config
+        self._trust = (None if config.device_ca is None
+                       else load_fleet_trust(config.device_ca))
+        self._announce_counters = CounterWindow(_ANNOUNCE_COUNTER_DEVICES)
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self.registry = registry if registry is not None else SwarmRegistry(
@@ -204,12 +244,14 @@ class TrackerApp:
         self._refreshing: dict[tuple[str, str], trio.Event] = {}
         self._rollout_generation = 0  # bumped when this app changes a rollout
         self._bittorrent_routes: dict[
-            str, Callable[[bytes, Sequence[object] | None], Awaitable[bytes]]] = {
+            str, Callable[[bytes, Sequence[object] | None, Authenticated | None],
+                          Awaitable[bytes]]] = {
             "/announce": self._announce,
             "/scrape": self._scrape,
         }
         self._db_limiter = trio.CapacityLimiter(1)
-        self._routes: dict[str, tuple[str, Callable[[Receive], Awaitable[object]]]] = {
+        self._routes: dict[str, tuple[str, Callable[[Scope, Receive],
+                                                    Awaitable[object]]]] = {
             "/v1/checkin": ("POST", self._checkin),
             "/v1/report": ("POST", self._report),
             "/v1/health": ("GET", self._health),
@@ -225,6 +267,7 @@ class TrackerApp:
         self._announces_refused = 0
         self._admin_requests = 0
         self._admin_refused = 0
+        self._auth_refused = dict.fromkeys(REFUSAL_KINDS, 0)
         self._reports_by_status = dict.fromkeys(STATUS_NAMES, 0)
         self._decisions: dict[str, int] = {}
         self._last_prune = -float("inf")
@@ -240,7 +283,8 @@ class TrackerApp:
                                  stage_transitions=self._decisions.get("stage-advanced", 0),
                                  halts=self._decisions.get("halted", 0),
                                  admin_requests=self._admin_requests,
-                                 admin_refused=self._admin_refused)
+                                 admin_refused=self._admin_refused,
+                                 device_auth_refused=sum(self._auth_refused.values()))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan is answered by infra.http_serve
@@ -249,7 +293,8 @@ class TrackerApp:
         bittorrent = self._bittorrent_routes.get(path)
         if bittorrent is not None and scope["method"] == "GET":
             status, body = await self.answer_bittorrent(
-                path, scope.get("query_string", b""), scope.get("client"))
+                path, scope.get("query_string", b""), scope.get("client"),
+                target=_target_of(scope), headers=scope.get("headers", ()))
             await _send_bytes(send, status, body, b"text/plain")
             return
         if path == "/metrics" and scope["method"] == "GET":
@@ -272,8 +317,14 @@ class TrackerApp:
                                      ((b"allow", method.encode("ascii")),))
                 if method == "POST":
                     self._check_content_length(scope)
-                answer = await handler(receive)
+                answer = await handler(scope, receive)
         except _Disconnected:
+            return
+        except DeviceRefused as exc:
+            self._errors += 1
+            self._count_refusal(exc, f"{scope['method']} {path}")
+            await _send_json(send, 401, {"error": exc.message},
+                             ((b"www-authenticate", b"swarmota-signature"),))
             return
         except _HttpError as exc:
             self._errors += 1
@@ -302,12 +353,15 @@ class TrackerApp:
 
     # --- device handlers ----------------------------------------------------------------
 
-    async def _checkin(self, receive: Receive) -> object:
-        checkin = parse_checkin(await self._read_body(receive),
-                                max_bytes=self._config.max_body_bytes)
+    async def _checkin(self, scope: Scope, receive: Receive) -> object:
+        body = await self._read_body(receive)
         now = self._clock()
+        auth = self._authenticate_json(scope, body, now)
+        checkin = parse_checkin(body, max_bytes=self._config.max_body_bytes)
+        _bind(auth, checkin.device_id)
         offer, paced, decisions = await self._in_thread(
-            lambda: self._decide_offer(checkin, now))
+            lambda: self._decide_offer(checkin, now, auth))
+        self._accepted(auth)
         self._count_decisions(decisions)
         if decisions:
             self._forget_rollouts()
@@ -323,11 +377,13 @@ class TrackerApp:
             base = min(base, self._config.paced_poll_after_s)
         return checkin_answer(offer, self._jitter(base))
 
-    def _decide_offer(self, checkin: CheckIn,
-                      now: float) -> tuple[Release | None, bool, list[Decision]]:
-        """In a worker thread: record the check-in, then ask each newer release's
-        rollout, newest first, whether it admits the device."""
+    def _decide_offer(self, checkin: CheckIn, now: float, auth: Authenticated | None
+                      ) -> tuple[Release | None, bool, list[Decision]]:
+        """In a worker thread: accept the request's counter (if signed), record the
+        check-in, then ask each newer release's rollout, newest first, whether it
+        admits the device."""
         store = self._store
+        self._advance_counter(auth, now)
         store.record_checkin(checkin, now)
         candidates = [r for r in store.releases(checkin.product)
                       if r.release_counter > checkin.release_counter]
@@ -368,11 +424,15 @@ class TrackerApp:
                                self._decision_audit(state, decisions, now))
         return result.offer, result.paced, decisions
 
-    async def _report(self, receive: Receive) -> object:
-        report = parse_report(await self._read_body(receive),
-                              max_bytes=self._config.max_body_bytes)
+    async def _report(self, scope: Scope, receive: Receive) -> object:
+        body = await self._read_body(receive)
         now = self._clock()
-        report_id, decisions = await self._in_thread(lambda: self._record_report(report, now))
+        auth = self._authenticate_json(scope, body, now)
+        report = parse_report(body, max_bytes=self._config.max_body_bytes)
+        _bind(auth, report.device_id)
+        report_id, decisions = await self._in_thread(
+            lambda: self._record_report(report, now, auth))
+        self._accepted(auth)
         self._count_decisions(decisions)
         if decisions:
             self._forget_rollouts()
@@ -382,9 +442,12 @@ class TrackerApp:
                  report.from_version, report.to_version, report.status)
         return {"ok": True}
 
-    def _record_report(self, report: Report, now: float) -> tuple[int, list[Decision]]:
-        """In a worker thread: store the report; count it in the rollout that admitted
-        the device (reports of devices not admitted are stored, not counted)."""
+    def _record_report(self, report: Report, now: float, auth: Authenticated | None
+                       ) -> tuple[int, list[Decision]]:
+        """In a worker thread: accept the request's counter (if signed), store the
+        report; count it in the rollout that admitted the device (reports of devices
+        not admitted are stored, not counted)."""
+        self._advance_counter(auth, now)
         report_id = self._store.add_report(report, now)
         return report_id, _retry_stale(lambda: self._count_report(report_id, report, now))
 
@@ -409,8 +472,88 @@ class TrackerApp:
         store.save_rollout(counted, [admission], self._decision_audit(state, decisions, now))
         return decisions
 
-    async def _health(self, receive: Receive) -> object:
+    async def _health(self, scope: Scope, receive: Receive) -> object:
         return {"ok": True}
+
+    # --- device identity ----------------------------------------------------------------
+
+    def _authenticate_json(self, scope: Scope, body: bytes,
+                           now: float) -> Authenticated | None:
+        """Who signed this check-in or report (``None`` in lab mode).
+
+        Raises:
+            DeviceRefused: not signed, or not verifying.
+        """
+        if self._trust is None:
+            return None
+        headers = scope.get("headers", ())
+        try:
+            return self._verify(scope["method"], _target_of(scope), body, headers, now)
+        except DeviceRefused as exc:
+            exc.claimed = _claimed_in_body(body)
+            raise
+
+    def _verify(self, method: str, target: bytes, body: bytes,
+                headers: Sequence[tuple[bytes, bytes]], now: float) -> Authenticated:
+        """Check the identity headers against the fleet CA (``self._trust`` is set).
+
+        Raises:
+            DeviceRefused: ``unsigned`` or ``invalid``.
+        """
+        if self._trust is None:
+            raise RuntimeError("_verify in lab mode")
+        cert = find_header(headers, CERT_HEADER)
+        signature = find_header(headers, SIGNATURE_HEADER)
+        try:
+            return self._trust.verify(method, target, body, cert, signature,
+                                      datetime.datetime.fromtimestamp(now, datetime.UTC))
+        except DeviceAuthError as exc:
+            kind = "unsigned" if cert is None or signature is None else "invalid"
+            raise DeviceRefused(kind, str(exc)) from None
+
+    def _advance_counter(self, auth: Authenticated | None, now: float) -> None:
+        """In a worker thread: store a signed check-in's or report's counter if it is
+        above the device's last one (compare-and-set in SQLite).
+
+        Raises:
+            DeviceRefused: ``replayed``; nothing was written.
+        """
+        if auth is None:
+            return
+        floor = self._store.advance_counter(auth.device_id, auth.counter, now)
+        if floor is not None:
+            raise replay_refusal(auth.counter, floor, auth.device_id)
+
+    def _accepted(self, auth: Authenticated | None) -> None:
+        """A signed check-in or report was accepted: announces signed before it can no
+        longer be replayed to this process."""
+        if auth is not None:
+            self._announce_counters.raise_to(auth.device_id, auth.counter)
+
+    async def _accept_announce_counter(self, auth: Authenticated) -> None:
+        """Check an announce's or scrape's counter against the in-memory window (seeded
+        from the stored counter when the device is not in it) and remember it.
+
+        Raises:
+            DeviceRefused: ``replayed``.
+            StorageError: seeding from the store failed.
+        """
+        floor = self._announce_counters.get(auth.device_id)
+        if floor is None:
+            stored = await self._in_thread(
+                lambda: self._store.device_counter(auth.device_id))
+            floor = self._announce_counters.get(auth.device_id)  # may have moved meanwhile
+            if stored is not None and (floor is None or stored > floor):
+                floor = stored
+        if floor is not None and auth.counter <= floor:
+            raise replay_refusal(auth.counter, floor, auth.device_id)
+        self._announce_counters.raise_to(auth.device_id, auth.counter)
+
+    def _count_refusal(self, exc: DeviceRefused, what: str) -> None:
+        self._auth_refused[exc.kind] += 1
+        claimed = "-" if exc.claimed is None else repr(exc.claimed[:128])
+        log.warning("device request refused (%s): %s: device %s: %s", exc.kind, what,
+                    claimed, exc.message)
 
     # --- admin API ----------------------------------------------------------------------
 
@@ -560,6 +703,10 @@ class TrackerApp:
             counter("admin_requests_total", "Admin API requests.", self._admin_requests),
             counter("admin_refused_total", "Admin API requests refused (401/403).",
                     self._admin_refused),
+            Metric("swarmota_tracker_device_auth_refused_total",
+                   "Device requests refused for their identity (unsigned, invalid, "
+                   "identity: another device's id, replayed).", "counter",
+                   {(("reason", kind),): n for kind, n in self._auth_refused.items()}),
             counter("errors_total", "Requests answered with an error status.",
                     self._errors),
             Metric("swarmota_tracker_peers", "Peers in the swarm registry.", "gauge",
@@ -570,10 +717,16 @@ class TrackerApp:
     # --- BitTorrent tracker -----------------------------------------------------------
 
     async def answer_bittorrent(self, path: str, query: bytes,
-                                client: Sequence[object] | None) -> tuple[int, bytes]:
+                                client: Sequence[object] | None, *,
+                                target: bytes | None = None,
+                                headers: Sequence[tuple[bytes, bytes]] = ()
+                                ) -> tuple[int, bytes]:
         """``(HTTP status, bencoded body)`` answering ``GET path?query`` from ``client``
         (``(host, port)`` of the connection, or ``None``), ``path`` being ``/announce``
-        or ``/scrape``.
+        or ``/scrape``. ``target`` is the request target exactly as received (default:
+        ``path``, then ``?query`` if there is a query) and ``headers`` the request's
+        headers (lower-case names): with ``config.device_ca`` set, the request must be
+        signed over them (else a ``failure reason``: outsiders learn no peers).
 
         The one BitTorrent decision of the tracker: the ASGI routes and the lean
         endpoint (:mod:`tracker.announce_server`) both call it, so they share the swarm
@@ -588,7 +741,20 @@ class TrackerApp:
         if handler is None:
             raise RuntimeError(f"{path!r} is not a BitTorrent route")
         try:
-            return 200, await handler(query, client)
+            auth = None
+            if self._trust is not None:
+                if target is None:
+                    target = path.encode("ascii") + (b"?" + query if query else b"")
+                try:
+                    auth = self._verify("GET", target, b"", headers, self._clock())
+                except DeviceRefused as exc:
+                    exc.claimed = _claimed_in_query(query) if path == "/announce" else None
+                    raise
+            return 200, await handler(query, client, auth)
+        except DeviceRefused as exc:
+            self._bittorrent_failures += 1
+            self._count_refusal(exc, f"GET {path}")
+            return 200, failure_answer(exc.message)
         except RequestError as exc:
             self._bittorrent_failures += 1
             return 200, failure_answer(str(exc))
@@ -616,17 +782,25 @@ class TrackerApp:
             found.update(fresh)
         return found
 
-    async def _announce(self, query: bytes, client: Sequence[object] | None) -> bytes:
+    async def _announce(self, query: bytes, client: Sequence[object] | None,
+                        auth: Authenticated | None) -> bytes:
         request = parse_announce(query)
+        trusted_seed = auth is not None and auth.is_seed
+        if auth is not None:
+            if trusted_seed:  # the operator's seeder: not gated, never a device
+                request = dataclasses.replace(request, device_id=None)
+            else:
+                _bind(auth, request.device_id)
+            await self._accept_announce_counter(auth)
         address = peer_address(client, request.port)
         swarm = (await self._swarms_of([request.announce_hash])).get(request.announce_hash)
         if swarm is None:
             raise RequestError(f"unknown info_hash {request.announce_hash.hex()}: no "
                                "registered release has this swarm")
         now = self._clock()
-        if request.device_id is not None or not request.is_seed:
+        if not trusted_seed and (request.device_id is not None or not request.is_seed):
             await self._refresh_rollout(swarm)
-        cached = self._cached_gate(swarm, request)
+        cached = (True, (None, None)) if trusted_seed else self._cached_gate(swarm, request)
         if cached is not None:
             allowed, network = cached
         else:
@@ -748,8 +922,11 @@ class TrackerApp:
         while len(cache) > self._config.max_peers_total:
             cache.popitem(last=False)
 
-    async def _scrape(self, query: bytes, client: Sequence[object] | None) -> bytes:
+    async def _scrape(self, query: bytes, client: Sequence[object] | None,
+                      auth: Authenticated | None) -> bytes:
         request = parse_scrape(query)
+        if auth is not None:
+            await self._accept_announce_counter(auth)
         known = await self._swarms_of(request.announce_hashes)
         files: dict[bytes, ScrapeCounts] = {
             h: self.registry.scrape(h) for h in request.announce_hashes if h in known}
@@ -793,6 +970,9 @@ class TrackerApp:
 
 
 _ADMIN_MAX_BODY_BYTES = 1024 * 1024
+_ANNOUNCE_COUNTER_DEVICES = 100_000
+"""Devices whose highest announce/scrape counter is kept in memory (about 100 bytes
+each); one that falls out is seeded again from its stored check-in/report counter."""
 _ROLLOUT_CACHE_S = 1.0
 """How long announces trust a cached rollout phase that this app did not change (e.g. a
 rollout created by ``tracker release add`` in another process)."""
@@ -868,6 +1048,44 @@ def _parse_rollout_request(body: bytes) -> tuple[str, str, RolloutPlan]:
     raw_plan: Any = obj.get("plan", {})
     plan = RolloutPlan.everyone() if raw_plan == "everyone" else RolloutPlan.from_json(raw_plan)
     return product, version, plan
+
+
+def _target_of(scope: Scope) -> bytes:
+    """The request target as received: the raw path, then ``?`` and the raw query if
+    there is one (what a device signs)."""
+    raw = scope.get("raw_path") or scope["path"].encode("utf-8")
+    query = scope.get("query_string", b"")
+    return bytes(raw) + b"?" + bytes(query) if query else bytes(raw)
+
+
+def _bind(auth: Authenticated | None, device_id: str | None) -> None:
+    """The device id a signed request names must be its certificate's.
+
+    Raises:
+        DeviceRefused: ``identity``, naming both.
+    """
+    if auth is not None and device_id != auth.device_id:
+        named = "no device_id" if device_id is None else f"device_id {device_id[:128]!r}"
+        raise DeviceRefused("identity", f"request names {named}, but is signed by "
+                                        f"{auth.device_id!r}", device_id)
+
+
+def _claimed_in_body(body: bytes) -> str | None:
+    """The ``device_id`` a JSON body claims, if it is readable (for the log only)."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    claimed = obj.get("device_id") if isinstance(obj, dict) else None
+    return claimed if isinstance(claimed, str) else None
+
+
+def _claimed_in_query(query: bytes) -> str | None:
+    """The ``device_id`` an announce query claims, if it parses (for the log only)."""
+    try:
+        return parse_announce(query).device_id
+    except RequestError:
+        return None
 
 
 def _open_to_all(state: RolloutState) -> bool:

@@ -1,7 +1,8 @@
 """``swarmota tracker ...``: run the tracker and manage its release catalogue.
 
-    swarmota tracker serve --db PATH [--listen HOST:PORT] [--tls-cert F --tls-key F]
-        [--announce-listen HOST:PORT] [--poll-after-s N]
+    swarmota tracker serve --db PATH (--device-ca FILE | --allow-unauthenticated-devices)
+        [--listen HOST:PORT] [--tls-cert F --tls-key F] [--announce-listen HOST:PORT]
+        [--poll-after-s N]
     swarmota tracker release add --db PATH MANIFEST_FILE
     swarmota tracker release list --db PATH
     swarmota tracker reports --db PATH [--device ID]
@@ -19,8 +20,9 @@ and print the tracker's JSON answer.
 
 Every leaf command sets ``func(args) -> int``. Exit codes: 0 success, 1 runtime failure
 (storage, address in use, release conflict, an admin API error such as 401/403/409),
-2 bad input (unreadable or invalid manifest file, invalid plan; argparse uses 2 for bad
-arguments too).
+2 bad input (unreadable or invalid manifest file, invalid plan, an unreadable fleet CA
+file, ``serve`` without ``--device-ca`` or ``--allow-unauthenticated-devices``; argparse
+uses 2 for bad arguments too).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import os
 import ssl
 import sys
@@ -45,7 +48,14 @@ from tracker.admin import ROLES, TOKEN_NAME_RE, hash_token, new_token
 from tracker.admin_client import AdminClient
 from tracker.catalogue import register_release
 from tracker.config import DEFAULT_POLL_AFTER_S, TrackerConfig
-from tracker.errors import AdminApiError, ConflictError, RequestError, StorageError
+from tracker.errors import (
+    AdminApiError,
+    ConfigError,
+    ConflictError,
+    RequestError,
+    StorageError,
+)
+from tracker.identity import load_fleet_trust
 from tracker.protocol import DEVICE_ID_RE, STATUS_NAMES, Release
 from tracker.rollout import ACTIONS, RolloutPlan
 from tracker.server import serve_tracker_endpoints
@@ -54,6 +64,8 @@ from tracker.store import AuditEntry, SqliteStore, TokenRecord
 __all__ = ["DEFAULT_LISTEN", "add_parser"]
 
 DEFAULT_LISTEN = "127.0.0.1:8470"
+
+log = logging.getLogger(__name__)
 _MAX_POLL_AFTER_S = 7 * 24 * 3600
 
 
@@ -74,7 +86,11 @@ def add_parser(subparsers: Any) -> None:
         help="serve the device API over HTTP",
         description="Serve POST /v1/checkin, POST /v1/report and GET /v1/health, and "
                     "the BitTorrent tracker (GET /announce, GET /scrape) for the swarms "
-                    "of registered releases, until interrupted (Ctrl-C).",
+                    "of registered releases, until interrupted (Ctrl-C). Say how devices "
+                    "authenticate: --device-ca (production: every device request must be "
+                    "signed by a fleet identity, replays refused) or "
+                    "--allow-unauthenticated-devices (lab mode); one of the two is "
+                    "required.",
     )
     _add_db(serve, "created if it does not exist")
     serve.add_argument("--listen", metavar="HOST:PORT", type=_listen_arg,
@@ -93,6 +109,19 @@ def add_parser(subparsers: Any) -> None:
                             "announces/s of --listen; HTTPS too with --tls-cert); "
                             "publish its URL + /announce as --announce-url. Default: "
                             "off (--listen serves announces either way)")
+    auth = serve.add_mutually_exclusive_group()
+    auth.add_argument("--device-ca", metavar="FILE", type=Path, default=None,
+                      help="PEM file with the fleet CA certificate(s) (several during a "
+                           "CA rotation): every check-in, report, announce and scrape "
+                           "must then be signed by a device or seeder identity that CA "
+                           "issued (swarmota-device-cert and swarmota-signature "
+                           "headers); unsigned, forged, expired, another device's or "
+                           "replayed requests are refused (HTTP 401, or a BitTorrent "
+                           "failure reason: outsiders learn no peers)")
+    auth.add_argument("--allow-unauthenticated-devices", action="store_true",
+                      help="lab mode: accept device requests without checking who sent "
+                           "them (anyone may check in, report, and, claiming to be a "
+                           "seed, learn a swarm's peers); for tests and demos only")
     serve.add_argument("--poll-after-s", metavar="N", type=_poll_arg,
                        default=DEFAULT_POLL_AFTER_S,
                        help="seconds devices should wait between check-ins "
@@ -250,16 +279,28 @@ def _add_release_args(parser: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the tracker until Ctrl-C; 0 after a clean stop, 1 if it cannot start."""
     host, port = args.listen
+    if args.device_ca is None and not args.allow_unauthenticated_devices:
+        print("error: say how devices authenticate: --device-ca FILE (the fleet CA: "
+              "devices must sign their requests) or --allow-unauthenticated-devices "
+              "(lab mode: anyone may check in, report and announce)", file=sys.stderr)
+        return 2
     try:
         certfile, keyfile = _tls_files(args.tls_cert, args.tls_key)
-    except ValueError as exc:
+        if args.device_ca is not None:
+            load_fleet_trust(args.device_ca)  # a bad file fails now, with exit code 2
+    except (ValueError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.allow_unauthenticated_devices:
+        log.warning("lab mode (--allow-unauthenticated-devices): device requests are not "
+                    "authenticated; anyone who can reach the tracker may check in, report "
+                    "and learn the swarms' peers")
     config = TrackerConfig(db_path=args.db,
                            listen=ListenConfig(host=host, port=port, certfile=certfile,
                                                keyfile=keyfile),
                            poll_after_s=args.poll_after_s,
-                           announce_listen=args.announce_listen)
+                           announce_listen=args.announce_listen,
+                           device_ca=args.device_ca)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -285,7 +326,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise
         print(f"error: cannot run the tracker: {failure}", file=sys.stderr)
         return 1
-    except (StorageError, OSError) as exc:
+    except (StorageError, ConfigError, OSError) as exc:
         print(f"error: cannot run the tracker: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -514,8 +555,9 @@ def _device_arg(text: str) -> str:
 
 
 def _first_expected(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The first StorageError/OSError in a (nested) group, if that is all it holds."""
-    matched, rest = group.split((StorageError, OSError))
+    """The first StorageError/ConfigError/OSError in a (nested) group, if that is all
+    it holds."""
+    matched, rest = group.split((StorageError, ConfigError, OSError))
     if matched is None or rest is not None:
         return None
     exc: BaseException = matched

@@ -54,6 +54,14 @@ class TrackerConfig:
             and scrapes are then served by the main listener only. It uses the main
             listener's TLS certificate and key when those are set.
         announce_limits: bounds of the lean endpoint (head size, connections, timeouts).
+        device_ca: PEM file with the fleet CA certificate(s) (several during a CA
+            rotation). When set, every device request (check-in, report, announce,
+            scrape, on both listeners) must be signed by an identity that CA issued
+            (:mod:`infra.deviceauth`, :mod:`tracker.identity`); unsigned, forged,
+            mismatched or replayed requests are refused. ``None`` (default) is lab
+            mode: device requests are not authenticated (``tracker serve`` asks for
+            ``--allow-unauthenticated-devices`` explicitly). Loaded when the app is
+            built.
 
     Raises:
         ValueError: ``poll_after_s`` outside 0..604800, ``max_body_bytes`` outside
@@ -75,6 +83,7 @@ class TrackerConfig:
     audit_retention_s: float = DEFAULT_AUDIT_RETENTION_S
     announce_listen: tuple[str, int] | None = None
     announce_limits: AnnounceServerLimits = field(default_factory=AnnounceServerLimits)
+    device_ca: Path | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.poll_after_s <= 7 * 24 * 3600:

@@ -11,6 +11,8 @@
      |                             between reading and saving it: read it again
      +-- AuthError                 an admin request without a valid token (HTTP 401) or
      |                             with too small a role (``forbidden``: HTTP 403)
+     +-- ConfigError               the tracker's configuration cannot be used (e.g. an
+     |                             unreadable fleet CA file); raised before serving
      +-- AdminApiError             the admin API answered an error (``status``: the HTTP
      |                             status, 0 if the tracker could not be reached); raised
      |                             by :mod:`tracker.admin_client` (wraps ``httpx`` errors)
@@ -30,6 +32,7 @@ from __future__ import annotations
 __all__ = [
     "AdminApiError",
     "AuthError",
+    "ConfigError",
     "ConflictError",
     "ReleaseConflictError",
     "RequestError",
@@ -61,6 +64,10 @@ class AuthError(TrackerError):
     def __init__(self, message: str, *, forbidden: bool = False) -> None:
         super().__init__(message)
         self.forbidden = forbidden
+
+
+class ConfigError(TrackerError):
+    """The tracker's configuration cannot be used; the message says which file and why."""
 
 
 class AdminApiError(TrackerError):

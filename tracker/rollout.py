@@ -143,8 +143,9 @@ class RolloutPlan:
         stages = self.stages_percent
         if not stages or len(stages) > 20:
             raise RequestError("plan: stages_percent needs 1..20 stages")
-        if any(not isinstance(p, int | float) or isinstance(p, bool) or not math.isfinite(p)
-               for p in stages):
+        # An int is always finite (math.isfinite would overflow on a 400-digit one).
+        if any(not isinstance(p, int | float) or isinstance(p, bool)
+               or (isinstance(p, float) and not math.isfinite(p)) for p in stages):
             raise RequestError("plan: stages_percent must be numbers")
         if any(b <= a for a, b in itertools.pairwise(stages)) or stages[0] <= 0:
             raise RequestError("plan: stages_percent must increase from above 0")

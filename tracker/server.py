@@ -84,6 +84,8 @@ async def serve_tracker_endpoints(
 
     Raises:
         StorageError: the database cannot be opened (before ``started``).
+        ConfigError: ``config.device_ca`` cannot be read or holds no CA certificate
+            (before ``started``).
         OSError: an address cannot be bound, or the TLS files cannot be loaded
             (``ssl.SSLError`` is an ``OSError``).
     """
@@ -91,6 +93,11 @@ async def serve_tracker_endpoints(
         functools.partial(SqliteStore, config.db_path, clock=clock))
     try:
         app = TrackerApp(store, config, clock, registry=registry)
+        if config.device_ca is not None:
+            log.info("device requests must be signed by the fleet CA in %s",
+                     config.device_ca)
+        else:
+            log.info("lab mode: device requests are not authenticated")
         listen = dataclasses.replace(config.listen, tls_min_version=TRACKER_TLS_MIN_VERSION)
         async with trio.open_nursery() as nursery:
             announce_url = None

@@ -19,8 +19,11 @@ runs, and the server sees it on the next check-in.
 
 Schema versions: 1 (releases, devices, reports); 2 adds ``swarms``, the BitTorrent
 swarms of registered releases' payloads (full v2 info-hash, its 20-byte announce form,
-product, version, payload kind). Opening a version-1 database migrates it in place
-(one transaction); releases registered before keep working, without swarms.
+product, version, payload kind); 3 adds rollouts, admin tokens and the audit log; 4
+adds ``device_counters``, the last request counter accepted from each device (replay
+protection of signed check-ins and reports, :mod:`infra.deviceauth`). Opening an older
+database migrates it in place (one transaction); releases registered before keep
+working, without swarms.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from tracker.rollout import Admission, RolloutPlan, RolloutState, StageCounters
 __all__ = ["SCHEMA_VERSION", "AuditEntry", "DeviceRecord", "SqliteStore", "Store",
            "StoredReport", "TokenRecord"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _BUSY_TIMEOUT_MS = 5000
 
 # Version 1 of the schema; later versions add _MIGRATIONS in order.
@@ -156,7 +159,15 @@ CREATE TABLE audit (
 );
 CREATE INDEX audit_by_time ON audit (at);
 """
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_SWARMS, 2: _SCHEMA_ROLLOUTS}
+_SCHEMA_DEVICE_COUNTERS = """
+CREATE TABLE device_counters (
+    device_id TEXT PRIMARY KEY,
+    counter INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+_MIGRATIONS: dict[int, str] = {1: _SCHEMA_SWARMS, 2: _SCHEMA_ROLLOUTS,
+                               3: _SCHEMA_DEVICE_COUNTERS}
 """DDL that takes a database from version ``key`` to ``key + 1``."""
 
 
@@ -289,6 +300,20 @@ class Store(Protocol):
 
     def device(self, device_id: str) -> DeviceRecord | None:
         """What ``device_id`` said at its latest check-in, if it ever checked in."""
+        ...
+
+    # --- replay protection (schema 4) ---------------------------------------------------
+
+    def advance_counter(self, device_id: str, counter: int, now: float) -> int | None:
+        """Accept ``counter`` as ``device_id``'s newest signed-request counter if it is
+        above the last one accepted (or none was): ``None`` then, and it is stored;
+        otherwise nothing changes and the stored counter is returned. One atomic
+        compare-and-set, so two tracker processes on one database never both accept
+        the same counter."""
+        ...
+
+    def device_counter(self, device_id: str) -> int | None:
+        """The last counter accepted from ``device_id`` by :meth:`advance_counter`."""
         ...
 
     # --- rollouts (schema 3) ------------------------------------------------------------
@@ -499,6 +524,30 @@ class SqliteStore:
             row = conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?",
                                (device_id,)).fetchone()
         return None if row is None else _row_to_device(row)
+
+    # --- replay protection --------------------------------------------------------------
+
+    def advance_counter(self, device_id: str, counter: int, now: float) -> int | None:
+        with self._transaction("advance request counter") as conn:
+            changed = conn.execute(
+                "INSERT INTO device_counters (device_id, counter, updated_at) "
+                "VALUES (?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
+                "counter = excluded.counter, updated_at = excluded.updated_at "
+                "WHERE device_counters.counter < excluded.counter",
+                (device_id, counter, now)).rowcount
+            if changed == 1:
+                return None
+            row = conn.execute("SELECT counter FROM device_counters WHERE device_id = ?",
+                               (device_id,)).fetchone()
+        if row is None:  # pragma: no cover - the upsert either wrote or found a row
+            raise RuntimeError("request counter neither stored nor found")
+        return int(row[0])
+
+    def device_counter(self, device_id: str) -> int | None:
+        with self._connection("look up request counter") as conn:
+            row = conn.execute("SELECT counter FROM device_counters WHERE device_id = ?",
+                               (device_id,)).fetchone()
+        return None if row is None else int(row[0])
 
     # --- rollouts -----------------------------------------------------------------------
 
@@ -821,6 +870,7 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
                 _run_script(conn, _SCHEMA)
                 _run_script(conn, _SCHEMA_SWARMS)
                 _run_script(conn, _SCHEMA_ROLLOUTS)
+                _run_script(conn, _SCHEMA_DEVICE_COUNTERS)
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)",
                              (SCHEMA_VERSION,))
             else:

@@ -1,0 +1,272 @@
+"""Device identity on the wire: requests signed with a key the fleet CA certified.
+
+A device (or one of the operator's seeders) holds an ECDSA P-256 key and an X.509
+certificate from the fleet CA (:func:`infra.devca.issue_device_cert`: ``CN`` = device
+id, ``OU`` = role, ``device`` or ``seed``). Every request it sends to the tracker
+(check-in, report, BitTorrent announce and scrape) carries two headers::
+
+    swarmota-device-cert: <base64 of the DER certificate>
+    swarmota-signature:   v1;counter=<decimal>;sig=<base64 of the DER ECDSA signature>
+
+The signature (ECDSA with SHA-256) covers::
+
+    b"swarmota-request-v1\\n" METHOD "\\n" TARGET "\\n" COUNTER "\\n" hex(SHA-256(BODY))
+
+``TARGET`` is the request target exactly as sent (raw path, ``?`` and raw query), so
+neither the body, the query (an announce's info-hash, ``left``, device id) nor the
+endpoint can be changed, and ``COUNTER`` strictly increases per device: the tracker
+refuses a counter not above the last one it accepted from that device (a replay).
+
+Why signed requests and not mutual TLS: one mechanism covers the JSON API and the
+BitTorrent announces (libtorrent cannot present a client certificate to an HTTP
+tracker; the device relays its announces, :mod:`peer.announce_relay`); it survives TLS
+terminated by a load balancer in front of the tracker; the tracker needs only the fleet
+CA's certificate, no key that could mint identities; and the same certificate is what
+peers of a private swarm check in their TLS handshakes.
+
+Pure: bytes, cryptography objects and a clock value in; no I/O. Errors are
+:class:`DeviceAuthError` with a message safe to send back to the client.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import hashlib
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = [
+    "CERT_HEADER",
+    "DEVICE_ID_RE",
+    "MAX_COUNTER",
+    "ROLES",
+    "ROLE_DEVICE",
+    "ROLE_SEED",
+    "SIGNATURE_HEADER",
+    "Authenticated",
+    "DeviceAuthError",
+    "FleetTrust",
+    "RequestSigner",
+    "find_header",
+    "signed_message",
+]
+
+CERT_HEADER = "swarmota-device-cert"
+SIGNATURE_HEADER = "swarmota-signature"
+ROLE_DEVICE = "device"
+ROLE_SEED = "seed"
+ROLES = (ROLE_DEVICE, ROLE_SEED)
+DEVICE_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+"""The tracker protocol's device id pattern (also ``tracker.protocol.DEVICE_ID_RE``)."""
+MAX_COUNTER = 2**63 - 1
+"""Counters fit a signed 64-bit integer (SQLite)."""
+
+_MAX_CERT_HEADER = 4096
+_MAX_SIGNATURE_HEADER = 256
+_SIGNATURE_RE = re.compile(rb"v1;counter=(0|[1-9][0-9]{0,18});sig=([A-Za-z0-9+/]{1,200}={0,2})")
+_METHOD_RE = re.compile(r"[A-Za-z]{1,16}")
+_CACHE_SIZE = 10_000
+
+
+class DeviceAuthError(Exception):
+    """A request is not signed by a fleet identity (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """Who signed a request: the certificate's device id and role, and the counter."""
+
+    device_id: str
+    role: str
+    counter: int
+
+    @property
+    def is_seed(self) -> bool:
+        return self.role == ROLE_SEED
+
+
+def signed_message(method: str, target: bytes, counter: int, body: bytes) -> bytes:
+    """The bytes a request signature covers."""
+    return b"\n".join([b"swarmota-request-v1", method.upper().encode("ascii"), target,
+                       str(counter).encode("ascii"),
+                       hashlib.sha256(body).hexdigest().encode("ascii")])
+
+
+def _identity_of(cert: x509.Certificate) -> tuple[str, str]:
+    """``(device id, role)`` from a certificate's subject, or DeviceAuthError."""
+    try:
+        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        ous = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    except ValueError as exc:
+        raise DeviceAuthError(f"device certificate has a malformed subject: {exc}") from None
+    if len(cns) != 1 or len(ous) != 1:
+        raise DeviceAuthError("device certificate subject must have one CN and one OU")
+    device_id, role = cns[0].value, ous[0].value
+    if not isinstance(device_id, str) or not DEVICE_ID_RE.fullmatch(device_id):
+        raise DeviceAuthError("device certificate names a malformed device id")
+    if role not in ROLES:
+        raise DeviceAuthError(f"device certificate role must be one of {', '.join(ROLES)}")
+    return device_id, role
+
+
+class RequestSigner:
+    """Signs requests with one fleet identity (its certificate and private key, PEM).
+
+    Raises:
+        DeviceAuthError: unreadable PEM, a key that is not ECDSA P-256, a key that does
+            not belong to the certificate, or a subject without a device id and role.
+    """
+
+    def __init__(self, cert_pem: bytes, key_pem: bytes) -> None:
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise DeviceAuthError(f"unreadable identity certificate or key: {exc}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+            raise DeviceAuthError("identity key must be an ECDSA P-256 key")
+        if key.public_key() != cert.public_key():
+            raise DeviceAuthError("identity key does not belong to the identity certificate")
+        self.device_id, self.role = _identity_of(cert)
+        self.not_after = cert.not_valid_after_utc
+        self._key = key
+        self._cert_header = base64.b64encode(cert.public_bytes(serialization.Encoding.DER))
+
+    def headers(self, method: str, target: bytes, body: bytes,
+                counter: int) -> list[tuple[str, str]]:
+        """The two headers that authenticate ``METHOD target`` with ``body``."""
+        if not 0 <= counter <= MAX_COUNTER:
+            raise ValueError(f"counter out of range: {counter}")
+        sig = self._key.sign(signed_message(method, target, counter, body),
+                             ec.ECDSA(hashes.SHA256()))
+        return [(CERT_HEADER, self._cert_header.decode("ascii")),
+                (SIGNATURE_HEADER,
+                 f"v1;counter={counter};sig={base64.b64encode(sig).decode('ascii')}")]
+
+
+@dataclass(frozen=True)
+class _Known:
+    device_id: str
+    role: str
+    key: ec.EllipticCurvePublicKey
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+
+
+class FleetTrust:
+    """The fleet CA certificates a tracker accepts device identities from (several
+    during a CA rotation). Verified certificates are cached (bounded) by their bytes.
+
+    Raises:
+        DeviceAuthError: ``pem`` holds no certificate, or one that is not a CA.
+    """
+
+    def __init__(self, pem: bytes) -> None:
+        try:
+            cas = x509.load_pem_x509_certificates(pem)
+        except ValueError as exc:
+            raise DeviceAuthError(f"no fleet CA certificate: {exc}") from None
+        for ca in cas:
+            try:
+                basic = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+            except x509.ExtensionNotFound:
+                basic = None
+            if basic is None or not basic.ca:
+                raise DeviceAuthError(f"{ca.subject.rfc4514_string()} is not a CA certificate")
+        self._cas = cas
+        self._known: OrderedDict[bytes, _Known] = OrderedDict()
+
+    def verify(self, method: str, target: bytes, body: bytes, cert_header: bytes | None,
+               signature_header: bytes | None, now: datetime.datetime) -> Authenticated:
+        """Check a request's identity headers; return who signed it.
+
+        The counter is returned, not checked: replay protection needs the last counter
+        accepted from the device, which the caller stores.
+
+        Raises:
+            DeviceAuthError: a header missing or malformed, a certificate not issued by
+                a fleet CA, outside its validity or not for client authentication, or a
+                signature that does not verify.
+        """
+        if cert_header is None or signature_header is None:
+            raise DeviceAuthError(f"request not signed: the {CERT_HEADER} and "
+                                  f"{SIGNATURE_HEADER} headers are required")
+        if len(cert_header) > _MAX_CERT_HEADER or len(signature_header) > _MAX_SIGNATURE_HEADER:
+            raise DeviceAuthError("identity headers too long")
+        if not _METHOD_RE.fullmatch(method):  # signed_message encodes it as ASCII
+            raise DeviceAuthError("malformed request method")
+        match = _SIGNATURE_RE.fullmatch(signature_header.strip())
+        if match is None:
+            raise DeviceAuthError(f"malformed {SIGNATURE_HEADER} header")
+        counter = int(match.group(1))
+        if counter > MAX_COUNTER:
+            raise DeviceAuthError("signature counter out of range")
+        try:
+            der = base64.b64decode(cert_header, validate=True)
+            sig = base64.b64decode(match.group(2), validate=True)
+        except (binascii.Error, ValueError):
+            raise DeviceAuthError("identity headers are not valid base64") from None
+        known = self._certificate(der)
+        if not known.not_before <= now <= known.not_after:
+            raise DeviceAuthError(f"device certificate of {known.device_id} is outside its "
+                                  "validity period")
+        try:
+            known.key.verify(sig, signed_message(method, target, counter, body),
+                             ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise DeviceAuthError(f"signature of {known.device_id} does not verify") from None
+        return Authenticated(known.device_id, known.role, counter)
+
+    def _certificate(self, der: bytes) -> _Known:
+        known = self._known.get(der)
+        if known is not None:
+            self._known.move_to_end(der)
+            return known
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            raise DeviceAuthError("device certificate is not a DER certificate") from None
+        if not any(_issued_by(cert, ca) for ca in self._cas):
+            raise DeviceAuthError("device certificate is not issued by the fleet CA")
+        try:
+            usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except (x509.ExtensionNotFound, ValueError):
+            raise DeviceAuthError("device certificate has no client-auth usage") from None
+        if ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+            raise DeviceAuthError("device certificate is not for client authentication")
+        key = cert.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise DeviceAuthError("device certificate key must be ECDSA")
+        device_id, role = _identity_of(cert)
+        known = _Known(device_id, role, key, cert.not_valid_before_utc,
+                       cert.not_valid_after_utc)
+        self._known[der] = known
+        while len(self._known) > _CACHE_SIZE:
+            self._known.popitem(last=False)
+        return known
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def find_header(headers: Sequence[tuple[bytes, bytes]], name: str) -> bytes | None:
+    """The value of header ``name`` (lower case) in ASGI-style ``headers``; ``None``
+    when absent. A header sent twice is refused as absent (no ambiguity)."""
+    wanted = name.encode("ascii")
+    found = [value for key, value in headers if key.lower() == wanted]
+    return found[0] if len(found) == 1 else None

@@ -1,0 +1,161 @@
+"""A fleet with identities end to end (issue 8): HTTPS origin and tracker with pinned
+keys, a tracker that accepts only requests signed by fleet identities, private swarms
+(SSL torrents of the fleet CA), a seeder with a seed identity announcing through the
+relay, devices updating through the real agent.
+
+Threats covered: a device without an identity, or with a certificate from another CA,
+is refused by the tracker (status 10, its slot untouched, nothing stored for it, the
+next run with a fleet identity succeeds); fleet members share the payload in the private
+swarm and their reports are stored; a stolen report cannot be replayed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from infra.devca import ServerFiles, create_ca, issue_device_cert, issue_server_cert
+from infra.http_serve import ListenConfig
+from peer.agent import UpdateResult, update_once
+from peer.announce_relay import AnnounceRelay
+from peer.errors import StatusCode
+from peer.http import HttpClient, TlsPolicy
+from peer.identity import install_identity, load_identity_dir
+from peer.state import DeviceState
+from peer.swarm import SwarmConfig
+from seeder.seeding import PayloadSeeder, SeedingConfig
+from tests.release_env import ReleaseEnv, start_env
+from tracker.server import TRACKER_TLS_MIN_VERSION
+from tracker.store import SqliteStore
+
+
+@dataclass
+class Fleet:
+    env: ReleaseEnv
+    pki: Path
+    pins: tuple[str, ...]
+    server_ca: Path
+    seeder: PayloadSeeder
+
+    def device(self, name: str, *, ca: str | None = "fleet-ca") -> DeviceState:
+        dev = self.env.device(name, tls_pins=self.pins, tls_ca_file=str(self.server_ca),
+                              seed_time_s=3.0)
+        if ca is not None:
+            files = issue_device_cert(self.pki / ca, self.pki / f"{ca}-{name}", name)
+            install_identity(dev.root, files.cert, files.key, name)
+        return dev
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path, nursery: trio.Nursery,
+                images: tuple[bytes, bytes]) -> AsyncIterator[Fleet]:
+    pki = tmp_path / "pki"
+    server_ca = create_ca(pki / "server-ca")
+    origin: ServerFiles = issue_server_cert(pki / "server-ca", pki / "origin", ["127.0.0.1"])
+    tracker = issue_server_cert(pki / "server-ca", pki / "tracker", ["127.0.0.1"],
+                                backup=True)
+    fleet_ca = create_ca(pki / "fleet-ca")
+    create_ca(pki / "other-ca")
+    env = await start_env(
+        nursery, tmp_path, *images, fleet_ca=fleet_ca,
+        origin_listen=ListenConfig(certfile=str(origin.cert), keyfile=str(origin.key)),
+        tracker_listen=ListenConfig(certfile=str(tracker.cert), keyfile=str(tracker.key),
+                                    tls_min_version=TRACKER_TLS_MIN_VERSION))
+    assert tracker.backup_pin is not None
+    pins = (origin.pin, tracker.pin, tracker.backup_pin)
+    seed_files = issue_device_cert(pki / "fleet-ca", pki / "seeder", "seeder-1", role="seed")
+    seed_identity = load_identity_dir(seed_files.cert.parent)
+    tls = TlsPolicy(pins=frozenset(pins), ca_file=str(server_ca))
+    async with HttpClient(timeout_s=10.0, tls=tls, identity=seed_identity) as http:
+        relay = AnnounceRelay(http, env.tracker_url)
+        await nursery.start(relay.serve)
+        seeder = PayloadSeeder(env.repo.origin_dir, SeedingConfig(
+            swarm=SwarmConfig(listen_host="127.0.0.2", ssl_listen=True),
+            announce_urls=(relay.announce_url,), torrent_trackers=False,
+            identity=(seed_identity.cert_pem, seed_identity.key_pem)))
+        await nursery.start(seeder.run)
+        yield Fleet(env, pki, pins, server_ca, seeder)
+
+
+def assert_untouched(dev: DeviceState, v1: bytes) -> None:
+    bc = dev.bootctl()
+    assert bc.primary == bc.committed == "a" and not bc.pending
+    assert dev.slot_path("a").read_bytes() == v1
+    assert not dev.slot_path("b").exists()
+
+
+def tracker_knows(env: ReleaseEnv, device_id: str) -> bool:
+    store = SqliteStore(env.db)
+    try:
+        return store.device(device_id) is not None or any(
+            r.device_id == device_id for r in store.reports())
+    finally:
+        store.close()
+
+
+async def test_fleet_members_update_through_the_private_swarm_and_are_reported(
+        fleet: Fleet) -> None:
+    env = fleet.env
+    devices = [fleet.device("dev-1"), fleet.device("dev-2")]
+    results: dict[str, UpdateResult] = {}
+
+    async def one(dev: DeviceState) -> None:
+        results[dev.config().device_id] = await update_once(dev)
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            for dev in devices:
+                nursery.start_soon(one, dev)
+    for dev in devices:
+        result = results[dev.config().device_id]
+        assert result.status == StatusCode.OK, result.message
+        assert result.download_mode == "swarm"
+        bc = dev.bootctl()
+        assert dev.slot_path(bc.primary).read_bytes() == env.v2 and not bc.pending
+    # the payload moved between fleet members over TLS (the seeder or each other)
+    assert sum(r.bytes_peers for r in results.values()) > 0
+    assert {r.device_id for r in env.reports()} == {"dev-1", "dev-2"}
+
+
+@pytest.mark.parametrize("ca", [None, "other-ca"], ids=["no-identity", "foreign-ca"])
+async def test_device_without_a_fleet_identity_is_refused_and_keeps_its_slot(
+        fleet: Fleet, ca: str | None) -> None:
+    env = fleet.env
+    outsider = fleet.device("outsider-1", ca=ca)
+    result = await update_once(outsider)
+    assert result.status == StatusCode.DOWNLOAD_FAILED and "401" in result.message
+    assert not result.attempted
+    assert_untouched(outsider, env.v1)
+    assert not tracker_knows(env, "outsider-1")
+    # provisioned with a fleet identity, the same device updates on its next run
+    files = issue_device_cert(fleet.pki / "fleet-ca", fleet.pki / "late", "outsider-1")
+    install_identity(outsider.root, files.cert, files.key, "outsider-1")
+    assert (await update_once(outsider)).status == StatusCode.OK
+
+
+async def test_a_captured_report_replayed_to_the_tracker_is_refused(fleet: Fleet) -> None:
+    """An attacker who got hold of a signed report (e.g. from a log of a TLS-terminating
+    proxy) sends it again: refused, and the tracker still holds one report."""
+    env = fleet.env
+    dev = fleet.device("dev-1")
+    identity = load_identity_dir(dev.root / "identity")
+    body = (b'{"device_id":"dev-1","product":"acme-router","from_version":"1.0.0",'
+            b'"to_version":"2.0.0","status":40,"message":"","bytes_origin":0,'
+            b'"bytes_peers":0,"timings_s":{}}')
+    headers = dict(identity.signer.headers("POST", b"/v1/report", body,
+                                           identity.next_counter()))
+    headers["content-type"] = "application/json"
+    ctx = TlsPolicy(ca_file=str(fleet.server_ca)).ssl_context()
+    async with httpx.AsyncClient(verify=ctx) as client:
+        first = await client.post(f"{env.tracker_url}/v1/report", content=body,
+                                  headers=headers)
+        again = await client.post(f"{env.tracker_url}/v1/report", content=body,
+                                  headers=headers)
+    assert first.status_code == 200, first.text
+    assert again.status_code == 401 and "replayed" in again.json()["error"]
+    assert len(env.reports()) == 1

@@ -1,0 +1,117 @@
+"""Device identity on the tracker: the fleet CA trust, refusals, announce counters.
+
+With ``TrackerConfig.device_ca`` set, every device request (check-in, report, announce,
+scrape) must be signed by a fleet identity (:mod:`infra.deviceauth`); the app verifies
+it with the :class:`~infra.deviceauth.FleetTrust` loaded here, binds the body's or
+query's device id to the certificate's, and refuses replays by the signature counter:
+
+- check-ins and reports against the last counter stored in SQLite (one compare-and-set
+  statement, :meth:`tracker.store.Store.advance_counter`; safe with several tracker
+  processes on one database);
+- announces and scrapes (every peer, every interval: too frequent for a write each)
+  against the in-memory :class:`CounterWindow` only, seeded from the stored counter
+  when a device is not in it. The trade-off: an announce or scrape signed after the
+  device's last check-in or report can be replayed once to *another* tracker process,
+  or to this one after a restart or after the device fell out of the window. What that
+  buys an attacker who captured it: the peer list that device would get, and a swarm
+  entry at the attacker's own address until it expires (entries are keyed by the
+  connection's address, so a replay cannot touch the device's own entry); integrity
+  is never at stake (pieces are verified against the signed manifest).
+
+Refusals are :class:`DeviceRefused`, with a ``kind`` (:data:`REFUSAL_KINDS`) for the
+``/metrics`` label and a message safe to send back. Pure except
+:func:`load_fleet_trust`, which reads one file.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Final
+
+from infra.deviceauth import DeviceAuthError, FleetTrust
+from tracker.errors import ConfigError
+
+__all__ = [
+    "REFUSAL_KINDS",
+    "CounterWindow",
+    "DeviceRefused",
+    "load_fleet_trust",
+    "replay_refusal",
+]
+
+REFUSAL_KINDS: Final = ("unsigned", "invalid", "identity", "replayed")
+"""Why a device request was refused: no identity headers; a certificate or signature
+that does not verify (foreign CA, expired, tampered request, malformed headers); a
+device id that is not the certificate's; a counter not above the last accepted one."""
+
+
+class DeviceRefused(Exception):
+    """A device request refused for its identity (HTTP 401, or a BitTorrent ``failure
+    reason``). ``claimed`` is the device id the request named, if any (for the log)."""
+
+    def __init__(self, kind: str, message: str, claimed: str | None = None) -> None:
+        if kind not in REFUSAL_KINDS:
+            raise RuntimeError(f"unknown refusal kind {kind!r}")
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.claimed = claimed
+
+
+def replay_refusal(counter: int, floor: int, claimed: str) -> DeviceRefused:
+    """The refusal of ``counter`` when ``floor`` was accepted already."""
+    return DeviceRefused("replayed", f"replayed request: counter {counter} is not above "
+                                     f"{floor}", claimed)
+
+
+def load_fleet_trust(path: Path) -> FleetTrust:
+    """The fleet CA certificate(s) in the PEM file ``path``.
+
+    Raises:
+        ConfigError: the file cannot be read, holds no certificate, or one that is not
+            a CA.
+    """
+    try:
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the fleet CA file {path}: "
+                          f"{exc.strerror or exc}") from None
+    try:
+        return FleetTrust(pem)
+    except DeviceAuthError as exc:
+        raise ConfigError(f"fleet CA file {path}: {exc}") from None
+
+
+class CounterWindow:
+    """The highest request counter accepted per device, for the ``max_devices`` devices
+    seen most recently (least recently used go first). Pure, not thread-safe: owned by
+    the app's event loop.
+
+    Raises:
+        ValueError: ``max_devices`` below 1.
+    """
+
+    def __init__(self, max_devices: int) -> None:
+        if max_devices < 1:
+            raise ValueError("max_devices must be at least 1")
+        self._max = max_devices
+        self._counters: OrderedDict[str, int] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._counters)
+
+    def get(self, device_id: str) -> int | None:
+        """The highest counter accepted from ``device_id``, if it is in the window."""
+        counter = self._counters.get(device_id)
+        if counter is not None:
+            self._counters.move_to_end(device_id)
+        return counter
+
+    def raise_to(self, device_id: str, counter: int) -> None:
+        """Remember ``counter`` for ``device_id`` unless a higher one is remembered."""
+        known = self._counters.get(device_id)
+        self._counters[device_id] = counter if known is None else max(known, counter)
+        self._counters.move_to_end(device_id)
+        while len(self._counters) > self._max:
+            self._counters.popitem(last=False)
