@@ -730,7 +730,8 @@ class _Run:
                 lambda: fetch_release_manifest(
                     self.state.trust_dir, self.config.origin_url, offer.target,
                     timeout_s=self.config.http_timeout_s,
-                    scratch_dir=self.state.downloads_dir, tls=self.http.tls))
+                    scratch_dir=self.state.downloads_dir, tls=self.http.tls,
+                    min_rate_bytes_per_s=self.config.http_min_rate_bytes_per_s))
         result.bytes_metadata += metadata_bytes
         try:
             release = parse_release_manifest(data)

@@ -37,6 +37,9 @@ class DeviceConfig:
     download_concurrency: int = 4
     chunk_attempts: int = 4
     http_timeout_s: float = 30.0
+    # slow retrieval: after http_timeout_s, a response must average at least this rate
+    # (peer/http.py); 0 turns the floor off (the per-read http_timeout_s still applies)
+    http_min_rate_bytes_per_s: int = 1024
     retry_backoff_s: float = 0.2
     # --- TLS (peer/http.py): SPKI pins of the origin's and tracker's keys plus at least
     # one backup, provisioned with the device (never learned from the network); a CA
@@ -90,7 +93,8 @@ class DeviceConfig:
         if not host or not _PORT_RE.fullmatch(port) or int(port) > 65535:
             raise ConfigError(f"swarm_listen must be HOST:PORT, got {self.swarm_listen!r}")
         if min(self.download_rate_limit_bytes_per_s, self.upload_rate_limit_bytes_per_s,
-               self.swarm_waste_budget_bytes, self.swarm_min_rate_bytes_per_s) < 0:
+               self.swarm_waste_budget_bytes, self.swarm_min_rate_bytes_per_s,
+               self.http_min_rate_bytes_per_s) < 0:
             raise ConfigError("rate limits and the waste budget must be >= 0")
         if self.seed_time_s < 0 or self.swarm_stall_s <= 0 or self.swarm_timeout_s <= 0:
             raise ConfigError("seed_time_s must be >= 0, swarm_stall_s and swarm_timeout_s > 0")

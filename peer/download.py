@@ -22,7 +22,7 @@ import trio
 from infra.fsio import UnsafeNameError, safe_child
 from manifest import IntegrityError, Payload, sha256_hex
 from peer.crashpoints import crash_point
-from peer.errors import DownloadFailed, PeerError, VerifyFailed
+from peer.errors import DownloadFailed, PartialResponse, PeerError, VerifyFailed
 from peer.http import HttpClient
 
 __all__ = [
@@ -185,7 +185,10 @@ async def download_payload(
 
     Adjacent missing chunks are fetched with one Range request (:func:`plan_requests`);
     every chunk in it is verified and written on its own, so one bad chunk costs only a
-    retry of that chunk. Each chunk gets ``attempts`` tries with exponential backoff.
+    retry of that chunk; when an answer is cut short (reset, stall, too slow), the whole
+    chunks that arrived are kept and the retry asks only for the rest. A run gets
+    ``attempts`` tries without progress (exponential backoff between them); a try that
+    brought at least one chunk does not count.
     With ``verify`` False the final pass over the whole payload is left to the caller
     (:meth:`PayloadWorkdir.verify_whole`).
 
@@ -212,14 +215,21 @@ async def download_payload(
         nonlocal rejected, fetched
         start, _ = payload.chunk_span(pending[0])
         end_offset, end_length = payload.chunk_span(pending[-1])
+        cut: DownloadFailed | None = None
         try:
             data = await http.get_range(url, start, end_offset + end_length - start)
+        except PartialResponse as exc:  # keep the whole chunks that did arrive
+            data, cut = exc.received, exc
         except DownloadFailed as exc:
             return pending, exc
         left: list[int] = []
         error: Exception | None = None
         for index in pending:
             offset, length = payload.chunk_span(index)
+            if offset - start + length > len(data):
+                left.append(index)
+                error = cut
+                continue
             chunk = data[offset - start:offset - start + length]
             try:
                 await trio.to_thread.run_sync(_verify_and_write, work, index, chunk)
@@ -235,15 +245,17 @@ async def download_payload(
 
     async def worker(cancel_scope: trio.CancelScope) -> None:
         async for run in receive:
-            pending, last_error = run, None
-            for attempt in range(attempts):
-                if attempt:
-                    await trio.sleep(backoff_s * 2 ** (attempt - 1))
-                pending, last_error = await fetch_run(pending)
-                if not pending:
-                    break
-                log.warning("chunks %s attempt %d: %s", pending[:4], attempt + 1, last_error)
-            else:
+            pending, last_error, failures = run, None, 0
+            while pending and failures < attempts:
+                if failures:
+                    await trio.sleep(backoff_s * 2 ** (failures - 1))
+                left, last_error = await fetch_run(pending)
+                if len(left) == len(pending):  # no progress: the attempt counts
+                    failures += 1
+                if left:
+                    log.warning("chunks %s attempt %d: %s", left[:4], failures, last_error)
+                pending = left
+            if pending:
                 # Record the first failure and stop the other workers; raising here would
                 # surface as an ExceptionGroup instead of the typed error.
                 index = pending[0]

@@ -4,6 +4,8 @@
      +-- ConfigError               bad or missing device state / configuration (not reported)
      +-- DownloadFailed     (10)   transport: tracker/origin unreachable, HTTP errors, retries spent
      |    +-- PinMismatch   (10)   a server's TLS key is not one of the pinned keys (nothing sent)
+     |    +-- PartialResponse (10) an answer cut short (reset, stall, too slow); carries the
+     |                             bytes that did arrive, so that whole chunks in them are kept
      +-- VerifyFailed       (20)   trust: metadata, manifest, chunk, payload or image rejected
      +-- InstallFailed      (30)   writing or decompressing into the inactive slot failed
      +-- PostCheckFailed    (40)   the new slot failed its health check; rolled back
@@ -20,6 +22,7 @@ __all__ = [
     "ConfigError",
     "DownloadFailed",
     "InstallFailed",
+    "PartialResponse",
     "PeerError",
     "PinMismatch",
     "PostCheckFailed",
@@ -59,6 +62,15 @@ class DownloadFailed(PeerError):
 class PinMismatch(DownloadFailed):
     """The server's certificate carries a public key outside the device's ``tls_pins``:
     the connection was closed right after the TLS handshake, before any HTTP byte."""
+
+
+class PartialResponse(DownloadFailed):
+    """A ranged answer ended early (connection reset, stall, slow retrieval); ``received``
+    holds the bytes that arrived from the start of the asked range (unverified)."""
+
+    def __init__(self, message: str, *, received: bytes) -> None:
+        super().__init__(message)
+        self.received = received
 
 
 class VerifyFailed(PeerError):

@@ -14,15 +14,22 @@ httpcore, httpx's transport layer, for the pin check).
 httpx errors become :class:`peer.errors.DownloadFailed`; a server that sends more bytes
 than asked for (endless data) is cut at the limit and the read fails. Redirects are
 never followed; a 3xx fails with a message saying where it pointed (plain http, another
-host).
+host). Slow retrieval: httpx's ``timeout_s`` bounds each network operation (a stalled
+server fails after it); on top, a response body must arrive at ``min_rate_bytes_per_s``
+on average once ``timeout_s`` has passed since the request started (a server trickling
+a few bytes per second is cut off), and an async request as a whole gets at most
+``timeout_s`` plus its size at that rate (trickled headers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import math
 import re
 import ssl
+import time
 import typing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -36,14 +43,14 @@ from tuf.ngclient import FetcherInterface
 
 from infra.tlspin import PinError, pin_of_certificate_der
 from peer.config import DeviceConfig
-from peer.errors import ConfigError, DownloadFailed, PinMismatch
+from peer.errors import ConfigError, DownloadFailed, PartialResponse, PinMismatch
 from peer.identity import Identity
 
-__all__ = ["MAX_JSON_RESPONSE_BYTES", "HttpClient", "TlsPolicy", "TufFetcher",
-           "content_range_matches", "decode_json_answer"]
+__all__ = ["DEFAULT_MIN_RATE_BYTES_PER_S", "MAX_JSON_RESPONSE_BYTES", "HttpClient", "TlsPolicy",
+           "TufFetcher", "content_range_matches", "decode_json_answer"]
 
 MAX_JSON_RESPONSE_BYTES = 64 * 1024
-_READ_BLOCK = 64 * 1024
+DEFAULT_MIN_RATE_BYTES_PER_S = 1024
 # At most 20 digits: any valid offset fits, and int() never sees 4300+ digits (ValueError).
 _CONTENT_RANGE_RE = re.compile(r"bytes ([0-9]{1,20})-([0-9]{1,20})/([0-9]{1,20}|\*)")
 _USER_AGENT = "swarmota-peer/0.1"
@@ -320,19 +327,53 @@ def _redirect_message(method: str, url: str, response: httpx.Response) -> str:
             f"Location {location[:200]!r}")
 
 
+class _RateFloor:
+    """Slow-retrieval guard of one response: once ``grace_s`` has passed since the request
+    started, the bytes received must average at least ``min_rate`` per second.
+    ``min_rate`` 0 turns the guard off. ``clock`` is trio's (async) or monotonic (sync)."""
+
+    def __init__(self, what: str, *, min_rate: int, grace_s: float,
+                 clock: typing.Callable[[], float]) -> None:
+        self._what = what
+        self._min_rate = min_rate
+        self._grace_s = grace_s
+        self._clock = clock
+        self._start = clock()
+
+    def check(self, received: int) -> None:
+        """Raise DownloadFailed if the response is too slow so far."""
+        if not self._min_rate:
+            return
+        elapsed = self._clock() - self._start
+        if elapsed >= self._grace_s and received < self._min_rate * elapsed:
+            raise DownloadFailed(f"{self._what}: too slow (slow retrieval): {received} bytes "
+                                 f"in {elapsed:.1f} s, below the minimum of {self._min_rate} "
+                                 "bytes/s (http_min_rate_bytes_per_s)")
+
+    @staticmethod
+    def deadline_s(timeout_s: float, min_rate: int, size: int) -> float:
+        """How long a whole request of ``size`` bytes may take at the floor rate."""
+        return timeout_s + (size / min_rate if min_rate else math.inf)
+
+
 class TufFetcher(FetcherInterface):
     """python-tuf fetcher over a blocking httpx client (call from a worker thread)."""
 
-    def __init__(self, *, timeout_s: float, tls: TlsPolicy | None = None) -> None:
+    def __init__(self, *, timeout_s: float, tls: TlsPolicy | None = None,
+                 min_rate_bytes_per_s: int = DEFAULT_MIN_RATE_BYTES_PER_S) -> None:
         """Raises ConfigError: ``tls.ca_file`` cannot be loaded."""
         self._client = httpx.Client(timeout=timeout_s,
                                     **_sync_client_options(tls or TlsPolicy()))
+        self._timeout_s = timeout_s
+        self._min_rate = min_rate_bytes_per_s
         self.bytes_received = 0
 
     def close(self) -> None:
         self._client.close()
 
     def _fetch(self, url: str) -> Iterator[bytes]:
+        floor = _RateFloor(f"GET {url}", min_rate=self._min_rate, grace_s=self._timeout_s,
+                           clock=time.monotonic)
         try:
             response = self._client.send(self._client.build_request("GET", url), stream=True)
         except httpx.HTTPError as exc:
@@ -342,15 +383,22 @@ class TufFetcher(FetcherInterface):
             message = (_redirect_message("GET", url, response) if response.is_redirect
                        else f"GET {url}: HTTP {response.status_code}")
             raise tuf_exceptions.DownloadHTTPError(message, response.status_code)
-        return self._stream(url, response)
+        return self._stream(url, response, floor)
 
-    def _stream(self, url: str, response: httpx.Response) -> Iterator[bytes]:
+    def _stream(self, url: str, response: httpx.Response,
+                floor: _RateFloor) -> Iterator[bytes]:
+        received = 0
         try:
-            for block in response.iter_bytes(_READ_BLOCK):
+            # no chunk size: a block is whatever arrived, so the rate floor sees a trickle
+            for block in response.iter_bytes():
                 self.bytes_received += len(block)
+                received += len(block)
+                floor.check(received)
                 yield block
         except httpx.HTTPError as exc:
             raise tuf_exceptions.DownloadError(f"GET {url}: {_describe(exc)}") from exc
+        except DownloadFailed as exc:
+            raise tuf_exceptions.DownloadError(str(exc)) from exc
         finally:
             response.close()
 
@@ -363,10 +411,12 @@ class HttpClient:
     """
 
     def __init__(self, *, timeout_s: float, tls: TlsPolicy | None = None,
-                 identity: Identity | None = None, local_address: str | None = None
-                 ) -> None:
+                 identity: Identity | None = None, local_address: str | None = None,
+                 min_rate_bytes_per_s: int = DEFAULT_MIN_RATE_BYTES_PER_S) -> None:
         """Raises ConfigError: ``tls.ca_file`` cannot be loaded."""
         self.tls = tls or TlsPolicy()
+        self.timeout_s = timeout_s
+        self.min_rate_bytes_per_s = min_rate_bytes_per_s
         self._client = httpx.AsyncClient(timeout=timeout_s,
                                          **_async_client_options(self.tls, local_address))
         self.bytes_received = 0
@@ -388,7 +438,8 @@ class HttpClient:
         host, _ = config.swarm_listen_host_port
         local = None if host in ("", "0.0.0.0", "::") else host
         return cls(timeout_s=config.http_timeout_s, tls=TlsPolicy.for_device(config),
-                   identity=identity, local_address=local)
+                   identity=identity, local_address=local,
+                   min_rate_bytes_per_s=config.http_min_rate_bytes_per_s)
 
     def _signed(self, method: str, url: str, body: bytes) -> dict[str, str]:
         """The identity headers of ``METHOD url`` (none without an identity). The target
@@ -418,23 +469,27 @@ class HttpClient:
         """One request to the tracker, signed when the client has an identity (signed
         requests go out one at a time, in counter order): ``(status, body)``, the body
         at most ``max_bytes``; redirects and transport errors are DownloadFailed."""
-        try:
-            async with self._signing:
-                headers = {**headers, **self._signed(method, url, content)}
-                async with self._client.stream(method, url, content=content or None,
-                                               headers=headers) as response:
-                    if response.is_redirect:
-                        raise DownloadFailed(_redirect_message(method, url, response),
-                                             http_status=response.status_code)
-                    out = bytearray()
-                    async for block in response.aiter_bytes(_READ_BLOCK):
-                        out += block
-                        if len(out) > max_bytes:
-                            raise DownloadFailed(f"{method} {url}: answer over {max_bytes} "
-                                                 "bytes")
-                    return response.status_code, bytes(out)
-        except httpx.HTTPError as exc:
-            raise DownloadFailed(f"{method} {url}: {_describe(exc)}") from exc
+        what = f"{method} {url}"
+        async with self._signing:  # the slow-retrieval deadline starts once it is our turn
+            with self._deadline(what, max_bytes):
+                try:
+                    headers = {**headers, **self._signed(method, url, content)}
+                    async with self._client.stream(method, url, content=content or None,
+                                                   headers=headers) as response:
+                        if response.is_redirect:
+                            raise DownloadFailed(_redirect_message(method, url, response),
+                                                 http_status=response.status_code)
+                        out = bytearray()
+                        floor = self._floor(what)
+                        async for block in response.aiter_bytes():
+                            out += block
+                            if len(out) > max_bytes:
+                                raise DownloadFailed(f"{what}: answer over {max_bytes} bytes")
+                            floor.check(len(out))
+                        return response.status_code, bytes(out)
+                except httpx.HTTPError as exc:
+                    raise DownloadFailed(f"{what}: {_describe(exc)}") from exc
+            raise RuntimeError("unreachable: the deadline raises")  # pragma: no cover
 
     async def __aenter__(self) -> HttpClient:
         return self
@@ -449,59 +504,93 @@ class HttpClient:
         Range (then skips to ``offset``). Never reads more than needed.
         """
         headers = {"range": f"bytes={offset}-{offset + length - 1}"}
-        try:
-            async with self._client.stream("GET", url, headers=headers) as response:
-                if response.status_code == 206:
-                    if not content_range_matches(response.headers.get("content-range"),
-                                                 offset, length):
-                        raise DownloadFailed(f"GET {url}: bad Content-Range "
-                                             f"{response.headers.get('content-range')!r}")
-                    skip = 0
-                elif response.status_code == 200:
-                    skip = offset
-                elif response.is_redirect:
-                    raise DownloadFailed(_redirect_message("GET", url, response),
-                                         http_status=response.status_code)
-                else:
-                    raise DownloadFailed(f"GET {url} (range {offset}+{length}): "
-                                         f"HTTP {response.status_code}")
-                return await self._read_exact(response, url, skip, length)
-        except httpx.HTTPError as exc:
-            raise DownloadFailed(f"GET {url} (range {offset}+{length}): {_describe(exc)}") from exc
+        what = f"GET {url} (range {offset}+{length})"
+        with self._deadline(what, offset + length):
+            try:
+                async with self._client.stream("GET", url, headers=headers) as response:
+                    if response.status_code == 206:
+                        if not content_range_matches(response.headers.get("content-range"),
+                                                     offset, length):
+                            raise DownloadFailed(f"GET {url}: bad Content-Range "
+                                                 f"{response.headers.get('content-range')!r}")
+                        skip = 0
+                    elif response.status_code == 200:
+                        skip = offset
+                    elif response.is_redirect:
+                        raise DownloadFailed(_redirect_message("GET", url, response),
+                                             http_status=response.status_code)
+                    else:
+                        raise DownloadFailed(f"{what}: HTTP {response.status_code}",
+                                             http_status=response.status_code)
+                    return await self._read_exact(response, url, skip, length)
+            except httpx.HTTPError as exc:
+                raise DownloadFailed(f"{what}: {_describe(exc)}") from exc
+        raise RuntimeError("unreachable: the deadline raises")  # pragma: no cover
 
     async def get_bytes(self, url: str, *, max_bytes: int) -> bytes:
         """GET a whole small file (200 only), refusing answers over ``max_bytes``."""
-        try:
-            async with self._client.stream("GET", url) as response:
-                if response.is_redirect:
-                    raise DownloadFailed(_redirect_message("GET", url, response),
-                                         http_status=response.status_code)
-                if response.status_code != 200:
-                    raise DownloadFailed(f"GET {url}: HTTP {response.status_code}",
-                                         http_status=response.status_code)
-                out = bytearray()
-                async for block in response.aiter_raw(_READ_BLOCK):
-                    self.bytes_received += len(block)
-                    out += block
-                    if len(out) > max_bytes:
-                        raise DownloadFailed(f"GET {url}: more than {max_bytes} bytes")
-                return bytes(out)
-        except httpx.HTTPError as exc:
-            raise DownloadFailed(f"GET {url}: {_describe(exc)}") from exc
+        with self._deadline(f"GET {url}", max_bytes):
+            try:
+                async with self._client.stream("GET", url) as response:
+                    if response.is_redirect:
+                        raise DownloadFailed(_redirect_message("GET", url, response),
+                                             http_status=response.status_code)
+                    if response.status_code != 200:
+                        raise DownloadFailed(f"GET {url}: HTTP {response.status_code}",
+                                             http_status=response.status_code)
+                    out = bytearray()
+                    floor = self._floor(f"GET {url}")
+                    async for block in response.aiter_raw():
+                        self.bytes_received += len(block)
+                        out += block
+                        if len(out) > max_bytes:
+                            raise DownloadFailed(f"GET {url}: more than {max_bytes} bytes")
+                        floor.check(len(out))
+                    return bytes(out)
+            except httpx.HTTPError as exc:
+                raise DownloadFailed(f"GET {url}: {_describe(exc)}") from exc
+        raise RuntimeError("unreachable: the deadline raises")  # pragma: no cover
+
+    def _floor(self, what: str) -> _RateFloor:
+        return _RateFloor(what, min_rate=self.min_rate_bytes_per_s, grace_s=self.timeout_s,
+                          clock=trio.current_time)
+
+    @contextlib.contextmanager
+    def _deadline(self, what: str, size: int) -> Iterator[None]:
+        """Cancel the request inside after ``timeout_s`` plus ``size`` bytes at the floor
+        rate (a server trickling its headers), raising DownloadFailed."""
+        limit = _RateFloor.deadline_s(self.timeout_s, self.min_rate_bytes_per_s, size)
+        with trio.move_on_after(limit) as scope:
+            yield
+        if scope.cancelled_caught:
+            raise DownloadFailed(f"{what}: no complete answer within {limit:.0f} s "
+                                 "(slow retrieval)")
 
     async def _read_exact(self, response: httpx.Response, url: str, skip: int,
                           length: int) -> bytes:
+        """Read ``length`` bytes after skipping ``skip``; an answer cut short raises
+        PartialResponse with what did arrive."""
         out = bytearray()
-        async for block in response.aiter_raw(_READ_BLOCK):
-            self.bytes_received += len(block)
-            if skip:
-                dropped = min(skip, len(block))
-                block = block[dropped:]
-                skip -= dropped
-            out += block
-            if len(out) >= length:  # anything beyond what was asked for is dropped
-                return bytes(out[:length])
-        raise DownloadFailed(f"GET {url}: connection closed after {len(out)} of {length} bytes")
+        received = 0
+        floor = self._floor(f"GET {url}")
+        try:
+            # no chunk size: a block is whatever arrived, so the rate floor sees a trickle
+            async for block in response.aiter_raw():
+                self.bytes_received += len(block)
+                received += len(block)
+                if skip:
+                    dropped = min(skip, len(block))
+                    block = block[dropped:]
+                    skip -= dropped
+                out += block
+                if len(out) >= length:  # anything beyond what was asked for is dropped
+                    return bytes(out[:length])
+                floor.check(received)
+        except (httpx.HTTPError, DownloadFailed) as exc:
+            what = _describe(exc) if isinstance(exc, httpx.HTTPError) else str(exc)
+            raise PartialResponse(f"GET {url}: {what}", received=bytes(out)) from exc
+        raise PartialResponse(f"GET {url}: connection closed after {len(out)} of {length} bytes",
+                              received=bytes(out))
 
     async def post_json(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST ``body`` as JSON, return the (size-limited) JSON object answer."""

@@ -11,6 +11,8 @@ Modes (:class:`Mode`):
   garbage bytes>)``.
 - ``SILENT``: handshake and the same bitfield, then nothing: never unchokes, never sends
   data, answers keep-alives with keep-alives and keeps the connection open.
+- ``TEASE``: handshake, the bitfield, unchoke, then nothing: requests are taken and
+  never answered (uncooperative after unchoking).
 - ``SLOW``: like ``LIAR`` but trickles each block at ``slow_bytes_per_s``, with the real
   bytes of ``payload`` when given (an honest but very slow peer), garbage otherwise.
 
@@ -82,6 +84,7 @@ class Mode(enum.Enum):
     LIAR = "liar"
     SILENT = "silent"
     SLOW = "slow"
+    TEASE = "tease"
 
 
 def encode_handshake(info_hash: bytes, peer_id: bytes,
@@ -358,7 +361,7 @@ class FakeBtPeer:
             if msg_id == MsgId.REQUEST and len(payload) == 12:
                 with self._lock:
                     self._counters.requests += 1
-                if self.mode is not Mode.SILENT:
+                if self.mode not in (Mode.SILENT, Mode.TEASE):
                     index, begin, size = struct.unpack(">III", payload)
                     self._answer_request(conn, index, begin, size)
             elif msg_id == MsgId.HASH_REQUEST:

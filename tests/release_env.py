@@ -1,27 +1,37 @@
 """Shared fixtures: a published repository with v1 and v2, a real origin server and a
-real tracker on 127.0.0.1, and a factory for provisioned devices."""
+real tracker on 127.0.0.1, and a factory for provisioned devices; and the checks of the
+invariants of ../shared/RELIABILITY.md that the attack tests share."""
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote_from_bytes
 
+import httpx
 import pytest
 import trio
 
-from infra.http_serve import ListenConfig
-from manifest import Payload, ReleaseManifest
+from infra.http_serve import ListenConfig, serve_asgi
+from manifest import Payload, ReleaseManifest, sha256_hex
+from peer.agent import update_once
 from peer.config import DeviceConfig
+from peer.errors import StatusCode
 from peer.state import DeviceState, init_device
 from seeder.origin import OriginApp, OriginConfig
 from seeder.publish import publish_release
 from seeder.repository import Repository
 from seeder.server import serve_origin
 from swarmota.demo import make_image, mutate_image
+from tests.fake_bt_peer import FakeBtPeer
 from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
 from tracker.protocol import Release
@@ -62,15 +72,16 @@ class ReleaseEnv:
                counter: int = 1, health_command: Sequence[str] = (),
                tracker_url: str | None = None, health_timeout_s: float = 10.0,
                chunk_attempts: int = 3, mode: str = "swarm", seed_time_s: float = 0.0,
-               **swarm: Any) -> DeviceState:
-        """A provisioned device; each gets its own loopback address for the swarm."""
+               origin_url: str | None = None, **swarm: Any) -> DeviceState:
+        """A provisioned device; each gets its own loopback address for the swarm.
+        ``origin_url``: another origin (e.g. a faulty one) instead of the env's."""
         self.devices_made += 1
+        swarm = {"retry_backoff_s": 0.01, "http_timeout_s": 10.0, **swarm}
         config = DeviceConfig(device_id=name, product=PRODUCT, hardware_id=HARDWARE_ID,
-                              origin_url=self.origin_url,
+                              origin_url=origin_url or self.origin_url,
                               tracker_url=tracker_url or self.tracker_url,
                               health_command=tuple(health_command),
                               health_timeout_s=health_timeout_s, chunk_attempts=chunk_attempts,
-                              retry_backoff_s=0.01, http_timeout_s=10.0,
                               download_mode=mode, seed_time_s=seed_time_s,
                               swarm_listen=f"127.0.0.{10 + self.devices_made}:0", **swarm)
         data = self.v1 if image is None else image
@@ -84,10 +95,10 @@ class ReleaseEnv:
         torrent = self.repo.origin_dir / f"{payload.path}.torrent"
         return payload.size + torrent.stat().st_size
 
-    def reports(self) -> list:  # type: ignore[type-arg]
+    def reports(self, device_id: str | None = None) -> list:  # type: ignore[type-arg]
         store = SqliteStore(self.db)
         try:
-            return list(store.reports())
+            return list(store.reports(device_id))
         finally:
             store.close()
 
@@ -109,6 +120,33 @@ def publish(repo: Repository, workdir: Path, data: bytes, version: str,
     return publish_release(repo, path, product=PRODUCT, version=version,
                            release_counter=counter, compatibility=[HARDWARE_ID], zstd_level=3,
                            swarm_ca=swarm_ca)
+
+
+def offer_app(release: dict[str, object] | None) -> Any:
+    """The ASGI app of a compromised (or spoofed) tracker that offers ``release`` to
+    everyone, accepts every report without storing it, and answers anything else with
+    ``{"ok": true}`` (an announce gets no peers)."""
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        answer = {"release": release, "poll_after_s": 60} if scope["path"] == "/v1/checkin" \
+            else {"ok": True}
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
+
+    return app
+
+
+async def serve_offer(nursery: trio.Nursery, release: dict[str, object]) -> str:
+    """Serve :func:`offer_app` on 127.0.0.1; return its URL."""
+    url: str = await nursery.start(serve_asgi, offer_app(release), ListenConfig())
+    return url
 
 
 async def start_env(nursery: trio.Nursery, workdir: Path, v1: bytes, v2: bytes, *,
@@ -157,3 +195,132 @@ async def killed_at(dev: DeviceState, point: str) -> None:
             env=environ, cwd=REPO_ROOT, capture_stdout=True, capture_stderr=True,
             check=False)
     assert proc.returncode == -9, (proc.returncode, proc.stderr[-2000:])
+
+
+def off_base_device(env: ReleaseEnv, name: str, *, stall_s: float = 2.0,
+                    **kwargs: object) -> DeviceState:
+    """A device on an image no delta applies to: it needs v2's full payload."""
+    image = random.Random(name).randbytes(64 * 1024)
+    return env.device(name, image=image, version="0.9.0", counter=1, swarm_stall_s=stall_s,
+                      **kwargs)  # type: ignore[arg-type]
+
+
+async def announce_fake(env: ReleaseEnv, payload: Payload, fake: FakeBtPeer) -> None:
+    """Announce ``fake`` to the tracker as a seed, from the fake's own address."""
+    assert payload.info_hash is not None
+    info_hash = bytes.fromhex(payload.info_hash)[:20]
+    query = (f"info_hash={quote_from_bytes(info_hash)}&peer_id={quote_from_bytes(fake.peer_id)}"
+             f"&port={fake.port}&uploaded=0&downloaded=0&left=0&compact=1&event=started")
+    transport = httpx.AsyncHTTPTransport(local_address=fake.host)
+    async with httpx.AsyncClient(transport=transport) as client:
+        answer = await client.get(f"{env.tracker_url}/announce?{query}")
+    assert answer.status_code == 200 and b"failure" not in answer.content, answer.content
+
+
+async def killed_mid_download(dev: DeviceState, chunks: int) -> int:
+    """Run ``swarmota peer update`` (seed time 0) and SIGKILL it once its progress shows
+    at least ``chunks`` chunks done, and half a second more (libtorrent writes verified
+    pieces within 0.2 s); return the chunks done at the kill."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "swarmota.cli", "peer", "update", str(dev.root),
+         "--seed-time-s", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO_ROOT)
+    try:
+        with trio.fail_after(60):
+            while True:
+                progress = dev.progress() or {}
+                done_at_kill: int = progress.get("chunks_done", 0)
+                if done_at_kill >= chunks:
+                    break
+                assert proc.poll() is None, "the agent finished before it could be killed"
+                await trio.sleep(0.05)
+            await trio.sleep(0.5)
+            assert proc.poll() is None, "the agent finished before it could be killed"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    return done_at_kill
+
+
+# --- the invariants of ../shared/RELIABILITY.md ------------------------------------------
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def trusted_versions(dev: DeviceState) -> dict[str, int]:
+    """The version of each top-level role in the device's trusted metadata (invariant 3)."""
+    out = {}
+    for role in ("root", "timestamp", "snapshot", "targets"):
+        path = dev.trust_dir / f"{role}.json"
+        if path.exists():
+            out[role] = json.loads(path.read_bytes())["signed"]["version"]
+    return out
+
+
+def assert_nothing_unverified_kept(dev: DeviceState, payloads: Sequence[Payload] = ()) -> None:
+    """Invariant 4: no temporary slot file; the download area holds only work areas of
+    ``payloads``, each exactly the payload's size, and every chunk its log calls verified
+    is."""
+    assert not list(dev.slot_path("a").parent.glob(".*")), "no temporary slot files left"
+    known = {p.sha256: p for p in payloads}
+    for entry in dev.downloads_dir.iterdir():
+        assert entry.name in known, f"unexpected download leftover {entry}"
+        payload = known[entry.name]
+        for file in entry.rglob("*"):
+            assert file.stat().st_size <= payload.size, f"{file}: more than declared kept"
+        part = entry / "payload.part"
+        if not part.exists():
+            continue
+        assert part.stat().st_size == payload.size, "nothing beyond the declared size kept"
+        log = entry / "verified.log"
+        data = part.read_bytes()
+        for line in (log.read_text().split() if log.exists() else []):
+            offset, length = payload.chunk_span(int(line))
+            assert sha256_hex(data[offset:offset + length]) == payload.chunks[int(line)]
+
+
+def assert_untouched(dev: DeviceState, v1: bytes, payloads: Sequence[Payload] = ()) -> None:
+    """Invariants 2 and 4 for a refused update of a device on v1: slot a byte-identical
+    and committed, nothing promoted to slot b, no unverified data kept."""
+    bc = dev.bootctl()
+    assert bc.primary == bc.committed == "a" and not bc.pending
+    assert dev.slot_path("a").read_bytes() == v1
+    assert not dev.slot_path("b").exists(), "nothing promoted to the inactive slot"
+    assert bc.min_release_counter == 1
+    assert_nothing_unverified_kept(dev, payloads)
+
+
+async def expect_refused(env: ReleaseEnv, dev: DeviceState, status: StatusCode,
+                         words: str, *, payloads: Sequence[Payload] = ()) -> None:
+    """Run one pass that must fail with ``status`` and ``words`` in its message (1),
+    leave the device on v1 (2, 4) with its trusted metadata where it was or moved
+    forward to valid versions only (3: python-tuf persists a role only after accepting
+    it, so the versions never go down), and report the failure to the tracker (6)."""
+    before = trusted_versions(dev)
+    reports = len(env.reports())
+    result = await update_once(dev)
+    assert result.status == status, result.message
+    assert words in result.message, result.message
+    assert_untouched(dev, env.v1, payloads or (*env.m1.payloads, *env.m2.payloads))
+    after = trusted_versions(dev)
+    assert all(after[role] >= version for role, version in before.items()), (before, after)
+    stored = env.reports()[reports:]
+    assert [(r.device_id, r.status) for r in stored] == [(dev.config().device_id, int(status))]
+    assert words in stored[0].message
+
+
+async def expect_clean_run(env: ReleaseEnv, dev: DeviceState) -> None:
+    """Invariant 5: once the fault is gone, the next pass installs v2 and commits it,
+    leaves no download behind, and reports success."""
+    reports = len(env.reports())
+    result = await update_once(dev)
+    assert result.status == StatusCode.OK, result.message
+    bc = dev.bootctl()
+    assert bc.primary == bc.committed == "b" and dev.slot_path("b").read_bytes() == env.v2
+    assert dev.slot_path("a").read_bytes() == env.v1
+    assert not list(dev.downloads_dir.iterdir()), "the work area is reclaimed"
+    assert [r.status for r in env.reports()[reports:]] == [0]

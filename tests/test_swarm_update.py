@@ -19,19 +19,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import random
-import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import quote_from_bytes
 
-import httpx
 import pytest
 import trio
 
-from manifest import Payload
 from peer.agent import UpdateResult, update_once
 from peer.errors import StatusCode
 from peer.policy import upload_policy
@@ -41,10 +35,16 @@ from seeder.origin import OriginConfig
 from seeder.seeding import PayloadSeeder, SeedingConfig
 from swarmota.demo import update_fleet
 from tests.fake_bt_peer import FakeBtPeer, Mode
-from tests.release_env import ReleaseEnv, start_env
+from tests.release_env import (
+    ReleaseEnv,
+    announce_fake,
+    killed_mid_download,
+    off_base_device,
+    start_env,
+)
 
 ORIGIN_RATE_BYTES_PER_S = 512 * 1024
-STALL_S = 2.0
+STALL_S = 2.0  # the stall window of off_base_device
 LIAR_HOST = "127.0.0.4"
 SILENT_HOST = "127.0.0.5"
 
@@ -55,13 +55,6 @@ async def slow_env(tmp_path: Path, nursery: trio.Nursery,
     """v1 and v2 behind an origin limited to 512 KiB/s (all responses together)."""
     yield await start_env(nursery, tmp_path, *images, origin_config=OriginConfig(
         rate_limit_bytes_per_s=ORIGIN_RATE_BYTES_PER_S, rate_limit_burst_bytes=16 * 1024))
-
-
-def off_base_device(env: ReleaseEnv, name: str, **kwargs: object) -> DeviceState:
-    """A device on an image no delta applies to: it needs v2's full payload."""
-    image = random.Random(name).randbytes(64 * 1024)
-    return env.device(name, image=image, version="0.9.0", counter=1, swarm_stall_s=STALL_S,
-                      **kwargs)  # type: ignore[arg-type]
 
 
 def payload_requests_bytes(env: ReleaseEnv) -> int:
@@ -75,18 +68,8 @@ def assert_on_v2(env: ReleaseEnv, dev: DeviceState, result: UpdateResult, *,
     assert dev.slot_path(bc.primary).read_bytes() == env.v2 and not bc.pending
     if not seeding:
         assert not list(dev.downloads_dir.iterdir()), "work area removed"
-
-
-async def announce_fake(env: ReleaseEnv, payload: Payload, fake: FakeBtPeer) -> None:
-    """Announce ``fake`` to the tracker as a seed, from the fake's own address."""
-    assert payload.info_hash is not None
-    info_hash = bytes.fromhex(payload.info_hash)[:20]
-    query = (f"info_hash={quote_from_bytes(info_hash)}&peer_id={quote_from_bytes(fake.peer_id)}"
-             f"&port={fake.port}&uploaded=0&downloaded=0&left=0&compact=1&event=started")
-    transport = httpx.AsyncHTTPTransport(local_address=fake.host)
-    async with httpx.AsyncClient(transport=transport) as client:
-        answer = await client.get(f"{env.tracker_url}/announce?{query}")
-    assert answer.status_code == 200 and b"failure" not in answer.content, answer.content
+    mine = env.reports(dev.config().device_id)
+    assert mine and (mine[-1].status, mine[-1].to_version) == (0, "2.0.0"), "reported"
 
 
 async def test_fleet_shares_the_payload_and_pulls_it_from_the_origin_about_once(
@@ -287,24 +270,7 @@ async def test_killed_mid_swarm_download_resumes_without_refetching_verified_chu
     full = env.m2.full_payload
     dev = off_base_device(env, "killed")
     work = dev.downloads_dir / full.sha256
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "swarmota.cli", "peer", "update", str(dev.root),
-         "--seed-time-s", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        with trio.fail_after(60):
-            while True:
-                progress = dev.progress() or {}
-                done_at_kill = progress.get("chunks_done", 0)
-                if done_at_kill >= full.chunk_count // 5:
-                    break
-                assert proc.poll() is None, "the agent finished before it could be killed"
-                await trio.sleep(0.05)
-            # verified pieces are written to the file within 0.2 s: give them that
-            await trio.sleep(0.5)
-            assert proc.poll() is None, "the agent finished before it could be killed"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        await proc.wait()
+    done_at_kill = await killed_mid_download(dev, full.chunk_count // 5)
     assert dev.bootctl().slot(dev.bootctl().primary).version == "0.9.0", "still on the old slot"
     assert not (work / "resume.dat").exists(), "a crash leaves no (stale) resume data"
 

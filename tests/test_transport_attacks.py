@@ -27,7 +27,7 @@ from peer.config import DeviceConfig
 from peer.errors import ConfigError, DownloadFailed, PinMismatch, StatusCode
 from peer.http import HttpClient, TlsPolicy, TufFetcher, _install_pinning
 from seeder import OriginApp, serve_origin
-from tests.release_env import HARDWARE_ID, PRODUCT, ReleaseEnv, start_env
+from tests.release_env import HARDWARE_ID, PRODUCT, ReleaseEnv, assert_untouched, start_env
 from tests.test_origin_tls import _handshake, _local_tls11_works, _tls11_client_context
 from tracker.config import TrackerConfig
 from tracker.server import serve_tracker
@@ -403,3 +403,23 @@ async def test_device_with_wrong_pins_fails_closed_and_keeps_its_slot(
     else:
         assert [(r.device_id, r.status) for r in reports] == [("dev-pin", 10)]
         assert result.reported
+
+
+async def test_device_trusting_another_ca_fails_closed_and_keeps_its_slot(
+        tls_env: TlsEnv, tmp_path: Path) -> None:
+    """To a device provisioned with another CA, the real servers look like an impostor
+    with a certificate from a foreign CA: the check-in fails on the handshake, nothing
+    is asked of the origin, nothing moves, and there is nobody trusted to report to."""
+    env = tls_env.env
+    other_ca = create_ca(tmp_path / "other-ca")
+    dev = env.device("dev-ca", mode="direct", tls_ca_file=str(other_ca))
+    trust_before = _files(dev.trust_dir)
+    with trio.fail_after(60):
+        result = await update_once(dev)
+    assert result.status == StatusCode.DOWNLOAD_FAILED and not result.attempted
+    assert "check-in failed" in result.message
+    assert "certificate verify failed" in result.message, result.message
+    assert_untouched(dev, env.v1)
+    assert _files(dev.trust_dir) == trust_before, "trusted metadata moved"
+    assert env.origin.statistics().requests == 0
+    assert env.reports() == []

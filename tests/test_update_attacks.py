@@ -14,36 +14,17 @@ from pathlib import Path
 
 import trio
 
-from infra.http_serve import ListenConfig, serve_asgi
 from peer.agent import update_once
 from peer.errors import StatusCode
-from peer.state import DeviceState
 from seeder.repository import Repository
-from tests.release_env import ReleaseEnv, publish
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
-def assert_untouched(dev: DeviceState, v1: bytes) -> None:
-    bc = dev.bootctl()
-    assert bc.primary == bc.committed == "a" and not bc.pending
-    assert dev.slot_path("a").read_bytes() == v1
-    assert not dev.slot_path("b").exists(), "nothing promoted to the inactive slot"
-    assert not list(dev.slot_path("a").parent.glob(".*")), "no temporary slot files left"
-    assert bc.min_release_counter == 1
-
-
-async def expect_refused(env: ReleaseEnv, dev: DeviceState, status: StatusCode,
-                         words: str) -> None:
-    result = await update_once(dev)
-    assert result.status == status, result.message
-    assert words in result.message, result.message
-    assert_untouched(dev, env.v1)
-    assert [r.status for r in env.reports()] == [int(status)]
+from tests.release_env import (
+    ReleaseEnv,
+    assert_untouched,
+    expect_refused,
+    flip_byte,
+    publish,
+    serve_offer,
+)
 
 
 async def test_flipped_byte_in_a_payload_chunk_is_rejected(env: ReleaseEnv) -> None:
@@ -110,31 +91,11 @@ async def test_expired_timestamp_is_refused_as_possible_freeze(env: ReleaseEnv) 
     assert (await update_once(dev)).status == StatusCode.OK
 
 
-async def _serve_offer(nursery: trio.Nursery, release: dict[str, object]) -> str:
-    """A compromised tracker that offers ``release`` to everyone."""
-
-    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
-        answer = {"release": release, "poll_after_s": 60} if scope["path"] == "/v1/checkin" \
-            else {"ok": True}
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
-
-    url: str = await nursery.start(serve_asgi, app, ListenConfig())
-    return url
-
-
 async def test_older_release_offered_after_newer_is_refused(env: ReleaseEnv,
                                                             nursery: trio.Nursery) -> None:
     dev = env.device("dev-1")
     assert (await update_once(dev)).status == StatusCode.OK  # now on v2, counter 2
-    evil = await _serve_offer(nursery, {"product": "acme-router", "version": "1.0.0",
+    evil = await serve_offer(nursery, {"product": "acme-router", "version": "1.0.0",
                                         "release_counter": 3,
                                         "target": "releases/acme-router/1.0.0.json"})
     config = dev.config()
@@ -151,7 +112,7 @@ async def test_older_release_offered_after_newer_is_refused(env: ReleaseEnv,
 
 async def test_unsigned_target_offered_by_tracker_is_refused(env: ReleaseEnv,
                                                              nursery: trio.Nursery) -> None:
-    evil = await _serve_offer(nursery, {"product": "acme-router", "version": "9.9.9",
+    evil = await serve_offer(nursery, {"product": "acme-router", "version": "9.9.9",
                                         "release_counter": 99,
                                         "target": "releases/acme-router/9.9.9.json"})
     dev = env.device("dev-1", tracker_url=evil)

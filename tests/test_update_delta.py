@@ -3,14 +3,12 @@ base and result, and falls back to the full payload when anything about the delt
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from manifest import ReleaseManifest
 from peer.agent import update_once
 from peer.errors import StatusCode
 from seeder.publish import publish_release
 from swarmota.demo import mutate_image
-from tests.release_env import HARDWARE_ID, PRODUCT, ReleaseEnv
+from tests.release_env import HARDWARE_ID, PRODUCT, ReleaseEnv, flip_byte
 
 
 def publish_v3_with_deltas(env: ReleaseEnv) -> tuple[bytes, ReleaseManifest]:
@@ -21,12 +19,6 @@ def publish_v3_with_deltas(env: ReleaseEnv) -> tuple[bytes, ReleaseManifest]:
                          zstd_level=3, bases=bases)
     env.register(m3)
     return v3, m3
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 async def test_device_on_v1_installs_v3_from_the_delta_for_v1(env: ReleaseEnv) -> None:
