@@ -328,6 +328,7 @@ class _SwarmRun:
         self.stalled = False
         self.rejected_bytes = 0
         self.origin_failures: dict[int, int] = {}
+        self.given_up: set[int] = set()  # pieces whose origin attempts are used up
         self.failure: DownloadFailed | VerifyFailed | None = None
         self.http_before = http.bytes_received
         key = hashlib.sha256(options.spread_key.encode()).digest()
@@ -359,7 +360,7 @@ class _SwarmRun:
         flushed = 0
         ready = workers = False
         async with trio.open_nursery() as nursery:
-            while self.failure is None:
+            while not self._failed_and_settled():
                 now = self.clock()
                 view = await trio.to_thread.run_sync(self.session.pieces, self.ref)
                 self._handle_events(self.session.pop_events())
@@ -397,7 +398,21 @@ class _SwarmRun:
                         nursery.start_soon(self._origin_worker)
                 await trio.sleep(_TICK_S)
             nursery.cancel_scope.cancel()
+        assert self.failure is not None
         raise self.failure
+
+    def _failed_and_settled(self) -> bool:
+        """A piece failed for good, and nothing useful is still under way: no origin
+        request in flight, and (after bad data for one piece: the origin itself works)
+        no other missing piece left to fetch. Keeping on until then means the next pass
+        resumes with every chunk this one could get, not with whatever happened to be
+        fetched when the failure came."""
+        if self.failure is None or self.requesting:
+            return False
+        if isinstance(self.failure, DownloadFailed) or self.view is None:
+            return True  # the origin is failing: no new requests (_next_origin_run)
+        return all(have or i in self.given_up or i in self.added
+                   for i, have in enumerate(self.view.have))
 
     def _peers_too_slow(self, samples: deque[tuple[float, int]], now: float,
                         view: PieceView, start: float) -> bool:
@@ -424,13 +439,13 @@ class _SwarmRun:
         peers may still be connecting). Once the swarm stalled, any missing piece.
         """
         view = self.view
-        if view is None:
+        if view is None or isinstance(self.failure, DownloadFailed):
             return []
         now = self.clock()
         self.added = {i: t for i, t in self.added.items()
                       if not view.have[i] and now - t < _ADDED_TTL_S}
         wanted = [not have and i not in self.requesting and i not in self.added
-                  and (self.stalled or view.availability[i] == 0)
+                  and i not in self.given_up and (self.stalled or view.availability[i] == 0)
                   for i, have in enumerate(view.have)]
         if self.stalled:
             max_run, pick = self.max_run_alone, wanted
@@ -518,8 +533,8 @@ class _SwarmRun:
         except DownloadFailed as exc:
             log.warning("origin chunks %d-%d: %s", run[0], run[-1], exc)
             if self._count_failure(run[0]):
-                self.failure = DownloadFailed(f"chunk {run[0]} not fetched after "
-                                              f"{self.options.attempts} attempts: {exc}")
+                self._fail(DownloadFailed(f"chunk {run[0]} not fetched after "
+                                          f"{self.options.attempts} attempts: {exc}"))
             await trio.sleep(self._backoff(run[0]))
             return
         for index in run:
@@ -532,17 +547,28 @@ class _SwarmRun:
                 self.rejected_bytes += len(chunk)
                 self.stats.chunks_rejected += 1
                 if self._count_failure(index):
-                    self.failure = VerifyFailed(f"chunk {index} failed verification "
-                                                f"{self.options.attempts} times: {exc}")
+                    self._fail(VerifyFailed(f"chunk {index} failed verification "
+                                            f"{self.options.attempts} times: {exc}"))
                 continue
             self.session.add_piece(self.ref, index, chunk)
             self.added[index] = self.clock()
             self.stats.chunks_from_origin += 1
 
     def _count_failure(self, index: int) -> bool:
-        """Count a failed origin attempt at ``index``; True when attempts are used up."""
+        """Count a failed origin attempt at ``index``; True when attempts are used up
+        (the piece is then not asked of the origin again in this pass)."""
         self.origin_failures[index] = self.origin_failures.get(index, 0) + 1
-        return self.origin_failures[index] >= self.options.attempts
+        if self.origin_failures[index] < self.options.attempts:
+            return False
+        self.given_up.add(index)
+        return True
+
+    def _fail(self, failure: DownloadFailed | VerifyFailed) -> None:
+        """Record the pass's failure; a transport failure outranks bad data (it stops
+        all new origin requests), otherwise the first one is kept."""
+        if self.failure is None or (isinstance(failure, DownloadFailed)
+                                    and not isinstance(self.failure, DownloadFailed)):
+            self.failure = failure
 
     def _backoff(self, index: int) -> float:
         return float(self.options.backoff_s * 2 ** (self.origin_failures.get(index, 1) - 1))
