@@ -54,10 +54,13 @@ __all__ = [
     "ROLE_SEED",
     "SIGNATURE_HEADER",
     "Authenticated",
+    "CertificateIdentity",
     "DeviceAuthError",
     "FleetTrust",
     "RequestSigner",
+    "certificate_sha256",
     "find_header",
+    "read_certificates",
     "signed_message",
 ]
 
@@ -84,11 +87,13 @@ class DeviceAuthError(Exception):
 
 @dataclass(frozen=True)
 class Authenticated:
-    """Who signed a request: the certificate's device id and role, and the counter."""
+    """Who signed a request: the certificate's device id and role, the counter, and
+    the certificate's fingerprint (hex SHA-256 of its DER: what a revocation names)."""
 
     device_id: str
     role: str
     counter: int
+    cert_sha256: str
 
     @property
     def is_seed(self) -> bool:
@@ -100,6 +105,40 @@ def signed_message(method: str, target: bytes, counter: int, body: bytes) -> byt
     return b"\n".join([b"swarmota-request-v1", method.upper().encode("ascii"), target,
                        str(counter).encode("ascii"),
                        hashlib.sha256(body).hexdigest().encode("ascii")])
+
+
+def certificate_sha256(der: bytes) -> str:
+    """The fingerprint of a certificate: hex SHA-256 of its DER encoding."""
+    return hashlib.sha256(der).hexdigest()
+
+
+@dataclass(frozen=True)
+class CertificateIdentity:
+    """The identity a certificate names, and its fingerprint (not verified against a
+    CA: for naming a certificate, e.g. to revoke it)."""
+
+    device_id: str
+    role: str
+    cert_sha256: str
+
+
+def read_certificates(pem: bytes) -> list[CertificateIdentity]:
+    """The identities of the PEM certificates in ``pem`` (one or more).
+
+    Raises:
+        DeviceAuthError: no readable PEM certificate, or one whose subject does not
+            name a device id and a role.
+    """
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        raise DeviceAuthError(f"not a PEM certificate: {exc}") from None
+    out = []
+    for cert in certs:
+        device_id, role = _identity_of(cert)
+        der = cert.public_bytes(serialization.Encoding.DER)
+        out.append(CertificateIdentity(device_id, role, certificate_sha256(der)))
+    return out
 
 
 def _identity_of(cert: x509.Certificate) -> tuple[str, str]:
@@ -161,11 +200,13 @@ class _Known:
     key: ec.EllipticCurvePublicKey
     not_before: datetime.datetime
     not_after: datetime.datetime
+    cert_sha256: str
 
 
 class FleetTrust:
     """The fleet CA certificates a tracker accepts device identities from (several
-    during a CA rotation). Verified certificates are cached (bounded) by their bytes.
+    during a CA rotation). Verified certificates are cached (bounded) by their bytes,
+    with their fingerprint (hashed once per certificate, not per request).
 
     Raises:
         DeviceAuthError: ``pem`` holds no certificate, or one that is not a CA.
@@ -225,7 +266,7 @@ class FleetTrust:
                              ec.ECDSA(hashes.SHA256()))
         except InvalidSignature:
             raise DeviceAuthError(f"signature of {known.device_id} does not verify") from None
-        return Authenticated(known.device_id, known.role, counter)
+        return Authenticated(known.device_id, known.role, counter, known.cert_sha256)
 
     def _certificate(self, der: bytes) -> _Known:
         known = self._known.get(der)
@@ -249,7 +290,7 @@ class FleetTrust:
             raise DeviceAuthError("device certificate key must be ECDSA")
         device_id, role = _identity_of(cert)
         known = _Known(device_id, role, key, cert.not_valid_before_utc,
-                       cert.not_valid_after_utc)
+                       cert.not_valid_after_utc, certificate_sha256(der))
         self._known[der] = known
         while len(self._known) > _CACHE_SIZE:
             self._known.popitem(last=False)

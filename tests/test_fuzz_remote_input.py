@@ -40,6 +40,7 @@ from infra.deviceauth import (
     DeviceAuthError,
     FleetTrust,
     RequestSigner,
+    certificate_sha256,
 )
 from manifest import release_target_name
 from peer.agent import _report_text
@@ -789,7 +790,8 @@ def test_tampered_signed_request_at_the_tracker_is_refused(
     result = _verify(trust, method, request["target"], request["body"], request["cert"],
                      request["sig"])
     if result is not None:
-        assert result == Authenticated("dev-1", "device", 7)
+        assert result == Authenticated("dev-1", "device", 7, result.cert_sha256)
+        assert result.cert_sha256 == certificate_sha256(base64.b64decode(request["cert"]))
         assert request["body"] == genuine["body"] and request["target"] == genuine["target"]
         assert method.upper() == "POST"
 

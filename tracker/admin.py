@@ -2,9 +2,9 @@
 
 Roles, each including the ones before it (:data:`ROLES`):
 
-- ``viewer``: read releases, rollouts, fleet status;
+- ``viewer``: read releases, rollouts, fleet status, revoked device certificates;
 - ``operator``: create rollouts, pause, resume, abort, force;
-- ``admin``: revoke releases, read the audit log.
+- ``admin``: revoke releases and device certificates, read the audit log.
 
 Tokens are random (``sot_`` + 43 URL-safe characters, 256 bits); the tracker stores
 only their SHA-256 (:func:`hash_token`), so a stolen database does not hold usable
@@ -24,7 +24,13 @@ from typing import Any, Final
 from tracker.errors import AuthError, RequestError
 from tracker.protocol import STATUS_NAMES, Release
 from tracker.rollout import RolloutState
-from tracker.store import AuditEntry, DeviceRecord, StoredReport, TokenRecord
+from tracker.store import (
+    AuditEntry,
+    DeviceRecord,
+    RevokedCertificate,
+    StoredReport,
+    TokenRecord,
+)
 
 __all__ = [
     "ACTION_ROLES",
@@ -36,6 +42,7 @@ __all__ = [
     "hash_token",
     "new_token",
     "release_view",
+    "revoked_to_json",
     "role_arg",
     "rollout_to_json",
     "token_from_header",
@@ -44,7 +51,7 @@ __all__ = [
 ROLES: Final = ("viewer", "operator", "admin")
 ACTION_ROLES: Final[Mapping[str, str]] = {
     "pause": "operator", "resume": "operator", "abort": "operator", "force": "operator",
-    "revoke": "admin",
+    "revoke": "admin", "device.revoke": "admin", "revocations": "viewer",
 }
 TOKEN_NAME_RE: Final = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 _TOKEN_RE: Final = re.compile(r"sot_[A-Za-z0-9_-]{43}")
@@ -156,6 +163,12 @@ def audit_to_json(entry: AuditEntry) -> dict[str, Any]:
     return {"id": entry.entry_id, "at": entry.at, "actor": entry.actor,
             "action": entry.action, "target": entry.target, "outcome": entry.outcome,
             "detail": entry.detail}
+
+
+def revoked_to_json(record: RevokedCertificate) -> dict[str, Any]:
+    return {"cert_sha256": record.cert_sha256, "device_id": record.device_id,
+            "revoked_at": record.revoked_at, "actor": record.actor,
+            "reason": record.reason}
 
 
 def _saved(origin: int, peers: int) -> float:

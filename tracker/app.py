@@ -33,7 +33,11 @@ or an announce's ``device_id``, must be the certificate's; an identity of role `
 (the operator's seeders) always gets peers, like an anonymous seed in lab mode. The
 signature counter must be above the last one accepted from that device: stored in
 SQLite for check-ins and reports (compare-and-set), remembered in memory only for
-announces and scrapes (see :mod:`tracker.identity` for the trade-off). A refusal is
+announces and scrapes (see :mod:`tracker.identity` for the trade-off). A certificate
+the operator revoked (``POST /v1/admin/devices/<device_id>/revoke``) is refused on every
+device route; the revoked fingerprints are kept in memory (:class:`~tracker.identity.
+RevokedSet`), read again from SQLite when older than ``config.revocation_refresh_s``
+(a read that fails fails the request: 500, or a ``failure reason``). A refusal is
 HTTP 401 ``{"error": ...}`` on the JSON API and a ``failure reason`` on the BitTorrent
 routes; nothing is stored or counted, a WARNING is logged, and
 ``swarmota_tracker_device_auth_refused_total{reason}`` moves. Without ``device_ca``
@@ -74,10 +78,12 @@ import trio
 
 from infra.deviceauth import (
     CERT_HEADER,
+    DEVICE_ID_RE,
     SIGNATURE_HEADER,
     Authenticated,
     DeviceAuthError,
     find_header,
+    read_certificates,
 )
 from infra.http_serve import Receive, Scope, Send
 from tracker.admin import (
@@ -87,6 +93,7 @@ from tracker.admin import (
     fleet_to_json,
     hash_token,
     release_view,
+    revoked_to_json,
     rollout_to_json,
     token_from_header,
 )
@@ -113,8 +120,10 @@ from tracker.identity import (
     REFUSAL_KINDS,
     CounterWindow,
     DeviceRefused,
+    RevokedSet,
     load_fleet_trust,
     replay_refusal,
+    revoked_refusal,
 )
 from tracker.metrics import Metric, render_metrics
 from tracker.protocol import (
@@ -129,6 +138,7 @@ from tracker.protocol import (
     parse_report,
 )
 from tracker.registry import AnnounceResult, SwarmRegistry
+from tracker.rollout import ACTIONS as ROLLOUT_ACTIONS
 from tracker.rollout import (
     Decision,
     RolloutPlan,
@@ -140,7 +150,7 @@ from tracker.rollout import (
     on_report,
     tick,
 )
-from tracker.store import AuditEntry, Store
+from tracker.store import AuditEntry, RevokedCertificate, Store
 
 __all__ = ["TrackerApp", "TrackerStatistics"]
 
@@ -212,8 +222,9 @@ class TrackerApp:
     decisions and audit entries, and checks token expiry. ``registry`` holds BitTorrent
     peers (default: a new one from ``config``'s interval and limits, on the monotonic
     clock); pass one to read its statistics or to control its clock. ``rng`` draws the
-    jitter of ``poll_after_s`` and new rollout ids. Only ``http`` scopes are served;
-    ``infra.http_serve`` answers ``lifespan``.
+    jitter of ``poll_after_s`` and new rollout ids. ``monotonic`` (seconds) times the
+    refresh of the revoked certificates (``config.revocation_refresh_s``). Only ``http``
+    scopes are served; ``infra.http_serve`` answers ``lifespan``.
 
     Raises:
         ConfigError: ``config.device_ca`` cannot be read or holds no CA certificate.
@@ -222,12 +233,16 @@ class TrackerApp:
     def __init__(self, store: Store, config: TrackerConfig,
                  clock: Callable[[], float] = time.time, *,
                  registry: SwarmRegistry | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self._config = config
         self._trust = (None if config.device_ca is None
                        else load_fleet_trust(config.device_ca))
         self._announce_counters = CounterWindow(_ANNOUNCE_COUNTER_DEVICES)
+        self._revoked = RevokedSet(config.revocation_refresh_s)
+        self._revoked_reading: trio.Event | None = None
+        self._monotonic = monotonic
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self.registry = registry if registry is not None else SwarmRegistry(
@@ -356,7 +371,7 @@ class TrackerApp:
     async def _checkin(self, scope: Scope, receive: Receive) -> object:
         body = await self._read_body(receive)
         now = self._clock()
-        auth = self._authenticate_json(scope, body, now)
+        auth = await self._authenticate_json(scope, body, now)
         checkin = parse_checkin(body, max_bytes=self._config.max_body_bytes)
         _bind(auth, checkin.device_id)
         offer, paced, decisions = await self._in_thread(
@@ -427,7 +442,7 @@ class TrackerApp:
     async def _report(self, scope: Scope, receive: Receive) -> object:
         body = await self._read_body(receive)
         now = self._clock()
-        auth = self._authenticate_json(scope, body, now)
+        auth = await self._authenticate_json(scope, body, now)
         report = parse_report(body, max_bytes=self._config.max_body_bytes)
         _bind(auth, report.device_id)
         report_id, decisions = await self._in_thread(
@@ -477,15 +492,17 @@ class TrackerApp:
 
     # --- device identity ----------------------------------------------------------------
 
-    def _authenticate_json(self, scope: Scope, body: bytes,
-                           now: float) -> Authenticated | None:
+    async def _authenticate_json(self, scope: Scope, body: bytes,
+                                 now: float) -> Authenticated | None:
         """Who signed this check-in or report (``None`` in lab mode).
 
         Raises:
-            DeviceRefused: not signed, or not verifying.
+            DeviceRefused: not signed, not verifying, or revoked.
+            StorageError: the revoked certificates could not be read.
         """
         if self._trust is None:
             return None
+        await self._refresh_revoked()
         headers = scope.get("headers", ())
         try:
             return self._verify(scope["method"], _target_of(scope), body, headers, now)
@@ -498,18 +515,48 @@ class TrackerApp:
         """Check the identity headers against the fleet CA (``self._trust`` is set).
 
         Raises:
-            DeviceRefused: ``unsigned`` or ``invalid``.
+            DeviceRefused: ``unsigned``, ``invalid`` or ``revoked`` (against the
+                in-memory copy of the revoked certificates).
         """
         if self._trust is None:
             raise RuntimeError("_verify in lab mode")
         cert = find_header(headers, CERT_HEADER)
         signature = find_header(headers, SIGNATURE_HEADER)
         try:
-            return self._trust.verify(method, target, body, cert, signature,
+            auth = self._trust.verify(method, target, body, cert, signature,
                                       datetime.datetime.fromtimestamp(now, datetime.UTC))
         except DeviceAuthError as exc:
             kind = "unsigned" if cert is None or signature is None else "invalid"
             raise DeviceRefused(kind, str(exc)) from None
+        if auth.cert_sha256 in self._revoked:
+            raise revoked_refusal(auth)
+        return auth
+
+    async def _refresh_revoked(self) -> None:
+        """Read the revoked certificates again if this process's copy is
+        ``config.revocation_refresh_s`` old. One read at a time: requests arriving
+        while it runs wait for it.
+
+        Raises:
+            StorageError: the read failed (this request's, or the one it waited for):
+                a request is never judged against a copy older than the bound.
+        """
+        if not self._revoked.due(self._monotonic()):
+            return
+        running = self._revoked_reading
+        if running is not None:
+            await running.wait()
+            if self._revoked.due(self._monotonic()):
+                raise StorageError("the revoked device certificates could not be read")
+            return
+        done = self._revoked_reading = trio.Event()
+        try:
+            read_at = self._monotonic()
+            revoked = await self._in_thread(self._store.revoked_fingerprints)
+            self._revoked.refreshed(revoked, read_at)
+        finally:
+            self._revoked_reading = None
+            done.set()
 
     def _advance_counter(self, auth: Authenticated | None, now: float) -> None:
         """In a worker thread: store a signed check-in's or report's counter if it is
@@ -520,7 +567,8 @@ class TrackerApp:
         """
         if auth is None:
             return
-        floor = self._store.advance_counter(auth.device_id, auth.counter, now)
+        floor = self._store.advance_counter(auth.device_id, auth.counter, now,
+                                            auth.cert_sha256)
         if floor is not None:
             raise replay_refusal(auth.counter, floor, auth.device_id)
 
@@ -592,7 +640,13 @@ class TrackerApp:
         except AuthError:
             self._admin_refused += 1
             raise
-        if method == "POST":
+        if action == "device.revoke":
+            revoked = answer[1]
+            if isinstance(revoked, dict):
+                self._revoked.add(revoked["revoked"])  # refused here from now on
+                log.warning("device %s revoked: certificates %s", revoked["device_id"],
+                            ", ".join(revoked["revoked"]))
+        elif method == "POST":
             self._forget_rollouts()
         return answer
 
@@ -611,6 +665,11 @@ class TrackerApp:
             return 200, fleet_to_json(store.devices(), store.reports(), store.rollouts())
         if action == "audit":
             return 200, {"audit": [audit_to_json(e) for e in store.audit(limit=10_000)]}
+        if action == "revocations":
+            return 200, {"revoked": [revoked_to_json(r)
+                                     for r in store.revoked_certificates()]}
+        if action == "device.revoke":
+            return self._revoke_device(parts[1], actor, body, now)
         if action == "create":
             product, version, plan = _parse_rollout_request(body)
             release = next((r for r in store.releases(product) if r.version == version),
@@ -644,6 +703,43 @@ class TrackerApp:
         self._decisions[decision.kind] = self._decisions.get(decision.kind, 0) + 1
         self._maybe_prune(now)
         return 200, rollout_to_json(new)
+
+    def _revoke_device(self, device_id: str, actor: str, body: bytes,
+                       now: float) -> tuple[int, object]:
+        """In a worker thread, authorised: revoke every certificate of ``device_id``
+        the tracker saw it sign a check-in or report with, and those the body gives
+        (``{"reason"?, "certificates"?: [PEM, ...]}``); audited either way.
+
+        Raises:
+            RequestError: a malformed device id or body, or a certificate of another
+                device (400).
+            _HttpError: 404, no certificate of the device is known and none was given.
+        """
+        store = self._store
+        try:
+            if not DEVICE_ID_RE.fullmatch(device_id):
+                raise RequestError(f"malformed device id {device_id[:128]!r}")
+            reason, given = _parse_revoke_request(device_id, body)
+            seen = store.device_certificates(device_id)
+            if not seen and not given:
+                known = store.device(device_id) is not None
+                raise _HttpError(404, (f"no certificate of device {device_id} is known to "
+                                       "the tracker" if known else
+                                       f"unknown device {device_id}") +
+                                 ": give its certificate file to revoke it")
+        except (RequestError, _HttpError) as exc:
+            store.add_audit([AuditEntry(now, actor, "device.revoke", device_id[:128],
+                                        "refused", str(exc))])
+            raise
+        fingerprints = sorted(set(seen) | set(given))
+        already = store.revoke_certificates(
+            [RevokedCertificate(f, device_id, now, actor, reason) for f in fingerprints],
+            [AuditEntry(now, actor, "device.revoke", device_id, "ok",
+                        f"certificates sha256 {', '.join(fingerprints)}"
+                        + (f"; reason: {reason}" if reason else ""))])
+        self._maybe_prune(now)
+        return 200, {"device_id": device_id, "revoked": fingerprints,
+                     "already_revoked": sorted(already), "reason": reason}
 
     def _decision_audit(self, state: RolloutState, decisions: Sequence[Decision],
                         now: float) -> list[AuditEntry]:
@@ -705,7 +801,7 @@ class TrackerApp:
                     self._admin_refused),
             Metric("swarmota_tracker_device_auth_refused_total",
                    "Device requests refused for their identity (unsigned, invalid, "
-                   "identity: another device's id, replayed).", "counter",
+                   "identity: another device's id, replayed, revoked).", "counter",
                    {(("reason", kind),): n for kind, n in self._auth_refused.items()}),
             counter("errors_total", "Requests answered with an error status.",
                     self._errors),
@@ -745,6 +841,7 @@ class TrackerApp:
             if self._trust is not None:
                 if target is None:
                     target = path.encode("ascii") + (b"?" + query if query else b"")
+                await self._refresh_revoked()
                 try:
                     auth = self._verify("GET", target, b"", headers, self._clock())
                 except DeviceRefused as exc:
@@ -1005,7 +1102,7 @@ def _admin_route(method: str, parts: list[str]) -> tuple[str, str]:
         _HttpError: 404 for an unknown path, 405 for a wrong method.
     """
     reads = {"releases": "viewer", "rollouts": "viewer", "fleet": "viewer",
-             "audit": "admin"}
+             "audit": "admin", "revocations": ACTION_ROLES["revocations"]}
     if len(parts) == 1 and parts[0] in reads:
         if parts[0] == "rollouts" and method == "POST":
             return "operator", "create"
@@ -1014,9 +1111,12 @@ def _admin_route(method: str, parts: list[str]) -> tuple[str, str]:
     if len(parts) == 3 and parts[0] == "rollouts":
         _expect(method, "GET")
         return "viewer", "show"
-    if len(parts) == 4 and parts[0] == "rollouts" and parts[3] in ACTION_ROLES:
+    if len(parts) == 4 and parts[0] == "rollouts" and parts[3] in ROLLOUT_ACTIONS:
         _expect(method, "POST")
         return ACTION_ROLES[parts[3]], parts[3]
+    if len(parts) == 3 and parts[0] == "devices" and parts[2] == "revoke":
+        _expect(method, "POST")
+        return ACTION_ROLES["device.revoke"], "device.revoke"
     raise _HttpError(404, f"no such admin endpoint {'/'.join(parts)[:200]!r}")
 
 
@@ -1048,6 +1148,51 @@ def _parse_rollout_request(body: bytes) -> tuple[str, str, RolloutPlan]:
     raw_plan: Any = obj.get("plan", {})
     plan = RolloutPlan.everyone() if raw_plan == "everyone" else RolloutPlan.from_json(raw_plan)
     return product, version, plan
+
+
+_MAX_REVOKE_CERTIFICATES = 64
+_MAX_REASON_CHARS = 500
+
+
+def _parse_revoke_request(device_id: str, body: bytes) -> tuple[str, list[str]]:
+    """``(reason, fingerprints)`` of a revoke body: empty, or
+    ``{"reason"?: str, "certificates"?: [PEM, ...]}``, every certificate naming
+    ``device_id``.
+
+    Raises:
+        RequestError: not such a JSON object, an unreadable certificate, or one of
+            another device.
+    """
+    if not body.strip():
+        return "", []
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise RequestError(f"revoke: body is not valid UTF-8 JSON: {str(exc)[:80]}") from None
+    if not isinstance(obj, dict) or not set(obj) <= {"reason", "certificates"}:
+        raise RequestError("revoke: expected an object with optionally reason and "
+                           "certificates")
+    reason, pems = obj.get("reason", ""), obj.get("certificates", [])
+    if not isinstance(reason, str) or len(reason) > _MAX_REASON_CHARS:
+        raise RequestError(f"revoke: reason must be a string of at most "
+                           f"{_MAX_REASON_CHARS} characters")
+    if (not isinstance(pems, list) or len(pems) > _MAX_REVOKE_CERTIFICATES
+            or not all(isinstance(p, str) for p in pems)):
+        raise RequestError(f"revoke: certificates must be a list of at most "
+                           f"{_MAX_REVOKE_CERTIFICATES} PEM strings")
+    fingerprints = []
+    for index, pem in enumerate(pems):
+        try:
+            found = read_certificates(pem.encode("utf-8"))
+        except (DeviceAuthError, UnicodeEncodeError) as exc:
+            raise RequestError(f"revoke: certificate {index + 1}: {exc}") from None
+        for cert in found:
+            if cert.device_id != device_id:
+                raise RequestError(f"revoke: certificate {index + 1} "
+                                   f"(sha256:{cert.cert_sha256}) is for device "
+                                   f"{cert.device_id!r}, not {device_id!r}")
+            fingerprints.append(cert.cert_sha256)
+    return reason, fingerprints
 
 
 def _target_of(scope: Scope) -> bytes:

@@ -14,6 +14,9 @@
     swarmota tracker admin [--url URL] [--token T] rollout create PRODUCT VERSION [plan]
     swarmota tracker admin [--url URL] [--token T] rollout pause|resume|abort|force|revoke
         PRODUCT VERSION
+    swarmota tracker device [--url URL] [--token T] [--ca-file F] revoke DEVICE_ID
+        [--cert PEM ...] [--reason TEXT]
+    swarmota tracker device [--url URL] [--token T] [--ca-file F] revocations
 
 The admin API commands read the token from ``--token`` or ``$SWARMOTA_TRACKER_TOKEN``
 and print the tracker's JSON answer.
@@ -21,7 +24,8 @@ and print the tracker's JSON answer.
 Every leaf command sets ``func(args) -> int``. Exit codes: 0 success, 1 runtime failure
 (storage, address in use, release conflict, an admin API error such as 401/403/409),
 2 bad input (unreadable or invalid manifest file, invalid plan, an unreadable fleet CA
-file, ``serve`` without ``--device-ca`` or ``--allow-unauthenticated-devices``; argparse
+file, a ``--cert`` that is unreadable or of another device, ``serve`` without
+``--device-ca`` or ``--allow-unauthenticated-devices``; argparse
 uses 2 for bad arguments too).
 """
 
@@ -42,6 +46,7 @@ from typing import Any
 
 import trio
 
+from infra.deviceauth import DeviceAuthError, read_certificates
 from infra.http_serve import ListenConfig, parse_listen
 from manifest import MAX_MANIFEST_BYTES, ManifestFormatError, parse_release_manifest
 from tracker.admin import ROLES, TOKEN_NAME_RE, hash_token, new_token
@@ -67,6 +72,7 @@ DEFAULT_LISTEN = "127.0.0.1:8470"
 
 log = logging.getLogger(__name__)
 _MAX_POLL_AFTER_S = 7 * 24 * 3600
+_MAX_CERT_FILE_BYTES = 64 * 1024
 
 
 def add_parser(subparsers: Any) -> None:
@@ -194,6 +200,7 @@ def add_parser(subparsers: Any) -> None:
     devices.set_defaults(func=cmd_devices)
 
     _add_admin_parser(tracker_sub)
+    _add_device_parser(tracker_sub)
 
 
 def _add_admin_parser(tracker_sub: Any) -> None:
@@ -203,13 +210,7 @@ def _add_admin_parser(tracker_sub: Any) -> None:
                     "tracker's admin API: list releases, create and steer rollouts, show "
                     "fleet status and the audit log. Roles: viewer (read), operator "
                     "(create, pause, resume, abort, force), admin (revoke, audit).")
-    admin.add_argument("--url", default=f"http://{DEFAULT_LISTEN}",
-                       help=f"tracker base URL (default http://{DEFAULT_LISTEN})")
-    admin.add_argument("--token", default=None,
-                       help="bearer token (default: $SWARMOTA_TRACKER_TOKEN)")
-    admin.add_argument("--ca-file", metavar="FILE", default=None,
-                       help="PEM certificates to trust for an https tracker (default: "
-                            "the system's)")
+    _add_api_args(admin)
     admin_sub = admin.add_subparsers(dest="admin_command", metavar="COMMAND", required=True)
 
     token = admin_sub.add_parser("token", help="manage admin tokens")
@@ -266,6 +267,66 @@ def _add_admin_parser(tracker_sub: Any) -> None:
                                       + (" (admin role)" if action == "revoke" else ""))
         _add_release_args(leaf)
         leaf.set_defaults(func=functools.partial(_cmd_action, action))
+
+
+def _add_device_parser(tracker_sub: Any) -> None:
+    device = tracker_sub.add_parser(
+        "device", help="revoke a device's identity (a stolen key) through the admin API",
+        description="Revoke the fleet certificates of a device whose key was stolen or "
+                    "leaked, and list revocations. The tracker then refuses every "
+                    "request signed with them: check-ins, reports, announces and scrapes "
+                    "(HTTP 401 or a BitTorrent failure reason, metric reason 'revoked').")
+    _add_api_args(device)
+    device_sub = device.add_subparsers(dest="device_command", metavar="COMMAND",
+                                       required=True)
+    revoke = device_sub.add_parser(
+        "revoke", help="revoke every certificate of a device (admin role)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""Revoke DEVICE_ID's fleet certificates: every certificate the tracker
+saw the device sign a check-in or report with, plus each --cert file given
+(needed for a certificate never used for a check-in or report, e.g. only
+for announces, or for a device the tracker has not seen). The tracker
+refuses them on every device request at once, and every other tracker
+process on the same database within its revocation refresh interval
+(5 s by default). Audited as device.revoke. A certificate is revoked, not
+the device id: a new certificate for DEVICE_ID is accepted.
+
+Re-provision the device with a NEW KEY. 'swarmota tls device-cert'
+keeps an existing DIR/key.pem (re-issuing keeps the identity key), and a
+certificate is no secret: a new certificate for the stolen key would let
+the thief sign with it again. So delete (or move away) the old
+DIR/key.pem first, so that a new key is generated, then install the new
+pair on the device (its provisioning; --force on a provisioned one):
+
+  swarmota tls device-cert DIR --ca CA_DIR --device-id DEVICE_ID
+  swarmota peer init ... --identity-cert DIR/cert.pem --identity-key DIR/key.pem
+
+Exit codes: 0 revoked; 1 the tracker refused (401/403 token, 404 no
+certificate of DEVICE_ID known and no --cert, 400 a certificate of
+another device) or cannot be reached; 2 bad arguments, an unreadable
+--cert file or one naming another device.""")
+    revoke.add_argument("device_id", metavar="DEVICE_ID", type=_device_arg)
+    revoke.add_argument("--cert", metavar="PEM", type=Path, action="append", default=[],
+                        help="a certificate file of this device to revoke too (repeat "
+                             "for several)")
+    revoke.add_argument("--reason", metavar="TEXT", default="",
+                        help="why (stored with the revocation and in the audit log)")
+    revoke.set_defaults(func=cmd_device_revoke)
+    listing = device_sub.add_parser(
+        "revocations", help="list revoked certificates (viewer role)",
+        description="Every revoked certificate: fingerprint (SHA-256 of the DER), device, "
+                    "when, by whom and why.")
+    listing.set_defaults(func=functools.partial(_cmd_api, "GET", "revocations", None))
+
+
+def _add_api_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=f"http://{DEFAULT_LISTEN}",
+                        help=f"tracker base URL (default http://{DEFAULT_LISTEN})")
+    parser.add_argument("--token", default=None,
+                        help="bearer token (default: $SWARMOTA_TRACKER_TOKEN)")
+    parser.add_argument("--ca-file", metavar="FILE", default=None,
+                        help="PEM certificates to trust for an https tracker (default: "
+                             "the system's)")
 
 
 def _add_release_args(parser: argparse.ArgumentParser) -> None:
@@ -465,6 +526,37 @@ def cmd_rollout_create(args: argparse.Namespace) -> int:
             return 2
     return _cmd_api("POST", "rollouts", {"product": args.product, "version": args.version,
                                          "plan": plan}, args)
+
+
+def cmd_device_revoke(args: argparse.Namespace) -> int:
+    """POST a device revocation with the certificate files given."""
+    pems = []
+    for path in args.cert:
+        try:
+            with path.open("rb") as fh:
+                pem = fh.read(_MAX_CERT_FILE_BYTES + 1)
+        except OSError as exc:
+            print(f"error: cannot read certificate {path}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 2
+        try:
+            if len(pem) > _MAX_CERT_FILE_BYTES:
+                raise DeviceAuthError(f"larger than {_MAX_CERT_FILE_BYTES} bytes")
+            names = {c.device_id for c in read_certificates(pem)}
+        except DeviceAuthError as exc:
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            return 2
+        if names != {args.device_id}:
+            print(f"error: {path} is a certificate of {', '.join(sorted(names))}, not of "
+                  f"{args.device_id}", file=sys.stderr)
+            return 2
+        pems.append(pem.decode("ascii", errors="replace"))
+    body = {"reason": args.reason, "certificates": pems}
+    rc = _cmd_api("POST", f"devices/{args.device_id}/revoke", body, args)
+    if rc == 0:
+        print(f"revoked: re-provision {args.device_id} with a new key and certificate "
+              "(see 'swarmota tracker device revoke --help')", file=sys.stderr)
+    return rc
 
 
 def _cmd_action(action: str, args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_MAX_PEERS_PER_SWARM",
     "DEFAULT_MAX_PEERS_TOTAL",
     "DEFAULT_POLL_AFTER_S",
+    "DEFAULT_REVOCATION_REFRESH_S",
     "TrackerConfig",
 ]
 
@@ -29,6 +30,7 @@ DEFAULT_ANNOUNCE_MIN_INTERVAL_S = 60
 DEFAULT_POLL_JITTER_FRACTION = 0.1
 DEFAULT_PACED_POLL_AFTER_S = 300
 DEFAULT_AUDIT_RETENTION_S = 365 * 24 * 3600
+DEFAULT_REVOCATION_REFRESH_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -62,11 +64,16 @@ class TrackerConfig:
             mode: device requests are not authenticated (``tracker serve`` asks for
             ``--allow-unauthenticated-devices`` explicitly). Loaded when the app is
             built.
+        revocation_refresh_s: how old each process's in-memory copy of the revoked
+            device certificates may get before it reads them again from the database:
+            a certificate revoked through another tracker process on the same database
+            is refused here at most this long after (at once through this one).
 
     Raises:
         ValueError: ``poll_after_s`` outside 0..604800, ``max_body_bytes`` outside
             1..16 MiB, ``announce_interval_s`` outside 1..86400, ``announce_min_interval_s``
-            outside 0..announce_interval_s, or a peer limit below 1 (a programming or
+            outside 0..announce_interval_s, ``revocation_refresh_s`` outside (0, 3600], or a
+            peer limit below 1 (a programming or
             command-line validation error).
     """
 
@@ -84,6 +91,7 @@ class TrackerConfig:
     announce_listen: tuple[str, int] | None = None
     announce_limits: AnnounceServerLimits = field(default_factory=AnnounceServerLimits)
     device_ca: Path | None = None
+    revocation_refresh_s: float = DEFAULT_REVOCATION_REFRESH_S
 
     def __post_init__(self) -> None:
         if not 0 <= self.poll_after_s <= 7 * 24 * 3600:
@@ -104,3 +112,5 @@ class TrackerConfig:
             raise ValueError("paced_poll_after_s must be within 0..604800")
         if self.audit_retention_s <= 0:
             raise ValueError("audit_retention_s must be positive")
+        if not 0 < self.revocation_refresh_s <= 3600:
+            raise ValueError("revocation_refresh_s must be within (0, 3600]")

@@ -18,6 +18,14 @@ query's device id to the certificate's, and refuses replays by the signature cou
   connection's address, so a replay cannot touch the device's own entry); integrity
   is never at stake (pieces are verified against the signed manifest).
 
+A certificate the operator revoked (``POST /v1/admin/devices/<id>/revoke``, the
+``revoked_certificates`` table) is refused on every device request, by its fingerprint
+(hex SHA-256 of its DER). The check must cost nothing on the announce path, so each
+process keeps the revoked fingerprints in memory (:class:`RevokedSet`) and reads them
+again from SQLite when its copy is older than ``TrackerConfig.revocation_refresh_s``
+(and adds its own revocations at once): several tracker processes on one database
+refuse a revoked certificate at most that long after any of them revoked it.
+
 Refusals are :class:`DeviceRefused`, with a ``kind`` (:data:`REFUSAL_KINDS`) for the
 ``/metrics`` label and a message safe to send back. Pure except
 :func:`load_fleet_trust`, which reads one file.
@@ -26,24 +34,28 @@ Refusals are :class:`DeviceRefused`, with a ``kind`` (:data:`REFUSAL_KINDS`) for
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
-from infra.deviceauth import DeviceAuthError, FleetTrust
+from infra.deviceauth import Authenticated, DeviceAuthError, FleetTrust
 from tracker.errors import ConfigError
 
 __all__ = [
     "REFUSAL_KINDS",
     "CounterWindow",
     "DeviceRefused",
+    "RevokedSet",
     "load_fleet_trust",
     "replay_refusal",
+    "revoked_refusal",
 ]
 
-REFUSAL_KINDS: Final = ("unsigned", "invalid", "identity", "replayed")
+REFUSAL_KINDS: Final = ("unsigned", "invalid", "identity", "replayed", "revoked")
 """Why a device request was refused: no identity headers; a certificate or signature
 that does not verify (foreign CA, expired, tampered request, malformed headers); a
-device id that is not the certificate's; a counter not above the last accepted one."""
+device id that is not the certificate's; a counter not above the last accepted one; a
+certificate the operator revoked."""
 
 
 class DeviceRefused(Exception):
@@ -63,6 +75,12 @@ def replay_refusal(counter: int, floor: int, claimed: str) -> DeviceRefused:
     """The refusal of ``counter`` when ``floor`` was accepted already."""
     return DeviceRefused("replayed", f"replayed request: counter {counter} is not above "
                                      f"{floor}", claimed)
+
+
+def revoked_refusal(auth: Authenticated) -> DeviceRefused:
+    """The refusal of a request signed with a revoked certificate."""
+    return DeviceRefused("revoked", f"device certificate sha256:{auth.cert_sha256} of "
+                                    f"{auth.device_id} is revoked", auth.device_id)
 
 
 def load_fleet_trust(path: Path) -> FleetTrust:
@@ -115,3 +133,41 @@ class CounterWindow:
         self._counters.move_to_end(device_id)
         while len(self._counters) > self._max:
             self._counters.popitem(last=False)
+
+
+class RevokedSet:
+    """The fingerprints of revoked device certificates as this process last read them
+    from the store, and when it read them (a monotonic clock value in seconds). Pure,
+    not thread-safe: owned by the app's event loop. Revocations are never undone, so
+    reads and local additions only ever add to the set.
+
+    Raises:
+        ValueError: ``refresh_s`` not above 0.
+    """
+
+    def __init__(self, refresh_s: float) -> None:
+        if not refresh_s > 0:
+            raise ValueError("refresh_s must be above 0")
+        self.refresh_s = refresh_s
+        self._revoked: frozenset[str] = frozenset()
+        self._read_at: float | None = None
+
+    def __contains__(self, cert_sha256: object) -> bool:
+        return cert_sha256 in self._revoked
+
+    def __len__(self) -> int:
+        return len(self._revoked)
+
+    def due(self, now: float) -> bool:
+        """Whether the copy must be read again at ``now``: never read, read
+        ``refresh_s`` or more ago, or the clock went backwards."""
+        return self._read_at is None or not 0 <= now - self._read_at < self.refresh_s
+
+    def refreshed(self, revoked: Iterable[str], read_at: float) -> None:
+        """The store held ``revoked`` when read at ``read_at`` (taken before the read)."""
+        self._revoked = self._revoked.union(revoked)
+        self._read_at = read_at
+
+    def add(self, revoked: Iterable[str]) -> None:
+        """This process revoked ``revoked``: refuse them at once."""
+        self._revoked = self._revoked.union(revoked)

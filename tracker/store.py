@@ -21,9 +21,11 @@ Schema versions: 1 (releases, devices, reports); 2 adds ``swarms``, the BitTorre
 swarms of registered releases' payloads (full v2 info-hash, its 20-byte announce form,
 product, version, payload kind); 3 adds rollouts, admin tokens and the audit log; 4
 adds ``device_counters``, the last request counter accepted from each device (replay
-protection of signed check-ins and reports, :mod:`infra.deviceauth`). Opening an older
-database migrates it in place (one transaction); releases registered before keep
-working, without swarms.
+protection of signed check-ins and reports, :mod:`infra.deviceauth`); 5 adds the
+certificates devices signed check-ins and reports with (``device_counters.cert_sha256``,
+the last one, and ``device_certificates``, every one) and ``revoked_certificates``.
+Opening an older database migrates it in place (one transaction); releases registered
+before keep working, without swarms.
 """
 
 from __future__ import annotations
@@ -50,10 +52,10 @@ from tracker.errors import (
 from tracker.protocol import CheckIn, Release, Report
 from tracker.rollout import Admission, RolloutPlan, RolloutState, StageCounters
 
-__all__ = ["SCHEMA_VERSION", "AuditEntry", "DeviceRecord", "SqliteStore", "Store",
-           "StoredReport", "TokenRecord"]
+__all__ = ["SCHEMA_VERSION", "AuditEntry", "DeviceRecord", "RevokedCertificate",
+           "SqliteStore", "Store", "StoredReport", "TokenRecord"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _BUSY_TIMEOUT_MS = 5000
 
 # Version 1 of the schema; later versions add _MIGRATIONS in order.
@@ -166,8 +168,24 @@ CREATE TABLE device_counters (
     updated_at REAL NOT NULL
 );
 """
+_SCHEMA_REVOCATION = """
+ALTER TABLE device_counters ADD COLUMN cert_sha256 TEXT;
+CREATE TABLE device_certificates (
+    device_id TEXT NOT NULL,
+    cert_sha256 TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    PRIMARY KEY (device_id, cert_sha256)
+);
+CREATE TABLE revoked_certificates (
+    cert_sha256 TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    revoked_at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+"""
 _MIGRATIONS: dict[int, str] = {1: _SCHEMA_SWARMS, 2: _SCHEMA_ROLLOUTS,
-                               3: _SCHEMA_DEVICE_COUNTERS}
+                               3: _SCHEMA_DEVICE_COUNTERS, 4: _SCHEMA_REVOCATION}
 """DDL that takes a database from version ``key`` to ``key + 1``."""
 
 
@@ -252,6 +270,18 @@ class AuditEntry:
     entry_id: int = 0
 
 
+@dataclass(frozen=True)
+class RevokedCertificate:
+    """A device certificate the tracker refuses: its fingerprint (hex SHA-256 of the
+    DER), the device it was issued to, when (epoch s), by whom and why."""
+
+    cert_sha256: str
+    device_id: str
+    revoked_at: float
+    actor: str
+    reason: str
+
+
 class Store(Protocol):
     """Storage of the release catalogue, device check-ins and reports (blocking)."""
 
@@ -304,12 +334,36 @@ class Store(Protocol):
 
     # --- replay protection (schema 4) ---------------------------------------------------
 
-    def advance_counter(self, device_id: str, counter: int, now: float) -> int | None:
+    def advance_counter(self, device_id: str, counter: int, now: float,
+                        cert_sha256: str | None = None) -> int | None:
         """Accept ``counter`` as ``device_id``'s newest signed-request counter if it is
-        above the last one accepted (or none was): ``None`` then, and it is stored;
-        otherwise nothing changes and the stored counter is returned. One atomic
-        compare-and-set, so two tracker processes on one database never both accept
-        the same counter."""
+        above the last one accepted (or none was): ``None`` then, and it is stored with
+        ``cert_sha256``, the certificate the request was signed with (also added to the
+        device's certificates, :meth:`device_certificates`); otherwise nothing changes
+        and the stored counter is returned. One atomic compare-and-set, so two tracker
+        processes on one database never both accept the same counter."""
+        ...
+
+    def device_certificates(self, device_id: str) -> list[str]:
+        """Fingerprints of every certificate ``device_id`` signed an accepted check-in
+        or report with (schema 5 on), the last one first."""
+        ...
+
+    # --- revocation (schema 5) ------------------------------------------------------------
+
+    def revoke_certificates(self, revoked: Sequence[RevokedCertificate],
+                            audit: Sequence[AuditEntry] = ()) -> list[str]:
+        """Add ``revoked`` to the revoked certificates and append ``audit``, in one
+        transaction; return the fingerprints that were revoked already (those keep
+        their first record)."""
+        ...
+
+    def revoked_certificates(self) -> list[RevokedCertificate]:
+        """Every revoked certificate, oldest revocation first."""
+        ...
+
+    def revoked_fingerprints(self) -> frozenset[str]:
+        """The fingerprints of every revoked certificate."""
         ...
 
     def device_counter(self, device_id: str) -> int | None:
@@ -527,15 +581,21 @@ class SqliteStore:
 
     # --- replay protection --------------------------------------------------------------
 
-    def advance_counter(self, device_id: str, counter: int, now: float) -> int | None:
+    def advance_counter(self, device_id: str, counter: int, now: float,
+                        cert_sha256: str | None = None) -> int | None:
         with self._transaction("advance request counter") as conn:
             changed = conn.execute(
-                "INSERT INTO device_counters (device_id, counter, updated_at) "
-                "VALUES (?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
-                "counter = excluded.counter, updated_at = excluded.updated_at "
+                "INSERT INTO device_counters (device_id, counter, updated_at, cert_sha256) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
+                "counter = excluded.counter, updated_at = excluded.updated_at, "
+                "cert_sha256 = excluded.cert_sha256 "
                 "WHERE device_counters.counter < excluded.counter",
-                (device_id, counter, now)).rowcount
+                (device_id, counter, now, cert_sha256)).rowcount
             if changed == 1:
+                if cert_sha256 is not None:
+                    conn.execute("INSERT INTO device_certificates (device_id, cert_sha256, "
+                                 "first_seen) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                                 (device_id, cert_sha256, now))
                 return None
             row = conn.execute("SELECT counter FROM device_counters WHERE device_id = ?",
                                (device_id,)).fetchone()
@@ -548,6 +608,46 @@ class SqliteStore:
             row = conn.execute("SELECT counter FROM device_counters WHERE device_id = ?",
                                (device_id,)).fetchone()
         return None if row is None else int(row[0])
+
+    def device_certificates(self, device_id: str) -> list[str]:
+        with self._connection("list device certificates") as conn:
+            last = conn.execute("SELECT cert_sha256 FROM device_counters WHERE device_id = ?",
+                                (device_id,)).fetchone()
+            rows = conn.execute("SELECT cert_sha256 FROM device_certificates WHERE "
+                                "device_id = ? ORDER BY first_seen DESC, cert_sha256",
+                                (device_id,)).fetchall()
+        out = [] if last is None or last[0] is None else [str(last[0])]
+        return out + [str(r[0]) for r in rows if str(r[0]) not in out]
+
+    # --- revocation ---------------------------------------------------------------------
+
+    def revoke_certificates(self, revoked: Sequence[RevokedCertificate],
+                            audit: Sequence[AuditEntry] = ()) -> list[str]:
+        with self._transaction("revoke certificates") as conn:
+            already = []
+            for record in revoked:
+                if conn.execute(
+                        "INSERT INTO revoked_certificates (cert_sha256, device_id, "
+                        "revoked_at, actor, reason) VALUES (?, ?, ?, ?, ?) "
+                        "ON CONFLICT DO NOTHING",
+                        (record.cert_sha256, record.device_id, record.revoked_at,
+                         record.actor, record.reason)).rowcount != 1:
+                    already.append(record.cert_sha256)
+            _insert_audit(conn, audit)
+        return already
+
+    def revoked_certificates(self) -> list[RevokedCertificate]:
+        with self._connection("list revoked certificates") as conn:
+            rows = conn.execute("SELECT cert_sha256, device_id, revoked_at, actor, reason "
+                                "FROM revoked_certificates ORDER BY revoked_at, rowid"
+                                ).fetchall()
+        return [RevokedCertificate(str(r[0]), str(r[1]), float(r[2]), str(r[3]), str(r[4]))
+                for r in rows]
+
+    def revoked_fingerprints(self) -> frozenset[str]:
+        with self._connection("read revoked certificates") as conn:
+            rows = conn.execute("SELECT cert_sha256 FROM revoked_certificates").fetchall()
+        return frozenset(str(r[0]) for r in rows)
 
     # --- rollouts -----------------------------------------------------------------------
 
@@ -871,6 +971,7 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
                 _run_script(conn, _SCHEMA_SWARMS)
                 _run_script(conn, _SCHEMA_ROLLOUTS)
                 _run_script(conn, _SCHEMA_DEVICE_COUNTERS)
+                _run_script(conn, _SCHEMA_REVOCATION)
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)",
                              (SCHEMA_VERSION,))
             else:
