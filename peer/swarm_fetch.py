@@ -73,6 +73,7 @@ MAX_TORRENT_BYTES = 4 * 1024 * 1024
 PAYLOAD_FILE = "payload.part"
 _TICK_S = 0.1
 _WRITE_OUT_S = 10.0  # see _SwarmRun._write_out
+_VERDICT_WAIT_S = 3.0  # see _SwarmRun._await_verdicts
 _PROGRESS_EVERY_S = 0.5
 _FLUSH_EVERY_S = 0.2
 _ORIGIN_RUN_BYTES = 256 * 1024  # alone: large Range requests
@@ -351,7 +352,20 @@ class _SwarmRun:
         if complete:
             await self.session.wait_complete(self.ref, timeout_s=60)
         self._handle_events(self.session.pop_events())  # bans seen while finishing
+        await self._await_verdicts()
         return complete
+
+    async def _await_verdicts(self) -> None:
+        """Pieces failed their hash check and nobody is banned yet: libtorrent may still
+        be deciding who sent the bad data (its hash checks run on its disk thread, late
+        on a loaded device). Wait a little for that verdict, so that the pass reports the
+        culprit; bounded, and only after an attack."""
+        if not self.stats.pieces_failed_hash or self.stats.banned_peers:
+            return
+        with trio.move_on_after(_VERDICT_WAIT_S):
+            while not self.stats.banned_peers:
+                await trio.sleep(_TICK_S)
+                self._handle_events(self.session.pop_events())
 
     async def _loop(self) -> bool:
         start = self.clock()

@@ -113,10 +113,11 @@ async def test_seeder_and_devices_meet_through_the_tracker_and_spare_the_origin(
     assert seeder.statistics().bytes_uploaded_payload > 0
 
 
-async def start_seeding_device(env: ReleaseEnv, name: str,
-                               nursery: trio.Nursery) -> tuple[DeviceState, trio.Event]:
-    """A device updated to v2 that then keeps seeding (until the nursery is cancelled)."""
-    dev = off_base_device(env, name, seed_time_s=120)
+async def start_seeding_device(env: ReleaseEnv, name: str, nursery: trio.Nursery,
+                               **config: object) -> tuple[DeviceState, trio.Event]:
+    """A device updated to v2 that then keeps seeding (until the nursery is cancelled);
+    ``config``: more device settings (e.g. an upload limit)."""
+    dev = off_base_device(env, name, seed_time_s=120, **config)
     seeding = trio.Event()
     outcome: list[UpdateResult] = []
 
@@ -136,7 +137,11 @@ async def test_lying_peer_is_banned_and_honest_peers_are_not(slow_env: ReleaseEn
     full = env.m2.full_payload
     assert full.info_hash is not None
     async with trio.open_nursery() as nursery:
-        await start_seeding_device(env, "honest", nursery)
+        # the honest peer uploads slowly, so that the victim surely asks the liar too
+        # (on a loaded machine it could otherwise get everything before the liar's
+        # handshake, and the test would show nothing)
+        await start_seeding_device(env, "honest", nursery,
+                                   upload_rate_limit_bytes_per_s=96 * 1024)
         with FakeBtPeer(bytes.fromhex(full.info_hash)[:20], full.chunk_count,
                         mode=Mode.LIAR, host=LIAR_HOST) as liar:
             await announce_fake(env, full, liar)
