@@ -220,6 +220,31 @@ async def test_device_reprovisioned_with_a_new_certificate_is_accepted(
     assert again["already_revoked"] == [stolen.fingerprint]
 
 
+async def test_thief_pushing_the_counter_up_cannot_lock_out_the_reprovisioned_device(
+        revoking: Revoking) -> None:
+    """With the stolen key a thief signs requests with huge counters before the
+    revocation; the device's new certificate counts from the device's clock, far below.
+    Revoking resets the device's counters (stored and in memory), so the new
+    certificate is accepted on check-ins, reports and announces."""
+    stolen = revoking.issuer.issue("dev-1")
+    stolen.device.counter = 2**62
+    assert (await revoking.tracker.checkin(stolen.device)).status_code == 200
+    assert b"peers" in await revoking.tracker.announce(stolen.device, device_id="dev-1",
+                                                       lean=True)
+    assert counter_of(revoking.db, "dev-1") == 2**62 + 1
+    assert (await revoking.revoke("dev-1")).status_code == 200
+    assert counter_of(revoking.db, "dev-1") == 0
+    fresh = revoking.issuer.issue("dev-1")
+    fresh.device.counter = 1_700_000_000_000_000  # microseconds of the device's clock
+    assert (await revoking.tracker.checkin(fresh.device)).status_code == 200
+    assert (await revoking.tracker.report(fresh.device)).json() == {"ok": True}
+    for lean in (True, False):
+        assert b"peers" in await revoking.tracker.announce(fresh.device, device_id="dev-1",
+                                                           lean=lean)
+    # the thief's old requests stay refused, as revoked, whatever their counter
+    await assert_refused_everywhere(revoking, stolen.device, "dev-1")
+
+
 async def test_older_certificate_still_valid_is_revoked_with_the_device(
         revoking: Revoking) -> None:
     """The device's certificate was re-issued (e.g. renewed) and it used both; the
@@ -413,7 +438,7 @@ def test_revocations_work_on_a_database_migrated_from_version_4(tmp_path: Path) 
         assert store.advance_counter("dev-1", 8, 2.0, "ab" * 32) is None
         assert store.advance_counter("dev-1", 8, 2.0, "cd" * 32) == 8  # replay: not seen
         assert store.device_certificates("dev-1") == ["ab" * 32]
-        assert store.revoked_fingerprints() == frozenset()
+        assert store.revoked_fingerprints() == {}
     raw = sqlite3.connect(db)
     assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     raw.close()

@@ -553,7 +553,8 @@ class TrackerApp:
         try:
             read_at = self._monotonic()
             revoked = await self._in_thread(self._store.revoked_fingerprints)
-            self._revoked.refreshed(revoked, read_at)
+            for device_id in self._revoked.refreshed(revoked, read_at):
+                self._announce_counters.forget(device_id)  # reset in the store too
         finally:
             self._revoked_reading = None
             done.set()
@@ -644,6 +645,7 @@ class TrackerApp:
             revoked = answer[1]
             if isinstance(revoked, dict):
                 self._revoked.add(revoked["revoked"])  # refused here from now on
+                self._announce_counters.forget(revoked["device_id"])
                 log.warning("device %s revoked: certificates %s", revoked["device_id"],
                             ", ".join(revoked["revoked"]))
         elif method == "POST":

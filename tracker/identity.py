@@ -34,7 +34,7 @@ Refusals are :class:`DeviceRefused`, with a ``kind`` (:data:`REFUSAL_KINDS`) for
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -126,6 +126,10 @@ class CounterWindow:
             self._counters.move_to_end(device_id)
         return counter
 
+    def forget(self, device_id: str) -> None:
+        """Drop ``device_id`` (its identities were revoked: its counters start over)."""
+        self._counters.pop(device_id, None)
+
     def raise_to(self, device_id: str, counter: int) -> None:
         """Remember ``counter`` for ``device_id`` unless a higher one is remembered."""
         known = self._counters.get(device_id)
@@ -163,10 +167,13 @@ class RevokedSet:
         ``refresh_s`` or more ago, or the clock went backwards."""
         return self._read_at is None or not 0 <= now - self._read_at < self.refresh_s
 
-    def refreshed(self, revoked: Iterable[str], read_at: float) -> None:
-        """The store held ``revoked`` when read at ``read_at`` (taken before the read)."""
+    def refreshed(self, revoked: Mapping[str, str], read_at: float) -> set[str]:
+        """The store held ``revoked`` (fingerprint -> device id) when read at ``read_at``
+        (taken before the read); returns the devices with certificates new to this copy."""
+        new = {device for fp, device in revoked.items() if fp not in self._revoked}
         self._revoked = self._revoked.union(revoked)
         self._read_at = read_at
+        return new
 
     def add(self, revoked: Iterable[str]) -> None:
         """This process revoked ``revoked``: refuse them at once."""

@@ -362,8 +362,8 @@ class Store(Protocol):
         """Every revoked certificate, oldest revocation first."""
         ...
 
-    def revoked_fingerprints(self) -> frozenset[str]:
-        """The fingerprints of every revoked certificate."""
+    def revoked_fingerprints(self) -> dict[str, str]:
+        """The fingerprint of every revoked certificate, with its device id."""
         ...
 
     def device_counter(self, device_id: str) -> int | None:
@@ -633,6 +633,13 @@ class SqliteStore:
                         (record.cert_sha256, record.device_id, record.revoked_at,
                          record.actor, record.reason)).rowcount != 1:
                     already.append(record.cert_sha256)
+            # Every certificate the device signed an accepted request with is revoked
+            # now, so its counter has nothing left to protect; reset, so that a thief
+            # who pushed it up with the stolen key cannot lock out the device's next
+            # certificate (whose counters start from the device's clock).
+            for device_id in {record.device_id for record in revoked}:
+                conn.execute("UPDATE device_counters SET counter = 0 WHERE device_id = ?",
+                             (device_id,))
             _insert_audit(conn, audit)
         return already
 
@@ -644,10 +651,11 @@ class SqliteStore:
         return [RevokedCertificate(str(r[0]), str(r[1]), float(r[2]), str(r[3]), str(r[4]))
                 for r in rows]
 
-    def revoked_fingerprints(self) -> frozenset[str]:
+    def revoked_fingerprints(self) -> dict[str, str]:
         with self._connection("read revoked certificates") as conn:
-            rows = conn.execute("SELECT cert_sha256 FROM revoked_certificates").fetchall()
-        return frozenset(str(r[0]) for r in rows)
+            rows = conn.execute("SELECT cert_sha256, device_id FROM revoked_certificates"
+                                ).fetchall()
+        return {str(r[0]): str(r[1]) for r in rows}
 
     # --- rollouts -----------------------------------------------------------------------
 
