@@ -495,6 +495,10 @@ class HttpClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connections (what leaving ``async with`` does)."""
         await self._client.aclose()
 
     async def get_range(self, url: str, offset: int, length: int) -> bytes:

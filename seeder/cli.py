@@ -299,6 +299,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break
+        if relay is not None:
+            await relay.http.aclose()
 
     try:
         trio.run(run)

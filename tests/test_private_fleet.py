@@ -11,9 +11,13 @@ swarm and their reports are stored; a stolen report cannot be replayed.
 
 from __future__ import annotations
 
+import functools
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote_from_bytes
 
 import httpx
 import pytest
@@ -159,3 +163,46 @@ async def test_a_captured_report_replayed_to_the_tracker_is_refused(fleet: Fleet
     assert first.status_code == 200, first.text
     assert again.status_code == 401 and "replayed" in again.json()["error"]
     assert len(env.reports()) == 1
+
+
+async def test_seeder_serve_with_a_seed_identity_joins_the_private_swarm(
+        fleet: Fleet, tmp_path: Path) -> None:
+    """`swarmota seeder serve --identity` (the CLI, its own process): its announces go,
+    signed and pinned, through its relay; the tracker counts it as a seed of the
+    release's swarm, next to the fixture's seeder."""
+    env = fleet.env
+    files = issue_device_cert(fleet.pki / "fleet-ca", tmp_path / "seeder-2", "seeder-2",
+                              role="seed")
+    dev = fleet.device("dev-1")
+    identity = load_identity_dir(dev.root / "identity")
+    full = env.m2.full_payload
+    assert full.info_hash is not None
+    query = "info_hash=" + quote_from_bytes(bytes.fromhex(full.info_hash)[:20])
+    tls = TlsPolicy(pins=frozenset(fleet.pins), ca_file=str(fleet.server_ca))
+
+    async def seeds() -> int:
+        async with HttpClient(timeout_s=10.0, tls=tls, identity=identity) as http:
+            status, body = await http.get_tracker(f"{env.tracker_url}/scrape?{query}",
+                                                  max_bytes=4096)
+        assert status == 200, body
+        return int(body.split(b"8:completei", 1)[1].split(b"e", 1)[0])
+
+    with trio.fail_after(30):
+        while await seeds() < 1:  # the fixture's seeder
+            await trio.sleep(0.2)
+    pins = [arg for pin in fleet.pins for arg in ("--tracker-pin", pin)]
+    async with trio.open_nursery() as nursery:
+        process = await nursery.start(functools.partial(
+            trio.run_process,
+            [sys.executable, "-m", "swarmota.cli", "seeder", "serve", str(env.repo.path),
+             "--listen", "127.0.0.1:0", "--seed-listen", "127.0.0.6:0",
+             "--identity", str(files.cert.parent),
+             "--announce-url", f"{env.tracker_url}/announce",
+             "--tracker-ca-file", str(fleet.server_ca), *pins],
+            check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        try:
+            with trio.fail_after(60):
+                while await seeds() < 2:
+                    await trio.sleep(0.3)
+        finally:
+            process.terminate()
