@@ -44,7 +44,7 @@ from tracker.app import TrackerApp
 from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
 from tracker.errors import ConfigError
-from tracker.identity import CounterWindow, load_fleet_trust
+from tracker.identity import CounterWindow, WarningBudget, load_fleet_trust
 from tracker.protocol import Release, encode_json
 from tracker.rollout import RolloutPlan, StageCounters
 from tracker.server import TrackerUrls, serve_tracker_endpoints
@@ -605,3 +605,25 @@ def test_a_bad_fleet_ca_file_is_a_config_error(tmp_path: Path, fleet: Fleet) -> 
     with pytest.raises(ConfigError, match="no fleet CA certificate"):
         (tmp_path / "empty.pem").write_bytes(b"")
         load_fleet_trust(tmp_path / "empty.pem")
+
+
+async def test_an_outsider_flooding_unsigned_announces_cannot_flood_the_log(
+        tracker: Tracker, caplog: pytest.LogCaptureFixture) -> None:
+    """Every refusal is counted in /metrics, but the log keeps at most 20 lines a
+    minute; the next line logged says how many were left out."""
+    caplog.set_level(logging.WARNING, logger="tracker.app")
+    before = (await tracker.refused())["unsigned"]
+    for _ in range(60):
+        assert "request not signed" in failure(
+            await tracker.announce(None, lean=True, left=0, port=7000))
+    assert (await tracker.refused())["unsigned"] == before + 60
+    lines = [r for r in caplog.records if "device request refused" in r.getMessage()]
+    assert len(lines) <= 20
+
+
+def test_warning_budget_counts_what_it_leaves_out() -> None:
+    budget = WarningBudget(per_window=2, window_s=60.0)
+    assert [budget.allow(t) for t in (0.0, 1.0, 2.0, 3.0)] == [
+        (True, 0), (True, 0), (False, 0), (False, 0)]
+    assert budget.allow(61.0) == (True, 2)  # a new minute: two were left out
+    assert budget.allow(30.0) == (True, 0)  # a clock going backwards starts a window

@@ -121,6 +121,7 @@ from tracker.identity import (
     CounterWindow,
     DeviceRefused,
     RevokedSet,
+    WarningBudget,
     load_fleet_trust,
     replay_refusal,
     revoked_refusal,
@@ -283,6 +284,7 @@ class TrackerApp:
         self._admin_requests = 0
         self._admin_refused = 0
         self._auth_refused = dict.fromkeys(REFUSAL_KINDS, 0)
+        self._refusal_log = WarningBudget()
         self._reports_by_status = dict.fromkeys(STATUS_NAMES, 0)
         self._decisions: dict[str, int] = {}
         self._last_prune = -float("inf")
@@ -600,9 +602,13 @@ class TrackerApp:
 
     def _count_refusal(self, exc: DeviceRefused, what: str) -> None:
         self._auth_refused[exc.kind] += 1
+        log_it, left_out = self._refusal_log.allow(self._monotonic())
+        if not log_it:
+            return  # counted in /metrics; the log keeps a bounded number of lines
         claimed = "-" if exc.claimed is None else repr(exc.claimed[:128])
-        log.warning("device request refused (%s): %s: device %s: %s", exc.kind, what,
-                    claimed, exc.message)
+        log.warning("device request refused (%s): %s: device %s: %s%s", exc.kind, what,
+                    claimed, exc.message,
+                    f" ({left_out} more refusals not logged)" if left_out else "")
 
     # --- admin API ----------------------------------------------------------------------
 

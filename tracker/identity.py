@@ -46,6 +46,7 @@ __all__ = [
     "CounterWindow",
     "DeviceRefused",
     "RevokedSet",
+    "WarningBudget",
     "load_fleet_trust",
     "replay_refusal",
     "revoked_refusal",
@@ -137,6 +138,31 @@ class CounterWindow:
         self._counters.move_to_end(device_id)
         while len(self._counters) > self._max:
             self._counters.popitem(last=False)
+
+
+class WarningBudget:
+    """At most ``per_window`` log lines per ``window_s`` seconds (a monotonic clock): an
+    outsider sending unsigned requests in a loop must not flood the tracker's log. The
+    lines over the budget are counted, and the next line allowed says how many were
+    left out. Pure, not thread-safe: owned by the app's event loop."""
+
+    def __init__(self, per_window: int = 20, window_s: float = 60.0) -> None:
+        self.per_window = per_window
+        self.window_s = window_s
+        self._window_start: float | None = None
+        self._used = 0
+        self._left_out = 0
+
+    def allow(self, now: float) -> tuple[bool, int]:
+        """``(log this line?, lines left out since the last one logged)``."""
+        if self._window_start is None or not 0 <= now - self._window_start < self.window_s:
+            self._window_start, self._used = now, 0
+        if self._used >= self.per_window:
+            self._left_out += 1
+            return False, 0
+        self._used += 1
+        left_out, self._left_out = self._left_out, 0
+        return True, left_out
 
 
 class RevokedSet:
