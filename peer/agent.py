@@ -87,7 +87,7 @@ from peer.swarm_fetch import SwarmOptions, SwarmUnavailable, swarm_download
 from peer.tracker_client import Offer, checkin, send_report
 from peer.trust import fetch_release_manifest
 
-__all__ = ["UpdateResult", "update_once"]
+__all__ = ["UpdateResult", "swarm_config_for", "update_once"]
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,22 @@ async def update_once(state: DeviceState, *,
                 await run.close()
         state.save_result({**result.to_json(), "finished_at": time.time()})
         return result
+
+
+def swarm_config_for(config: DeviceConfig, *, has_identity: bool) -> SwarmConfig:
+    """The libtorrent session settings of a device: its listen address and rate limits,
+    its upload policy, local service discovery only if its configuration allows it (DHT,
+    UPnP and NAT-PMP never), and a TLS listener for private swarms when it has a fleet
+    identity."""
+    host, port = config.swarm_listen_host_port
+    policy = upload_policy(config)
+    return SwarmConfig(
+        listen_host=host, listen_port=port,
+        download_rate_limit_bytes_per_s=config.download_rate_limit_bytes_per_s,
+        upload_rate_limit_bytes_per_s=policy.rate_limit_bytes_per_s,
+        upload_enabled=policy.allowed,
+        enable_lsd=config.swarm_local_discovery,
+        ssl_listen=has_identity)
 
 
 def _report_text(message: str) -> str:
@@ -601,16 +617,9 @@ class _Run:
             relay = AnnounceRelay(self.http, self.config.tracker_url)
             self.relay_url = await self.nursery.start(relay.serve)
         if self.swarm is None:
-            host, port = self.config.swarm_listen_host_port
-            policy = upload_policy(self.config)
-            if not policy.allowed:
-                log.info("not uploading to peers: %s", policy.reason)
-            swarm_config = SwarmConfig(
-                listen_host=host, listen_port=port,
-                download_rate_limit_bytes_per_s=self.config.download_rate_limit_bytes_per_s,
-                upload_rate_limit_bytes_per_s=policy.rate_limit_bytes_per_s,
-                upload_enabled=policy.allowed,
-                ssl_listen=self.identity is not None)  # private swarms need a certificate
+            swarm_config = swarm_config_for(self.config, has_identity=self.identity is not None)
+            if not swarm_config.upload_enabled:
+                log.info("not uploading to peers: %s", upload_policy(self.config).reason)
             self.swarm = await trio.to_thread.run_sync(SwarmSession, swarm_config)
         return self.swarm
 

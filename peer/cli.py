@@ -68,6 +68,11 @@ def add_parser(subparsers: Any) -> None:
     init.add_argument("--seed-time-s", type=float, default=300.0,
                       help="keep sharing an installed payload with peers this long after "
                            "an update (default %(default)s; 0 = not at all)")
+    init.add_argument("--swarm-local-discovery", action="store_true",
+                      help="announce the swarms the device is in on its LAN by multicast "
+                           "(local service discovery): LAN peers meet without the tracker, "
+                           "and anyone on the LAN learns what the device updates to. Off by "
+                           "default; DHT is never used")
     init.add_argument("--metered", action="store_true",
                       help="the device's network is metered: never upload to peers")
     init.add_argument("--battery-file", default=None, metavar="PATH",
@@ -155,6 +160,7 @@ def _init(args: argparse.Namespace) -> int:
             download_rate_limit_bytes_per_s=args.download_limit,
             upload_rate_limit_bytes_per_s=args.upload_limit, seed_time_s=args.seed_time_s,
             network_metered=args.metered, battery_percent_path=args.battery_file,
+            swarm_local_discovery=args.swarm_local_discovery,
             min_battery_percent_to_upload=args.min_battery_percent,
             tls_pins=tuple(args.tls_pins), tls_ca_file=_ca_file(args.tls_ca_file))
         if (args.identity_cert is None) != (args.identity_key is None):

@@ -59,6 +59,11 @@ class DeviceConfig:
     swarm_min_rate_bytes_per_s: int = 32 * 1024
     swarm_timeout_s: float = 1800.0
     swarm_waste_budget_bytes: int = 16 * 1024 * 1024
+    # local service discovery (BEP 14): multicasts the info-hashes the device is in on
+    # its LAN, so that LAN peers meet without the tracker. Off unless the fleet's policy
+    # turns it on (it tells anyone on the LAN what the device is updating to). DHT is
+    # never turned on by the agent: it would publish info-hashes to the internet.
+    swarm_local_discovery: bool = False
     # --- LAN-first hand-out: an opaque id of the home network (e.g. a hash of the
     # gateway's address) and a coarse region, sent at check-in when set
     network_id: str | None = None

@@ -23,10 +23,11 @@ import pytest
 import trio
 
 from infra.http_serve import ListenConfig, Receive, Scope, Send, serve_asgi
-from peer.agent import update_once
+from peer.agent import swarm_config_for, update_once
+from peer.config import DeviceConfig
 from peer.errors import StatusCode
 from peer.state import DeviceState
-from peer.swarm import SwarmConfig
+from peer.swarm import SwarmConfig, session_settings
 from seeder.origin import OriginConfig
 from seeder.seeding import PayloadSeeder, SeedingConfig
 from tests.fake_bt_peer import FakeBtPeer, Mode
@@ -280,3 +281,22 @@ async def test_lsd_and_dht_stay_off_and_nothing_announces_info_hashes_on_the_lan
     assert quiet == 0, "the agent's session sent local service discovery announces"
     assert flags == [0, 0, 0, 0], "LSD, DHT, UPnP, NAT-PMP must be off in the live session"
 
+
+
+def test_local_discovery_only_when_the_device_policy_allows_it_and_dht_never() -> None:
+    """The agent's session settings: LSD off by default and on only with the device's
+    swarm_local_discovery; DHT, UPnP and NAT-PMP off either way; a TLS listener only
+    for a device with a fleet identity."""
+    base = DeviceConfig(device_id="d-1", product="acme-router", hardware_id="hw-1",
+                        origin_url="http://127.0.0.1:1", tracker_url="http://127.0.0.1:2",
+                        swarm_listen="127.0.0.9:0")
+    for allowed in (False, True):
+        config = DeviceConfig(**{**base.__dict__, "swarm_local_discovery": allowed})
+        for identity in (False, True):
+            swarm = swarm_config_for(config, has_identity=identity)
+            settings = session_settings(swarm)
+            assert settings["enable_lsd"] is allowed
+            assert settings["enable_dht"] is False and settings["dht_bootstrap_nodes"] == ""
+            assert settings["enable_upnp"] is False and settings["enable_natpmp"] is False
+            assert swarm.ssl_listen is identity
+            assert settings["listen_interfaces"].endswith("s") is identity
