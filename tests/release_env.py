@@ -122,18 +122,23 @@ def publish(repo: Repository, workdir: Path, data: bytes, version: str,
                            swarm_ca=swarm_ca)
 
 
+async def read_body(receive: Any) -> bytes:
+    """The whole body of an ASGI request (test apps)."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
 def offer_app(release: dict[str, object] | None) -> Any:
     """The ASGI app of a compromised (or spoofed) tracker that offers ``release`` to
     everyone, accepts every report without storing it, and answers anything else with
     ``{"ok": true}`` (an announce gets no peers)."""
 
     async def app(scope, receive, send):  # type: ignore[no-untyped-def]
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
+        await read_body(receive)  # the request is not looked at
         answer = {"release": release, "poll_after_s": 60} if scope["path"] == "/v1/checkin" \
             else {"ok": True}
         await send({"type": "http.response.start", "status": 200,

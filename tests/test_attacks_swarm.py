@@ -38,6 +38,7 @@ from tests.release_env import (
     assert_untouched,
     killed_mid_download,
     off_base_device,
+    read_body,
     serve_offer,
     start_env,
 )
@@ -116,12 +117,7 @@ class TrackerProxy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         if scope["path"] == "/announce":
             self.announces += 1
             status, answer = (503, b"down") if self.announce is None else (200, self.announce)

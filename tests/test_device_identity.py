@@ -35,6 +35,7 @@ from peer.announce_relay import AnnounceRelay
 from peer.errors import ConfigError
 from peer.http import HttpClient, TlsPolicy
 from peer.identity import COUNTER_RESERVATION, install_identity, load_identity
+from tests.release_env import read_body
 
 
 def now() -> datetime.datetime:
@@ -190,12 +191,7 @@ class Recorder:
         self.requests: list[tuple[str, bytes, list[tuple[bytes, bytes]], bytes]] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         target = scope["raw_path"] + (b"?" + scope["query_string"]
                                       if scope["query_string"] else b"")
         self.requests.append((scope["method"], target, list(scope["headers"]), body))

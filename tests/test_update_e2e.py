@@ -15,7 +15,7 @@ import zstandard
 from infra.devca import create_ca, issue_device_cert
 from peer.agent import update_once
 from peer.errors import StatusCode
-from tests.release_env import SHARED_DATA, ReleaseEnv, start_env
+from tests.release_env import SHARED_DATA, ReleaseEnv, read_body, start_env
 
 
 def slot_bytes(state, slot: str | None = None) -> bytes:  # type: ignore[no-untyped-def]
@@ -146,12 +146,7 @@ async def test_report_kept_while_tracker_down_and_delivered_later(
     tracker_up = False
 
     async def flaky_tracker(scope, receive, send):  # type: ignore[no-untyped-def]
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
+        body = await read_body(receive)
         request = json.loads(body)
         if scope["path"] == "/v1/checkin":
             offer = None if request["release_counter"] >= 2 else {
