@@ -429,7 +429,10 @@ def add_parser(subparsers: Any) -> None:
                     "v1 and v2 releases, origin, tracker and seeder, a fleet of devices "
                     "(each on its own 127.0.0.x address) updated from v1 to v2 through the "
                     "swarm in a canary-first rollout (the canaries, then everyone), and a "
-                    "report of where the bytes came from. Exit code 0 only if every device "
+                    "report of where the bytes came from. Security on as in production: "
+                    "HTTPS origin and tracker with keys pinned on the devices, a fleet CA "
+                    "identity per device (every tracker request signed; an outsider is "
+                    "shown refused) and private swarms. Exit code 0 only if every device "
                     "ends on verified v2.")
     p.add_argument("--devices", type=int, default=4, help="fleet size, 1..64 (default 4)")
     p.add_argument("--image-mib", type=int, default=4, help="image size in MiB (default 4)")
