@@ -245,6 +245,25 @@ async def test_thief_pushing_the_counter_up_cannot_lock_out_the_reprovisioned_de
     await assert_refused_everywhere(revoking, stolen.device, "dev-1")
 
 
+async def test_certificate_only_ever_used_to_announce_is_revoked_with_the_device(
+        revoking: Revoking) -> None:
+    """A second certificate of the device that never signed a check-in or report, only
+    announces (e.g. a copy taken off the device and used to find peers): revoking the
+    device by its id alone takes it too."""
+    main = revoking.issuer.issue("dev-1")
+    assert (await revoking.tracker.checkin(main.device)).status_code == 200
+    side = revoking.issuer.issue("dev-1")
+    side.device.counter = main.device.counter
+    for lean in (True, False):
+        assert b"peers" in await revoking.tracker.announce(side.device, device_id="dev-1",
+                                                           lean=lean)
+    answer = (await revoking.revoke("dev-1")).json()
+    assert answer["revoked"] == sorted([main.fingerprint, side.fingerprint])
+    for lean in (True, False):
+        assert "is revoked" in failure(await revoking.tracker.announce(
+            side.device, device_id="dev-1", lean=lean, port=7000))
+
+
 async def test_older_certificate_still_valid_is_revoked_with_the_device(
         revoking: Revoking) -> None:
     """The device's certificate was re-issued (e.g. renewed) and it used both; the

@@ -285,6 +285,7 @@ class TrackerApp:
         self._admin_refused = 0
         self._auth_refused = dict.fromkeys(REFUSAL_KINDS, 0)
         self._refusal_log = WarningBudget()
+        self._certificates_seen: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._reports_by_status = dict.fromkeys(STATUS_NAMES, 0)
         self._decisions: dict[str, int] = {}
         self._last_prune = -float("inf")
@@ -599,6 +600,21 @@ class TrackerApp:
         if floor is not None and auth.counter <= floor:
             raise replay_refusal(auth.counter, floor, auth.device_id)
         self._announce_counters.raise_to(auth.device_id, auth.counter)
+        await self._record_certificate(auth)
+
+    async def _record_certificate(self, auth: Authenticated) -> None:
+        """The first time this process sees a device announce with a certificate, store
+        the pair, so that revoking the device also takes a certificate it only ever
+        announced with (check-ins and reports record theirs with the counter). One
+        write per new pair per process: the pairs seen are kept in memory (bounded)."""
+        key = (auth.device_id, auth.cert_sha256)
+        if key in self._certificates_seen:
+            self._certificates_seen.move_to_end(key)
+            return
+        now = self._clock()
+        await self._in_thread(
+            lambda: self._store.record_certificate(auth.device_id, auth.cert_sha256, now))
+        self._remember(self._certificates_seen, key)
 
     def _count_refusal(self, exc: DeviceRefused, what: str) -> None:
         self._auth_refused[exc.kind] += 1

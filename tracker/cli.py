@@ -283,9 +283,9 @@ def _add_device_parser(tracker_sub: Any) -> None:
         "revoke", help="revoke every certificate of a device (admin role)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="""Revoke DEVICE_ID's fleet certificates: every certificate the tracker
-saw the device sign a check-in or report with, plus each --cert file given
-(needed for a certificate never used for a check-in or report, e.g. only
-for announces, or for a device the tracker has not seen). The tracker
+saw the device sign a request with (check-in, report or announce), plus
+each --cert file given (needed for a certificate never used with the
+tracker, or for a device the tracker has not seen). The tracker
 refuses them on every device request at once, and every other tracker
 process on the same database within its revocation refresh interval
 (5 s by default). Audited as device.revoke. A certificate is revoked, not

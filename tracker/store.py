@@ -345,8 +345,14 @@ class Store(Protocol):
         ...
 
     def device_certificates(self, device_id: str) -> list[str]:
-        """Fingerprints of every certificate ``device_id`` signed an accepted check-in
-        or report with (schema 5 on), the last one first."""
+        """Fingerprints of every certificate ``device_id`` signed an accepted request
+        with (check-ins and reports; announces and scrapes as :meth:`record_certificate`
+        adds them; schema 5 on), the last check-in's or report's first."""
+        ...
+
+    def record_certificate(self, device_id: str, cert_sha256: str, now: float) -> None:
+        """Remember that ``device_id`` signed an accepted request with ``cert_sha256``
+        (kept once; what a revocation of the device takes)."""
         ...
 
     # --- revocation (schema 5) ------------------------------------------------------------
@@ -608,6 +614,12 @@ class SqliteStore:
             row = conn.execute("SELECT counter FROM device_counters WHERE device_id = ?",
                                (device_id,)).fetchone()
         return None if row is None else int(row[0])
+
+    def record_certificate(self, device_id: str, cert_sha256: str, now: float) -> None:
+        with self._transaction("record device certificate") as conn:
+            conn.execute("INSERT INTO device_certificates (device_id, cert_sha256, "
+                         "first_seen) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                         (device_id, cert_sha256, now))
 
     def device_certificates(self, device_id: str) -> list[str]:
         with self._connection("list device certificates") as conn:
