@@ -528,12 +528,8 @@ class SqliteStore:
         return None if row is None else _row_to_swarm(row)
 
     def swarms(self, product: str | None = None) -> list[SwarmInfo]:
-        sql = "SELECT info_hash, product, version, payload_kind FROM swarms"
-        params: tuple[str, ...] = ()
-        if product is not None:
-            sql += " WHERE product = ?"
-            params = (product,)
-        sql += " ORDER BY product, version, rowid"
+        sql, params = _of_product("SELECT info_hash, product, version, payload_kind FROM swarms",
+                                  product, "product, version, rowid")
         with self._connection("list swarms") as conn:
             rows = conn.execute(sql, params).fetchall()
         return [_row_to_swarm(row) for row in rows]
@@ -543,12 +539,8 @@ class SqliteStore:
 
     def registered_releases(self, product: str | None = None) -> list[tuple[Release, float]]:
         """Like :meth:`releases`, with when each was registered (``added_at``, epoch s)."""
-        sql = "SELECT product, version, counter, target, added_at FROM releases"
-        params: tuple[str, ...] = ()
-        if product is not None:
-            sql += " WHERE product = ?"
-            params = (product,)
-        sql += " ORDER BY product, counter"
+        sql, params = _of_product("SELECT product, version, counter, target, added_at "
+                                  "FROM releases", product, "product, counter")
         with self._connection("list releases") as conn:
             rows = conn.execute(sql, params).fetchall()
         swarms: dict[tuple[str, str], list[SwarmInfo]] = {}
@@ -698,12 +690,8 @@ class SqliteStore:
             _insert_audit(conn, audit)
 
     def rollouts(self, product: str | None = None) -> list[RolloutState]:
-        sql = f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts"
-        params: tuple[str, ...] = ()
-        if product is not None:
-            sql += " WHERE product = ?"
-            params = (product,)
-        sql += " ORDER BY product, counter"
+        sql, params = _of_product(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts", product,
+                                  "product, counter")
         with self._connection("list rollouts") as conn:
             rows = conn.execute(sql, params).fetchall()
             return [_row_to_rollout(conn, row) for row in rows]
@@ -910,6 +898,13 @@ def _write_stages(conn: sqlite3.Connection, state: RolloutState) -> None:
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [(state.rollout_id, i, *(getattr(c, f) for f in _STAGE_FIELDS))
          for i, c in enumerate(state.counters)])
+
+
+def _of_product(select: str, product: str | None, order_by: str) -> tuple[str, tuple[str, ...]]:
+    """``select`` restricted to ``product`` when given, ordered: ``(sql, params)``."""
+    if product is None:
+        return f"{select} ORDER BY {order_by}", ()
+    return f"{select} WHERE product = ? ORDER BY {order_by}", (product,)
 
 
 def _insert_audit(conn: sqlite3.Connection, entries: Sequence[AuditEntry]) -> None:
