@@ -79,7 +79,7 @@ from peer.identity import Identity, load_identity
 from peer.install import install_delta, install_image
 from peer.install_policy import Decision, PolicyPowerSource, decide, load_policy
 from peer.machine import Action, Event, Journal, JournalError, Phase
-from peer.policy import upload_policy
+from peer.policy import UploadPolicy, upload_policy
 from peer.slots import SlotBackend
 from peer.state import DeviceState
 from peer.swarm import SwarmConfig, SwarmSession, TorrentHandleRef
@@ -181,13 +181,15 @@ async def update_once(state: DeviceState, *,
         return result
 
 
-def swarm_config_for(config: DeviceConfig, *, has_identity: bool) -> SwarmConfig:
+def swarm_config_for(config: DeviceConfig, *, has_identity: bool,
+                     policy: UploadPolicy | None = None) -> SwarmConfig:
     """The libtorrent session settings of a device: its listen address and rate limits,
-    its upload policy, local service discovery only if its configuration allows it (DHT,
-    UPnP and NAT-PMP never), and a TLS listener for private swarms when it has a fleet
-    identity."""
+    its upload ``policy`` (default: read now), local service discovery only if its
+    configuration allows it (DHT, UPnP and NAT-PMP never), and a TLS listener for private
+    swarms when it has a fleet identity."""
     host, port = config.swarm_listen_host_port
-    policy = upload_policy(config)
+    if policy is None:
+        policy = upload_policy(config)
     return SwarmConfig(
         listen_host=host, listen_port=port,
         download_rate_limit_bytes_per_s=config.download_rate_limit_bytes_per_s,
@@ -617,9 +619,11 @@ class _Run:
             relay = AnnounceRelay(self.http, self.config.tracker_url)
             self.relay_url = await self.nursery.start(relay.serve)
         if self.swarm is None:
-            swarm_config = swarm_config_for(self.config, has_identity=self.identity is not None)
-            if not swarm_config.upload_enabled:
-                log.info("not uploading to peers: %s", upload_policy(self.config).reason)
+            policy = upload_policy(self.config)
+            if not policy.allowed:
+                log.info("not uploading to peers: %s", policy.reason)
+            swarm_config = swarm_config_for(self.config, has_identity=self.identity is not None,
+                                            policy=policy)
             self.swarm = await trio.to_thread.run_sync(SwarmSession, swarm_config)
         return self.swarm
 
