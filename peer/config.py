@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,37 @@ from infra.tlspin import PinError, check_pin
 from manifest import ManifestFormatError, validate_product
 from peer.errors import ConfigError
 
-__all__ = ["DOWNLOAD_MODES", "DeviceConfig", "load_config", "save_config"]
+__all__ = ["DOWNLOAD_MODES", "DeviceConfig", "check_pinned_urls", "load_config", "save_config"]
 
 DOWNLOAD_MODES = ("swarm", "direct")
 
 _DEVICE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _NETWORK_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _PORT_RE = re.compile(r"[0-9]{1,5}")  # ASCII digits only: int() takes "²" and "٣" too
+
+
+def check_pinned_urls(pins: Sequence[str], urls: Mapping[str, str],
+                      what: str = "tls_pins") -> None:
+    """Pins, if any, must be well formed, at least two distinct ones (a backup key to
+    rotate to), and every URL they guard ``https://`` (plain http would not be pinned).
+
+    Raises:
+        ConfigError: naming ``what`` and the fault.
+    """
+    for pin in pins:
+        try:
+            check_pin(pin)
+        except PinError as exc:
+            raise ConfigError(f"{what}: {exc} (use 'swarmota tls pin FILE')") from None
+    if not pins:
+        return
+    if len(set(pins)) < 2:
+        raise ConfigError(f"{what} needs at least two distinct pins: the servers' keys and "
+                          "a backup key to rotate to (a single pin bricks the fleet the day "
+                          "that key must change)")
+    for name, url in urls.items():
+        if urlsplit(url).scheme != "https":
+            raise ConfigError(f"{what} are set, so {name} must be https://, got {url!r}")
 
 
 @dataclass(frozen=True)
@@ -117,20 +142,8 @@ class DeviceConfig:
     def _check_tls(self) -> None:
         if not isinstance(self.tls_pins, tuple):
             raise ConfigError("tls_pins must be a tuple of pins")
-        for pin in self.tls_pins:
-            try:
-                check_pin(pin)
-            except PinError as exc:
-                raise ConfigError(f"tls_pins: {exc} (use 'swarmota tls pin FILE')") from None
-        if self.tls_pins:
-            if len(set(self.tls_pins)) < 2:
-                raise ConfigError("tls_pins needs at least two distinct pins: the servers' "
-                                  "keys and a backup key to rotate to (a single pin bricks "
-                                  "the fleet the day that key must change)")
-            for name in ("origin_url", "tracker_url"):
-                if urlsplit(getattr(self, name)).scheme != "https":
-                    raise ConfigError(f"tls_pins are set, so {name} must be https://, got "
-                                      f"{getattr(self, name)!r}")
+        check_pinned_urls(self.tls_pins, {"origin_url": self.origin_url,
+                                          "tracker_url": self.tracker_url})
         if self.tls_ca_file is not None and (not isinstance(self.tls_ca_file, str)
                                              or not self.tls_ca_file):
             raise ConfigError("tls_ca_file must be a path to a PEM file, or null")

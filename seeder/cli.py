@@ -24,6 +24,7 @@ import trio
 from infra.http_serve import ListenConfig, parse_listen
 from manifest import UPDATE_TYPES
 from peer.announce_relay import AnnounceRelay
+from peer.config import check_pinned_urls
 from peer.errors import ConfigError
 from peer.http import HttpClient, TlsPolicy
 from peer.identity import load_identity_dir
@@ -359,9 +360,10 @@ def _announce_relay(args: argparse.Namespace) -> AnnounceRelay | None:
     if len(args.announce_urls) != 1 or not args.announce_urls[0].endswith("/announce"):
         raise SeederError("--identity needs exactly one --announce-url ending in /announce")
     try:
+        check_pinned_urls(args.tracker_pins, {"--announce-url": args.announce_urls[0]},
+                          "--tracker-pin")
         identity = load_identity_dir(args.identity)
         tls = TlsPolicy(pins=frozenset(args.tracker_pins), ca_file=args.tracker_ca_file)
-        tls.ssl_context()
         http = HttpClient(timeout_s=30.0, tls=tls, identity=identity)
         return AnnounceRelay(http, args.announce_urls[0].removesuffix("/announce"))
     except (ConfigError, ValueError, OSError) as exc:

@@ -188,6 +188,11 @@ def test_serve_refuses_half_an_identity_configuration(
           "--announce-url", "https://b/announce"], "exactly one --announce-url"),
         (["--identity", str(tmp_path / "missing"), "--announce-url", "https://a/announce"],
          "cannot read the device identity"),
+        (["--identity", str(tmp_path / "seed-id"), "--announce-url", "http://a/announce",
+          "--tracker-pin", "sha256/" + "A" * 43 + "=", "--tracker-pin",
+          "sha256/" + "Q" * 43 + "="], "--announce-url must be https://"),
+        (["--identity", str(tmp_path / "seed-id"), "--announce-url", "https://a/announce",
+          "--tracker-pin", "sha256/" + "A" * 43 + "="], "at least two distinct pins"),
     ]
     for extra, message in cases:
         assert run("seeder", "serve", str(repo.path), "--listen", "127.0.0.1:0", *extra) == 2
