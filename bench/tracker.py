@@ -69,7 +69,8 @@ from tracker.app import TrackerApp
 from tracker.bittorrent import SwarmInfo
 from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
-from tracker.protocol import Release, encode_json
+from tracker.protocol import Release
+from tracker.wire import encode_json
 from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
 from tracker.store import SqliteStore

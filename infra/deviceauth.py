@@ -45,6 +45,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from infra.ids import DEVICE_ID_RE
+
 __all__ = [
     "CERT_HEADER",
     "DEVICE_ID_RE",
@@ -69,8 +71,6 @@ SIGNATURE_HEADER = "swarmota-signature"
 ROLE_DEVICE = "device"
 ROLE_SEED = "seed"
 ROLES = (ROLE_DEVICE, ROLE_SEED)
-DEVICE_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-"""The tracker protocol's device id pattern (also ``tracker.protocol.DEVICE_ID_RE``)."""
 MAX_COUNTER = 2**63 - 1
 """Counters fit a signed 64-bit integer (SQLite)."""
 

@@ -86,6 +86,7 @@ from peer.swarm import SwarmConfig, SwarmSession, TorrentHandleRef
 from peer.swarm_fetch import SwarmOptions, SwarmUnavailable, swarm_download
 from peer.tracker_client import Offer, checkin, send_report
 from peer.trust import fetch_release_manifest
+from tracker.wire import MAX_MESSAGE_CHARS
 
 __all__ = ["UpdateResult", "swarm_config_for", "update_once"]
 
@@ -202,7 +203,7 @@ def swarm_config_for(config: DeviceConfig, *, has_identity: bool,
 def _report_text(message: str) -> str:
     """A message the tracker accepts: at most 4096 characters of valid UTF-8 (error texts
     may quote what a hostile server sent, lone surrogates included)."""
-    return message.encode("utf-8", "replace").decode("utf-8")[:4096]
+    return message.encode("utf-8", "replace").decode("utf-8")[:MAX_MESSAGE_CHARS]
 
 
 def _component_of(target_slot: str | None) -> str | None:

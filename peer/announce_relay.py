@@ -27,6 +27,7 @@ import trio
 
 from peer.errors import DownloadFailed
 from peer.http import HttpClient
+from tracker.wire import failure_reason
 
 __all__ = ["MAX_ANSWER_BYTES", "AnnounceRelay", "background_tasks"]
 
@@ -141,8 +142,7 @@ async def _read_request_target(stream: trio.SocketStream) -> bytes:
 
 
 def _failure(reason: str) -> bytes:
-    data = reason.encode("utf-8", "replace")[:512]
-    return b"d14:failure reason" + str(len(data)).encode() + b":" + data + b"e"
+    return failure_reason(reason[:512])
 
 
 async def _answer(stream: trio.SocketStream, status: int, body: bytes) -> None:

@@ -11,16 +11,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from infra.fsio import atomic_write_json
+from infra.ids import DEVICE_ID_RE
 from infra.tlspin import PinError, check_pin
 from manifest import ManifestFormatError, validate_product
 from peer.errors import ConfigError
+from tracker.wire import MAX_LABELS, NETWORK_ID_RE
 
 __all__ = ["DOWNLOAD_MODES", "DeviceConfig", "check_pinned_urls", "load_config", "save_config"]
 
 DOWNLOAD_MODES = ("swarm", "direct")
 
-_DEVICE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-_NETWORK_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _PORT_RE = re.compile(r"[0-9]{1,5}")  # ASCII digits only: int() takes "²" and "٣" too
 
 
@@ -98,13 +98,13 @@ class DeviceConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not _DEVICE_ID_RE.fullmatch(self.device_id):
+        if not DEVICE_ID_RE.fullmatch(self.device_id):
             raise ConfigError(f"invalid device id {self.device_id!r}")
         try:
             validate_product(self.product)
         except ManifestFormatError as exc:
             raise ConfigError(str(exc)) from None
-        if not _DEVICE_ID_RE.fullmatch(self.hardware_id):
+        if not DEVICE_ID_RE.fullmatch(self.hardware_id):
             raise ConfigError(f"invalid hardware id {self.hardware_id!r}")
         for name in ("origin_url", "tracker_url"):
             url = urlsplit(getattr(self, name))
@@ -130,11 +130,11 @@ class DeviceConfig:
             raise ConfigError("seed_time_s must be >= 0, swarm_stall_s and swarm_timeout_s > 0")
         if not 0 <= self.min_battery_percent_to_upload <= 100:
             raise ConfigError("min_battery_percent_to_upload must be within 0..100")
-        if len(self.labels) > 16:
-            raise ConfigError("at most 16 labels")
+        if len(self.labels) > MAX_LABELS:
+            raise ConfigError(f"at most {MAX_LABELS} labels")
         for name, value in (("network_id", self.network_id), ("region", self.region),
                             *(("labels", label) for label in self.labels)):
-            if value is not None and not _NETWORK_ID_RE.fullmatch(value):
+            if value is not None and not NETWORK_ID_RE.fullmatch(value):
                 raise ConfigError(f"{name} must be 1-64 chars of A-Z a-z 0-9 . _ : -, "
                                   f"got {value!r}")
         self._check_tls()

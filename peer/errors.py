@@ -16,7 +16,7 @@ the module that calls the foreign library.
 
 from __future__ import annotations
 
-from enum import IntEnum
+from tracker.wire import StatusCode
 
 __all__ = [
     "ConfigError",
@@ -29,16 +29,6 @@ __all__ = [
     "StatusCode",
     "VerifyFailed",
 ]
-
-
-class StatusCode(IntEnum):
-    """Status codes a device reports after an update attempt."""
-
-    OK = 0
-    DOWNLOAD_FAILED = 10
-    VERIFY_FAILED = 20
-    INSTALL_FAILED = 30
-    POSTCHECK_FAILED = 40
 
 
 class PeerError(Exception):

@@ -45,7 +45,7 @@ from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
 from tracker.errors import ConfigError
 from tracker.identity import CounterWindow, WarningBudget, load_fleet_trust
-from tracker.protocol import Release, encode_json
+from tracker.protocol import Release
 from tracker.rollout import RolloutPlan, StageCounters
 from tracker.server import TrackerUrls, serve_tracker_endpoints
 from tracker.store import (
@@ -55,6 +55,7 @@ from tracker.store import (
     SCHEMA_VERSION,
     SqliteStore,
 )
+from tracker.wire import encode_json
 
 TIMEOUT_S = 10
 PRODUCT, NEW = "acme-router", "2.0.0"

@@ -73,7 +73,8 @@ from tracker.bittorrent import (
     scrape_answer,
 )
 from tracker.errors import RequestError
-from tracker.protocol import (
+from tracker.rollout import RolloutPlan
+from tracker.wire import (
     DEVICE_ID_RE,
     HARDWARE_ID_RE,
     MAX_BYTES_COUNT,
@@ -83,13 +84,13 @@ from tracker.protocol import (
     TIMING_NAME_RE,
     CheckIn,
     Report,
+    WireError,
     checkin_to_json,
     encode_json,
     parse_checkin,
     parse_report,
     report_to_json,
 )
-from tracker.rollout import RolloutPlan
 
 FUZZ = settings(max_examples=200, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -200,10 +201,10 @@ def test_every_valid_device_report_round_trips_through_the_tracker_parser(
 @given(checkin=valid_checkins, report=valid_reports, edits=mutations)
 def test_corrupted_check_in_and_report_bodies_are_refused_or_still_valid(
         checkin: CheckIn, report: Report, edits: list[tuple[str, int, int]]) -> None:
-    with contextlib.suppress(RequestError):
+    with contextlib.suppress(WireError):
         _assert_checkin_is_valid(parse_checkin(mutate(encode_json(checkin_to_json(checkin)),
                                                       edits)))
-    with contextlib.suppress(RequestError):
+    with contextlib.suppress(WireError):
         parsed = parse_report(mutate(encode_json(report_to_json(report)), edits))
         assert parsed.status in STATUS_NAMES
         assert release_target_name(parsed.product, parsed.to_version)
@@ -220,7 +221,7 @@ def test_any_field_of_a_check_in_or_report_replaced_by_hostile_json_only_raises_
                         (report_to_json(report), parse_report)):
         key = data.draw(st.sampled_from([*sorted(body), "labels", "region", "extra"]))
         body[key] = data.draw(json_values)
-        with contextlib.suppress(RequestError):
+        with contextlib.suppress(WireError):
             parsed = parse(_json_bytes(body))
             assert parsed.device_id.isascii() and DEVICE_ID_RE.fullmatch(parsed.device_id)
             if isinstance(parsed, Report):
@@ -232,7 +233,7 @@ def test_any_field_of_a_check_in_or_report_replaced_by_hostile_json_only_raises_
 def test_deeply_nested_check_in_and_report_bodies_are_refused(depth: int) -> None:
     for parse in (parse_checkin, parse_report):
         for opener, closer in (("[", "]"), ('{"a":', "}")):
-            with pytest.raises(RequestError):
+            with pytest.raises(WireError):
                 parse(deeply_nested(depth, opener, closer)[:64 * 1024])
 
 

@@ -13,9 +13,10 @@ from tracker.app import TrackerApp, TrackerStatistics
 from tracker.bittorrent import SwarmInfo
 from tracker.config import TrackerConfig
 from tracker.errors import StorageError
-from tracker.protocol import CheckIn, Release, Report
+from tracker.protocol import Release
 from tracker.rollout import Admission, RolloutPlan, RolloutState, new_rollout
 from tracker.store import AuditEntry, DeviceRecord, Store, StoredReport, TokenRecord
+from tracker.wire import CheckIn, Report
 
 Message = MutableMapping[str, Any]
 

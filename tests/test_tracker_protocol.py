@@ -10,17 +10,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from peer.config import DeviceConfig
+from peer.errors import ConfigError as PeerConfigError
 from tracker.errors import RequestError
-from tracker.protocol import (
+from tracker.protocol import Release, decide_offer
+from tracker.wire import (
     MAX_MESSAGE_CHARS,
     MAX_TIMINGS,
     CheckIn,
-    Release,
     Report,
+    WireError,
     checkin_answer,
     checkin_to_json,
-    decide_offer,
     encode_json,
+    offer_to_json,
     parse_checkin,
     parse_report,
     report_to_json,
@@ -49,13 +52,13 @@ def raw(obj: Any) -> bytes:
 
 
 def rejected_checkin(body: bytes) -> str:
-    with pytest.raises(RequestError) as info:
+    with pytest.raises(WireError) as info:
         parse_checkin(body)
     return str(info.value)
 
 
 def rejected_report(body: bytes) -> str:
-    with pytest.raises(RequestError) as info:
+    with pytest.raises(WireError) as info:
         parse_report(body)
     return str(info.value)
 
@@ -88,7 +91,27 @@ def test_edge_values_are_accepted() -> None:
         device_id="A" * 128, message="x" * MAX_MESSAGE_CHARS, bytes_origin=0,
         timings_s={"a" * (i + 1): 0 for i in range(MAX_TIMINGS)})))
     assert len(report.timings_s) == MAX_TIMINGS
-    assert parse_checkin(raw(checkin_body(device_id=":.-_0", release_counter=0)))
+    assert parse_checkin(raw(checkin_body(device_id="0:.-_", release_counter=0)))
+
+
+@pytest.mark.parametrize("device_id", ["dev-1", "0:.-_", "A" * 128, ".hidden", "-rf",
+                                       ":x", "", "A" * 129, "d\u00e9v", "a b"])
+def test_the_agent_and_the_tracker_accept_exactly_the_same_device_ids(
+        device_id: str) -> None:
+    """One device-id rule (infra.ids): a device the agent's configuration accepts is one
+    the tracker accepts, and the reverse (the two copies of the rule once disagreed)."""
+    try:
+        DeviceConfig(device_id=device_id, product="acme-router", hardware_id="hw1",
+                     origin_url="https://origin", tracker_url="https://tracker")
+        agent = True
+    except PeerConfigError:
+        agent = False
+    try:
+        parse_checkin(raw(checkin_body(device_id=device_id)))
+        tracker = True
+    except WireError:
+        tracker = False
+    assert agent == tracker, (device_id, agent, tracker)
 
 
 def test_encoded_requests_round_trip() -> None:
@@ -125,7 +148,7 @@ def test_duplicate_keys_are_rejected() -> None:
 
 def test_oversize_body_is_rejected_before_decoding() -> None:
     body = raw(report_body(message="x" * 100))
-    with pytest.raises(RequestError, match="limit 50"):
+    with pytest.raises(WireError, match="limit 50"):
         parse_report(body, max_bytes=50)
 
 
@@ -193,7 +216,7 @@ def test_error_messages_about_untrusted_values_stay_short() -> None:
     assert len(message) < 200
 
 
-# --- property: arbitrary input only ever raises RequestError ----------------------------
+# --- property: arbitrary input only ever raises WireError ----------------------------
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
@@ -207,7 +230,7 @@ json_values = st.recursive(
 @given(st.binary(max_size=256))
 def test_arbitrary_bytes_never_raise_anything_but_request_error(data: bytes) -> None:
     for parse in (parse_checkin, parse_report):
-        with contextlib.suppress(RequestError):
+        with contextlib.suppress(WireError):
             parse(data)
 
 
@@ -217,7 +240,7 @@ def test_any_json_value_in_any_report_field_only_raises_request_error(
         field: str, value: Any) -> None:
     try:
         report = parse_report(raw(report_body(**{field: value})))
-    except RequestError:
+    except WireError:
         return
     assert parse_report(encode_json(report_to_json(report))) == report
 
@@ -228,7 +251,7 @@ def test_any_json_value_in_any_checkin_field_only_raises_request_error(
         field: str, value: Any) -> None:
     try:
         parsed = parse_checkin(raw(checkin_body(**{field: value})))
-    except RequestError:
+    except WireError:
         return
     assert parse_checkin(encode_json(checkin_to_json(parsed))) == parsed
 
@@ -269,7 +292,9 @@ def test_empty_catalogue_offers_nothing() -> None:
 
 def test_checkin_answer_shape() -> None:
     assert checkin_answer(None, 60) == {"release": None, "poll_after_s": 60}
-    assert checkin_answer(CATALOGUE[1], 60) == {
+    offer = CATALOGUE[1]
+    assert checkin_answer(offer_to_json(offer.product, offer.version,
+                                        offer.release_counter), 60) == {
         "release": {"product": "acme-router", "version": "3.0.0", "release_counter": 3,
                     "target": "releases/acme-router/3.0.0.json"},
         "poll_after_s": 60,

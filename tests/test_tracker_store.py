@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from tracker.errors import ReleaseConflictError, StorageError
-from tracker.protocol import CheckIn, Release, Report
+from tracker.protocol import Release
 from tracker.store import SCHEMA_VERSION, DeviceRecord, SqliteStore, Store, StoredReport
+from tracker.wire import CheckIn, Report
 
 R1 = Release.create("acme-router", "1.0.0", 1)
 R2 = Release.create("acme-router", "2.0.0", 2)

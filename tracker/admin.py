@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from tracker.errors import AuthError, RequestError
-from tracker.protocol import STATUS_NAMES, Release
+from tracker.protocol import Release
 from tracker.rollout import RolloutState
 from tracker.store import (
     AuditEntry,
@@ -31,6 +31,7 @@ from tracker.store import (
     StoredReport,
     TokenRecord,
 )
+from tracker.wire import STATUS_NAMES
 
 __all__ = [
     "ACTION_ROLES",

@@ -127,17 +127,7 @@ from tracker.identity import (
     revoked_refusal,
 )
 from tracker.metrics import Metric, render_metrics
-from tracker.protocol import (
-    STATUS_NAMES,
-    CheckIn,
-    Release,
-    Report,
-    checkin_answer,
-    decide_offer,
-    encode_json,
-    parse_checkin,
-    parse_report,
-)
+from tracker.protocol import Release, decide_offer
 from tracker.registry import AnnounceResult, SwarmRegistry
 from tracker.rollout import ACTIONS as ROLLOUT_ACTIONS
 from tracker.rollout import (
@@ -152,6 +142,17 @@ from tracker.rollout import (
     tick,
 )
 from tracker.store import AuditEntry, RevokedCertificate, Store
+from tracker.wire import (
+    STATUS_NAMES,
+    CheckIn,
+    Report,
+    WireError,
+    checkin_answer,
+    encode_json,
+    offer_to_json,
+    parse_checkin,
+    parse_report,
+)
 
 __all__ = ["TrackerApp", "TrackerStatistics"]
 
@@ -358,7 +359,7 @@ class TrackerApp:
             self._errors += 1
             await _send_json(send, 409, {"error": str(exc)})
             return
-        except RequestError as exc:
+        except (RequestError, WireError) as exc:
             self._errors += 1
             await _send_json(send, 400, {"error": str(exc)})
             return
@@ -393,7 +394,8 @@ class TrackerApp:
         base = self._config.poll_after_s
         if paced:
             base = min(base, self._config.paced_poll_after_s)
-        return checkin_answer(offer, self._jitter(base))
+        return checkin_answer(None if offer is None else offer_to_json(
+            offer.product, offer.version, offer.release_counter), self._jitter(base))
 
     def _decide_offer(self, checkin: CheckIn, now: float, auth: Authenticated | None
                       ) -> tuple[Release | None, bool, list[Decision]]:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from tracker.errors import RequestError
+from tracker.wire import DEVICE_ID_RE, failure_reason
 
 __all__ = [
     "ANNOUNCE_HASH_BYTES",
@@ -291,7 +292,7 @@ def _flag(params: Mapping[str, list[bytes]], name: str, default: bool) -> bool:
 
 _ANNOUNCE_PARAMS: Final = ("info_hash", "peer_id", "port", "uploaded", "downloaded", "left",
                            "event", "compact", "no_peer_id", "numwant", "key", "device_id")
-_DEVICE_ID_RE: Final = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+_DEVICE_ID_RE: Final = re.compile(DEVICE_ID_RE.pattern.encode("ascii"))
 
 
 def parse_announce(query: bytes, *, max_bytes: int = MAX_QUERY_BYTES) -> AnnounceRequest:
@@ -410,7 +411,7 @@ def _bencode_into(value: object, out: bytearray) -> None:
 
 def failure_answer(reason: str) -> bytes:
     """``d14:failure reason...e``: how a tracker refuses (sent with HTTP 200)."""
-    return bencode({"failure reason": reason})
+    return failure_reason(reason)
 
 
 def announce_answer(

@@ -61,10 +61,11 @@ from tracker.errors import (
     StorageError,
 )
 from tracker.identity import load_fleet_trust
-from tracker.protocol import DEVICE_ID_RE, STATUS_NAMES, Release
+from tracker.protocol import Release
 from tracker.rollout import ACTIONS, RolloutPlan
 from tracker.server import serve_tracker_endpoints
 from tracker.store import AuditEntry, SqliteStore, TokenRecord
+from tracker.wire import DEVICE_ID_RE, STATUS_NAMES
 
 __all__ = ["DEFAULT_LISTEN", "add_parser"]
 

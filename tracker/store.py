@@ -49,8 +49,9 @@ from tracker.errors import (
     StaleStateError,
     StorageError,
 )
-from tracker.protocol import CheckIn, Release, Report
+from tracker.protocol import Release
 from tracker.rollout import Admission, RolloutPlan, RolloutState, StageCounters
+from tracker.wire import CheckIn, Report
 
 __all__ = ["SCHEMA_VERSION", "AuditEntry", "DeviceRecord", "RevokedCertificate",
            "SqliteStore", "Store", "StoredReport", "TokenRecord"]
