@@ -70,10 +70,10 @@ from tracker.bittorrent import SwarmInfo
 from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
 from tracker.protocol import Release
-from tracker.wire import encode_json
 from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
 from tracker.store import SqliteStore
+from tracker.wire import encode_json
 
 INFO_HASH = "5a" * 32
 PRODUCT = "bench-router"

@@ -30,6 +30,7 @@ from manifest.release import (
     check_applicable,
     parse_release_manifest,
     release_target_name,
+    validate_component,
     validate_product,
     validate_version,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "parse_release_manifest",
     "release_target_name",
     "sha256_hex",
+    "validate_component",
     "validate_product",
     "validate_version",
     "UPDATE_TYPES",

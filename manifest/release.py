@@ -51,6 +51,7 @@ __all__ = [
     "check_applicable",
     "parse_release_manifest",
     "release_target_name",
+    "validate_component",
     "validate_product",
     "validate_version",
 ]
@@ -82,6 +83,16 @@ def validate_product(product: str) -> str:
             f"invalid product {product!r}: 1-64 chars of a-z 0-9 . _ -, starting alphanumeric"
         )
     return product
+
+
+def validate_component(component: str) -> str:
+    """A component name (``modem-fw``): the product rule."""
+    if not isinstance(component, str) or not _COMPONENT_RE.fullmatch(component):
+        raise ManifestFormatError(
+            f"invalid component {component!r}: 1-64 chars of a-z 0-9 . _ -, starting "
+            "alphanumeric"
+        )
+    return component
 
 
 def validate_version(version: str) -> str:
@@ -418,10 +429,12 @@ def _component(value: Any, update_type: str) -> str | None:
         if value is not None:
             raise ManifestFormatError("component: only for module, app and config updates")
         return None
-    if not isinstance(value, str) or not _COMPONENT_RE.fullmatch(value):
+    try:
+        return validate_component(value)
+    except ManifestFormatError:
         raise ManifestFormatError(f"component: a {update_type} update needs a component "
-                                  "name (1-64 chars of a-z 0-9 . _ -, starting alphanumeric)")
-    return value
+                                  "name (1-64 chars of a-z 0-9 . _ -, starting "
+                                  "alphanumeric)") from None
 
 
 def _critical(value: Any) -> bool:

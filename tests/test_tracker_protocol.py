@@ -18,6 +18,7 @@ from tracker.wire import (
     MAX_MESSAGE_CHARS,
     MAX_TIMINGS,
     CheckIn,
+    ComponentVersion,
     Report,
     WireError,
     checkin_answer,
@@ -112,6 +113,26 @@ def test_the_agent_and_the_tracker_accept_exactly_the_same_device_ids(
     except WireError:
         tracker = False
     assert agent == tracker, (device_id, agent, tracker)
+
+
+def test_a_check_in_names_each_installed_component_with_its_own_counter() -> None:
+    body = checkin_body(components=[{"name": "modem-fw", "version": "7.1",
+                                     "release_counter": 12}])
+    parsed = parse_checkin(raw(body))
+    assert parsed.components == (ComponentVersion("modem-fw", "7.1", 12),)
+    assert parse_checkin(encode_json(checkin_to_json(parsed))) == parsed
+    assert parse_checkin(raw(checkin_body())).components is None
+    for bad, why in (([{"name": "x", "version": "1", "release_counter": 1}] * 2, "twice"),
+                     ([{"name": "Modem", "version": "1", "release_counter": 1}], "component"),
+                     ([{"name": "m", "version": "1", "release_counter": -1}], "outside"),
+                     ([{"name": "m", "version": "1"}], "missing"),
+                     ([{"name": "m", "version": "1", "release_counter": 1, "x": 1}],
+                      "unknown"),
+                     ({"m": 1}, "list"),
+                     ([{"name": f"m{i}", "version": "1", "release_counter": 1}
+                       for i in range(33)], "limit")):
+        with pytest.raises(WireError, match=why):
+            parse_checkin(raw(checkin_body(components=bad)))
 
 
 def test_encoded_requests_round_trip() -> None:

@@ -42,6 +42,7 @@ from infra.ids import DEVICE_ID_RE, DEVICE_ID_RULE
 from manifest import (
     ManifestFormatError,
     release_target_name,
+    validate_component,
     validate_product,
     validate_version,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "HARDWARE_ID_RE",
     "MAX_BODY_BYTES",
     "MAX_BYTES_COUNT",
+    "MAX_COMPONENTS",
     "MAX_LABELS",
     "MAX_LOG_TAIL_BYTES",
     "MAX_MESSAGE_CHARS",
@@ -64,6 +66,7 @@ __all__ = [
     "STATUS_NAMES",
     "TIMING_NAME_RE",
     "CheckIn",
+    "ComponentVersion",
     "Offer",
     "Report",
     "StatusCode",
@@ -126,6 +129,7 @@ MAX_BYTES_COUNT: Final = 2**53
 """Upper bound of ``bytes_origin`` / ``bytes_peers`` (exact in JSON doubles, fits SQLite)."""
 MAX_POLL_AFTER_S: Final = 7 * 86400
 MAX_LABELS: Final = 16
+MAX_COMPONENTS: Final = 32
 
 HARDWARE_ID_RE: Final = DEVICE_ID_RE
 NETWORK_ID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -133,13 +137,25 @@ TIMING_NAME_RE: Final = re.compile(r"[a-z_]{1,32}")
 REPORT_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 _CHECKIN_KEYS = ("device_id", "product", "hardware_id", "version", "release_counter")
-_CHECKIN_OPTIONAL_KEYS = ("network_id", "region", "labels")
+_CHECKIN_OPTIONAL_KEYS = ("network_id", "region", "labels", "components")
+_COMPONENT_KEYS = ("name", "version", "release_counter")
 _REPORT_KEYS = ("device_id", "product", "from_version", "to_version", "status", "message",
                 "bytes_origin", "bytes_peers", "timings_s")
 _REPORT_OPTIONAL_KEYS = ("report_id", "log_tail")
 
 
 # --- values ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComponentVersion:
+    """A component (module, app or config: a release manifest's ``component``) a
+    device has installed, with the release counter of what it runs: the floor of that
+    component's own counter sequence."""
+
+    name: str
+    version: str
+    release_counter: int
 
 
 @dataclass(frozen=True)
@@ -151,7 +167,10 @@ class CheckIn:
     ``region`` (optional): a coarse location, the next preference. Both match
     :data:`NETWORK_ID_RE`. ``labels`` (optional, at most :data:`MAX_LABELS`, each
     matching :data:`NETWORK_ID_RE`): groups the device is in, e.g. ``canary`` (a
-    rollout's canary group may be a label).
+    rollout's canary group may be a label). ``release_counter`` is the counter of the
+    image the device runs; ``components`` (optional, at most :data:`MAX_COMPONENTS`,
+    names unique) what it runs of each component, each with its own counter. A device
+    that sends no ``components`` keeps one counter for everything it installs.
     """
 
     device_id: str
@@ -162,6 +181,7 @@ class CheckIn:
     network_id: str | None = None
     region: str | None = None
     labels: tuple[str, ...] = ()
+    components: tuple[ComponentVersion, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -225,6 +245,10 @@ def checkin_to_json(checkin: CheckIn) -> dict[str, Any]:
         out["region"] = checkin.region
     if checkin.labels:
         out["labels"] = list(checkin.labels)
+    if checkin.components is not None:
+        out["components"] = [{"name": c.name, "version": c.version,
+                              "release_counter": c.release_counter}
+                             for c in checkin.components]
     return out
 
 
@@ -287,6 +311,7 @@ def parse_checkin(data: bytes, *, max_bytes: int = MAX_BODY_BYTES) -> CheckIn:
         network_id=_network_id(obj.get("network_id"), "checkin.network_id"),
         region=_network_id(obj.get("region"), "checkin.region"),
         labels=_labels(obj.get("labels", []), "checkin.labels"),
+        components=_components(obj.get("components"), "checkin.components"),
     )
 
 
@@ -421,6 +446,31 @@ def _device_id(value: Any, where: str) -> str:
     if not DEVICE_ID_RE.fullmatch(text):
         raise WireError(f"{where}: invalid device id {_show(text)}: {DEVICE_ID_RULE}")
     return text
+
+
+def _components(value: Any, where: str) -> tuple[ComponentVersion, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise WireError(f"{where}: expected a list, got {_kind(value)}")
+    if len(value) > MAX_COMPONENTS:
+        raise WireError(f"{where}: {len(value)} components, limit {MAX_COMPONENTS}")
+    out = []
+    for index, item in enumerate(value):
+        at = f"{where}[{index}]"
+        obj = _object(item, at, _COMPONENT_KEYS)
+        name = _str(obj["name"], f"{at}.name")
+        try:
+            validate_component(name)
+        except ManifestFormatError:
+            raise WireError(f"{at}.name: invalid component {_show(name)}: 1-64 chars of "
+                            "a-z 0-9 . _ -, starting alphanumeric") from None
+        out.append(ComponentVersion(name, _version(obj["version"], f"{at}.version"),
+                                    _int(obj["release_counter"], f"{at}.release_counter",
+                                         MAX_RELEASE_COUNTER)))
+    if len({c.name for c in out}) != len(out):
+        raise WireError(f"{where}: a component is listed twice")
+    return tuple(out)
 
 
 def _hardware_id(value: Any, where: str) -> str:
