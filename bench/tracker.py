@@ -69,6 +69,7 @@ from tracker.app import TrackerApp
 from tracker.bittorrent import SwarmInfo
 from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
+from tracker.director import Director
 from tracker.protocol import Release
 from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
@@ -181,7 +182,7 @@ async def run_bench(workdir: Path, *, devices: int, requests: int, concurrency: 
         phases: dict[str, Any] = {}
         if transport == "asgi":
             with SqliteStore(db) as store:
-                app = TrackerApp(store, config)
+                app = TrackerApp(Director(store, config))
                 calls = _asgi_requests(app, devices)
                 for phase in ("checkin", "announce"):
                     phases[phase] = await _drive(calls[phase], requests, concurrency)

@@ -31,40 +31,40 @@ from tracker.store import SqliteStore
 
 async def test_canary_failures_halt_the_rollout_and_devices_outside_never_get_it(
         env: ReleaseEnv) -> None:
-    """v3 goes to two canaries first; its health check fails on both: each falls back to
-    its committed v2 slot (byte-identical) and reports 40, the rollout halts by itself,
-    and a device outside the canary group is never offered v3."""
+    """v3 goes to two canaries first; its health check fails on the first: it falls
+    back to its committed v2 slot (byte-identical) and reports 40, and the rollout halts
+    by itself at once (the default canary rule: any failing canary), naming the device,
+    its status and its message. Neither the other canary nor a device outside the
+    canary group is ever offered v3."""
     v3 = mutate_image(env.v2, seed=61)
     m3 = publish_release(env.repo, env.image_path("v3.img", v3), product=PRODUCT,
                          version="3.0.0", release_counter=3, compatibility=[HARDWARE_ID],
                          zstd_level=3)
     with SqliteStore(env.db) as store:
         register_release(store, Release.from_manifest(m3), RolloutPlan(
-            canary_devices=("canary-1", "canary-2"), min_successes=2, soak_s=0,
-            halt_min_sample=2, halt_failure_rate=0.2))
+            canary_devices=("canary-1", "canary-2"), min_successes=2, soak_s=0))
     on_v2 = {"image": env.v2, "version": "2.0.0", "counter": 2, "mode": "direct"}
-    canaries = [env.device(name, health_command=["false"], **on_v2)  # type: ignore[arg-type]
-                for name in ("canary-1", "canary-2")]
+    first, second = [env.device(name, health_command=["false"], **on_v2)  # type: ignore[arg-type]
+                     for name in ("canary-1", "canary-2")]
     outsider = env.device("dev-9", **on_v2)  # type: ignore[arg-type]
-    for dev in canaries:
-        result = await update_once(dev)
-        assert result.status == StatusCode.POSTCHECK_FAILED, result.message
-        bc = dev.bootctl()
-        assert bc.primary == bc.committed == "a" and not bc.pending
-        assert dev.slot_path("a").read_bytes() == env.v2
-        assert not list(dev.downloads_dir.iterdir())
+    result = await update_once(first)
+    assert result.status == StatusCode.POSTCHECK_FAILED, result.message
+    bc = first.bootctl()
+    assert bc.primary == bc.committed == "a" and not bc.pending
+    assert first.slot_path("a").read_bytes() == env.v2
+    assert not list(first.downloads_dir.iterdir())
     with SqliteStore(env.db) as store:
         state = store.rollout_of(PRODUCT, "3.0.0")
         assert state is not None and state.phase == "halted", state
+        assert state.halt_reason.startswith(
+            "canary stage: 1 failed of 1 offered (limit 1): canary-1 (stage canary, "
+            "status 40 post-check-failed): health check exited 1"), state.halt_reason
         assert [e.action for e in store.audit()][-1] == "rollout.halted"
-    assert sorted((r.device_id, r.status) for r in env.reports()) == [
-        ("canary-1", 40), ("canary-2", 40)]
-    result = await update_once(outsider)
-    assert result.status == StatusCode.OK and not result.attempted and not result.updated
-    assert outsider.bootctl().committed == "a" and not outsider.slot_path("b").exists()
-    for dev in canaries:  # a canary that rolled back is not offered v3 again
+    assert [(r.device_id, r.status) for r in env.reports()] == [("canary-1", 40)]
+    for dev in (second, outsider, first):  # nobody new; a canary that rolled back: not again
         again = await update_once(dev)
-        assert not again.attempted and dev.slot_path("a").read_bytes() == env.v2
+        assert again.status == StatusCode.OK and not again.attempted and not again.updated
+        assert dev.bootctl().committed == "a" and dev.slot_path("a").read_bytes() == env.v2
 
 
 DEVICES = 400  # x (check-in + announce + report) = 1200 requests, plus health probes

@@ -43,6 +43,7 @@ from tests.tracker_cli import run_cli
 from tracker.app import TrackerApp
 from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
+from tracker.director import Director
 from tracker.errors import ConfigError
 from tracker.identity import CounterWindow, WarningBudget, load_fleet_trust
 from tracker.protocol import Release
@@ -483,13 +484,13 @@ async def test_outsider_announce_is_counted_as_refused_in_the_app_statistics(
     db = tmp_path / "tracker.db"
     register(db)
     with SqliteStore(db) as store:
-        app = TrackerApp(store, TrackerConfig(db_path=db, device_ca=fleet.ca_pem))
+        app = TrackerApp(Director(store, TrackerConfig(db_path=db, device_ca=fleet.ca_pem)))
         _, _, body = await call(app, "/announce", announce_query(left=0))
         assert "request not signed" in failure(bdecode(body))
         stats = app.statistics()
         assert (stats.device_auth_refused, stats.bittorrent_failures, stats.announces,
                 stats.errors) == (1, 1, 0, 0)
-        assert app.registry.statistics().announces == 0
+        assert app.director.registry.statistics().announces == 0
 
 
 # --- lab mode and the command line ----------------------------------------------------------
@@ -583,7 +584,7 @@ def test_a_version_3_database_gains_device_counters(tmp_path: Path) -> None:
     raw = sqlite3.connect(db)
     assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     raw.close()
-    assert SCHEMA_VERSION == 5
+    assert SCHEMA_VERSION == 6
 
 
 def test_counter_window_keeps_the_highest_counter_of_recent_devices() -> None:

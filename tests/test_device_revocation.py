@@ -50,6 +50,7 @@ from tests.tracker_cli import run_cli
 from tracker.admin import hash_token, new_token
 from tracker.app import TrackerApp
 from tracker.config import TrackerConfig
+from tracker.director import Director
 from tracker.store import (
     _SCHEMA,
     _SCHEMA_DEVICE_COUNTERS,
@@ -405,8 +406,8 @@ async def test_another_tracker_process_on_the_same_database_refuses_within_the_r
                            revocation_refresh_s=5.0)
     clock_one, clock_two = Monotonic(), Monotonic()
     with SqliteStore(db) as store_one, SqliteStore(db) as store_two:
-        one = TrackerApp(store_one, config, rng=random.Random(1), monotonic=clock_one)
-        two = TrackerApp(store_two, config, rng=random.Random(2), monotonic=clock_two)
+        one = TrackerApp(Director(store_one, config, rng=random.Random(1), monotonic=clock_one))
+        two = TrackerApp(Director(store_two, config, rng=random.Random(2), monotonic=clock_two))
 
         async def checkin(app: TrackerApp) -> tuple[int, bytes]:
             body = checkin_body("dev-1")
@@ -461,7 +462,7 @@ def test_revocations_work_on_a_database_migrated_from_version_4(tmp_path: Path) 
     raw = sqlite3.connect(db)
     assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     raw.close()
-    assert SCHEMA_VERSION == 5
+    assert SCHEMA_VERSION == 6
 
 
 async def test_operator_revokes_a_stolen_key_from_the_command_line(

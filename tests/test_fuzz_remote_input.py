@@ -63,7 +63,7 @@ from seeder.delta import build_delta
 from seeder.publish import publish_release
 from seeder.repository import Repository
 from swarmota.demo import make_image, mutate_image
-from tracker.app import _admin_route, _HttpError, _parse_rollout_request
+from tracker.admin import MethodNotAllowed, NotFound, find_route, parse_rollout_request
 from tracker.bittorrent import (
     HandedPeer,
     PeerAddress,
@@ -250,11 +250,11 @@ plan_fields = sorted(RolloutPlan().to_json())
 def test_any_admin_path_is_routed_or_refused_with_404_or_405(method: str,
                                                              parts: list[str]) -> None:
     try:
-        role, action = _admin_route(method, parts)
-    except _HttpError as exc:
-        assert exc.status in (404, 405)
+        route, params = find_route(method, parts)
+    except (NotFound, MethodNotAllowed):
         return
-    assert role in ("viewer", "operator", "admin") and action
+    assert route.role in ("viewer", "operator", "admin") and route.method == method
+    assert all(params.values())
 
 
 @FUZZ
@@ -311,7 +311,7 @@ def test_any_value_in_each_rollout_plan_field_only_raises_request_error(
 def _check_rollout_request(body: bytes) -> None:
     """Parse; an accepted plan must survive what the store does with it (JSON and back)
     and give its stage names (the admin views show them)."""
-    product, version, plan = _parse_rollout_request(body)
+    product, version, plan = parse_rollout_request(body)
     assert isinstance(product, str) and isinstance(version, str)
     stored = json.dumps(plan.to_json(), sort_keys=True, allow_nan=False)
     assert RolloutPlan.from_json(json.loads(stored)) == plan
@@ -321,7 +321,7 @@ def _check_rollout_request(body: bytes) -> None:
 def test_rollout_stage_of_four_hundred_digits_is_a_request_error_not_an_overflow() -> None:
     for stages in ([10**400], [1, 10**400], [10**400, 100]):
         with pytest.raises(RequestError, match="plan: "):
-            _parse_rollout_request(_json_bytes({"product": "p", "version": "1",
+            parse_rollout_request(_json_bytes({"product": "p", "version": "1",
                                                 "plan": {"stages_percent": stages}}))
 
 

@@ -20,7 +20,7 @@ ALLOWED_MODULES = {
 }
 """Single modules of another package a package may import besides ALLOWED."""
 THIRD_PARTY_OWNERS = {
-    "httpx": {"peer/http.py", "tracker/admin_client.py"},
+    "httpx": {"peer/http.py", "tracker/admin_client.py", "tracker/release_trust.py"},
     "httpcore": {"peer/http.py"},
     "hypercorn": {"infra/http_serve.py"},
     "libtorrent": {"peer/swarm.py"},

@@ -51,6 +51,7 @@ from tracker.bittorrent import (
 )
 from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
+from tracker.director import Director
 from tracker.errors import ReleaseConflictError, RequestError
 from tracker.protocol import Release
 from tracker.registry import SwarmRegistry
@@ -400,8 +401,8 @@ def test_store_registers_and_finds_swarms(store: SqliteStore) -> None:
     release = Release.from_manifest(build_manifest())
     assert store.add_release(release, 1.0) is True
     assert store.add_release(release, 2.0) is False
-    assert store.swarm_of(ANNOUNCE_HASH) == release.swarms[0]
-    assert store.swarm_of(OTHER_HASH) is None
+    assert store.swarms_of(ANNOUNCE_HASH) == [release.swarms[0]]
+    assert store.swarms_of(OTHER_HASH) == []
     assert store.swarms() == list(release.swarms)
     assert store.swarms("other") == []
     assert store.releases() == [release]
@@ -411,20 +412,25 @@ def test_a_release_registered_without_swarms_gains_them(store: SqliteStore) -> N
     bare = Release.create("acme-router", "2.0.0", 2)
     assert store.add_release(bare, 1.0) is True
     assert store.add_release(Release.from_manifest(build_manifest()), 2.0) is True
-    assert store.swarm_of(ANNOUNCE_HASH) is not None
+    assert store.swarms_of(ANNOUNCE_HASH) != []
 
 
-def test_an_info_hash_belongs_to_one_release(store: SqliteStore) -> None:
+def test_a_byte_identical_payload_serves_several_releases_but_a_20_byte_twin_is_refused(
+        store: SqliteStore) -> None:
+    """Republishing a known-good image under a higher counter (the standard recovery
+    from a bad release) gives a payload byte for byte the same: both releases share its
+    swarm. Two different info-hashes with the same announce form are still refused."""
     store.add_release(Release.from_manifest(build_manifest()), 1.0)
-    clash = Release.from_manifest(build_manifest("3.0.0", 3))
-    with pytest.raises(ReleaseConflictError, match="clashes"):
-        store.add_release(clash, 2.0)
-    assert [r.version for r in store.releases()] == ["2.0.0"]  # nothing half-added
+    again = Release.from_manifest(build_manifest("3.0.0", 3))
+    assert store.add_release(again, 2.0) is True
+    assert [(s.version, s.info_hash) for s in store.swarms_of(ANNOUNCE_HASH)] == [
+        ("2.0.0", INFO_HASH), ("3.0.0", INFO_HASH)]
     # same first 20 bytes, different full hash: clients could not tell them apart
     twin = INFO_HASH[:40] + "0" * 24
     assert twin != INFO_HASH
     with pytest.raises(ReleaseConflictError):
         store.add_release(Release.from_manifest(build_manifest("4.0.0", 4, twin)), 3.0)
+    assert [r.version for r in store.releases()] == ["2.0.0", "3.0.0"]  # nothing half-added
 
 
 def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
@@ -441,7 +447,7 @@ def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
     with SqliteStore(db, create=False) as store:
         assert store.releases() == [Release.create("acme-router", "1.0.0", 1)]
         store.add_release(Release.from_manifest(build_manifest()), 6.0)
-        assert store.swarm_of(ANNOUNCE_HASH) is not None
+        assert store.swarms_of(ANNOUNCE_HASH) != []
     raw = sqlite3.connect(db)
     assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     raw.close()
@@ -497,7 +503,7 @@ def app(store: SqliteStore) -> TrackerApp:
     config = TrackerConfig(db_path=store.path, announce_interval_s=120,
                            announce_min_interval_s=30)
     registry = SwarmRegistry(interval_s=120, clock=FakeClock(), rng=random.Random(0))
-    return TrackerApp(store, config, registry=registry)
+    return TrackerApp(Director(store, config, registry=registry))
 
 
 async def test_announce_route_hands_out_peers_by_remote_address(app: TrackerApp) -> None:
@@ -520,7 +526,7 @@ async def test_unknown_info_hash_gets_a_failure_reason(app: TrackerApp) -> None:
     assert status == 200 and b"port must be" in bdecode(body)[b"failure reason"]
     stats = app.statistics()
     assert (stats.announces, stats.bittorrent_failures, stats.errors) == (0, 2, 0)
-    assert app.registry.statistics().announces == 0
+    assert app.director.registry.statistics().announces == 0
 
 
 async def test_scrape_route_counts_known_swarms_only(app: TrackerApp) -> None:
@@ -547,7 +553,7 @@ async def test_announce_needs_get_and_a_client_address(app: TrackerApp) -> None:
 
 
 async def test_a_swarm_registered_while_running_is_served(store: SqliteStore) -> None:
-    app = TrackerApp(store, TrackerConfig(db_path=store.path))
+    app = TrackerApp(Director(store, TrackerConfig(db_path=store.path)))
     _, _, body = await call(app, "/announce", announce_query())
     assert b"failure reason" in bdecode(body)
     await trio.to_thread.run_sync(lambda: register_release(
@@ -619,7 +625,7 @@ async def test_an_expired_rollout_cache_is_read_once_for_a_crowd(
             nursery.start_soon(leecher, i)
     assert reads == 1 and len(answers) == 30
     assert all(b"failure" not in a for a in answers)
-    assert app.registry.statistics().peers == 30
+    assert app.director.registry.statistics().peers == 30
 
 
 @pytest.mark.parametrize("ips", [[], ["10.0.0.1"], ["::1"], ["10.0.0.1", "::2", "10.0.0.3"]])

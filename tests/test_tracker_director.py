@@ -5,115 +5,33 @@ The real app over a real SQLite store, driven over ASGI (no sockets) with a fake
 
 from __future__ import annotations
 
-import json
-import random
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote_from_bytes
 
 import pytest
 import trio
 
-from tracker.admin import hash_token, new_token
+from tests.tracker_asgi import (
+    ANNOUNCE_HASH,
+    INFO_HASH,
+    PRODUCT,
+    START,
+    Clock,
+    call,
+    checkin_body,
+    offered,
+    release,
+    report_body,
+    token_for,
+)
 from tracker.app import TrackerApp
-from tracker.bittorrent import SwarmInfo
 from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
+from tracker.director import ROLLOUT_CACHE_S, Director
 from tracker.errors import StaleStateError
-from tracker.protocol import Release
-from tracker.registry import SwarmRegistry
 from tracker.rollout import RolloutPlan, apply_action, stage_of
-from tracker.store import _SCHEMA, _SCHEMA_SWARMS, SCHEMA_VERSION, SqliteStore, TokenRecord
-
-PRODUCT = "acme-router"
-INFO_HASH = "ab" * 32
-ANNOUNCE_HASH = bytes.fromhex(INFO_HASH)[:20]
-START = 1_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def release(version: str = "2.0.0", counter: int = 2, info_hash: str | None = None) -> Release:
-    base = Release.create(PRODUCT, version, counter)
-    swarms = () if info_hash is None else (SwarmInfo(info_hash, PRODUCT, version, "full"),)
-    return Release(base.product, base.version, base.release_counter, base.target, swarms)
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def store(tmp_path: Path, clock: Clock) -> Iterator[SqliteStore]:
-    with SqliteStore(tmp_path / "tracker.db", clock=clock) as s:
-        yield s
-
-
-@pytest.fixture
-def app(store: SqliteStore, clock: Clock) -> TrackerApp:
-    config = TrackerConfig(db_path=store.path, poll_after_s=600, paced_poll_after_s=60)
-    registry = SwarmRegistry(interval_s=300, clock=clock, rng=random.Random(1))
-    return TrackerApp(store, config, clock, registry=registry, rng=random.Random(7))
-
-
-async def call(app: TrackerApp, method: str, path: str, body: Any = None, *,
-               token: str | None = None, query: bytes = b"",
-               client: tuple[str, int] = ("127.0.0.2", 40000)) -> tuple[int, Any]:
-    data = b"" if body is None else json.dumps(body).encode()
-    headers = [(b"content-length", str(len(data)).encode())]
-    if token is not None:
-        headers.append((b"authorization", f"Bearer {token}".encode()))
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": data, "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "method": method, "path": path, "headers": headers,
-             "query_string": query, "client": client}
-    await app(scope, receive, send)
-    raw = b"".join(m.get("body", b"") for m in sent[1:])
-    content_type = dict(sent[0]["headers"])[b"content-type"]
-    if content_type == b"application/json":
-        return sent[0]["status"], json.loads(raw)
-    return sent[0]["status"], raw
-
-
-def checkin_body(device: str, counter: int = 1, **extra: str) -> dict[str, Any]:
-    return {"device_id": device, "product": PRODUCT, "hardware_id": "hw1",
-            "version": f"{counter}.0.0", "release_counter": counter, **extra}
-
-
-def report_body(device: str, status: int, to_version: str = "2.0.0") -> dict[str, Any]:
-    return {"device_id": device, "product": PRODUCT, "from_version": "1.0.0",
-            "to_version": to_version, "status": status, "message": "", "bytes_origin": 100,
-            "bytes_peers": 900, "timings_s": {}}
-
-
-async def offered(app: TrackerApp, device: str, counter: int = 1,
-                  **extra: str) -> str | None:
-    status, answer = await call(app, "POST", "/v1/checkin", checkin_body(device, counter,
-                                                                         **extra))
-    assert status == 200, answer
-    return None if answer["release"] is None else str(answer["release"]["version"])
-
-
-def token_for(store: SqliteStore, role: str, expires_at: float | None = None) -> str:
-    token = new_token()
-    store.add_token(TokenRecord(hash_token(token), f"{role}-user", role, 0.0, expires_at))
-    return token
-
+from tracker.store import _SCHEMA, _SCHEMA_SWARMS, SCHEMA_VERSION, SqliteStore
 
 # --- offers follow the rollout --------------------------------------------------------------
 
@@ -149,7 +67,8 @@ async def test_canaries_first_then_stages_with_soak_and_the_state_survives_a_res
         assert state.counters[1].admitted == len(half)
         assert again.admission("r1", "canary-1") is not None
     assert app.statistics().stage_transitions == 1
-    assert [e.action for e in store.audit()] == ["rollout.create", "rollout.stage-advanced"]
+    assert [e.action for e in store.audit()] == ["release.register", "rollout.create",
+                                                 "rollout.stage-advanced"]
 
 
 async def test_devices_declaring_the_canary_label_are_canaries(
@@ -176,7 +95,9 @@ async def test_failing_canaries_halt_the_rollout_and_nobody_new_gets_it(
         await call(app, "POST", "/v1/report", report_body(device, status))
     state = store.rollout_of(PRODUCT, "2.0.0")
     assert state is not None and state.phase == "halted"
-    assert "2/3" in state.halt_reason
+    # the default canary rule: the first failing canary halts, and the reason names it
+    assert state.halt_reason.startswith("canary stage: 1 failed of 4 offered (limit 1): "
+                                        "c2 (stage canary, status 30 install-failed)")
     # Nobody new, including the whole fleet: the rollout never left the canaries.
     clock.now += 10_000
     assert [await offered(app, f"dev-{i}") for i in range(50)] == [None] * 50
@@ -266,21 +187,22 @@ async def test_announces_get_peers_only_for_devices_admitted_to_the_release(
 
 
 async def test_an_abort_by_another_tracker_process_stops_hand_out_within_the_cache_bound(
-        app: TrackerApp, store: SqliteStore, clock: Clock,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        app: TrackerApp, store: SqliteStore, clock: Clock, autojump_clock: trio.abc.Clock
+        ) -> None:
     """The announce caches (rollout and admitted devices) never outlive a rollout change
-    made elsewhere by more than the rollout cache's lifetime (shortened here)."""
-    monkeypatch.setattr("tracker.app._ROLLOUT_CACHE_S", 0.2)
+    made elsewhere by more than the rollout cache's lifetime (trio's clock, jumped)."""
     register_release(store, release(info_hash=INFO_HASH), RolloutPlan.everyone(), now=START)
     assert await announce(app, None, 7000, left=0) == []          # the seeder
     assert await offered(app, "d1") == "2.0.0"
     for _ in range(3):                                            # cached: admitted
         assert await announce(app, "d1", 7001) == [7000]
-    other = TrackerApp(store, TrackerConfig(db_path=store.path), clock)  # another process
+    other = TrackerApp(Director(store, TrackerConfig(db_path=store.path), clock=clock))
     status, _ = await call(other, "POST", f"/v1/admin/rollouts/{PRODUCT}/2.0.0/abort",
                            token=token_for(store, "operator"))
     assert status == 200
-    await trio.sleep(0.25)
+    await trio.sleep(ROLLOUT_CACHE_S / 2)
+    assert await announce(app, "d1", 7001) == [7000]              # within the bound
+    await trio.sleep(ROLLOUT_CACHE_S / 2)
     assert await announce(app, "d1", 7001) == []                  # aborted: nobody
     assert await announce(app, None, 7002) == []                  # not even anonymous
 
@@ -390,7 +312,8 @@ async def test_concurrent_admin_actions_are_serialised_to_one_final_state(
     state = store.rollout_of(PRODUCT, "2.0.0")
     assert state is not None
     accepted = [e.action.removeprefix("rollout.") for e in store.audit()
-                if e.outcome == "ok" and e.action != "rollout.create"]
+                if e.outcome == "ok" and e.action.startswith("rollout.")
+                and e.action != "rollout.create"]
     assert len(accepted) == sum(1 for _, status in results if status == 200)
     from tracker.rollout import new_rollout
     replay, _ = new_rollout(state.rollout_id, PRODUCT, "2.0.0", 2, RolloutPlan(),
@@ -477,7 +400,8 @@ async def test_two_trackers_on_one_database_count_every_device_once(
                               halt_failure_rate=1.0, halt_failure_count=10**6)
     register_release(store, release(), never_halts, now=START)
     stores = [SqliteStore(store.path, create=False, clock=clock) for _ in range(2)]
-    apps = [TrackerApp(s, TrackerConfig(db_path=store.path), clock) for s in stores]
+    apps = [TrackerApp(Director(s, TrackerConfig(db_path=store.path), clock=clock))
+            for s in stores]
     devices = [f"dev-{i}" for i in range(40)]
 
     async def device_life(app: TrackerApp, device: str) -> None:

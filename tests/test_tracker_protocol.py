@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from typing import Any
 
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from peer.config import DeviceConfig
 from peer.errors import ConfigError as PeerConfigError
 from tracker.errors import RequestError
-from tracker.protocol import Release, decide_offer
+from tracker.protocol import Release, decide_offer, floor_of, newer_releases
 from tracker.wire import (
     MAX_MESSAGE_CHARS,
     MAX_TIMINGS,
@@ -329,3 +330,20 @@ def test_release_target_must_match_product_and_version() -> None:
         Release.create("Bad Product", "1.0.0", 1)
     with pytest.raises(RequestError, match="release_counter"):
         Release.create("acme-router", "1.0.0", -1)
+
+
+def test_each_update_kind_has_its_own_counter_sequence() -> None:
+    """A config release with counter 3 installed first must not make image release 2
+    uninstallable: a device listing its components is offered per sequence."""
+    image2 = Release.create("acme-router", "2.0.0", 2)
+    config3 = dataclasses.replace(Release.create("acme-router", "cfg-3", 3),
+                                  update_type="config", component="settings")
+    modem5 = dataclasses.replace(Release.create("acme-router", "fw-5", 5),
+                                 update_type="module", component="modem")
+    catalogue = [config3, image2, modem5]
+    runs = CheckIn("d1", "acme-router", "hw1", "1.0.0", 1,
+                   components=(ComponentVersion("settings", "cfg-3", 3),))
+    assert newer_releases(runs, catalogue) == [image2, modem5]  # image first, then by name
+    assert floor_of(runs, config3) == 3 and floor_of(runs, modem5) == 0
+    legacy = CheckIn("d1", "acme-router", "hw1", "1.0.0", 3)  # one sequence for all
+    assert newer_releases(legacy, catalogue) == [modem5]

@@ -93,9 +93,9 @@ def test_checkins_upsert_the_device_record(store: SqliteStore) -> None:
 
 
 def test_reports_round_trip_in_arrival_order(store: SqliteStore) -> None:
-    first = store.add_report(report("dev-1"), 20.0)
-    second = store.add_report(report("dev-2", status=40), 21.0)
-    third = store.add_report(report("dev-1", status=10), 22.0)
+    first = store.add_report(report("dev-1"), 20.0)[0]
+    second = store.add_report(report("dev-2", status=40), 21.0)[0]
+    third = store.add_report(report("dev-1", status=10), 22.0)[0]
     assert first < second < third
     assert store.reports() == [
         StoredReport.from_report(first, 20.0, report("dev-1")),
@@ -112,7 +112,7 @@ def test_everything_persists_after_close_and_reopen(db_path: Path) -> None:
     store = SqliteStore(db_path)
     store.add_release(R1, 1.0)
     store.record_checkin(CheckIn("dev-1", "acme-router", "hw1", "1.0.0", 1), 2.0)
-    report_id = store.add_report(report(), 3.0)
+    report_id = store.add_report(report(), 3.0)[0]
     store.close()
 
     reopened = SqliteStore(db_path, create=False)

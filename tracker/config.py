@@ -8,6 +8,7 @@ from pathlib import Path
 from infra.http_serve import ListenConfig
 from tracker.announce_server import AnnounceServerLimits
 from tracker.registry import DEFAULT_MAX_PEERS_PER_SWARM, DEFAULT_MAX_PEERS_TOTAL
+from tracker.wire import MAX_BODY_BYTES
 
 __all__ = [
     "DEFAULT_ANNOUNCE_INTERVAL_S",
@@ -19,18 +20,20 @@ __all__ = [
     "DEFAULT_MAX_PEERS_PER_SWARM",
     "DEFAULT_MAX_PEERS_TOTAL",
     "DEFAULT_POLL_AFTER_S",
+    "DEFAULT_REPORT_RETENTION_S",
     "DEFAULT_REVOCATION_REFRESH_S",
     "TrackerConfig",
 ]
 
 DEFAULT_POLL_AFTER_S = 3600
-DEFAULT_MAX_BODY_BYTES = 64 * 1024
+DEFAULT_MAX_BODY_BYTES = MAX_BODY_BYTES  # the wire format's limit (a report with its log tail)
 DEFAULT_ANNOUNCE_INTERVAL_S = 300
 DEFAULT_ANNOUNCE_MIN_INTERVAL_S = 60
 DEFAULT_POLL_JITTER_FRACTION = 0.1
 DEFAULT_PACED_POLL_AFTER_S = 300
 DEFAULT_AUDIT_RETENTION_S = 365 * 24 * 3600
 DEFAULT_REVOCATION_REFRESH_S = 5.0
+DEFAULT_REPORT_RETENTION_S = 180 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class TrackerConfig:
         paced_poll_after_s: ``poll_after_s`` (jittered too, at most ``poll_after_s``)
             for a device held back by a stage's in-flight cap.
         audit_retention_s: audit entries older than this are deleted (checked hourly).
+        report_retention_s: device reports (and the log tails they carry) older than
+            this are deleted (checked hourly).
         announce_listen: ``(host, port)`` of the lean BitTorrent endpoint
             (:mod:`tracker.announce_server`), or ``None`` (default) for none: announces
             and scrapes are then served by the main listener only. It uses the main
@@ -64,6 +69,16 @@ class TrackerConfig:
             mode: device requests are not authenticated (``tracker serve`` asks for
             ``--allow-unauthenticated-devices`` explicitly). Loaded when the app is
             built.
+        repository_root: the repository's root metadata (``root.json``, as devices
+            are provisioned with): with ``origin_url``, releases registered through
+            the admin API are verified against the signed metadata of the repository
+            the origin serves (:mod:`tracker.release_trust`). ``None``: the admin API
+            registers no releases.
+        origin_url: base URL of the origin tree (its ``metadata/`` and ``targets/``).
+        origin_ca_file: PEM certificates to trust for an HTTPS origin (default: the
+            system's).
+        trust_dir: where the tracker keeps the repository metadata it trusts (default:
+            ``repository-trust`` beside the database).
         revocation_refresh_s: how old each process's in-memory copy of the revoked
             device certificates may get before it reads them again from the database:
             a certificate revoked through another tracker process on the same database
@@ -88,10 +103,15 @@ class TrackerConfig:
     poll_jitter_fraction: float = DEFAULT_POLL_JITTER_FRACTION
     paced_poll_after_s: int = DEFAULT_PACED_POLL_AFTER_S
     audit_retention_s: float = DEFAULT_AUDIT_RETENTION_S
+    report_retention_s: float = DEFAULT_REPORT_RETENTION_S
     announce_listen: tuple[str, int] | None = None
     announce_limits: AnnounceServerLimits = field(default_factory=AnnounceServerLimits)
     device_ca: Path | None = None
     revocation_refresh_s: float = DEFAULT_REVOCATION_REFRESH_S
+    repository_root: Path | None = None
+    origin_url: str | None = None
+    origin_ca_file: Path | None = None
+    trust_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.poll_after_s <= 7 * 24 * 3600:
@@ -110,7 +130,14 @@ class TrackerConfig:
             raise ValueError("poll_jitter_fraction must be within 0..0.5")
         if not 0 <= self.paced_poll_after_s <= 7 * 24 * 3600:
             raise ValueError("paced_poll_after_s must be within 0..604800")
-        if self.audit_retention_s <= 0:
-            raise ValueError("audit_retention_s must be positive")
+        if self.audit_retention_s <= 0 or self.report_retention_s <= 0:
+            raise ValueError("audit_retention_s and report_retention_s must be positive")
         if not 0 < self.revocation_refresh_s <= 3600:
             raise ValueError("revocation_refresh_s must be within (0, 3600]")
+        if (self.repository_root is None) != (self.origin_url is None):
+            raise ValueError("repository_root and origin_url go together")
+
+    @property
+    def repository_trust_dir(self) -> Path:
+        """:attr:`trust_dir`, or its default beside the database."""
+        return self.trust_dir or self.db_path.parent / "repository-trust"

@@ -13,6 +13,9 @@
      |                             with too small a role (``forbidden``: HTTP 403)
      +-- ConfigError               the tracker's configuration cannot be used (e.g. an
      |                             unreadable fleet CA file); raised before serving
+     +-- UpstreamError             a server the tracker depends on (the repository's
+     |                             origin, when verifying a release) could not be reached
+     |                             or served nothing usable: HTTP 502
      +-- AdminApiError             the admin API answered an error (``status``: the HTTP
      |                             status, 0 if the tracker could not be reached); raised
      |                             by :mod:`tracker.admin_client` (wraps ``httpx`` errors)
@@ -23,7 +26,9 @@
                                    content is already registered
 
 Foreign exceptions are translated where the foreign library is called: ``sqlite3`` in
-``tracker.store`` only, ``httpx`` in ``tracker.admin_client`` only. ``RuntimeError``
+``tracker.store`` only, ``httpx`` in ``tracker.admin_client`` and
+``tracker.release_trust`` only. Bad device input is :class:`tracker.wire.WireError`
+(HTTP 400), the wire module's own. ``RuntimeError``
 means a programming bug.
 """
 
@@ -39,6 +44,7 @@ __all__ = [
     "StaleStateError",
     "StorageError",
     "TrackerError",
+    "UpstreamError",
 ]
 
 
@@ -68,6 +74,10 @@ class AuthError(TrackerError):
 
 class ConfigError(TrackerError):
     """The tracker's configuration cannot be used; the message says which file and why."""
+
+
+class UpstreamError(TrackerError):
+    """A server the tracker needs answered nothing usable; the message says which."""
 
 
 class AdminApiError(TrackerError):

@@ -27,26 +27,58 @@ again from SQLite when its copy is older than ``TrackerConfig.revocation_refresh
 refuse a revoked certificate at most that long after any of them revoked it.
 
 Refusals are :class:`DeviceRefused`, with a ``kind`` (:data:`REFUSAL_KINDS`) for the
-``/metrics`` label and a message safe to send back. Pure except
-:func:`load_fleet_trust`, which reads one file.
+``/metrics`` label and a message safe to send back.
+
+:class:`DeviceGate` puts these together for the director: it verifies a request's
+identity headers, keeps the revoked set fresh (one read at a time), checks announce
+counters against the window and records the certificates devices announce with. Its
+store calls go through the runner the director gives it (a worker thread, one at a
+time); everything else here is pure except :func:`load_fleet_trust`, which reads one
+file.
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
-from infra.deviceauth import Authenticated, DeviceAuthError, FleetTrust
-from tracker.errors import ConfigError
+import trio
+
+from infra.deviceauth import (
+    CERT_HEADER,
+    SIGNATURE_HEADER,
+    Authenticated,
+    DeviceAuthError,
+    FleetTrust,
+    find_header,
+)
+from tracker.errors import ConfigError, StorageError
+
+if TYPE_CHECKING:
+    from tracker.store import Store
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+class Runner(Protocol):
+    """Runs a blocking store call off the event loop (the director's worker thread)."""
+
+    def __call__(self, fn: Callable[[], _T], /) -> Awaitable[_T]: ...
 
 __all__ = [
     "REFUSAL_KINDS",
     "CounterWindow",
+    "Runner",
+    "DeviceGate",
     "DeviceRefused",
     "RevokedSet",
     "WarningBudget",
+    "bind",
     "load_fleet_trust",
     "replay_refusal",
     "revoked_refusal",
@@ -204,3 +236,160 @@ class RevokedSet:
     def add(self, revoked: Iterable[str]) -> None:
         """This process revoked ``revoked``: refuse them at once."""
         self._revoked = self._revoked.union(revoked)
+
+
+def bind(auth: Authenticated | None, device_id: str | None) -> None:
+    """The device id a signed request names must be its certificate's.
+
+    Raises:
+        DeviceRefused: ``identity``, naming both.
+    """
+    if auth is not None and device_id != auth.device_id:
+        named = "no device_id" if device_id is None else f"device_id {device_id[:128]!r}"
+        raise DeviceRefused("identity", f"request names {named}, but is signed by "
+                                        f"{auth.device_id!r}", device_id)
+
+
+class DeviceGate:
+    """Who signed a device request, for a tracker whose config names a fleet CA.
+
+    ``store`` is read and written only through ``run`` (the director's worker-thread
+    runner); ``clock`` gives epoch seconds (certificate validity), ``monotonic`` times
+    the refresh of the revoked set. ``on_refused(kind)`` is called for every refusal
+    (the director counts them). Owned by one event loop.
+    """
+
+    ANNOUNCE_COUNTER_DEVICES: Final = 100_000
+    """Devices whose highest announce/scrape counter is kept in memory (about 100 bytes
+    each); one that falls out is seeded again from its stored check-in/report counter."""
+
+    def __init__(self, trust: FleetTrust, store: Store, run: Runner, *,
+                 clock: Callable[[], float], monotonic: Callable[[], float],
+                 revocation_refresh_s: float, max_certificates_seen: int,
+                 on_refused: Callable[[str], None]) -> None:
+        self._trust = trust
+        self._store = store
+        self._run = run
+        self._clock = clock
+        self._monotonic = monotonic
+        self._on_refused = on_refused
+        self._announce_counters = CounterWindow(self.ANNOUNCE_COUNTER_DEVICES)
+        self._revoked = RevokedSet(revocation_refresh_s)
+        self._revoked_reading: trio.Event | None = None
+        self._refusal_log = WarningBudget()
+        self._certificates_seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._max_seen = max_certificates_seen
+
+    async def verify(self, method: str, target: bytes, body: bytes,
+                     headers: Sequence[tuple[bytes, bytes]]) -> Authenticated:
+        """Check the identity headers against the fleet CA and the revoked set.
+
+        Raises:
+            DeviceRefused: ``unsigned``, ``invalid`` or ``revoked``.
+            StorageError: the revoked certificates could not be read.
+        """
+        await self._refresh_revoked()
+        cert = find_header(headers, CERT_HEADER)
+        signature = find_header(headers, SIGNATURE_HEADER)
+        now = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
+        try:
+            auth = self._trust.verify(method, target, body, cert, signature, now)
+        except DeviceAuthError as exc:
+            kind = "unsigned" if cert is None or signature is None else "invalid"
+            raise DeviceRefused(kind, str(exc)) from None
+        if auth.cert_sha256 in self._revoked:
+            raise revoked_refusal(auth)
+        return auth
+
+    def advance_counter(self, auth: Authenticated | None, now: float) -> None:
+        """In the store's thread (inside the request's transaction): store a signed
+        check-in's or report's counter if it is above the device's last one.
+
+        Raises:
+            DeviceRefused: ``replayed``; nothing was written.
+        """
+        if auth is None:
+            return
+        floor = self._store.advance_counter(auth.device_id, auth.counter, now,
+                                            auth.cert_sha256)
+        if floor is not None:
+            raise replay_refusal(auth.counter, floor, auth.device_id)
+
+    def accepted(self, auth: Authenticated | None) -> None:
+        """A signed check-in or report was accepted: announces signed before it can no
+        longer be replayed to this process."""
+        if auth is not None:
+            self._announce_counters.raise_to(auth.device_id, auth.counter)
+
+    async def accept_announce(self, auth: Authenticated) -> None:
+        """Check an announce's or scrape's counter against the in-memory window (seeded
+        from the stored counter when the device is not in it), remember it, and record
+        the certificate the first time this process sees the device use it.
+
+        Raises:
+            DeviceRefused: ``replayed``.
+            StorageError: reading or writing the store failed.
+        """
+        floor = self._announce_counters.get(auth.device_id)
+        if floor is None:
+            stored = await self._run(lambda: self._store.device_counter(auth.device_id))
+            floor = self._announce_counters.get(auth.device_id)  # may have moved meanwhile
+            if stored is not None and (floor is None or stored > floor):
+                floor = stored
+        if floor is not None and auth.counter <= floor:
+            raise replay_refusal(auth.counter, floor, auth.device_id)
+        self._announce_counters.raise_to(auth.device_id, auth.counter)
+        key = (auth.device_id, auth.cert_sha256)
+        if key in self._certificates_seen:
+            self._certificates_seen.move_to_end(key)
+            return
+        now = self._clock()
+        await self._run(
+            lambda: self._store.record_certificate(auth.device_id, auth.cert_sha256, now))
+        self._certificates_seen[key] = None
+        while len(self._certificates_seen) > self._max_seen:
+            self._certificates_seen.popitem(last=False)
+
+    def revoked_here(self, device_id: str, fingerprints: Iterable[str]) -> None:
+        """This process revoked ``fingerprints`` of ``device_id``: refused from now on,
+        and the device's announce counters start over (reset in the store too)."""
+        self._revoked.add(fingerprints)
+        self._announce_counters.forget(device_id)
+
+    def refused(self, exc: DeviceRefused, what: str) -> None:
+        """Count a refusal and log it (at most a bounded number of lines a minute)."""
+        self._on_refused(exc.kind)
+        log_it, left_out = self._refusal_log.allow(self._monotonic())
+        if not log_it:
+            return  # counted in /metrics; the log keeps a bounded number of lines
+        claimed = "-" if exc.claimed is None else repr(exc.claimed[:128])
+        log.warning("device request refused (%s): %s: device %s: %s%s", exc.kind, what,
+                    claimed, exc.message,
+                    f" ({left_out} more refusals not logged)" if left_out else "")
+
+    async def _refresh_revoked(self) -> None:
+        """Read the revoked certificates again if this process's copy is
+        ``revocation_refresh_s`` old. One read at a time: requests arriving while it
+        runs wait for it.
+
+        Raises:
+            StorageError: the read failed (this request's, or the one it waited for):
+                a request is never judged against a copy older than the bound.
+        """
+        if not self._revoked.due(self._monotonic()):
+            return
+        running = self._revoked_reading
+        if running is not None:
+            await running.wait()
+            if self._revoked.due(self._monotonic()):
+                raise StorageError("the revoked device certificates could not be read")
+            return
+        done = self._revoked_reading = trio.Event()
+        try:
+            read_at = self._monotonic()
+            revoked = await self._run(self._store.revoked_fingerprints)
+            for device_id in self._revoked.refreshed(revoked, read_at):
+                self._announce_counters.forget(device_id)  # reset in the store too
+        finally:
+            self._revoked_reading = None
+            done.set()

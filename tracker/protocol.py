@@ -17,7 +17,20 @@ from tracker.bittorrent import SwarmInfo
 from tracker.errors import RequestError
 from tracker.wire import MAX_RELEASE_COUNTER, CheckIn
 
-__all__ = ["Release", "decide_offer"]
+__all__ = ["PayloadSummary", "Release", "decide_offer", "floor_of", "newer_releases"]
+
+
+@dataclass(frozen=True)
+class PayloadSummary:
+    """One payload of a registered release, as operators see it: ``kind`` (``full`` or
+    ``delta``), ``encoding``, ``size`` in bytes, its SHA-256 and, for a delta, the
+    SHA-256 of the image it applies to."""
+
+    kind: str
+    encoding: str
+    size: int
+    sha256: str
+    base_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -28,7 +41,9 @@ class Release:
     ``manifest.release_target_name(product, version)``; build with :meth:`create` or
     :meth:`from_manifest` to have it derived. ``swarms`` are the BitTorrent swarms of
     its payloads (those whose manifest entry carries an ``info_hash``), in manifest
-    order; releases registered without them have none.
+    order; releases registered without them have none. ``component`` is the
+    manifest's (``None`` for an image: the A/B slots); each component, and the image,
+    has a counter sequence of its own. ``payloads`` summarise the manifest's payloads.
 
     Raises:
         RequestError: invalid product or version, counter outside
@@ -41,6 +56,9 @@ class Release:
     release_counter: int
     target: str
     swarms: tuple[SwarmInfo, ...] = ()
+    update_type: str = "image"
+    component: str | None = None
+    payloads: tuple[PayloadSummary, ...] = ()
 
     def __post_init__(self) -> None:
         try:
@@ -79,25 +97,47 @@ class Release:
         base = cls.create(manifest.product, manifest.version, manifest.release_counter)
         swarms = tuple(SwarmInfo(p.info_hash, manifest.product, manifest.version, p.kind)
                        for p in manifest.payloads if p.info_hash is not None)
-        return cls(base.product, base.version, base.release_counter, base.target, swarms)
+        payloads = tuple(PayloadSummary(p.kind, p.encoding, p.size, p.sha256,
+                                        None if p.base is None else p.base.sha256)
+                         for p in manifest.payloads)
+        return cls(base.product, base.version, base.release_counter, base.target, swarms,
+                   manifest.update_type, manifest.component, payloads)
 
 
 # --- decision -------------------------------------------------------------------------
 
 
-def decide_offer(checkin: CheckIn, releases: Iterable[Release]) -> Release | None:
-    """The release to offer ``checkin``'s device, or ``None``.
+def floor_of(checkin: CheckIn, release: Release) -> int:
+    """The device's counter in ``release``'s sequence: the image's, or the component's
+    (0 for a component it does not run; the image's for a device that lists no
+    components, which keeps one sequence for everything)."""
+    if release.component is None or checkin.components is None:
+        return checkin.release_counter
+    for component in checkin.components:
+        if component.name == release.component:
+            return component.release_counter
+    return 0
 
-    The newest release (highest ``release_counter``) of the device's product whose
-    counter is strictly higher than the device's. Releases of other products are
-    ignored. Counters are unique per product, so the choice is unambiguous.
-    """
-    best: Release | None = None
-    for release in releases:
-        if release.product != checkin.product:
-            continue
-        if release.release_counter <= checkin.release_counter:
-            continue
-        if best is None or release.release_counter > best.release_counter:
-            best = release
-    return best
+
+def newer_releases(checkin: CheckIn, releases: Iterable[Release]) -> list[Release]:
+    """The releases of the device's product newer than what it runs (never a
+    downgrade: counters are compared within each sequence, :func:`floor_of`), in the
+    order to offer them: the image first, then components by name, the newest first
+    within each; for a device that keeps one sequence for everything (it lists no
+    components), the newest counter first whatever its kind. Which one the device gets
+    is its rollouts' decision."""
+    newer = [r for r in releases
+             if r.product == checkin.product and r.release_counter > floor_of(checkin, r)]
+    if checkin.components is None:
+        newer.sort(key=lambda r: -r.release_counter)
+    else:
+        newer.sort(key=lambda r: (r.component is not None, r.component or "",
+                                  -r.release_counter))
+    return newer
+
+
+def decide_offer(checkin: CheckIn, releases: Iterable[Release]) -> Release | None:
+    """The first of :func:`newer_releases`, or ``None`` (the catalogue's answer when
+    every release were open to every device)."""
+    newer = newer_releases(checkin, releases)
+    return newer[0] if newer else None

@@ -16,8 +16,11 @@ import trio
 from infra.http_serve import ListenConfig, serve_asgi
 from tracker.announce_server import serve_announce
 from tracker.app import TrackerApp
+from tracker.bt_api import answer_bittorrent
 from tracker.config import TrackerConfig
+from tracker.director import Director
 from tracker.registry import SwarmRegistry
+from tracker.release_trust import ReleaseVerifier
 from tracker.store import SqliteStore
 
 __all__ = ["TRACKER_TLS_MIN_VERSION", "TrackerUrls", "serve_tracker", "serve_tracker_endpoints"]
@@ -76,23 +79,29 @@ async def serve_tracker_endpoints(
     ``config.listen`` (and ``config.announce_listen``, with the same TLS certificate
     if any; over TLS both speak 1.3 only, whatever ``config.listen`` says) and passes
     the bound :class:`TrackerUrls` to ``task_status.started``. Both
-    listeners serve one :class:`~tracker.app.TrackerApp`: one swarm registry, one swarm
-    gate, one set of counters. The store is closed when the service stops, after every
+    listeners serve one :class:`~tracker.director.Director`: one swarm registry, one
+    swarm gate, one set of counters. The store is closed when the service stops, after every
     request handler has finished. ``clock`` (epoch seconds) timestamps check-ins,
     reports and releases. ``registry`` holds the BitTorrent peers (default: a new one
     built from ``config``); pass one to read its statistics.
 
     Raises:
         StorageError: the database cannot be opened (before ``started``).
-        ConfigError: ``config.device_ca`` cannot be read or holds no CA certificate
-            (before ``started``).
+        ConfigError: ``config.device_ca`` cannot be read or holds no CA certificate, or
+            the repository root or origin cannot be used (before ``started``).
         OSError: an address cannot be bound, or the TLS files cannot be loaded
             (``ssl.SSLError`` is an ``OSError``).
     """
     store = await trio.to_thread.run_sync(
         functools.partial(SqliteStore, config.db_path, clock=clock))
     try:
-        app = TrackerApp(store, config, clock, registry=registry)
+        releases = None
+        if config.repository_root is not None and config.origin_url is not None:
+            releases = ReleaseVerifier(config.repository_trust_dir, config.origin_url,
+                                       config.repository_root, ca_file=config.origin_ca_file)
+        director = Director(store, config, clock=clock, registry=registry,
+                            releases=releases)
+        app = TrackerApp(director)
         if config.device_ca is not None:
             log.info("device requests must be signed by the fleet CA in %s",
                      config.device_ca)
@@ -104,7 +113,7 @@ async def serve_tracker_endpoints(
             if config.announce_listen is not None:
                 host, port = config.announce_listen
                 announce_url = await nursery.start(functools.partial(
-                    serve_announce, app.answer_bittorrent, host, port,
+                    serve_announce, functools.partial(answer_bittorrent, director), host, port,
                     ssl_context=_server_ssl_context(listen),
                     limits=config.announce_limits))
             api_url = await nursery.start(serve_asgi, app, listen)

@@ -23,9 +23,19 @@ product, version, payload kind); 3 adds rollouts, admin tokens and the audit log
 adds ``device_counters``, the last request counter accepted from each device (replay
 protection of signed check-ins and reports, :mod:`infra.deviceauth`); 5 adds the
 certificates devices signed check-ins and reports with (``device_counters.cert_sha256``,
-the last one, and ``device_certificates``, every one) and ``revoked_certificates``.
-Opening an older database migrates it in place (one transaction); releases registered
-before keep working, without swarms.
+the last one, and ``device_certificates``, every one) and ``revoked_certificates``; 6
+(the control plane) adds report ids (a report resent after a crash is stored once) and
+log tails, the labels and components devices declare, operator tags, release kinds
+(image or component: a counter sequence each) and payload summaries, swarms shared by
+releases with byte-identical payloads, rollout generations (a new rollout after a halt
+or abort) with their latest failures, and each admitted device's last status code and
+message. A new database runs every migration from version 0 (one source of truth,
+:data:`_MIGRATIONS`); an older one runs those it lacks, in one transaction.
+
+**Transactions.** Each method is one transaction. :meth:`SqliteStore.atomic` groups
+several into one (``BEGIN IMMEDIATE`` ... ``COMMIT``): the tracker's director decides a
+check-in, a report or an admin action inside one, so another process sharing the
+database never sees half of it, and its writes never interleave.
 """
 
 from __future__ import annotations
@@ -36,8 +46,8 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,14 +59,25 @@ from tracker.errors import (
     StaleStateError,
     StorageError,
 )
-from tracker.protocol import Release
-from tracker.rollout import Admission, RolloutPlan, RolloutState, StageCounters
-from tracker.wire import CheckIn, Report
+from tracker.protocol import PayloadSummary, Release
+from tracker.rollout import (
+    RESTARTABLE,
+    Admission,
+    FailureNote,
+    RolloutPlan,
+    RolloutState,
+    StageCounters,
+)
+from tracker.wire import CheckIn, ComponentVersion, Report
 
-__all__ = ["SCHEMA_VERSION", "AuditEntry", "DeviceRecord", "RevokedCertificate",
-           "SqliteStore", "Store", "StoredReport", "TokenRecord"]
+__all__ = ["MAX_PAGE", "SCHEMA_VERSION", "AuditEntry", "DeviceFilter", "DeviceRecord",
+           "RevokedCertificate", "RolloutDevice", "SqliteStore", "Store", "StoredReport",
+           "TokenRecord"]
 
-SCHEMA_VERSION = 5
+MAX_PAGE = 1000
+"""The most rows one listing call returns (devices, reports, admissions)."""
+
+SCHEMA_VERSION = 6
 _BUSY_TIMEOUT_MS = 5000
 
 # Version 1 of the schema; later versions add _MIGRATIONS in order.
@@ -185,16 +206,92 @@ CREATE TABLE revoked_certificates (
     reason TEXT NOT NULL
 );
 """
-_MIGRATIONS: dict[int, str] = {1: _SCHEMA_SWARMS, 2: _SCHEMA_ROLLOUTS,
-                               3: _SCHEMA_DEVICE_COUNTERS, 4: _SCHEMA_REVOCATION}
-"""DDL that takes a database from version ``key`` to ``key + 1``."""
+_SCHEMA_CONTROL_PLANE = """
+ALTER TABLE reports ADD COLUMN report_id TEXT;
+ALTER TABLE reports ADD COLUMN log_tail TEXT NOT NULL DEFAULT '';
+CREATE UNIQUE INDEX reports_by_report_id ON reports (device_id, report_id)
+    WHERE report_id IS NOT NULL;
+CREATE INDEX reports_by_time ON reports (received_at);
+ALTER TABLE devices ADD COLUMN labels_json TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE devices ADD COLUMN components_json TEXT;
+CREATE INDEX devices_by_product ON devices (product, version);
+CREATE TABLE device_tags (
+    device_id TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    added_at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    PRIMARY KEY (device_id, tag)
+);
+CREATE INDEX device_tags_by_tag ON device_tags (tag);
+CREATE TABLE releases_v6 (
+    product TEXT NOT NULL,
+    version TEXT NOT NULL,
+    counter INTEGER NOT NULL,
+    target TEXT NOT NULL,
+    added_at REAL NOT NULL,
+    update_type TEXT NOT NULL DEFAULT 'image',
+    component TEXT,
+    payloads_json TEXT NOT NULL DEFAULT '[]',
+    UNIQUE (product, version)
+);
+INSERT INTO releases_v6 (product, version, counter, target, added_at)
+    SELECT product, version, counter, target, added_at FROM releases;
+DROP TABLE releases;
+ALTER TABLE releases_v6 RENAME TO releases;
+CREATE UNIQUE INDEX releases_by_counter ON releases (product, ifnull(component, ''), counter);
+CREATE TABLE swarms_v6 (
+    info_hash TEXT NOT NULL,
+    announce_hash BLOB NOT NULL,
+    product TEXT NOT NULL,
+    version TEXT NOT NULL,
+    payload_kind TEXT NOT NULL,
+    PRIMARY KEY (info_hash, product, version)
+);
+INSERT INTO swarms_v6 (info_hash, announce_hash, product, version, payload_kind)
+    SELECT info_hash, announce_hash, product, version, payload_kind FROM swarms;
+DROP TABLE swarms;
+ALTER TABLE swarms_v6 RENAME TO swarms;
+CREATE INDEX swarms_by_announce ON swarms (announce_hash);
+CREATE INDEX swarms_by_release ON swarms (product, version);
+CREATE TABLE rollouts_v6 (
+    rollout_id TEXT PRIMARY KEY,
+    product TEXT NOT NULL,
+    version TEXT NOT NULL,
+    counter INTEGER NOT NULL,
+    plan_json TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    stage INTEGER NOT NULL,
+    stage_started_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    halt_reason TEXT NOT NULL,
+    revision INTEGER NOT NULL DEFAULT 0,
+    generation INTEGER NOT NULL DEFAULT 1,
+    failures_json TEXT NOT NULL DEFAULT '[]',
+    UNIQUE (product, version, generation)
+);
+INSERT INTO rollouts_v6 (rollout_id, product, version, counter, plan_json, phase, stage,
+                         stage_started_at, created_at, halt_reason, revision)
+    SELECT rollout_id, product, version, counter, plan_json, phase, stage,
+           stage_started_at, created_at, halt_reason, revision FROM rollouts;
+DROP TABLE rollouts;
+ALTER TABLE rollouts_v6 RENAME TO rollouts;
+ALTER TABLE rollout_devices ADD COLUMN code INTEGER;
+ALTER TABLE rollout_devices ADD COLUMN message TEXT NOT NULL DEFAULT '';
+CREATE INDEX rollout_devices_by_device ON rollout_devices (device_id)
+"""
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA, _SCHEMA_SWARMS, _SCHEMA_ROLLOUTS,
+                                _SCHEMA_DEVICE_COUNTERS, _SCHEMA_REVOCATION,
+                                _SCHEMA_CONTROL_PLANE)
+"""The one source of truth of the schema: ``_MIGRATIONS[v]`` takes a database from
+version ``v`` to ``v + 1``; a new database runs them all from 0."""
 
 
 @dataclass(frozen=True)
 class StoredReport:
     """A report as stored: its row id and arrival time (epoch s), then what the device sent.
 
-    The fields after ``received_at`` are those of :class:`~tracker.protocol.Report`.
+    The fields after ``received_at`` are those of :class:`~tracker.wire.Report`
+    (``device_report_id`` is the wire's ``report_id``, the device's name for it).
     """
 
     report_id: int
@@ -208,24 +305,30 @@ class StoredReport:
     bytes_origin: int
     bytes_peers: int
     timings_s: dict[str, float]
+    device_report_id: str | None = None
+    log_tail: str = ""
 
     @classmethod
     def from_report(cls, report_id: int, received_at: float, report: Report) -> StoredReport:
         return cls(report_id, received_at, report.device_id, report.product,
                    report.from_version, report.to_version, report.status, report.message,
-                   report.bytes_origin, report.bytes_peers, dict(report.timings_s))
+                   report.bytes_origin, report.bytes_peers, dict(report.timings_s),
+                   report.report_id, report.log_tail)
 
     @property
     def report(self) -> Report:
         """What the device sent."""
         return Report(self.device_id, self.product, self.from_version, self.to_version,
                       self.status, self.message, self.bytes_origin, self.bytes_peers,
-                      dict(self.timings_s))
+                      dict(self.timings_s), self.device_report_id, self.log_tail)
 
 
 @dataclass(frozen=True)
 class DeviceRecord:
-    """What a device said at its latest check-in, and when (``last_seen``, epoch s)."""
+    """What the tracker knows of a device: what it said at its latest check-in (or, for
+    ``version`` and ``release_counter``, what its latest successful report installed,
+    whichever is newer), when it was last heard of (``last_seen``, epoch s), and the
+    ``tags`` operators gave it."""
 
     device_id: str
     product: str
@@ -235,6 +338,41 @@ class DeviceRecord:
     last_seen: float
     network_id: str | None = None
     region: str | None = None
+    labels: tuple[str, ...] = ()
+    components: tuple[ComponentVersion, ...] | None = None
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeviceFilter:
+    """Which devices a listing returns (every field optional, all must hold).
+
+    ``group``: a label the device declares or a tag an operator gave it;
+    ``rollout_id`` (and ``status``, one of :data:`tracker.rollout.DEVICE_STATUSES`):
+    devices admitted to that rollout (in that status); ``seen_before`` /
+    ``seen_after``: last heard of before / at or after (epoch s); ``after``: device ids
+    after this one (the next page).
+    """
+
+    product: str | None = None
+    version: str | None = None
+    group: str | None = None
+    rollout_id: str | None = None
+    status: str | None = None
+    seen_before: float | None = None
+    seen_after: float | None = None
+    after: str | None = None
+
+
+@dataclass(frozen=True)
+class RolloutDevice:
+    """A device's admission to a rollout, with the rollout's release (its history)."""
+
+    rollout_id: str
+    product: str
+    version: str
+    generation: int
+    admission: Admission
 
 
 @dataclass(frozen=True)
@@ -284,24 +422,49 @@ class RevokedCertificate:
 
 
 class Store(Protocol):
-    """Storage of the release catalogue, device check-ins and reports (blocking)."""
+    """Storage of the release catalogue, devices, reports, rollouts and the control
+    plane (blocking). Every method is a transaction of its own unless called inside
+    :meth:`atomic`."""
+
+    def atomic(self, what: str) -> AbstractContextManager[None]:
+        """One transaction around every call made inside (by this thread): committed
+        when the block ends, rolled back (nothing written) when it raises. ``what``
+        names it in errors. Nested blocks join the outer one."""
+        ...
+
+    # --- releases -----------------------------------------------------------------------
 
     def add_release(self, release: Release, now: float | None = None) -> bool:
         """Register ``release`` and its swarms at ``now`` (default: the store's clock).
 
         Returns ``True`` if added, ``False`` if exactly this release was already there.
         Registering a known release again adds the swarms it did not have yet (and
-        returns ``True`` if there were any).
+        returns ``True`` if there were any). A payload may serve several releases (a
+        byte-identical image republished under a higher counter): they share its swarm.
 
         Raises:
-            ReleaseConflictError: another release holds its version or counter, or one
-                of its info-hashes (or their 20-byte announce form).
+            ReleaseConflictError: another release holds its version, or its counter in
+                the same sequence (the image's, or the same component's); or one of its
+                info-hashes shares its 20-byte announce form with another info-hash.
             StorageError: the database failed.
         """
         ...
 
-    def swarm_of(self, announce_hash: bytes) -> SwarmInfo | None:
-        """The registered swarm announced as ``announce_hash`` (20 bytes), if any."""
+    def release(self, product: str, version: str) -> Release | None:
+        """One registered release, if it is registered."""
+        ...
+
+    def releases(self, product: str | None = None) -> list[Release]:
+        """Registered releases (of ``product`` if given), by product then counter."""
+        ...
+
+    def registered_releases(self, product: str | None = None) -> list[tuple[Release, float]]:
+        """Like :meth:`releases`, with when each was registered (epoch s)."""
+        ...
+
+    def swarms_of(self, announce_hash: bytes) -> list[SwarmInfo]:
+        """The registered swarms announced as ``announce_hash`` (20 bytes): one per
+        release its payload serves (the same info-hash), none if unknown."""
         ...
 
     def swarms(self, product: str | None = None) -> list[SwarmInfo]:
@@ -309,28 +472,58 @@ class Store(Protocol):
         of registration."""
         ...
 
-    def releases(self, product: str | None = None) -> list[Release]:
-        """Registered releases (of ``product`` if given), by product then counter."""
-        ...
+    # --- devices and reports --------------------------------------------------------------
 
     def record_checkin(self, checkin: CheckIn, now: float) -> None:
         """Remember what the device runs, with ``last_seen = now``."""
         ...
 
-    def add_report(self, report: Report, now: float) -> int:
-        """Store ``report`` received at ``now``; return its id (increasing)."""
+    def record_installed(self, device_id: str, release: Release, now: float) -> None:
+        """A report says ``device_id`` installed ``release``: the inventory follows
+        (its version and counter, or its component's), unless it is not known."""
         ...
 
-    def reports(self, device_id: str | None = None) -> list[StoredReport]:
-        """Stored reports (of ``device_id`` if given), oldest first."""
-        ...
-
-    def devices(self) -> list[DeviceRecord]:
-        """Every device that ever checked in, by device id."""
+    def devices(self, where: DeviceFilter | None = None, *,
+                limit: int | None = None) -> list[DeviceRecord]:
+        """Devices matching ``where`` (default: all), by device id, at most ``limit``."""
         ...
 
     def device(self, device_id: str) -> DeviceRecord | None:
-        """What ``device_id`` said at its latest check-in, if it ever checked in."""
+        """What the tracker knows of ``device_id``, if it ever checked in."""
+        ...
+
+    def count_devices(self, product: str | None = None) -> dict[tuple[str, str], int]:
+        """Devices per (product, version)."""
+        ...
+
+    def set_tags(self, device_id: str, add: Sequence[str], remove: Sequence[str],
+                 actor: str, now: float, audit: Sequence[AuditEntry] = ()) -> tuple[str, ...]:
+        """Add and remove operator tags of a known device; return its tags.
+
+        Raises:
+            RequestError: the device never checked in.
+        """
+        ...
+
+    def add_report(self, report: Report, now: float) -> tuple[int, bool]:
+        """Store ``report`` received at ``now``: ``(its id, True)``; a report whose
+        ``report_id`` this device sent before is not stored again: ``(the first one's
+        id, False)``."""
+        ...
+
+    def reports(self, device_id: str | None = None, *, product: str | None = None,
+                status: int | None = None, before_id: int | None = None,
+                limit: int | None = None, newest_first: bool = False) -> list[StoredReport]:
+        """Stored reports (filtered), oldest first (``newest_first``: the reverse),
+        those with an id below ``before_id``, at most ``limit``."""
+        ...
+
+    def report_totals(self) -> tuple[dict[int, int], int, int]:
+        """Reports per status, and the bytes from the origin and from peers they sum."""
+        ...
+
+    def prune_reports(self, before: float) -> int:
+        """Drop reports received before ``before`` (retention); return how many."""
         ...
 
     # --- replay protection (schema 4) ---------------------------------------------------
@@ -356,6 +549,10 @@ class Store(Protocol):
         (kept once; what a revocation of the device takes)."""
         ...
 
+    def device_counter(self, device_id: str) -> int | None:
+        """The last counter accepted from ``device_id`` by :meth:`advance_counter`."""
+        ...
+
     # --- revocation (schema 5) ------------------------------------------------------------
 
     def revoke_certificates(self, revoked: Sequence[RevokedCertificate],
@@ -373,32 +570,47 @@ class Store(Protocol):
         """The fingerprint of every revoked certificate, with its device id."""
         ...
 
-    def device_counter(self, device_id: str) -> int | None:
-        """The last counter accepted from ``device_id`` by :meth:`advance_counter`."""
-        ...
-
-    # --- rollouts (schema 3) ------------------------------------------------------------
+    # --- rollouts -------------------------------------------------------------------------
 
     def create_rollout(self, state: RolloutState, audit: Sequence[AuditEntry] = ()) -> None:
-        """Store a new rollout (and audit entries) in one transaction.
+        """Store a new rollout (and audit entries) in one transaction. Its
+        ``generation`` must be the release's next: 1, or one more than its latest
+        rollout's, which must have halted or been aborted.
 
         Raises:
             RequestError: its release is not registered.
-            ConflictError: the release already has a rollout.
+            ConflictError: the release has a rollout that is not halted or aborted, or
+                ``state.generation`` is not the next one.
             StorageError: the database failed.
         """
         ...
 
-    def rollouts(self, product: str | None = None) -> list[RolloutState]:
-        """Every rollout (of ``product`` if given), by product then release counter."""
+    def rollouts(self, product: str | None = None, *,
+                 history: bool = False) -> list[RolloutState]:
+        """The latest rollout of each release (of ``product`` if given), by product then
+        release counter; ``history``: every generation, oldest first per release."""
         ...
 
     def rollout_of(self, product: str, version: str) -> RolloutState | None:
-        """The rollout of one release, if it has one."""
+        """The latest rollout of one release, if it has one."""
+        ...
+
+    def rollout(self, rollout_id: str) -> RolloutState | None:
+        """The rollout with this id, if any."""
         ...
 
     def admission(self, rollout_id: str, device_id: str) -> Admission | None:
         """A device's admission record in a rollout, if it was admitted."""
+        ...
+
+    def admissions(self, rollout_id: str, *, status: str | None = None,
+                   after: str | None = None, limit: int | None = None) -> list[Admission]:
+        """The devices admitted to a rollout (in ``status``), by device id, after
+        ``after``, at most ``limit``."""
+        ...
+
+    def admissions_of(self, device_id: str) -> list[RolloutDevice]:
+        """Every rollout ``device_id`` was admitted to, newest first."""
         ...
 
     def save_rollout(self, state: RolloutState, admissions: Sequence[Admission] = (),
@@ -449,8 +661,9 @@ class SqliteStore:
     ``SqliteStore(path)`` opens the database, creating it (and its directory) unless
     ``create`` is false, turns on WAL and ``synchronous=NORMAL`` and checks the schema
     version. ``clock`` (epoch seconds) only dates releases added without ``now``.
-    Thread-safe (one internal lock); every method may raise :class:`StorageError`.
-    A context manager that closes the store on exit.
+    Thread-safe (one internal lock, held for a whole :meth:`atomic` block); every
+    method may raise :class:`StorageError`. A context manager that closes the store on
+    exit.
 
     Raises:
         StorageError: the file is missing (``create=False``), not a database, another
@@ -461,7 +674,8 @@ class SqliteStore:
                  clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._depth = 0  # open transaction blocks of the thread holding the lock
         self._conn: sqlite3.Connection | None = _connect(self.path, create)
 
     def __enter__(self) -> SqliteStore:
@@ -470,6 +684,11 @@ class SqliteStore:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    @contextmanager
+    def atomic(self, what: str) -> Iterator[None]:
+        with self._transaction(what):
+            yield
+
     # --- releases ---------------------------------------------------------------------
 
     def add_release(self, release: Release, now: float | None = None) -> bool:
@@ -477,56 +696,66 @@ class SqliteStore:
         with self._transaction("add release") as conn:
             new_swarms = self._new_swarms(conn, release)
             rows = conn.execute(
-                "SELECT version, counter FROM releases "
-                "WHERE product = ? AND (version = ? OR counter = ?)",
-                (release.product, release.version, release.release_counter),
+                "SELECT version, counter, ifnull(component, '') FROM releases "
+                "WHERE product = ? AND (version = ? OR (counter = ? AND "
+                "ifnull(component, '') = ?))",
+                (release.product, release.version, release.release_counter,
+                 release.component or ""),
             ).fetchall()
-            for version, counter in rows:
-                if version == release.version and counter == release.release_counter:
+            for version, counter, component in rows:
+                if (version == release.version and counter == release.release_counter
+                        and component == (release.component or "")):
                     _insert_swarms(conn, new_swarms)
                     return bool(new_swarms)
             if rows:
-                version, counter = rows[0]
+                version, counter, component = rows[0]
+                sequence = f"component {component}" if component else "image"
                 raise ReleaseConflictError(
                     f"cannot add {release.product} {release.version} with counter "
                     f"{release.release_counter}: {release.product} {version} with counter "
-                    f"{counter} is already registered (versions and counters are unique "
-                    "per product)"
+                    f"{counter} ({sequence}) is already registered (versions are unique "
+                    "per product, counters per product and sequence: the image's, or "
+                    "one component's)"
                 )
             conn.execute(
-                "INSERT INTO releases (product, version, counter, target, added_at) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO releases (product, version, counter, target, added_at, "
+                "update_type, component, payloads_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (release.product, release.version, release.release_counter, release.target,
-                 added_at),
+                 added_at, release.update_type, release.component,
+                 json.dumps([_payload_to_json(p) for p in release.payloads])),
             )
             _insert_swarms(conn, new_swarms)
             return True
 
     @staticmethod
     def _new_swarms(conn: sqlite3.Connection, release: Release) -> list[SwarmInfo]:
-        """``release``'s swarms not stored yet; refuses hashes held by another release."""
+        """``release``'s swarms not stored yet; refuses an info-hash whose announce form
+        (first 20 bytes) another info-hash has."""
         new = []
         for swarm in release.swarms:
-            row = conn.execute(
-                "SELECT info_hash, product, version FROM swarms "
-                "WHERE info_hash = ? OR announce_hash = ?",
-                (swarm.info_hash, swarm.announce_hash),
-            ).fetchone()
-            if row is None:
+            rows = conn.execute(
+                "SELECT info_hash, product, version FROM swarms WHERE announce_hash = ?",
+                (swarm.announce_hash,)).fetchall()
+            for row in rows:
+                if row[0] != swarm.info_hash:
+                    raise ReleaseConflictError(
+                        f"cannot add {release.product} {release.version}: its payload "
+                        f"info-hash {swarm.info_hash} shares its first 20 bytes with "
+                        f"{row[0]} of {row[1]} {row[2]}")
+            if not any((row[1], row[2]) == (swarm.product, swarm.version) for row in rows):
                 new.append(swarm)
-            elif tuple(row) != (swarm.info_hash, swarm.product, swarm.version):
-                raise ReleaseConflictError(
-                    f"cannot add {release.product} {release.version}: its payload "
-                    f"info-hash {swarm.info_hash} clashes with {row[0]} of {row[1]} "
-                    f"{row[2]} (same hash or same first 20 bytes)")
         return new
 
-    def swarm_of(self, announce_hash: bytes) -> SwarmInfo | None:
+    def release(self, product: str, version: str) -> Release | None:
+        found = [r for r in self.releases(product) if r.version == version]
+        return found[0] if found else None
+
+    def swarms_of(self, announce_hash: bytes) -> list[SwarmInfo]:
         with self._connection("look up swarm") as conn:
-            row = conn.execute(
+            rows = conn.execute(
                 "SELECT info_hash, product, version, payload_kind FROM swarms "
-                "WHERE announce_hash = ?", (bytes(announce_hash),)).fetchone()
-        return None if row is None else _row_to_swarm(row)
+                "WHERE announce_hash = ? ORDER BY rowid", (bytes(announce_hash),)).fetchall()
+        return [_row_to_swarm(row) for row in rows]
 
     def swarms(self, product: str | None = None) -> list[SwarmInfo]:
         sql, params = _of_product("SELECT info_hash, product, version, payload_kind FROM swarms",
@@ -539,44 +768,125 @@ class SqliteStore:
         return [release for release, _ in self.registered_releases(product)]
 
     def registered_releases(self, product: str | None = None) -> list[tuple[Release, float]]:
-        """Like :meth:`releases`, with when each was registered (``added_at``, epoch s)."""
-        sql, params = _of_product("SELECT product, version, counter, target, added_at "
-                                  "FROM releases", product, "product, counter")
+        sql, params = _of_product(
+            "SELECT product, version, counter, target, added_at, update_type, component, "
+            "payloads_json FROM releases", product, "product, ifnull(component, ''), counter")
         with self._connection("list releases") as conn:
             rows = conn.execute(sql, params).fetchall()
-        swarms: dict[tuple[str, str], list[SwarmInfo]] = {}
-        for swarm in self.swarms(product):
-            swarms.setdefault((swarm.product, swarm.version), []).append(swarm)
-        return [(_row_to_release(row[:4], swarms.get((row[0], row[1]), [])), float(row[4]))
+            swarms: dict[tuple[str, str], list[SwarmInfo]] = {}
+            for swarm in self.swarms(product):
+                swarms.setdefault((swarm.product, swarm.version), []).append(swarm)
+        return [(_row_to_release(row, swarms.get((row[0], row[1]), [])), float(row[4]))
                 for row in rows]
 
     # --- devices ----------------------------------------------------------------------
 
     def record_checkin(self, checkin: CheckIn, now: float) -> None:
+        components = (None if checkin.components is None else json.dumps(
+            [[c.name, c.version, c.release_counter] for c in checkin.components]))
         with self._transaction("record check-in") as conn:
             conn.execute(
                 "INSERT INTO devices (device_id, product, hardware_id, version, "
-                "release_counter, last_seen, network_id, region) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "release_counter, last_seen, network_id, region, labels_json, "
+                "components_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (device_id) DO UPDATE SET product = excluded.product, "
                 "hardware_id = excluded.hardware_id, version = excluded.version, "
                 "release_counter = excluded.release_counter, last_seen = excluded.last_seen, "
-                "network_id = excluded.network_id, region = excluded.region",
+                "network_id = excluded.network_id, region = excluded.region, "
+                "labels_json = excluded.labels_json, "
+                "components_json = excluded.components_json",
                 (checkin.device_id, checkin.product, checkin.hardware_id, checkin.version,
-                 checkin.release_counter, now, checkin.network_id, checkin.region),
+                 checkin.release_counter, now, checkin.network_id, checkin.region,
+                 json.dumps(list(checkin.labels)), components),
             )
 
-    def devices(self) -> list[DeviceRecord]:
+    def record_installed(self, device_id: str, release: Release, now: float) -> None:
+        with self._transaction("record installed release") as conn:
+            if release.component is None:
+                conn.execute(
+                    "UPDATE devices SET version = ?, release_counter = ?, "
+                    "last_seen = max(last_seen, ?) WHERE device_id = ? AND product = ? "
+                    "AND release_counter <= ?",
+                    (release.version, release.release_counter, now, device_id,
+                     release.product, release.release_counter))
+                return
+            row = conn.execute("SELECT components_json FROM devices WHERE device_id = ? "
+                               "AND product = ?", (device_id, release.product)).fetchone()
+            if row is None:
+                return
+            components = [c for c in _components(row[0]) or () if c.name != release.component]
+            components.append(ComponentVersion(release.component, release.version,
+                                               release.release_counter))
+            conn.execute("UPDATE devices SET components_json = ?, "
+                         "last_seen = max(last_seen, ?) WHERE device_id = ?",
+                         (json.dumps([[c.name, c.version, c.release_counter]
+                                      for c in sorted(components, key=lambda c: c.name)]),
+                          now, device_id))
+
+    def devices(self, where: DeviceFilter | None = None, *,
+                limit: int | None = None) -> list[DeviceRecord]:
+        f = where or DeviceFilter()
+        clauses, params = [], []
+        for column, value in (("d.product = ?", f.product), ("d.version = ?", f.version),
+                              ("d.last_seen < ?", f.seen_before),
+                              ("d.last_seen >= ?", f.seen_after),
+                              ("d.device_id > ?", f.after)):
+            if value is not None:
+                clauses.append(column)
+                params.append(value)
+        if f.group is not None:
+            clauses.append("(EXISTS (SELECT 1 FROM json_each(d.labels_json) WHERE value = ?)"
+                           " OR EXISTS (SELECT 1 FROM device_tags t WHERE t.device_id = "
+                           "d.device_id AND t.tag = ?))")
+            params += [f.group, f.group]
+        if f.rollout_id is not None:
+            sub = ("EXISTS (SELECT 1 FROM rollout_devices a WHERE a.device_id = d.device_id "
+                   "AND a.rollout_id = ?")
+            params.append(f.rollout_id)
+            if f.status is not None:
+                sub += " AND a.status = ?"
+                params.append(f.status)
+            clauses.append(sub + ")")
+        sql = f"SELECT {_DEVICE_COLUMNS} FROM devices d"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " ORDER BY d.device_id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(max(0, limit))
         with self._connection("list devices") as conn:
-            rows = conn.execute(
-                f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY device_id").fetchall()
-        return [_row_to_device(r) for r in rows]
+            rows = conn.execute(sql, params).fetchall()
+            return _with_tags(conn, [_row_to_device(r) for r in rows])
 
     def device(self, device_id: str) -> DeviceRecord | None:
         with self._connection("look up device") as conn:
-            row = conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?",
-                               (device_id,)).fetchone()
-        return None if row is None else _row_to_device(row)
+            row = conn.execute(f"SELECT {_DEVICE_COLUMNS} FROM devices d "
+                               "WHERE d.device_id = ?", (device_id,)).fetchone()
+            return None if row is None else _with_tags(conn, [_row_to_device(row)])[0]
+
+    def count_devices(self, product: str | None = None) -> dict[tuple[str, str], int]:
+        sql = "SELECT product, version, count(*) FROM devices"
+        params: tuple[str, ...] = ()
+        if product is not None:
+            sql, params = sql + " WHERE product = ?", (product,)
+        sql += " GROUP BY product, version ORDER BY product, version"
+        with self._connection("count devices") as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
+
+    def set_tags(self, device_id: str, add: Sequence[str], remove: Sequence[str],
+                 actor: str, now: float, audit: Sequence[AuditEntry] = ()) -> tuple[str, ...]:
+        with self._transaction("tag device") as conn:
+            if conn.execute("SELECT 1 FROM devices WHERE device_id = ?",
+                            (device_id,)).fetchone() is None:
+                raise RequestError(f"unknown device {device_id}")
+            conn.executemany("DELETE FROM device_tags WHERE device_id = ? AND tag = ?",
+                             [(device_id, t) for t in remove])
+            conn.executemany("INSERT INTO device_tags (device_id, tag, added_at, actor) "
+                             "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                             [(device_id, t, now, actor) for t in add])
+            _insert_audit(conn, audit)
+            return _tags_of(conn, device_id)
 
     # --- replay protection --------------------------------------------------------------
 
@@ -673,55 +983,106 @@ class SqliteStore:
                                    "registered")
             if int(row[0]) != state.release_counter:
                 raise RuntimeError("rollout built with the wrong release counter")
-            taken = conn.execute(
-                "SELECT rollout_id FROM rollouts WHERE rollout_id = ? OR "
-                "(product = ? AND version = ?)",
-                (state.rollout_id, state.product, state.version)).fetchone()
-            if taken is not None:
+            if conn.execute("SELECT 1 FROM rollouts WHERE rollout_id = ?",
+                            (state.rollout_id,)).fetchone() is not None:
+                raise ConflictError(f"rollout id {state.rollout_id} is taken")
+            latest = conn.execute(
+                "SELECT rollout_id, phase, generation FROM rollouts WHERE product = ? AND "
+                "version = ? ORDER BY generation DESC LIMIT 1",
+                (state.product, state.version)).fetchone()
+            if latest is not None and str(latest[1]) not in RESTARTABLE:
                 raise ConflictError(f"{state.product} {state.version} already has a "
-                                    f"rollout ({taken[0]})")
+                                    f"rollout ({latest[0]}, {latest[1]}); only a halted or "
+                                    "aborted one may be followed by a new one")
+            expected = 1 if latest is None else int(latest[2]) + 1
+            if state.generation != expected:
+                raise ConflictError(f"{state.product} {state.version}: the next rollout is "
+                                    f"generation {expected}, not {state.generation}")
             conn.execute(
                 "INSERT INTO rollouts (rollout_id, product, version, counter, plan_json, "
-                "phase, stage, stage_started_at, created_at, halt_reason) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "phase, stage, stage_started_at, created_at, halt_reason, generation, "
+                "failures_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (state.rollout_id, state.product, state.version, state.release_counter,
                  json.dumps(state.plan.to_json(), sort_keys=True), state.phase, state.stage,
-                 state.stage_started_at, state.created_at, state.halt_reason))
+                 state.stage_started_at, state.created_at, state.halt_reason,
+                 state.generation, _failures_to_json(state.failures)))
             _write_stages(conn, state)
             _insert_audit(conn, audit)
 
-    def rollouts(self, product: str | None = None) -> list[RolloutState]:
-        sql, params = _of_product(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts", product,
-                                  "product, counter")
+    def rollouts(self, product: str | None = None, *,
+                 history: bool = False) -> list[RolloutState]:
+        select = f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts r"
+        if not history:
+            select += (" WHERE generation = (SELECT max(generation) FROM rollouts x "
+                       "WHERE x.product = r.product AND x.version = r.version)")
+        params: tuple[str, ...] = ()
+        if product is not None:
+            select += (" AND" if not history else " WHERE") + " product = ?"
+            params = (product,)
         with self._connection("list rollouts") as conn:
-            rows = conn.execute(sql, params).fetchall()
+            rows = conn.execute(select + " ORDER BY product, counter, generation",
+                                params).fetchall()
             return [_row_to_rollout(conn, row) for row in rows]
 
     def rollout_of(self, product: str, version: str) -> RolloutState | None:
         with self._connection("look up rollout") as conn:
             row = conn.execute(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts "
-                               "WHERE product = ? AND version = ?",
+                               "WHERE product = ? AND version = ? "
+                               "ORDER BY generation DESC LIMIT 1",
                                (product, version)).fetchone()
+            return None if row is None else _row_to_rollout(conn, row)
+
+    def rollout(self, rollout_id: str) -> RolloutState | None:
+        with self._connection("look up rollout") as conn:
+            row = conn.execute(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts "
+                               "WHERE rollout_id = ?", (rollout_id,)).fetchone()
             return None if row is None else _row_to_rollout(conn, row)
 
     def admission(self, rollout_id: str, device_id: str) -> Admission | None:
         with self._connection("look up admission") as conn:
             row = conn.execute(
-                "SELECT device_id, stage, status, updated_at FROM rollout_devices "
+                f"SELECT {_ADMISSION_COLUMNS} FROM rollout_devices "
                 "WHERE rollout_id = ? AND device_id = ?", (rollout_id, device_id)).fetchone()
-        if row is None:
-            return None
-        return Admission(str(row[0]), int(row[1]), str(row[2]), float(row[3]))
+        return None if row is None else _row_to_admission(row)
+
+    def admissions(self, rollout_id: str, *, status: str | None = None,
+                   after: str | None = None, limit: int | None = None) -> list[Admission]:
+        sql = f"SELECT {_ADMISSION_COLUMNS} FROM rollout_devices WHERE rollout_id = ?"
+        params: list[Any] = [rollout_id]
+        if status is not None:
+            sql += " AND status = ?"
+            params.append(status)
+        if after is not None:
+            sql += " AND device_id > ?"
+            params.append(after)
+        sql += " ORDER BY device_id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(max(0, limit))
+        with self._connection("list admissions") as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return [_row_to_admission(r) for r in rows]
+
+    def admissions_of(self, device_id: str) -> list[RolloutDevice]:
+        with self._connection("list a device's rollouts") as conn:
+            rows = conn.execute(
+                "SELECT r.rollout_id, r.product, r.version, r.generation, "
+                f"{', '.join('a.' + c for c in _ADMISSION_COLUMNS.split(', '))} "
+                "FROM rollout_devices a JOIN rollouts r ON r.rollout_id = a.rollout_id "
+                "WHERE a.device_id = ? ORDER BY r.created_at DESC, r.rowid DESC",
+                (device_id,)).fetchall()
+        return [RolloutDevice(str(r[0]), str(r[1]), str(r[2]), int(r[3]),
+                              _row_to_admission(r[4:])) for r in rows]
 
     def save_rollout(self, state: RolloutState, admissions: Sequence[Admission] = (),
                      audit: Sequence[AuditEntry] = ()) -> None:
         with self._transaction("save rollout") as conn:
             cursor = conn.execute(
                 "UPDATE rollouts SET phase = ?, stage = ?, stage_started_at = ?, "
-                "halt_reason = ?, revision = revision + 1 "
+                "halt_reason = ?, failures_json = ?, revision = revision + 1 "
                 "WHERE rollout_id = ? AND revision = ?",
                 (state.phase, state.stage, state.stage_started_at, state.halt_reason,
-                 state.rollout_id, state.revision))
+                 _failures_to_json(state.failures), state.rollout_id, state.revision))
             if cursor.rowcount != 1:
                 row = conn.execute("SELECT revision FROM rollouts WHERE rollout_id = ?",
                                    (state.rollout_id,)).fetchone()
@@ -732,11 +1093,12 @@ class SqliteStore:
             _write_stages(conn, state)
             conn.executemany(
                 "INSERT INTO rollout_devices (rollout_id, device_id, stage, status, "
-                "updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (rollout_id, device_id) "
-                "DO UPDATE SET stage = excluded.stage, status = excluded.status, "
-                "updated_at = excluded.updated_at",
-                [(state.rollout_id, a.device_id, a.stage, a.status, a.updated_at)
-                 for a in admissions])
+                "updated_at, code, message) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (rollout_id, device_id) DO UPDATE SET stage = excluded.stage, "
+                "status = excluded.status, updated_at = excluded.updated_at, "
+                "code = excluded.code, message = excluded.message",
+                [(state.rollout_id, a.device_id, a.stage, a.status, a.updated_at, a.code,
+                  a.message) for a in admissions])
             _insert_audit(conn, audit)
 
     def in_flight(self, rollout_id: str, since: float) -> int:
@@ -784,42 +1146,59 @@ class SqliteStore:
 
     # --- reports ----------------------------------------------------------------------
 
-    def add_report(self, report: Report, now: float) -> int:
+    def add_report(self, report: Report, now: float) -> tuple[int, bool]:
         timings = json.dumps(report.timings_s, sort_keys=True, allow_nan=False)
         with self._transaction("store report") as conn:
+            if report.report_id is not None:
+                row = conn.execute("SELECT id FROM reports WHERE device_id = ? AND "
+                                   "report_id = ?", (report.device_id, report.report_id)
+                                   ).fetchone()
+                if row is not None:
+                    return int(row[0]), False
             cursor = conn.execute(
                 "INSERT INTO reports (device_id, product, from_version, to_version, status, "
-                "message, bytes_origin, bytes_peers, timings_json, received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "message, bytes_origin, bytes_peers, timings_json, received_at, report_id, "
+                "log_tail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (report.device_id, report.product, report.from_version, report.to_version,
                  report.status, report.message, report.bytes_origin, report.bytes_peers,
-                 timings, now),
+                 timings, now, report.report_id, report.log_tail),
             )
             report_id = cursor.lastrowid
         if report_id is None:  # pragma: no cover - sqlite always sets it after an INSERT
             raise RuntimeError("sqlite did not return the new report id")
-        return report_id
+        return report_id, True
 
-    def reports(self, device_id: str | None = None) -> list[StoredReport]:
-        sql = ("SELECT id, received_at, device_id, product, from_version, to_version, status, "
-               "message, bytes_origin, bytes_peers, timings_json FROM reports")
-        params: tuple[str, ...] = ()
-        if device_id is not None:
-            sql += " WHERE device_id = ?"
-            params = (device_id,)
-        sql += " ORDER BY id"
+    def reports(self, device_id: str | None = None, *, product: str | None = None,
+                status: int | None = None, before_id: int | None = None,
+                limit: int | None = None, newest_first: bool = False) -> list[StoredReport]:
+        sql = (f"SELECT {_REPORT_COLUMNS} FROM reports")
+        clauses, params = [], []
+        for clause, value in (("device_id = ?", device_id), ("product = ?", product),
+                              ("status = ?", status), ("id < ?", before_id)):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " ORDER BY id DESC" if newest_first else " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(max(0, limit))
         with self._connection("list reports") as conn:
             rows = conn.execute(sql, params).fetchall()
-        out = []
-        for row in rows:
-            try:
-                timings = {str(k): float(v) for k, v in json.loads(row[10]).items()}
-            except (ValueError, TypeError, AttributeError) as exc:
-                raise StorageError(f"report {row[0]}: corrupt timings_json: {exc}") from exc
-            out.append(StoredReport(int(row[0]), float(row[1]), str(row[2]), str(row[3]),
-                                    str(row[4]), str(row[5]), int(row[6]), str(row[7]),
-                                    int(row[8]), int(row[9]), timings))
-        return out
+        return [_row_to_report(row) for row in rows]
+
+    def report_totals(self) -> tuple[dict[int, int], int, int]:
+        with self._connection("sum reports") as conn:
+            rows = conn.execute("SELECT status, count(*), sum(bytes_origin), "
+                                "sum(bytes_peers) FROM reports GROUP BY status").fetchall()
+        return ({int(r[0]): int(r[1]) for r in rows}, sum(int(r[2] or 0) for r in rows),
+                sum(int(r[3] or 0) for r in rows))
+
+    def prune_reports(self, before: float) -> int:
+        with self._transaction("prune reports") as conn:
+            return int(conn.execute("DELETE FROM reports WHERE received_at < ?",
+                                    (before,)).rowcount)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -840,7 +1219,8 @@ class SqliteStore:
 
     @contextmanager
     def _connection(self, what: str) -> Iterator[sqlite3.Connection]:
-        """Hold the lock and translate sqlite3 errors; no transaction (one statement)."""
+        """Hold the lock and translate sqlite3 errors (inside a transaction block, the
+        block's statements; else one statement on its own)."""
         with self._lock:
             if self._conn is None:
                 raise StorageError(f"{what}: the tracker store is closed")
@@ -851,9 +1231,18 @@ class SqliteStore:
 
     @contextmanager
     def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
-        """One write transaction (``BEGIN IMMEDIATE``), committed unless the body raises."""
+        """One write transaction (``BEGIN IMMEDIATE``), committed unless the body raises;
+        inside another one (:meth:`atomic`), part of it."""
         with self._connection(what) as conn:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield conn
+                finally:
+                    self._depth -= 1
+                return
             conn.execute("BEGIN IMMEDIATE")
+            self._depth = 1
             try:
                 yield conn
                 conn.execute("COMMIT")
@@ -861,36 +1250,97 @@ class SqliteStore:
                 if conn.in_transaction:
                     conn.rollback()
                 raise
+            finally:
+                self._depth = 0
 
 
-_DEVICE_COLUMNS = ("device_id, product, hardware_id, version, release_counter, last_seen, "
-                   "network_id, region")
+_DEVICE_COLUMNS = ("d.device_id, d.product, d.hardware_id, d.version, d.release_counter, "
+                   "d.last_seen, d.network_id, d.region, d.labels_json, d.components_json")
 _ROLLOUT_COLUMNS = ("rollout_id, product, version, counter, plan_json, phase, stage, "
-                    "stage_started_at, created_at, halt_reason, revision")
+                    "stage_started_at, created_at, halt_reason, revision, generation, "
+                    "failures_json")
+_ADMISSION_COLUMNS = "device_id, stage, status, updated_at, code, message"
+_REPORT_COLUMNS = ("id, received_at, device_id, product, from_version, to_version, status, "
+                   "message, bytes_origin, bytes_peers, timings_json, report_id, log_tail")
 _STAGE_FIELDS = ("admitted", "downloading", "succeeded", "failed", "rolled_back",
                  "bytes_origin", "bytes_peers")
 
 
-def _row_to_device(r: tuple[Any, ...]) -> DeviceRecord:
+def _row_to_device(r: Sequence[Any]) -> DeviceRecord:
+    try:
+        labels = tuple(str(x) for x in json.loads(r[8]))
+    except (ValueError, TypeError) as exc:
+        raise StorageError(f"device {r[0]}: corrupt labels_json: {exc}") from exc
     return DeviceRecord(str(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4]), float(r[5]),
                         None if r[6] is None else str(r[6]),
-                        None if r[7] is None else str(r[7]))
+                        None if r[7] is None else str(r[7]), labels, _components(r[9]))
 
 
-def _row_to_rollout(conn: sqlite3.Connection, row: tuple[Any, ...]) -> RolloutState:
+def _components(raw: str | None) -> tuple[ComponentVersion, ...] | None:
+    if raw is None:
+        return None
+    try:
+        return tuple(ComponentVersion(str(n), str(v), int(c)) for n, v, c in json.loads(raw))
+    except (ValueError, TypeError) as exc:
+        raise StorageError(f"corrupt components_json: {exc}") from exc
+
+
+def _tags_of(conn: sqlite3.Connection, device_id: str) -> tuple[str, ...]:
+    return tuple(str(r[0]) for r in conn.execute(
+        "SELECT tag FROM device_tags WHERE device_id = ? ORDER BY tag", (device_id,)))
+
+
+def _with_tags(conn: sqlite3.Connection, devices: list[DeviceRecord]) -> list[DeviceRecord]:
+    if not devices:
+        return devices
+    tags: dict[str, list[str]] = {}
+    ids = [d.device_id for d in devices]
+    for start in range(0, len(ids), 500):  # SQLite's bound on host parameters
+        part = ids[start:start + 500]
+        for device_id, tag in conn.execute(
+                "SELECT device_id, tag FROM device_tags WHERE device_id IN "
+                f"({', '.join('?' * len(part))}) ORDER BY tag", part):
+            tags.setdefault(str(device_id), []).append(str(tag))
+    return [replace(d, tags=tuple(tags[d.device_id])) if d.device_id in tags else d
+            for d in devices]
+
+
+def _row_to_admission(r: Sequence[Any]) -> Admission:
+    return Admission(str(r[0]), int(r[1]), str(r[2]), float(r[3]),
+                     None if r[4] is None else int(r[4]), str(r[5]))
+
+
+def _row_to_report(row: Sequence[Any]) -> StoredReport:
+    try:
+        timings = {str(k): float(v) for k, v in json.loads(row[10]).items()}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise StorageError(f"report {row[0]}: corrupt timings_json: {exc}") from exc
+    return StoredReport(int(row[0]), float(row[1]), str(row[2]), str(row[3]), str(row[4]),
+                        str(row[5]), int(row[6]), str(row[7]), int(row[8]), int(row[9]),
+                        timings, None if row[11] is None else str(row[11]), str(row[12]))
+
+
+def _row_to_rollout(conn: sqlite3.Connection, row: Sequence[Any]) -> RolloutState:
     (rollout_id, product, version, counter, plan_json, phase, stage, stage_started_at,
-     created_at, halt_reason, revision) = row
+     created_at, halt_reason, revision, generation, failures_json) = row
     try:
         plan = RolloutPlan.from_json(json.loads(plan_json))
-    except (ValueError, RequestError) as exc:
-        raise StorageError(f"rollout {rollout_id}: corrupt plan: {exc}") from exc
+        failures = tuple(FailureNote(str(f[0]), int(f[1]), int(f[2]), str(f[3]), float(f[4]))
+                         for f in json.loads(failures_json))
+    except (ValueError, TypeError, IndexError, RequestError) as exc:
+        raise StorageError(f"rollout {rollout_id}: corrupt plan or failures: {exc}") from exc
     stages = {int(r[0]): StageCounters(*(int(v) for v in r[1:])) for r in conn.execute(
         f"SELECT stage, {', '.join(_STAGE_FIELDS)} FROM rollout_stages WHERE rollout_id = ?",
         (rollout_id,))}
     counters = tuple(stages.get(i, StageCounters()) for i in range(len(plan.stage_names)))
     return RolloutState(str(rollout_id), str(product), str(version), int(counter), plan,
                         str(phase), int(stage), float(stage_started_at), float(created_at),
-                        counters, str(halt_reason), revision=int(revision))
+                        counters, str(halt_reason), int(generation), failures,
+                        revision=int(revision))
+
+
+def _failures_to_json(failures: Sequence[FailureNote]) -> str:
+    return json.dumps([[f.device_id, f.stage, f.status, f.message, f.at] for f in failures])
 
 
 def _write_stages(conn: sqlite3.Connection, state: RolloutState) -> None:
@@ -915,15 +1365,28 @@ def _insert_audit(conn: sqlite3.Connection, entries: Sequence[AuditEntry]) -> No
         [(e.at, e.actor, e.action, e.target, e.outcome, e.detail) for e in entries])
 
 
-def _row_to_release(row: tuple[Any, ...], swarms: list[SwarmInfo]) -> Release:
-    product, version, counter, target = row
+def _payload_to_json(p: PayloadSummary) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": p.kind, "encoding": p.encoding, "size": p.size,
+                           "sha256": p.sha256}
+    if p.base_sha256 is not None:
+        out["base_sha256"] = p.base_sha256
+    return out
+
+
+def _row_to_release(row: Sequence[Any], swarms: list[SwarmInfo]) -> Release:
+    product, version, counter, target, _, update_type, component, payloads_json = row
     try:
-        return Release(str(product), str(version), int(counter), str(target), tuple(swarms))
-    except RequestError as exc:
-        raise StorageError(f"corrupt release row {row!r}: {exc}") from exc
+        payloads = tuple(PayloadSummary(str(p["kind"]), str(p["encoding"]), int(p["size"]),
+                                        str(p["sha256"]), p.get("base_sha256"))
+                         for p in json.loads(payloads_json))
+        return Release(str(product), str(version), int(counter), str(target), tuple(swarms),
+                       str(update_type), None if component is None else str(component),
+                       payloads)
+    except (RequestError, ValueError, TypeError, KeyError) as exc:
+        raise StorageError(f"corrupt release row {product!r} {version!r}: {exc}") from exc
 
 
-def _row_to_swarm(row: tuple[Any, ...]) -> SwarmInfo:
+def _row_to_swarm(row: Sequence[Any]) -> SwarmInfo:
     try:
         return SwarmInfo(str(row[0]), str(row[1]), str(row[2]), str(row[3]))
     except RequestError as exc:
@@ -964,7 +1427,8 @@ def _connect(path: Path, create: bool) -> sqlite3.Connection:
 
 
 def _configure(conn: sqlite3.Connection, path: Path) -> None:
-    """Pragmas, then create the schema or check its version."""
+    """Pragmas, then bring the schema to :data:`SCHEMA_VERSION` (a new database runs
+    every migration from 0)."""
     try:
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -983,24 +1447,19 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
                 if others:
                     raise StorageError(f"{path} is an SQLite database but not a tracker's "
                                        "(no schema_version table)")
-                _run_script(conn, _SCHEMA)
-                _run_script(conn, _SCHEMA_SWARMS)
-                _run_script(conn, _SCHEMA_ROLLOUTS)
-                _run_script(conn, _SCHEMA_DEVICE_COUNTERS)
-                _run_script(conn, _SCHEMA_REVOCATION)
+                version: object = 0
+            else:
+                version = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+            if not (isinstance(version, int) and 0 <= version <= SCHEMA_VERSION):
+                raise StorageError(f"{path}: tracker schema version {version!r}, this "
+                                   f"swarmota supports {SCHEMA_VERSION}")
+            for step in range(version, SCHEMA_VERSION):
+                _run_script(conn, _MIGRATIONS[step])
+            if version == 0:
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)",
                              (SCHEMA_VERSION,))
-            else:
-                row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-                version = row[0]
-                if isinstance(version, int) and 1 <= version < SCHEMA_VERSION:
-                    for step in range(version, SCHEMA_VERSION):
-                        _run_script(conn, _MIGRATIONS[step])
-                    conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
-                    version = SCHEMA_VERSION
-                if version != SCHEMA_VERSION:
-                    raise StorageError(f"{path}: tracker schema version {version!r}, this "
-                                       f"swarmota supports {SCHEMA_VERSION}")
+            elif version < SCHEMA_VERSION:
+                conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
         except BaseException:
             conn.rollback()
             raise
