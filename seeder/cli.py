@@ -1,6 +1,7 @@
 """``swarmota seeder ...``: create a repository, publish releases, refresh timestamp, serve.
 
-A thin shell over :mod:`seeder.repository`, :mod:`seeder.publish`,
+The key ceremony's commands (sign, rotate, ...) are in :mod:`seeder.trustcli`. A thin
+shell over :mod:`seeder.repository`, :mod:`seeder.publish`,
 :mod:`seeder.server` and :mod:`seeder.seeding` (``serve`` also seeds every published
 payload over BitTorrent unless ``--no-seed``). Each leaf command sets
 ``func(args) -> int``; seeder errors are printed as ``error: <message>`` on stderr with
@@ -22,17 +23,19 @@ from pathlib import Path
 import trio
 
 from infra.http_serve import ListenConfig, parse_listen
-from manifest import UPDATE_TYPES
+from manifest import DEFAULT_MAX_COUNTER_JUMP, UPDATE_TYPES
 from peer.announce_relay import AnnounceRelay
 from peer.config import check_pinned_urls
 from peer.errors import ConfigError
 from peer.http import HttpClient, TlsPolicy
 from peer.identity import load_identity_dir
 from peer.swarm import SwarmConfig
+from seeder import trustcli
 from seeder.errors import SeederError
+from seeder.keys import KEY_TYPES
 from seeder.origin import OriginApp, OriginConfig
-from seeder.publish import DEFAULT_ZSTD_LEVEL, DeltaSummary, publish_release
-from seeder.repository import ExpiryConfig, Repository
+from seeder.publish import DEFAULT_ZSTD_LEVEL, DeltaSummary, is_live, publish_release
+from seeder.repository import ROLES, ExpiryConfig, KeySetup, Repository, RoleKeys, Staged
 from seeder.seeding import DEFAULT_RESCAN_INTERVAL_S, PayloadSeeder, SeedingConfig
 from seeder.server import serve_origin
 
@@ -57,13 +60,30 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "init",
         help="create a new repository with fresh keys",
         description=(
-            "Create a TUF repository: an offline root key, online targets/snapshot/"
-            "timestamp keys, and initial signed metadata. The root key is written to "
-            "REPO/offline/root.pem for convenience only: move it to an offline machine."
+            "Create a TUF repository: root keys (REPO/offline/: move them to their "
+            "holders' offline machines), targets keys (REPO/keys/ in the single-key "
+            "setup, else REPO/offline/), snapshot and timestamp keys (REPO/keys/, this "
+            "host), and initial signed metadata."
         ),
     )
     init.add_argument("repo", metavar="REPO", type=Path,
                       help="directory to create (must not exist or be empty)")
+    keys = init.add_argument_group(
+        "keys (per role: how many, how many must sign)",
+        "Default: one key per role, the targets key on this host (every publish goes "
+        "live at once). For release signing by several engineers give --targets-keys N "
+        "--targets-threshold K (or --targets-offline): the targets keys then go to "
+        "REPO/offline/ for their holders, and a publish waits for K signatures.")
+    for role in ("root", "targets", "snapshot", "timestamp"):
+        keys.add_argument(f"--{role}-keys", type=_positive_int, default=1, metavar="N",
+                          help=f"number of {role} keys (default 1)")
+        keys.add_argument(f"--{role}-threshold", type=_positive_int, default=1,
+                          metavar="K", help=f"{role} signatures needed (default 1)")
+    keys.add_argument("--key-type", choices=KEY_TYPES, default="ed25519",
+                      help="type of every generated key (default %(default)s)")
+    keys.add_argument("--targets-offline", action="store_true",
+                      help="put the targets key(s) in REPO/offline/ even when there is "
+                           "only one (implied by --targets-keys above 1)")
     defaults = ExpiryConfig()
     for role in ("root", "targets", "snapshot", "timestamp"):
         init.add_argument(
@@ -78,8 +98,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="publish an image as a new release",
         description=(
             "Compress IMAGE into a content-addressed zstd payload, build a delta "
-            "payload from each --from image, write the release manifest and sign new "
-            "targets, snapshot and timestamp metadata."
+            "payload from each --from image, write the release manifest and stage new "
+            "targets metadata. It goes live (snapshot, timestamp) at once if this host "
+            "holds enough targets keys, else once the release signers have signed it "
+            "('seeder status', 'seeder sign', 'seeder export'/'import')."
         ),
     )
     publish.add_argument("repo", metavar="REPO", type=Path, help="repository directory")
@@ -121,6 +143,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     publish.add_argument("--component", default=None, metavar="NAME",
                          help="component name, e.g. modem-fw (with --update-type other than "
                               "image)")
+    publish.add_argument("--allow-counter-jump", action="store_true",
+                         help="accept a counter more than "
+                              f"{DEFAULT_MAX_COUNTER_JUMP} above the highest published "
+                              "(devices refuse such a jump by default)")
     publish.set_defaults(func=_wrap(_cmd_publish))
 
     timestamp = sub.add_parser(
@@ -191,6 +217,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                               "(repeatable; at least two, one a spare)")
     serve.set_defaults(func=_wrap(_cmd_serve))
 
+    trustcli.add_commands(sub, _wrap)
+
 
 # --- commands ----------------------------------------------------------------------------
 
@@ -199,13 +227,30 @@ def _cmd_init(args: argparse.Namespace) -> int:
     expiry = ExpiryConfig(root_s=args.root_expiry_s, targets_s=args.targets_expiry_s,
                           snapshot_s=args.snapshot_expiry_s,
                           timestamp_s=args.timestamp_expiry_s)
-    repo = Repository.create(args.repo, expiry=expiry)
+    try:
+        setup = KeySetup(**{role: RoleKeys(count=getattr(args, f"{role}_keys"),
+                                           threshold=getattr(args, f"{role}_threshold"),
+                                           key_type=args.key_type)
+                            for role in ROLES},
+                         targets_online=args.targets_keys == 1 and not args.targets_offline)
+    except ValueError as exc:
+        raise SeederError(str(exc)) from None
+    repo = Repository.create(args.repo, expiry=expiry, keys=setup)
+    offline = sorted(p.name for p in repo.offline_dir.iterdir())
     print(f"created repository {repo.path}")
-    print(f"  root private key:  {repo.offline_root_key_path}")
-    print("    !! It signs which keys devices trust. Move it to an OFFLINE machine now;")
-    print("    !! it is not needed to publish, only to rotate keys.")
-    print(f"  online keys:       {repo.online_keys_dir}/{{targets,snapshot,timestamp}}.pem")
-    print("    keep them on the publishing machine, readable only by the publisher")
+    print(f"  offline keys:      {repo.offline_dir}/{{{','.join(offline)}}}")
+    print("    !! Root keys sign which keys devices trust. Move each to its holder's")
+    print("    !! OFFLINE machine (or token) now; they are needed only to change keys.")
+    local = repo.local_roles()
+    print(f"  keys on this host: {repo.online_keys_dir}/ "
+          f"({', '.join(f'{r} {len(k)}' for r, k in local.items() if k)})")
+    if local["targets"]:
+        print("    the targets key is on this host: whoever takes it can sign releases "
+              "devices install; for k-of-n release signing see --targets-keys")
+    else:
+        print(f"    releases need {setup.targets.threshold} of {setup.targets.count} "
+              "targets signatures ('seeder sign'); hand each offline/targets-*.pem to "
+              "its holder")
     print(f"  provision devices: {repo.root_path}")
     print(f"  serve:             {repo.origin_dir}")
     print(f"  timestamp expires after {expiry.timestamp_s} s: run "
@@ -227,12 +272,13 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         on_delta=built.append, web_seed_url=args.web_seed_url,
         announce_urls=args.announce_urls, critical=args.critical,
         update_type=args.update_type, component=args.component,
-        swarm_ca=_read_swarm_ca(args.swarm_ca),
+        swarm_ca=_read_swarm_ca(args.swarm_ca), allow_counter_jump=args.allow_counter_jump,
     )
     payload = manifest.full_payload
-    target = repo.targets()[manifest.target_name]
+    live = is_live(repo, manifest)
+    target = repo.targets(staged=not live)[manifest.target_name]
     ratio = payload.size / manifest.image.size
-    print(f"published {manifest.product} {manifest.version} "
+    print(f"{'published' if live else 'staged'} {manifest.product} {manifest.version} "
           f"(counter {manifest.release_counter}, hardware {', '.join(manifest.compatibility)})")
     print(f"  image:    {manifest.image.size} bytes, sha256 {manifest.image.sha256}")
     print(f"  payload:  {payload.size} bytes ({ratio:.1%} of the image), "
@@ -255,7 +301,10 @@ def _cmd_publish(args: argparse.Namespace) -> int:
             line += f" ({summary.base_path}); other candidates: {others or 'none'}"
         print(line)
     print(f"  target:   {manifest.target_name}")
-    print(f"  manifest: {repo.target_file_path(target)}")
+    print(f"  manifest: {repo.target_file_path(target)}"
+          + ("" if live else " (written when it goes live)"))
+    if not live:
+        trustcli.print_staged(repo, Staged(repo.staged(), live=False))
     return 0
 
 

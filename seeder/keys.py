@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
     load_pem_public_key,
 )
-from securesystemslib.signer import CryptoSigner, SSlibKey
+from securesystemslib.signer import CryptoSigner, Key, SSlibKey
 
 from infra.fsio import atomic_write_bytes
 from seeder.errors import SigningError
@@ -69,7 +69,7 @@ def generate_key(key_type: str = "ed25519") -> CryptoSigner:
     raise SigningError(f"key type must be one of {', '.join(KEY_TYPES)}, not {key_type!r}")
 
 
-def key_type_of(key: SSlibKey) -> str:
+def key_type_of(key: Key) -> str:
     """``ed25519`` or ``ecdsa`` (P-256), as :data:`KEY_TYPES` names them; else the
     key's own type and scheme."""
     if key.keytype == "ed25519":
@@ -91,7 +91,7 @@ def write_private_key(path: Path, signer: CryptoSigner) -> None:
         raise SigningError(f"cannot write private key {path}: {exc}") from exc
 
 
-def public_key_pem(key: SSlibKey) -> bytes:
+def public_key_pem(key: Key) -> bytes:
     """The PEM SubjectPublicKeyInfo of a TUF key (Ed25519 or ECDSA P-256).
 
     Raises:
@@ -110,7 +110,7 @@ def public_key_pem(key: SSlibKey) -> bytes:
     return crypto.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
 
 
-def write_public_key(path: Path, key: SSlibKey) -> None:
+def write_public_key(path: Path, key: Key) -> None:
     """Write ``key`` as a PEM public key file (mode 0644), atomically.
 
     Raises:

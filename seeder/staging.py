@@ -179,6 +179,8 @@ class SigningRequest:
                                    "under that keyid")
             try:
                 signature = md.sign(signer, append=True)
+            except SigningError:
+                raise
             except Exception as exc:  # a Signer may raise anything (PKCS#11, OS errors)
                 raise SigningError(f"key {keyid[:16]} could not sign {name}: "
                                    f"{type(exc).__name__}: {exc}") from exc
