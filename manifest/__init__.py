@@ -32,6 +32,7 @@ from manifest.errors import (
 )
 from manifest.release import (
     MAX_MANIFEST_BYTES,
+    MAX_RELEASE_COUNTER,
     UPDATE_TYPES,
     ImageInfo,
     Payload,
@@ -48,6 +49,7 @@ __all__ = [
     "DEFAULT_MAX_COUNTER_JUMP",
     "MAX_CHUNK_SIZE_BYTES",
     "MAX_MANIFEST_BYTES",
+    "MAX_RELEASE_COUNTER",
     "MIN_CHUNK_SIZE_BYTES",
     "CounterJumpError",
     "CounterReset",

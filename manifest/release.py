@@ -48,6 +48,7 @@ from manifest.errors import (
 __all__ = [
     "MAX_IMAGE_SIZE_BYTES",
     "MAX_MANIFEST_BYTES",
+    "MAX_RELEASE_COUNTER",
     "SCHEMA_VERSION",
     "UPDATE_TYPES",
     "ImageInfo",
