@@ -236,11 +236,13 @@ def _cmd_init(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SeederError(str(exc)) from None
     repo = Repository.create(args.repo, expiry=expiry, keys=setup)
-    offline = sorted(p.name for p in repo.offline_dir.iterdir())
     print(f"created repository {repo.path}")
-    print(f"  offline keys:      {repo.offline_dir}/{{{','.join(offline)}}}")
-    print("    !! Root keys sign which keys devices trust. Move each to its holder's")
-    print("    !! OFFLINE machine (or token) now; they are needed only to change keys.")
+    print("  offline keys (move each to its holder's OFFLINE machine or token now, and "
+          "delete it here):")
+    for path in sorted(repo.offline_dir.iterdir()):
+        print(f"    {path}")
+    print("    !! Root keys sign which keys devices trust; they are needed only to change "
+          "keys.")
     local = repo.local_roles()
     print(f"  keys on this host: {repo.online_keys_dir}/ "
           f"({', '.join(f'{r} {len(k)}' for r, k in local.items() if k)})")

@@ -896,10 +896,12 @@ class Repository:
             for keyid in request.next_root.roles["targets"].keyids:
                 if keyid in self._local and keyid not in request.targets.signatures:
                     request.sign(self._local[keyid][1])
+        # saved first, also when ready: a crash while going live loses no signature,
+        # and the next open finishes the job
+        write_request(self.staged_path, request)
         if request.ready:
             self._go_live(request, when)
             return Staged(request, live=True)
-        write_request(self.staged_path, request)
         return Staged(request, live=False)
 
     def _go_live(self, request: SigningRequest, when: datetime) -> None:
