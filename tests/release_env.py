@@ -26,9 +26,9 @@ from peer.agent import update_once
 from peer.config import DeviceConfig
 from peer.errors import StatusCode
 from peer.state import DeviceState, init_device
+from seeder.keys import load_private_key
 from seeder.origin import OriginApp, OriginConfig
 from seeder.publish import publish_release
-from seeder.keys import load_private_key
 from seeder.repository import KeySetup, Repository
 from seeder.server import serve_origin
 from swarmota.demo import make_image, mutate_image
