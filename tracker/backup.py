@@ -38,7 +38,6 @@ from tracker.store import SCHEMA_VERSION
 __all__ = ["BackupError", "BackupInfo", "backup_database", "inspect_backup",
            "restore_database"]
 
-_COUNTED_TABLES = ("releases", "rollouts", "devices", "reports", "revoked_certificates")
 
 
 class BackupError(StorageError):
@@ -57,7 +56,7 @@ class BackupInfo:
     sha256: str
 
     def summary(self) -> str:
-        rows = ", ".join(f"{n} {t}" for t, n in self.rows.items())
+        rows = ", ".join(f"{n} {t}" for t, n in self.rows.items() if n) or "no rows"
         return (f"{self.path}: schema {self.schema_version}, {rows}; {self.size_bytes} bytes, "
                 f"sha256 {self.sha256[:16]}")
 
@@ -191,10 +190,14 @@ def _tables(conn: sqlite3.Connection) -> set[str]:
 
 
 def _row_counts(conn: sqlite3.Connection) -> dict[str, int]:
-    """Rows of the main tables present (names from our own list, never from input)."""
-    tables = _tables(conn)
-    return {t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0])
-            for t in _COUNTED_TABLES if t in tables}
+    """Rows of every table but ``schema_version`` and SQLite's own, by name."""
+    out = {}
+    for table in sorted(_tables(conn) - {"schema_version"}):
+        if table.startswith("sqlite_"):
+            continue
+        quoted = '"' + table.replace('"', '""') + '"'
+        out[table] = int(conn.execute(f"SELECT count(*) FROM {quoted}").fetchone()[0])
+    return out
 
 
 @contextlib.contextmanager
