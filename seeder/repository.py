@@ -50,6 +50,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -78,6 +79,7 @@ from manifest import (
     ManifestFormatError,
     encode_counter_resets,
     parse_counter_resets,
+    parse_release_manifest,
     validate_product,
 )
 from seeder.errors import PublishError, RepositoryError, SigningError
@@ -362,9 +364,98 @@ class Repository:
             with repo.locked():
                 repo._go_live(staged, _utc(now))
         for role in ("snapshot", "timestamp"):
-            repo._role_signers(repo._root.signed, role)
+            try:
+                repo._role_signers(repo._root.signed, role)
+            except SigningError:
+                if staged is None:
+                    raise
+                repo._role_signers(staged.next_root, role)  # a rotation to them waits
         repo._load_committed()
         return repo
+
+    @classmethod
+    def rebuild(cls, path: Path, origin: Path, *, trusted_root: bytes | None = None,
+                keys_backup: Path | None = None, settings: Path | None = None,
+                key_type: str = "ed25519",
+                now: datetime | None = None) -> tuple[Repository, Staged | None]:
+        """Rebuild a repository whose host was lost, from a copy of its origin tree
+        (any mirror or the CDN: it is public) and, if kept, a backup of ``keys/``.
+
+        The copy is verified before anything is trusted: it must hold ``trusted_root``
+        (a root file the operator kept, e.g. the one devices are provisioned with) byte
+        for byte under its version, and every root version from 1 on be signed by its
+        predecessor's and its own threshold, the committed chain under the
+        newest root, every target file against targets, every payload a release
+        manifest names (size and SHA-256) and its torrent. ``settings``: a backup of
+        ``repo.json`` (default: the default lifetimes). Without ``keys_backup`` new
+        snapshot and timestamp keys are generated in ``keys/`` and a root rotation to
+        them is staged (returned): the root holders sign it (``seeder sign``); a targets
+        key that was on the lost host is rotated the same way (``seeder rotate --role
+        targets``, in the same request).
+
+        Raises:
+            RepositoryError: ``path`` is not empty, the origin copy does not verify, or
+                the key backup does not match root.
+        """
+        path, origin = Path(path), Path(origin)
+        expiry = (_parse_settings(_read_limited(settings, _MAX_SETTINGS_BYTES), settings)
+                  if settings is not None else ExpiryConfig())
+        root_md, root_bytes = _verify_origin(origin, trusted_root)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise RepositoryError(f"{path} already exists and is not an empty directory")
+        try:
+            return cls._rebuild_in(path, origin, root_md, root_bytes, expiry=expiry,
+                                   keys_backup=keys_backup, key_type=key_type, now=now)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)  # no half-made repository
+            raise
+
+    @classmethod
+    def _rebuild_in(cls, path: Path, origin: Path, root_md: Metadata[Root], root_bytes: bytes,
+                    *, expiry: ExpiryConfig, keys_backup: Path | None, key_type: str,
+                    now: datetime | None) -> tuple[Repository, Staged | None]:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            for private in (_OFFLINE_DIR, _KEYS_DIR):
+                (path / private).mkdir(mode=_PRIVATE_DIR_MODE)
+            shutil.copytree(origin, path / _ORIGIN_DIR,
+                            ignore=shutil.ignore_patterns(".*"))
+            if keys_backup is not None:
+                for key in sorted(Path(keys_backup).glob("*.pem")):
+                    atomic_write_bytes(path / _KEYS_DIR / key.name,
+                                       _read_limited(key, 64 * 1024), mode=0o600)
+        except OSError as exc:
+            raise RepositoryError(f"cannot rebuild the repository in {path}: {exc}") from exc
+        repo = cls(path, expiry=expiry, root=root_md, root_bytes=root_bytes,
+                   local_keys=_scan_local_keys(path / _KEYS_DIR, [root_md.signed]))
+        repo._read_chain(verify=True)
+        staged = None
+        if keys_backup is None:
+            fresh = {role: generate_key(key_type) for role in ("snapshot", "timestamp")}
+            for role, signer in fresh.items():
+                key_path = path / _KEYS_DIR / f"{role}-{signer.public_key.keyid[:12]}.pem"
+                write_private_key(key_path, signer)
+                repo._local[signer.public_key.keyid] = (key_path, signer)
+
+            def change(root: Root) -> None:
+                for role, signer in fresh.items():
+                    for keyid in list(root.roles[role].keyids):
+                        root.revoke_key(keyid, role)
+                    root.add_key(named_key(signer.public_key,
+                                           f"{role}-{signer.public_key.keyid[:8]}"), role)
+                    root.roles[role].threshold = 1
+
+            staged = repo._stage_root(change, now=now, note="rebuild: new snapshot and "
+                                                             "timestamp keys (the old ones "
+                                                             "were lost with the host)")
+        else:
+            for role in ("snapshot", "timestamp"):
+                repo._role_signers(root_md.signed, role)
+        try:
+            atomic_write_bytes(path / _SETTINGS_FILE, _settings_bytes(expiry))
+        except OSError as exc:
+            raise RepositoryError(f"cannot write {path / _SETTINGS_FILE}: {exc}") from exc
+        return repo, staged
 
     # --- properties -------------------------------------------------------------------
 
@@ -1020,37 +1111,7 @@ class Repository:
         """The committed chain; ``verify``: check every signature against root (else
         only the hashes and versions: a root just rotated may not verify the old
         timestamp any more)."""
-        root = self._root.signed
-        ts_path = self.metadata_dir / "timestamp.json"
-        timestamp = _parse_metadata(_read_limited(ts_path, MAX_METADATA_BYTES), Timestamp,
-                                    ts_path)
-        if verify:
-            _verify(root, "timestamp", timestamp, ts_path)
-
-        snapshot_meta = timestamp.signed.snapshot_meta
-        snap_path = self.metadata_dir / f"{snapshot_meta.version}.snapshot.json"
-        snap_bytes = _read_limited(snap_path, MAX_METADATA_BYTES)
-        _check_metafile(snapshot_meta, snap_bytes, snap_path)
-        snapshot = _parse_metadata(snap_bytes, Snapshot, snap_path)
-        if verify:
-            _verify(root, "snapshot", snapshot, snap_path)
-        if snapshot.signed.version != snapshot_meta.version:
-            raise RepositoryError(f"{snap_path} contains version {snapshot.signed.version}")
-
-        targets_meta = snapshot.signed.meta.get("targets.json")
-        if targets_meta is None:
-            raise RepositoryError(f"{snap_path} does not list targets.json")
-        targets_path = self.metadata_dir / f"{targets_meta.version}.targets.json"
-        targets_bytes = _read_limited(targets_path, MAX_METADATA_BYTES)
-        _check_metafile(targets_meta, targets_bytes, targets_path)
-        targets = _parse_metadata(targets_bytes, Targets, targets_path)
-        if verify:
-            _verify(root, "targets", targets, targets_path)
-        if targets.signed.version != targets_meta.version:
-            raise RepositoryError(f"{targets_path} contains version {targets.signed.version}")
-        return _Committed(timestamp=timestamp, snapshot=snapshot, targets=targets,
-                          targets_bytes=targets_bytes)
-
+        return _read_chain(self.metadata_dir, self._root.signed, verify=verify)
 
 def named_key(key: Key, holder: str) -> SSlibKey:
     """``key`` with its holder's name recorded (custom field of the key in root).
@@ -1120,6 +1181,107 @@ def _scan_local_keys(directory: Path, roots: Sequence[Root]
                                   f"{roots[0].version}")
         out[keyid] = (path, signer)
     return out
+
+
+def _verify_origin(origin: Path, trusted_root: bytes | None) -> tuple[Metadata[Root], bytes]:
+    """Verify an origin tree as a new device would, and more (see ``rebuild``); return
+    the newest root and its bytes.
+
+    Raises:
+        RepositoryError: naming the first thing that does not verify.
+    """
+    metadata_dir = origin / "metadata"
+    newest = _highest_version(metadata_dir, "root")
+    if newest == 0:
+        raise RepositoryError(f"{origin} is not an origin tree (no metadata/N.root.json)")
+    trusted: Root | None = None
+    data = b""
+    md: Metadata[Root] | None = None
+    for version in range(1, newest + 1):
+        where = metadata_dir / f"{version}.root.json"
+        data = _read_limited(where, MAX_METADATA_BYTES)
+        md = _parse_metadata(data, Root, where)
+        if md.signed.version != version:
+            raise RepositoryError(f"{where} holds root version {md.signed.version}")
+        for authority in ([trusted] if trusted is not None else []) + [md.signed]:
+            _verify(authority, "root", md, where)
+        trusted = md.signed
+    assert md is not None
+    if trusted_root is not None:
+        anchor = _parse_metadata(trusted_root, Root, Path("the trusted root"))
+        where = metadata_dir / f"{anchor.signed.version}.root.json"
+        if not where.exists() or _read_limited(where, MAX_METADATA_BYTES) != trusted_root:
+            raise RepositoryError(f"{origin} does not hold the trusted root (version "
+                                  f"{anchor.signed.version}) byte for byte: another "
+                                  "repository, or a tampered copy")
+    chain = _read_chain(metadata_dir, md.signed, verify=True)
+    targets_dir = origin / "targets"
+    for name, target in chain.targets.signed.targets.items():
+        validate_target_name(name)
+        content = _read_limited(targets_dir / target.get_prefixed_paths()[0],
+                                MAX_TARGET_BYTES)
+        try:
+            target.verify_length_and_hashes(content)
+        except LengthOrHashMismatchError as exc:
+            raise RepositoryError(f"target {name} does not match targets: {exc}") from exc
+        try:
+            manifest = parse_release_manifest(content)
+        except ManifestFormatError:
+            continue  # a target of another kind
+        for payload in manifest.payloads:
+            _check_payload(origin, payload.path, payload.size, payload.sha256)
+            if payload.info_hash is not None and not (origin / payload.torrent_path).is_file():
+                raise RepositoryError(f"{origin / payload.torrent_path} is missing")
+    return md, data
+
+
+def _check_payload(origin: Path, rel: str, size: int, sha256: str) -> None:
+    path = origin / rel
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+            got = fh.tell()
+    except OSError as exc:
+        raise RepositoryError(f"payload {path}: {exc.strerror or exc}") from exc
+    if got != size or digest.hexdigest() != sha256:
+        raise RepositoryError(f"payload {path} does not match its release manifest")
+
+
+def _read_chain(metadata_dir: Path, root: Root, *, verify: bool) -> _Committed:
+    """The chain ``metadata_dir/timestamp.json`` names; ``verify``: check every signature
+    against ``root``."""
+    ts_path = metadata_dir / "timestamp.json"
+    timestamp = _parse_metadata(_read_limited(ts_path, MAX_METADATA_BYTES), Timestamp,
+                                ts_path)
+    if verify:
+        _verify(root, "timestamp", timestamp, ts_path)
+
+    snapshot_meta = timestamp.signed.snapshot_meta
+    snap_path = metadata_dir / f"{snapshot_meta.version}.snapshot.json"
+    snap_bytes = _read_limited(snap_path, MAX_METADATA_BYTES)
+    _check_metafile(snapshot_meta, snap_bytes, snap_path)
+    snapshot = _parse_metadata(snap_bytes, Snapshot, snap_path)
+    if verify:
+        _verify(root, "snapshot", snapshot, snap_path)
+    if snapshot.signed.version != snapshot_meta.version:
+        raise RepositoryError(f"{snap_path} contains version {snapshot.signed.version}")
+
+    targets_meta = snapshot.signed.meta.get("targets.json")
+    if targets_meta is None:
+        raise RepositoryError(f"{snap_path} does not list targets.json")
+    targets_path = metadata_dir / f"{targets_meta.version}.targets.json"
+    targets_bytes = _read_limited(targets_path, MAX_METADATA_BYTES)
+    _check_metafile(targets_meta, targets_bytes, targets_path)
+    targets = _parse_metadata(targets_bytes, Targets, targets_path)
+    if verify:
+        _verify(root, "targets", targets, targets_path)
+    if targets.signed.version != targets_meta.version:
+        raise RepositoryError(f"{targets_path} contains version {targets.signed.version}")
+    return _Committed(timestamp=timestamp, snapshot=snapshot, targets=targets,
+                      targets_bytes=targets_bytes)
+
 
 
 def _write_versioned(path: Path, data: bytes) -> None:

@@ -1,4 +1,5 @@
-"""``swarmota seeder status|sign|export|import|discard|rotate|counter-reset|withdraw|renew|key``.
+"""``swarmota seeder status|sign|export|import|discard|rotate|counter-reset|withdraw|renew|
+rebuild|key``.
 
 The key ceremony's commands (docs/SECURITY.md, "Key ceremony"), a thin shell over
 :class:`seeder.repository.Repository`, :mod:`seeder.staging` (signing requests),
@@ -150,6 +151,31 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     renew.add_argument("--role", required=True, choices=("root", "targets"))
     renew.set_defaults(func=wrap(_cmd_renew))
 
+    rebuild = sub.add_parser(
+        "rebuild", help="rebuild a lost publishing host from the origin tree",
+        description="Rebuild a repository from a copy of its origin tree (the CDN or any "
+                    "mirror: it is public) into the new directory REPO. The copy is "
+                    "verified first (the root chain from version 1, the live metadata, "
+                    "every target, payload and torrent). With --keys (a backup of the old "
+                    "REPO/keys/) and --settings (of REPO/repo.json) the repository is as "
+                    "it was; without --keys, new snapshot and timestamp keys are made and "
+                    "a root rotation to them is staged for the root holders to sign. See "
+                    "docs/SECURITY.md, 'Backups'.")
+    rebuild.add_argument("repo", metavar="REPO", type=Path, help="directory to create")
+    rebuild.add_argument("--origin", required=True, type=Path, metavar="DIR",
+                         help="a copy of the origin tree")
+    rebuild.add_argument("--trusted-root", type=Path, required=True, metavar="FILE",
+                         help="a root metadata file you kept (e.g. the root.json devices "
+                              "are provisioned with): the copy must hold it byte for byte")
+    rebuild.add_argument("--keys", type=Path, default=None, metavar="DIR",
+                         help="a backup of the old REPO/keys/")
+    rebuild.add_argument("--settings", type=Path, default=None, metavar="FILE",
+                         help="a backup of the old REPO/repo.json (default lifetimes "
+                              "otherwise)")
+    rebuild.add_argument("--key-type", choices=KEY_TYPES, default="ed25519",
+                         help="type of new online keys (default %(default)s)")
+    rebuild.set_defaults(func=wrap(_cmd_rebuild))
+
     key = sub.add_parser("key", help="make a key holder's key (file or PKCS#11 token)")
     key_sub = key.add_subparsers(dest="key_command", metavar="COMMAND", required=True)
     gen = key_sub.add_parser(
@@ -287,6 +313,27 @@ def _cmd_withdraw(args: argparse.Namespace) -> int:
 def _cmd_renew(args: argparse.Namespace) -> int:
     repo = Repository.open(args.repo)
     print_staged(repo, repo.renew(args.role))
+    return 0
+
+
+def _cmd_rebuild(args: argparse.Namespace) -> int:
+    try:
+        anchor = args.trusted_root.read_bytes()
+    except OSError as exc:
+        raise SigningError(f"cannot read --trusted-root {args.trusted_root}: "
+                           f"{exc.strerror or exc}") from None
+    repo, staged = Repository.rebuild(args.repo, args.origin, trusted_root=anchor,
+                                      keys_backup=args.keys, settings=args.settings,
+                                      key_type=args.key_type)
+    versions = repo.versions()
+    print(f"rebuilt {repo.path} from {args.origin}: verified root version "
+          f"{versions['root']}, targets {versions['targets']} "
+          f"({len(repo.targets())} targets)")
+    if staged is not None:
+        print("new snapshot and timestamp keys are in keys/; root must sign them in:")
+        print_staged(repo, staged)
+        print("if the targets key was on the lost host too, add its rotation to the same "
+              f"request first: 'swarmota seeder rotate {repo.path} --role targets ...'")
     return 0
 
 
