@@ -38,6 +38,7 @@ from seeder.publish import DEFAULT_ZSTD_LEVEL, DeltaSummary, is_live, publish_re
 from seeder.repository import ROLES, ExpiryConfig, KeySetup, Repository, RoleKeys, Staged
 from seeder.seeding import DEFAULT_RESCAN_INTERVAL_S, PayloadSeeder, SeedingConfig
 from seeder.server import serve_origin
+from seeder.trustcli import non_negative_int, positive_int
 
 __all__ = ["DEFAULT_LISTEN", "DEFAULT_SEED_PORT", "add_parser"]
 
@@ -75,9 +76,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--targets-threshold K (or --targets-offline): the targets keys then go to "
         "REPO/offline/ for their holders, and a publish waits for K signatures.")
     for role in ("root", "targets", "snapshot", "timestamp"):
-        keys.add_argument(f"--{role}-keys", type=_positive_int, default=1, metavar="N",
+        keys.add_argument(f"--{role}-keys", type=positive_int, default=1, metavar="N",
                           help=f"number of {role} keys (default 1)")
-        keys.add_argument(f"--{role}-threshold", type=_positive_int, default=1,
+        keys.add_argument(f"--{role}-threshold", type=positive_int, default=1,
                           metavar="K", help=f"{role} signatures needed (default 1)")
     keys.add_argument("--key-type", choices=KEY_TYPES, default="ed25519",
                       help="type of every generated key (default %(default)s)")
@@ -87,7 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     defaults = ExpiryConfig()
     for role in ("root", "targets", "snapshot", "timestamp"):
         init.add_argument(
-            f"--{role}-expiry-s", type=_positive_int, metavar="N",
+            f"--{role}-expiry-s", type=positive_int, metavar="N",
             default=getattr(defaults, f"{role}_s"),
             help=f"{role} metadata lifetime in seconds (default %(default)s)",
         )
@@ -108,7 +109,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     publish.add_argument("image", metavar="IMAGE", type=Path, help="the full image file")
     publish.add_argument("--product", required=True, help="product name, e.g. acme-router")
     publish.add_argument("--version", required=True, help="release version, e.g. 2.0.0")
-    publish.add_argument("--counter", required=True, type=_non_negative_int, metavar="N",
+    publish.add_argument("--counter", required=True, type=non_negative_int, metavar="N",
                          help="release counter (anti-rollback): higher than every "
                               "earlier release of the product")
     publish.add_argument("--hardware-id", required=True, action="append", metavar="ID",
@@ -158,7 +159,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         ),
     )
     timestamp.add_argument("repo", metavar="REPO", type=Path, help="repository directory")
-    timestamp.add_argument("--expires-in-s", type=_positive_int, metavar="N", default=None,
+    timestamp.add_argument("--expires-in-s", type=positive_int, metavar="N", default=None,
                            help="lifetime in seconds (default: the repository setting)")
     timestamp.set_defaults(func=_wrap(_cmd_timestamp))
 
@@ -482,26 +483,6 @@ def _wrap(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
 def _first_leaf(group: BaseExceptionGroup[OSError]) -> OSError:
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
 
 
 def _tls_files(cert: Path | None, key: Path | None) -> tuple[str | None, str | None]:

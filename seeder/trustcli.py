@@ -37,7 +37,8 @@ from seeder.publish import highest_counter
 from seeder.repository import ROLES, Repository, Staged, named_key
 from seeder.staging import holder_name, read_request, write_request
 
-__all__ = ["PIN_ENV", "add_commands", "describe_staged", "print_staged"]
+__all__ = ["PIN_ENV", "add_commands", "describe_staged", "non_negative_int", "positive_int",
+           "print_staged"]
 
 PIN_ENV = "SWARMOTA_TOKEN_PIN"
 
@@ -111,11 +112,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     rotate.add_argument("--key", action="append", default=[], metavar="[NAME=]PEM",
                         dest="keys", help="a new key's public (or private) PEM file; NAME "
                                           "(default: the file name) says who holds it")
-    rotate.add_argument("--generate", type=_count, default=0, metavar="N",
+    rotate.add_argument("--generate", type=non_negative_int, default=0, metavar="N",
                         help="generate N new keys")
     rotate.add_argument("--key-type", choices=KEY_TYPES, default="ed25519",
                         help="type of generated keys (default %(default)s)")
-    rotate.add_argument("--threshold", type=_count, default=None, metavar="K",
+    rotate.add_argument("--threshold", type=positive_int, default=None, metavar="K",
                         help="signatures the role needs (default: as now, at most the "
                              "number of keys)")
     rotate.set_defaults(func=wrap(_cmd_rotate))
@@ -130,7 +131,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                     "targets keys in the same request, then reset. Root keys must sign.")
     reset.add_argument("repo", metavar="REPO", type=Path)
     reset.add_argument("--product", required=True)
-    reset.add_argument("--floor", type=_count, default=None, metavar="N")
+    reset.add_argument("--floor", type=non_negative_int, default=None, metavar="N")
     reset.set_defaults(func=wrap(_cmd_counter_reset))
 
     withdraw = sub.add_parser(
@@ -456,7 +457,16 @@ def _pin(args: argparse.Namespace) -> str:
     raise SigningError(f"the token's PIN: give --pin-file or set ${PIN_ENV}")
 
 
-def _count(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: an integer above 0."""
+    value = non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a positive integer, got 0")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer of 0 or more."""
     try:
         value = int(text)
     except ValueError:
@@ -464,8 +474,4 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
     return value
-
-
-def _non_negative(text: str) -> int:
-    return _count(text)
 

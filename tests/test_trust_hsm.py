@@ -3,28 +3,23 @@
 
 from __future__ import annotations
 
-import argparse
 import random
 from pathlib import Path
 
 import pytest
 from tuf.api.metadata import Metadata, Targets
 
-from seeder import cli
 from seeder.errors import SigningError
 from seeder.hsm import TokenConfig, generate_token_key, token_signer
 from seeder.keys import load_private_key, load_public_key
 from seeder.publish import is_live, publish_release
 from seeder.repository import named_key
+from swarmota.cli import main
 from tests.trust_env import USER_PIN, SoftHsm, sign, threshold_repo
 
 
 def run(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="swarmota")
-    cli.add_parser(parser.add_subparsers(required=True))
-    args = parser.parse_args(list(argv))
-    rc: int = args.func(args)
-    return rc
+    return main(list(argv))
 
 
 def test_key_generated_in_the_token_signs_a_release_with_a_file_key(

@@ -53,7 +53,7 @@ from infra.http_serve import ListenConfig, parse_listen
 from manifest import MAX_MANIFEST_BYTES, ManifestFormatError, parse_release_manifest
 from tracker.admin import ROLES, TOKEN_NAME_RE, hash_token, new_token
 from tracker.admin_client import AdminClient
-from tracker.backup import backup_database, restore_database
+from tracker.backup import BackupInfo, backup_database, restore_database
 from tracker.catalogue import register_release
 from tracker.config import DEFAULT_POLL_AFTER_S, TrackerConfig
 from tracker.errors import (
@@ -512,23 +512,23 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     """Back the database up (tracker.backup)."""
-    try:
-        info = backup_database(args.db, args.out, overwrite=args.overwrite)
-    except StorageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"backed up {args.db} to {info.summary()}")
-    return 0
+    return _backup_step(f"backed up {args.db} to",
+                        lambda: backup_database(args.db, args.out, overwrite=args.overwrite))
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
     """Restore a backup into the database (tracker.backup)."""
+    return _backup_step(f"restored {args.backup} into",
+                        lambda: restore_database(args.backup, args.db, force=args.force))
+
+
+def _backup_step(done: str, step: Callable[[], BackupInfo]) -> int:
     try:
-        info = restore_database(args.backup, args.db, force=args.force)
+        info = step()
     except StorageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"restored {args.backup} into {info.summary()}")
+    print(f"{done} {info.summary()}")
     return 0
 
 
