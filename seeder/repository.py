@@ -924,13 +924,17 @@ class Repository:
     def _current_request(self) -> SigningRequest | None:
         """The staged request, checked to build on the current root."""
         request = self.staged()
-        if request is not None and request.base_root.signed_bytes != self._root.signed_bytes:
+        if request is not None:
+            self._check_base(request)
+        return request
+
+    def _check_base(self, request: SigningRequest) -> None:
+        if request.base_root.signed_bytes != self._root.signed_bytes:
             raise SigningError(
                 f"the staged request builds on root version "
                 f"{request.base_root.signed.version}, the repository is at version "
                 f"{self._root.signed.version}: discard it ('seeder discard') and stage "
                 "the change again")
-        return request
 
     def _check_amendable(self, request: SigningRequest, name: str) -> None:
         """Refuse to change staged ``name`` metadata that holds signatures of keys this
@@ -1001,6 +1005,10 @@ class Repository:
         if not request.ready:
             raise SigningError("the signing request does not meet its thresholds yet")
         request.check()
+        resuming = (request.root is not None
+                    and request.root.signed_bytes == self._root.signed_bytes)
+        if not resuming:
+            self._check_base(request)
         root = request.next_root
         for role in ("snapshot", "timestamp"):
             self._role_signers(root, role)  # before anything is written
