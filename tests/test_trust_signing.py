@@ -9,6 +9,7 @@ import base64
 import json
 import random
 import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from manifest import parse_release_manifest
 from seeder.errors import PublishError, RepositoryError, SigningError
 from seeder.keys import generate_key, load_private_key
 from seeder.publish import highest_counter, is_live, publish_release, published_releases
-from seeder.repository import KeySetup, Repository, RoleKeys
+from seeder.repository import ExpiryConfig, KeySetup, Repository, RoleKeys
 from seeder.staging import read_request, write_request
 from tests.trust_env import offline_key, sign, threshold_repo
 
@@ -258,3 +259,17 @@ def test_key_setup_with_online_targets_threshold(tmp_path: Path) -> None:
     assert is_live(repo, manifest), "two targets keys on the host meet the threshold"
     ts = json.loads((repo.metadata_dir / "timestamp.json").read_bytes())
     assert len(ts["signatures"]) == 3
+
+
+def test_timestamp_cron_renews_snapshot_when_half_its_life_is_gone(tmp_path: Path) -> None:
+    """With the targets keys offline, publishes are rare: the online host alone keeps
+    snapshot fresh (targets are renewed by their signers: seeder renew)."""
+    start = datetime(2030, 1, 1, tzinfo=UTC)
+    repo = Repository.create(tmp_path / "repo", now=start, keys=KeySetup(
+        targets=RoleKeys(1, 1), targets_online=False),
+        expiry=ExpiryConfig(snapshot_s=1000, timestamp_s=100))
+    repo.refresh_timestamp(now=start + timedelta(seconds=400))
+    assert repo.versions()["snapshot"] == 1
+    repo.refresh_timestamp(now=start + timedelta(seconds=600))
+    assert repo.versions() == {"root": 1, "targets": 1, "snapshot": 2, "timestamp": 3}
+    assert repo.expirations()["snapshot"] == start + timedelta(seconds=1600)
