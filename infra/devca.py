@@ -8,6 +8,8 @@ Layout::
     CA_DIR/ca.pem  ca-key.pem                 create_ca
     OUT_DIR/cert.pem  key.pem                 issue_server_cert (+ backup-key.pem)
     OUT_DIR/cert.pem  key.pem                 issue_device_cert (a fleet identity)
+    OUT_DIR/cert.pem                          issue_device_cert_from_csr (a renewal: the
+                                              key stays on the device, make_device_csr)
     FILE                                      generate_key_file (a spare key)
 
 Errors: :class:`DevCaError` (bad names, missing or unreadable CA, refusing to overwrite
@@ -28,7 +30,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from infra.deviceauth import DEVICE_ID_RE, ROLE_DEVICE, ROLE_SEED, ROLES
+from infra.deviceauth import (
+    DEVICE_ID_RE,
+    ROLE_DEVICE,
+    ROLE_SEED,
+    ROLES,
+    DeviceAuthError,
+    identity_of_name,
+)
 from infra.fsio import atomic_write_bytes
 from infra.tlspin import pin_of_certificate, pin_of_public_key
 
@@ -46,7 +55,10 @@ __all__ = [
     "ROLE_SEED",
     "generate_key_file",
     "issue_device_cert",
+    "issue_device_cert_from_csr",
     "issue_server_cert",
+    "make_device_csr",
+    "new_device_key_pem",
 ]
 
 CA_CERT_FILE = "ca.pem"
@@ -218,14 +230,8 @@ def issue_device_cert(ca_dir: Path, out_dir: Path, device_id: str, *,
         DevCaError: a bad device id or role, ``valid_days`` < 1, a missing or unreadable
             CA or key.
     """
-    if not DEVICE_ID_RE.fullmatch(device_id):
-        raise DevCaError(f"bad device id {device_id!r}: 1-128 of A-Z a-z 0-9 . _ : -")
-    if role not in ROLES:
-        raise DevCaError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id),
-                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role)])
-    return _issue_leaf(ca_dir, out_dir, subject, [x509.DNSName("*")],
-                       [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH],
+    return _issue_leaf(ca_dir, out_dir, _device_subject(device_id, role),
+                       [x509.DNSName("*")], _DEVICE_USAGES,
                        key_file=None, valid_days=valid_days, now=now)
 
 
@@ -235,7 +241,7 @@ def _issue_leaf(ca_dir: Path, out_dir: Path, subject: x509.Name,
                 now: datetime.datetime | None) -> ServerFiles:
     if valid_days < 1:
         raise DevCaError(f"valid_days must be at least 1, got {valid_days}")
-    ca_cert, ca_key = _load_ca(ca_dir)
+    ca = _load_ca(ca_dir)
     key_path = out_dir / KEY_FILE
     if key_file is not None:
         key = _load_key(key_file)
@@ -243,13 +249,26 @@ def _issue_leaf(ca_dir: Path, out_dir: Path, subject: x509.Name,
         key = _load_key(key_path)
     else:
         key = _new_key()
+    cert = _build_leaf(ca, subject, sans, usages, key.public_key(), valid_days, now)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(key_path, _key_pem(key), mode=0o600)
+    cert_path = out_dir / CERT_FILE
+    atomic_write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return ServerFiles(cert=cert_path, key=key_path, pin=pin_of_certificate(cert))
+
+
+def _build_leaf(ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], subject: x509.Name,
+                sans: Sequence[x509.GeneralName], usages: Sequence[x509.ObjectIdentifier],
+                public_key: ec.EllipticCurvePublicKey, valid_days: int,
+                now: datetime.datetime | None) -> x509.Certificate:
+    ca_cert, ca_key = ca
     start = _now(now)
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start - datetime.timedelta(minutes=5))
         .not_valid_after(start + datetime.timedelta(days=valid_days))
@@ -260,17 +279,89 @@ def _issue_leaf(ca_dir: Path, out_dir: Path, subject: x509.Name,
                                      encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
         .add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key),
                        critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
                        critical=False)
         .sign(ca_key, hashes.SHA256())
     )
+
+
+def _device_subject(device_id: str, role: str) -> x509.Name:
+    if not DEVICE_ID_RE.fullmatch(device_id):
+        raise DevCaError(f"bad device id {device_id!r}: 1-128 of A-Z a-z 0-9 . _ : -")
+    if role not in ROLES:
+        raise DevCaError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id),
+                      x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role)])
+
+
+_DEVICE_USAGES = (ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH)
+
+
+def new_device_key_pem() -> bytes:
+    """A new ECDSA P-256 private key for a fleet identity, unencrypted PKCS#8 PEM."""
+    return _key_pem(_new_key())
+
+
+def make_device_csr(key_pem: bytes, device_id: str, *, role: str = ROLE_DEVICE) -> bytes:
+    """A certificate signing request (PEM) for a fleet identity: ``CN=device_id,
+    OU=role``, signed with the ECDSA P-256 key ``key_pem`` (the device keeps the key;
+    only the request travels to the CA, :func:`issue_device_cert_from_csr`).
+
+    Raises:
+        DevCaError: a bad device id or role, or a key that is not ECDSA P-256 PEM.
+    """
+    subject = _device_subject(device_id, role)
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise DevCaError(f"not an unencrypted PEM private key: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise DevCaError("a fleet identity key must be ECDSA P-256")
+    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(
+        key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def issue_device_cert_from_csr(ca_dir: Path, csr_pem: bytes, out_dir: Path, *,
+                               device_id: str | None = None, valid_days: int = 3650,
+                               now: datetime.datetime | None = None) -> Path:
+    """Issue ``out_dir/cert.pem`` for the key of a device's signing request (a renewal
+    with a new key: the private key never leaves the device); return its path.
+
+    The request must be signed by its own key (ECDSA P-256) and name a valid device id
+    (``device_id`` if given) and role; the certificate is the one
+    :func:`issue_device_cert` makes. No ``key.pem`` is written.
+
+    Raises:
+        DevCaError: an unreadable or badly signed request, another device id, a bad role
+            or key type, ``valid_days`` < 1, a missing or unreadable CA.
+    """
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise DevCaError(f"not a PEM certificate signing request: {exc}") from None
+    if not csr.is_signature_valid:
+        raise DevCaError("the signing request is not signed by its own key")
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or \
+            public_key.curve.name != "secp256r1":
+        raise DevCaError("a fleet identity key must be ECDSA P-256")
+    try:
+        requested_id, role = identity_of_name(csr.subject)
+    except DeviceAuthError as exc:
+        raise DevCaError(f"signing request: {exc}") from None
+    if device_id is not None and requested_id != device_id:
+        raise DevCaError(f"the signing request is for {requested_id!r}, not {device_id!r}")
+    if valid_days < 1:
+        raise DevCaError(f"valid_days must be at least 1, got {valid_days}")
+    cert = _build_leaf(_load_ca(ca_dir), _device_subject(requested_id, role),
+                       [x509.DNSName("*")], _DEVICE_USAGES, public_key, valid_days, now)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(key_path, _key_pem(key), mode=0o600)
     cert_path = out_dir / CERT_FILE
     atomic_write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    return ServerFiles(cert=cert_path, key=key_path, pin=pin_of_certificate(cert))
+    return cert_path
 
 
 def generate_key_file(path: Path) -> str:

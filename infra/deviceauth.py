@@ -62,6 +62,7 @@ __all__ = [
     "RequestSigner",
     "certificate_sha256",
     "find_header",
+    "identity_of_name",
     "read_certificates",
     "signed_message",
 ]
@@ -143,9 +144,18 @@ def read_certificates(pem: bytes) -> list[CertificateIdentity]:
 
 def _identity_of(cert: x509.Certificate) -> tuple[str, str]:
     """``(device id, role)`` from a certificate's subject, or DeviceAuthError."""
+    return identity_of_name(cert.subject)
+
+
+def identity_of_name(subject: x509.Name) -> tuple[str, str]:
+    """``(device id, role)`` from a certificate's (or signing request's) subject.
+
+    Raises:
+        DeviceAuthError: not one CN with a valid device id and one OU with a role.
+    """
     try:
-        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        ous = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+        cns = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        ous = subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
     except ValueError as exc:
         raise DeviceAuthError(f"device certificate has a malformed subject: {exc}") from None
     if len(cns) != 1 or len(ous) != 1:
@@ -177,6 +187,7 @@ class RequestSigner:
         if key.public_key() != cert.public_key():
             raise DeviceAuthError("identity key does not belong to the identity certificate")
         self.device_id, self.role = _identity_of(cert)
+        self.not_before = cert.not_valid_before_utc
         self.not_after = cert.not_valid_after_utc
         self._key = key
         self._cert_header = base64.b64encode(cert.public_bytes(serialization.Encoding.DER))

@@ -14,7 +14,16 @@ from manifest.chunking import (
     sha256_hex,
     verify_bytes,
 )
+from manifest.counters import (
+    COUNTER_RESETS_FIELD,
+    DEFAULT_MAX_COUNTER_JUMP,
+    CounterReset,
+    apply_counter_reset,
+    encode_counter_resets,
+    parse_counter_resets,
+)
 from manifest.errors import (
+    CounterJumpError,
     IntegrityError,
     ManifestError,
     ManifestFormatError,
@@ -23,6 +32,7 @@ from manifest.errors import (
 )
 from manifest.release import (
     MAX_MANIFEST_BYTES,
+    MAX_RELEASE_COUNTER,
     UPDATE_TYPES,
     ImageInfo,
     Payload,
@@ -36,9 +46,14 @@ from manifest.release import (
 )
 
 __all__ = [
+    "COUNTER_RESETS_FIELD",
+    "DEFAULT_MAX_COUNTER_JUMP",
     "MAX_CHUNK_SIZE_BYTES",
     "MAX_MANIFEST_BYTES",
+    "MAX_RELEASE_COUNTER",
     "MIN_CHUNK_SIZE_BYTES",
+    "CounterJumpError",
+    "CounterReset",
     "ImageInfo",
     "IntegrityError",
     "ManifestError",
@@ -47,9 +62,12 @@ __all__ = [
     "Payload",
     "ReleaseManifest",
     "RollbackError",
+    "apply_counter_reset",
     "check_applicable",
     "chunk_hashes",
+    "encode_counter_resets",
     "choose_chunk_size",
+    "parse_counter_resets",
     "parse_release_manifest",
     "release_target_name",
     "sha256_hex",

@@ -5,6 +5,7 @@
      +-- IntegrityError            data whose size or SHA-256 differs from the manifest
      +-- NotApplicableError        a valid release for another product or hardware
      +-- RollbackError             a release counter not newer than the installed one
+     +-- CounterJumpError          a release counter too far above the installed one
 
 Every error carries a human-readable message naming the fault. Callers map these to
 device status codes (see ``peer.status``); nothing here performs I/O.
@@ -13,6 +14,7 @@ device status codes (see ``peer.status``); nothing here performs I/O.
 from __future__ import annotations
 
 __all__ = [
+    "CounterJumpError",
     "IntegrityError",
     "ManifestError",
     "ManifestFormatError",
@@ -39,3 +41,8 @@ class NotApplicableError(ManifestError):
 
 class RollbackError(ManifestError):
     """The release counter is not newer than the one already installed."""
+
+
+class CounterJumpError(ManifestError):
+    """The release counter is further above the installed one than the device accepts
+    (a counter pushed that far would make every later release a rollback)."""

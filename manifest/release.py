@@ -38,11 +38,17 @@ from manifest.chunking import (
     chunk_span,
     verify_bytes,
 )
-from manifest.errors import ManifestFormatError, NotApplicableError, RollbackError
+from manifest.errors import (
+    CounterJumpError,
+    ManifestFormatError,
+    NotApplicableError,
+    RollbackError,
+)
 
 __all__ = [
     "MAX_IMAGE_SIZE_BYTES",
     "MAX_MANIFEST_BYTES",
+    "MAX_RELEASE_COUNTER",
     "SCHEMA_VERSION",
     "UPDATE_TYPES",
     "ImageInfo",
@@ -240,12 +246,16 @@ def check_applicable(
     product: str,
     hardware_id: str,
     installed_counter: int,
+    max_counter_jump: int | None = None,
 ) -> None:
-    """Refuse a release meant for something else, or not newer than what is installed.
+    """Refuse a release meant for something else, not newer than what is installed, or
+    (with ``max_counter_jump``) whose counter is more than that above the installed one.
 
     Raises:
         NotApplicableError: product or hardware id does not match.
         RollbackError: ``release.release_counter <= installed_counter``.
+        CounterJumpError: ``release.release_counter - installed_counter >
+            max_counter_jump`` (see :mod:`manifest.counters`).
     """
     if release.product != product:
         raise NotApplicableError(
@@ -261,6 +271,14 @@ def check_applicable(
         raise RollbackError(
             f"release {release.version} has counter {release.release_counter}, "
             f"not newer than the installed counter {installed_counter}"
+        )
+    jump = release.release_counter - installed_counter
+    if max_counter_jump is not None and jump > max_counter_jump:
+        raise CounterJumpError(
+            f"release {release.version} has counter {release.release_counter}, {jump} above "
+            f"the installed counter {installed_counter}: more than the {max_counter_jump} "
+            "this device accepts (max_release_counter_jump; a counter pushed that far "
+            "would make every later release a rollback)"
         )
 
 

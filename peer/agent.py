@@ -85,7 +85,12 @@ from peer.state import DeviceState
 from peer.swarm import SwarmConfig, SwarmSession, TorrentHandleRef
 from peer.swarm_fetch import SwarmOptions, SwarmUnavailable, swarm_download
 from peer.tracker_client import Offer, checkin, send_report
-from peer.trust import fetch_release_manifest
+from peer.trust import (
+    TrustState,
+    apply_pending_counter_reset,
+    fetch_release_manifest,
+    refresh_trust,
+)
 from tracker.wire import MAX_MESSAGE_CHARS
 
 __all__ = ["UpdateResult", "swarm_config_for", "update_once"]
@@ -370,6 +375,7 @@ class _Run:
         result = UpdateResult(StatusCode.OK, "up to date", from_version=active.version,
                               timings_s=self.timings)
         start = self.clock()
+        bc = await trio.to_thread.run_sync(self._apply_counter_reset, bc)
         self._step(Event.CHECK)
         try:
             with self._timed("checkin"):
@@ -383,6 +389,10 @@ class _Run:
         if offer is None:
             self._step(Event.NO_OFFER)
             await trio.to_thread.run_sync(self._remove_downloads, set())
+            if await self._refresh_trust_if_due(result):
+                lowered = await trio.to_thread.run_sync(self._apply_counter_reset, bc)
+                if lowered.min_release_counter != bc.min_release_counter:
+                    return await self.update(lowered)  # once: the epoch is now applied
             return result
         if self.retry_budget is not None:
             spent = self.state.failed_attempts(offer.version)
@@ -396,7 +406,7 @@ class _Run:
         result.to_version = offer.version
         target = other_slot(bc.committed)
         try:
-            release = await self._fetch_release(offer, bc, result)
+            release, bc = await self._fetch_release(offer, bc, result)
             decision = await self._decide(release)
             if not decision.allowed:
                 self._step(Event.NO_OFFER)
@@ -737,8 +747,10 @@ class _Run:
         if self.last_swarm is not None and self.last_swarm.work is work:
             self.installed = self.last_swarm
 
-    async def _fetch_release(self, offer: Offer, bc: BootControl,
-                             result: UpdateResult) -> ReleaseManifest:
+    async def _fetch_release(self, offer: Offer, bc: BootControl, result: UpdateResult
+                             ) -> tuple[ReleaseManifest, BootControl]:
+        """The offered release manifest, verified and applicable; and boot control, whose
+        floor a counter reset in the refreshed root may have lowered."""
         with self._timed("metadata"):
             data, metadata_bytes = await trio.to_thread.run_sync(
                 lambda: fetch_release_manifest(
@@ -747,6 +759,8 @@ class _Run:
                     scratch_dir=self.state.downloads_dir, tls=self.http.tls,
                     min_rate_bytes_per_s=self.config.http_min_rate_bytes_per_s))
         result.bytes_metadata += metadata_bytes
+        await trio.to_thread.run_sync(self._mark_trust_refreshed)
+        bc = await trio.to_thread.run_sync(self._apply_counter_reset, bc)
         try:
             release = parse_release_manifest(data)
             if (release.product, release.version) != (offer.product, offer.version):
@@ -754,10 +768,41 @@ class _Run:
                                    f"{release.version}")
             check_applicable(release, product=self.config.product,
                              hardware_id=self.config.hardware_id,
-                             installed_counter=bc.min_release_counter)
+                             installed_counter=bc.min_release_counter,
+                             max_counter_jump=self.config.max_release_counter_jump)
         except ManifestError as exc:
             raise VerifyFailed(f"release {offer.version} refused: {exc}") from exc
-        return release
+        return release, bc
+
+    def _apply_counter_reset(self, bc: BootControl) -> BootControl:
+        return apply_pending_counter_reset(bc, trust_dir=self.state.trust_dir,
+                                           state_path=self.state.trust_state_path,
+                                           bootctl_path=self.state.bootctl_path,
+                                           product=self.config.product)
+
+    def _mark_trust_refreshed(self) -> None:
+        TrustState.mark_refreshed(self.state.trust_state_path, self.wall_clock())
+
+    async def _refresh_trust_if_due(self, result: UpdateResult) -> bool:
+        """With nothing offered, refresh the trusted metadata every
+        ``trust_refresh_interval_s`` (a device follows root rotations and counter resets
+        even when no release reaches it); True if it did. A failure is logged only."""
+        state = TrustState.load(self.state.trust_state_path)
+        if not state.refresh_due(self.wall_clock(), self.config.trust_refresh_interval_s):
+            return False
+        try:
+            with self._timed("trust_refresh"):
+                result.bytes_metadata += await trio.to_thread.run_sync(
+                    lambda: refresh_trust(
+                        self.state.trust_dir, self.config.origin_url,
+                        timeout_s=self.config.http_timeout_s,
+                        scratch_dir=self.state.downloads_dir, tls=self.http.tls,
+                        min_rate_bytes_per_s=self.config.http_min_rate_bytes_per_s))
+        except PeerError as exc:
+            log.warning("trust refresh failed: %s", exc)
+            return False
+        await trio.to_thread.run_sync(self._mark_trust_refreshed)
+        return True
 
     async def _reboot_and_check(self, bc: BootControl) -> BootControl:
         """Boot the pending slot (consuming a try), health-check it, commit or fall back."""

@@ -14,12 +14,13 @@ from typing import Any
 import trio
 
 from infra.fsio import atomic_write_bytes
+from manifest import DEFAULT_MAX_COUNTER_JUMP
 from peer.agent import UpdateResult, update_once
 from peer.components import ComponentStore
 from peer.config import DOWNLOAD_MODES, DeviceConfig
 from peer.daemon import DaemonConfig, run_daemon
 from peer.errors import ConfigError
-from peer.identity import install_identity
+from peer.identity import install_identity, load_identity, renew_identity, renewal_csr
 from peer.install_policy import load_policy
 from peer.state import DeviceState, JournalError, init_device
 
@@ -99,8 +100,42 @@ def add_parser(subparsers: Any) -> None:
                            "to STATE/identity/")
     init.add_argument("--identity-key", type=Path, default=None, metavar="PEM",
                       help="the private key of --identity-cert (copied, mode 0600)")
+    init.add_argument("--max-counter-jump", type=int, default=DEFAULT_MAX_COUNTER_JUMP,
+                      metavar="N",
+                      help="refuse a release whose counter is more than N above the "
+                           "installed one (default %(default)s): one signed counter of 2^53 "
+                           "would otherwise make every later release a rollback")
+    init.add_argument("--trust-refresh-interval-s", type=float, default=24 * 3600.0,
+                      metavar="S",
+                      help="with nothing offered, refresh the trusted metadata (root "
+                           "rotations, counter resets) this often (default %(default)s)")
     init.add_argument("--force", action="store_true", help="re-provision an existing directory")
     init.set_defaults(func=_init)
+
+    identity = sub.add_parser(
+        "identity", help="show or renew the device's fleet identity",
+        description="The device's fleet certificate: show it, or renew it without "
+                    "reflashing. Same key: 'identity renew STATE --cert NEW.pem' with a "
+                    "certificate the fleet CA issued for the current key. New key: "
+                    "'identity csr STATE --out req.pem' (the key is made on the device and "
+                    "stays there), 'swarmota tls device-cert DIR --ca FLEET --csr req.pem' "
+                    "at the CA, then 'identity renew STATE --cert DIR/cert.pem'.")
+    identity_sub = identity.add_subparsers(dest="identity_command", metavar="COMMAND",
+                                           required=True)
+    show = identity_sub.add_parser("show", help="the certificate's device id, role, validity")
+    show.add_argument("state", type=Path)
+    show.set_defaults(func=_identity_show)
+    csr = identity_sub.add_parser("csr", help="make a new key and its signing request")
+    csr.add_argument("state", type=Path)
+    csr.add_argument("--out", type=Path, required=True, metavar="FILE",
+                     help="where to write the certificate signing request (PEM)")
+    csr.set_defaults(func=_identity_csr)
+    renew = identity_sub.add_parser("renew", help="install a renewed certificate")
+    renew.add_argument("state", type=Path)
+    renew.add_argument("--cert", type=Path, required=True, metavar="PEM",
+                       help="the new certificate (for the current key, or for the key of "
+                            "'identity csr')")
+    renew.set_defaults(func=_identity_renew)
 
     update = sub.add_parser(
         "update", help="check in and install an offered update",
@@ -162,7 +197,9 @@ def _init(args: argparse.Namespace) -> int:
             network_metered=args.metered, battery_percent_path=args.battery_file,
             swarm_local_discovery=args.swarm_local_discovery,
             min_battery_percent_to_upload=args.min_battery_percent,
-            tls_pins=tuple(args.tls_pins), tls_ca_file=_ca_file(args.tls_ca_file))
+            tls_pins=tuple(args.tls_pins), tls_ca_file=_ca_file(args.tls_ca_file),
+            max_release_counter_jump=args.max_counter_jump,
+            trust_refresh_interval_s=args.trust_refresh_interval_s)
         if (args.identity_cert is None) != (args.identity_key is None):
             raise ConfigError("--identity-cert and --identity-key go together")
         root = args.root.read_bytes()
@@ -185,6 +222,45 @@ def _init(args: argparse.Namespace) -> int:
         return 2
     print(f"device {config.device_id} provisioned in {state.root} "
           f"(slot a: {args.version}, counter {args.release_counter})")
+    return 0
+
+
+def _identity_show(args: argparse.Namespace) -> int:
+    try:
+        identity = load_identity(args.state)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if identity is None:
+        print(f"{args.state}: no fleet identity (requests are not signed)")
+        return 0
+    signer = identity.signer
+    print(f"device {signer.device_id} ({signer.role}), certificate valid "
+          f"{signer.not_before.isoformat()} to {signer.not_after.isoformat()}")
+    if (identity.directory / "key.next.pem").exists():
+        print("a renewal to a new key is pending ('peer identity renew --cert ...')")
+    return 0
+
+
+def _identity_csr(args: argparse.Namespace) -> int:
+    try:
+        atomic_write_bytes(args.out, renewal_csr(args.state))
+    except (ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: have the fleet CA issue a certificate for it ('swarmota tls "
+          f"device-cert DIR --ca FLEET_CA --csr {args.out}'), then 'swarmota peer "
+          f"identity renew {args.state} --cert DIR/cert.pem'")
+    return 0
+
+
+def _identity_renew(args: argparse.Namespace) -> int:
+    try:
+        kind = renew_identity(args.state, args.cert)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"identity renewed ({kind}); the next requests carry the new certificate")
     return 0
 
 

@@ -13,7 +13,12 @@ from urllib.parse import urlsplit
 from infra.fsio import atomic_write_json
 from infra.ids import DEVICE_ID_RE
 from infra.tlspin import PinError, check_pin
-from manifest import ManifestFormatError, validate_product
+from manifest import (
+    DEFAULT_MAX_COUNTER_JUMP,
+    MAX_RELEASE_COUNTER,
+    ManifestFormatError,
+    validate_product,
+)
 from peer.errors import ConfigError
 from tracker.wire import MAX_LABELS, NETWORK_ID_RE
 
@@ -95,6 +100,12 @@ class DeviceConfig:
     region: str | None = None
     # groups the device declares at check-in (a rollout's canary group may be a label)
     labels: tuple[str, ...] = ()
+    # --- trust (peer/trust.py, manifest/counters.py): a release whose counter is more
+    # than this above the installed one is refused (one signed counter of 2^53 would
+    # otherwise make every later release a rollback); how often a device with nothing
+    # offered still refreshes its trusted metadata (root rotations, counter resets)
+    max_release_counter_jump: int = DEFAULT_MAX_COUNTER_JUMP
+    trust_refresh_interval_s: float = 24 * 3600.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -130,6 +141,13 @@ class DeviceConfig:
             raise ConfigError("seed_time_s must be >= 0, swarm_stall_s and swarm_timeout_s > 0")
         if not 0 <= self.min_battery_percent_to_upload <= 100:
             raise ConfigError("min_battery_percent_to_upload must be within 0..100")
+        jump = self.max_release_counter_jump
+        if (not isinstance(jump, int) or isinstance(jump, bool)
+                or not 1 <= jump <= MAX_RELEASE_COUNTER):
+            raise ConfigError(f"max_release_counter_jump must be within "
+                              f"1..{MAX_RELEASE_COUNTER}")
+        if self.trust_refresh_interval_s < 0:
+            raise ConfigError("trust_refresh_interval_s must be >= 0")
         if len(self.labels) > MAX_LABELS:
             raise ConfigError(f"at most {MAX_LABELS} labels")
         for name, value in (("network_id", self.network_id), ("region", self.region),

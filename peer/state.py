@@ -12,6 +12,7 @@
     STATE/policy.toml        install policy (optional; peer.install_policy)
     STATE/offers.json        when the release now offered was first offered (install delay)
     STATE/attempts.json      failed attempts in a row of one release (retry budget)
+    STATE/trust_state.json   last trust refresh, counter resets applied (peer.trust)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ from peer.errors import ConfigError
 from peer.install import hash_file
 from peer.machine import Journal, JournalError, decode_journal, encode_journal
 from peer.slots import FileSlots
+from peer.trust import TrustState
 
 __all__ = ["MAX_OUTBOX_REPORTS", "DeviceState", "JournalError", "init_device"]
 
@@ -99,6 +102,10 @@ class DeviceState:
             pass
         atomic_write_json(path, {"version": version, "first_offered_at_s": now_s})
         return now_s
+
+    @property
+    def trust_state_path(self) -> Path:
+        return self.root / "trust_state.json"
 
     @property
     def attempts_path(self) -> Path:
@@ -214,12 +221,13 @@ def init_device(state_dir: Path, config: DeviceConfig, *, root_json: bytes, imag
     if force and state_dir.exists():
         for sub in ("trust", "slots", "downloads", "components"):
             shutil.rmtree(state_dir / sub, ignore_errors=True)
-        for stale in ("offers.json", "attempts.json"):
+        for stale in ("offers.json", "attempts.json", "trust_state.json"):
             (state_dir / stale).unlink(missing_ok=True)
     (state_dir / "slots").mkdir(parents=True, exist_ok=True)
     state.trust_dir.mkdir(parents=True, exist_ok=True)
     state.downloads_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(state.trust_dir / "root.json", root_json)
+    TrustState(refreshed_at_s=time.time()).save(state.trust_state_path)
     slot_a = state.slot_path("a")
     tmp = slot_a.with_name(".a.img.init")
     shutil.copyfile(image, tmp)

@@ -1,22 +1,37 @@
-"""The device side of the TUF metadata chain (python-tuf ngclient).
+"""The device side of the TUF metadata chain (python-tuf ngclient), and what the device
+keeps of its trust besides it.
 
 :func:`fetch_release_manifest` refreshes root -> timestamp -> snapshot -> targets from
 the origin, looks up a release manifest in the signed targets and downloads it, verified
-against the signed length and hashes. It blocks: call it through
+against the signed length and hashes; :func:`refresh_trust` refreshes the chain alone
+(a device with nothing offered still follows key rotations and counter resets, every
+``trust_refresh_interval_s``). Both block: call them through
 ``trio.to_thread.run_sync``. python-tuf errors become ours: a repository that fails
 verification (bad signature, expired, rolled back, too long) is ``VerifyFailed``; an
 unreachable origin is ``DownloadFailed``.
 
+The trust anchor, ``STATE/trust/root.json``, is written by ``peer init`` and afterwards
+only by python-tuf, with a root it verified along the chain (each version signed by a
+threshold of its predecessor's root keys and of its own). Nothing else on the device
+writes it: a device is never "re-anchored" by the network.
+
 One check on top of python-tuf: a root that lists the same public key under two keyids
 of one role is refused (python-tuf counts keyids, so one key signing twice would meet a
 threshold of two); the trusted metadata is put back as it was before the refresh.
+
+``STATE/trust_state.json`` (:class:`TrustState`) records when the chain was last
+refreshed and which root-signed counter reset epochs (:mod:`manifest.counters`) the
+device has applied.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tuf.api import exceptions as tuf_exceptions
@@ -24,11 +39,23 @@ from tuf.api.metadata import Metadata, Root
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient import Updater
 
-from infra.fsio import atomic_write_bytes
+from infra.fsio import atomic_write_bytes, atomic_write_json
+from manifest import (
+    COUNTER_RESETS_FIELD,
+    CounterReset,
+    ManifestFormatError,
+    apply_counter_reset,
+    parse_counter_resets,
+)
+from peer.bootctl import BootControl, write_bootctl
 from peer.errors import DownloadFailed, PinMismatch, VerifyFailed
 from peer.http import DEFAULT_MIN_RATE_BYTES_PER_S, TlsPolicy, TufFetcher
 
-__all__ = ["fetch_release_manifest"]
+__all__ = ["TrustState", "apply_pending_counter_reset", "fetch_release_manifest",
+           "pending_counter_reset", "refresh_trust"]
+
+log = logging.getLogger(__name__)
+_MAX_STATE_BYTES = 64 * 1024
 
 
 def fetch_release_manifest(trust_dir: Path, origin_url: str, target_name: str, *,
@@ -46,26 +73,63 @@ def fetch_release_manifest(trust_dir: Path, origin_url: str, target_name: str, *
     one longer than python-tuf's limit for its role or the signed length is cut there
     (VerifyFailed: bad data, not a transport failure).
     """
-    base = origin_url.rstrip("/")
-    fetcher = TufFetcher(timeout_s=timeout_s, tls=tls, min_rate_bytes_per_s=min_rate_bytes_per_s)
     scratch_dir.mkdir(parents=True, exist_ok=True)
     scratch = scratch_dir / "release-manifest.download"
+    fetcher = TufFetcher(timeout_s=timeout_s, tls=tls, min_rate_bytes_per_s=min_rate_bytes_per_s)
     try:
-        trusted = _read_trusted(trust_dir)
-        updater = Updater(metadata_dir=str(trust_dir), metadata_base_url=f"{base}/metadata/",
-                          target_base_url=f"{base}/targets/", target_dir=str(scratch_dir),
-                          fetcher=fetcher, bootstrap=None)
-        updater.refresh()
-        try:
-            _check_distinct_keys(trust_dir / "root.json")
-        except VerifyFailed:
-            _restore_trusted(trust_dir, trusted)
-            raise
-        info = updater.get_targetinfo(target_name)
-        if info is None:
-            raise VerifyFailed(f"{target_name} is not listed in the signed targets metadata")
-        updater.download_target(info, filepath=str(scratch))
-        data = scratch.read_bytes()
+        with _tuf_errors(trust_dir):
+            updater = _refreshed(trust_dir, origin_url, fetcher, scratch_dir)
+            info = updater.get_targetinfo(target_name)
+            if info is None:
+                raise VerifyFailed(f"{target_name} is not listed in the signed targets "
+                                   "metadata")
+            updater.download_target(info, filepath=str(scratch))
+            data = scratch.read_bytes()
+    finally:
+        fetcher.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(scratch)
+    return data, fetcher.bytes_received
+
+
+def refresh_trust(trust_dir: Path, origin_url: str, *, timeout_s: float, scratch_dir: Path,
+                  tls: TlsPolicy | None = None,
+                  min_rate_bytes_per_s: int = DEFAULT_MIN_RATE_BYTES_PER_S) -> int:
+    """Refresh the trusted metadata chain (new roots, timestamp, snapshot, targets);
+    return the metadata bytes downloaded. Same errors as :func:`fetch_release_manifest`.
+    """
+    scratch_dir.mkdir(parents=True, exist_ok=True)
+    fetcher = TufFetcher(timeout_s=timeout_s, tls=tls, min_rate_bytes_per_s=min_rate_bytes_per_s)
+    try:
+        with _tuf_errors(trust_dir):
+            _refreshed(trust_dir, origin_url, fetcher, scratch_dir)
+    finally:
+        fetcher.close()
+    return fetcher.bytes_received
+
+
+def _refreshed(trust_dir: Path, origin_url: str, fetcher: TufFetcher,
+               scratch_dir: Path) -> Updater:
+    """An updater whose top-level metadata is refreshed and checked (distinct keys)."""
+    base = origin_url.rstrip("/")
+    trusted = _read_trusted(trust_dir)
+    updater = Updater(metadata_dir=str(trust_dir), metadata_base_url=f"{base}/metadata/",
+                      target_base_url=f"{base}/targets/", target_dir=str(scratch_dir),
+                      fetcher=fetcher, bootstrap=None)
+    updater.refresh()
+    try:
+        _check_distinct_keys(trust_dir / "root.json")
+    except VerifyFailed:
+        _restore_trusted(trust_dir, trusted)
+        raise
+    return updater
+
+
+@contextlib.contextmanager
+def _tuf_errors(trust_dir: Path) -> Iterator[None]:
+    """python-tuf's and the disk's errors as ours."""
+    try:
+        yield
     except tuf_exceptions.ExpiredMetadataError as exc:
         raise VerifyFailed(f"expired metadata (possible freeze attack): {exc}") from exc
     except tuf_exceptions.RepositoryError as exc:
@@ -79,11 +143,101 @@ def fetch_release_manifest(trust_dir: Path, origin_url: str, target_name: str, *
         raise DownloadFailed(f"metadata download failed: {exc}") from exc
     except OSError as exc:
         raise VerifyFailed(f"cannot use trusted metadata in {trust_dir}: {exc}") from exc
-    finally:
-        fetcher.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(scratch)
-    return data, fetcher.bytes_received
+
+
+# --- what the device keeps besides the metadata ---------------------------------------
+
+
+@dataclass
+class TrustState:
+    """``STATE/trust_state.json``: when the chain was last refreshed (wall clock, s) and
+    the counter reset epoch applied per product."""
+
+    refreshed_at_s: float | None = None
+    counter_epochs: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> TrustState:
+        """The recorded state; an absent or damaged file is an empty state (a damaged
+        epoch record at worst applies the current reset again, which only lowers a floor
+        to where root already said it may be)."""
+        try:
+            with open(path, "rb") as fh:
+                raw = json.loads(fh.read(_MAX_STATE_BYTES))
+            at = raw.get("refreshed_at_s")
+            epochs = raw.get("counter_epochs", {})
+            if (not isinstance(epochs, dict)
+                    or not all(isinstance(v, int) for v in epochs.values())):
+                return cls()
+            return cls(float(at) if isinstance(at, int | float) else None, dict(epochs))
+        except (OSError, ValueError, AttributeError, RecursionError):
+            return cls()
+
+    def save(self, path: Path) -> None:
+        atomic_write_json(path, {"refreshed_at_s": self.refreshed_at_s,
+                                 "counter_epochs": self.counter_epochs})
+
+    @classmethod
+    def mark_refreshed(cls, path: Path, now_s: float) -> None:
+        """Record a successful refresh of the chain at ``now_s``."""
+        state = cls.load(path)
+        state.refreshed_at_s = now_s
+        state.save(path)
+
+    def refresh_due(self, now_s: float, interval_s: float) -> bool:
+        """True when the last refresh is ``interval_s`` old, in the future (a clock set
+        back), or unknown (a device provisioned before this record existed)."""
+        if self.refreshed_at_s is None:
+            return True
+        return not 0 <= now_s - self.refreshed_at_s < interval_s
+
+
+def pending_counter_reset(trust_dir: Path, product: str,
+                          state: TrustState) -> CounterReset | None:
+    """The counter reset of ``product`` in the trusted root, if its epoch is newer than
+    the one ``state`` says was applied; else ``None``.
+
+    Raises:
+        VerifyFailed: the trusted root is unreadable, or its counter resets malformed.
+    """
+    try:
+        root = Metadata[Root].from_bytes((trust_dir / "root.json").read_bytes()).signed
+        resets = parse_counter_resets(root.unrecognized_fields.get(COUNTER_RESETS_FIELD))
+    except (OSError, DeserializationError) as exc:
+        raise VerifyFailed(f"trusted root unreadable: {exc}") from exc
+    except ManifestFormatError as exc:
+        raise VerifyFailed(f"trusted root: {exc}") from exc
+    reset = resets.get(product)
+    if reset is None or reset.epoch <= state.counter_epochs.get(product, 0):
+        return None
+    return reset
+
+
+def apply_pending_counter_reset(bc: BootControl, *, trust_dir: Path, state_path: Path,
+                                bootctl_path: Path, product: str) -> BootControl:
+    """Apply the trusted root's counter reset of ``product`` if it is newer than the
+    epoch applied: the anti-rollback floor goes down to the reset's floor if it is above
+    (written to boot control first, then the epoch is recorded: a crash in between
+    applies it again, which changes nothing). Returns the boot control now in force.
+    An unreadable root or reset is logged and changes nothing."""
+    state = TrustState.load(state_path)
+    try:
+        reset = pending_counter_reset(trust_dir, product, state)
+    except VerifyFailed as exc:
+        log.warning("counter reset not applied: %s", exc)
+        return bc
+    applied = apply_counter_reset(bc.min_release_counter,
+                                  state.counter_epochs.get(product, 0), reset)
+    if applied is None:
+        return bc
+    floor, epoch = applied
+    if floor != bc.min_release_counter:
+        log.warning("root-signed counter reset (epoch %d): anti-rollback floor %d -> %d",
+                    epoch, bc.min_release_counter, floor)
+        bc = write_bootctl(bootctl_path, replace(bc, min_release_counter=floor), what="floor")
+    state.counter_epochs[product] = epoch
+    state.save(state_path)
+    return bc
 
 
 _TOP_LEVEL = ("root.json", "timestamp.json", "snapshot.json", "targets.json")

@@ -1,15 +1,21 @@
 """The seeder: repository keys and TUF metadata, publishing, the origin HTTP server.
 
-- :mod:`seeder.repository`: a TUF repository on disk (offline root key, online
-  targets/snapshot/timestamp keys, consistent snapshots) and its origin tree.
+- :mod:`seeder.repository`: a TUF repository on disk (k-of-n keys per role, consistent
+  snapshots, changes staged until signed, rotations, counter resets, rebuild) and its
+  origin tree.
+- :mod:`seeder.staging`: signing requests (``REPO/staged.json``, files that travel to
+  the signers); :mod:`seeder.keys` and :mod:`seeder.hsm`: key files and PKCS#11 tokens.
 - :mod:`seeder.publish`: image -> zstd payload -> release manifest -> signed target.
 - :mod:`seeder.origin` / :mod:`seeder.server`: a static-file ASGI app with byte ranges,
   served with the shared hypercorn adapter.
 - :mod:`seeder.seeding`: seeds every published payload over BitTorrent (the swarm
   adapter :mod:`peer.swarm`), rescanning for new releases.
-- :mod:`seeder.cli`: ``swarmota seeder init|publish|timestamp|serve``.
+- :mod:`seeder.cli`: ``swarmota seeder init|publish|timestamp|serve``, and through
+  :mod:`seeder.trustcli` the key ceremony (``status|sign|export|import|discard|rotate|
+  counter-reset|withdraw|renew|rebuild|key``).
 
-Errors: :mod:`seeder.errors` (``SeederError`` > ``RepositoryError``, ``PublishError``).
+Errors: :mod:`seeder.errors` (``SeederError`` > ``RepositoryError`` > ``SigningError``;
+``PublishError``).
 Layout of the repository and origin tree: docs/ARCHITECTURE.md, "Origin tree".
 """
 

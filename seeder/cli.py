@@ -1,6 +1,7 @@
 """``swarmota seeder ...``: create a repository, publish releases, refresh timestamp, serve.
 
-A thin shell over :mod:`seeder.repository`, :mod:`seeder.publish`,
+The key ceremony's commands (sign, rotate, ...) are in :mod:`seeder.trustcli`. A thin
+shell over :mod:`seeder.repository`, :mod:`seeder.publish`,
 :mod:`seeder.server` and :mod:`seeder.seeding` (``serve`` also seeds every published
 payload over BitTorrent unless ``--no-seed``). Each leaf command sets
 ``func(args) -> int``; seeder errors are printed as ``error: <message>`` on stderr with
@@ -22,19 +23,22 @@ from pathlib import Path
 import trio
 
 from infra.http_serve import ListenConfig, parse_listen
-from manifest import UPDATE_TYPES
+from manifest import DEFAULT_MAX_COUNTER_JUMP, UPDATE_TYPES
 from peer.announce_relay import AnnounceRelay
 from peer.config import check_pinned_urls
 from peer.errors import ConfigError
 from peer.http import HttpClient, TlsPolicy
 from peer.identity import load_identity_dir
 from peer.swarm import SwarmConfig
+from seeder import trustcli
 from seeder.errors import SeederError
+from seeder.keys import KEY_TYPES
 from seeder.origin import OriginApp, OriginConfig
-from seeder.publish import DEFAULT_ZSTD_LEVEL, DeltaSummary, publish_release
-from seeder.repository import ExpiryConfig, Repository
+from seeder.publish import DEFAULT_ZSTD_LEVEL, DeltaSummary, is_live, publish_release
+from seeder.repository import ROLES, ExpiryConfig, KeySetup, Repository, RoleKeys, Staged
 from seeder.seeding import DEFAULT_RESCAN_INTERVAL_S, PayloadSeeder, SeedingConfig
 from seeder.server import serve_origin
+from seeder.trustcli import non_negative_int, positive_int
 
 __all__ = ["DEFAULT_LISTEN", "DEFAULT_SEED_PORT", "add_parser"]
 
@@ -57,17 +61,34 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "init",
         help="create a new repository with fresh keys",
         description=(
-            "Create a TUF repository: an offline root key, online targets/snapshot/"
-            "timestamp keys, and initial signed metadata. The root key is written to "
-            "REPO/offline/root.pem for convenience only: move it to an offline machine."
+            "Create a TUF repository: root keys (REPO/offline/: move them to their "
+            "holders' offline machines), targets keys (REPO/keys/ in the single-key "
+            "setup, else REPO/offline/), snapshot and timestamp keys (REPO/keys/, this "
+            "host), and initial signed metadata."
         ),
     )
     init.add_argument("repo", metavar="REPO", type=Path,
                       help="directory to create (must not exist or be empty)")
+    keys = init.add_argument_group(
+        "keys (per role: how many, how many must sign)",
+        "Default: one key per role, the targets key on this host (every publish goes "
+        "live at once). For release signing by several engineers give --targets-keys N "
+        "--targets-threshold K (or --targets-offline): the targets keys then go to "
+        "REPO/offline/ for their holders, and a publish waits for K signatures.")
+    for role in ("root", "targets", "snapshot", "timestamp"):
+        keys.add_argument(f"--{role}-keys", type=positive_int, default=1, metavar="N",
+                          help=f"number of {role} keys (default 1)")
+        keys.add_argument(f"--{role}-threshold", type=positive_int, default=1,
+                          metavar="K", help=f"{role} signatures needed (default 1)")
+    keys.add_argument("--key-type", choices=KEY_TYPES, default="ed25519",
+                      help="type of every generated key (default %(default)s)")
+    keys.add_argument("--targets-offline", action="store_true",
+                      help="put the targets key(s) in REPO/offline/ even when there is "
+                           "only one (implied by --targets-keys above 1)")
     defaults = ExpiryConfig()
     for role in ("root", "targets", "snapshot", "timestamp"):
         init.add_argument(
-            f"--{role}-expiry-s", type=_positive_int, metavar="N",
+            f"--{role}-expiry-s", type=positive_int, metavar="N",
             default=getattr(defaults, f"{role}_s"),
             help=f"{role} metadata lifetime in seconds (default %(default)s)",
         )
@@ -78,15 +99,17 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="publish an image as a new release",
         description=(
             "Compress IMAGE into a content-addressed zstd payload, build a delta "
-            "payload from each --from image, write the release manifest and sign new "
-            "targets, snapshot and timestamp metadata."
+            "payload from each --from image, write the release manifest and stage new "
+            "targets metadata. It goes live (snapshot, timestamp) at once if this host "
+            "holds enough targets keys, else once the release signers have signed it "
+            "('seeder status', 'seeder sign', 'seeder export'/'import')."
         ),
     )
     publish.add_argument("repo", metavar="REPO", type=Path, help="repository directory")
     publish.add_argument("image", metavar="IMAGE", type=Path, help="the full image file")
     publish.add_argument("--product", required=True, help="product name, e.g. acme-router")
     publish.add_argument("--version", required=True, help="release version, e.g. 2.0.0")
-    publish.add_argument("--counter", required=True, type=_non_negative_int, metavar="N",
+    publish.add_argument("--counter", required=True, type=non_negative_int, metavar="N",
                          help="release counter (anti-rollback): higher than every "
                               "earlier release of the product")
     publish.add_argument("--hardware-id", required=True, action="append", metavar="ID",
@@ -121,6 +144,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     publish.add_argument("--component", default=None, metavar="NAME",
                          help="component name, e.g. modem-fw (with --update-type other than "
                               "image)")
+    publish.add_argument("--allow-counter-jump", action="store_true",
+                         help="accept a counter more than "
+                              f"{DEFAULT_MAX_COUNTER_JUMP} above the highest published "
+                              "(devices refuse such a jump by default)")
     publish.set_defaults(func=_wrap(_cmd_publish))
 
     timestamp = sub.add_parser(
@@ -132,7 +159,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         ),
     )
     timestamp.add_argument("repo", metavar="REPO", type=Path, help="repository directory")
-    timestamp.add_argument("--expires-in-s", type=_positive_int, metavar="N", default=None,
+    timestamp.add_argument("--expires-in-s", type=positive_int, metavar="N", default=None,
                            help="lifetime in seconds (default: the repository setting)")
     timestamp.set_defaults(func=_wrap(_cmd_timestamp))
 
@@ -191,6 +218,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                               "(repeatable; at least two, one a spare)")
     serve.set_defaults(func=_wrap(_cmd_serve))
 
+    trustcli.add_commands(sub, _wrap)
+
 
 # --- commands ----------------------------------------------------------------------------
 
@@ -199,13 +228,32 @@ def _cmd_init(args: argparse.Namespace) -> int:
     expiry = ExpiryConfig(root_s=args.root_expiry_s, targets_s=args.targets_expiry_s,
                           snapshot_s=args.snapshot_expiry_s,
                           timestamp_s=args.timestamp_expiry_s)
-    repo = Repository.create(args.repo, expiry=expiry)
+    try:
+        setup = KeySetup(**{role: RoleKeys(count=getattr(args, f"{role}_keys"),
+                                           threshold=getattr(args, f"{role}_threshold"),
+                                           key_type=args.key_type)
+                            for role in ROLES},
+                         targets_online=args.targets_keys == 1 and not args.targets_offline)
+    except ValueError as exc:
+        raise SeederError(str(exc)) from None
+    repo = Repository.create(args.repo, expiry=expiry, keys=setup)
     print(f"created repository {repo.path}")
-    print(f"  root private key:  {repo.offline_root_key_path}")
-    print("    !! It signs which keys devices trust. Move it to an OFFLINE machine now;")
-    print("    !! it is not needed to publish, only to rotate keys.")
-    print(f"  online keys:       {repo.online_keys_dir}/{{targets,snapshot,timestamp}}.pem")
-    print("    keep them on the publishing machine, readable only by the publisher")
+    print("  offline keys (move each to its holder's OFFLINE machine or token now, and "
+          "delete it here):")
+    for path in sorted(repo.offline_dir.iterdir()):
+        print(f"    {path}")
+    print("    !! Root keys sign which keys devices trust; they are needed only to change "
+          "keys.")
+    local = repo.local_roles()
+    print(f"  keys on this host: {repo.online_keys_dir}/ "
+          f"({', '.join(f'{r} {len(k)}' for r, k in local.items() if k)})")
+    if local["targets"]:
+        print("    the targets key is on this host: whoever takes it can sign releases "
+              "devices install; for k-of-n release signing see --targets-keys")
+    else:
+        print(f"    releases need {setup.targets.threshold} of {setup.targets.count} "
+              "targets signatures ('seeder sign'); hand each offline/targets-*.pem to "
+              "its holder")
     print(f"  provision devices: {repo.root_path}")
     print(f"  serve:             {repo.origin_dir}")
     print(f"  timestamp expires after {expiry.timestamp_s} s: run "
@@ -227,12 +275,13 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         on_delta=built.append, web_seed_url=args.web_seed_url,
         announce_urls=args.announce_urls, critical=args.critical,
         update_type=args.update_type, component=args.component,
-        swarm_ca=_read_swarm_ca(args.swarm_ca),
+        swarm_ca=_read_swarm_ca(args.swarm_ca), allow_counter_jump=args.allow_counter_jump,
     )
     payload = manifest.full_payload
-    target = repo.targets()[manifest.target_name]
+    live = is_live(repo, manifest)
+    target = repo.targets(staged=not live)[manifest.target_name]
     ratio = payload.size / manifest.image.size
-    print(f"published {manifest.product} {manifest.version} "
+    print(f"{'published' if live else 'staged'} {manifest.product} {manifest.version} "
           f"(counter {manifest.release_counter}, hardware {', '.join(manifest.compatibility)})")
     print(f"  image:    {manifest.image.size} bytes, sha256 {manifest.image.sha256}")
     print(f"  payload:  {payload.size} bytes ({ratio:.1%} of the image), "
@@ -255,7 +304,10 @@ def _cmd_publish(args: argparse.Namespace) -> int:
             line += f" ({summary.base_path}); other candidates: {others or 'none'}"
         print(line)
     print(f"  target:   {manifest.target_name}")
-    print(f"  manifest: {repo.target_file_path(target)}")
+    print(f"  manifest: {repo.target_file_path(target)}"
+          + ("" if live else " (written when it goes live)"))
+    if not live:
+        trustcli.print_staged(repo, Staged(repo.staged(), live=False))
     return 0
 
 
@@ -431,26 +483,6 @@ def _wrap(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
 def _first_leaf(group: BaseExceptionGroup[OSError]) -> OSError:
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
 
 
 def _tls_files(cert: Path | None, key: Path | None) -> tuple[str | None, str | None]:

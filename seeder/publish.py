@@ -36,6 +36,7 @@ import zstandard
 
 from infra.fsio import atomic_write_bytes, fsync_dir
 from manifest import (
+    DEFAULT_MAX_COUNTER_JUMP,
     ImageInfo,
     ManifestFormatError,
     Payload,
@@ -56,6 +57,8 @@ __all__ = [
     "DeltaSummary",
     "attach_torrent",
     "build_full_payload",
+    "highest_counter",
+    "is_live",
     "publish_release",
     "published_releases",
 ]
@@ -97,6 +100,7 @@ def publish_release(
     update_type: str = "image",
     component: str | None = None,
     swarm_ca: bytes | None = None,
+    allow_counter_jump: bool = False,
 ) -> ReleaseManifest:
     """Publish ``image`` as release ``version`` of ``product`` and return its manifest.
 
@@ -126,6 +130,12 @@ def publish_release(
     ``module``, ``app`` or ``config`` with a ``component`` name publishes ``image`` as
     the new content of that component instead of a slot image.
 
+    The release goes live at once when this host holds enough targets keys (the
+    single-key setup); otherwise it is a signing request (``REPO/staged.json``) that
+    goes live once the release signers' threshold is met (:func:`is_live` tells).
+    A counter more than :data:`manifest.DEFAULT_MAX_COUNTER_JUMP` above the highest
+    published is refused unless ``allow_counter_jump``.
+
     Duplicate hardware ids are dropped (first occurrence kept). Publishing the same
     release again (same version, image, counter, hardware ids and delta bases) returns
     the manifest already published and changes nothing, so an interrupted publish can
@@ -136,8 +146,10 @@ def publish_release(
             base is missing, empty, identical to the image or given twice, or there are
             more than 15 bases; the
             product, version, counter or a hardware id is invalid; ``zstd_level`` is
-            outside 1..22; the version is already published with other content; or the
-            counter is not higher than every published release of the product.
+            outside 1..22; the version is already published or staged with other
+            content; the counter is not higher than every published or staged release of
+            the product, or jumps too far; or a staged targets change signed by other
+            holders would have to be amended.
         RepositoryError: the repository cannot be read or written.
     """
     image = Path(image)
@@ -151,7 +163,8 @@ def publish_release(
     base_shas = frozenset(info.sha256 for info in base_infos.values())
 
     # Cheap checks before the expensive compression; repeated under the lock below.
-    existing = _check_conflicts(repo, product, version, release_counter)
+    existing = _check_conflicts(repo, product, version, release_counter,
+                                allow_counter_jump=allow_counter_jump)
     if existing is not None:
         return _same_release_or_raise(existing, image, release_counter, compat, base_shas,
                                       kind=(update_type, component, critical))
@@ -196,12 +209,14 @@ def publish_release(
         raise PublishError(f"release manifest refused by the trust core: {exc}") from exc
 
     with repo.locked():
-        existing = _check_conflicts(repo, product, version, release_counter)
+        existing = _check_conflicts(repo, product, version, release_counter,
+                                    allow_counter_jump=allow_counter_jump)
         if existing is not None:
             return _same_release_or_raise(existing, image, release_counter, compat,
                                           base_shas, kind=(update_type, component, critical))
-        repo.add_target(name, data, now=now)
-    steps.finish(f"signed {name} (targets, snapshot, timestamp)")
+        live = repo.add_target(name, data, now=now)
+    steps.finish(f"signed {name} (targets, snapshot, timestamp)" if live
+                 else f"staged {name}: waiting for the release signers' signatures")
     log.info("published %s (counter %d): payload %s, %d bytes, %d chunks, %d deltas",
              name, release_counter, payload.path, payload.size, payload.chunk_count,
              len(payloads) - 1)
@@ -253,15 +268,17 @@ def attach_torrent(origin_dir: Path, payload: Payload, *, web_seed_url: str | No
     return replace(payload, info_hash=torrent.info_hash)
 
 
-def published_releases(repo: Repository, product: str) -> dict[str, ReleaseManifest]:
-    """The committed releases of ``product``, by version.
+def published_releases(repo: Repository, product: str, *,
+                       staged: bool = False) -> dict[str, ReleaseManifest]:
+    """The committed releases of ``product``, by version; with ``staged``, those of the
+    targets that will be live once the signing request is (when it changes targets).
 
     Raises:
         RepositoryError: a release manifest is missing, corrupt or malformed.
     """
     prefix = f"releases/{product}/"
     out: dict[str, ReleaseManifest] = {}
-    for name, target in repo.targets().items():
+    for name, target in repo.targets(staged=staged).items():
         if not (name.startswith(prefix) and name.endswith(".json")):
             continue
         data = repo.read_target(target)
@@ -274,6 +291,27 @@ def published_releases(repo: Repository, product: str) -> dict[str, ReleaseManif
             raise RepositoryError(f"published target {name} holds {manifest.target_name}")
         out[manifest.version] = manifest
     return out
+
+
+def highest_counter(repo: Repository, product: str) -> int | None:
+    """The highest release counter of ``product`` in the targets that will be live
+    (staged or committed), or ``None`` if it has no release.
+
+    Raises:
+        RepositoryError: a release manifest is missing, corrupt or malformed.
+    """
+    counters = [m.release_counter for m in published_releases(repo, product,
+                                                               staged=True).values()]
+    return max(counters, default=None)
+
+
+def is_live(repo: Repository, manifest: ReleaseManifest) -> bool:
+    """True once ``manifest``'s release is in the committed targets (devices see it).
+
+    Raises:
+        RepositoryError: the metadata chain is missing or corrupt.
+    """
+    return manifest.target_name in repo.targets()
 
 
 def build_full_payload(
@@ -545,13 +583,17 @@ def _check_fields(product: str, version: str, release_counter: int,
 
 
 def _check_conflicts(repo: Repository, product: str, version: str,
-                     release_counter: int) -> ReleaseManifest | None:
-    """Return the manifest already published for ``version``, or check the counter.
+                     release_counter: int, *,
+                     allow_counter_jump: bool = False) -> ReleaseManifest | None:
+    """Return the manifest already published or staged for ``version``, or check the
+    counter against every release published or staged.
 
     Raises:
-        PublishError: ``release_counter`` is not higher than every published release.
+        PublishError: ``release_counter`` is not higher than every published release,
+            or (unless ``allow_counter_jump``) more than
+            :data:`manifest.DEFAULT_MAX_COUNTER_JUMP` above the highest.
     """
-    published = published_releases(repo, product)
+    published = published_releases(repo, product, staged=True)
     if version in published:
         return published[version]
     if published:
@@ -561,6 +603,15 @@ def _check_conflicts(repo: Repository, product: str, version: str,
                 f"release counter {release_counter} is not higher than "
                 f"{highest.release_counter} (version {highest.version}), the highest "
                 f"published for {product}; devices would refuse it as a rollback"
+            )
+        jump = release_counter - highest.release_counter
+        if jump > DEFAULT_MAX_COUNTER_JUMP and not allow_counter_jump:
+            raise PublishError(
+                f"release counter {release_counter} is {jump} above {highest.release_counter} "
+                f"(version {highest.version}); devices accept at most "
+                f"{DEFAULT_MAX_COUNTER_JUMP} by default (max_release_counter_jump), and a "
+                "device that installs it can never go back below it. A typo? If not, "
+                "publish with --allow-counter-jump"
             )
     return None
 

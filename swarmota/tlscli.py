@@ -13,6 +13,7 @@ from infra.devca import (
     create_ca,
     generate_key_file,
     issue_device_cert,
+    issue_device_cert_from_csr,
     issue_server_cert,
 )
 from infra.tlspin import PinError, pin_of_pem
@@ -83,7 +84,13 @@ def add_parser(subparsers: Any) -> None:
     device.add_argument("dir", type=Path)
     device.add_argument("--ca", type=Path, required=True, metavar="CA_DIR",
                         help="the fleet CA directory made by 'swarmota tls ca'")
-    device.add_argument("--device-id", required=True)
+    device.add_argument("--device-id", default=None,
+                        help="the device id (CN); with --csr, optional (checked against "
+                             "the request's)")
+    device.add_argument("--csr", type=Path, default=None, metavar="PEM",
+                        help="issue DIR/cert.pem for the key of this signing request "
+                             "('swarmota peer identity csr': a renewal with a new key that "
+                             "never leaves the device); no key.pem is written")
     device.add_argument("--role", choices=("device", "seed"), default="device",
                         help="'seed' for the operator's seeders (always handed peers)")
     device.add_argument("--days", type=int, default=3650,
@@ -135,6 +142,13 @@ def _cert(args: argparse.Namespace) -> int:
 
 def _device_cert(args: argparse.Namespace) -> int:
     try:
+        if args.csr is not None:
+            cert = issue_device_cert_from_csr(args.ca, args.csr.read_bytes(), args.dir,
+                                              device_id=args.device_id, valid_days=args.days)
+            print(f"certificate {cert} (for the key of {args.csr})")
+            return 0
+        if args.device_id is None:
+            return _fail("--device-id is required (unless --csr)")
         files = issue_device_cert(args.ca, args.dir, args.device_id, role=args.role,
                                   valid_days=args.days)
     except (DevCaError, OSError) as exc:

@@ -26,9 +26,10 @@ from peer.agent import update_once
 from peer.config import DeviceConfig
 from peer.errors import StatusCode
 from peer.state import DeviceState, init_device
+from seeder.keys import load_private_key
 from seeder.origin import OriginApp, OriginConfig
 from seeder.publish import publish_release
-from seeder.repository import Repository
+from seeder.repository import KeySetup, Repository
 from seeder.server import serve_origin
 from swarmota.demo import make_image, mutate_image
 from tests.fake_bt_peer import FakeBtPeer
@@ -114,12 +115,19 @@ class ReleaseEnv:
 
 def publish(repo: Repository, workdir: Path, data: bytes, version: str,
             counter: int, *, swarm_ca: bytes | None = None) -> ReleaseManifest:
+    """Publish (and, if the targets keys are offline, sign with ``offline/targets*.pem``
+    until live)."""
     path = workdir / "images" / f"publish-{version}.img"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    return publish_release(repo, path, product=PRODUCT, version=version,
-                           release_counter=counter, compatibility=[HARDWARE_ID], zstd_level=3,
-                           swarm_ca=swarm_ca)
+    manifest = publish_release(repo, path, product=PRODUCT, version=version,
+                               release_counter=counter, compatibility=[HARDWARE_ID],
+                               zstd_level=3, swarm_ca=swarm_ca)
+    for key in sorted(repo.offline_dir.glob("targets*.pem")):
+        if repo.staged() is None:
+            break
+        repo.sign(load_private_key(key))
+    return manifest
 
 
 async def read_body(receive: Any) -> bytes:
@@ -158,12 +166,14 @@ async def start_env(nursery: trio.Nursery, workdir: Path, v1: bytes, v2: bytes, 
                     origin_config: OriginConfig | None = None,
                     origin_listen: ListenConfig | None = None,
                     tracker_listen: ListenConfig | None = None,
-                    fleet_ca: Path | None = None) -> ReleaseEnv:
+                    fleet_ca: Path | None = None,
+                    keys: KeySetup | None = None) -> ReleaseEnv:
     """Publish v1 and v2, start the origin (``origin_config``: e.g. a rate limit) and the
     tracker on 127.0.0.1 (``*_listen``: e.g. TLS certificates), register both releases.
     With ``fleet_ca`` (a CA certificate) the swarms are private to it and the tracker
-    accepts only requests signed by its identities."""
-    repo = Repository.create(workdir / "repo")
+    accepts only requests signed by its identities; ``keys``: the repository's key
+    setup (default: one key per role, targets on the host)."""
+    repo = Repository.create(workdir / "repo", keys=keys or KeySetup())
     swarm_ca = None if fleet_ca is None else fleet_ca.read_bytes()
     m1 = publish(repo, workdir, v1, "1.0.0", 1, swarm_ca=swarm_ca)
     m2 = publish(repo, workdir, v2, "2.0.0", 2, swarm_ca=swarm_ca)

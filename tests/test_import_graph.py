@@ -24,11 +24,12 @@ THIRD_PARTY_OWNERS = {
     "httpcore": {"peer/http.py"},
     "hypercorn": {"infra/http_serve.py"},
     "libtorrent": {"peer/swarm.py"},
-    "sqlite3": {"tracker/store.py"},
+    "sqlite3": {"tracker/store.py", "tracker/backup.py"},
     "zstandard": {"peer/install.py", "peer/delta.py", "seeder/publish.py", "seeder/delta.py"},
     "bsdiff4": {"peer/delta.py", "seeder/delta.py"},
     "backports": {"seeder/delta.py"},
     "hdiffpatch": {"seeder/covers.py"},
+    "pkcs11": {"seeder/hsm.py"},
 }
 
 

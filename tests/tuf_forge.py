@@ -33,9 +33,13 @@ def metafile(version: int, data: bytes) -> MetaFile:
 class Forge:
     def __init__(self, repo: Repository) -> None:
         self.dir = repo.metadata_dir
-        self.root_key = load_private_key(repo.offline_root_key_path)
+        root_key = repo.offline_root_key_path  # single-key setup, else the first of k-of-n
+        if not root_key.exists():
+            root_key = repo.offline_dir / "root-1.pem"
+        self.root_key = load_private_key(root_key)
         self.keys = {role: load_private_key(repo.online_keys_dir / f"{role}.pem")
-                     for role in ("targets", "snapshot", "timestamp")}
+                     for role in ("targets", "snapshot", "timestamp")
+                     if (repo.online_keys_dir / f"{role}.pem").exists()}
 
     # --- reading ------------------------------------------------------------------------
 

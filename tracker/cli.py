@@ -7,6 +7,8 @@
     swarmota tracker release list --db PATH
     swarmota tracker reports --db PATH [--device ID]
     swarmota tracker devices --db PATH
+    swarmota tracker backup --db PATH FILE [--overwrite]
+    swarmota tracker restore --db PATH FILE [--force]
     swarmota tracker admin token create --db PATH --role ROLE --name NAME [--expires-in-s N]
     swarmota tracker admin [--url URL] [--token T] [--ca-file F] releases | fleet | audit
     swarmota tracker admin [--url URL] [--token T] rollout list
@@ -51,6 +53,7 @@ from infra.http_serve import ListenConfig, parse_listen
 from manifest import MAX_MANIFEST_BYTES, ManifestFormatError, parse_release_manifest
 from tracker.admin import ROLES, TOKEN_NAME_RE, hash_token, new_token
 from tracker.admin_client import AdminClient
+from tracker.backup import BackupInfo, backup_database, restore_database
 from tracker.catalogue import register_release
 from tracker.config import DEFAULT_POLL_AFTER_S, TrackerConfig
 from tracker.errors import (
@@ -199,6 +202,26 @@ def add_parser(subparsers: Any) -> None:
                     "version, release counter and last check-in time.")
     _add_db(devices, "must exist")
     devices.set_defaults(func=cmd_devices)
+
+    backup = tracker_sub.add_parser(
+        "backup", help="consistent copy of the live database",
+        description="Copy the database to FILE while the tracker runs (SQLite online "
+                    "backup: one consistent snapshot), checked and written atomically. "
+                    "See docs/SECURITY.md, 'Backups'.")
+    _add_db(backup, "the live database; the tracker may keep running")
+    backup.add_argument("out", metavar="FILE", type=Path)
+    backup.add_argument("--overwrite", action="store_true", help="replace an existing FILE")
+    backup.set_defaults(func=cmd_backup)
+    restore = tracker_sub.add_parser(
+        "restore", help="put a backup in place of the database",
+        description="Check FILE and put it in place of --db. Refused while a tracker has "
+                    "the database open (stop it first) and, without --force, when the "
+                    "database already holds data.")
+    _add_db(restore, "created, or replaced")
+    restore.add_argument("backup", metavar="FILE", type=Path)
+    restore.add_argument("--force", action="store_true",
+                         help="replace a database that holds data")
+    restore.set_defaults(func=cmd_restore)
 
     _add_admin_parser(tracker_sub)
     _add_device_parser(tracker_sub)
@@ -486,6 +509,28 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
     return _print_table(args.db, ["DEVICE", "PRODUCT", "HARDWARE", "VERSION", "COUNTER",
                                   "LAST SEEN (UTC)"], rows, "no devices have checked in")
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """Back the database up (tracker.backup)."""
+    return _backup_step(f"backed up {args.db} to",
+                        lambda: backup_database(args.db, args.out, overwrite=args.overwrite))
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Restore a backup into the database (tracker.backup)."""
+    return _backup_step(f"restored {args.backup} into",
+                        lambda: restore_database(args.backup, args.db, force=args.force))
+
+
+def _backup_step(done: str, step: Callable[[], BackupInfo]) -> int:
+    try:
+        info = step()
+    except StorageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{done} {info.summary()}")
+    return 0
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
