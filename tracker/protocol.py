@@ -80,6 +80,7 @@ STATUS_NAMES: Mapping[int, str] = {
     20: "verify-failed",
     30: "install-failed",
     40: "post-check-failed",
+    41: "interrupted",
 }
 """Device status codes (see ARCHITECTURE.md) and their display names."""
 

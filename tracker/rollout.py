@@ -28,7 +28,9 @@ Rules, all decided here and nowhere else:
   (:attr:`RolloutPlan.max_in_flight`); a device over the cap is asked to come back later.
 - **Reports** (:func:`on_report`): status 0 counts as a success; 10, 20 and 30 (install
   errors) as failures; 40 (post-reboot health check failed, the device rolled back) as a
-  rollback, which counts as a failure for halting. A device counts once, by its latest
+  rollback, which counts as a failure for halting; 41 (rolled back because power cuts
+  spent the boot attempts, not the release's fault) as neither: the device is offered
+  the release again. A device counts once, by its latest
   report; a report repeating the device's current status (a replay) changes nothing.
 - **Auto-halt**: after every report, an ``active`` or ``paused`` rollout halts when its
   failures (failed + rolled back, over every stage) reach
@@ -401,6 +403,8 @@ def on_report(state: RolloutState, admission: Admission, status: int, now: float
               ) -> tuple[RolloutState, Admission, list[Decision]]:
     """Count a report of an admitted device; may halt the rollout."""
     new_status = "succeeded" if status == 0 else "rolled_back" if status == 40 else "failed"
+    if status == 41:  # rolled back by power cuts, not by the release: still in flight
+        new_status = "offered"
     if admission.status == new_status:
         return state, admission, []  # a replay (or a repeat) changes nothing
     counters = state.counters
@@ -409,7 +413,8 @@ def on_report(state: RolloutState, admission: Admission, status: int, now: float
     elif admission.status != "offered":
         counters = _bump(counters, admission.stage, **{admission.status: -1})
     counters = _bump(counters, admission.stage, bytes_origin=bytes_origin,
-                     bytes_peers=bytes_peers, **{new_status: 1})
+                     bytes_peers=bytes_peers,
+                     **({} if new_status == "offered" else {new_status: 1}))
     state = replace(state, counters=counters)
     admission = replace(admission, status=new_status, updated_at=now)
     decisions: list[Decision] = []
