@@ -31,8 +31,8 @@ from peer.errors import StatusCode
 from peer.slots import FileSlots, SlotWriter
 from peer.state import DeviceState
 from tests.release_env import ReleaseEnv, killed_at
-from tracker.store import SqliteStore
 from tests.test_update_delta import publish_v3_with_deltas
+from tracker.store import SqliteStore
 
 ROOT = Path(__file__).resolve().parents[1]
 

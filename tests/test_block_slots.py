@@ -78,7 +78,7 @@ def test_a_mounted_slot_is_never_written(disk: LoopDisk, tmp_path: Path) -> None
     slots = BlockSlots({"a": str(dev), "b": str(disk.partitions["rootfs-b"])},
                        cmdline_path=tmp_path / "none", mountinfo_path=tmp_path / "mountinfo")
     assert slots.booted() == "a"
-    with pytest.raises(OSError, match="booted slot|mounted"):
+    with pytest.raises(OSError, match=r"booted slot|mounted"):
         slots.begin_write("a", 10)
     slots.begin_write("b", 10).discard()
 

@@ -166,7 +166,7 @@ def test_uboot_fw_setenv_killed_mid_write_leaves_a_valid_environment(
     """fw_setenv SIGKILLed at random instants while it rewrites the environment with a
     large value (20 kills, bounded): the environment always reads as one of the states
     written, and the agent's next write works."""
-    disk, env = uboot_disk
+    _, env = uboot_disk
     env.write(PENDING_B, what="switch")
     rng = random.Random(7)
     script_file = tmp_path / "big.txt"
