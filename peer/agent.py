@@ -5,7 +5,7 @@
        the origin only (direct mode), each verified -> payload verified -> write the inactive
     slot: from the delta whose base is the active slot (base and result verified), or
     from the full payload (also the fallback when anything about the delta fails)
-    -> boot control: new slot primary, pending, 1 try
+    -> boot control: new slot primary, pending, `boot_attempts` tries (default 3)
     -> "reboot" (the bootloader consumes the try) -> health check
     -> commit (mark good) or fall back -> report to the tracker
     -> swarm mode: keep seeding the installed payload for ``seed_time_s`` (upload policy)

@@ -193,7 +193,7 @@ echo "grub: booting slot ${swarmota_slot}"
 linux ($root)/vmlinuz console=ttyS0 panic=1 quiet loglevel=3 swarmota.slot=${swarmota_slot} root=PARTLABEL=rootfs-${swarmota_slot}
 initrd ($root)/initrd.img
 boot
-"""
+"""  # noqa: E501 (one kernel command line)
 
 
 def build_disk(out: Path, kernel: Path, *, grub_script: str, boot_files: Path,
