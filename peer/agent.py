@@ -5,7 +5,7 @@
        the origin only (direct mode), each verified -> payload verified -> write the inactive
     slot: from the delta whose base is the active slot (base and result verified), or
     from the full payload (also the fallback when anything about the delta fails)
-    -> boot control: new slot primary, pending, 1 try
+    -> boot control: new slot primary, pending, `boot_attempts` tries (default 3)
     -> "reboot" (the bootloader consumes the try) -> health check
     -> commit (mark good) or fall back -> report to the tracker
     -> swarm mode: keep seeding the installed payload for ``seed_time_s`` (upload policy)
@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,13 @@ from peer.bootctl import (
     switch_to,
     write_bootctl,
 )
+from peer.bootloader import Bootloader, LoaderState
 from peer.components import CURRENT, ComponentStore, InstalledVersion
 from peer.config import DeviceConfig
 from peer.crashpoints import crash_point
 from peer.download import PayloadWorkdir, download_payload, verify_payload
 from peer.errors import (
+    BootInterrupted,
     ConfigError,
     DownloadFailed,
     InstallFailed,
@@ -76,7 +79,7 @@ from peer.errors import (
 from peer.health import run_health_check
 from peer.http import HttpClient
 from peer.identity import Identity, load_identity
-from peer.install import install_delta, install_image
+from peer.install import hash_file, install_delta, install_image
 from peer.install_policy import Decision, PolicyPowerSource, decide, load_policy
 from peer.machine import Action, Event, Journal, JournalError, Phase
 from peer.policy import UploadPolicy, upload_policy
@@ -120,6 +123,8 @@ class UpdateResult:
     banned_peers: list[str] = field(default_factory=list)
     bytes_uploaded: int = 0
     reported: bool = False
+    # installed and switched; the new slot boots at the next reboot (real bootloaders)
+    reboot_pending: bool = False
     poll_after_s: int = 3600
     timings_s: dict[str, float] = field(default_factory=dict)
 
@@ -149,6 +154,7 @@ async def update_once(state: DeviceState, *,
                       slots: SlotBackend | None = None,
                       wall_clock: Callable[[], float] = time.time,
                       retry_budget: int | None = None,
+                      bootloader: Bootloader | None = None,
                       ) -> UpdateResult:
     """Run one update pass on the device in ``state``; never raises ``PeerError``
     except ``ConfigError`` (the device itself is not usable).
@@ -157,7 +163,9 @@ async def update_once(state: DeviceState, *,
     ``seed_time_s`` (default: the device configuration's) before this returns; the
     result is saved and reported before that, so cancelling the seeding loses nothing.
     ``on_seeding(result, seconds)`` is called when that sharing starts. ``slots`` is
-    the slot backend (default: the state directory's file-backed slots); ``wall_clock``
+    the slot backend (default: the device configuration's), ``bootloader`` the
+    bootloader adapter (default: the configuration's; none for file boot control, where
+    the agent plays the bootloader); ``wall_clock``
     (seconds since the epoch) measures the install policy's windows and delay. With a
     ``retry_budget``, a release whose attempts already failed that many times is not
     attempted again (``deferred``) until another release is offered.
@@ -170,21 +178,41 @@ async def update_once(state: DeviceState, *,
                 background_tasks() as nursery:
             run = _Run(state, http, clock,
                        config.seed_time_s if seed_time_s is None else seed_time_s,
-                       state.slots() if slots is None else slots, wall_clock)
+                       state.slots(config) if slots is None else slots, wall_clock)
+            run.loader = state.bootloader(config) if bootloader is None else bootloader
             run.retry_budget = retry_budget
             run.identity = identity
             run.nursery = nursery
             try:
                 result = await run.start(bc)
-                if result.attempted and result.to_version is not None:
+                if (result.attempted and result.to_version is not None
+                        and not result.reboot_pending
+                        and result.status != StatusCode.INTERRUPTED):
                     state.count_attempt(result.to_version, ok=result.status == StatusCode.OK)
                 await run.report(result)
                 state.save_result({**result.to_json(), "finished_at": time.time()})
-                await run.seed(result, on_seeding)
+                if run.reboot_needed:
+                    await _reboot(config)
+                else:
+                    await run.seed(result, on_seeding)
             finally:
                 await run.close()
         state.save_result({**result.to_json(), "finished_at": time.time()})
         return result
+
+
+async def _reboot(config: DeviceConfig) -> None:
+    """Run the device's reboot command (a real bootloader boots the new slot, or the
+    committed one again, from there). Without one, the reboot is the device's to do."""
+    if not config.reboot_command:
+        log.warning("reboot needed to finish the update; no reboot_command configured")
+        return
+    log.warning("rebooting: %s", " ".join(config.reboot_command))
+    try:
+        with trio.fail_after(config.health_timeout_s):
+            await trio.run_process(list(config.reboot_command), check=False)
+    except (OSError, trio.TooSlowError) as exc:
+        log.error("reboot command failed: %s", exc)
 
 
 def swarm_config_for(config: DeviceConfig, *, has_identity: bool,
@@ -250,6 +278,8 @@ class _Run:
         self.components = ComponentStore(state.root / "components")
         self.wall_clock = wall_clock
         self.retry_budget: int | None = None
+        self.loader: Bootloader | None = None  # None: file boot control, simulated boots
+        self.reboot_needed = False
         self.policy = load_policy(state.policy_path)  # ConfigError: a bad file, said early
         self.journal = Journal()
         self.config = state.config()
@@ -290,6 +320,8 @@ class _Run:
             # switch (boot control, checksummed and read back, still decides the rest).
             log.warning("%s: %s; starting over", self.state.journal_path, exc)
             journal = Journal(phase=Phase.APPLYING)
+        if self.loader is not None:
+            bc = await trio.to_thread.run_sync(self._reconcile, bc)
         committed_version = bc.slot(bc.committed).version
         component = _component_of(journal.target_slot)
         if component is not None:
@@ -310,7 +342,9 @@ class _Run:
                 removed += await trio.to_thread.run_sync(self.components.staging(name).reclaim)
             if removed:
                 log.warning("removed partial slot writes: %s", ", ".join(removed))
-        if Action.FINISH_PENDING in rec.actions:
+        if Action.FINISH_VERDICT in rec.actions and bc.pending:
+            return await self.finish_verdict(bc)
+        if Action.FINISH_PENDING in rec.actions or Action.FINISH_VERDICT in rec.actions:
             if bc.pending:
                 return await self.finish_pending(bc)
             return await self._roll_back_components(pending_components, bc)
@@ -436,17 +470,27 @@ class _Run:
             if name is not None:
                 await self._update_component(release, name, delta, result)
                 return result
+            if self.slots.in_place and bc.slot(target).version is not None:
+                # the partition is about to hold neither its old image nor the new one
+                bc = write_bootctl(self.state.bootctl_path,
+                                   bc.with_slot(target, SlotRecord(None, 0, None, 0)),
+                                   what="invalidate")
             work = await self._install(release, delta, backend, base_slot, target, result)
             self._step(Event.APPLIED)
             record = SlotRecord(release.version, release.release_counter,
                                 release.image.sha256, release.image.size)
             await self._read_back(self.slots, target, record)
             # From the switch to the outcome, a shutdown request waits (the health check
-            # has its own timeout): cancelling here would cost the new slot its one try.
+            # has its own timeout): cancelling here would cost the new slot a try.
             with trio.CancelScope(shield=True):
-                bc = write_bootctl(self.state.bootctl_path, switch_to(bc, target, record),
-                                   what="switch")
-                self._step(Event.SWITCHED)
+                bc = self._switch(bc, target, record)
+                self._step(Event.SWITCHED, boot_budget=self.config.boot_attempts)
+                if self.loader is not None:  # a real reboot decides, then the next start
+                    result.reboot_pending = True
+                    self.reboot_needed = True
+                    result.message = (f"{release.version} installed in slot {target}; "
+                                      "rebooting into it")
+                    return result
                 try:
                     await self._reboot_and_check(bc)
                 finally:
@@ -490,8 +534,10 @@ class _Run:
             have = part.stat().st_blocks * 512
         except FileNotFoundError:
             have = 0
-        slots_dir = self.slots.image_path("a").parent
-        needs = {downloads: max(0, payload.size - have), slots_dir: release.image.size}
+        needs = {downloads: max(0, payload.size - have)}
+        staging = self.slots.staging_dir()
+        if staging is not None:
+            needs[staging] = needs.get(staging, 0) + release.image.size
         by_device: dict[int, tuple[Path, int]] = {}
         for path, need in needs.items():
             dev = os.stat(path).st_dev
@@ -525,10 +571,12 @@ class _Run:
             try:
                 crash_point("health.before")
                 with self._timed("health"):
+                    current = self.components.directory(name) / CURRENT
                     await run_health_check(
                         self.config.health_command, slot=f"component:{name}",
-                        image=self.components.directory(name) / CURRENT, record=record,
-                        timeout_s=self.config.health_timeout_s)
+                        image=current, record=record,
+                        timeout_s=self.config.health_timeout_s,
+                        read_back=partial(hash_file, current))
                 crash_point("health.after")
             except PostCheckFailed:
                 crash_point("health.after")
@@ -549,7 +597,7 @@ class _Run:
         """The written slot, read back from storage, must be the signed image before
         boot control may name it (catches damage after the write)."""
         try:
-            size, sha = await trio.to_thread.run_sync(backend.hash, slot)
+            size, sha = await trio.to_thread.run_sync(backend.hash, slot, record.size)
         except OSError as exc:
             raise InstallFailed(f"cannot read slot {slot} back: {exc}") from exc
         if (size, sha) != (record.size, record.sha256):
@@ -804,33 +852,101 @@ class _Run:
         await trio.to_thread.run_sync(self._mark_trust_refreshed)
         return True
 
+    # --- boot control: the switch, boot attempts, the verdict ---------------------------
+
+    def _switch(self, bc: BootControl, target: str, record: SlotRecord) -> BootControl:
+        """Name ``target`` primary with the boot-attempt budget: the agent's record
+        first (it holds the new slot's version and hash), then the bootloader's
+        environment (from then on the bootloader boots the new slot)."""
+        budget = self.config.boot_attempts
+        bc = write_bootctl(self.state.bootctl_path, switch_to(bc, target, record, tries=budget),
+                           what="switch")
+        if self.loader is not None:
+            self.loader.write(LoaderState(target, bc.committed, budget), what="switch")
+        return bc
+
+    def _commit(self, bc: BootControl) -> BootControl:
+        """Mark the booted primary good: the bootloader first, then the record (which
+        raises the anti-rollback floor); a crash in between is reconciled at start."""
+        if self.loader is not None:
+            self.loader.write(LoaderState(bc.primary, bc.primary, 0), what="commit")
+        return write_bootctl(self.state.bootctl_path, mark_good(bc), what="commit")
+
+    def _fall_back(self, bc: BootControl) -> BootControl:
+        """Abandon the pending slot: the bootloader first, then the record."""
+        if self.loader is not None:
+            self.loader.write(LoaderState(bc.committed, bc.committed, 0), what="fall_back")
+        return write_bootctl(self.state.bootctl_path, fall_back(bc), what="fall_back")
+
+    def _reconcile(self, bc: BootControl) -> BootControl:
+        """Bring the record in line with a real bootloader's environment after a crash
+        between their writes (the environment is what boots)."""
+        assert self.loader is not None
+        env = self.loader.read()
+        if env.committed != bc.committed:
+            if not (bc.pending and env.committed == bc.primary):
+                raise ConfigError(f"the {self.loader.name} environment commits slot "
+                                  f"{env.committed}, boot control slot {bc.committed}: "
+                                  "re-provision the device")
+            log.warning("the bootloader committed slot %s; so does boot control now",
+                        env.committed)
+            return write_bootctl(self.state.bootctl_path, mark_good(bc), what="commit")
+        if bc.pending and not env.pending:
+            log.warning("the switch to slot %s is not in the bootloader's environment",
+                        bc.primary)
+            return write_bootctl(self.state.bootctl_path, fall_back(bc), what="fall_back")
+        if env.pending and not bc.pending:
+            self.loader.write(LoaderState(bc.committed, bc.committed, 0), what="fall_back")
+        return bc
+
     async def _reboot_and_check(self, bc: BootControl) -> BootControl:
-        """Boot the pending slot (consuming a try), health-check it, commit or fall back."""
-        path = self.state.bootctl_path
+        """File boot control: the agent plays the bootloader. Boot the pending slot
+        (consuming a try, or falling back when its budget is spent), then the attempt."""
         bc, booted = boot(bc)
-        bc = write_bootctl(path, bc, what="boot")
+        bc = write_bootctl(self.state.bootctl_path, bc, what="boot")
         if not bc.pending:
-            self._step(Event.UNHEALTHY)
-            raise PostCheckFailed("the new slot used up its boot tries; fell back to "
-                                  f"slot {booted}")
+            raise self._budget_spent(booted)
+        return await self._attempt(bc, booted)
+
+    def _budget_spent(self, fell_back_to: str) -> PeerError:
+        """The bootloader fell back without a verdict: 41 when every spent boot reached
+        the agent (interruptions), else 40 (boots that never came up)."""
+        status, message = machine.budget_spent_outcome(self.journal)
+        message += f"; slot {fell_back_to} boots again"
+        self._step(Event.BUDGET_SPENT, status=status, message=_report_text(message))
+        if status == StatusCode.INTERRUPTED:
+            return BootInterrupted(message)
+        return PostCheckFailed(message)
+
+    async def _attempt(self, bc: BootControl, booted: str) -> BootControl:
+        """One boot of the pending slot that reached the agent: journaled first, then
+        its health check; the verdict is journaled before boot control acts on it, so
+        a power cut anywhere here is an interrupted attempt (retried at the next boot),
+        never a verdict."""
+        self._step(Event.BOOT_ATTEMPT)
+        record = bc.slot(booted)
         try:
             crash_point("health.before")
             with self._timed("health"):
-                await run_health_check(self.config.health_command, slot=booted,
-                                       image=self.slots.image_path(booted),
-                                       record=bc.slot(booted),
-                                       timeout_s=self.config.health_timeout_s)
+                await run_health_check(
+                    self.config.health_command, slot=booted,
+                    image=self.slots.image_path(booted), record=record,
+                    timeout_s=self.config.health_timeout_s,
+                    read_back=partial(self.slots.hash, booted, record.size))
             crash_point("health.after")
-        except PostCheckFailed:
+        except PostCheckFailed as exc:
             crash_point("health.after")
-            self._step(Event.UNHEALTHY)
-            write_bootctl(path, fall_back(bc), what="fall_back")
+            self._step(Event.UNHEALTHY, status=int(exc.status),
+                       message=_report_text(f"update to {record.version} rolled back: {exc}"))
+            self._fall_back(bc)
+            self.reboot_needed = self.loader is not None  # running the abandoned slot
             raise
         self._step(Event.HEALTHY)
-        return write_bootctl(path, mark_good(bc), what="commit")
+        return self._commit(bc)
 
     async def finish_pending(self, bc: BootControl) -> UpdateResult:
-        """A switch was written but not committed (crash, power loss): finish it."""
+        """A switch was written but not committed (a reboot, a crash, power loss):
+        this is a boot attempt of the new slot, or the bootloader gave up on it."""
         pending = bc.slot(bc.primary)
         result = UpdateResult(StatusCode.OK, "", attempted=True,
                               from_version=bc.slot(bc.committed).version,
@@ -839,16 +955,63 @@ class _Run:
             self.journal = Journal(seq=self.journal.seq, attempt=self.journal.attempt)
             self._step(Event.RESUME_PENDING, from_version=result.from_version,
                        to_version=pending.version, release_counter=pending.release_counter,
-                       target_slot=bc.primary)
+                       target_slot=bc.primary, boot_budget=self.config.boot_attempts)
         try:
-            await self._reboot_and_check(bc)
+            if self.loader is None:
+                await self._reboot_and_check(bc)
+            else:
+                booted = await trio.to_thread.run_sync(self.loader.booted_slot)
+                env = await trio.to_thread.run_sync(self.loader.read)
+                if booted == bc.primary:
+                    await self._attempt(bc, booted)
+                elif env.pending and not env.fell_back:
+                    # still on the committed slot: the reboot into the new one is to come
+                    result.reboot_pending = True
+                    self.reboot_needed = True
+                    result.message = (f"{pending.version} installed in slot {bc.primary}; "
+                                      "waiting for the reboot into it")
+                    return result
+                else:
+                    exc = self._budget_spent(booted)
+                    self._fall_back(bc)
+                    raise exc
             result.updated = True
             result.message = f"updated {result.from_version} -> {pending.version} " \
                              "(finished after restart)"
             # the interrupted pass's payload is of no use any more
             await trio.to_thread.run_sync(self._remove_downloads, set())
         except PeerError as exc:
+            if isinstance(exc, ConfigError):
+                raise
             result.status, result.message = exc.status, str(exc)
+        return result
+
+    async def finish_verdict(self, bc: BootControl) -> UpdateResult:
+        """The health check's verdict was journaled but boot control did not act on it
+        yet (power loss right after the check): carry it out, no new attempt."""
+        j = self.journal
+        result = UpdateResult(StatusCode.OK, "", attempted=True, from_version=j.from_version,
+                              to_version=j.to_version, timings_s=self.timings)
+        if j.phase is Phase.COMMITTED:
+            if self.loader is not None:
+                env = await trio.to_thread.run_sync(self.loader.read)
+                if env.fell_back:  # the commit came too late: the last try was spent
+                    exc = self._budget_spent(bc.committed)
+                    self._fall_back(bc)
+                    result.status, result.message = exc.status, str(exc)
+                    return result
+            self._commit(bc)
+            result.updated = True
+            result.message = f"updated {j.from_version} -> {j.to_version} (its health " \
+                             "check passed before a restart)"
+            await trio.to_thread.run_sync(self._remove_downloads, set())
+            return result
+        self._fall_back(bc)
+        if self.loader is not None:
+            booted = await trio.to_thread.run_sync(self.loader.booted_slot)
+            self.reboot_needed = booted == bc.primary
+        result.status = StatusCode(j.status if j.status is not None else 40)
+        result.message = j.message or f"update to {j.to_version} rolled back"
         return result
 
     async def report(self, result: UpdateResult) -> None:
@@ -857,7 +1020,7 @@ class _Run:
         This attempt's report goes through the journal (``reporting``, with the body)
         into the durable outbox before anything is sent, so a crash loses no report."""
         queue = self.state.outbox()
-        if result.attempted:
+        if result.attempted and not result.reboot_pending:
             if self.journal.phase is Phase.REPORTING and self.journal.report is not None:
                 body = self.journal.report  # recovered
             else:
@@ -887,7 +1050,8 @@ class _Run:
             delivered += 1
         if delivered or queue:
             self.state.save_outbox(queue[delivered:])
-        result.reported = result.attempted and delivered == len(queue)
+        result.reported = (result.attempted and not result.reboot_pending
+                           and delivered == len(queue))
 
     @staticmethod
     def _report_body(result: UpdateResult) -> dict[str, Any]:

@@ -16,8 +16,9 @@ import trio
 from infra.fsio import atomic_write_bytes
 from manifest import DEFAULT_MAX_COUNTER_JUMP
 from peer.agent import UpdateResult, update_once
+from peer.bootloader import script
 from peer.components import ComponentStore
-from peer.config import DOWNLOAD_MODES, DeviceConfig
+from peer.config import BOOTLOADERS, DOWNLOAD_MODES, SLOT_BACKENDS, DeviceConfig
 from peer.daemon import DaemonConfig, run_daemon
 from peer.errors import ConfigError
 from peer.identity import install_identity, load_identity, renew_identity, renewal_csr
@@ -109,6 +110,28 @@ def add_parser(subparsers: Any) -> None:
                       metavar="S",
                       help="with nothing offered, refresh the trusted metadata (root "
                            "rotations, counter resets) this often (default %(default)s)")
+    boot = init.add_argument_group(
+        "slots and boot control",
+        "Default: file slots (STATE/slots/) and boot control simulated by the agent "
+        "(tests, the demo). A real device: partitions and GRUB or U-Boot, whose boot "
+        "script is 'swarmota peer bootloader-script grub.cfg|boot.cmd'.")
+    boot.add_argument("--slot-backend", choices=SLOT_BACKENDS, default="file")
+    boot.add_argument("--slot-device", action="append", default=[], metavar="SLOT=DEVICE",
+                      help="a slot's partition, by path or PARTLABEL=label (block slots; "
+                           "give a= and b=); slot a must already hold --image")
+    boot.add_argument("--bootloader", choices=BOOTLOADERS, default="file")
+    boot.add_argument("--grub-env", default=None, metavar="PATH",
+                      help="the GRUB environment block grub.cfg loads (created if missing)")
+    boot.add_argument("--uboot-env-config", default=None, metavar="PATH",
+                      help="fw_env.config naming the U-Boot environment's copies")
+    boot.add_argument("--uboot-default-env", default=None, metavar="PATH",
+                      help="libubootenv's default environment when no copy is valid")
+    boot.add_argument("--boot-attempts", type=int, default=3,
+                      help="boots a new slot gets before the bootloader falls back; a boot "
+                           "interrupted in its health check is retried (default %(default)s)")
+    boot.add_argument("--reboot-command", default="",
+                      help="run after a switch with a real bootloader, e.g. 'systemctl "
+                           "reboot' (default: the reboot is left to the device)")
     init.add_argument("--force", action="store_true", help="re-provision an existing directory")
     init.set_defaults(func=_init)
 
@@ -137,12 +160,21 @@ def add_parser(subparsers: Any) -> None:
                             "'identity csr')")
     renew.set_defaults(func=_identity_renew)
 
+    script_cmd = sub.add_parser(
+        "bootloader-script", help="print the shipped GRUB or U-Boot slot-selection script",
+        description="Print the boot script that consumes the environment the agent writes: "
+                    "grub.cfg (source it from your grub.cfg) or boot.cmd (U-Boot; compile "
+                    "with mkimage).")
+    script_cmd.add_argument("name", choices=("grub.cfg", "boot.cmd"))
+    script_cmd.set_defaults(func=_bootloader_script)
+
     update = sub.add_parser(
         "update", help="check in and install an offered update",
         description="One update pass: check in with the tracker; if a release is offered, "
                     "verify and install it into the inactive slot, switch, health-check, "
                     "commit or roll back, and report. Exit code: the status code "
-                    "(0 ok, 10 download, 20 verify, 30 install, 40 post-check failed).")
+                    "(0 ok, 10 download, 20 verify, 30 install, 40 post-check failed, "
+                    "41 boot attempts interrupted: rolled back, not a release failure).")
     update.add_argument("state", type=Path)
     update.add_argument("--json", action="store_true", help="print the result as JSON")
     update.add_argument("--seed-time-s", type=float, default=None,
@@ -199,7 +231,12 @@ def _init(args: argparse.Namespace) -> int:
             min_battery_percent_to_upload=args.min_battery_percent,
             tls_pins=tuple(args.tls_pins), tls_ca_file=_ca_file(args.tls_ca_file),
             max_release_counter_jump=args.max_counter_jump,
-            trust_refresh_interval_s=args.trust_refresh_interval_s)
+            trust_refresh_interval_s=args.trust_refresh_interval_s,
+            slot_backend=args.slot_backend, slot_devices=_slot_devices(args.slot_device),
+            bootloader=args.bootloader, grub_env_path=args.grub_env,
+            uboot_env_config=args.uboot_env_config,
+            uboot_default_env=args.uboot_default_env, boot_attempts=args.boot_attempts,
+            reboot_command=tuple(shlex.split(args.reboot_command)))
         if (args.identity_cert is None) != (args.identity_key is None):
             raise ConfigError("--identity-cert and --identity-key go together")
         root = args.root.read_bytes()
@@ -261,6 +298,22 @@ def _identity_renew(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"identity renewed ({kind}); the next requests carry the new certificate")
+    return 0
+
+
+def _slot_devices(specs: list[str]) -> dict[str, str]:
+    devices: dict[str, str] = {}
+    for spec in specs:
+        slot, sep, device = spec.partition("=")
+        if not sep or slot not in ("a", "b") or not device or slot in devices:
+            raise ConfigError(f"--slot-device wants a=DEVICE and b=DEVICE once each, got "
+                              f"{spec!r}")
+        devices[slot] = device
+    return devices
+
+
+def _bootloader_script(args: argparse.Namespace) -> int:
+    sys.stdout.write(script(args.name))
     return 0
 
 

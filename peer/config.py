@@ -22,9 +22,13 @@ from manifest import (
 from peer.errors import ConfigError
 from tracker.wire import MAX_LABELS, NETWORK_ID_RE
 
-__all__ = ["DOWNLOAD_MODES", "DeviceConfig", "check_pinned_urls", "load_config", "save_config"]
+__all__ = ["BOOTLOADERS", "DOWNLOAD_MODES", "SLOT_BACKENDS", "DeviceConfig",
+           "check_pinned_urls", "load_config", "save_config"]
 
 DOWNLOAD_MODES = ("swarm", "direct")
+SLOT_BACKENDS = ("file", "block")
+BOOTLOADERS = ("file", "grub", "uboot")  # "file": the agent simulates the bootloader
+MAX_BOOT_ATTEMPTS = 9  # GRUB counts down with an if-chain (peer/bootscripts/grub.cfg)
 
 _PORT_RE = re.compile(r"[0-9]{1,5}")  # ASCII digits only: int() takes "²" and "٣" too
 
@@ -106,6 +110,21 @@ class DeviceConfig:
     # offered still refreshes its trusted metadata (root rotations, counter resets)
     max_release_counter_jump: int = DEFAULT_MAX_COUNTER_JUMP
     trust_refresh_interval_s: float = 24 * 3600.0
+    # --- slots and boot control (peer/blockslots.py, peer/bootloader.py). "file": slots
+    # are STATE/slots/{a,b}.img and the agent plays the bootloader (tests, the demo)
+    slot_backend: str = "file"
+    # {"a": "/dev/mmcblk0p2" or "PARTLABEL=rootfs-a", "b": ...}
+    slot_devices: dict[str, str] = field(default_factory=dict)
+    bootloader: str = "file"
+    grub_env_path: str | None = None  # the environment block grub.cfg loads
+    uboot_env_config: str | None = None  # fw_env.config naming the copies
+    uboot_default_env: str | None = None  # libubootenv's start when no copy is valid
+    # boots a new slot gets before the bootloader falls back (bootloader practice: 3);
+    # a boot interrupted in its health check is retried, not a verdict
+    boot_attempts: int = 3
+    # run after a switch (and after a fall back from the booted slot) with a real
+    # bootloader, e.g. ["systemctl", "reboot"]; empty: the reboot is left to the device
+    reboot_command: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -156,6 +175,28 @@ class DeviceConfig:
                 raise ConfigError(f"{name} must be 1-64 chars of A-Z a-z 0-9 . _ : -, "
                                   f"got {value!r}")
         self._check_tls()
+        self._check_boot()
+
+    def _check_boot(self) -> None:
+        if self.slot_backend not in SLOT_BACKENDS:
+            raise ConfigError(f"slot_backend must be one of {list(SLOT_BACKENDS)}, got "
+                              f"{self.slot_backend!r}")
+        if self.bootloader not in BOOTLOADERS:
+            raise ConfigError(f"bootloader must be one of {list(BOOTLOADERS)}, got "
+                              f"{self.bootloader!r}")
+        if not isinstance(self.slot_devices, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v
+                for k, v in self.slot_devices.items()):
+            raise ConfigError("slot_devices must map slot names to device paths or labels")
+        if self.slot_backend == "block" and sorted(self.slot_devices) != ["a", "b"]:
+            raise ConfigError("block slots need slot_devices for a and b (a path or "
+                              "PARTLABEL=label each)")
+        if self.bootloader == "grub" and not self.grub_env_path:
+            raise ConfigError("the grub bootloader needs grub_env_path")
+        if self.bootloader == "uboot" and not self.uboot_env_config:
+            raise ConfigError("the uboot bootloader needs uboot_env_config (fw_env.config)")
+        if not 1 <= self.boot_attempts <= MAX_BOOT_ATTEMPTS:
+            raise ConfigError(f"boot_attempts must be within 1..{MAX_BOOT_ATTEMPTS}")
 
     def _check_tls(self) -> None:
         if not isinstance(self.tls_pins, tuple):
@@ -176,6 +217,7 @@ class DeviceConfig:
         out["health_command"] = list(self.health_command)
         out["labels"] = list(self.labels)
         out["tls_pins"] = list(self.tls_pins)
+        out["reboot_command"] = list(self.reboot_command)
         return out
 
 
@@ -192,7 +234,7 @@ def load_config(path: Path) -> DeviceConfig:
         raise ConfigError(f"cannot read {path}: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    for name in ("health_command", "labels", "tls_pins"):
+    for name in ("health_command", "labels", "tls_pins", "reboot_command"):
         if name in raw:
             value = raw[name]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

@@ -10,6 +10,9 @@ report). Two environment variables, read once when this module is imported, turn
   after a power cut that spares the page cache.
 - ``SWARMOTA_CRASH_TRACE=file``: every point passed is appended to ``file``, one name a
   line (how a test enumerates the points of a clean update).
+- ``SWARMOTA_CRASH_ACTION=hang``: instead of dying, the process writes
+  ``SWARMOTA-CRASH-POINT <name>`` to stderr and blocks there, so that a test can cut the
+  power of the whole machine at that instant (the qemu test kills the VM).
 
 With neither set (production), :func:`crash_point` returns at once: one global lookup
 and a comparison. :func:`fsio_hook` adapts a prefix to the hook parameter of
@@ -25,10 +28,13 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 __all__ = [
+    "CRASH_ACTION_ENV",
     "CRASH_AT_ENV",
     "CRASH_TRACE_ENV",
     "CrashPlan",
@@ -40,6 +46,17 @@ __all__ = [
 
 CRASH_AT_ENV = "SWARMOTA_CRASH_AT"
 CRASH_TRACE_ENV = "SWARMOTA_CRASH_TRACE"
+CRASH_ACTION_ENV = "SWARMOTA_CRASH_ACTION"
+
+
+def _kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _hang(name: str) -> None:
+    os.write(2, f"SWARMOTA-CRASH-POINT {name}\n".encode())
+    while True:  # until the power is cut
+        time.sleep(3600)
 
 
 def parse_crash_at(value: str) -> tuple[str, int]:
@@ -58,8 +75,7 @@ class CrashPlan:
 
     crash_at: tuple[str, int] | None
     trace_path: str | None
-    kill: Callable[[], None] = field(
-        default=lambda: os.kill(os.getpid(), signal.SIGKILL))
+    kill: Callable[[], None] = field(default=_kill)
     _passed: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -90,6 +106,8 @@ def configure(environ: Mapping[str, str] | None = None) -> CrashPlan | None:
     _plan = None
     if at or trace:
         _plan = CrashPlan(parse_crash_at(at) if at else None, trace or None)
+        if at and env.get(CRASH_ACTION_ENV) == "hang":
+            _plan.kill = partial(_hang, at)
     return _plan
 
 

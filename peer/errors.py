@@ -8,7 +8,11 @@
      |                             bytes that did arrive, so that whole chunks in them are kept
      +-- VerifyFailed       (20)   trust: metadata, manifest, chunk, payload or image rejected
      +-- InstallFailed      (30)   writing or decompressing into the inactive slot failed
-     +-- PostCheckFailed    (40)   the new slot failed its health check; rolled back
+     +-- PostCheckFailed    (40)   the new slot failed its health check (or never came up
+     |                             in its boot attempts); rolled back
+     +-- BootInterrupted    (41)   the new slot's boot attempts were all spent by
+                                   interruptions (power cuts in its health check), not
+                                   by a failed check; rolled back, not a release failure
 
 Foreign exceptions (httpx, python-tuf, zstandard, OSError) are translated into these at
 the module that calls the foreign library.
@@ -25,6 +29,7 @@ __all__ = [
     "PartialResponse",
     "PeerError",
     "PinMismatch",
+    "BootInterrupted",
     "PostCheckFailed",
     "StatusCode",
     "VerifyFailed",
@@ -73,3 +78,7 @@ class InstallFailed(PeerError):
 
 class PostCheckFailed(PeerError):
     status = StatusCode.POSTCHECK_FAILED
+
+
+class BootInterrupted(PeerError):
+    status = StatusCode.INTERRUPTED

@@ -78,7 +78,7 @@ def install_delta(delta_path: Path, delta: Payload, slots: SlotBackend, base_slo
     if delta.base is None:
         raise RuntimeError("install_delta needs a delta payload")
     try:
-        base = slots.read(base_slot)
+        base = slots.read(base_slot, delta.base.size)
         patch = delta_path.read_bytes()
     except OSError as exc:
         raise InstallFailed(f"cannot read delta inputs: {exc}") from exc

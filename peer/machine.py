@@ -8,11 +8,25 @@
                        └────── fallback (delta unusable: full payload) ──┤
                                                                          ▼
                   health_checking ◄──switched── switching (slot read back, boot control)
-                       │ healthy        │ unhealthy
-                       ▼                ▼
-                   committed       rolled_back ──report──► reporting ──queued──► idle
-                       └──────────report──────────────────────▲
-    checking .. rolled_back ──failed(status)───────────────────┘
+                    │  ▲ boot_attempt (one more boot of the new slot reached the agent)
+                    │  │
+                    ├──┘
+                    │ healthy        │ unhealthy, budget_spent
+                    ▼                ▼
+                committed ──budget_spent──► rolled_back ──report──► reporting ──queued──► idle
+                    └──────────report──────────────────────────────────▲
+    checking .. rolled_back ──failed(status)────────────────────────────┘
+
+Boot attempts follow bootloader practice (RAUC, U-Boot's bootcount): the switch gives
+the new slot a budget of boots (``boot_budget``, 3 by default); every boot of it that
+reaches the agent is journaled (``boot_attempt``) before its health check runs; the
+check's verdict is journaled (``committed`` / ``rolled_back``) before boot control acts
+on it. So a power cut in the health check (or after it passed, before the commit) is
+an interrupted attempt, retried at the next boot, never a verdict on the release. When
+the budget is spent without a verdict, the bootloader falls back (``budget_spent``);
+:func:`budget_spent_outcome` says whether that is status 41 (every spent boot reached
+the agent: interrupted, not the release's fault) or 40 (some boots never came up: a
+kernel panic, a hang, a reboot loop).
 
 The agent (``peer/agent.py``) persists the :class:`Journal` (``STATE/journal.json``,
 atomically) on every transition from ``downloading`` on, *before* the side effects of
@@ -21,8 +35,9 @@ side effects, and a poll every hour would otherwise wear the flash for nothing).
 
 On start, :func:`recover` turns the journal and the boot-control facts into what to do:
 
-- a switch pending in boot control: finish it (the bootloader consumes a try; the health
-  check or a used-up try counter decides), whatever the journal says;
+- a switch pending in boot control: with the verdict journaled (``committed`` or
+  ``rolled_back``), carry it out; else finish the boot attempt (the bootloader consumes
+  a try; the health check or a spent budget decides);
 - interrupted before the switch (checking .. switching): reclaim partial slot writes and
   run the pass again; verified chunks are kept (the download resumes), the slot is
   written again from the verified payload;
@@ -49,6 +64,7 @@ __all__ = [
     "Phase",
     "Recovery",
     "advance",
+    "budget_spent_outcome",
     "decode_journal",
     "encode_journal",
     "recover",
@@ -78,6 +94,8 @@ class Event(StrEnum):
     FALLBACK = "fallback"
     SWITCHED = "switched"
     RESUME_PENDING = "resume_pending"
+    BOOT_ATTEMPT = "boot_attempt"
+    BUDGET_SPENT = "budget_spent"
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
     FAILED = "failed"
@@ -98,6 +116,9 @@ _TABLE: dict[tuple[Phase, Event], Phase] = {
     (Phase.SWITCHING, Event.SWITCHED): Phase.HEALTH_CHECKING,
     (Phase.HEALTH_CHECKING, Event.HEALTHY): Phase.COMMITTED,
     (Phase.HEALTH_CHECKING, Event.UNHEALTHY): Phase.ROLLED_BACK,
+    (Phase.HEALTH_CHECKING, Event.BOOT_ATTEMPT): Phase.HEALTH_CHECKING,
+    (Phase.HEALTH_CHECKING, Event.BUDGET_SPENT): Phase.ROLLED_BACK,
+    (Phase.COMMITTED, Event.BUDGET_SPENT): Phase.ROLLED_BACK,
     (Phase.COMMITTED, Event.REPORT): Phase.REPORTING,
     (Phase.ROLLED_BACK, Event.REPORT): Phase.REPORTING,
     (Phase.REPORTING, Event.QUEUED): Phase.IDLE,
@@ -116,7 +137,9 @@ class JournalError(ValueError):
 @dataclass(frozen=True)
 class Journal:
     """Where the update is. ``seq`` counts persisted transitions; ``attempt`` the update
-    attempts of this device; ``report`` is the body queued in ``reporting``."""
+    attempts of this device; ``report`` is the body queued in ``reporting``;
+    ``boot_budget`` the boots the switch gave the new slot and ``boot_attempts`` those
+    that reached the agent (each journaled before its health check)."""
 
     phase: Phase = Phase.IDLE
     seq: int = 0
@@ -130,20 +153,24 @@ class Journal:
     status: int | None = None
     message: str | None = None
     report: dict[str, Any] | None = None
+    boot_budget: int = 0
+    boot_attempts: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"phase": self.phase.value, "seq": self.seq, "attempt": self.attempt,
                 "from_version": self.from_version, "to_version": self.to_version,
                 "release_counter": self.release_counter, "target_slot": self.target_slot,
                 "payload_sha256": self.payload_sha256, "payload_kind": self.payload_kind,
-                "status": self.status, "message": self.message, "report": self.report}
+                "status": self.status, "message": self.message, "report": self.report,
+                "boot_budget": self.boot_budget, "boot_attempts": self.boot_attempts}
 
 
 def advance(journal: Journal, event: Event, **fields: Any) -> Journal:
     """The journal after ``event`` in ``journal.phase``, with ``fields`` updated.
 
     ``offer`` starts a new attempt (clears the previous one's fields); ``seq`` grows by
-    one. Raises ``RuntimeError`` for a transition the machine does not have.
+    one; ``boot_attempt`` counts one more boot attempt. Raises ``RuntimeError`` for a
+    transition the machine does not have.
     """
     try:
         phase = _TABLE[(journal.phase, event)]
@@ -155,12 +182,30 @@ def advance(journal: Journal, event: Event, **fields: Any) -> Journal:
         base = Journal(seq=journal.seq, attempt=journal.attempt + 1)
     elif phase is Phase.IDLE:
         base = Journal(seq=journal.seq, attempt=journal.attempt)
+    elif event is Event.BOOT_ATTEMPT:
+        base = replace(journal, boot_attempts=journal.boot_attempts + 1)
     return replace(base, phase=phase, seq=journal.seq + 1, **fields)
+
+
+def budget_spent_outcome(journal: Journal, slot: str | None = None) -> tuple[int, str]:
+    """``(status, message)`` of a pending slot whose boot budget is spent without a
+    verdict: 41 when every spent boot reached the agent (each was interrupted: power
+    loss or a restart during the health check, or after it passed), else 40 (boots
+    that never came up: the release's fault, as far as anyone can tell)."""
+    budget, seen = journal.boot_budget, journal.boot_attempts
+    where = f"slot {slot or journal.target_slot}"
+    if budget > 0 and seen >= budget:
+        return 41, (f"update to {journal.to_version} rolled back: all {budget} boot "
+                    f"attempts of {where} were interrupted before a verdict (power loss "
+                    "or a restart during the health check); not a failure of the release")
+    return 40, (f"update to {journal.to_version} rolled back: {where} did not come up in "
+                f"{budget} boot attempts ({seen} reached the health check)")
 
 
 class Action(StrEnum):
     RECLAIM_SLOT_WRITES = "reclaim_slot_writes"  # remove partial slot images
     FINISH_PENDING = "finish_pending"  # boot the pending slot, health-check it
+    FINISH_VERDICT = "finish_verdict"  # the journaled verdict: commit or fall back
     RUN_PASS = "run_pass"  # check in and update as usual
     QUEUE_REPORT = "queue_report"  # queue ``Recovery.journal.report`` for the tracker
 
@@ -178,6 +223,10 @@ class Recovery:
 def recover(journal: Journal, *, pending: bool, committed_version: str | None) -> Recovery:
     """Decide how to continue after a start (see the module docstring)."""
     phase = journal.phase
+    if pending and phase in (Phase.COMMITTED, Phase.ROLLED_BACK):
+        return Recovery((Action.RECLAIM_SLOT_WRITES, Action.FINISH_VERDICT), journal,
+                        f"a switch is pending and its verdict ({phase.value}) journaled; "
+                        "carrying it out")
     if pending:
         return Recovery((Action.RECLAIM_SLOT_WRITES, Action.FINISH_PENDING), journal,
                         f"a switch is pending (journal: {phase.value}); finishing it")
@@ -190,10 +239,17 @@ def recover(journal: Journal, *, pending: bool, committed_version: str | None) -
                         "chunks are kept)")
     if phase in (Phase.HEALTH_CHECKING, Phase.COMMITTED, Phase.ROLLED_BACK):
         ok = committed_version is not None and committed_version == journal.to_version
-        status, outcome = (0, "committed") if ok else (40, "rolled back")
-        message = (f"updated {journal.from_version} -> {journal.to_version} (finished before "
-                   "a restart)" if ok else f"update to {journal.to_version} rolled back "
-                   "(finished before a restart)")
+        outcome = "committed" if ok else "rolled back"
+        if ok:
+            status, message = 0, (f"updated {journal.from_version} -> {journal.to_version} "
+                                  "(finished before a restart)")
+        elif phase is Phase.ROLLED_BACK and journal.status is not None:
+            status, message = journal.status, journal.message or "rolled back"
+        elif phase is Phase.ROLLED_BACK:  # the verdict: unhealthy
+            status, message = 40, (f"update to {journal.to_version} rolled back: "
+                                   f"{journal.message or 'health check failed'}")
+        else:  # no verdict reached boot control: the budget was spent
+            status, message = budget_spent_outcome(journal)
         report: dict[str, Any] = {
             "from_version": journal.from_version, "to_version": journal.to_version,
             "status": status, "message": message, "bytes_origin": 0, "bytes_peers": 0,
@@ -233,6 +289,8 @@ def decode_journal(data: bytes) -> Journal:
                        target_slot=opt("target_slot", str),
                        payload_sha256=opt("payload_sha256", str),
                        payload_kind=opt("payload_kind", str), status=opt("status", int),
-                       message=opt("message", str), report=report)
+                       message=opt("message", str), report=report,
+                       boot_budget=int(raw.get("boot_budget", 0)),
+                       boot_attempts=int(raw.get("boot_attempts", 0)))
     except (ValueError, KeyError, TypeError) as exc:
         raise JournalError(f"invalid journal: {exc}") from None

@@ -1,8 +1,8 @@
 """Slot backends: where the A/B images live and how one is rewritten safely.
 
-The agent talks to slots only through :class:`SlotBackend`, so a device whose slots are
-partitions (``/dev/mmcblk0p2``) can plug in a block-device backend later. The contract
-every backend keeps:
+The agent talks to slots only through :class:`SlotBackend`: :class:`FileSlots` here,
+``peer.blockslots.BlockSlots`` for partitions (``/dev/mmcblk0p2``). The contract every
+backend keeps:
 
 - :meth:`SlotBackend.begin_write` returns a :class:`SlotWriter`; nothing the writer
   does is visible in the slot until :meth:`SlotWriter.commit` returns, and after a crash
@@ -50,7 +50,11 @@ class SlotWriter(Protocol):
 
 
 class SlotBackend(Protocol):
-    """Storage of the A/B slot images."""
+    """Storage of the A/B slot images. ``in_place``: a write goes straight into the
+    slot (a partition), so until its commit and read-back the slot holds nothing
+    usable (the agent marks its record empty first)."""
+
+    in_place: bool
 
     def image_path(self, slot: str) -> Path:
         """The path the health check and a bootloader read the slot from."""
@@ -58,11 +62,18 @@ class SlotBackend(Protocol):
     def exists(self, slot: str) -> bool:
         """Whether the slot holds an image at all."""
 
-    def read(self, slot: str) -> bytes:
-        """The whole image (delta bases); raises ``OSError``."""
+    def read(self, slot: str, size: int | None = None) -> bytes:
+        """The whole image (delta bases); ``size``: the image's size as boot control
+        recorded it (a partition is larger than its image; a file is the image).
+        Raises ``OSError``."""
 
-    def hash(self, slot: str) -> tuple[int, str]:
-        """``(size, sha256 hex)`` of the image, read from storage; raises ``OSError``."""
+    def hash(self, slot: str, size: int | None = None) -> tuple[int, str]:
+        """``(size, sha256 hex)`` of the image, read from storage (``size`` as for
+        :meth:`read`); raises ``OSError``."""
+
+    def staging_dir(self) -> Path | None:
+        """Where a write keeps its temporary copy (it needs free space there), or
+        ``None`` for a backend that writes in place."""
 
     def begin_write(self, slot: str, size: int) -> SlotWriter:
         """Start rewriting ``slot`` with an image of ``size`` bytes; raises ``OSError``."""
@@ -131,6 +142,8 @@ class _FileSlotWriter:
 class FileSlots:
     """File-backed slots ``DIR/a.img`` and ``DIR/b.img`` (see the module docstring)."""
 
+    in_place = False
+
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
@@ -140,12 +153,15 @@ class FileSlots:
     def exists(self, slot: str) -> bool:
         return self.image_path(slot).is_file()
 
-    def read(self, slot: str) -> bytes:
+    def read(self, slot: str, size: int | None = None) -> bytes:
         return self.image_path(slot).read_bytes()
 
-    def hash(self, slot: str) -> tuple[int, str]:
+    def hash(self, slot: str, size: int | None = None) -> tuple[int, str]:
         with open(self.image_path(slot), "rb") as fh:
             return hash_stream(fh)
+
+    def staging_dir(self) -> Path | None:
+        return self.directory
 
     def begin_write(self, slot: str, size: int) -> SlotWriter:
         self.directory.mkdir(parents=True, exist_ok=True)

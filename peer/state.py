@@ -2,7 +2,7 @@
 
     STATE/device.json        peer.config.DeviceConfig
     STATE/trust/root.json    trusted TUF root (python-tuf keeps its cache beside it)
-    STATE/slots/a.img, b.img file-backed A/B slots
+    STATE/slots/a.img, b.img file-backed A/B slots (or partitions: peer.blockslots)
     STATE/bootctl.json       peer.bootctl record (and bootctl.json.redundant, its twin)
     STATE/downloads/         payloads being assembled, per payload SHA-256
     STATE/last_result.json   outcome of the last update attempt
@@ -30,6 +30,7 @@ from tuf.api.metadata import Metadata
 from tuf.api.metadata import Root as RootRole
 
 from infra.fsio import atomic_write_bytes, atomic_write_json, fsync_dir
+from peer.blockslots import BlockSlots, booted_slot
 from peer.bootctl import (
     BootControl,
     SlotRecord,
@@ -38,12 +39,13 @@ from peer.bootctl import (
     remove_bootctl,
     write_bootctl,
 )
+from peer.bootloader import FACTORY, Bootloader, GrubEnv, UBootEnv
 from peer.config import DeviceConfig, load_config, save_config
 from peer.crashpoints import fsio_hook
-from peer.errors import ConfigError
+from peer.errors import ConfigError, PeerError
 from peer.install import hash_file
 from peer.machine import Journal, JournalError, decode_journal, encode_journal
-from peer.slots import FileSlots
+from peer.slots import FileSlots, SlotBackend
 from peer.trust import TrustState
 
 __all__ = ["MAX_OUTBOX_REPORTS", "DeviceState", "JournalError", "init_device"]
@@ -83,9 +85,35 @@ class DeviceState:
     def config(self) -> DeviceConfig:
         return load_config(self.config_path)
 
-    def slots(self) -> FileSlots:
-        """The device's slot backend (file-backed: ``STATE/slots/``)."""
+    def slots(self, config: DeviceConfig | None = None) -> SlotBackend:
+        """The device's slot backend: file-backed (``STATE/slots/``) or partitions."""
+        config = config or self.config()
+        if config.slot_backend == "block":
+            return BlockSlots(config.slot_devices)
         return FileSlots(self.root / "slots")
+
+    def bootloader(self, config: DeviceConfig | None = None) -> Bootloader | None:
+        """The device's bootloader adapter; ``None`` when the agent simulates it (file
+        boot control). The booted slot comes from the kernel command line or the mount
+        table (``peer.blockslots.booted_slot``)."""
+        config = config or self.config()
+        devices = config.slot_devices
+
+        def booted() -> str:
+            slot = BlockSlots(devices).booted() if devices else _cmdline_slot()
+            if slot is None:
+                raise ConfigError("cannot tell the booted slot: neither swarmota.slot= nor "
+                                  "root= on the kernel command line names one, and no "
+                                  "slot is mounted on /")
+            return slot
+
+        if config.bootloader == "grub" and config.grub_env_path:
+            return GrubEnv(Path(config.grub_env_path), booted=booted)
+        if config.bootloader == "uboot" and config.uboot_env_config:
+            default = config.uboot_default_env
+            return UBootEnv(Path(config.uboot_env_config), booted=booted,
+                            default_env=Path(default) if default else None)
+        return None
 
     @property
     def policy_path(self) -> Path:
@@ -199,9 +227,21 @@ class DeviceState:
                           hook=fsio_hook("outbox"))
 
 
+def _cmdline_slot(path: Path = Path("/proc/cmdline")) -> str | None:
+    try:
+        cmdline = path.read_text()
+    except OSError:
+        return None
+    return booted_slot({"a": "", "b": ""}, cmdline=cmdline, mountinfo="", resolve=False)
+
+
 def init_device(state_dir: Path, config: DeviceConfig, *, root_json: bytes, image: Path,
                 version: str, release_counter: int, force: bool = False) -> DeviceState:
     """Create a device state directory with ``image`` committed in slot A.
+
+    File slots: ``image`` is copied into ``STATE/slots/a.img``. Block slots: partition
+    A must already hold ``image`` (flashed at the factory; checked, never written). A
+    real bootloader's environment is set to the factory state (slot a, committed).
 
     Raises:
         ConfigError: the directory is already a device (without ``force``), the root
@@ -228,14 +268,32 @@ def init_device(state_dir: Path, config: DeviceConfig, *, root_json: bytes, imag
     state.downloads_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(state.trust_dir / "root.json", root_json)
     TrustState(refreshed_at_s=time.time()).save(state.trust_state_path)
-    slot_a = state.slot_path("a")
-    tmp = slot_a.with_name(".a.img.init")
-    shutil.copyfile(image, tmp)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    tmp.replace(slot_a)
-    fsync_dir(slot_a.parent)
-    size, sha = hash_file(slot_a)
+    if config.slot_backend == "block":
+        size, sha = hash_file(image)
+        slots = state.slots(config)
+        try:
+            held = slots.hash("a", size)
+        except OSError as exc:
+            raise ConfigError(f"cannot read slot a: {exc}") from None
+        if held != (size, sha):
+            raise ConfigError(f"slot a ({slots.image_path('a')}) does not hold {image}: "
+                              "flash the factory image there first")
+    else:
+        slot_a = state.slot_path("a")
+        tmp = slot_a.with_name(".a.img.init")
+        shutil.copyfile(image, tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(slot_a)
+        fsync_dir(slot_a.parent)
+        size, sha = hash_file(slot_a)
+    loader = state.bootloader(config)
+    if loader is not None:
+        try:
+            loader.write(FACTORY, what="init")
+        except PeerError as exc:
+            raise ConfigError(f"cannot initialise the {loader.name} environment: {exc}") \
+                from None
     save_config(state.config_path, config)
     remove_bootctl(state.bootctl_path)
     state.journal_path.unlink(missing_ok=True)

@@ -32,6 +32,7 @@ from peer.slots import FileSlots, SlotWriter
 from peer.state import DeviceState
 from tests.release_env import ReleaseEnv, killed_at
 from tests.test_update_delta import publish_v3_with_deltas
+from tracker.store import SqliteStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,7 +191,7 @@ async def test_disk_full_while_writing_the_slot(env: ReleaseEnv) -> None:
 class UnreadableBase(FileSlots):
     """Slots whose active image cannot be read (an I/O error), as a dying flash would."""
 
-    def read(self, slot: str) -> bytes:
+    def read(self, slot: str, size: int | None = None) -> bytes:
         raise OSError(errno.EIO, "Input/output error", str(self.image_path(slot)))
 
 
@@ -248,21 +249,74 @@ async def test_byte_flipped_in_the_inactive_slot_is_detected_before_the_switch(
 KILL_PARENT = [sys.executable, "-c", "import os, signal; os.kill(os.getppid(), signal.SIGKILL)"]
 
 
-async def test_reboot_loop_falls_back_and_a_committed_slot_never_does(
+async def test_reboot_loop_falls_back_after_the_boot_budget_and_reports_40(
         env: ReleaseEnv) -> None:
-    """The new slot takes the device down every time it boots (its health check kills
-    the agent): after the one try, the committed slot boots again and 40 is reported.
-    A slot that was committed never falls back later, whatever happens at boot."""
-    dev = env.device("dev-1", mode="direct", health_command=KILL_PARENT)
-    await killed_at(dev, "never-reached")  # the health check kills it first
-    bc = dev.bootctl()
-    assert bc.pending and bc.tries_remaining == 0
+    """The new slot takes the device down at every boot before the agent starts (a
+    kernel panic, a hang): each boot spends a try; after the budget (3) the committed
+    slot boots again and 40 is reported: the release's fault."""
+    dev = env.device("dev-1", mode="direct")
+    for tries_left in (2, 1, 0):  # the switch, then boots that never reach the agent
+        await killed_at(dev, "bootctl.boot.after_rename")
+        bc = dev.bootctl()
+        assert bc.pending and bc.tries_remaining == tries_left
+        assert dev.journal().boot_attempts == 0
     result = await update_once(dev)
-    assert result.status == StatusCode.POSTCHECK_FAILED
-    assert "used up its boot tries" in result.message
+    assert result.status == StatusCode.POSTCHECK_FAILED, result.message
+    assert "did not come up in 3 boot attempts (0 reached the health check)" \
+        in result.message
     assert_on(dev, env.v1, slot="a")
     assert [r.status for r in env.reports()] == [40]
 
+
+async def test_power_lost_in_every_health_check_rolls_back_as_interrupted_not_failed(
+        env: ReleaseEnv) -> None:
+    """Issue 15: power lost in the health check at every boot (the check kills the
+    agent) is no verdict on the release: each boot is retried; when the budget is spent
+    the committed slot boots again and the device reports 41 (interrupted), which the
+    rollout counts neither as a failure nor as a rollback, and offers the release again;
+    the device's retry budget is not charged."""
+    dev = env.device("dev-1", mode="direct", health_command=KILL_PARENT)
+    for attempts in (1, 2, 3):
+        await killed_at(dev, "never-reached")  # the health check kills it first
+        assert dev.bootctl().pending and dev.journal().boot_attempts == attempts
+    result = await update_once(dev, retry_budget=1)
+    assert result.status == StatusCode.INTERRUPTED, result.message
+    assert "all 3 boot attempts of slot b were interrupted" in result.message
+    assert_on(dev, env.v1, slot="a")
+    assert [r.status for r in env.reports()] == [41]
+    store = SqliteStore(env.db)
+    try:
+        (rollout,) = [r for r in store.rollouts() if r.version == "2.0.0"]
+        assert (rollout.totals.failed, rollout.totals.rolled_back) == (0, 0)
+    finally:
+        store.close()
+    save_config(dev.config_path, replace(dev.config(), health_command=()))
+    again = await update_once(dev, retry_budget=1)  # offered again, not out of budget
+    assert again.status == StatusCode.OK, again.message
+    assert_on(dev, env.v2, slot="b")
+
+
+@pytest.mark.parametrize(("point", "message"), [
+    ("health.after", "finished after restart"),  # passed, verdict not journaled: retried
+    ("bootctl.commit.before_write", "health check passed before a restart"),
+])
+async def test_power_lost_after_the_health_check_passed_commits_on_restart(
+        env: ReleaseEnv, point: str, message: str) -> None:
+    """Issue 15: the check passed, power was lost before the commit: with its verdict
+    journaled the restart commits without another attempt, else the attempt is retried;
+    0 either way, never 40."""
+    dev = env.device("dev-1", mode="direct")
+    await killed_at(dev, point)
+    assert dev.bootctl().pending
+    result = await update_once(dev)
+    assert result.status == StatusCode.OK, result.message
+    assert message in result.message
+    assert_on(dev, env.v2, slot="b")
+    assert [r.status for r in env.reports()] == [0]
+
+
+async def test_a_committed_slot_never_falls_back_later(env: ReleaseEnv) -> None:
+    """A slot that was committed never falls back, whatever happens at boot."""
     good = env.device("dev-2", mode="direct")
     assert (await update_once(good)).status == StatusCode.OK
     save_config(good.config_path, replace(good.config(), health_command=tuple(KILL_PARENT)))

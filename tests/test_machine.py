@@ -19,6 +19,7 @@ from peer.machine import (
     JournalError,
     Phase,
     advance,
+    budget_spent_outcome,
     decode_journal,
     encode_journal,
     recover,
@@ -79,10 +80,50 @@ def test_recovery_before_the_switch_reclaims_and_starts_over(phase: Phase) -> No
     assert rec.journal.phase is Phase.IDLE and rec.journal.seq == 6
 
 
-@pytest.mark.parametrize("phase", list(Phase))
+@pytest.mark.parametrize("phase", [p for p in Phase
+                                   if p not in (Phase.COMMITTED, Phase.ROLLED_BACK)])
 def test_a_pending_switch_is_always_finished_first(phase: Phase) -> None:
     rec = recover(Journal(phase=phase), pending=True, committed_version="1.0")
     assert rec.actions == (Action.RECLAIM_SLOT_WRITES, Action.FINISH_PENDING)
+
+
+@pytest.mark.parametrize("phase", [Phase.COMMITTED, Phase.ROLLED_BACK])
+def test_a_journaled_verdict_is_carried_out_without_another_boot_attempt(
+        phase: Phase) -> None:
+    """Power lost after the health check's verdict, before boot control acted on it:
+    the verdict stands (issue 15: a check that passed is not a failed boot)."""
+    rec = recover(Journal(phase=phase), pending=True, committed_version="1.0")
+    assert rec.actions == (Action.RECLAIM_SLOT_WRITES, Action.FINISH_VERDICT)
+
+
+def test_boot_attempts_are_journaled_in_the_health_check_state() -> None:
+    j = run_to(Event.CHECK, Event.OFFER, Event.DOWNLOADED, Event.VERIFIED, Event.APPLIED)
+    j = advance(j, Event.SWITCHED, boot_budget=3)
+    for n in (1, 2):
+        j = advance(j, Event.BOOT_ATTEMPT)
+        assert (j.phase, j.boot_attempts, j.boot_budget) == (Phase.HEALTH_CHECKING, n, 3)
+    assert decode_journal(encode_journal(j)) == j
+    assert advance(j, Event.HEALTHY).boot_attempts == 2
+
+
+@pytest.mark.parametrize(("attempts", "status"), [(3, 41), (4, 41), (2, 40), (0, 40)])
+def test_a_spent_budget_is_an_interruption_only_if_every_boot_reached_the_agent(
+        attempts: int, status: int) -> None:
+    """Every spent boot reached the agent's health check and none gave a verdict: power
+    cuts, 41 (not the release's fault). A boot that never reached the agent (panic,
+    hang): 40."""
+    j = Journal(phase=Phase.HEALTH_CHECKING, to_version="2.0", target_slot="b",
+                boot_budget=3, boot_attempts=attempts)
+    got, message = budget_spent_outcome(j)
+    assert got == status
+    assert ("interrupted" in message) == (status == 41)
+    rolled = advance(j, Event.BUDGET_SPENT, status=got, message=message)
+    assert rolled.phase is Phase.ROLLED_BACK
+    rec = recover(rolled, pending=False, committed_version="1.0")
+    assert rec.journal.report is not None and rec.journal.report["status"] == status
+    # the fall back reached boot control, the journal did not: same answer
+    rec = recover(j, pending=False, committed_version="1.0")
+    assert rec.journal.report is not None and rec.journal.report["status"] == status
 
 
 @pytest.mark.parametrize(("committed", "status"), [("2.0", 0), ("1.0", 40)])
