@@ -15,6 +15,14 @@ only by python-tuf, with a root it verified along the chain (each version signed
 threshold of its predecessor's root keys and of its own). Nothing else on the device
 writes it: a device is never "re-anchored" by the network.
 
+python-tuf renames new metadata into place without an fsync, so a power cut could leave
+a trusted file empty or torn: :class:`_DurableUpdater` writes each one as every file
+that matters here is written (temporary, fsync, rename, fsync of the directory); and a
+file a cut tore anyway (an older agent, a filesystem that reorders) is not a verdict on
+the repository: a torn ``timestamp``/``snapshot``/``targets`` is dropped and fetched
+again, a torn ``root.json`` is taken back from python-tuf's verified root history
+(:func:`_mend_torn_metadata`).
+
 One check on top of python-tuf: a root that lists the same public key under two keyids
 of one role is refused (python-tuf counts keyids, so one key signing twice would meet a
 threshold of two); the trusted metadata is put back as it was before the refresh.
@@ -108,12 +116,58 @@ def refresh_trust(trust_dir: Path, origin_url: str, *, timeout_s: float, scratch
     return fetcher.bytes_received
 
 
+class _DurableUpdater(Updater):
+    """python-tuf's updater, writing trusted metadata durably (fsync, rename, fsync of
+    the directory) instead of a bare rename."""
+
+    def _persist_file(self, filename: str, data: bytes) -> None:
+        atomic_write_bytes(filename, data)
+
+
+def _mend_torn_metadata(trust_dir: Path) -> None:
+    """Put right trusted metadata a power cut tore (empty, or not JSON): drop a torn
+    timestamp, snapshot or targets (fetched again, verified as ever); take a torn
+    ``root.json`` back from the newest root of python-tuf's verified history.
+
+    Raises:
+        VerifyFailed: ``root.json`` is torn and no verified root is left to take back.
+    """
+    for name in ("timestamp.json", "snapshot.json", "targets.json"):
+        path = trust_dir / name
+        if path.exists() and not _parses(path):
+            log.warning("trusted %s is torn (a power cut?): fetching it again", name)
+            path.unlink()
+    root = trust_dir / "root.json"
+    if _parses(root):
+        return
+    history = sorted(((int(p.name.split(".")[0]), p)
+                      for p in (trust_dir / "root_history").glob("*.root.json")
+                      if p.name.split(".")[0].isdigit()), reverse=True)
+    for _, candidate in history:
+        if _parses(candidate):
+            log.warning("trusted root.json is torn (a power cut?): restored %s",
+                        candidate.name)
+            atomic_write_bytes(root, candidate.read_bytes())
+            return
+    raise VerifyFailed(f"the trusted root {root} is damaged and no verified root is left "
+                       "to restore it: re-provision the device's trust anchor")
+
+
+def _parses(path: Path) -> bool:
+    try:
+        Metadata.from_bytes(path.read_bytes())
+    except (OSError, DeserializationError, ValueError):
+        return False
+    return True
+
+
 def _refreshed(trust_dir: Path, origin_url: str, fetcher: TufFetcher,
                scratch_dir: Path) -> Updater:
     """An updater whose top-level metadata is refreshed and checked (distinct keys)."""
     base = origin_url.rstrip("/")
+    _mend_torn_metadata(trust_dir)
     trusted = _read_trusted(trust_dir)
-    updater = Updater(metadata_dir=str(trust_dir), metadata_base_url=f"{base}/metadata/",
+    updater = _DurableUpdater(metadata_dir=str(trust_dir), metadata_base_url=f"{base}/metadata/",
                       target_base_url=f"{base}/targets/", target_dir=str(scratch_dir),
                       fetcher=fetcher, bootstrap=None)
     updater.refresh()
