@@ -7,8 +7,14 @@ out canary-first in two stages: the canary devices update first while the others
 told to wait; once every canary has reported success the tracker opens the release to
 everyone and the rest update together, sharing through the swarm. It prints a report
 (per device, per rollout stage, bytes from the origin vs from peers, the origin
-bandwidth saved) and exits non-zero if any device did not end up with verified v2 bytes
-in its active slot. Needs nothing outside this package.
+bandwidth saved). Then a bad release: v3, whose image fails the devices' health check,
+goes to the same canaries, which install it, fail the check, roll back and report 40;
+the rollout halts by itself at its canary stage, the tracker names the failing devices
+in the halt reason, and nobody else is offered v3. Releases are registered the way an
+operator does it: through the tracker's admin API, which verifies each against the
+repository's signed metadata. The demo exits non-zero unless every device ends on
+verified v2 bytes in its active slot and v3 was stopped at its canary. Needs nothing
+outside this package.
 
 Security is on as in production: a development server CA issues the origin's and the
 tracker's certificates (HTTPS, TLS 1.2+ and 1.3); devices pin both keys plus a spare
@@ -50,13 +56,13 @@ from seeder.publish import publish_release
 from seeder.repository import Repository
 from seeder.seeding import PayloadSeeder, SeedingConfig
 from seeder.server import serve_origin
-from tracker.catalogue import register_release
+from tracker.admin import hash_token, new_token
+from tracker.admin_client import AdminClient
 from tracker.config import TrackerConfig
-from tracker.protocol import Release
 from tracker.registry import SwarmRegistry
 from tracker.rollout import RolloutPlan
 from tracker.server import TRACKER_TLS_MIN_VERSION, serve_tracker
-from tracker.store import SqliteStore
+from tracker.store import SqliteStore, TokenRecord
 
 __all__ = ["DemoOutcome", "add_parser", "canary_plan", "make_image", "mutate_image",
            "run_demo", "update_fleet", "write_images"]
@@ -168,6 +174,9 @@ class DemoOutcome:
     rollout_stages: list[tuple[str, int, int, int, int, int]] = field(default_factory=list)
     """Per stage: name, devices admitted, succeeded, failed (incl. rolled back), bytes
     from the origin and from peers as the devices reported them."""
+    bad_release_phase: str = ""
+    """The phase of the bad release's rollout at the end (``halted`` when it worked)."""
+    halt_reason: str = ""
 
     @property
     def cdn_bytes(self) -> int:
@@ -232,10 +241,30 @@ async def update_fleet(states: Sequence[DeviceState]) -> dict[str, UpdateResult]
 def canary_plan(canaries: Sequence[str]) -> RolloutPlan:
     """The demo's two stages: the canary devices, then everyone. The canary stage
     advances once every canary has succeeded (no soak: a demo has no hours to spare);
-    the first failure halts the rollout."""
+    the default halt rules hold: any failing canary halts the rollout."""
     return RolloutPlan(canary_devices=tuple(canaries), stages_percent=(100.0,),
-                       min_successes=len(canaries), min_success_rate=1.0, soak_s=0.0,
-                       halt_min_sample=1, halt_failure_rate=0.0, halt_failure_count=1)
+                       min_successes=len(canaries), min_success_rate=1.0, soak_s=0.0)
+
+
+BROKEN_MARKER = b"SWARMOTA-DEMO-BROKEN-BUILD"
+"""What the demo's bad release carries in its image; the devices' health check fails on
+an image that holds it (as a real check fails when a service does not come up)."""
+
+
+def health_command() -> tuple[str, ...]:
+    """The demo devices' health check: exit 1 if the new slot's image is the broken
+    build, 0 otherwise."""
+    return (sys.executable, "-c",
+            "import os, sys; data = open(os.environ['SWARMOTA_SLOT_IMAGE'], 'rb').read(); "
+            f"sys.exit('health check failed: the service did not start' if {BROKEN_MARKER!r} "
+            "in data else 0)")
+
+
+def broken_image(image: bytes) -> bytes:
+    """The next version of ``image`` with :data:`BROKEN_MARKER` in it."""
+    out = bytearray(mutate_image(image, seed=3))
+    out[len(out) // 2:len(out) // 2 + len(BROKEN_MARKER)] = BROKEN_MARKER
+    return bytes(out)
 
 
 async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4 << 20,
@@ -257,12 +286,12 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
     images = write_images(workdir / "images", image_size_bytes)
     v2 = (images / "v2.img").read_bytes()
 
-    say(f"[1/6] creating a TUF repository in {workdir / 'repo'}, a server CA and a fleet "
+    say(f"[1/7] creating a TUF repository in {workdir / 'repo'}, a server CA and a fleet "
         "CA")
     repo = Repository.create(workdir / "repo")
     pki = _make_pki(workdir / "pki")
     fleet_ca_pem = pki.fleet_ca.read_bytes()
-    say(f"[2/6] publishing v1, then v2 with a delta from v1 ({len(v2):,} byte images, "
+    say(f"[2/7] publishing v1, then v2 with a delta from v1 ({len(v2):,} byte images, "
         f"zstd level {zstd_level})")
     m1 = await trio.to_thread.run_sync(lambda: publish_release(
         repo, images / "v1.img", product=PRODUCT, version="1.0.0", release_counter=1,
@@ -284,13 +313,15 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
     device_ids = [f"device-{n + 1:02d}" for n in range(devices)]
     canary_ids = device_ids[:max(1, min(canaries, devices))]
     db = workdir / "tracker.sqlite"
+    token = new_token()  # what 'tracker admin token create --db' does before serving
     store = SqliteStore(db)
-    try:  # v1 is what the fleet runs: registered, offered to nobody
-        register_release(store, Release.from_manifest(m1), None, actor="demo")
-        register_release(store, Release.from_manifest(m2), canary_plan(canary_ids),
-                         actor="demo")
+    try:
+        store.add_token(TokenRecord(hash_token(token), "demo-operator", "operator",
+                                    time.time(), None))
     finally:
         store.close()
+    root_json = workdir / "root.json"  # the trust anchor, as devices are provisioned
+    root_json.write_bytes(repo.root_bytes())
 
     origin = OriginApp(repo.origin_dir, OriginConfig(rate_limit_bytes_per_s=cdn_rate_bytes_per_s))
     tls = TlsPolicy(pins=frozenset(pki.pins), ca_file=str(pki.server_ca))
@@ -300,12 +331,19 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
             HttpClient(timeout_s=30.0, tls=tls, identity=seeder_identity) as seeder_http:
         origin_url = await nursery.start(serve_origin, origin, ListenConfig(
             certfile=str(pki.origin.cert), keyfile=str(pki.origin.key)))
-        tracker_config = TrackerConfig(db_path=db, device_ca=pki.fleet_ca, listen=ListenConfig(
-            certfile=str(pki.tracker.cert), keyfile=str(pki.tracker.key),
-            tls_min_version=TRACKER_TLS_MIN_VERSION))
+        tracker_config = TrackerConfig(
+            db_path=db, device_ca=pki.fleet_ca, listen=ListenConfig(
+                certfile=str(pki.tracker.cert), keyfile=str(pki.tracker.key),
+                tls_min_version=TRACKER_TLS_MIN_VERSION),
+            repository_root=root_json, origin_url=origin_url, origin_ca_file=pki.server_ca)
         registry = SwarmRegistry(interval_s=tracker_config.announce_interval_s)
         tracker_url = await nursery.start(
             partial(serve_tracker, tracker_config, registry=registry))
+        admin = partial(_admin_call, tracker_url, token, str(pki.server_ca))
+        # v1 is what the fleet runs: registered, offered to nobody; v2 canary first
+        await admin("POST", "releases", {"manifest": m1.to_bytes().decode()})
+        await admin("POST", "releases", {"manifest": m2.to_bytes().decode(),
+                                         "rollout": canary_plan(canary_ids).to_json()})
         # the seeder announces, signed and pinned, through a loopback relay
         relay = AnnounceRelay(seeder_http, tracker_url)
         await nursery.start(relay.serve)
@@ -320,7 +358,7 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
         await _wait_for_seeds(registry, [p for p in m2.payloads if p.info_hash])
         rate = "unlimited" if cdn_rate_bytes_per_s is None else \
             f"{cdn_rate_bytes_per_s / (1 << 20):g} MiB/s each"
-        say(f"[3/6] origin at {origin_url}, tracker at {tracker_url} (keys pinned on "
+        say(f"[3/7] origin at {origin_url}, tracker at {tracker_url} (keys pinned on "
             f"devices), seeder at {seeder.listen_address[0]} (CDN egress {rate}); "
             "private swarms: only fleet certificates get in")
 
@@ -330,7 +368,8 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
                                   origin_url=origin_url, tracker_url=tracker_url,
                                   download_mode=mode, swarm_listen=f"127.0.0.{11 + n}:0",
                                   seed_time_s=DEMO_SEED_TIME_S, tls_pins=pki.pins,
-                                  tls_ca_file=str(pki.server_ca))
+                                  tls_ca_file=str(pki.server_ca),
+                                  health_command=health_command())
             state = init_device(workdir / "devices" / device_id, config,
                                 root_json=repo.root_bytes(), image=images / "v1.img",
                                 version="1.0.0", release_counter=1)
@@ -338,31 +377,35 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
             install_identity(state.root, ident.cert, ident.key, device_id)
             states.append(state)
         canary_states, rest = states[:len(canary_ids)], states[len(canary_ids):]
-        say(f"[4/6] {devices} devices provisioned on v1.0.0 ({mode} mode); rollout of 2.0.0: "
+        say(f"[4/7] {devices} devices provisioned on v1.0.0 ({mode} mode); rollout of 2.0.0: "
             f"canary ({', '.join(canary_ids)}), then 100%; the first failure halts it")
 
         async with trio.open_nursery() as fleet_nursery:
             fleet = _Fleet(fleet_nursery)
             waiting = await fleet.wave(rest)  # they check in first: not their turn yet
             offered_early = [d for d, r in waiting.items() if r.attempted]
-            say(f"[5/6] stage canary: {len(rest)} other devices checked in and were told to "
+            say(f"[5/7] stage canary: {len(rest)} other devices checked in and were told to "
                 f"wait ({len(offered_early)} offered); updating the canaries")
             results = dict(await fleet.wave(canary_states))
             canaries_ok = all(r.status == 0 and r.updated for r in results.values())
             say(f"      canaries {'all updated' if canaries_ok else 'FAILED'}; "
                 f"{len(rest)} devices check in again")
             results.update(await fleet.wave(rest))
-            say(f"[6/6] stage 100%: {sum(r.updated for r in results.values())} of {devices} "
+            say(f"[6/7] stage 100%: {sum(r.updated for r in results.values())} of {devices} "
                 "devices updated; report")
             fleet_nursery.cancel_scope.cancel()
+        # the byte report is of the v2 rollout: read the counters before v3
+        stats, seeding = origin.statistics(), seeder.statistics()
+
+        bad, halt_reason = await _bad_release(
+            say, repo, images, zstd_level, fleet_ca_pem, admin, canary_states, rest)
         outsider_refused = await _outsider_is_refused(workdir / "outsider", tracker_url, tls)
         say(f"      an outsider (a certificate from another CA) checks in: "
             f"{'refused' if outsider_refused else 'ACCEPTED'} by the tracker")
-        seeding = seeder.statistics()
         nursery.cancel_scope.cancel()
 
     want = hashlib.sha256(v2).hexdigest()
-    ok = not offered_early and outsider_refused
+    ok = not offered_early and outsider_refused and bad.phase == "halted"
     say(f"  {'device':<11} {'status':>6} {'result':<9} {'payload':<7} {'mode':<6} "
         f"{'from origin':>12} {'from peers':>11} {'time s':>7}  slot")
     for state in states:
@@ -378,7 +421,6 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
             f"{res.timings_s.get('total', 0.0):>7.2f}  "
             f"{bc.primary}={bc.slot(bc.primary).version}"
             + ("" if good else f"  ({res.message})"))
-    stats = origin.statistics()
     store = SqliteStore(db)
     try:
         reports = store.reports()
@@ -387,7 +429,7 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
         store.close()
     stages: list[tuple[str, int, int, int, int, int]] = []
     if rollout is not None:
-        say(f"  rollout {rollout.phase}, stage {rollout.stage_name}"
+        say(f"  rollout of 2.0.0 {rollout.phase}, stage {rollout.stage_name}"
             + (f" ({rollout.halt_reason})" if rollout.halt_reason else ""))
         say(f"  {'stage':<8} {'admitted':>8} {'succeeded':>9} {'failed':>6} "
             f"{'from origin':>12} {'from peers':>11}")
@@ -413,13 +455,64 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
         f"byte delta = {needed:,} ({100 * (1 - cdn / needed):.0f}% saved); full images "
         f"from the CDN would have been {devices * full.size:,}")
     say(f"  tracker stored {len(reports)} reports; demo took {elapsed:.1f} s")
-    say("demo OK: every device runs verified v2.0.0" if ok else "demo FAILED")
-    return DemoOutcome(ok=ok and len(reports) == devices, results=results,
+    ok &= len(reports) == devices + len(canary_ids)  # v2 for all, v3 for the canaries
+    say("demo OK: every device runs verified v2.0.0; the bad v3.0.0 stopped at its "
+        "canary" if ok else "demo FAILED")
+    return DemoOutcome(ok=ok, results=results,
                        origin_bytes_payloads=stats.bytes_payloads,
                        origin_bytes_total=stats.bytes_total,
                        seeder_bytes=seeding.bytes_uploaded_payload, peer_bytes=peer_bytes,
                        payload_size=payload_size, reports_stored=len(reports),
-                       elapsed_s=elapsed, rollout_stages=stages)
+                       elapsed_s=elapsed, rollout_stages=stages,
+                       bad_release_phase=bad.phase, halt_reason=halt_reason)
+
+
+async def _admin_call(tracker_url: str, token: str, ca_file: str, method: str, path: str,
+                      body: Any = None) -> Any:
+    """One admin API call, as an operator's client makes it (HTTPS, a bearer token)."""
+    def call() -> Any:
+        with AdminClient(tracker_url, token, ca_file=ca_file) as client:
+            return client.get(path) if method == "GET" else client.post(path, body)
+    return await trio.to_thread.run_sync(call)
+
+
+@dataclass(frozen=True)
+class _BadOutcome:
+    phase: str
+    offered_to_others: int
+    canaries_rolled_back: bool
+
+
+async def _bad_release(say: Any, repo: Repository, images: Path, zstd_level: int,
+                       fleet_ca_pem: bytes, admin: Any, canary_states: Sequence[DeviceState],
+                       rest: Sequence[DeviceState]) -> tuple[_BadOutcome, str]:
+    """Publish v3, a build whose image fails the health check, roll it out canary first,
+    and show that it stops at its canaries."""
+    v3 = images / "v3.img"
+    v3.write_bytes(broken_image((images / "v2.img").read_bytes()))
+    m3 = await trio.to_thread.run_sync(lambda: publish_release(
+        repo, v3, product=PRODUCT, version="3.0.0", release_counter=3,
+        compatibility=[HARDWARE_ID], zstd_level=zstd_level, bases=[images / "v2.img"],
+        swarm_ca=fleet_ca_pem))
+    canary_ids = [s.config().device_id for s in canary_states]
+    await admin("POST", "releases", {"manifest": m3.to_bytes().decode(),
+                                     "rollout": canary_plan(canary_ids).to_json()})
+    say(f"[7/7] a bad release: 3.0.0 (its image fails the devices' health check), "
+        f"canary first ({', '.join(canary_ids)})")
+    async with trio.open_nursery() as fleet_nursery:
+        fleet = _Fleet(fleet_nursery)
+        canaries = await fleet.wave(canary_states)
+        others = await fleet.wave(rest)
+        fleet_nursery.cancel_scope.cancel()
+    rolled_back = all(r.status == 40 and not r.updated for r in canaries.values())
+    offered = sum(1 for r in others.values() if r.attempted)
+    rollout = await admin("GET", f"rollouts/{PRODUCT}/3.0.0")
+    say(f"      canaries: {', '.join(f'{d} status {int(r.status)}' for d, r in canaries.items())}"
+        f" (rolled back to 2.0.0); {len(rest)} other devices checked in: {offered} offered")
+    say(f"      rollout of 3.0.0 {rollout['phase']} at stage {rollout['stage']}: "
+        f"{rollout['halt_reason']}")
+    phase = rollout["phase"] if rolled_back and not offered else "not stopped"
+    return _BadOutcome(phase, offered, rolled_back), str(rollout["halt_reason"])
 
 
 def add_parser(subparsers: Any) -> None:
@@ -432,8 +525,11 @@ def add_parser(subparsers: Any) -> None:
                     "report of where the bytes came from. Security on as in production: "
                     "HTTPS origin and tracker with keys pinned on the devices, a fleet CA "
                     "identity per device (every tracker request signed; an outsider is "
-                    "shown refused) and private swarms. Exit code 0 only if every device "
-                    "ends on verified v2.")
+                    "shown refused) and private swarms. Releases are registered through "
+                    "the tracker's admin API, verified against the signed metadata. Then "
+                    "a bad v3 (its image fails the health check) is rolled out: it stops "
+                    "at its canary, and the halt reason names the device. Exit code 0 only "
+                    "if every device ends on verified v2 and v3 was stopped.")
     p.add_argument("--devices", type=int, default=4, help="fleet size, 1..64 (default 4)")
     p.add_argument("--image-mib", type=int, default=4, help="image size in MiB (default 4)")
     p.add_argument("--mode", choices=DOWNLOAD_MODES, default="swarm",

@@ -17,7 +17,7 @@ async def test_demo_updates_every_device_through_the_delta_in_the_swarm(
                              out=out)
     text = out.getvalue()
     assert outcome.ok, text
-    assert outcome.reports_stored == 3
+    assert outcome.reports_stored == 3 + 1  # v2 on every device, v3 on the canary
     results = outcome.results.values()
     assert all(r.payload_kind == "delta" and r.download_mode == "swarm" for r in results)
     # Every payload byte a device used came from the origin, the seeder or a peer.
@@ -31,6 +31,13 @@ async def test_demo_updates_every_device_through_the_delta_in_the_swarm(
     assert "2 other devices checked in and were told to wait (0 offered)" in text
     canary, everyone = outcome.rollout_stages
     assert canary[:4] == ("canary", 1, 1, 0) and everyone[:4] == ("100%", 2, 2, 0)
+    # Then the bad release: it stopped at its canary, which the halt reason names.
+    assert outcome.bad_release_phase == "halted"
+    assert outcome.halt_reason.startswith(
+        "canary stage: 1 failed of 1 offered (limit 1): device-01 (stage canary, status 40 "
+        "post-check-failed): health check exited 1"), outcome.halt_reason
+    assert "rollout of 3.0.0 halted at stage canary" in text
+    assert "2 other devices checked in: 0 offered" in text
 
 
 async def test_demo_in_direct_mode_fetches_each_delta_from_the_origin(tmp_path: Path) -> None:
@@ -65,7 +72,7 @@ async def test_demo_reports_failure_when_a_device_cannot_update(
     text = out.getvalue()
     assert "demo FAILED" in text
     # The bad release stopped itself at the canary: nobody else was ever offered it.
-    assert "rollout halted" in text
+    assert "rollout of 2.0.0 halted" in text
     canary, everyone = outcome.rollout_stages
     assert canary[1:4] == (1, 0, 1) and everyone[1] == 0
     assert not any(outcome.results[d].attempted for d in ("device-02", "device-03"))
