@@ -374,3 +374,68 @@ def test_a_decision_that_fails_half_way_writes_nothing(store: SqliteStore) -> No
         raise RuntimeError("the decision failed half way")
     assert store.reports() == []
     assert store.device("d9").version == "1.0.0"  # type: ignore[union-attr]
+
+
+# --- a simulated fleet through the real app -----------------------------------------
+
+
+async def simulate_fleet(app: TrackerApp, clock: Clock, devices: list[str], *,
+                         failing: set[str], hours: float,
+                         poll_s: float = 1800.0, install_s: float = 900.0) -> None:
+    """``devices`` check in every ``poll_s`` (spread over the first poll); an offered
+    device reports ``install_s`` later (40 if in ``failing``, else 0), then keeps
+    polling. Every request goes through the ASGI app; the wall clock is the fake one."""
+    events: list[tuple[float, int, str, str]] = []
+    for n, device in enumerate(devices):
+        events.append((START + poll_s * n / len(devices), n, "checkin", device))
+    events.sort()
+    seq = len(devices)
+    installed: set[str] = set()
+    while events:
+        at, _, kind, device = events.pop(0)
+        if at > START + hours * 3600:
+            break
+        clock.now = at
+        seq += 1
+        if kind == "checkin":
+            counter = 2 if device in installed else 1
+            version = await offered(app, device, counter=counter)
+            follow = ("report", at + install_s) if version else ("checkin", at + poll_s)
+        else:
+            status = 40 if device in failing else 0
+            await report(app, device, status)
+            if status == 0:
+                installed.add(device)
+            follow = ("checkin", at + poll_s)
+        events.append((follow[1], seq, follow[0], device))
+        events.sort()
+
+
+async def test_a_simulated_fleet_takes_a_good_release_to_completed_stage_by_stage(
+        app: TrackerApp, store: SqliteStore, clock: Clock) -> None:
+    devices = [f"dev-{i:04d}" for i in range(300)]
+    plan = RolloutPlan(canary_devices=tuple(devices[:5]), stages_percent=(10.0, 50.0, 100.0),
+                       min_successes=5, soak_s=3600)
+    register_release(store, release(), plan, now=START)
+    await simulate_fleet(app, clock, devices, failing=set(), hours=12)
+    # every device runs it: nobody checks in for it any more; time completes it
+    assert [d.kind for d in await app.director.tick_rollouts()] == ["completed"]
+    state = store.rollout_of(PRODUCT, "2.0.0")
+    assert state is not None and state.phase == "completed", state.phase
+    assert state.totals.succeeded == 300 and state.totals.failures == 0
+    decisions = [e.action for e in store.audit() if e.actor == "tracker"]
+    assert decisions == ["rollout.stage-advanced"] * 3 + ["rollout.completed"]
+    assert all(d.version == "2.0.0" for d in store.devices())  # the inventory followed
+
+
+async def test_a_simulated_fleet_stops_a_release_whose_one_canary_fails(
+        app: TrackerApp, store: SqliteStore, clock: Clock) -> None:
+    devices = [f"dev-{i:04d}" for i in range(300)]
+    plan = RolloutPlan(canary_devices=tuple(devices[:5]), stages_percent=(10.0, 50.0, 100.0),
+                       min_successes=5, soak_s=3600)
+    register_release(store, release(), plan, now=START)
+    await simulate_fleet(app, clock, devices, failing={devices[3]}, hours=12)
+    state = store.rollout_of(PRODUCT, "2.0.0")
+    assert state is not None and (state.phase, state.stage_name) == ("halted", "canary")
+    assert f"{devices[3]} (stage canary, status 40" in state.halt_reason
+    assert state.totals.admitted <= 5  # nobody outside the canaries was ever offered it

@@ -56,6 +56,9 @@ class TrackerConfig:
         audit_retention_s: audit entries older than this are deleted (checked hourly).
         report_retention_s: device reports (and the log tails they carry) older than
             this are deleted (checked hourly).
+        rollout_tick_s: how often time acts on rollouts with no device traffic needed
+            (a scheduled start, a soaked stage, completion); check-ins and reports of
+            the release act on them at once too.
         announce_listen: ``(host, port)`` of the lean BitTorrent endpoint
             (:mod:`tracker.announce_server`), or ``None`` (default) for none: announces
             and scrapes are then served by the main listener only. It uses the main
@@ -104,6 +107,7 @@ class TrackerConfig:
     paced_poll_after_s: int = DEFAULT_PACED_POLL_AFTER_S
     audit_retention_s: float = DEFAULT_AUDIT_RETENTION_S
     report_retention_s: float = DEFAULT_REPORT_RETENTION_S
+    rollout_tick_s: float = 30.0
     announce_listen: tuple[str, int] | None = None
     announce_limits: AnnounceServerLimits = field(default_factory=AnnounceServerLimits)
     device_ca: Path | None = None
@@ -130,6 +134,8 @@ class TrackerConfig:
             raise ValueError("poll_jitter_fraction must be within 0..0.5")
         if not 0 <= self.paced_poll_after_s <= 7 * 24 * 3600:
             raise ValueError("paced_poll_after_s must be within 0..604800")
+        if not 0 < self.rollout_tick_s <= 3600:
+            raise ValueError("rollout_tick_s must be within (0, 3600]")
         if self.audit_retention_s <= 0 or self.report_retention_s <= 0:
             raise ValueError("audit_retention_s and report_retention_s must be positive")
         if not 0 < self.revocation_refresh_s <= 3600:

@@ -291,6 +291,44 @@ class Director:
         return min(7 * 24 * 3600, max(1, round(seconds * self.rng.uniform(1 - fraction,
                                                                            1 + fraction))))
 
+    # --- time ----------------------------------------------------------------------------
+
+    async def tick_rollouts(self) -> list[Decision]:
+        """Let time act on every scheduled or active rollout (start, advance a soaked
+        stage, complete), even when no device of the product checks in: the server
+        calls it every ``config.rollout_tick_s``. Returns the decisions taken."""
+        now = self.clock()
+
+        def tick_all() -> list[Decision]:
+            decided: list[Decision] = []
+            with self.store.atomic("tick rollouts"):
+                for state in self.store.rollouts():
+                    if state.phase not in ("scheduled", "active"):
+                        continue
+                    ticked, decisions = tick(state, now)
+                    if decisions:
+                        self.store.save_rollout(ticked, (),
+                                                self.audit_of(state, decisions, now))
+                        decided += decisions
+            return decided
+
+        decisions = await self.run(lambda: retry_stale(tick_all))
+        self.decided(decisions)
+        return decisions
+
+    async def run_ticker(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                         ) -> None:
+        """:meth:`tick_rollouts` every ``config.rollout_tick_s`` until cancelled; a
+        storage failure is logged and tried again at the next tick."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.config.rollout_tick_s)
+            try:
+                await self.tick_rollouts()
+            except StorageError:
+                log.warning("ticking the rollouts failed; trying again in %g s",
+                            self.config.rollout_tick_s, exc_info=True)
+
     # --- reports --------------------------------------------------------------------------
 
     async def report(self, report: Report, auth: Authenticated | None) -> int:

@@ -117,6 +117,7 @@ async def serve_tracker_endpoints(
                     ssl_context=_server_ssl_context(listen),
                     limits=config.announce_limits))
             api_url = await nursery.start(serve_asgi, app, listen)
+            await nursery.start(director.run_ticker)
             task_status.started(TrackerUrls(api=api_url, announce=announce_url))
     finally:
         with trio.CancelScope(shield=True):
