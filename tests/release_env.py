@@ -20,16 +20,22 @@ import httpx
 import pytest
 import trio
 
+from infra.devca import ServerFiles, create_ca, issue_device_cert, issue_server_cert
 from infra.http_serve import ListenConfig, serve_asgi
 from manifest import Payload, ReleaseManifest, sha256_hex
 from peer.agent import update_once
+from peer.announce_relay import AnnounceRelay
 from peer.config import DeviceConfig
 from peer.errors import StatusCode
+from peer.http import HttpClient, TlsPolicy
+from peer.identity import install_identity, load_identity_dir
 from peer.state import DeviceState, init_device
+from peer.swarm import SwarmConfig
 from seeder.keys import load_private_key
 from seeder.origin import OriginApp, OriginConfig
 from seeder.publish import publish_release
 from seeder.repository import KeySetup, Repository
+from seeder.seeding import PayloadSeeder, SeedingConfig
 from seeder.server import serve_origin
 from swarmota.demo import make_image, mutate_image
 from tests.fake_bt_peer import FakeBtPeer
@@ -37,7 +43,7 @@ from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
 from tracker.protocol import Release
 from tracker.rollout import RolloutPlan
-from tracker.server import serve_tracker
+from tracker.server import TRACKER_TLS_MIN_VERSION, serve_tracker
 from tracker.store import SqliteStore
 
 PRODUCT = "acme-router"
@@ -167,12 +173,15 @@ async def start_env(nursery: trio.Nursery, workdir: Path, v1: bytes, v2: bytes, 
                     origin_listen: ListenConfig | None = None,
                     tracker_listen: ListenConfig | None = None,
                     fleet_ca: Path | None = None,
-                    keys: KeySetup | None = None) -> ReleaseEnv:
+                    keys: KeySetup | None = None,
+                    origin_ca_file: Path | None = None) -> ReleaseEnv:
     """Publish v1 and v2, start the origin (``origin_config``: e.g. a rate limit) and the
     tracker on 127.0.0.1 (``*_listen``: e.g. TLS certificates), register both releases.
     With ``fleet_ca`` (a CA certificate) the swarms are private to it and the tracker
     accepts only requests signed by its identities; ``keys``: the repository's key
-    setup (default: one key per role, targets on the host)."""
+    setup (default: one key per role, targets on the host). The tracker verifies releases
+    registered through its admin API against the repository (``root.json`` in
+    ``workdir``; ``origin_ca_file`` trusts an HTTPS origin)."""
     repo = Repository.create(workdir / "repo", keys=keys or KeySetup())
     swarm_ca = None if fleet_ca is None else fleet_ca.read_bytes()
     m1 = publish(repo, workdir, v1, "1.0.0", 1, swarm_ca=swarm_ca)
@@ -180,8 +189,11 @@ async def start_env(nursery: trio.Nursery, workdir: Path, v1: bytes, v2: bytes, 
     db = workdir / "tracker.sqlite"
     origin = OriginApp(repo.origin_dir, origin_config or OriginConfig())
     origin_url = await nursery.start(serve_origin, origin, origin_listen or ListenConfig())
+    root = workdir / "root.json"
+    root.write_bytes(repo.root_bytes())
     tracker_url = await nursery.start(serve_tracker, TrackerConfig(
-        db_path=db, listen=tracker_listen or ListenConfig(), device_ca=fleet_ca))
+        db_path=db, listen=tracker_listen or ListenConfig(), device_ca=fleet_ca,
+        repository_root=root, origin_url=origin_url, origin_ca_file=origin_ca_file))
     env = ReleaseEnv(workdir, repo, origin, origin_url, tracker_url, db, v1, v2, m1, m2)
     env.register(m1)
     env.register(m2)
@@ -339,3 +351,53 @@ async def expect_clean_run(env: ReleaseEnv, dev: DeviceState) -> None:
     assert dev.slot_path("a").read_bytes() == env.v1
     assert not list(dev.downloads_dir.iterdir()), "the work area is reclaimed"
     assert [r.status for r in env.reports()[reports:]] == [0]
+
+
+@dataclass
+class Fleet:
+    env: ReleaseEnv
+    pki: Path
+    pins: tuple[str, ...]
+    server_ca: Path
+    seeder: PayloadSeeder
+
+    def device(self, name: str, *, ca: str | None = "fleet-ca", **extra: Any) -> DeviceState:
+        """A device pinned to the fleet's servers, with an identity of ``ca``;
+        ``extra``: more :meth:`ReleaseEnv.device` options."""
+        dev = self.env.device(name, tls_pins=self.pins, tls_ca_file=str(self.server_ca),
+                              **{"seed_time_s": 3.0, **extra})
+        if ca is not None:
+            files = issue_device_cert(self.pki / ca, self.pki / f"{ca}-{name}", name)
+            install_identity(dev.root, files.cert, files.key, name)
+        return dev
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path, nursery: trio.Nursery,
+                images: tuple[bytes, bytes]) -> AsyncIterator[Fleet]:
+    pki = tmp_path / "pki"
+    server_ca = create_ca(pki / "server-ca")
+    origin: ServerFiles = issue_server_cert(pki / "server-ca", pki / "origin", ["127.0.0.1"])
+    tracker = issue_server_cert(pki / "server-ca", pki / "tracker", ["127.0.0.1"],
+                                backup=True)
+    fleet_ca = create_ca(pki / "fleet-ca")
+    create_ca(pki / "other-ca")
+    env = await start_env(
+        nursery, tmp_path, *images, fleet_ca=fleet_ca, origin_ca_file=server_ca,
+        origin_listen=ListenConfig(certfile=str(origin.cert), keyfile=str(origin.key)),
+        tracker_listen=ListenConfig(certfile=str(tracker.cert), keyfile=str(tracker.key),
+                                    tls_min_version=TRACKER_TLS_MIN_VERSION))
+    assert tracker.backup_pin is not None
+    pins = (origin.pin, tracker.pin, tracker.backup_pin)
+    seed_files = issue_device_cert(pki / "fleet-ca", pki / "seeder", "seeder-1", role="seed")
+    seed_identity = load_identity_dir(seed_files.cert.parent)
+    tls = TlsPolicy(pins=frozenset(pins), ca_file=str(server_ca))
+    async with HttpClient(timeout_s=10.0, tls=tls, identity=seed_identity) as http:
+        relay = AnnounceRelay(http, env.tracker_url)
+        await nursery.start(relay.serve)
+        seeder = PayloadSeeder(env.repo.origin_dir, SeedingConfig(
+            swarm=SwarmConfig(listen_host="127.0.0.2", ssl_listen=True),
+            announce_urls=(relay.announce_url,), torrent_trackers=False,
+            identity=(seed_identity.cert_pem, seed_identity.key_pem)))
+        await nursery.start(seeder.run)
+        yield Fleet(env, pki, pins, server_ca, seeder)

@@ -14,8 +14,6 @@ from __future__ import annotations
 import functools
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote_from_bytes
 
@@ -23,67 +21,14 @@ import httpx
 import pytest
 import trio
 
-from infra.devca import ServerFiles, create_ca, issue_device_cert, issue_server_cert
-from infra.http_serve import ListenConfig
+from infra.devca import issue_device_cert
 from peer.agent import UpdateResult, update_once
-from peer.announce_relay import AnnounceRelay
 from peer.errors import StatusCode
 from peer.http import HttpClient, TlsPolicy
 from peer.identity import install_identity, load_identity_dir
 from peer.state import DeviceState
-from peer.swarm import SwarmConfig
-from seeder.seeding import PayloadSeeder, SeedingConfig
-from tests.release_env import ReleaseEnv, start_env
-from tracker.server import TRACKER_TLS_MIN_VERSION
+from tests.release_env import Fleet, ReleaseEnv
 from tracker.store import SqliteStore
-
-
-@dataclass
-class Fleet:
-    env: ReleaseEnv
-    pki: Path
-    pins: tuple[str, ...]
-    server_ca: Path
-    seeder: PayloadSeeder
-
-    def device(self, name: str, *, ca: str | None = "fleet-ca") -> DeviceState:
-        dev = self.env.device(name, tls_pins=self.pins, tls_ca_file=str(self.server_ca),
-                              seed_time_s=3.0)
-        if ca is not None:
-            files = issue_device_cert(self.pki / ca, self.pki / f"{ca}-{name}", name)
-            install_identity(dev.root, files.cert, files.key, name)
-        return dev
-
-
-@pytest.fixture
-async def fleet(tmp_path: Path, nursery: trio.Nursery,
-                images: tuple[bytes, bytes]) -> AsyncIterator[Fleet]:
-    pki = tmp_path / "pki"
-    server_ca = create_ca(pki / "server-ca")
-    origin: ServerFiles = issue_server_cert(pki / "server-ca", pki / "origin", ["127.0.0.1"])
-    tracker = issue_server_cert(pki / "server-ca", pki / "tracker", ["127.0.0.1"],
-                                backup=True)
-    fleet_ca = create_ca(pki / "fleet-ca")
-    create_ca(pki / "other-ca")
-    env = await start_env(
-        nursery, tmp_path, *images, fleet_ca=fleet_ca,
-        origin_listen=ListenConfig(certfile=str(origin.cert), keyfile=str(origin.key)),
-        tracker_listen=ListenConfig(certfile=str(tracker.cert), keyfile=str(tracker.key),
-                                    tls_min_version=TRACKER_TLS_MIN_VERSION))
-    assert tracker.backup_pin is not None
-    pins = (origin.pin, tracker.pin, tracker.backup_pin)
-    seed_files = issue_device_cert(pki / "fleet-ca", pki / "seeder", "seeder-1", role="seed")
-    seed_identity = load_identity_dir(seed_files.cert.parent)
-    tls = TlsPolicy(pins=frozenset(pins), ca_file=str(server_ca))
-    async with HttpClient(timeout_s=10.0, tls=tls, identity=seed_identity) as http:
-        relay = AnnounceRelay(http, env.tracker_url)
-        await nursery.start(relay.serve)
-        seeder = PayloadSeeder(env.repo.origin_dir, SeedingConfig(
-            swarm=SwarmConfig(listen_host="127.0.0.2", ssl_listen=True),
-            announce_urls=(relay.announce_url,), torrent_trackers=False,
-            identity=(seed_identity.cert_pem, seed_identity.key_pem)))
-        await nursery.start(seeder.run)
-        yield Fleet(env, pki, pins, server_ca, seeder)
 
 
 def assert_untouched(dev: DeviceState, v1: bytes) -> None:
