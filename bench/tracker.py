@@ -35,8 +35,13 @@ and counted as errors. Results go to ``tracker-signed.json`` and ``tracker-signe
 directly (the app's own cost), ``http`` goes through hypercorn with an httpx client in
 the same process.
 
+``--baseline CHECKOUT`` runs every phase against a tracker of another commit too (a
+checkout made with ``git worktree add``; its own code, its own database schema), in the
+same rounds on the same CPU: phases ``-baseline``, and the ratios of the medians
+(``tracker-vs-baseline.json`` and ``.md``).
+
 Run: ``.venv/bin/python -m bench.tracker [--devices 1000] [--duration-s 5] [--runs 5]
-[--connections 32] [--signed] [--out bench/results]``. Writes ``tracker.json`` and
+[--connections 32] [--signed] [--baseline DIR] [--out bench/results]``. Writes ``tracker.json`` and
 ``tracker.md`` (``tracker-signed.*`` with ``--signed``).
 """
 
@@ -353,17 +358,19 @@ def _run_wrk(wrk: str, cpu: int | None, url: str, script: Path, *, connections: 
             "requests_per_cpu_s": round(raw["requests"] / cpu_used, 1) if cpu_used else None}
 
 
-def _start_tracker(db: Path, cpu: int | None, device_ca: Path | None = None
-                   ) -> tuple[subprocess.Popen[str], str, str]:
+def _start_tracker(db: Path, cpu: int | None, device_ca: Path | None = None, *,
+                   source: Path | None = None) -> tuple[subprocess.Popen[str], str, str]:
     """``swarmota tracker serve`` with both listeners, pinned to ``cpu``, in lab mode
-    or checking device signatures against ``device_ca``; its URLs."""
+    or checking device signatures against ``device_ca``; its URLs. ``source``: run the
+    code of that checkout (another commit) instead of this one."""
     auth = (["--allow-unauthenticated-devices"] if device_ca is None
             else ["--device-ca", str(device_ca)])
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from swarmota.cli import main; sys.exit(main())",
          "tracker", "serve", "--db", str(db), "--listen", "127.0.0.1:0",
          "--announce-listen", "127.0.0.1:0", *auth],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        **_source_options(source))
     try:
         if cpu is not None:
             os.sched_setaffinity(proc.pid, {cpu})
@@ -387,10 +394,34 @@ def _start_tracker(db: Path, cpu: int | None, device_ca: Path | None = None
         raise
 
 
+def _source_options(source: Path | None) -> dict[str, Any]:
+    """``subprocess`` options that run the code of the checkout ``source`` (its
+    packages first on the path), or this one's (``None``)."""
+    if source is None:
+        return {}
+    env = dict(os.environ, PYTHONPATH=str(source.resolve()))
+    return {"cwd": str(source), "env": env}
+
+
+def _prepare_with(db: Path, source: Path | None) -> None:
+    """:func:`_prepare`, by the code of ``source`` (its schema) when given."""
+    if source is None:
+        _prepare(db)
+        return
+    subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                    "from bench.tracker import _prepare; _prepare(Path(sys.argv[1]))",
+                    str(db.resolve())], check=True, timeout=120, **_source_options(source))
+
+
 def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
-               connections: int, wrk: str = "wrk", signed: bool = False) -> dict[str, Any]:
+               connections: int, wrk: str = "wrk", signed: bool = False,
+               baseline: Path | None = None) -> dict[str, Any]:
     """The pinned benchmark (see the module docstring); a JSON-ready dict. With
     ``signed``, every phase runs against a second, signature-checking tracker too.
+    With ``baseline`` (a checkout of another commit, e.g. ``git worktree add DIR
+    COMMIT``), every phase runs against a tracker of that code too, on the same CPU in
+    the same rounds (phases ``-baseline``), and the result gives this code's medians as
+    a ratio of the baseline's.
 
     Raises:
         RuntimeError: ``wrk`` is missing, or the tracker or wrk failed.
@@ -413,6 +444,18 @@ def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
         procs.append(proc)
         run = functools.partial(_run_wrk, wrk_path, load_cpu, connections=connections,
                                 pid=proc.pid)
+        base_urls: dict[str, str] = {}
+        base_run: Callable[..., dict[str, Any]] | None = None
+        if baseline is not None:
+            base_db = workdir / "baseline.sqlite"
+            _prepare_with(base_db, baseline)
+            base_proc, base_api, base_lean = _start_tracker(base_db, tracker_cpu,
+                                                            source=baseline)
+            procs.append(base_proc)
+            base_urls = {"announce-lean": base_lean, "announce-hypercorn": base_api,
+                         "checkin": base_api}
+            base_run = functools.partial(_run_wrk, wrk_path, load_cpu,
+                                         connections=connections, pid=base_proc.pid)
         signed_run: Callable[[str, str, float], dict[str, Any]] | None = None
         if fleet is not None:
             signed_db = workdir / "signed.sqlite"
@@ -439,6 +482,9 @@ def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
         warm_s = max(1.0, duration_s / 2)
         run(api, checkin_lua, duration_s=warm_s)
         run(lean, announce_lua, duration_s=warm_s)
+        if base_run is not None:
+            base_run(base_urls["checkin"], checkin_lua, duration_s=warm_s)
+            base_run(base_urls["announce-lean"], announce_lua, duration_s=warm_s)
         if signed_run is not None:
             signed_run("checkin", "checkin", warm_s)
             signed_run("announce-lean", "announce", warm_s)
@@ -449,6 +495,9 @@ def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
                                        ("announce-hypercorn", api, announce_lua),
                                        ("checkin", api, checkin_lua)):
                 this[phase] = run(url, script, duration_s=duration_s)
+                if base_run is not None:
+                    this[f"{phase}-baseline"] = base_run(base_urls[phase], script,
+                                                         duration_s=duration_s)
                 if signed_run is not None:
                     kind = "checkin" if phase == "checkin" else "announce"
                     this[f"{phase}-signed"] = signed_run(phase, kind, duration_s)
@@ -469,7 +518,13 @@ def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
         medians[phase]["errors"] = sum(r[phase]["errors"] for r in rounds)
         medians[phase]["exhausted"] = any(r[phase]["exhausted"] for r in rounds)
     lean_median = medians["announce-lean"]
-    return {"mode": "pinned", "devices": devices, "duration_s": duration_s, "runs": runs,
+    versus = {phase: {key: round(medians[phase][key] / medians[f"{phase}-baseline"][key], 3)
+                      for key in ("requests_per_s", "requests_per_cpu_s")
+                      if medians[f"{phase}-baseline"][key]}
+              for phase in ("announce-lean", "announce-hypercorn", "checkin")
+              if f"{phase}-baseline" in medians}
+    return {"mode": "pinned", "baseline": None if baseline is None else str(baseline),
+            "versus_baseline": versus, "devices": devices, "duration_s": duration_s, "runs": runs,
             "connections": connections, "tracker_cpu": tracker_cpu, "load_cpu": load_cpu,
             "signed": signed,
             "load_generator": "wrk -t1 (Lua: distinct device id, peer id, port)",
@@ -505,6 +560,13 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {phase} | {m['requests_per_s']:.0f} | {m['p50_ms']:.2f} | "
                      f"{m['p99_ms']:.2f} | {m['requests_per_cpu_s']:.0f} | "
                      f"{m['errors']}{ran_out} |")
+    if result.get("versus_baseline"):
+        lines += ["", f"This code against the baseline checkout `{result['baseline']}` "
+                  "(same CPU, same rounds; medians, ratio > 1: this code is faster):", "",
+                  "| phase | req/s ratio | req/CPU-s ratio |", "|---|---:|---:|"]
+        for phase, ratio in result["versus_baseline"].items():
+            lines.append(f"| {phase} | {ratio.get('requests_per_s', 0):.3f} | "
+                         f"{ratio.get('requests_per_cpu_s', 0):.3f} |")
     lines += ["", "Every round:", "", "| round | phase | req/s | p50 ms | p99 ms | "
               "req/CPU-s |", "|---:|---|---:|---:|---:|---:|"]
     for i, r in enumerate(result["rounds"], 1):
@@ -528,6 +590,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--signed", action="store_true",
                         help="pinned: also run every phase against a tracker with "
                              "--device-ca, every request signed (tracker-signed.*)")
+    parser.add_argument("--baseline", type=Path, default=None, metavar="CHECKOUT",
+                        help="pinned: also run every phase against a tracker of this "
+                             "checkout (e.g. 'git worktree add /tmp/base COMMIT'), same CPU, "
+                             "same rounds; the report gives the ratios (tracker-vs-baseline.*)")
     parser.add_argument("--requests", type=_positive, default=5000,
                         help="inprocess: requests per phase")
     parser.add_argument("--concurrency", type=_positive, default=64,
@@ -540,14 +606,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.mode == "pinned":
             result = run_pinned(Path(tmp), devices=args.devices, duration_s=args.duration_s,
                                 runs=args.runs, connections=args.connections,
-                                signed=args.signed)
+                                signed=args.signed, baseline=args.baseline)
         else:
             result = trio.run(functools.partial(
                 run_bench, Path(tmp), devices=args.devices, requests=args.requests,
                 concurrency=args.concurrency, transports=args.transport))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.mode == "pinned":
-        name = "tracker-signed" if args.signed else "tracker"
+        name = ("tracker-vs-baseline" if args.baseline is not None
+                else "tracker-signed" if args.signed else "tracker")
         (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         (args.out / f"{name}.md").write_text(render_markdown(result))
         for phase, m in result["median"].items():

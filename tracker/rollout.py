@@ -275,8 +275,7 @@ class RolloutPlan:
         """
         if not isinstance(obj, Mapping):
             raise RequestError("plan: expected a JSON object")
-        known = set(cls().to_json())
-        extra = sorted(set(obj) - known)
+        extra = sorted(set(obj) - _PLAN_KEYS)
         if extra:
             raise RequestError(f"plan: unknown keys {', '.join(map(repr, extra[:5]))}")
         kwargs: dict[str, Any] = dict(obj)
@@ -288,6 +287,9 @@ class RolloutPlan:
         if any(not isinstance(d, str) for d in kwargs.get("canary_devices", ())):
             raise RequestError("plan: canary_devices must be strings")
         return cls(**kwargs)
+
+
+_PLAN_KEYS: Final = frozenset(RolloutPlan().to_json())
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ database never sees half of it, and its writes never interleave.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -1324,7 +1325,7 @@ def _row_to_rollout(conn: sqlite3.Connection, row: Sequence[Any]) -> RolloutStat
     (rollout_id, product, version, counter, plan_json, phase, stage, stage_started_at,
      created_at, halt_reason, revision, generation, failures_json) = row
     try:
-        plan = RolloutPlan.from_json(json.loads(plan_json))
+        plan = _plan_of(str(plan_json))
         failures = tuple(FailureNote(str(f[0]), int(f[1]), int(f[2]), str(f[3]), float(f[4]))
                          for f in json.loads(failures_json))
     except (ValueError, TypeError, IndexError, RequestError) as exc:
@@ -1337,6 +1338,13 @@ def _row_to_rollout(conn: sqlite3.Connection, row: Sequence[Any]) -> RolloutStat
                         str(phase), int(stage), float(stage_started_at), float(created_at),
                         counters, str(halt_reason), int(generation), failures,
                         revision=int(revision))
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_of(plan_json: str) -> RolloutPlan:
+    """A stored plan, parsed and validated once per distinct text (a rollout is read
+    at every check-in and report of its product; plans are frozen values)."""
+    return RolloutPlan.from_json(json.loads(plan_json))
 
 
 def _failures_to_json(failures: Sequence[FailureNote]) -> str:
