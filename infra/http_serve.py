@@ -26,6 +26,7 @@ __all__ = [
     "Receive",
     "Scope",
     "Send",
+    "bind_error",
     "parse_listen",
     "serve_asgi",
 ]
@@ -126,10 +127,28 @@ async def serve_asgi(
     config.keep_alive_timeout = 30
     config.graceful_timeout = 1.0
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(
-            functools.partial(serve, _with_lifespan(app), config, mode="asgi")  # type: ignore[arg-type]
-        )
+        try:
+            binds: list[str] = await nursery.start(
+                functools.partial(serve, _with_lifespan(app), config, mode="asgi")  # type: ignore[arg-type]
+            )
+        except OSError as exc:
+            raise bind_error(exc, host, listen.port) from exc
+        except BaseExceptionGroup as group:  # hypercorn's own nursery may wrap it
+            matched, rest = group.split(OSError)
+            if matched is None or rest is not None:
+                raise
+            leaf: BaseException = matched
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            assert isinstance(leaf, OSError)
+            raise bind_error(leaf, host, listen.port) from group
         task_status.started(binds[0])
+
+
+def bind_error(exc: OSError, host: str, port: int) -> OSError:
+    """``exc`` (from binding a listener) naming the address it was about."""
+    return type(exc)(exc.errno, f"cannot listen on {host}:{port}: "
+                                f"{exc.strerror or exc}")
 
 
 def _with_lifespan(app: ASGIApp) -> ASGIApp:

@@ -61,3 +61,18 @@ def test_pinned_bench_measures_signed_requests_beside_unsigned_ones(tmp_path: Pa
         assert m["errors"] == 0, phase
         assert m["requests_per_s"] > 10, phase
     assert "announce-lean-signed" in render_markdown(result)
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed "
+                    "(apt-get install wrk)")
+def test_pinned_bench_compares_with_a_baseline_checkout(tmp_path: Path) -> None:
+    """Side by side with another checkout in the same rounds (here: this one, whose own
+    process prepares its own database), and the ratios of the medians."""
+    root = Path(__file__).resolve().parent.parent
+    result = run_pinned(tmp_path, devices=20, duration_s=1, runs=1, connections=4,
+                        baseline=root)
+    assert {"announce-lean-baseline", "checkin-baseline"} <= set(result["median"])
+    assert set(result["versus_baseline"]) == {"announce-lean", "announce-hypercorn",
+                                              "checkin"}
+    assert all(r["requests_per_cpu_s"] > 0 for r in result["versus_baseline"].values())
+    assert "against the baseline checkout" in render_markdown(result)

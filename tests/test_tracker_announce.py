@@ -130,8 +130,9 @@ def test_huge_numwant_is_clamped() -> None:
     ({"peer_id": "<drop>"}, "missing peer_id"),
     ({"port": "<drop>"}, "missing port"),
     ({"left": "<drop>"}, "missing left"),
-    ({"info_hash": bytes(19)}, "info_hash must be 20 bytes, got 19"),
-    ({"info_hash": bytes(32)}, "info_hash must be 20 bytes, got 32"),
+    ({"info_hash": bytes(19)}, r"info_hash must be 20 bytes \(or a 32-byte v2 info-hash\), "
+                               "got 19"),
+    ({"info_hash": bytes(33)}, "got 33"),
     ({"peer_id": b"short"}, "peer_id must be 20 bytes"),
     ({"port": 0}, "port must be within 1..65535"),
     ({"port": 65536}, "port must be at most 65535"),
@@ -148,6 +149,22 @@ def test_bad_announces_are_refused_with_a_clear_reason(
         overrides: dict[str, bytes | str | int], reason: str) -> None:
     with pytest.raises(RequestError, match=reason):
         parse_announce(announce_query(**overrides))
+
+
+def test_a_full_32_byte_v2_info_hash_is_taken_as_its_20_byte_announce_form() -> None:
+    full = bytes(range(32))
+    assert parse_announce(announce_query(info_hash=full)).announce_hash == full[:20]
+    assert parse_scrape(b"info_hash=" + quote_from_bytes(full).encode()).announce_hashes \
+        == (full[:20],)
+
+
+@pytest.mark.parametrize("field", ["port", "compact", "event"])
+def test_failure_reasons_quote_what_was_sent_without_python_reprs(field: str) -> None:
+    with pytest.raises(RequestError) as info:
+        parse_announce(announce_query(**{field: b"ab\x01c\"'"}))
+    reason = str(info.value)
+    assert "b'" not in reason and "\\x" not in reason
+    assert '"ab%01c%22\'"' in reason
 
 
 def test_repeated_parameters_bad_escapes_and_huge_queries_are_refused() -> None:
@@ -546,8 +563,10 @@ async def test_scrape_route_counts_known_swarms_only(app: TrackerApp) -> None:
 
 
 async def test_announce_needs_get_and_a_client_address(app: TrackerApp) -> None:
-    status, headers, _ = await call(app, "/announce", announce_query(), method="POST")
+    status, headers, body = await call(app, "/announce", announce_query(), method="POST")
     assert status == 405 and headers["allow"] == "GET"
+    assert bdecode(body) == {b"failure reason": b"/announce only accepts GET, not POST"}
+    assert app.statistics().bittorrent_refused["announce:method"] == 1
     status, _, body = await call(app, "/announce", announce_query(), client=None)
     assert status == 200 and b"address" in bdecode(body)[b"failure reason"]
 

@@ -237,8 +237,9 @@ async def test_bad_requests_are_refused_and_the_connection_closed(
     urls, registry = tracker
     async with await trio.open_tcp_stream("127.0.0.1", port_of(urls.announce)) as stream:
         await stream.send_all(request_bytes)
-        got, headers, _ = await read_answer(stream, bytearray())
+        got, headers, body = await read_answer(stream, bytearray())
         assert got == status and headers["connection"] == "close"
+        assert body.startswith(b"d14:failure reason") and body.endswith(b"e")  # bencoded
         await assert_closed(stream)
     assert registry.statistics().announces == 0
 
@@ -350,6 +351,13 @@ async def test_with_tls_on_the_main_listener_the_lean_endpoint_is_https_too(
     async with httpx.AsyncClient(verify=old, timeout=TIMEOUT_S) as client:
         with pytest.raises(httpx.ConnectError):
             await client.get(f"{urls.announce}/announce?{query}")
+    # with the server's alert, not a bare EOF: the client can tell why
+    tcp = await trio.open_tcp_stream("127.0.0.1", port_of(urls.announce))
+    tls = trio.SSLStream(tcp, old, server_hostname="127.0.0.1")
+    with pytest.raises(trio.BrokenResourceError) as refused:
+        await tls.do_handshake()
+    await trio.aclose_forcefully(tls)
+    assert "PROTOCOL_VERSION" in str(refused.value.__cause__).upper(), refused.value.__cause__
 
 
 async def test_a_failing_answer_loses_one_connection_not_the_listener(

@@ -5,6 +5,7 @@ with a fake wall clock."""
 
 from __future__ import annotations
 
+import random
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,12 @@ from tests.tracker_asgi import (
 )
 from tracker.app import TrackerApp
 from tracker.catalogue import register_release
+from tracker.config import TrackerConfig
+from tracker.director import Director
 from tracker.protocol import Release
 from tracker.rollout import RolloutPlan
 from tracker.store import _MIGRATIONS, SCHEMA_VERSION, SqliteStore
-from tracker.wire import MAX_LOG_TAIL_BYTES, CheckIn, Report
+from tracker.wire import MAX_LOG_TAIL_BYTES, MIN_POLL_AFTER_S, CheckIn, Report
 
 ROLLOUT = f"/v1/admin/rollouts/{PRODUCT}/2.0.0"
 
@@ -439,3 +442,19 @@ async def test_a_simulated_fleet_stops_a_release_whose_one_canary_fails(
     assert state is not None and (state.phase, state.stage_name) == ("halted", "canary")
     assert f"{devices[3]} (stage canary, status 40" in state.halt_reason
     assert state.totals.admitted <= 5  # nobody outside the canaries was ever offered it
+
+
+async def test_no_device_is_told_to_come_back_in_less_than_the_minimum(
+        store: SqliteStore, clock: Clock) -> None:
+    """A tracker answering poll_after_s 0 made one device check in 671 times in 8 s."""
+    with pytest.raises(ValueError, match="poll_after_s"):
+        TrackerConfig(db_path=store.path, poll_after_s=0)
+    config = TrackerConfig(db_path=store.path, poll_after_s=MIN_POLL_AFTER_S,
+                           poll_jitter_fraction=0.5)
+    app = TrackerApp(Director(store, config, clock=clock, rng=random.Random(3)))
+    answers = []
+    for n in range(50):
+        code, answer = await call(app, "POST", "/v1/checkin", checkin_body(f"d{n}"))
+        assert code == 200
+        answers.append(answer["poll_after_s"])
+    assert min(answers) == MIN_POLL_AFTER_S and max(answers) > MIN_POLL_AFTER_S  # jittered

@@ -37,6 +37,7 @@ binding the listener is raised before ``started``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import ssl
@@ -46,7 +47,9 @@ from typing import Final, Protocol
 
 import trio
 
+from infra.http_serve import bind_error
 from tracker.bittorrent import MAX_QUERY_BYTES
+from tracker.wire import failure_reason
 
 __all__ = [
     "BITTORRENT_PATHS",
@@ -197,7 +200,9 @@ def render_response(status: int, body: bytes, *, content_type: bytes = b"text/pl
 
 
 def _refusal_bytes(refusal: Refusal) -> bytes:
-    return render_response(refusal.status, refusal.reason.encode("ascii") + b"\n",
+    """A refusal, its body a bencoded ``failure reason`` (what BitTorrent clients read,
+    whatever the status)."""
+    return render_response(refusal.status, failure_reason(refusal.reason),
                            keep_alive=False, headers=refusal.headers)
 
 
@@ -228,7 +233,10 @@ async def serve_announce(
     limits = limits if limits is not None else AnnounceServerLimits()
     slots = trio.CapacityLimiter(limits.max_connections)
     handler = functools.partial(_serve_connection, answer, limits, slots)
-    tcp_listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        tcp_listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise bind_error(exc, host, port) from exc
     bound_host, bound_port = tcp_listeners[0].socket.getsockname()[:2]
     listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(tcp_listeners)
     if ssl_context is not None:
@@ -260,12 +268,28 @@ async def _serve_connection(answer: AnswerBitTorrent, limits: AnnounceServerLimi
             slots.release()
     except _TRANSPORT_ERRORS as exc:
         log.debug("lean endpoint connection ended: %r", exc)
+        if isinstance(exc.__cause__, ssl.SSLError):
+            await _send_tls_alert(stream)
     except Exception:  # a bug in answering: lose this connection, not the listener
         log.exception("lean endpoint: answering a request failed; connection closed")
     finally:
         with trio.move_on_after(1.0) as cleanup:
             cleanup.shield = True
             await trio.aclose_forcefully(stream)
+
+
+async def _send_tls_alert(stream: trio.abc.Stream) -> None:
+    """Send the TLS alert of a failed handshake (e.g. ``protocol_version`` to a TLS 1.2
+    client), which trio leaves in the stream's outgoing buffer: without it the client
+    sees a bare EOF and cannot tell why. Best effort, bounded."""
+    outgoing = getattr(stream, "_outgoing", None)  # trio.SSLStream's memory BIO
+    transport = getattr(stream, "transport_stream", None)
+    if not isinstance(outgoing, ssl.MemoryBIO) or transport is None:
+        return
+    alert = outgoing.read()
+    if alert:
+        with trio.move_on_after(1.0), contextlib.suppress(*_TRANSPORT_ERRORS):
+            await transport.send_all(alert)
 
 
 def _client_of(stream: trio.abc.Stream) -> tuple[str, int] | None:

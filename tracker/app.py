@@ -32,7 +32,7 @@ from typing import Any
 
 from infra.http_serve import Receive, Scope, Send
 from tracker import admin
-from tracker.bt_api import BITTORRENT_PATHS, answer_bittorrent
+from tracker.bt_api import BITTORRENT_PATHS, answer_bittorrent, wrong_method
 from tracker.director import Director
 from tracker.errors import (
     AuthError,
@@ -94,6 +94,10 @@ class TrackerApp:
                 target=_target_of(scope), headers=scope.get("headers", ()))
             await _send_bytes(send, status, body, b"text/plain")
             return
+        if path in BITTORRENT_PATHS:  # BitTorrent clients read bencoded refusals
+            await _send_bytes(send, 405, wrong_method(self.director, path, method),
+                              b"text/plain", ((b"allow", b"GET"),))
+            return
         if path == "/metrics" and method == "GET":
             await _send_bytes(send, 200, self.director.metrics(),
                               b"text/plain; version=0.0.4; charset=utf-8")
@@ -111,7 +115,7 @@ class TrackerApp:
                     _header(scope, b"authorization"))
             else:
                 route = self._routes.get(path)
-                if path in BITTORRENT_PATHS or path == "/metrics":
+                if path == "/metrics":
                     route = ("GET", self._health)  # only reached with a wrong method
                 if route is None:
                     raise _HttpError(404, f"no such endpoint {path[:200]!r}")

@@ -46,6 +46,7 @@ from tracker.wire import DEVICE_ID_RE, failure_reason
 
 __all__ = [
     "ANNOUNCE_HASH_BYTES",
+    "V2_INFO_HASH_BYTES",
     "DEFAULT_NUMWANT",
     "EVENTS",
     "MAX_NUMWANT",
@@ -64,9 +65,11 @@ __all__ = [
     "parse_scrape",
     "peer_address",
     "scrape_answer",
+    "shown",
 ]
 
 ANNOUNCE_HASH_BYTES: Final = 20
+V2_INFO_HASH_BYTES: Final = 32
 PEER_ID_BYTES: Final = 20
 DEFAULT_NUMWANT: Final = 50
 MAX_NUMWANT: Final = 200
@@ -265,6 +268,27 @@ def _hash20(value: bytes, name: str) -> bytes:
     return value
 
 
+def _info_hash(value: bytes) -> bytes:
+    """The 20-byte announce form of an ``info_hash``: as given, or the truncation of a
+    full 32-byte v2 info-hash (BEP 52 clients announce the truncation; some send the
+    whole SHA-256)."""
+    if len(value) == V2_INFO_HASH_BYTES:
+        return value[:ANNOUNCE_HASH_BYTES]
+    if len(value) != ANNOUNCE_HASH_BYTES:
+        raise RequestError(f"info_hash must be {ANNOUNCE_HASH_BYTES} bytes (or a "
+                           f"{V2_INFO_HASH_BYTES}-byte v2 info-hash), got {len(value)}")
+    return value
+
+
+def shown(raw: bytes | str, limit: int = 24) -> str:
+    """Untrusted query bytes for a failure reason: quoted, at most ``limit`` bytes,
+    printable ASCII as is and anything else percent-escaped (never a Python repr)."""
+    data = raw.encode("utf-8", "replace") if isinstance(raw, str) else raw
+    text = "".join(chr(b) if 0x20 <= b < 0x7F and b not in b'%"' else f"%{b:02X}"
+                   for b in data[:limit])
+    return f'"{text}"' + ("..." if len(data) > limit else "")
+
+
 def _count(params: Mapping[str, list[bytes]], name: str, *, default: int | None,
            hi: int = MAX_TRANSFER_COUNT) -> int:
     raw = _one(params, name)
@@ -274,7 +298,7 @@ def _count(params: Mapping[str, list[bytes]], name: str, *, default: int | None,
         return default
     if not _DIGITS_RE.fullmatch(raw):
         raise RequestError(f"{name} must be a non-negative decimal integer, "
-                           f"got {raw[:24]!r}")
+                           f"got {shown(raw)}")
     value = int(raw)
     if value > hi:
         raise RequestError(f"{name} must be at most {hi}, got {value}")
@@ -286,7 +310,7 @@ def _flag(params: Mapping[str, list[bytes]], name: str, default: bool) -> bool:
     if raw is None:
         return default
     if raw not in (b"0", b"1"):
-        raise RequestError(f"{name} must be 0 or 1, got {raw[:24]!r}")
+        raise RequestError(f"{name} must be 0 or 1, got {shown(raw)}")
     return raw == b"1"
 
 
@@ -318,7 +342,7 @@ def parse_announce(query: bytes, *, max_bytes: int = MAX_QUERY_BYTES) -> Announc
     event = "" if raw_event is None else raw_event.decode("latin-1")
     if event not in EVENTS:
         raise RequestError(f"event must be started, completed, stopped or empty, "
-                           f"got {event[:24]!r}")
+                           f"got {shown(event)}")
     key = _one(params, "key")
     if key is not None and len(key) > MAX_KEY_BYTES:
         raise RequestError(f"key must be at most {MAX_KEY_BYTES} bytes")
@@ -327,7 +351,7 @@ def parse_announce(query: bytes, *, max_bytes: int = MAX_QUERY_BYTES) -> Announc
     if device_id is not None and not _DEVICE_ID_RE.fullmatch(device_id):
         raise RequestError("device_id must be 1-128 chars of A-Z a-z 0-9 . _ : -")
     return AnnounceRequest(
-        announce_hash=_hash20(info_hash, "info_hash"),
+        announce_hash=_info_hash(info_hash),
         peer_id=_hash20(peer_id, "peer_id"),
         port=port,
         uploaded=_count(params, "uploaded", default=0),
@@ -356,7 +380,7 @@ def parse_scrape(query: bytes, *, max_bytes: int = MAX_QUERY_BYTES) -> ScrapeReq
     if len(hashes) > MAX_SCRAPE_HASHES:
         raise RequestError(f"at most {MAX_SCRAPE_HASHES} info_hash values per scrape, "
                            f"got {len(hashes)}")
-    unique = dict.fromkeys(_hash20(h, "info_hash") for h in hashes)
+    unique = dict.fromkeys(_info_hash(h) for h in hashes)
     return ScrapeRequest(tuple(unique))
 
 

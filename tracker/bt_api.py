@@ -22,11 +22,11 @@ from tracker.bittorrent import (
     scrape_answer,
 )
 from tracker.director import Director
-from tracker.errors import RequestError, StorageError
+from tracker.errors import RequestError, StorageError, UnknownSwarmError
 from tracker.identity import DeviceRefused
 from tracker.wire import failure_reason
 
-__all__ = ["BITTORRENT_PATHS", "answer_bittorrent"]
+__all__ = ["BITTORRENT_PATHS", "answer_bittorrent", "wrong_method"]
 
 BITTORRENT_PATHS: Final = ("/announce", "/scrape")
 
@@ -43,7 +43,8 @@ async def answer_bittorrent(director: Director, path: str, query: bytes,
     exactly as received (default: ``path``, then ``?query`` if there is one) and
     ``headers`` the request's headers (lower-case names): with a fleet CA configured,
     the request must be signed over them (else a ``failure reason``: outsiders learn
-    no peers).
+    no peers); from a trusted proxy, their ``Forwarded`` / ``X-Forwarded-For`` give the
+    peer's address (:mod:`tracker.proxies`).
 
     Raises:
         RuntimeError: ``path`` is not one of :data:`BITTORRENT_PATHS` (a bug).
@@ -51,6 +52,7 @@ async def answer_bittorrent(director: Director, path: str, query: bytes,
     if path not in BITTORRENT_PATHS:
         raise RuntimeError(f"{path!r} is not a BitTorrent route")
     counters = director.counters
+    route = path.removeprefix("/")
     try:
         if target is None:
             target = path.encode("ascii") + (b"?" + query if query else b"")
@@ -58,6 +60,8 @@ async def answer_bittorrent(director: Director, path: str, query: bytes,
                                            lambda: _claimed(path, query))
         if path == "/announce":
             request = parse_announce(query)
+            if client and director.proxies:  # behind a reverse proxy: who it forwards for
+                client = (director.proxies.client_ip(str(client[0]), headers), client[1])
             address = peer_address(client, request.port)
             result = await director.announce(request, address, auth)
             config = director.config
@@ -69,14 +73,17 @@ async def answer_bittorrent(director: Director, path: str, query: bytes,
                                         no_peer_id=request.no_peer_id)
         return 200, scrape_answer(await director.scrape(parse_scrape(query), auth))
     except DeviceRefused as exc:
-        counters.add("bittorrent_failures")
+        counters.add("bittorrent_refused", label=f"{route}:identity")
         director.refused(exc, f"GET {path}")
         return 200, failure_reason(exc.message)
+    except UnknownSwarmError as exc:
+        counters.add("bittorrent_refused", label=f"{route}:unknown-swarm")
+        return 200, failure_reason(str(exc))
     except RequestError as exc:
-        counters.add("bittorrent_failures")
+        counters.add("bittorrent_refused", label=f"{route}:bad-query")
         return 200, failure_reason(str(exc))
     except StorageError:
-        counters.add("bittorrent_failures")
+        counters.add("bittorrent_refused", label=f"{route}:storage")
         counters.add("errors")
         log.exception("tracker storage failed on GET %s", path)
         return 500, failure_reason("tracker storage failure")
@@ -90,3 +97,10 @@ def _claimed(path: str, query: bytes) -> str | None:
         return parse_announce(query).device_id
     except RequestError:
         return None
+
+
+def wrong_method(director: Director, path: str, method: str) -> bytes:
+    """The bencoded refusal (sent with HTTP 405, ``allow: GET``) of a BitTorrent route
+    asked with another method than GET; counted."""
+    director.counters.add("bittorrent_refused", label=f"{path.removeprefix('/')}:method")
+    return failure_reason(f"{path} only accepts GET, not {method[:16]}")

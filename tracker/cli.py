@@ -38,6 +38,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import ssl
 import sys
 import time
@@ -65,17 +66,17 @@ from tracker.errors import (
 )
 from tracker.identity import load_fleet_trust
 from tracker.protocol import Release
+from tracker.proxies import TrustedProxies
 from tracker.rollout import ACTIONS, RolloutPlan
 from tracker.server import serve_tracker_endpoints
 from tracker.store import AuditEntry, SqliteStore, TokenRecord
-from tracker.wire import DEVICE_ID_RE, STATUS_NAMES
+from tracker.wire import DEVICE_ID_RE, MAX_POLL_AFTER_S, MIN_POLL_AFTER_S, STATUS_NAMES
 
 __all__ = ["DEFAULT_LISTEN", "add_parser"]
 
 DEFAULT_LISTEN = "127.0.0.1:8470"
 
 log = logging.getLogger(__name__)
-_MAX_POLL_AFTER_S = 7 * 24 * 3600
 _MAX_CERT_FILE_BYTES = 64 * 1024
 
 
@@ -132,6 +133,11 @@ def add_parser(subparsers: Any) -> None:
                       help="lab mode: accept device requests without checking who sent "
                            "them (anyone may check in, report, and, claiming to be a "
                            "seed, learn a swarm's peers); for tests and demos only")
+    serve.add_argument("--trusted-proxy", metavar="CIDR", action="append", default=[],
+                       help="a reverse proxy in front of the tracker (repeat for several; "
+                            "e.g. 127.0.0.1/32 for an nginx on this host): its Forwarded / "
+                            "X-Forwarded-For headers give the peer address handed out in "
+                            "swarms. Nobody else's such headers are believed")
     serve.add_argument("--poll-after-s", metavar="N", type=_poll_arg,
                        default=DEFAULT_POLL_AFTER_S,
                        help="seconds devices should wait between check-ins "
@@ -373,8 +379,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         certfile, keyfile = _tls_files(args.tls_cert, args.tls_key)
         if args.device_ca is not None:
             load_fleet_trust(args.device_ca)  # a bad file fails now, with exit code 2
+        TrustedProxies(args.trusted_proxy)
     except (ValueError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not args.db.parent.is_dir():
+        print(f"error: the database's directory {args.db.parent} does not exist (create "
+              "it first: a typo in --db must not make a new tracker elsewhere)",
+              file=sys.stderr)
         return 2
     if args.allow_unauthenticated_devices:
         log.warning("lab mode (--allow-unauthenticated-devices): device requests are not "
@@ -385,16 +397,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                keyfile=keyfile),
                            poll_after_s=args.poll_after_s,
                            announce_listen=args.announce_listen,
-                           device_ca=args.device_ca)
+                           device_ca=args.device_ca,
+                           trusted_proxies=tuple(args.trusted_proxy))
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            urls = await nursery.start(functools.partial(serve_tracker_endpoints, config))
-            print(f"tracker listening on {urls.api} (database {config.db_path}); "
-                  "Ctrl-C to stop", flush=True)
-            if urls.announce is not None:
-                print(f"lean BitTorrent endpoint on {urls.announce}: announce URL "
-                      f"{urls.announce}/announce", flush=True)
+        # SIGINT and SIGTERM stop it cleanly, also when started in the background (a
+        # shell's '&' leaves SIGINT ignored; a service manager sends SIGTERM)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                urls = await nursery.start(functools.partial(serve_tracker_endpoints,
+                                                             config))
+                print(f"tracker listening on {urls.api} (database {config.db_path}); "
+                      "Ctrl-C to stop", flush=True)
+                if urls.announce is not None:
+                    print(f"lean BitTorrent endpoint on {urls.announce}: announce URL "
+                          f"{urls.announce}/announce", flush=True)
+                async for signum in signals:
+                    print(f"tracker stopping ({signal.Signals(signum).name})",
+                          file=sys.stderr, flush=True)
+                    nursery.cancel_scope.cancel()
+                    break
 
     try:
         trio.run(main)
@@ -672,8 +694,10 @@ def _poll_arg(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds") from None
-    if not 0 <= value <= _MAX_POLL_AFTER_S:
-        raise argparse.ArgumentTypeError(f"{value} outside 0..{_MAX_POLL_AFTER_S}")
+    if not MIN_POLL_AFTER_S <= value <= MAX_POLL_AFTER_S:
+        raise argparse.ArgumentTypeError(f"{value} outside {MIN_POLL_AFTER_S}.."
+                                         f"{MAX_POLL_AFTER_S} (a fleet told to come back "
+                                         "at once would poll in a loop)")
     return value
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from infra.http_serve import ListenConfig
 from tracker.announce_server import AnnounceServerLimits
 from tracker.registry import DEFAULT_MAX_PEERS_PER_SWARM, DEFAULT_MAX_PEERS_TOTAL
-from tracker.wire import MAX_BODY_BYTES
+from tracker.wire import MAX_BODY_BYTES, MAX_POLL_AFTER_S, MIN_POLL_AFTER_S
 
 __all__ = [
     "DEFAULT_ANNOUNCE_INTERVAL_S",
@@ -56,6 +56,10 @@ class TrackerConfig:
         audit_retention_s: audit entries older than this are deleted (checked hourly).
         report_retention_s: device reports (and the log tails they carry) older than
             this are deleted (checked hourly).
+        trusted_proxies: CIDR blocks of reverse proxies in front of the tracker
+            (nginx, a load balancer) whose ``Forwarded`` / ``X-Forwarded-For`` headers
+            name the client: its address is the one peers are handed out at
+            (:mod:`tracker.proxies`). Nobody else's headers are believed.
         rollout_tick_s: how often time acts on rollouts with no device traffic needed
             (a scheduled start, a soaked stage, completion); check-ins and reports of
             the release act on them at once too.
@@ -88,10 +92,12 @@ class TrackerConfig:
             is refused here at most this long after (at once through this one).
 
     Raises:
-        ValueError: ``poll_after_s`` outside 0..604800, ``max_body_bytes`` outside
-            1..16 MiB, ``announce_interval_s`` outside 1..86400, ``announce_min_interval_s``
-            outside 0..announce_interval_s, ``revocation_refresh_s`` outside (0, 3600], or a
-            peer limit below 1 (a programming or
+        ValueError: ``poll_after_s`` or ``paced_poll_after_s`` outside 10..604800,
+            ``max_body_bytes`` outside 1..16 MiB, ``announce_interval_s`` outside
+            1..86400, ``announce_min_interval_s`` outside 0..announce_interval_s,
+            ``revocation_refresh_s`` outside (0, 3600], ``rollout_tick_s`` outside
+            (0, 3600], ``repository_root`` without ``origin_url``, or a peer limit
+            below 1 (a programming or
             command-line validation error).
     """
 
@@ -108,6 +114,7 @@ class TrackerConfig:
     audit_retention_s: float = DEFAULT_AUDIT_RETENTION_S
     report_retention_s: float = DEFAULT_REPORT_RETENTION_S
     rollout_tick_s: float = 30.0
+    trusted_proxies: tuple[str, ...] = ()
     announce_listen: tuple[str, int] | None = None
     announce_limits: AnnounceServerLimits = field(default_factory=AnnounceServerLimits)
     device_ca: Path | None = None
@@ -118,8 +125,9 @@ class TrackerConfig:
     trust_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        if not 0 <= self.poll_after_s <= 7 * 24 * 3600:
-            raise ValueError(f"poll_after_s must be within 0..604800, got {self.poll_after_s}")
+        if not MIN_POLL_AFTER_S <= self.poll_after_s <= MAX_POLL_AFTER_S:
+            raise ValueError(f"poll_after_s must be within {MIN_POLL_AFTER_S}.."
+                             f"{MAX_POLL_AFTER_S}, got {self.poll_after_s}")
         if not 1 <= self.max_body_bytes <= 16 * 1024 * 1024:
             raise ValueError(f"max_body_bytes must be within 1..16 MiB, got {self.max_body_bytes}")
         if not 1 <= self.announce_interval_s <= 24 * 3600:
@@ -132,8 +140,9 @@ class TrackerConfig:
             raise ValueError("max_peers_per_swarm and max_peers_total must be at least 1")
         if not 0 <= self.poll_jitter_fraction <= 0.5:
             raise ValueError("poll_jitter_fraction must be within 0..0.5")
-        if not 0 <= self.paced_poll_after_s <= 7 * 24 * 3600:
-            raise ValueError("paced_poll_after_s must be within 0..604800")
+        if not MIN_POLL_AFTER_S <= self.paced_poll_after_s <= MAX_POLL_AFTER_S:
+            raise ValueError(f"paced_poll_after_s must be within {MIN_POLL_AFTER_S}.."
+                             f"{MAX_POLL_AFTER_S}")
         if not 0 < self.rollout_tick_s <= 3600:
             raise ValueError("rollout_tick_s must be within (0, 3600]")
         if self.audit_retention_s <= 0 or self.report_retention_s <= 0:

@@ -46,11 +46,12 @@ from tracker.bittorrent import (
     SwarmInfo,
 )
 from tracker.config import TrackerConfig
-from tracker.errors import RequestError, StaleStateError, StorageError
+from tracker.errors import StaleStateError, StorageError, UnknownSwarmError
 from tracker.identity import DeviceGate, DeviceRefused, bind, load_fleet_trust
 from tracker.metrics import Counters, Metric, TrackerStatistics, render_statistics
 from tracker.offers import Candidate, OfferChoice, choose_offer
 from tracker.protocol import Release, newer_releases
+from tracker.proxies import TrustedProxies
 from tracker.registry import AnnounceResult, SwarmRegistry
 from tracker.release_trust import ReleaseVerifier
 from tracker.rollout import (
@@ -62,7 +63,15 @@ from tracker.rollout import (
     tick,
 )
 from tracker.store import AuditEntry, Store
-from tracker.wire import STATUS_NAMES, CheckIn, Report, StatusCode, offer_to_json
+from tracker.wire import (
+    MAX_POLL_AFTER_S,
+    MIN_POLL_AFTER_S,
+    STATUS_NAMES,
+    CheckIn,
+    Report,
+    StatusCode,
+    offer_to_json,
+)
 
 __all__ = ["CheckinAnswer", "Director", "retry_stale"]
 
@@ -102,7 +111,8 @@ class Director:
     metadata (``None``: the API registers none).
 
     Raises:
-        ConfigError: ``config.device_ca`` cannot be read or holds no CA certificate.
+        ConfigError: ``config.device_ca`` cannot be read or holds no CA certificate, or
+            a trusted proxy block does not parse.
     """
 
     def __init__(self, store: Store, config: TrackerConfig, *,
@@ -118,6 +128,7 @@ class Director:
         self.rng = rng if rng is not None else random.Random()
         self.counters = Counters()
         self.releases = releases
+        self.proxies = TrustedProxies(config.trusted_proxies)
         self.registry = registry if registry is not None else SwarmRegistry(
             interval_s=config.announce_interval_s,
             max_peers_per_swarm=config.max_peers_per_swarm,
@@ -285,11 +296,11 @@ class Director:
         return choice
 
     def _jitter(self, seconds: int) -> int:
+        """``seconds`` +- the configured jitter, never below the wire's minimum."""
         fraction = self.config.poll_jitter_fraction
-        if not fraction or not seconds:
-            return seconds
-        return min(7 * 24 * 3600, max(1, round(seconds * self.rng.uniform(1 - fraction,
-                                                                           1 + fraction))))
+        drawn = seconds * self.rng.uniform(1 - fraction, 1 + fraction) if fraction \
+            else seconds
+        return min(MAX_POLL_AFTER_S, max(MIN_POLL_AFTER_S, round(drawn)))
 
     # --- time ----------------------------------------------------------------------------
 
@@ -403,7 +414,7 @@ class Director:
 
         Raises:
             DeviceRefused: ``identity`` or ``replayed``.
-            RequestError: the info-hash is not a registered release's swarm.
+            UnknownSwarmError: the info-hash is not a registered release's swarm.
             StorageError: the database failed.
         """
         trusted_seed = auth is not None and auth.is_seed
@@ -417,8 +428,8 @@ class Director:
         swarms = await self._swarms_of([request.announce_hash])
         found = swarms.get(request.announce_hash)
         if not found:
-            raise RequestError(f"unknown info_hash {request.announce_hash.hex()}: no "
-                               "registered release has this swarm")
+            raise UnknownSwarmError(f"unknown info_hash {request.announce_hash.hex()}: no "
+                                    "registered release has this swarm")
         allowed = True
         network: tuple[str | None, str | None] = (None, None)
         if not trusted_seed:

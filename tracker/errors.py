@@ -2,8 +2,10 @@
 
     TrackerError                   base of everything the tracker raises on purpose
      +-- RequestError              bad input from a client or an operator: malformed,
-     |                             oversized or out-of-range values; ``str(exc)`` is safe
-     |                             to send back as the HTTP 400 body
+     |    |                        oversized or out-of-range values; ``str(exc)`` is safe
+     |    |                        to send back as the HTTP 400 body
+     |    +-- UnknownSwarmError    an announce or scrape of an info-hash no registered
+     |                             release has (a BitTorrent failure reason)
      +-- ConflictError             an operator action that does not apply to the current
      |                             state (e.g. resume a rollout that is not paused, create
      |                             a second rollout of a release): HTTP 409
@@ -44,6 +46,7 @@ __all__ = [
     "StaleStateError",
     "StorageError",
     "TrackerError",
+    "UnknownSwarmError",
     "UpstreamError",
 ]
 
@@ -54,6 +57,10 @@ class TrackerError(Exception):
 
 class RequestError(TrackerError):
     """Input that the tracker refuses; the message names the fault and is client-safe."""
+
+
+class UnknownSwarmError(RequestError):
+    """No registered release has this swarm (info-hash)."""
 
 
 class ConflictError(TrackerError):

@@ -52,10 +52,12 @@ class TrackerStatistics:
     announces_refused: int = counter(
         "announces_refused_total", "Announces answered without peers (not admitted).")
     scrapes: int = counter("scrapes_total", "BitTorrent scrapes answered.")
-    bittorrent_failures: int = counter(
-        "bittorrent_failures_total",
-        "Announces and scrapes answered with a failure reason (bad query, unknown "
-        "info-hash, refused identity, storage failure).")
+    bittorrent_refused: Mapping[str, int] = labelled(
+        "bittorrent_refused_total", "reason",
+        "Announces and scrapes answered with a failure reason, by route and why "
+        "(bad-query, unknown-swarm, identity, storage, method).",
+        tuple(f"{route}:{why}" for route in ("announce", "scrape")
+              for why in ("bad-query", "unknown-swarm", "identity", "storage", "method")))
     decisions: Mapping[str, int] = labelled(
         "rollout_decisions_total", "kind",
         "Rollout decisions (started, stage-advanced, completed, halted, operator actions).")
@@ -67,6 +69,11 @@ class TrackerStatistics:
         "Device requests refused for their identity (unsigned, invalid, identity: "
         "another device's id, replayed, revoked).", REFUSAL_KINDS)
     errors: int = counter("errors_total", "Requests answered with an error status.")
+
+    @property
+    def bittorrent_failures(self) -> int:
+        """Announces and scrapes refused, for whatever reason."""
+        return sum(self.bittorrent_refused.values())
 
     @property
     def reports(self) -> int:

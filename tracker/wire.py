@@ -58,6 +58,7 @@ __all__ = [
     "MAX_LOG_TAIL_BYTES",
     "MAX_MESSAGE_CHARS",
     "MAX_POLL_AFTER_S",
+    "MIN_POLL_AFTER_S",
     "MAX_RELEASE_COUNTER",
     "MAX_TIMINGS",
     "MAX_TIMING_S",
@@ -128,6 +129,9 @@ MAX_RELEASE_COUNTER: Final = 2**53
 MAX_BYTES_COUNT: Final = 2**53
 """Upper bound of ``bytes_origin`` / ``bytes_peers`` (exact in JSON doubles, fits SQLite)."""
 MAX_POLL_AFTER_S: Final = 7 * 86400
+MIN_POLL_AFTER_S: Final = 10
+"""No device is told to come back sooner than this (a tracker answering 0 would make
+its fleet poll in a loop): the tracker never says less, the agent never waits less."""
 MAX_LABELS: Final = 16
 MAX_COMPONENTS: Final = 32
 
