@@ -24,27 +24,31 @@ signed by a fleet identity, name the certificate's device id and carry a counter
 the device's last one (:mod:`tracker.identity`); without it (lab mode) nothing is
 checked.
 
-Layout (pure core, thin shells):
+Layout (pure core, thin shells; see docs/ARCHITECTURE.md, "The tracker"):
 
-- :mod:`tracker.protocol`: request parsing, the offer decision, answers. Pure.
-- :mod:`tracker.rollout`: rollouts as a state machine (events and a clock in,
-  decisions out). Pure.
-- :mod:`tracker.admin`: roles, tokens, admin API views. Pure.
-- :mod:`tracker.metrics`: Prometheus text. Pure.
-- :mod:`tracker.catalogue`: register a release and start its rollout.
-- :mod:`tracker.admin_client`: the admin API client (httpx) behind the CLI.
-- :mod:`tracker.bittorrent`: announce/scrape query parsing and bencoded answers. Pure.
-- :mod:`tracker.registry`: :class:`SwarmRegistry`, the in-memory peer registry
-  (bounded, expiring, clock and RNG passed in).
-- :mod:`tracker.identity`: device identity on the tracker: the fleet CA trust, refusal
-  kinds, the in-memory announce counter window. Pure but for reading the CA file.
-- :mod:`tracker.store`: the :class:`Store` interface and :class:`SqliteStore`.
-- :mod:`tracker.app`: the raw ASGI application, :class:`TrackerApp`.
-- :mod:`tracker.announce_server`: the lean BitTorrent endpoint (``/announce`` and
-  ``/scrape`` over raw trio streams, a strict HTTP/1.1 subset) deciding through the
-  same :class:`TrackerApp`.
-- :mod:`tracker.server`: :func:`serve_tracker` / :func:`serve_tracker_endpoints`,
-  store + app + hypercorn (+ the lean endpoint) on trio.
-- :mod:`tracker.cli`: ``swarmota tracker ...``.
+- :mod:`tracker.wire`: the device<->tracker wire format, written once; the agent
+  imports it (and nothing else of the tracker). Pure.
+- :mod:`tracker.protocol`: catalogue entries (:class:`Release`) and the
+  newest-counter-per-sequence rule. Pure.
+- :mod:`tracker.rollout`: rollouts as a state machine; :mod:`tracker.offers`: which
+  release a check-in gets. Pure.
+- :mod:`tracker.director`: the :class:`Director`, the one domain object: store,
+  caches, counters, clocks; each decision one store transaction around a pure function.
+- :mod:`tracker.identity`: device identity (the fleet CA, the :class:`DeviceGate`).
+- :mod:`tracker.release_trust`: releases registered through the API verified against
+  the repository's signed TUF metadata (httpx adapter).
+- :mod:`tracker.admin`: the admin API's roles, tokens, route table and actions;
+  :mod:`tracker.views`: its JSON views; :mod:`tracker.openapi`: its OpenAPI document.
+- :mod:`tracker.metrics`: every counter declared once; Prometheus text. Pure.
+- :mod:`tracker.catalogue`: register a release, start a rollout (written once).
+- :mod:`tracker.bittorrent`: announce/scrape parsing and bencoded answers (pure);
+  :mod:`tracker.registry`: the in-memory peer registry; :mod:`tracker.proxies`: the
+  client's address behind trusted reverse proxies.
+- :mod:`tracker.store`: the :class:`Store` interface and :class:`SqliteStore`;
+  :mod:`tracker.backup`: consistent backups and restores of its database.
+- Front ends, thin: :mod:`tracker.app` (ASGI), :mod:`tracker.bt_api` (the BitTorrent
+  API both listeners call), :mod:`tracker.announce_server` (the lean endpoint);
+  :mod:`tracker.server` runs them; :mod:`tracker.cli` is ``swarmota tracker ...``;
+  :mod:`tracker.admin_client` the admin API's client.
 - :mod:`tracker.errors`: the exception tree.
 """
