@@ -81,6 +81,7 @@ from peer.http import HttpClient
 from peer.identity import Identity, load_identity
 from peer.install import hash_file, install_delta, install_image
 from peer.install_policy import Decision, PolicyPowerSource, decide, load_policy
+from peer.logtail import AttemptLog
 from peer.machine import Action, Event, Journal, JournalError, Phase
 from peer.policy import UploadPolicy, upload_policy
 from peer.slots import SlotBackend
@@ -127,6 +128,8 @@ class UpdateResult:
     reboot_pending: bool = False
     poll_after_s: int = 3600
     timings_s: dict[str, float] = field(default_factory=dict)
+    # what the agent logged during a failed attempt (the end of it; in its report)
+    log_tail: str = ""
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -184,11 +187,14 @@ async def update_once(state: DeviceState, *,
             run.identity = identity
             run.nursery = nursery
             try:
-                result = await run.start(bc)
+                with AttemptLog() as attempt_log:
+                    result = await run.start(bc)
                 if (result.attempted and result.to_version is not None
                         and not result.reboot_pending
                         and result.status != StatusCode.INTERRUPTED):
                     state.count_attempt(result.to_version, ok=result.status == StatusCode.OK)
+                if result.status != StatusCode.OK:
+                    result.log_tail = attempt_log.text()
                 await run.report(result)
                 state.save_result({**result.to_json(), "finished_at": time.time()})
                 if run.reboot_needed:
@@ -1057,7 +1063,10 @@ class _Run:
     def _report_body(result: UpdateResult) -> dict[str, Any]:
         if result.from_version is None or result.to_version is None:
             raise RuntimeError("an attempted update always knows both versions")
-        return {"from_version": result.from_version, "to_version": result.to_version,
+        body = {"from_version": result.from_version, "to_version": result.to_version,
                 "status": int(result.status), "message": _report_text(result.message),
                 "bytes_origin": result.bytes_origin, "bytes_peers": result.bytes_peers,
                 "timings_s": dict(result.timings_s)}
+        if result.log_tail:
+            body["log_tail"] = result.log_tail
+        return body

@@ -72,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:  # the console shows what -v asked for,
+        handler.setLevel(level)                   # whatever a component records meanwhile
     try:
         rc: int = args.func(args)
     except KeyboardInterrupt:
