@@ -64,6 +64,7 @@ from peer.bootctl import (
 from peer.bootloader import Bootloader, LoaderState
 from peer.components import CURRENT, ComponentStore, InstalledVersion
 from peer.config import DeviceConfig
+from peer.control import PassRequest, postponed_until
 from peer.crashpoints import crash_point
 from peer.download import PayloadWorkdir, download_payload, verify_payload
 from peer.errors import (
@@ -155,6 +156,7 @@ async def update_once(state: DeviceState, *,
                       wall_clock: Callable[[], float] = time.time,
                       retry_budget: int | None = None,
                       bootloader: Bootloader | None = None,
+                      requests: PassRequest | None = None,
                       ) -> UpdateResult:
     """Run one update pass on the device in ``state``; never raises ``PeerError``
     except ``ConfigError`` (the device itself is not usable).
@@ -168,7 +170,9 @@ async def update_once(state: DeviceState, *,
     the agent plays the bootloader); ``wall_clock``
     (seconds since the epoch) measures the install policy's windows and delay. With a
     ``retry_budget``, a release whose attempts already failed that many times is not
-    attempted again (``deferred``) until another release is offered.
+    attempted again (``deferred``) until another release is offered. ``requests``: what
+    a local client asked of this pass (``peer.control``: install a deferred release
+    now, cancel a switch waiting for its reboot, decide a health check in progress).
     """
     with _device_lock(state):
         config = state.config()
@@ -181,6 +185,7 @@ async def update_once(state: DeviceState, *,
                        state.slots(config) if slots is None else slots, wall_clock)
             run.loader = state.bootloader(config) if bootloader is None else bootloader
             run.retry_budget = retry_budget
+            run.requests = requests or PassRequest()
             run.identity = identity
             run.nursery = nursery
             try:
@@ -278,6 +283,7 @@ class _Run:
         self.components = ComponentStore(state.root / "components")
         self.wall_clock = wall_clock
         self.retry_budget: int | None = None
+        self.requests = PassRequest()
         self.loader: Bootloader | None = None  # None: file boot control, simulated boots
         self.reboot_needed = False
         self.policy = load_policy(state.policy_path)  # ConfigError: a bad file, said early
@@ -428,7 +434,7 @@ class _Run:
                 if lowered.min_release_counter != bc.min_release_counter:
                     return await self.update(lowered)  # once: the epoch is now applied
             return result
-        if self.retry_budget is not None:
+        if self.retry_budget is not None and self.requests.install_now != offer.version:
             spent = self.state.failed_attempts(offer.version)
             if spent >= self.retry_budget:
                 self._step(Event.NO_OFFER)
@@ -516,9 +522,12 @@ class _Run:
         power = None
         if self.policy.min_battery_percent:
             power = await trio.to_thread.run_sync(PolicyPowerSource(self.policy).read)
+        postponed = await trio.to_thread.run_sync(postponed_until, self.state.root)
         return decide(self.policy, now=datetime.fromtimestamp(now_s, UTC),
                       critical=release.critical, metered=self.config.network_metered,
-                      power=power, first_offered_at_s=first, now_s=now_s)
+                      power=power, first_offered_at_s=first, now_s=now_s,
+                      install_now=self.requests.install_now == release.version,
+                      postponed_until_s=postponed)
 
     def _check_space(self, release: ReleaseManifest, payload: Payload) -> None:
         """The payload still to download and the new image must fit, besides the
@@ -932,7 +941,8 @@ class _Run:
                     self.config.health_command, slot=booted,
                     image=self.slots.image_path(booted), record=record,
                     timeout_s=self.config.health_timeout_s,
-                    read_back=partial(self.slots.hash, booted, record.size))
+                    read_back=partial(self.slots.hash, booted, record.size),
+                    verdicts=self.requests.verdicts)
             crash_point("health.after")
         except PostCheckFailed as exc:
             crash_point("health.after")
@@ -957,7 +967,9 @@ class _Run:
                        to_version=pending.version, release_counter=pending.release_counter,
                        target_slot=bc.primary, boot_budget=self.config.boot_attempts)
         try:
-            if self.loader is None:
+            if self.requests.cancel_switch:
+                await self._cancel_switch(bc)
+            elif self.loader is None:
                 await self._reboot_and_check(bc)
             else:
                 booted = await trio.to_thread.run_sync(self.loader.booted_slot)
@@ -985,6 +997,22 @@ class _Run:
                 raise
             result.status, result.message = exc.status, str(exc)
         return result
+
+    async def _cancel_switch(self, bc: BootControl) -> None:
+        """A local client rolled back a switch waiting for its reboot: the verdict
+        (unhealthy, 40) is journaled, then boot control falls back; if the new slot is
+        the one running, the device reboots into the committed one."""
+        pending = bc.slot(bc.primary)
+        message = (f"update to {pending.version} rolled back on request before it was "
+                   f"committed; slot {bc.committed} boots again")
+        if self.journal.phase is Phase.HEALTH_CHECKING:
+            self._step(Event.UNHEALTHY, status=int(StatusCode.POSTCHECK_FAILED),
+                       message=_report_text(message))
+        self._fall_back(bc)
+        if self.loader is not None:
+            booted = await trio.to_thread.run_sync(self.loader.booted_slot)
+            self.reboot_needed = booted == bc.primary
+        raise PostCheckFailed(message)
 
     async def finish_verdict(self, bc: BootControl) -> UpdateResult:
         """The health check's verdict was journaled but boot control did not act on it
