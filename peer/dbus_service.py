@@ -412,8 +412,10 @@ async def _serve_once(control: AgentControl, bus: str, progress_interval_s: floa
                 raise DBusUnavailable(f"{BUS_NAME} is owned by another process: another "
                                       "agent is running on this bus")
             service = _Service(control, router, progress_interval_s)
-            calls = router.filter(MatchRule(type="method_call"), bufsize=64)
-            async with calls as receive, trio.open_nursery() as nursery:
+            # left to the router to close when it stops: closing the filter while the
+            # router closes it too breaks jeepney's cleanup (it iterates its filters)
+            receive = router.filter(MatchRule(type="method_call"), bufsize=64).receive_channel
+            async with trio.open_nursery() as nursery:
                 nursery.start_soon(service.publish)
                 started(router.unique_name)
                 log.info("D-Bus: serving %s on %s", BUS_NAME, bus)
