@@ -62,7 +62,7 @@ from peer.bootctl import (
     write_bootctl,
 )
 from peer.bootloader import Bootloader, LoaderState
-from peer.components import CURRENT, ComponentStore, InstalledVersion
+from peer.components import ComponentStore, InstalledVersion
 from peer.config import DeviceConfig
 from peer.control import PassRequest, postponed_until
 from peer.crashpoints import crash_point
@@ -78,9 +78,10 @@ from peer.errors import (
     VerifyFailed,
 )
 from peer.health import run_health_check
+from peer.hooks import HotUpdater
 from peer.http import HttpClient
 from peer.identity import Identity, load_identity
-from peer.install import hash_file, install_delta, install_image
+from peer.install import install_delta, install_image
 from peer.install_policy import Decision, PolicyPowerSource, decide, load_policy
 from peer.machine import Action, Event, Journal, JournalError, Phase
 from peer.policy import UploadPolicy, upload_policy
@@ -353,7 +354,7 @@ class _Run:
         if Action.FINISH_PENDING in rec.actions or Action.FINISH_VERDICT in rec.actions:
             if bc.pending:
                 return await self.finish_pending(bc)
-            return await self._roll_back_components(pending_components, bc)
+            return await self._finish_component(pending_components, bc)
         if Action.QUEUE_REPORT in rec.actions:
             result = self._recovered_result(rec.journal)
             if result.updated:  # the interrupted pass's payload is of no use any more
@@ -366,31 +367,112 @@ class _Run:
             return result
         return await self.update(bc)
 
-    async def _roll_back_components(self, names: list[str], bc: BootControl) -> UpdateResult:
-        """Components left mid-switch by a crash go back to their previous version (as
-        an A/B slot whose try was used up); reported as rolled back (40)."""
+    def _hot(self) -> HotUpdater:
+        """Runs component switches: hooks, services, health (``peer.hooks``)."""
+        return HotUpdater(self.components, self.config.hot,
+                          health_command=self.config.health_command,
+                          health_timeout_s=self.config.health_timeout_s,
+                          verdicts=self.requests.verdicts)
+
+    async def _finish_component(self, names: list[str], bc: BootControl) -> UpdateResult:
+        """A component switch left by a crash or power loss (its record still pending):
+        the journaled verdict is carried out; else the attempt is repeated while the
+        budget lasts (the journal counts the attempts); else the component and its
+        services go back to the previous version: 41, every attempt having reached the
+        agent (interrupted: not a verdict on the release)."""
         j = self.journal
-        result = UpdateResult(StatusCode.POSTCHECK_FAILED, "", attempted=True,
-                              from_version=j.from_version or bc.slot(bc.committed).version,
-                              to_version=j.to_version, timings_s=self.timings)
-        for name in names:
-            record = self.components.record(name)
-            if result.to_version is None and record.current is not None:
-                result.to_version = record.current.version
-            try:
-                await trio.to_thread.run_sync(self.components.roll_back, name)
-            except OSError as exc:
-                raise ConfigError(f"cannot roll back component {name}: {exc}") from exc
-        if result.to_version is None:
+        name = _component_of(j.target_slot)
+        if name not in names:
+            name = names[0]
+        hot = self._hot()
+        for other in names:
+            if other != name:  # cannot happen with one journal; do not leave it pending
+                log.warning("component %s is pending without a journal: rolled back", other)
+                await self._component_roll_back(hot, other, "", raise_=False)
+        record = self.components.record(name)
+        new = record.current
+        if new is None:
             raise RuntimeError("a pending component always has a current version")
-        result.message = (f"component {', '.join(names)}: switch to {result.to_version} "
-                          "interrupted before its health check passed; rolled back")
-        if self.journal.phase is Phase.IDLE:
-            self._step(Event.RESUME_PENDING, from_version=result.from_version,
-                       to_version=result.to_version)
-        if self.journal.phase is Phase.HEALTH_CHECKING:
-            self._step(Event.UNHEALTHY)
+        result = UpdateResult(StatusCode.OK, "", attempted=True,
+                              from_version=(record.previous.version if record.previous
+                                            else bc.slot(bc.committed).version),
+                              to_version=new.version, timings_s=self.timings)
+        try:
+            if j.phase is Phase.COMMITTED:
+                await trio.to_thread.run_sync(self.components.commit, name)
+                self._raise_floor(new.release_counter)
+            elif j.phase is Phase.ROLLED_BACK:
+                await self._component_roll_back(
+                    hot, name, j.message or f"component {name} update to {new.version} "
+                                            "rolled back", status=j.status)
+            else:
+                if j.phase is not Phase.HEALTH_CHECKING:  # stopped before SWITCHED
+                    self.journal = Journal(seq=j.seq, attempt=j.attempt)
+                    self._step(Event.RESUME_PENDING, from_version=result.from_version,
+                               to_version=new.version, release_counter=new.release_counter,
+                               target_slot=f"component:{name}",
+                               boot_budget=self.config.boot_attempts)
+                if self.journal.boot_attempts >= self.journal.boot_budget:
+                    status, message = machine.budget_spent_outcome(self.journal)
+                    self._step(Event.BUDGET_SPENT, status=status,
+                               message=_report_text(message))
+                    await self._component_roll_back(hot, name, message, status=status)
+                else:
+                    with trio.CancelScope(shield=True):
+                        await self._component_attempt(hot, name)
+            result.updated = True
+            result.message = (f"updated component {name} {result.from_version} -> "
+                              f"{new.version} (finished after restart)")
+            await trio.to_thread.run_sync(self._remove_downloads, set())
+        except PeerError as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            result.status, result.message = exc.status, str(exc)
         return result
+
+    async def _component_attempt(self, hot: HotUpdater, name: str) -> None:
+        """One attempt at the staged switch of component ``name``, journaled before it
+        runs (a crash in it is an interrupted attempt, repeated at the next start), its
+        verdict journaled before the commit or the rollback.
+
+        Raises:
+            PostCheckFailed: a hook, a service or the health check failed; rolled back.
+        """
+        self._step(Event.BOOT_ATTEMPT)
+        record = self.components.record(name)
+        if record.current is None:
+            raise RuntimeError("a pending component always has a current version")
+        try:
+            crash_point("health.before")
+            with self._timed("health"):
+                await hot.attempt(name, record.current, record.previous)
+            crash_point("health.after")
+        except PostCheckFailed as exc:
+            crash_point("health.after")
+            message = f"component {name} update to {record.current.version} rolled back: {exc}"
+            self._step(Event.UNHEALTHY, status=int(StatusCode.POSTCHECK_FAILED),
+                       message=_report_text(message))
+            await self._component_roll_back(hot, name, message)
+        self._step(Event.HEALTHY)
+        await trio.to_thread.run_sync(self.components.commit, name)
+        self._raise_floor(record.current.release_counter)
+
+    async def _component_roll_back(self, hot: HotUpdater, name: str, message: str, *,
+                                   status: int | None = None, raise_: bool = True) -> None:
+        """Component ``name`` and its services back on the previous version; then raise
+        ``PostCheckFailed(message)`` (``BootInterrupted`` for ``status`` 41), with what
+        the rollback itself could not do."""
+        try:
+            problems = await hot.roll_back(name)
+        except OSError as exc:
+            raise ConfigError(f"cannot roll back component {name}: {exc}") from exc
+        if problems:
+            message += "; rolling back: " + "; ".join(problems)
+        if not raise_:
+            return
+        if status == StatusCode.INTERRUPTED:
+            raise BootInterrupted(message)
+        raise PostCheckFailed(message)
 
     def _raise_floor(self, counter: int) -> BootControl:
         """A committed component release raises the anti-rollback floor too."""
@@ -561,8 +643,10 @@ class _Run:
 
     async def _update_component(self, release: ReleaseManifest, name: str,
                                 delta: Payload | None, result: UpdateResult) -> None:
-        """Install a module, app or config release into its component directory: atomic
-        replace, health check, commit or roll back (``peer.components``)."""
+        """Install a module, app or config release into its component directory as a hot
+        update: staged (pending), then attempts journaled like boot attempts (hooks,
+        services restarted in dependency order, health check: ``peer.hooks``), then
+        commit, or the component and its services back on the previous version."""
         staging = self.components.staging(name)
         work = await self._install(release, delta, staging, "current", "incoming", result)
         self._step(Event.APPLIED)
@@ -571,33 +655,22 @@ class _Run:
         await self._read_back(staging, "incoming", record)
         new = InstalledVersion(release.version, release.release_counter,
                                release.image.sha256, release.image.size)
+        hot = self._hot()
+        try:
+            await trio.to_thread.run_sync(hot.prepare, name, new.sha256)
+        except OSError as exc:
+            raise InstallFailed(f"cannot prepare component {name}: {exc}") from exc
         with trio.CancelScope(shield=True):
             try:
-                await trio.to_thread.run_sync(self.components.switch, name, new)
-            except OSError as exc:
-                raise InstallFailed(f"cannot switch component {name}: {exc}") from exc
-            self._step(Event.SWITCHED)
-            try:
-                crash_point("health.before")
-                with self._timed("health"):
-                    current = self.components.directory(name) / CURRENT
-                    await run_health_check(
-                        self.config.health_command, slot=f"component:{name}",
-                        image=current, record=record,
-                        timeout_s=self.config.health_timeout_s,
-                        read_back=partial(hash_file, current))
-                crash_point("health.after")
-            except PostCheckFailed:
-                crash_point("health.after")
-                self._step(Event.UNHEALTHY)
-                await trio.to_thread.run_sync(self.components.roll_back, name)
-                raise
+                try:
+                    await trio.to_thread.run_sync(self.components.stage, name, new)
+                except OSError as exc:
+                    raise InstallFailed(f"cannot switch component {name}: {exc}") from exc
+                self._step(Event.SWITCHED, boot_budget=self.config.boot_attempts)
+                await self._component_attempt(hot, name)
             finally:
                 if self.installed is None or self.installed.work is not work:
                     await trio.to_thread.run_sync(work.remove)  # else after seeding
-            self._step(Event.HEALTHY)
-            await trio.to_thread.run_sync(self.components.commit, name)
-            self._raise_floor(release.release_counter)
         result.updated = True
         result.message = (f"updated component {name} {result.from_version} -> "
                           f"{release.version} ({release.update_type})")
