@@ -12,6 +12,7 @@ The service refuses to come up when the content holds b"BROKEN" (a bad release).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -77,10 +78,8 @@ def stop(name: str, run: Path) -> int:
         pid = int((run / f"{name}.pid").read_text())
     except (FileNotFoundError, ValueError):
         return 0
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
     deadline = time.monotonic() + 10
     while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -5,6 +5,7 @@ its services when anything fails; kill -9 in the middle of an attempt."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -12,13 +13,14 @@ import signal
 import sys
 import tarfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from peer.agent import update_once
-from peer.config import DeviceConfig
+from peer.config import DeviceConfig, save_config
 from peer.errors import ConfigError, StatusCode
 from peer.services import parse_hot_config
 from peer.state import DeviceState
@@ -39,10 +41,8 @@ def run_dir(tmp_path: Path) -> Iterator[Path]:
     run.mkdir()
     yield run
     for pidfile in run.glob("*.pid"):
-        try:
+        with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
 
 
 def current_of(env: ReleaseEnv, device: str, component: str = "ui-app") -> Path:
@@ -66,10 +66,11 @@ def served(run: Path, name: str) -> tuple[str, str]:
 
 def hook_logger(run: Path) -> list[str]:
     """A hook command that writes what it was told into the event log."""
-    code = ("import os; e = os.environ; open(os.path.join(%r, 'events.log'), 'a').write("
+    log = str(run / "events.log")
+    code = (f"import os; e = os.environ; open({log!r}, 'a').write("
             "f\"hook {e['SWARMOTA_HOOK']} {e['SWARMOTA_VERSION']} "
             "prev={e['SWARMOTA_PREVIOUS_VERSION'] or '-'} rollback={e['SWARMOTA_ROLLBACK']}"
-            "\\n\")") % str(run)
+            "\\n\")")
     return [sys.executable, "-c", code]
 
 
@@ -194,8 +195,6 @@ async def test_health_check_or_hook_past_its_timeout_rolls_back_component_and_se
                            "pre-install hook of ui-app 4.0.0 timed out after 1 s")):
         config = dev.config()
         components = {"ui-app": {**config.components["ui-app"], **recipe}}
-        from peer.config import save_config
-        from dataclasses import replace
         save_config(dev.config_path, replace(config, components=components))
         publish_component(env, APP2, "4.0.0", 4, kind="app", name="ui-app")
         result = await update_once(dev)
