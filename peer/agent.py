@@ -20,9 +20,10 @@ reported. Every failure maps to a status code (``peer.errors``); the active slot
 never written. Named crash points (``peer.crashpoints``) mark every step for tests.
 
 Releases of update type module, app or config go through the same states into their
-component directory instead of a slot (``peer.components``: atomic replace of a
-``current`` symlink, health check, commit or back to the previous version); a
-component left mid-switch by a crash is rolled back on start.
+component directory instead of a slot, as hot updates (``peer.components``,
+``peer.hooks``: atomic replace of a ``current`` symlink, hooks, services restarted,
+health check, commit or back to the previous version with its services); a component
+switch interrupted by a crash is attempted again on start, like a boot of an A/B slot.
 """
 
 from __future__ import annotations

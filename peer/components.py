@@ -11,13 +11,15 @@ installed into its own directory instead of an A/B slot:
         incoming            the next version while it is written (through the slot
                             backend interface: see :meth:`ComponentStore.staging`)
 
-A switch: the verified content is renamed to ``v-<sha>``; ``record.json`` says pending
-(new, previous); ``current`` is replaced atomically (a temporary symlink renamed over
-it); the health check runs; then ``record.json`` commits the new version, or ``current``
-goes back to the previous one. A crash between the pending record and the commit leaves
-``pending`` set: :meth:`ComponentStore.roll_back` on the next start points ``current``
-at the previous version again (as an A/B device whose try was used up), and the update
-is reported as rolled back. Crash points: ``component.*``.
+A switch: the verified content is renamed to ``v-<sha>`` and ``record.json`` says
+pending (new, previous) (:meth:`ComponentStore.stage`); ``current`` is replaced
+atomically (a temporary symlink renamed over it: :meth:`ComponentStore.activate`) within
+each attempt (``peer.hooks``: hooks, services, health check); then ``record.json``
+commits the new version, or ``current`` goes back to the previous one
+(:meth:`ComponentStore.revert`, then :meth:`ComponentStore.roll_back` once the services
+run on it). A crash in between leaves ``pending`` set; the agent then repeats the
+attempt or rolls back, as its journal says (``peer.agent``). Crash points:
+``component.*``.
 
 Blocking; call it from a worker thread.
 """
