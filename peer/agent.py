@@ -20,9 +20,10 @@ reported. Every failure maps to a status code (``peer.errors``); the active slot
 never written. Named crash points (``peer.crashpoints``) mark every step for tests.
 
 Releases of update type module, app or config go through the same states into their
-component directory instead of a slot (``peer.components``: atomic replace of a
-``current`` symlink, health check, commit or back to the previous version); a
-component left mid-switch by a crash is rolled back on start.
+component directory instead of a slot, as hot updates (``peer.components``,
+``peer.hooks``: atomic replace of a ``current`` symlink, hooks, services restarted,
+health check, commit or back to the previous version with its services); a component
+switch interrupted by a crash is attempted again on start, like a boot of an A/B slot.
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ from peer.bootctl import (
     write_bootctl,
 )
 from peer.bootloader import Bootloader, LoaderState
-from peer.components import CURRENT, ComponentStore, InstalledVersion
+from peer.components import ComponentStore, InstalledVersion
 from peer.config import DeviceConfig
+from peer.control import PassRequest, postponed_until
 from peer.crashpoints import crash_point
 from peer.download import PayloadWorkdir, download_payload, verify_payload
 from peer.errors import (
@@ -77,9 +79,10 @@ from peer.errors import (
     VerifyFailed,
 )
 from peer.health import run_health_check
+from peer.hooks import HotUpdater
 from peer.http import HttpClient
 from peer.identity import Identity, load_identity
-from peer.install import hash_file, install_delta, install_image
+from peer.install import install_delta, install_image
 from peer.install_policy import Decision, PolicyPowerSource, decide, load_policy
 from peer.logtail import AttemptLog
 from peer.machine import Action, Event, Journal, JournalError, Phase
@@ -158,6 +161,7 @@ async def update_once(state: DeviceState, *,
                       wall_clock: Callable[[], float] = time.time,
                       retry_budget: int | None = None,
                       bootloader: Bootloader | None = None,
+                      requests: PassRequest | None = None,
                       ) -> UpdateResult:
     """Run one update pass on the device in ``state``; never raises ``PeerError``
     except ``ConfigError`` (the device itself is not usable).
@@ -171,7 +175,9 @@ async def update_once(state: DeviceState, *,
     the agent plays the bootloader); ``wall_clock``
     (seconds since the epoch) measures the install policy's windows and delay. With a
     ``retry_budget``, a release whose attempts already failed that many times is not
-    attempted again (``deferred``) until another release is offered.
+    attempted again (``deferred``) until another release is offered. ``requests``: what
+    a local client asked of this pass (``peer.control``: install a deferred release
+    now, cancel a switch waiting for its reboot, decide a health check in progress).
     """
     with _device_lock(state):
         config = state.config()
@@ -184,6 +190,7 @@ async def update_once(state: DeviceState, *,
                        state.slots(config) if slots is None else slots, wall_clock)
             run.loader = state.bootloader(config) if bootloader is None else bootloader
             run.retry_budget = retry_budget
+            run.requests = requests or PassRequest()
             run.identity = identity
             run.nursery = nursery
             try:
@@ -284,6 +291,7 @@ class _Run:
         self.components = ComponentStore(state.root / "components")
         self.wall_clock = wall_clock
         self.retry_budget: int | None = None
+        self.requests = PassRequest()
         self.loader: Bootloader | None = None  # None: file boot control, simulated boots
         self.reboot_needed = False
         self.policy = load_policy(state.policy_path)  # ConfigError: a bad file, said early
@@ -353,7 +361,7 @@ class _Run:
         if Action.FINISH_PENDING in rec.actions or Action.FINISH_VERDICT in rec.actions:
             if bc.pending:
                 return await self.finish_pending(bc)
-            return await self._roll_back_components(pending_components, bc)
+            return await self._finish_component(pending_components, bc)
         if Action.QUEUE_REPORT in rec.actions:
             result = self._recovered_result(rec.journal)
             if result.updated:  # the interrupted pass's payload is of no use any more
@@ -366,31 +374,112 @@ class _Run:
             return result
         return await self.update(bc)
 
-    async def _roll_back_components(self, names: list[str], bc: BootControl) -> UpdateResult:
-        """Components left mid-switch by a crash go back to their previous version (as
-        an A/B slot whose try was used up); reported as rolled back (40)."""
+    def _hot(self) -> HotUpdater:
+        """Runs component switches: hooks, services, health (``peer.hooks``)."""
+        return HotUpdater(self.components, self.config.hot,
+                          health_command=self.config.health_command,
+                          health_timeout_s=self.config.health_timeout_s,
+                          verdicts=self.requests.verdicts)
+
+    async def _finish_component(self, names: list[str], bc: BootControl) -> UpdateResult:
+        """A component switch left by a crash or power loss (its record still pending):
+        the journaled verdict is carried out; else the attempt is repeated while the
+        budget lasts (the journal counts the attempts); else the component and its
+        services go back to the previous version: 41, every attempt having reached the
+        agent (interrupted: not a verdict on the release)."""
         j = self.journal
-        result = UpdateResult(StatusCode.POSTCHECK_FAILED, "", attempted=True,
-                              from_version=j.from_version or bc.slot(bc.committed).version,
-                              to_version=j.to_version, timings_s=self.timings)
-        for name in names:
-            record = self.components.record(name)
-            if result.to_version is None and record.current is not None:
-                result.to_version = record.current.version
-            try:
-                await trio.to_thread.run_sync(self.components.roll_back, name)
-            except OSError as exc:
-                raise ConfigError(f"cannot roll back component {name}: {exc}") from exc
-        if result.to_version is None:
+        name = _component_of(j.target_slot)
+        if name not in names:
+            name = names[0]
+        hot = self._hot()
+        for other in names:
+            if other != name:  # cannot happen with one journal; do not leave it pending
+                log.warning("component %s is pending without a journal: rolled back", other)
+                await self._component_roll_back(hot, other, "", raise_=False)
+        record = self.components.record(name)
+        new = record.current
+        if new is None:
             raise RuntimeError("a pending component always has a current version")
-        result.message = (f"component {', '.join(names)}: switch to {result.to_version} "
-                          "interrupted before its health check passed; rolled back")
-        if self.journal.phase is Phase.IDLE:
-            self._step(Event.RESUME_PENDING, from_version=result.from_version,
-                       to_version=result.to_version)
-        if self.journal.phase is Phase.HEALTH_CHECKING:
-            self._step(Event.UNHEALTHY)
+        result = UpdateResult(StatusCode.OK, "", attempted=True,
+                              from_version=(record.previous.version if record.previous
+                                            else bc.slot(bc.committed).version),
+                              to_version=new.version, timings_s=self.timings)
+        try:
+            if j.phase is Phase.COMMITTED:
+                await trio.to_thread.run_sync(self.components.commit, name)
+                self._raise_floor(new.release_counter)
+            elif j.phase is Phase.ROLLED_BACK:
+                await self._component_roll_back(
+                    hot, name, j.message or f"component {name} update to {new.version} "
+                                            "rolled back", status=j.status)
+            else:
+                if j.phase is not Phase.HEALTH_CHECKING:  # stopped before SWITCHED
+                    self.journal = Journal(seq=j.seq, attempt=j.attempt)
+                    self._step(Event.RESUME_PENDING, from_version=result.from_version,
+                               to_version=new.version, release_counter=new.release_counter,
+                               target_slot=f"component:{name}",
+                               boot_budget=self.config.boot_attempts)
+                if self.journal.boot_attempts >= self.journal.boot_budget:
+                    status, message = machine.budget_spent_outcome(self.journal)
+                    self._step(Event.BUDGET_SPENT, status=status,
+                               message=_report_text(message))
+                    await self._component_roll_back(hot, name, message, status=status)
+                else:
+                    with trio.CancelScope(shield=True):
+                        await self._component_attempt(hot, name)
+            result.updated = True
+            result.message = (f"updated component {name} {result.from_version} -> "
+                              f"{new.version} (finished after restart)")
+            await trio.to_thread.run_sync(self._remove_downloads, set())
+        except PeerError as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            result.status, result.message = exc.status, str(exc)
         return result
+
+    async def _component_attempt(self, hot: HotUpdater, name: str) -> None:
+        """One attempt at the staged switch of component ``name``, journaled before it
+        runs (a crash in it is an interrupted attempt, repeated at the next start), its
+        verdict journaled before the commit or the rollback.
+
+        Raises:
+            PostCheckFailed: a hook, a service or the health check failed; rolled back.
+        """
+        self._step(Event.BOOT_ATTEMPT)
+        record = self.components.record(name)
+        if record.current is None:
+            raise RuntimeError("a pending component always has a current version")
+        try:
+            crash_point("health.before")
+            with self._timed("health"):
+                await hot.attempt(name, record.current, record.previous)
+            crash_point("health.after")
+        except PostCheckFailed as exc:
+            crash_point("health.after")
+            message = f"component {name} update to {record.current.version} rolled back: {exc}"
+            self._step(Event.UNHEALTHY, status=int(StatusCode.POSTCHECK_FAILED),
+                       message=_report_text(message))
+            await self._component_roll_back(hot, name, message)
+        self._step(Event.HEALTHY)
+        await trio.to_thread.run_sync(self.components.commit, name)
+        self._raise_floor(record.current.release_counter)
+
+    async def _component_roll_back(self, hot: HotUpdater, name: str, message: str, *,
+                                   status: int | None = None, raise_: bool = True) -> None:
+        """Component ``name`` and its services back on the previous version; then raise
+        ``PostCheckFailed(message)`` (``BootInterrupted`` for ``status`` 41), with what
+        the rollback itself could not do."""
+        try:
+            problems = await hot.roll_back(name)
+        except OSError as exc:
+            raise ConfigError(f"cannot roll back component {name}: {exc}") from exc
+        if problems:
+            message += "; rolling back: " + "; ".join(problems)
+        if not raise_:
+            return
+        if status == StatusCode.INTERRUPTED:
+            raise BootInterrupted(message)
+        raise PostCheckFailed(message)
 
     def _raise_floor(self, counter: int) -> BootControl:
         """A committed component release raises the anti-rollback floor too."""
@@ -434,7 +523,7 @@ class _Run:
                 if lowered.min_release_counter != bc.min_release_counter:
                     return await self.update(lowered)  # once: the epoch is now applied
             return result
-        if self.retry_budget is not None:
+        if self.retry_budget is not None and self.requests.install_now != offer.version:
             spent = self.state.failed_attempts(offer.version)
             if spent >= self.retry_budget:
                 self._step(Event.NO_OFFER)
@@ -522,9 +611,12 @@ class _Run:
         power = None
         if self.policy.min_battery_percent:
             power = await trio.to_thread.run_sync(PolicyPowerSource(self.policy).read)
+        postponed = await trio.to_thread.run_sync(postponed_until, self.state.root)
         return decide(self.policy, now=datetime.fromtimestamp(now_s, UTC),
                       critical=release.critical, metered=self.config.network_metered,
-                      power=power, first_offered_at_s=first, now_s=now_s)
+                      power=power, first_offered_at_s=first, now_s=now_s,
+                      install_now=self.requests.install_now == release.version,
+                      postponed_until_s=postponed)
 
     def _check_space(self, release: ReleaseManifest, payload: Payload) -> None:
         """The payload still to download and the new image must fit, besides the
@@ -558,8 +650,10 @@ class _Run:
 
     async def _update_component(self, release: ReleaseManifest, name: str,
                                 delta: Payload | None, result: UpdateResult) -> None:
-        """Install a module, app or config release into its component directory: atomic
-        replace, health check, commit or roll back (``peer.components``)."""
+        """Install a module, app or config release into its component directory as a hot
+        update: staged (pending), then attempts journaled like boot attempts (hooks,
+        services restarted in dependency order, health check: ``peer.hooks``), then
+        commit, or the component and its services back on the previous version."""
         staging = self.components.staging(name)
         work = await self._install(release, delta, staging, "current", "incoming", result)
         self._step(Event.APPLIED)
@@ -568,33 +662,22 @@ class _Run:
         await self._read_back(staging, "incoming", record)
         new = InstalledVersion(release.version, release.release_counter,
                                release.image.sha256, release.image.size)
+        hot = self._hot()
+        try:
+            await trio.to_thread.run_sync(hot.prepare, name, new.sha256)
+        except OSError as exc:
+            raise InstallFailed(f"cannot prepare component {name}: {exc}") from exc
         with trio.CancelScope(shield=True):
             try:
-                await trio.to_thread.run_sync(self.components.switch, name, new)
-            except OSError as exc:
-                raise InstallFailed(f"cannot switch component {name}: {exc}") from exc
-            self._step(Event.SWITCHED)
-            try:
-                crash_point("health.before")
-                with self._timed("health"):
-                    current = self.components.directory(name) / CURRENT
-                    await run_health_check(
-                        self.config.health_command, slot=f"component:{name}",
-                        image=current, record=record,
-                        timeout_s=self.config.health_timeout_s,
-                        read_back=partial(hash_file, current))
-                crash_point("health.after")
-            except PostCheckFailed:
-                crash_point("health.after")
-                self._step(Event.UNHEALTHY)
-                await trio.to_thread.run_sync(self.components.roll_back, name)
-                raise
+                try:
+                    await trio.to_thread.run_sync(self.components.stage, name, new)
+                except OSError as exc:
+                    raise InstallFailed(f"cannot switch component {name}: {exc}") from exc
+                self._step(Event.SWITCHED, boot_budget=self.config.boot_attempts)
+                await self._component_attempt(hot, name)
             finally:
                 if self.installed is None or self.installed.work is not work:
                     await trio.to_thread.run_sync(work.remove)  # else after seeding
-            self._step(Event.HEALTHY)
-            await trio.to_thread.run_sync(self.components.commit, name)
-            self._raise_floor(release.release_counter)
         result.updated = True
         result.message = (f"updated component {name} {result.from_version} -> "
                           f"{release.version} ({release.update_type})")
@@ -938,7 +1021,8 @@ class _Run:
                     self.config.health_command, slot=booted,
                     image=self.slots.image_path(booted), record=record,
                     timeout_s=self.config.health_timeout_s,
-                    read_back=partial(self.slots.hash, booted, record.size))
+                    read_back=partial(self.slots.hash, booted, record.size),
+                    verdicts=self.requests.verdicts)
             crash_point("health.after")
         except PostCheckFailed as exc:
             crash_point("health.after")
@@ -963,7 +1047,9 @@ class _Run:
                        to_version=pending.version, release_counter=pending.release_counter,
                        target_slot=bc.primary, boot_budget=self.config.boot_attempts)
         try:
-            if self.loader is None:
+            if self.requests.cancel_switch:
+                await self._cancel_switch(bc)
+            elif self.loader is None:
                 await self._reboot_and_check(bc)
             else:
                 booted = await trio.to_thread.run_sync(self.loader.booted_slot)
@@ -991,6 +1077,22 @@ class _Run:
                 raise
             result.status, result.message = exc.status, str(exc)
         return result
+
+    async def _cancel_switch(self, bc: BootControl) -> None:
+        """A local client rolled back a switch waiting for its reboot: the verdict
+        (unhealthy, 40) is journaled, then boot control falls back; if the new slot is
+        the one running, the device reboots into the committed one."""
+        pending = bc.slot(bc.primary)
+        message = (f"update to {pending.version} rolled back on request before it was "
+                   f"committed; slot {bc.committed} boots again")
+        if self.journal.phase is Phase.HEALTH_CHECKING:
+            self._step(Event.UNHEALTHY, status=int(StatusCode.POSTCHECK_FAILED),
+                       message=_report_text(message))
+        self._fall_back(bc)
+        if self.loader is not None:
+            booted = await trio.to_thread.run_sync(self.loader.booted_slot)
+            self.reboot_needed = booted == bc.primary
+        raise PostCheckFailed(message)
 
     async def finish_verdict(self, bc: BootControl) -> UpdateResult:
         """The health check's verdict was journaled but boot control did not act on it

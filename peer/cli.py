@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import shlex
 import signal
 import sys
@@ -19,13 +21,18 @@ from peer.agent import UpdateResult, update_once
 from peer.bootloader import script
 from peer.components import ComponentStore
 from peer.config import BOOTLOADERS, DOWNLOAD_MODES, SLOT_BACKENDS, DeviceConfig
+from peer.control import AgentControl
 from peer.daemon import DaemonConfig, run_daemon
+from peer.dbus_service import DBusUnavailable, bus_address, policy_file, serve_dbus
 from peer.errors import ConfigError
 from peer.identity import install_identity, load_identity, renew_identity, renewal_csr
 from peer.install_policy import load_policy
 from peer.state import DeviceState, JournalError, init_device
+from peer.watchdog import SystemdNotifier
 
 __all__ = ["add_parser"]
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -208,7 +215,22 @@ def add_parser(subparsers: Any) -> None:
                           "(default %(default)s)")
     run.add_argument("--seed-time-s", type=float, default=None,
                      help="seed time after each swarm-mode update (default: the device's)")
+    run.add_argument("--dbus", default=None, metavar="BUS",
+                     help="serve the local API (org.swarmota.Agent1, docs/DBUS.md) on "
+                          "'system' (the default), 'session', a bus address "
+                          "(unix:path=...), or 'none'. Without this option a system bus "
+                          "that cannot be reached only costs a warning; with it, exit 2")
+    run.epilog = ("Under systemd (Type=notify) it sends READY=1 once serving, a STATUS= "
+                  "line after each pass and, with WatchdogSec=, WATCHDOG=1 every half "
+                  "period.")
     run.set_defaults(func=_run)
+
+    policy = sub.add_parser(
+        "dbus-policy", help="print the D-Bus policy of the local API",
+        description="Print the bus policy that lets root own org.swarmota.Agent1, root "
+                    "and the group 'swarmota' call its methods, and anyone read its "
+                    "properties. Install it as /etc/dbus-1/system.d/org.swarmota.Agent1.conf.")
+    policy.set_defaults(func=_dbus_policy)
 
     status = sub.add_parser("status", help="show slots, versions and the last result")
     status.add_argument("state", type=Path)
@@ -366,10 +388,17 @@ def _run(args: argparse.Namespace) -> int:
             retry_budget=args.retry_budget, seed_time_s=args.seed_time_s)
         state = DeviceState(args.state)
         state.config()  # refuse an unusable state directory before starting
+        bus = bus_address(args.dbus or "system")
+        control = AgentControl(state)
+        notifier = SystemdNotifier.from_environ()
+        statuses: trio.MemorySendChannel[str]
+        statuses, status_lines = trio.open_memory_channel[str](16)
 
         def on_result(result: UpdateResult, delay_s: float) -> None:
-            print(f"status {int(result.status)}: {result.message} (next pass in "
-                  f"{delay_s:.0f} s)", flush=True)
+            line = f"status {int(result.status)}: {result.message}"
+            print(f"{line} (next pass in {delay_s:.0f} s)", flush=True)
+            with contextlib.suppress(trio.WouldBlock):
+                statuses.send_nowait(line)
 
         errors: list[ConfigError] = []
 
@@ -379,12 +408,29 @@ def _run(args: argparse.Namespace) -> int:
                     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                         async for signum in signals:
                             print(f"{signal.Signals(signum).name}: stopping", flush=True)
+                            if notifier is not None:
+                                await notifier.notify("STOPPING=1")
                             nursery.cancel_scope.cancel()
                             return
 
                 nursery.start_soon(stop_on_signal)
+                if bus is not None:
+                    try:
+                        name = await nursery.start(serve_dbus, control, bus)
+                        print(f"D-Bus: org.swarmota.Agent1 on the {args.dbus or 'system'} "
+                              f"bus ({name})", flush=True)
+                    except DBusUnavailable as exc:
+                        if args.dbus is not None:  # asked for explicitly: exit 2
+                            errors.append(exc)
+                            nursery.cancel_scope.cancel()
+                            return
+                        log.warning("no local API: %s", exc)
+                if notifier is not None:
+                    await notifier.notify("READY=1", "STATUS=running")
+                    nursery.start_soon(notifier.keep_alive)
+                    nursery.start_soon(_relay_status, notifier, status_lines)
                 try:
-                    await run_daemon(state, config, on_result=on_result)
+                    await run_daemon(state, config, on_result=on_result, control=control)
                 except ConfigError as exc:  # the device became unusable: say so, exit 2
                     errors.append(exc)
                     nursery.cancel_scope.cancel()
@@ -395,6 +441,17 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+async def _relay_status(notifier: SystemdNotifier,
+                        lines: trio.MemoryReceiveChannel[str]) -> None:
+    async for line in lines:
+        await notifier.notify(f"STATUS={line.splitlines()[0][:200]}")
+
+
+def _dbus_policy(args: argparse.Namespace) -> int:
+    sys.stdout.write(policy_file())
     return 0
 
 

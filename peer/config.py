@@ -20,6 +20,7 @@ from manifest import (
     validate_product,
 )
 from peer.errors import ConfigError
+from peer.services import HotConfig, parse_hot_config
 from tracker.wire import MAX_LABELS, NETWORK_ID_RE
 
 __all__ = ["BOOTLOADERS", "DOWNLOAD_MODES", "SLOT_BACKENDS", "DeviceConfig",
@@ -125,6 +126,11 @@ class DeviceConfig:
     # run after a switch (and after a fall back from the booted slot) with a real
     # bootloader, e.g. ["systemctl", "reboot"]; empty: the reboot is left to the device
     reboot_command: tuple[str, ...] = ()
+    # --- hot updates of components (peer/services.py: services with restart or
+    # start/stop commands and 'after' dependencies; per component: the services to
+    # restart, pre/post-install hooks from here or from the signed payload, a health check)
+    services: dict[str, Any] = field(default_factory=dict)
+    components: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -176,6 +182,12 @@ class DeviceConfig:
                                   f"got {value!r}")
         self._check_tls()
         self._check_boot()
+        self.hot  # noqa: B018 - refuse a bad recipe or a dependency cycle now
+
+    @property
+    def hot(self) -> HotConfig:
+        """The services and component recipes (``peer.services``). Raises ConfigError."""
+        return parse_hot_config(self.services, self.components)
 
     def _check_boot(self) -> None:
         if self.slot_backend not in SLOT_BACKENDS:

@@ -12,7 +12,11 @@
 - cancellation (``peer run`` turns SIGTERM and SIGINT into it) ends the loop: while
   sleeping at once; in a pass, at the next checkpoint, except between the switch and the
   health check's outcome, which is shielded (bounded by the health timeout). Whatever is
-  interrupted is picked up from the journal on the next start.
+  interrupted is picked up from the journal on the next start;
+- with a ``control`` (``peer.control.AgentControl``, the local API's), a client's
+  ``CheckNow``, ``InstallNow`` or ``RollBack`` of a switch waiting for its reboot ends
+  the sleep at once (asked during a pass: right after it), and every pass posts its
+  progress to the control's status board.
 
 :func:`next_delay_s` is the pure part (values in, seconds out).
 """
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 import trio
 
 from peer.agent import UpdateResult, update_once
+from peer.control import AgentControl
 from peer.errors import ConfigError, StatusCode
 from peer.state import DeviceState
 
@@ -74,20 +79,32 @@ def next_delay_s(config: DaemonConfig, result: UpdateResult, failures_in_row: in
 
 async def run_daemon(state: DeviceState, config: DaemonConfig, *,
                      rand: Callable[[], float] = random.random,
-                     on_result: Callable[[UpdateResult, float], None] | None = None) -> None:
+                     on_result: Callable[[UpdateResult, float], None] | None = None,
+                     control: AgentControl | None = None) -> None:
     """Run update passes forever (until cancelled). ``on_result(result, delay_s)`` is
-    called after each pass.
+    called after each pass; ``control``: the local API's requests and status board.
 
     Raises:
         ConfigError: the device state is unusable (the loop cannot help that).
     """
     failures_in_row = 0
     while True:
-        result = await update_once(state, seed_time_s=config.seed_time_s,
-                                   retry_budget=config.retry_budget)
+        if control is None:
+            result = await update_once(state, seed_time_s=config.seed_time_s,
+                                       retry_budget=config.retry_budget)
+        else:
+            request = control.pass_started()
+            try:
+                result = await update_once(control.observed(), seed_time_s=config.seed_time_s,
+                                           retry_budget=config.retry_budget, requests=request)
+            finally:
+                control.pass_finished()
         failures_in_row = failures_in_row + 1 if failed(result) else 0
         delay = next_delay_s(config, result, failures_in_row, rand)
         log.info("pass: status %d: %s; next in %.0f s", result.status, result.message, delay)
         if on_result is not None:
             on_result(result, delay)
-        await trio.sleep(delay)
+        if control is None:
+            await trio.sleep(delay)
+        else:
+            await control.wait_for_request(delay)
