@@ -312,6 +312,22 @@ async def test_an_unsigned_or_altered_manifest_is_refused_with_a_clear_message(
                        "--repository-root ROOT.json --origin-url URL" in err
 
 
+async def test_release_add_starts_a_staged_rollout_by_default_and_again_changes_nothing(
+        ops: Ops) -> None:
+    rc, out, err = await ops.cli("tracker", "release", "add", str(ops.manifest_path(ops.m2)),
+                                 "--json")
+    assert rc == 0, err
+    first = json.loads(out)
+    assert first["added"] and first["rollout_detail"]["stage"] == "1%"  # no canaries
+    assert first["rollout_detail"]["plan"] == {**first["rollout_detail"]["plan"],
+                                               "stages_percent": [1, 10, 50, 100],
+                                               "soak_s": 3600, "halt_failure_rate": 0.05}
+    rc, out, _ = await ops.cli("tracker", "release", "add", ops.manifest_url(ops.m2),
+                               "--everyone")
+    assert rc == 0 and out.startswith("already registered: acme-router 2.0.0")
+    assert f"rollout {first['rollout']}: acme-router 2.0.0 (counter 2), generation 1" in out
+
+
 # --- watch, halt, abort, a new generation ----------------------------------------------
 
 
