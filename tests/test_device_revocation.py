@@ -18,9 +18,9 @@ import base64
 import functools
 import hashlib
 import json
-import re
 import logging
 import random
+import re
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
