@@ -4,6 +4,7 @@ file and key; a token others can read is flagged."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,14 @@ def test_a_token_sent_in_clear_to_another_host_gets_a_warning(tmp_path: Path) ->
     local = load_settings({"url": "http://[::1]:8470", "ca_file": None, "token": TOKEN},
                           {"HOME": str(tmp_path)})
     assert local.warnings == ()
+
+
+def test_the_config_file_documented_for_operators_is_valid(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "OPERATIONS-CLI.md").read_text()
+    found = re.search(r"```toml\n(\[tracker\].*?)```", text, re.S)
+    assert found is not None
+    path = write_config(tmp_path / "client.toml",
+                        found.group(1).replace("sot_...", TOKEN))
+    settings = load_settings(NO_FLAGS, {}, path)
+    assert settings.url == "https://tracker.example.net:8470"
+    assert settings.ca_file == tmp_path / "server-ca.pem" and settings.token == TOKEN

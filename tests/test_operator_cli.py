@@ -122,9 +122,9 @@ async def start_ops(nursery: trio.Nursery, workdir: Path, images: tuple[bytes, b
     root.write_bytes(repo.root_bytes())
     db = workdir / "tracker.sqlite"
     tokens = bootstrap_tokens(db, capsys)
-    trust = {"repository_root": root, "origin_url": origin_url} if verify_releases else {}
     tracker_url = await nursery.start(serve_tracker, TrackerConfig(
-        db_path=db, listen=ListenConfig(), **trust))  # type: ignore[arg-type]
+        db_path=db, listen=ListenConfig(), repository_root=root if verify_releases else None,
+        origin_url=origin_url if verify_releases else None))
     return Ops(workdir, repo, origin_url, tracker_url, db, m1, m2, capsys, tokens)
 
 

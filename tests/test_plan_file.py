@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import re
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,12 @@ def test_bad_plan_flags_are_argument_errors(argv: list[str],
     with pytest.raises(SystemExit) as exc:
         _parser().parse_args(argv)
     assert exc.value.code == 2 and argv[0] in capsys.readouterr().err
+
+
+def test_the_plan_file_documented_for_operators_is_valid() -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "OPERATIONS-CLI.md").read_text()
+    found = re.search(r"```toml\n(# plan\.toml.*?)```", text, re.S)
+    assert found is not None
+    plan = build_plan(parse_plan_file(found.group(1).encode(), "OPERATIONS-CLI.md"), {})
+    assert plan.canary_devices == ("dev-1", "dev-2") and plan.stages_percent == (5, 25, 100)
+    assert plan.start_at == dt.datetime(2025, 6, 2, 7, 0, tzinfo=dt.UTC).timestamp()
