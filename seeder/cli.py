@@ -275,20 +275,15 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    try:
-        manifest = publish_release(
-            repo, args.image, product=args.product, version=args.version,
-            release_counter=args.counter, compatibility=args.hardware_ids,
-            zstd_level=args.zstd_level, bases=args.bases, progress=progress,
-            on_delta=built.append, web_seed_url=args.web_seed_url,
-            announce_urls=args.announce_urls, critical=args.critical,
-            update_type=args.update_type, component=args.component,
-            swarm_ca=_read_swarm_ca(args.swarm_ca), allow_counter_jump=args.allow_counter_jump,
-        )
-    except BaseException:
-        if registration is not None:
-            registration.close()
-        raise
+    manifest = publish_release(
+        repo, args.image, product=args.product, version=args.version,
+        release_counter=args.counter, compatibility=args.hardware_ids,
+        zstd_level=args.zstd_level, bases=args.bases, progress=progress,
+        on_delta=built.append, web_seed_url=args.web_seed_url,
+        announce_urls=args.announce_urls, critical=args.critical,
+        update_type=args.update_type, component=args.component,
+        swarm_ca=_read_swarm_ca(args.swarm_ca), allow_counter_jump=args.allow_counter_jump,
+    )
     payload = manifest.full_payload
     live = is_live(repo, manifest)
     target = repo.targets(staged=not live)[manifest.target_name]
@@ -323,12 +318,8 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     if registration is None:
         return 0
     if not live:
-        registration.close()
-        print(f"not registered with {registration.url}: the release is not live yet (the "
-              "tracker registers only signed releases); the 'seeder sign' or 'seeder "
-              f"import' that meets the threshold registers it when given --register "
-              f"{registration.url}")
-        return 0
+        return registration.not_live("the release is not live yet (the tracker registers "
+                                     "only signed releases)")
     return registration.send({manifest.target_name: repo.read_target(target)},
                              str(repo.target_file_path(target)))
 

@@ -25,14 +25,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from seeder.errors import SeederError
-from tracker.admin_client import AdminClient
 from tracker.client_cli import (
     add_client_options,
     add_plan_options,
-    open_client,
+    connect,
     plan_from_args,
     register_releases,
+    settings_from_args,
 )
+from tracker.client_settings import ClientSettings
 from tracker.errors import AdminApiError, ConfigError, RequestError
 from tracker.render import escape, render_registration
 from tracker.rollout import RolloutPlan
@@ -56,42 +57,47 @@ def add_register_options(parser: argparse.ArgumentParser) -> None:
     add_plan_options(parser, registering=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Registration:
-    """A registration checked and ready to send: the client and the plan. Closes the
-    client after :meth:`send`; call :meth:`close` when nothing is sent."""
+    """A registration checked and ready to send: where, with what token, which plan."""
 
-    url: str
-    client: AdminClient
+    settings: ClientSettings
     plan: RolloutPlan | None
+
+    @property
+    def url(self) -> str:
+        return self.settings.url
 
     def send(self, manifests: Mapping[str, bytes], where: str) -> int:
         """Register ``manifests`` (target name -> manifest bytes) and print what the
         tracker answered; 0, or :data:`EXIT_NOT_REGISTERED` with a message that says
         how to register them by hand (``where``: the manifest files)."""
         if not manifests:
-            self.close()
             return 0
-        with self.client:
-            try:
-                answers = register_releases(self.client, list(manifests.values()), self.plan)
-            except AdminApiError as exc:
-                print(f"error: {', '.join(manifests)} is live, but {self.url} did not "
-                      f"register it: {escape(str(exc))}", file=sys.stderr)
-                print(f"register it when the tracker can: 'swarmota tracker release add "
-                      f"--url {self.url} MANIFEST' with the manifest in {where}",
-                      file=sys.stderr)
-                return EXIT_NOT_REGISTERED
+        try:
+            with connect(self.settings) as client:
+                answers = register_releases(client, list(manifests.values()), self.plan)
+        except (AdminApiError, ConfigError) as exc:
+            print(f"error: {', '.join(manifests)} is live, but {self.url} did not "
+                  f"register it: {escape(str(exc))}", file=sys.stderr)
+            print(f"register it when the tracker can: 'swarmota tracker release add "
+                  f"--url {self.url} MANIFEST' with the manifest in {where}",
+                  file=sys.stderr)
+            return EXIT_NOT_REGISTERED
         for answer in answers:
             print("\n".join(render_registration(answer)))
         return 0
 
-    def close(self) -> None:
-        self.client.close()
+    def not_live(self, what: str) -> int:
+        """Say that nothing was registered because ``what`` (0: not an error)."""
+        print(f"not registered with {self.url}: {what}; the 'seeder sign' or 'seeder "
+              f"import' that meets the threshold registers it, given --register {self.url}")
+        return 0
 
 
 def prepare(args: argparse.Namespace) -> Registration | None:
-    """The registration the options ask for (``None``: no ``--register``), checked.
+    """The registration the options ask for (``None``: no ``--register``), checked
+    before anything is published or signed.
 
     Raises:
         SeederError: unusable connection settings, no token, a bad plan or plan file.
@@ -100,9 +106,11 @@ def prepare(args: argparse.Namespace) -> Registration | None:
         return None
     try:
         plan = plan_from_args(args)
-        return Registration(args.register, open_client(args, url=args.register), plan)
+        settings = settings_from_args(args, url=args.register)
+        connect(settings).close()  # a token, a usable CA file
     except (ConfigError, RequestError) as exc:
         raise SeederError(f"--register: {exc}") from None
+    return Registration(settings, plan)
 
 
 def release_files(target_files: Mapping[str, bytes]) -> dict[str, bytes]:

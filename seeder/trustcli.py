@@ -230,16 +230,11 @@ def _cmd_sign(args: argparse.Namespace) -> int:
         repo = Repository.open(args.target)
         registration = prepare(args)  # bad settings or plan: fail before signing
         staged = None
-        try:
-            for signer in signers:
-                what, staged = repo.sign(signer)
-                print(f"signed {' and '.join(what)} with key {_key_line(signer.public_key)}")
-                if staged.live:
-                    break
-        except BaseException:
-            if registration is not None:
-                registration.close()
-            raise
+        for signer in signers:
+            what, staged = repo.sign(signer)
+            print(f"signed {' and '.join(what)} with key {_key_line(signer.public_key)}")
+            if staged.live:
+                break
         assert staged is not None
         print_staged(repo, staged)
         return _register_live(repo, staged, registration)
@@ -275,12 +270,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     repo = Repository.open(args.repo)
     request = read_request(args.request)
     registration = prepare(args)  # bad settings or plan: fail before going live
-    try:
-        added, staged = repo.import_request(request)
-    except BaseException:
-        if registration is not None:
-            registration.close()
-        raise
+    added, staged = repo.import_request(request)
     print(f"{added} new signature(s) from {args.request}")
     print_staged(repo, staged)
     return _register_live(repo, staged, registration)
@@ -293,10 +283,7 @@ def _register_live(repo: Repository, staged: Staged,
     if registration is None:
         return 0
     if not staged.live or staged.request is None:
-        registration.close()
-        print(f"not registered with {registration.url}: nothing went live yet; the "
-              "signature that meets the threshold registers it, given --register too")
-        return 0
+        return registration.not_live("nothing went live yet")
     return registration.send(release_files(staged.request.target_files),
                              str(repo.targets_dir / "releases"))
 

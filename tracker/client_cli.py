@@ -55,6 +55,7 @@ __all__ = [
     "PLAN_FLAGS",
     "add_client_options",
     "add_plan_options",
+    "connect",
     "device_arg",
     "open_client",
     "plan_from_args",
@@ -132,7 +133,15 @@ def open_client(args: argparse.Namespace, *, url: str | None = None) -> AdminCli
     Raises:
         ConfigError: unusable settings, no token at all, or an unusable CA file.
     """
-    settings = settings_from_args(args, url=url)
+    return connect(settings_from_args(args, url=url))
+
+
+def connect(settings: ClientSettings) -> AdminClient:
+    """An admin API client with ``settings`` (nothing is sent yet).
+
+    Raises:
+        ConfigError: no token at all, or an unusable CA file.
+    """
     if settings.token is None:
         raise ConfigError(f"no admin token: pass --token, set ${ENV_TOKEN}, or put token "
                           "in the [tracker] table of the client config file (an admin "
