@@ -526,6 +526,22 @@ async def test_seeder_publish_registers_a_live_release_with_its_rollout(
     assert "ACTIVE at stage canary" in out
     assert await ops.checkin("c1") == "3.0.0" and await ops.checkin("d2") is None
 
+    # the tracker down when the release goes live: published, not registered, and said how
+    image.write_bytes(images[0][::-1])
+    rc, out, err = await ops.cli(
+        "seeder", "publish", str(ops.repo.path), str(image), "--product", PRODUCT,
+        "--version", "4.0.0", "--counter", "4", "--hardware-id", HARDWARE_ID,
+        "--register", "http://127.0.0.1:9", "--tracker-token", ops.tokens["operator"],
+        role=None)
+    assert rc == 1 and out.startswith("published acme-router 4.0.0")
+    assert "error: releases/acme-router/4.0.0.json is live, but http://127.0.0.1:9 did not " \
+           "register it: cannot reach the tracker" in err
+    hint = re.search(r"'swarmota tracker release add --url http://127.0.0.1:9 MANIFEST' "
+                     r"with the manifest in (\S+)\n", err)
+    assert hint is not None and Path(hint.group(1)).is_file()
+    rc, out, _ = await ops.cli("tracker", "release", "add", hint.group(1), "--no-rollout")
+    assert rc == 0 and out.startswith("registered acme-router 4.0.0")
+
 
 async def test_with_offline_targets_keys_the_signature_that_makes_a_release_live_registers_it(
         tmp_path: Path, nursery: trio.Nursery, images: tuple[bytes, bytes],
@@ -548,7 +564,16 @@ async def test_with_offline_targets_keys_the_signature_that_makes_a_release_live
                                  *register, role=None)
     assert rc == 0 and "nothing went live yet" in out, err
     assert await ops.checkin("d1") is None
-    rc, out, err = await ops.cli("seeder", "sign", str(ops.repo.path), "--key", str(keys[1]),
+    # the second signer signs a copy elsewhere; the import that makes it live registers
+    request = tmp_path / "request.json"
+    assert (await ops.cli("seeder", "export", str(ops.repo.path), str(request),
+                          role=None))[0] == 0
+    rc, _, err = await ops.cli("seeder", "sign", str(request), "--key", str(keys[1]),
+                               *register, role=None)
+    assert rc == 2 and "--register needs the repository" in err
+    assert (await ops.cli("seeder", "sign", str(request), "--key", str(keys[1]),
+                          role=None))[0] == 0
+    rc, out, err = await ops.cli("seeder", "import", str(ops.repo.path), str(request),
                                  *register, role=None)
     assert rc == 0, err
     assert "LIVE:" in out and "registered acme-router 3.0.0 (release counter 3" in out
