@@ -176,8 +176,9 @@ def render_release(answer: Json, tz: dt.tzinfo | None = None) -> list[str]:
                    ([p["kind"], p["encoding"], readable_bytes(p["size"]), p["sha256"][:16],
                      (p.get("base_sha256") or "-")[:16]] for p in answer["payloads"]),
                    empty="no payloads")
-    if answer.get("swarms"):
-        lines.append("swarms (v2 info-hash): " + ", ".join(answer["swarms"]))
+    # the v2 info-hash of each payload's swarm, and the 20 bytes clients announce
+    lines += [f"swarm {escape(h)} (announced as {escape(h[:40])})"
+              for h in answer.get("swarms", [])]
     lines.append("")
     lines += render_rollouts({"rollouts": answer.get("rollouts", [])}, tz)
     return lines
