@@ -558,9 +558,14 @@ async def _devices(call: Call) -> tuple[int, object]:
                              seen_before=None if stale is None else call.now - stale)
         rows = store.devices(where, limit=limit + 1)
         devices = []
+        rollouts: dict[str, RolloutState | None] = {}
         for device in rows[:limit]:
             history = store.admissions_of(device.device_id)
-            devices.append(device_to_json(device, history[0] if history else None))
+            current = history[0] if history else None
+            if current is not None and current.rollout_id not in rollouts:
+                rollouts[current.rollout_id] = store.rollout(current.rollout_id)
+            devices.append(device_to_json(
+                device, current, None if current is None else rollouts[current.rollout_id]))
         return {"devices": devices, **_page(rows, limit, lambda d: d.device_id)}
 
     return 200, await call.director.run(read)
@@ -576,10 +581,13 @@ async def _show_device(call: Call) -> tuple[int, object]:
         if device is None:
             raise NotFound(f"unknown device {device_id[:128]}")
         history = store.admissions_of(device_id)
-        return {**device_to_json(device, history[0] if history else None),
+        states = {h.rollout_id: store.rollout(h.rollout_id) for h in history}
+        return {**device_to_json(device, history[0] if history else None,
+                                 states[history[0].rollout_id] if history else None),
                 "rollouts": [{"rollout_id": h.rollout_id, "product": h.product,
                               "version": h.version, "generation": h.generation,
-                              **admission_to_json(h.admission)} for h in history],
+                              **admission_to_json(h.admission, states[h.rollout_id])}
+                             for h in history],
                 "reports": [report_to_json(r) for r in store.reports(
                     device_id, limit=limit, newest_first=True)],
                 "certificates": store.device_certificates(device_id)}

@@ -114,10 +114,11 @@ def admission_to_json(admission: Admission, state: RolloutState | None = None
             "message": admission.message, "updated_at": admission.updated_at}
 
 
-def device_to_json(device: DeviceRecord, current: RolloutDevice | None = None
-                   ) -> dict[str, Any]:
+def device_to_json(device: DeviceRecord, current: RolloutDevice | None = None,
+                   state: RolloutState | None = None) -> dict[str, Any]:
     """A device: what it runs, when it was last heard of, its groups, and its state in
-    the latest rollout it was admitted to (``current``)."""
+    the latest rollout it was admitted to (``current``; ``state``: that rollout, to name
+    the stage)."""
     return {
         "device_id": device.device_id, "product": device.product,
         "hardware_id": device.hardware_id, "version": device.version,
@@ -130,7 +131,7 @@ def device_to_json(device: DeviceRecord, current: RolloutDevice | None = None
         "rollout": None if current is None else {
             "rollout_id": current.rollout_id, "version": current.version,
             "generation": current.generation,
-            **admission_to_json(current.admission)},
+            **admission_to_json(current.admission, state)},
     }
 
 
