@@ -745,7 +745,8 @@ class _Run:
                     self.state.trust_dir, self.config.origin_url, offer.target,
                     timeout_s=self.config.http_timeout_s,
                     scratch_dir=self.state.downloads_dir, tls=self.http.tls,
-                    min_rate_bytes_per_s=self.config.http_min_rate_bytes_per_s))
+                    min_rate_bytes_per_s=self.config.http_min_rate_bytes_per_s,
+                    pass_timeout_s=self.config.metadata_timeout_s))
         result.bytes_metadata += metadata_bytes
         try:
             release = parse_release_manifest(data)

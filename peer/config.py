@@ -65,6 +65,8 @@ class DeviceConfig:
     # slow retrieval: after http_timeout_s, a response must average at least this rate
     # (peer/http.py); 0 turns the floor off (the per-read http_timeout_s still applies)
     http_min_rate_bytes_per_s: int = 1024
+    # one refresh of the TUF metadata and the release manifest, all requests together
+    metadata_timeout_s: float = 300.0
     retry_backoff_s: float = 0.2
     # --- TLS (peer/http.py): SPKI pins of the origin's and tracker's keys plus at least
     # one backup, provisioned with the device (never learned from the network); a CA
@@ -114,7 +116,7 @@ class DeviceConfig:
             raise ConfigError("download_concurrency must be within 1..64")
         if not 1 <= self.chunk_attempts <= 100:
             raise ConfigError("chunk_attempts must be within 1..100")
-        if self.health_timeout_s <= 0 or self.http_timeout_s <= 0:
+        if min(self.health_timeout_s, self.http_timeout_s, self.metadata_timeout_s) <= 0:
             raise ConfigError("timeouts must be positive")
         if self.download_mode not in DOWNLOAD_MODES:
             raise ConfigError(f"download_mode must be one of {list(DOWNLOAD_MODES)}, "

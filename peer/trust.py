@@ -35,6 +35,7 @@ def fetch_release_manifest(trust_dir: Path, origin_url: str, target_name: str, *
                            timeout_s: float, scratch_dir: Path,
                            tls: TlsPolicy | None = None,
                            min_rate_bytes_per_s: int = DEFAULT_MIN_RATE_BYTES_PER_S,
+                           pass_timeout_s: float | None = None,
                            ) -> tuple[bytes, int]:
     """Return ``(manifest bytes, metadata bytes downloaded)`` for ``target_name``.
 
@@ -44,10 +45,12 @@ def fetch_release_manifest(trust_dir: Path, origin_url: str, target_name: str, *
     ``PinMismatch`` before any request, and no metadata moves. A response slower than
     ``min_rate_bytes_per_s`` after ``timeout_s`` is cut (slow retrieval, DownloadFailed);
     one longer than python-tuf's limit for its role or the signed length is cut there
-    (VerifyFailed: bad data, not a transport failure).
+    (VerifyFailed: bad data, not a transport failure). ``pass_timeout_s`` bounds every
+    request of the refresh together (DownloadFailed beyond it).
     """
     base = origin_url.rstrip("/")
-    fetcher = TufFetcher(timeout_s=timeout_s, tls=tls, min_rate_bytes_per_s=min_rate_bytes_per_s)
+    fetcher = TufFetcher(timeout_s=timeout_s, tls=tls, min_rate_bytes_per_s=min_rate_bytes_per_s,
+                         pass_timeout_s=pass_timeout_s)
     scratch_dir.mkdir(parents=True, exist_ok=True)
     scratch = scratch_dir / "release-manifest.download"
     try:
