@@ -144,6 +144,7 @@ async def update_once(state: DeviceState, *,
                       slots: SlotBackend | None = None,
                       wall_clock: Callable[[], float] = time.time,
                       retry_budget: int | None = None,
+                      retry_window_s: float = 6 * 3600.0,
                       ) -> UpdateResult:
     """Run one update pass on the device in ``state``; never raises ``PeerError``
     except ``ConfigError`` (the device itself is not usable).
@@ -155,7 +156,10 @@ async def update_once(state: DeviceState, *,
     the slot backend (default: the state directory's file-backed slots); ``wall_clock``
     (seconds since the epoch) measures the install policy's windows and delay. With a
     ``retry_budget``, a release whose attempts already failed that many times is not
-    attempted again (``deferred``) until another release is offered.
+    attempted again (``deferred``) until another release is offered, or until
+    ``retry_window_s`` after the oldest of those failures (the budget recovers with
+    time). A failed download (status 10: an unreachable origin, an outage) spends none
+    of it: it is no verdict on the release, and the daemon's backoff paces the retries.
     """
     with _device_lock(state):
         config = state.config()
@@ -167,12 +171,15 @@ async def update_once(state: DeviceState, *,
                        config.seed_time_s if seed_time_s is None else seed_time_s,
                        state.slots() if slots is None else slots, wall_clock)
             run.retry_budget = retry_budget
+            run.retry_window_s = retry_window_s
             run.identity = identity
             run.nursery = nursery
             try:
                 result = await run.start(bc)
-                if result.attempted and result.to_version is not None:
-                    state.count_attempt(result.to_version, ok=result.status == StatusCode.OK)
+                if (result.attempted and result.to_version is not None
+                        and result.status != StatusCode.DOWNLOAD_FAILED):
+                    state.count_attempt(result.to_version, ok=result.status == StatusCode.OK,
+                                        now_s=wall_clock())
                 await run.report(result)
                 state.save_result({**result.to_json(), "finished_at": time.time()})
                 await run.seed(result, on_seeding)
@@ -245,6 +252,7 @@ class _Run:
         self.components = ComponentStore(state.root / "components")
         self.wall_clock = wall_clock
         self.retry_budget: int | None = None
+        self.retry_window_s = 6 * 3600.0
         self.policy = load_policy(state.policy_path)  # ConfigError: a bad file, said early
         self.journal = Journal()
         self.config = state.config()
@@ -385,11 +393,14 @@ class _Run:
             await trio.to_thread.run_sync(self._remove_downloads, set())
             return result
         if self.retry_budget is not None:
-            spent = self.state.failed_attempts(offer.version)
-            if spent >= self.retry_budget:
+            failed = self.state.failed_attempts(offer.version, now_s=self.wall_clock(),
+                                                window_s=self.retry_window_s)
+            if len(failed) >= self.retry_budget:
                 self._step(Event.NO_OFFER)
                 result.to_version = offer.version
-                result.deferred = f"retry budget spent ({spent} failed attempts)"
+                again = datetime.fromtimestamp(min(failed) + self.retry_window_s, UTC)
+                result.deferred = (f"retry budget spent ({len(failed)} failed attempts; "
+                                   f"tried again from {again:%Y-%m-%d %H:%M:%S} UTC)")
                 result.message = f"{offer.version} offered, not attempted: {result.deferred}"
                 return result
         result.attempted = True

@@ -124,10 +124,10 @@ def add_parser(subparsers: Any) -> None:
         description="The agent as a daemon: an update pass, then sleep the poll interval "
                     "(with jitter) or, after a failure, an exponential backoff; a release "
                     "whose attempts failed --retry-budget times is not attempted again "
-                    "until another one is offered. SIGTERM or SIGINT: exit 0 at once when "
-                    "idle; a pass in progress stops at the next safe point (never between "
-                    "the switch and the health check's outcome) and is picked up from the "
-                    "journal on the next start.")
+                    "until another one is offered or --retry-window-s has passed. SIGTERM "
+                    "or SIGINT: exit 0 at once when idle; a pass in progress stops at the "
+                    "next safe point (never between the switch and the health check's "
+                    "outcome) and is picked up from the journal on the next start.")
     run.add_argument("state", type=Path)
     run.add_argument("--poll-interval-s", type=float, default=None,
                      help="seconds between passes (default: what the tracker asks for)")
@@ -138,6 +138,12 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument("--backoff-max-s", type=float, default=3600.0)
     run.add_argument("--retry-budget", type=int, default=3,
                      help="failed attempts per release before it is left alone "
+                          "(default %(default)s; failed downloads do not count)")
+    run.add_argument("--retry-window-s", type=float, default=6 * 3600.0,
+                     help="a failed attempt is forgiven this long after it: a spent budget "
+                          "recovers with time (default %(default)s)")
+    run.add_argument("--min-poll-after-s", type=float, default=30.0,
+                     help="never poll sooner than this, whatever the tracker says "
                           "(default %(default)s)")
     run.add_argument("--seed-time-s", type=float, default=None,
                      help="seed time after each swarm-mode update (default: the device's)")
@@ -234,7 +240,8 @@ def _run(args: argparse.Namespace) -> int:
         config = DaemonConfig(
             poll_interval_s=args.poll_interval_s, jitter_fraction=args.jitter_fraction,
             backoff_initial_s=args.backoff_initial_s, backoff_max_s=args.backoff_max_s,
-            retry_budget=args.retry_budget, seed_time_s=args.seed_time_s)
+            retry_budget=args.retry_budget, retry_window_s=args.retry_window_s,
+            min_poll_after_s=args.min_poll_after_s, seed_time_s=args.seed_time_s)
         state = DeviceState(args.state)
         state.config()  # refuse an unusable state directory before starting
 

@@ -11,7 +11,7 @@
     STATE/journal.json       the update state machine's journal (peer.machine)
     STATE/policy.toml        install policy (optional; peer.install_policy)
     STATE/offers.json        when the release now offered was first offered (install delay)
-    STATE/attempts.json      failed attempts in a row of one release (retry budget)
+    STATE/attempts.json      when attempts of one release failed in a row (retry budget)
 """
 
 from __future__ import annotations
@@ -104,20 +104,33 @@ class DeviceState:
     def attempts_path(self) -> Path:
         return self.root / "attempts.json"
 
-    def failed_attempts(self, version: str) -> int:
-        """How many attempts to install ``version`` failed in a row."""
+    def failed_attempts(self, version: str, *, now_s: float, window_s: float) -> list[float]:
+        """When attempts to install ``version`` failed in a row (seconds since the epoch),
+        those of the last ``window_s`` seconds only: older failures are forgiven, so a
+        spent retry budget recovers with time. (A record of an older format, without
+        times, counts as forgiven.)"""
         try:
             raw = json.loads(self.attempts_path.read_bytes())
             if isinstance(raw, dict) and raw.get("version") == version:
-                return int(raw["failures"])
+                return [float(t) for t in raw.get("failed_at_s", [])
+                        if now_s - window_s < float(t) <= now_s + window_s]
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             pass
-        return 0
+        return []
 
-    def count_attempt(self, version: str, *, ok: bool) -> None:
-        """Record an attempt's outcome (a success clears the count)."""
-        failures = 0 if ok else self.failed_attempts(version) + 1
-        atomic_write_json(self.attempts_path, {"version": version, "failures": failures})
+    def count_attempt(self, version: str, *, ok: bool, now_s: float) -> None:
+        """Record an attempt's outcome at ``now_s`` (a success clears the record)."""
+        failed: list[float] = []
+        if not ok:
+            try:
+                raw = json.loads(self.attempts_path.read_bytes())
+                if isinstance(raw, dict) and raw.get("version") == version:
+                    failed = [float(t) for t in raw.get("failed_at_s", [])][-63:]
+            except (FileNotFoundError, ValueError, KeyError, TypeError):
+                pass
+            failed.append(now_s)
+        atomic_write_json(self.attempts_path, {"version": version, "failures": len(failed),
+                                               "failed_at_s": failed})
 
     @property
     def journal_path(self) -> Path:
