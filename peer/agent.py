@@ -113,6 +113,7 @@ class UpdateResult:
     swarm_note: str | None = None
     deferred: str | None = None  # why an offered release was not attempted (policy)
     banned_peers: list[str] = field(default_factory=list)
+    dropped_peers: list[str] = field(default_factory=list)  # silent, stalled or snubbed
     bytes_uploaded: int = 0
     reported: bool = False
     poll_after_s: int = 3600
@@ -609,6 +610,7 @@ class _Run:
             stall_s=config.swarm_stall_s, timeout_s=config.swarm_timeout_s,
             min_peer_rate_bytes_per_s=_min_peer_rate(config),
             waste_budget_bytes=config.swarm_waste_budget_bytes,
+            silent_peer_s=config.swarm_silent_peer_s,
             direct_concurrency=config.download_concurrency, attempts=config.chunk_attempts,
             backoff_s=config.retry_backoff_s, spread_key=config.device_id,
             device_id=config.device_id)  # the tracker admits the announce by rollout
@@ -620,6 +622,8 @@ class _Run:
         self.timings[f"transfer_{work.payload.kind}"] = round(stats.transfer_s, 6)
         result.chunks_reused += stats.chunks_reused
         result.banned_peers.extend(p for p in stats.banned_peers if p not in result.banned_peers)
+        result.dropped_peers.extend(p for p in stats.dropped_peers
+                                    if p not in result.dropped_peers)
         if stats.fell_back:
             result.swarm_note = stats.fell_back
         if ref is not None:

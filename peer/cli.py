@@ -232,6 +232,8 @@ def _update(args: argparse.Namespace) -> int:
                 print(f"  swarm: {result.swarm_note}")
             if result.banned_peers:
                 print(f"  banned peers: {', '.join(result.banned_peers)}")
+            if result.dropped_peers:
+                print(f"  dropped peers (silent): {', '.join(result.dropped_peers)}")
     return int(result.status)
 
 

@@ -86,6 +86,9 @@ class DeviceConfig:
     swarm_min_rate_bytes_per_s: int = 32 * 1024
     swarm_timeout_s: float = 1800.0
     swarm_waste_budget_bytes: int = 16 * 1024 * 1024
+    # a peer that unchoked us and holds requests of ours without sending anything this
+    # long (silent or stalled) is dropped for the rest of the pass
+    swarm_silent_peer_s: float = 3.0
     # local service discovery (BEP 14): multicasts the info-hashes the device is in on
     # its LAN, so that LAN peers meet without the tracker. Off unless the fleet's policy
     # turns it on (it tells anyone on the LAN what the device is updating to). DHT is
@@ -128,8 +131,10 @@ class DeviceConfig:
                self.swarm_waste_budget_bytes, self.swarm_min_rate_bytes_per_s,
                self.http_min_rate_bytes_per_s) < 0:
             raise ConfigError("rate limits and the waste budget must be >= 0")
-        if self.seed_time_s < 0 or self.swarm_stall_s <= 0 or self.swarm_timeout_s <= 0:
-            raise ConfigError("seed_time_s must be >= 0, swarm_stall_s and swarm_timeout_s > 0")
+        if self.seed_time_s < 0 or min(self.swarm_stall_s, self.swarm_timeout_s,
+                                       self.swarm_silent_peer_s) <= 0:
+            raise ConfigError("seed_time_s must be >= 0, swarm_stall_s, swarm_timeout_s and "
+                              "swarm_silent_peer_s > 0")
         if not 0 <= self.min_battery_percent_to_upload <= 100:
             raise ConfigError("min_battery_percent_to_upload must be within 0..100")
         if len(self.labels) > MAX_LABELS:

@@ -54,6 +54,7 @@ from peer.errors import DownloadFailed
 
 __all__ = [
     "MIN_PIECE_SIZE_BYTES",
+    "PeerView",
     "PieceView",
     "SwarmConfig",
     "SwarmEvent",
@@ -361,6 +362,11 @@ def session_settings(config: SwarmConfig) -> dict[str, Any]:
         "close_redundant_connections": False,
         # closing a session waits for "stopped" announces; do not wait long for them
         "stop_tracker_timeout": 1,
+        # every tracker a torrent names (a seeder's own and those of the torrent; tiers
+        # or not) hears every announce: by default libtorrent announces to the first
+        # tracker that works and keeps the others as fallbacks
+        "announce_to_all_tiers": True,
+        "announce_to_all_trackers": True,
         "report_web_seed_downloads": True,
         "alert_mask": _ALERT_MASK,
         # piece alerts come one per piece; room for a few seconds of them between polls
@@ -445,6 +451,19 @@ class SwarmEvent:
 
 
 @dataclass(frozen=True)
+class PeerView:
+    """One connected BitTorrent peer of a torrent, as libtorrent sees it now."""
+
+    endpoint: str  # host:port
+    host: str
+    bytes_received: int  # piece data received on this connection
+    choking_us: bool
+    requests_pending: int  # blocks we asked for and did not get yet
+    snubbed: bool  # libtorrent gave up waiting for it (request timeout)
+    seed: bool
+
+
+@dataclass(frozen=True)
 class PieceView:
     """Which pieces this session has, and how many connected peers have each."""
 
@@ -457,6 +476,7 @@ class PieceView:
     bytes_useful_from_peers: int = 0  # piece data from peers, minus failed and redundant
     tracker_replied: bool = False  # a tracker has answered an announce of this torrent
     known_peers: int = 0  # peers libtorrent knows of (connected or not)
+    peers: tuple[PeerView, ...] = ()  # connected BitTorrent peers (not web seeds)
 
 
 @dataclass
@@ -522,6 +542,7 @@ class SwarmSession:
         self._torrents: dict[str, _Torrent] = {}
         self._events: deque[SwarmEvent] = deque(maxlen=_MAX_BUFFERED_EVENTS)
         self._alert_lock = threading.Lock()
+        self._blocked: set[str] = set()
         self._closed = False
 
     def __enter__(self) -> SwarmSession:
@@ -646,9 +667,16 @@ class SwarmSession:
         if len(availability) != len(have):  # libtorrent returns [] with no peers
             availability = (0,) * len(have)
         checking = int(status.state) in _CHECKING_STATES
-        leechers = tuple(sorted({p.pid.to_bytes() for p in t.handle.get_peer_info()
-                                 if p.connection_type == lt.peer_info.standard_bittorrent
-                                 and not p.flags & lt.peer_info.seed}))
+        infos = [p for p in t.handle.get_peer_info()
+                 if p.connection_type == lt.peer_info.standard_bittorrent]
+        leechers = tuple(sorted({p.pid.to_bytes() for p in infos
+                                 if not p.flags & lt.peer_info.seed}))
+        peers = tuple(PeerView(endpoint=f"{p.ip[0]}:{p.ip[1]}", host=str(p.ip[0]),
+                               bytes_received=int(p.total_download),
+                               choking_us=bool(p.flags & lt.peer_info.remote_choked),
+                               requests_pending=int(p.download_queue_length),
+                               snubbed=bool(p.flags & lt.peer_info.snubbed),
+                               seed=bool(p.flags & lt.peer_info.seed)) for p in infos)
         return PieceView(have=have, availability=availability,
                          num_peers=int(status.num_peers), checking=checking,
                          downloading_peer_ids=leechers,
@@ -657,7 +685,7 @@ class SwarmSession:
                                                      - int(status.total_failed_bytes)
                                                      - int(status.total_redundant_bytes)),
                          tracker_replied=bool(status.current_tracker),
-                         known_peers=int(status.list_peers))
+                         known_peers=int(status.list_peers), peers=peers)
 
     def flush(self, ref: TorrentHandleRef) -> None:
         """Ask libtorrent to write the pieces it holds in memory to the file (they are
@@ -679,6 +707,25 @@ class SwarmSession:
                     return True
                 await trio.sleep(_POLL_INTERVAL_S)
         return False
+
+    def block_hosts(self, hosts: Sequence[str]) -> None:
+        """Refuse every connection with ``hosts`` (IP addresses) from now on, in every
+        torrent of this session: connections open now are closed (libtorrent applies
+        its IP filter to them at once) and none is made or accepted again. For peers
+        that lie or stay silent; a session lives for one update pass."""
+        self._check_open()
+        new = set(hosts) - self._blocked
+        if not new:
+            return
+        self._blocked |= new
+        blocked = lt.ip_filter()
+        for host in sorted(self._blocked):
+            blocked.add_rule(host, host, 1)  # 1: blocked
+        self._session.set_ip_filter(blocked)
+
+    @property
+    def blocked_hosts(self) -> frozenset[str]:
+        return frozenset(self._blocked)
 
     def connect_peer(self, ref: TorrentHandleRef, host: str, port: int) -> None:
         """Ask libtorrent to connect to a peer at ``host:port`` for this torrent."""

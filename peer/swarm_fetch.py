@@ -22,6 +22,15 @@ When peers cannot help, the origin finishes the job within bounds:
   swarm took longer than ``timeout_s``: the torrent is dropped and the rest comes
   from the origin with the direct downloader.
 
+Peers that do not deliver are dropped: one that unchoked us and holds requests of ours
+without sending a byte of them for ``silent_peer_s`` (silent, or stalled), or that
+libtorrent snubbed (a request timed out), is blocked for the rest of the session
+(:meth:`SwarmSession.block_hosts`): its connection is closed, the pieces it claimed
+no longer count as available (so the origin fetches those nobody else has, split among
+the downloaders as usual) and its requests go to other peers. A peer libtorrent banned
+for bad data is blocked the same way, so that it stays out of every torrent of the
+session.
+
 Before the payload is used, every chunk of the assembled file is verified again against
 the manifest's SHA-256 (a chunk that fails is fetched from the origin), and the whole
 file, in one pass.
@@ -98,6 +107,7 @@ class SwarmOptions:
     waste_budget_bytes: int = 16 * 1024 * 1024
     origin_parallel: int = 2
     help_after_s: float = 2.0
+    silent_peer_s: float = 3.0
     direct_concurrency: int = 4
     attempts: int = 4
     backoff_s: float = 0.2
@@ -131,6 +141,7 @@ class SwarmFetchStats:
     chunks_rejected: int = 0
     pieces_failed_hash: int = 0
     banned_peers: list[str] = field(default_factory=list)
+    dropped_peers: list[str] = field(default_factory=list)  # silent, stalled or snubbed
     fell_back: str | None = None
     seconds: float = 0.0
     transfer_s: float = 0.0  # until every piece was there, verified (before the final pass)
@@ -340,6 +351,9 @@ class _SwarmRun:
         self.owned: tuple[tuple[bytes, ...], list[bool]] | None = None
         self.share_done_at: float | None = None
         self.ready_at: float | None = None  # libtorrent done checking, origin workers on
+        # per connected peer: piece bytes received, and since when no more came while
+        # it unchoked us and held requests of ours
+        self.peer_progress: dict[str, tuple[int, float]] = {}
 
     async def run(self) -> bool:
         """True when libtorrent has every piece; False when the origin must finish.
@@ -382,6 +396,7 @@ class _SwarmRun:
                     await trio.sleep(_TICK_S)
                     continue
                 self.view = view
+                self._drop_silent_peers(view, now)
                 have = sum(view.have)
                 if not ready:  # pieces kept from an earlier run (libtorrent checked the file)
                     ready = True
@@ -427,6 +442,32 @@ class _SwarmRun:
             return True  # the origin is failing: no new requests (_next_origin_run)
         return all(have or i in self.given_up or i in self.added
                    for i, have in enumerate(self.view.have))
+
+    def _drop_silent_peers(self, view: PieceView, now: float) -> None:
+        """Block peers that unchoked us and hold our requests without sending anything
+        for ``silent_peer_s``, or that libtorrent snubbed."""
+        silent = []
+        for peer in view.peers:
+            seen = self.peer_progress.get(peer.endpoint)
+            if (seen is None or peer.bytes_received > seen[0] or peer.choking_us
+                    or not peer.requests_pending):
+                self.peer_progress[peer.endpoint] = (peer.bytes_received, now)
+                if not peer.snubbed:
+                    continue
+            elif now - seen[1] < self.options.silent_peer_s and not peer.snubbed:
+                continue
+            silent.append(peer)
+        if not silent:
+            return
+        self.session.block_hosts([peer.host for peer in silent])
+        for peer in silent:
+            self.peer_progress.pop(peer.endpoint, None)
+            if peer.endpoint not in self.stats.dropped_peers:
+                self.stats.dropped_peers.append(peer.endpoint)
+            why = "snubbed" if peer.snubbed else (
+                f"unchoked us, held {peer.requests_pending} requests and sent nothing "
+                f"for {self.options.silent_peer_s:g} s")
+            log.warning("dropped peer %s (%s)", peer.endpoint, why)
 
     def _peers_too_slow(self, samples: deque[tuple[float, int]], now: float,
                         view: PieceView, start: float) -> bool:
@@ -596,6 +637,7 @@ class _SwarmRun:
             elif (event.kind == "peer_ban" and event.peer
                   and event.peer not in self.stats.banned_peers):
                 self.stats.banned_peers.append(event.peer)
+                self.session.block_hosts([event.peer.rsplit(":", 1)[0].strip("[]")])
                 log.warning("banned peer %s (sent data that failed verification)", event.peer)
 
     async def _write_out(self) -> None:
@@ -623,4 +665,5 @@ class _SwarmRun:
             "download_rate_bytes_per_s": s.download_rate_bytes_per_s,
             "upload_rate_bytes_per_s": s.upload_rate_bytes_per_s,
             "banned_peers": list(self.stats.banned_peers),
+            "dropped_peers": list(self.stats.dropped_peers),
         })
