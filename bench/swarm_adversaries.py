@@ -24,9 +24,14 @@ Targets (issue 15): one liar costs at most the bytes it sent and their re-fetch:
 origin egress <= 1.2x the payload and completion <= 1.5x the honest run; with four
 liars every honest device ends on the right image and no honest peer is banned.
 
+``--chunk-kib 16`` publishes the payload in 16 KiB chunks, as releases were published
+before chunks were at least 32 KiB (one-block pieces: see
+:data:`manifest.MIN_CHOSEN_CHUNK_SIZE_BYTES`), to measure how devices cope with them.
+
 Run: ``.venv/bin/python -m bench.swarm_adversaries [--devices 8] [--repeat 3]
-[--image-mib 24] [--origin-mib-s 4] [--out bench/results]``. Writes
-``swarm-adversaries.json`` and ``swarm-adversaries.md``.
+[--image-mib 24] [--origin-mib-s 4] [--chunk-kib N] [--out bench/results]``. Writes
+``swarm-adversaries.json`` and ``swarm-adversaries.md`` (``swarm-adversaries-16k.*``
+with ``--chunk-kib 16``).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from urllib.parse import quote_from_bytes
 
 import trio
 
+import seeder.publish
 from bench.delta import machine_info
 from bench.swarm import DEFAULT_OUT, RunResult, device_host, publish, run_fleet
 from infra.fsio import atomic_write_bytes
@@ -169,13 +175,31 @@ def summarize(runs: Sequence[AdversaryRun], honest_slowest_s: float | None,
     }
 
 
+@contextlib.contextmanager
+def chunk_size_of_older_releases(chunk_size: int | None) -> Iterator[None]:
+    """Within the block, publishing cuts payloads into ``chunk_size`` chunks (``None``:
+    today's choice), as an older publisher did."""
+    if chunk_size is None:
+        yield
+        return
+    module: Any = seeder.publish  # the name publish_release calls
+    chosen = module.choose_chunk_size
+    module.choose_chunk_size = lambda payload_size_bytes: chunk_size
+    try:
+        yield
+    finally:
+        module.choose_chunk_size = chosen
+
+
 async def run_bench(workdir: Path, *, devices: int, repeat: int, image_bytes: int,
                     origin_rate_bytes_per_s: int,
                     scenarios: Sequence[str] = tuple(SCENARIOS),
+                    chunk_size: int | None = None,
                     progress: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole benchmark; returns a JSON-ready result. Scenarios are interleaved per
     repetition, so that a slow spell of the machine hits them all alike."""
-    published = await trio.to_thread.run_sync(publish, workdir, image_bytes)
+    with chunk_size_of_older_releases(chunk_size):
+        published = await trio.to_thread.run_sync(publish, workdir, image_bytes)
     payload = published[2].full_payload
     progress(f"payload {payload.size:,} bytes ({payload.chunk_count} chunks of "
              f"{payload.chunk_size // 1024} KiB); origin {origin_rate_bytes_per_s:,} B/s; "
@@ -262,6 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="origin egress limit (all responses together), MiB/s")
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS),
                         default=list(SCENARIOS))
+    parser.add_argument("--chunk-kib", type=int, default=None, choices=[16, 32, 64, 128],
+                        help="chunk size of the payload, as an older publisher chose it "
+                             "(default: today's choice)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="directory for swarm-adversaries.json and .md")
     args = parser.parse_args(argv)
@@ -274,13 +301,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = trio.run(lambda: run_bench(
             Path(tmp), devices=args.devices, repeat=args.repeat,
             image_bytes=args.image_mib << 20, origin_rate_bytes_per_s=rate,
-            scenarios=args.scenarios))
+            scenarios=args.scenarios,
+            chunk_size=None if args.chunk_kib is None else args.chunk_kib << 10))
     result["machine"] = machine_info({})
     markdown = render_markdown(result)
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out / "swarm-adversaries.json",
-                       (json.dumps(result, indent=2) + "\n").encode())
-    atomic_write_bytes(args.out / "swarm-adversaries.md", markdown.encode())
+    name = "swarm-adversaries" + ("" if args.chunk_kib is None else f"-{args.chunk_kib}k")
+    atomic_write_bytes(args.out / f"{name}.json", (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write_bytes(args.out / f"{name}.md", markdown.encode())
     print()
     print(markdown)
     return 0 if all(c["all_ok"] for c in result["cells"]) else 1

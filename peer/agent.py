@@ -30,11 +30,12 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,8 @@ from peer.errors import (
     StatusCode,
     VerifyFailed,
 )
+from peer.floors import migrate as migrate_floors
+from peer.floors import raise_component_floor, read_floors, running_components
 from peer.health import run_health_check
 from peer.http import HttpClient
 from peer.identity import Identity, load_identity
@@ -164,7 +167,9 @@ async def update_once(state: DeviceState, *,
     """
     with _device_lock(state):
         config = state.config()
-        bc = state.bootctl()
+        bc = await trio.to_thread.run_sync(  # per-kind floors for an older directory
+            migrate_floors, state.root, state.bootctl_path,
+            ComponentStore(state.root / "components"))
         identity = load_identity(state.root)
         async with HttpClient.for_device(config, identity) as http, \
                 background_tasks() as nursery:
@@ -324,7 +329,7 @@ class _Run:
                 await trio.to_thread.run_sync(self._remove_downloads, set())
                 if component is not None and rec.journal.release_counter is not None:
                     try:
-                        self._raise_floor(rec.journal.release_counter)
+                        self._raise_floor(component, rec.journal.release_counter)
                     except InstallFailed as exc:  # the next commit raises it
                         log.warning("anti-rollback floor not raised: %s", exc)
             return result
@@ -356,13 +361,10 @@ class _Run:
             self._step(Event.UNHEALTHY)
         return result
 
-    def _raise_floor(self, counter: int) -> BootControl:
-        """A committed component release raises the anti-rollback floor too."""
-        bc = self.state.bootctl()
-        if counter <= bc.min_release_counter:
-            return bc
-        return write_bootctl(self.state.bootctl_path,
-                             replace(bc, min_release_counter=counter), what="floor")
+    def _raise_floor(self, component: str, counter: int) -> None:
+        """A committed component release raises that component's anti-rollback floor
+        (``peer.floors``: one per update kind and component)."""
+        raise_component_floor(self.state.root, component, counter)
 
     def _recovered_result(self, journal: Journal) -> UpdateResult:
         """The outcome of an attempt that finished (or was reported) before a restart."""
@@ -382,16 +384,23 @@ class _Run:
         self._step(Event.CHECK)
         try:
             with self._timed("checkin"):
+                running = await trio.to_thread.run_sync(running_components, self.components)
                 offer, result.poll_after_s = await checkin(
                     self.http, self.config, version=active.version,
-                    release_counter=bc.min_release_counter)
+                    release_counter=bc.min_release_counter, components=running)
         except DownloadFailed as exc:
             self._step(Event.NO_OFFER)
             result.status, result.message = exc.status, f"check-in failed: {exc}"
             return result
-        if offer is None:
+        runs = next((c.name for c in running if (c.version, c.release_counter)
+                     == (offer.version, offer.release_counter)), None) if offer else None
+        if offer is None or runs is not None:
+            # (a tracker that reads no per-component counters offers again what a
+            # component already runs: nothing to do, no attempt, no report)
             self._step(Event.NO_OFFER)
             await trio.to_thread.run_sync(self._remove_downloads, set())
+            if offer is not None:
+                result.message = f"up to date (offered {offer.version}: component {runs} runs it)"
             return result
         if self.retry_budget is not None:
             failed = self.state.failed_attempts(offer.version, now_s=self.wall_clock(),
@@ -542,7 +551,7 @@ class _Run:
                     await trio.to_thread.run_sync(work.remove)  # else after seeding
             self._step(Event.HEALTHY)
             await trio.to_thread.run_sync(self.components.commit, name)
-            self._raise_floor(release.release_counter)
+            self._raise_floor(name, release.release_counter)
         result.updated = True
         result.message = (f"updated component {name} {result.from_version} -> "
                           f"{release.version} ({release.update_type})")
@@ -768,9 +777,11 @@ class _Run:
             if (release.product, release.version) != (offer.product, offer.version):
                 raise VerifyFailed(f"target {offer.target} holds release {release.product} "
                                    f"{release.version}")
+            floors = await trio.to_thread.run_sync(
+                read_floors, self.state.root, bc, self.components)
             check_applicable(release, product=self.config.product,
                              hardware_id=self.config.hardware_id,
-                             installed_counter=bc.min_release_counter)
+                             installed_counter=floors.of(release.component))
         except ManifestError as exc:
             raise VerifyFailed(f"release {offer.version} refused: {exc}") from exc
         return release
@@ -856,15 +867,23 @@ class _Run:
                 log.warning("report not delivered, kept for the next run: %s", exc)
                 break
             delivered += 1
+        if delivered:
+            # sent, not yet cleared from the outbox: a crash here sends them again, with
+            # the same report_id (the tracker stores each once)
+            crash_point("report.after_send")
         if delivered or queue:
             self.state.save_outbox(queue[delivered:])
         result.reported = result.attempted and delivered == len(queue)
 
     @staticmethod
     def _report_body(result: UpdateResult) -> dict[str, Any]:
+        """The report of this attempt, with a ``report_id`` of its own: made once, kept
+        in the journal and the outbox, so that a report sent again after a crash is the
+        same report (tracker.wire.REPORT_ID_RE: 22 characters of A-Z a-z 0-9 _ -)."""
         if result.from_version is None or result.to_version is None:
             raise RuntimeError("an attempted update always knows both versions")
-        return {"from_version": result.from_version, "to_version": result.to_version,
+        return {"report_id": secrets.token_urlsafe(16),
+                "from_version": result.from_version, "to_version": result.to_version,
                 "status": int(result.status), "message": _report_text(result.message),
                 "bytes_origin": result.bytes_origin, "bytes_peers": result.bytes_peers,
                 "timings_s": dict(result.timings_s)}

@@ -88,7 +88,7 @@ class DeviceConfig:
     swarm_waste_budget_bytes: int = 16 * 1024 * 1024
     # a peer that unchoked us and holds requests of ours without sending anything this
     # long (silent or stalled) is dropped for the rest of the pass
-    swarm_silent_peer_s: float = 3.0
+    swarm_silent_peer_s: float = 2.0
     # local service discovery (BEP 14): multicasts the info-hashes the device is in on
     # its LAN, so that LAN peers meet without the tracker. Off unless the fleet's policy
     # turns it on (it tells anyone on the LAN what the device is updating to). DHT is

@@ -12,6 +12,7 @@
     STATE/policy.toml        install policy (optional; peer.install_policy)
     STATE/offers.json        when the release now offered was first offered (install delay)
     STATE/attempts.json      when attempts of one release failed in a row (retry budget)
+    STATE/floors.json        anti-rollback floors of the components (peer.floors)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from peer.bootctl import (
 from peer.config import DeviceConfig, load_config, save_config
 from peer.crashpoints import fsio_hook
 from peer.errors import ConfigError
+from peer.floors import write_floors
 from peer.install import hash_file
 from peer.machine import Journal, JournalError, decode_journal, encode_journal
 from peer.slots import FileSlots
@@ -246,4 +248,5 @@ def init_device(state_dir: Path, config: DeviceConfig, *, root_json: bytes, imag
     state.journal_path.unlink(missing_ok=True)
     write_bootctl(state.bootctl_path, initial_bootctl(SlotRecord(version, release_counter,
                                                                  sha, size)))
+    write_floors(state.root, {})  # one floor per update kind and component, none yet
     return state

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from manifest import ReleaseManifest
 from peer.agent import update_once
+from peer.components import ComponentStore
 from peer.errors import StatusCode
+from peer.floors import raise_component_floor, read_floors
 from peer.state import DeviceState
 from seeder.publish import publish_release
 from tests.release_env import HARDWARE_ID, PRODUCT, ReleaseEnv, killed_at
@@ -31,6 +33,11 @@ def publish_component(env: ReleaseEnv, content: bytes, version: str, counter: in
                         update_type=kind, component=name)
     env.register(m)
     return m
+
+
+def floor(dev: DeviceState, name: str | None) -> int:
+    """The anti-rollback floor of component ``name`` (``None``: of images)."""
+    return read_floors(dev.root, dev.bootctl(), ComponentStore(dev.root / "components")).of(name)
 
 
 def current(dev: DeviceState, name: str = "modem-fw") -> bytes:
@@ -53,7 +60,8 @@ async def test_module_update_installs_into_its_component_then_a_delta_follows(
     assert result.message == "updated component modem-fw 1.0.0 -> 3.0.0 (module)"
     assert current(dev) == FW1
     assert os.readlink(dev.root / "components" / "modem-fw" / "current").startswith("v-")
-    assert dev.bootctl().min_release_counter == 3, "anti-rollback floor raised"
+    assert floor(dev, "modem-fw") == 3, "the component's anti-rollback floor raised"
+    assert floor(dev, None) == 1, "the image's floor is its own"
     assert_slots_untouched(env, dev)
     assert not list(dev.downloads_dir.iterdir())
 
@@ -84,7 +92,7 @@ async def test_failed_health_check_restores_the_previous_content(
     result = await update_once(dev)
     assert result.status == StatusCode.POSTCHECK_FAILED, result.message
     assert current(dev, "net-config") == FW1
-    assert dev.bootctl().min_release_counter == 3
+    assert floor(dev, "net-config") == 3
     flag.unlink()
     assert (await update_once(dev)).status == StatusCode.OK
     assert current(dev, "net-config") == FW2
@@ -111,11 +119,11 @@ async def test_killed_mid_switch_rolls_back_then_the_next_run_installs(
             assert restart.status == StatusCode.POSTCHECK_FAILED, (point, restart.message)
             assert "rolled back" in restart.message, restart.message
             assert current(dev, "ui-app") == FW1, point
-            assert dev.bootctl().min_release_counter == 1, point
+            assert floor(dev, "ui-app") == 3 and floor(dev, None) == 1, point
             again = await update_once(dev)
             assert again.status == StatusCode.OK, (point, again.message)
         assert current(dev, "ui-app") == FW2, point
-        assert dev.bootctl().min_release_counter == 4, point
+        assert floor(dev, "ui-app") == 4 and floor(dev, None) == 1, point
         names = [p.name for p in (dev.root / "components" / "ui-app").iterdir()]
         assert not [n for n in names if n.startswith(".") or n == "incoming"], (point, names)
         assert not list(dev.downloads_dir.iterdir()), point
@@ -136,6 +144,7 @@ def fresh_on_fw1(env: ReleaseEnv, tag: str) -> DeviceState:
         size, sha = hash_stream(fh)
     store.switch("ui-app", InstalledVersion("3.0.0", 3, sha, size))
     store.commit("ui-app")
+    raise_component_floor(dev.root, "ui-app", 3)
     return dev
 
 
