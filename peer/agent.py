@@ -33,7 +33,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -71,8 +71,10 @@ from peer.errors import (
     InstallFailed,
     PeerError,
     PostCheckFailed,
+    ResourceFailed,
     StatusCode,
     VerifyFailed,
+    resource_failure,
 )
 from peer.floors import migrate as migrate_floors
 from peer.floors import raise_component_floor, read_floors, running_components
@@ -130,7 +132,13 @@ class UpdateResult:
 
 @contextmanager
 def _device_lock(state: DeviceState) -> Iterator[None]:
-    fd = os.open(state.root / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+    if not state.root.is_dir():
+        raise ConfigError(f"{state.root} is not a device state directory: run "
+                          "'swarmota peer init' first")
+    try:
+        fd = os.open(state.root / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot lock {state.root}: {exc}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -164,9 +172,16 @@ async def update_once(state: DeviceState, *,
     ``retry_window_s`` after the oldest of those failures (the budget recovers with
     time). A failed download (status 10: an unreachable origin, an outage) spends none
     of it: it is no verdict on the release, and the daemon's backoff paces the retries.
+
+    Resources: a full disk, an I/O error or no memory anywhere in the pass ends it as
+    status 30 (``ResourceFailed``) with a report, after the partial files of the pass
+    are removed; files that only record (the result, the attempt count) are written on
+    a best-effort basis, so that a full disk never turns into a traceback.
     """
     with _device_lock(state):
         config = state.config()
+        # a pass killed before it ended left its progress behind: it is not running
+        _best_effort("removing stale progress", lambda: state.save_progress(None))
         bc = await trio.to_thread.run_sync(  # per-kind floors for an older directory
             migrate_floors, state.root, state.bootctl_path,
             ComponentStore(state.root / "components"))
@@ -181,18 +196,40 @@ async def update_once(state: DeviceState, *,
             run.identity = identity
             run.nursery = nursery
             try:
-                result = await run.start(bc)
+                try:
+                    result = await run.start(bc)
+                except (OSError, MemoryError) as exc:  # one no step expected (recovery)
+                    failure = resource_failure("update pass", exc)
+                    log.error("%s", failure)
+                    await run.free_resources()
+                    result = UpdateResult(failure.status, str(failure),
+                                          from_version=bc.slot(bc.committed).version)
                 if (result.attempted and result.to_version is not None
                         and result.status != StatusCode.DOWNLOAD_FAILED):
-                    state.count_attempt(result.to_version, ok=result.status == StatusCode.OK,
-                                        now_s=wall_clock())
+                    to_version, ok = result.to_version, result.status == StatusCode.OK
+                    _best_effort("recording the attempt", lambda: state.count_attempt(
+                        to_version, ok=ok, now_s=wall_clock()))
                 await run.report(result)
-                state.save_result({**result.to_json(), "finished_at": time.time()})
+                _save_result(state, result)
                 await run.seed(result, on_seeding)
             finally:
                 await run.close()
-        state.save_result({**result.to_json(), "finished_at": time.time()})
+        _save_result(state, result)
         return result
+
+
+def _best_effort(what: str, write: Callable[[], object]) -> None:
+    """Write a file that only records something; a full disk or an I/O error is logged,
+    never raised (the pass's outcome does not depend on it)."""
+    try:
+        write()
+    except (OSError, MemoryError) as exc:
+        log.error("%s failed: %s", what, resource_failure(what, exc))
+
+
+def _save_result(state: DeviceState, result: UpdateResult) -> None:
+    _best_effort("saving the result", lambda: state.save_result(
+        {**result.to_json(), "finished_at": time.time()}))
 
 
 def swarm_config_for(config: DeviceConfig, *, has_identity: bool,
@@ -438,7 +475,8 @@ class _Run:
                 result.from_version = from_version
             delta = release.delta_for(base_sha) if base_sha else None
             first = delta or release.full_payload
-            await trio.to_thread.run_sync(self._check_space, release, first)
+            await trio.to_thread.run_sync(  # the fallback from a delta counts too
+                self._check_space, release, (first, release.full_payload))
             self._step(Event.OFFER, from_version=from_version, to_version=release.version,
                        release_counter=release.release_counter, target_slot=target,
                        payload_sha256=first.sha256, payload_kind=first.kind)
@@ -467,14 +505,36 @@ class _Run:
                         await trio.to_thread.run_sync(work.remove)  # else after seeding
             result.updated = True
             result.message = f"updated {active.version} -> {release.version}"
-        except PeerError as exc:
+        except (PeerError, OSError, MemoryError) as exc:
             if isinstance(exc, ConfigError):
                 raise
-            result.status, result.message = exc.status, str(exc)
-            log.warning("update to %s failed (%d): %s", offer.version, exc.status, exc)
+            failure = exc if isinstance(exc, PeerError) else resource_failure(
+                f"update to {offer.version}", exc)
+            result.status, result.message = failure.status, str(failure)
+            log.warning("update to %s failed (%d): %s", offer.version, failure.status, failure)
+            if isinstance(failure, ResourceFailed):
+                await self.free_resources()
         finally:
             self.timings["total"] = round(self.clock() - start, 6)
         return result
+
+    async def free_resources(self) -> None:
+        """After a resource failure (a full disk...): remove this pass's partial files,
+        download work areas and partial slot or component writes, so that the report,
+        the journal and the next pass have room. (A verified download is kept otherwise:
+        resuming it is cheaper than fetching it again.)"""
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(self._remove_downloads, set())
+                removed = await trio.to_thread.run_sync(self.slots.reclaim)
+                for name in self.components.names():
+                    removed += await trio.to_thread.run_sync(
+                        self.components.staging(name).reclaim)
+            except (OSError, MemoryError) as exc:
+                log.error("cannot remove partial files: %s", exc)
+                return
+            if removed:
+                log.warning("removed partial writes: %s", ", ".join(removed))
 
     async def _decide(self, release: ReleaseManifest) -> Decision:
         """The install policy's verdict on ``release`` now (``peer.install_policy``)."""
@@ -487,22 +547,39 @@ class _Run:
                       critical=release.critical, metered=self.config.network_metered,
                       power=power, first_offered_at_s=first, now_s=now_s)
 
-    def _check_space(self, release: ReleaseManifest, payload: Payload) -> None:
-        """The payload still to download and the new image must fit, besides the
-        policy's reserve (before anything is downloaded).
+    def _check_space(self, release: ReleaseManifest, payloads: Sequence[Payload]) -> None:
+        """The largest of ``payloads`` still to download and the new image must fit,
+        besides the policy's reserve (before anything is downloaded). ``payloads``: the
+        one to fetch, and the full payload a delta falls back to (the delta's work area
+        is removed before the fallback, so the larger of the two counts).
 
         Raises:
             InstallFailed: they do not.
+            ResourceFailed: the file systems cannot be examined.
         """
+        try:
+            self._check_space_now(release, payloads)
+        except OSError as exc:
+            raise resource_failure("checking free space", exc) from exc
+
+    def _check_space_now(self, release: ReleaseManifest, payloads: Sequence[Payload]) -> None:
         downloads = self.state.downloads_dir
         downloads.mkdir(parents=True, exist_ok=True)
-        part = downloads / payload.sha256 / "payload.part"
-        try:
-            have = part.stat().st_blocks * 512
-        except FileNotFoundError:
-            have = 0
-        slots_dir = self.slots.image_path("a").parent
-        needs = {downloads: max(0, payload.size - have), slots_dir: release.image.size}
+
+        def still_to_fetch(payload: Payload) -> int:
+            try:
+                have = (downloads / payload.sha256 / "payload.part").stat().st_blocks * 512
+            except FileNotFoundError:
+                have = 0
+            return max(0, payload.size - have)
+
+        image_dir = self.slots.image_path("a").parent
+        if release.component is not None:  # the nearest existing directory of the file
+            image_dir = self.components.directory(release.component)
+            while not image_dir.exists() and image_dir != image_dir.parent:
+                image_dir = image_dir.parent
+        needs = {downloads: max(still_to_fetch(p) for p in payloads),
+                 image_dir: release.image.size}
         by_device: dict[int, tuple[Path, int]] = {}
         for path, need in needs.items():
             dev = os.stat(path).st_dev
@@ -735,6 +812,10 @@ class _Run:
                         target)
                 result.payload_kind = "delta"
                 self._mark_installed(work)
+                # a full payload an earlier pass began (its delta had failed then) is of
+                # no use now
+                await trio.to_thread.run_sync(
+                    PayloadWorkdir(self.state.downloads_dir, release.full_payload).remove)
                 return work
             except (DownloadFailed, VerifyFailed, InstallFailed) as exc:
                 log.warning("delta %s unusable, falling back to the full payload: %s",
@@ -743,6 +824,9 @@ class _Run:
                 # the delta's work area (if any) is of no use to this pass any more
                 await trio.to_thread.run_sync(
                     PayloadWorkdir(self.state.downloads_dir, delta).remove)
+                # space may have gone meanwhile: say so now, not with ENOSPC halfway
+                await trio.to_thread.run_sync(self._check_space, release,
+                                              (release.full_payload,))
                 self._step(Event.FALLBACK, payload_sha256=release.full_payload.sha256,
                            payload_kind="full")
         work = await self._download(release.full_payload, result)
@@ -846,14 +930,15 @@ class _Run:
                 body = self._report_body(result)
                 event = {Phase.COMMITTED: Event.REPORT, Phase.ROLLED_BACK: Event.REPORT}.get(
                     self.journal.phase, Event.FAILED)
-                self._step(event, status=int(result.status),
-                           message=_report_text(result.message),
-                           report=body)
+                # a full disk must not cost the report: it is sent from memory then
+                _best_effort("journaling the report", lambda: self._step(
+                    event, status=int(result.status), message=_report_text(result.message),
+                    report=body))
             crash_point("report.before_queue")
             if body not in queue:
                 queue.append(body)
-                self.state.save_outbox(queue)
-            self._step(Event.QUEUED)
+                _best_effort("queueing the report", lambda: self.state.save_outbox(queue))
+            _best_effort("journaling the queued report", lambda: self._step(Event.QUEUED))
         crash_point("report.before_send")
         delivered = 0
         for body in queue:
@@ -872,7 +957,8 @@ class _Run:
             # the same report_id (the tracker stores each once)
             crash_point("report.after_send")
         if delivered or queue:
-            self.state.save_outbox(queue[delivered:])
+            _best_effort("clearing the outbox",
+                         lambda: self.state.save_outbox(queue[delivered:]))
         result.reported = result.attempted and delivered == len(queue)
 
     @staticmethod

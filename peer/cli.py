@@ -7,6 +7,7 @@ import json
 import shlex
 import signal
 import sys
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from peer.agent import UpdateResult, update_once
 from peer.components import ComponentStore
 from peer.config import DOWNLOAD_MODES, DeviceConfig
 from peer.daemon import DaemonConfig, run_daemon
-from peer.errors import ConfigError
+from peer.errors import ConfigError, StatusCode, resource_failure
+from peer.floors import read_floors
 from peer.identity import install_identity
 from peer.install_policy import load_policy
 from peer.state import DeviceState, JournalError, init_device
@@ -217,6 +219,9 @@ def _update(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, MemoryError) as exc:  # update_once handles them; a last guard
+        print(f"error: {resource_failure('peer update', exc)}", file=sys.stderr)
+        return int(StatusCode.INSTALL_FAILED)
     if args.json:
         print(json.dumps(result.to_json(), indent=2, sort_keys=True))
     else:
@@ -248,7 +253,7 @@ def _run(args: argparse.Namespace) -> int:
         state.config()  # refuse an unusable state directory before starting
 
         def on_result(result: UpdateResult, delay_s: float) -> None:
-            print(f"status {int(result.status)}: {result.message} (next pass in "
+            print(f"{_now()} status {int(result.status)}: {result.message} (next pass in "
                   f"{delay_s:.0f} s)", flush=True)
 
         errors: list[ConfigError] = []
@@ -258,7 +263,8 @@ def _run(args: argparse.Namespace) -> int:
                 async def stop_on_signal() -> None:
                     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                         async for signum in signals:
-                            print(f"{signal.Signals(signum).name}: stopping", flush=True)
+                            print(f"{_now()} {signal.Signals(signum).name}: stopping",
+                                  flush=True)
                             nursery.cancel_scope.cancel()
                             return
 
@@ -294,10 +300,18 @@ def _status(args: argparse.Namespace) -> int:
         journal = {"error": str(exc)}
     store = ComponentStore(state.root / "components")
     components = {name: store.record(name).to_json() for name in store.names()}
+    try:
+        floors = read_floors(state.root, bc, store)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps({"device": config.to_json(), "bootctl": bc.to_json(),
                           "last_result": last, "progress": progress, "journal": journal,
-                          "components": components}, indent=2, sort_keys=True))
+                          "components": components,
+                          "floors": {"image": floors.image,
+                                     "components": dict(floors.components)}},
+                         indent=2, sort_keys=True))
         return 0
     print(f"device {config.device_id}  product {config.product}  hardware {config.hardware_id}")
     print(f"origin {config.origin_url}  tracker {config.tracker_url}")
@@ -309,23 +323,41 @@ def _status(args: argparse.Namespace) -> int:
               f" {' '.join(flags)}")
     if bc.pending:
         print(f"  update pending on slot {bc.primary}, tries left {bc.tries_remaining}")
-    print(f"  anti-rollback floor: release counter {bc.min_release_counter}")
+    print(f"  anti-rollback floor of images: release counter {floors.image}")
     for name, record in components.items():
         cur = record["current"]
         print(f"  component {name}: {cur['version'] if cur else '(none)'}"
-              f"{'  (switch pending)' if record['pending'] else ''}")
+              f"{'  (switch pending)' if record['pending'] else ''}, anti-rollback floor "
+              f"{floors.of(name)}")
     if journal and journal.get("phase", "idle") != "idle":
         print(f"update journal: {journal.get('phase', journal.get('error'))} "
               f"(to {journal.get('to_version')}); finished on the next start")
     if state.policy_path.exists():
         print(f"install policy: {state.policy_path}")
     if last:
-        print(f"last result: status {last.get('status')}: {last.get('message')}")
+        print(f"last result: status {last.get('status')}: {last.get('message')}"
+              f"{_when(last.get('finished_at'))}")
+        failure = last.get("last_failure")
+        if isinstance(failure, dict) and failure.get("finished_at") != last.get("finished_at"):
+            print(f"last failure: status {failure.get('status')}: {failure.get('message')}"
+                  f"{_when(failure.get('finished_at'))}")
     else:
         print("last result: none")
     if progress:
         print(f"now: {_describe_progress(progress)}")
     return 0
+
+
+def _now() -> str:
+    """The time now for daemon lines (UTC, ISO 8601, seconds)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _when(seconds: object) -> str:
+    """`` (at <UTC time>)`` for seconds since the epoch; nothing for anything else."""
+    if isinstance(seconds, int | float) and not isinstance(seconds, bool):
+        return f" (at {datetime.fromtimestamp(seconds, UTC):%Y-%m-%d %H:%M:%S} UTC)"
+    return ""
 
 
 def _describe_progress(p: dict[str, Any]) -> str:

@@ -13,6 +13,8 @@
   the tracker offers another one, or ``retry_window_s`` after the oldest of those
   failures (``update_once(retry_budget=..., retry_window_s=...)``); failed downloads do
   not count (an outage is no verdict on the release);
+- a resource failure (a full disk, an I/O error, no memory) is a failed pass like any
+  other (backoff), never the end of the daemon;
 - cancellation (``peer run`` turns SIGTERM and SIGINT into it) ends the loop: while
   sleeping at once; in a pass, at the next checkpoint, except between the switch and the
   health check's outcome, which is shielded (bounded by the health timeout). Whatever is
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 import trio
 
 from peer.agent import UpdateResult, update_once
-from peer.errors import ConfigError, StatusCode
+from peer.errors import ConfigError, StatusCode, resource_failure
 from peer.state import DeviceState
 
 __all__ = ["DaemonConfig", "next_delay_s", "run_daemon"]
@@ -93,9 +95,14 @@ async def run_daemon(state: DeviceState, config: DaemonConfig, *,
     """
     failures_in_row = 0
     while True:
-        result = await update_once(state, seed_time_s=config.seed_time_s,
-                                   retry_budget=config.retry_budget,
-                                   retry_window_s=config.retry_window_s)
+        try:
+            result = await update_once(state, seed_time_s=config.seed_time_s,
+                                       retry_budget=config.retry_budget,
+                                       retry_window_s=config.retry_window_s)
+        except (OSError, MemoryError) as exc:  # update_once turns them into statuses;
+            failure = resource_failure("update pass", exc)  # the daemon lives on anyway
+            log.error("%s", failure)
+            result = UpdateResult(failure.status, str(failure))
         failures_in_row = failures_in_row + 1 if failed(result) else 0
         delay = next_delay_s(config, result, failures_in_row, rand)
         log.info("pass: status %d: %s; next in %.0f s", result.status, result.message, delay)

@@ -8,10 +8,15 @@
      |                             bytes that did arrive, so that whole chunks in them are kept
      +-- VerifyFailed       (20)   trust: metadata, manifest, chunk, payload or image rejected
      +-- InstallFailed      (30)   writing or decompressing into the inactive slot failed
+     +-- ResourceFailed     (30)   the device ran out of a resource or its storage failed
+     |                             (ENOSPC, EIO, ENOMEM...) anywhere in a pass: reported,
+     |                             partial files removed, the daemon carries on
      +-- PostCheckFailed    (40)   the new slot failed its health check; rolled back
 
 Foreign exceptions (httpx, python-tuf, zstandard, OSError) are translated into these at
-the module that calls the foreign library.
+the module that calls the foreign library; an ``OSError`` or ``MemoryError`` that no
+module expected becomes :class:`ResourceFailed` where the pass handles its failures
+(:func:`resource_failure`).
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ __all__ = [
     "PeerError",
     "PinMismatch",
     "PostCheckFailed",
+    "ResourceFailed",
     "StatusCode",
     "VerifyFailed",
+    "resource_failure",
 ]
 
 
@@ -73,3 +80,16 @@ class InstallFailed(PeerError):
 
 class PostCheckFailed(PeerError):
     status = StatusCode.POSTCHECK_FAILED
+
+
+class ResourceFailed(PeerError):
+    """The device ran out of a resource, or its storage failed, while updating: a full
+    disk (ENOSPC), an I/O error (EIO), no memory. Not a verdict on the release."""
+
+    status = StatusCode.INSTALL_FAILED
+
+
+def resource_failure(what: str, exc: OSError | MemoryError) -> ResourceFailed:
+    """``exc`` as a :class:`ResourceFailed` saying what failed (``what``)."""
+    detail = "out of memory" if isinstance(exc, MemoryError) else str(exc) or type(exc).__name__
+    return ResourceFailed(f"{what}: {detail} (device resources)")

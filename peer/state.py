@@ -17,7 +17,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -48,6 +50,8 @@ from peer.slots import FileSlots
 __all__ = ["MAX_OUTBOX_REPORTS", "DeviceState", "JournalError", "init_device"]
 
 MAX_OUTBOX_REPORTS = 32
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -166,28 +170,49 @@ class DeviceState:
         return value if isinstance(value, dict) else None
 
     def save_result(self, result: dict[str, Any]) -> None:
-        atomic_write_json(self.result_path, result)
+        """Record a pass's outcome. The last failure (status and message, when, which
+        release) is kept in it as ``last_failure`` across the passes that follow, until
+        an update succeeds: a pass with nothing to do must not hide why the last attempt
+        failed."""
+        out = dict(result)
+        if out.get("status", 0) != 0:
+            out["last_failure"] = {k: out.get(k) for k in ("status", "message", "to_version",
+                                                           "finished_at")}
+        elif not out.get("updated"):
+            previous = (self.last_result() or {}).get("last_failure")
+            if isinstance(previous, dict):
+                out["last_failure"] = previous
+        atomic_write_json(self.result_path, out)
 
     @property
     def progress_path(self) -> Path:
         return self.root / "progress.json"
 
     def progress(self) -> dict[str, Any] | None:
-        """The running update's last progress record, if any."""
+        """The running update's last progress record, if any: one whose agent is gone
+        (killed mid-pass: its ``pid`` no longer runs) is stale and not returned."""
         try:
             value = json.loads(self.progress_path.read_bytes())
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError):
             return None
-        return value if isinstance(value, dict) else None
+        if not isinstance(value, dict) or not _alive(value.get("pid")):
+            return None
+        return value
 
     def save_progress(self, progress: dict[str, Any] | None) -> None:
-        """Replace the progress record (``None`` removes it). Not fsynced: it is a view."""
-        if progress is None:
-            self.progress_path.unlink(missing_ok=True)
-            return
+        """Replace the progress record (``None`` removes it). Not fsynced: it is a view,
+        and one that cannot be written (a full disk) is skipped, never an error."""
         tmp = self.progress_path.with_name(".progress.json.tmp")
-        tmp.write_text(json.dumps(progress, sort_keys=True))
-        os.replace(tmp, self.progress_path)
+        try:
+            if progress is None:
+                self.progress_path.unlink(missing_ok=True)
+                return
+            tmp.write_text(json.dumps({**progress, "pid": os.getpid()}, sort_keys=True))
+            os.replace(tmp, self.progress_path)
+        except OSError as exc:
+            log.debug("progress not written: %s", exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
     @property
     def outbox_path(self) -> Path:
@@ -205,6 +230,19 @@ class DeviceState:
         """Persist undelivered reports, keeping the newest ``MAX_OUTBOX_REPORTS``."""
         atomic_write_json(self.outbox_path, reports[-MAX_OUTBOX_REPORTS:],
                           hook=fsio_hook("outbox"))
+
+
+def _alive(pid: object) -> bool:
+    """Whether process ``pid`` exists (an int; anything else: no)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: it exists
+        return True
+    return True
 
 
 def init_device(state_dir: Path, config: DeviceConfig, *, root_json: bytes, image: Path,

@@ -493,6 +493,7 @@ class PieceView:
     tracker_replied: bool = False  # a tracker has answered an announce of this torrent
     known_peers: int = 0  # peers libtorrent knows of (connected or not)
     peers: tuple[PeerView, ...] = ()  # connected BitTorrent peers (not web seeds)
+    error: str | None = None  # the torrent stopped on an error (e.g. its file: ENOSPC)
 
 
 @dataclass
@@ -743,7 +744,8 @@ class SwarmSession:
                                                      - int(status.total_failed_bytes)
                                                      - int(status.total_redundant_bytes)),
                          tracker_replied=bool(status.current_tracker),
-                         known_peers=int(status.list_peers), peers=peers)
+                         known_peers=int(status.list_peers), peers=peers,
+                         error=str(status.errc.message()) if status.errc.value() else None)
 
     def flush(self, ref: TorrentHandleRef) -> None:
         """Ask libtorrent to write the pieces it holds in memory to the file (they are

@@ -59,8 +59,8 @@ from urllib.parse import quote
 import trio
 
 from manifest import IntegrityError, Payload
-from peer.download import PayloadWorkdir, download_payload
-from peer.errors import DownloadFailed, VerifyFailed
+from peer.download import PayloadWorkdir, download_payload, prepare
+from peer.errors import DownloadFailed, ResourceFailed, VerifyFailed, resource_failure
 from peer.http import HttpClient
 from peer.swarm import (
     PieceView,
@@ -246,6 +246,8 @@ async def swarm_download(
             does not match the signed manifest (nothing was downloaded).
         DownloadFailed, VerifyFailed: as :func:`peer.download.download_payload`, when the
             origin cannot finish the job.
+        ResourceFailed: the work area cannot be written or read (libtorrent's storage
+            error included: a full disk, an I/O error).
     """
     payload = work.payload
     stats = SwarmFetchStats()
@@ -253,9 +255,12 @@ async def swarm_download(
     received_before = http.bytes_received
     torrent = await _fetch_torrent(http, payload, payload_url + ".torrent")
     if work.part.exists():  # an earlier attempt: fix its size, count its verified chunks
-        stats.chunks_reused = len(await trio.to_thread.run_sync(work.prepare))
+        stats.chunks_reused = len(await prepare(work))
     else:  # libtorrent creates the file: no zeros for it to hash first
-        work.path.mkdir(parents=True, exist_ok=True)
+        try:
+            work.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise resource_failure(f"creating {work.path}", exc) from exc
     try:
         ref = session.add_payload(
             torrent, work.path,
@@ -283,6 +288,8 @@ async def swarm_download(
             bad = await trio.to_thread.run_sync(work.verify_all)
         except IntegrityError as exc:
             raise VerifyFailed(str(exc)) from exc
+        except (OSError, MemoryError) as exc:
+            raise resource_failure(f"verifying {work.part}", exc) from exc
         if bad:
             log.warning("%d chunks failed verification after the swarm; fetching them "
                         "from the origin", len(bad))
@@ -351,7 +358,7 @@ class _SwarmRun:
         self.rejected_bytes = 0
         self.origin_failures: dict[int, int] = {}
         self.given_up: set[int] = set()  # pieces whose origin attempts are used up
-        self.failure: DownloadFailed | VerifyFailed | None = None
+        self.failure: DownloadFailed | VerifyFailed | ResourceFailed | None = None
         self.http_before = http.bytes_received
         key = hashlib.sha256(options.spread_key.encode()).digest()
         self.rng = random.Random(key)
@@ -376,8 +383,9 @@ class _SwarmRun:
         try:
             complete = await self._loop()
         finally:
-            with trio.CancelScope(shield=True):
-                await self._write_out()
+            if not isinstance(self.failure, ResourceFailed):  # else nothing gets written
+                with trio.CancelScope(shield=True):
+                    await self._write_out()
         if complete:
             await self.session.wait_complete(self.ref, timeout_s=60)
         self._handle_events(self.session.pop_events())  # bans seen while finishing
@@ -407,6 +415,11 @@ class _SwarmRun:
                 now = self.clock()
                 view = await trio.to_thread.run_sync(self.session.pieces, self.ref)
                 self._handle_events(self.session.pop_events())
+                if view.error is not None:  # libtorrent cannot use the file: ENOSPC, EIO
+                    self.failure = ResourceFailed(f"swarm download of {self.payload.sha256[:12]}"
+                                                  f" into {self.work.part}: {view.error} "
+                                                  "(device resources)")
+                    break
                 if view.checking or len(view.have) != self.payload.chunk_count:
                     await trio.sleep(_TICK_S)
                     continue
