@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import shutil
 import signal
 import sys
+import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -14,7 +18,7 @@ from typing import Any
 
 import trio
 
-from infra.fsio import atomic_write_bytes
+from infra.fsio import atomic_write_bytes, fsync_dir
 from peer.agent import UpdateResult, update_once
 from peer.components import ComponentStore
 from peer.config import DOWNLOAD_MODES, DeviceConfig
@@ -180,20 +184,58 @@ def _init(args: argparse.Namespace) -> int:
                 raise ConfigError(f"policy {args.policy} does not exist")
             load_policy(args.policy)  # refuse a bad file before provisioning anything
             policy = args.policy.read_bytes()
-        state = init_device(args.state, config, root_json=root, image=args.image,
-                            version=args.version, release_counter=args.release_counter,
-                            force=args.force)
-        if policy is not None:
-            atomic_write_bytes(state.policy_path, policy)
-        if args.identity_cert is not None:
-            install_identity(state.root, args.identity_cert, args.identity_key,
-                             config.device_id)
+
+        def provision(directory: Path) -> None:
+            state = init_device(directory, config, root_json=root, image=args.image,
+                                version=args.version, release_counter=args.release_counter,
+                                force=args.force)
+            if policy is not None:
+                atomic_write_bytes(state.policy_path, policy)
+            if args.identity_cert is not None:
+                install_identity(state.root, args.identity_cert, args.identity_key,
+                                 config.device_id)
+
+        _provision_whole(args.state, provision,
+                         check=None if args.identity_cert is None else lambda tmp:
+                         install_identity(tmp, args.identity_cert, args.identity_key,
+                                          config.device_id))
     except (ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"device {config.device_id} provisioned in {state.root} "
+    print(f"device {config.device_id} provisioned in {args.state} "
           f"(slot a: {args.version}, counter {args.release_counter})")
     return 0
+
+
+def _provision_whole(target: Path, provision: Callable[[Path], None],
+                     check: Callable[[Path], None] | None = None) -> None:
+    """Run ``provision`` so that a failure leaves no half-made state directory.
+
+    A new device (``target`` missing or an empty directory) is built in a temporary
+    directory beside it and renamed into place once complete; on failure the temporary
+    directory goes and ``target`` is as it was. Re-provisioning (``--force``) changes
+    the device in place, keeping its identity's request counter: ``check`` (run on a
+    scratch directory) validates first what can be refused (the identity files).
+
+    Raises:
+        ConfigError, OSError: as ``provision`` or ``check``.
+    """
+    fresh = not target.exists() or (target.is_dir() and not any(target.iterdir()))
+    if not fresh:
+        if check is not None:
+            with tempfile.TemporaryDirectory(prefix=".swarmota-check-") as scratch:
+                check(Path(scratch))
+        provision(target)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.init-", dir=target.parent))
+    try:
+        provision(work)
+        os.replace(work, target)  # onto a missing or an empty directory
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    fsync_dir(target.parent)
 
 
 def _ca_file(path: str | None) -> str | None:

@@ -13,6 +13,8 @@ Devices run the real agent against the real origin and tracker of
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -24,6 +26,7 @@ from peer.agent import update_once
 from peer.bootctl import write_bootctl
 from peer.components import ComponentStore
 from peer.config import save_config
+from peer.download import PayloadWorkdir
 from peer.errors import StatusCode
 from peer.floors import FLOORS_FILE, Floors, read_floors
 from peer.state import DeviceState
@@ -31,11 +34,13 @@ from seeder.publish import publish_release
 from tests.release_env import (
     HARDWARE_ID,
     PRODUCT,
+    REPO_ROOT,
     ReleaseEnv,
     killed_at,
     read_body,
     serve_offer,
 )
+from tests.test_update_delta import publish_v3_with_deltas
 from tracker.wire import REPORT_ID_RE
 
 
@@ -156,3 +161,57 @@ async def test_a_state_directory_with_one_floor_for_everything_is_migrated(
     assert floors_of(dev) == Floors(image=2, components={"net-config": 3})
     assert json.loads((dev.root / FLOORS_FILE).read_bytes())["components"] == {
         "net-config": 3}
+
+
+def peer_status(dev: DeviceState) -> str:
+    proc = subprocess.run([sys.executable, "-m", "swarmota.cli", "peer", "status",
+                           str(dev.root)], capture_output=True, text=True, cwd=REPO_ROOT,
+                          check=True)
+    return proc.stdout
+
+
+async def test_status_keeps_the_last_failure_across_passes_with_nothing_to_do(
+        env: ReleaseEnv, nursery: trio.Nursery) -> None:
+    dev = env.device("dev-1", mode="direct", origin_url="http://127.0.0.1:9")
+    failed = await update_once(dev)
+    assert failed.status == StatusCode.DOWNLOAD_FAILED and failed.attempted
+    save_config(dev.config_path, replace(dev.config(), tracker_url=await serve_offer(
+        nursery, None)))  # a tracker with nothing to offer
+    idle = await update_once(dev)
+    assert idle.status == StatusCode.OK and not idle.attempted
+    text = peer_status(dev)
+    assert "last result: status 0: up to date" in text
+    assert "last failure: status 10: metadata download failed" in text, text
+    # an update that succeeds clears it
+    save_config(dev.config_path, replace(dev.config(), origin_url=env.origin_url,
+                                         tracker_url=env.tracker_url))
+    assert (await update_once(dev)).updated
+    assert "last failure" not in peer_status(dev)
+
+
+async def test_a_killed_download_leaves_no_stale_progress_in_status(env: ReleaseEnv) -> None:
+    """SIGKILL mid-download: the progress record stays on disk, but no agent runs, so
+    ``peer status`` does not claim a download is under way."""
+    dev = env.device("dev-1", mode="direct", download_concurrency=1)
+    await killed_at(dev, "download.chunk_written:3")  # progress is saved after a chunk
+    assert dev.progress_path.exists(), "the killed pass left its progress"
+    assert dev.progress() is None
+    assert "now: downloading" not in peer_status(dev)
+
+
+async def test_a_partial_full_payload_is_removed_once_a_delta_succeeds(
+        env: ReleaseEnv) -> None:
+    """An earlier pass began the full payload (its delta had failed then); this pass's
+    delta works: the full payload's work area is of no use and goes."""
+    v3, m3 = publish_v3_with_deltas(env)
+    dev = env.device("dev-1", mode="direct")
+    leftover = PayloadWorkdir(dev.downloads_dir, m3.full_payload)
+    leftover.prepare()
+    first = (env.repo.origin_dir / m3.full_payload.path).read_bytes()[
+        :m3.full_payload.chunk_size]
+    leftover.write_chunk(0, first)
+    assert leftover.part.exists()
+    result = await update_once(dev)
+    assert result.status == StatusCode.OK and result.payload_kind == "delta", result.message
+    assert dev.slot_path("b").read_bytes() == v3
+    assert list(dev.downloads_dir.iterdir()) == []
