@@ -383,6 +383,16 @@ def session_settings(config: SwarmConfig) -> dict[str, Any]:
         # tracker that works and keeps the others as fallbacks
         "announce_to_all_tiers": True,
         "announce_to_all_trackers": True,
+        # Blame for a piece that fails its hash check: libtorrent penalises every peer
+        # that sent a block of it (4 such pieces ban a peer), so an honest peer that
+        # shared pieces with a liar could be banned with it (1 run in 5 of three devices
+        # and a liar on a loaded machine). Each peer with any download rate takes whole
+        # pieces (the window libtorrent aims at is min(rate x threshold, 8 MiB)), and
+        # a peer holds at most 64 requests (1 MiB) at a time, so that a liar that
+        # answers at once cannot spread its blocks over hundreds of pieces before its
+        # first bad piece is hashed: no honest ban in 24 such runs.
+        "whole_pieces_threshold": 1_000_000,
+        "max_out_request_queue": 64,
         "report_web_seed_downloads": True,
         "alert_mask": _ALERT_MASK,
         # piece alerts come one per piece; room for a few seconds of them between polls
