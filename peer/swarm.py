@@ -390,9 +390,7 @@ def session_settings(config: SwarmConfig) -> dict[str, Any]:
         # pieces (the window libtorrent aims at is min(rate x threshold, 8 MiB)), and
         # a peer holds at most 64 requests (1 MiB) at a time, so that a liar that
         # answers at once cannot spread its blocks over hundreds of pieces before its
-        # first bad piece is hashed: no honest ban in 24 such runs. (With four liars
-        # among eight devices libtorrent still bans an honest device now and then:
-        # docs/ATTACK_MATRIX.md, "Four liars".)
+        # first bad piece is hashed: no honest ban in 24 such runs.
         "whole_pieces_threshold": 1_000_000,
         "max_out_request_queue": 64,
         "report_web_seed_downloads": True,
@@ -725,11 +723,6 @@ class SwarmSession:
         to peers; a piece that fails shows up as a ``hash_failed`` event."""
         t = self._torrent(ref)
         t.handle.add_piece(index, data, 0)
-
-    def hold_piece(self, ref: TorrentHandleRef, index: int) -> None:
-        """Download piece ``index`` from no peer any more (priority 0); a piece handed
-        over with :meth:`add_piece` is still taken, and seeded."""
-        self._torrent(ref).handle.piece_priority(index, 0)
 
     def pieces(self, ref: TorrentHandleRef) -> PieceView:
         """The pieces we have and their availability among connected peers."""

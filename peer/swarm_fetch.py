@@ -376,7 +376,6 @@ class _SwarmRun:
         self.poisoned_at: float | None = None  # a hash failure in a one-block torrent
         self.banned_since_poisoned = False
         self.restarts = 0
-        self.held: set[int] = set()  # failed a hash check: from the origin only
 
     async def run(self) -> bool:
         """True when libtorrent has every piece; False when the origin must finish.
@@ -475,16 +474,6 @@ class _SwarmRun:
         return all(have or i in self.given_up or i in self.added
                    for i, have in enumerate(self.view.have))
 
-    def _hold(self, index: int) -> None:
-        """A piece failed its hash check: fetch it from the origin, not from peers again.
-        libtorrent asks peers for the block hashes of a failed piece; an answer that
-        arrives while the piece is being downloaded again compares the bad block's hash
-        with the new data and bans whoever sends it now, an honest peer (seen with four
-        liars among eight devices). A piece no peer is asked for is never blamed on one.
-        The cost is what the liar sent, fetched again from the origin."""
-        self.held.add(index)
-        self.session.hold_piece(self.ref, index)
-
     def _restart_due(self, now: float) -> bool:
         """A piece failed its hash check in a torrent with one-block pieces, and the
         culprit was banned (or a second passed): time to restart the torrent."""
@@ -509,8 +498,6 @@ class _SwarmRun:
         await self._write_out()
         self.session.restart(self.ref)
         self.peer_progress.clear()
-        for index in self.held:  # a new torrent: its pieces are all wanted from peers
-            self.session.hold_piece(self.ref, index)
 
     def _drop_silent_peers(self, view: PieceView, now: float) -> None:
         """Block peers that unchoked us and hold our requests without sending anything
@@ -570,10 +557,8 @@ class _SwarmRun:
         now = self.clock()
         self.added = {i: t for i, t in self.added.items()
                       if not view.have[i] and now - t < _ADDED_TTL_S}
-        held = self.held
         wanted = [not have and i not in self.requesting and i not in self.added
-                  and i not in self.given_up
-                  and (self.stalled or view.availability[i] == 0 or i in held)
+                  and i not in self.given_up and (self.stalled or view.availability[i] == 0)
                   for i, have in enumerate(view.have)]
         downloaders = self._downloaders(view, now)
         if not downloaders:
@@ -593,9 +578,7 @@ class _SwarmRun:
             # downloaders changes (peers connecting), a block that moves to a new owner is
             # rarely the one its old owner is fetching at that moment.
             owned = self._owned_pieces(downloaders)
-            # a piece that failed here is this device's to fetch, whoever owns its block
-            mine = [w and (o or i in held)
-                    for i, (w, o) in enumerate(zip(wanted, owned, strict=True))]
+            mine = [w and o for w, o in zip(wanted, owned, strict=True)]
             run = first_run(mine, self.block_pieces, self.cursor)
             if run:
                 self.share_done_at = None
@@ -721,8 +704,6 @@ class _SwarmRun:
                 continue
             if event.kind == "hash_failed":
                 self.stats.pieces_failed_hash += 1
-                if event.piece is not None and event.piece not in self.held:
-                    self._hold(event.piece)
                 if self.one_block and self.poisoned_at is None:
                     self.poisoned_at = self.clock()
             elif (event.kind == "peer_ban" and event.peer
