@@ -390,7 +390,9 @@ def session_settings(config: SwarmConfig) -> dict[str, Any]:
         # pieces (the window libtorrent aims at is min(rate x threshold, 8 MiB)), and
         # a peer holds at most 64 requests (1 MiB) at a time, so that a liar that
         # answers at once cannot spread its blocks over hundreds of pieces before its
-        # first bad piece is hashed: no honest ban in 24 such runs.
+        # first bad piece is hashed: no honest ban in 24 such runs. (With four liars
+        # among eight devices libtorrent still bans an honest device now and then:
+        # docs/ATTACK_MATRIX.md, "Four liars".)
         "whole_pieces_threshold": 1_000_000,
         "max_out_request_queue": 64,
         "report_web_seed_downloads": True,
