@@ -48,10 +48,10 @@ async def fill_once_downloading(dev: DeviceState, filler: Path) -> None:
         while chunks_done(dev) < 2:
             await trio.sleep(0.02)
     block = bytes(64 * 1024)
-    with open(filler, "wb") as fh, contextlib.suppress(OSError):
+    # unbuffered: closing the file must not flush a remainder into the full disk
+    with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as fh:
         while True:
             fh.write(block)
-            fh.flush()
 
 
 def assert_failed_for_lack_of_space(env: ReleaseEnv, dev: DeviceState,
