@@ -209,7 +209,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     seeding.add_argument("--announce-url", action="append", default=[], metavar="URL",
                          dest="announce_urls",
                          help="tracker announce URL added to every torrent's own trackers "
-                              "(repeatable), e.g. http://TRACKER/announce")
+                              "(repeatable), e.g. http://TRACKER/announce; every payload is "
+                              "announced to every one of them (none is a mere fallback)")
     seeding.add_argument("--identity", type=Path, default=None, metavar="DIR",
                          help="the seeder's fleet identity (cert.pem + key.pem of 'swarmota "
                               "tls device-cert --role seed'): needed to seed private swarms; "

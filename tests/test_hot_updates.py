@@ -85,7 +85,8 @@ def app_device(env: ReleaseEnv, run: Path, name: str = "dev-1", **recipe: Any) -
     components = {"ui-app": {"services": ["api"],
                              "health_command": [*STANDIN, "check", "api", str(run), current],
                              **recipe}}
-    return env.device(name, mode="direct", services=services, components=components)
+    return env.device(name, image=env.v2, version="2.0.0", counter=2, mode="direct",
+                      services=services, components=components)
 
 
 def sha(data: bytes) -> str:
@@ -127,7 +128,7 @@ async def test_hooks_run_and_services_restart_in_dependency_order_then_a_bad_rel
     assert current_of(env, "dev-1").read_bytes() == APP2, "the component is back"
     assert served(run_dir, "api")[1] == served(run_dir, "ui")[1] == sha(APP2), \
         "and its services run the previous version again"
-    assert dev.bootctl().min_release_counter == 4
+    assert dev.bootctl().min_release_counter == 2, "the image's floor is its own"
     assert [(r.to_version, r.status) for r in env.reports()] == [
         ("3.0.0", 0), ("4.0.0", 0), ("5.0.0", 40)]
 
@@ -153,7 +154,7 @@ def app_archive(version: bytes, *, post_exit: int = 0, deploy: Path, log: Path) 
 async def test_payload_hooks_come_from_the_signed_archive_and_restore_the_previous_version(
         env: ReleaseEnv, run_dir: Path, tmp_path: Path) -> None:
     deploy, log = tmp_path / "deployed", tmp_path / "hooks.log"
-    dev = env.device("dev-1", mode="direct",
+    dev = env.device("dev-1", image=env.v2, version="2.0.0", counter=2, mode="direct",
                      components={"ui-app": {"payload_hooks": True}})
     publish_component(env, app_archive(b"v3\n", deploy=deploy, log=log), "3.0.0", 3,
                       kind="app", name="ui-app")
