@@ -113,9 +113,9 @@ def _schemas() -> dict[str, Any]:
         "Ok": {"type": "object", "required": ["ok"], "properties": {"ok": {"const": True}}},
         "Plan": {"oneOf": [{"const": "everyone"}, {
             "type": "object", "additionalProperties": False,
-            "properties": {k: {} for k in RolloutPlan().to_json()},
+            "properties": {k: {"default": v} for k, v in RolloutPlan().to_json().items()},
             "description": "RolloutPlan fields (tracker/rollout.py); missing ones take "
-                           "defaults"}]},
+                           "their defaults"}]},
         "Stage": stage,
         "Rollout": {"type": "object",
                     "required": ["rollout_id", "product", "version", "generation",
@@ -178,7 +178,7 @@ def _parameter(name: str, where: str) -> dict[str, Any]:
         schema = _PRODUCT
     elif name == "version":
         schema = _VERSION
-    elif name in ("limit", "stale_s", "before", "since"):
+    elif name in ("limit", "stale_s", "seen_within_s", "before", "since"):
         schema = {"type": "integer", "minimum": 0}
     elif name == "status" and where == "query":
         schema = {"type": "string"}
