@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import tomllib
+from collections.abc import MutableMapping
 from dataclasses import replace
 from html.parser import HTMLParser
 from importlib import resources
@@ -54,8 +55,8 @@ async def get(app: TrackerApp, path: str, method: str = "GET"
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
 
     await app({"type": "http", "method": method, "path": path, "headers": [],
                "query_string": b"", "client": ("127.0.0.1", 5000)}, receive, send)

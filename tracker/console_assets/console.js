@@ -329,7 +329,7 @@
       problem, view);
     const refresh = async () => {
       const fleet = await api("GET", "fleet");
-      if (ctx.alive()) view.replaceChildren(renderFleet(fleet));
+      if (ctx.alive()) view.replaceChildren(...renderFleet(fleet));
     };
     await refresh();
     poll(ctx, refresh, POLL_LIST_MS, problem);
@@ -718,24 +718,24 @@
         el("p", { class: "halt-reason" }, r.halt_reason)));
     }
     if (r.failures.length) {
-      out.push(el("h2", {}, "Latest failures"), table([
+      out.push(el("section", { id: "failures" }, el("h2", {}, "Latest failures"), table([
         { title: "Device", cell: (f) => link(["device", f.device_id], f.device_id) },
         { title: "Stage", cell: (f) => f.stage },
         { title: "Status", cell: (f) => badge(f.status + " " + f.status_name, "bad") },
         { title: "Message", class: "message", cell: (f) => f.message },
         { title: "When", cell: (f) => when(f.at) },
-      ], r.failures.slice().reverse()));
+      ], r.failures.slice().reverse())));
     }
     out.push(el("h2", {}, "Stages"), timeline(r));
     out.push(el("h2", {}, "Bytes per stage: origin vs peers"), bytesChart(r.stages));
-    out.push(el("h2", {}, "Devices"), table([
+    out.push(el("section", { id: "rollout-devices" }, el("h2", {}, "Devices"), table([
       { title: "Device", cell: (a) => link(["device", a.device_id], a.device_id) },
       { title: "Stage", cell: (a) => a.stage },
       { title: "State", cell: (a) => badge(a.state, a.state.replace(" ", "-")) },
       { title: "Status", cell: (a) => (a.status === null ? "-" : a.status + " " + a.status_name) },
       { title: "Message", class: "message", cell: (a) => a.message },
       { title: "Updated", cell: (a) => when(a.updated_at) },
-    ], devices, "No device admitted yet."));
+    ], devices, "No device admitted yet.")));
     out.push(el("h2", {}, "Plan"), facts([
       ["Canaries", [...plan.canary_devices, plan.canary_label ? "label " + plan.canary_label : ""]
         .filter(Boolean).join(", ")],
@@ -767,13 +767,13 @@
   }
 
   function bytesChart(stages) {
-    const width = 640;
+    const width = 760;
     const barHeight = 22;
     const gap = 14;
     const labelWidth = 90;
     const max = Math.max(1, ...stages.map((s) => s.bytes_origin + s.bytes_peers));
     const height = stages.length * (barHeight + gap) + 26;
-    const scale = (n) => ((width - labelWidth - 150) * n) / max;
+    const scale = (n) => ((width - labelWidth - 240) * n) / max;
     const chart = svg("svg", { class: "chart", viewBox: "0 0 " + width + " " + height,
                                width, height, role: "img",
                                "aria-label": "bytes from the origin and from peers per stage" });
