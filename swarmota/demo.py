@@ -14,7 +14,8 @@ in the halt reason, and nobody else is offered v3. Releases are registered the w
 operator does it: through the tracker's admin API, which verifies each against the
 repository's signed metadata. The demo exits non-zero unless every device ends on
 verified v2 bytes in its active slot and v3 was stopped at its canary. Needs nothing
-outside this package.
+outside this package. With ``--console`` the servers stay up after the report, until
+Ctrl-C, and the operator console's address and an admin token are printed.
 
 Security is on as in production: a development server CA issues the origin's and the
 tracker's certificates (HTTPS, TLS 1.2+ and 1.3); devices pin both keys plus a spare

@@ -161,7 +161,7 @@ def site(tmp_path_factory: pytest.TempPathFactory,
                 store.add_token(TokenRecord(hash_token(tokens[role]), f"console-{role}", role,
                                             time.time(), None))
         devices = {name: fleet.device(name, health_command=health_command(), seed_time_s=1.0)
-                   for name in ("c1", "d1", "d2")}
+                   for name in ("c1", "d1", "d2", "x1")}
         results = loop.run(update_fleet, list(devices.values()))  # 1.0.0 -> 2.0.0
         assert all(r.status == 0 and r.updated for r in results.values()), results
         shots = ROOT / "docs" / "images" if os.environ.get("SWARMOTA_UPDATE_SCREENSHOTS") \
@@ -212,8 +212,8 @@ def test_sign_in_refuses_a_bad_token_and_shows_the_fleet_of_real_devices(site: S
     assert page.evaluate("Object.keys(sessionStorage)") == ["swarmota-console-token"]
     assert context.cookies() == []  # nothing the browser would send by itself
     row = page.locator("table tr", has_text="2.0.0")
-    expect(row).to_contain_text("3")  # c1, d1, d2 updated through the swarm
-    expect(page.locator(".card", has_text="online")).to_contain_text("3")
+    expect(row).to_contain_text("4")  # c1, d1, d2, x1 updated through the swarm
+    expect(page.locator(".card", has_text="online")).to_contain_text("4")
     screenshot(page, site.shots / "console-fleet.png")
     # search: the fleet page's box lists the devices whose id matches
     page.fill("#find-device", "d")
@@ -244,7 +244,7 @@ def test_a_bad_release_rolled_out_from_the_console_halts_at_its_canary_live(
     expect(page.locator(".stage.current")).to_contain_text("canary")
     page.evaluate("window.__sameDocument = true")  # gone if the page reloads
 
-    results = site.update("c1", "d1", "d2")  # the canary installs, fails, rolls back
+    results = site.update("c1", "d1", "d2", "x1")  # the canary fails, rolls back
     assert int(results["c1"].status) == 40
     assert not results["d1"].attempted and not results["d2"].attempted
 
@@ -341,3 +341,30 @@ def test_a_viewer_sees_no_action_and_a_forged_action_is_refused_and_audited(
     expect(refused.first).to_contain_text("has role viewer; this needs operator")
     page.context.close()
 
+
+
+def test_an_operator_tags_a_device_and_an_admin_revokes_it(site: Site) -> None:
+    page = site.page("operator")
+    page.goto(f"{site.url}#/device/x1")
+    page.fill("input[name=tags]", "lab eu-west")
+    page.click(".tag-form button[type=submit]")
+    tags = page.locator(".tags")
+    expect(tags).to_contain_text("lab")
+    expect(tags).to_contain_text("eu-west")
+    page.click("button[aria-label='remove tag eu-west']")
+    expect(tags).not_to_contain_text("eu-west")
+    assert site.admin("GET", "devices/x1")["tags"] == ["lab"]
+    assert page.locator("button.danger").count() == 0  # revoking is the admin's
+    page.context.close()
+    page = site.page("admin")
+    page.goto(f"{site.url}#/device/x1")
+    page.fill("input[name=reason]", "stolen")
+    page.click("text=Revoke the device's certificates")  # the confirmation is accepted
+    expect(page.locator("#flash")).to_have_text("Revoked 1 certificate(s) of x1")
+    revoked = [r for r in site.admin("GET", "revocations")["revoked"] if r["device_id"] == "x1"]
+    assert [(r["actor"], r["reason"]) for r in revoked] == [("console-admin", "stolen")]
+    actions = [(e["actor"], e["action"]) for e in site.admin("GET", "audit")["audit"]
+               if e["target"] == "x1"]
+    assert actions == [("console-operator", "device.tag")] * 2 + [
+        ("console-admin", "device.revoke")]
+    page.context.close()

@@ -504,7 +504,7 @@
       : el("span", { class: "empty" }, "No tag."));
     if (!may("operator")) return el("div", {}, chips);
     const input = el("input", { name: "tags", placeholder: "canary-eu lab" });
-    return el("div", {}, chips, el("form", { class: "inline", on: { submit: (e) => {
+    return el("div", {}, chips, el("form", { class: "inline tag-form", on: { submit: (e) => {
       e.preventDefault();
       const tags = input.value.split(/[\s,]+/).filter(Boolean);
       if (tags.length) tagAction(d, { add: tags }, refresh);
