@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from tracker.admin import ROUTES, Route
-from tracker.rollout import DEVICE_STATUSES, PHASES, RolloutPlan
+from tracker.rollout import ACTIONS, DEVICE_STATUSES, PHASES, RolloutPlan
 from tracker.wire import (
     DEVICE_ID_RE,
     MAX_BYTES_COUNT,
@@ -130,7 +130,11 @@ def _schemas() -> dict[str, Any]:
                                    "stage_started_at": _TIME,
                                    "stages": {"type": "array", "items": _ref("Stage")},
                                    "totals": _ref("Stage"),
-                                   "failures": {"type": "array", "items": _OBJECT}}},
+                                   "failures": {"type": "array", "items": _OBJECT},
+                                   "actions": {"type": "array",
+                                               "items": {"enum": list(ACTIONS)},
+                                               "description": "the operator actions its "
+                                                              "phase allows"}}},
         "Release": {"type": "object",
                     "required": ["product", "version", "release_counter", "payloads",
                                  "phase"],

@@ -758,7 +758,8 @@
       else if (i === r.stage_index) state = closed ? r.phase : r.phase === "active" ? "current" : r.phase;
       return el("li", { class: "stage " + state, "data-stage": s.name },
         el("div", { class: "stage-name" }, s.name),
-        el("div", { class: "stage-state" }, state),
+        el("div", { class: "stage-state" }, state,
+          i === r.stage_index && !closed ? ", since " + when(r.stage_started_at) : ""),
         el("dl", { class: "counts" },
           [["admitted", s.offered], ["succeeded", s.succeeded], ["failed", s.failed],
            ["rolled back", s.rolled_back], ["in flight", s.in_flight]].map(([k, v]) => [
