@@ -220,9 +220,19 @@ def test_sign_in_refuses_a_bad_token_and_shows_the_fleet_of_real_devices(site: S
     page.press("#find-device", "Enter")
     expect(page.locator("table tbody tr")).to_have_count(2)
     expect(page.locator("table tbody")).to_contain_text("d1")
+    page.select_option("select[name=seen]", "stale")  # filters: nobody is silent
+    page.fill("input[name=search]", "")
+    page.click("form.filters button[type=submit]")
+    expect(page.locator("#page .empty")).to_have_text("No device matches.")
+    page.select_option("select[name=seen]", "online")
+    page.click("form.filters button[type=submit]")
+    expect(page.locator("table tbody tr")).to_have_count(4)
     page.click("text=d2")
     expect(page.locator("#page h1")).to_have_text("Device d2")
     expect(page.locator(".report").first).to_contain_text("0 ok")
+    page.click("#nav >> text=Rollouts")
+    expect(page.locator("table tbody tr")).to_have_count(2)
+    expect(page.locator("tr", has_text="acme-router 2.0.0")).to_contain_text("completed")
     context.close()
 
 
