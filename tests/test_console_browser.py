@@ -315,6 +315,11 @@ def test_a_device_report_message_is_shown_as_text_never_as_markup(site: Site) ->
     assert page.locator("#page img, #page script, #page b").count() == 0
     page.wait_for_timeout(300)  # an onerror would have fired by now
     assert page.evaluate("window.__xss") is None
+    # and had the script parsed markup, the policy's Trusted Types would have refused
+    assert page.evaluate("""() => {
+        try { document.createElement("div").innerHTML = "<b>x</b>"; return "parsed"; }
+        catch (err) { return err.name; }
+    }""") == "TypeError"
     screenshot(page, site.shots / "console-device.png")
     page.context.close()
 
