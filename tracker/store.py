@@ -14,8 +14,9 @@ Time is passed in: ``now`` arguments (seconds since the epoch), or for
 ``add_release`` without ``now`` the ``clock`` given to :class:`SqliteStore`.
 
 The database (WAL journal, ``synchronous=NORMAL``) can be opened by several processes
-at once: ``swarmota tracker release add`` may register a release while the server
-runs, and the server sees it on the next check-in.
+at once: several tracker processes may share it (their transactions are serialised by
+SQLite), and offline maintenance (``tracker admin token create``, ``tracker backup``)
+may run beside a serving tracker.
 
 Schema versions: 1 (releases, devices, reports); 2 adds ``swarms``, the BitTorrent
 swarms of registered releases' payloads (full v2 info-hash, its 20-byte announce form,
