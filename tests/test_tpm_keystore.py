@@ -1,0 +1,395 @@
+"""The TPM key store (issue 22), against a real software TPM per test (swtpm, driven with
+tpm2-tools; skipped without them).
+
+Threats covered: a stolen disk image or a copied state directory (no private key on
+disk; the copy signs nothing on another TPM); the swarm TLS key used to impersonate the
+device at the tracker (its certificate's role is refused); a device booted into another
+state (with measured boot its keys neither sign nor unseal); floors lowered by editing,
+deleting or swapping their records (the TPM's win; a component cannot borrow another's
+NV index); a power cut while the TPM writes a floor (old or new, never a torn value);
+a replaced, rolled back or edited trust anchor record (refused).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import shutil
+import struct
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from infra.devca import create_ca, issue_device_cert_from_csr
+from infra.deviceauth import (
+    CERT_HEADER,
+    SIGNATURE_HEADER,
+    DeviceAuthError,
+    FleetTrust,
+    RequestSigner,
+    find_header,
+)
+from peer.config import DeviceConfig
+from peer.errors import ConfigError, InstallFailed, VerifyFailed
+from peer.floors import Floors
+from peer.keystore import TPM_HANDLES, TpmKeyStore, open_keystore
+from peer.tpm import PcrSelection, TpmError
+from peer.tpm_nv import (
+    ANCHOR_INDEX,
+    COMPONENT_INDICES,
+    FLOOR_INDEX,
+    MAX_COMPONENT_FLOORS,
+    NvFloors,
+    TrustAnchor,
+    anchor_value,
+)
+from seeder.keys import load_private_key
+from seeder.repository import KeySetup, Repository
+from tests.swtpm import SoftTpm, pcr_extend
+
+NOW = datetime.datetime.now(datetime.UTC)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Repository:
+    """A repository whose root the devices are provisioned with (and rotate)."""
+    return Repository.create(tmp_path_factory.mktemp("repo") / "repo", keys=KeySetup())
+
+
+@pytest.fixture(scope="module")
+def fleet_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ca = tmp_path_factory.mktemp("fleet") / "ca"
+    create_ca(ca)
+    return ca
+
+
+def config_for(tpm: SoftTpm, **extra: object) -> DeviceConfig:
+    return DeviceConfig(device_id="dev-tpm", product="acme-router", hardware_id="hw1",
+                        origin_url="http://127.0.0.1:1", tracker_url="http://127.0.0.1:2",
+                        keystore="tpm", tpm_device=tpm.device, **extra)  # type: ignore[arg-type]
+
+
+def provisioned(tpm: SoftTpm, state: Path, repo: Repository, **extra: object) -> TpmKeyStore:
+    (state / "trust").mkdir(parents=True, exist_ok=True)
+    store = open_keystore(config_for(tpm, **extra), state)
+    assert store is not None
+    store.provision(root_json=repo.root_bytes(), image_floor=1, force=False)
+    return store
+
+
+def enrolled(store: TpmKeyStore, fleet_ca: Path, out: Path) -> None:
+    cert = issue_device_cert_from_csr(fleet_ca, store.request_path.read_bytes(), out)
+    assert store.install(cert.read_bytes()) == "same key"
+
+
+def verify(trust: FleetTrust, signer: RequestSigner) -> str:
+    headers = [(k.encode(), v.encode()) for k, v in signer.headers("POST", b"/v1/checkin",
+                                                                 b"{}", 7)]
+    return trust.verify("POST", b"/v1/checkin", b"{}", find_header(headers, CERT_HEADER),
+                        find_header(headers, SIGNATURE_HEADER), NOW).device_id
+
+
+# --- identity -----------------------------------------------------------------------------
+
+
+def test_identity_key_is_made_in_the_tpm_and_the_fleet_ca_certifies_it(
+        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository, fleet_ca: Path) -> None:
+    store = provisioned(soft_tpm, tmp_path / "state", repo)
+    assert store.identity() is None, "no certificate yet: requests go unsigned"
+    requests = store.request_path.read_bytes()
+    csrs = [x509.load_pem_x509_csr(b"-----BEGIN" + part)
+            for part in requests.split(b"-----BEGIN")[1:]]
+    assert [c.is_signature_valid for c in csrs] == [True, True]
+    assert [c.subject.rfc4514_string() for c in csrs] == ["OU=device,CN=dev-tpm",
+                                                          "OU=swarm,CN=dev-tpm"]
+    assert csrs[0].public_key() == soft_tpm.tpm().public_key(TPM_HANDLES["a"][0])
+    enrolled(store, fleet_ca, tmp_path / "certs")
+    identity = store.identity()
+    assert identity is not None and identity.key_pem == b""
+    trust = FleetTrust((fleet_ca / "ca.pem").read_bytes())
+    assert verify(trust, identity.signer) == "dev-tpm"
+    tls = identity.tls_identity()
+    assert tls is not None and b"PRIVATE KEY" in tls[1]
+    assert x509.load_pem_x509_certificate(tls[0]).subject.rfc4514_string() == \
+        "OU=swarm,CN=dev-tpm"
+    # nothing on disk is a private key: the identity key is in the TPM, the swarm key
+    # sealed by it
+    for path in (tmp_path / "state").rglob("*"):
+        if path.is_file():
+            assert b"PRIVATE KEY" not in path.read_bytes(), path
+
+
+def test_copied_state_directory_signs_nothing_on_another_tpm(
+        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository, fleet_ca: Path) -> None:
+    store = provisioned(soft_tpm, tmp_path / "state", repo)
+    enrolled(store, fleet_ca, tmp_path / "certs")
+    shutil.copytree(tmp_path / "state", tmp_path / "stolen")
+    other = SoftTpm(tmp_path / "other-swtpm")
+    other.start()
+    try:
+        thief = open_keystore(config_for(other), tmp_path / "stolen")
+        assert thief is not None
+        with pytest.raises(TpmError):
+            thief.identity()
+        with pytest.raises(TpmError):
+            thief.swarm_key()
+    finally:
+        other.stop()
+
+
+def test_swarm_key_cannot_sign_tracker_requests(
+        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository, fleet_ca: Path) -> None:
+    """The swarm TLS key is in the agent's memory during a pass; its certificate (OU=swarm)
+    is refused by the tracker, so it cannot stand in for the TPM's identity key."""
+    store = provisioned(soft_tpm, tmp_path / "state", repo)
+    enrolled(store, fleet_ca, tmp_path / "certs")
+    identity = store.identity()
+    assert identity is not None
+    tls = identity.tls_identity()
+    assert tls is not None
+    trust = FleetTrust((fleet_ca / "ca.pem").read_bytes())
+    with pytest.raises(DeviceAuthError, match="role must be one of device, seed"):
+        verify(trust, RequestSigner(*tls))
+
+
+def test_measured_boot_keys_work_only_in_the_boot_state_they_were_made_in(
+        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository, fleet_ca: Path) -> None:
+    store = provisioned(soft_tpm, tmp_path / "state", repo, tpm_pcrs="sha256:7")
+    enrolled(store, fleet_ca, tmp_path / "certs")
+    identity = store.identity()
+    assert identity is not None
+    trust = FleetTrust((fleet_ca / "ca.pem").read_bytes())
+    for _ in range(4):  # more than a TPM's session slots: each policy session is flushed
+        assert verify(trust, identity.signer) == "dev-tpm"
+    pcr_extend(soft_tpm, 7, b"a boot without Secure Boot")
+    with pytest.raises(DeviceAuthError, match="boot state is not the one"):
+        identity.signer.headers("POST", b"/v1/checkin", b"{}", 8)
+    with pytest.raises(TpmError, match="policy check failed"):
+        identity.tls_identity()
+
+
+def test_renewal_to_new_tpm_keys_switches_once_both_certificates_are_in(
+        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository, fleet_ca: Path) -> None:
+    store = provisioned(soft_tpm, tmp_path / "state", repo)
+    enrolled(store, fleet_ca, tmp_path / "certs")
+    old = store.identity()
+    assert old is not None
+    requests = store.renewal_requests()
+    keys = [x509.load_pem_x509_csr(b"-----BEGIN" + part).public_key()
+            for part in requests.split(b"-----BEGIN")[1:]]
+    again = store.renewal_requests()  # asked twice: requests for the same new keys
+    assert keys == [x509.load_pem_x509_csr(b"-----BEGIN" + part).public_key()
+                    for part in again.split(b"-----BEGIN")[1:]]
+    assert keys[0] != soft_tpm.tpm().public_key(TPM_HANDLES["a"][0])
+    assert store.renewal_pending()
+    issued = issue_device_cert_from_csr(fleet_ca, requests, tmp_path / "renewed")
+    only_identity = x509.load_pem_x509_certificates(issued.read_bytes())[0]
+    with pytest.raises(ConfigError, match="need both certificates"):
+        store.install(only_identity.public_bytes(Encoding.PEM))
+    assert store.identity() is not None and store.identity().cert_pem == old.cert_pem  # type: ignore[union-attr]
+    assert store.install(issued.read_bytes()) == "new key"
+    assert not store.renewal_pending()
+    new = store.identity()
+    assert new is not None and new.cert_pem != old.cert_pem
+    trust = FleetTrust((fleet_ca / "ca.pem").read_bytes())
+    assert verify(trust, new.signer) == "dev-tpm"
+    assert not set(TPM_HANDLES["a"]) & soft_tpm.tpm().persistent_handles(), \
+        "the old keys are gone"
+    with pytest.raises(ConfigError, match="no key of the TPM"):
+        store.install(old.cert_pem)
+
+
+def test_renewal_cut_after_the_certificate_is_finished_at_the_next_load(
+        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository, fleet_ca: Path) -> None:
+    store = provisioned(soft_tpm, tmp_path / "state", repo)
+    enrolled(store, fleet_ca, tmp_path / "certs")
+    issued = issue_device_cert_from_csr(fleet_ca, store.renewal_requests(),
+                                        tmp_path / "renewed")
+    identity_cert = x509.load_pem_x509_certificates(issued.read_bytes())[0]
+    # power cut: the new certificate written, the switch of key sets not yet
+    (store.directory / "cert.pem").write_bytes(
+        identity_cert.public_bytes(Encoding.PEM))
+    identity = store.identity()
+    assert identity is not None and not store.renewal_pending()
+    assert verify(FleetTrust((fleet_ca / "ca.pem").read_bytes()), identity.signer) == "dev-tpm"
+
+
+def test_provisioning_over_an_enrolled_tpm_needs_force(
+        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository) -> None:
+    provisioned(soft_tpm, tmp_path / "state", repo)
+    again = open_keystore(config_for(soft_tpm), tmp_path / "state2")
+    assert again is not None
+    with pytest.raises(ConfigError, match="already holds swarmota keys"):
+        again.provision(root_json=repo.root_bytes(), image_floor=1, force=False)
+
+
+def test_bad_keystore_settings_are_refused(soft_tpm: SoftTpm) -> None:
+    config = config_for(soft_tpm)
+    for bad, words in (({"keystore": "hsm"}, "keystore must be one of"),
+                       ({"tpm_device": None}, "needs tpm_device"),
+                       ({"tpm_device": "tcp://x"}, "TPM device must be"),
+                       ({"tpm_pcrs": "sha256:99"}, "PCR selection"),
+                       ({"keystore": "file"}, "go with keystore 'tpm'")):
+        with pytest.raises(ConfigError, match=words):
+            replace(config, **bad)
+    assert PcrSelection("sha256:0,2,7").auth == "pcr:sha256:0,2,7"
+
+
+# --- floors ----------------------------------------------------------------------------
+
+
+def test_tpm_floors_win_over_a_state_directory_edited_or_deleted(soft_tpm: SoftTpm) -> None:
+    nv = NvFloors(soft_tpm.tpm())
+    nv.provision(1)
+    nv.raise_to(Floors(image=5, components={"modem-fw": 9, "app": 3}))
+    # the state directory's records lowered, deleted, or from an old backup
+    for disk in (Floors(image=0), Floors(image=2, components={"modem-fw": 1}),
+                 Floors(image=5, components={"app": 0})):
+        merged = nv.merged(disk)
+        assert merged.image == 5
+        assert all(merged.of(name) == {"modem-fw": 9, "app": 3}[name]
+                   for name in merged.components)
+        assert nv.of(disk, "modem-fw") == 9 and nv.of(disk, None) == 5
+    nv.raise_to(Floors(image=2, components={"modem-fw": 1}))
+    assert nv.read().image == 5 and nv.read().component("modem-fw") == 9, "never lowered"
+
+
+def test_a_component_cannot_borrow_another_components_nv_index(soft_tpm: SoftTpm) -> None:
+    """The name's digest is in the index: swapping names on disk finds nothing lower."""
+    tpm = soft_tpm.tpm()
+    nv = NvFloors(tpm)
+    nv.provision(1)
+    nv.raise_to(Floors(image=1, components={"modem-fw": 9, "app": 3}))
+    held = nv.read()
+    index_of_app = held.components[next(d for d, (_, f) in held.components.items() if f == 3)][0]
+    record = tpm.nv_read(index_of_app, 24)
+    assert struct.unpack(">Q", record[16:])[0] == 3
+    assert nv.of(Floors(image=1, components={"modem-fw": 0}), "modem-fw") == 9
+
+
+def test_tpm_floor_slots_are_bounded(soft_tpm: SoftTpm) -> None:
+    nv = NvFloors(soft_tpm.tpm())
+    nv.provision(1)
+    names = {f"c{i}": 1 for i in range(MAX_COMPONENT_FLOORS)}
+    nv.raise_to(Floors(image=1, components=names))
+    assert set(soft_tpm.tpm().nv_indices()) >= set(COMPONENT_INDICES)
+    nv.check_room("c0")
+    with pytest.raises(InstallFailed, match=f"floors of {MAX_COMPONENT_FLOORS} components"):
+        nv.check_room("one-too-many")
+    with pytest.raises(InstallFailed, match="no NV index left"):
+        nv.raise_to(Floors(image=1, components={**names, "one-too-many": 1}))
+
+
+def test_counter_reset_lowers_tpm_floors_once_per_epoch(soft_tpm: SoftTpm) -> None:
+    nv = NvFloors(soft_tpm.tpm())
+    nv.provision(1)
+    nv.raise_to(Floors(image=2**53, components={"modem-fw": 2**53, "app": 2}))
+    nv.apply_reset(2, epoch=1)
+    held = nv.read()
+    assert (held.image, held.epoch, held.component("modem-fw"), held.component("app")) == \
+        (2, 1, 2, 2)
+    nv.raise_to(Floors(image=7, components={"modem-fw": 7}))
+    nv.apply_reset(2, epoch=1)  # applied already: a deleted trust_state.json changes nothing
+    assert nv.read().image == 7 and nv.read().component("modem-fw") == 7
+
+
+def test_power_cut_while_the_tpm_writes_a_floor_leaves_old_or_new(
+        soft_tpm: SoftTpm) -> None:
+    nv = NvFloors(soft_tpm.tpm())
+    nv.provision(1)
+    written: list[int] = []
+    stop = threading.Event()
+
+    def bump() -> None:
+        for floor in range(2, 10_000):
+            if stop.is_set():
+                return
+            try:
+                nv.raise_to(Floors(image=floor))
+            except TpmError:
+                return
+            written.append(floor)
+
+    thread = threading.Thread(target=bump)
+    thread.start()
+    while len(written) < 5:  # bounded by the writer (swtpm answers in milliseconds)
+        thread.join(0.01)
+        assert thread.is_alive(), "the writer stopped before the power cut"
+    soft_tpm.power_cut()
+    stop.set()
+    thread.join(30)
+    soft_tpm.start()
+    held = nv.read()  # the TPM comes back with a whole record, the last or the next one
+    assert held.image in (written[-1], written[-1] + 1), (held.image, written[-3:])
+    nv.raise_to(Floors(image=held.image + 1))  # and carries on
+    assert nv.read().image == held.image + 1
+
+
+# --- trust anchor ------------------------------------------------------------------------
+
+
+def anchored(tpm: SoftTpm, trust: Path, repo: Repository) -> TrustAnchor:
+    trust.mkdir(parents=True)
+    (trust / "root.json").write_bytes(repo.root_bytes())
+    anchor = TrustAnchor(tpm.tpm(), trust)
+    anchor.provision(repo.root_bytes())
+    return anchor
+
+
+def test_replaced_root_json_is_refused_and_the_anchored_root_put_back(
+        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository) -> None:
+    genuine = repo.root_bytes()
+    anchor = anchored(soft_tpm, tmp_path / "trust", repo)
+    anchor.sync()
+    attacker = Repository.create(tmp_path / "attacker", keys=KeySetup())
+    for replacement in (attacker.root_bytes(), b"{torn", b""):
+        (tmp_path / "trust" / "root.json").write_bytes(replacement)
+        anchor.sync()
+        assert (tmp_path / "trust" / "root.json").read_bytes() == genuine
+    (tmp_path / "trust" / "root.json").unlink()
+    anchor.sync()
+    assert (tmp_path / "trust" / "root.json").read_bytes() == genuine
+
+
+def test_anchor_moves_only_along_the_root_chain(
+        soft_tpm: SoftTpm, tmp_path: Path) -> None:
+    repo = Repository.create(tmp_path / "repo", keys=KeySetup())
+    v1 = repo.root_bytes()
+    anchor = anchored(soft_tpm, tmp_path / "trust", repo)
+    repo.rotate("timestamp", generate=1)
+    repo.sign(load_private_key(repo.offline_root_key_path))
+    v2 = repo.root_bytes()
+    assert v2 != v1
+    # python-tuf accepted v2 (the agent syncs after every refresh)
+    (tmp_path / "trust" / "root.json").write_bytes(v2)
+    anchor.sync()
+    assert sorted(p.name for p in (tmp_path / "trust" / "anchor").iterdir()) == \
+        ["1.root.json", "2.root.json"]
+    assert soft_tpm.tpm().nv_read(ANCHOR_INDEX, 32) == anchor_value([v1, v2])
+    # rolling the anchor back to the older root (whose keys may have leaked): refused
+    (tmp_path / "trust" / "root.json").write_bytes(v1)
+    anchor.sync()
+    assert (tmp_path / "trust" / "root.json").read_bytes() == v2
+    # and the copies of the anchored roots cannot be edited to make room for another
+    (tmp_path / "trust" / "anchor" / "2.root.json").unlink()
+    (tmp_path / "trust" / "root.json").write_bytes(v1)
+    with pytest.raises(VerifyFailed, match="do not match the TPM's trust anchor"):
+        anchor.sync()
+
+
+def test_power_cut_between_extending_the_anchor_and_keeping_its_copy(
+        soft_tpm: SoftTpm, tmp_path: Path) -> None:
+    repo = Repository.create(tmp_path / "repo", keys=KeySetup())
+    anchor = anchored(soft_tpm, tmp_path / "trust", repo)
+    repo.rotate("timestamp", generate=1)
+    repo.sign(load_private_key(repo.offline_root_key_path))
+    v2 = repo.root_bytes()
+    (tmp_path / "trust" / "root.json").write_bytes(v2)
+    soft_tpm.tpm().nv_extend(ANCHOR_INDEX, hashlib.sha256(v2).digest())  # ... then the cut
+    anchor.sync()
+    assert (tmp_path / "trust" / "anchor" / "2.root.json").read_bytes() == v2
+    assert FLOOR_INDEX not in soft_tpm.tpm().nv_indices()  # (floors are another index)
