@@ -49,6 +49,7 @@ from peer.tpm_nv import (
 )
 from seeder.keys import load_private_key
 from seeder.repository import KeySetup, Repository
+from swarmota.cli import main
 from tests.swtpm import SoftTpm, pcr_extend
 
 NOW = datetime.datetime.now(datetime.UTC)
@@ -393,3 +394,33 @@ def test_power_cut_between_extending_the_anchor_and_keeping_its_copy(
     anchor.sync()
     assert (tmp_path / "trust" / "anchor" / "2.root.json").read_bytes() == v2
     assert FLOOR_INDEX not in soft_tpm.tpm().nv_indices()  # (floors are another index)
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+def test_peer_init_with_the_tpm_key_store_writes_the_signing_requests(
+        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "root.json").write_bytes(repo.root_bytes())
+    (tmp_path / "factory.img").write_bytes(b"\x01" * 4096)
+    base = ["peer", "init", "--root", str(tmp_path / "root.json"),
+            "--origin", "http://127.0.0.1:1", "--tracker", "http://127.0.0.1:2",
+            "--image", str(tmp_path / "factory.img"), "--version", "1.0.0",
+            "--release-counter", "1", "--device-id", "dev-tpm", "--product", "acme-router",
+            "--hardware-id", "hw1", "--keystore", "tpm", "--tpm-device", soft_tpm.device]
+    assert main([*base[:2], str(tmp_path / "bad"), *base[2:], "--identity-cert",
+                 str(tmp_path / "root.json"), "--identity-key", str(tmp_path / "root.json")]) == 2
+    assert "the identity key is made inside the TPM" in capsys.readouterr().err
+    assert main([*base[:2], str(tmp_path / "state"), *base[2:], "--identity-csr",
+                 str(tmp_path / "req.pem")]) == 0
+    assert "signing requests in" in capsys.readouterr().out
+    requests = (tmp_path / "req.pem").read_bytes()
+    assert requests == (tmp_path / "state" / "identity" / "request.pem").read_bytes()
+    assert requests.count(b"BEGIN CERTIFICATE REQUEST") == 2
+    config = (tmp_path / "state" / "device.json").read_text()
+    assert '"keystore": "tpm"' in config and soft_tpm.device in config
+    # a second device on the same TPM would take its keys: refused without --force
+    assert main([*base[:2], str(tmp_path / "other"), *base[2:]]) == 2
+    assert "already holds swarmota keys" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists(), "nothing half-made left behind"
