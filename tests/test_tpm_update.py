@@ -8,7 +8,8 @@ signed by its TPM key, and no private key on its disk; a state directory edited 
 lower the anti-rollback floors (boot control, floors.json) then offered the older
 release; a root.json replaced on disk by an attacker's (with the attacker's origin
 behind it); a power cut while the TPM writes the new floor (the agent and the TPM both
-killed): the floor is old or new and the next pass carries on.
+killed): the floor is old or new and the next pass carries on; a TPM that does not
+answer stops the pass with an error naming it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from peer.bootctl import write_bootctl
 from peer.config import save_config
 from peer.errors import StatusCode
 from peer.state import DeviceState
+from peer.tpm import TpmError
 from peer.tpm_nv import NvFloors
 from seeder.origin import OriginApp, OriginConfig
 from seeder.repository import KeySetup, Repository
@@ -167,3 +169,8 @@ async def test_power_cut_while_the_tpm_raises_the_floor_leaves_old_or_new_and_ca
     bc = dev.bootctl()
     assert bc.primary == bc.committed == "b" and dev.slot_path("b").read_bytes() == env.v2
     assert NvFloors(soft_tpm.tpm()).read().image == 2, "caught up at the next pass"
+    # a TPM that does not answer: the pass refuses to decide anything it holds
+    soft_tpm.stop()
+    with pytest.raises(TpmError, match="swtpm:path="):
+        await update_once(dev)
+    assert dev.bootctl().committed == "b"
