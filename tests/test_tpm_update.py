@@ -70,7 +70,7 @@ async def slow_fleet(tmp_path: Path, nursery: trio.Nursery,
 
 
 async def test_tpm_device_enrolled_from_its_requests_updates_with_everything_signed_in_the_tpm(
-        slow_fleet: Fleet, soft_tpm: SoftTpm, tmp_path: Path,
+        soft_tpm: SoftTpm, slow_fleet: Fleet, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     fleet = slow_fleet
     env = fleet.env
@@ -119,7 +119,7 @@ async def test_tpm_device_enrolled_from_its_requests_updates_with_everything_sig
 
 
 async def test_edited_state_directory_cannot_lower_the_tpm_floor_or_replace_the_root(
-        env: ReleaseEnv, soft_tpm: SoftTpm, nursery: trio.Nursery, tmp_path: Path,
+        soft_tpm: SoftTpm, env: ReleaseEnv, nursery: trio.Nursery, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     dev = tpm_device(env, soft_tpm)
     assert (await update_once(dev)).status == StatusCode.OK  # v2, counter 2
@@ -156,7 +156,7 @@ async def test_edited_state_directory_cannot_lower_the_tpm_floor_or_replace_the_
 
 
 async def test_power_cut_while_the_tpm_raises_the_floor_leaves_old_or_new_and_carries_on(
-        env: ReleaseEnv, soft_tpm: SoftTpm) -> None:
+        soft_tpm: SoftTpm, env: ReleaseEnv) -> None:
     dev = tpm_device(env, soft_tpm, mode="direct")
     # the agent dies while tpm2_nvwrite carries the committed release's floor to the
     # TPM, and the TPM loses its power with it
