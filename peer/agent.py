@@ -99,7 +99,7 @@ from peer.state import DeviceState
 from peer.swarm import SwarmConfig, SwarmSession, TorrentHandleRef
 from peer.swarm_fetch import SwarmOptions, SwarmUnavailable, swarm_download
 from peer.tpm import TpmError
-from peer.tpm_nv import TrustAnchor
+from peer.tpm_nv import FloorLogError, TrustAnchor
 from peer.tracker_client import Offer, checkin, send_report
 from peer.trust import (
     TrustState,
@@ -216,7 +216,10 @@ async def update_once(state: DeviceState, *,
         if keystore is None:
             identity: Identity | None = load_identity(state.root)
         else:  # the TPM's floors catch up first (a power cut between two floor writes)
-            await trio.to_thread.run_sync(_sync_hardware_floors, keystore, state.root, bc)
+            try:
+                await trio.to_thread.run_sync(_sync_hardware_floors, keystore, state.root, bc)
+            except FloorLogError as exc:  # the pass goes on: every release is refused
+                log.error("%s", exc)
             identity = await trio.to_thread.run_sync(keystore.identity)
         async with HttpClient.for_device(config, identity) as http, \
                 background_tasks() as nursery:
@@ -295,7 +298,7 @@ def _sync_hardware_floors(keystore: TpmKeyStore, state_root: Path, bc: BootContr
 
     Raises:
         TpmError: the TPM cannot be read or written.
-        InstallFailed: no NV index left for a component's floor.
+        FloorLogError: the floor log does not verify against the TPM.
     """
     keystore.floors.raise_to(read_floors(state_root, bc, ComponentStore(
         state_root / "components")))
@@ -569,7 +572,7 @@ class _Run:
             return
         try:
             _sync_hardware_floors(self.keystore, self.state.root, bc)
-        except (TpmError, InstallFailed) as exc:
+        except (TpmError, FloorLogError) as exc:
             log.warning("the TPM's anti-rollback floors not raised (caught up at the next "
                         "pass): %s", exc)
 
@@ -1060,11 +1063,10 @@ class _Run:
     def _floor_of(self, bc: BootControl, component: str | None) -> int:
         """The anti-rollback floor in force for a release of ``component`` (``None``:
         an image): the state directory's, or with a TPM the higher of it and the
-        TPM's (which also needs room for a new component's floor: InstallFailed)."""
+        floor log's (a log that does not verify: FloorLogError, a VerifyFailed)."""
         floors = read_floors(self.state.root, bc, self.components)
         if self.keystore is None:
             return floors.of(component)
-        self.keystore.floors.check_room(component)
         return self.keystore.floors.of(floors, component)
 
     def _anchor(self) -> TrustAnchor | None:

@@ -29,7 +29,7 @@ from peer.config import BOOTLOADERS, DOWNLOAD_MODES, KEYSTORES, SLOT_BACKENDS, D
 from peer.control import AgentControl
 from peer.daemon import DaemonConfig, run_daemon
 from peer.dbus_service import DBusUnavailable, bus_address, policy_file, serve_dbus
-from peer.errors import ConfigError, StatusCode, resource_failure
+from peer.errors import ConfigError, StatusCode, VerifyFailed, resource_failure
 from peer.floors import read_floors
 from peer.identity import install_identity, load_identity, renew_identity, renewal_csr
 from peer.install_policy import load_policy
@@ -594,7 +594,7 @@ def _status(args: argparse.Namespace) -> int:
         keystore = open_keystore(config, state.root)
         if keystore is not None:  # the floors in force: the higher of the two
             floors = keystore.floors.merged(floors)
-    except ConfigError as exc:
+    except (ConfigError, VerifyFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:

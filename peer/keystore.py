@@ -6,7 +6,9 @@
   floors and the trusted root are files of the state directory;
 - ``tpm`` (``tpm_device``: ``/dev/tpmrm0`` or a TCTI such as ``swtpm:path=SOCKET``):
   :class:`TpmKeyStore`. The identity key is made inside the TPM and never leaves it;
-  the floors and the trust anchor are in its NV space (:mod:`peer.tpm_nv`).
+  the floors and the trust anchor are held by extend-only indices of its NV space
+  (:mod:`peer.tpm_nv`: a floor log and the anchored roots in the state directory, which
+  must fold to the TPM's values).
 
 **The TPM's objects** (persistent handles in the owner hierarchy, two sets so that a
 renewal to new keys can wait for its certificates)::
@@ -67,7 +69,7 @@ from peer.config import DeviceConfig
 from peer.errors import ConfigError
 from peer.identity import Identity
 from peer.tpm import PcrSelection, Tpm, TpmError
-from peer.tpm_nv import NvFloors, TrustAnchor
+from peer.tpm_nv import FLOOR_LOG, NvFloors, TrustAnchor
 
 __all__ = ["TPM_HANDLES", "TpmIdentity", "TpmKeyStore", "TpmSigningKey",
            "open_keystore"]
@@ -121,14 +123,14 @@ class TpmIdentity(Identity):
 class TpmKeyStore:
     """The device's keys, floors and trust anchor in a TPM (module docstring)."""
 
-    def __init__(self, tpm: Tpm, state_root: Path, device_id: str,
+    def __init__(self, tpm: Tpm, state_root: Path, device_id: str, product: str,
                  pcrs: PcrSelection | None = None) -> None:
         self.tpm = tpm
         self.directory = state_root / "identity"
         self.device_id = device_id
         self.pcrs = pcrs
-        self.floors = NvFloors(tpm)
         self.anchor = TrustAnchor(tpm, state_root / "trust")
+        self.floors = NvFloors(tpm, state_root / "trust" / FLOOR_LOG, self.anchor, product)
 
     # --- provisioning -------------------------------------------------------------------
 
@@ -341,7 +343,8 @@ def open_keystore(config: DeviceConfig, state_root: Path) -> TpmKeyStore | None:
     if config.keystore != "tpm" or config.tpm_device is None:
         return None
     pcrs = None if config.tpm_pcrs is None else PcrSelection(config.tpm_pcrs)
-    return TpmKeyStore(Tpm(config.tpm_device), state_root, config.device_id, pcrs)
+    return TpmKeyStore(Tpm(config.tpm_device), state_root, config.device_id,
+                       config.product, pcrs)
 
 
 def _csr_of(key: ec.EllipticCurvePrivateKey, device_id: str) -> bytes:

@@ -298,16 +298,18 @@ def apply_pending_counter_reset(bc: BootControl, *, trust_dir: Path, state_path:
     An unreadable root or reset is logged and changes nothing.
 
     ``hardware``: the floors a TPM holds (``keystore: tpm``). The epoch applied is then
-    the TPM's (or the file's, if higher): a deleted ``trust_state.json`` does not make
-    the reset apply twice; the TPM's floors are lowered after the state directory's,
-    with the epoch in the same write (:meth:`peer.tpm_nv.NvFloors.apply_reset`).
+    the TPM floor log's (or the file's, if higher): a deleted ``trust_state.json`` does
+    not make the reset apply twice; the reset is logged after the state directory's
+    floors are lowered, with the hash of the root carrying it
+    (:meth:`peer.tpm_nv.NvFloors.apply_reset`). A floor log that does not verify is
+    logged and changes nothing (every release is refused anyway).
     Raises ``TpmError`` when the TPM cannot be read or written."""
     state = TrustState.load(state_path)
-    if hardware is not None:
-        held = hardware.read().epoch
-        if held > state.counter_epochs.get(product, 0):
-            state.counter_epochs[product] = held
     try:
+        if hardware is not None:
+            held = hardware.read().epoch
+            if held > state.counter_epochs.get(product, 0):
+                state.counter_epochs[product] = held
         reset = pending_counter_reset(trust_dir, product, state)
     except VerifyFailed as exc:
         log.warning("counter reset not applied: %s", exc)
@@ -327,7 +329,7 @@ def apply_pending_counter_reset(bc: BootControl, *, trust_dir: Path, state_path:
                     epoch, bc.min_release_counter, floor)
         bc = write_bootctl(bootctl_path, replace(bc, min_release_counter=floor), what="floor")
     if hardware is not None:
-        hardware.apply_reset(reset.floor, epoch)
+        hardware.apply_reset(reset, (trust_dir / "root.json").read_bytes())
     state.counter_epochs[product] = epoch
     state.save(state_path)
     return bc

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import logging
 import shutil
-import struct
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -33,19 +33,21 @@ from infra.deviceauth import (
     RequestSigner,
     find_header,
 )
+from manifest.counters import CounterReset
 from peer.config import DeviceConfig
-from peer.errors import ConfigError, InstallFailed, VerifyFailed
+from peer.errors import ConfigError, VerifyFailed
 from peer.floors import Floors
 from peer.keystore import TPM_HANDLES, TpmKeyStore, open_keystore
 from peer.tpm import PcrSelection, TpmError
 from peer.tpm_nv import (
     ANCHOR_INDEX,
-    COMPONENT_INDICES,
-    FLOOR_INDEX,
-    MAX_COMPONENT_FLOORS,
+    FLOOR_LOG,
+    FLOOR_LOG_INDEX,
+    FloorEntry,
+    FloorLogError,
     NvFloors,
     TrustAnchor,
-    anchor_value,
+    fold,
 )
 from seeder.keys import load_private_key
 from seeder.repository import KeySetup, Repository
@@ -241,67 +243,205 @@ def test_bad_keystore_settings_are_refused(soft_tpm: SoftTpm) -> None:
 
 
 # --- floors ----------------------------------------------------------------------------
+# The floors are a log in the state directory whose fold the TPM holds in an extend-only
+# index: it can be extended, never written, set back or reset (short of the owner
+# hierarchy undefining it).
+
+PRODUCT = "acme-router"
 
 
-def test_tpm_floors_win_over_a_state_directory_edited_or_deleted(soft_tpm: SoftTpm) -> None:
-    nv = NvFloors(soft_tpm.tpm())
+@pytest.fixture(scope="module")
+def reset_root(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A root carrying counter resets: acme-router's (epoch 1, floor 2) and another
+    product's (epoch 1, floor 0)."""
+    repo = Repository.create(tmp_path_factory.mktemp("resets") / "repo", keys=KeySetup())
+    for product, floor in (("other-product", 0), (PRODUCT, 2)):
+        repo.counter_reset(product, floor=floor)
+        repo.sign(load_private_key(repo.offline_root_key_path))
+    return repo.root_bytes()
+
+
+def floors_on(tpm: SoftTpm, state: Path, root: bytes) -> NvFloors:
+    """Floors provisioned at 1, with ``root`` anchored."""
+    trust = state / "trust"
+    trust.mkdir(parents=True, exist_ok=True)
+    (trust / "root.json").write_bytes(root)
+    anchor = TrustAnchor(tpm.tpm(), trust)
+    anchor.provision(root)
+    nv = NvFloors(tpm.tpm(), trust / FLOOR_LOG, anchor, PRODUCT)
     nv.provision(1)
-    nv.raise_to(Floors(image=5, components={"modem-fw": 9, "app": 3}))
+    return nv
+
+
+def extend_as_root(tpm: SoftTpm, data: bytes) -> None:
+    """What code running as root on the device can do to the floor index."""
+    tpm.tpm().run("tpm2_nvextend", f"0x{FLOOR_LOG_INDEX:08x}", "-C",
+                  f"0x{FLOOR_LOG_INDEX:08x}", "-i", "-", data=data)
+
+
+def test_tpm_floors_win_over_a_state_directory_edited_or_deleted(
+        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository) -> None:
+    nv = floors_on(soft_tpm, tmp_path, repo.root_bytes())
+    many = {f"c{i}": i + 1 for i in range(12)}  # any number of components
+    nv.raise_to(Floors(image=5, components={"modem-fw": 9, "app": 3, **many}))
     # the state directory's records lowered, deleted, or from an old backup
     for disk in (Floors(image=0), Floors(image=2, components={"modem-fw": 1}),
                  Floors(image=5, components={"app": 0})):
         merged = nv.merged(disk)
         assert merged.image == 5
-        assert all(merged.of(name) == {"modem-fw": 9, "app": 3}[name]
-                   for name in merged.components)
+        assert dict(merged.components) == {"modem-fw": 9, "app": 3, **many}
         assert nv.of(disk, "modem-fw") == 9 and nv.of(disk, None) == 5
     nv.raise_to(Floors(image=2, components={"modem-fw": 1}))
     assert nv.read().image == 5 and nv.read().component("modem-fw") == 9, "never lowered"
+    lines = (tmp_path / "trust" / FLOOR_LOG).read_bytes().splitlines()
+    assert soft_tpm.tpm().nv_read(FLOOR_LOG_INDEX, 32) == fold(lines)
+    assert FloorEntry.decode(lines[0]) == FloorEntry("raise", 1)
 
 
-def test_a_component_cannot_borrow_another_components_nv_index(soft_tpm: SoftTpm) -> None:
-    """The name's digest is in the index: swapping names on disk finds nothing lower."""
+def test_root_on_the_device_cannot_rewrite_the_floor_index_nor_undefine_it_with_an_owner_password(
+        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository) -> None:
+    nv = floors_on(soft_tpm, tmp_path, repo.root_bytes())
+    nv.raise_to(Floors(image=9))
     tpm = soft_tpm.tpm()
-    nv = NvFloors(tpm)
-    nv.provision(1)
-    nv.raise_to(Floors(image=1, components={"modem-fw": 9, "app": 3}))
-    held = nv.read()
-    index_of_app = held.components[next(d for d, (_, f) in held.components.items() if f == 3)][0]
-    record = tpm.nv_read(index_of_app, 24)
-    assert struct.unpack(">Q", record[16:])[0] == 3
-    assert nv.of(Floors(image=1, components={"modem-fw": 0}), "modem-fw") == 9
+    before = tpm.nv_read(FLOOR_LOG_INDEX, 32)
+    # the value of a lower floor's log, written over the index: an extend-only index
+    # cannot be written
+    lower = fold([FloorEntry("raise", 1).encode()])
+    with pytest.raises(TpmError, match="tpm2_nvwrite failed"):
+        tpm.run("tpm2_nvwrite", f"0x{FLOOR_LOG_INDEX:08x}", "-C", f"0x{FLOOR_LOG_INDEX:08x}",
+                "-i", "-", data=lower)
+    assert tpm.nv_read(FLOOR_LOG_INDEX, 32) == before
+    # the device maker sets an owner password after provisioning: undefining the index
+    # (to define it afresh, empty) is refused
+    tpm.run("tpm2_changeauth", "-c", "o", "maker-secret")
+    with pytest.raises(TpmError, match="tpm2_nvundefine failed"):
+        tpm.nv_undefine(FLOOR_LOG_INDEX)
+    assert nv.read().image == 9
+    # without it (here: with it), undefining leaves a device that refuses to decide
+    tpm.run("tpm2_nvundefine", f"0x{FLOOR_LOG_INDEX:08x}", "-C", "o", "-P", "maker-secret")
+    with pytest.raises(TpmError, match="holds no anti-rollback floors"):
+        nv.of(Floors(image=9), None)
 
 
-def test_tpm_floor_slots_are_bounded(soft_tpm: SoftTpm) -> None:
-    nv = NvFloors(soft_tpm.tpm())
-    nv.provision(1)
-    names = {f"c{i}": 1 for i in range(MAX_COMPONENT_FLOORS)}
-    nv.raise_to(Floors(image=1, components=names))
-    assert set(soft_tpm.tpm().nv_indices()) >= set(COMPONENT_INDICES)
-    nv.check_room("c0")
-    with pytest.raises(InstallFailed, match=f"floors of {MAX_COMPONENT_FLOORS} components"):
-        nv.check_room("one-too-many")
-    with pytest.raises(InstallFailed, match="no NV index left"):
-        nv.raise_to(Floors(image=1, components={**names, "one-too-many": 1}))
-
-
-def test_counter_reset_lowers_tpm_floors_once_per_epoch(soft_tpm: SoftTpm) -> None:
-    nv = NvFloors(soft_tpm.tpm())
-    nv.provision(1)
+def test_counter_reset_lowers_tpm_floors_once_per_epoch(
+        soft_tpm: SoftTpm, tmp_path: Path, reset_root: bytes) -> None:
+    nv = floors_on(soft_tpm, tmp_path, reset_root)
     nv.raise_to(Floors(image=2**53, components={"modem-fw": 2**53, "app": 2}))
-    nv.apply_reset(2, epoch=1)
+    nv.apply_reset(CounterReset(epoch=1, floor=2), reset_root)
     held = nv.read()
     assert (held.image, held.epoch, held.component("modem-fw"), held.component("app")) == \
         (2, 1, 2, 2)
     nv.raise_to(Floors(image=7, components={"modem-fw": 7}))
-    nv.apply_reset(2, epoch=1)  # applied already: a deleted trust_state.json changes nothing
-    assert nv.read().image == 7 and nv.read().component("modem-fw") == 7
+    nv.apply_reset(CounterReset(epoch=1, floor=2), reset_root)  # applied already: a
+    held = nv.read()                                # deleted trust_state.json changes nothing
+    assert (held.image, held.component("modem-fw"), held.ignored_resets) == (7, 7, 0)
 
 
-def test_power_cut_while_the_tpm_writes_a_floor_leaves_old_or_new(
-        soft_tpm: SoftTpm) -> None:
-    nv = NvFloors(soft_tpm.tpm())
-    nv.provision(1)
+def test_forged_reset_extended_into_the_floor_index_is_not_a_reset(
+        soft_tpm: SoftTpm, tmp_path: Path, reset_root: bytes,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Root on the device appends reset entries to the log and extends the index with
+    them (the log still folds): none is a root-signed reset of this device, none lowers
+    a floor."""
+    nv = floors_on(soft_tpm, tmp_path, reset_root)
+    nv.apply_reset(CounterReset(epoch=1, floor=2), reset_root)
+    nv.raise_to(Floors(image=9, components={"modem-fw": 9}))
+    genuine = hashlib.sha256(reset_root).hexdigest()
+    forged = [
+        # a root the anchor never held (the attacker's), carrying a reset to 0
+        FloorEntry("reset", 0, product=PRODUCT, epoch=2,
+                   root=hashlib.sha256(b"an attacker's root").hexdigest()),
+        # the anchored root, but a floor and an epoch it does not carry
+        FloorEntry("reset", 0, product=PRODUCT, epoch=2, root=genuine),
+        # the anchored root's reset of another product
+        FloorEntry("reset", 0, product="other-product", epoch=1, root=genuine),
+        # the genuine reset, replayed after the floors rose again
+        FloorEntry("reset", 2, product=PRODUCT, epoch=1, root=genuine),
+    ]
+    for entry in forged:
+        with open(tmp_path / "trust" / FLOOR_LOG, "ab") as fh:
+            fh.write(entry.encode() + b"\n")
+        extend_as_root(soft_tpm, hashlib.sha256(entry.encode()).digest())
+    with caplog.at_level(logging.WARNING, logger="peer.tpm_nv"):
+        held = nv.read()
+    assert (held.image, held.component("modem-fw"), held.epoch) == (9, 9, 1)
+    assert held.ignored_resets == len(forged)
+    assert "not root-signed resets" in caplog.text
+    # with the anchored copies gone, not even the genuine reset can be vouched for:
+    # the floors can only be higher
+    shutil.rmtree(tmp_path / "trust" / "anchor")
+    assert nv.read().image == 9
+
+
+def test_garbage_extended_into_the_floor_index_refuses_every_release(
+        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository) -> None:
+    """Extending the index with anything but a line of the log makes the log
+    unverifiable: a denial of service, never a rollback."""
+    nv = floors_on(soft_tpm, tmp_path, repo.root_bytes())
+    nv.raise_to(Floors(image=9))
+    extend_as_root(soft_tpm, hashlib.sha256(b"garbage").digest())
+    for call in (nv.read, lambda: nv.of(Floors(image=0), None),
+                 lambda: nv.raise_to(Floors(image=10))):
+        with pytest.raises(FloorLogError, match="does not match the TPM's floor index"):
+            call()
+    # a line that is no floor entry, appended and extended consistently: refused too
+    other = floors_on(soft_tpm, tmp_path / "other", repo.root_bytes())
+    with open(tmp_path / "other" / "trust" / FLOOR_LOG, "ab") as fh:
+        fh.write(b'{"op":"raise","component":null,"floor":-5}\n')
+    extend_as_root(soft_tpm, hashlib.sha256(b'{"op":"raise","component":null,'
+                                            b'"floor":-5}').digest())
+    with pytest.raises(FloorLogError, match="line 2: not a floor entry"):
+        other.read()
+
+
+def test_edited_truncated_deleted_or_restored_floor_log_is_refused(
+        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository) -> None:
+    nv = floors_on(soft_tpm, tmp_path, repo.root_bytes())
+    path = tmp_path / "trust" / FLOOR_LOG
+    nv.raise_to(Floors(image=5))
+    old_copy = path.read_bytes()
+    nv.raise_to(Floors(image=9, components={"modem-fw": 9}))
+    good = path.read_bytes()
+    lines = good.splitlines(keepends=True)
+    for bad in (good.replace(b'"floor":9', b'"floor":1'),  # edited lower
+                b"".join(lines[:-2]),                   # the last two entries cut off
+                old_copy,                               # restored from an old backup
+                b"".join([lines[0], lines[2], lines[1]]),  # reordered
+                None):                                  # deleted
+        if bad is None:
+            path.unlink()
+        else:
+            path.write_bytes(bad)
+        with pytest.raises(FloorLogError, match="does not match the TPM's floor index"):
+            nv.read()
+    path.write_bytes(good)
+    assert nv.read().image == 9
+
+
+def test_power_cut_between_appending_an_entry_and_extending_the_index_recovers(
+        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository) -> None:
+    nv = floors_on(soft_tpm, tmp_path, repo.root_bytes())
+    path = tmp_path / "trust" / FLOOR_LOG
+    # the entry appended and fsynced, the power cut before the TPM extended it
+    with open(path, "ab") as fh:
+        fh.write(FloorEntry("raise", 4).encode() + b"\n")
+    assert nv.read().image == 4, "the index is extended with it at the next load"
+    assert soft_tpm.tpm().nv_read(FLOOR_LOG_INDEX, 32) == fold(path.read_bytes().splitlines())
+    # the power cut in the middle of writing the line: never extended, cut off
+    with open(path, "ab") as fh:
+        fh.write(FloorEntry("raise", 6).encode()[:11])
+    assert nv.read().image == 4 and path.read_bytes().endswith(b"\n")
+    # but two entries the index has not seen are not a power cut: refused
+    with open(path, "ab") as fh:
+        fh.write(FloorEntry("raise", 7).encode() + b"\n" + FloorEntry("raise", 8).encode()
+                 + b"\n")
+    with pytest.raises(FloorLogError):
+        nv.read()
+
+
+def test_power_cut_while_the_tpm_extends_a_floor_leaves_old_or_new(
+        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository) -> None:
+    nv = floors_on(soft_tpm, tmp_path, repo.root_bytes())
     written: list[int] = []
     stop = threading.Event()
 
@@ -324,7 +464,7 @@ def test_power_cut_while_the_tpm_writes_a_floor_leaves_old_or_new(
     stop.set()
     thread.join(30)
     soft_tpm.start()
-    held = nv.read()  # the TPM comes back with a whole record, the last or the next one
+    held = nv.read()  # the log's last entry extended or not: recovered either way
     assert held.image in (written[-1], written[-1] + 1), (held.image, written[-3:])
     nv.raise_to(Floors(image=held.image + 1))  # and carries on
     assert nv.read().image == held.image + 1
@@ -370,7 +510,7 @@ def test_anchor_moves_only_along_the_root_chain(
     anchor.sync()
     assert sorted(p.name for p in (tmp_path / "trust" / "anchor").iterdir()) == \
         ["1.root.json", "2.root.json"]
-    assert soft_tpm.tpm().nv_read(ANCHOR_INDEX, 32) == anchor_value([v1, v2])
+    assert soft_tpm.tpm().nv_read(ANCHOR_INDEX, 32) == fold([v1, v2])
     # rolling the anchor back to the older root (whose keys may have leaked): refused
     (tmp_path / "trust" / "root.json").write_bytes(v1)
     anchor.sync()
@@ -393,7 +533,7 @@ def test_power_cut_between_extending_the_anchor_and_keeping_its_copy(
     soft_tpm.tpm().nv_extend(ANCHOR_INDEX, hashlib.sha256(v2).digest())  # ... then the cut
     anchor.sync()
     assert (tmp_path / "trust" / "anchor" / "2.root.json").read_bytes() == v2
-    assert FLOOR_INDEX not in soft_tpm.tpm().nv_indices()  # (floors are another index)
+    assert FLOOR_LOG_INDEX not in soft_tpm.tpm().nv_indices()  # (floors are another index)
 
 
 # --- the command line ---------------------------------------------------------------------

@@ -7,9 +7,11 @@ tpm' updates through the private swarm with check-ins, reports and relayed annou
 signed by its TPM key, and no private key on its disk; a state directory edited to
 lower the anti-rollback floors (boot control, floors.json) then offered the older
 release; a root.json replaced on disk by an attacker's (with the attacker's origin
-behind it); a power cut while the TPM writes the new floor (the agent and the TPM both
-killed): the floor is old or new and the next pass carries on; a TPM that does not
-answer stops the pass with an error naming it.
+behind it); a power cut between appending the new floor to the floor log and extending the TPM's
+index, or while the TPM extends it (the agent and the TPM both killed): the floor is
+old or new and the next pass carries on; garbage extended into the floor index (the
+device refuses every release and reports why); a TPM that does not answer stops the
+pass with an error naming it.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from peer.agent import UpdateResult, update_once
 from peer.bootctl import write_bootctl
 from peer.config import save_config
 from peer.errors import StatusCode
+from peer.keystore import open_keystore
 from peer.state import DeviceState
 from peer.tpm import TpmError
-from peer.tpm_nv import NvFloors
+from peer.tpm_nv import FLOOR_LOG, FLOOR_LOG_INDEX, fold
 from seeder.origin import OriginApp, OriginConfig
 from seeder.repository import KeySetup, Repository
 from seeder.server import serve_origin
@@ -53,6 +56,13 @@ from tracker.store import SqliteStore
 def tpm_device(env: ReleaseEnv, tpm: SoftTpm, name: str = "dev-tpm", **extra: Any
                ) -> DeviceState:
     return env.device(name, keystore="tpm", tpm_device=tpm.device, **extra)
+
+
+def tpm_floor(dev: DeviceState) -> int:
+    """The image floor the device's TPM floor log holds (checked against the TPM)."""
+    store = open_keystore(dev.config(), dev.root)
+    assert store is not None
+    return store.floors.read().image
 
 
 def retarget(dev: DeviceState, **changes: str) -> None:
@@ -115,7 +125,7 @@ async def test_tpm_device_enrolled_from_its_requests_updates_with_everything_sig
     for path in dev.root.rglob("*"):
         if path.is_file():
             assert b"PRIVATE KEY" not in path.read_bytes(), path
-    assert NvFloors(soft_tpm.tpm()).read().image == 2
+    assert tpm_floor(dev) == 2
 
 
 async def test_edited_state_directory_cannot_lower_the_tpm_floor_or_replace_the_root(
@@ -155,22 +165,44 @@ async def test_edited_state_directory_cannot_lower_the_tpm_floor_or_replace_the_
     assert dev.slot_path("b").read_bytes() == env.v2 and dev.bootctl().primary == "b"
 
 
+@pytest.mark.parametrize("point", ["floor_log.appended", "tpm.nv_extend.in_flight"])
 async def test_power_cut_while_the_tpm_raises_the_floor_leaves_old_or_new_and_carries_on(
-        soft_tpm: SoftTpm, env: ReleaseEnv) -> None:
+        soft_tpm: SoftTpm, env: ReleaseEnv, point: str) -> None:
     dev = tpm_device(env, soft_tpm, mode="direct")
-    # the agent dies while tpm2_nvwrite carries the committed release's floor to the
-    # TPM, and the TPM loses its power with it
-    await killed_at(dev, "tpm.nv_write.in_flight")
+    # the agent dies with the committed release's floor appended to the floor log but
+    # not yet extended into the TPM, or while tpm2_nvextend runs; the TPM loses its
+    # power with it
+    await killed_at(dev, point)
     soft_tpm.power_cut()
     soft_tpm.start()
-    assert NvFloors(soft_tpm.tpm()).read().image in (1, 2)
+    assert tpm_floor(dev) == 2, "the appended entry is extended at the next load"
+    log_lines = (dev.trust_dir / FLOOR_LOG).read_bytes().splitlines()
+    assert soft_tpm.tpm().nv_read(FLOOR_LOG_INDEX, 32) == fold(log_lines)
     result = await update_once(dev)
     assert result.status == StatusCode.OK, result.message
     bc = dev.bootctl()
     assert bc.primary == bc.committed == "b" and dev.slot_path("b").read_bytes() == env.v2
-    assert NvFloors(soft_tpm.tpm()).read().image == 2, "caught up at the next pass"
+    assert tpm_floor(dev) == 2
     # a TPM that does not answer: the pass refuses to decide anything it holds
     soft_tpm.stop()
     with pytest.raises(TpmError, match="swtpm:path="):
         await update_once(dev)
     assert dev.bootctl().committed == "b"
+
+
+async def test_garbage_extended_into_the_tpm_floor_index_refuses_the_update_and_reports_it(
+        soft_tpm: SoftTpm, env: ReleaseEnv) -> None:
+    """Code running as root on the device extends the floor index with something that
+    is no line of the floor log: no floor can be trusted any more, so the device
+    installs nothing (fails closed) and says why, to its operator and the tracker."""
+    dev = tpm_device(env, soft_tpm, mode="direct")
+    soft_tpm.tpm().run("tpm2_nvextend", f"0x{FLOOR_LOG_INDEX:08x}", "-C",
+                       f"0x{FLOOR_LOG_INDEX:08x}", "-i", "-",
+                       data=hashlib.sha256(b"garbage").digest())
+    result = await update_once(dev)
+    assert result.status == StatusCode.VERIFY_FAILED, result.message
+    assert "does not match the TPM's floor index" in result.message
+    assert dev.bootctl().committed == "a" and dev.slot_path("a").read_bytes() == env.v1
+    assert [(r.status, "floor index" in r.message) for r in env.reports("dev-tpm")] == \
+        [(20, True)]
+    assert main(["peer", "status", str(dev.root)]) == 2
