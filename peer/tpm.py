@@ -2,7 +2,7 @@
 
 Everything the agent asks of a TPM goes through :class:`Tpm`: persistent ECDSA P-256
 signing keys (created inside, never readable), small sealed secrets, NV indices
-(ordinary and extend-only) and reads of PCRs. The device is named by a TCTI string:
+(extend-only) and reads of PCRs. The device is named by a TCTI string:
 
 - ``/dev/tpmrm0`` (or ``device:/dev/tpmrm0``): the kernel's resource manager, what a
   device uses;
@@ -20,7 +20,7 @@ else's, each connection having its own).
 TSS libraries as packages (OpenWrt, Yocto's meta-security, Debian); ``tpm2-pytss`` is a
 C extension built against those libraries with cffi, which firmware builds rarely carry
 and PyPI has no wheels of. The agent asks the TPM for little (a signature per tracker
-request, an NV read or write per pass), so a process per operation (about 10-30 ms) is
+request, a few NV reads and extends per pass), so a process per operation (about 10-30 ms) is
 cheap; and a power cut in the middle of one is a killed process, which the tests can
 do for real.
 
@@ -50,7 +50,7 @@ __all__ = ["TOOLS", "PcrSelection", "Tpm", "TpmError", "tcti_of", "tools_missing
 
 TOOLS = ("tpm2_createprimary", "tpm2_create", "tpm2_load", "tpm2_evictcontrol",
          "tpm2_flushcontext", "tpm2_readpublic", "tpm2_sign", "tpm2_unseal",
-         "tpm2_getcap", "tpm2_nvdefine", "tpm2_nvundefine", "tpm2_nvread", "tpm2_nvwrite",
+         "tpm2_getcap", "tpm2_nvdefine", "tpm2_nvundefine", "tpm2_nvread",
          "tpm2_nvextend", "tpm2_createpolicy", "tpm2_pcrread")
 """The commands of ``tpm2-tools`` (Debian package ``tpm2-tools``) the agent runs."""
 
@@ -255,16 +255,13 @@ class Tpm:
         """The NV indices defined in the TPM."""
         return _handles(self.run("tpm2_getcap", "handles-nv-index"))
 
-    def nv_define(self, index: int, size: int, *, extend: bool = False) -> None:
-        """Define NV index ``index`` of ``size`` bytes: ordinary, or (``extend``) a
-        SHA-256 extend-only index. Read and written with the index's own (empty)
-        authorization; the owner's is needed only to define and undefine it."""
-        attrs = "authread|authwrite|no_da"
-        extra = ["-g", "sha256"] if extend else []
-        if extend:
-            attrs = f"nt=extend|{attrs}"
-        self.run("tpm2_nvdefine", _hex(index), "-C", "o", "-s", str(size), *extra,
-                 "-a", attrs)
+    def nv_define_extend(self, index: int) -> None:
+        """Define NV index ``index`` as a SHA-256 extend-only index (``TPM_NT_EXTEND``,
+        32 bytes): nothing can write it, only extend it. Read and extended with the
+        index's own (empty) authorization; the owner's is needed to define and undefine
+        it."""
+        self.run("tpm2_nvdefine", _hex(index), "-C", "o", "-s", "32", "-g", "sha256",
+                 "-a", "nt=extend|authread|authwrite|no_da")
 
     def nv_undefine(self, index: int) -> None:
         """Delete NV index ``index`` (not defined: nothing to do)."""
@@ -277,13 +274,6 @@ class Tpm:
         if len(data) != size:
             raise TpmError(f"NV index {_hex(index)}: read {len(data)} bytes, not {size}")
         return data
-
-    def nv_write(self, index: int, data: bytes) -> None:
-        """Write ``data`` at the start of NV index ``index``: one TPM command, which
-        the TPM carries out whole or not at all (a power cut leaves old or new).
-        Crash point ``tpm.nv_write.in_flight`` while it runs."""
-        self.run("tpm2_nvwrite", _hex(index), "-C", _hex(index), "-i", "-", data=data,
-                 in_flight="tpm.nv_write.in_flight")
 
     def nv_extend(self, index: int, data: bytes) -> None:
         """Extend NV index ``index``: its value becomes SHA-256(value || data). Crash

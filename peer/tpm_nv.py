@@ -234,7 +234,7 @@ class NvFloors:
         self.tpm.nv_undefine(FLOOR_LOG_INDEX)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.log_path, b"")
-        self.tpm.nv_define(FLOOR_LOG_INDEX, 32, extend=True)
+        self.tpm.nv_define_extend(FLOOR_LOG_INDEX)
         self._append(FloorEntry("raise", image_floor))
 
     def read(self) -> NvState:
@@ -392,7 +392,7 @@ class TrustAnchor:
         for stale in self.anchor_dir.glob("*.root.json"):
             stale.unlink()
         self.tpm.nv_undefine(ANCHOR_INDEX)
-        self.tpm.nv_define(ANCHOR_INDEX, 32, extend=True)
+        self.tpm.nv_define_extend(ANCHOR_INDEX)
         self._extend(version, root_json)
 
     def sync(self) -> None:
