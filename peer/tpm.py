@@ -31,9 +31,11 @@ Blocking: call from a worker thread in async code.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -55,6 +57,8 @@ TOOLS = ("tpm2_createprimary", "tpm2_create", "tpm2_load", "tpm2_evictcontrol",
 """The commands of ``tpm2-tools`` (Debian package ``tpm2-tools``) the agent runs."""
 
 _TIMEOUT_S = 60.0
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
 _TCTI_RE = re.compile(r"(device|swtpm|mssim|tabrmd):[^\s]{0,512}")
 _PCRS_RE = re.compile(r"(sha1|sha256|sha384):([0-9]|1[0-9]|2[0-3])(,([0-9]|1[0-9]|2[0-3])){0,23}")
 _HANDLE_RE = re.compile(r"0x[0-9a-fA-F]{1,8}")
@@ -118,7 +122,8 @@ class Tpm:
             ) -> bytes:
         """Run one ``tpm2-tools`` command against this TPM; return its standard output.
         ``in_flight`` names a crash point passed while the command runs (after it has
-        started, before its end is awaited): a test cuts the power there.
+        started and has its whole input, before its end is awaited): a test cuts the
+        power there. The command dies with the agent (:func:`_die_with_parent`).
 
         Raises:
             TpmError: the command is missing, timed out or failed (its message).
@@ -126,12 +131,21 @@ class Tpm:
         environ = {**os.environ, "TPM2TOOLS_TCTI": self.tcti, "TSS2_LOG": "all+none"}
         try:
             proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=environ)
+                                    stderr=subprocess.PIPE, env=environ,
+                                    preexec_fn=_die_with_parent)
         except FileNotFoundError:
             raise TpmError(f"{args[0]} not found: install tpm2-tools") from None
         except OSError as exc:
             raise TpmError(f"cannot run {args[0]}: {exc}") from None
         if in_flight is not None:
+            # the whole input first: a command cut short never acts on part of it
+            if data and proc.stdin is not None:
+                try:
+                    proc.stdin.write(data)
+                    proc.stdin.flush()
+                except BrokenPipeError:
+                    pass  # the command ended early: its exit status says why
+                data = None
             crash_point(in_flight)
         try:
             out, err = proc.communicate(data, timeout=self.timeout_s)
@@ -280,6 +294,14 @@ class Tpm:
         point ``tpm.nv_extend.in_flight`` while it runs."""
         self.run("tpm2_nvextend", _hex(index), "-C", _hex(index), "-i", "-", data=data,
                  in_flight="tpm.nv_extend.in_flight")
+
+
+def _die_with_parent() -> None:
+    """In the child, before it runs the tool: the kernel kills it when the agent's
+    thread that started it dies (``PR_SET_PDEATHSIG``). A killed agent leaves no
+    command behind that could act on the TPM after it, perhaps after the next agent
+    read the TPM (an extend the next agent also makes would be made twice)."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def _hex(handle: int) -> str:
