@@ -26,7 +26,9 @@ counts only when it is this device's product's, newer than the last applied, and
 one the named root carries, that root being one the trust anchor holds: whoever can
 extend the index (code running as root on the device) cannot forge a reset, having no
 root-signed metadata, nor replay an old one (its epoch is not newer). Such an entry is
-ignored (logged) and lowers nothing.
+ignored (logged) and lowers nothing. (What it can still do: on a device that skipped a
+reset, log that older reset before the newer one applies; the TPM does not attest which
+anchored root was the newest when a reset was logged. docs/SECURITY.md.)
 
 :meth:`NvFloors.read` checks, before anything is decided, that the log folds to the
 index. A log edited, truncated, deleted or restored from an old copy, or an index
@@ -134,7 +136,10 @@ class FloorEntry:
         Raises:
             ValueError: not a floor entry in its canonical form.
         """
-        raw = json.loads(line)
+        try:
+            raw = json.loads(line)
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
         if not isinstance(raw, dict):
             raise ValueError("not an object")
         if raw.get("op") == "raise" and set(raw) == {"op", "component", "floor"}:
