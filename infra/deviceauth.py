@@ -38,6 +38,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -60,6 +61,7 @@ __all__ = [
     "DeviceAuthError",
     "FleetTrust",
     "RequestSigner",
+    "SigningKey",
     "certificate_sha256",
     "find_header",
     "identity_of_name",
@@ -147,8 +149,9 @@ def _identity_of(cert: x509.Certificate) -> tuple[str, str]:
     return identity_of_name(cert.subject)
 
 
-def identity_of_name(subject: x509.Name) -> tuple[str, str]:
-    """``(device id, role)`` from a certificate's (or signing request's) subject.
+def identity_of_name(subject: x509.Name, roles: Sequence[str] = ROLES) -> tuple[str, str]:
+    """``(device id, role)`` from a certificate's (or signing request's) subject; the
+    role must be one of ``roles`` (those the tracker accepts, by default).
 
     Raises:
         DeviceAuthError: not one CN with a valid device id and one OU with a role.
@@ -163,28 +166,70 @@ def identity_of_name(subject: x509.Name) -> tuple[str, str]:
     device_id, role = cns[0].value, ous[0].value
     if not isinstance(device_id, str) or not DEVICE_ID_RE.fullmatch(device_id):
         raise DeviceAuthError("device certificate names a malformed device id")
-    if role not in ROLES:
-        raise DeviceAuthError(f"device certificate role must be one of {', '.join(ROLES)}")
+    if not isinstance(role, str) or role not in roles:
+        raise DeviceAuthError(f"device certificate role must be one of {', '.join(roles)}")
     return device_id, role
 
 
+class SigningKey(Protocol):
+    """An ECDSA P-256 private key that signs without showing itself (e.g. one held by a
+    TPM, :mod:`peer.keystore`)."""
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        """The public half."""
+
+    def sign(self, message: bytes) -> bytes:
+        """The DER ECDSA signature with SHA-256 over ``message``.
+
+        Raises:
+            DeviceAuthError: the key cannot sign now (the message says why).
+        """
+
+
+class _SoftwareKey:
+    """A :class:`SigningKey` over a private key in memory (a PEM file's)."""
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey) -> None:
+        self._key = key
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._key.public_key()
+
+    def sign(self, message: bytes) -> bytes:
+        return self._key.sign(message, ec.ECDSA(hashes.SHA256()))
+
+
+def _software_key(key_pem: bytes) -> _SoftwareKey:
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise DeviceAuthError(f"unreadable identity key: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise DeviceAuthError("identity key must be an ECDSA P-256 key")
+    return _SoftwareKey(key)
+
+
 class RequestSigner:
-    """Signs requests with one fleet identity (its certificate and private key, PEM).
+    """Signs requests with one fleet identity: its certificate (PEM) and its private
+    key, as PEM or as a :class:`SigningKey` that keeps it (a TPM's).
 
     Raises:
         DeviceAuthError: unreadable PEM, a key that is not ECDSA P-256, a key that does
             not belong to the certificate, or a subject without a device id and role.
     """
 
-    def __init__(self, cert_pem: bytes, key_pem: bytes) -> None:
+    def __init__(self, cert_pem: bytes, key: bytes | SigningKey) -> None:
         try:
             cert = x509.load_pem_x509_certificate(cert_pem)
-            key = serialization.load_pem_private_key(key_pem, password=None)
         except (ValueError, TypeError) as exc:
-            raise DeviceAuthError(f"unreadable identity certificate or key: {exc}") from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+            raise DeviceAuthError(f"unreadable identity certificate: {exc}") from None
+        if isinstance(key, bytes):
+            key = _software_key(key)
+        public = key.public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey) or \
+                public.curve.name != "secp256r1":
             raise DeviceAuthError("identity key must be an ECDSA P-256 key")
-        if key.public_key() != cert.public_key():
+        if public != cert.public_key():
             raise DeviceAuthError("identity key does not belong to the identity certificate")
         self.device_id, self.role = _identity_of(cert)
         self.not_before = cert.not_valid_before_utc
@@ -194,11 +239,14 @@ class RequestSigner:
 
     def headers(self, method: str, target: bytes, body: bytes,
                 counter: int) -> list[tuple[str, str]]:
-        """The two headers that authenticate ``METHOD target`` with ``body``."""
+        """The two headers that authenticate ``METHOD target`` with ``body``.
+
+        Raises:
+            DeviceAuthError: the key cannot sign now (a TPM's, in another boot state).
+        """
         if not 0 <= counter <= MAX_COUNTER:
             raise ValueError(f"counter out of range: {counter}")
-        sig = self._key.sign(signed_message(method, target, counter, body),
-                             ec.ECDSA(hashes.SHA256()))
+        sig = self._key.sign(signed_message(method, target, counter, body))
         return [(CERT_HEADER, self._cert_header.decode("ascii")),
                 (SIGNATURE_HEADER,
                  f"v1;counter={counter};sig={base64.b64encode(sig).decode('ascii')}")]

@@ -57,6 +57,7 @@ import trio
 from tuf.api import exceptions as tuf_exceptions
 from tuf.ngclient import FetcherInterface
 
+from infra.deviceauth import DeviceAuthError
 from infra.tlspin import PinError, pin_of_certificate_der
 from peer.config import DeviceConfig
 from peer.errors import ConfigError, DownloadFailed, PartialResponse, PinMismatch
@@ -622,7 +623,10 @@ class HttpClient:
             raise DownloadFailed(f"{method} {url}: cannot reserve a request counter: "
                                  f"{exc}") from exc
         target = httpx.URL(url).raw_path
-        return dict(self.identity.signer.headers(method, target, body, counter))
+        try:
+            return dict(self.identity.signer.headers(method, target, body, counter))
+        except DeviceAuthError as exc:  # a key in a TPM that will not sign now
+            raise DownloadFailed(f"{method} {url}: cannot sign the request: {exc}") from exc
 
     @contextlib.asynccontextmanager
     async def _exchange(self, what: str, method: str, url: str, *, body_bytes: int,
@@ -673,7 +677,9 @@ class HttpClient:
         at most ``max_bytes``; redirects and transport errors are DownloadFailed."""
         what = f"{method} {url}"
         async with self._signing:  # the deadlines start once it is our turn
-            headers = {**headers, **self._signed(method, url, content)}
+            # a thread: signing may be a TPM command (peer.keystore)
+            signed = await trio.to_thread.run_sync(self._signed, method, url, content)
+            headers = {**headers, **signed}
             async with self._exchange(what, method, url, body_bytes=max_bytes,
                                       headers=headers, content=content or None) as response:
                 if response.is_redirect:
