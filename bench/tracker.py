@@ -78,7 +78,7 @@ from tracker.director import Director
 from tracker.protocol import Release
 from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
-from tracker.store import SqliteStore
+from tracker.sqlite_store import SqliteStore
 from tracker.wire import encode_json
 
 INFO_HASH = "5a" * 32

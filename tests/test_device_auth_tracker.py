@@ -49,13 +49,8 @@ from tracker.identity import CounterWindow, WarningBudget, load_fleet_trust
 from tracker.protocol import Release
 from tracker.rollout import RolloutPlan, StageCounters
 from tracker.server import TrackerUrls, serve_tracker_endpoints
-from tracker.store import (
-    _SCHEMA,
-    _SCHEMA_ROLLOUTS,
-    _SCHEMA_SWARMS,
-    SCHEMA_VERSION,
-    SqliteStore,
-)
+from tracker.sqlite_store import _SCHEMA, _SCHEMA_ROLLOUTS, _SCHEMA_SWARMS, SqliteStore
+from tracker.store import SCHEMA_VERSION
 from tracker.wire import encode_json
 
 TIMEOUT_S = 10

@@ -51,15 +51,14 @@ from tracker.admin import hash_token, new_token
 from tracker.app import TrackerApp
 from tracker.config import TrackerConfig
 from tracker.director import Director
-from tracker.store import (
+from tracker.sqlite_store import (
     _SCHEMA,
     _SCHEMA_DEVICE_COUNTERS,
     _SCHEMA_ROLLOUTS,
     _SCHEMA_SWARMS,
-    SCHEMA_VERSION,
     SqliteStore,
-    TokenRecord,
 )
+from tracker.store import SCHEMA_VERSION, TokenRecord
 
 # --- identities and tokens ------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from manifest import MIN_CHUNK_SIZE_BYTES, ImageInfo, Payload, ReleaseManifest, 
 from tests.tracker_cli import run_cli
 from tracker.config import TrackerConfig
 from tracker.server import serve_tracker
-from tracker.store import SqliteStore
+from tracker.sqlite_store import SqliteStore
 
 PRODUCT = "acme-router"
 

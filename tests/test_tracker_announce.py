@@ -56,7 +56,8 @@ from tracker.errors import ReleaseConflictError, RequestError
 from tracker.protocol import Release
 from tracker.registry import SwarmRegistry
 from tracker.rollout import RolloutPlan
-from tracker.store import _SCHEMA, SCHEMA_VERSION, SqliteStore
+from tracker.sqlite_store import _SCHEMA, SqliteStore
+from tracker.store import SCHEMA_VERSION
 
 INFO_HASH = sha256_hex(b"torrent info dict")
 ANNOUNCE_HASH = bytes.fromhex(INFO_HASH)[:20]

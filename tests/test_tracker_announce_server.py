@@ -35,7 +35,7 @@ from tracker.protocol import Release
 from tracker.registry import SwarmRegistry
 from tracker.rollout import RolloutPlan
 from tracker.server import TrackerUrls, serve_tracker_endpoints
-from tracker.store import SqliteStore
+from tracker.sqlite_store import SqliteStore
 
 TIMEOUT_S = 10
 

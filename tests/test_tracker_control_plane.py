@@ -29,7 +29,8 @@ from tracker.config import TrackerConfig
 from tracker.director import Director
 from tracker.protocol import Release
 from tracker.rollout import RolloutPlan
-from tracker.store import _MIGRATIONS, SCHEMA_VERSION, SqliteStore
+from tracker.sqlite_store import _MIGRATIONS, SqliteStore
+from tracker.store import SCHEMA_VERSION
 from tracker.wire import MAX_LOG_TAIL_BYTES, MIN_POLL_AFTER_S, CheckIn, Report
 
 ROLLOUT = f"/v1/admin/rollouts/{PRODUCT}/2.0.0"

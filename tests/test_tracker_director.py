@@ -31,7 +31,8 @@ from tracker.config import TrackerConfig
 from tracker.director import ROLLOUT_CACHE_S, Director
 from tracker.errors import StaleStateError
 from tracker.rollout import RolloutPlan, apply_action, stage_of
-from tracker.store import _SCHEMA, _SCHEMA_SWARMS, SCHEMA_VERSION, SqliteStore
+from tracker.sqlite_store import _SCHEMA, _SCHEMA_SWARMS, SqliteStore
+from tracker.store import SCHEMA_VERSION
 
 # --- offers follow the rollout --------------------------------------------------------------
 

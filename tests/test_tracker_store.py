@@ -11,7 +11,8 @@ import pytest
 
 from tracker.errors import ReleaseConflictError, StorageError
 from tracker.protocol import Release
-from tracker.store import SCHEMA_VERSION, DeviceRecord, SqliteStore, Store, StoredReport
+from tracker.sqlite_store import SqliteStore
+from tracker.store import SCHEMA_VERSION, DeviceRecord, Store, StoredReport
 from tracker.wire import CheckIn, Report
 
 R1 = Release.create("acme-router", "1.0.0", 1)

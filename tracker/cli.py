@@ -69,7 +69,8 @@ from tracker.protocol import Release
 from tracker.proxies import TrustedProxies
 from tracker.rollout import ACTIONS, RolloutPlan
 from tracker.server import serve_tracker_endpoints
-from tracker.store import AuditEntry, SqliteStore, TokenRecord
+from tracker.sqlite_store import SqliteStore
+from tracker.store import AuditEntry, TokenRecord
 from tracker.wire import DEVICE_ID_RE, MAX_POLL_AFTER_S, MIN_POLL_AFTER_S, STATUS_NAMES
 
 __all__ = ["DEFAULT_LISTEN", "add_parser"]

@@ -21,7 +21,7 @@ from tracker.config import TrackerConfig
 from tracker.director import Director
 from tracker.registry import SwarmRegistry
 from tracker.release_trust import ReleaseVerifier
-from tracker.store import SqliteStore
+from tracker.sqlite_store import SqliteStore
 
 __all__ = ["TRACKER_TLS_MIN_VERSION", "TrackerUrls", "serve_tracker", "serve_tracker_endpoints"]
 
