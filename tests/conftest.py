@@ -1,4 +1,5 @@
-"""Fixtures shared by the suite live in tests/release_env.py, tests/trust_env.py and
-tests/tracker_asgi.py."""
+"""Fixtures shared by the suite live in tests/release_env.py, tests/trust_env.py,
+tests/tracker_asgi.py and tests/db_servers.py."""
 
-pytest_plugins = ["tests.release_env", "tests.trust_env", "tests.tracker_asgi"]
+pytest_plugins = ["tests.release_env", "tests.trust_env", "tests.tracker_asgi",
+                  "tests.db_servers"]

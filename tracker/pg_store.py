@@ -7,7 +7,9 @@ again). The statements are :mod:`tracker.sql_store`'s.
 
 Transactions are READ COMMITTED. What keeps concurrent decisions of many processes
 from losing updates: a rollout is saved with a compare-and-set on its ``revision``
-(a decision that read an older one is rolled back whole and taken again); request
+(a decision that read an older one is rolled back whole and taken again; the retry
+locks the ``rollouts`` table against other saves, SHARE ROW EXCLUSIVE, so that it
+cannot be stale again: progress under contention, optimism otherwise); request
 counters are one conditional upsert; a read-modify-write of one row locks it
 (``SELECT ... FOR UPDATE``); a report resent to two processes at once is stored once
 (a unique index). Each statement waits at most :data:`LOCK_TIMEOUT_S` for a row lock
@@ -248,6 +250,7 @@ class PgStore(SqlStore):
         super().__init__(_DIALECT, redact_url(url), clock)
         self.url = url
         self._conn: _Connection | None = None
+        self._exclusive_next = False
         conn = self._open_connection()
         try:
             self._setup(conn)
@@ -314,6 +317,14 @@ class PgStore(SqlStore):
 
     def _begin(self, conn: Connection) -> None:
         conn.execute("BEGIN")
+        if self._exclusive_next:
+            # The last decision met contention: this one holds off every other
+            # process's rollout saves (reads go on) so that it cannot be stale again.
+            self._exclusive_next = False
+            conn.execute("LOCK TABLE rollouts IN SHARE ROW EXCLUSIVE MODE")
+
+    def _contended(self) -> None:
+        self._exclusive_next = True
 
     def _commit(self, conn: Connection) -> None:
         conn.execute("COMMIT")
@@ -329,6 +340,7 @@ class PgStore(SqlStore):
 
     def _translate(self, exc: Exception, what: str) -> Exception | None:
         if isinstance(exc, (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)):
+            self._contended()
             return StaleStateError(f"{what}: {exc}")
         if isinstance(exc, psycopg.Error):
             return StorageError(f"{what} in {self.describe}: {exc}")

@@ -149,6 +149,11 @@ class SqlStore:
         """Our error for an engine's ``exc`` (``None``: not an engine error)."""
         raise NotImplementedError
 
+    def _contended(self) -> None:
+        """A transaction of this store was rolled back as stale (another process saved
+        a rollout it read): the engine may make the next one exclusive, so that a
+        decision retried under contention makes progress."""
+
     def _close_connection(self) -> None:
         """Close the connection, if open.
 
@@ -205,6 +210,10 @@ class SqlStore:
             try:
                 yield conn
                 self._commit(conn)
+            except StaleStateError:
+                self._rollback(conn)
+                self._contended()
+                raise
             except BaseException:
                 self._rollback(conn)
                 raise

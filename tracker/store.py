@@ -434,6 +434,13 @@ class Store(Protocol):
         """Release the database; further calls raise StorageError. Idempotent."""
         ...
 
+    def __enter__(self) -> Store:
+        ...
+
+    def __exit__(self, *exc_info: object) -> None:
+        """:meth:`close`."""
+        ...
+
 
 def is_postgresql_url(db: str | Path) -> bool:
     """Whether ``db`` names a PostgreSQL database (``postgresql://`` or ``postgres://``)."""
