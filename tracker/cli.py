@@ -1,8 +1,8 @@
 """``swarmota tracker ...``: run the tracker and manage its release catalogue.
 
-    swarmota tracker serve --db PATH (--device-ca FILE | --allow-unauthenticated-devices)
-        [--listen HOST:PORT] [--tls-cert F --tls-key F] [--announce-listen HOST:PORT]
-        [--poll-after-s N]
+    swarmota tracker serve --db PATH|URL (--device-ca FILE | --allow-unauthenticated-devices)
+        [--redis URL] [--listen HOST:PORT] [--tls-cert F --tls-key F]
+        [--announce-listen HOST:PORT] [--poll-after-s N]
     swarmota tracker release add --db PATH MANIFEST_FILE
     swarmota tracker release list --db PATH
     swarmota tracker reports --db PATH [--device ID]
@@ -69,8 +69,15 @@ from tracker.protocol import Release
 from tracker.proxies import TrustedProxies
 from tracker.rollout import ACTIONS, RolloutPlan
 from tracker.server import serve_tracker_endpoints
-from tracker.sqlite_store import SqliteStore
-from tracker.store import AuditEntry, TokenRecord
+from tracker.store import (
+    AuditEntry,
+    Store,
+    TokenRecord,
+    is_postgresql_url,
+    open_store,
+    redact_url,
+    sqlite_path,
+)
 from tracker.wire import DEVICE_ID_RE, MAX_POLL_AFTER_S, MIN_POLL_AFTER_S, STATUS_NAMES
 
 __all__ = ["DEFAULT_LISTEN", "add_parser"]
@@ -143,6 +150,11 @@ def add_parser(subparsers: Any) -> None:
                        default=DEFAULT_POLL_AFTER_S,
                        help="seconds devices should wait between check-ins "
                             f"(default {DEFAULT_POLL_AFTER_S})")
+    serve.add_argument("--redis", metavar="URL", default=None,
+                       help="Redis (redis://HOST:PORT/DB, rediss://..., unix:///PATH) for "
+                            "the swarms' peers and the announce replay windows, shared by "
+                            "every tracker process (run several behind a load balancer "
+                            "with --db postgresql://...); default: this process's memory")
     serve.set_defaults(func=cmd_serve)
 
     release = tracker_sub.add_parser(
@@ -215,7 +227,8 @@ def add_parser(subparsers: Any) -> None:
         description="Copy the database to FILE while the tracker runs (SQLite online "
                     "backup: one consistent snapshot), checked and written atomically. "
                     "See docs/SECURITY.md, 'Backups'.")
-    _add_db(backup, "the live database; the tracker may keep running")
+    _add_db(backup, "the live database; the tracker may keep running; PostgreSQL: "
+                    "use pg_dump", sqlite_only=True)
     backup.add_argument("out", metavar="FILE", type=Path)
     backup.add_argument("--overwrite", action="store_true", help="replace an existing FILE")
     backup.set_defaults(func=cmd_backup)
@@ -224,7 +237,7 @@ def add_parser(subparsers: Any) -> None:
         description="Check FILE and put it in place of --db. Refused while a tracker has "
                     "the database open (stop it first) and, without --force, when the "
                     "database already holds data.")
-    _add_db(restore, "created, or replaced")
+    _add_db(restore, "created, or replaced", sqlite_only=True)
     restore.add_argument("backup", metavar="FILE", type=Path)
     restore.add_argument("--force", action="store_true",
                          help="replace a database that holds data")
@@ -384,7 +397,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ValueError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not args.db.parent.is_dir():
+    if isinstance(args.db, Path) and not args.db.parent.is_dir():
         print(f"error: the database's directory {args.db.parent} does not exist (create "
               "it first: a typo in --db must not make a new tracker elsewhere)",
               file=sys.stderr)
@@ -393,7 +406,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("lab mode (--allow-unauthenticated-devices): device requests are not "
                     "authenticated; anyone who can reach the tracker may check in, report "
                     "and learn the swarms' peers")
-    config = TrackerConfig(db_path=args.db,
+    postgresql = is_postgresql_url(args.db)
+    config = TrackerConfig(db_path=None if postgresql else Path(args.db),
+                           db_url=str(args.db) if postgresql else None,
+                           redis_url=args.redis,
                            listen=ListenConfig(host=host, port=port, certfile=certfile,
                                                keyfile=keyfile),
                            poll_after_s=args.poll_after_s,
@@ -408,7 +424,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             async with trio.open_nursery() as nursery:
                 urls = await nursery.start(functools.partial(serve_tracker_endpoints,
                                                              config))
-                print(f"tracker listening on {urls.api} (database {config.db_path}); "
+                database = redact_url(str(config.database))
+                print(f"tracker listening on {urls.api} (database {database}); "
                       "Ctrl-C to stop", flush=True)
                 if urls.announce is not None:
                     print(f"lean BitTorrent endpoint on {urls.announce}: announce URL "
@@ -467,7 +484,7 @@ def cmd_release_add(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        with SqliteStore(args.db) as store:
+        with open_store(args.db) as store:
             added, rollout = register_release(store, release, plan)
     except (StorageError, ConflictError) as exc:  # ReleaseConflictError says what clashes
         print(f"error: {exc}", file=sys.stderr)
@@ -491,7 +508,7 @@ def cmd_release_add(args: argparse.Namespace) -> int:
 
 def cmd_release_list(args: argparse.Namespace) -> int:
     """Print the release catalogue as a table."""
-    def rows(store: SqliteStore) -> list[list[str]]:
+    def rows(store: Store) -> list[list[str]]:
         return [[release.product, release.version, str(release.release_counter),
                  release.target, _when(added_at),
                  " ".join(f"{s.payload_kind}:{s.info_hash}" for s in release.swarms) or "-"]
@@ -504,7 +521,7 @@ def cmd_release_list(args: argparse.Namespace) -> int:
 
 def cmd_reports(args: argparse.Namespace) -> int:
     """Print stored reports as a table."""
-    def rows(store: SqliteStore) -> list[list[str]]:
+    def rows(store: Store) -> list[list[str]]:
         out = []
         for stored in store.reports(args.device):
             r = stored
@@ -526,7 +543,7 @@ def cmd_reports(args: argparse.Namespace) -> int:
 
 def cmd_devices(args: argparse.Namespace) -> int:
     """Print known devices as a table."""
-    def rows(store: SqliteStore) -> list[list[str]]:
+    def rows(store: Store) -> list[list[str]]:
         return [[d.device_id, d.product, d.hardware_id, d.version, str(d.release_counter),
                  _when(d.last_seen)] for d in store.devices()]
 
@@ -562,7 +579,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     now = time.time()
     expires_at = None if args.expires_in_s is None else now + args.expires_in_s
     try:
-        with SqliteStore(args.db) as store:
+        with open_store(args.db) as store:
             store.add_token(TokenRecord(hash_token(token), args.name, args.role, now,
                                         expires_at))
             store.add_audit([AuditEntry(now, "cli", "token.create", args.name, "ok",
@@ -678,9 +695,28 @@ def _token_name_arg(text: str) -> str:
     return text
 
 
-def _add_db(parser: argparse.ArgumentParser, note: str) -> None:
-    parser.add_argument("--db", metavar="PATH", type=Path, required=True,
-                        help=f"tracker SQLite database file ({note})")
+def _add_db(parser: argparse.ArgumentParser, note: str, *, sqlite_only: bool = False) -> None:
+    if sqlite_only:
+        parser.add_argument("--db", metavar="PATH", type=_sqlite_arg, required=True,
+                            help=f"tracker SQLite database file ({note})")
+        return
+    parser.add_argument("--db", metavar="PATH|URL", type=_db_arg, required=True,
+                        help=f"tracker database: an SQLite file or sqlite:///PATH ({note}), "
+                             "or postgresql://USER@HOST/DBNAME (the database must exist; "
+                             "its tables are created)")
+
+
+def _db_arg(text: str) -> str | Path:
+    if is_postgresql_url(text):
+        return text
+    return _sqlite_arg(text)
+
+
+def _sqlite_arg(text: str) -> Path:
+    try:
+        return sqlite_path(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _listen_arg(text: str) -> tuple[str, int]:
@@ -729,10 +765,10 @@ def _first_expected(group: BaseExceptionGroup[BaseException]) -> BaseException |
     return exc
 
 
-def _print_table(db: Path, header: Sequence[str],
-                 rows_of: Callable[[SqliteStore], list[list[str]]], empty: str) -> int:
+def _print_table(db: str | Path, header: Sequence[str],
+                 rows_of: Callable[[Store], list[list[str]]], empty: str) -> int:
     try:
-        with SqliteStore(db, create=False) as store:
+        with open_store(db, create=False) as store:
             rows = rows_of(store)
     except StorageError as exc:
         print(f"error: {exc}", file=sys.stderr)

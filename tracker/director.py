@@ -33,7 +33,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -73,6 +73,9 @@ from tracker.wire import (
     offer_to_json,
 )
 
+if TYPE_CHECKING:
+    from tracker.redis_state import RedisState
+
 __all__ = ["CheckinAnswer", "Director", "retry_stale"]
 
 log = logging.getLogger(__name__)
@@ -108,7 +111,10 @@ class Director:
     ``registry`` holds BitTorrent peers (default: a new one from ``config``, on
     ``monotonic``); ``rng`` draws the jitter of ``poll_after_s``; ``releases`` verifies
     releases registered through the admin API against the repository's signed
-    metadata (``None``: the API registers none).
+    metadata (``None``: the API registers none). ``shared`` (Redis,
+    :class:`~tracker.redis_state.RedisState`): the peers and announce replay windows
+    that every tracker process shares, instead of ``registry`` and this process's
+    windows (for several processes; ``None``, the default: in memory).
 
     Raises:
         ConfigError: ``config.device_ca`` cannot be read or holds no CA certificate, or
@@ -120,7 +126,8 @@ class Director:
                  monotonic: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None,
                  registry: SwarmRegistry | None = None,
-                 releases: ReleaseVerifier | None = None) -> None:
+                 releases: ReleaseVerifier | None = None,
+                 shared: RedisState | None = None) -> None:
         self.store = store
         self.config = config
         self.clock = clock
@@ -128,6 +135,7 @@ class Director:
         self.rng = rng if rng is not None else random.Random()
         self.counters = Counters()
         self.releases = releases
+        self.shared = shared
         self.proxies = TrustedProxies(config.trusted_proxies)
         self.registry = registry if registry is not None else SwarmRegistry(
             interval_s=config.announce_interval_s,
@@ -137,7 +145,8 @@ class Director:
             load_fleet_trust(config.device_ca), store, self.run, clock=clock,
             monotonic=monotonic, revocation_refresh_s=config.revocation_refresh_s,
             max_certificates_seen=config.max_peers_total,
-            on_refused=lambda kind: self.counters.add("device_auth_refused_by", label=kind))
+            on_refused=lambda kind: self.counters.add("device_auth_refused_by", label=kind),
+            shared=shared)
         self._limiter = trio.CapacityLimiter(1)
         self._known_swarms: dict[bytes, list[SwarmInfo]] = {}
         self._networks: OrderedDict[str, tuple[str | None, str | None]] = OrderedDict()
@@ -162,7 +171,7 @@ class Director:
 
     def metrics(self) -> bytes:
         """The ``/metrics`` body: every counter, and the peer registry's gauges."""
-        registry = self.registry.statistics()
+        registry = (self.registry if self.shared is None else self.shared).statistics()
         return render_statistics(self.statistics(), [
             Metric("swarmota_tracker_peers", "Peers in the swarm registry.", "gauge",
                    {(("role", "seed"),): registry.seeds,
@@ -246,7 +255,7 @@ class Director:
         choice = await self.run(lambda: retry_stale(
             lambda: self._decide_checkin(checkin, auth, now)))
         if self.gate is not None:
-            self.gate.accepted(auth)
+            await self.gate.accepted(auth)
         self.decided(choice.decisions)
         self._remember_network(checkin.device_id, checkin.network_id, checkin.region)
         self.counters.add("checkins")
@@ -356,7 +365,7 @@ class Director:
         report_id, new, decisions = await self.run(lambda: retry_stale(
             lambda: self._record_report(report, auth, now)))
         if self.gate is not None:
-            self.gate.accepted(auth)
+            await self.gate.accepted(auth)
         if not new:
             self.counters.add("duplicate_reports")
             log.info("report %d from %s received again (report id %s): not counted",
@@ -440,10 +449,13 @@ class Director:
                     allowed = True
                     break
         if allowed:
-            result = self.registry.announce(request, address.ip, *network)
+            if self.shared is None:
+                result = self.registry.announce(request, address.ip, *network)
+            else:
+                result = await self.shared.announce(request, address.ip, *network)
             self.counters.add("announces")
         else:
-            counts = self.registry.scrape(request.announce_hash)
+            counts = await self._scrape_one(request.announce_hash)
             result = AnnounceResult((), counts.complete, counts.incomplete, stored=False)
             self.counters.add("announces_refused")
         log.debug("announce %s from %s:%d (%s, left %d, device %s): %d peers handed out",
@@ -464,7 +476,12 @@ class Director:
             await self.gate.accept_announce(auth)
         known = await self._swarms_of(request.announce_hashes)
         self.counters.add("scrapes")
-        return {h: self.registry.scrape(h) for h in request.announce_hashes if known.get(h)}
+        return {h: await self._scrape_one(h) for h in request.announce_hashes if known.get(h)}
+
+    async def _scrape_one(self, announce_hash: bytes) -> ScrapeCounts:
+        if self.shared is None:
+            return self.registry.scrape(announce_hash)
+        return await self.shared.scrape(announce_hash)
 
     async def _swarms_of(self, hashes: Sequence[bytes]) -> dict[bytes, list[SwarmInfo]]:
         """The registered swarms of ``hashes`` (cached once known; unknown hashes are

@@ -59,6 +59,7 @@ from infra.deviceauth import (
 from tracker.errors import ConfigError, StorageError
 
 if TYPE_CHECKING:
+    from tracker.redis_state import RedisState
     from tracker.store import Store
 
 log = logging.getLogger(__name__)
@@ -266,7 +267,8 @@ class DeviceGate:
     def __init__(self, trust: FleetTrust, store: Store, run: Runner, *,
                  clock: Callable[[], float], monotonic: Callable[[], float],
                  revocation_refresh_s: float, max_certificates_seen: int,
-                 on_refused: Callable[[str], None]) -> None:
+                 on_refused: Callable[[str], None],
+                 shared: RedisState | None = None) -> None:
         self._trust = trust
         self._store = store
         self._run = run
@@ -279,6 +281,7 @@ class DeviceGate:
         self._refusal_log = WarningBudget()
         self._certificates_seen: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._max_seen = max_certificates_seen
+        self._shared = shared
 
     async def verify(self, method: str, target: bytes, body: bytes,
                      headers: Sequence[tuple[bytes, bytes]]) -> Authenticated:
@@ -315,11 +318,17 @@ class DeviceGate:
         if floor is not None:
             raise replay_refusal(auth.counter, floor, auth.device_id)
 
-    def accepted(self, auth: Authenticated | None) -> None:
+    async def accepted(self, auth: Authenticated | None) -> None:
         """A signed check-in or report was accepted: announces signed before it can no
-        longer be replayed to this process."""
+        longer be replayed to this process (nor, with shared windows, to any).
+
+        Raises:
+            StorageError: the shared windows failed.
+        """
         if auth is not None:
             self._announce_counters.raise_to(auth.device_id, auth.counter)
+            if self._shared is not None:
+                await self._shared.raise_counter(_window_key(auth), auth.counter)
 
     async def accept_announce(self, auth: Authenticated) -> None:
         """Check an announce's or scrape's counter against the in-memory window (seeded
@@ -331,7 +340,15 @@ class DeviceGate:
             StorageError: reading or writing the store failed.
         """
         floor = self._announce_counters.get(auth.device_id)
-        if floor is None:
+        if self._shared is not None:  # every process's window: one compare-and-set
+            if floor is not None and auth.counter <= floor:
+                raise replay_refusal(auth.counter, floor, auth.device_id)
+            floor = await self._shared.accept_counter(
+                _window_key(auth), auth.counter,
+                lambda: self._run(lambda: self._store.device_counter(auth.device_id)))
+            if floor is not None:
+                raise replay_refusal(auth.counter, floor, auth.device_id)
+        elif floor is None:
             stored = await self._run(lambda: self._store.device_counter(auth.device_id))
             floor = self._announce_counters.get(auth.device_id)  # may have moved meanwhile
             if stored is not None and (floor is None or stored > floor):
@@ -393,3 +410,10 @@ class DeviceGate:
         finally:
             self._revoked_reading = None
             done.set()
+
+
+def _window_key(auth: Authenticated) -> str:
+    """A device's shared announce window, per certificate: a revoked certificate's
+    window (which a thief may have pushed up) does not hold back the next one, whose
+    first floor is the stored check-in/report counter (reset at revocation)."""
+    return f"{auth.device_id}:{auth.cert_sha256}"
