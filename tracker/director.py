@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 
 from infra.deviceauth import Authenticated
+from infra.worker import SerialWorker
 from tracker.bittorrent import (
     AnnounceRequest,
     PeerAddress,
@@ -147,7 +148,7 @@ class Director:
             max_certificates_seen=config.max_peers_total,
             on_refused=lambda kind: self.counters.add("device_auth_refused_by", label=kind),
             shared=shared)
-        self._limiter = trio.CapacityLimiter(1)
+        self._worker = SerialWorker("tracker-store")
         self._known_swarms: dict[bytes, list[SwarmInfo]] = {}
         self._networks: OrderedDict[str, tuple[str | None, str | None]] = OrderedDict()
         # The swarm gate's caches (announces are frequent): rollouts by release, for
@@ -163,7 +164,7 @@ class Director:
 
     async def run(self, fn: Callable[[], _T]) -> _T:
         """Run a blocking store call in the worker thread, one at a time."""
-        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+        return await self._worker.run(fn)
 
     def statistics(self) -> TrackerStatistics:
         """A snapshot of the counters."""

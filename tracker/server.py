@@ -19,6 +19,7 @@ from tracker.announce_server import serve_announce
 from tracker.app import TrackerApp
 from tracker.bt_api import answer_bittorrent
 from tracker.config import TrackerConfig
+from tracker.device_api import answer_device
 from tracker.director import Director
 from tracker.errors import ConfigError
 from tracker.registry import SwarmRegistry
@@ -125,7 +126,9 @@ async def serve_tracker_endpoints(
                 announce_url = await nursery.start(functools.partial(
                     serve_announce, functools.partial(answer_bittorrent, director), host, port,
                     ssl_context=_server_ssl_context(listen),
-                    limits=config.announce_limits))
+                    limits=dataclasses.replace(config.announce_limits,
+                                               max_body_bytes=config.max_body_bytes),
+                    device_api=functools.partial(answer_device, director)))
             api_url = await nursery.start(serve_asgi, app, listen)
             await nursery.start(director.run_ticker)
             task_status.started(TrackerUrls(api=api_url, announce=announce_url))
