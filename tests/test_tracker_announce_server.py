@@ -438,8 +438,8 @@ async def test_check_ins_and_reports_through_the_lean_endpoint_match_the_main_on
         assert (await read_answer(stream, buffer))[:1] == (200,)
         assert (await client.post("/v1/report", content=report)).json() == {"ok": True}
         metrics = (await client.get("/metrics")).text
-    assert "swarmota_tracker_reports_total 1" in metrics
-    assert "swarmota_tracker_duplicate_reports_total 1" in metrics
+    assert 'swarmota_tracker_reports_total{status="ok"} 1' in metrics
+    assert "swarmota_tracker_reports_duplicate_total 1" in metrics
 
 
 async def test_a_device_body_over_the_limit_or_too_slow_is_refused(
