@@ -276,7 +276,8 @@ end
 """
 
 # Upper bounds of the signed request rates (requests/s), to size the pre-signed lists.
-_SIGNED_RATE_CAP = {"announce-lean": 10_000, "announce-hypercorn": 3_000, "checkin": 2_000}
+_SIGNED_RATE_CAP = {"announce-lean": 12_000, "announce-hypercorn": 3_000, "checkin": 2_000,
+                    "checkin-lean": 5_000}
 
 
 def _lua(script: str, devices: int) -> str:
@@ -453,7 +454,7 @@ def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
                                                             source=baseline)
             procs.append(base_proc)
             base_urls = {"announce-lean": base_lean, "announce-hypercorn": base_api,
-                         "checkin": base_api}
+                         "checkin": base_api, "checkin-lean": base_lean}
             base_run = functools.partial(_run_wrk, wrk_path, load_cpu,
                                          connections=connections, pid=base_proc.pid)
         signed_run: Callable[[str, str, float], dict[str, Any]] | None = None
@@ -464,7 +465,7 @@ def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
                 signed_db, tracker_cpu, fleet.ca_pem)
             procs.append(signed_proc)
             urls = {"announce-lean": signed_lean, "announce-hypercorn": signed_api,
-                    "checkin": signed_api}
+                    "checkin": signed_api, "checkin-lean": signed_lean}
 
             def signed_run(phase: str, kind: str, seconds: float) -> dict[str, Any]:
                 requests = workdir / "signed-requests.tsv"
@@ -493,13 +494,14 @@ def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
             this: dict[str, Any] = {}
             for phase, url, script in (("announce-lean", lean, announce_lua),
                                        ("announce-hypercorn", api, announce_lua),
-                                       ("checkin", api, checkin_lua)):
+                                       ("checkin", api, checkin_lua),
+                                       ("checkin-lean", lean, checkin_lua)):
                 this[phase] = run(url, script, duration_s=duration_s)
                 if base_run is not None:
                     this[f"{phase}-baseline"] = base_run(base_urls[phase], script,
                                                          duration_s=duration_s)
                 if signed_run is not None:
-                    kind = "checkin" if phase == "checkin" else "announce"
+                    kind = "checkin" if phase.startswith("checkin") else "announce"
                     this[f"{phase}-signed"] = signed_run(phase, kind, duration_s)
             rounds.append(this)
     finally:
@@ -521,7 +523,7 @@ def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
     versus = {phase: {key: round(medians[phase][key] / medians[f"{phase}-baseline"][key], 3)
                       for key in ("requests_per_s", "requests_per_cpu_s")
                       if medians[f"{phase}-baseline"][key]}
-              for phase in ("announce-lean", "announce-hypercorn", "checkin")
+              for phase in ("announce-lean", "announce-hypercorn", "checkin", "checkin-lean")
               if f"{phase}-baseline" in medians}
     return {"mode": "pinned", "baseline": None if baseline is None else str(baseline),
             "versus_baseline": versus, "devices": devices, "duration_s": duration_s, "runs": runs,
