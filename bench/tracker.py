@@ -79,6 +79,7 @@ from tracker.protocol import Release
 from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
 from tracker.sqlite_store import SqliteStore
+from tracker.store import open_store
 from tracker.wire import encode_json
 
 INFO_HASH = "5a" * 32
@@ -165,11 +166,11 @@ def _http_requests(client: httpx.AsyncClient, devices: int) -> dict[str, Request
     return {"checkin": checkin, "announce": announce}
 
 
-def _prepare(db: Path) -> None:
+def _prepare(db: Path | str) -> None:
     base = Release.create(PRODUCT, "2.0.0", 2)
     release = Release(base.product, base.version, base.release_counter, base.target,
                       (SwarmInfo(INFO_HASH, PRODUCT, "2.0.0", "full"),))
-    with SqliteStore(db) as store:
+    with open_store(db) as store:
         register_release(store, release, RolloutPlan.everyone(), actor="bench")
 
 
@@ -332,18 +333,20 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _run_wrk(wrk: str, cpu: int | None, url: str, script: Path, *, connections: int,
-             duration_s: float, pid: int, refused: Callable[[], int] | None = None
-             ) -> dict[str, Any]:
-    """One wrk run; its figures plus the tracker's CPU seconds meanwhile."""
+             duration_s: float, pid: int | Sequence[int],
+             refused: Callable[[], int] | None = None) -> dict[str, Any]:
+    """One wrk run; its figures plus the tracker's CPU seconds meanwhile (the sum over
+    ``pid``, one tracker process or several)."""
+    pids = [pid] if isinstance(pid, int) else list(pid)
     cmd = [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
            "--timeout", "5s", "-s", str(script), url]
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu), *cmd] if shutil.which("taskset") else cmd
     refused_before = refused() if refused is not None else 0
-    cpu_before = _cpu_seconds(pid)
+    cpu_before = sum(_cpu_seconds(p) for p in pids)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60,
                           check=True)
-    cpu_used = _cpu_seconds(pid) - cpu_before
+    cpu_used = sum(_cpu_seconds(p) for p in pids) - cpu_before
     refusals = refused() - refused_before if refused is not None else 0
     match = re.search(r"WRK-JSON (\{.*\})", done.stdout)
     if match is None:
@@ -354,22 +357,25 @@ def _run_wrk(wrk: str, cpu: int | None, url: str, script: Path, *, connections: 
             "requests_per_s": round(raw["requests"] / elapsed, 1),
             "p50_ms": round(raw["p50_us"] / 1000, 3), "p99_ms": round(raw["p99_us"] / 1000, 3),
             "errors": raw["non2xx"] + raw["socket_errors"] + refusals,
+            "non2xx": raw["non2xx"],
             "exhausted": "WRK-EXHAUSTED" in done.stdout,
             "tracker_cpu_s": round(cpu_used, 3),
             "requests_per_cpu_s": round(raw["requests"] / cpu_used, 1) if cpu_used else None}
 
 
-def _start_tracker(db: Path, cpu: int | None, device_ca: Path | None = None, *,
-                   source: Path | None = None) -> tuple[subprocess.Popen[str], str, str]:
+def _start_tracker(db: Path | str, cpu: int | None, device_ca: Path | None = None, *,
+                   source: Path | None = None, extra: Sequence[str] = ()
+                   ) -> tuple[subprocess.Popen[str], str, str]:
     """``swarmota tracker serve`` with both listeners, pinned to ``cpu``, in lab mode
     or checking device signatures against ``device_ca``; its URLs. ``source``: run the
-    code of that checkout (another commit) instead of this one."""
+    code of that checkout (another commit) instead of this one; ``extra``: more
+    arguments (``--redis URL``, ``--trusted-proxy CIDR``)."""
     auth = (["--allow-unauthenticated-devices"] if device_ca is None
             else ["--device-ca", str(device_ca)])
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from swarmota.cli import main; sys.exit(main())",
          "tracker", "serve", "--db", str(db), "--listen", "127.0.0.1:0",
-         "--announce-listen", "127.0.0.1:0", *auth],
+         "--announce-listen", "127.0.0.1:0", *auth, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         **_source_options(source))
     try:
@@ -596,6 +602,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="pinned: also run every phase against a tracker of this "
                              "checkout (e.g. 'git worktree add /tmp/base COMMIT'), same CPU, "
                              "same rounds; the report gives the ratios (tracker-vs-baseline.*)")
+    parser.add_argument("--db", metavar="URL", default=None,
+                        help="pinned: also run the lean phases against trackers on this "
+                             "PostgreSQL ('postgresql': a throwaway server for the run, "
+                             "or postgresql://...), side by side with SQLite, and "
+                             "opentracker as the reference when installed "
+                             "(tracker-scale.*; bench/tracker_scale.py)")
+    parser.add_argument("--processes", type=_positive, default=1,
+                        help="with --db: also N tracker processes on it and a throwaway "
+                             "Redis, behind nginx")
+    parser.add_argument("--storm", type=_positive, default=None, metavar="DEVICES",
+                        help="a check-in storm: DEVICES distinct devices into a throwaway "
+                             "PostgreSQL (tracker-storm.*)")
+    parser.add_argument("--storm-timeout-s", type=_positive, default=600)
     parser.add_argument("--requests", type=_positive, default=5000,
                         help="inprocess: requests per phase")
     parser.add_argument("--concurrency", type=_positive, default=64,
@@ -604,6 +623,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                         default=["asgi", "http"], help="inprocess: transports")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
+    if args.storm is not None or args.db is not None:
+        from bench.tracker_scale import render_scale, render_storm, run_scale, run_storm
+        with tempfile.TemporaryDirectory(prefix="swarmota-bench-tracker-") as tmp:
+            if args.storm is not None:
+                result = run_storm(Path(tmp), devices=args.storm,
+                                   connections=args.connections,
+                                   timeout_s=args.storm_timeout_s)
+                name, text = "tracker-storm", render_storm(result)
+            else:
+                result = run_scale(Path(tmp), devices=args.devices,
+                                   duration_s=args.duration_s, runs=args.runs,
+                                   connections=args.connections, db=args.db,
+                                   processes=args.processes, signed=args.signed)
+                name, text = "tracker-scale" + ("-signed" if args.signed else ""), \
+                    render_scale(result)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / f"{name}.md").write_text(text)
+        print(text)
+        return 0
     with tempfile.TemporaryDirectory(prefix="swarmota-bench-tracker-") as tmp:
         if args.mode == "pinned":
             result = run_pinned(Path(tmp), devices=args.devices, duration_s=args.duration_s,

@@ -301,16 +301,23 @@ class SqlStore:
         return [release for release, _ in self.registered_releases(product)]
 
     def registered_releases(self, product: str | None = None) -> list[tuple[Release, float]]:
-        sql, params = _of_product(
-            "SELECT product, version, counter, target, added_at, update_type, component, "
-            "payloads_json FROM releases", product, "product, coalesce(component, ''), counter")
+        sql = ("SELECT r.product, r.version, r.counter, r.target, r.added_at, r.update_type, "
+               "r.component, r.payloads_json, s.info_hash, s.payload_kind FROM releases r "
+               "LEFT JOIN swarms s ON s.product = r.product AND s.version = r.version")
+        params: tuple[str, ...] = ()
+        if product is not None:
+            sql, params = sql + " WHERE r.product = ?", (product,)
+        sql += (f" ORDER BY r.product, coalesce(r.component, ''), r.counter, "
+                f"s.{self._rowid}")
         with self._connection("list releases") as conn:
             rows = conn.execute(sql, params).fetchall()
-            swarms: dict[tuple[str, str], list[SwarmInfo]] = {}
-            for swarm in self.swarms(product):
-                swarms.setdefault((swarm.product, swarm.version), []).append(swarm)
-        return [(_row_to_release(row, swarms.get((row[0], row[1]), [])), float(row[4]))
-                for row in rows]
+        grouped: dict[tuple[str, str], tuple[Sequence[Any], list[SwarmInfo]]] = {}
+        for row in rows:
+            _, swarms = grouped.setdefault((row[0], row[1]), (row[:8], []))
+            if row[8] is not None:
+                swarms.append(_row_to_swarm((row[8], row[0], row[1], row[9])))
+        return [(_row_to_release(head, swarms), float(head[4]))
+                for head, swarms in grouped.values()]
 
     # --- devices ----------------------------------------------------------------------
 
@@ -544,32 +551,34 @@ class SqlStore:
 
     def rollouts(self, product: str | None = None, *,
                  history: bool = False) -> list[RolloutState]:
-        select = f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts r"
+        where = ""
         if not history:
-            select += (" WHERE generation = (SELECT max(generation) FROM rollouts x "
-                       "WHERE x.product = r.product AND x.version = r.version)")
+            where = (" WHERE r.generation = (SELECT max(generation) FROM rollouts x "
+                     "WHERE x.product = r.product AND x.version = r.version)")
         params: tuple[str, ...] = ()
         if product is not None:
-            select += (" AND" if not history else " WHERE") + " product = ?"
+            where += (" AND" if not history else " WHERE") + " r.product = ?"
             params = (product,)
         with self._connection("list rollouts") as conn:
-            rows = conn.execute(select + " ORDER BY product, counter, generation",
-                                params).fetchall()
-            return [_row_to_rollout(conn, row) for row in rows]
+            rows = conn.execute(f"{_ROLLOUT_SELECT}{where} ORDER BY r.product, r.counter, "
+                                "r.generation, s.stage", params).fetchall()
+        return _rollouts_of(rows)
 
     def rollout_of(self, product: str, version: str) -> RolloutState | None:
         with self._connection("look up rollout") as conn:
-            row = conn.execute(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts "
-                               "WHERE product = ? AND version = ? "
-                               "ORDER BY generation DESC LIMIT 1",
-                               (product, version)).fetchone()
-            return None if row is None else _row_to_rollout(conn, row)
+            rows = conn.execute(f"{_ROLLOUT_SELECT} WHERE r.rollout_id = (SELECT rollout_id "
+                                "FROM rollouts WHERE product = ? AND version = ? "
+                                "ORDER BY generation DESC LIMIT 1) ORDER BY s.stage",
+                                (product, version)).fetchall()
+        found = _rollouts_of(rows)
+        return found[0] if found else None
 
     def rollout(self, rollout_id: str) -> RolloutState | None:
         with self._connection("look up rollout") as conn:
-            row = conn.execute(f"SELECT {_ROLLOUT_COLUMNS} FROM rollouts "
-                               "WHERE rollout_id = ?", (rollout_id,)).fetchone()
-            return None if row is None else _row_to_rollout(conn, row)
+            rows = conn.execute(f"{_ROLLOUT_SELECT} WHERE r.rollout_id = ? ORDER BY s.stage",
+                                (rollout_id,)).fetchall()
+        found = _rollouts_of(rows)
+        return found[0] if found else None
 
     def admission(self, rollout_id: str, device_id: str) -> Admission | None:
         with self._connection("look up admission") as conn:
@@ -740,14 +749,19 @@ class SqlStore:
 
 _DEVICE_COLUMNS = ("d.device_id, d.product, d.hardware_id, d.version, d.release_counter, "
                    "d.last_seen, d.network_id, d.region, d.labels_json, d.components_json")
-_ROLLOUT_COLUMNS = ("rollout_id, product, version, counter, plan_json, phase, stage, "
-                    "stage_started_at, created_at, halt_reason, revision, generation, "
-                    "failures_json")
+_ROLLOUT_FIELDS = ("rollout_id", "product", "version", "counter", "plan_json", "phase",
+                   "stage", "stage_started_at", "created_at", "halt_reason", "revision",
+                   "generation", "failures_json")
+_ROLLOUT_WIDTH = len(_ROLLOUT_FIELDS)
 _ADMISSION_COLUMNS = "device_id, stage, status, updated_at, code, message"
 _REPORT_COLUMNS = ("id, received_at, device_id, product, from_version, to_version, status, "
                    "message, bytes_origin, bytes_peers, timings_json, report_id, log_tail")
 _STAGE_FIELDS = ("admitted", "downloading", "succeeded", "failed", "rolled_back",
                  "bytes_origin", "bytes_peers")
+_ROLLOUT_SELECT = (f"SELECT {', '.join('r.' + f for f in _ROLLOUT_FIELDS)}, s.stage, "
+                   f"{', '.join('s.' + f for f in _STAGE_FIELDS)} FROM rollouts r "
+                   "LEFT JOIN rollout_stages s ON s.rollout_id = r.rollout_id")
+"""A rollout with its stages' counters in one statement: a row per stage."""
 
 
 def _row_to_device(r: Sequence[Any]) -> DeviceRecord:
@@ -805,7 +819,18 @@ def _row_to_report(row: Sequence[Any]) -> StoredReport:
                         timings, None if row[11] is None else str(row[11]), str(row[12]))
 
 
-def _row_to_rollout(conn: Connection, row: Sequence[Any]) -> RolloutState:
+def _rollouts_of(rows: Sequence[Sequence[Any]]) -> list[RolloutState]:
+    """Rollouts from the rows of :data:`_ROLLOUT_SELECT` (one per stage, in order)."""
+    grouped: dict[str, tuple[Sequence[Any], list[Sequence[Any]]]] = {}
+    for row in rows:
+        head = row[:_ROLLOUT_WIDTH]
+        _, stages = grouped.setdefault(str(head[0]), (head, []))
+        if row[_ROLLOUT_WIDTH] is not None:
+            stages.append(row[_ROLLOUT_WIDTH:])
+    return [_row_to_rollout(head, stages) for head, stages in grouped.values()]
+
+
+def _row_to_rollout(row: Sequence[Any], stage_rows: Sequence[Sequence[Any]]) -> RolloutState:
     (rollout_id, product, version, counter, plan_json, phase, stage, stage_started_at,
      created_at, halt_reason, revision, generation, failures_json) = row
     try:
@@ -814,9 +839,7 @@ def _row_to_rollout(conn: Connection, row: Sequence[Any]) -> RolloutState:
                          for f in json.loads(failures_json))
     except (ValueError, TypeError, IndexError, RequestError) as exc:
         raise StorageError(f"rollout {rollout_id}: corrupt plan or failures: {exc}") from exc
-    stages = {int(r[0]): StageCounters(*(int(v) for v in r[1:])) for r in conn.execute(
-        f"SELECT stage, {', '.join(_STAGE_FIELDS)} FROM rollout_stages WHERE rollout_id = ?",
-        (rollout_id,)).fetchall()}
+    stages = {int(r[0]): StageCounters(*(int(v) for v in r[1:])) for r in stage_rows}
     counters = tuple(stages.get(i, StageCounters()) for i in range(len(plan.stage_names)))
     return RolloutState(str(rollout_id), str(product), str(version), int(counter), plan,
                         str(phase), int(stage), float(stage_started_at), float(created_at),
