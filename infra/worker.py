@@ -1,13 +1,16 @@
-"""One worker thread that runs blocking calls one at a time for trio tasks:
-:class:`SerialWorker`.
+"""One worker thread that runs blocking work for trio tasks, in batches:
+:class:`BatchWorker` and :class:`SerialWorker`.
 
 Like ``trio.to_thread.run_sync(fn, limiter=CapacityLimiter(1))``, cheaper under load:
-calls are queued to one long-lived thread (no thread hand-over per call), and the
-results of the calls it ran back to back are handed to trio in one wakeup, not one
-each. The order of calls is the order of :meth:`SerialWorker.run`. A call cannot be
-cancelled once queued (as ``to_thread.run_sync`` without ``abandon_on_cancel``): the
-waiting task sees its cancellation after the call returns. The thread stops after
-``idle_s`` without work and starts again on the next call; it is a daemon thread.
+work is queued to one long-lived thread (no thread hand-over per call), the thread
+takes what is queued (up to a batch) at once, and the results are handed back to trio
+in one wakeup, not one each. A :class:`BatchWorker` gives the whole batch to one
+function (e.g. to send many commands to a server in one round trip); a
+:class:`SerialWorker` runs blocking calls one after the other. Order is the order of
+submission. Work cannot be cancelled once queued (as ``to_thread.run_sync`` without
+``abandon_on_cancel``): the waiting task sees its cancellation after its result
+arrives. The thread stops after ``idle_s`` without work and starts again on the next
+submission; it is a daemon thread.
 """
 
 from __future__ import annotations
@@ -15,36 +18,40 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Generic, TypeVar
 
 import outcome
 import trio
 
-__all__ = ["SerialWorker"]
+__all__ = ["BatchWorker", "SerialWorker"]
 
 _T = TypeVar("_T")
-_BATCH: Final = 16
-"""Calls run back to back before their results are handed over (bounds the latency a
-queue adds to the first one's answer)."""
-
-_Job = tuple[Callable[[], Any], trio.lowlevel.Task, trio.lowlevel.TrioToken]
+_Item = TypeVar("_Item")
+BATCH: Final = 16
+"""Work taken at once (bounds the latency a queue adds to the first one's answer)."""
 
 
-class SerialWorker:
-    """A thread running blocking calls one at a time (see the module docstring).
-    ``name`` names the thread."""
+class BatchWorker(Generic[_Item]):
+    """A thread that hands queued items to ``run_batch`` a batch at a time;
+    ``run_batch(items)`` returns one outcome per item, in order (see the module
+    docstring). ``name`` names the thread."""
 
-    def __init__(self, name: str, *, idle_s: float = 10.0) -> None:
+    def __init__(self, name: str,
+                 run_batch: Callable[[Sequence[_Item]], Sequence[outcome.Outcome[Any]]], *,
+                 idle_s: float = 10.0, batch: int = BATCH) -> None:
         self._name = name
+        self._run_batch = run_batch
         self._idle_s = idle_s
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._batch = batch
+        self._jobs: queue.SimpleQueue[tuple[_Item, trio.lowlevel.Task,
+                                            trio.lowlevel.TrioToken]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._running = False
 
-    async def run(self, fn: Callable[[], _T]) -> _T:
-        """``fn()`` in the worker thread; its result, or its exception raised here."""
-        job = (fn, trio.lowlevel.current_task(), trio.lowlevel.current_trio_token())
+    async def submit(self, item: _Item) -> Any:
+        """``item``'s result from ``run_batch`` (or its exception, raised here)."""
+        job = (item, trio.lowlevel.current_task(), trio.lowlevel.current_trio_token())
         with self._lock:
             self._jobs.put(job)
             if not self._running:
@@ -52,35 +59,51 @@ class SerialWorker:
                 threading.Thread(target=self._work, name=self._name, daemon=True).start()
 
         def abort(_: Any) -> trio.lowlevel.Abort:
-            return trio.lowlevel.Abort.FAILED  # the call runs anyway; wait for it
+            return trio.lowlevel.Abort.FAILED  # the work runs anyway; wait for it
 
-        result: _T = await trio.lowlevel.wait_task_rescheduled(abort)
-        return result
+        return await trio.lowlevel.wait_task_rescheduled(abort)
 
     def _work(self) -> None:
         jobs = self._jobs
         while True:
             try:
-                job = jobs.get(timeout=self._idle_s)
+                taken = [jobs.get(timeout=self._idle_s)]
             except queue.Empty:
                 with self._lock:
                     if jobs.empty():
                         self._running = False
                         return
                 continue
-            done = [(job, outcome.capture(job[0]))]
-            while len(done) < _BATCH:
+            while len(taken) < self._batch:
                 try:
-                    job = jobs.get_nowait()
+                    taken.append(jobs.get_nowait())
                 except queue.Empty:
                     break
-                done.append((job, outcome.capture(job[0])))
+            try:
+                results = list(self._run_batch([item for item, _, _ in taken]))
+                if len(results) != len(taken):
+                    raise RuntimeError("run_batch must return one outcome per item")
+            except BaseException as exc:  # a bug in run_batch: every waiter learns it
+                results = [outcome.Error(exc)] * len(taken)
             by_token: dict[trio.lowlevel.TrioToken, list[Any]] = {}
-            for (_, task, token), result in done:
+            for (_, task, token), result in zip(taken, results, strict=True):
                 by_token.setdefault(token, []).append((task, result))
-            for token, results in by_token.items():
+            for token, woken in by_token.items():
                 with contextlib.suppress(trio.RunFinishedError):  # nobody waits any more
-                    token.run_sync_soon(_wake, results)
+                    token.run_sync_soon(_wake, woken)
+
+
+class SerialWorker:
+    """A thread running blocking calls one at a time, in order of :meth:`run`."""
+
+    def __init__(self, name: str, *, idle_s: float = 10.0) -> None:
+        self._worker: BatchWorker[Callable[[], Any]] = BatchWorker(
+            name, lambda calls: [outcome.capture(call) for call in calls], idle_s=idle_s)
+
+    async def run(self, fn: Callable[[], _T]) -> _T:
+        """``fn()`` in the worker thread; its result, or its exception raised here."""
+        result: _T = await self._worker.submit(fn)
+        return result
 
 
 def _wake(results: list[tuple[trio.lowlevel.Task, outcome.Outcome[Any]]]) -> None:

@@ -3,9 +3,10 @@ Redis: the swarms' peers and the announce replay windows. :class:`RedisState`.
 
 The only tracker module that imports ``redis`` (redis-py); every ``redis.RedisError``
 becomes a :class:`~tracker.errors.StorageError` (announces then get a ``failure
-reason`` with HTTP 500, as for a database failure; check-ins and reports do not touch
-Redis). The calls are blocking and run in worker threads (``trio.to_thread``), at most
-:data:`MAX_THREADS` at once, never on the event loop.
+reason`` with HTTP 500, as for a database failure; check-ins and reports then get 500
+too, as they raise the device's replay window). Commands never run on the event loop:
+one worker thread (:class:`infra.worker.BatchWorker`) sends what is queued in one
+pipeline, one round trip for up to a batch of announces.
 
 **Peers** (the way Uber's Kraken keeps its peer store: sorted sets scored by time).
 Per swarm, every key under the hash tag of its announce hash (``{hex}``, so that one
@@ -38,26 +39,27 @@ checks the same value, so an announce accepted by one is a replay to all.
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import outcome
 import redis
-import trio
 
+from infra.worker import BatchWorker
 from tracker.bittorrent import AnnounceRequest, HandedPeer, PeerAddress, ScrapeCounts
 from tracker.errors import StorageError
 from tracker.registry import AnnounceResult, RegistryStatistics
 from tracker.store import redact_url
 
-__all__ = ["COUNTER_TTL_S", "MAX_THREADS", "RedisState"]
+__all__ = ["COUNTER_TTL_S", "RedisState"]
 
-MAX_THREADS: Final = 16
 COUNTER_TTL_S: Final = 7 * 24 * 3600
 _EXPIRE_PER_ANNOUNCE: Final = 64
 _TIMEOUT_S: Final = 5.0
+_HANDED_CACHE: Final = 200_000
+_Commands = tuple[tuple[Any, ...], ...]
 
 # KEYS[1]: the swarm's key prefix. ARGV: now, ttl, member, peer_id (hex), seed (0/1),
 # network, region ("" for none), event, numwant, max peers, expire budget.
@@ -213,31 +215,70 @@ class RedisState:
         self._prefix = prefix
         self._client = redis.Redis.from_url(
             url, socket_timeout=_TIMEOUT_S, socket_connect_timeout=_TIMEOUT_S,
-            health_check_interval=30, max_connections=MAX_THREADS)
-        self._announce = self._client.register_script(_ANNOUNCE)
-        self._accept = self._client.register_script(_ACCEPT_COUNTER)
-        self._raise = self._client.register_script(_RAISE_COUNTER)
-        self._limiter = trio.CapacityLimiter(MAX_THREADS)
+            health_check_interval=30)
+        self._scripts = {name: self._client.register_script(text) for name, text in (
+            ("announce", _ANNOUNCE), ("accept", _ACCEPT_COUNTER), ("raise", _RAISE_COUNTER))}
+        self._worker: BatchWorker[_Commands] = BatchWorker("tracker-redis", self._pipeline,
+                                                           batch=64)
         self._stats = _Stats()
-        self._downloads_seen = 0
+        self._handed: dict[bytes, HandedPeer] = {}  # reused: their compact form is cached
 
     # --- plumbing -----------------------------------------------------------------------
 
-    async def _run(self, what: str, fn: Callable[[], Any]) -> Any:
-        """``fn()`` in a worker thread; Redis errors become StorageError."""
+    async def _run(self, what: str, *commands: tuple[Any, ...]) -> list[Any]:
+        """The replies to ``commands`` (``("script", name, keys, args)`` or a raw
+        command), sent in the worker's next pipeline.
+
+        Raises:
+            StorageError: Redis failed, or refused a command.
+        """
         try:
-            return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+            replies: list[Any] = await self._worker.submit(commands)
         except redis.RedisError as exc:
             raise StorageError(f"{what}: Redis at {redact_url(self.url)}: {exc}") from exc
+        return replies
+
+    def _pipeline(self, batch: Sequence[_Commands]) -> list[outcome.Outcome[Any]]:
+        """In the worker thread: every command of ``batch`` in one pipeline (scripts by
+        their digest, loaded again if Redis lost them)."""
+        for attempt in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            for commands in batch:
+                for command in commands:
+                    if command[0] == "script":
+                        _, name, keys, args = command
+                        pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+                    else:
+                        pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+            try:
+                replies = pipe.execute(raise_on_error=False)
+            except redis.RedisError as exc:
+                return [outcome.Error(exc)] * len(batch)
+            if attempt == 0 and any(isinstance(r, redis.exceptions.NoScriptError)
+                                    for r in replies):
+                for script in self._scripts.values():  # Redis restarted: load them again
+                    self._client.script_load(script.script)
+                continue
+            out: list[outcome.Outcome[Any]] = []
+            at = 0
+            for commands in batch:
+                mine = replies[at:at + len(commands)]
+                at += len(commands)
+                failed = next((r for r in mine if isinstance(r, Exception)), None)
+                out.append(outcome.Error(failed) if failed is not None else outcome.Value(mine))
+            return out
+        raise RuntimeError("unreachable")
 
     def ping(self) -> None:
-        """Check that Redis answers (blocking).
+        """Check that Redis answers and load the scripts (blocking).
 
         Raises:
             StorageError: it does not.
         """
         try:
             self._client.ping()
+            for script in self._scripts.values():
+                self._client.script_load(script.script)
         except redis.RedisError as exc:
             raise StorageError(f"Redis at {redact_url(self.url)}: {exc}") from exc
 
@@ -260,19 +301,25 @@ class RedisState:
                 "1" if request.is_seed else "0", _field(network_id), _field(region),
                 request.event, request.numwant, self.max_peers_per_swarm,
                 _EXPIRE_PER_ANNOUNCE)
-        stored, expired, seeds, leechers, chosen = await self._run(
-            "announce", functools.partial(self._announce, keys=[self._swarm(
-                request.announce_hash)], args=args))
+        (stored, expired, seeds, leechers, chosen), = await self._run(
+            "announce", ("script", "announce", [self._swarm(request.announce_hash)], args))
         stats = self._stats
         stats.announces += 1
         stats.expired += int(expired)
         stats.seeds, stats.leechers = int(seeds), int(leechers)
         if not stored and request.event != "stopped":
             stats.refused += 1
+        handed = self._handed
         peers = []
         for raw in chosen:
-            peer_ip, port, peer_id = raw.decode("ascii").rsplit("|", 2)
-            peers.append(HandedPeer(PeerAddress(peer_ip, int(port)), bytes.fromhex(peer_id)))
+            peer = handed.get(raw)
+            if peer is None:
+                peer_ip, port, peer_id = raw.decode("ascii").rsplit("|", 2)
+                peer = HandedPeer(PeerAddress(peer_ip, int(port)), bytes.fromhex(peer_id))
+                if len(handed) >= _HANDED_CACHE:
+                    handed.clear()
+                handed[raw] = peer
+            peers.append(peer)
         return AnnounceResult(tuple(peers), int(seeds), int(leechers), bool(stored))
 
     async def scrape(self, announce_hash: bytes) -> ScrapeCounts:
@@ -282,15 +329,9 @@ class RedisState:
             StorageError: Redis failed.
         """
         prefix = self._swarm(announce_hash)
-
-        def counts() -> list[Any]:
-            pipe = self._client.pipeline(transaction=False)
-            pipe.zcard(prefix + "a:s")
-            pipe.get(prefix + "d")
-            pipe.zcard(prefix + "a:l")
-            return list(pipe.execute())
-
-        complete, downloaded, incomplete = await self._run("scrape", counts)
+        complete, downloaded, incomplete = await self._run(
+            "scrape", ("ZCARD", prefix + "a:s"), ("GET", prefix + "d"),
+            ("ZCARD", prefix + "a:l"))
         return ScrapeCounts(int(complete), int(downloaded or 0), int(incomplete))
 
     def statistics(self) -> RegistryStatistics:
@@ -315,13 +356,13 @@ class RedisState:
             StorageError: Redis (or ``stored_floor``) failed.
         """
         key = f"{self._prefix}:ctr:{device_id}"
-        found = int(await self._run("check a replay window", functools.partial(
-            self._accept, keys=[key], args=[counter, "", COUNTER_TTL_S])))
+        found = int((await self._run("check a replay window", (
+            "script", "accept", [key], [counter, "", COUNTER_TTL_S])))[0])
         if found == -2:
             floor = await stored_floor()
-            found = int(await self._run("check a replay window", functools.partial(
-                self._accept, keys=[key],
-                args=[counter, "none" if floor is None else floor, COUNTER_TTL_S])))
+            found = int((await self._run("check a replay window", (
+                "script", "accept", [key],
+                [counter, "none" if floor is None else floor, COUNTER_TTL_S])))[0])
         return None if found == -1 else found
 
     async def raise_counter(self, device_id: str, counter: int) -> None:
@@ -331,18 +372,8 @@ class RedisState:
         Raises:
             StorageError: Redis failed.
         """
-        await self._run("raise a replay window", functools.partial(
-            self._raise, keys=[f"{self._prefix}:ctr:{device_id}"],
-            args=[counter, COUNTER_TTL_S]))
-
-    async def forget_counter(self, device_id: str) -> None:
-        """The device's certificates were revoked: its counters start over.
-
-        Raises:
-            StorageError: Redis failed.
-        """
-        await self._run("reset a replay window", functools.partial(
-            self._client.delete, f"{self._prefix}:ctr:{device_id}"))
+        await self._run("raise a replay window", (
+            "script", "raise", [f"{self._prefix}:ctr:{device_id}"], [counter, COUNTER_TTL_S]))
 
 
 def _field(value: str | None) -> str:
