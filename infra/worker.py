@@ -1,16 +1,16 @@
 """One worker thread that runs blocking work for trio tasks, in batches:
-:class:`BatchWorker` and :class:`SerialWorker`.
+:class:`BatchWorker`.
 
 Like ``trio.to_thread.run_sync(fn, limiter=CapacityLimiter(1))``, cheaper under load:
 work is queued to one long-lived thread (no thread hand-over per call), the thread
 takes what is queued (up to a batch) at once, and the results are handed back to trio
-in one wakeup, not one each. A :class:`BatchWorker` gives the whole batch to one
-function (e.g. to send many commands to a server in one round trip); a
-:class:`SerialWorker` runs blocking calls one after the other. Order is the order of
-submission. Work cannot be cancelled once queued (as ``to_thread.run_sync`` without
-``abandon_on_cancel``): the waiting task sees its cancellation after its result
-arrives. The thread stops after ``idle_s`` without work and starts again on the next
-submission; it is a daemon thread.
+in one wakeup, not one each. The whole batch goes to one function, which may run the
+items one after the other, or together (many commands to a server in one round trip,
+many decisions in one transaction). Order is the order of submission. Work cannot be
+cancelled once queued (as ``to_thread.run_sync`` without ``abandon_on_cancel``): the
+waiting task sees its cancellation after its result arrives. The thread stops after
+``idle_s`` without work and starts again on the next submission; it is a daemon
+thread.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ from typing import Any, Final, Generic, TypeVar
 import outcome
 import trio
 
-__all__ = ["BatchWorker", "SerialWorker"]
+__all__ = ["BatchWorker"]
 
-_T = TypeVar("_T")
 _Item = TypeVar("_Item")
 BATCH: Final = 16
 """Work taken at once (bounds the latency a queue adds to the first one's answer)."""
@@ -91,19 +90,6 @@ class BatchWorker(Generic[_Item]):
             for token, woken in by_token.items():
                 with contextlib.suppress(trio.RunFinishedError):  # nobody waits any more
                     token.run_sync_soon(_wake, woken)
-
-
-class SerialWorker:
-    """A thread running blocking calls one at a time, in order of :meth:`run`."""
-
-    def __init__(self, name: str, *, idle_s: float = 10.0) -> None:
-        self._worker: BatchWorker[Callable[[], Any]] = BatchWorker(
-            name, lambda calls: [outcome.capture(call) for call in calls], idle_s=idle_s)
-
-    async def run(self, fn: Callable[[], _T]) -> _T:
-        """``fn()`` in the worker thread; its result, or its exception raised here."""
-        result: _T = await self._worker.submit(fn)
-        return result
 
 
 def _wake(results: list[tuple[trio.lowlevel.Task, outcome.Outcome[Any]]]) -> None:

@@ -35,10 +35,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import outcome
 import trio
 
 from infra.deviceauth import Authenticated
-from infra.worker import SerialWorker
+from infra.worker import BatchWorker
 from tracker.bittorrent import (
     AnnounceRequest,
     PeerAddress,
@@ -148,7 +149,8 @@ class Director:
             max_certificates_seen=config.max_peers_total,
             on_refused=lambda kind: self.counters.add("device_auth_refused_by", label=kind),
             shared=shared)
-        self._worker = SerialWorker("tracker-store")
+        self._worker: BatchWorker[Callable[[], Any]] = BatchWorker("tracker-store",
+                                                                   self._run_batch)
         self._known_swarms: dict[bytes, list[SwarmInfo]] = {}
         self._networks: OrderedDict[str, tuple[str | None, str | None]] = OrderedDict()
         # The swarm gate's caches (announces are frequent): rollouts by release, for
@@ -163,8 +165,21 @@ class Director:
     # --- plumbing -------------------------------------------------------------------------
 
     async def run(self, fn: Callable[[], _T]) -> _T:
-        """Run a blocking store call in the worker thread, one at a time."""
-        return await self._worker.run(fn)
+        """Run a blocking store call in the worker thread, one at a time (calls queued
+        together share one transaction, each its own savepoint: group commit)."""
+        result: _T = await self._worker.submit(fn)
+        return result
+
+    def _run_batch(self, calls: Sequence[Callable[[], Any]]) -> list[outcome.Outcome[Any]]:
+        """In the worker thread: ``calls`` queued together, in one store batch."""
+        if len(calls) == 1:
+            return [outcome.capture(calls[0])]
+        try:
+            with self.store.batch("decisions"):
+                results = [outcome.capture(call) for call in calls]
+        except StorageError as exc:  # the batch's commit failed: nothing of it was kept
+            return [outcome.Error(StorageError(str(exc))) for _ in calls]
+        return results
 
     def statistics(self) -> TrackerStatistics:
         """A snapshot of the counters."""

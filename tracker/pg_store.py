@@ -317,9 +317,12 @@ class PgStore(SqlStore):
 
     def _begin(self, conn: Connection) -> None:
         conn.execute("BEGIN")
+
+    def _decision_starts(self, conn: Connection) -> None:
         if self._exclusive_next:
             # The last decision met contention: this one holds off every other
-            # process's rollout saves (reads go on) so that it cannot be stale again.
+            # process's rollout saves (reads go on) until its transaction ends, so
+            # that it cannot be stale again.
             self._exclusive_next = False
             conn.execute("LOCK TABLE rollouts IN SHARE ROW EXCLUSIVE MODE")
 

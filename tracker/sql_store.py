@@ -117,6 +117,8 @@ class SqlStore:
         self._lock = threading.RLock()
         self._depth = 0  # open transaction blocks of the thread holding the lock
         self._current: Connection | None = None  # the connection of the open transaction
+        self._batched = False  # inside batch(): each decision is a savepoint
+        self._savepoints = 0
         self._closed = False
 
     def __enter__(self) -> SqlStore:
@@ -154,6 +156,10 @@ class SqlStore:
         a rollout it read): the engine may make the next one exclusive, so that a
         decision retried under contention makes progress."""
 
+    def _decision_starts(self, conn: Connection) -> None:
+        """A decision starts (a transaction, or a savepoint of a batch): the engine may
+        lock what the last contention asks for."""
+
     def _close_connection(self) -> None:
         """Close the connection, if open.
 
@@ -168,6 +174,15 @@ class SqlStore:
     def atomic(self, what: str) -> Iterator[None]:
         with self._transaction(what):
             yield
+
+    @contextmanager
+    def batch(self, what: str) -> Iterator[None]:
+        with self._transaction(what):
+            self._batched = True
+            try:
+                yield
+            finally:
+                self._batched = False
 
     def close(self) -> None:
         with self._lock:
@@ -197,6 +212,10 @@ class SqlStore:
         """One write transaction, committed unless the body raises; inside another one
         (:meth:`atomic`), part of it."""
         with self._connection(what) as conn:
+            if self._depth == 1 and self._batched:  # a decision of a batch: a savepoint
+                with self._savepoint(conn):
+                    yield conn
+                return
             if self._depth:
                 self._depth += 1
                 try:
@@ -205,6 +224,7 @@ class SqlStore:
                     self._depth -= 1
                 return
             self._begin(conn)
+            self._decision_starts(conn)
             self._current = conn
             self._depth = 1
             try:
@@ -220,6 +240,27 @@ class SqlStore:
             finally:
                 self._depth = 0
                 self._current = None
+
+    @contextmanager
+    def _savepoint(self, conn: Connection) -> Iterator[None]:
+        """A decision inside :meth:`batch`: kept when it ends, undone alone when it
+        raises (the batch goes on)."""
+        self._savepoints += 1
+        name = f"decision_{self._savepoints}"
+        conn.execute(f"SAVEPOINT {name}")
+        self._depth += 1
+        try:
+            self._decision_starts(conn)
+            yield
+            conn.execute(f"RELEASE SAVEPOINT {name}")
+        except BaseException as exc:
+            conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
+            conn.execute(f"RELEASE SAVEPOINT {name}")
+            if isinstance(exc, StaleStateError):
+                self._contended()
+            raise
+        finally:
+            self._depth -= 1
 
     # --- releases ---------------------------------------------------------------------
 

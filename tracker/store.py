@@ -212,6 +212,14 @@ class Store(Protocol):
         names it in errors. Nested blocks join the outer one."""
         ...
 
+    def batch(self, what: str) -> AbstractContextManager[None]:
+        """One transaction around several decisions (group commit: one commit, one
+        flush to disk, for all): inside it, each :meth:`atomic` block and each write
+        method called outside one is a savepoint, undone alone when it raises while the
+        others are kept. Nothing of the batch is durable before the block ends; if the
+        commit fails (StorageError), none of it was kept."""
+        ...
+
     # --- releases -----------------------------------------------------------------------
 
     def add_release(self, release: Release, now: float | None = None) -> bool:
