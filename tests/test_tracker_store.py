@@ -556,3 +556,18 @@ def test_postgresql_recovers_when_its_connection_is_lost(pg_url: str) -> None:
         with pytest.raises(StorageError):
             store.releases()
         assert store.releases() == [R1]
+
+
+def test_a_rollout_and_a_devices_admission_are_read_together(store: Store) -> None:
+    store.add_release(R2, 1.0)
+    assert store.rollout_with_admission(PRODUCT, "2.0.0", "d1") == (None, None)
+    _, state = register_release(store, R2, RolloutPlan.everyone(), now=START)
+    assert state is not None
+    assert store.rollout_with_admission(PRODUCT, "2.0.0", "d1") == (state, None)
+    result = admit(state, "d1", None, START)
+    assert result.state is not None and result.admission is not None
+    store.save_rollout(result.state, [result.admission])
+    read, admission = store.rollout_with_admission(PRODUCT, "2.0.0", "d1")
+    assert read == store.rollout_of(PRODUCT, "2.0.0") and read is not None
+    assert read.totals.admitted == 1 and admission == result.admission
+    assert store.rollout_with_admission(PRODUCT, "2.0.0", "d2") == (read, None)

@@ -301,13 +301,12 @@ class Director:
             store.record_checkin(checkin, now)
             candidates = []
             for release in newer_releases(checkin, store.releases(checkin.product)):
-                state = store.rollout_of(release.product, release.version)
-                admission = in_flight = None
-                if state is not None:
-                    admission = store.admission(state.rollout_id, checkin.device_id)
-                    if admission is None and state.plan.max_in_flight:
-                        in_flight = store.in_flight(
-                            state.rollout_id, now - state.plan.in_flight_timeout_s)
+                state, admission = store.rollout_with_admission(
+                    release.product, release.version, checkin.device_id)
+                in_flight = None
+                if state is not None and admission is None and state.plan.max_in_flight:
+                    in_flight = store.in_flight(
+                        state.rollout_id, now - state.plan.in_flight_timeout_s)
                 candidates.append(Candidate(release, state, admission, in_flight))
             groups: tuple[str, ...] = checkin.labels
             if any(c.rollout is not None and c.rollout.plan.canary_label is not None
@@ -411,10 +410,10 @@ class Director:
             release = store.release(report.product, report.to_version)
             if release is not None and report.status == StatusCode.OK:
                 store.record_installed(report.device_id, release, now)
-            state = store.rollout_of(report.product, report.to_version)
+            state, admission = store.rollout_with_admission(
+                report.product, report.to_version, report.device_id)
             if state is None:
                 return report_id, True, []
-            admission = store.admission(state.rollout_id, report.device_id)
             if admission is None:
                 log.warning("report %d: %s was not admitted to the rollout of %s %s; not "
                             "counted", report_id, report.device_id, report.product,
@@ -592,10 +591,12 @@ class Director:
         store = self.store
         device_id = request.device_id
         with store.atomic("swarm gate"):
-            state = store.rollout_of(swarm.product, swarm.version)
             if device_id is None:
+                state = store.rollout_of(swarm.product, swarm.version)
                 allowed = request.is_seed or (state is not None and open_to_all(state))
                 return allowed, (None, None), state, False
+            state, admission = store.rollout_with_admission(swarm.product, swarm.version,
+                                                            device_id)
             network = self._networks.get(device_id)
             if network is None:
                 record = store.device(device_id)
@@ -603,7 +604,6 @@ class Director:
                            else (record.network_id, record.region))
             if state is None or state.phase in ("aborted", "revoked", "scheduled"):
                 return False, network, state, False
-            admission = store.admission(state.rollout_id, device_id)
             if admission is None:
                 return False, network, state, False
             if not request.is_seed and admission.status == "offered":

@@ -614,6 +614,20 @@ class SqlStore:
         found = _rollouts_of(rows)
         return found[0] if found else None
 
+    def rollout_with_admission(self, product: str, version: str, device_id: str
+                               ) -> tuple[RolloutState | None, Admission | None]:
+        with self._connection("look up rollout and admission") as conn:
+            rows = conn.execute(
+                f"{_ROLLOUT_ADMISSION_SELECT} WHERE r.rollout_id = (SELECT rollout_id FROM "
+                "rollouts WHERE product = ? AND version = ? ORDER BY generation DESC "
+                "LIMIT 1) ORDER BY s.stage", (device_id, product, version)).fetchall()
+        if not rows:
+            return None, None
+        width = _ROLLOUT_WIDTH + 1 + len(_STAGE_FIELDS)
+        state = _rollouts_of([row[:width] for row in rows])[0]
+        tail = rows[0][width:]
+        return state, None if tail[0] is None else _row_to_admission(tail)
+
     def rollout(self, rollout_id: str) -> RolloutState | None:
         with self._connection("look up rollout") as conn:
             rows = conn.execute(f"{_ROLLOUT_SELECT} WHERE r.rollout_id = ? ORDER BY s.stage",
@@ -803,6 +817,13 @@ _ROLLOUT_SELECT = (f"SELECT {', '.join('r.' + f for f in _ROLLOUT_FIELDS)}, s.st
                    f"{', '.join('s.' + f for f in _STAGE_FIELDS)} FROM rollouts r "
                    "LEFT JOIN rollout_stages s ON s.rollout_id = r.rollout_id")
 """A rollout with its stages' counters in one statement: a row per stage."""
+_ROLLOUT_ADMISSION_SELECT = (
+    f"SELECT {', '.join('r.' + f for f in _ROLLOUT_FIELDS)}, s.stage, "
+    f"{', '.join('s.' + f for f in _STAGE_FIELDS)}, "
+    f"{', '.join('a.' + c for c in _ADMISSION_COLUMNS.split(', '))} FROM rollouts r "
+    "LEFT JOIN rollout_stages s ON s.rollout_id = r.rollout_id "
+    "LEFT JOIN rollout_devices a ON a.rollout_id = r.rollout_id AND a.device_id = ?")
+"""The same, with one device's admission (``?``: its id) on every row."""
 
 
 def _row_to_device(r: Sequence[Any]) -> DeviceRecord:

@@ -383,6 +383,12 @@ class Store(Protocol):
         """The latest rollout of one release, if it has one."""
         ...
 
+    def rollout_with_admission(self, product: str, version: str, device_id: str
+                               ) -> tuple[RolloutState | None, Admission | None]:
+        """:meth:`rollout_of` and ``device_id``'s :meth:`admission` to it, in one read
+        (the hot paths: check-ins, reports, the swarm gate)."""
+        ...
+
     def rollout(self, rollout_id: str) -> RolloutState | None:
         """The rollout with this id, if any."""
         ...
