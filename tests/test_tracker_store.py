@@ -571,3 +571,20 @@ def test_a_rollout_and_a_devices_admission_are_read_together(store: Store) -> No
     assert read == store.rollout_of(PRODUCT, "2.0.0") and read is not None
     assert read.totals.admitted == 1 and admission == result.admission
     assert store.rollout_with_admission(PRODUCT, "2.0.0", "d2") == (read, None)
+
+
+def test_a_batch_keeps_its_decisions_but_the_one_that_failed(store: Store) -> None:
+    """Group commit: decisions queued together share one transaction; one that raises
+    is undone alone."""
+    with store.batch("three decisions"):
+        with store.atomic("first"):
+            store.record_checkin(CheckIn("d1", PRODUCT, "hw1", "1.0.0", 1), START)
+        with pytest.raises(RuntimeError), store.atomic("second"):
+            store.record_checkin(CheckIn("d2", PRODUCT, "hw1", "1.0.0", 1), START)
+            raise RuntimeError("this decision failed")
+        store.add_report(report("d3"), START)  # a write outside atomic: a decision too
+        with store.atomic("fourth"):
+            store.record_checkin(CheckIn("d1", PRODUCT, "hw1", "2.0.0", 2), START)
+    assert [d.device_id for d in store.devices()] == ["d1"]
+    assert store.device("d1").version == "2.0.0"  # type: ignore[union-attr]
+    assert [r.device_id for r in store.reports()] == ["d3"]

@@ -244,7 +244,8 @@ class SqlStore:
     @contextmanager
     def _savepoint(self, conn: Connection) -> Iterator[None]:
         """A decision inside :meth:`batch`: kept when it ends, undone alone when it
-        raises (the batch goes on)."""
+        raises (the batch goes on). Savepoints are not released one by one (a round
+        trip each): the batch's commit keeps them all."""
         self._savepoints += 1
         name = f"decision_{self._savepoints}"
         conn.execute(f"SAVEPOINT {name}")
@@ -252,10 +253,8 @@ class SqlStore:
         try:
             self._decision_starts(conn)
             yield
-            conn.execute(f"RELEASE SAVEPOINT {name}")
         except BaseException as exc:
             conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
-            conn.execute(f"RELEASE SAVEPOINT {name}")
             if isinstance(exc, StaleStateError):
                 self._contended()
             raise
