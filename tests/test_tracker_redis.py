@@ -6,11 +6,22 @@ one process is a replay to every other."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+import redis
 
+from bench.servers import RedisServer, redis_missing, run_redis
+from tests.test_tracker_announce import INFO_HASH, announce_query, bdecode
+from tests.tracker_asgi import START, call, checkin_body, release
+from tracker.app import TrackerApp
 from tracker.bittorrent import AnnounceRequest
+from tracker.catalogue import register_release
+from tracker.config import TrackerConfig
+from tracker.director import Director
 from tracker.redis_state import RedisState
+from tracker.rollout import RolloutPlan
+from tracker.sqlite_store import SqliteStore
 
 HASH = bytes.fromhex("ab" * 20)
 
@@ -108,3 +119,39 @@ async def test_an_announce_accepted_by_one_process_is_a_replay_to_all(
     await two.raise_counter("dev-1:cert", 20)  # a check-in signed with 20
     assert await one.accept_counter("dev-1:cert", 19, stored_floor) == 20
     assert await one.accept_counter("dev-1:other-cert", 19, stored_floor) is None
+
+
+async def test_with_redis_down_announces_fail_and_check_ins_go_on(tmp_path: Path) -> None:
+    """Redis holds the peers: while it is down, announces get a failure reason (500),
+    devices download from the origin meanwhile; check-ins and reports, which live in
+    the database, are still answered."""
+    if redis_missing() is not None:
+        pytest.skip(f"Redis tests skipped: {redis_missing()}")
+    with run_redis() as server, SqliteStore(tmp_path / "t.db", clock=Clock()) as store:
+        register_release(store, release(info_hash=INFO_HASH), RolloutPlan.everyone(),
+                         now=START)
+        shared = RedisState(server.url, interval_s=300, max_peers_per_swarm=100)
+        shared.ping()
+        app = TrackerApp(Director(store, TrackerConfig(db_path=store.path),
+                                  clock=Clock(), shared=shared))
+        status, body = await call(app, "GET", "/announce",
+                                  query=announce_query(left=0, port=7000))
+        assert status == 200 and bdecode(body)[b"complete"] == 1
+        server_process_stop(server)
+        status, body = await call(app, "GET", "/announce",
+                                  query=announce_query(port=7001))
+        assert status == 500 and b"tracker storage failure" in body
+        status, answer = await call(app, "POST", "/v1/checkin", checkin_body("d1"))
+        assert status == 200 and answer["release"]["version"] == "2.0.0"
+        shared.close()
+
+
+def server_process_stop(server: RedisServer) -> None:
+    """Stop the Redis server (as a crash would: nothing saved)."""
+    client = redis.Redis(unix_socket_path=str(server.socket))
+    try:
+        client.shutdown(nosave=True)
+    except redis.ConnectionError:
+        pass  # it went away while answering
+    finally:
+        client.close()

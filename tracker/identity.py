@@ -320,15 +320,18 @@ class DeviceGate:
 
     async def accepted(self, auth: Authenticated | None) -> None:
         """A signed check-in or report was accepted: announces signed before it can no
-        longer be replayed to this process (nor, with shared windows, to any).
-
-        Raises:
-            StorageError: the shared windows failed.
-        """
+        longer be replayed to this process (nor, with shared windows, to any). The
+        check-in or report is stored already: when the shared windows cannot be reached
+        it is answered all the same (logged; announces fail meanwhile anyway, since
+        they need the same Redis)."""
         if auth is not None:
             self._announce_counters.raise_to(auth.device_id, auth.counter)
             if self._shared is not None:
-                await self._shared.raise_counter(_window_key(auth), auth.counter)
+                try:
+                    await self._shared.raise_counter(_window_key(auth), auth.counter)
+                except StorageError as exc:
+                    log.warning("raising the shared announce window of %s failed: %s",
+                                auth.device_id, exc)
 
     async def accept_announce(self, auth: Authenticated) -> None:
         """Check an announce's or scrape's counter against the in-memory window (seeded
