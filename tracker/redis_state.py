@@ -18,8 +18,10 @@ swarm lives on one Redis Cluster slot and one Lua script may touch all of its ke
   :class:`~tracker.registry.SwarmRegistry`);
 - ``...:i``: a hash of each peer's peer id, role, network and region;
 - pools ``...:a:s`` / ``...:a:l`` (everyone's seeds / leechers), ``...:n:<network>:s|l``
-  and ``...:r:<region>:s|l``: sorted sets that the LAN-first hand-out samples with
-  ``ZRANDMEMBER`` (uniform, O(numwant));
+  and ``...:r:<region>:s|l``: sorted sets of what a hand-out returns
+  (``ip|port|peer id``) scored by the last announce too, which the LAN-first hand-out
+  samples with ``ZRANDMEMBER ... WITHSCORES`` (uniform, O(numwant), no lookup per
+  peer);
 - ``...:d``: the swarm's completed downloads.
 
 One announce is one Lua script (atomic, one round trip): expire, record (or remove on
@@ -78,12 +80,13 @@ local function pools(role, net, reg)
   return out
 end
 
--- info: peer_id|role|network|region|completed (0/1)
+-- info: peer_id|role|network|region|completed (0/1); a pool member is what hand-outs
+-- return, ip|port|peer_id, scored by the last announce like the peer itself
 local function unindex(m)
   local old = redis.call('HGET', info, m)
   if old then
-    local _, _, role, net, reg = string.find(old, '^[^|]*|([sl])|([^|]*)|([^|]*)|')
-    for _, key in ipairs(pools(role, net, reg)) do redis.call('ZREM', key, m) end
+    local _, _, pid, role, net, reg = string.find(old, '^([^|]*)|([sl])|([^|]*)|([^|]*)|')
+    for _, key in ipairs(pools(role, net, reg)) do redis.call('ZREM', key, m .. '|' .. pid) end
   end
   return old
 end
@@ -102,6 +105,7 @@ end
 
 local stored = 0
 local role = (seed == '1') and 's' or 'l'
+local own = member .. '|' .. peer_id
 if event == 'stopped' then
   remove(member)
 else
@@ -117,36 +121,35 @@ else
     redis.call('HSET', info, member,
                peer_id .. '|' .. role .. '|' .. network .. '|' .. region .. '|' .. completed)
     for _, key in ipairs(pools(role, network, region)) do
-      redis.call('ZADD', key, now, member)
+      redis.call('ZADD', key, now, own)
       redis.call('EXPIRE', key, ttl)
     end
     stored = 1
   end
 end
 
+-- LAN first (network, region, anyone); a leecher gets seeds first, a seed leechers
+-- only; a uniform draw from each pool, live members only, never the requester
 local chosen, seen = {}, {}
-seen[member] = true
+seen[own] = true
 local levels = {}
-if network ~= '' then levels[#levels + 1] = {'n:' .. network .. ':'} end
-if region ~= '' then levels[#levels + 1] = {'r:' .. region .. ':'} end
-levels[#levels + 1] = {'a:'}
+if network ~= '' then levels[#levels + 1] = 'n:' .. network .. ':' end
+if region ~= '' then levels[#levels + 1] = 'r:' .. region .. ':' end
+levels[#levels + 1] = 'a:'
 local roles = (seed == '1') and {'l'} or {'s', 'l'}
 if event ~= 'stopped' then
   for _, level in ipairs(levels) do
     for _, r in ipairs(roles) do
       local need = numwant - #chosen
       if need <= 0 then break end
-      local key = prefix .. level[1] .. r
-      local drawn = redis.call('ZRANDMEMBER', key, need + #chosen + 1)
-      for _, m in ipairs(drawn) do
+      local drawn = redis.call('ZRANDMEMBER', prefix .. level .. r, need + #chosen + 1,
+                               'WITHSCORES')
+      for n = 1, #drawn, 2 do
         if #chosen >= numwant then break end
-        if not seen[m] then
+        local m = drawn[n]
+        if not seen[m] and tonumber(drawn[n + 1]) >= now - ttl then
           seen[m] = true
-          local at = redis.call('ZSCORE', peers, m)
-          if at and tonumber(at) >= now - ttl then
-            local data = redis.call('HGET', info, m)
-            if data then chosen[#chosen + 1] = m .. '|' .. string.match(data, '^[^|]*') end
-          end
+          chosen[#chosen + 1] = m
         end
       end
     end
