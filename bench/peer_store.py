@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import redis
 
 from bench.delta import machine_info
 from bench.servers import run_postgres, run_redis
@@ -55,6 +56,7 @@ def _request(i: int) -> AnnounceRequest:
 
 def _measure(announce: Callable[[int], None], count: int, peers: int,
              server: list[int]) -> dict[str, float]:
+    """Per announce: client and server CPU, wall (after every peer announced once)."""
     for i in range(peers):  # the swarm, every peer once
         announce(i)
     client0, server0, wall0 = time.process_time(), _cpu_of(server), time.perf_counter()
@@ -90,7 +92,11 @@ def _postgres(count: int, peers: int) -> dict[str, float]:
                              "last_seen > %s", (HASH, now - 600)).fetchone()
 
         try:
-            return _measure(announce, count, peers, _pids_of("postgres"))
+            result = _measure(announce, count, peers, _pids_of("postgres"))
+            row = conn.execute("SELECT pg_total_relation_size('peers')").fetchone()
+            assert row is not None
+            result["bytes_per_peer"] = round(int(row[0]) / peers)
+            return result
         finally:
             conn.close()
 
@@ -109,9 +115,15 @@ def _redis(count: int, peers: int) -> dict[str, float]:
             result = state._pipeline([(("script", "announce", [key], args),)])
             result[0].unwrap()
 
+        info = redis.Redis(unix_socket_path=str(server.socket))
+        before = int(info.info("memory")["used_memory"])
         try:
-            return _measure(announce, count, peers, _pids_of("redis-server"))
+            result = _measure(announce, count, peers, _pids_of("redis-server"))
+            used = int(info.info("memory")["used_memory"]) - before
+            result["bytes_per_peer"] = round(used / peers)
+            return result
         finally:
+            info.close()
             state.close()
 
 
@@ -129,11 +141,12 @@ def render(result: dict[str, Any]) -> str:
              "thread hand-over; the PostgreSQL client with psycopg 3). "
              "Per announce, microseconds. Load average after: "
              f"{', '.join(f'{x:.2f}' for x in result['loadavg_after'])}.", "",
-             "| store | client CPU µs | server CPU µs | wall µs |", "|---|---:|---:|---:|"]
+             "| store | client CPU µs | server CPU µs | wall µs | bytes per peer |",
+             "|---|---:|---:|---:|---:|"]
     for name in ("redis", "postgresql"):
         m = result[name]
         lines.append(f"| {name} | {m['client_cpu_us']} | {m['server_cpu_us']} | "
-                     f"{m['wall_us']} |")
+                     f"{m['wall_us']} | {m['bytes_per_peer']} |")
     lines += ["", f"Machine: `{result['machine']}`", ""]
     return "\n".join(lines)
 
