@@ -348,22 +348,32 @@ def _run_wrk(wrk: str, cpu: int | None, url: str, script: Path, *, connections: 
                           check=True)
     cpu_used = sum(_cpu_seconds(p) for p in pids) - cpu_before
     refusals = refused() - refused_before if refused is not None else 0
-    match = re.search(r"WRK-JSON (\{.*\})", done.stdout)
+    figures = wrk_figures(done.stdout, done.stderr)
+    return {**figures, "errors": figures["errors"] + refusals,
+            "exhausted": "WRK-EXHAUSTED" in done.stdout,
+            "tracker_cpu_s": round(cpu_used, 3),
+            "requests_per_cpu_s": round(figures["requests"] / cpu_used, 1) if cpu_used else None}
+
+
+def wrk_figures(stdout: str, stderr: str = "") -> dict[str, Any]:
+    """The figures the ``_LUA_DONE`` script printed: requests, time, rates, p50/p99,
+    errors (non-2xx and socket errors) and non-2xx apart.
+
+    Raises:
+        RuntimeError: wrk printed none.
+    """
+    match = re.search(r"WRK-JSON (\{.*\})", stdout)
     if match is None:
-        raise RuntimeError(f"wrk printed no figures: {done.stdout[-500:]} {done.stderr[-500:]}")
+        raise RuntimeError(f"wrk printed no figures: {stdout[-500:]} {stderr[-500:]}")
     raw = json.loads(match.group(1))
     elapsed = raw["duration_us"] / 1e6
     return {"requests": raw["requests"], "elapsed_s": round(elapsed, 3),
             "requests_per_s": round(raw["requests"] / elapsed, 1),
             "p50_ms": round(raw["p50_us"] / 1000, 3), "p99_ms": round(raw["p99_us"] / 1000, 3),
-            "errors": raw["non2xx"] + raw["socket_errors"] + refusals,
-            "non2xx": raw["non2xx"],
-            "exhausted": "WRK-EXHAUSTED" in done.stdout,
-            "tracker_cpu_s": round(cpu_used, 3),
-            "requests_per_cpu_s": round(raw["requests"] / cpu_used, 1) if cpu_used else None}
+            "errors": raw["non2xx"] + raw["socket_errors"], "non2xx": raw["non2xx"]}
 
 
-def _start_tracker(db: Path | str, cpu: int | None, device_ca: Path | None = None, *,
+def start_tracker(db: Path | str, cpu: int | None, device_ca: Path | None = None, *,
                    source: Path | None = None, extra: Sequence[str] = ()
                    ) -> tuple[subprocess.Popen[str], str, str]:
     """``swarmota tracker serve`` with both listeners, pinned to ``cpu``, in lab mode
@@ -447,7 +457,7 @@ def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
     fleet = _Fleet(workdir, devices) if signed else None
     procs: list[subprocess.Popen[str]] = []
     try:
-        proc, api, lean = _start_tracker(db, tracker_cpu)
+        proc, api, lean = start_tracker(db, tracker_cpu)
         procs.append(proc)
         run = functools.partial(_run_wrk, wrk_path, load_cpu, connections=connections,
                                 pid=proc.pid)
@@ -456,7 +466,7 @@ def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
         if baseline is not None:
             base_db = workdir / "baseline.sqlite"
             _prepare_with(base_db, baseline)
-            base_proc, base_api, base_lean = _start_tracker(base_db, tracker_cpu,
+            base_proc, base_api, base_lean = start_tracker(base_db, tracker_cpu,
                                                             source=baseline)
             procs.append(base_proc)
             base_urls = {"announce-lean": base_lean, "announce-hypercorn": base_api,
@@ -467,7 +477,7 @@ def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
         if fleet is not None:
             signed_db = workdir / "signed.sqlite"
             _prepare(signed_db)
-            signed_proc, signed_api, signed_lean = _start_tracker(
+            signed_proc, signed_api, signed_lean = start_tracker(
                 signed_db, tracker_cpu, fleet.ca_pem)
             procs.append(signed_proc)
             urls = {"announce-lean": signed_lean, "announce-hypercorn": signed_api,

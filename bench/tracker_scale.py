@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import re
 import shutil
@@ -58,11 +57,12 @@ from bench.tracker import (
     _lua,
     _prepare,
     _run_wrk,
-    _start_tracker,
+    start_tracker,
+    wrk_figures,
 )
 from tracker.store import open_store
 
-__all__ = ["render_scale", "render_storm", "run_scale", "run_storm"]
+__all__ = ["render_scale", "render_storm", "run_nginx", "run_scale", "run_storm"]
 
 _PHASES = ("checkin-lean", "announce-lean")
 
@@ -76,8 +76,14 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _nginx(workdir: Path, upstreams: list[str], cpu: int | None) -> Iterator[str]:
-    """nginx on a free loopback port, round robin over ``upstreams``; its URL."""
+def run_nginx(workdir: Path, upstreams: list[str], cpu: int | None = None
+              ) -> Iterator[str]:
+    """nginx on a free loopback port, round robin over ``upstreams`` (keep-alive to
+    them, ``X-Forwarded-For`` added, a failed GET tried on the next one); its URL.
+
+    Raises:
+        RuntimeError: nginx is missing or did not start.
+    """
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(nginx).exists():
         raise RuntimeError("nginx not found: apt-get install nginx-light")
@@ -105,6 +111,7 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_next_upstream error timeout;
         }}
     }}
 }}
@@ -189,6 +196,7 @@ def run_scale(workdir: Path, *, devices: int, duration_s: float, runs: int,
     wrk_path = shutil.which(wrk)
     if wrk_path is None:
         raise RuntimeError("wrk not found: apt-get install wrk (Debian/Ubuntu)")
+    workdir.mkdir(parents=True, exist_ok=True)
     cpus = sorted(os.sched_getaffinity(0))
     tracker_cpu, load_cpu = (cpus[0], cpus[1]) if len(cpus) > 1 else (None, None)
     scripts = {"checkin-lean": workdir / "checkin.lua", "announce-lean": workdir / "ann.lua"}
@@ -209,20 +217,20 @@ def run_scale(workdir: Path, *, devices: int, duration_s: float, runs: int,
             targets: dict[str, tuple[str, list[int]]] = {}
             sqlite_db = workdir / "sqlite.db"
             _prepare(sqlite_db)
-            proc, _, lean = _start_tracker(sqlite_db, tracker_cpu, ca)
+            proc, _, lean = start_tracker(sqlite_db, tracker_cpu, ca)
             procs.append(proc)
             targets["sqlite"] = (lean, [proc.pid])
             _prepare(db_url)
-            proc, _, lean = _start_tracker(db_url, tracker_cpu, ca)
+            proc, _, lean = start_tracker(db_url, tracker_cpu, ca)
             procs.append(proc)
             targets["pg"] = (lean, [proc.pid])
             if processes > 1:
                 redis = stack.enter_context(run_redis())
-                many = [_start_tracker(db_url, tracker_cpu, ca, extra=[
+                many = [start_tracker(db_url, tracker_cpu, ca, extra=[
                     "--redis", redis.url, "--trusted-proxy", "127.0.0.1/32"])
                     for _ in range(processes)]
                 procs += [p for p, _, _ in many]
-                url = stack.enter_context(_nginx(workdir, [le for _, _, le in many],
+                url = stack.enter_context(run_nginx(workdir, [le for _, _, le in many],
                                                  load_cpu))
                 targets[f"x{processes}"] = (url, [p.pid for p, _, _ in many])
             reference = stack.enter_context(_opentracker(workdir, tracker_cpu))
@@ -371,6 +379,7 @@ def run_storm(workdir: Path, *, devices: int, connections: int, timeout_s: float
     wrk_path = shutil.which(wrk)
     if wrk_path is None:
         raise RuntimeError("wrk not found: apt-get install wrk (Debian/Ubuntu)")
+    workdir.mkdir(parents=True, exist_ok=True)
     cpus = sorted(os.sched_getaffinity(0))
     tracker_cpu, load_cpu = (cpus[0], cpus[1]) if len(cpus) > 1 else (None, None)
     script = workdir / "storm.lua"
@@ -380,7 +389,7 @@ def run_storm(workdir: Path, *, devices: int, connections: int, timeout_s: float
         _prepare(url)
         with open_store(url) as store:
             empty = store.database_bytes()  # type: ignore[attr-defined]
-        proc, api, lean = _start_tracker(url, tracker_cpu)
+        proc, api, lean = start_tracker(url, tracker_cpu)
         try:
             progress(f"storm: {devices} devices check in once each through {lean}")
             server_pids = _pids_of("postgres")
@@ -443,15 +452,7 @@ def _storm_wrk(wrk: str, cpu: int | None, url: str, api: str, script: Path, *, d
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    match = re.search(r"WRK-JSON (\{.*\})", out)
-    if match is None:
-        raise RuntimeError(f"wrk printed no figures: {out[-500:]} {err[-500:]}")
-    raw = json.loads(match.group(1))
-    elapsed = raw["duration_us"] / 1e6
-    return {"requests": raw["requests"], "elapsed_s": round(elapsed, 1),
-            "requests_per_s": round(raw["requests"] / elapsed, 1),
-            "p50_ms": round(raw["p50_us"] / 1000, 3), "p99_ms": round(raw["p99_us"] / 1000, 3),
-            "errors": raw["non2xx"] + raw["socket_errors"]}
+    return wrk_figures(out, err)
 
 
 def render_storm(result: dict[str, Any]) -> str:

@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +26,8 @@ import pytest
 import trio
 
 from bench.servers import PostgresServer, RedisServer
+from bench.tracker import start_tracker
+from bench.tracker_scale import run_nginx
 from infra.devca import create_ca, issue_device_cert
 from infra.deviceauth import RequestSigner
 from tracker.admin import hash_token, new_token
@@ -75,79 +76,10 @@ class Cluster:
         return open_store(self.db_url)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _start_tracker(db_url: str, redis_url: str, ca: Path) -> Tracker:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from swarmota.cli import main; sys.exit(main())",
-         "tracker", "serve", "--db", db_url, "--redis", redis_url, "--device-ca", str(ca),
-         "--listen", "127.0.0.1:0", "--announce-listen", "127.0.0.1:0",
-         "--trusted-proxy", "127.0.0.1/32"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    api = lean = None
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    while (api is None or lean is None) and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if found := re.search(r"tracker listening on (\S+)", line):
-            api = found.group(1)
-        if found := re.search(r"lean BitTorrent endpoint on (\S+?):? ", line):
-            lean = found.group(1)
-    if api is None or lean is None:
-        proc.kill()
-        raise RuntimeError("a tracker process did not start")
+    proc, api, lean = start_tracker(db_url, None, ca, extra=[
+        "--redis", redis_url, "--trusted-proxy", "127.0.0.1/32"])
     return Tracker(proc, api, lean)
-
-
-def _start_nginx(prefix: Path, upstreams: list[str]) -> tuple[subprocess.Popen[bytes], str]:
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    port = _free_port()
-    prefix.mkdir()
-    servers = "\n".join(f"        server {u.removeprefix('http://')} max_fails=0;"
-                        for u in upstreams)
-    (prefix / "nginx.conf").write_text(f"""
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log;
-events {{ worker_connections 512; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/tmp;
-    proxy_temp_path {prefix}/tmp;
-    upstream trackers {{
-{servers}
-        keepalive 16;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://trackers;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_next_upstream error timeout;
-        }}
-    }}
-}}
-""")
-    proc = subprocess.Popen([nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
-                             "-g", "daemon off;"], stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("nginx did not start") from None
-            time.sleep(0.05)
-    return proc, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -163,14 +95,10 @@ def cluster(postgres_server: PostgresServer, redis_server: RedisServer,
     with open_store(db_url) as store:
         store.add_token(TokenRecord(hash_token(token), "ops", "admin", 0.0, None))
     trackers = [_start_tracker(db_url, redis_server.url, ca) for _ in range(3)]
-    nginx = None
     try:
-        nginx, url = _start_nginx(tmp / "nginx", [t.lean for t in trackers])
-        yield Cluster(db_url, url, trackers, tmp / "fleet-ca", tmp / "ids", token)
+        with run_nginx(tmp, [t.lean for t in trackers]) as url:
+            yield Cluster(db_url, url, trackers, tmp / "fleet-ca", tmp / "ids", token)
     finally:
-        if nginx is not None:
-            nginx.send_signal(signal.SIGQUIT)
-            nginx.wait(timeout=10)
         for tracker in trackers:
             tracker.proc.terminate()
         for tracker in trackers:
