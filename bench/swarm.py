@@ -39,7 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,7 @@ class RunResult:
     bytes_origin: list[int]  # per device (agent's count)
     bytes_peers: list[int]
     timings_s: list[dict[str, float]]  # per device, by phase (the agent's timings)
+    banned_peers: list[list[str]]  # per device: the peers its swarm banned (host:port)
     cpu_s: float  # this process (devices and servers), user + system
     failures: list[str]
 
@@ -104,6 +105,7 @@ class RunResult:
             "completion_s": self.completion_s, "delivered_s": self.delivered_s,
             "bytes_origin": self.bytes_origin,
             "bytes_peers": self.bytes_peers, "timings_s": self.timings_s,
+            "banned_peers": self.banned_peers,
             "cpu_s": self.cpu_s, "failures": self.failures,
         }
 
@@ -123,8 +125,13 @@ def publish(workdir: Path, image_bytes: int) -> tuple[Repository, ReleaseManifes
 
 async def run_fleet(workdir: Path, repo: Repository, releases: Sequence[ReleaseManifest],
                     base_image: Path, *, devices: int, mode: str,
-                    origin_rate_bytes_per_s: int) -> RunResult:
-    """Update ``devices`` devices from v1 to the newest of ``releases`` at once."""
+                    origin_rate_bytes_per_s: int,
+                    on_servers: Callable[[str], Awaitable[None]] | None = None,
+                    device_config: dict[str, Any] | None = None) -> RunResult:
+    """Update ``devices`` devices from v1 to the newest of ``releases`` at once.
+
+    ``on_servers(tracker_url)`` runs once origin and tracker listen, before the devices
+    start (e.g. to announce other peers); ``device_config``: more DeviceConfig fields."""
     db = workdir / "tracker.sqlite"
     store = SqliteStore(db)
     try:
@@ -141,13 +148,15 @@ async def run_fleet(workdir: Path, repo: Repository, releases: Sequence[ReleaseM
     async with trio.open_nursery() as servers:
         origin_url = await servers.start(serve_origin, origin, ListenConfig())
         tracker_url = await servers.start(serve_tracker, TrackerConfig(db_path=db))
+        if on_servers is not None:
+            await on_servers(tracker_url)
         states = []
         for n in range(devices):
             config = DeviceConfig(
                 device_id=f"bench-{n:03d}", product=PRODUCT, hardware_id=HARDWARE_ID,
                 origin_url=origin_url, tracker_url=tracker_url, download_mode=mode,
-                swarm_listen=f"127.0.0.{11 + n}:0", seed_time_s=RUN_TIMEOUT_S,
-                http_timeout_s=120.0)
+                swarm_listen=f"{device_host(n)}:0", seed_time_s=RUN_TIMEOUT_S,
+                http_timeout_s=120.0, **(device_config or {}))
             states.append(init_device(workdir / "devices" / config.device_id, config,
                                       root_json=repo.root_bytes(), image=base_image,
                                       version="1.0.0", release_counter=1))
@@ -189,7 +198,12 @@ async def run_fleet(workdir: Path, repo: Repository, releases: Sequence[ReleaseM
         bytes_origin=[r.bytes_origin for _, r in ordered],
         bytes_peers=[r.bytes_peers for _, r in ordered],
         timings_s=[dict(r.timings_s) for _, r in ordered], cpu_s=round(cpu, 3),
-        failures=failures)
+        failures=failures, banned_peers=[list(r.banned_peers) for _, r in ordered])
+
+
+def device_host(n: int) -> str:
+    """The loopback address of device ``n`` (0-based) in a benchmark fleet."""
+    return f"127.0.0.{11 + n}"
 
 
 def _delivered_s(result: UpdateResult) -> float:

@@ -8,6 +8,7 @@ length and hashes the targets role signs, and this package checks everything ins
 
 from manifest.chunking import (
     MAX_CHUNK_SIZE_BYTES,
+    MIN_CHOSEN_CHUNK_SIZE_BYTES,
     MIN_CHUNK_SIZE_BYTES,
     choose_chunk_size,
     chunk_hashes,
@@ -51,6 +52,7 @@ __all__ = [
     "MAX_CHUNK_SIZE_BYTES",
     "MAX_MANIFEST_BYTES",
     "MAX_RELEASE_COUNTER",
+    "MIN_CHOSEN_CHUNK_SIZE_BYTES",
     "MIN_CHUNK_SIZE_BYTES",
     "CounterJumpError",
     "CounterReset",

@@ -9,6 +9,7 @@ from manifest.errors import IntegrityError
 __all__ = [
     "MAX_CHUNK_SIZE_BYTES",
     "MIN_CHUNK_SIZE_BYTES",
+    "MIN_CHOSEN_CHUNK_SIZE_BYTES",
     "TARGET_CHUNK_COUNT",
     "chunk_count",
     "chunk_hashes",
@@ -19,6 +20,14 @@ __all__ = [
 ]
 
 MIN_CHUNK_SIZE_BYTES = 16 * 1024
+# The smallest chunk size publishing chooses: two BitTorrent blocks (16 KiB each), since
+# a chunk is one piece of the payload's v2 torrent. With one-block pieces, libtorrent
+# (2.x, up to at least 2.1.1) answers a piece that fails its hash check by asking
+# peers for that piece's block hashes, a request whose layer is then also the piece
+# layer; it refuses every honest answer as "invalid hashes", disconnects the peer, and
+# asks the next one, for as long as the torrent lives. One lying peer thereby cut every
+# device off from every other (issue 15). Manifests with 16 KiB chunks stay valid.
+MIN_CHOSEN_CHUNK_SIZE_BYTES = 32 * 1024
 MAX_CHUNK_SIZE_BYTES = 16 * 1024 * 1024
 # Payloads are cut so that they split into roughly this many chunks: small deltas still
 # spread over many peers, large images keep the manifest small.
@@ -30,14 +39,15 @@ def sha256_hex(data: bytes | bytearray | memoryview) -> str:
 
 
 def choose_chunk_size(payload_size_bytes: int) -> int:
-    """Return the chunk size for a payload: a power of two in [16 KiB, 16 MiB].
+    """Return the chunk size for a payload: a power of two in [32 KiB, 16 MiB].
 
     The smallest power of two that keeps the chunk count at or below
-    ``TARGET_CHUNK_COUNT``, clamped to the bounds.
+    ``TARGET_CHUNK_COUNT``, clamped to the bounds (at least
+    ``MIN_CHOSEN_CHUNK_SIZE_BYTES``: see there).
     """
     if payload_size_bytes < 0:
         raise ValueError("payload size must not be negative")
-    size = MIN_CHUNK_SIZE_BYTES
+    size = MIN_CHOSEN_CHUNK_SIZE_BYTES
     while size < MAX_CHUNK_SIZE_BYTES and size * TARGET_CHUNK_COUNT < payload_size_bytes:
         size *= 2
     return size

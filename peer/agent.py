@@ -20,9 +20,10 @@ reported. Every failure maps to a status code (``peer.errors``); the active slot
 never written. Named crash points (``peer.crashpoints``) mark every step for tests.
 
 Releases of update type module, app or config go through the same states into their
-component directory instead of a slot (``peer.components``: atomic replace of a
-``current`` symlink, health check, commit or back to the previous version); a
-component left mid-switch by a crash is rolled back on start.
+component directory instead of a slot, as hot updates (``peer.components``,
+``peer.hooks``: atomic replace of a ``current`` symlink, hooks, services restarted,
+health check, commit or back to the previous version with its services); a component
+switch interrupted by a crash is attempted again on start, like a boot of an A/B slot.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -62,8 +64,9 @@ from peer.bootctl import (
     write_bootctl,
 )
 from peer.bootloader import Bootloader, LoaderState
-from peer.components import CURRENT, ComponentStore, InstalledVersion
+from peer.components import ComponentStore, InstalledVersion
 from peer.config import DeviceConfig
+from peer.control import PassRequest, postponed_until
 from peer.crashpoints import crash_point
 from peer.download import PayloadWorkdir, download_payload, verify_payload
 from peer.errors import (
@@ -73,14 +76,20 @@ from peer.errors import (
     InstallFailed,
     PeerError,
     PostCheckFailed,
+    ResourceFailed,
     StatusCode,
     VerifyFailed,
+    resource_failure,
 )
+from peer.floors import migrate as migrate_floors
+from peer.floors import raise_component_floor, read_floors, running_components
 from peer.health import run_health_check
+from peer.hooks import HotUpdater
 from peer.http import HttpClient
 from peer.identity import Identity, load_identity
-from peer.install import hash_file, install_delta, install_image
+from peer.install import install_delta, install_image
 from peer.install_policy import Decision, PolicyPowerSource, decide, load_policy
+from peer.logtail import AttemptLog
 from peer.machine import Action, Event, Journal, JournalError, Phase
 from peer.policy import UploadPolicy, upload_policy
 from peer.slots import SlotBackend
@@ -121,12 +130,15 @@ class UpdateResult:
     swarm_note: str | None = None
     deferred: str | None = None  # why an offered release was not attempted (policy)
     banned_peers: list[str] = field(default_factory=list)
+    dropped_peers: list[str] = field(default_factory=list)  # silent, stalled or snubbed
     bytes_uploaded: int = 0
     reported: bool = False
     # installed and switched; the new slot boots at the next reboot (real bootloaders)
     reboot_pending: bool = False
     poll_after_s: int = 3600
     timings_s: dict[str, float] = field(default_factory=dict)
+    # what the agent logged during a failed attempt (the end of it; in its report)
+    log_tail: str = ""
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -136,7 +148,13 @@ class UpdateResult:
 
 @contextmanager
 def _device_lock(state: DeviceState) -> Iterator[None]:
-    fd = os.open(state.root / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+    if not state.root.is_dir():
+        raise ConfigError(f"{state.root} is not a device state directory: run "
+                          "'swarmota peer init' first")
+    try:
+        fd = os.open(state.root / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot lock {state.root}: {exc}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -155,6 +173,8 @@ async def update_once(state: DeviceState, *,
                       wall_clock: Callable[[], float] = time.time,
                       retry_budget: int | None = None,
                       bootloader: Bootloader | None = None,
+                      requests: PassRequest | None = None,
+                      retry_window_s: float = 6 * 3600.0,
                       ) -> UpdateResult:
     """Run one update pass on the device in ``state``; never raises ``PeerError``
     except ``ConfigError`` (the device itself is not usable).
@@ -168,11 +188,26 @@ async def update_once(state: DeviceState, *,
     the agent plays the bootloader); ``wall_clock``
     (seconds since the epoch) measures the install policy's windows and delay. With a
     ``retry_budget``, a release whose attempts already failed that many times is not
-    attempted again (``deferred``) until another release is offered.
+    attempted again (``deferred``) until another release is offered, or until
+    ``retry_window_s`` after the oldest of those failures (the budget recovers with
+    time). A failed download (status 10: an unreachable origin, an outage) spends none
+    of it: it is no verdict on the release, and the daemon's backoff paces the retries.
+
+    Resources: a full disk, an I/O error or no memory anywhere in the pass ends it as
+    status 30 (``ResourceFailed``) with a report, after the partial files of the pass
+    are removed; files that only record (the result, the attempt count) are written on
+    a best-effort basis, so that a full disk never turns into a traceback.
+    ``requests``: what a local client asked of this pass (``peer.control``: install a
+    deferred release now, cancel a switch waiting for its reboot, decide a health check
+    in progress).
     """
     with _device_lock(state):
         config = state.config()
-        bc = state.bootctl()
+        # a pass killed before it ended left its progress behind: it is not running
+        _best_effort("removing stale progress", lambda: state.save_progress(None))
+        bc = await trio.to_thread.run_sync(  # per-kind floors for an older directory
+            migrate_floors, state.root, state.bootctl_path,
+            ComponentStore(state.root / "components"))
         identity = load_identity(state.root)
         async with HttpClient.for_device(config, identity) as http, \
                 background_tasks() as nursery:
@@ -181,23 +216,38 @@ async def update_once(state: DeviceState, *,
                        state.slots(config) if slots is None else slots, wall_clock)
             run.loader = state.bootloader(config) if bootloader is None else bootloader
             run.retry_budget = retry_budget
+            run.requests = requests or PassRequest()
+            run.retry_window_s = retry_window_s
             run.identity = identity
             run.nursery = nursery
             try:
-                result = await run.start(bc)
+                with AttemptLog() as attempt_log:
+                    try:
+                        result = await run.start(bc)
+                    except (OSError, MemoryError) as exc:  # one no step expected (recovery)
+                        failure = resource_failure("update pass", exc)
+                        log.error("%s", failure)
+                        await run.free_resources()
+                        result = UpdateResult(failure.status, str(failure),
+                                              from_version=bc.slot(bc.committed).version)
                 if (result.attempted and result.to_version is not None
                         and not result.reboot_pending
-                        and result.status != StatusCode.INTERRUPTED):
-                    state.count_attempt(result.to_version, ok=result.status == StatusCode.OK)
+                        and result.status not in (StatusCode.INTERRUPTED,
+                                                  StatusCode.DOWNLOAD_FAILED)):
+                    to_version, ok = result.to_version, result.status == StatusCode.OK
+                    _best_effort("recording the attempt", lambda: state.count_attempt(
+                        to_version, ok=ok, now_s=wall_clock()))
+                if result.status != StatusCode.OK:
+                    result.log_tail = attempt_log.text()
                 await run.report(result)
-                state.save_result({**result.to_json(), "finished_at": time.time()})
+                _save_result(state, result)
                 if run.reboot_needed:
                     await _reboot(config)
                 else:
                     await run.seed(result, on_seeding)
             finally:
                 await run.close()
-        state.save_result({**result.to_json(), "finished_at": time.time()})
+        _save_result(state, result)
         return result
 
 
@@ -213,6 +263,20 @@ async def _reboot(config: DeviceConfig) -> None:
             await trio.run_process(list(config.reboot_command), check=False)
     except (OSError, trio.TooSlowError) as exc:
         log.error("reboot command failed: %s", exc)
+
+
+def _best_effort(what: str, write: Callable[[], object]) -> None:
+    """Write a file that only records something; a full disk or an I/O error is logged,
+    never raised (the pass's outcome does not depend on it)."""
+    try:
+        write()
+    except (OSError, MemoryError) as exc:
+        log.error("%s failed: %s", what, resource_failure(what, exc))
+
+
+def _save_result(state: DeviceState, result: UpdateResult) -> None:
+    _best_effort("saving the result", lambda: state.save_result(
+        {**result.to_json(), "finished_at": time.time()}))
 
 
 def swarm_config_for(config: DeviceConfig, *, has_identity: bool,
@@ -278,8 +342,10 @@ class _Run:
         self.components = ComponentStore(state.root / "components")
         self.wall_clock = wall_clock
         self.retry_budget: int | None = None
+        self.requests = PassRequest()
         self.loader: Bootloader | None = None  # None: file boot control, simulated boots
         self.reboot_needed = False
+        self.retry_window_s = 6 * 3600.0
         self.policy = load_policy(state.policy_path)  # ConfigError: a bad file, said early
         self.journal = Journal()
         self.config = state.config()
@@ -347,52 +413,130 @@ class _Run:
         if Action.FINISH_PENDING in rec.actions or Action.FINISH_VERDICT in rec.actions:
             if bc.pending:
                 return await self.finish_pending(bc)
-            return await self._roll_back_components(pending_components, bc)
+            return await self._finish_component(pending_components, bc)
         if Action.QUEUE_REPORT in rec.actions:
             result = self._recovered_result(rec.journal)
             if result.updated:  # the interrupted pass's payload is of no use any more
                 await trio.to_thread.run_sync(self._remove_downloads, set())
                 if component is not None and rec.journal.release_counter is not None:
                     try:
-                        self._raise_floor(rec.journal.release_counter)
+                        self._raise_floor(component, rec.journal.release_counter)
                     except InstallFailed as exc:  # the next commit raises it
                         log.warning("anti-rollback floor not raised: %s", exc)
             return result
         return await self.update(bc)
 
-    async def _roll_back_components(self, names: list[str], bc: BootControl) -> UpdateResult:
-        """Components left mid-switch by a crash go back to their previous version (as
-        an A/B slot whose try was used up); reported as rolled back (40)."""
+    def _hot(self) -> HotUpdater:
+        """Runs component switches: hooks, services, health (``peer.hooks``)."""
+        return HotUpdater(self.components, self.config.hot,
+                          health_command=self.config.health_command,
+                          health_timeout_s=self.config.health_timeout_s,
+                          verdicts=self.requests.verdicts)
+
+    async def _finish_component(self, names: list[str], bc: BootControl) -> UpdateResult:
+        """A component switch left by a crash or power loss (its record still pending):
+        the journaled verdict is carried out; else the attempt is repeated while the
+        budget lasts (the journal counts the attempts); else the component and its
+        services go back to the previous version: 41, every attempt having reached the
+        agent (interrupted: not a verdict on the release)."""
         j = self.journal
-        result = UpdateResult(StatusCode.POSTCHECK_FAILED, "", attempted=True,
-                              from_version=j.from_version or bc.slot(bc.committed).version,
-                              to_version=j.to_version, timings_s=self.timings)
-        for name in names:
-            record = self.components.record(name)
-            if result.to_version is None and record.current is not None:
-                result.to_version = record.current.version
-            try:
-                await trio.to_thread.run_sync(self.components.roll_back, name)
-            except OSError as exc:
-                raise ConfigError(f"cannot roll back component {name}: {exc}") from exc
-        if result.to_version is None:
+        name = _component_of(j.target_slot)
+        if name not in names:
+            name = names[0]
+        hot = self._hot()
+        for other in names:
+            if other != name:  # cannot happen with one journal; do not leave it pending
+                log.warning("component %s is pending without a journal: rolled back", other)
+                await self._component_roll_back(hot, other, "", raise_=False)
+        record = self.components.record(name)
+        new = record.current
+        if new is None:
             raise RuntimeError("a pending component always has a current version")
-        result.message = (f"component {', '.join(names)}: switch to {result.to_version} "
-                          "interrupted before its health check passed; rolled back")
-        if self.journal.phase is Phase.IDLE:
-            self._step(Event.RESUME_PENDING, from_version=result.from_version,
-                       to_version=result.to_version)
-        if self.journal.phase is Phase.HEALTH_CHECKING:
-            self._step(Event.UNHEALTHY)
+        result = UpdateResult(StatusCode.OK, "", attempted=True,
+                              from_version=(record.previous.version if record.previous
+                                            else bc.slot(bc.committed).version),
+                              to_version=new.version, timings_s=self.timings)
+        try:
+            if j.phase is Phase.COMMITTED:
+                await trio.to_thread.run_sync(self.components.commit, name)
+                self._raise_floor(name, new.release_counter)
+            elif j.phase is Phase.ROLLED_BACK:
+                await self._component_roll_back(
+                    hot, name, j.message or f"component {name} update to {new.version} "
+                                            "rolled back", status=j.status)
+            else:
+                if j.phase is not Phase.HEALTH_CHECKING:  # stopped before SWITCHED
+                    self.journal = Journal(seq=j.seq, attempt=j.attempt)
+                    self._step(Event.RESUME_PENDING, from_version=result.from_version,
+                               to_version=new.version, release_counter=new.release_counter,
+                               target_slot=f"component:{name}",
+                               boot_budget=self.config.boot_attempts)
+                if self.journal.boot_attempts >= self.journal.boot_budget:
+                    status, message = machine.budget_spent_outcome(self.journal)
+                    self._step(Event.BUDGET_SPENT, status=status,
+                               message=_report_text(message))
+                    await self._component_roll_back(hot, name, message, status=status)
+                else:
+                    with trio.CancelScope(shield=True):
+                        await self._component_attempt(hot, name)
+            result.updated = True
+            result.message = (f"updated component {name} {result.from_version} -> "
+                              f"{new.version} (finished after restart)")
+            await trio.to_thread.run_sync(self._remove_downloads, set())
+        except PeerError as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            result.status, result.message = exc.status, str(exc)
         return result
 
-    def _raise_floor(self, counter: int) -> BootControl:
-        """A committed component release raises the anti-rollback floor too."""
-        bc = self.state.bootctl()
-        if counter <= bc.min_release_counter:
-            return bc
-        return write_bootctl(self.state.bootctl_path,
-                             replace(bc, min_release_counter=counter), what="floor")
+    async def _component_attempt(self, hot: HotUpdater, name: str) -> None:
+        """One attempt at the staged switch of component ``name``, journaled before it
+        runs (a crash in it is an interrupted attempt, repeated at the next start), its
+        verdict journaled before the commit or the rollback.
+
+        Raises:
+            PostCheckFailed: a hook, a service or the health check failed; rolled back.
+        """
+        self._step(Event.BOOT_ATTEMPT)
+        record = self.components.record(name)
+        if record.current is None:
+            raise RuntimeError("a pending component always has a current version")
+        try:
+            crash_point("health.before")
+            with self._timed("health"):
+                await hot.attempt(name, record.current, record.previous)
+            crash_point("health.after")
+        except PostCheckFailed as exc:
+            crash_point("health.after")
+            message = f"component {name} update to {record.current.version} rolled back: {exc}"
+            self._step(Event.UNHEALTHY, status=int(StatusCode.POSTCHECK_FAILED),
+                       message=_report_text(message))
+            await self._component_roll_back(hot, name, message)
+        self._step(Event.HEALTHY)
+        await trio.to_thread.run_sync(self.components.commit, name)
+        self._raise_floor(name, record.current.release_counter)
+
+    async def _component_roll_back(self, hot: HotUpdater, name: str, message: str, *,
+                                   status: int | None = None, raise_: bool = True) -> None:
+        """Component ``name`` and its services back on the previous version; then raise
+        ``PostCheckFailed(message)`` (``BootInterrupted`` for ``status`` 41), with what
+        the rollback itself could not do."""
+        try:
+            problems = await hot.roll_back(name)
+        except OSError as exc:
+            raise ConfigError(f"cannot roll back component {name}: {exc}") from exc
+        if problems:
+            message += "; rolling back: " + "; ".join(problems)
+        if not raise_:
+            return
+        if status == StatusCode.INTERRUPTED:
+            raise BootInterrupted(message)
+        raise PostCheckFailed(message)
+
+    def _raise_floor(self, component: str, counter: int) -> None:
+        """A committed component release raises that component's anti-rollback floor
+        (``peer.floors``: one per update kind and component)."""
+        raise_component_floor(self.state.root, component, counter)
 
     def _recovered_result(self, journal: Journal) -> UpdateResult:
         """The outcome of an attempt that finished (or was reported) before a restart."""
@@ -413,27 +557,37 @@ class _Run:
         self._step(Event.CHECK)
         try:
             with self._timed("checkin"):
+                running = await trio.to_thread.run_sync(running_components, self.components)
                 offer, result.poll_after_s = await checkin(
                     self.http, self.config, version=active.version,
-                    release_counter=bc.min_release_counter)
+                    release_counter=bc.min_release_counter, components=running)
         except DownloadFailed as exc:
             self._step(Event.NO_OFFER)
             result.status, result.message = exc.status, f"check-in failed: {exc}"
             return result
-        if offer is None:
+        runs = next((c.name for c in running if (c.version, c.release_counter)
+                     == (offer.version, offer.release_counter)), None) if offer else None
+        if offer is None or runs is not None:
+            # (a tracker that reads no per-component counters offers again what a
+            # component already runs: nothing to do, no attempt, no report)
             self._step(Event.NO_OFFER)
             await trio.to_thread.run_sync(self._remove_downloads, set())
-            if await self._refresh_trust_if_due(result):
+            if offer is not None and runs is not None:
+                result.message = f"up to date (offered {offer.version}: component {runs} runs it)"
+            elif await self._refresh_trust_if_due(result):
                 lowered = await trio.to_thread.run_sync(self._apply_counter_reset, bc)
                 if lowered.min_release_counter != bc.min_release_counter:
                     return await self.update(lowered)  # once: the epoch is now applied
             return result
-        if self.retry_budget is not None:
-            spent = self.state.failed_attempts(offer.version)
-            if spent >= self.retry_budget:
+        if self.retry_budget is not None and self.requests.install_now != offer.version:
+            failed = self.state.failed_attempts(offer.version, now_s=self.wall_clock(),
+                                                window_s=self.retry_window_s)
+            if len(failed) >= self.retry_budget:
                 self._step(Event.NO_OFFER)
                 result.to_version = offer.version
-                result.deferred = f"retry budget spent ({spent} failed attempts)"
+                again = datetime.fromtimestamp(min(failed) + self.retry_window_s, UTC)
+                result.deferred = (f"retry budget spent ({len(failed)} failed attempts; "
+                                   f"tried again from {again:%Y-%m-%d %H:%M:%S} UTC)")
                 result.message = f"{offer.version} offered, not attempted: {result.deferred}"
                 return result
         result.attempted = True
@@ -461,7 +615,8 @@ class _Run:
                 result.from_version = from_version
             delta = release.delta_for(base_sha) if base_sha else None
             first = delta or release.full_payload
-            await trio.to_thread.run_sync(self._check_space, release, first)
+            await trio.to_thread.run_sync(  # the fallback from a delta counts too
+                self._check_space, release, (first, release.full_payload))
             self._step(Event.OFFER, from_version=from_version, to_version=release.version,
                        release_counter=release.release_counter, target_slot=target,
                        payload_sha256=first.sha256, payload_kind=first.kind)
@@ -500,14 +655,36 @@ class _Run:
                         await trio.to_thread.run_sync(work.remove)  # else after seeding
             result.updated = True
             result.message = f"updated {active.version} -> {release.version}"
-        except PeerError as exc:
+        except (PeerError, OSError, MemoryError) as exc:
             if isinstance(exc, ConfigError):
                 raise
-            result.status, result.message = exc.status, str(exc)
-            log.warning("update to %s failed (%d): %s", offer.version, exc.status, exc)
+            failure = exc if isinstance(exc, PeerError) else resource_failure(
+                f"update to {offer.version}", exc)
+            result.status, result.message = failure.status, str(failure)
+            log.warning("update to %s failed (%d): %s", offer.version, failure.status, failure)
+            if isinstance(failure, ResourceFailed):
+                await self.free_resources()
         finally:
             self.timings["total"] = round(self.clock() - start, 6)
         return result
+
+    async def free_resources(self) -> None:
+        """After a resource failure (a full disk...): remove this pass's partial files,
+        download work areas and partial slot or component writes, so that the report,
+        the journal and the next pass have room. (A verified download is kept otherwise:
+        resuming it is cheaper than fetching it again.)"""
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(self._remove_downloads, set())
+                removed = await trio.to_thread.run_sync(self.slots.reclaim)
+                for name in self.components.names():
+                    removed += await trio.to_thread.run_sync(
+                        self.components.staging(name).reclaim)
+            except (OSError, MemoryError) as exc:
+                log.error("cannot remove partial files: %s", exc)
+                return
+            if removed:
+                log.warning("removed partial writes: %s", ", ".join(removed))
 
     async def _decide(self, release: ReleaseManifest) -> Decision:
         """The install policy's verdict on ``release`` now (``peer.install_policy``)."""
@@ -516,28 +693,47 @@ class _Run:
         power = None
         if self.policy.min_battery_percent:
             power = await trio.to_thread.run_sync(PolicyPowerSource(self.policy).read)
+        postponed = await trio.to_thread.run_sync(postponed_until, self.state.root)
         return decide(self.policy, now=datetime.fromtimestamp(now_s, UTC),
                       critical=release.critical, metered=self.config.network_metered,
-                      power=power, first_offered_at_s=first, now_s=now_s)
+                      power=power, first_offered_at_s=first, now_s=now_s,
+                      install_now=self.requests.install_now == release.version,
+                      postponed_until_s=postponed)
 
-    def _check_space(self, release: ReleaseManifest, payload: Payload) -> None:
-        """The payload still to download and the new image must fit, besides the
-        policy's reserve (before anything is downloaded).
+    def _check_space(self, release: ReleaseManifest, payloads: Sequence[Payload]) -> None:
+        """The largest of ``payloads`` still to download and the new image must fit,
+        besides the policy's reserve (before anything is downloaded). ``payloads``: the
+        one to fetch, and the full payload a delta falls back to (the delta's work area
+        is removed before the fallback, so the larger of the two counts).
 
         Raises:
             InstallFailed: they do not.
+            ResourceFailed: the file systems cannot be examined.
         """
+        try:
+            self._check_space_now(release, payloads)
+        except OSError as exc:
+            raise resource_failure("checking free space", exc) from exc
+
+    def _check_space_now(self, release: ReleaseManifest, payloads: Sequence[Payload]) -> None:
         downloads = self.state.downloads_dir
         downloads.mkdir(parents=True, exist_ok=True)
-        part = downloads / payload.sha256 / "payload.part"
-        try:
-            have = part.stat().st_blocks * 512
-        except FileNotFoundError:
-            have = 0
-        needs = {downloads: max(0, payload.size - have)}
-        staging = self.slots.staging_dir()
-        if staging is not None:
-            needs[staging] = needs.get(staging, 0) + release.image.size
+
+        def still_to_fetch(payload: Payload) -> int:
+            try:
+                have = (downloads / payload.sha256 / "payload.part").stat().st_blocks * 512
+            except FileNotFoundError:
+                have = 0
+            return max(0, payload.size - have)
+
+        needs = {downloads: max(still_to_fetch(p) for p in payloads)}
+        image_dir = self.slots.staging_dir()  # None: a partition, written in place
+        if release.component is not None:  # the nearest existing directory of the file
+            image_dir = self.components.directory(release.component)
+            while not image_dir.exists() and image_dir != image_dir.parent:
+                image_dir = image_dir.parent
+        if image_dir is not None:
+            needs[image_dir] = needs.get(image_dir, 0) + release.image.size
         by_device: dict[int, tuple[Path, int]] = {}
         for path, need in needs.items():
             dev = os.stat(path).st_dev
@@ -552,8 +748,10 @@ class _Run:
 
     async def _update_component(self, release: ReleaseManifest, name: str,
                                 delta: Payload | None, result: UpdateResult) -> None:
-        """Install a module, app or config release into its component directory: atomic
-        replace, health check, commit or roll back (``peer.components``)."""
+        """Install a module, app or config release into its component directory as a hot
+        update: staged (pending), then attempts journaled like boot attempts (hooks,
+        services restarted in dependency order, health check: ``peer.hooks``), then
+        commit, or the component and its services back on the previous version."""
         staging = self.components.staging(name)
         work = await self._install(release, delta, staging, "current", "incoming", result)
         self._step(Event.APPLIED)
@@ -562,33 +760,22 @@ class _Run:
         await self._read_back(staging, "incoming", record)
         new = InstalledVersion(release.version, release.release_counter,
                                release.image.sha256, release.image.size)
+        hot = self._hot()
+        try:
+            await trio.to_thread.run_sync(hot.prepare, name, new.sha256)
+        except OSError as exc:
+            raise InstallFailed(f"cannot prepare component {name}: {exc}") from exc
         with trio.CancelScope(shield=True):
             try:
-                await trio.to_thread.run_sync(self.components.switch, name, new)
-            except OSError as exc:
-                raise InstallFailed(f"cannot switch component {name}: {exc}") from exc
-            self._step(Event.SWITCHED)
-            try:
-                crash_point("health.before")
-                with self._timed("health"):
-                    current = self.components.directory(name) / CURRENT
-                    await run_health_check(
-                        self.config.health_command, slot=f"component:{name}",
-                        image=current, record=record,
-                        timeout_s=self.config.health_timeout_s,
-                        read_back=partial(hash_file, current))
-                crash_point("health.after")
-            except PostCheckFailed:
-                crash_point("health.after")
-                self._step(Event.UNHEALTHY)
-                await trio.to_thread.run_sync(self.components.roll_back, name)
-                raise
+                try:
+                    await trio.to_thread.run_sync(self.components.stage, name, new)
+                except OSError as exc:
+                    raise InstallFailed(f"cannot switch component {name}: {exc}") from exc
+                self._step(Event.SWITCHED, boot_budget=self.config.boot_attempts)
+                await self._component_attempt(hot, name)
             finally:
                 if self.installed is None or self.installed.work is not work:
                     await trio.to_thread.run_sync(work.remove)  # else after seeding
-            self._step(Event.HEALTHY)
-            await trio.to_thread.run_sync(self.components.commit, name)
-            self._raise_floor(release.release_counter)
         result.updated = True
         result.message = (f"updated component {name} {result.from_version} -> "
                           f"{release.version} ({release.update_type})")
@@ -656,6 +843,7 @@ class _Run:
             stall_s=config.swarm_stall_s, timeout_s=config.swarm_timeout_s,
             min_peer_rate_bytes_per_s=_min_peer_rate(config),
             waste_budget_bytes=config.swarm_waste_budget_bytes,
+            silent_peer_s=config.swarm_silent_peer_s,
             direct_concurrency=config.download_concurrency, attempts=config.chunk_attempts,
             backoff_s=config.retry_backoff_s, spread_key=config.device_id,
             device_id=config.device_id)  # the tracker admits the announce by rollout
@@ -667,6 +855,8 @@ class _Run:
         self.timings[f"transfer_{work.payload.kind}"] = round(stats.transfer_s, 6)
         result.chunks_reused += stats.chunks_reused
         result.banned_peers.extend(p for p in stats.banned_peers if p not in result.banned_peers)
+        result.dropped_peers.extend(p for p in stats.dropped_peers
+                                    if p not in result.dropped_peers)
         if stats.fell_back:
             result.swarm_note = stats.fell_back
         if ref is not None:
@@ -769,6 +959,10 @@ class _Run:
                         target)
                 result.payload_kind = "delta"
                 self._mark_installed(work)
+                # a full payload an earlier pass began (its delta had failed then) is of
+                # no use now
+                await trio.to_thread.run_sync(
+                    PayloadWorkdir(self.state.downloads_dir, release.full_payload).remove)
                 return work
             except (DownloadFailed, VerifyFailed, InstallFailed) as exc:
                 log.warning("delta %s unusable, falling back to the full payload: %s",
@@ -777,6 +971,9 @@ class _Run:
                 # the delta's work area (if any) is of no use to this pass any more
                 await trio.to_thread.run_sync(
                     PayloadWorkdir(self.state.downloads_dir, delta).remove)
+                # space may have gone meanwhile: say so now, not with ENOSPC halfway
+                await trio.to_thread.run_sync(self._check_space, release,
+                                              (release.full_payload,))
                 self._step(Event.FALLBACK, payload_sha256=release.full_payload.sha256,
                            payload_kind="full")
         work = await self._download(release.full_payload, result)
@@ -805,7 +1002,8 @@ class _Run:
                     self.state.trust_dir, self.config.origin_url, offer.target,
                     timeout_s=self.config.http_timeout_s,
                     scratch_dir=self.state.downloads_dir, tls=self.http.tls,
-                    min_rate_bytes_per_s=self.config.http_min_rate_bytes_per_s))
+                    min_rate_bytes_per_s=self.config.http_min_rate_bytes_per_s,
+                    pass_timeout_s=self.config.metadata_timeout_s))
         result.bytes_metadata += metadata_bytes
         await trio.to_thread.run_sync(self._mark_trust_refreshed)
         bc = await trio.to_thread.run_sync(self._apply_counter_reset, bc)
@@ -814,9 +1012,11 @@ class _Run:
             if (release.product, release.version) != (offer.product, offer.version):
                 raise VerifyFailed(f"target {offer.target} holds release {release.product} "
                                    f"{release.version}")
+            floors = await trio.to_thread.run_sync(
+                read_floors, self.state.root, bc, self.components)
             check_applicable(release, product=self.config.product,
                              hardware_id=self.config.hardware_id,
-                             installed_counter=bc.min_release_counter,
+                             installed_counter=floors.of(release.component),
                              max_counter_jump=self.config.max_release_counter_jump)
         except ManifestError as exc:
             raise VerifyFailed(f"release {offer.version} refused: {exc}") from exc
@@ -845,7 +1045,8 @@ class _Run:
                         self.state.trust_dir, self.config.origin_url,
                         timeout_s=self.config.http_timeout_s,
                         scratch_dir=self.state.downloads_dir, tls=self.http.tls,
-                        min_rate_bytes_per_s=self.config.http_min_rate_bytes_per_s))
+                        min_rate_bytes_per_s=self.config.http_min_rate_bytes_per_s,
+                        pass_timeout_s=self.config.metadata_timeout_s))
         except PeerError as exc:
             log.warning("trust refresh failed: %s", exc)
             return False
@@ -932,7 +1133,8 @@ class _Run:
                     self.config.health_command, slot=booted,
                     image=self.slots.image_path(booted), record=record,
                     timeout_s=self.config.health_timeout_s,
-                    read_back=partial(self.slots.hash, booted, record.size))
+                    read_back=partial(self.slots.hash, booted, record.size),
+                    verdicts=self.requests.verdicts)
             crash_point("health.after")
         except PostCheckFailed as exc:
             crash_point("health.after")
@@ -957,7 +1159,9 @@ class _Run:
                        to_version=pending.version, release_counter=pending.release_counter,
                        target_slot=bc.primary, boot_budget=self.config.boot_attempts)
         try:
-            if self.loader is None:
+            if self.requests.cancel_switch:
+                await self._cancel_switch(bc)
+            elif self.loader is None:
                 await self._reboot_and_check(bc)
             else:
                 booted = await trio.to_thread.run_sync(self.loader.booted_slot)
@@ -985,6 +1189,22 @@ class _Run:
                 raise
             result.status, result.message = exc.status, str(exc)
         return result
+
+    async def _cancel_switch(self, bc: BootControl) -> None:
+        """A local client rolled back a switch waiting for its reboot: the verdict
+        (unhealthy, 40) is journaled, then boot control falls back; if the new slot is
+        the one running, the device reboots into the committed one."""
+        pending = bc.slot(bc.primary)
+        message = (f"update to {pending.version} rolled back on request before it was "
+                   f"committed; slot {bc.committed} boots again")
+        if self.journal.phase is Phase.HEALTH_CHECKING:
+            self._step(Event.UNHEALTHY, status=int(StatusCode.POSTCHECK_FAILED),
+                       message=_report_text(message))
+        self._fall_back(bc)
+        if self.loader is not None:
+            booted = await trio.to_thread.run_sync(self.loader.booted_slot)
+            self.reboot_needed = booted == bc.primary
+        raise PostCheckFailed(message)
 
     async def finish_verdict(self, bc: BootControl) -> UpdateResult:
         """The health check's verdict was journaled but boot control did not act on it
@@ -1027,14 +1247,15 @@ class _Run:
                 body = self._report_body(result)
                 event = {Phase.COMMITTED: Event.REPORT, Phase.ROLLED_BACK: Event.REPORT}.get(
                     self.journal.phase, Event.FAILED)
-                self._step(event, status=int(result.status),
-                           message=_report_text(result.message),
-                           report=body)
+                # a full disk must not cost the report: it is sent from memory then
+                _best_effort("journaling the report", lambda: self._step(
+                    event, status=int(result.status), message=_report_text(result.message),
+                    report=body))
             crash_point("report.before_queue")
             if body not in queue:
                 queue.append(body)
-                self.state.save_outbox(queue)
-            self._step(Event.QUEUED)
+                _best_effort("queueing the report", lambda: self.state.save_outbox(queue))
+            _best_effort("journaling the queued report", lambda: self._step(Event.QUEUED))
         crash_point("report.before_send")
         delivered = 0
         for body in queue:
@@ -1048,16 +1269,28 @@ class _Run:
                 log.warning("report not delivered, kept for the next run: %s", exc)
                 break
             delivered += 1
+        if delivered:
+            # sent, not yet cleared from the outbox: a crash here sends them again, with
+            # the same report_id (the tracker stores each once)
+            crash_point("report.after_send")
         if delivered or queue:
-            self.state.save_outbox(queue[delivered:])
+            _best_effort("clearing the outbox",
+                         lambda: self.state.save_outbox(queue[delivered:]))
         result.reported = (result.attempted and not result.reboot_pending
                            and delivered == len(queue))
 
     @staticmethod
     def _report_body(result: UpdateResult) -> dict[str, Any]:
+        """The report of this attempt, with a ``report_id`` of its own: made once, kept
+        in the journal and the outbox, so that a report sent again after a crash is the
+        same report (tracker.wire.REPORT_ID_RE: 22 characters of A-Z a-z 0-9 _ -)."""
         if result.from_version is None or result.to_version is None:
             raise RuntimeError("an attempted update always knows both versions")
-        return {"from_version": result.from_version, "to_version": result.to_version,
+        body = {"report_id": secrets.token_urlsafe(16),
+                "from_version": result.from_version, "to_version": result.to_version,
                 "status": int(result.status), "message": _report_text(result.message),
                 "bytes_origin": result.bytes_origin, "bytes_peers": result.bytes_peers,
                 "timings_s": dict(result.timings_s)}
+        if result.log_tail:
+            body["log_tail"] = result.log_tail
+        return body

@@ -3,29 +3,42 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
 import shlex
+import shutil
 import signal
 import sys
+import tempfile
+from collections.abc import Callable
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from infra.fsio import atomic_write_bytes
+from infra.fsio import atomic_write_bytes, fsync_dir
 from manifest import DEFAULT_MAX_COUNTER_JUMP
 from peer.agent import UpdateResult, update_once
 from peer.bootloader import script
 from peer.components import ComponentStore
 from peer.config import BOOTLOADERS, DOWNLOAD_MODES, SLOT_BACKENDS, DeviceConfig
+from peer.control import AgentControl
 from peer.daemon import DaemonConfig, run_daemon
-from peer.errors import ConfigError
+from peer.dbus_service import DBusUnavailable, bus_address, policy_file, serve_dbus
+from peer.errors import ConfigError, StatusCode, resource_failure
+from peer.floors import read_floors
 from peer.identity import install_identity, load_identity, renew_identity, renewal_csr
 from peer.install_policy import load_policy
 from peer.state import DeviceState, JournalError, init_device
+from peer.watchdog import SystemdNotifier
 
 __all__ = ["add_parser"]
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -191,10 +204,10 @@ def add_parser(subparsers: Any) -> None:
         description="The agent as a daemon: an update pass, then sleep the poll interval "
                     "(with jitter) or, after a failure, an exponential backoff; a release "
                     "whose attempts failed --retry-budget times is not attempted again "
-                    "until another one is offered. SIGTERM or SIGINT: exit 0 at once when "
-                    "idle; a pass in progress stops at the next safe point (never between "
-                    "the switch and the health check's outcome) and is picked up from the "
-                    "journal on the next start.")
+                    "until another one is offered or --retry-window-s has passed. SIGTERM "
+                    "or SIGINT: exit 0 at once when idle; a pass in progress stops at the "
+                    "next safe point (never between the switch and the health check's "
+                    "outcome) and is picked up from the journal on the next start.")
     run.add_argument("state", type=Path)
     run.add_argument("--poll-interval-s", type=float, default=None,
                      help="seconds between passes (default: what the tracker asks for)")
@@ -205,10 +218,31 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument("--backoff-max-s", type=float, default=3600.0)
     run.add_argument("--retry-budget", type=int, default=3,
                      help="failed attempts per release before it is left alone "
+                          "(default %(default)s; failed downloads do not count)")
+    run.add_argument("--retry-window-s", type=float, default=6 * 3600.0,
+                     help="a failed attempt is forgiven this long after it: a spent budget "
+                          "recovers with time (default %(default)s)")
+    run.add_argument("--min-poll-after-s", type=float, default=30.0,
+                     help="never poll sooner than this, whatever the tracker says "
                           "(default %(default)s)")
     run.add_argument("--seed-time-s", type=float, default=None,
                      help="seed time after each swarm-mode update (default: the device's)")
+    run.add_argument("--dbus", default=None, metavar="BUS",
+                     help="serve the local API (org.swarmota.Agent1, docs/DBUS.md) on "
+                          "'system' (the default), 'session', a bus address "
+                          "(unix:path=...), or 'none'. Without this option a system bus "
+                          "that cannot be reached only costs a warning; with it, exit 2")
+    run.epilog = ("Under systemd (Type=notify) it sends READY=1 once serving, a STATUS= "
+                  "line after each pass and, with WatchdogSec=, WATCHDOG=1 every half "
+                  "period.")
     run.set_defaults(func=_run)
+
+    policy = sub.add_parser(
+        "dbus-policy", help="print the D-Bus policy of the local API",
+        description="Print the bus policy that lets root own org.swarmota.Agent1, root "
+                    "and the group 'swarmota' call its methods, and anyone read its "
+                    "properties. Install it as /etc/dbus-1/system.d/org.swarmota.Agent1.conf.")
+    policy.set_defaults(func=_dbus_policy)
 
     status = sub.add_parser("status", help="show slots, versions and the last result")
     status.add_argument("state", type=Path)
@@ -246,18 +280,25 @@ def _init(args: argparse.Namespace) -> int:
                 raise ConfigError(f"policy {args.policy} does not exist")
             load_policy(args.policy)  # refuse a bad file before provisioning anything
             policy = args.policy.read_bytes()
-        state = init_device(args.state, config, root_json=root, image=args.image,
-                            version=args.version, release_counter=args.release_counter,
-                            force=args.force)
-        if policy is not None:
-            atomic_write_bytes(state.policy_path, policy)
-        if args.identity_cert is not None:
-            install_identity(state.root, args.identity_cert, args.identity_key,
-                             config.device_id)
+
+        def provision(directory: Path) -> None:
+            state = init_device(directory, config, root_json=root, image=args.image,
+                                version=args.version, release_counter=args.release_counter,
+                                force=args.force)
+            if policy is not None:
+                atomic_write_bytes(state.policy_path, policy)
+            if args.identity_cert is not None:
+                install_identity(state.root, args.identity_cert, args.identity_key,
+                                 config.device_id)
+
+        _provision_whole(args.state, provision,
+                         check=None if args.identity_cert is None else lambda tmp:
+                         install_identity(tmp, args.identity_cert, args.identity_key,
+                                          config.device_id))
     except (ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"device {config.device_id} provisioned in {state.root} "
+    print(f"device {config.device_id} provisioned in {args.state} "
           f"(slot a: {args.version}, counter {args.release_counter})")
     return 0
 
@@ -317,6 +358,37 @@ def _bootloader_script(args: argparse.Namespace) -> int:
     return 0
 
 
+def _provision_whole(target: Path, provision: Callable[[Path], None],
+                     check: Callable[[Path], None] | None = None) -> None:
+    """Run ``provision`` so that a failure leaves no half-made state directory.
+
+    A new device (``target`` missing or an empty directory) is built in a temporary
+    directory beside it and renamed into place once complete; on failure the temporary
+    directory goes and ``target`` is as it was. Re-provisioning (``--force``) changes
+    the device in place, keeping its identity's request counter: ``check`` (run on a
+    scratch directory) validates first what can be refused (the identity files).
+
+    Raises:
+        ConfigError, OSError: as ``provision`` or ``check``.
+    """
+    fresh = not target.exists() or (target.is_dir() and not any(target.iterdir()))
+    if not fresh:
+        if check is not None:
+            with tempfile.TemporaryDirectory(prefix=".swarmota-check-") as scratch:
+                check(Path(scratch))
+        provision(target)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.init-", dir=target.parent))
+    try:
+        provision(work)
+        os.replace(work, target)  # onto a missing or an empty directory
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    fsync_dir(target.parent)
+
+
 def _ca_file(path: str | None) -> str | None:
     """The absolute path of a readable CA bundle (the device config outlives the cwd)."""
     if path is None:
@@ -340,6 +412,9 @@ def _update(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, MemoryError) as exc:  # update_once handles them; a last guard
+        print(f"error: {resource_failure('peer update', exc)}", file=sys.stderr)
+        return int(StatusCode.INSTALL_FAILED)
     if args.json:
         print(json.dumps(result.to_json(), indent=2, sort_keys=True))
     else:
@@ -355,6 +430,8 @@ def _update(args: argparse.Namespace) -> int:
                 print(f"  swarm: {result.swarm_note}")
             if result.banned_peers:
                 print(f"  banned peers: {', '.join(result.banned_peers)}")
+            if result.dropped_peers:
+                print(f"  dropped peers (silent): {', '.join(result.dropped_peers)}")
     return int(result.status)
 
 
@@ -363,13 +440,21 @@ def _run(args: argparse.Namespace) -> int:
         config = DaemonConfig(
             poll_interval_s=args.poll_interval_s, jitter_fraction=args.jitter_fraction,
             backoff_initial_s=args.backoff_initial_s, backoff_max_s=args.backoff_max_s,
-            retry_budget=args.retry_budget, seed_time_s=args.seed_time_s)
+            retry_budget=args.retry_budget, retry_window_s=args.retry_window_s,
+            min_poll_after_s=args.min_poll_after_s, seed_time_s=args.seed_time_s)
         state = DeviceState(args.state)
         state.config()  # refuse an unusable state directory before starting
+        bus = bus_address(args.dbus or "system")
+        control = AgentControl(state)
+        notifier = SystemdNotifier.from_environ()
+        statuses: trio.MemorySendChannel[str]
+        statuses, status_lines = trio.open_memory_channel[str](16)
 
         def on_result(result: UpdateResult, delay_s: float) -> None:
-            print(f"status {int(result.status)}: {result.message} (next pass in "
-                  f"{delay_s:.0f} s)", flush=True)
+            line = f"status {int(result.status)}: {result.message}"
+            print(f"{_now()} {line} (next pass in {delay_s:.0f} s)", flush=True)
+            with contextlib.suppress(trio.WouldBlock):
+                statuses.send_nowait(line)
 
         errors: list[ConfigError] = []
 
@@ -378,13 +463,31 @@ def _run(args: argparse.Namespace) -> int:
                 async def stop_on_signal() -> None:
                     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                         async for signum in signals:
-                            print(f"{signal.Signals(signum).name}: stopping", flush=True)
+                            print(f"{_now()} {signal.Signals(signum).name}: stopping",
+                                  flush=True)
+                            if notifier is not None:
+                                await notifier.notify("STOPPING=1")
                             nursery.cancel_scope.cancel()
                             return
 
                 nursery.start_soon(stop_on_signal)
+                if bus is not None:
+                    try:
+                        name = await nursery.start(serve_dbus, control, bus)
+                        print(f"D-Bus: org.swarmota.Agent1 on the {args.dbus or 'system'} "
+                              f"bus ({name})", flush=True)
+                    except DBusUnavailable as exc:
+                        if args.dbus is not None:  # asked for explicitly: exit 2
+                            errors.append(exc)
+                            nursery.cancel_scope.cancel()
+                            return
+                        log.warning("no local API: %s", exc)
+                if notifier is not None:
+                    await notifier.notify("READY=1", "STATUS=running")
+                    nursery.start_soon(notifier.keep_alive)
+                    nursery.start_soon(_relay_status, notifier, status_lines)
                 try:
-                    await run_daemon(state, config, on_result=on_result)
+                    await run_daemon(state, config, on_result=on_result, control=control)
                 except ConfigError as exc:  # the device became unusable: say so, exit 2
                     errors.append(exc)
                     nursery.cancel_scope.cancel()
@@ -395,6 +498,17 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+async def _relay_status(notifier: SystemdNotifier,
+                        lines: trio.MemoryReceiveChannel[str]) -> None:
+    async for line in lines:
+        await notifier.notify(f"STATUS={line.splitlines()[0][:200]}")
+
+
+def _dbus_policy(args: argparse.Namespace) -> int:
+    sys.stdout.write(policy_file())
     return 0
 
 
@@ -414,10 +528,18 @@ def _status(args: argparse.Namespace) -> int:
         journal = {"error": str(exc)}
     store = ComponentStore(state.root / "components")
     components = {name: store.record(name).to_json() for name in store.names()}
+    try:
+        floors = read_floors(state.root, bc, store)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps({"device": config.to_json(), "bootctl": bc.to_json(),
                           "last_result": last, "progress": progress, "journal": journal,
-                          "components": components}, indent=2, sort_keys=True))
+                          "components": components,
+                          "floors": {"image": floors.image,
+                                     "components": dict(floors.components)}},
+                         indent=2, sort_keys=True))
         return 0
     print(f"device {config.device_id}  product {config.product}  hardware {config.hardware_id}")
     print(f"origin {config.origin_url}  tracker {config.tracker_url}")
@@ -429,23 +551,41 @@ def _status(args: argparse.Namespace) -> int:
               f" {' '.join(flags)}")
     if bc.pending:
         print(f"  update pending on slot {bc.primary}, tries left {bc.tries_remaining}")
-    print(f"  anti-rollback floor: release counter {bc.min_release_counter}")
+    print(f"  anti-rollback floor of images: release counter {floors.image}")
     for name, record in components.items():
         cur = record["current"]
         print(f"  component {name}: {cur['version'] if cur else '(none)'}"
-              f"{'  (switch pending)' if record['pending'] else ''}")
+              f"{'  (switch pending)' if record['pending'] else ''}, anti-rollback floor "
+              f"{floors.of(name)}")
     if journal and journal.get("phase", "idle") != "idle":
         print(f"update journal: {journal.get('phase', journal.get('error'))} "
               f"(to {journal.get('to_version')}); finished on the next start")
     if state.policy_path.exists():
         print(f"install policy: {state.policy_path}")
     if last:
-        print(f"last result: status {last.get('status')}: {last.get('message')}")
+        print(f"last result: status {last.get('status')}: {last.get('message')}"
+              f"{_when(last.get('finished_at'))}")
+        failure = last.get("last_failure")
+        if isinstance(failure, dict) and failure.get("finished_at") != last.get("finished_at"):
+            print(f"last failure: status {failure.get('status')}: {failure.get('message')}"
+                  f"{_when(failure.get('finished_at'))}")
     else:
         print("last result: none")
     if progress:
         print(f"now: {_describe_progress(progress)}")
     return 0
+
+
+def _now() -> str:
+    """The time now for daemon lines (UTC, ISO 8601, seconds)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _when(seconds: object) -> str:
+    """`` (at <UTC time>)`` for seconds since the epoch; nothing for anything else."""
+    if isinstance(seconds, int | float) and not isinstance(seconds, bool):
+        return f" (at {datetime.fromtimestamp(seconds, UTC):%Y-%m-%d %H:%M:%S} UTC)"
+    return ""
 
 
 def _describe_progress(p: dict[str, Any]) -> str:

@@ -11,13 +11,15 @@ installed into its own directory instead of an A/B slot:
         incoming            the next version while it is written (through the slot
                             backend interface: see :meth:`ComponentStore.staging`)
 
-A switch: the verified content is renamed to ``v-<sha>``; ``record.json`` says pending
-(new, previous); ``current`` is replaced atomically (a temporary symlink renamed over
-it); the health check runs; then ``record.json`` commits the new version, or ``current``
-goes back to the previous one. A crash between the pending record and the commit leaves
-``pending`` set: :meth:`ComponentStore.roll_back` on the next start points ``current``
-at the previous version again (as an A/B device whose try was used up), and the update
-is reported as rolled back. Crash points: ``component.*``.
+A switch: the verified content is renamed to ``v-<sha>`` and ``record.json`` says
+pending (new, previous) (:meth:`ComponentStore.stage`); ``current`` is replaced
+atomically (a temporary symlink renamed over it: :meth:`ComponentStore.activate`) within
+each attempt (``peer.hooks``: hooks, services, health check); then ``record.json``
+commits the new version, or ``current`` goes back to the previous one
+(:meth:`ComponentStore.revert`, then :meth:`ComponentStore.roll_back` once the services
+run on it). A crash in between leaves ``pending`` set; the agent then repeats the
+attempt or rolls back, as its journal says (``peer.agent``). Crash points:
+``component.*``.
 
 Blocking; call it from a worker thread.
 """
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,16 +170,35 @@ class ComponentStore:
         crash_point("component.after_link_rename")
 
     def switch(self, name: str, new: InstalledVersion) -> ComponentRecord:
-        """Make the verified ``incoming`` file version ``new`` and point ``current`` at
-        it, pending until :meth:`commit` or :meth:`roll_back`. Raises ``OSError``."""
+        """:meth:`stage` then :meth:`activate`. Raises ``OSError``."""
+        record = self.stage(name, new)
+        self.activate(name)
+        return record
+
+    def stage(self, name: str, new: InstalledVersion) -> ComponentRecord:
+        """Make the verified ``incoming`` file version ``new``, pending (``current``
+        unchanged) until :meth:`commit` or :meth:`roll_back`. Raises ``OSError``."""
         directory = self.directory(name)
         os.replace(directory / INCOMING, self._version_file(directory, new.sha256))
         fsync_dir(directory)
         before = self.record(name)
         record = ComponentRecord(new, before.current, True)
         self._save(name, record)
-        self._point(name, new.sha256)
         return record
+
+    def activate(self, name: str) -> None:
+        """Point ``current`` at the recorded current version (the pending one during a
+        switch); idempotent. Raises ``OSError``."""
+        record = self.record(name)
+        self._point(name, record.current.sha256 if record.current else None)
+
+    def revert(self, name: str) -> None:
+        """During a switch, point ``current`` back at the previous version without
+        touching the record (:meth:`roll_back` records it once the services run on it
+        again). Raises ``OSError``."""
+        record = self.record(name)
+        if record.pending:
+            self._point(name, record.previous.sha256 if record.previous else None)
 
     def commit(self, name: str) -> ComponentRecord:
         record = self.record(name)
@@ -195,10 +217,16 @@ class ComponentStore:
         return back
 
     def _prune(self, name: str, record: ComponentRecord) -> None:
-        keep = {f"v-{v.sha256}" for v in (record.current, record.previous) if v}
-        for path in self.directory(name).glob("v-*"):
-            if path.name not in keep:
+        """Remove version files (and payload hooks: ``peer.hooks``) of versions other
+        than the current and previous ones."""
+        shas = {v.sha256 for v in (record.current, record.previous) if v}
+        directory = self.directory(name)
+        for path in directory.glob("v-*"):
+            if path.name.removeprefix("v-") not in shas:
                 path.unlink(missing_ok=True)
+        for path in [*directory.glob("hooks-*"), *directory.glob(".hooks-*.tmp")]:
+            if path.name.removeprefix("hooks-") not in shas:
+                shutil.rmtree(path, ignore_errors=True)
 
     def begin_write(self, name: str, size: int) -> SlotWriter:
         self.directory(name).mkdir(parents=True, exist_ok=True)

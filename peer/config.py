@@ -20,6 +20,7 @@ from manifest import (
     validate_product,
 )
 from peer.errors import ConfigError
+from peer.services import HotConfig, parse_hot_config
 from tracker.wire import MAX_LABELS, NETWORK_ID_RE
 
 __all__ = ["BOOTLOADERS", "DOWNLOAD_MODES", "SLOT_BACKENDS", "DeviceConfig",
@@ -74,6 +75,8 @@ class DeviceConfig:
     # slow retrieval: after http_timeout_s, a response must average at least this rate
     # (peer/http.py); 0 turns the floor off (the per-read http_timeout_s still applies)
     http_min_rate_bytes_per_s: int = 1024
+    # one refresh of the TUF metadata and the release manifest, all requests together
+    metadata_timeout_s: float = 300.0
     retry_backoff_s: float = 0.2
     # --- TLS (peer/http.py): SPKI pins of the origin's and tracker's keys plus at least
     # one backup, provisioned with the device (never learned from the network); a CA
@@ -93,6 +96,9 @@ class DeviceConfig:
     swarm_min_rate_bytes_per_s: int = 32 * 1024
     swarm_timeout_s: float = 1800.0
     swarm_waste_budget_bytes: int = 16 * 1024 * 1024
+    # a peer that unchoked us and holds requests of ours without sending anything this
+    # long (silent or stalled) is dropped for the rest of the pass
+    swarm_silent_peer_s: float = 2.0
     # local service discovery (BEP 14): multicasts the info-hashes the device is in on
     # its LAN, so that LAN peers meet without the tracker. Off unless the fleet's policy
     # turns it on (it tells anyone on the LAN what the device is updating to). DHT is
@@ -125,6 +131,11 @@ class DeviceConfig:
     # run after a switch (and after a fall back from the booted slot) with a real
     # bootloader, e.g. ["systemctl", "reboot"]; empty: the reboot is left to the device
     reboot_command: tuple[str, ...] = ()
+    # --- hot updates of components (peer/services.py: services with restart or
+    # start/stop commands and 'after' dependencies; per component: the services to
+    # restart, pre/post-install hooks from here or from the signed payload, a health check)
+    services: dict[str, Any] = field(default_factory=dict)
+    components: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -144,7 +155,7 @@ class DeviceConfig:
             raise ConfigError("download_concurrency must be within 1..64")
         if not 1 <= self.chunk_attempts <= 100:
             raise ConfigError("chunk_attempts must be within 1..100")
-        if self.health_timeout_s <= 0 or self.http_timeout_s <= 0:
+        if min(self.health_timeout_s, self.http_timeout_s, self.metadata_timeout_s) <= 0:
             raise ConfigError("timeouts must be positive")
         if self.download_mode not in DOWNLOAD_MODES:
             raise ConfigError(f"download_mode must be one of {list(DOWNLOAD_MODES)}, "
@@ -156,8 +167,10 @@ class DeviceConfig:
                self.swarm_waste_budget_bytes, self.swarm_min_rate_bytes_per_s,
                self.http_min_rate_bytes_per_s) < 0:
             raise ConfigError("rate limits and the waste budget must be >= 0")
-        if self.seed_time_s < 0 or self.swarm_stall_s <= 0 or self.swarm_timeout_s <= 0:
-            raise ConfigError("seed_time_s must be >= 0, swarm_stall_s and swarm_timeout_s > 0")
+        if self.seed_time_s < 0 or min(self.swarm_stall_s, self.swarm_timeout_s,
+                                       self.swarm_silent_peer_s) <= 0:
+            raise ConfigError("seed_time_s must be >= 0, swarm_stall_s, swarm_timeout_s and "
+                              "swarm_silent_peer_s > 0")
         if not 0 <= self.min_battery_percent_to_upload <= 100:
             raise ConfigError("min_battery_percent_to_upload must be within 0..100")
         jump = self.max_release_counter_jump
@@ -176,6 +189,12 @@ class DeviceConfig:
                                   f"got {value!r}")
         self._check_tls()
         self._check_boot()
+        self.hot  # noqa: B018 - refuse a bad recipe or a dependency cycle now
+
+    @property
+    def hot(self) -> HotConfig:
+        """The services and component recipes (``peer.services``). Raises ConfigError."""
+        return parse_hot_config(self.services, self.components)
 
     def _check_boot(self) -> None:
         if self.slot_backend not in SLOT_BACKENDS:

@@ -22,7 +22,14 @@ import trio
 from infra.fsio import UnsafeNameError, safe_child
 from manifest import IntegrityError, Payload, sha256_hex
 from peer.crashpoints import crash_point
-from peer.errors import DownloadFailed, PartialResponse, PeerError, VerifyFailed
+from peer.errors import (
+    DownloadFailed,
+    PartialResponse,
+    PeerError,
+    ResourceFailed,
+    VerifyFailed,
+    resource_failure,
+)
 from peer.http import HttpClient
 
 __all__ = [
@@ -31,6 +38,7 @@ __all__ = [
     "PayloadWorkdir",
     "download_payload",
     "plan_requests",
+    "prepare",
     "verify_payload",
 ]
 
@@ -195,9 +203,10 @@ async def download_payload(
     Raises:
         DownloadFailed: a chunk could not be fetched in ``attempts`` tries.
         VerifyFailed: a chunk kept failing verification, or the assembled payload did.
+        ResourceFailed: the work area cannot be written (a full disk, an I/O error).
     """
     payload = work.payload
-    done = await trio.to_thread.run_sync(work.prepare)
+    done = await prepare(work)
     missing = [i for i in range(payload.chunk_count) if i not in done]
     runs = plan_requests(missing, payload.chunk_size, payload.size, concurrency)
     received_before = http.bytes_received
@@ -209,9 +218,10 @@ async def download_payload(
     send.close()
     failure: list[PeerError] = []
 
-    async def fetch_run(pending: list[int]) -> tuple[list[int], Exception | None]:
+    async def fetch_run(pending: list[int]) -> tuple[list[int], Exception | None, int]:
         """One request for the span covering ``pending``; returns the chunks still
-        missing afterwards and the error that left them missing."""
+        missing afterwards, the error that left them missing, and the chunk that error
+        is about (a refused chunk, or else the first missing one)."""
         nonlocal rejected, fetched
         start, _ = payload.chunk_span(pending[0])
         end_offset, end_length = payload.chunk_span(pending[-1])
@@ -221,14 +231,16 @@ async def download_payload(
         except PartialResponse as exc:  # keep the whole chunks that did arrive
             data, cut = exc.received, exc
         except DownloadFailed as exc:
-            return pending, exc
+            return pending, exc, pending[0]
         left: list[int] = []
         error: Exception | None = None
+        about = pending[0]
         for index in pending:
             offset, length = payload.chunk_span(index)
             if offset - start + length > len(data):
                 left.append(index)
-                error = cut
+                if error is None:
+                    error, about = cut, index
                 continue
             chunk = data[offset - start:offset - start + length]
             try:
@@ -236,20 +248,28 @@ async def download_payload(
             except IntegrityError as exc:
                 rejected += len(chunk)
                 left.append(index)
-                error = exc
+                if not isinstance(error, IntegrityError):  # a refused chunk comes first
+                    error, about = exc, index
                 continue
+            except (OSError, MemoryError) as exc:  # fatal: stop the download
+                return pending, resource_failure(f"writing chunk {index} to {work.part}",
+                                                 exc), index
             fetched += 1
             if on_chunk is not None:
                 on_chunk(index, length)
-        return left, error
+        return left, error, about
 
     async def worker(cancel_scope: trio.CancelScope) -> None:
         async for run in receive:
-            pending, last_error, failures = run, None, 0
+            pending, last_error, about, failures = run, None, run[0], 0
             while pending and failures < attempts:
                 if failures:
                     await trio.sleep(backoff_s * 2 ** (failures - 1))
-                left, last_error = await fetch_run(pending)
+                left, last_error, about = await fetch_run(pending)
+                if isinstance(last_error, ResourceFailed):
+                    failure.append(last_error)
+                    cancel_scope.cancel()
+                    return
                 if len(left) == len(pending):  # no progress: the attempt counts
                     failures += 1
                 if left:
@@ -257,13 +277,13 @@ async def download_payload(
                 pending = left
             if pending:
                 # Record the first failure and stop the other workers; raising here would
-                # surface as an ExceptionGroup instead of the typed error.
-                index = pending[0]
+                # surface as an ExceptionGroup instead of the typed error. The message
+                # names one chunk: the one its error is about.
                 if isinstance(last_error, IntegrityError):
-                    failure.append(VerifyFailed(f"chunk {index} failed verification "
+                    failure.append(VerifyFailed(f"chunk {about} failed verification "
                                                 f"{attempts} times: {last_error}"))
                 else:
-                    failure.append(DownloadFailed(f"chunk {index} not fetched after {attempts} "
+                    failure.append(DownloadFailed(f"chunk {about} not fetched after {attempts} "
                                                   f"attempts: {last_error}"))
                 cancel_scope.cancel()
                 return
@@ -283,15 +303,30 @@ async def download_payload(
                          bytes_rejected=rejected, transfer_s=transfer_s)
 
 
+async def prepare(work: PayloadWorkdir) -> set[int]:
+    """:meth:`PayloadWorkdir.prepare` in a worker thread.
+
+    Raises:
+        ResourceFailed: the work area cannot be created or read.
+    """
+    try:
+        return await trio.to_thread.run_sync(work.prepare)
+    except (OSError, MemoryError) as exc:
+        raise resource_failure(f"preparing {work.path}", exc) from exc
+
+
 async def verify_payload(work: PayloadWorkdir) -> None:
     """The whole assembled payload against the manifest (in a worker thread).
 
     Raises:
         VerifyFailed: it does not match; every chunk was verified when written, so this
             means damage on disk: the work area is removed (start over next time).
+        ResourceFailed: it cannot be read (an I/O error).
     """
     try:
         await trio.to_thread.run_sync(work.verify_whole)
+    except (OSError, MemoryError) as exc:
+        raise resource_failure(f"verifying {work.part}", exc) from exc
     except IntegrityError as exc:
         await trio.to_thread.run_sync(work.remove)
         raise VerifyFailed(str(exc)) from exc

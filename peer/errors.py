@@ -8,6 +8,9 @@
      |                             bytes that did arrive, so that whole chunks in them are kept
      +-- VerifyFailed       (20)   trust: metadata, manifest, chunk, payload or image rejected
      +-- InstallFailed      (30)   writing or decompressing into the inactive slot failed
+     +-- ResourceFailed     (30)   the device ran out of a resource or its storage failed
+     |                             (ENOSPC, EIO, ENOMEM...) anywhere in a pass: reported,
+     |                             partial files removed, the daemon carries on
      +-- PostCheckFailed    (40)   the new slot failed its health check (or never came up
      |                             in its boot attempts); rolled back
      +-- BootInterrupted    (41)   the new slot's boot attempts were all spent by
@@ -15,7 +18,9 @@
                                    by a failed check; rolled back, not a release failure
 
 Foreign exceptions (httpx, python-tuf, zstandard, OSError) are translated into these at
-the module that calls the foreign library.
+the module that calls the foreign library; an ``OSError`` or ``MemoryError`` that no
+module expected becomes :class:`ResourceFailed` where the pass handles its failures
+(:func:`resource_failure`).
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ __all__ = [
     "PinMismatch",
     "BootInterrupted",
     "PostCheckFailed",
+    "ResourceFailed",
     "StatusCode",
     "VerifyFailed",
+    "resource_failure",
 ]
 
 
@@ -82,3 +89,16 @@ class PostCheckFailed(PeerError):
 
 class BootInterrupted(PeerError):
     status = StatusCode.INTERRUPTED
+
+
+class ResourceFailed(PeerError):
+    """The device ran out of a resource, or its storage failed, while updating: a full
+    disk (ENOSPC), an I/O error (EIO), no memory. Not a verdict on the release."""
+
+    status = StatusCode.INSTALL_FAILED
+
+
+def resource_failure(what: str, exc: OSError | MemoryError) -> ResourceFailed:
+    """``exc`` as a :class:`ResourceFailed` saying what failed (``what``)."""
+    detail = "out of memory" if isinstance(exc, MemoryError) else str(exc) or type(exc).__name__
+    return ResourceFailed(f"{what}: {detail} (device resources)")

@@ -1,5 +1,5 @@
 """The httpx adapter of the device agent: the only peer module that imports httpx (and
-httpcore, httpx's transport layer, for the pin check).
+httpcore, httpx's transport layer, for the pin check and the deadlines).
 
 - :class:`TufFetcher`: python-tuf's network seam (``FetcherInterface``), blocking, used
   from a worker thread.
@@ -14,11 +14,28 @@ httpcore, httpx's transport layer, for the pin check).
 httpx errors become :class:`peer.errors.DownloadFailed`; a server that sends more bytes
 than asked for (endless data) is cut at the limit and the read fails. Redirects are
 never followed; a 3xx fails with a message saying where it pointed (plain http, another
-host). Slow retrieval: httpx's ``timeout_s`` bounds each network operation (a stalled
-server fails after it); on top, a response body must arrive at ``min_rate_bytes_per_s``
-on average once ``timeout_s`` has passed since the request started (a server trickling
-a few bytes per second is cut off), and an async request as a whole gets at most
-``timeout_s`` plus its size at that rate (trickled headers).
+host).
+
+**No content encodings.** Every request says ``Accept-Encoding: identity`` and every
+body is read raw: the limits count the bytes that arrive, which are the bytes kept. An
+answer with any other ``Content-Encoding`` is refused before its body is read
+(:data:`ENCODING_REFUSED`): a compressed answer can expand a thousand to a million times
+(a few KiB of gzip or zstd become gigabytes), and nothing the agent fetches gains from
+it (payloads are zstd already, metadata and tracker answers are small JSON).
+
+**Deadlines** (slow retrieval, a server trickling any part of an answer):
+
+- the answer's headers must arrive within ``timeout_s`` of the request's start
+  (connect, TLS and headers together);
+- the whole request, body included, must end within ``timeout_s`` plus the largest
+  body it may have (its length for a range, its size limit otherwise) at
+  ``min_rate_bytes_per_s``: independent of where a range starts;
+- once ``timeout_s`` has passed, the body must have averaged ``min_rate_bytes_per_s``
+  (a trickle is cut early), and no read may wait longer than ``timeout_s`` (a stall).
+
+The async client enforces them with trio cancel scopes; the blocking fetcher with a
+deadline its network streams read before each socket operation (httpx's own timeouts
+are per operation and would let one header byte every few seconds through forever).
 """
 
 from __future__ import annotations
@@ -26,14 +43,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import re
 import ssl
 import time
 import typing
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import httpcore
 import httpx
@@ -46,14 +62,33 @@ from peer.config import DeviceConfig
 from peer.errors import ConfigError, DownloadFailed, PartialResponse, PinMismatch
 from peer.identity import Identity
 
-__all__ = ["DEFAULT_MIN_RATE_BYTES_PER_S", "MAX_JSON_RESPONSE_BYTES", "HttpClient", "TlsPolicy",
-           "TufFetcher", "content_range_matches", "decode_json_answer"]
+__all__ = ["DEFAULT_MIN_RATE_BYTES_PER_S", "ENCODING_REFUSED", "MAX_JSON_RESPONSE_BYTES",
+           "HttpClient", "TlsPolicy", "TufFetcher", "check_identity_encoding",
+           "content_range_matches", "decode_json_answer"]
 
 MAX_JSON_RESPONSE_BYTES = 64 * 1024
 DEFAULT_MIN_RATE_BYTES_PER_S = 1024
 # At most 20 digits: any valid offset fits, and int() never sees 4300+ digits (ValueError).
 _CONTENT_RANGE_RE = re.compile(r"bytes ([0-9]{1,20})-([0-9]{1,20})/([0-9]{1,20}|\*)")
 _USER_AGENT = "swarmota-peer/0.1"
+_HEADERS = {"user-agent": _USER_AGENT, "accept-encoding": "identity"}
+ENCODING_REFUSED = "content encoding refused"
+"""Words of the error for an answer with a ``Content-Encoding`` the agent did not ask for."""
+
+
+def check_identity_encoding(what: str, content_encoding: str | None) -> None:
+    """Refuse an answer whose ``Content-Encoding`` is not identity (pure).
+
+    Raises:
+        DownloadFailed: naming the encoding (clipped) and why it is refused.
+    """
+    codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
+    if all(c in ("", "identity") for c in codings):
+        return
+    raise DownloadFailed(f"{what}: answered with Content-Encoding "
+                         f"{(content_encoding or '')[:40]!r}, which was not asked for "
+                         f"({ENCODING_REFUSED}: a compressed answer may expand without "
+                         "bound)")
 
 
 def decode_json_answer(what: str, status: int, data: bytes) -> dict[str, Any]:
@@ -246,7 +281,88 @@ class _AsyncPinnedBackend(httpcore.AsyncNetworkBackend):
         await self._backend.sleep(seconds)
 
 
+class _Deadline:
+    """When the blocking request under way must be over (``time.monotonic`` seconds;
+    ``None``: no deadline). One per :class:`TufFetcher`, which makes one request at a
+    time; its network streams clip every socket timeout to it."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+    def clip(self, timeout: float | None, expired: type[Exception]) -> float | None:
+        """``timeout`` shortened to what is left; raises ``expired`` when nothing is."""
+        if self.at is None:
+            return timeout
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise expired("deadline of the request passed (slow retrieval)")
+        return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A blocking stream whose reads, writes and TLS handshake end by the deadline."""
+
+    def __init__(self, stream: httpcore.NetworkStream, deadline: _Deadline) -> None:
+        self._stream = stream
+        self._deadline = deadline
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, self._deadline.clip(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, self._deadline.clip(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        tls = self._stream.start_tls(ssl_context, server_hostname,
+                                     self._deadline.clip(timeout, httpcore.ConnectTimeout))
+        return _DeadlineStream(tls, self._deadline)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self, backend: httpcore.NetworkBackend, deadline: _Deadline) -> None:
+        self._backend = backend
+        self._deadline = deadline
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        timeout = self._deadline.clip(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._backend.connect_tcp(host, port, timeout, local_address,
+                                                         socket_options), self._deadline)
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Iterable[Any] | None = None,
+                            ) -> httpcore.NetworkStream:
+        timeout = self._deadline.clip(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._backend.connect_unix_socket(path, timeout, socket_options),
+                               self._deadline)
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
 _Transport = typing.TypeVar("_Transport", httpx.HTTPTransport, httpx.AsyncHTTPTransport)
+
+
+def _install_deadline(transport: httpx.HTTPTransport, deadline: _Deadline
+                      ) -> httpx.HTTPTransport:
+    """Wrap the network backend of a blocking ``transport``'s pool with ``deadline``
+    (the private attributes as in :func:`_install_pinning`)."""
+    pool = getattr(transport, "_pool", None)
+    if type(pool) is not httpcore.ConnectionPool or not isinstance(
+            getattr(pool, "_network_backend", None), httpcore.NetworkBackend):
+        raise RuntimeError(f"httpx {httpx.__version__} / httpcore {httpcore.__version__}: "
+                           f"transport pool {type(pool).__name__} has no network backend "
+                           "to wrap; request deadlines cannot be installed")
+    pool._network_backend = _DeadlineBackend(pool._network_backend, deadline)
+    return transport
 
 
 def _install_pinning(transport: _Transport, pins: frozenset[str]) -> _Transport:
@@ -270,23 +386,22 @@ def _install_pinning(transport: _Transport, pins: frozenset[str]) -> _Transport:
     return transport
 
 
-def _sync_client_options(tls: TlsPolicy) -> dict[str, Any]:
-    """Options for httpx.Client: with pins, a transport whose pool checks them."""
-    options: dict[str, Any] = {"follow_redirects": False,
-                               "headers": {"user-agent": _USER_AGENT}}
-    if not tls.pins:
-        return {**options, "verify": tls.ssl_context()}
-    transport = _install_pinning(httpx.HTTPTransport(verify=tls.ssl_context()), tls.pins)
-    # No proxies from the environment: a proxy transport would bypass the pinned pool.
-    return {**options, "transport": transport, "trust_env": False}
+def _sync_client_options(tls: TlsPolicy, deadline: _Deadline) -> dict[str, Any]:
+    """Options for httpx.Client: a transport whose streams keep to ``deadline`` and,
+    with pins, check them."""
+    transport = _install_deadline(httpx.HTTPTransport(verify=tls.ssl_context()), deadline)
+    if tls.pins:
+        transport = _install_pinning(transport, tls.pins)
+    # No proxies from the environment: a proxy transport would bypass the wrapped pool.
+    return {"follow_redirects": False, "headers": dict(_HEADERS), "transport": transport,
+            "trust_env": False}
 
 
 def _async_client_options(tls: TlsPolicy, local_address: str | None = None
                           ) -> dict[str, Any]:
     """Options for httpx.AsyncClient, as :func:`_sync_client_options`; connections leave
     from ``local_address`` when given."""
-    options: dict[str, Any] = {"follow_redirects": False,
-                               "headers": {"user-agent": _USER_AGENT}}
+    options: dict[str, Any] = {"follow_redirects": False, "headers": dict(_HEADERS)}
     if not tls.pins and local_address is None:
         return {**options, "verify": tls.ssl_context()}
     transport = httpx.AsyncHTTPTransport(verify=tls.ssl_context(),
@@ -350,57 +465,112 @@ class _RateFloor:
                                  f"in {elapsed:.1f} s, below the minimum of {self._min_rate} "
                                  "bytes/s (http_min_rate_bytes_per_s)")
 
-    @staticmethod
-    def deadline_s(timeout_s: float, min_rate: int, size: int) -> float:
-        """How long a whole request of ``size`` bytes may take at the floor rate."""
-        return timeout_s + (size / min_rate if min_rate else math.inf)
+
+def request_deadline_s(timeout_s: float, min_rate_bytes_per_s: int, body_bytes: int) -> float:
+    """How long one request may take in all: ``timeout_s`` plus its largest possible
+    body (``body_bytes``: a range's length, or a size limit) at the floor rate; with no
+    floor (0), ``timeout_s`` per started MiB of it, so that it stays bounded."""
+    if min_rate_bytes_per_s:
+        return timeout_s + body_bytes / min_rate_bytes_per_s
+    return timeout_s * (1 + -(-body_bytes // (1 << 20)))
 
 
 class TufFetcher(FetcherInterface):
-    """python-tuf fetcher over a blocking httpx client (call from a worker thread)."""
+    """python-tuf fetcher over a blocking httpx client (call from a worker thread).
+
+    Each request keeps to the deadlines of the module docstring (headers within
+    ``timeout_s``, the whole within :func:`request_deadline_s` of python-tuf's length
+    limit for the file). ``pass_timeout_s`` bounds all requests of the fetcher together
+    (one refresh of the metadata: root rotations, timestamp, snapshot, targets, the
+    release manifest), whatever their number.
+    """
 
     def __init__(self, *, timeout_s: float, tls: TlsPolicy | None = None,
-                 min_rate_bytes_per_s: int = DEFAULT_MIN_RATE_BYTES_PER_S) -> None:
+                 min_rate_bytes_per_s: int = DEFAULT_MIN_RATE_BYTES_PER_S,
+                 pass_timeout_s: float | None = None) -> None:
         """Raises ConfigError: ``tls.ca_file`` cannot be loaded."""
+        self._deadline = _Deadline()
         self._client = httpx.Client(timeout=timeout_s,
-                                    **_sync_client_options(tls or TlsPolicy()))
+                                    **_sync_client_options(tls or TlsPolicy(), self._deadline))
         self._timeout_s = timeout_s
         self._min_rate = min_rate_bytes_per_s
+        self._pass_timeout_s = pass_timeout_s
+        self._pass_ends = None if pass_timeout_s is None else time.monotonic() + pass_timeout_s
+        self._max_length = 0
         self.bytes_received = 0
 
     def close(self) -> None:
         self._client.close()
 
+    @contextlib.contextmanager
+    def download_file(self, url: str, max_length: int) -> Iterator[IO[Any]]:
+        # python-tuf passes the file's length limit here only: keep it for the deadline
+        self._max_length = max_length
+        with super().download_file(url, max_length) as fh:
+            yield fh
+
+    def _until(self, seconds: float) -> float:
+        """The deadline ``seconds`` from now, no later than the end of the pass."""
+        at = time.monotonic() + seconds
+        return at if self._pass_ends is None else min(at, self._pass_ends)
+
+    def _timeout_error(self, url: str, exc: httpx.TimeoutException) -> str:
+        if self._pass_ends is not None and time.monotonic() >= self._pass_ends:
+            return (f"GET {url}: the metadata refresh took longer than its bound of "
+                    f"{self._pass_timeout_s:.0f} s (slow retrieval)")
+        return f"GET {url}: {_describe(exc)} (slow retrieval: no complete answer in time)"
+
     def _fetch(self, url: str) -> Iterator[bytes]:
         floor = _RateFloor(f"GET {url}", min_rate=self._min_rate, grace_s=self._timeout_s,
                            clock=time.monotonic)
+        whole_at = self._until(request_deadline_s(self._timeout_s, self._min_rate,
+                                                  self._max_length))
+        self._deadline.at = self._until(self._timeout_s)  # connect, TLS and headers
         try:
             response = self._client.send(self._client.build_request("GET", url), stream=True)
+        except httpx.TimeoutException as exc:
+            self._deadline.at = None
+            raise tuf_exceptions.DownloadError(self._timeout_error(url, exc)) from exc
         except httpx.HTTPError as exc:
+            self._deadline.at = None
             raise tuf_exceptions.DownloadError(f"GET {url}: {_describe(exc)}") from exc
-        if response.status_code != 200:
+        self._deadline.at = whole_at
+        try:
+            if response.status_code != 200:
+                message = (_redirect_message("GET", url, response) if response.is_redirect
+                           else f"GET {url}: HTTP {response.status_code}")
+                raise tuf_exceptions.DownloadHTTPError(message, response.status_code)
+            check_identity_encoding(f"GET {url}", response.headers.get("content-encoding"))
+        except DownloadFailed as exc:
             response.close()
-            message = (_redirect_message("GET", url, response) if response.is_redirect
-                       else f"GET {url}: HTTP {response.status_code}")
-            raise tuf_exceptions.DownloadHTTPError(message, response.status_code)
+            self._deadline.at = None
+            raise tuf_exceptions.DownloadError(str(exc)) from exc
+        except BaseException:
+            response.close()
+            self._deadline.at = None
+            raise
         return self._stream(url, response, floor)
 
     def _stream(self, url: str, response: httpx.Response,
                 floor: _RateFloor) -> Iterator[bytes]:
         received = 0
         try:
-            # no chunk size: a block is whatever arrived, so the rate floor sees a trickle
-            for block in response.iter_bytes():
+            # raw: no decoding (none was asked for); no chunk size: a block is whatever
+            # arrived, so the rate floor sees a trickle
+            for block in response.iter_raw():
                 self.bytes_received += len(block)
                 received += len(block)
                 floor.check(received)
                 yield block
+        except httpx.TimeoutException as exc:
+            raise tuf_exceptions.DownloadError(self._timeout_error(url, exc)) from exc
         except httpx.HTTPError as exc:
             raise tuf_exceptions.DownloadError(f"GET {url}: {_describe(exc)}") from exc
         except DownloadFailed as exc:
             raise tuf_exceptions.DownloadError(str(exc)) from exc
         finally:
             response.close()
+            self._deadline.at = None
 
 
 class HttpClient:
@@ -454,13 +624,45 @@ class HttpClient:
         target = httpx.URL(url).raw_path
         return dict(self.identity.signer.headers(method, target, body, counter))
 
+    @contextlib.asynccontextmanager
+    async def _exchange(self, what: str, method: str, url: str, *, body_bytes: int,
+                        headers: dict[str, str] | None = None, content: bytes | None = None,
+                        ) -> AsyncIterator[httpx.Response]:
+        """One request under the deadlines of the module docstring: yields the response
+        once its headers are in (within ``timeout_s``) and its encoding is checked; the
+        caller reads the body (raw) inside, all within :func:`request_deadline_s` of
+        ``body_bytes``.
+
+        Raises:
+            DownloadFailed: no headers in time, the whole deadline passed, an encoding
+                that was not asked for, or a transport error (httpx's, translated).
+        """
+        limit = request_deadline_s(self.timeout_s, self.min_rate_bytes_per_s, body_bytes)
+        with trio.move_on_after(limit) as whole:
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    with trio.move_on_after(self.timeout_s) as head:
+                        response = await stack.enter_async_context(self._client.stream(
+                            method, url, headers=headers, content=content))
+                    if head.cancelled_caught:
+                        raise DownloadFailed(f"{what}: no answer within {self.timeout_s:g} s "
+                                             "(connect, TLS and headers; slow retrieval)")
+                    check_identity_encoding(what, response.headers.get("content-encoding"))
+                    yield response
+            except httpx.HTTPError as exc:
+                raise DownloadFailed(f"{what}: {_describe(exc)}") from exc
+        if whole.cancelled_caught:
+            raise DownloadFailed(f"{what}: no complete answer within {limit:.0f} s "
+                                 "(slow retrieval)")
+
     async def get_tracker(self, url: str, *, max_bytes: int) -> tuple[int, bytes]:
         """A signed GET to the tracker (BitTorrent announce or scrape relayed for
         libtorrent): ``(HTTP status, body)`` whatever the status, the body at most
         ``max_bytes``. Not counted in :attr:`bytes_received` (origin bytes only).
 
         Raises:
-            DownloadFailed: no answer, a redirect, or an answer over ``max_bytes``.
+            DownloadFailed: no answer, a redirect, a content encoding, or an answer over
+                ``max_bytes``.
         """
         return await self._signed_exchange("GET", url, b"", {}, max_bytes)
 
@@ -470,26 +672,16 @@ class HttpClient:
         requests go out one at a time, in counter order): ``(status, body)``, the body
         at most ``max_bytes``; redirects and transport errors are DownloadFailed."""
         what = f"{method} {url}"
-        async with self._signing:  # the slow-retrieval deadline starts once it is our turn
-            with self._deadline(what, max_bytes):
-                try:
-                    headers = {**headers, **self._signed(method, url, content)}
-                    async with self._client.stream(method, url, content=content or None,
-                                                   headers=headers) as response:
-                        if response.is_redirect:
-                            raise DownloadFailed(_redirect_message(method, url, response),
-                                                 http_status=response.status_code)
-                        out = bytearray()
-                        floor = self._floor(what)
-                        async for block in response.aiter_bytes():
-                            out += block
-                            if len(out) > max_bytes:
-                                raise DownloadFailed(f"{what}: answer over {max_bytes} bytes")
-                            floor.check(len(out))
-                        return response.status_code, bytes(out)
-                except httpx.HTTPError as exc:
-                    raise DownloadFailed(f"{what}: {_describe(exc)}") from exc
-            raise RuntimeError("unreachable: the deadline raises")  # pragma: no cover
+        async with self._signing:  # the deadlines start once it is our turn
+            headers = {**headers, **self._signed(method, url, content)}
+            async with self._exchange(what, method, url, body_bytes=max_bytes,
+                                      headers=headers, content=content or None) as response:
+                if response.is_redirect:
+                    raise DownloadFailed(_redirect_message(method, url, response),
+                                         http_status=response.status_code)
+                out = await self._read_limited(response, what, max_bytes, count=False)
+                return response.status_code, out
+        raise RuntimeError("unreachable: the exchange raises")  # pragma: no cover
 
     async def __aenter__(self) -> HttpClient:
         return self
@@ -505,70 +697,62 @@ class HttpClient:
         """Return exactly ``length`` bytes at ``offset`` of ``url``, or raise DownloadFailed.
 
         Accepts 206 with a matching Content-Range, or a 200 from a server that ignores
-        Range (then skips to ``offset``). Never reads more than needed.
+        Range (then skips to ``offset``). Never reads more than needed. The deadline
+        counts ``length`` bytes, whatever ``offset``: a server ignoring Range that makes
+        the agent skip far into a large file is cut like any slow answer.
         """
         headers = {"range": f"bytes={offset}-{offset + length - 1}"}
         what = f"GET {url} (range {offset}+{length})"
-        with self._deadline(what, offset + length):
-            try:
-                async with self._client.stream("GET", url, headers=headers) as response:
-                    if response.status_code == 206:
-                        if not content_range_matches(response.headers.get("content-range"),
-                                                     offset, length):
-                            raise DownloadFailed(f"GET {url}: bad Content-Range "
-                                                 f"{response.headers.get('content-range')!r}")
-                        skip = 0
-                    elif response.status_code == 200:
-                        skip = offset
-                    elif response.is_redirect:
-                        raise DownloadFailed(_redirect_message("GET", url, response),
-                                             http_status=response.status_code)
-                    else:
-                        raise DownloadFailed(f"{what}: HTTP {response.status_code}",
-                                             http_status=response.status_code)
-                    return await self._read_exact(response, url, skip, length)
-            except httpx.HTTPError as exc:
-                raise DownloadFailed(f"{what}: {_describe(exc)}") from exc
-        raise RuntimeError("unreachable: the deadline raises")  # pragma: no cover
+        async with self._exchange(what, "GET", url, body_bytes=length,
+                                  headers=headers) as response:
+            if response.status_code == 206:
+                if not content_range_matches(response.headers.get("content-range"),
+                                             offset, length):
+                    raise DownloadFailed(f"GET {url}: bad Content-Range "
+                                         f"{response.headers.get('content-range')!r}")
+                skip = 0
+            elif response.status_code == 200:
+                skip = offset
+            elif response.is_redirect:
+                raise DownloadFailed(_redirect_message("GET", url, response),
+                                     http_status=response.status_code)
+            else:
+                raise DownloadFailed(f"{what}: HTTP {response.status_code}",
+                                     http_status=response.status_code)
+            return await self._read_exact(response, url, skip, length)
+        raise RuntimeError("unreachable: the exchange raises")  # pragma: no cover
 
     async def get_bytes(self, url: str, *, max_bytes: int) -> bytes:
         """GET a whole small file (200 only), refusing answers over ``max_bytes``."""
-        with self._deadline(f"GET {url}", max_bytes):
-            try:
-                async with self._client.stream("GET", url) as response:
-                    if response.is_redirect:
-                        raise DownloadFailed(_redirect_message("GET", url, response),
-                                             http_status=response.status_code)
-                    if response.status_code != 200:
-                        raise DownloadFailed(f"GET {url}: HTTP {response.status_code}",
-                                             http_status=response.status_code)
-                    out = bytearray()
-                    floor = self._floor(f"GET {url}")
-                    async for block in response.aiter_raw():
-                        self.bytes_received += len(block)
-                        out += block
-                        if len(out) > max_bytes:
-                            raise DownloadFailed(f"GET {url}: more than {max_bytes} bytes")
-                        floor.check(len(out))
-                    return bytes(out)
-            except httpx.HTTPError as exc:
-                raise DownloadFailed(f"GET {url}: {_describe(exc)}") from exc
-        raise RuntimeError("unreachable: the deadline raises")  # pragma: no cover
+        what = f"GET {url}"
+        async with self._exchange(what, "GET", url, body_bytes=max_bytes) as response:
+            if response.is_redirect:
+                raise DownloadFailed(_redirect_message("GET", url, response),
+                                     http_status=response.status_code)
+            if response.status_code != 200:
+                raise DownloadFailed(f"GET {url}: HTTP {response.status_code}",
+                                     http_status=response.status_code)
+            return await self._read_limited(response, what, max_bytes, count=True)
+        raise RuntimeError("unreachable: the exchange raises")  # pragma: no cover
 
     def _floor(self, what: str) -> _RateFloor:
         return _RateFloor(what, min_rate=self.min_rate_bytes_per_s, grace_s=self.timeout_s,
                           clock=trio.current_time)
 
-    @contextlib.contextmanager
-    def _deadline(self, what: str, size: int) -> Iterator[None]:
-        """Cancel the request inside after ``timeout_s`` plus ``size`` bytes at the floor
-        rate (a server trickling its headers), raising DownloadFailed."""
-        limit = _RateFloor.deadline_s(self.timeout_s, self.min_rate_bytes_per_s, size)
-        with trio.move_on_after(limit) as scope:
-            yield
-        if scope.cancelled_caught:
-            raise DownloadFailed(f"{what}: no complete answer within {limit:.0f} s "
-                                 "(slow retrieval)")
+    async def _read_limited(self, response: httpx.Response, what: str, max_bytes: int, *,
+                            count: bool) -> bytes:
+        """The raw body, at most ``max_bytes`` (DownloadFailed beyond); ``count``: add it
+        to :attr:`bytes_received` (origin bytes)."""
+        out = bytearray()
+        floor = self._floor(what)
+        async for block in response.aiter_raw():
+            if count:
+                self.bytes_received += len(block)
+            out += block
+            if len(out) > max_bytes:
+                raise DownloadFailed(f"{what}: answer over {max_bytes} bytes")
+            floor.check(len(out))
+        return bytes(out)
 
     async def _read_exact(self, response: httpx.Response, url: str, skip: int,
                           length: int) -> bytes:

@@ -21,7 +21,9 @@ reserve_bytes = 0          # free space to leave besides the payload and the new
 ```
 
 A release whose signed manifest says ``critical`` ignores the windows and the delay
-(an emergency fix), not the battery or the network. A deferred release is not an
+(an emergency fix), not the battery or the network; so does a release a local client
+asked to install now (``InstallNow``, ``peer.control``), and both ignore a local
+client's postponement (``Postpone``). A deferred release is not an
 attempt: nothing is downloaded, written or reported; the next poll asks again.
 The free-space check always applies: the payload (delta or full) and the image must
 fit besides ``reserve_bytes``, or the attempt fails with status 30 before any download.
@@ -92,8 +94,15 @@ class Decision:
 
 def decide(policy: InstallPolicy, *, now: datetime, critical: bool, metered: bool,
            power: PowerReading | None, first_offered_at_s: float | None,
-           now_s: float) -> Decision:
-    """Whether to start an attempt now (free space is checked separately, later)."""
+           now_s: float, install_now: bool = False,
+           postponed_until_s: float = 0.0) -> Decision:
+    """Whether to start an attempt now (free space is checked separately, later).
+
+    ``install_now``: a local client asked for this release now (``InstallNow``): like a
+    critical release, it skips the windows, the delay and a postponement, never the
+    battery or network rules. ``postponed_until_s``: a local client's ``Postpone``
+    defers releases until then (seconds since the epoch), except critical ones.
+    """
     if metered and not policy.download_when_metered:
         return Decision(False, "metered network")
     if policy.min_battery_percent:
@@ -105,6 +114,10 @@ def decide(policy: InstallPolicy, *, now: datetime, critical: bool, metered: boo
                                    "and not charging")
     if critical:
         return Decision(True, "critical release")
+    if install_now:
+        return Decision(True, "installed now on request")
+    if postponed_until_s > now_s:
+        return Decision(False, f"postponed on request: {postponed_until_s - now_s:.0f} s left")
     if policy.delay_s > 0:
         waited = 0.0 if first_offered_at_s is None else now_s - first_offered_at_s
         if waited < policy.delay_s:

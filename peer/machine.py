@@ -26,7 +26,10 @@ an interrupted attempt, retried at the next boot, never a verdict on the release
 the budget is spent without a verdict, the bootloader falls back (``budget_spent``);
 :func:`budget_spent_outcome` says whether that is status 41 (every spent boot reached
 the agent: interrupted, not the release's fault) or 40 (some boots never came up: a
-kernel panic, a hang, a reboot loop).
+kernel panic, a hang, a reboot loop). Component switches (``peer.hooks``) follow the same
+journal: each attempt (hooks, service restarts, health check) is journaled before it
+runs, so an interrupted one is repeated at the next start, and a budget spent that way
+is 41.
 
 The agent (``peer/agent.py``) persists the :class:`Journal` (``STATE/journal.json``,
 atomically) on every transition from ``downloading`` on, *before* the side effects of
@@ -193,7 +196,13 @@ def budget_spent_outcome(journal: Journal, slot: str | None = None) -> tuple[int
     loss or a restart during the health check, or after it passed), else 40 (boots
     that never came up: the release's fault, as far as anyone can tell)."""
     budget, seen = journal.boot_budget, journal.boot_attempts
-    where = f"slot {slot or journal.target_slot}"
+    target = slot or journal.target_slot or ""
+    if target.startswith("component:"):  # every attempt at a component reaches the agent
+        return 41, (f"update to {journal.to_version} rolled back: all {budget} attempts "
+                    f"to switch component {target.removeprefix('component:')} were "
+                    "interrupted before a verdict (power loss or a restart during its "
+                    "hooks, service restarts or health check); not a failure of the release")
+    where = f"slot {target}"
     if budget > 0 and seen >= budget:
         return 41, (f"update to {journal.to_version} rolled back: all {budget} boot "
                     f"attempts of {where} were interrupted before a verdict (power loss "

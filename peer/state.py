@@ -11,13 +11,16 @@
     STATE/journal.json       the update state machine's journal (peer.machine)
     STATE/policy.toml        install policy (optional; peer.install_policy)
     STATE/offers.json        when the release now offered was first offered (install delay)
-    STATE/attempts.json      failed attempts in a row of one release (retry budget)
+    STATE/attempts.json      when attempts of one release failed in a row (retry budget)
+    STATE/floors.json        anti-rollback floors of the components (peer.floors)
     STATE/trust_state.json   last trust refresh, counter resets applied (peer.trust)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -43,6 +46,7 @@ from peer.bootloader import FACTORY, Bootloader, GrubEnv, UBootEnv
 from peer.config import DeviceConfig, load_config, save_config
 from peer.crashpoints import fsio_hook
 from peer.errors import ConfigError, PeerError
+from peer.floors import write_floors
 from peer.install import hash_file
 from peer.machine import Journal, JournalError, decode_journal, encode_journal
 from peer.slots import FileSlots, SlotBackend
@@ -51,6 +55,8 @@ from peer.trust import TrustState
 __all__ = ["MAX_OUTBOX_REPORTS", "DeviceState", "JournalError", "init_device"]
 
 MAX_OUTBOX_REPORTS = 32
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -139,20 +145,33 @@ class DeviceState:
     def attempts_path(self) -> Path:
         return self.root / "attempts.json"
 
-    def failed_attempts(self, version: str) -> int:
-        """How many attempts to install ``version`` failed in a row."""
+    def failed_attempts(self, version: str, *, now_s: float, window_s: float) -> list[float]:
+        """When attempts to install ``version`` failed in a row (seconds since the epoch),
+        those of the last ``window_s`` seconds only: older failures are forgiven, so a
+        spent retry budget recovers with time. (A record of an older format, without
+        times, counts as forgiven.)"""
         try:
             raw = json.loads(self.attempts_path.read_bytes())
             if isinstance(raw, dict) and raw.get("version") == version:
-                return int(raw["failures"])
+                return [float(t) for t in raw.get("failed_at_s", [])
+                        if now_s - window_s < float(t) <= now_s + window_s]
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             pass
-        return 0
+        return []
 
-    def count_attempt(self, version: str, *, ok: bool) -> None:
-        """Record an attempt's outcome (a success clears the count)."""
-        failures = 0 if ok else self.failed_attempts(version) + 1
-        atomic_write_json(self.attempts_path, {"version": version, "failures": failures})
+    def count_attempt(self, version: str, *, ok: bool, now_s: float) -> None:
+        """Record an attempt's outcome at ``now_s`` (a success clears the record)."""
+        failed: list[float] = []
+        if not ok:
+            try:
+                raw = json.loads(self.attempts_path.read_bytes())
+                if isinstance(raw, dict) and raw.get("version") == version:
+                    failed = [float(t) for t in raw.get("failed_at_s", [])][-63:]
+            except (FileNotFoundError, ValueError, KeyError, TypeError):
+                pass
+            failed.append(now_s)
+        atomic_write_json(self.attempts_path, {"version": version, "failures": len(failed),
+                                               "failed_at_s": failed})
 
     @property
     def journal_path(self) -> Path:
@@ -186,28 +205,49 @@ class DeviceState:
         return value if isinstance(value, dict) else None
 
     def save_result(self, result: dict[str, Any]) -> None:
-        atomic_write_json(self.result_path, result)
+        """Record a pass's outcome. The last failure (status and message, when, which
+        release) is kept in it as ``last_failure`` across the passes that follow, until
+        an update succeeds: a pass with nothing to do must not hide why the last attempt
+        failed."""
+        out = dict(result)
+        if out.get("status", 0) != 0:
+            out["last_failure"] = {k: out.get(k) for k in ("status", "message", "to_version",
+                                                           "finished_at")}
+        elif not out.get("updated"):
+            previous = (self.last_result() or {}).get("last_failure")
+            if isinstance(previous, dict):
+                out["last_failure"] = previous
+        atomic_write_json(self.result_path, out)
 
     @property
     def progress_path(self) -> Path:
         return self.root / "progress.json"
 
     def progress(self) -> dict[str, Any] | None:
-        """The running update's last progress record, if any."""
+        """The running update's last progress record, if any: one whose agent is gone
+        (killed mid-pass: its ``pid`` no longer runs) is stale and not returned."""
         try:
             value = json.loads(self.progress_path.read_bytes())
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError):
             return None
-        return value if isinstance(value, dict) else None
+        if not isinstance(value, dict) or not _alive(value.get("pid")):
+            return None
+        return value
 
     def save_progress(self, progress: dict[str, Any] | None) -> None:
-        """Replace the progress record (``None`` removes it). Not fsynced: it is a view."""
-        if progress is None:
-            self.progress_path.unlink(missing_ok=True)
-            return
+        """Replace the progress record (``None`` removes it). Not fsynced: it is a view,
+        and one that cannot be written (a full disk) is skipped, never an error."""
         tmp = self.progress_path.with_name(".progress.json.tmp")
-        tmp.write_text(json.dumps(progress, sort_keys=True))
-        os.replace(tmp, self.progress_path)
+        try:
+            if progress is None:
+                self.progress_path.unlink(missing_ok=True)
+                return
+            tmp.write_text(json.dumps({**progress, "pid": os.getpid()}, sort_keys=True))
+            os.replace(tmp, self.progress_path)
+        except OSError as exc:
+            log.debug("progress not written: %s", exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
     @property
     def outbox_path(self) -> Path:
@@ -233,6 +273,19 @@ def _cmdline_slot(path: Path = Path("/proc/cmdline")) -> str | None:
     except OSError:
         return None
     return booted_slot({"a": "", "b": ""}, cmdline=cmdline, mountinfo="", resolve=False)
+
+
+def _alive(pid: object) -> bool:
+    """Whether process ``pid`` exists (an int; anything else: no)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: it exists
+        return True
+    return True
 
 
 def init_device(state_dir: Path, config: DeviceConfig, *, root_json: bytes, image: Path,
@@ -299,4 +352,5 @@ def init_device(state_dir: Path, config: DeviceConfig, *, root_json: bytes, imag
     state.journal_path.unlink(missing_ok=True)
     write_bootctl(state.bootctl_path, initial_bootctl(SlotRecord(version, release_counter,
                                                                  sha, size)))
+    write_floors(state.root, {})  # one floor per update kind and component, none yet
     return state

@@ -41,7 +41,7 @@ import secrets
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, cast
@@ -53,7 +53,9 @@ import trio
 from peer.errors import DownloadFailed
 
 __all__ = [
+    "BLOCK_SIZE_BYTES",
     "MIN_PIECE_SIZE_BYTES",
+    "PeerView",
     "PieceView",
     "SwarmConfig",
     "SwarmEvent",
@@ -62,6 +64,7 @@ __all__ = [
     "TorrentFile",
     "TorrentHandleRef",
     "make_torrent",
+    "one_block_pieces",
     "read_torrent",
     "session_settings",
 ]
@@ -139,6 +142,20 @@ def _web_seed_base(url: str, name: str) -> str:
         raise ValueError(f"web seed {url!r} must name the torrent's file {name!r} "
                          "(or be a directory URL ending in '/')")
     return head + sep
+
+
+BLOCK_SIZE_BYTES: Final = 16 * 1024
+
+
+def one_block_pieces(piece_size_bytes: int) -> bool:
+    """Whether a torrent's pieces are single BitTorrent blocks (16 KiB). libtorrent 2.x
+    (up to at least 2.1.1) mishandles such v2 torrents after a piece fails its hash
+    check: it asks peers for that piece's block hashes, refuses every (honest) answer
+    as "invalid hashes", disconnects the peer and asks the next one, for as long as
+    the torrent is in the session (upstream: torrent.cpp, "TODO: only do this if the
+    piece size > 1 blocks"). Publishing no longer makes such torrents; devices restart
+    one after a hash failure (:meth:`SwarmSession.restart`)."""
+    return piece_size_bytes <= BLOCK_SIZE_BYTES
 
 
 def _check_piece_size(piece_size_bytes: int) -> None:
@@ -361,6 +378,23 @@ def session_settings(config: SwarmConfig) -> dict[str, Any]:
         "close_redundant_connections": False,
         # closing a session waits for "stopped" announces; do not wait long for them
         "stop_tracker_timeout": 1,
+        # every tracker a torrent names (a seeder's own and those of the torrent; tiers
+        # or not) hears every announce: by default libtorrent announces to the first
+        # tracker that works and keeps the others as fallbacks
+        "announce_to_all_tiers": True,
+        "announce_to_all_trackers": True,
+        # Blame for a piece that fails its hash check: libtorrent penalises every peer
+        # that sent a block of it (4 such pieces ban a peer), so an honest peer that
+        # shared pieces with a liar could be banned with it (1 run in 5 of three devices
+        # and a liar on a loaded machine). Each peer with any download rate takes whole
+        # pieces (the window libtorrent aims at is min(rate x threshold, 8 MiB)), and
+        # a peer holds at most 64 requests (1 MiB) at a time, so that a liar that
+        # answers at once cannot spread its blocks over hundreds of pieces before its
+        # first bad piece is hashed: no honest ban in 24 such runs. (With four liars
+        # among eight devices libtorrent still bans an honest device now and then:
+        # docs/ATTACK_MATRIX.md, "Four liars".)
+        "whole_pieces_threshold": 1_000_000,
+        "max_out_request_queue": 64,
         "report_web_seed_downloads": True,
         "alert_mask": _ALERT_MASK,
         # piece alerts come one per piece; room for a few seconds of them between polls
@@ -445,6 +479,19 @@ class SwarmEvent:
 
 
 @dataclass(frozen=True)
+class PeerView:
+    """One connected BitTorrent peer of a torrent, as libtorrent sees it now."""
+
+    endpoint: str  # host:port
+    host: str
+    bytes_received: int  # piece data received on this connection
+    choking_us: bool
+    requests_pending: int  # blocks we asked for and did not get yet
+    snubbed: bool  # libtorrent gave up waiting for it (request timeout)
+    seed: bool
+
+
+@dataclass(frozen=True)
 class PieceView:
     """Which pieces this session has, and how many connected peers have each."""
 
@@ -457,6 +504,8 @@ class PieceView:
     bytes_useful_from_peers: int = 0  # piece data from peers, minus failed and redundant
     tracker_replied: bool = False  # a tracker has answered an announce of this torrent
     known_peers: int = 0  # peers libtorrent knows of (connected or not)
+    peers: tuple[PeerView, ...] = ()  # connected BitTorrent peers (not web seeds)
+    error: str | None = None  # the torrent stopped on an error (e.g. its file: ENOSPC)
 
 
 @dataclass
@@ -477,12 +526,26 @@ class _SourceLedger:
         return self.closed_bytes + sum(self.last.values())
 
 
+@dataclass(frozen=True)
+class _Carried:
+    """libtorrent's counters of the earlier incarnations of a restarted torrent."""
+
+    payload_download: int = 0
+    payload_upload: int = 0
+    total_download: int = 0
+    total_upload: int = 0
+    failed: int = 0
+    redundant: int = 0
+
+
 @dataclass
 class _Torrent:
     ref: TorrentHandleRef
     handle: Any
     size_bytes: int
+    start: Callable[[], Any]  # adds the torrent to the session again: a new handle
     peers: _SourceLedger = field(default_factory=_SourceLedger)
+    carried: _Carried = field(default_factory=_Carried)
 
 
 _STATE_NAMES: Final = {
@@ -522,6 +585,7 @@ class SwarmSession:
         self._torrents: dict[str, _Torrent] = {}
         self._events: deque[SwarmEvent] = deque(maxlen=_MAX_BUFFERED_EVENTS)
         self._alert_lock = threading.Lock()
+        self._blocked: set[str] = set()
         self._closed = False
 
     def __enter__(self) -> SwarmSession:
@@ -589,45 +653,70 @@ class SwarmSession:
             _check_url(url, "tracker", allow_query=True)
         if info_hash in self._torrents:
             raise ValueError(f"torrent {info_hash} already added")
-        params = lt.add_torrent_params()
-        params.ti = ti
-        params.save_path = str(save_dir)
-        if file_name is not None:
-            if not file_name or file_name in (".", "..") or any(
-                    c in file_name for c in "/\\\0"):
-                raise ValueError(f"bad file name {file_name!r}")
-            params.renamed_files = {0: file_name}
-        if seed_urls:
-            params.url_seeds = seed_urls
-        if trackers:
-            params.trackers = list(trackers)
-        flags = params.flags
-        flags &= ~lt.torrent_flags.auto_managed
-        # Added paused, so that nothing is contacted before the URLs are settled.
-        flags |= lt.torrent_flags.paused
-        if seed_mode:
-            flags |= lt.torrent_flags.seed_mode
-        params.flags = flags
-        try:
-            handle = self._session.add_torrent(params)
-        except RuntimeError as exc:
-            raise ValueError(f"libtorrent refused the torrent: {exc}") from exc
-        if not torrent_urls:
-            for url in handle.url_seeds():
-                if url not in seed_urls:
-                    handle.remove_url_seed(url)
-            handle.replace_trackers([lt.announce_entry(url) for url in trackers])
-        if ti.ssl_cert() and identity is not None:
-            # no DH parameters: TLS 1.3 and ECDHE need none (libtorrent then logs a
-            # harmless "dh params" torrent error alert)
-            handle.set_ssl_certificate_buffer(identity[0].decode("ascii"),
-                                              identity[1].decode("ascii"), "")
-        handle.resume()
+        if file_name is not None and (not file_name or file_name in (".", "..") or any(
+                c in file_name for c in "/\\\0")):
+            raise ValueError(f"bad file name {file_name!r}")
+
+        def start() -> Any:
+            params = lt.add_torrent_params()
+            params.ti = ti
+            params.save_path = str(save_dir)
+            if file_name is not None:
+                params.renamed_files = {0: file_name}
+            if seed_urls:
+                params.url_seeds = seed_urls
+            if trackers:
+                params.trackers = list(trackers)
+            flags = params.flags
+            flags &= ~lt.torrent_flags.auto_managed
+            # Added paused, so that nothing is contacted before the URLs are settled.
+            flags |= lt.torrent_flags.paused
+            if seed_mode:
+                flags |= lt.torrent_flags.seed_mode
+            params.flags = flags
+            try:
+                handle = self._session.add_torrent(params)
+            except RuntimeError as exc:
+                raise ValueError(f"libtorrent refused the torrent: {exc}") from exc
+            if not torrent_urls:
+                for url in handle.url_seeds():
+                    if url not in seed_urls:
+                        handle.remove_url_seed(url)
+                handle.replace_trackers([lt.announce_entry(url) for url in trackers])
+            if ti.ssl_cert() and identity is not None:
+                # no DH parameters: TLS 1.3 and ECDHE need none (libtorrent then logs a
+                # harmless "dh params" torrent error alert)
+                handle.set_ssl_certificate_buffer(identity[0].decode("ascii"),
+                                                  identity[1].decode("ascii"), "")
+            handle.resume()
+            return handle
+
+        handle = start()
         ref = TorrentHandleRef(info_hash=info_hash, name=file_name or ti.name(),
                                save_dir=save_dir)
         self._torrents[info_hash] = _Torrent(ref=ref, handle=handle,
-                                             size_bytes=int(ti.total_size()))
+                                             size_bytes=int(ti.total_size()), start=start)
         return ref
+
+    def restart(self, ref: TorrentHandleRef) -> None:
+        """Remove the torrent and add it again as it was added: libtorrent hashes its
+        file and keeps every valid piece (flush first: :meth:`flush_and_wait`), and
+        starts with a clean slate: connections, piece picker, pending hash requests.
+        Counters carry over. For a torrent with one-block pieces poisoned by a hash
+        failure (see :func:`one_block_pieces`); blocked hosts stay blocked."""
+        t = self._torrent(ref)
+        status = t.handle.status()
+        t.carried = _Carried(
+            payload_download=t.carried.payload_download + int(status.total_payload_download),
+            payload_upload=t.carried.payload_upload + int(status.total_payload_upload),
+            total_download=t.carried.total_download + int(status.total_download),
+            total_upload=t.carried.total_upload + int(status.total_upload),
+            failed=t.carried.failed + int(status.total_failed_bytes),
+            redundant=t.carried.redundant + int(status.total_redundant_bytes))
+        t.peers.closed_bytes += sum(t.peers.last.values())
+        t.peers.last.clear()
+        self._session.remove_torrent(t.handle)
+        t.handle = t.start()
 
     def add_piece(self, ref: TorrentHandleRef, index: int, data: bytes) -> None:
         """Hand libtorrent a piece fetched elsewhere (already verified by the caller).
@@ -640,24 +729,35 @@ class SwarmSession:
     def pieces(self, ref: TorrentHandleRef) -> PieceView:
         """The pieces we have and their availability among connected peers."""
         t = self._torrent(ref)
+        c = t.carried
         status = t.handle.status(lt.status_flags_t.query_pieces)
         have = tuple(bool(b) for b in status.pieces)
         availability = tuple(int(a) for a in t.handle.piece_availability())
         if len(availability) != len(have):  # libtorrent returns [] with no peers
             availability = (0,) * len(have)
         checking = int(status.state) in _CHECKING_STATES
-        leechers = tuple(sorted({p.pid.to_bytes() for p in t.handle.get_peer_info()
-                                 if p.connection_type == lt.peer_info.standard_bittorrent
-                                 and not p.flags & lt.peer_info.seed}))
+        infos = [p for p in t.handle.get_peer_info()
+                 if p.connection_type == lt.peer_info.standard_bittorrent]
+        leechers = tuple(sorted({p.pid.to_bytes() for p in infos
+                                 if not p.flags & lt.peer_info.seed}))
+        peers = tuple(PeerView(endpoint=f"{p.ip[0]}:{p.ip[1]}", host=str(p.ip[0]),
+                               bytes_received=int(p.total_download),
+                               choking_us=bool(p.flags & lt.peer_info.remote_choked),
+                               requests_pending=int(p.download_queue_length),
+                               snubbed=bool(p.flags & lt.peer_info.snubbed),
+                               seed=bool(p.flags & lt.peer_info.seed)) for p in infos)
         return PieceView(have=have, availability=availability,
                          num_peers=int(status.num_peers), checking=checking,
                          downloading_peer_ids=leechers,
-                         bytes_failed=int(status.total_failed_bytes),
-                         bytes_useful_from_peers=max(0, int(status.total_payload_download)
+                         bytes_failed=c.failed + int(status.total_failed_bytes),
+                         bytes_useful_from_peers=max(0, c.payload_download - c.failed
+                                                     - c.redundant
+                                                     + int(status.total_payload_download)
                                                      - int(status.total_failed_bytes)
                                                      - int(status.total_redundant_bytes)),
                          tracker_replied=bool(status.current_tracker),
-                         known_peers=int(status.list_peers))
+                         known_peers=int(status.list_peers), peers=peers,
+                         error=str(status.errc.message()) if status.errc.value() else None)
 
     def flush(self, ref: TorrentHandleRef) -> None:
         """Ask libtorrent to write the pieces it holds in memory to the file (they are
@@ -679,6 +779,25 @@ class SwarmSession:
                     return True
                 await trio.sleep(_POLL_INTERVAL_S)
         return False
+
+    def block_hosts(self, hosts: Sequence[str]) -> None:
+        """Refuse every connection with ``hosts`` (IP addresses) from now on, in every
+        torrent of this session: connections open now are closed (libtorrent applies
+        its IP filter to them at once) and none is made or accepted again. For peers
+        that lie or stay silent; a session lives for one update pass."""
+        self._check_open()
+        new = set(hosts) - self._blocked
+        if not new:
+            return
+        self._blocked |= new
+        blocked = lt.ip_filter()
+        for host in sorted(self._blocked):
+            blocked.add_rule(host, host, 1)  # 1: blocked
+        self._session.set_ip_filter(blocked)
+
+    @property
+    def blocked_hosts(self) -> frozenset[str]:
+        return frozenset(self._blocked)
 
     def connect_peer(self, ref: TorrentHandleRef, host: str, port: int) -> None:
         """Ask libtorrent to connect to a peer at ``host:port`` for this torrent."""
@@ -738,9 +857,10 @@ class SwarmSession:
     def statistics(self, ref: TorrentHandleRef) -> SwarmStats:
         """Counters of ``ref`` now (see :class:`SwarmStats` for what they mean)."""
         t = self._torrent(ref)
+        c = t.carried
         status, web, peers = self._read_torrent(t)
         t.peers.sample(peers)
-        payload = int(status.total_payload_download)
+        payload = c.payload_download + int(status.total_payload_download)
         from_peers = min(t.peers.total(), payload)
         return SwarmStats(
             state=_STATE_NAMES.get(int(status.state), str(status.state)),
@@ -748,14 +868,14 @@ class SwarmSession:
             is_seeding=bool(status.is_seeding),
             size_bytes=t.size_bytes,
             bytes_done=int(status.total_wanted_done),
-            bytes_downloaded_total=int(status.total_download),
+            bytes_downloaded_total=c.total_download + int(status.total_download),
             bytes_downloaded_payload=payload,
-            bytes_uploaded_total=int(status.total_upload),
-            bytes_uploaded_payload=int(status.total_payload_upload),
+            bytes_uploaded_total=c.total_upload + int(status.total_upload),
+            bytes_uploaded_payload=c.payload_upload + int(status.total_payload_upload),
             bytes_from_web_seeds=payload - from_peers,
             bytes_from_peers=from_peers,
-            bytes_failed=int(status.total_failed_bytes),
-            bytes_redundant=int(status.total_redundant_bytes),
+            bytes_failed=c.failed + int(status.total_failed_bytes),
+            bytes_redundant=c.redundant + int(status.total_redundant_bytes),
             num_peers=len(peers),
             num_web_seeds=len(web),
             download_rate_bytes_per_s=int(status.download_payload_rate),

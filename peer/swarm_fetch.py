@@ -22,6 +22,15 @@ When peers cannot help, the origin finishes the job within bounds:
   swarm took longer than ``timeout_s``: the torrent is dropped and the rest comes
   from the origin with the direct downloader.
 
+Peers that do not deliver are dropped: one that unchoked us and holds requests of ours
+without sending a byte of them for ``silent_peer_s`` (silent, or stalled), or that
+libtorrent snubbed (a request timed out), is blocked for the rest of the session
+(:meth:`SwarmSession.block_hosts`): its connection is closed, the pieces it claimed
+no longer count as available (so the origin fetches those nobody else has, split among
+the downloaders as usual) and its requests go to other peers. A peer libtorrent banned
+for bad data is blocked the same way, so that it stays out of every torrent of the
+session.
+
 Before the payload is used, every chunk of the assembled file is verified again against
 the manifest's SHA-256 (a chunk that fails is fetched from the origin), and the whole
 file, in one pass.
@@ -50,10 +59,17 @@ from urllib.parse import quote
 import trio
 
 from manifest import IntegrityError, Payload
-from peer.download import PayloadWorkdir, download_payload
-from peer.errors import DownloadFailed, VerifyFailed
+from peer.download import PayloadWorkdir, download_payload, prepare
+from peer.errors import DownloadFailed, ResourceFailed, VerifyFailed, resource_failure
 from peer.http import HttpClient
-from peer.swarm import PieceView, SwarmEvent, SwarmSession, TorrentHandleRef, read_torrent
+from peer.swarm import (
+    PieceView,
+    SwarmEvent,
+    SwarmSession,
+    TorrentHandleRef,
+    one_block_pieces,
+    read_torrent,
+)
 
 __all__ = [
     "MAX_TORRENT_BYTES",
@@ -79,6 +95,9 @@ _FLUSH_EVERY_S = 0.2
 _ORIGIN_RUN_BYTES = 256 * 1024  # alone: large Range requests
 _OWNER_BLOCK_BYTES = 64 * 1024  # with peers: blocks of this size are split among them
 _ADDED_TTL_S = 2.0  # a piece handed to libtorrent counts as "ours" this long before `have`
+_MAX_RESTARTS = 8  # see _SwarmRun._restart
+_DOWNLOADER_MEMORY_S = 3.0  # see _SwarmRun._downloaders
+_RESTART_AFTER_S = 1.0  # see _SwarmRun._restart
 
 
 class SwarmUnavailable(DownloadFailed):
@@ -98,6 +117,7 @@ class SwarmOptions:
     waste_budget_bytes: int = 16 * 1024 * 1024
     origin_parallel: int = 2
     help_after_s: float = 2.0
+    silent_peer_s: float = 2.0
     direct_concurrency: int = 4
     attempts: int = 4
     backoff_s: float = 0.2
@@ -131,6 +151,7 @@ class SwarmFetchStats:
     chunks_rejected: int = 0
     pieces_failed_hash: int = 0
     banned_peers: list[str] = field(default_factory=list)
+    dropped_peers: list[str] = field(default_factory=list)  # silent, stalled or snubbed
     fell_back: str | None = None
     seconds: float = 0.0
     transfer_s: float = 0.0  # until every piece was there, verified (before the final pass)
@@ -225,6 +246,8 @@ async def swarm_download(
             does not match the signed manifest (nothing was downloaded).
         DownloadFailed, VerifyFailed: as :func:`peer.download.download_payload`, when the
             origin cannot finish the job.
+        ResourceFailed: the work area cannot be written or read (libtorrent's storage
+            error included: a full disk, an I/O error).
     """
     payload = work.payload
     stats = SwarmFetchStats()
@@ -232,9 +255,12 @@ async def swarm_download(
     received_before = http.bytes_received
     torrent = await _fetch_torrent(http, payload, payload_url + ".torrent")
     if work.part.exists():  # an earlier attempt: fix its size, count its verified chunks
-        stats.chunks_reused = len(await trio.to_thread.run_sync(work.prepare))
+        stats.chunks_reused = len(await prepare(work))
     else:  # libtorrent creates the file: no zeros for it to hash first
-        work.path.mkdir(parents=True, exist_ok=True)
+        try:
+            work.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise resource_failure(f"creating {work.path}", exc) from exc
     try:
         ref = session.add_payload(
             torrent, work.path,
@@ -262,6 +288,8 @@ async def swarm_download(
             bad = await trio.to_thread.run_sync(work.verify_all)
         except IntegrityError as exc:
             raise VerifyFailed(str(exc)) from exc
+        except (OSError, MemoryError) as exc:
+            raise resource_failure(f"verifying {work.part}", exc) from exc
         if bad:
             log.warning("%d chunks failed verification after the swarm; fetching them "
                         "from the origin", len(bad))
@@ -330,7 +358,7 @@ class _SwarmRun:
         self.rejected_bytes = 0
         self.origin_failures: dict[int, int] = {}
         self.given_up: set[int] = set()  # pieces whose origin attempts are used up
-        self.failure: DownloadFailed | VerifyFailed | None = None
+        self.failure: DownloadFailed | VerifyFailed | ResourceFailed | None = None
         self.http_before = http.bytes_received
         key = hashlib.sha256(options.spread_key.encode()).digest()
         self.rng = random.Random(key)
@@ -340,6 +368,14 @@ class _SwarmRun:
         self.owned: tuple[tuple[bytes, ...], list[bool]] | None = None
         self.share_done_at: float | None = None
         self.ready_at: float | None = None  # libtorrent done checking, origin workers on
+        # per connected peer: piece bytes received, and since when no more came while
+        # it unchoked us and held requests of ours
+        self.peer_progress: dict[str, tuple[int, float]] = {}
+        self.downloaders_seen: dict[bytes, float] = {}  # peer id: when last connected
+        self.one_block = one_block_pieces(self.payload.chunk_size)
+        self.poisoned_at: float | None = None  # a hash failure in a one-block torrent
+        self.banned_since_poisoned = False
+        self.restarts = 0
 
     async def run(self) -> bool:
         """True when libtorrent has every piece; False when the origin must finish.
@@ -347,8 +383,9 @@ class _SwarmRun:
         try:
             complete = await self._loop()
         finally:
-            with trio.CancelScope(shield=True):
-                await self._write_out()
+            if not isinstance(self.failure, ResourceFailed):  # else nothing gets written
+                with trio.CancelScope(shield=True):
+                    await self._write_out()
         if complete:
             await self.session.wait_complete(self.ref, timeout_s=60)
         self._handle_events(self.session.pop_events())  # bans seen while finishing
@@ -378,10 +415,19 @@ class _SwarmRun:
                 now = self.clock()
                 view = await trio.to_thread.run_sync(self.session.pieces, self.ref)
                 self._handle_events(self.session.pop_events())
+                if view.error is not None:  # libtorrent cannot use the file: ENOSPC, EIO
+                    self.failure = ResourceFailed(f"swarm download of {self.payload.sha256[:12]}"
+                                                  f" into {self.work.part}: {view.error} "
+                                                  "(device resources)")
+                    break
                 if view.checking or len(view.have) != self.payload.chunk_count:
                     await trio.sleep(_TICK_S)
                     continue
+                if self._restart_due(now):
+                    await self._restart()
+                    continue
                 self.view = view
+                self._drop_silent_peers(view, now)
                 have = sum(view.have)
                 if not ready:  # pieces kept from an earlier run (libtorrent checked the file)
                     ready = True
@@ -428,6 +474,57 @@ class _SwarmRun:
         return all(have or i in self.given_up or i in self.added
                    for i, have in enumerate(self.view.have))
 
+    def _restart_due(self, now: float) -> bool:
+        """A piece failed its hash check in a torrent with one-block pieces, and the
+        culprit was banned (or a second passed): time to restart the torrent."""
+        if self.poisoned_at is None or self.restarts >= _MAX_RESTARTS:
+            return False
+        return self.banned_since_poisoned or now - self.poisoned_at >= _RESTART_AFTER_S
+
+    async def _restart(self) -> None:
+        """Restart a torrent with one-block pieces after a hash failure: libtorrent
+        would otherwise cut off every honest peer, one after the other, for as long as
+        the torrent lives (:func:`peer.swarm.one_block_pieces`), and each device would
+        fetch the whole payload from the origin on its own. The verified pieces are
+        written out first and kept (libtorrent hashes the file again); the liar stays
+        blocked (its ban blocked its address for the session). At most
+        ``_MAX_RESTARTS`` times per download."""
+        self.restarts += 1
+        self.poisoned_at = None
+        self.banned_since_poisoned = False
+        log.warning("restarting the torrent of %s after a hash failure (one-block pieces: "
+                    "libtorrent would cut off the honest peers); restart %d of at most %d",
+                    self.payload.sha256[:12], self.restarts, _MAX_RESTARTS)
+        await self._write_out()
+        self.session.restart(self.ref)
+        self.peer_progress.clear()
+
+    def _drop_silent_peers(self, view: PieceView, now: float) -> None:
+        """Block peers that unchoked us and hold our requests without sending anything
+        for ``silent_peer_s``, or that libtorrent snubbed."""
+        silent = []
+        for peer in view.peers:
+            seen = self.peer_progress.get(peer.endpoint)
+            if (seen is None or peer.bytes_received > seen[0] or peer.choking_us
+                    or not peer.requests_pending):
+                self.peer_progress[peer.endpoint] = (peer.bytes_received, now)
+                if not peer.snubbed:
+                    continue
+            elif now - seen[1] < self.options.silent_peer_s and not peer.snubbed:
+                continue
+            silent.append(peer)
+        if not silent:
+            return
+        self.session.block_hosts([peer.host for peer in silent])
+        for peer in silent:
+            self.peer_progress.pop(peer.endpoint, None)
+            if peer.endpoint not in self.stats.dropped_peers:
+                self.stats.dropped_peers.append(peer.endpoint)
+            why = "snubbed" if peer.snubbed else (
+                f"unchoked us, held {peer.requests_pending} requests and sent nothing "
+                f"for {self.options.silent_peer_s:g} s")
+            log.warning("dropped peer %s (%s)", peer.endpoint, why)
+
     def _peers_too_slow(self, samples: deque[tuple[float, int]], now: float,
                         view: PieceView, start: float) -> bool:
         """Did peers deliver less than the minimum rate over the last ``stall_s``?
@@ -450,7 +547,9 @@ class _SwarmRun:
         (:func:`owned_blocks`): this device fetches its own blocks, and helps with the
         others' only once its share is done and ``help_after_s`` has passed (an owner
         that is slow, gone or silent). Alone, runs from the cursor (small ones while
-        peers may still be connecting). Once the swarm stalled, any missing piece.
+        peers may still be connecting). Once the swarm stalled, any missing piece (still
+        split among the downloaders: each device fetching everything itself multiplied
+        the origin's egress by the fleet).
         """
         view = self.view
         if view is None or isinstance(self.failure, DownloadFailed):
@@ -461,25 +560,24 @@ class _SwarmRun:
         wanted = [not have and i not in self.requesting and i not in self.added
                   and i not in self.given_up and (self.stalled or view.availability[i] == 0)
                   for i, have in enumerate(view.have)]
-        if self.stalled:
-            max_run, pick = self.max_run_alone, wanted
-        elif not view.downloading_peer_ids:
+        downloaders = self._downloaders(view, now)
+        if not downloaders:
             # Alone so far. For ``grace_s``, peers may still be on their way: wait for the
             # tracker's answer and for the peers it named to connect (a seed among them
             # makes the origin unnecessary), then small runs (devices start at different
-            # places, so they rarely fetch the same block).
+            # places, so they rarely fetch the same block). A stalled swarm waits no more.
             alone_for = now - (self.ready_at or now)
-            if alone_for < self.options.grace_s and (
+            if not self.stalled and alone_for < self.options.grace_s and (
                     not view.tracker_replied or view.known_peers > view.num_peers):
                 return []
-            max_run = self.max_run_alone if alone_for >= self.options.grace_s \
-                else self.block_pieces
+            max_run = (self.max_run_alone if self.stalled or alone_for >= self.options.grace_s
+                       else self.block_pieces)
             pick = wanted
         else:
             # Owners walk their blocks from their own (random) cursor: while the set of
             # downloaders changes (peers connecting), a block that moves to a new owner is
             # rarely the one its old owner is fetching at that moment.
-            owned = self._owned_pieces(view.downloading_peer_ids)
+            owned = self._owned_pieces(downloaders)
             mine = [w and o for w, o in zip(wanted, owned, strict=True)]
             run = first_run(mine, self.block_pieces, self.cursor)
             if run:
@@ -492,6 +590,19 @@ class _SwarmRun:
             return self._claim(run)
         return self._claim(
             pick_origin_run(pick, self.cursor, max_run, self.rng.random()) if pick else [])
+
+    def _downloaders(self, view: PieceView, now: float) -> tuple[bytes, ...]:
+        """The other downloaders to split the origin's work with: those connected now,
+        and those connected within ``_DOWNLOADER_MEMORY_S`` (connections churn: a
+        restart, a disconnect; a device that forgot its peers at once would fetch the
+        whole rest alone, and so would each of them). A departed one's share is taken
+        over after ``help_after_s``, as a slow one's."""
+        for peer_id in view.downloading_peer_ids:
+            self.downloaders_seen[peer_id] = now
+        for peer_id, seen in list(self.downloaders_seen.items()):
+            if now - seen >= _DOWNLOADER_MEMORY_S:
+                del self.downloaders_seen[peer_id]
+        return tuple(sorted(self.downloaders_seen))
 
     def _help_run(self, wanted: list[bool]) -> list[int]:
         """A block still missing, at random (so that helpers spread), from its first
@@ -593,9 +704,13 @@ class _SwarmRun:
                 continue
             if event.kind == "hash_failed":
                 self.stats.pieces_failed_hash += 1
+                if self.one_block and self.poisoned_at is None:
+                    self.poisoned_at = self.clock()
             elif (event.kind == "peer_ban" and event.peer
                   and event.peer not in self.stats.banned_peers):
                 self.stats.banned_peers.append(event.peer)
+                self.session.block_hosts([event.peer.rsplit(":", 1)[0].strip("[]")])
+                self.banned_since_poisoned = self.poisoned_at is not None
                 log.warning("banned peer %s (sent data that failed verification)", event.peer)
 
     async def _write_out(self) -> None:
@@ -623,4 +738,5 @@ class _SwarmRun:
             "download_rate_bytes_per_s": s.download_rate_bytes_per_s,
             "upload_rate_bytes_per_s": s.upload_rate_bytes_per_s,
             "banned_peers": list(self.stats.banned_peers),
+            "dropped_peers": list(self.stats.dropped_peers),
         })

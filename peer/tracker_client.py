@@ -13,14 +13,27 @@ from peer.config import DeviceConfig
 from peer.errors import DownloadFailed
 from peer.http import HttpClient
 from tracker import wire
-from tracker.wire import CheckIn, Offer, Report, WireError, checkin_to_json, report_to_json
+from tracker.wire import (
+    CheckIn,
+    ComponentVersion,
+    Offer,
+    Report,
+    WireError,
+    checkin_to_json,
+    report_to_json,
+)
 
 __all__ = ["Offer", "checkin", "parse_checkin_answer", "send_report"]
 
 
 async def checkin(http: HttpClient, config: DeviceConfig, *, version: str,
-                  release_counter: int) -> tuple[Offer | None, int]:
+                  release_counter: int, components: tuple[ComponentVersion, ...] = (),
+                  ) -> tuple[Offer | None, int]:
     """Ask the tracker what to install. Returns ``(offer or None, poll_after_s)``.
+
+    ``release_counter`` is the image's floor; ``components`` what the device runs of
+    each component, each with its own counter (sent even when empty: it tells the
+    tracker that this device keeps one floor per update kind and component).
 
     Raises:
         DownloadFailed: the tracker cannot be reached, or answered a malformed offer.
@@ -28,7 +41,8 @@ async def checkin(http: HttpClient, config: DeviceConfig, *, version: str,
     body = checkin_to_json(CheckIn(
         device_id=config.device_id, product=config.product,
         hardware_id=config.hardware_id, version=version, release_counter=release_counter,
-        network_id=config.network_id, region=config.region, labels=tuple(config.labels)))
+        network_id=config.network_id, region=config.region, labels=tuple(config.labels),
+        components=components))
     return parse_checkin_answer(await http.post_json(_url(config, "checkin"), body))
 
 

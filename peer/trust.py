@@ -57,6 +57,7 @@ from manifest import (
 )
 from peer.bootctl import BootControl, write_bootctl
 from peer.errors import DownloadFailed, PinMismatch, VerifyFailed
+from peer.floors import lower_component_floors
 from peer.http import DEFAULT_MIN_RATE_BYTES_PER_S, TlsPolicy, TufFetcher
 
 __all__ = ["TrustState", "apply_pending_counter_reset", "fetch_release_manifest",
@@ -70,6 +71,7 @@ def fetch_release_manifest(trust_dir: Path, origin_url: str, target_name: str, *
                            timeout_s: float, scratch_dir: Path,
                            tls: TlsPolicy | None = None,
                            min_rate_bytes_per_s: int = DEFAULT_MIN_RATE_BYTES_PER_S,
+                           pass_timeout_s: float | None = None,
                            ) -> tuple[bytes, int]:
     """Return ``(manifest bytes, metadata bytes downloaded)`` for ``target_name``.
 
@@ -79,11 +81,13 @@ def fetch_release_manifest(trust_dir: Path, origin_url: str, target_name: str, *
     ``PinMismatch`` before any request, and no metadata moves. A response slower than
     ``min_rate_bytes_per_s`` after ``timeout_s`` is cut (slow retrieval, DownloadFailed);
     one longer than python-tuf's limit for its role or the signed length is cut there
-    (VerifyFailed: bad data, not a transport failure).
+    (VerifyFailed: bad data, not a transport failure). ``pass_timeout_s`` bounds every
+    request of the refresh together (DownloadFailed beyond it).
     """
     scratch_dir.mkdir(parents=True, exist_ok=True)
     scratch = scratch_dir / "release-manifest.download"
-    fetcher = TufFetcher(timeout_s=timeout_s, tls=tls, min_rate_bytes_per_s=min_rate_bytes_per_s)
+    fetcher = TufFetcher(timeout_s=timeout_s, tls=tls, min_rate_bytes_per_s=min_rate_bytes_per_s,
+                         pass_timeout_s=pass_timeout_s)
     try:
         with _tuf_errors(trust_dir):
             updater = _refreshed(trust_dir, origin_url, fetcher, scratch_dir)
@@ -102,12 +106,14 @@ def fetch_release_manifest(trust_dir: Path, origin_url: str, target_name: str, *
 
 def refresh_trust(trust_dir: Path, origin_url: str, *, timeout_s: float, scratch_dir: Path,
                   tls: TlsPolicy | None = None,
-                  min_rate_bytes_per_s: int = DEFAULT_MIN_RATE_BYTES_PER_S) -> int:
+                  min_rate_bytes_per_s: int = DEFAULT_MIN_RATE_BYTES_PER_S,
+                  pass_timeout_s: float | None = None) -> int:
     """Refresh the trusted metadata chain (new roots, timestamp, snapshot, targets);
     return the metadata bytes downloaded. Same errors as :func:`fetch_release_manifest`.
     """
     scratch_dir.mkdir(parents=True, exist_ok=True)
-    fetcher = TufFetcher(timeout_s=timeout_s, tls=tls, min_rate_bytes_per_s=min_rate_bytes_per_s)
+    fetcher = TufFetcher(timeout_s=timeout_s, tls=tls, min_rate_bytes_per_s=min_rate_bytes_per_s,
+                         pass_timeout_s=pass_timeout_s)
     try:
         with _tuf_errors(trust_dir):
             _refreshed(trust_dir, origin_url, fetcher, scratch_dir)
@@ -270,9 +276,10 @@ def pending_counter_reset(trust_dir: Path, product: str,
 def apply_pending_counter_reset(bc: BootControl, *, trust_dir: Path, state_path: Path,
                                 bootctl_path: Path, product: str) -> BootControl:
     """Apply the trusted root's counter reset of ``product`` if it is newer than the
-    epoch applied: the anti-rollback floor goes down to the reset's floor if it is above
-    (written to boot control first, then the epoch is recorded: a crash in between
-    applies it again, which changes nothing). Returns the boot control now in force.
+    epoch applied: every anti-rollback floor (the image's in boot control, each
+    component's in ``floors.json`` beside it) goes down to the reset's floor if it is
+    above (written first, then the epoch is recorded: a crash in between applies it
+    again, which changes nothing). Returns the boot control now in force.
     An unreadable root or reset is logged and changes nothing."""
     state = TrustState.load(state_path)
     try:
@@ -282,9 +289,14 @@ def apply_pending_counter_reset(bc: BootControl, *, trust_dir: Path, state_path:
         return bc
     applied = apply_counter_reset(bc.min_release_counter,
                                   state.counter_epochs.get(product, 0), reset)
-    if applied is None:
+    if reset is None or applied is None:
         return bc
     floor, epoch = applied
+    before = lower_component_floors(bootctl_path.parent, reset.floor)
+    for name, counter in sorted(before.items()):
+        if counter > reset.floor:
+            log.warning("root-signed counter reset (epoch %d): floor of component %s "
+                        "%d -> %d", epoch, name, counter, reset.floor)
     if floor != bc.min_release_counter:
         log.warning("root-signed counter reset (epoch %d): anti-rollback floor %d -> %d",
                     epoch, bc.min_release_counter, floor)

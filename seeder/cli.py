@@ -35,6 +35,7 @@ from seeder.errors import SeederError
 from seeder.keys import KEY_TYPES
 from seeder.origin import OriginApp, OriginConfig
 from seeder.publish import DEFAULT_ZSTD_LEVEL, DeltaSummary, is_live, publish_release
+from seeder.registration import add_register_options, prepare
 from seeder.repository import ROLES, ExpiryConfig, KeySetup, Repository, RoleKeys, Staged
 from seeder.seeding import DEFAULT_RESCAN_INTERVAL_S, PayloadSeeder, SeedingConfig
 from seeder.server import serve_origin
@@ -102,7 +103,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
             "payload from each --from image, write the release manifest and stage new "
             "targets metadata. It goes live (snapshot, timestamp) at once if this host "
             "holds enough targets keys, else once the release signers have signed it "
-            "('seeder status', 'seeder sign', 'seeder export'/'import')."
+            "('seeder status', 'seeder sign', 'seeder export'/'import'). With --register "
+            "TRACKER_URL a live release is then registered with the tracker and its "
+            "rollout started; a staged one is registered by the 'seeder sign' or "
+            "'seeder import' that makes it live, given --register too. Exit code 1 when "
+            "the release went live but the tracker did not register it."
         ),
     )
     publish.add_argument("repo", metavar="REPO", type=Path, help="repository directory")
@@ -148,6 +153,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                          help="accept a counter more than "
                               f"{DEFAULT_MAX_COUNTER_JUMP} above the highest published "
                               "(devices refuse such a jump by default)")
+    add_register_options(publish)
     publish.set_defaults(func=_wrap(_cmd_publish))
 
     timestamp = sub.add_parser(
@@ -203,7 +209,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     seeding.add_argument("--announce-url", action="append", default=[], metavar="URL",
                          dest="announce_urls",
                          help="tracker announce URL added to every torrent's own trackers "
-                              "(repeatable), e.g. http://TRACKER/announce")
+                              "(repeatable), e.g. http://TRACKER/announce; every payload is "
+                              "announced to every one of them (none is a mere fallback)")
     seeding.add_argument("--identity", type=Path, default=None, metavar="DIR",
                          help="the seeder's fleet identity (cert.pem + key.pem of 'swarmota "
                               "tls device-cert --role seed'): needed to seed private swarms; "
@@ -263,6 +270,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 def _cmd_publish(args: argparse.Namespace) -> int:
     repo = Repository.open(args.repo)
+    registration = prepare(args)  # bad settings or plan: fail before publishing
     built: list[DeltaSummary] = []
 
     def progress(message: str) -> None:
@@ -308,7 +316,13 @@ def _cmd_publish(args: argparse.Namespace) -> int:
           + ("" if live else " (written when it goes live)"))
     if not live:
         trustcli.print_staged(repo, Staged(repo.staged(), live=False))
-    return 0
+    if registration is None:
+        return 0
+    if not live:
+        return registration.not_live("the release is not live yet (the tracker registers "
+                                     "only signed releases)")
+    return registration.send({manifest.target_name: repo.read_target(target)},
+                             str(repo.target_file_path(target)))
 
 
 def _cmd_timestamp(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ from seeder.keys import (
     write_public_key,
 )
 from seeder.publish import highest_counter
+from seeder.registration import Registration, add_register_options, prepare, release_files
 from seeder.repository import ROLES, Repository, Staged, named_key
 from seeder.staging import holder_name, read_request, write_request
 
@@ -64,11 +65,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                     "import'). The key is a PEM file (--key, repeatable) or a key in a "
                     "PKCS#11 token (--token-library, --token-label, --key-label; the PIN "
                     f"from --pin-file, ${PIN_ENV} or a prompt). Review the request first "
-                    "('seeder status').")
+                    "('seeder status'). With --register TRACKER_URL (on a repository), "
+                    "the releases it makes live are registered with the tracker.")
     sign.add_argument("target", metavar="REPO_OR_REQUEST", type=Path)
     sign.add_argument("--key", action="append", type=Path, default=[], metavar="PEM",
                       dest="keys", help="private key file (Ed25519 or ECDSA P-256)")
     _token_options(sign)
+    add_register_options(sign)
     sign.set_defaults(func=wrap(_cmd_sign))
 
     export = sub.add_parser(
@@ -85,9 +88,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
         description="Add the valid signatures of FILE (a copy of REPO's signing request, "
                     "signed elsewhere) to REPO's request; it goes live once every "
                     "threshold is met. Signatures of keys the request does not need, or "
-                    "that do not verify, are ignored; another request is refused.")
+                    "that do not verify, are ignored; another request is refused. With "
+                    "--register TRACKER_URL the releases it makes live are registered "
+                    "with the tracker.")
     imp.add_argument("repo", metavar="REPO", type=Path)
     imp.add_argument("request", metavar="FILE", type=Path)
+    add_register_options(imp)
     imp.set_defaults(func=wrap(_cmd_import))
 
     discard = sub.add_parser(
@@ -222,6 +228,7 @@ def _cmd_sign(args: argparse.Namespace) -> int:
                            "(--token-library, --token-label, --key-label)")
     if _is_repository(args.target):
         repo = Repository.open(args.target)
+        registration = prepare(args)  # bad settings or plan: fail before signing
         staged = None
         for signer in signers:
             what, staged = repo.sign(signer)
@@ -230,7 +237,11 @@ def _cmd_sign(args: argparse.Namespace) -> int:
                 break
         assert staged is not None
         print_staged(repo, staged)
-        return 0
+        return _register_live(repo, staged, registration)
+    if args.register is not None:
+        raise SigningError("--register needs the repository: registration happens where "
+                           "the release goes live ('seeder import REPO FILE --register "
+                           "URL')")
     request = read_request(args.target)
     for signer in signers:
         what = request.sign(signer)
@@ -257,10 +268,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_import(args: argparse.Namespace) -> int:
     repo = Repository.open(args.repo)
-    added, staged = repo.import_request(read_request(args.request))
+    request = read_request(args.request)
+    registration = prepare(args)  # bad settings or plan: fail before going live
+    added, staged = repo.import_request(request)
     print(f"{added} new signature(s) from {args.request}")
     print_staged(repo, staged)
-    return 0
+    return _register_live(repo, staged, registration)
+
+
+def _register_live(repo: Repository, staged: Staged,
+                   registration: Registration | None) -> int:
+    """Register the releases ``staged`` made live, if asked to (0, or 1 when the tracker
+    did not register them)."""
+    if registration is None:
+        return 0
+    if not staged.live or staged.request is None:
+        return registration.not_live("nothing went live yet")
+    return registration.send(release_files(staged.request.target_files),
+                             str(repo.targets_dir / "releases"))
 
 
 def _cmd_discard(args: argparse.Namespace) -> int:

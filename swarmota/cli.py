@@ -7,13 +7,16 @@ Each component owns its subcommands in ``<component>/cli.py`` through
 from __future__ import annotations
 
 import argparse
+import io
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, TextIO, cast
 
-__all__ = ["build_parser", "main"]
+__all__ = ["EXIT_BROKEN_PIPE", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,14 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BENCHMARKS = ("fleet", "swarm", "delta", "tracker")
+BENCHMARKS = ("fleet", "swarm", "swarm_adversaries", "delta", "tracker")
 
 
 def _add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = sub.add_parser(
         "bench", help="run a benchmark from the source checkout (bench/)",
         description="Run a benchmark of bench/ (a source checkout is needed): fleet (a "
-                    "shaped network namespace, root), swarm (loopback), delta (needs "
+                    "shaped network namespace, root), swarm (loopback), swarm_adversaries "
+                    "(loopback, with lying and silent peers), delta (needs "
                     "../shared/data) or tracker (load on loopback). Arguments after the "
                     "name go to the benchmark; 'swarmota bench fleet --help' lists them.")
     bench.add_argument("name", choices=BENCHMARKS)
@@ -67,17 +71,82 @@ def _run_bench(args: argparse.Namespace) -> int:
                            cwd=root)
 
 
+EXIT_BROKEN_PIPE = 141
+"""Exit code when the reader of our output went away (``swarmota ... | head``): what a
+shell reports for a process ended by SIGPIPE."""
+
+
+class _OutputClosed(BaseException):
+    """Our stdout's reader went away. A ``BaseException``, so that the ``except OSError``
+    of a command (which would report a broken pipe as its own failure) lets it through
+    to :func:`main`."""
+
+
+class _GuardedStdout:
+    """stdout, whose broken pipe becomes :class:`_OutputClosed`."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise _OutputClosed from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise _OutputClosed from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    """Run a command; its exit code. A closed output pipe (``swarmota ... | head``) ends
+    any command quietly with :data:`EXIT_BROKEN_PIPE`, never with a traceback, whatever
+    the command was doing (printing, or serving and logging a line)."""
+    stdout = sys.stdout
+    sys.stdout = cast(TextIO, _GuardedStdout(stdout))
     try:
-        rc: int = args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        parser = build_parser()
+        args = parser.parse_args(argv)  # --help writes here too
+        level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+        logging.basicConfig(level=level,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        for handler in logging.getLogger().handlers:  # the console shows what -v asked
+            handler.setLevel(level)                   # for, whatever a component records
+        try:
+            rc: int = args.func(args)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        sys.stdout.flush()  # a pipe closed early shows here at the latest
+    except _OutputClosed:
+        return _output_closed(stdout)
+    except BaseExceptionGroup as group:  # raised inside trio
+        _, rest = group.split(_OutputClosed)
+        if rest is not None:
+            raise
+        return _output_closed(stdout)
+    finally:
+        sys.stdout = stdout
     return rc
+
+
+def _output_closed(stdout: TextIO) -> int:
+    """Point stdout at /dev/null (the interpreter flushes it again at exit, and would
+    report the broken pipe a second time); the exit code."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):  # not a file (tests)
+        pass
+    finally:
+        os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -43,9 +43,15 @@ def add_parser(subparsers: Any) -> None:
 
     ca = sub.add_parser(
         "ca", help="create a development CA",
-        description=f"Create DIR/{CA_CERT_FILE} (give it to devices: 'peer init "
-                    "--tls-ca-file') and DIR/ca-key.pem (mode 0600; keep it away from "
-                    "servers). Refuses to overwrite an existing CA key.")
+        description=f"Create DIR/{CA_CERT_FILE} and DIR/ca-key.pem (mode 0600; keep it "
+                    "away from servers). A CA has one of two jobs; make one CA for each: "
+                    "a server CA signs the HTTPS certificates of origin and tracker "
+                    "('tls cert --ca DIR'; devices trust it with 'peer init "
+                    f"--tls-ca-file DIR/{CA_CERT_FILE}'); a fleet CA signs device and "
+                    "seeder identities ('tls device-cert --ca DIR'; the tracker checks "
+                    f"them with 'tracker serve --device-ca DIR/{CA_CERT_FILE}', private "
+                    f"swarms with 'seeder publish --swarm-ca DIR/{CA_CERT_FILE}'). Refuses "
+                    "to overwrite an existing CA key.")
     ca.add_argument("dir", type=Path)
     ca.add_argument("--common-name", default="swarmota development CA")
     ca.add_argument("--days", type=int, default=3650, help="validity (default %(default)s)")
@@ -77,7 +83,7 @@ def add_parser(subparsers: Any) -> None:
         description="Issue DIR/cert.pem and DIR/key.pem (0600) with CN=DEVICE_ID and "
                     "OU=ROLE, signed by the fleet CA. Devices get it at provisioning "
                     "('peer init --identity-cert DIR/cert.pem --identity-key "
-                    "DIR/key.pem'), seeders with 'seeder serve --identity-cert ...'. The "
+                    "DIR/key.pem'), seeders with 'seeder serve --identity DIR'. The "
                     "tracker accepts requests signed with it ('tracker serve --device-ca "
                     "CA_DIR/ca.pem'), and private swarms (torrents made with 'seeder "
                     "publish --swarm-ca CA_DIR/ca.pem') admit only peers holding one.")
@@ -124,7 +130,12 @@ def _ca(args: argparse.Namespace) -> int:
         path = create_ca(args.dir, common_name=args.common_name, valid_days=args.days)
     except (DevCaError, OSError) as exc:
         return _fail(str(exc))
-    print(f"CA certificate {path} (devices: --tls-ca-file {path})")
+    print(f"CA certificate {path}\n"
+          f"  as a server CA (HTTPS of origin and tracker): devices trust it with "
+          f"'peer init --tls-ca-file {path}'\n"
+          f"  as a fleet CA (device and seeder identities): 'tls device-cert --ca "
+          f"{args.dir}', 'tracker serve --device-ca {path}', 'seeder publish --swarm-ca "
+          f"{path}'")
     return 0
 
 

@@ -137,11 +137,11 @@ def test_netns_errors_name_the_command() -> None:
 @needs_netns
 def test_tiny_fleet_in_a_shaped_namespace_end_to_end(tmp_path: Path) -> None:
     """Real devices as processes, real servers, real tc: the swarm spares the origin."""
-    before = namespaces()
     rc = main(["--devices", "3", "--repeat", "1", "--image-mib", "2", "--origin-mbit", "40",
                "--run-timeout-s", "300", "--out", str(tmp_path)])
     assert rc == 0
-    assert namespaces() == before
+    # its namespace is gone (other processes' namespaces may come and go meanwhile)
+    assert f"swarmota-fleet-{os.getpid()}" not in namespaces()
     result = json.loads((tmp_path / "fleet.json").read_text())
     cells = {(c["kind"], c["scenario"]): c for c in result["cells"]}
     assert set(cells) == {(k, s) for k in ("full", "delta")

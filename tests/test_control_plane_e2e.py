@@ -79,6 +79,11 @@ async def test_operator_stops_a_bad_canary_retries_it_and_completes_a_good_relea
     assert rollout["phase"] == "halted" and rollout["stage"] == "canary"
     assert "c1 (stage canary, status 40 post-check-failed): health check exited 1" \
         in rollout["halt_reason"]
+    # the report carries the end of the agent's log of that attempt
+    device = await operator("GET", "devices/c1")
+    tail = device["reports"][0]["log_tail"]
+    assert "peer.agent WARNING update to 3.0.0 failed (40)" in tail, tail
+    assert len(tail.encode()) <= 16 * 1024
 
     # abort, then a new rollout of the same release: generation 2, canary c2
     await operator("POST", f"rollouts/{PRODUCT}/3.0.0/abort")

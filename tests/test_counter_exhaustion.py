@@ -21,8 +21,10 @@ from manifest import (
     parse_counter_resets,
 )
 from peer.agent import update_once
+from peer.components import ComponentStore
 from peer.config import save_config
 from peer.errors import ConfigError, StatusCode
+from peer.floors import raise_component_floor, read_floors
 from peer.trust import TrustState
 from seeder.keys import load_private_key
 from seeder.publish import publish_release
@@ -141,6 +143,8 @@ async def test_root_signed_counter_reset_recovers_devices_locked_out_by_2_53(
     # v4, counter 3: staged, then signed by the new offline targets key
     env.register(publish(repo, tmp_path, mutate_image(env.v2, seed=41), "4.0.0", 3))
 
+    # the legacy device's components took the absurd counter too (one floor per kind)
+    raise_component_floor(legacy.root, "modem-fw", ABSURD)
     for dev in (legacy, modern):  # the operator has the real tracker back
         save_config(dev.config_path, replace(dev.config(), tracker_url=env.tracker_url))
     for dev in (legacy, modern):
@@ -149,6 +153,8 @@ async def test_root_signed_counter_reset_recovers_devices_locked_out_by_2_53(
         assert result.to_version == "4.0.0"
         assert dev.bootctl().min_release_counter == 3
         assert TrustState.load(dev.trust_state_path).counter_epochs == {PRODUCT: 1}
+    assert read_floors(legacy.root, legacy.bootctl(), ComponentStore(
+        legacy.root / "components")).of("modem-fw") == 2  # every floor was reset
 
     # the withdrawn release cannot come back, whoever offers it
     for dev in (legacy, modern):

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -473,7 +474,7 @@ async def test_operator_revokes_a_stolen_key_from_the_command_line(
 
     async def cli(*argv: str, role: str = "admin") -> tuple[int, str, str]:
         rc = await trio.to_thread.run_sync(functools.partial(
-            run_cli, "device", "--url", url, "--token", revoking.tokens[role], *argv))
+            run_cli, "device", *argv, "--url", url, "--token", revoking.tokens[role]))
         out, err = capsys.readouterr()
         return rc, out, err
 
@@ -487,14 +488,16 @@ async def test_operator_revokes_a_stolen_key_from_the_command_line(
     assert rc == 1 and "HTTP 404" in err and "unknown device dev-7" in err
 
     rc, out, err = await cli("revoke", "dev-1", "--cert", str(spare.cert),
-                             "--reason", "stolen")
+                             "--reason", "stolen", "--json")
     assert rc == 0, err
     assert json.loads(out)["revoked"] == sorted([stolen.fingerprint, spare.fingerprint])
     assert "re-provision dev-1 with a new key" in err
-    rc, out, _ = await cli("revocations", role="viewer")
+    rc, out, _ = await cli("revocations", "--json", role="viewer")
     assert rc == 0
     assert {(e["cert_sha256"], e["reason"]) for e in json.loads(out)["revoked"]} == {
         (stolen.fingerprint, "stolen"), (spare.fingerprint, "stolen")}
+    rc, out, _ = await cli("revocations", role="viewer")
+    assert re.search(f"{stolen.fingerprint} +dev-1 +\\S+ \\S+ +admin-1 +stolen", out), out
     await assert_refused_everywhere(revoking, stolen.device, "dev-1")
     spare.device.counter = stolen.device.counter
     await assert_refused_everywhere(revoking, spare.device, "dev-1")

@@ -17,6 +17,10 @@ ALLOWED = {
 ALLOWED_MODULES = {
     # the device<->tracker wire format, written once (pure): the agent imports it
     "peer": {"tracker.wire"},
+    # the tracker's client side (connection settings and options, plan options, the
+    # plan type, rendering, errors): `seeder publish --register` registers releases
+    "seeder": {"tracker.client_cli", "tracker.client_settings", "tracker.errors",
+               "tracker.render", "tracker.rollout"},
 }
 """Single modules of another package a package may import besides ALLOWED."""
 THIRD_PARTY_OWNERS = {

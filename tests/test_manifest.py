@@ -147,8 +147,11 @@ def test_target_name_refuses_path_traversal() -> None:
 
 
 def test_chunk_size_power_of_two_many_chunks_for_small_payloads() -> None:
-    assert choose_chunk_size(0) == 16384
-    assert choose_chunk_size(200_000) == 16384
+    """Never one-block pieces (16 KiB): libtorrent answers a hash failure in such a
+    torrent by cutting off every honest peer (MIN_CHOSEN_CHUNK_SIZE_BYTES)."""
+    assert choose_chunk_size(0) == 32768
+    assert choose_chunk_size(200_000) == 32768
+    assert choose_chunk_size(512 * 65536) == 65536
     size = choose_chunk_size(3_000_000_000)
     assert size & (size - 1) == 0 and 3_000_000_000 / size <= 512
     assert choose_chunk_size(10**13) == 16 * 1024 * 1024

@@ -206,6 +206,25 @@ async def test_announce_urls_let_a_leecher_find_the_seeder_through_the_tracker(
     assert seeder.statistics().bytes_uploaded_payload >= payload.size
 
 
+async def test_seeder_announces_to_every_tracker_it_is_given(env: ReleaseEnv) -> None:
+    """Two trackers (two processes' registries on one database): the seeder announces
+    every payload to both, not to the first that answers with the other kept as a
+    fallback (``seeder serve --announce-url`` was only a fallback tier)."""
+    registries = [SwarmRegistry(interval_s=300), SwarmRegistry(interval_s=300)]
+    async with trio.open_nursery() as nursery:
+        urls = [await nursery.start(functools.partial(
+            serve_tracker, TrackerConfig(db_path=env.db), registry=registry))
+            for registry in registries]
+        config = SeedingConfig(swarm=SwarmConfig(listen_host=SEEDER_HOST),
+                               announce_urls=tuple(f"{url}/announce" for url in urls))
+        seeder = PayloadSeeder(env.repo.origin_dir, config)
+        await nursery.start(seeder.run)
+        with trio.fail_after(TIMEOUT_S):
+            while min(r.statistics().seeds for r in registries) < 2:
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+
+
 async def test_oversized_torrent_file_is_skipped(env: ReleaseEnv,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     torrent = payload_file(env, env.m1.full_payload.torrent_path)

@@ -10,7 +10,6 @@ requester itself or leave leechers without seeds.
 
 from __future__ import annotations
 
-import argparse
 import random
 import sqlite3
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from manifest import (
     chunk_hashes,
     sha256_hex,
 )
-from tracker import cli
+from tests.tracker_cli import run_cli
 from tracker.app import TrackerApp
 from tracker.bittorrent import (
     DEFAULT_NUMWANT,
@@ -56,6 +55,7 @@ from tracker.errors import ReleaseConflictError, RequestError
 from tracker.protocol import Release
 from tracker.registry import SwarmRegistry
 from tracker.rollout import RolloutPlan
+from tracker.server import serve_tracker
 from tracker.sqlite_store import _SCHEMA, SqliteStore
 from tracker.store import SCHEMA_VERSION
 
@@ -455,24 +455,20 @@ def test_a_version_1_database_is_migrated(tmp_path: Path) -> None:
         assert len(store.swarms()) == 1
 
 
-def test_cli_release_list_shows_info_hashes(tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
-    manifest_file = tmp_path / "release.json"
-    manifest_file.write_bytes(build_manifest().to_bytes())
+async def test_cli_release_show_gives_the_info_hashes_devices_announce(
+        tmp_path: Path, nursery: trio.Nursery, capsys: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "tracker.db"
-
-    def run(*argv: str) -> int:
-        parser = argparse.ArgumentParser(prog="swarmota")
-        cli.add_parser(parser.add_subparsers(dest="component", required=True))
-        args = parser.parse_args(["tracker", *argv])
-        rc: int = args.func(args)
-        return rc
-
-    assert run("release", "add", "--db", str(db), str(manifest_file)) == 0
-    assert ANNOUNCE_HASH.hex() in capsys.readouterr().out
-    assert run("release", "list", "--db", str(db)) == 0
+    with SqliteStore(db) as store:
+        register_release(store, Release.from_manifest(build_manifest()), None)
+    assert run_cli("admin", "token", "create", "--db", str(db), "--role", "viewer",
+                   "--name", "v") == 0
+    token = capsys.readouterr().out.strip()
+    url = await nursery.start(serve_tracker, TrackerConfig(db_path=db))
+    rc = await trio.to_thread.run_sync(run_cli, "release", "show", "acme-router", "2.0.0",
+                                       "--url", url, "--token", token)
     out = capsys.readouterr().out
-    assert "INFO-HASHES" in out and f"full:{INFO_HASH}" in out
+    assert rc == 0
+    assert f"swarm {INFO_HASH} (announced as {ANNOUNCE_HASH.hex()})" in out
 
 
 # --- the routes -------------------------------------------------------------------------

@@ -194,69 +194,8 @@ async def test_server_stops_cleanly_and_closes_the_database(tmp_path: Path) -> N
 
 
 # --- the command line -------------------------------------------------------------------
-
-
-async def test_cli_release_add_registers_a_manifest_file_and_devices_get_it(
-        tracker: Tracker, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    manifest_file = tmp_path / "abc.2.0.0.json"
-    manifest_file.write_bytes(build_manifest().to_bytes())
-
-    assert run_cli("release", "add", "--db", str(tracker.db_path), "--rollout", "all",
-                   str(manifest_file)) == 0
-    assert capsys.readouterr().out == ("added acme-router 2.0.0 (release counter 2, target "
-                                       "releases/acme-router/2.0.0.json)\n"
-                                       "rollout: every device at once\n")
-    assert run_cli("release", "add", "--db", str(tracker.db_path), "--rollout", "all",
-                   str(manifest_file)) == 0
-    assert "already registered" in capsys.readouterr().out
-
-    response = await tracker.client.post("/v1/checkin", json=CHECKIN)
-    assert response.json()["release"]["version"] == "2.0.0"
-
-    assert run_cli("release", "list", "--db", str(tracker.db_path)) == 0
-    listing = capsys.readouterr().out.splitlines()
-    assert listing[0].split()[:4] == ["PRODUCT", "VERSION", "COUNTER", "TARGET"]
-    assert listing[1].split()[:4] == ["acme-router", "2.0.0", "2",
-                                      "releases/acme-router/2.0.0.json"]
-
-    await tracker.client.post("/v1/report", json={**REPORT, "status": 40,
-                                                  "message": "health\ncheck failed"})
-    assert run_cli("reports", "--db", str(tracker.db_path), "--device", "dev-1") == 0
-    table = capsys.readouterr().out
-    assert "40 post-check-failed" in table and "health\\ncheck failed" in table
-    assert run_cli("reports", "--db", str(tracker.db_path), "--device", "dev-2") == 0
-    assert capsys.readouterr().out == "no reports from device dev-2\n"
-    assert run_cli("devices", "--db", str(tracker.db_path)) == 0
-    assert "dev-1" in capsys.readouterr().out
-
-
-async def test_cli_release_add_refuses_bad_files_with_exit_code_2(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    db = str(tmp_path / "t.db")
-    bad = tmp_path / "bad.json"
-    bad.write_bytes(b'{"schema": 1}')
-    assert run_cli("release", "add", "--db", db, str(bad)) == 2
-    assert "not a valid release manifest" in capsys.readouterr().err
-    assert run_cli("release", "add", "--db", db, str(tmp_path / "missing.json")) == 2
-    assert "cannot read manifest" in capsys.readouterr().err
-
-
-async def test_cli_release_add_refuses_a_conflicting_release(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    db = str(tmp_path / "t.db")
-    first, clash = tmp_path / "a.json", tmp_path / "b.json"
-    first.write_bytes(build_manifest("2.0.0", 2).to_bytes())
-    clash.write_bytes(build_manifest("2.0.1", 2).to_bytes())
-    assert run_cli("release", "add", "--db", db, str(first)) == 0
-    assert run_cli("release", "add", "--db", db, str(clash)) == 1
-    assert "already registered" in capsys.readouterr().err
-
-
-async def test_cli_listing_a_missing_database_fails_without_creating_it(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli("release", "list", "--db", str(tmp_path / "typo.db")) == 1
-    assert "does not exist" in capsys.readouterr().err
-    assert not (tmp_path / "typo.db").exists()
+# (release add, release list, reports and devices go through the admin API now:
+# tests/test_operator_cli.py)
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -211,6 +211,16 @@ def test_checkins_upsert_the_device_record(store: Store) -> None:
     assert store.count_devices("nothing") == {}
 
 
+def test_stale_devices_are_counted_by_when_they_were_last_heard_of(store: Store) -> None:
+    store.record_checkin(CheckIn("d1", PRODUCT, "hw1", "1.0.0", 1), 10.0)
+    store.record_checkin(CheckIn("d2", PRODUCT, "hw1", "1.0.0", 1), 20.0)
+    store.record_checkin(CheckIn("d3", "other-thing", "hw1", "0.1", 1), 5.0)
+    assert store.count_devices(seen_before=20.0) == {(PRODUCT, "1.0.0"): 1,
+                                                     ("other-thing", "0.1"): 1}
+    assert store.count_devices(PRODUCT, seen_before=20.0) == {(PRODUCT, "1.0.0"): 1}
+    assert store.count_devices(PRODUCT, seen_before=1.0) == {}
+
+
 def test_devices_are_filtered_by_label_tag_version_time_and_paged(store: Store) -> None:
     for i, labels in enumerate([("beta",), (), ("beta", "eu"), ()]):
         store.record_checkin(CheckIn(f"d{i}", PRODUCT, "hw1", f"{1 + i % 2}.0.0",
@@ -229,6 +239,8 @@ def test_devices_are_filtered_by_label_tag_version_time_and_paged(store: Store) 
     assert ids(DeviceFilter(seen_after=12.0, product=PRODUCT)) == ["d2", "d3"]
     assert ids(DeviceFilter(), limit=2) == ["d0", "d1"]
     assert ids(DeviceFilter(after="d1"), limit=2) == ["d2", "d3"]
+    assert ids(DeviceFilter(search="2")) == ["d2"]
+    assert ids(DeviceFilter(search="d", version="1.0.0")) == ["d0", "d2"]
     assert store.device("d3").tags == ("beta",)  # type: ignore[union-attr]
     assert store.device("nobody") is None
 
@@ -237,6 +249,9 @@ def test_device_ids_page_in_byte_order(store: Store) -> None:
     for device in ("b", "B", "a-1", "a_1", "A"):
         store.record_checkin(CheckIn(device, PRODUCT, "hw1", "1.0.0", 1), 1.0)
     assert [d.device_id for d in store.devices()] == ["A", "B", "a-1", "a_1", "b"]
+    # a search is plain text: no wildcards, case-sensitive
+    assert [d.device_id for d in store.devices(DeviceFilter(search="_"))] == ["a_1"]
+    assert [d.device_id for d in store.devices(DeviceFilter(search="b"))] == ["b"]
 
 
 def test_the_inventory_follows_installed_images_and_components(store: Store) -> None:
@@ -285,6 +300,16 @@ def test_a_resent_report_is_stored_once(store: Store) -> None:
     assert store.add_report(report("d1", report_id="attempt-1"), 2.0) == (report_id, False)
     assert store.add_report(report("d2", report_id="attempt-1"), 3.0)[1]  # another device's
     assert len(store.reports()) == 2
+
+
+def test_recent_reports_are_counted_per_product_and_status(store: Store) -> None:
+    store.add_report(report("d1"), 10.0)
+    store.add_report(report("d2", status=40), 20.0)
+    store.add_report(report("d3", status=40), 21.0)
+    store.add_report(report("d4", product="other-thing"), 22.0)
+    assert store.report_counts(20.0) == {(PRODUCT, 40): 2, ("other-thing", 0): 1}
+    assert store.report_counts(0.0)[(PRODUCT, 0)] == 1
+    assert store.report_counts(30.0) == {}
 
 
 # --- request counters and revocation ---------------------------------------------------

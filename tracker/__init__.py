@@ -6,9 +6,10 @@ and offers the newest registered release of their product with a higher counter 
 rollout admits the device (canaries, then percentage stages; a release without a
 rollout is offered to nobody). After an attempt they report the outcome
 (``POST /v1/report``), which feeds the rollout: stages advance on successes and soak
-time, and the rollout halts by itself on failures. Operators register releases from
-release manifest files and steer rollouts through the admin API (``/v1/admin/...``,
-bearer tokens with roles, audited); ``/metrics`` serves Prometheus counters.
+time, and the rollout halts by itself on failures. Operators register releases (each
+verified against the repository's signed metadata) and steer rollouts through the admin
+API (``/v1/admin/...``, bearer tokens with roles, audited); ``/metrics`` serves
+Prometheus counters.
 
 The tracker is also a BitTorrent HTTP tracker for the swarms of registered releases'
 payloads (each manifest payload's ``info_hash``, the torrent's SHA-256 v2 info-hash;
@@ -55,5 +56,11 @@ Layout (pure core, thin shells; see docs/ARCHITECTURE.md, "The tracker"):
   :mod:`tracker.announce_server` (the lean endpoint);
   :mod:`tracker.server` runs them; :mod:`tracker.cli` is ``swarmota tracker ...``;
   :mod:`tracker.admin_client` the admin API's client.
+- The client side (the operator's command line, and the seeder's ``--register``):
+  :mod:`tracker.client_settings` (URL, CA file, token from flags, environment, a config
+  file), :mod:`tracker.plan_file` (rollout plans from TOML files and flags; pure),
+  :mod:`tracker.client_cli` (their command-line options, registration),
+  :mod:`tracker.render` (tables for people; pure), :mod:`tracker.watch` (``rollout
+  watch``).
 - :mod:`tracker.errors`: the exception tree.
 """

@@ -107,6 +107,7 @@ _MAX_REVOKE_CERTIFICATES = 64
 _MAX_REASON_CHARS = 500
 _MAX_TAGS = 32
 _DEFAULT_PAGE = 100
+_DAY_S = 24 * 3600
 
 
 class NotFound(TrackerError):
@@ -548,19 +549,29 @@ async def _devices(call: Call) -> tuple[int, object]:
     if status is not None and "rollout" not in q:
         raise RequestError("status needs rollout (a rollout id)")
     stale = _int_param(call, "stale_s", -1, 10**9) if "stale_s" in q else None
+    fresh = _int_param(call, "seen_within_s", -1, 10**9) if "seen_within_s" in q else None
+    search = q.get("search") or None
+    if search is not None and len(search) > 128:
+        raise RequestError("search must be at most 128 characters")
     limit = _limit(call)
     store = call.director.store
 
     def read() -> object:
         where = DeviceFilter(product=q.get("product"), version=q.get("version"),
                              group=q.get("group"), rollout_id=q.get("rollout"),
-                             status=status, after=q.get("after"),
-                             seen_before=None if stale is None else call.now - stale)
+                             status=status, after=q.get("after"), search=search,
+                             seen_before=None if stale is None else call.now - stale,
+                             seen_after=None if fresh is None else call.now - fresh)
         rows = store.devices(where, limit=limit + 1)
         devices = []
+        rollouts: dict[str, RolloutState | None] = {}
         for device in rows[:limit]:
             history = store.admissions_of(device.device_id)
-            devices.append(device_to_json(device, history[0] if history else None))
+            current = history[0] if history else None
+            if current is not None and current.rollout_id not in rollouts:
+                rollouts[current.rollout_id] = store.rollout(current.rollout_id)
+            devices.append(device_to_json(
+                device, current, None if current is None else rollouts[current.rollout_id]))
         return {"devices": devices, **_page(rows, limit, lambda d: d.device_id)}
 
     return 200, await call.director.run(read)
@@ -576,10 +587,13 @@ async def _show_device(call: Call) -> tuple[int, object]:
         if device is None:
             raise NotFound(f"unknown device {device_id[:128]}")
         history = store.admissions_of(device_id)
-        return {**device_to_json(device, history[0] if history else None),
+        states = {h.rollout_id: store.rollout(h.rollout_id) for h in history}
+        return {**device_to_json(device, history[0] if history else None,
+                                 states[history[0].rollout_id] if history else None),
                 "rollouts": [{"rollout_id": h.rollout_id, "product": h.product,
                               "version": h.version, "generation": h.generation,
-                              **admission_to_json(h.admission)} for h in history],
+                              **admission_to_json(h.admission, states[h.rollout_id])}
+                             for h in history],
                 "reports": [report_to_json(r) for r in store.reports(
                     device_id, limit=limit, newest_first=True)],
                 "certificates": store.device_certificates(device_id)}
@@ -633,12 +647,17 @@ async def _reports(call: Call) -> tuple[int, object]:
 
 
 async def _fleet(call: Call) -> tuple[int, object]:
+    """``stale_s``: devices not heard of for this long count as stale (default: two
+    check-in intervals, ``2 * poll_after_s``)."""
     store = call.director.store
+    stale_s = _int_param(call, "stale_s", 2 * call.director.config.poll_after_s, 10**9)
 
     def read() -> object:
         by_status, origin, peers = store.report_totals()
         return fleet_to_json(store.count_devices(), by_status, origin, peers,
-                             store.rollouts())
+                             store.rollouts(),
+                             stale=store.count_devices(seen_before=call.now - stale_s),
+                             stale_s=stale_s, recent=store.report_counts(call.now - _DAY_S))
 
     return 200, await call.director.run(read)
 
@@ -765,10 +784,12 @@ ROUTES: Final[tuple[Route, ...]] = (
     *(Route("POST", ("rollouts", "{product}", "{version}", action), ACTION_ROLES[action],
             _rollout_action(action), summary=f"{action.capitalize()} the rollout.")
       for action in ACTIONS),
-    Route("GET", ("fleet",), "viewer", _fleet,
-          summary="Devices per version, reports per status, bytes and savings."),
+    Route("GET", ("fleet",), "viewer", _fleet, ("stale_s",),
+          "Devices per version (and how many are stale), reports per status (and per "
+          "product in the last day), bytes and savings."),
     Route("GET", ("devices",), "viewer", _devices,
-          ("product", "version", "group", "rollout", "status", "stale_s", *_PAGE),
+          ("product", "version", "group", "rollout", "status", "stale_s", "seen_within_s",
+           "search", *_PAGE),
           "Devices, filtered, a page at a time."),
     Route("GET", ("devices", "{device_id}"), "viewer", _show_device, ("limit",),
           "One device: what it runs, its rollouts, its reports with log tails."),

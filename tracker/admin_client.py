@@ -7,6 +7,7 @@ its HTTP status and the tracker's message; a transport failure has status 0.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -33,7 +34,8 @@ class AdminClient:
                 verify = ssl.create_default_context(cafile=ca_file)
             except (OSError, ssl.SSLError) as exc:
                 raise AdminApiError(f"cannot use {ca_file} as CA file: {exc}") from exc
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s,
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s,
                                   headers={"authorization": f"Bearer {token}"},
                                   transport=transport, trust_env=False, verify=verify)
 
@@ -46,13 +48,13 @@ class AdminClient:
     def close(self) -> None:
         self._http.close()
 
-    def get(self, path: str) -> Any:
-        """GET ``/v1/admin/<path>``; the decoded JSON answer.
+    def get(self, path: str, params: Mapping[str, str | int] | None = None) -> Any:
+        """GET ``/v1/admin/<path>`` (``params``: the query); the decoded JSON answer.
 
         Raises:
             AdminApiError: an error status, a non-JSON answer, or no answer.
         """
-        return self._call("GET", path, None)
+        return self._call("GET", path, None, params)
 
     def post(self, path: str, body: Any = None) -> Any:
         """POST ``/v1/admin/<path>`` with a JSON body; the decoded JSON answer.
@@ -62,10 +64,11 @@ class AdminClient:
         """
         return self._call("POST", path, body)
 
-    def _call(self, method: str, path: str, body: Any) -> Any:
+    def _call(self, method: str, path: str, body: Any,
+              params: Mapping[str, str | int] | None = None) -> Any:
         url = f"/v1/admin/{path.lstrip('/')}"
         try:
-            response = self._http.request(method, url, json=body)
+            response = self._http.request(method, url, json=body, params=params)
         except httpx.HTTPError as exc:
             raise AdminApiError(f"cannot reach the tracker: {exc}") from exc
         try:

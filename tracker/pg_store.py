@@ -205,7 +205,8 @@ _DIALECT = Dialect(
     rowid="seq",
     label_match=("EXISTS (SELECT 1 FROM jsonb_array_elements_text(d.labels_json::jsonb) "
                  "AS l(v) WHERE l.v = ?)"),
-    for_update=" FOR UPDATE")
+    for_update=" FOR UPDATE",
+    id_contains="strpos(d.device_id, ?) > 0")
 
 
 @functools.lru_cache(maxsize=1024)

@@ -93,11 +93,14 @@ class Dialect:
         for_update: appended to a ``SELECT`` of one row that the transaction then
             rewrites (``FOR UPDATE`` where rows are locked; SQLite's transactions
             already hold the database's write lock).
+        id_contains: a condition true when ``d.device_id`` contains the one ``?``
+            parameter as plain text (no wildcards).
     """
 
     rowid: str
     label_match: str
     for_update: str
+    id_contains: str
 
 
 class SqlStore:
@@ -114,6 +117,7 @@ class SqlStore:
         self._rowid = dialect.rowid
         self._label_match = dialect.label_match
         self._for_update = dialect.for_update
+        self._id_contains = dialect.id_contains
         self._lock = threading.RLock()
         self._depth = 0  # open transaction blocks of the thread holding the lock
         self._current: Connection | None = None  # the connection of the open transaction
@@ -411,7 +415,8 @@ class SqlStore:
         for column, value in (("d.product = ?", f.product), ("d.version = ?", f.version),
                               ("d.last_seen < ?", f.seen_before),
                               ("d.last_seen >= ?", f.seen_after),
-                              ("d.device_id > ?", f.after)):
+                              ("d.device_id > ?", f.after),
+                              (self._id_contains, f.search)):
             if value is not None:
                 clauses.append(column)
                 params.append(value)
@@ -444,11 +449,17 @@ class SqlStore:
                                "WHERE d.device_id = ?", (device_id,)).fetchone()
             return None if row is None else _with_tags(conn, [_row_to_device(row)])[0]
 
-    def count_devices(self, product: str | None = None) -> dict[tuple[str, str], int]:
+    def count_devices(self, product: str | None = None, *,
+                      seen_before: float | None = None) -> dict[tuple[str, str], int]:
+        clauses: list[str] = []
+        params: list[str | float] = []
+        for clause, value in (("product = ?", product), ("last_seen < ?", seen_before)):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
         sql = "SELECT product, version, count(*) FROM devices"
-        params: tuple[str, ...] = ()
-        if product is not None:
-            sql, params = sql + " WHERE product = ?", (product,)
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
         sql += " GROUP BY product, version ORDER BY product, version"
         with self._connection("count devices") as conn:
             rows = conn.execute(sql, params).fetchall()
@@ -793,6 +804,13 @@ class SqlStore:
                                 "sum(bytes_peers) FROM reports GROUP BY status").fetchall()
         return ({int(r[0]): int(r[1]) for r in rows}, sum(int(r[2] or 0) for r in rows),
                 sum(int(r[3] or 0) for r in rows))
+
+    def report_counts(self, since: float) -> dict[tuple[str, int], int]:
+        with self._connection("count recent reports") as conn:
+            rows = conn.execute("SELECT product, status, count(*) FROM reports "
+                                "WHERE received_at >= ? GROUP BY product, status",
+                                (since,)).fetchall()
+        return {(str(r[0]), int(r[1])): int(r[2]) for r in rows}
 
     def prune_reports(self, before: float) -> int:
         with self._transaction("prune reports") as conn:

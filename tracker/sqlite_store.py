@@ -252,7 +252,8 @@ from version ``v`` to ``v + 1``; a new database runs them all from 0."""
 _DIALECT = Dialect(
     rowid="rowid",
     label_match="EXISTS (SELECT 1 FROM json_each(d.labels_json) WHERE value = ?)",
-    for_update="")
+    for_update="",
+    id_contains="instr(d.device_id, ?) > 0")
 
 
 class _Connection:

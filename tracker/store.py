@@ -131,7 +131,7 @@ class DeviceFilter:
     ``rollout_id`` (and ``status``, one of :data:`tracker.rollout.DEVICE_STATUSES`):
     devices admitted to that rollout (in that status); ``seen_before`` /
     ``seen_after``: last heard of before / at or after (epoch s); ``after``: device ids
-    after this one (the next page).
+    after this one (the next page); ``search``: device ids containing this text.
     """
 
     product: str | None = None
@@ -142,6 +142,7 @@ class DeviceFilter:
     seen_before: float | None = None
     seen_after: float | None = None
     after: str | None = None
+    search: str | None = None
 
 
 @dataclass(frozen=True)
@@ -280,8 +281,10 @@ class Store(Protocol):
         """What the tracker knows of ``device_id``, if it ever checked in."""
         ...
 
-    def count_devices(self, product: str | None = None) -> dict[tuple[str, str], int]:
-        """Devices per (product, version)."""
+    def count_devices(self, product: str | None = None, *,
+                      seen_before: float | None = None) -> dict[tuple[str, str], int]:
+        """Devices per (product, version) (``seen_before``: only those last heard of
+        before it, epoch s)."""
         ...
 
     def set_tags(self, device_id: str, add: Sequence[str], remove: Sequence[str],
@@ -308,6 +311,10 @@ class Store(Protocol):
 
     def report_totals(self) -> tuple[dict[int, int], int, int]:
         """Reports per status, and the bytes from the origin and from peers they sum."""
+        ...
+
+    def report_counts(self, since: float) -> dict[tuple[str, int], int]:
+        """Reports received at or after ``since`` (epoch s) per (product, status)."""
         ...
 
     def prune_reports(self, before: float) -> int:
