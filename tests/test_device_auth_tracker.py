@@ -579,7 +579,7 @@ def test_a_version_3_database_gains_device_counters(tmp_path: Path) -> None:
     raw = sqlite3.connect(db)
     assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     raw.close()
-    assert SCHEMA_VERSION == 6
+    assert SCHEMA_VERSION == 7
 
 
 def test_counter_window_keeps_the_highest_counter_of_recent_devices() -> None:

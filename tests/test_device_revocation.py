@@ -462,7 +462,7 @@ def test_revocations_work_on_a_database_migrated_from_version_4(tmp_path: Path) 
     raw = sqlite3.connect(db)
     assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     raw.close()
-    assert SCHEMA_VERSION == 6
+    assert SCHEMA_VERSION == 7
 
 
 async def test_operator_revokes_a_stolen_key_from_the_command_line(

@@ -439,6 +439,16 @@ def test_tokens_and_the_audit_log(store: Store) -> None:
 # --- concurrency: several processes on one database -------------------------------------
 
 
+def test_a_server_secret_is_made_once_and_shared_by_every_connection(
+        store: Store, store_url: str) -> None:
+    first = store.secret("announce-key", lambda: b"a" * 32, 1.0)
+    assert first == b"a" * 32
+    with open_store(store_url) as other:  # another process's connection
+        assert other.secret("announce-key", lambda: b"b" * 32, 2.0) == first
+        assert other.secret("other", lambda: b"\x00\xff" * 16, 2.0) == b"\x00\xff" * 16
+    assert store.secret("other", lambda: b"c" * 32, 3.0) == b"\x00\xff" * 16
+
+
 def test_threads_sharing_one_store_are_serialised(store: Store) -> None:
     def writer(n: int) -> None:
         for i in range(20):

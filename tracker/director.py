@@ -28,6 +28,7 @@ rolled back whole and taken again on a fresh read.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections import OrderedDict
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import outcome
 import trio
 
-from infra.deviceauth import Authenticated
+from infra.deviceauth import ANNOUNCE_KEY_BYTES, AnnounceKey, AnnounceKeys, Authenticated
 from infra.worker import BatchWorker
 from tracker.bittorrent import (
     AnnounceRequest,
@@ -69,9 +70,11 @@ from tracker.wire import (
     MAX_POLL_AFTER_S,
     MIN_POLL_AFTER_S,
     STATUS_NAMES,
+    AnnounceKeyGrant,
     CheckIn,
     Report,
     StatusCode,
+    announce_key_to_json,
     offer_to_json,
 )
 
@@ -88,23 +91,30 @@ ROLLOUT_CACHE_S = 1.0
 """How long announces trust a cached rollout phase that this director did not change
 (e.g. one changed by another tracker process on the same database)."""
 _STALE_RETRIES = 10
+ANNOUNCE_KEY_SECRET = "announce-key-v1"
+"""The name of the server secret announce keys derive from (``Store.secret``)."""
 _PRUNE_EVERY_S = 3600.0
 
 
 @dataclass(frozen=True)
 class CheckinAnswer:
     """What a check-in is answered: the release offered (or ``None``), when to come
-    back, and whether an in-flight cap held the device back."""
+    back, whether an in-flight cap held the device back, and the device's announce
+    key (signed check-ins of devices)."""
 
     offer: Release | None
     poll_after_s: int
     paced: bool
+    announce_key: AnnounceKeyGrant | None = None
 
     def to_json(self) -> dict[str, Any]:
         offer = self.offer
-        return {"release": None if offer is None else offer_to_json(
-                    offer.product, offer.version, offer.release_counter),
-                "poll_after_s": self.poll_after_s}
+        answer: dict[str, Any] = {"release": None if offer is None else offer_to_json(
+                                      offer.product, offer.version, offer.release_counter),
+                                  "poll_after_s": self.poll_after_s}
+        if self.announce_key is not None:
+            answer["announce_key"] = announce_key_to_json(self.announce_key)
+        return answer
 
 
 class Director:
@@ -116,7 +126,9 @@ class Director:
     metadata (``None``: the API registers none). ``shared`` (Redis,
     :class:`~tracker.redis_state.RedisState`): the peers and announce replay windows
     that every tracker process shares, instead of ``registry`` and this process's
-    windows (for several processes; ``None``, the default: in memory).
+    windows (for several processes; ``None``, the default: in memory). With a fleet
+    CA, the announce keys' server secret is read from ``store`` (made by the first
+    process) here, once.
 
     Raises:
         ConfigError: ``config.device_ca`` cannot be read or holds no CA certificate, or
@@ -148,7 +160,7 @@ class Director:
             monotonic=monotonic, revocation_refresh_s=config.revocation_refresh_s,
             max_certificates_seen=config.max_peers_total,
             on_refused=lambda kind: self.counters.add("device_auth_refused_by", label=kind),
-            shared=shared)
+            shared=shared, announce_keys=self._announce_keys(store, config, clock))
         self._worker: BatchWorker[Callable[[], Any]] = BatchWorker("tracker-store",
                                                                    self._run_batch)
         self._known_swarms: dict[bytes, list[SwarmInfo]] = {}
@@ -161,6 +173,15 @@ class Director:
         self._refreshing: dict[tuple[str, str], trio.Event] = {}
         self._rollout_generation = 0  # bumped when this director changes a rollout
         self._last_prune = -float("inf")
+
+    @staticmethod
+    def _announce_keys(store: Store, config: TrackerConfig,
+                       clock: Callable[[], float]) -> AnnounceKeys | None:
+        if not config.announce_key_lifetime_s:
+            return None
+        secret = store.secret(ANNOUNCE_KEY_SECRET, lambda: os.urandom(ANNOUNCE_KEY_BYTES),
+                              clock())
+        return AnnounceKeys(secret, config.announce_key_lifetime_s)
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -234,9 +255,11 @@ class Director:
 
     async def authenticate(self, method: str, target: bytes, body: bytes,
                            headers: Sequence[tuple[bytes, bytes]],
-                           claimed: Callable[[], str | None]) -> Authenticated | None:
+                           claimed: Callable[[], str | None], *,
+                           announce: bool = False) -> Authenticated | None:
         """Who signed a device request (``None`` in lab mode). ``claimed`` tells which
-        device the request names, for the log of a refusal.
+        device the request names, for the log of a refusal; ``announce``: an announce
+        or scrape, which an announce key's MAC may authenticate.
 
         Raises:
             DeviceRefused: not signed, not verifying, or revoked.
@@ -245,10 +268,14 @@ class Director:
         if self.gate is None:
             return None
         try:
-            return await self.gate.verify(method, target, body, headers)
+            auth = await self.gate.verify(method, target, body, headers,
+                                          announce=announce)
         except DeviceRefused as exc:
             exc.claimed = claimed()
             raise
+        if auth.by_key:
+            self.counters.add("announce_key_auths")
+        return auth
 
     def refused(self, exc: DeviceRefused, what: str) -> None:
         """Count and (bounded) log a refused device request."""
@@ -287,7 +314,9 @@ class Director:
         base = self.config.poll_after_s
         if choice.paced:
             base = min(base, self.config.paced_poll_after_s)
-        return CheckinAnswer(choice.offer, self._jitter(base), choice.paced)
+        key = None if self.gate is None else self.gate.issue_announce_key(auth)
+        return CheckinAnswer(choice.offer, self._jitter(base), choice.paced,
+                             None if key is None else _grant(key, now))
 
     def _decide_checkin(self, checkin: CheckIn, auth: Authenticated | None,
                         now: float) -> OfferChoice:
@@ -629,6 +658,10 @@ def _loggable(text: str) -> str:
     """``text`` with control characters escaped: a halt reason quotes what devices
     said, and a log line must not carry their terminal escapes."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _grant(key: AnnounceKey, now: float) -> AnnounceKeyGrant:
+    return AnnounceKeyGrant(key.key, key.expires, max(0, key.expires - int(now)))
 
 
 def retry_stale(fn: Callable[[], _T]) -> _T:

@@ -196,7 +196,14 @@ CREATE TABLE device_tags (
 );
 CREATE INDEX device_tags_by_tag ON device_tags (tag)
 """
-_MIGRATIONS: tuple[tuple[int, str], ...] = ((6, _SCHEMA_6),)
+_SCHEMA_7 = f"""
+CREATE TABLE secrets (
+    name {_T} PRIMARY KEY,
+    value BYTEA NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+)
+"""
+_MIGRATIONS: tuple[tuple[int, str], ...] = ((6, _SCHEMA_6), (7, _SCHEMA_7))
 """The one source of truth of the PostgreSQL schema: ``(version, script)`` in order;
 the script takes a database to that version (the first, from nothing to 6: this engine
 started at schema 6). A new database runs them all."""

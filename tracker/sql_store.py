@@ -805,6 +805,14 @@ class SqlStore:
         return ({int(r[0]): int(r[1]) for r in rows}, sum(int(r[2] or 0) for r in rows),
                 sum(int(r[3] or 0) for r in rows))
 
+    def secret(self, name: str, make: Callable[[], bytes], now: float) -> bytes:
+        with self._transaction("read server secret") as conn:
+            conn.execute("INSERT INTO secrets (name, value, created_at) VALUES (?, ?, ?) "
+                         "ON CONFLICT (name) DO NOTHING", (name, make(), now))
+            row = conn.execute("SELECT value FROM secrets WHERE name = ?",
+                               (name,)).fetchone()
+        return bytes(row[0])
+
     def report_counts(self, since: float) -> dict[tuple[str, int], int]:
         with self._connection("count recent reports") as conn:
             rows = conn.execute("SELECT product, status, count(*) FROM reports "

@@ -22,7 +22,8 @@ log tails, the labels and components devices declare, operator tags, release kin
 (image or component: a counter sequence each) and payload summaries, swarms shared by
 releases with byte-identical payloads, rollout generations (a new rollout after a halt
 or abort) with their latest failures, and each admitted device's last status code and
-message. A new database runs every migration from version 0 (one source of truth,
+message; 7 adds ``secrets``, server secrets every process shares (the announce keys'
+one). A new database runs every migration from version 0 (one source of truth,
 :data:`_MIGRATIONS`); an older one runs those it lacks, in one transaction.
 """
 
@@ -241,9 +242,16 @@ ALTER TABLE rollout_devices ADD COLUMN code INTEGER;
 ALTER TABLE rollout_devices ADD COLUMN message TEXT NOT NULL DEFAULT '';
 CREATE INDEX rollout_devices_by_device ON rollout_devices (device_id)
 """
+_SCHEMA_SECRETS = """
+CREATE TABLE secrets (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL,
+    created_at REAL NOT NULL
+)
+"""
 _MIGRATIONS: tuple[str, ...] = (_SCHEMA, _SCHEMA_SWARMS, _SCHEMA_ROLLOUTS,
                                 _SCHEMA_DEVICE_COUNTERS, _SCHEMA_REVOCATION,
-                                _SCHEMA_CONTROL_PLANE)
+                                _SCHEMA_CONTROL_PLANE, _SCHEMA_SECRETS)
 """The one source of truth of the SQLite schema: ``_MIGRATIONS[v]`` takes a database
 from version ``v`` to ``v + 1``; a new database runs them all from 0."""
 

@@ -59,7 +59,7 @@ __all__ = ["MAX_PAGE", "SCHEMA_VERSION", "AuditEntry", "DeviceFilter", "DeviceRe
 MAX_PAGE = 1000
 """The most rows one listing call returns (devices, reports, admissions)."""
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """The schema version both engines' databases are brought to."""
 
 _POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
@@ -319,6 +319,14 @@ class Store(Protocol):
 
     def prune_reports(self, before: float) -> int:
         """Drop reports received before ``before`` (retention); return how many."""
+        ...
+
+    # --- server secrets (schema 7) ----------------------------------------------------
+
+    def secret(self, name: str, make: Callable[[], bytes], now: float) -> bytes:
+        """The server secret ``name`` (e.g. the announce keys' one). The first caller
+        stores ``make()``'s bytes; every later one, in any process sharing the
+        database, reads the same."""
         ...
 
     # --- replay protection (schema 4) ---------------------------------------------------
