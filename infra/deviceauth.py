@@ -131,7 +131,7 @@ class Authenticated:
     role: str
     counter: int
     cert_sha256: str
-    not_after: float | None = None
+    not_after: float | None = dataclass_field(default=None, compare=False)  # cert's
     by_key: bool = False
 
     @property
