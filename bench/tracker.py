@@ -24,7 +24,9 @@ the same rounds: a second tracker process, pinned to the same CPU, runs with
 ``--device-ca`` (a fleet CA made for the run, one identity per simulated device from
 :func:`infra.devca.issue_device_cert`), and each phase runs again against it with every
 request signed (:mod:`infra.deviceauth`): phases ``announce-lean-signed``,
-``announce-hypercorn-signed`` and ``checkin-signed``. wrk cannot sign, so the signed
+``announce-hypercorn-signed`` and ``checkin-signed``; and ``announce-lean-keyed``: the
+same announces authenticated by each device's announce key (HMAC-SHA256, taken from a
+signed check-in's answer) instead of a signature. wrk cannot sign, so the signed
 requests (counters increasing per device across phases) are made before each phase and
 replayed in order by a Lua script that reads them from a file; it stops when the list
 runs out (``exhausted`` in the result; the phase is then shorter). Refusals by the
@@ -68,7 +70,7 @@ import trio
 
 from bench.delta import machine_info
 from infra.devca import create_ca, issue_device_cert
-from infra.deviceauth import RequestSigner
+from infra.deviceauth import AnnounceKey, RequestSigner
 from infra.http_serve import ListenConfig
 from tracker.app import TrackerApp
 from tracker.bittorrent import SwarmInfo
@@ -80,7 +82,7 @@ from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
 from tracker.sqlite_store import SqliteStore
 from tracker.store import open_store
-from tracker.wire import encode_json
+from tracker.wire import encode_json, parse_announce_key
 
 INFO_HASH = "5a" * 32
 PRODUCT = "bench-router"
@@ -256,6 +258,9 @@ init = function(args)
     local method, path, cert, sig, body = line:match(
       "^(%u+)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$")
     local headers = {["swarmota-device-cert"] = cert, ["swarmota-signature"] = sig}
+    if cert == "" then
+      headers = {["swarmota-announce-auth"] = sig}
+    end
     if method == "POST" then
       headers["content-type"] = "application/json"
     else
@@ -278,7 +283,7 @@ end
 
 # Upper bounds of the signed request rates (requests/s), to size the pre-signed lists.
 _SIGNED_RATE_CAP = {"announce-lean": 12_000, "announce-hypercorn": 3_000, "checkin": 2_000,
-                    "checkin-lean": 5_000}
+                    "checkin-lean": 5_000, "announce-lean-keyed": 25_000}
 
 
 def _lua(script: str, devices: int) -> str:
@@ -298,9 +303,29 @@ class _Fleet:
             self.signers.append(RequestSigner(files.cert.read_bytes(),
                                               files.key.read_bytes()))
         self.counters = [0] * devices
+        self.keys: list[AnnounceKey] = []
+
+    def fetch_keys(self, api: str) -> None:
+        """Check every device in once (signed) at ``api`` and keep its announce key."""
+        self.keys = []
+        with httpx.Client(timeout=30) as client:
+            for i, signer in enumerate(self.signers):
+                body = _checkin_body(i)
+                self.counters[i] += 1
+                headers = dict(signer.headers("POST", b"/v1/checkin", body, self.counters[i]))
+                answer = client.post(api + "/v1/checkin", content=body, headers={
+                    **headers, "content-type": "application/json"})
+                answer.raise_for_status()
+                grant = parse_announce_key(answer.json())
+                if grant is None:
+                    raise RuntimeError("the signed tracker handed out no announce key")
+                self.keys.append(AnnounceKey(signer.device_id, signer.cert_sha256,
+                                             grant.expires, grant.key))
 
     def write_requests(self, path: Path, phase: str, count: int) -> None:
-        """``count`` signed requests of ``phase``, device after device, one per line."""
+        """``count`` signed requests of ``phase`` (``checkin``, ``announce``, or
+        ``announce-keyed``: with the announce keys of :meth:`fetch_keys`), device after
+        device, one per line."""
         devices = len(self.signers)
         with path.open("w") as out:
             for j in range(count):
@@ -311,11 +336,14 @@ class _Fleet:
                     method, body = "GET", b""
                     target = b"/announce?" + _announce_query(i)
                 self.counters[i] += 1
-                headers = dict(self.signers[i].headers(method, target, body,
-                                                       self.counters[i]))
-                out.write("\t".join([method, target.decode("ascii"),
-                                     headers["swarmota-device-cert"],
-                                     headers["swarmota-signature"],
+                if phase == "announce-keyed":
+                    (_, mac), = self.keys[i].headers(method, target, body, self.counters[i])
+                    auth = ["", mac]
+                else:
+                    headers = dict(self.signers[i].headers(method, target, body,
+                                                           self.counters[i]))
+                    auth = [headers["swarmota-device-cert"], headers["swarmota-signature"]]
+                out.write("\t".join([method, target.decode("ascii"), *auth,
                                      body.decode("utf-8")]) + "\n")
 
 
@@ -481,7 +509,8 @@ def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
                 signed_db, tracker_cpu, fleet.ca_pem)
             procs.append(signed_proc)
             urls = {"announce-lean": signed_lean, "announce-hypercorn": signed_api,
-                    "checkin": signed_api, "checkin-lean": signed_lean}
+                    "checkin": signed_api, "checkin-lean": signed_lean,
+                    "announce-lean-keyed": signed_lean}
 
             def signed_run(phase: str, kind: str, seconds: float) -> dict[str, Any]:
                 requests = workdir / "signed-requests.tsv"
@@ -502,9 +531,10 @@ def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
         if base_run is not None:
             base_run(base_urls["checkin"], checkin_lua, duration_s=warm_s)
             base_run(base_urls["announce-lean"], announce_lua, duration_s=warm_s)
-        if signed_run is not None:
+        if signed_run is not None and fleet is not None:
             signed_run("checkin", "checkin", warm_s)
             signed_run("announce-lean", "announce", warm_s)
+            fleet.fetch_keys(signed_api)
         rounds: list[dict[str, Any]] = []
         for _ in range(runs):
             this: dict[str, Any] = {}
@@ -519,6 +549,9 @@ def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
                 if signed_run is not None:
                     kind = "checkin" if phase.startswith("checkin") else "announce"
                     this[f"{phase}-signed"] = signed_run(phase, kind, duration_s)
+                    if phase == "announce-lean":
+                        this["announce-lean-keyed"] = signed_run(
+                            "announce-lean-keyed", "announce-keyed", duration_s)
             rounds.append(this)
     finally:
         for proc in procs:
@@ -564,7 +597,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{result['runs']} rounds of {result['duration_s']} s per phase; medians. "
         + ("Phases `-signed`: a second tracker process on the same CPU with "
            "`--device-ca`, every request signed by the device's fleet identity "
-           "(ECDSA P-256), pre-signed and replayed in order by wrk. "
+           "(ECDSA P-256), pre-signed and replayed in order by wrk; "
+           "`announce-lean-keyed`: the same tracker, each announce authenticated by "
+           "the device's announce key (HMAC-SHA256) instead. "
            if result.get("signed") else "") +
         "req/CPU-s = requests per second of tracker CPU time (robust to other load on "
         f"the machine; load average after the run: "

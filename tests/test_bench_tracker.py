@@ -53,14 +53,15 @@ def test_pinned_bench_measures_both_endpoints_and_check_ins(tmp_path: Path) -> N
                     "(apt-get install wrk)")
 def test_pinned_bench_measures_signed_requests_beside_unsigned_ones(tmp_path: Path) -> None:
     """A tiny signed run: a second tracker with --device-ca accepts every pre-signed
-    request (a refusal, e.g. a replayed counter, would count as an error)."""
+    request, and every announce authenticated by an announce key (a refusal, e.g. a
+    replayed counter or a bad MAC, would count as an error)."""
     result = run_pinned(tmp_path, devices=20, duration_s=1, runs=1, connections=4,
                         signed=True)
     result = json.loads(json.dumps(result))  # JSON-ready
     assert set(result["median"]) == {
         "announce-lean", "announce-hypercorn", "checkin", "checkin-lean",
         "announce-lean-signed", "announce-hypercorn-signed", "checkin-signed",
-        "checkin-lean-signed"}
+        "checkin-lean-signed", "announce-lean-keyed"}
     for phase, m in result["median"].items():
         assert m["errors"] == 0, phase
         assert m["requests_per_s"] > 10, phase
