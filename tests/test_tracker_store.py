@@ -623,3 +623,23 @@ def test_a_batch_keeps_its_decisions_but_the_one_that_failed(store: Store) -> No
     assert [d.device_id for d in store.devices()] == ["d1"]
     assert store.device("d1").version == "2.0.0"  # type: ignore[union-attr]
     assert [r.device_id for r in store.reports()] == ["d3"]
+
+
+def test_a_batch_undoes_alone_a_decision_the_database_refused(store: Store) -> None:
+    """A decision whose statement the database refuses (here: a duplicate key) fails
+    by itself, even where statements are sent ahead of their results (PostgreSQL's
+    pipeline): the decisions around it are kept."""
+    token = TokenRecord("ab" * 32, "ops", "admin", 1.0, None)
+    store.add_token(token)
+    with store.batch("three decisions"):
+        store.record_checkin(CheckIn("d1", PRODUCT, "hw1", "1.0.0", 1), START)
+        with pytest.raises(StorageError):
+            store.add_token(token)
+        store.record_checkin(CheckIn("d2", PRODUCT, "hw1", "1.0.0", 1), START)
+    assert [d.device_id for d in store.devices()] == ["d1", "d2"]
+    with pytest.raises(StorageError):  # on its own: refused, nothing kept
+        with store.atomic("one decision"):
+            store.record_checkin(CheckIn("d3", PRODUCT, "hw1", "1.0.0", 1), START)
+            store.add_token(token)
+    assert store.device("d3") is None
+    assert store.token(token.token_hash) == token

@@ -29,6 +29,7 @@ advisory lock).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -224,19 +225,70 @@ def _pg(sql: str) -> str:
 
 class _Connection:
     """A ``psycopg.Connection`` (autocommit: transactions are explicit) as
-    :class:`~tracker.sql_store.Connection`."""
+    :class:`~tracker.sql_store.Connection`.
+
+    Inside a transaction it is in pipeline mode (:meth:`enter_pipeline`): statements
+    are sent without waiting for their results, and the first result read (a fetch,
+    a row count) waits for all of them at once, so a decision's writes and the reads
+    queued after them cost one network round trip, not one each."""
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.raw = conn
+        self._pipelined: contextlib.AbstractContextManager[psycopg.Pipeline] | None = None
+        self.pipeline: psycopg.Pipeline | None = None
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
-        return self.raw.execute(_pg(sql), params)
+        cursor = self.raw.execute(_pg(sql), params)
+        return cursor if self.pipeline is None else _Pipelined(cursor, self.pipeline)
+
+    def enter_pipeline(self) -> None:
+        self._pipelined = self.raw.pipeline()
+        self.pipeline = self._pipelined.__enter__()
+
+    def exit_pipeline(self, *, failed: bool) -> None:
+        """Leave pipeline mode: wait for every queued result (raising the first error),
+        or, ``failed``, drop them (errors swallowed: the transaction is rolled back)."""
+        pipelined, self._pipelined, self.pipeline = self._pipelined, None, None
+        if pipelined is None:
+            return
+        if not failed:
+            pipelined.__exit__(None, None, None)
+            return
+        with contextlib.suppress(psycopg.Error):
+            pipelined.__exit__(psycopg.Error, psycopg.Error(), None)
+
+    def clear_error(self) -> None:
+        """After an error: end the aborted part of the pipeline, so that the next
+        statement (a rollback to a savepoint) runs."""
+        if self.pipeline is not None:
+            with contextlib.suppress(psycopg.Error):
+                self.pipeline.sync()
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         rows = list(rows)
         if rows:
             with self.raw.cursor() as cursor:
                 cursor.executemany(_pg(sql), rows)
+
+
+class _Pipelined:
+    """A cursor of a statement sent in pipeline mode: its row count waits for it."""
+
+    def __init__(self, cursor: psycopg.Cursor[Any], pipeline: psycopg.Pipeline) -> None:
+        self._cursor = cursor
+        self._pipeline = pipeline
+
+    @property
+    def rowcount(self) -> int:
+        if self._cursor.rowcount < 0:
+            self._pipeline.sync()
+        return self._cursor.rowcount
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return self._cursor.fetchall()
 
 
 class PgStore(SqlStore):
@@ -324,6 +376,8 @@ class PgStore(SqlStore):
         conn.execute("COMMIT")
 
     def _begin(self, conn: Connection) -> None:
+        if isinstance(conn, _Connection):
+            conn.enter_pipeline()
         conn.execute("BEGIN")
 
     def _decision_starts(self, conn: Connection) -> None:
@@ -339,8 +393,20 @@ class PgStore(SqlStore):
 
     def _commit(self, conn: Connection) -> None:
         conn.execute("COMMIT")
+        if isinstance(conn, _Connection):
+            conn.exit_pipeline(failed=False)
+
+    def _decision_ends(self, conn: Connection) -> None:
+        if isinstance(conn, _Connection) and conn.pipeline is not None:
+            conn.pipeline.sync()
+
+    def _failed(self, conn: Connection) -> None:
+        if isinstance(conn, _Connection):
+            conn.clear_error()
 
     def _rollback(self, conn: Connection) -> None:
+        if isinstance(conn, _Connection):
+            conn.exit_pipeline(failed=True)
         raw = self._conn.raw if self._conn is not None else None
         if raw is None or raw.closed or raw.broken:
             return

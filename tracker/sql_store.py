@@ -164,6 +164,14 @@ class SqlStore:
         """A decision starts (a transaction, or a savepoint of a batch): the engine may
         lock what the last contention asks for."""
 
+    def _decision_ends(self, conn: Connection) -> None:
+        """A decision of a batch ends: an engine that queues statements waits for
+        their results here, so that an error is this decision's (undone alone)."""
+
+    def _failed(self, conn: Connection) -> None:
+        """A decision of a batch failed: make ``conn`` ready to roll back to its
+        savepoint (an engine that queues statements clears what the error aborted)."""
+
     def _close_connection(self) -> None:
         """Close the connection, if open.
 
@@ -257,7 +265,9 @@ class SqlStore:
         try:
             self._decision_starts(conn)
             yield
+            self._decision_ends(conn)
         except BaseException as exc:
+            self._failed(conn)
             conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
             if isinstance(exc, StaleStateError):
                 self._contended()
