@@ -88,6 +88,7 @@ __all__ = [
     "certificate_sha256",
     "derive_announce_key",
     "find_header",
+    "hmac_sha256",
     "identity_of_name",
     "read_certificates",
     "signed_message",
@@ -349,13 +350,28 @@ class FleetTrust:
         return known
 
 
+_IPAD = int.from_bytes(b"\x36" * 64, "big")
+_OPAD = int.from_bytes(b"\x5c" * 64, "big")
+
+
+def hmac_sha256(key: bytes, message: bytes) -> bytes:
+    """HMAC-SHA256 (RFC 2104) of ``message`` under ``key`` (at most 64 bytes), the
+    same bytes as ``hmac.digest(key, message, "sha256")`` at a third of its cost for
+    short messages (no OpenSSL HMAC context per call; the announce path's hot spot)."""
+    if len(key) > 64:
+        raise ValueError("hmac_sha256 takes keys of at most 64 bytes")
+    padded = int.from_bytes(key.ljust(64, b"\0"), "big")
+    inner = hashlib.sha256((padded ^ _IPAD).to_bytes(64, "big") + message).digest()
+    return hashlib.sha256((padded ^ _OPAD).to_bytes(64, "big") + inner).digest()
+
+
 def derive_announce_key(secret: bytes, device_id: str, cert_sha256: str,
                         expires: int) -> bytes:
     """The announce key of ``device_id``'s certificate ``cert_sha256`` expiring at
     ``expires`` (epoch s), under the tracker's ``secret``."""
-    return hmac.digest(secret, b"\n".join([
+    return hmac_sha256(secret, b"\n".join([
         b"swarmota-announce-key-v1", device_id.encode("ascii"),
-        cert_sha256.encode("ascii"), str(expires).encode("ascii")]), "sha256")
+        cert_sha256.encode("ascii"), str(expires).encode("ascii")]))
 
 
 @dataclass(frozen=True)
@@ -375,7 +391,7 @@ class AnnounceKey:
         or a scrape) under this key."""
         if not 0 <= counter <= MAX_COUNTER:
             raise ValueError(f"counter out of range: {counter}")
-        mac = hmac.digest(self.key, signed_message(method, target, counter, body), "sha256")
+        mac = hmac_sha256(self.key, signed_message(method, target, counter, body))
         return [(ANNOUNCE_AUTH_HEADER,
                  f"v1;id={self.device_id};cert={self.cert_sha256};exp={self.expires};"
                  f"counter={counter};mac={base64.b64encode(mac).decode('ascii')}")]
@@ -387,17 +403,24 @@ class AnnounceKeys:
     ``secret`` (every tracker process holds the same one). Keys live ``lifetime_s``
     seconds, never past their certificate's validity. Pure: the time is passed in.
 
+    The last ``cache_size`` keys derived are kept (a derivation is a third of a
+    verification).
+
     Raises:
-        ValueError: ``secret`` shorter than 32 bytes or ``lifetime_s`` below 1.
+        ValueError: ``secret`` shorter than 32 or longer than 64 bytes, or
+            ``lifetime_s`` below 1.
     """
 
-    def __init__(self, secret: bytes, lifetime_s: int) -> None:
-        if len(secret) < _MIN_SECRET_BYTES:
-            raise ValueError(f"announce key secret must be at least {_MIN_SECRET_BYTES} bytes")
+    def __init__(self, secret: bytes, lifetime_s: int, *, cache_size: int = _CACHE_SIZE
+                 ) -> None:
+        if not _MIN_SECRET_BYTES <= len(secret) <= 64:
+            raise ValueError(f"announce key secret must be {_MIN_SECRET_BYTES}-64 bytes")
         if lifetime_s < 1:
             raise ValueError("announce key lifetime must be at least 1 s")
         self._secret = secret
         self.lifetime_s = lifetime_s
+        self._derived: OrderedDict[bytes, bytes] = OrderedDict()
+        self._cache_size = cache_size
 
     def issue(self, auth: Authenticated, now: float) -> AnnounceKey | None:
         """The key for the device that signed ``auth`` (a verified signature, not a
@@ -438,8 +461,14 @@ class AnnounceKeys:
         if now >= expires:
             raise DeviceAuthError(f"announce key of {device_id} expired")
         cert = raw_cert.decode("ascii")
-        key = derive_announce_key(self._secret, device_id, cert, expires)
-        want = hmac.digest(key, signed_message(method, target, counter, body), "sha256")
+        name = match.group(0)[:match.end(3)]  # "v1;id=...;cert=...;exp=..."
+        key = self._derived.get(name)
+        if key is None:
+            key = self._derived[name] = derive_announce_key(self._secret, device_id, cert,
+                                                            expires)
+            if len(self._derived) > self._cache_size:
+                self._derived.popitem(last=False)
+        want = hmac_sha256(key, signed_message(method, target, counter, body))
         if not hmac.compare_digest(want, base64.b64decode(raw_mac)):
             raise DeviceAuthError(f"announce key MAC of {device_id} does not verify")
         return Authenticated(device_id, ROLE_DEVICE, counter, cert, by_key=True)

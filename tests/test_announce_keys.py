@@ -13,6 +13,7 @@ one database verifies every other's keys (one server secret in the store).
 from __future__ import annotations
 
 import base64
+import hmac
 import re
 import time
 from pathlib import Path
@@ -23,7 +24,13 @@ import pytest
 import trio
 
 from infra.devca import issue_device_cert
-from infra.deviceauth import AnnounceKey, AnnounceKeys, Authenticated, DeviceAuthError
+from infra.deviceauth import (
+    AnnounceKey,
+    AnnounceKeys,
+    Authenticated,
+    DeviceAuthError,
+    hmac_sha256,
+)
 from peer.config import DeviceConfig
 from peer.http import HttpClient
 from peer.identity import load_identity
@@ -105,6 +112,13 @@ async def _close_at_exit(client: httpx.AsyncClient) -> None:
 # --- the pure key scheme ----------------------------------------------------------------
 
 
+def test_the_fast_hmac_is_rfc_2104_hmac_sha256() -> None:
+    for key, message in ((SECRET, b""), (b"k", b"m" * 1000), (bytes(64), b"\xff" * 64)):
+        assert hmac_sha256(key, message) == hmac.digest(key, message, "sha256")
+    with pytest.raises(ValueError):
+        hmac_sha256(bytes(65), b"")
+
+
 def test_a_key_names_its_device_certificate_and_expiry() -> None:
     keys = AnnounceKeys(SECRET, 3600)
     device = Authenticated("dev-1", "device", 5, CERT, not_after=10_000.0)
@@ -118,7 +132,14 @@ def test_a_key_names_its_device_certificate_and_expiry() -> None:
     assert keys.issue(Authenticated("s", "seed", 1, CERT, not_after=1e9), 0.0) is None
     assert keys.issue(Authenticated("dev-1", "device", 1, CERT, by_key=True), 0.0) is None
     assert keys.issue(device, 10_000.0) is None
-    with pytest.raises(ValueError, match="at least 32 bytes"):
+    # derived keys are cached, boundedly: two devices through a cache of one
+    small = AnnounceKeys(SECRET, 3600, cache_size=1)
+    for device_id in ("dev-1", "dev-2", "dev-1"):
+        one = small.issue(Authenticated(device_id, "device", 1, CERT, not_after=1e9), 0.0)
+        assert one is not None
+        mac = one.headers("GET", b"/scrape", b"", 3)[0][1].encode()
+        assert small.verify("GET", b"/scrape", b"", mac, 1.0).device_id == device_id
+    with pytest.raises(ValueError, match="32-64 bytes"):
         AnnounceKeys(b"short", 60)
 
 
