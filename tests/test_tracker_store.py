@@ -637,9 +637,9 @@ def test_a_batch_undoes_alone_a_decision_the_database_refused(store: Store) -> N
             store.add_token(token)
         store.record_checkin(CheckIn("d2", PRODUCT, "hw1", "1.0.0", 1), START)
     assert [d.device_id for d in store.devices()] == ["d1", "d2"]
-    with pytest.raises(StorageError):  # on its own: refused, nothing kept
-        with store.atomic("one decision"):
-            store.record_checkin(CheckIn("d3", PRODUCT, "hw1", "1.0.0", 1), START)
-            store.add_token(token)
+    # on its own: refused, nothing kept
+    with pytest.raises(StorageError), store.atomic("one decision"):
+        store.record_checkin(CheckIn("d3", PRODUCT, "hw1", "1.0.0", 1), START)
+        store.add_token(token)
     assert store.device("d3") is None
     assert store.token(token.token_hash) == token

@@ -133,6 +133,7 @@ class Director:
     Raises:
         ConfigError: ``config.device_ca`` cannot be read or holds no CA certificate, or
             a trusted proxy block does not parse.
+        StorageError: the announce keys' secret could not be read or stored.
     """
 
     def __init__(self, store: Store, config: TrackerConfig, *,
