@@ -45,7 +45,7 @@ from tracker.config import TrackerConfig
 from tracker.protocol import Release
 from tracker.rollout import RolloutPlan
 from tracker.server import TRACKER_TLS_MIN_VERSION, serve_tracker
-from tracker.store import SqliteStore
+from tracker.sqlite_store import SqliteStore
 
 PRODUCT = "acme-router"
 HARDWARE_ID = "acme-router-hw1"
