@@ -50,7 +50,7 @@ from tests.release_env import (
     serve_offer,
 )
 from tests.swtpm import SoftTpm
-from tracker.store import SqliteStore
+from tracker.sqlite_store import SqliteStore
 
 
 def tpm_device(env: ReleaseEnv, tpm: SoftTpm, name: str = "dev-tpm", **extra: Any
