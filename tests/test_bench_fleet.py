@@ -166,9 +166,12 @@ def test_tiny_fleet_in_a_shaped_namespace_end_to_end(tmp_path: Path) -> None:
 @needs_netns
 def test_interrupted_benchmark_removes_its_namespace(tmp_path: Path) -> None:
     before = namespaces()
+    # a pytest-xdist worker ignores SIGINT, and a child would inherit that: restore the
+    # default, as in a terminal where Ctrl-C reaches the benchmark
     proc = subprocess.Popen([sys.executable, "-m", "bench.fleet", "--devices", "2",
                              "--repeat", "1", "--image-mib", "2", "--out", str(tmp_path)],
-                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     mine = f"swarmota-fleet-{proc.pid}"  # other benchmarks may run beside this test
     deadline = time.monotonic() + 60
     while mine not in namespaces() and time.monotonic() < deadline:
