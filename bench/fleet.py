@@ -65,22 +65,22 @@ from bench.netns import (
     missing_privileges,
     shaped_namespace,
 )
-from infra.fsio import atomic_write_bytes
-from infra.http_serve import ListenConfig
-from manifest import Payload, ReleaseManifest
-from peer.config import DeviceConfig
-from peer.state import init_device
-from seeder.origin import OriginApp, OriginConfig
-from seeder.publish import publish_release
-from seeder.repository import Repository
-from seeder.server import serve_origin
 from swarmota.demo import write_images
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.protocol import Release
-from tracker.rollout import RolloutPlan
-from tracker.server import serve_tracker
-from tracker.sqlite_store import SqliteStore
+from swarmota.infra.fsio import atomic_write_bytes
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.manifest import Payload, ReleaseManifest
+from swarmota.peer.config import DeviceConfig
+from swarmota.peer.state import init_device
+from swarmota.seeder.origin import OriginApp, OriginConfig
+from swarmota.seeder.publish import publish_release
+from swarmota.seeder.repository import Repository
+from swarmota.seeder.server import serve_origin
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.server import serve_tracker
+from swarmota.tracker.sqlite_store import SqliteStore
 
 __all__ = ["DeviceRun", "FleetConfig", "RunResult", "main", "render_markdown", "summarize"]
 
@@ -234,7 +234,8 @@ def _device_commands(workdir: Path, published: Published, scenario: str, devices
         state = init_device(workdir / "devices" / device_id, config,
                             root_json=published.repo.root_bytes(),
                             image=published.base_image, version="1.0.0", release_counter=1)
-        argvs.append(["swarmota.cli,peer.agent", "peer", "update", str(state.root), "--json"])
+        argvs.append(["swarmota.cli,swarmota.peer.agent", "peer", "update", str(state.root),
+                      "--json"])
         states.append(state.root)
     return argvs, states
 

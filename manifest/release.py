@@ -31,14 +31,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from manifest.chunking import (
+from swarmota.manifest.chunking import (
     MAX_CHUNK_SIZE_BYTES,
     MIN_CHUNK_SIZE_BYTES,
     chunk_count,
     chunk_span,
     verify_bytes,
 )
-from manifest.errors import (
+from swarmota.manifest.errors import (
     CounterJumpError,
     ManifestFormatError,
     NotApplicableError,
