@@ -10,9 +10,11 @@ import os
 import shlex
 import shutil
 import signal
+import ssl
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -36,10 +38,15 @@ from swarmota.peer.install_policy import load_policy
 from swarmota.peer.keystore import TpmKeyStore, open_keystore
 from swarmota.peer.state import DeviceState, JournalError, init_device
 from swarmota.peer.watchdog import SystemdNotifier
+from swarmota.tracker.wire import MAX_LABELS
 
-__all__ = ["add_parser"]
+__all__ = ["TLS_CA_FILE", "Provisioning", "add_parser", "prepare_init"]
 
 log = logging.getLogger(__name__)
+
+TLS_CA_FILE = "tls-ca.pem"
+"""The copy of ``--tls-ca-file`` in the state directory (device.json names it relatively)."""
+_MAX_CA_FILE_BYTES = 1 << 20
 
 
 def add_parser(subparsers: Any) -> None:
@@ -62,13 +69,17 @@ def add_parser(subparsers: Any) -> None:
     init.add_argument("--version", required=True, help="version of the factory image")
     init.add_argument("--release-counter", type=int, default=0,
                       help="release counter of the factory image (anti-rollback floor)")
-    init.add_argument("--device-id", required=True)
-    init.add_argument("--product", required=True)
-    init.add_argument("--hardware-id", required=True)
+    init.add_argument("--device-id", required=True,
+                      help="the device's id at the tracker (and the CN of its certificate)")
+    init.add_argument("--product", required=True,
+                      help="the product whose releases the device installs")
+    init.add_argument("--hardware-id", required=True,
+                      help="the hardware id a release must list as compatible")
     init.add_argument("--health-command", default="",
                       help="command run on the new slot after a switch; exit 0 = healthy "
                            "(env: SWARMOTA_SLOT, SWARMOTA_SLOT_IMAGE, SWARMOTA_VERSION)")
-    init.add_argument("--health-timeout-s", type=float, default=60.0)
+    init.add_argument("--health-timeout-s", type=float, default=60.0,
+                      help="the health command fails after this long (default %(default)s)")
     init.add_argument("--concurrency", type=int, default=4, help="parallel chunk downloads")
     init.add_argument("--download-mode", choices=DOWNLOAD_MODES, default="swarm",
                       help="swarm: chunks from LAN peers and the origin (BitTorrent through "
@@ -91,19 +102,22 @@ def add_parser(subparsers: Any) -> None:
                            "default; DHT is never used")
     init.add_argument("--metered", action="store_true",
                       help="the device's network is metered: never upload to peers")
-    init.add_argument("--battery-file", default=None, metavar="PATH",
+    init.add_argument("--battery-file", type=Path, default=None, metavar="PATH",
                       help="file holding the battery percentage; no upload below "
                            "--min-battery-percent (or when unreadable)")
-    init.add_argument("--min-battery-percent", type=int, default=30)
+    init.add_argument("--min-battery-percent", type=int, default=30,
+                      help="no upload to peers below this battery level (default "
+                           "%(default)s)")
     init.add_argument("--tls-pin", action="append", default=[], metavar="PIN",
                       dest="tls_pins",
                       help="SPKI pin (sha256/BASE64, from 'swarmota tls pin') of a key the "
                            "origin or tracker may use; repeat for each server key and at "
                            "least one spare key. With pins, both URLs must be https:// and "
                            "a server with any other key is refused before anything is sent")
-    init.add_argument("--tls-ca-file", default=None, metavar="PEM",
+    init.add_argument("--tls-ca-file", type=Path, default=None, metavar="PEM",
                       help="CA certificate(s) to trust instead of the system store, e.g. "
-                           "the ca.pem of 'swarmota tls ca'")
+                           "the ca.pem of 'swarmota tls ca'; copied to STATE/"
+                           f"{TLS_CA_FILE}")
     init.add_argument("--policy", type=Path, default=None, metavar="FILE",
                       help="install policy (TOML: maintenance windows, install delay, "
                            "battery/charging, metered network, free-space reserve); "
@@ -133,6 +147,19 @@ def add_parser(subparsers: Any) -> None:
                            "Secure Boot state; pick PCRs an A/B update does not change)")
     keys.add_argument("--identity-csr", type=Path, default=None, metavar="FILE",
                       help="with --keystore tpm: also copy the signing requests here")
+    fleet = init.add_argument_group(
+        "fleet membership (sent at check-in)",
+        "What the tracker learns about the device besides its id: rollouts may target "
+        "labels (--canary-label), and peers are handed out network first, then region.")
+    fleet.add_argument("--label", action="append", default=[], metavar="LABEL",
+                       dest="labels",
+                       help=f"a group the device declares (repeat; at most {MAX_LABELS}; "
+                            "1-64 chars of A-Z a-z 0-9 . _ : -)")
+    fleet.add_argument("--network-id", default=None, metavar="ID",
+                       help="opaque id of the device's home network (e.g. a hash of its "
+                            "gateway's address): peers on it come first")
+    fleet.add_argument("--region", default=None, metavar="REGION",
+                       help="coarse region of the device: peers in it come next")
     init.add_argument("--max-counter-jump", type=int, default=DEFAULT_MAX_COUNTER_JUMP,
                       metavar="N",
                       help="refuse a release whose counter is more than N above the "
@@ -147,16 +174,21 @@ def add_parser(subparsers: Any) -> None:
         "Default: file slots (STATE/slots/) and boot control simulated by the agent "
         "(tests, the demo). A real device: partitions and GRUB or U-Boot, whose boot "
         "script is 'swarmota peer bootloader-script grub.cfg|boot.cmd'.")
-    boot.add_argument("--slot-backend", choices=SLOT_BACKENDS, default="file")
+    boot.add_argument("--slot-backend", choices=SLOT_BACKENDS, default="file",
+                      help="file: STATE/slots/{a,b}.img; block: partitions "
+                           "(default %(default)s)")
     boot.add_argument("--slot-device", action="append", default=[], metavar="SLOT=DEVICE",
+                      dest="slot_devices",
                       help="a slot's partition, by path or PARTLABEL=label (block slots; "
                            "give a= and b=); slot a must already hold --image")
-    boot.add_argument("--bootloader", choices=BOOTLOADERS, default="file")
-    boot.add_argument("--grub-env", default=None, metavar="PATH",
+    boot.add_argument("--bootloader", choices=BOOTLOADERS, default="file",
+                      help="file: the agent plays the bootloader (tests, the demo); grub or "
+                           "uboot: a real one (default %(default)s)")
+    boot.add_argument("--grub-env", type=Path, default=None, metavar="PATH",
                       help="the GRUB environment block grub.cfg loads (created if missing)")
-    boot.add_argument("--uboot-env-config", default=None, metavar="PATH",
+    boot.add_argument("--uboot-env-config", type=Path, default=None, metavar="PATH",
                       help="fw_env.config naming the U-Boot environment's copies")
-    boot.add_argument("--uboot-default-env", default=None, metavar="PATH",
+    boot.add_argument("--uboot-default-env", type=Path, default=None, metavar="PATH",
                       help="libubootenv's default environment when no copy is valid")
     boot.add_argument("--boot-attempts", type=int, default=3,
                       help="boots a new slot gets before the bootloader falls back; a boot "
@@ -164,7 +196,8 @@ def add_parser(subparsers: Any) -> None:
     boot.add_argument("--reboot-command", default="",
                       help="run after a switch with a real bootloader, e.g. 'systemctl "
                            "reboot' (default: the reboot is left to the device)")
-    init.add_argument("--force", action="store_true", help="re-provision an existing directory")
+    init.add_argument("--force", action="store_true",
+                      help="re-provision an existing directory (without it, init refuses one)")
     init.set_defaults(func=_init)
 
     identity = sub.add_parser(
@@ -208,7 +241,7 @@ def add_parser(subparsers: Any) -> None:
                     "commit or roll back, and report. Exit code: the status code "
                     "(0 ok, 10 download, 20 verify, 30 install, 40 post-check failed, "
                     "41 boot attempts interrupted: rolled back, not a release failure).")
-    update.add_argument("state", type=Path)
+    update.add_argument("state", type=Path, help="the device's state directory ('peer init')")
     update.add_argument("--json", action="store_true", help="print the result as JSON")
     update.add_argument("--seed-time-s", type=float, default=None,
                         help="after a swarm-mode update, share the payload with peers this "
@@ -228,14 +261,17 @@ def add_parser(subparsers: Any) -> None:
                     "or SIGINT: exit 0 at once when idle; a pass in progress stops at the "
                     "next safe point (never between the switch and the health check's "
                     "outcome) and is picked up from the journal on the next start.")
-    run.add_argument("state", type=Path)
+    run.add_argument("state", type=Path, help="the device's state directory ('peer init')")
     run.add_argument("--poll-interval-s", type=float, default=None,
                      help="seconds between passes (default: what the tracker asks for)")
     run.add_argument("--jitter-fraction", type=float, default=0.1,
                      help="random jitter, a fraction of the interval either way "
                           "(default %(default)s)")
-    run.add_argument("--backoff-initial-s", type=float, default=30.0)
-    run.add_argument("--backoff-max-s", type=float, default=3600.0)
+    run.add_argument("--backoff-initial-s", type=float, default=30.0,
+                     help="wait after a first failure, doubled after each next one "
+                          "(default %(default)s)")
+    run.add_argument("--backoff-max-s", type=float, default=3600.0,
+                     help="the longest backoff (default %(default)s)")
     run.add_argument("--retry-budget", type=int, default=3,
                      help="failed attempts per release before it is left alone "
                           "(default %(default)s; failed downloads do not count)")
@@ -270,8 +306,26 @@ def add_parser(subparsers: Any) -> None:
     status.set_defaults(func=_status)
 
 
-def _init(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class Provisioning:
+    """What ``peer init`` writes, checked: the configuration and the files' contents."""
+
+    config: DeviceConfig
+    root_json: bytes
+    policy: bytes | None
+    tls_ca: bytes | None
+    identity: tuple[Path, Path] | None
+
+
+def prepare_init(args: argparse.Namespace) -> Provisioning:
+    """Everything ``peer init`` checks before it writes anything (``config check`` runs
+    it too): the configuration, and the files it names are readable and usable.
+
+    Raises:
+        ConfigError: a setting or a file that cannot be used.
+    """
     try:
+        tls_ca = _read_ca_file(args.tls_ca_file)
         config = DeviceConfig(
             device_id=args.device_id, product=args.product, hardware_id=args.hardware_id,
             origin_url=args.origin, tracker_url=args.tracker,
@@ -280,16 +334,18 @@ def _init(args: argparse.Namespace) -> int:
             download_mode=args.download_mode, swarm_listen=args.swarm_listen,
             download_rate_limit_bytes_per_s=args.download_limit,
             upload_rate_limit_bytes_per_s=args.upload_limit, seed_time_s=args.seed_time_s,
-            network_metered=args.metered, battery_percent_path=args.battery_file,
+            network_metered=args.metered, battery_percent_path=_text(args.battery_file),
             swarm_local_discovery=args.swarm_local_discovery,
             min_battery_percent_to_upload=args.min_battery_percent,
-            tls_pins=tuple(args.tls_pins), tls_ca_file=_ca_file(args.tls_ca_file),
+            tls_pins=tuple(args.tls_pins),
+            tls_ca_file=None if tls_ca is None else TLS_CA_FILE,
+            labels=tuple(args.labels), network_id=args.network_id, region=args.region,
             max_release_counter_jump=args.max_counter_jump,
             trust_refresh_interval_s=args.trust_refresh_interval_s,
-            slot_backend=args.slot_backend, slot_devices=_slot_devices(args.slot_device),
-            bootloader=args.bootloader, grub_env_path=args.grub_env,
-            uboot_env_config=args.uboot_env_config,
-            uboot_default_env=args.uboot_default_env, boot_attempts=args.boot_attempts,
+            slot_backend=args.slot_backend, slot_devices=_slot_devices(args.slot_devices),
+            bootloader=args.bootloader, grub_env_path=_text(args.grub_env),
+            uboot_env_config=_text(args.uboot_env_config),
+            uboot_default_env=_text(args.uboot_default_env), boot_attempts=args.boot_attempts,
             reboot_command=tuple(shlex.split(args.reboot_command)),
             keystore=args.keystore, tpm_device=args.tpm_device, tpm_pcrs=args.tpm_pcrs)
         if (args.identity_cert is None) != (args.identity_key is None):
@@ -308,21 +364,38 @@ def _init(args: argparse.Namespace) -> int:
                 raise ConfigError(f"policy {args.policy} does not exist")
             load_policy(args.policy)  # refuse a bad file before provisioning anything
             policy = args.policy.read_bytes()
+        if not args.image.is_file():
+            raise ConfigError(f"slot A image {args.image} does not exist")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {exc.filename}: {exc.strerror or exc}") from None
+    identity = None
+    if args.identity_cert is not None:
+        identity = (args.identity_cert, args.identity_key)
+        with tempfile.TemporaryDirectory(prefix=".swarmota-check-") as scratch:
+            install_identity(Path(scratch), *identity, config.device_id)
+    return Provisioning(config, root, policy, tls_ca, identity)
+
+
+def _init(args: argparse.Namespace) -> int:
+    try:
+        plan = prepare_init(args)
+        config = plan.config
 
         def provision(directory: Path) -> None:
-            state = init_device(directory, config, root_json=root, image=args.image,
+            state = init_device(directory, config, root_json=plan.root_json, image=args.image,
                                 version=args.version, release_counter=args.release_counter,
                                 force=args.force)
-            if policy is not None:
-                atomic_write_bytes(state.policy_path, policy)
-            if args.identity_cert is not None:
-                install_identity(state.root, args.identity_cert, args.identity_key,
-                                 config.device_id)
+            if plan.policy is not None:
+                atomic_write_bytes(state.policy_path, plan.policy)
+            ca = state.root / TLS_CA_FILE
+            if plan.tls_ca is not None:
+                atomic_write_bytes(ca, plan.tls_ca)
+            else:
+                ca.unlink(missing_ok=True)
+            if plan.identity is not None:
+                install_identity(state.root, *plan.identity, config.device_id)
 
-        _provision_whole(args.state, provision,
-                         check=None if args.identity_cert is None else lambda tmp:
-                         install_identity(tmp, args.identity_cert, args.identity_key,
-                                          config.device_id))
+        _provision_whole(args.state, provision)
         request = args.state / "identity" / "request.pem"
         if args.identity_csr is not None:
             atomic_write_bytes(args.identity_csr, request.read_bytes())
@@ -419,24 +492,20 @@ def _bootloader_script(args: argparse.Namespace) -> int:
     return 0
 
 
-def _provision_whole(target: Path, provision: Callable[[Path], None],
-                     check: Callable[[Path], None] | None = None) -> None:
+def _provision_whole(target: Path, provision: Callable[[Path], None]) -> None:
     """Run ``provision`` so that a failure leaves no half-made state directory.
 
     A new device (``target`` missing or an empty directory) is built in a temporary
     directory beside it and renamed into place once complete; on failure the temporary
     directory goes and ``target`` is as it was. Re-provisioning (``--force``) changes
-    the device in place, keeping its identity's request counter: ``check`` (run on a
-    scratch directory) validates first what can be refused (the identity files).
+    the device in place, keeping its identity's request counter (what can be refused
+    was checked before: :func:`prepare_init`).
 
     Raises:
-        ConfigError, OSError: as ``provision`` or ``check``.
+        ConfigError, OSError: as ``provision``.
     """
     fresh = not target.exists() or (target.is_dir() and not any(target.iterdir()))
     if not fresh:
-        if check is not None:
-            with tempfile.TemporaryDirectory(prefix=".swarmota-check-") as scratch:
-                check(Path(scratch))
         provision(target)
         return
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -450,13 +519,29 @@ def _provision_whole(target: Path, provision: Callable[[Path], None],
     fsync_dir(target.parent)
 
 
-def _ca_file(path: str | None) -> str | None:
-    """The absolute path of a readable CA bundle (the device config outlives the cwd)."""
+def _read_ca_file(path: Path | None) -> bytes | None:
+    """The CA bundle at ``path``, checked to hold at least one PEM certificate (it is
+    copied into the state directory: the device must not depend on a file outside)."""
     if path is None:
         return None
-    resolved = Path(path).resolve()
-    resolved.read_bytes()  # OSError: reported by _init
-    return str(resolved)
+    with path.open("rb") as fh:
+        data = fh.read(_MAX_CA_FILE_BYTES + 1)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        if len(data) > _MAX_CA_FILE_BYTES:
+            raise ValueError(f"larger than {_MAX_CA_FILE_BYTES} bytes")
+        context.load_verify_locations(cadata=data.decode("ascii"))
+        if not context.cert_store_stats()["x509"]:
+            raise ValueError("no certificate in it")
+    except (ValueError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls_ca_file {path}: not a PEM CA bundle: {exc}") from None
+    return data
+
+
+def _text(path: Path | None) -> str | None:
+    """A path option as the device configuration stores it (absolute: the agent's working
+    directory is not the one of 'peer init')."""
+    return None if path is None else str(path.absolute())
 
 
 def _update(args: argparse.Namespace) -> int:

@@ -272,6 +272,12 @@ def save_config(path: Path, config: DeviceConfig) -> None:
 
 
 def load_config(path: Path) -> DeviceConfig:
+    """Read ``path`` (``STATE/device.json``); a relative ``tls_ca_file`` is relative to
+    its directory, so that the state directory may move.
+
+    Raises:
+        ConfigError: missing, unreadable, or not a valid configuration.
+    """
     try:
         raw = json.loads(path.read_bytes())
     except FileNotFoundError:
@@ -286,6 +292,9 @@ def load_config(path: Path) -> DeviceConfig:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{path}: {name} must be a list of strings")
             raw[name] = tuple(value)
+    ca_file = raw.get("tls_ca_file")
+    if isinstance(ca_file, str) and ca_file and not Path(ca_file).is_absolute():
+        raw["tls_ca_file"] = str(path.parent / ca_file)  # a copy in the state directory
     try:
         return DeviceConfig(**raw)
     except (TypeError, AttributeError, ValueError) as exc:  # a field of the wrong type

@@ -216,7 +216,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                               "tls device-cert --role seed'): needed to seed private swarms; "
                               "announces then go, signed, through a loopback relay to the "
                               "one --announce-url only (not to trackers in the torrents)")
-    seeding.add_argument("--tracker-ca-file", default=None, metavar="PEM",
+    seeding.add_argument("--tracker-ca-file", type=Path, default=None, metavar="PEM",
                          help="with --identity: CA certificate(s) the tracker's HTTPS "
                               "certificate must chain to (default: the system store)")
     seeding.add_argument("--tracker-pin", action="append", default=[], metavar="PIN",
@@ -429,7 +429,8 @@ def _announce_relay(args: argparse.Namespace) -> AnnounceRelay | None:
         check_pinned_urls(args.tracker_pins, {"--announce-url": args.announce_urls[0]},
                           "--tracker-pin")
         identity = load_identity_dir(args.identity)
-        tls = TlsPolicy(pins=frozenset(args.tracker_pins), ca_file=args.tracker_ca_file)
+        tls = TlsPolicy(pins=frozenset(args.tracker_pins),
+                        ca_file=None if args.tracker_ca_file is None else str(args.tracker_ca_file))
         http = HttpClient(timeout_s=30.0, tls=tls, identity=identity)
         return AnnounceRelay(http, args.announce_urls[0].removesuffix("/announce"))
     except (ConfigError, ValueError, OSError) as exc:

@@ -14,13 +14,25 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
-__all__ = ["EXIT_BROKEN_PIPE", "build_parser", "main"]
+if TYPE_CHECKING:
+    from swarmota.configfile import Schema
+
+__all__ = ["EXIT_BROKEN_PIPE", "build_parser", "config_schema", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from swarmota import demo, tlscli
+    return _build()[0]
+
+
+def config_schema() -> Schema:
+    """The keys of the configuration files, from the parsers (:mod:`swarmota.configfile`)."""
+    return _build()[1]
+
+
+def _build() -> tuple[argparse.ArgumentParser, Schema]:
+    from swarmota import configfile, demo, tlscli
     from swarmota.peer import cli as peer_cli
     from swarmota.seeder import cli as seeder_cli
     from swarmota.tracker import cli as tracker_cli
@@ -39,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     tlscli.add_parser(sub)
     _add_bench_parser(sub)
-    return parser
+    schema = configfile.install(parser)  # --config FILE for the services and the device
+    configfile.add_parser(sub, schema)
+    return parser, schema
 
 
 BENCHMARKS = ("fleet", "swarm", "swarm_adversaries", "delta", "tracker")

@@ -75,5 +75,8 @@ def test_peer_init_stores_pins_and_ca_file(tmp_path: Path,
                  "--tls-pin", pins[1], "--tls-ca-file", str(tmp_path / "ca" / "ca.pem")]) == 0
     config = load_config(tmp_path / "dev" / "device.json")
     assert config.tls_pins == tuple(pins)
-    assert config.tls_ca_file == str((tmp_path / "ca" / "ca.pem").resolve())
-    assert json.loads((tmp_path / "dev" / "device.json").read_text())["tls_pins"] == pins
+    # the CA is copied into the state directory, which names it relatively
+    assert config.tls_ca_file == str(tmp_path / "dev" / "tls-ca.pem")
+    assert Path(config.tls_ca_file).read_bytes() == (tmp_path / "ca" / "ca.pem").read_bytes()
+    stored = json.loads((tmp_path / "dev" / "device.json").read_text())
+    assert stored["tls_pins"] == pins and stored["tls_ca_file"] == "tls-ca.pem"

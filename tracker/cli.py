@@ -245,7 +245,7 @@ def _add_serve_parser(sub: Any) -> None:
     )
     _add_db(serve, "created if it does not exist")
     serve.add_argument("--listen", metavar="HOST:PORT", type=_listen_arg,
-                       default=_listen_arg(DEFAULT_LISTEN),
+                       default=DEFAULT_LISTEN,
                        help=f"address to listen on (default {DEFAULT_LISTEN}; IPv6 as "
                             "[::1]:PORT; port 0 picks a free port)")
     serve.add_argument("--tls-cert", metavar="FILE", type=Path, default=None,
@@ -274,6 +274,7 @@ def _add_serve_parser(sub: Any) -> None:
                            "them (anyone may check in, report, and, claiming to be a "
                            "seed, learn a swarm's peers); for tests and demos only")
     serve.add_argument("--trusted-proxy", metavar="CIDR", action="append", default=[],
+                       dest="trusted_proxies",
                        help="a reverse proxy in front of the tracker (repeat for several; "
                             "e.g. 127.0.0.1/32 for an nginx on this host): its Forwarded / "
                             "X-Forwarded-For headers give the peer address handed out in "
@@ -777,18 +778,9 @@ def _seg(text: str) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the tracker until Ctrl-C; 0 after a clean stop, 1 if it cannot start."""
     host, port = args.listen
-    if args.device_ca is None and not args.allow_unauthenticated_devices:
-        print("error: say how devices authenticate: --device-ca FILE (the fleet CA: "
-              "devices must sign their requests) or --allow-unauthenticated-devices "
-              "(lab mode: anyone may check in, report and announce)", file=sys.stderr)
-        return 2
     try:
-        certfile, keyfile = _tls_files(args.tls_cert, args.tls_key)
-        if args.device_ca is not None:
-            load_fleet_trust(args.device_ca)  # a bad file fails now, with exit code 2
-        TrustedProxies(args.trusted_proxy)
-        _check_repository_args(args)
-    except (ValueError, ConfigError) as exc:
+        certfile, keyfile = check_serve_args(args)
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if isinstance(args.db, Path) and not args.db.parent.is_dir():
@@ -809,7 +801,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            poll_after_s=args.poll_after_s,
                            announce_listen=args.announce_listen,
                            device_ca=args.device_ca,
-                           trusted_proxies=tuple(args.trusted_proxy),
+                           trusted_proxies=tuple(args.trusted_proxies),
                            repository_root=args.repository_root,
                            origin_url=args.origin_url, origin_ca_file=args.origin_ca_file)
 
@@ -854,6 +846,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: cannot run the tracker: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def check_serve_args(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """What ``serve`` checks before it starts (``config check`` runs it too): how devices
+    authenticate, the TLS files, the fleet CA, the proxies, the release verification
+    options. Returns the TLS certificate and key files.
+
+    Raises:
+        ConfigError: what is wrong.
+    """
+    if args.device_ca is None and not args.allow_unauthenticated_devices:
+        raise ConfigError("say how devices authenticate: --device-ca FILE (the fleet CA: "
+                          "devices must sign their requests) or "
+                          "--allow-unauthenticated-devices (lab mode: anyone may check in, "
+                          "report and announce)")
+    try:
+        certfile, keyfile = _tls_files(args.tls_cert, args.tls_key)
+        if args.device_ca is not None:
+            load_fleet_trust(args.device_ca)  # a bad file fails now, with exit code 2
+        TrustedProxies(args.trusted_proxies)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    _check_repository_args(args)
+    return certfile, keyfile
 
 
 def _check_repository_args(args: argparse.Namespace) -> None:

@@ -26,13 +26,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import stat
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from swarmota.infra.tomlfile import TomlFileError, read_toml_file
 from swarmota.tracker.errors import ConfigError
 
 __all__ = [
@@ -55,7 +55,6 @@ ENV_CA_FILE: Final = "SWARMOTA_TRACKER_CA_FILE"
 ENV_TOKEN: Final = "SWARMOTA_TRACKER_TOKEN"
 ENV_CONFIG: Final = "SWARMOTA_CLIENT_CONFIG"
 _KEYS: Final = ("url", "ca_file", "token")
-_MAX_CONFIG_BYTES: Final = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -96,23 +95,14 @@ def read_config_file(path: Path, *, required: bool) -> ConfigFile:
             shows (unknown tables or keys, values that are not strings).
     """
     try:
-        with path.open("rb") as fh:
-            mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
-            data = fh.read(_MAX_CONFIG_BYTES + 1)
+        read = read_toml_file(path, what="client config file")
     except FileNotFoundError:
         if required:
             raise ConfigError(f"client config file {path} does not exist") from None
         return ConfigFile(path, {}, None)
-    except OSError as exc:
-        raise ConfigError(f"cannot read client config file {path}: "
-                          f"{exc.strerror or exc}") from None
-    if len(data) > _MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {_MAX_CONFIG_BYTES} bytes: not a client "
-                          "config file")
-    try:
-        doc = tomllib.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: not a valid TOML file: {exc}") from None
+    except TomlFileError as exc:
+        raise ConfigError(str(exc)) from None
+    doc, mode = read.doc, read.mode
     extra = sorted(set(doc) - {"tracker"})
     if extra:
         raise ConfigError(f"{path}: unknown key {extra[0]!r}; the file holds a [tracker] "
