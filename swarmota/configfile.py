@@ -220,8 +220,7 @@ class Key:
             try:
                 out = convert(str(value))
             except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
-                raise ValueError(f"{exc} (expected {self.action.metavar or 'a value'} as "
-                                 f"for {self.flag})") from None
+                raise ValueError(f"{exc} (as for {self.flag})") from None
         choices = self.action.choices
         if choices is not None and out not in choices:
             raise ValueError(f"expected one of {', '.join(map(str, choices))}, got {value!r}")
@@ -309,6 +308,10 @@ def install(root: argparse.ArgumentParser) -> Schema:
     return schema
 
 
+_NOT_GIVEN: Final = object()
+"""The default of a positional argument that a file may give."""
+
+
 def _find(root: argparse.ArgumentParser, words: Iterable[str]) -> argparse.ArgumentParser:
     parser = root
     for word in words:
@@ -359,9 +362,11 @@ def _make_configurable(schema: Schema, parser: argparse.ArgumentParser, kind: Ki
             continue
         if action.help:  # shown as it was; '%' escaped since argparse formats it again
             action.help = key.help.replace("%", "%%")
-        action.default = argparse.SUPPRESS
         action.required = False
-        if not action.option_strings:
+        if action.option_strings:
+            action.default = argparse.SUPPRESS
+        else:  # argparse (3.11) would convert a SUPPRESS string through the type
+            action.default = _NOT_GIVEN
             action.nargs = "?"
     inherited = "".join(f"; {k} may come from [{t}]" for k, t in table.inherit.items())
     parser.add_argument(
@@ -380,6 +385,9 @@ def _run_command(schema: Schema, parser: argparse.ArgumentParser, kind: Kind, ta
                  command: Command, keys: Mapping[str, Key],
                  func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Fill in ``args`` from the file (if any) and the defaults, then run ``func``."""
+    for name in keys:
+        if getattr(args, name, None) is _NOT_GIVEN:
+            delattr(args, name)
     from_file: dict[str, Any] = {}
     if args.config_file is not None:
         try:
