@@ -10,6 +10,8 @@
     STATE/progress.json      live progress of a running update (download or seeding)
     STATE/journal.json       the update state machine's journal (peer.machine)
     STATE/policy.toml        install policy (optional; peer.install_policy)
+    STATE/tls-ca.pem         CA bundle of the servers (optional; device.json names it
+                             relatively, so the directory may move)
     STATE/offers.json        when the release now offered was first offered (install delay)
     STATE/attempts.json      when attempts of one release failed in a row (retry budget)
     STATE/floors.json        anti-rollback floors of the components (peer.floors)
