@@ -23,6 +23,7 @@ from typing import Any
 import trio
 
 from swarmota.infra.fsio import atomic_write_bytes, fsync_dir
+from swarmota.infra.sdnotify import SystemdNotifier
 from swarmota.manifest import DEFAULT_MAX_COUNTER_JUMP
 from swarmota.peer.agent import UpdateResult, update_once
 from swarmota.peer.bootloader import script
@@ -37,7 +38,6 @@ from swarmota.peer.identity import install_identity, load_identity, renew_identi
 from swarmota.peer.install_policy import load_policy
 from swarmota.peer.keystore import TpmKeyStore, open_keystore
 from swarmota.peer.state import DeviceState, JournalError, init_device
-from swarmota.peer.watchdog import SystemdNotifier
 from swarmota.tracker.wire import MAX_LABELS
 
 __all__ = ["TLS_CA_FILE", "Provisioning", "add_parser", "prepare_init"]

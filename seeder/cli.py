@@ -23,6 +23,7 @@ from pathlib import Path
 import trio
 
 from swarmota.infra.http_serve import ListenConfig, parse_listen
+from swarmota.infra.sdnotify import service_ready, service_stopping
 from swarmota.manifest import DEFAULT_MAX_COUNTER_JUMP, UPDATE_TYPES
 from swarmota.peer.announce_relay import AnnounceRelay
 from swarmota.peer.config import check_pinned_urls
@@ -363,7 +364,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 if seeder is not None:
                     await nursery.start(seeder.run)
                     _print_seeding(seeder, args)
+                notifier = await service_ready(nursery, f"serving {app.root} at {url}/")
                 async for _ in signals:
+                    await service_stopping(notifier, "stopping")
                     nursery.cancel_scope.cancel()
                     break
         if relay is not None:

@@ -32,7 +32,7 @@ def config_schema() -> Schema:
 
 
 def _build() -> tuple[argparse.ArgumentParser, Schema]:
-    from swarmota import configfile, demo, tlscli
+    from swarmota import configfile, demo, tlscli, units
     from swarmota.peer import cli as peer_cli
     from swarmota.seeder import cli as seeder_cli
     from swarmota.tracker import cli as tracker_cli
@@ -50,6 +50,7 @@ def _build() -> tuple[argparse.ArgumentParser, Schema]:
     peer_cli.add_parser(sub)
     demo.add_parser(sub)
     tlscli.add_parser(sub)
+    units.add_parser(sub)
     _add_bench_parser(sub)
     schema = configfile.install(parser)  # --config FILE for the services and the device
     configfile.add_parser(sub, schema)
@@ -73,13 +74,23 @@ def _add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     bench.set_defaults(func=_run_bench)
 
 
+def checkout_root() -> Path:
+    """The source checkout this ``swarmota`` runs from (an editable install): the folder
+    above ``swarmota/``. From a wheel, that is site-packages, with no ``bench/``."""
+    return Path(__file__).resolve().parent.parent
+
+
 def _run_bench(args: argparse.Namespace) -> int:
     """Benchmarks are not part of the installed package: run ``python -m bench.NAME``
     in the checkout this ``swarmota`` was installed from."""
-    root = Path(__file__).resolve().parent.parent
+    root = checkout_root()
     if not (root / "bench" / f"{args.name}.py").is_file():
-        print(f"swarmota bench: {root / 'bench'} not found: benchmarks run from a source "
-              "checkout (pip install -e .)", file=sys.stderr)
+        print("swarmota bench: the benchmarks are not part of the installed package; "
+              "they run from a source checkout: clone the repository, then "
+              f"'python3 dev.py swarmota bench {args.name}' there (or pip install -e "
+              "CHECKOUT into this environment). Some need more: fleet runs as root "
+              "(network namespaces), tracker needs wrk, delta needs ../shared/data.",
+              file=sys.stderr)
         return 2
     return subprocess.call([sys.executable, "-m", f"bench.{args.name}", *args.args],
                            cwd=root)

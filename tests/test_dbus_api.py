@@ -21,6 +21,7 @@ import pytest
 import trio
 from jeepney import HeaderFields
 
+from swarmota.infra.sdnotify import SystemdNotifier
 from swarmota.peer.agent import update_once
 from swarmota.peer.bootctl import SlotRecord, initial_bootctl, write_bootctl
 from swarmota.peer.bootloader import GrubEnv
@@ -29,7 +30,6 @@ from swarmota.peer.daemon import DaemonConfig, run_daemon
 from swarmota.peer.dbus_service import DBusUnavailable, serve_dbus
 from swarmota.peer.errors import StatusCode
 from swarmota.peer.state import DeviceState
-from swarmota.peer.watchdog import SystemdNotifier
 from tests.dbus_bus import STRANGER_UID, Bus, busctl, call, get, signals
 from tests.release_env import ReleaseEnv
 

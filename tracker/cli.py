@@ -59,6 +59,7 @@ import trio
 
 from swarmota.infra.deviceauth import DeviceAuthError, read_certificates
 from swarmota.infra.http_serve import ListenConfig, parse_listen
+from swarmota.infra.sdnotify import service_ready, service_stopping
 from swarmota.manifest import MAX_MANIFEST_BYTES, ManifestFormatError, parse_release_manifest
 from swarmota.tracker.admin import ROLES, TOKEN_NAME_RE, hash_token, new_token
 from swarmota.tracker.admin_client import AdminClient
@@ -821,9 +822,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 if config.origin_url is None:
                     print("releases cannot be registered through the admin API (no "
                           "--repository-root and --origin-url)", flush=True)
+                notifier = await service_ready(nursery, f"serving on {urls.api}")
                 async for signum in signals:
                     print(f"tracker stopping ({signal.Signals(signum).name})",
                           file=sys.stderr, flush=True)
+                    await service_stopping(notifier, "stopping")
                     nursery.cancel_scope.cancel()
                     break
 

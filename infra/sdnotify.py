@@ -1,12 +1,13 @@
 """systemd service notifications (``sd_notify``): readiness, status and the watchdog.
 
 Under systemd with ``Type=notify`` (and ``WatchdogSec=``), the service manager gives the
-agent ``NOTIFY_SOCKET`` (a unix datagram socket: a path, or ``@name`` in the abstract
-namespace) and ``WATCHDOG_USEC``. ``swarmota peer run`` sends ``READY=1`` once it is
-serving (its D-Bus name owned, when it has one), ``STATUS=`` lines after each pass,
-``WATCHDOG=1`` every half ``WATCHDOG_USEC`` from its event loop, and ``STOPPING=1`` on
-the way out. A loop blocked or deadlocked stops the pings, and systemd restarts the
-agent (the journal makes that safe). ``WATCHDOG_PID``, when set, must be this process.
+service ``NOTIFY_SOCKET`` (a unix datagram socket: a path, or ``@name`` in the abstract
+namespace) and ``WATCHDOG_USEC``. A service sends ``READY=1`` once it serves (the
+tracker and the origin once they listen, ``swarmota peer run`` once its D-Bus name is
+owned, when it has one), ``STATUS=`` lines, ``WATCHDOG=1`` every half ``WATCHDOG_USEC``
+from its event loop, and ``STOPPING=1`` on the way out. A loop blocked or deadlocked
+stops the pings, and systemd restarts the service. ``WATCHDOG_PID``, when set, must be
+this process.
 
 Errors: sending never raises (a lost notification is logged); a malformed
 ``WATCHDOG_USEC`` is ignored with a warning.
@@ -21,7 +22,7 @@ from collections.abc import Mapping
 
 import trio
 
-__all__ = ["SystemdNotifier"]
+__all__ = ["SystemdNotifier", "service_ready", "service_stopping"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,24 @@ class SystemdNotifier:
         while True:
             await self.notify("WATCHDOG=1")
             await trio.sleep(self.watchdog_s / 2)
+
+
+async def service_ready(nursery: trio.Nursery, status: str,
+                        environ: Mapping[str, str] | None = None) -> SystemdNotifier | None:
+    """Tell the service manager, when one asked (``NOTIFY_SOCKET``), that the service
+    is ready, with ``status``; feed its watchdog from ``nursery`` until that closes.
+    Returns the notifier (None: not run under a notifying service manager)."""
+    notifier = SystemdNotifier.from_environ(environ)
+    if notifier is not None:
+        await notifier.notify("READY=1", f"STATUS={status}")
+        nursery.start_soon(notifier.keep_alive)
+    return notifier
+
+
+async def service_stopping(notifier: SystemdNotifier | None, status: str) -> None:
+    """``STOPPING=1`` with ``status`` (nothing without a notifier)."""
+    if notifier is not None:
+        await notifier.notify("STOPPING=1", f"STATUS={status}")
 
 
 def _watchdog_s(env: Mapping[str, str], pid: int) -> float | None:

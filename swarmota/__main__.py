@@ -1,0 +1,7 @@
+"""``python -m swarmota``: the ``swarmota`` command."""
+
+import sys
+
+from swarmota.cli import main
+
+sys.exit(main())
