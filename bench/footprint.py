@@ -82,7 +82,7 @@ from swarmota.tracker.config import TrackerConfig
 from swarmota.tracker.protocol import Release
 from swarmota.tracker.rollout import RolloutPlan
 from swarmota.tracker.server import serve_tracker
-from swarmota.tracker.store import SqliteStore
+from swarmota.tracker.sqlite_store import SqliteStore
 
 __all__ = [
     "IMPORT_STEPS",

@@ -137,7 +137,9 @@ def add_parser(subparsers: Any) -> None:
         "init' writes the signing requests for the fleet CA to STATE/identity/request.pem "
         "('swarmota tls device-cert DIR --ca FLEET --csr request.pem', then 'swarmota "
         "peer identity renew STATE --cert DIR/cert.pem'). See docs/SECURITY.md.")
-    keys.add_argument("--keystore", choices=KEYSTORES, default="file")
+    keys.add_argument("--keystore", choices=KEYSTORES, default="file",
+                      help="where the identity key, the floors and the root's anchor live: "
+                           "file (the state directory) or tpm (default: file)")
     keys.add_argument("--tpm-device", default=None, metavar="DEVICE",
                       help="the TPM: /dev/tpmrm0 (the kernel's resource manager), or a TCTI "
                            "such as swtpm:path=SOCKET (a software TPM)")

@@ -221,6 +221,8 @@ class Key:
                 out = convert(str(value))
             except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
                 raise ValueError(f"{exc} (as for {self.flag})") from None
+            if isinstance(out, Path) and not out.is_absolute():
+                out = base / out  # e.g. --db: a path or a URL; a path is the file's
         choices = self.action.choices
         if choices is not None and out not in choices:
             raise ValueError(f"expected one of {', '.join(map(str, choices))}, got {value!r}")

@@ -13,14 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+
+from swarmota.cli import config_schema, main
+from swarmota.configdoc import render
 from swarmota.infra.devca import create_ca, issue_device_cert, issue_server_cert
 from swarmota.peer.config import load_config
 from swarmota.peer.state import DeviceState
 from swarmota.seeder.repository import Repository
-from swarmota.tracker.store import SqliteStore
-
-from swarmota.cli import config_schema, main
-from swarmota.configdoc import render
+from swarmota.tracker.sqlite_store import SqliteStore
 from tests.release_env import HARDWARE_ID, PRODUCT, Fleet
 
 ROOT = Path(__file__).resolve().parent.parent
