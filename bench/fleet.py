@@ -165,6 +165,7 @@ class RunResult:
     origin_bytes_metadata: int = 0  # TUF metadata (metadata/)
     origin_bytes_targets: int = 0  # release manifests (targets/)
     origin_bytes_torrents: int = 0  # .torrent files (of origin_bytes_payloads)
+    origin_bytes_chunk_lists: int = 0  # .chunks files (of origin_bytes_payloads)
     tracker_link_bytes: int = 0  # everything the tracker sent, as tc counts
     device_runs: list[DeviceRun] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -236,6 +237,7 @@ async def run_fleet(workdir: Path, published: Published, *, kind: str, scenario:
                      origin_bytes_metadata=stats.bytes_metadata,
                      origin_bytes_targets=stats.bytes_targets,
                      origin_bytes_torrents=stats.bytes_torrents,
+                     origin_bytes_chunk_lists=stats.bytes_chunk_lists,
                      tracker_link_bytes=link_after[1] - link_before[1])
 
 
@@ -359,8 +361,8 @@ def _device_run(device_id: str, state: Path | None, ended: float | None, output:
     except (OSError, ValueError):
         return DeviceRun(device_id, False, "no readable last_result.json", 0.0, 0.0, 0, 0)
     timings: dict[str, float] = result.get("timings_s", {})
-    delivered = timings.get("checkin", 0.0) + timings.get("metadata", 0.0) + sum(
-        v for k, v in timings.items() if k.startswith("transfer_"))
+    delivered = timings.get("checkin", 0.0) + timings.get("metadata", 0.0) + timings.get(
+        "chunk_list", 0.0) + sum(v for k, v in timings.items() if k.startswith("transfer_"))
     installed = float(result.get("finished_at", ended)) - started
     ok = result.get("status") == 0 and bool(result.get("updated")) \
         and result.get("to_version") == "2.0.0"
@@ -415,10 +417,13 @@ def summarize(runs: Sequence[RunResult], origin_rate_bytes_per_s: float) -> dict
             lambda r: (r.origin_link_bytes + r.tracker_link_bytes) / payload), 3),
         # where they went: payload chunks (over the payload), per device the rest
         "origin_chunks_x_payload": round(med(
-            lambda r: (r.origin_bytes_payloads - r.origin_bytes_torrents) / payload), 3),
+            lambda r: (r.origin_bytes_payloads - r.origin_bytes_torrents
+                       - r.origin_bytes_chunk_lists) / payload), 3),
         "origin_metadata_per_device": int(med(lambda r: r.origin_bytes_metadata / r.devices)),
         "origin_manifest_per_device": int(med(lambda r: r.origin_bytes_targets / r.devices)),
         "origin_torrent_per_device": int(med(lambda r: r.origin_bytes_torrents / r.devices)),
+        "origin_chunk_list_per_device": int(med(
+            lambda r: r.origin_bytes_chunk_lists / r.devices)),
         "tracker_per_device": int(med(lambda r: r.tracker_link_bytes / r.devices)),
         "device_bytes_metadata_median": int(med(
             lambda r: statistics.median(per_device(r, "bytes_metadata")))),
@@ -528,17 +533,17 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += ["", "Where the origin's and the tracker's bytes went (medians; per device: "
                   "the run's total over its devices):", "",
               "| payload | devices | scenario | payload chunks / payload | TUF metadata per "
-              "device | release manifest per device | torrent per device | tracker per "
-              "device (on the link) | overhead per device |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+              "device | release manifest per device | chunk list per device | torrent per "
+              "device | tracker per device (on the link) | overhead per device |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in result["cells"]:
-        overhead = (c["origin_metadata_per_device"] + c["origin_manifest_per_device"]
-                    + c["origin_torrent_per_device"] + c["tracker_per_device"])
+        overhead = sum(c[k] for k in _PER_DEVICE_KEYS.values())
         lines.append(
             f"| {c['kind']} | {c['devices']} | {c['scenario']} "
             f"| {c['origin_chunks_x_payload']:.3f} | {c['origin_metadata_per_device']:,} "
-            f"| {c['origin_manifest_per_device']:,} | {c['origin_torrent_per_device']:,} "
-            f"| {c['tracker_per_device']:,} | {overhead:,} |")
+            f"| {c['origin_manifest_per_device']:,} | {c['origin_chunk_list_per_device']:,} "
+            f"| {c['origin_torrent_per_device']:,} | {c['tracker_per_device']:,} "
+            f"| {overhead:,} |")
     if result["ratios"]:
         lines += ["", "| payload | devices | origin egress baseline / swarm | direct / swarm "
                       "| slowest baseline / swarm | direct / swarm |",
@@ -565,14 +570,15 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_PER_DEVICE_KEYS = {"TUF metadata": "origin_metadata_per_device",
+                    "release manifest": "origin_manifest_per_device",
+                    "chunk list": "origin_chunk_list_per_device",
+                    "torrent": "origin_torrent_per_device",
+                    "tracker": "tracker_per_device"}
 _BYTE_KINDS: tuple[tuple[str, Callable[[dict[str, Any]], float]], ...] = (
     ("payload chunks", lambda c: float(c["origin_chunks_x_payload"])),
-    ("TUF metadata", lambda c: c["origin_metadata_per_device"] * c["devices"]
-     / c["payload_bytes"]),
-    ("release manifest", lambda c: c["origin_manifest_per_device"] * c["devices"]
-     / c["payload_bytes"]),
-    ("torrent", lambda c: c["origin_torrent_per_device"] * c["devices"] / c["payload_bytes"]),
-    ("tracker", lambda c: c["tracker_per_device"] * c["devices"] / c["payload_bytes"]),
+    *((label, lambda c, key=key: c[key] * c["devices"] / c["payload_bytes"])
+      for label, key in _PER_DEVICE_KEYS.items()),
 )
 
 
@@ -678,7 +684,8 @@ async def run_bench(workdir: Path, config: FleetConfig, *, namespace: str | None
             "origin egress counts every byte the origin server sent (metadata included); "
             "'on the link' is what tc counted through the origin's class, headers included",
             "delivered: how long a device took to have every chunk verified, without "
-            "process start-up (agent: its check-in, metadata and transfer phases; baseline: "
+            "process start-up (agent: its check-in, metadata, chunk list and transfer "
+            "phases; baseline: "
             "its GET); installed: from the fleet's start until the agent committed v2 "
             "(adds start-up, a pass over the payload and decompressing into the slot) or "
             "the baseline's process ended",

@@ -653,9 +653,11 @@ class Repository:
                     fcntl.flock(fd, fcntl.LOCK_UN)
                     os.close(fd)
 
-    def add_target(self, name: str, data: bytes, *, now: datetime | None = None) -> bool:
-        """Publish ``data`` as target ``name``: stage it, sign with the local targets
-        keys, and go live if that meets the threshold; return whether it is live.
+    def add_target(self, name: str, data: bytes, *, custom: Mapping[str, Any] | None = None,
+                   now: datetime | None = None) -> bool:
+        """Publish ``data`` as target ``name`` (with ``custom`` data in its targets
+        entry): stage it, sign with the local targets keys, and go live if that meets
+        the threshold; return whether it is live.
 
         Targets are immutable: adding the same bytes again under the same name changes
         nothing; different bytes under a published or staged name are refused.
@@ -665,15 +667,18 @@ class Repository:
                 content; another change waits for signatures that this one would drop.
             RepositoryError: the repository cannot be read, signed or written.
         """
-        return self.stage_targets({name: data}, note=f"add {name}", now=now).live
+        return self.stage_targets({name: data}, custom={name: custom} if custom else None,
+                                  note=f"add {name}", now=now).live
 
     def stage_targets(self, add: Mapping[str, bytes] | None = None,
                       remove: Sequence[str] = (), *, note: str, renew: bool = False,
+                      custom: Mapping[str, Mapping[str, Any]] | None = None,
                       now: datetime | None = None) -> Staged:
         """Stage new targets metadata: the current targets (the staged ones, if a request
         changes them already) plus ``add`` minus ``remove``, a new version with a fresh
-        expiry (``renew``: even without any change). Signs it with the local targets
-        keys; goes live when every threshold of the request is met.
+        expiry (``renew``: even without any change). ``custom``: the custom data of
+        entries of ``add``, by name. Signs it with the local targets keys; goes live
+        when every threshold of the request is met.
 
         Raises:
             PublishError: an unsafe name, a name published with other content, a name
@@ -696,8 +701,11 @@ class Repository:
             files = dict(request.target_files) if request is not None else {}
             changed = renew
             for name, data in add.items():
+                extra = (custom or {}).get(name)
                 target = TargetFile(length=len(data), path=name,
-                                    hashes={"sha256": hashlib.sha256(data).hexdigest()})
+                                    hashes={"sha256": hashlib.sha256(data).hexdigest()},
+                                    unrecognized_fields=({"custom": dict(extra)} if extra
+                                                         else None))
                 existing = entries.get(name)
                 if existing == target:
                     continue

@@ -50,6 +50,7 @@ from infra.fsio import atomic_write_bytes
 from manifest import (
     COUNTER_RESETS_FIELD,
     ManifestFormatError,
+    parse_compact_pin,
     parse_counter_resets,
     parse_release_manifest,
 )
@@ -272,6 +273,7 @@ class SigningRequest:
             except LengthOrHashMismatchError as exc:
                 raise SigningError(f"target file {name} does not match the targets "
                                    f"metadata: {exc}") from exc
+            _check_compact_pin(name, data, target.custom)
 
     def describe(self) -> list[str]:
         """What the request does and who signed it, for humans (``seeder status``)."""
@@ -411,6 +413,27 @@ def _metadata(raw: Any, signed_type: type[_S], where: str) -> Metadata[_S]:
         raise SigningError(f"{where}: {md.signed.type} metadata where "
                            f"{signed_type.type} was expected")
     return md
+
+
+def _check_compact_pin(name: str, data: bytes, custom: Any) -> None:
+    """A targets entry that pins a compact manifest must pin exactly the compact form of
+    the manifest it names (:meth:`manifest.ReleaseManifest.compact`), so that a signer
+    who reviews the manifest signs its compact form too.
+
+    Raises:
+        SigningError: it pins anything else.
+    """
+    pin = parse_compact_pin(custom)
+    if pin is None:
+        return
+    try:
+        compact = parse_release_manifest(data).compact().to_bytes()
+    except ManifestFormatError as exc:
+        raise SigningError(f"target {name} pins a compact manifest but is not a release "
+                           f"manifest: {exc}") from exc
+    if pin != (len(compact), hashlib.sha256(compact).hexdigest()):
+        raise SigningError(f"target {name} pins a compact manifest that is not its "
+                           "compact form")
 
 
 def _release_line(data: bytes) -> str:
