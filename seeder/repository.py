@@ -360,9 +360,12 @@ class Repository:
         repo = cls(path, expiry=expiry, root=root_md, root_bytes=root_bytes,
                    local_keys=_scan_local_keys(path / _KEYS_DIR, roots))
         if staged is not None and staged.ready:
-            # a ready request is never left staged, unless a crash cut its go-live short
+            # a ready request is never left staged, unless a crash cut its go-live short;
+            # read again under the lock: a publisher may be taking it live right now
             with repo.locked():
-                repo._go_live(staged, _utc(now))
+                pending = repo.staged()
+                if pending is not None and pending.ready:
+                    repo._go_live(pending, _utc(now))
         for role in ("snapshot", "timestamp"):
             try:
                 repo._role_signers(repo._root.signed, role)

@@ -14,7 +14,8 @@ in the halt reason, and nobody else is offered v3. Releases are registered the w
 operator does it: through the tracker's admin API, which verifies each against the
 repository's signed metadata. The demo exits non-zero unless every device ends on
 verified v2 bytes in its active slot and v3 was stopped at its canary. Needs nothing
-outside this package.
+outside this package. With ``--console`` the servers stay up after the report, until
+Ctrl-C, and the operator console's address and an admin token are printed.
 
 Security is on as in production: a development server CA issues the origin's and the
 tracker's certificates (HTTPS, TLS 1.2+ and 1.3); devices pin both keys plus a spare
@@ -29,6 +30,7 @@ import argparse
 import hashlib
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -270,13 +272,16 @@ def broken_image(image: bytes) -> bytes:
 async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4 << 20,
                    zstd_level: int = 9, mode: str = "swarm",
                    cdn_rate_bytes_per_s: int | None = 4 << 20, canaries: int = 1,
-                   out: Any = sys.stdout) -> DemoOutcome:
+                   out: Any = sys.stdout, console: bool = False) -> DemoOutcome:
     """Run the whole demo in ``workdir``; return what happened.
 
     ``mode`` is the devices' download mode (``swarm`` or ``direct``);
     ``cdn_rate_bytes_per_s`` caps the origin's HTTP egress and, separately, the seeder's
     BitTorrent upload (``None``: no caps), as a CDN-to-home link would; the first
-    ``canaries`` devices (at least one) form the rollout's canary stage.
+    ``canaries`` devices (at least one) form the rollout's canary stage. With
+    ``console``, the servers stay up after the report until SIGINT or SIGTERM, and the
+    operator console's address and an admin token are printed (call it from the main
+    thread: it waits for the signal).
     """
 
     def say(msg: str) -> None:
@@ -314,10 +319,14 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
     canary_ids = device_ids[:max(1, min(canaries, devices))]
     db = workdir / "tracker.sqlite"
     token = new_token()  # what 'tracker admin token create --db' does before serving
+    console_token = new_token()
     store = SqliteStore(db)
     try:
         store.add_token(TokenRecord(hash_token(token), "demo-operator", "operator",
                                     time.time(), None))
+        if console:
+            store.add_token(TokenRecord(hash_token(console_token), "demo-admin", "admin",
+                                        time.time(), None))
     finally:
         store.close()
     root_json = workdir / "root.json"  # the trust anchor, as devices are provisioned
@@ -402,69 +411,88 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
         outsider_refused = await _outsider_is_refused(workdir / "outsider", tracker_url, tls)
         say(f"      an outsider (a certificate from another CA) checks in: "
             f"{'refused' if outsider_refused else 'ACCEPTED'} by the tracker")
+        want = hashlib.sha256(v2).hexdigest()
+        ok = not offered_early and outsider_refused and bad.phase == "halted"
+        say(f"  {'device':<11} {'status':>6} {'result':<9} {'payload':<7} {'mode':<6} "
+            f"{'from origin':>12} {'from peers':>11} {'time s':>7}  slot")
+        for state in states:
+            device_id = state.config().device_id
+            res = results[device_id]
+            bc = state.bootctl()
+            slot = state.slot_path(bc.primary).read_bytes()
+            slot_ok = hashlib.sha256(slot).hexdigest() == want
+            good = res.status == 0 and res.updated and slot_ok and not bc.pending
+            ok &= good
+            say(f"  {device_id:<11} {int(res.status):>6} {'updated' if good else 'FAILED':<9} "
+                f"{res.payload_kind or '-':<7} {res.download_mode or '-':<6} "
+                f"{res.bytes_origin:>12,} {res.bytes_peers:>11,} "
+                f"{res.timings_s.get('total', 0.0):>7.2f}  "
+                f"{bc.primary}={bc.slot(bc.primary).version}"
+                + ("" if good else f"  ({res.message})"))
+        store = SqliteStore(db)
+        try:
+            reports = store.reports()
+            rollout = store.rollout_of(PRODUCT, "2.0.0")
+        finally:
+            store.close()
+        stages: list[tuple[str, int, int, int, int, int]] = []
+        if rollout is not None:
+            say(f"  rollout of 2.0.0 {rollout.phase}, stage {rollout.stage_name}"
+                + (f" ({rollout.halt_reason})" if rollout.halt_reason else ""))
+            say(f"  {'stage':<8} {'admitted':>8} {'succeeded':>9} {'failed':>6} "
+                f"{'from origin':>12} {'from peers':>11}")
+            for name, c in zip(rollout.plan.stage_names, rollout.counters, strict=True):
+                failed = c.failed + c.rolled_back
+                stages.append((name, c.admitted, c.succeeded, failed, c.bytes_origin,
+                               c.bytes_peers))
+                say(f"  {name:<8} {c.admitted:>8} {c.succeeded:>9} {failed:>6} "
+                    f"{c.bytes_origin:>12,} {c.bytes_peers:>11,}")
+            # the others' second check-in must have opened the release to everyone
+            opened = not rest or rollout.stage == len(rollout.plan.stage_names) - 1
+            ok &= opened and rollout.phase in ("active", "completed")
+        elapsed = time.monotonic() - started
+        peer_bytes = max(0, sum(r.bytes_peers for r in results.values())
+                         - seeding.bytes_uploaded_payload)
+        cdn = stats.bytes_payloads + seeding.bytes_uploaded_payload
+        needed = devices * payload_size
+        say(f"  origin served {stats.bytes_total:,} bytes over HTTP ({stats.bytes_payloads:,} "
+            f"from payloads/, {stats.bytes_metadata + stats.bytes_targets:,} metadata and "
+            f"manifests); the seeder uploaded {seeding.bytes_uploaded_payload:,}; devices "
+            f"shared {peer_bytes:,} among themselves")
+        say(f"  CDN egress for payloads {cdn:,} bytes for {devices} devices x "
+            f"{payload_size:,} byte delta = {needed:,} ({100 * (1 - cdn / needed):.0f}% "
+            f"saved); full images from the CDN would have been {devices * full.size:,}")
+        say(f"  tracker stored {len(reports)} reports; demo took {elapsed:.1f} s")
+        ok &= len(reports) == devices + len(canary_ids)  # v2 for all, v3 for the canaries
+        say("demo OK: every device runs verified v2.0.0; the bad v3.0.0 stopped at its "
+            "canary" if ok else "demo FAILED")
+        outcome = DemoOutcome(ok=ok, results=results,
+                              origin_bytes_payloads=stats.bytes_payloads,
+                              origin_bytes_total=stats.bytes_total,
+                              seeder_bytes=seeding.bytes_uploaded_payload,
+                              peer_bytes=peer_bytes,
+                              payload_size=payload_size, reports_stored=len(reports),
+                              elapsed_s=elapsed, rollout_stages=stages,
+                              bad_release_phase=bad.phase, halt_reason=halt_reason)
+        if console:
+            await _hold_console(say, tracker_url, console_token, pki)
         nursery.cancel_scope.cancel()
+    return outcome
 
-    want = hashlib.sha256(v2).hexdigest()
-    ok = not offered_early and outsider_refused and bad.phase == "halted"
-    say(f"  {'device':<11} {'status':>6} {'result':<9} {'payload':<7} {'mode':<6} "
-        f"{'from origin':>12} {'from peers':>11} {'time s':>7}  slot")
-    for state in states:
-        device_id = state.config().device_id
-        res = results[device_id]
-        bc = state.bootctl()
-        slot_ok = hashlib.sha256(state.slot_path(bc.primary).read_bytes()).hexdigest() == want
-        good = res.status == 0 and res.updated and slot_ok and not bc.pending
-        ok &= good
-        say(f"  {device_id:<11} {int(res.status):>6} {'updated' if good else 'FAILED':<9} "
-            f"{res.payload_kind or '-':<7} {res.download_mode or '-':<6} "
-            f"{res.bytes_origin:>12,} {res.bytes_peers:>11,} "
-            f"{res.timings_s.get('total', 0.0):>7.2f}  "
-            f"{bc.primary}={bc.slot(bc.primary).version}"
-            + ("" if good else f"  ({res.message})"))
-    store = SqliteStore(db)
-    try:
-        reports = store.reports()
-        rollout = store.rollout_of(PRODUCT, "2.0.0")
-    finally:
-        store.close()
-    stages: list[tuple[str, int, int, int, int, int]] = []
-    if rollout is not None:
-        say(f"  rollout of 2.0.0 {rollout.phase}, stage {rollout.stage_name}"
-            + (f" ({rollout.halt_reason})" if rollout.halt_reason else ""))
-        say(f"  {'stage':<8} {'admitted':>8} {'succeeded':>9} {'failed':>6} "
-            f"{'from origin':>12} {'from peers':>11}")
-        for name, c in zip(rollout.plan.stage_names, rollout.counters, strict=True):
-            failed = c.failed + c.rolled_back
-            stages.append((name, c.admitted, c.succeeded, failed, c.bytes_origin,
-                           c.bytes_peers))
-            say(f"  {name:<8} {c.admitted:>8} {c.succeeded:>9} {failed:>6} "
-                f"{c.bytes_origin:>12,} {c.bytes_peers:>11,}")
-        # the others' second check-in must have opened the release to everyone
-        opened = not rest or rollout.stage == len(rollout.plan.stage_names) - 1
-        ok &= opened and rollout.phase in ("active", "completed")
-    elapsed = time.monotonic() - started
-    peer_bytes = max(0, sum(r.bytes_peers for r in results.values())
-                     - seeding.bytes_uploaded_payload)
-    cdn = stats.bytes_payloads + seeding.bytes_uploaded_payload
-    needed = devices * payload_size
-    say(f"  origin served {stats.bytes_total:,} bytes over HTTP ({stats.bytes_payloads:,} from "
-        f"payloads/, {stats.bytes_metadata + stats.bytes_targets:,} metadata and manifests); "
-        f"the seeder uploaded {seeding.bytes_uploaded_payload:,}; devices shared "
-        f"{peer_bytes:,} among themselves")
-    say(f"  CDN egress for payloads {cdn:,} bytes for {devices} devices x {payload_size:,} "
-        f"byte delta = {needed:,} ({100 * (1 - cdn / needed):.0f}% saved); full images "
-        f"from the CDN would have been {devices * full.size:,}")
-    say(f"  tracker stored {len(reports)} reports; demo took {elapsed:.1f} s")
-    ok &= len(reports) == devices + len(canary_ids)  # v2 for all, v3 for the canaries
-    say("demo OK: every device runs verified v2.0.0; the bad v3.0.0 stopped at its "
-        "canary" if ok else "demo FAILED")
-    return DemoOutcome(ok=ok, results=results,
-                       origin_bytes_payloads=stats.bytes_payloads,
-                       origin_bytes_total=stats.bytes_total,
-                       seeder_bytes=seeding.bytes_uploaded_payload, peer_bytes=peer_bytes,
-                       payload_size=payload_size, reports_stored=len(reports),
-                       elapsed_s=elapsed, rollout_stages=stages,
-                       bad_release_phase=bad.phase, halt_reason=halt_reason)
+
+async def _hold_console(say: Any, tracker_url: str, token: str, pki: _Pki) -> None:
+    """Print how to open the operator console, then wait for SIGINT or SIGTERM."""
+    pins = ",".join(p.removeprefix("sha256/") for p in pki.pins)
+    say(f"console: {tracker_url}/console/")
+    say(f"  admin token (this run only): {token}")
+    say(f"  the tracker's certificate is issued by the demo's own CA ({pki.server_ca}): "
+        "accept the browser's warning, or trust its key only, e.g. "
+        f"chromium --user-data-dir=$(mktemp -d) --ignore-certificate-errors-spki-list={pins}")
+    say("  the servers stay up until Ctrl-C")
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            say(f"  {signal.Signals(signum).name}: stopping the servers")
+            break
 
 
 async def _admin_call(tracker_url: str, token: str, ca_file: str, method: str, path: str,
@@ -541,6 +569,10 @@ def add_parser(subparsers: Any) -> None:
                    help="devices in the rollout's canary stage (default %(default)s)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="keep everything in this (new) directory instead of a temporary one")
+    p.add_argument("--console", action="store_true",
+                   help="after the report, keep the servers up (until Ctrl-C) and print the "
+                        "operator console's address and an admin token, to look at the "
+                        "fleet, the rollouts and the halted bad release in a browser")
     p.set_defaults(func=_main)
 
 
@@ -560,7 +592,7 @@ def _main(args: argparse.Namespace) -> int:
         return trio.run(lambda: run_demo(workdir, devices=args.devices,
                                          image_size_bytes=args.image_mib << 20,
                                          mode=args.mode, cdn_rate_bytes_per_s=rate,
-                                         canaries=args.canaries))
+                                         canaries=args.canaries, console=args.console))
 
     if args.workdir is not None:
         if args.workdir.exists() and any(args.workdir.iterdir()):

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -375,6 +376,17 @@ class Fleet:
 @pytest.fixture
 async def fleet(tmp_path: Path, nursery: trio.Nursery,
                 images: tuple[bytes, bytes]) -> AsyncIterator[Fleet]:
+    async with open_fleet(nursery, tmp_path, images) as started:
+        yield started
+
+
+@asynccontextmanager
+async def open_fleet(nursery: trio.Nursery, tmp_path: Path,
+                     images: tuple[bytes, bytes]) -> AsyncIterator[Fleet]:
+    """A private fleet in ``tmp_path``: a server CA and a fleet CA (and ``other-ca``,
+    one the tracker does not trust), the origin and the tracker over HTTPS (the
+    tracker accepts only fleet identities), v1 and v2 published to private swarms and
+    registered, and a seeder announcing through a signed relay; all in ``nursery``."""
     pki = tmp_path / "pki"
     server_ca = create_ca(pki / "server-ca")
     origin: ServerFiles = issue_server_cert(pki / "server-ca", pki / "origin", ["127.0.0.1"])

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import io
+import queue
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from swarmota.demo import run_demo
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def test_demo_updates_every_device_through_the_delta_in_the_swarm(
@@ -85,3 +96,50 @@ async def test_demo_with_a_single_device_is_its_own_canary(tmp_path: Path) -> No
     assert outcome.ok, out.getvalue()
     canary, everyone = outcome.rollout_stages
     assert canary[:3] == ("canary", 1, 1) and everyone[1] == 0
+
+
+def test_demo_console_keeps_the_servers_up_until_interrupted(tmp_path: Path) -> None:
+    """``swarmota demo --console``: after the report, the console's address and an admin
+    token; the tracker answers both until SIGINT, then the demo exits 0."""
+    workdir = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swarmota.cli", "demo", "--console", "--devices", "2",
+         "--image-mib", "1", "--cdn-rate-mib", "0", "--workdir", str(workdir)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    out = proc.stdout
+    assert out is not None
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in out:
+            lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not any("servers stay up until Ctrl-C" in line for line in seen):
+            assert proc.poll() is None, "".join(seen)
+            seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+        text = "".join(seen)
+        assert "demo OK" in text, text
+        url = re.search(r"^console: (https://127\.0\.0\.1:\d+/console/)$", text, re.M)
+        token = re.search(r"admin token \(this run only\): (sot_\S+)$", text, re.M)
+        assert url is not None and token is not None, text
+        tls = ssl.create_default_context(cafile=workdir / "pki" / "server-ca" / "ca.pem")
+        with httpx.Client(verify=tls, trust_env=False, timeout=10) as http:
+            page = http.get(url.group(1))
+            assert page.status_code == 200 and "frame-ancestors 'none'" in \
+                page.headers["content-security-policy"]
+            fleet = http.get(url.group(1).replace("/console/", "/v1/admin/fleet"),
+                             headers={"authorization": f"Bearer {token.group(1)}"}).json()
+            assert fleet["devices"] == 2 and fleet["versions"] == {
+                "acme-router": {"2.0.0": 2}}, fleet
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        rest = "".join(lines.get(timeout=10) for _ in range(lines.qsize()))
+        assert "SIGINT: stopping the servers" in rest, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -346,9 +346,19 @@ async def test_rollout_watch_shows_a_halt_naming_the_device_and_exits_with_the_h
                                     "--interval-s", "0.05", "--max-s", "60", role="viewer"))
         watching.set()
 
+    async def admin_requests() -> int:
+        async with httpx.AsyncClient(verify=ops.verify) as client:
+            text = (await client.get(f"{ops.tracker_url}/metrics")).text
+        found = re.search(r"^swarmota_tracker_admin_requests_total (\d+)$", text, re.M)
+        assert found, text
+        return int(found.group(1))
+
     async with trio.open_nursery() as nursery:
+        before = await admin_requests()
         nursery.start_soon(watch)
-        await trio.sleep(0.3)  # a few frames of an active rollout first
+        with trio.fail_after(30):  # a few frames of an active rollout first
+            while await admin_requests() < before + 3:
+                await trio.sleep(0.05)
         await ops.report("c1", 0)
         await ops.report("c2", 40, "health check: \x1b[2J/data not mounted",
                          "boot: mounting /data\r\nerror: /data not mounted\n")

@@ -305,6 +305,53 @@ def test_concurrent_publishers_do_not_lose_releases(repo: Repository) -> None:
     assert repo.versions()["timestamp"] == 16
 
 
+def test_opening_while_a_publisher_takes_its_request_live_does_not_replay_it(
+        repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Open reads staged.json before it takes the lock: a request it saw ready may be
+    live (and gone) by the time it holds the lock, and must not be taken live twice."""
+    import seeder.repository as repository_module
+
+    opener_read_staged = threading.Event()
+    real_read_request = repository_module.read_request
+    real_go_live = Repository._go_live
+
+    def reading(path: Path) -> SigningRequest:
+        request = real_read_request(path)
+        if threading.current_thread().name == "opener":
+            opener_read_staged.set()
+        return request
+
+    def pausing_go_live(self: Repository, request: SigningRequest, when: datetime) -> None:
+        if threading.current_thread().name == "publisher":
+            opener = threading.Thread(target=open_repo, name="opener")
+            opener.start()
+            assert opener_read_staged.wait(10), "the opener never read staged.json"
+            started.append(opener)
+        real_go_live(self, request, when)
+
+    errors: list[BaseException] = []
+    started: list[threading.Thread] = []
+
+    def open_repo() -> None:
+        try:
+            Repository.open(repo.path)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    monkeypatch.setattr(repository_module, "read_request", reading)
+    monkeypatch.setattr(Repository, "_go_live", pausing_go_live)
+    publisher = threading.Thread(
+        target=lambda: repo.add_target("releases/a.json", b"a"), name="publisher")
+    publisher.start()
+    publisher.join(30)
+    assert started, "the publisher never went live"
+    started[0].join(30)
+    assert errors == []
+    assert repo.versions()["targets"] == 2
+    assert repo.versions()["timestamp"] == 2  # went live once, not replayed
+    assert not repo.staged_path.exists()
+
+
 # --- acceptance by python-tuf's client over HTTP -----------------------------------------
 
 

@@ -107,6 +107,7 @@ _MAX_REVOKE_CERTIFICATES = 64
 _MAX_REASON_CHARS = 500
 _MAX_TAGS = 32
 _DEFAULT_PAGE = 100
+_DAY_S = 24 * 3600
 
 
 class NotFound(TrackerError):
@@ -548,14 +549,19 @@ async def _devices(call: Call) -> tuple[int, object]:
     if status is not None and "rollout" not in q:
         raise RequestError("status needs rollout (a rollout id)")
     stale = _int_param(call, "stale_s", -1, 10**9) if "stale_s" in q else None
+    fresh = _int_param(call, "seen_within_s", -1, 10**9) if "seen_within_s" in q else None
+    search = q.get("search") or None
+    if search is not None and len(search) > 128:
+        raise RequestError("search must be at most 128 characters")
     limit = _limit(call)
     store = call.director.store
 
     def read() -> object:
         where = DeviceFilter(product=q.get("product"), version=q.get("version"),
                              group=q.get("group"), rollout_id=q.get("rollout"),
-                             status=status, after=q.get("after"),
-                             seen_before=None if stale is None else call.now - stale)
+                             status=status, after=q.get("after"), search=search,
+                             seen_before=None if stale is None else call.now - stale,
+                             seen_after=None if fresh is None else call.now - fresh)
         rows = store.devices(where, limit=limit + 1)
         devices = []
         rollouts: dict[str, RolloutState | None] = {}
@@ -641,12 +647,17 @@ async def _reports(call: Call) -> tuple[int, object]:
 
 
 async def _fleet(call: Call) -> tuple[int, object]:
+    """``stale_s``: devices not heard of for this long count as stale (default: two
+    check-in intervals, ``2 * poll_after_s``)."""
     store = call.director.store
+    stale_s = _int_param(call, "stale_s", 2 * call.director.config.poll_after_s, 10**9)
 
     def read() -> object:
         by_status, origin, peers = store.report_totals()
         return fleet_to_json(store.count_devices(), by_status, origin, peers,
-                             store.rollouts())
+                             store.rollouts(),
+                             stale=store.count_devices(seen_before=call.now - stale_s),
+                             stale_s=stale_s, recent=store.report_counts(call.now - _DAY_S))
 
     return 200, await call.director.run(read)
 
@@ -773,10 +784,12 @@ ROUTES: Final[tuple[Route, ...]] = (
     *(Route("POST", ("rollouts", "{product}", "{version}", action), ACTION_ROLES[action],
             _rollout_action(action), summary=f"{action.capitalize()} the rollout.")
       for action in ACTIONS),
-    Route("GET", ("fleet",), "viewer", _fleet,
-          summary="Devices per version, reports per status, bytes and savings."),
+    Route("GET", ("fleet",), "viewer", _fleet, ("stale_s",),
+          "Devices per version (and how many are stale), reports per status (and per "
+          "product in the last day), bytes and savings."),
     Route("GET", ("devices",), "viewer", _devices,
-          ("product", "version", "group", "rollout", "status", "stale_s", *_PAGE),
+          ("product", "version", "group", "rollout", "status", "stale_s", "seen_within_s",
+           "search", *_PAGE),
           "Devices, filtered, a page at a time."),
     Route("GET", ("devices", "{device_id}"), "viewer", _show_device, ("limit",),
           "One device: what it runs, its rollouts, its reports with log tails."),

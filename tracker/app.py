@@ -10,12 +10,15 @@ Routes (see ARCHITECTURE.md, "Device <-> tracker API" and "Control plane"):
 - ``GET /metrics``: Prometheus text (no token: scrape it from the operator network);
 - ``GET /v1/openapi.json``: the OpenAPI 3.1 description of all of this
   (:mod:`tracker.openapi`, also ``docs/openapi.json``);
-- ``/v1/admin/...``: the admin API (:mod:`tracker.admin`: bearer tokens, roles, audit).
+- ``/v1/admin/...``: the admin API (:mod:`tracker.admin`: bearer tokens, roles, audit);
+- ``GET /console/``: the operator console, a page over the admin API
+  (:mod:`tracker.console`: static files, a strict Content-Security-Policy).
 
 This module reads bodies (bounded), finds the route, checks the device identity
 headers through the director, and turns answers and errors into HTTP. Every answer is
 a JSON object with ``content-type: application/json``, but the BitTorrent routes'
-(bencoded, ``text/plain``) and ``/metrics``. Errors are ``{"error": "<message>"}``:
+(bencoded, ``text/plain``), ``/metrics`` and the console's files. Errors are
+``{"error": "<message>"}``:
 400 for a request the protocol refuses, 401/403 for identity and tokens, 404 for an
 unknown path or object, 405 for a wrong method (with ``Allow``), 409 for an action
 the state does not allow, 413 for a body over ``config.max_body_bytes`` (enforced from
@@ -31,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from infra.http_serve import Receive, Scope, Send
-from tracker import admin
+from tracker import admin, console
 from tracker.bt_api import BITTORRENT_PATHS, answer_bittorrent, wrong_method
 from tracker.director import Director
 from tracker.errors import (
@@ -101,6 +104,10 @@ class TrackerApp:
         if path == "/metrics" and method == "GET":
             await _send_bytes(send, 200, self.director.metrics(),
                               b"text/plain; version=0.0.4; charset=utf-8")
+            return
+        if console.is_console_path(path):
+            page = console.answer(method, path)
+            await _send_bytes(send, page.status, page.body, page.content_type, page.headers)
             return
         counters = self.director.counters
         status = 200

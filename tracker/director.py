@@ -175,7 +175,7 @@ class Director:
             self.counters.add("decisions", label=decision.kind)
             # a halt needs an operator's eyes; other decisions are the plan working
             level = logging.WARNING if decision.kind == "halted" else logging.INFO
-            log.log(level, "rollout decision: %s: %s", decision.kind, decision.detail)
+            log.log(level, "rollout decision: %s: %s", decision.kind, _loggable(decision.detail))
         if decisions:
             self.rollouts_changed()
 
@@ -590,6 +590,12 @@ class Director:
         cache.move_to_end(key)
         while len(cache) > self.config.max_peers_total:
             cache.popitem(last=False)
+
+
+def _loggable(text: str) -> str:
+    """``text`` with control characters escaped: a halt reason quotes what devices
+    said, and a log line must not carry their terminal escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def retry_stale(fn: Callable[[], _T]) -> _T:

@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from tracker.admin import ROUTES, Route
-from tracker.rollout import DEVICE_STATUSES, PHASES, RolloutPlan
+from tracker.rollout import ACTIONS, DEVICE_STATUSES, PHASES, RolloutPlan
 from tracker.wire import (
     DEVICE_ID_RE,
     MAX_BYTES_COUNT,
@@ -113,9 +113,9 @@ def _schemas() -> dict[str, Any]:
         "Ok": {"type": "object", "required": ["ok"], "properties": {"ok": {"const": True}}},
         "Plan": {"oneOf": [{"const": "everyone"}, {
             "type": "object", "additionalProperties": False,
-            "properties": {k: {} for k in RolloutPlan().to_json()},
+            "properties": {k: {"default": v} for k, v in RolloutPlan().to_json().items()},
             "description": "RolloutPlan fields (tracker/rollout.py); missing ones take "
-                           "defaults"}]},
+                           "their defaults"}]},
         "Stage": stage,
         "Rollout": {"type": "object",
                     "required": ["rollout_id", "product", "version", "generation",
@@ -130,7 +130,11 @@ def _schemas() -> dict[str, Any]:
                                    "stage_started_at": _TIME,
                                    "stages": {"type": "array", "items": _ref("Stage")},
                                    "totals": _ref("Stage"),
-                                   "failures": {"type": "array", "items": _OBJECT}}},
+                                   "failures": {"type": "array", "items": _OBJECT},
+                                   "actions": {"type": "array",
+                                               "items": {"enum": list(ACTIONS)},
+                                               "description": "the operator actions its "
+                                                              "phase allows"}}},
         "Release": {"type": "object",
                     "required": ["product", "version", "release_counter", "payloads",
                                  "phase"],
@@ -178,7 +182,7 @@ def _parameter(name: str, where: str) -> dict[str, Any]:
         schema = _PRODUCT
     elif name == "version":
         schema = _VERSION
-    elif name in ("limit", "stale_s", "before", "since"):
+    elif name in ("limit", "stale_s", "seen_within_s", "before", "since"):
         schema = {"type": "integer", "minimum": 0}
     elif name == "status" and where == "query":
         schema = {"type": "string"}

@@ -95,6 +95,7 @@ __all__ = [
     "StageCounters",
     "admit",
     "open_to_all",
+    "allowed_actions",
     "apply_action",
     "cohort_percent",
     "mark_downloading",
@@ -608,6 +609,12 @@ _ACTION_PHASES: Final[dict[str, tuple[tuple[str, ...], str, str]]] = {
     "revoke": (("active", "paused", "halted", "forced", "aborted", "scheduled",
                 "completed"), "revoked", "revoked"),
 }
+
+
+def allowed_actions(phase: str) -> tuple[str, ...]:
+    """The operator actions that apply to a rollout in ``phase`` (in :data:`ACTIONS`
+    order; :func:`apply_action` refuses the others)."""
+    return tuple(a for a in ACTIONS if phase in _ACTION_PHASES[a][0])
 
 
 def apply_action(state: RolloutState, action: str, now: float,

@@ -14,8 +14,9 @@ Time is passed in: ``now`` arguments (seconds since the epoch), or for
 ``add_release`` without ``now`` the ``clock`` given to :class:`SqliteStore`.
 
 The database (WAL journal, ``synchronous=NORMAL``) can be opened by several processes
-at once: ``swarmota tracker release add`` may register a release while the server
-runs, and the server sees it on the next check-in.
+at once: several tracker processes may share it (their transactions are serialised by
+SQLite), and offline maintenance (``tracker admin token create``, ``tracker backup``)
+may run beside a serving tracker.
 
 Schema versions: 1 (releases, devices, reports); 2 adds ``swarms``, the BitTorrent
 swarms of registered releases' payloads (full v2 info-hash, its 20-byte announce form,
@@ -352,7 +353,7 @@ class DeviceFilter:
     ``rollout_id`` (and ``status``, one of :data:`tracker.rollout.DEVICE_STATUSES`):
     devices admitted to that rollout (in that status); ``seen_before`` /
     ``seen_after``: last heard of before / at or after (epoch s); ``after``: device ids
-    after this one (the next page).
+    after this one (the next page); ``search``: device ids containing this text.
     """
 
     product: str | None = None
@@ -363,6 +364,7 @@ class DeviceFilter:
     seen_before: float | None = None
     seen_after: float | None = None
     after: str | None = None
+    search: str | None = None
 
 
 @dataclass(frozen=True)
@@ -493,8 +495,10 @@ class Store(Protocol):
         """What the tracker knows of ``device_id``, if it ever checked in."""
         ...
 
-    def count_devices(self, product: str | None = None) -> dict[tuple[str, str], int]:
-        """Devices per (product, version)."""
+    def count_devices(self, product: str | None = None, *,
+                      seen_before: float | None = None) -> dict[tuple[str, str], int]:
+        """Devices per (product, version) (``seen_before``: only those last heard of
+        before it, epoch s)."""
         ...
 
     def set_tags(self, device_id: str, add: Sequence[str], remove: Sequence[str],
@@ -521,6 +525,10 @@ class Store(Protocol):
 
     def report_totals(self) -> tuple[dict[int, int], int, int]:
         """Reports per status, and the bytes from the origin and from peers they sum."""
+        ...
+
+    def report_counts(self, since: float) -> dict[tuple[str, int], int]:
+        """Reports received at or after ``since`` (epoch s) per (product, status)."""
         ...
 
     def prune_reports(self, before: float) -> int:
@@ -831,7 +839,8 @@ class SqliteStore:
         for column, value in (("d.product = ?", f.product), ("d.version = ?", f.version),
                               ("d.last_seen < ?", f.seen_before),
                               ("d.last_seen >= ?", f.seen_after),
-                              ("d.device_id > ?", f.after)):
+                              ("d.device_id > ?", f.after),
+                              ("instr(d.device_id, ?) > 0", f.search)):
             if value is not None:
                 clauses.append(column)
                 params.append(value)
@@ -865,11 +874,16 @@ class SqliteStore:
                                "WHERE d.device_id = ?", (device_id,)).fetchone()
             return None if row is None else _with_tags(conn, [_row_to_device(row)])[0]
 
-    def count_devices(self, product: str | None = None) -> dict[tuple[str, str], int]:
+    def count_devices(self, product: str | None = None, *,
+                      seen_before: float | None = None) -> dict[tuple[str, str], int]:
+        clauses, params = [], []
+        for clause, value in (("product = ?", product), ("last_seen < ?", seen_before)):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
         sql = "SELECT product, version, count(*) FROM devices"
-        params: tuple[str, ...] = ()
-        if product is not None:
-            sql, params = sql + " WHERE product = ?", (product,)
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
         sql += " GROUP BY product, version ORDER BY product, version"
         with self._connection("count devices") as conn:
             rows = conn.execute(sql, params).fetchall()
@@ -1195,6 +1209,13 @@ class SqliteStore:
                                 "sum(bytes_peers) FROM reports GROUP BY status").fetchall()
         return ({int(r[0]): int(r[1]) for r in rows}, sum(int(r[2] or 0) for r in rows),
                 sum(int(r[3] or 0) for r in rows))
+
+    def report_counts(self, since: float) -> dict[tuple[str, int], int]:
+        with self._connection("count recent reports") as conn:
+            rows = conn.execute("SELECT product, status, count(*) FROM reports "
+                                "WHERE received_at >= ? GROUP BY product, status",
+                                (since,)).fetchall()
+        return {(str(r[0]), int(r[1])): int(r[2]) for r in rows}
 
     def prune_reports(self, before: float) -> int:
         with self._transaction("prune reports") as conn:

@@ -11,7 +11,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tracker.protocol import PayloadSummary, Release
-from tracker.rollout import Admission, FailureNote, RolloutState, StageCounters
+from tracker.rollout import (
+    Admission,
+    FailureNote,
+    RolloutState,
+    StageCounters,
+    allowed_actions,
+)
 from tracker.store import (
     AuditEntry,
     DeviceRecord,
@@ -19,7 +25,7 @@ from tracker.store import (
     RolloutDevice,
     StoredReport,
 )
-from tracker.wire import STATUS_NAMES
+from tracker.wire import FAILURE_STATUSES, STATUS_NAMES
 
 __all__ = [
     "admission_to_json",
@@ -60,7 +66,8 @@ def _failure(note: FailureNote, state: RolloutState) -> dict[str, Any]:
 
 def rollout_to_json(state: RolloutState) -> dict[str, Any]:
     """A rollout: phase, stage, plan, counters per stage and in total, the latest
-    failures; a halted one's reason names its failing devices."""
+    failures; a halted one's reason names its failing devices; ``actions``: the
+    operator actions its phase allows."""
     names = state.plan.stage_names
     return {
         "rollout_id": state.rollout_id, "product": state.product, "version": state.version,
@@ -71,6 +78,7 @@ def rollout_to_json(state: RolloutState) -> dict[str, Any]:
         "stages": [{"name": names[i], **_counters(c)} for i, c in enumerate(state.counters)],
         "totals": _counters(state.totals),
         "failures": [_failure(n, state) for n in state.failures],
+        "actions": list(allowed_actions(state.phase)),
     }
 
 
@@ -152,13 +160,26 @@ def report_to_json(report: StoredReport, *, with_log: bool = True) -> dict[str, 
 
 def fleet_to_json(versions: Mapping[tuple[str, str], int], by_status: Mapping[int, int],
                   bytes_origin: int, bytes_peers: int,
-                  rollouts: Sequence[RolloutState]) -> dict[str, Any]:
-    """Devices per product and version, reports per status, bytes and savings, and the
+                  rollouts: Sequence[RolloutState], *,
+                  stale: Mapping[tuple[str, str], int], stale_s: int,
+                  recent: Mapping[tuple[str, int], int]) -> dict[str, Any]:
+    """Devices per product and version, and how many of them were not heard of for
+    ``stale_s`` (``stale``); reports per status, bytes and savings; reports of the
+    last day per product and status (``recent``) and the failures among them; the
     rollouts' phases."""
     per_product: dict[str, dict[str, int]] = {}
+    stale_per_product: dict[str, dict[str, int]] = {}
     for (product, version), n in versions.items():
         per_product.setdefault(product, {})[version] = n
+        stale_per_product.setdefault(product, {})[version] = stale.get((product, version), 0)
+    last_day: dict[str, dict[str, int]] = {}
+    failures: dict[str, int] = {}
+    for (product, code), n in sorted(recent.items()):
+        last_day.setdefault(product, {})[STATUS_NAMES.get(code, str(code))] = n
+        failures[product] = failures.get(product, 0) + (n if code in FAILURE_STATUSES else 0)
     return {"devices": sum(versions.values()), "versions": per_product,
+            "stale_s": stale_s, "stale": stale_per_product,
+            "reports_last_day": last_day, "failures_last_day": failures,
             "reports": {name: by_status.get(code, 0) for code, name in STATUS_NAMES.items()},
             "bytes_origin": bytes_origin, "bytes_peers": bytes_peers,
             "bandwidth_saved": saved_share(bytes_origin, bytes_peers),
