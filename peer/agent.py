@@ -836,7 +836,8 @@ class _Run:
 
     async def _with_chunk_list(self, payload: Payload) -> Payload:
         """``payload`` with its chunk hashes: from its chunk list file on the origin,
-        verified against the size and SHA-256 the signed (compact) manifest names.
+        verified against the size and SHA-256 the signed (compact) manifest names, and
+        kept in the payload's work area for a resumed download.
 
         Raises:
             DownloadFailed: the chunk list cannot be fetched.
@@ -845,13 +846,19 @@ class _Run:
         listed = payload.chunk_list
         if listed is None:
             return payload
+        work = PayloadWorkdir(self.state.downloads_dir, payload)
+        kept = await trio.to_thread.run_sync(work.kept_chunk_list)
+        if kept is not None:  # an earlier pass fetched it (its download is resumed)
+            return kept
         with self._timed("chunk_list"):
             data = await self.http.get_bytes(
                 f"{self.config.origin_url.rstrip('/')}/{listed.path}", max_bytes=listed.size)
         try:
-            return payload.with_chunk_list(data)
+            loaded = payload.with_chunk_list(data)
         except IntegrityError as exc:
             raise VerifyFailed(str(exc)) from exc
+        await trio.to_thread.run_sync(work.keep_chunk_list, data)
+        return loaded
 
     async def _swarm_download(self, work: PayloadWorkdir, url: str,
                               result: UpdateResult) -> None:

@@ -36,6 +36,7 @@ from seeder import (
     serve_origin,
 )
 from seeder.keys import generate_key, write_private_key
+from seeder.staging import SigningRequest
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 

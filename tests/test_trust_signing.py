@@ -150,6 +150,23 @@ def test_a_tampered_request_file_is_refused(repo: Repository, tmp_path: Path) ->
         read_request(path)
 
 
+def test_a_request_pinning_another_compact_manifest_is_refused(
+        repo: Repository, tmp_path: Path) -> None:
+    """Devices read the compact manifest a targets entry pins: a request whose pin is
+    not the compact form of the manifest the signers review is refused, so that what
+    they sign is what devices install."""
+    publish(repo, tmp_path, "1.0.0", 1)
+    doc = json.loads(repo.staged_path.read_bytes())
+    name = next(iter(doc["target_files"]))
+    pin = doc["targets"]["signed"]["targets"][name]["custom"]["compact"]
+    assert pin["length"] < len(base64.b64decode(doc["target_files"][name]))
+    pin["sha256"] = "0" * 64  # another compact manifest (e.g. another release's)
+    path = tmp_path / "tampered.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SigningError, match="not its compact form"):
+        read_request(path)
+
+
 def test_import_of_another_request_is_refused(repo: Repository, tmp_path: Path) -> None:
     publish(repo, tmp_path, "1.0.0", 1)
     other = threshold_repo(tmp_path / "other")
