@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BENCHMARKS = ("fleet", "swarm", "swarm_adversaries", "delta", "tracker")
+BENCHMARKS = ("fleet", "swarm", "swarm_adversaries", "delta", "tracker", "metadata")
 
 
 def _add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
