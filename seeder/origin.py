@@ -81,7 +81,7 @@ _RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)
 _MAX_SEGMENTS = 16
 _MAX_SEGMENT_BYTES = 255
 _IMMUTABLE = "public, max-age=31536000, immutable"
-_VERSIONED_METADATA_RE = re.compile(r"[1-9][0-9]*\.[a-z]+\.json")
+_VERSIONED_METADATA_RE = re.compile(r"[1-9][0-9]*\.[a-z][a-z0-9._-]*\.json")
 _CONTENT_ADDRESSED_PAYLOAD_RE = re.compile(r"([0-9a-f]{64})\.[a-z0-9]+")
 _CONTENT_ADDRESSED_TARGET_RE = re.compile(r"([0-9a-f]{64})\..+\.json")
 _ENTITY_TAG_RE = re.compile(r'\s*(W/)?("[\x21\x23-\x7e\x80-\xff]*")\s*(?:,|$)')
