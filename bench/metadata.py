@@ -10,8 +10,9 @@ first product that followed every earlier update (its trust directory holds the
 metadata of the previous release) takes one more update: the agent's metadata step
 (:func:`peer.trust.fetch_release_manifest`, compact manifest as the agent reads it),
 and the benchmark records the TUF metadata bytes it downloaded, the manifest's bytes,
-and the sizes of timestamp, snapshot and targets metadata on the origin. A device
-that starts from its provisioned root alone is measured too (first contact).
+and the sizes of timestamp, snapshot, top-level targets and the product's delegated
+role (its release list) on the origin. A device that starts from its provisioned root
+alone is measured too (first contact).
 
 Target (issue 20): per-device metadata bytes for one update in a repository of 1,000
 releases of 20 products <= 16 KiB.
@@ -44,6 +45,7 @@ from seeder.origin import OriginApp, OriginConfig
 from seeder.publish import publish_release
 from seeder.repository import Repository
 from seeder.server import serve_origin
+from seeder.staging import delegated_role
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
@@ -62,6 +64,7 @@ class Checkpoint:
     timestamp_bytes: int
     snapshot_bytes: int
     targets_bytes: int  # top-level targets metadata on the origin
+    product_list_bytes: int  # the device's product's delegated role (0: none)
     publish_s: float  # wall time of the last publish
 
 
@@ -96,8 +99,12 @@ def _device_update(trust: Path, url: str, target: str, scratch: Path) -> tuple[i
 
 
 def _metadata_size(repo: Repository, role: str) -> int:
-    return len((repo.metadata_dir / f"{role}.json").read_bytes()) if role == "timestamp" \
-        else len((repo.metadata_dir / f"{repo.versions()[role]}.{role}.json").read_bytes())
+    """Bytes of ``role``'s committed metadata on the origin (0: no such role)."""
+    if role == "timestamp":
+        return len((repo.metadata_dir / "timestamp.json").read_bytes())
+    version = repo.versions().get(role)
+    return 0 if version is None else len(
+        (repo.metadata_dir / f"{version}.{role}.json").read_bytes())
 
 
 async def run(workdir: Path, *, releases: int, products: int,
@@ -147,7 +154,9 @@ async def run(workdir: Path, *, releases: int, products: int,
                 first_contact_metadata_bytes=first,
                 timestamp_bytes=_metadata_size(repo, "timestamp"),
                 snapshot_bytes=_metadata_size(repo, "snapshot"),
-                targets_bytes=_metadata_size(repo, "targets"), publish_s=seconds))
+                targets_bytes=_metadata_size(repo, "targets"),
+                product_list_bytes=_metadata_size(repo, delegated_role(latest) or "-"),
+                publish_s=seconds))
             print(f"  {checkpoint:5d} releases: {metadata:,} metadata bytes per update "
                   f"(first contact {first:,}), manifest {manifest:,}", flush=True)
         nursery.cancel_scope.cancel()
@@ -163,13 +172,15 @@ def render_markdown(result: dict[str, Any]) -> str:
              "bytes are what it downloaded (TUF metadata through python-tuf, then the "
              "compact release manifest).", "",
              "| releases in the repository | metadata per update | first contact | "
-             "release manifest | timestamp | snapshot | targets | last publish s |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "release manifest | timestamp | snapshot | top-level targets | the product's "
+             "release list | last publish s |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in result["checkpoints"]:
         lines.append(f"| {c['releases']:,} | {c['metadata_bytes']:,} "
                      f"| {c['first_contact_metadata_bytes']:,} | {c['manifest_bytes']:,} "
                      f"| {c['timestamp_bytes']:,} | {c['snapshot_bytes']:,} "
-                     f"| {c['targets_bytes']:,} | {c['publish_s']:.2f} |")
+                     f"| {c['targets_bytes']:,} | {c['product_list_bytes']:,} "
+                     f"| {c['publish_s']:.2f} |")
     target = result["target"]
     lines += ["", f"Target: per-device metadata bytes for one update with "
                   f"{cfg['releases']:,} releases of {cfg['products']} products <= "

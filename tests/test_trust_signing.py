@@ -172,6 +172,22 @@ def test_a_request_pinning_another_compact_manifest_is_refused(
         read_request(path)
 
 
+def test_a_products_release_list_naming_another_products_release_is_refused(
+        repo: Repository, tmp_path: Path) -> None:
+    """Each product's releases are listed in a role of their own: a request whose list
+    names a release of another product (which devices of that product would never look
+    up there, but a reviewer might take for this product's) is refused."""
+    publish(repo, tmp_path, "1.0.0", 1)
+    doc = json.loads(repo.staged_path.read_bytes())
+    listed = doc["delegated"][f"releases-{PRODUCT}"]["signed"]["targets"]
+    (entry,) = listed.values()
+    listed["releases/other-product/1.0.0.json"] = entry
+    path = tmp_path / "stray.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SigningError, match="not a release of its product"):
+        read_request(path)
+
+
 def test_import_of_another_request_is_refused(repo: Repository, tmp_path: Path) -> None:
     publish(repo, tmp_path, "1.0.0", 1)
     other = threshold_repo(tmp_path / "other")
