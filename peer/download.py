@@ -75,8 +75,9 @@ class PayloadWorkdir:
         self.chunk_list = self.path / "chunks"  # a compact manifest's chunk list, kept
 
     def kept_chunk_list(self) -> Payload | None:
-        """The payload with the chunk list an earlier pass kept here (:meth:`keep`),
-        if it is still exactly the one the manifest names; else ``None``."""
+        """The payload with the chunk list an earlier pass kept here
+        (:meth:`keep_chunk_list`), if it is still exactly the one the manifest names;
+        else ``None``."""
         listed = self.payload.chunk_list
         if listed is None:
             return None

@@ -615,15 +615,18 @@ class _SwarmRun:
             pick_origin_run(pick, self.cursor, max_run, self.rng.random()) if pick else [])
 
     def _count_swarm(self, view: PieceView, now: float) -> None:
-        """Note how many pieces are here or at a connected peer, and when that grew."""
+        """Note how many pieces are here or at a connected peer, and when that changed
+        (grew, or shrank: a peer that claimed pieces left or was dropped, and the
+        senior downloader needs the time to fetch them)."""
         present = sum(1 for h, a in zip(view.have, view.availability, strict=True)
                       if h or a)
-        if present > self.swarm_present or self.swarm_grew_at is None:
+        if present != self.swarm_present or self.swarm_grew_at is None:
             self.swarm_present, self.swarm_grew_at = present, now
 
     def _swarm_idle(self, now: float) -> bool:
-        """True when no piece has appeared in the swarm (here or at a connected peer)
-        for ``help_after_s`` (pieces are missing: this is asked while downloading)."""
+        """True when the pieces in the swarm (here or at a connected peer) have not
+        changed for ``help_after_s`` (pieces are missing: this is asked while
+        downloading)."""
         return (self.swarm_grew_at is not None
                 and now - self.swarm_grew_at >= self.options.help_after_s)
 
