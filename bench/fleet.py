@@ -80,7 +80,7 @@ from tracker.config import TrackerConfig
 from tracker.protocol import Release
 from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
-from tracker.store import SqliteStore
+from tracker.sqlite_store import SqliteStore
 
 __all__ = ["DeviceRun", "FleetConfig", "RunResult", "main", "render_markdown", "summarize"]
 

@@ -24,7 +24,9 @@ the same rounds: a second tracker process, pinned to the same CPU, runs with
 ``--device-ca`` (a fleet CA made for the run, one identity per simulated device from
 :func:`infra.devca.issue_device_cert`), and each phase runs again against it with every
 request signed (:mod:`infra.deviceauth`): phases ``announce-lean-signed``,
-``announce-hypercorn-signed`` and ``checkin-signed``. wrk cannot sign, so the signed
+``announce-hypercorn-signed`` and ``checkin-signed``; and ``announce-lean-keyed``: the
+same announces authenticated by each device's announce key (HMAC-SHA256, taken from a
+signed check-in's answer) instead of a signature. wrk cannot sign, so the signed
 requests (counters increasing per device across phases) are made before each phase and
 replayed in order by a Lua script that reads them from a file; it stops when the list
 runs out (``exhausted`` in the result; the phase is then shorter). Refusals by the
@@ -68,7 +70,7 @@ import trio
 
 from bench.delta import machine_info
 from infra.devca import create_ca, issue_device_cert
-from infra.deviceauth import RequestSigner
+from infra.deviceauth import AnnounceKey, RequestSigner
 from infra.http_serve import ListenConfig
 from tracker.app import TrackerApp
 from tracker.bittorrent import SwarmInfo
@@ -78,8 +80,9 @@ from tracker.director import Director
 from tracker.protocol import Release
 from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
-from tracker.store import SqliteStore
-from tracker.wire import encode_json
+from tracker.sqlite_store import SqliteStore
+from tracker.store import open_store
+from tracker.wire import encode_json, parse_announce_key
 
 INFO_HASH = "5a" * 32
 PRODUCT = "bench-router"
@@ -165,11 +168,11 @@ def _http_requests(client: httpx.AsyncClient, devices: int) -> dict[str, Request
     return {"checkin": checkin, "announce": announce}
 
 
-def _prepare(db: Path) -> None:
+def _prepare(db: Path | str) -> None:
     base = Release.create(PRODUCT, "2.0.0", 2)
     release = Release(base.product, base.version, base.release_counter, base.target,
                       (SwarmInfo(INFO_HASH, PRODUCT, "2.0.0", "full"),))
-    with SqliteStore(db) as store:
+    with open_store(db) as store:
         register_release(store, release, RolloutPlan.everyone(), actor="bench")
 
 
@@ -255,6 +258,9 @@ init = function(args)
     local method, path, cert, sig, body = line:match(
       "^(%u+)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$")
     local headers = {["swarmota-device-cert"] = cert, ["swarmota-signature"] = sig}
+    if cert == "" then
+      headers = {["swarmota-announce-auth"] = sig}
+    end
     if method == "POST" then
       headers["content-type"] = "application/json"
     else
@@ -276,7 +282,8 @@ end
 """
 
 # Upper bounds of the signed request rates (requests/s), to size the pre-signed lists.
-_SIGNED_RATE_CAP = {"announce-lean": 10_000, "announce-hypercorn": 3_000, "checkin": 2_000}
+_SIGNED_RATE_CAP = {"announce-lean": 12_000, "announce-hypercorn": 3_000, "checkin": 2_000,
+                    "checkin-lean": 5_000, "announce-lean-keyed": 25_000}
 
 
 def _lua(script: str, devices: int) -> str:
@@ -296,9 +303,29 @@ class _Fleet:
             self.signers.append(RequestSigner(files.cert.read_bytes(),
                                               files.key.read_bytes()))
         self.counters = [0] * devices
+        self.keys: list[AnnounceKey] = []
+
+    def fetch_keys(self, api: str) -> None:
+        """Check every device in once (signed) at ``api`` and keep its announce key."""
+        self.keys = []
+        with httpx.Client(timeout=30) as client:
+            for i, signer in enumerate(self.signers):
+                body = _checkin_body(i)
+                self.counters[i] += 1
+                headers = dict(signer.headers("POST", b"/v1/checkin", body, self.counters[i]))
+                answer = client.post(api + "/v1/checkin", content=body, headers={
+                    **headers, "content-type": "application/json"})
+                answer.raise_for_status()
+                grant = parse_announce_key(answer.json())
+                if grant is None:
+                    raise RuntimeError("the signed tracker handed out no announce key")
+                self.keys.append(AnnounceKey(signer.device_id, signer.cert_sha256,
+                                             grant.expires, grant.key))
 
     def write_requests(self, path: Path, phase: str, count: int) -> None:
-        """``count`` signed requests of ``phase``, device after device, one per line."""
+        """``count`` signed requests of ``phase`` (``checkin``, ``announce``, or
+        ``announce-keyed``: with the announce keys of :meth:`fetch_keys`), device after
+        device, one per line."""
         devices = len(self.signers)
         with path.open("w") as out:
             for j in range(count):
@@ -309,11 +336,14 @@ class _Fleet:
                     method, body = "GET", b""
                     target = b"/announce?" + _announce_query(i)
                 self.counters[i] += 1
-                headers = dict(self.signers[i].headers(method, target, body,
-                                                       self.counters[i]))
-                out.write("\t".join([method, target.decode("ascii"),
-                                     headers["swarmota-device-cert"],
-                                     headers["swarmota-signature"],
+                if phase == "announce-keyed":
+                    (_, mac), = self.keys[i].headers(method, target, body, self.counters[i])
+                    auth = ["", mac]
+                else:
+                    headers = dict(self.signers[i].headers(method, target, body,
+                                                           self.counters[i]))
+                    auth = [headers["swarmota-device-cert"], headers["swarmota-signature"]]
+                out.write("\t".join([method, target.decode("ascii"), *auth,
                                      body.decode("utf-8")]) + "\n")
 
 
@@ -331,44 +361,59 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _run_wrk(wrk: str, cpu: int | None, url: str, script: Path, *, connections: int,
-             duration_s: float, pid: int, refused: Callable[[], int] | None = None
-             ) -> dict[str, Any]:
-    """One wrk run; its figures plus the tracker's CPU seconds meanwhile."""
+             duration_s: float, pid: int | Sequence[int],
+             refused: Callable[[], int] | None = None) -> dict[str, Any]:
+    """One wrk run; its figures plus the tracker's CPU seconds meanwhile (the sum over
+    ``pid``, one tracker process or several)."""
+    pids = [pid] if isinstance(pid, int) else list(pid)
     cmd = [wrk, "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
            "--timeout", "5s", "-s", str(script), url]
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu), *cmd] if shutil.which("taskset") else cmd
     refused_before = refused() if refused is not None else 0
-    cpu_before = _cpu_seconds(pid)
+    cpu_before = sum(_cpu_seconds(p) for p in pids)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60,
                           check=True)
-    cpu_used = _cpu_seconds(pid) - cpu_before
+    cpu_used = sum(_cpu_seconds(p) for p in pids) - cpu_before
     refusals = refused() - refused_before if refused is not None else 0
-    match = re.search(r"WRK-JSON (\{.*\})", done.stdout)
+    figures = wrk_figures(done.stdout, done.stderr)
+    return {**figures, "errors": figures["errors"] + refusals,
+            "exhausted": "WRK-EXHAUSTED" in done.stdout,
+            "tracker_cpu_s": round(cpu_used, 3),
+            "requests_per_cpu_s": round(figures["requests"] / cpu_used, 1) if cpu_used else None}
+
+
+def wrk_figures(stdout: str, stderr: str = "") -> dict[str, Any]:
+    """The figures the ``_LUA_DONE`` script printed: requests, time, rates, p50/p99,
+    errors (non-2xx and socket errors) and non-2xx apart.
+
+    Raises:
+        RuntimeError: wrk printed none.
+    """
+    match = re.search(r"WRK-JSON (\{.*\})", stdout)
     if match is None:
-        raise RuntimeError(f"wrk printed no figures: {done.stdout[-500:]} {done.stderr[-500:]}")
+        raise RuntimeError(f"wrk printed no figures: {stdout[-500:]} {stderr[-500:]}")
     raw = json.loads(match.group(1))
     elapsed = raw["duration_us"] / 1e6
     return {"requests": raw["requests"], "elapsed_s": round(elapsed, 3),
             "requests_per_s": round(raw["requests"] / elapsed, 1),
             "p50_ms": round(raw["p50_us"] / 1000, 3), "p99_ms": round(raw["p99_us"] / 1000, 3),
-            "errors": raw["non2xx"] + raw["socket_errors"] + refusals,
-            "exhausted": "WRK-EXHAUSTED" in done.stdout,
-            "tracker_cpu_s": round(cpu_used, 3),
-            "requests_per_cpu_s": round(raw["requests"] / cpu_used, 1) if cpu_used else None}
+            "errors": raw["non2xx"] + raw["socket_errors"], "non2xx": raw["non2xx"]}
 
 
-def _start_tracker(db: Path, cpu: int | None, device_ca: Path | None = None, *,
-                   source: Path | None = None) -> tuple[subprocess.Popen[str], str, str]:
+def start_tracker(db: Path | str, cpu: int | None, device_ca: Path | None = None, *,
+                   source: Path | None = None, extra: Sequence[str] = ()
+                   ) -> tuple[subprocess.Popen[str], str, str]:
     """``swarmota tracker serve`` with both listeners, pinned to ``cpu``, in lab mode
     or checking device signatures against ``device_ca``; its URLs. ``source``: run the
-    code of that checkout (another commit) instead of this one."""
+    code of that checkout (another commit) instead of this one; ``extra``: more
+    arguments (``--redis URL``, ``--trusted-proxy CIDR``)."""
     auth = (["--allow-unauthenticated-devices"] if device_ca is None
             else ["--device-ca", str(device_ca)])
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from swarmota.cli import main; sys.exit(main())",
          "tracker", "serve", "--db", str(db), "--listen", "127.0.0.1:0",
-         "--announce-listen", "127.0.0.1:0", *auth],
+         "--announce-listen", "127.0.0.1:0", *auth, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         **_source_options(source))
     try:
@@ -440,7 +485,7 @@ def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
     fleet = _Fleet(workdir, devices) if signed else None
     procs: list[subprocess.Popen[str]] = []
     try:
-        proc, api, lean = _start_tracker(db, tracker_cpu)
+        proc, api, lean = start_tracker(db, tracker_cpu)
         procs.append(proc)
         run = functools.partial(_run_wrk, wrk_path, load_cpu, connections=connections,
                                 pid=proc.pid)
@@ -449,22 +494,23 @@ def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
         if baseline is not None:
             base_db = workdir / "baseline.sqlite"
             _prepare_with(base_db, baseline)
-            base_proc, base_api, base_lean = _start_tracker(base_db, tracker_cpu,
+            base_proc, base_api, base_lean = start_tracker(base_db, tracker_cpu,
                                                             source=baseline)
             procs.append(base_proc)
             base_urls = {"announce-lean": base_lean, "announce-hypercorn": base_api,
-                         "checkin": base_api}
+                         "checkin": base_api, "checkin-lean": base_lean}
             base_run = functools.partial(_run_wrk, wrk_path, load_cpu,
                                          connections=connections, pid=base_proc.pid)
         signed_run: Callable[[str, str, float], dict[str, Any]] | None = None
         if fleet is not None:
             signed_db = workdir / "signed.sqlite"
             _prepare(signed_db)
-            signed_proc, signed_api, signed_lean = _start_tracker(
+            signed_proc, signed_api, signed_lean = start_tracker(
                 signed_db, tracker_cpu, fleet.ca_pem)
             procs.append(signed_proc)
             urls = {"announce-lean": signed_lean, "announce-hypercorn": signed_api,
-                    "checkin": signed_api}
+                    "checkin": signed_api, "checkin-lean": signed_lean,
+                    "announce-lean-keyed": signed_lean}
 
             def signed_run(phase: str, kind: str, seconds: float) -> dict[str, Any]:
                 requests = workdir / "signed-requests.tsv"
@@ -485,22 +531,27 @@ def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
         if base_run is not None:
             base_run(base_urls["checkin"], checkin_lua, duration_s=warm_s)
             base_run(base_urls["announce-lean"], announce_lua, duration_s=warm_s)
-        if signed_run is not None:
+        if signed_run is not None and fleet is not None:
             signed_run("checkin", "checkin", warm_s)
             signed_run("announce-lean", "announce", warm_s)
+            fleet.fetch_keys(signed_api)
         rounds: list[dict[str, Any]] = []
         for _ in range(runs):
             this: dict[str, Any] = {}
             for phase, url, script in (("announce-lean", lean, announce_lua),
                                        ("announce-hypercorn", api, announce_lua),
-                                       ("checkin", api, checkin_lua)):
+                                       ("checkin", api, checkin_lua),
+                                       ("checkin-lean", lean, checkin_lua)):
                 this[phase] = run(url, script, duration_s=duration_s)
                 if base_run is not None:
                     this[f"{phase}-baseline"] = base_run(base_urls[phase], script,
                                                          duration_s=duration_s)
                 if signed_run is not None:
-                    kind = "checkin" if phase == "checkin" else "announce"
+                    kind = "checkin" if phase.startswith("checkin") else "announce"
                     this[f"{phase}-signed"] = signed_run(phase, kind, duration_s)
+                    if phase == "announce-lean":
+                        this["announce-lean-keyed"] = signed_run(
+                            "announce-lean-keyed", "announce-keyed", duration_s)
             rounds.append(this)
     finally:
         for proc in procs:
@@ -521,7 +572,7 @@ def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
     versus = {phase: {key: round(medians[phase][key] / medians[f"{phase}-baseline"][key], 3)
                       for key in ("requests_per_s", "requests_per_cpu_s")
                       if medians[f"{phase}-baseline"][key]}
-              for phase in ("announce-lean", "announce-hypercorn", "checkin")
+              for phase in ("announce-lean", "announce-hypercorn", "checkin", "checkin-lean")
               if f"{phase}-baseline" in medians}
     return {"mode": "pinned", "baseline": None if baseline is None else str(baseline),
             "versus_baseline": versus, "devices": devices, "duration_s": duration_s, "runs": runs,
@@ -546,7 +597,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{result['runs']} rounds of {result['duration_s']} s per phase; medians. "
         + ("Phases `-signed`: a second tracker process on the same CPU with "
            "`--device-ca`, every request signed by the device's fleet identity "
-           "(ECDSA P-256), pre-signed and replayed in order by wrk. "
+           "(ECDSA P-256), pre-signed and replayed in order by wrk; "
+           "`announce-lean-keyed`: the same tracker, each announce authenticated by "
+           "the device's announce key (HMAC-SHA256) instead. "
            if result.get("signed") else "") +
         "req/CPU-s = requests per second of tracker CPU time (robust to other load on "
         f"the machine; load average after the run: "
@@ -594,6 +647,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="pinned: also run every phase against a tracker of this "
                              "checkout (e.g. 'git worktree add /tmp/base COMMIT'), same CPU, "
                              "same rounds; the report gives the ratios (tracker-vs-baseline.*)")
+    parser.add_argument("--db", metavar="URL", default=None,
+                        help="pinned: also run the lean phases against trackers on this "
+                             "PostgreSQL ('postgresql': a throwaway server for the run, "
+                             "or postgresql://...), side by side with SQLite, and "
+                             "opentracker as the reference when installed "
+                             "(tracker-scale.*; bench/tracker_scale.py)")
+    parser.add_argument("--processes", type=_positive, default=1,
+                        help="with --db: also N tracker processes on it and a throwaway "
+                             "Redis, behind nginx")
+    parser.add_argument("--storm", type=_positive, default=None, metavar="DEVICES",
+                        help="a check-in storm: DEVICES distinct devices into a throwaway "
+                             "PostgreSQL (tracker-storm.*)")
+    parser.add_argument("--storm-timeout-s", type=_positive, default=600)
     parser.add_argument("--requests", type=_positive, default=5000,
                         help="inprocess: requests per phase")
     parser.add_argument("--concurrency", type=_positive, default=64,
@@ -602,6 +668,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                         default=["asgi", "http"], help="inprocess: transports")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
+    if args.storm is not None or args.db is not None:
+        from bench.tracker_scale import render_scale, render_storm, run_scale, run_storm
+        with tempfile.TemporaryDirectory(prefix="swarmota-bench-tracker-") as tmp:
+            if args.storm is not None:
+                result = run_storm(Path(tmp), devices=args.storm,
+                                   connections=args.connections,
+                                   timeout_s=args.storm_timeout_s)
+                name, text = "tracker-storm", render_storm(result)
+            else:
+                result = run_scale(Path(tmp), devices=args.devices,
+                                   duration_s=args.duration_s, runs=args.runs,
+                                   connections=args.connections, db=args.db,
+                                   processes=args.processes, signed=args.signed)
+                name, text = "tracker-scale" + ("-signed" if args.signed else ""), \
+                    render_scale(result)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / f"{name}.md").write_text(text)
+        print(text)
+        return 0
     with tempfile.TemporaryDirectory(prefix="swarmota-bench-tracker-") as tmp:
         if args.mode == "pinned":
             result = run_pinned(Path(tmp), devices=args.devices, duration_s=args.duration_s,

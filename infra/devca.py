@@ -8,8 +8,10 @@ Layout::
     CA_DIR/ca.pem  ca-key.pem                 create_ca
     OUT_DIR/cert.pem  key.pem                 issue_server_cert (+ backup-key.pem)
     OUT_DIR/cert.pem  key.pem                 issue_device_cert (a fleet identity)
-    OUT_DIR/cert.pem                          issue_device_cert_from_csr (a renewal: the
-                                              key stays on the device, make_device_csr)
+    OUT_DIR/cert.pem                          issue_device_cert_from_csr (a renewal, or a
+                                              key made in a TPM: the key stays on the
+                                              device, make_device_csr; one certificate
+                                              per request in the file)
     FILE                                      generate_key_file (a spare key)
 
 Errors: :class:`DevCaError` (bad names, missing or unreadable CA, refusing to overwrite
@@ -36,6 +38,7 @@ from infra.deviceauth import (
     ROLE_SEED,
     ROLES,
     DeviceAuthError,
+    SigningKey,
     identity_of_name,
 )
 from infra.fsio import atomic_write_bytes
@@ -53,11 +56,13 @@ __all__ = [
     "ROLES",
     "ROLE_DEVICE",
     "ROLE_SEED",
+    "ROLE_SWARM",
     "generate_key_file",
     "issue_device_cert",
     "issue_device_cert_from_csr",
     "issue_server_cert",
     "make_device_csr",
+    "make_device_csr_with",
     "new_device_key_pem",
 ]
 
@@ -66,6 +71,12 @@ CA_KEY_FILE = "ca-key.pem"
 CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
 BACKUP_KEY_FILE = "backup-key.pem"
+ROLE_SWARM = "swarm"
+"""The role of a certificate good only for private swarms (TLS between peers): the key
+of a device whose identity key is in a TPM and cannot serve libtorrent
+(:mod:`peer.keystore`). The tracker accepts no request signed with it (its roles are
+``device`` and ``seed``)."""
+CERT_ROLES = (*ROLES, ROLE_SWARM)
 
 _DNS_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
@@ -290,8 +301,8 @@ def _build_leaf(ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], subject
 def _device_subject(device_id: str, role: str) -> x509.Name:
     if not DEVICE_ID_RE.fullmatch(device_id):
         raise DevCaError(f"bad device id {device_id!r}: 1-128 of A-Z a-z 0-9 . _ : -")
-    if role not in ROLES:
-        raise DevCaError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    if role not in CERT_ROLES:
+        raise DevCaError(f"role must be one of {', '.join(CERT_ROLES)}, not {role!r}")
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id),
                       x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role)])
 
@@ -324,22 +335,112 @@ def make_device_csr(key_pem: bytes, device_id: str, *, role: str = ROLE_DEVICE) 
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
+def make_device_csr_with(key: SigningKey, device_id: str, *,
+                         role: str = ROLE_DEVICE) -> bytes:
+    """A certificate signing request (PEM) like :func:`make_device_csr`'s, for a key
+    that signs without showing itself (a TPM's): the request is drafted with a
+    stand-in key, whose public key is then swapped for ``key``'s (same length: both
+    P-256), and ``key`` signs it.
+
+    Raises:
+        DevCaError: a bad device id or role, a key that is not P-256, or a signature
+            that does not verify.
+        DeviceAuthError: ``key`` cannot sign.
+    """
+    subject = _device_subject(device_id, role)
+    stand_in = _new_key()
+    draft = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(
+        stand_in, hashes.SHA256())
+    old, new = _spki(stand_in.public_key()), _spki(key.public_key())
+    tbs = draft.tbs_certrequest_bytes
+    if len(old) != len(new) or tbs.count(old) != 1:
+        raise DevCaError("a fleet identity key must be ECDSA P-256")
+    tbs = tbs.replace(old, new)
+    der = _der(0x30, tbs + _ECDSA_WITH_SHA256 + _der(0x03, b"\x00" + key.sign(tbs)))
+    csr = x509.load_der_x509_csr(der)
+    if not csr.is_signature_valid:
+        raise DevCaError("the key's signature over the signing request does not verify")
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+_ECDSA_WITH_SHA256 = bytes.fromhex("300a06082a8648ce3d040302")
+"""AlgorithmIdentifier ecdsa-with-SHA256 (RFC 5758), DER."""
+
+
+def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    """One DER element: ``tag``, definite length, ``content``."""
+    n = len(content)
+    if n < 0x80:
+        return bytes([tag, n]) + content
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + content
+
+
+def _split_pem(data: bytes, label: bytes) -> list[bytes]:
+    """Each ``-----BEGIN <label>-----`` block of ``data``, in order."""
+    begin, end = b"-----BEGIN " + label + b"-----", b"-----END " + label + b"-----"
+    blocks = []
+    for part in data.split(begin)[1:]:
+        body, sep, _ = part.partition(end)
+        if sep:
+            blocks.append(begin + body + end + b"\n")
+    return blocks
+
+
 def issue_device_cert_from_csr(ca_dir: Path, csr_pem: bytes, out_dir: Path, *,
                                device_id: str | None = None, valid_days: int = 3650,
                                now: datetime.datetime | None = None) -> Path:
-    """Issue ``out_dir/cert.pem`` for the key of a device's signing request (a renewal
-    with a new key: the private key never leaves the device); return its path.
+    """Issue ``out_dir/cert.pem`` for the key of each signing request in ``csr_pem``
+    (a renewal with a new key, or a key made in a TPM: the private key never leaves
+    the device); return its path. The file holds one certificate per request, in the
+    order of the requests (a device with a TPM asks for two: its identity, and
+    ``OU=swarm`` for its TLS key in private swarms).
 
-    The request must be signed by its own key (ECDSA P-256) and name a valid device id
-    (``device_id`` if given) and role; the certificate is the one
-    :func:`issue_device_cert` makes. No ``key.pem`` is written.
+    Each request must be signed by its own key (ECDSA P-256) and name a valid device
+    id (``device_id`` if given; all the same) and a role (``device``, ``seed`` or
+    ``swarm``, each at most once); the certificates are those :func:`issue_device_cert`
+    makes. No ``key.pem`` is written.
 
     Raises:
         DevCaError: an unreadable or badly signed request, another device id, a bad role
             or key type, ``valid_days`` < 1, a missing or unreadable CA.
     """
+    blocks = _split_pem(csr_pem, b"CERTIFICATE REQUEST")
+    if not blocks or len(blocks) > len(CERT_ROLES):
+        raise DevCaError(f"not a PEM certificate signing request (or more than "
+                         f"{len(CERT_ROLES)} of them)")
+    if valid_days < 1:
+        raise DevCaError(f"valid_days must be at least 1, got {valid_days}")
+    ca = _load_ca(ca_dir)
+    issued: list[bytes] = []
+    roles: set[str] = set()
+    for block in blocks:
+        requested_id, role, public_key = _check_csr(block)
+        if device_id is not None and requested_id != device_id:
+            raise DevCaError(f"the signing request is for {requested_id!r}, not "
+                             f"{device_id!r}")
+        device_id = requested_id
+        if role in roles:
+            raise DevCaError(f"two signing requests for the role {role!r}")
+        roles.add(role)
+        cert = _build_leaf(ca, _device_subject(requested_id, role), [x509.DNSName("*")],
+                           _DEVICE_USAGES, public_key, valid_days, now)
+        issued.append(cert.public_bytes(serialization.Encoding.PEM))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cert_path = out_dir / CERT_FILE
+    atomic_write_bytes(cert_path, b"".join(issued))
+    return cert_path
+
+
+def _check_csr(pem: bytes) -> tuple[str, str, ec.EllipticCurvePublicKey]:
+    """``(device id, role, public key)`` of a well-signed P-256 request; DevCaError."""
     try:
-        csr = x509.load_pem_x509_csr(csr_pem)
+        csr = x509.load_pem_x509_csr(pem)
     except ValueError as exc:
         raise DevCaError(f"not a PEM certificate signing request: {exc}") from None
     if not csr.is_signature_valid:
@@ -349,19 +450,10 @@ def issue_device_cert_from_csr(ca_dir: Path, csr_pem: bytes, out_dir: Path, *,
             public_key.curve.name != "secp256r1":
         raise DevCaError("a fleet identity key must be ECDSA P-256")
     try:
-        requested_id, role = identity_of_name(csr.subject)
+        requested_id, role = identity_of_name(csr.subject, CERT_ROLES)
     except DeviceAuthError as exc:
         raise DevCaError(f"signing request: {exc}") from None
-    if device_id is not None and requested_id != device_id:
-        raise DevCaError(f"the signing request is for {requested_id!r}, not {device_id!r}")
-    if valid_days < 1:
-        raise DevCaError(f"valid_days must be at least 1, got {valid_days}")
-    cert = _build_leaf(_load_ca(ca_dir), _device_subject(requested_id, role),
-                       [x509.DNSName("*")], _DEVICE_USAGES, public_key, valid_days, now)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cert_path = out_dir / CERT_FILE
-    atomic_write_bytes(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path
+    return requested_id, role, public_key
 
 
 def generate_key_file(path: Path) -> str:

@@ -61,6 +61,7 @@ from peer.bootctl import (
     fall_back,
     mark_good,
     other_slot,
+    read_bootctl,
     switch_to,
     write_bootctl,
 )
@@ -90,6 +91,7 @@ from peer.http import HttpClient
 from peer.identity import Identity, load_identity
 from peer.install import install_delta, install_image
 from peer.install_policy import Decision, PolicyPowerSource, decide, load_policy
+from peer.keystore import TpmKeyStore, open_keystore
 from peer.logtail import AttemptLog
 from peer.machine import Action, Event, Journal, JournalError, Phase
 from peer.policy import UploadPolicy, upload_policy
@@ -97,6 +99,8 @@ from peer.slots import SlotBackend
 from peer.state import DeviceState
 from peer.swarm import SwarmConfig, SwarmSession, TorrentHandleRef, new_peer_id
 from peer.swarm_fetch import SwarmOptions, SwarmUnavailable, swarm_download
+from peer.tpm import TpmError
+from peer.tpm_nv import FloorLogError, TrustAnchor
 from peer.tracker_client import Offer, checkin, send_report
 from peer.trust import (
     TrustState,
@@ -209,7 +213,15 @@ async def update_once(state: DeviceState, *,
         bc = await trio.to_thread.run_sync(  # per-kind floors for an older directory
             migrate_floors, state.root, state.bootctl_path,
             ComponentStore(state.root / "components"))
-        identity = load_identity(state.root)
+        keystore = open_keystore(config, state.root)
+        if keystore is None:
+            identity: Identity | None = load_identity(state.root)
+        else:  # the TPM's floors catch up first (a power cut between two floor writes)
+            try:
+                await trio.to_thread.run_sync(_sync_hardware_floors, keystore, state.root, bc)
+            except FloorLogError as exc:  # the pass goes on: every release is refused
+                log.error("%s", exc)
+            identity = await trio.to_thread.run_sync(keystore.identity)
         async with HttpClient.for_device(config, identity) as http, \
                 background_tasks() as nursery:
             run = _Run(state, http, clock,
@@ -220,6 +232,7 @@ async def update_once(state: DeviceState, *,
             run.requests = requests or PassRequest()
             run.retry_window_s = retry_window_s
             run.identity = identity
+            run.keystore = keystore
             run.nursery = nursery
             try:
                 with AttemptLog() as attempt_log:
@@ -278,6 +291,18 @@ def _best_effort(what: str, write: Callable[[], object]) -> None:
 def _save_result(state: DeviceState, result: UpdateResult) -> None:
     _best_effort("saving the result", lambda: state.save_result(
         {**result.to_json(), "finished_at": time.time()}))
+
+
+def _sync_hardware_floors(keystore: TpmKeyStore, state_root: Path, bc: BootControl) -> None:
+    """Raise the TPM's floors to those of the state directory (``peer.tpm_nv``): after
+    every floor the agent writes there, and at the start of a pass.
+
+    Raises:
+        TpmError: the TPM cannot be read or written.
+        FloorLogError: the floor log does not verify against the TPM.
+    """
+    keystore.floors.raise_to(read_floors(state_root, bc, ComponentStore(
+        state_root / "components")))
 
 
 def swarm_config_for(config: DeviceConfig, *, has_identity: bool,
@@ -355,6 +380,7 @@ class _Run:
         self.timings: dict[str, float] = {}
         self.swarm: SwarmSession | None = None
         self.identity: Identity | None = None
+        self.keystore: TpmKeyStore | None = None  # keys, floors, trust anchor in a TPM
         self.nursery: trio.Nursery | None = None  # runs the announce relay
         self.relay_url: str | None = None
         self.installed: _Seedable | None = None
@@ -536,8 +562,20 @@ class _Run:
 
     def _raise_floor(self, component: str, counter: int) -> None:
         """A committed component release raises that component's anti-rollback floor
-        (``peer.floors``: one per update kind and component)."""
+        (``peer.floors``: one per update kind and component), then the TPM's."""
         raise_component_floor(self.state.root, component, counter)
+        self._raise_hardware_floors(read_bootctl(self.state.bootctl_path))
+
+    def _raise_hardware_floors(self, bc: BootControl) -> None:
+        """With a TPM, raise its floors to the state directory's (just raised). A TPM
+        that fails here costs nothing: the next pass catches up before anything else."""
+        if self.keystore is None:
+            return
+        try:
+            _sync_hardware_floors(self.keystore, self.state.root, bc)
+        except (TpmError, FloorLogError) as exc:
+            log.warning("the TPM's anti-rollback floors not raised (caught up at the next "
+                        "pass): %s", exc)
 
     def _recovered_result(self, journal: Journal) -> UpdateResult:
         """The outcome of an attempt that finished (or was reported) before a restart."""
@@ -869,7 +907,8 @@ class _Run:
         options = SwarmOptions(
             # libtorrent announces through the relay: pinned, signed (peer/announce_relay)
             announce_urls=(self.relay_url,),
-            identity=None if identity is None else (identity.cert_pem, identity.key_pem),
+            identity=None if identity is None else await trio.to_thread.run_sync(
+                identity.tls_identity),
             stall_s=config.swarm_stall_s, timeout_s=config.swarm_timeout_s,
             min_peer_rate_bytes_per_s=_min_peer_rate(config),
             waste_budget_bytes=config.swarm_waste_budget_bytes,
@@ -1038,7 +1077,8 @@ class _Run:
                     timeout_s=self.config.http_timeout_s,
                     scratch_dir=self.state.downloads_dir, tls=self.http.tls,
                     min_rate_bytes_per_s=self.config.http_min_rate_bytes_per_s,
-                    pass_timeout_s=self.config.metadata_timeout_s, compact=True))
+                    pass_timeout_s=self.config.metadata_timeout_s, compact=True,
+                    anchor=self._anchor()))
         result.bytes_metadata += metadata_bytes
         await trio.to_thread.run_sync(self._mark_trust_refreshed)
         bc = await trio.to_thread.run_sync(self._apply_counter_reset, bc)
@@ -1047,21 +1087,32 @@ class _Run:
             if (release.product, release.version) != (offer.product, offer.version):
                 raise VerifyFailed(f"target {offer.target} holds release {release.product} "
                                    f"{release.version}")
-            floors = await trio.to_thread.run_sync(
-                read_floors, self.state.root, bc, self.components)
+            floor = await trio.to_thread.run_sync(self._floor_of, bc, release.component)
             check_applicable(release, product=self.config.product,
                              hardware_id=self.config.hardware_id,
-                             installed_counter=floors.of(release.component),
+                             installed_counter=floor,
                              max_counter_jump=self.config.max_release_counter_jump)
         except ManifestError as exc:
             raise VerifyFailed(f"release {offer.version} refused: {exc}") from exc
         return release, bc
 
+    def _floor_of(self, bc: BootControl, component: str | None) -> int:
+        """The anti-rollback floor in force for a release of ``component`` (``None``:
+        an image): the state directory's, or with a TPM the higher of it and the
+        floor log's (a log that does not verify: FloorLogError, a VerifyFailed)."""
+        floors = read_floors(self.state.root, bc, self.components)
+        if self.keystore is None:
+            return floors.of(component)
+        return self.keystore.floors.of(floors, component)
+
+    def _anchor(self) -> TrustAnchor | None:
+        return None if self.keystore is None else self.keystore.anchor
+
     def _apply_counter_reset(self, bc: BootControl) -> BootControl:
-        return apply_pending_counter_reset(bc, trust_dir=self.state.trust_dir,
-                                           state_path=self.state.trust_state_path,
-                                           bootctl_path=self.state.bootctl_path,
-                                           product=self.config.product)
+        return apply_pending_counter_reset(
+            bc, trust_dir=self.state.trust_dir, state_path=self.state.trust_state_path,
+            bootctl_path=self.state.bootctl_path, product=self.config.product,
+            hardware=None if self.keystore is None else self.keystore.floors)
 
     def _mark_trust_refreshed(self) -> None:
         TrustState.mark_refreshed(self.state.trust_state_path, self.wall_clock())
@@ -1081,7 +1132,7 @@ class _Run:
                         timeout_s=self.config.http_timeout_s,
                         scratch_dir=self.state.downloads_dir, tls=self.http.tls,
                         min_rate_bytes_per_s=self.config.http_min_rate_bytes_per_s,
-                        pass_timeout_s=self.config.metadata_timeout_s))
+                        pass_timeout_s=self.config.metadata_timeout_s, anchor=self._anchor()))
         except PeerError as exc:
             log.warning("trust refresh failed: %s", exc)
             return False
@@ -1106,7 +1157,9 @@ class _Run:
         raises the anti-rollback floor); a crash in between is reconciled at start."""
         if self.loader is not None:
             self.loader.write(LoaderState(bc.primary, bc.primary, 0), what="commit")
-        return write_bootctl(self.state.bootctl_path, mark_good(bc), what="commit")
+        bc = write_bootctl(self.state.bootctl_path, mark_good(bc), what="commit")
+        self._raise_hardware_floors(bc)
+        return bc
 
     def _fall_back(self, bc: BootControl) -> BootControl:
         """Abandon the pending slot: the bootloader first, then the record."""

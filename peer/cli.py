@@ -25,14 +25,15 @@ from manifest import DEFAULT_MAX_COUNTER_JUMP
 from peer.agent import UpdateResult, update_once
 from peer.bootloader import script
 from peer.components import ComponentStore
-from peer.config import BOOTLOADERS, DOWNLOAD_MODES, SLOT_BACKENDS, DeviceConfig
+from peer.config import BOOTLOADERS, DOWNLOAD_MODES, KEYSTORES, SLOT_BACKENDS, DeviceConfig
 from peer.control import AgentControl
 from peer.daemon import DaemonConfig, run_daemon
 from peer.dbus_service import DBusUnavailable, bus_address, policy_file, serve_dbus
-from peer.errors import ConfigError, StatusCode, resource_failure
+from peer.errors import ConfigError, StatusCode, VerifyFailed, resource_failure
 from peer.floors import read_floors
 from peer.identity import install_identity, load_identity, renew_identity, renewal_csr
 from peer.install_policy import load_policy
+from peer.keystore import TpmKeyStore, open_keystore
 from peer.state import DeviceState, JournalError, init_device
 from peer.watchdog import SystemdNotifier
 
@@ -114,6 +115,24 @@ def add_parser(subparsers: Any) -> None:
                            "to STATE/identity/")
     init.add_argument("--identity-key", type=Path, default=None, metavar="PEM",
                       help="the private key of --identity-cert (copied, mode 0600)")
+    keys = init.add_argument_group(
+        "key store",
+        "Where the identity key, the anti-rollback floors and the trusted root's anchor "
+        "live. 'file' (default): the state directory. 'tpm': a TPM 2.0 (tpm2-tools "
+        "installed); the identity key is made inside it and never leaves it, and 'peer "
+        "init' writes the signing requests for the fleet CA to STATE/identity/request.pem "
+        "('swarmota tls device-cert DIR --ca FLEET --csr request.pem', then 'swarmota "
+        "peer identity renew STATE --cert DIR/cert.pem'). See docs/SECURITY.md.")
+    keys.add_argument("--keystore", choices=KEYSTORES, default="file")
+    keys.add_argument("--tpm-device", default=None, metavar="DEVICE",
+                      help="the TPM: /dev/tpmrm0 (the kernel's resource manager), or a TCTI "
+                           "such as swtpm:path=SOCKET (a software TPM)")
+    keys.add_argument("--tpm-pcrs", default=None, metavar="BANK:PCRS",
+                      help="measured boot: the TPM signs and unseals the device's keys only "
+                           "while these PCRs hold their values of now, e.g. sha256:7 (the "
+                           "Secure Boot state; pick PCRs an A/B update does not change)")
+    keys.add_argument("--identity-csr", type=Path, default=None, metavar="FILE",
+                      help="with --keystore tpm: also copy the signing requests here")
     init.add_argument("--max-counter-jump", type=int, default=DEFAULT_MAX_COUNTER_JUMP,
                       metavar="N",
                       help="refuse a release whose counter is more than N above the "
@@ -170,7 +189,8 @@ def add_parser(subparsers: Any) -> None:
     renew.add_argument("state", type=Path)
     renew.add_argument("--cert", type=Path, required=True, metavar="PEM",
                        help="the new certificate (for the current key, or for the key of "
-                            "'identity csr')")
+                            "'identity csr'); with a TPM key store, the file 'tls device-cert "
+                            "--csr' wrote (the identity's and the swarm key's certificates)")
     renew.set_defaults(func=_identity_renew)
 
     script_cmd = sub.add_parser(
@@ -270,9 +290,17 @@ def _init(args: argparse.Namespace) -> int:
             bootloader=args.bootloader, grub_env_path=args.grub_env,
             uboot_env_config=args.uboot_env_config,
             uboot_default_env=args.uboot_default_env, boot_attempts=args.boot_attempts,
-            reboot_command=tuple(shlex.split(args.reboot_command)))
+            reboot_command=tuple(shlex.split(args.reboot_command)),
+            keystore=args.keystore, tpm_device=args.tpm_device, tpm_pcrs=args.tpm_pcrs)
         if (args.identity_cert is None) != (args.identity_key is None):
             raise ConfigError("--identity-cert and --identity-key go together")
+        if config.keystore == "tpm" and args.identity_cert is not None:
+            raise ConfigError("with --keystore tpm the identity key is made inside the TPM: "
+                              "its certificate comes from the signing request 'peer init' "
+                              "writes (no --identity-cert/--identity-key)")
+        if args.identity_csr is not None and config.keystore != "tpm":
+            raise ConfigError("--identity-csr goes with --keystore tpm (else: 'peer "
+                              "identity csr')")
         root = args.root.read_bytes()
         policy = None
         if args.policy is not None:
@@ -295,34 +323,60 @@ def _init(args: argparse.Namespace) -> int:
                          check=None if args.identity_cert is None else lambda tmp:
                          install_identity(tmp, args.identity_cert, args.identity_key,
                                           config.device_id))
+        request = args.state / "identity" / "request.pem"
+        if args.identity_csr is not None:
+            atomic_write_bytes(args.identity_csr, request.read_bytes())
     except (ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"device {config.device_id} provisioned in {args.state} "
           f"(slot a: {args.version}, counter {args.release_counter})")
+    if config.keystore == "tpm":
+        print(f"identity key made in the TPM ({config.tpm_device}); signing requests in "
+              f"{args.identity_csr or request}: have the fleet CA issue the certificates "
+              f"('swarmota tls device-cert DIR --ca FLEET_CA --csr FILE'), then 'swarmota "
+              f"peer identity renew {args.state} --cert DIR/cert.pem'")
     return 0
+
+
+def _tpm_keystore(state: Path) -> TpmKeyStore | None:
+    """The TPM key store of the device in ``state`` (``None``: keys in files).
+    Raises ConfigError."""
+    return open_keystore(DeviceState(state).config(), state)
 
 
 def _identity_show(args: argparse.Namespace) -> int:
     try:
-        identity = load_identity(args.state)
+        keystore = _tpm_keystore(args.state)
+        identity = load_identity(args.state) if keystore is None else keystore.identity()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if identity is None and keystore is not None:
+        print(f"{args.state}: identity key in the TPM ({keystore.tpm.tcti}), waiting for its "
+              f"certificate: have the fleet CA issue it for {keystore.request_path}, then "
+              "'peer identity renew --cert'")
+        return 0
     if identity is None:
         print(f"{args.state}: no fleet identity (requests are not signed)")
         return 0
     signer = identity.signer
     print(f"device {signer.device_id} ({signer.role}), certificate valid "
           f"{signer.not_before.isoformat()} to {signer.not_after.isoformat()}")
-    if (identity.directory / "key.next.pem").exists():
+    if keystore is not None:
+        tls = "yes" if identity.tls_identity() is not None else "no (no swarm-cert.pem)"
+        print(f"key in the TPM ({keystore.tpm.tcti}); TLS key for private swarms: {tls}")
+    if (identity.directory / "key.next.pem").exists() or (
+            keystore is not None and keystore.renewal_pending()):
         print("a renewal to a new key is pending ('peer identity renew --cert ...')")
     return 0
 
 
 def _identity_csr(args: argparse.Namespace) -> int:
     try:
-        atomic_write_bytes(args.out, renewal_csr(args.state))
+        keystore = _tpm_keystore(args.state)
+        atomic_write_bytes(args.out, renewal_csr(args.state) if keystore is None
+                           else keystore.renewal_requests())
     except (ConfigError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -334,7 +388,14 @@ def _identity_csr(args: argparse.Namespace) -> int:
 
 def _identity_renew(args: argparse.Namespace) -> int:
     try:
-        kind = renew_identity(args.state, args.cert)
+        keystore = _tpm_keystore(args.state)
+        if keystore is None:
+            kind = renew_identity(args.state, args.cert)
+        else:
+            kind = keystore.install(args.cert.read_bytes())
+    except OSError as exc:
+        print(f"error: cannot read {args.cert}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -530,7 +591,10 @@ def _status(args: argparse.Namespace) -> int:
     components = {name: store.record(name).to_json() for name in store.names()}
     try:
         floors = read_floors(state.root, bc, store)
-    except ConfigError as exc:
+        keystore = open_keystore(config, state.root)
+        if keystore is not None:  # the floors in force: the higher of the two
+            floors = keystore.floors.merged(floors)
+    except (ConfigError, VerifyFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -21,14 +21,16 @@ from manifest import (
 )
 from peer.errors import ConfigError
 from peer.services import HotConfig, parse_hot_config
+from peer.tpm import PcrSelection, tcti_of
 from tracker.wire import MAX_LABELS, NETWORK_ID_RE
 
-__all__ = ["BOOTLOADERS", "DOWNLOAD_MODES", "SLOT_BACKENDS", "DeviceConfig",
+__all__ = ["BOOTLOADERS", "DOWNLOAD_MODES", "KEYSTORES", "SLOT_BACKENDS", "DeviceConfig",
            "check_pinned_urls", "load_config", "save_config"]
 
 DOWNLOAD_MODES = ("swarm", "direct")
 SLOT_BACKENDS = ("file", "block")
 BOOTLOADERS = ("file", "grub", "uboot")  # "file": the agent simulates the bootloader
+KEYSTORES = ("file", "tpm")  # peer/keystore.py
 MAX_BOOT_ATTEMPTS = 9  # GRUB counts down with an if-chain (peer/bootscripts/grub.cfg)
 
 _PORT_RE = re.compile(r"[0-9]{1,5}")  # ASCII digits only: int() takes "²" and "٣" too
@@ -116,6 +118,13 @@ class DeviceConfig:
     # offered still refreshes its trusted metadata (root rotations, counter resets)
     max_release_counter_jump: int = DEFAULT_MAX_COUNTER_JUMP
     trust_refresh_interval_s: float = 24 * 3600.0
+    # --- where the identity key, the anti-rollback floors and the trust anchor live
+    # (peer/keystore.py): "file" (the state directory) or "tpm": a TPM 2.0 at tpm_device
+    # (/dev/tpmrm0, or a TCTI such as swtpm:path=SOCKET); tpm_pcrs (e.g. "sha256:7"):
+    # the TPM uses the keys only in the boot state they were made in (measured boot)
+    keystore: str = "file"
+    tpm_device: str | None = None
+    tpm_pcrs: str | None = None
     # --- slots and boot control (peer/blockslots.py, peer/bootloader.py). "file": slots
     # are STATE/slots/{a,b}.img and the agent plays the bootloader (tests, the demo)
     slot_backend: str = "file"
@@ -189,6 +198,7 @@ class DeviceConfig:
                                   f"got {value!r}")
         self._check_tls()
         self._check_boot()
+        self._check_keystore()
         self.hot  # noqa: B018 - refuse a bad recipe or a dependency cycle now
 
     @property
@@ -216,6 +226,23 @@ class DeviceConfig:
             raise ConfigError("the uboot bootloader needs uboot_env_config (fw_env.config)")
         if not 1 <= self.boot_attempts <= MAX_BOOT_ATTEMPTS:
             raise ConfigError(f"boot_attempts must be within 1..{MAX_BOOT_ATTEMPTS}")
+
+    def _check_keystore(self) -> None:
+        if self.keystore not in KEYSTORES:
+            raise ConfigError(f"keystore must be one of {list(KEYSTORES)}, got "
+                              f"{self.keystore!r}")
+        if self.keystore == "file":
+            if self.tpm_device is not None or self.tpm_pcrs is not None:
+                raise ConfigError("tpm_device and tpm_pcrs go with keystore 'tpm'")
+            return
+        if not isinstance(self.tpm_device, str) or not self.tpm_device:
+            raise ConfigError("keystore 'tpm' needs tpm_device (/dev/tpmrm0, or a TCTI "
+                              "such as swtpm:path=SOCKET)")
+        tcti_of(self.tpm_device)
+        if self.tpm_pcrs is not None:
+            if not isinstance(self.tpm_pcrs, str):
+                raise ConfigError("tpm_pcrs must be a PCR selection such as sha256:7")
+            PcrSelection(self.tpm_pcrs)
 
     def _check_tls(self) -> None:
         if not isinstance(self.tls_pins, tuple):

@@ -57,10 +57,12 @@ import trio
 from tuf.api import exceptions as tuf_exceptions
 from tuf.ngclient import FetcherInterface
 
+from infra.deviceauth import AnnounceKey, DeviceAuthError
 from infra.tlspin import PinError, pin_of_certificate_der
 from peer.config import DeviceConfig
 from peer.errors import ConfigError, DownloadFailed, PartialResponse, PinMismatch
 from peer.identity import Identity
+from tracker.wire import AnnounceKeyGrant
 
 __all__ = ["DEFAULT_MIN_RATE_BYTES_PER_S", "ENCODING_REFUSED", "MAX_JSON_RESPONSE_BYTES",
            "HttpClient", "TlsPolicy", "TufFetcher", "check_identity_encoding",
@@ -594,6 +596,19 @@ class HttpClient:
         # signed requests go out one at a time, in counter order: the tracker refuses a
         # counter that is not above the last one it accepted from the device
         self._signing = trio.Lock()
+        self._announce_key: tuple[AnnounceKey, float] | None = None  # and when to stop
+
+    def use_announce_key(self, grant: AnnounceKeyGrant | None) -> None:
+        """Authenticate announces and scrapes (:meth:`get_tracker`) with ``grant``, the
+        announce key of the last check-in's answer, instead of a signature, until a
+        minute before it expires by this device's clock; ``None`` drops the key."""
+        identity = self.identity
+        if grant is None or identity is None:
+            self._announce_key = None
+            return
+        key = AnnounceKey(identity.device_id, identity.signer.cert_sha256, grant.expires,
+                          grant.key)
+        self._announce_key = (key, identity.clock() + grant.lifetime_s - 60)
 
     @classmethod
     def for_device(cls, config: DeviceConfig, identity: Identity | None = None) -> HttpClient:
@@ -611,9 +626,11 @@ class HttpClient:
                    identity=identity, local_address=local,
                    min_rate_bytes_per_s=config.http_min_rate_bytes_per_s)
 
-    def _signed(self, method: str, url: str, body: bytes) -> dict[str, str]:
-        """The identity headers of ``METHOD url`` (none without an identity). The target
-        signed is the one httpx sends: path and query as encoded on the wire."""
+    def _signed(self, method: str, url: str, body: bytes,
+                key: AnnounceKey | None = None) -> dict[str, str]:
+        """The identity headers of ``METHOD url`` (none without an identity): signed,
+        or with ``key``'s MAC. The target signed is the one httpx sends: path and query
+        as encoded on the wire."""
         if self.identity is None:
             return {}
         try:
@@ -622,7 +639,12 @@ class HttpClient:
             raise DownloadFailed(f"{method} {url}: cannot reserve a request counter: "
                                  f"{exc}") from exc
         target = httpx.URL(url).raw_path
-        return dict(self.identity.signer.headers(method, target, body, counter))
+        if key is not None:
+            return dict(key.headers(method, target, body, counter))
+        try:
+            return dict(self.identity.signer.headers(method, target, body, counter))
+        except DeviceAuthError as exc:  # a key in a TPM that will not sign now
+            raise DownloadFailed(f"{method} {url}: cannot sign the request: {exc}") from exc
 
     @contextlib.asynccontextmanager
     async def _exchange(self, what: str, method: str, url: str, *, body_bytes: int,
@@ -660,20 +682,38 @@ class HttpClient:
         libtorrent): ``(HTTP status, body)`` whatever the status, the body at most
         ``max_bytes``. Not counted in :attr:`bytes_received` (origin bytes only).
 
+        With an announce key (:meth:`use_announce_key`) the request carries its MAC; a
+        tracker that refuses the key (HTTP 401) is asked again with a signature, and
+        the key is dropped.
+
         Raises:
             DownloadFailed: no answer, a redirect, a content encoding, or an answer over
                 ``max_bytes``.
         """
+        held = self._announce_key
+        if held is not None and self.identity is not None \
+                and self.identity.clock() < held[1]:
+            status, body = await self._signed_exchange("GET", url, b"", {}, max_bytes,
+                                                       key=held[0])
+            if status != 401:
+                return status, body
+            self._announce_key = None  # expired on the tracker's clock, another secret
         return await self._signed_exchange("GET", url, b"", {}, max_bytes)
 
     async def _signed_exchange(self, method: str, url: str, content: bytes,
-                               headers: dict[str, str], max_bytes: int) -> tuple[int, bytes]:
+                               headers: dict[str, str], max_bytes: int, *,
+                               key: AnnounceKey | None = None) -> tuple[int, bytes]:
         """One request to the tracker, signed when the client has an identity (signed
         requests go out one at a time, in counter order): ``(status, body)``, the body
         at most ``max_bytes``; redirects and transport errors are DownloadFailed."""
         what = f"{method} {url}"
         async with self._signing:  # the deadlines start once it is our turn
-            headers = {**headers, **self._signed(method, url, content)}
+            if key is not None:  # a MAC: microseconds
+                signed = self._signed(method, url, content, key)
+            else:  # a thread: signing may be a TPM command (peer.keystore)
+                signed = await trio.to_thread.run_sync(self._signed, method, url, content,
+                                                       key)
+            headers = {**headers, **signed}
             async with self._exchange(what, method, url, body_bytes=max_bytes,
                                       headers=headers, content=content or None) as response:
                 if response.is_redirect:

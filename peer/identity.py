@@ -70,6 +70,11 @@ class Identity:
     def device_id(self) -> str:
         return self.signer.device_id
 
+    def tls_identity(self) -> tuple[bytes, bytes] | None:
+        """The certificate and key (PEM) this identity presents in private swarms (TLS
+        between peers); ``None`` when it has none."""
+        return self.cert_pem, self.key_pem
+
     def next_counter(self) -> int:
         """The next request counter (strictly above every one handed out before).
 

@@ -48,6 +48,7 @@ from peer.crashpoints import fsio_hook
 from peer.errors import ConfigError, PeerError
 from peer.floors import write_floors
 from peer.install import hash_file
+from peer.keystore import open_keystore
 from peer.machine import Journal, JournalError, decode_journal, encode_journal
 from peer.slots import FileSlots, SlotBackend
 from peer.trust import TrustState
@@ -295,10 +296,15 @@ def init_device(state_dir: Path, config: DeviceConfig, *, root_json: bytes, imag
     File slots: ``image`` is copied into ``STATE/slots/a.img``. Block slots: partition
     A must already hold ``image`` (flashed at the factory; checked, never written). A
     real bootloader's environment is set to the factory state (slot a, committed).
+    With ``keystore: tpm`` the TPM's keys, floors and trust anchor are made afresh
+    (:meth:`peer.keystore.TpmKeyStore.provision`: the signing requests for the fleet
+    CA are in ``STATE/identity/request.pem``).
 
     Raises:
         ConfigError: the directory is already a device (without ``force``), the root
-            metadata is not valid TUF root metadata, or the image cannot be read.
+            metadata is not valid TUF root metadata, or the image cannot be read; the
+            TPM already holds keys of a device (without ``force``) or refused
+            (``TpmError``).
     """
     state = DeviceState(state_dir)
     if state.config_path.exists() and not force:
@@ -353,4 +359,7 @@ def init_device(state_dir: Path, config: DeviceConfig, *, root_json: bytes, imag
     write_bootctl(state.bootctl_path, initial_bootctl(SlotRecord(version, release_counter,
                                                                  sha, size)))
     write_floors(state.root, {})  # one floor per update kind and component, none yet
+    keystore = open_keystore(config, state.root)
+    if keystore is not None:  # keys, floors and trust anchor made afresh in the TPM
+        keystore.provision(root_json=root_json, image_floor=release_counter, force=force)
     return state

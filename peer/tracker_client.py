@@ -35,15 +35,25 @@ async def checkin(http: HttpClient, config: DeviceConfig, *, version: str,
     each component, each with its own counter (sent even when empty: it tells the
     tracker that this device keeps one floor per update kind and component).
 
+    The answer's announce key, if any, is handed to ``http``
+    (:meth:`~peer.http.HttpClient.use_announce_key`) for the announces that follow.
+
     Raises:
-        DownloadFailed: the tracker cannot be reached, or answered a malformed offer.
+        DownloadFailed: the tracker cannot be reached, or answered a malformed offer or
+            announce key.
     """
     body = checkin_to_json(CheckIn(
         device_id=config.device_id, product=config.product,
         hardware_id=config.hardware_id, version=version, release_counter=release_counter,
         network_id=config.network_id, region=config.region, labels=tuple(config.labels),
         components=components))
-    return parse_checkin_answer(await http.post_json(_url(config, "checkin"), body))
+    answer = await http.post_json(_url(config, "checkin"), body)
+    chosen = parse_checkin_answer(answer)
+    try:
+        http.use_announce_key(wire.parse_announce_key(answer))
+    except WireError as exc:
+        raise DownloadFailed(str(exc)) from None
+    return chosen
 
 
 def parse_checkin_answer(answer: object) -> tuple[Offer | None, int]:

@@ -62,6 +62,7 @@ from peer.bootctl import BootControl, write_bootctl
 from peer.errors import DownloadFailed, PinMismatch, VerifyFailed
 from peer.floors import lower_component_floors
 from peer.http import DEFAULT_MIN_RATE_BYTES_PER_S, TlsPolicy, TufFetcher
+from peer.tpm_nv import NvFloors, TrustAnchor
 
 __all__ = ["TrustState", "apply_pending_counter_reset", "fetch_release_manifest",
            "pending_counter_reset", "refresh_trust"]
@@ -76,6 +77,7 @@ def fetch_release_manifest(trust_dir: Path, origin_url: str, target_name: str, *
                            min_rate_bytes_per_s: int = DEFAULT_MIN_RATE_BYTES_PER_S,
                            pass_timeout_s: float | None = None,
                            compact: bool = False,
+                           anchor: TrustAnchor | None = None,
                            ) -> tuple[bytes, int]:
     """Return ``(manifest bytes, metadata bytes downloaded)`` for ``target_name``.
 
@@ -90,7 +92,11 @@ def fetch_release_manifest(trust_dir: Path, origin_url: str, target_name: str, *
     ``min_rate_bytes_per_s`` after ``timeout_s`` is cut (slow retrieval, DownloadFailed);
     one longer than python-tuf's limit for its role or the signed length is cut there
     (VerifyFailed: bad data, not a transport failure). ``pass_timeout_s`` bounds every
-    request of the refresh together (DownloadFailed beyond it).
+    request of the refresh together (DownloadFailed beyond it). ``anchor``: the trusted
+    root is held to the TPM's trust anchor (a device with ``keystore: tpm``): a
+    replaced ``root.json`` is refused before python-tuf reads it, and the anchor moves
+    with every root python-tuf accepts (:meth:`peer.tpm_nv.TrustAnchor.sync`, which
+    also raises ``TpmError``).
     """
     scratch_dir.mkdir(parents=True, exist_ok=True)
     scratch = scratch_dir / "release-manifest.download"
@@ -98,7 +104,7 @@ def fetch_release_manifest(trust_dir: Path, origin_url: str, target_name: str, *
                          pass_timeout_s=pass_timeout_s)
     try:
         with _tuf_errors(trust_dir):
-            updater = _refreshed(trust_dir, origin_url, fetcher, scratch_dir)
+            updater = _refreshed(trust_dir, origin_url, fetcher, scratch_dir, anchor)
             info = updater.get_targetinfo(target_name)
             if info is None:
                 raise VerifyFailed(f"{target_name} is not listed in the signed targets "
@@ -119,16 +125,18 @@ def fetch_release_manifest(trust_dir: Path, origin_url: str, target_name: str, *
 def refresh_trust(trust_dir: Path, origin_url: str, *, timeout_s: float, scratch_dir: Path,
                   tls: TlsPolicy | None = None,
                   min_rate_bytes_per_s: int = DEFAULT_MIN_RATE_BYTES_PER_S,
-                  pass_timeout_s: float | None = None) -> int:
+                  pass_timeout_s: float | None = None,
+                  anchor: TrustAnchor | None = None) -> int:
     """Refresh the trusted metadata chain (new roots, timestamp, snapshot, targets);
-    return the metadata bytes downloaded. Same errors as :func:`fetch_release_manifest`.
+    return the metadata bytes downloaded. Same errors and ``anchor`` as
+    :func:`fetch_release_manifest`.
     """
     scratch_dir.mkdir(parents=True, exist_ok=True)
     fetcher = TufFetcher(timeout_s=timeout_s, tls=tls, min_rate_bytes_per_s=min_rate_bytes_per_s,
                          pass_timeout_s=pass_timeout_s)
     try:
         with _tuf_errors(trust_dir):
-            _refreshed(trust_dir, origin_url, fetcher, scratch_dir)
+            _refreshed(trust_dir, origin_url, fetcher, scratch_dir, anchor)
     finally:
         fetcher.close()
     return fetcher.bytes_received
@@ -180,9 +188,13 @@ def _parses(path: Path) -> bool:
 
 
 def _refreshed(trust_dir: Path, origin_url: str, fetcher: TufFetcher,
-               scratch_dir: Path) -> Updater:
-    """An updater whose top-level metadata is refreshed and checked (distinct keys)."""
+               scratch_dir: Path, anchor: TrustAnchor | None = None) -> Updater:
+    """An updater whose top-level metadata is refreshed and checked (distinct keys);
+    with ``anchor``, the trusted root checked against it before and moved with it
+    after."""
     base = origin_url.rstrip("/")
+    if anchor is not None:
+        anchor.sync()  # a root.json that is not the anchored one is put right first
     _mend_torn_metadata(trust_dir)
     trusted = _read_trusted(trust_dir)
     updater = _DurableUpdater(metadata_dir=str(trust_dir), metadata_base_url=f"{base}/metadata/",
@@ -194,6 +206,8 @@ def _refreshed(trust_dir: Path, origin_url: str, fetcher: TufFetcher,
     except VerifyFailed:
         _restore_trusted(trust_dir, trusted)
         raise
+    if anchor is not None:
+        anchor.sync()  # along the roots python-tuf accepted
     return updater
 
 
@@ -286,15 +300,28 @@ def pending_counter_reset(trust_dir: Path, product: str,
 
 
 def apply_pending_counter_reset(bc: BootControl, *, trust_dir: Path, state_path: Path,
-                                bootctl_path: Path, product: str) -> BootControl:
+                                bootctl_path: Path, product: str,
+                                hardware: NvFloors | None = None) -> BootControl:
     """Apply the trusted root's counter reset of ``product`` if it is newer than the
     epoch applied: every anti-rollback floor (the image's in boot control, each
     component's in ``floors.json`` beside it) goes down to the reset's floor if it is
     above (written first, then the epoch is recorded: a crash in between applies it
     again, which changes nothing). Returns the boot control now in force.
-    An unreadable root or reset is logged and changes nothing."""
+    An unreadable root or reset is logged and changes nothing.
+
+    ``hardware``: the floors a TPM holds (``keystore: tpm``). The epoch applied is then
+    the TPM floor log's (or the file's, if higher): a deleted ``trust_state.json`` does
+    not make the reset apply twice; the reset is logged after the state directory's
+    floors are lowered, with the hash of the root carrying it
+    (:meth:`peer.tpm_nv.NvFloors.apply_reset`). A floor log that does not verify is
+    logged and changes nothing (every release is refused anyway).
+    Raises ``TpmError`` when the TPM cannot be read or written."""
     state = TrustState.load(state_path)
     try:
+        if hardware is not None:
+            held = hardware.read().epoch
+            if held > state.counter_epochs.get(product, 0):
+                state.counter_epochs[product] = held
         reset = pending_counter_reset(trust_dir, product, state)
     except VerifyFailed as exc:
         log.warning("counter reset not applied: %s", exc)
@@ -313,6 +340,8 @@ def apply_pending_counter_reset(bc: BootControl, *, trust_dir: Path, state_path:
         log.warning("root-signed counter reset (epoch %d): anti-rollback floor %d -> %d",
                     epoch, bc.min_release_counter, floor)
         bc = write_bootctl(bootctl_path, replace(bc, min_release_counter=floor), what="floor")
+    if hardware is not None:
+        hardware.apply_reset(reset, (trust_dir / "root.json").read_bytes())
     state.counter_epochs[product] = epoch
     state.save(state_path)
     return bc

@@ -64,7 +64,8 @@ from tracker.config import TrackerConfig
 from tracker.registry import SwarmRegistry
 from tracker.rollout import RolloutPlan
 from tracker.server import TRACKER_TLS_MIN_VERSION, serve_tracker
-from tracker.store import SqliteStore, TokenRecord
+from tracker.sqlite_store import SqliteStore
+from tracker.store import TokenRecord
 
 __all__ = ["DemoOutcome", "add_parser", "canary_plan", "make_image", "mutate_image",
            "run_demo", "update_fleet", "write_images"]

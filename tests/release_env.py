@@ -45,7 +45,7 @@ from tracker.config import TrackerConfig
 from tracker.protocol import Release
 from tracker.rollout import RolloutPlan
 from tracker.server import TRACKER_TLS_MIN_VERSION, serve_tracker
-from tracker.store import SqliteStore
+from tracker.sqlite_store import SqliteStore
 
 PRODUCT = "acme-router"
 HARDWARE_ID = "acme-router-hw1"
@@ -388,12 +388,13 @@ async def fleet(tmp_path: Path, nursery: trio.Nursery,
 
 
 @asynccontextmanager
-async def open_fleet(nursery: trio.Nursery, tmp_path: Path,
-                     images: tuple[bytes, bytes]) -> AsyncIterator[Fleet]:
+async def open_fleet(nursery: trio.Nursery, tmp_path: Path, images: tuple[bytes, bytes],
+                     origin_config: OriginConfig | None = None) -> AsyncIterator[Fleet]:
     """A private fleet in ``tmp_path``: a server CA and a fleet CA (and ``other-ca``,
-    one the tracker does not trust), the origin and the tracker over HTTPS (the
-    tracker accepts only fleet identities), v1 and v2 published to private swarms and
-    registered, and a seeder announcing through a signed relay; all in ``nursery``."""
+    one the tracker does not trust), the origin (``origin_config``: e.g. a rate limit)
+    and the tracker over HTTPS (the tracker accepts only fleet identities), v1 and v2
+    published to private swarms and registered, and a seeder announcing through a
+    signed relay; all in ``nursery``."""
     pki = tmp_path / "pki"
     server_ca = create_ca(pki / "server-ca")
     origin: ServerFiles = issue_server_cert(pki / "server-ca", pki / "origin", ["127.0.0.1"])
@@ -403,6 +404,7 @@ async def open_fleet(nursery: trio.Nursery, tmp_path: Path,
     create_ca(pki / "other-ca")
     env = await start_env(
         nursery, tmp_path, *images, fleet_ca=fleet_ca, origin_ca_file=server_ca,
+        origin_config=origin_config,
         origin_listen=ListenConfig(certfile=str(origin.cert), keyfile=str(origin.key)),
         tracker_listen=ListenConfig(certfile=str(tracker.cert), keyfile=str(tracker.key),
                                     tls_min_version=TRACKER_TLS_MIN_VERSION))

@@ -32,7 +32,7 @@ from peer.slots import FileSlots, SlotWriter
 from peer.state import DeviceState
 from tests.release_env import ReleaseEnv, killed_at
 from tests.test_update_delta import publish_v3_with_deltas
-from tracker.store import SqliteStore
+from tracker.sqlite_store import SqliteStore
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,7 +26,7 @@ from tracker.protocol import Release
 from tracker.registry import SwarmRegistry
 from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
-from tracker.store import SqliteStore
+from tracker.sqlite_store import SqliteStore
 
 
 async def test_canary_failures_halt_the_rollout_and_devices_outside_never_get_it(

@@ -166,14 +166,19 @@ def test_tiny_fleet_in_a_shaped_namespace_end_to_end(tmp_path: Path) -> None:
 @needs_netns
 def test_interrupted_benchmark_removes_its_namespace(tmp_path: Path) -> None:
     before = namespaces()
+    # a pytest-xdist worker ignores SIGINT, and a child would inherit that: restore the
+    # default, as in a terminal where Ctrl-C reaches the benchmark
     proc = subprocess.Popen([sys.executable, "-m", "bench.fleet", "--devices", "2",
                              "--repeat", "1", "--image-mib", "2", "--out", str(tmp_path)],
-                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    mine = f"swarmota-fleet-{proc.pid}"  # other benchmarks may run beside this test
     deadline = time.monotonic() + 60
-    while not (namespaces() - before) and time.monotonic() < deadline:
+    while mine not in namespaces() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert namespaces() - before, "the benchmark never created its namespace"
+    assert mine in namespaces(), "the benchmark never created its namespace"
     time.sleep(1.0)  # let it start its inner run
+    assert proc.poll() is None, "the benchmark ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     try:
         rc = proc.wait(timeout=60)
@@ -181,7 +186,9 @@ def test_interrupted_benchmark_removes_its_namespace(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
     assert rc == 130
-    assert namespaces() == before
+    assert mine not in namespaces()
+    assert not {n for n in namespaces() - before if n.startswith("swarmota-fleet-")
+                and n.endswith(f"-{proc.pid}")}
     assert not (tmp_path / "fleet.json").exists()
     assert os.path.isdir(tmp_path)
 

@@ -42,7 +42,7 @@ from tracker.rollout import (
     apply_action,
     new_rollout,
 )
-from tracker.store import SqliteStore
+from tracker.sqlite_store import SqliteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 

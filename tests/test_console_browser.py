@@ -35,7 +35,8 @@ from swarmota.demo import broken_image, health_command, update_fleet
 from tests.release_env import HARDWARE_ID, PRODUCT, Fleet, open_fleet
 from tracker.admin import hash_token, new_token
 from tracker.admin_client import AdminClient
-from tracker.store import SqliteStore, TokenRecord
+from tracker.sqlite_store import SqliteStore
+from tracker.store import TokenRecord
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 playwright_api.expect.set_options(timeout=20_000)

@@ -23,7 +23,8 @@ from tracker.admin import hash_token, new_token
 from tracker.admin_client import AdminClient
 from tracker.errors import AdminApiError
 from tracker.rollout import RolloutPlan
-from tracker.store import SqliteStore, TokenRecord
+from tracker.sqlite_store import SqliteStore
+from tracker.store import TokenRecord
 
 
 class Operator:

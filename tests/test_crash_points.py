@@ -59,7 +59,7 @@ from tracker.config import TrackerConfig
 from tracker.protocol import Release
 from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
-from tracker.store import SqliteStore
+from tracker.sqlite_store import SqliteStore
 
 PARALLEL = 6
 ROOT = Path(__file__).resolve().parents[1]

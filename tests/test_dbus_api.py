@@ -119,12 +119,14 @@ async def test_progress_signals_are_rate_limited_and_end_on_the_last_value(
     async with signals(bus) as received, trio.open_nursery() as nursery:
         await nursery.start(partial(serve_dbus, control, bus.address,
                                     progress_interval_s=0.5))
-        for done in range(1, 41):  # 40 updates in about a second
+        started = trio.current_time()
+        for done in range(1, 41):  # 40 updates in about a second (longer on a busy machine)
             observed.save_progress({"phase": "downloading", "mode": "direct",
                                     "chunks_total": 40, "chunks_done_this_run": done,
                                     "bytes_origin": done * 1000})
             await trio.sleep(0.025)
         await trio.sleep(0.8)
+        elapsed = trio.current_time() - started
         progress = []
         while True:
             try:
@@ -134,7 +136,8 @@ async def test_progress_signals_are_rate_limited_and_end_on_the_last_value(
             if msg.header.fields[HeaderFields.member] == "ProgressChanged":
                 progress.append(msg.body[0])
         nursery.cancel_scope.cancel()
-    assert 2 <= len(progress) <= 4, len(progress)
+    # one signal per 0.5 s at most, plus the first one and the final value
+    assert 2 <= len(progress) <= 2 + int(elapsed / 0.5), (len(progress), elapsed)
     last = progress[-1]
     assert last["chunks_done"] == ("u", 40) and last["bytes_origin"] == ("t", 40000)
     assert last["phase"] == ("s", "downloading")
@@ -284,7 +287,7 @@ async def test_example_client_reads_and_controls_the_agent(bus: Bus, tmp_path: P
               "--address", bus.address]
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_dbus, control, bus.address)
-        with trio.fail_after(20):
+        with trio.fail_after(60):  # three client processes; a busy machine is slow
             status = await trio.run_process([*client, "status"], capture_stdout=True)
             shown = json.loads(status.stdout)
             assert shown["State"] == "idle" and shown["CurrentVersion"] == "1.0.0"

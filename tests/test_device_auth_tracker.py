@@ -49,13 +49,8 @@ from tracker.identity import CounterWindow, WarningBudget, load_fleet_trust
 from tracker.protocol import Release
 from tracker.rollout import RolloutPlan, StageCounters
 from tracker.server import TrackerUrls, serve_tracker_endpoints
-from tracker.store import (
-    _SCHEMA,
-    _SCHEMA_ROLLOUTS,
-    _SCHEMA_SWARMS,
-    SCHEMA_VERSION,
-    SqliteStore,
-)
+from tracker.sqlite_store import _SCHEMA, _SCHEMA_ROLLOUTS, _SCHEMA_SWARMS, SqliteStore
+from tracker.store import SCHEMA_VERSION
 from tracker.wire import encode_json
 
 TIMEOUT_S = 10
@@ -584,7 +579,7 @@ def test_a_version_3_database_gains_device_counters(tmp_path: Path) -> None:
     raw = sqlite3.connect(db)
     assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     raw.close()
-    assert SCHEMA_VERSION == 6
+    assert SCHEMA_VERSION == 7
 
 
 def test_counter_window_keeps_the_highest_counter_of_recent_devices() -> None:

@@ -52,15 +52,14 @@ from tracker.admin import hash_token, new_token
 from tracker.app import TrackerApp
 from tracker.config import TrackerConfig
 from tracker.director import Director
-from tracker.store import (
+from tracker.sqlite_store import (
     _SCHEMA,
     _SCHEMA_DEVICE_COUNTERS,
     _SCHEMA_ROLLOUTS,
     _SCHEMA_SWARMS,
-    SCHEMA_VERSION,
     SqliteStore,
-    TokenRecord,
 )
+from tracker.store import SCHEMA_VERSION, TokenRecord
 
 # --- identities and tokens ------------------------------------------------------------------
 
@@ -463,7 +462,7 @@ def test_revocations_work_on_a_database_migrated_from_version_4(tmp_path: Path) 
     raw = sqlite3.connect(db)
     assert raw.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     raw.close()
-    assert SCHEMA_VERSION == 6
+    assert SCHEMA_VERSION == 7
 
 
 async def test_operator_revokes_a_stolen_key_from_the_command_line(

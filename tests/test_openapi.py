@@ -27,7 +27,8 @@ from tracker.catalogue import register_release
 from tracker.openapi import openapi_document
 from tracker.protocol import Release
 from tracker.rollout import RolloutPlan
-from tracker.store import SqliteStore, TokenRecord
+from tracker.sqlite_store import SqliteStore
+from tracker.store import TokenRecord
 from tracker.wire import CheckIn, Report
 
 ROOT = Path(__file__).resolve().parent.parent

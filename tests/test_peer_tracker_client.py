@@ -19,7 +19,7 @@ from tracker.config import TrackerConfig
 from tracker.protocol import Release
 from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
-from tracker.store import SqliteStore
+from tracker.sqlite_store import SqliteStore
 
 
 def device(tracker_url: str, **extra: str) -> DeviceConfig:

@@ -28,7 +28,7 @@ from peer.http import HttpClient, TlsPolicy
 from peer.identity import install_identity, load_identity_dir
 from peer.state import DeviceState
 from tests.release_env import Fleet, ReleaseEnv
-from tracker.store import SqliteStore
+from tracker.sqlite_store import SqliteStore
 
 
 def assert_untouched(dev: DeviceState, v1: bytes) -> None:

@@ -335,9 +335,9 @@ def test_opening_while_a_publisher_takes_its_request_live_does_not_replay_it(
     """Open reads staged.json before it takes the lock: a request it saw ready may be
     live (and gone) by the time it holds the lock, and must not be taken live twice."""
     import seeder.repository as repository_module
+    from seeder.staging import read_request as real_read_request
 
     opener_read_staged = threading.Event()
-    real_read_request = repository_module.read_request
     real_go_live = Repository._go_live
 
     def reading(path: Path) -> SigningRequest:

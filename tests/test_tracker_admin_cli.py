@@ -19,7 +19,7 @@ from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
 from tracker.protocol import Release
 from tracker.server import serve_tracker
-from tracker.store import SqliteStore
+from tracker.sqlite_store import SqliteStore
 
 PRODUCT = "acme-router"
 

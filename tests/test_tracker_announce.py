@@ -56,7 +56,8 @@ from tracker.protocol import Release
 from tracker.registry import SwarmRegistry
 from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
-from tracker.store import _SCHEMA, SCHEMA_VERSION, SqliteStore
+from tracker.sqlite_store import _SCHEMA, SqliteStore
+from tracker.store import SCHEMA_VERSION
 
 INFO_HASH = sha256_hex(b"torrent info dict")
 ANNOUNCE_HASH = bytes.fromhex(INFO_HASH)[:20]
@@ -412,24 +413,6 @@ def test_release_from_manifest_knows_its_swarms() -> None:
         Release("acme-router", "1.0", 1, "releases/acme-router/1.0.json", release.swarms)
     with pytest.raises(RequestError, match="64 lowercase hex"):
         SwarmInfo(INFO_HASH.upper(), "acme-router", "2.0.0", "full")
-
-
-def test_store_registers_and_finds_swarms(store: SqliteStore) -> None:
-    release = Release.from_manifest(build_manifest())
-    assert store.add_release(release, 1.0) is True
-    assert store.add_release(release, 2.0) is False
-    assert store.swarms_of(ANNOUNCE_HASH) == [release.swarms[0]]
-    assert store.swarms_of(OTHER_HASH) == []
-    assert store.swarms() == list(release.swarms)
-    assert store.swarms("other") == []
-    assert store.releases() == [release]
-
-
-def test_a_release_registered_without_swarms_gains_them(store: SqliteStore) -> None:
-    bare = Release.create("acme-router", "2.0.0", 2)
-    assert store.add_release(bare, 1.0) is True
-    assert store.add_release(Release.from_manifest(build_manifest()), 2.0) is True
-    assert store.swarms_of(ANNOUNCE_HASH) != []
 
 
 def test_a_byte_identical_payload_serves_several_releases_but_a_20_byte_twin_is_refused(

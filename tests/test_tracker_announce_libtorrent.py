@@ -26,7 +26,7 @@ from tracker.protocol import Release
 from tracker.registry import SwarmRegistry
 from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker, serve_tracker_endpoints
-from tracker.store import SqliteStore
+from tracker.sqlite_store import SqliteStore
 
 PIECE = 16 * 1024
 SIZE = 2 * 1024 * 1024

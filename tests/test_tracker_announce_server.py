@@ -35,7 +35,7 @@ from tracker.protocol import Release
 from tracker.registry import SwarmRegistry
 from tracker.rollout import RolloutPlan
 from tracker.server import TrackerUrls, serve_tracker_endpoints
-from tracker.store import SqliteStore
+from tracker.sqlite_store import SqliteStore
 
 TIMEOUT_S = 10
 
@@ -378,3 +378,78 @@ async def test_a_failing_answer_loses_one_connection_not_the_listener(
             assert (await read_answer(good, bytearray()))[2] == b"de"
         nursery.cancel_scope.cancel()
     assert "answering a request failed" in caplog.text
+
+
+# --- the device API on the lean endpoint -----------------------------------------------
+
+
+def post(path: str, body: bytes, extra: bytes = b"") -> bytes:
+    return (b"POST " + path.encode() + b" HTTP/1.1\r\nhost: tracker\r\ncontent-type: "
+            b"application/json\r\ncontent-length: " + str(len(body)).encode() + b"\r\n"
+            + extra + b"\r\n" + body)
+
+
+def test_device_routes_parse_only_where_the_device_api_is_served() -> None:
+    head = b"POST /v1/checkin HTTP/1.1\r\ncontent-length: 12"
+    assert parse_head(head, device_api=True) == Request(
+        "/v1/checkin", b"", True, b"/v1/checkin", ((b"content-length", b"12"),), "POST", 12)
+    refused = parse_head(head)
+    assert isinstance(refused, Refusal) and refused.status == 404
+    for bad, status in ((b"GET /v1/checkin HTTP/1.1", 405),
+                        (b"POST /v1/report HTTP/1.1", 400),  # no content-length
+                        (b"POST /v1/report HTTP/1.1\r\ncontent-length: -1", 400),
+                        (b"POST /v1/report HTTP/1.1\r\ncontent-length: 1\r\n"
+                         b"content-length: 1", 400),
+                        (b"POST /v1/report HTTP/1.1\r\ntransfer-encoding: chunked", 400),
+                        (b"POST /v1/health HTTP/1.1\r\ncontent-length: 0", 405)):
+        refusal = parse_head(bad, device_api=True)
+        assert isinstance(refusal, Refusal) and refusal.status == status, bad
+
+
+async def test_check_ins_and_reports_through_the_lean_endpoint_match_the_main_one(
+        tracker: tuple[TrackerUrls, SwarmRegistry]) -> None:
+    """Devices pointed at the lean endpoint get the main listener's answers: the same
+    offer, the same errors, the report stored once."""
+    urls, _ = tracker
+    checkin = (b'{"device_id": "d1", "product": "acme-router", "hardware_id": "hw1", '
+               b'"version": "1.0.0", "release_counter": 1}')
+    async with await trio.open_tcp_stream("127.0.0.1", port_of(urls.announce)) as stream, \
+            httpx.AsyncClient(base_url=urls.api, timeout=TIMEOUT_S) as client:
+        buffer = bytearray()
+        # two pipelined check-ins, then the health check
+        await stream.send_all(post("/v1/checkin", checkin) * 2 + get("/v1/health"))
+        for _ in range(2):
+            status, headers, body = await read_answer(stream, buffer)
+            assert status == 200 and headers["content-type"] == "application/json"
+            lean = httpx.Response(200, content=body).json()
+            assert lean["release"]["version"] == "2.0.0"
+        assert (await read_answer(stream, buffer))[2] == b'{"ok":true}'
+        main = (await client.post("/v1/checkin", content=checkin)).json()
+        assert main["release"] == lean["release"]
+        # a bad body: the same 400 and message through either door
+        await stream.send_all(post("/v1/checkin", b'{"device_id": 5}'))
+        status, _, body = await read_answer(stream, buffer)
+        response = await client.post("/v1/checkin", content=b'{"device_id": 5}')
+        assert (status, body) == (response.status_code, response.content) and status == 400
+        report = (b'{"device_id": "d1", "product": "acme-router", "from_version": "1.0.0", '
+                  b'"to_version": "2.0.0", "status": 0, "message": "", "bytes_origin": 1, '
+                  b'"bytes_peers": 2, "timings_s": {}, "report_id": "attempt-0001"}')
+        await stream.send_all(post("/v1/report", report))
+        assert (await read_answer(stream, buffer))[:1] == (200,)
+        assert (await client.post("/v1/report", content=report)).json() == {"ok": True}
+        metrics = (await client.get("/metrics")).text
+    assert 'swarmota_tracker_reports_total{status="ok"} 1' in metrics
+    assert "swarmota_tracker_reports_duplicate_total 1" in metrics
+
+
+async def test_a_device_body_over_the_limit_or_too_slow_is_refused(
+        tracker: tuple[TrackerUrls, SwarmRegistry]) -> None:
+    urls, _ = tracker
+    async with await trio.open_tcp_stream("127.0.0.1", port_of(urls.announce)) as stream:
+        await stream.send_all(b"POST /v1/report HTTP/1.1\r\ncontent-length: 999999999\r\n\r\n")
+        status, _, body = await read_answer(stream, bytearray())
+        assert status == 413 and b"over the limit" in body
+        await assert_closed(stream)
+    async with await trio.open_tcp_stream("127.0.0.1", port_of(urls.announce)) as stream:
+        await stream.send_all(b"POST /v1/report HTTP/1.1\r\ncontent-length: 100\r\n\r\n{")
+        await assert_closed(stream)  # the body never came: cut after head_timeout_s

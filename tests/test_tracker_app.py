@@ -19,7 +19,8 @@ from tracker.errors import StorageError
 from tracker.metrics import TrackerStatistics
 from tracker.protocol import Release
 from tracker.rollout import RolloutPlan
-from tracker.store import DeviceRecord, SqliteStore
+from tracker.sqlite_store import SqliteStore
+from tracker.store import DeviceRecord
 
 Message = MutableMapping[str, Any]
 

@@ -25,7 +25,8 @@ from tracker.catalogue import register_release
 from tracker.config import TrackerConfig
 from tracker.protocol import Release
 from tracker.server import serve_tracker
-from tracker.store import AuditEntry, SqliteStore
+from tracker.sqlite_store import SqliteStore
+from tracker.store import AuditEntry
 
 
 def audit_rows(n: int, start: int = 0) -> list[AuditEntry]:

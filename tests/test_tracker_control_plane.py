@@ -29,8 +29,9 @@ from tracker.config import TrackerConfig
 from tracker.director import Director
 from tracker.protocol import Release
 from tracker.rollout import RolloutPlan
-from tracker.store import _MIGRATIONS, SCHEMA_VERSION, SqliteStore
-from tracker.wire import MAX_LOG_TAIL_BYTES, MIN_POLL_AFTER_S, CheckIn, Report
+from tracker.sqlite_store import _MIGRATIONS, SqliteStore
+from tracker.store import SCHEMA_VERSION
+from tracker.wire import MAX_LOG_TAIL_BYTES, MIN_POLL_AFTER_S
 
 ROLLOUT = f"/v1/admin/rollouts/{PRODUCT}/2.0.0"
 
@@ -364,19 +365,6 @@ def test_a_fresh_database_and_a_migrated_one_have_the_same_schema(tmp_path: Path
             conn.close()
 
     assert schema(old) == schema(tmp_path / "new.db")
-
-
-def test_a_decision_that_fails_half_way_writes_nothing(store: SqliteStore) -> None:
-    """A decision is one transaction: when part of it fails, nothing of it is kept."""
-    with store.atomic("test"):
-        store.record_checkin(CheckIn("d9", PRODUCT, "hw1", "1.0.0", 1), START)
-    with pytest.raises(RuntimeError), store.atomic("doomed"):
-        assert store.add_report(Report("d9", PRODUCT, "1.0.0", "2.0.0", 0, "", 0, 0, {}),
-                                START)[1]
-        store.record_checkin(CheckIn("d9", PRODUCT, "hw1", "2.0.0", 2), START)
-        raise RuntimeError("the decision failed half way")
-    assert store.reports() == []
-    assert store.device("d9").version == "1.0.0"  # type: ignore[union-attr]
 
 
 # --- a simulated fleet through the real app -----------------------------------------

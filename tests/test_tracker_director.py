@@ -31,7 +31,8 @@ from tracker.config import TrackerConfig
 from tracker.director import ROLLOUT_CACHE_S, Director
 from tracker.errors import StaleStateError
 from tracker.rollout import RolloutPlan, apply_action, stage_of
-from tracker.store import _SCHEMA, _SCHEMA_SWARMS, SCHEMA_VERSION, SqliteStore
+from tracker.sqlite_store import _SCHEMA, _SCHEMA_SWARMS, SqliteStore
+from tracker.store import SCHEMA_VERSION
 
 # --- offers follow the rollout --------------------------------------------------------------
 
@@ -392,31 +393,3 @@ def test_a_rollout_saved_by_someone_else_since_it_was_read_is_refused(
             store.save_rollout(apply_action(mine, "abort", START)[0])
         state = store.rollout_of(PRODUCT, "2.0.0")
         assert state is not None and state.phase == "paused" and state.revision == 1
-
-
-async def test_two_trackers_on_one_database_count_every_device_once(
-        store: SqliteStore, clock: Clock) -> None:
-    never_halts = RolloutPlan(stages_percent=(100.0,), min_successes=0, soak_s=0,
-                              halt_failure_rate=1.0, halt_failure_count=10**6)
-    register_release(store, release(), never_halts, now=START)
-    stores = [SqliteStore(store.path, create=False, clock=clock) for _ in range(2)]
-    apps = [TrackerApp(Director(s, TrackerConfig(db_path=store.path), clock=clock))
-            for s in stores]
-    devices = [f"dev-{i}" for i in range(40)]
-
-    async def device_life(app: TrackerApp, device: str) -> None:
-        assert await offered(app, device) == "2.0.0"
-        status, _ = await call(app, "POST", "/v1/report",
-                               report_body(device, 0 if device[-1] != "7" else 30))
-        assert status == 200
-
-    async with trio.open_nursery() as nursery:
-        for i, device in enumerate(devices):
-            nursery.start_soon(device_life, apps[i % 2], device)
-    state = store.rollout_of(PRODUCT, "2.0.0")
-    assert state is not None
-    totals = state.totals
-    assert (totals.admitted, totals.succeeded, totals.failed) == (40, 36, 4)
-    assert totals.bytes_peers == 40 * 900
-    for s in stores:
-        s.close()

@@ -23,7 +23,7 @@ from tracker.protocol import Release
 from tracker.proxies import TrustedProxies
 from tracker.rollout import RolloutPlan
 from tracker.server import serve_tracker
-from tracker.store import SqliteStore
+from tracker.sqlite_store import SqliteStore
 
 INFO_HASH = "cd" * 32
 ANNOUNCE_HASH = bytes.fromhex(INFO_HASH)[:20]

@@ -19,7 +19,8 @@ from tracker.config import TrackerConfig
 from tracker.director import Director
 from tracker.protocol import Release
 from tracker.registry import SwarmRegistry
-from tracker.store import SqliteStore, TokenRecord
+from tracker.sqlite_store import SqliteStore
+from tracker.store import TokenRecord
 
 PRODUCT = "acme-router"
 INFO_HASH = "ab" * 32

@@ -190,7 +190,7 @@ set timeout=0
 set swarmota_env=($root)/grub/grubenv
 source ($root)/grub/swarmota.cfg
 echo "grub: booting slot ${swarmota_slot}"
-linux ($root)/vmlinuz console=ttyS0 panic=1 quiet loglevel=3 swarmota.slot=${swarmota_slot} root=PARTLABEL=rootfs-${swarmota_slot}
+linux ($root)/vmlinuz console=ttyS0 panic=1 no_timer_check quiet loglevel=3 swarmota.slot=${swarmota_slot} root=PARTLABEL=rootfs-${swarmota_slot}
 initrd ($root)/initrd.img
 boot
 """  # noqa: E501 (one kernel command line)

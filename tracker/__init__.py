@@ -45,10 +45,15 @@ Layout (pure core, thin shells; see docs/ARCHITECTURE.md, "The tracker"):
 - :mod:`tracker.bittorrent`: announce/scrape parsing and bencoded answers (pure);
   :mod:`tracker.registry`: the in-memory peer registry; :mod:`tracker.proxies`: the
   client's address behind trusted reverse proxies.
-- :mod:`tracker.store`: the :class:`Store` interface and :class:`SqliteStore`;
-  :mod:`tracker.backup`: consistent backups and restores of its database.
-- Front ends, thin: :mod:`tracker.app` (ASGI), :mod:`tracker.bt_api` (the BitTorrent
-  API both listeners call), :mod:`tracker.announce_server` (the lean endpoint);
+- :mod:`tracker.store`: the :class:`Store` interface, its records and ``open_store``
+  by URL; :mod:`tracker.sql_store`: every statement, once; :mod:`tracker.sqlite_store`
+  (``SqliteStore``) and :mod:`tracker.pg_store` (``PgStore``, PostgreSQL): the engines;
+  :mod:`tracker.backup`: consistent backups and restores of an SQLite database.
+- :mod:`tracker.redis_state`: the peers and announce replay windows that several
+  tracker processes share, in Redis.
+- Front ends, thin: :mod:`tracker.app` (ASGI), :mod:`tracker.device_api` (check-ins and
+  reports) and :mod:`tracker.bt_api` (the BitTorrent API), which both listeners call,
+  :mod:`tracker.announce_server` (the lean endpoint);
   :mod:`tracker.server` runs them; :mod:`tracker.cli` is ``swarmota tracker ...``;
   :mod:`tracker.admin_client` the admin API's client.
 - The client side (the operator's command line, and the seeder's ``--register``):

@@ -1,10 +1,13 @@
-"""The lean BitTorrent HTTP tracker endpoint: ``GET /announce`` and ``GET /scrape`` only.
+"""The lean device endpoint: ``GET /announce`` and ``GET /scrape``, and (given a device
+API) ``POST /v1/checkin``, ``POST /v1/report`` and ``GET /v1/health``.
 
-Announces are the tracker's hottest path (every peer of every swarm, every interval),
-and a general-purpose ASGI server spends most of a core on its own machinery. This
-module answers them over raw trio streams with a small, strict HTTP/1.1 subset; the
-decisions are the app's (:meth:`tracker.app.TrackerApp.answer_bittorrent`), so both
-endpoints share one swarm gate, one peer registry, one set of caches and counters.
+Announces and check-ins are the tracker's hot paths (every peer of every swarm, every
+interval; every device, every poll), and a general-purpose ASGI server spends most of
+a core on its own machinery. This module answers them over raw trio streams with a
+small, strict HTTP/1.1 subset; the decisions are the director's
+(:func:`tracker.bt_api.answer_bittorrent`, :func:`tracker.device_api.answer_device`),
+so both endpoints share one swarm gate, one peer registry, one set of caches and
+counters.
 
 Two layers, as in h11:
 
@@ -16,13 +19,19 @@ Two layers, as in h11:
   connection: read a head, answer it, repeat (keep-alive).
 
 What is accepted: ``GET <path>?<query> HTTP/1.1`` (or ``HTTP/1.0``) with header lines
-``name: value``, no body (``content-length: 0`` at most, no ``transfer-encoding``). The
-request target exactly as received and the header lines go to ``answer`` with the path
-and query, so that the app can check a signed request (:mod:`infra.deviceauth`).
-What is refused, with a short text answer and the connection closed: a head over
-:attr:`AnnounceServerLimits.max_head_bytes` (413), a malformed request line or header,
-a body, an unsupported HTTP version (400), another path (404), another method on our
-paths (405, ``allow: GET``), and a connection over the concurrent cap (503). A client
+``name: value``, no body (``content-length: 0`` at most, no ``transfer-encoding``); and
+``POST`` of the device routes with a ``content-length`` body of at most
+:attr:`AnnounceServerLimits.max_body_bytes` (no ``transfer-encoding``). The request
+target exactly as received and the header lines go to the answering function with the
+path, query and body, so that a signed request can be checked
+(:mod:`infra.deviceauth`). What is refused, with a short answer (a bencoded failure
+reason; JSON for a device route's body over the limit) and the connection closed: a
+head over
+:attr:`AnnounceServerLimits.max_head_bytes` or a body over ``max_body_bytes`` (413), a
+malformed request line or header, a body where none belongs or a POST without
+``content-length``, an unsupported HTTP version (400), another path (404), another
+method on our paths (405, with ``allow``), and a connection over the concurrent cap
+(503). A body must arrive within ``head_timeout_s`` too. A client
 that sends nothing for ``idle_timeout_s`` between requests, or takes longer than
 ``head_timeout_s`` to send a head once it started (when it does not arrive in one
 piece), is disconnected; a request's answer and its sending are bounded by the same
@@ -49,13 +58,14 @@ import trio
 
 from infra.http_serve import bind_error
 from tracker.bittorrent import MAX_QUERY_BYTES
-from tracker.wire import failure_reason
+from tracker.wire import MAX_BODY_BYTES, encode_json, failure_reason
 
 __all__ = [
     "BITTORRENT_PATHS",
     "DEFAULT_MAX_HEAD_BYTES",
     "AnnounceServerLimits",
     "AnswerBitTorrent",
+    "AnswerDevice",
     "Refusal",
     "Request",
     "parse_head",
@@ -66,6 +76,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BITTORRENT_PATHS: Final = frozenset({"/announce", "/scrape"})
+DEVICE_POST_PATHS: Final = frozenset({"/v1/checkin", "/v1/report"})
+HEALTH_PATH: Final = "/v1/health"
 DEFAULT_MAX_HEAD_BYTES: Final = MAX_QUERY_BYTES + 8 * 1024
 """Room for the longest query the BitTorrent parser accepts plus ordinary headers, so
 that an over-long query gets the same ``failure reason`` as on the ASGI endpoint."""
@@ -82,12 +94,23 @@ class AnswerBitTorrent(Protocol):
                  ) -> Awaitable[tuple[int, bytes]]: ...
 
 
+class AnswerDevice(Protocol):
+    """``(path, target, body, headers) -> (status, JSON body, extra headers)``:
+    :func:`tracker.device_api.answer_device` over a director."""
+
+    def __call__(self, path: str, target: bytes, body: bytes,
+                 headers: Sequence[tuple[bytes, bytes]]
+                 ) -> Awaitable[tuple[int, bytes, tuple[tuple[bytes, bytes], ...]]]: ...
+
+
 @dataclass(frozen=True)
 class AnnounceServerLimits:
     """Bounds of the lean endpoint.
 
     Attributes:
         max_head_bytes: request line plus headers; more gets 413.
+        max_body_bytes: a device route's body; more gets 413 (the tracker sets it to
+            its ``max_body_bytes``).
         max_connections: connections served at once; more are answered 503 and closed.
         idle_timeout_s: how long a keep-alive connection may wait for its next request.
         head_timeout_s: how long a client may take to send one head once it started.
@@ -98,15 +121,16 @@ class AnnounceServerLimits:
     """
 
     max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
+    max_body_bytes: int = MAX_BODY_BYTES
     max_connections: int = 1024
     idle_timeout_s: float = 30.0
     head_timeout_s: float = 10.0
     max_requests_per_connection: int = 10_000
 
     def __post_init__(self) -> None:
-        if min(self.max_head_bytes, self.max_connections,
+        if min(self.max_head_bytes, self.max_body_bytes, self.max_connections,
                self.max_requests_per_connection) < 1:
-            raise ValueError("max_head_bytes, max_connections and "
+            raise ValueError("max_head_bytes, max_body_bytes, max_connections and "
                              "max_requests_per_connection must be at least 1")
         if self.idle_timeout_s <= 0 or self.head_timeout_s <= 0:
             raise ValueError("idle_timeout_s and head_timeout_s must be positive")
@@ -114,15 +138,18 @@ class AnnounceServerLimits:
 
 @dataclass(frozen=True)
 class Request:
-    """One accepted request: ``GET path?query``; ``keep_alive`` after the answer;
+    """One accepted request: ``METHOD path?query``; ``keep_alive`` after the answer;
     ``target``: the request line's target bytes exactly as sent; ``headers``: the
-    header lines as ``(lower-case name, value without surrounding blanks)``."""
+    header lines as ``(lower-case name, value without surrounding blanks)``;
+    ``content_length``: the body that follows the head (POST only)."""
 
     path: str
     query: bytes
     keep_alive: bool
     target: bytes = b""
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    method: str = "GET"
+    content_length: int = 0
 
 
 @dataclass(frozen=True)
@@ -141,9 +168,10 @@ _REASONS: Final = {200: b"OK", 400: b"Bad Request", 404: b"Not Found",
 _TOKEN_BAD: Final = frozenset(b" \t\r\n:()<>@,;\\\"/[]?={}")
 
 
-def parse_head(head: bytes) -> Request | Refusal:
+def parse_head(head: bytes, *, device_api: bool = False) -> Request | Refusal:
     """The request whose head (request line and headers, without the blank line that
-    ends it) is ``head``. Pure; never raises on any input."""
+    ends it) is ``head``; ``device_api``: the device routes are served too. Pure; never
+    raises on any input."""
     line, _, rest = head.partition(b"\r\n")
     parts = line.split(b" ")
     if len(parts) != 3:
@@ -159,10 +187,19 @@ def parse_head(head: bytes) -> Request | Refusal:
     if not raw_path.startswith(b"/") or not raw_path.isascii():
         return Refusal(400, "malformed request target")
     path = raw_path.decode("ascii")
-    if path not in BITTORRENT_PATHS:
-        return Refusal(404, "this endpoint serves /announce and /scrape only")
-    if method != b"GET":
-        return Refusal(405, f"{path} only accepts GET", ((b"allow", b"GET"),))
+    expected = b"GET"
+    if path in BITTORRENT_PATHS:
+        pass
+    elif device_api and path in DEVICE_POST_PATHS:
+        expected = b"POST"
+    elif not (device_api and path == HEALTH_PATH):
+        return Refusal(404, "this endpoint serves /announce, /scrape, /v1/checkin, "
+                            "/v1/report and /v1/health only" if device_api
+                       else "this endpoint serves /announce and /scrape only")
+    if method != expected:
+        allowed = expected.decode("ascii")
+        return Refusal(405, f"{path} only accepts {allowed}", ((b"allow", expected),))
+    content_length: int | None = None
     headers = []
     if rest:
         for header in rest.split(b"\r\n"):
@@ -178,10 +215,20 @@ def parse_head(head: bytes) -> Request | Refusal:
                     keep_alive = False
                 elif b"keep-alive" in tokens:
                     keep_alive = True
-            elif name == b"transfer-encoding" or (name == b"content-length"
-                                                  and value != b"0"):
-                return Refusal(400, "a request body is not accepted here")
-    return Request(path, query, keep_alive, target, tuple(headers))
+            elif name == b"transfer-encoding":
+                return Refusal(400, "a request body is not accepted here"
+                               if expected == b"GET" else "transfer-encoding is not accepted")
+            elif name == b"content-length":
+                if content_length is not None or not value.isdigit() or len(value) > 12:
+                    return Refusal(400, "malformed content-length")
+                content_length = int(value)
+    if expected == b"GET":
+        if content_length:
+            return Refusal(400, "a request body is not accepted here")
+        return Request(path, query, keep_alive, target, tuple(headers))
+    if content_length is None:
+        return Refusal(400, "a POST needs a content-length")
+    return Request(path, query, keep_alive, target, tuple(headers), "POST", content_length)
 
 
 def render_response(status: int, body: bytes, *, content_type: bytes = b"text/plain",
@@ -206,7 +253,14 @@ def _refusal_bytes(refusal: Refusal) -> bytes:
                            keep_alive=False, headers=refusal.headers)
 
 
+def _json_refusal(status: int, reason: str) -> bytes:
+    """A device route's refusal: ``{"error": reason}``, the connection closed."""
+    return render_response(status, encode_json({"error": reason}),
+                           content_type=b"application/json", keep_alive=False)
+
+
 _BUSY: Final = _refusal_bytes(Refusal(503, "too many connections"))
+_HEALTH: Final = encode_json({"ok": True})
 _TRANSPORT_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
                             ssl.SSLError)
 
@@ -218,11 +272,16 @@ async def serve_announce(
     *,
     ssl_context: ssl.SSLContext | None = None,
     limits: AnnounceServerLimits | None = None,
+    device_api: AnswerDevice | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``/announce`` and ``/scrape`` on ``host:port`` until cancelled.
+    """Serve ``/announce`` and ``/scrape`` (and, with ``device_api``, ``POST
+    /v1/checkin``, ``POST /v1/report`` and ``GET /v1/health``) on ``host:port`` until
+    cancelled.
 
-    ``answer`` decides (normally :meth:`TrackerApp.answer_bittorrent`). Port 0 lets the
+    ``answer`` decides announces and scrapes (normally
+    :func:`tracker.bt_api.answer_bittorrent`), ``device_api`` the device routes
+    (:func:`tracker.device_api.answer_device`). Port 0 lets the
     kernel pick a free port; the base URL (``http://HOST:PORT``, or ``https://`` with
     ``ssl_context``) is passed to ``task_status.started``. On cancellation the listener
     and every connection are closed.
@@ -232,7 +291,7 @@ async def serve_announce(
     """
     limits = limits if limits is not None else AnnounceServerLimits()
     slots = trio.CapacityLimiter(limits.max_connections)
-    handler = functools.partial(_serve_connection, answer, limits, slots)
+    handler = functools.partial(_serve_connection, answer, device_api, limits, slots)
     try:
         tcp_listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
@@ -251,8 +310,9 @@ async def serve_announce(
         task_status.started(f"{scheme}://{shown}:{bound_port}")
 
 
-async def _serve_connection(answer: AnswerBitTorrent, limits: AnnounceServerLimits,
-                            slots: trio.CapacityLimiter, stream: trio.abc.Stream) -> None:
+async def _serve_connection(answer: AnswerBitTorrent, device_api: AnswerDevice | None,
+                            limits: AnnounceServerLimits, slots: trio.CapacityLimiter,
+                            stream: trio.abc.Stream) -> None:
     """One connection: answer requests until the client leaves, a refusal, a timeout
     or the per-connection cap. Never raises (transport errors end the connection)."""
     try:
@@ -263,7 +323,7 @@ async def _serve_connection(answer: AnswerBitTorrent, limits: AnnounceServerLimi
                 await stream.send_all(_BUSY)
             return
         try:
-            await _serve_requests(answer, limits, stream, _client_of(stream))
+            await _serve_requests(answer, device_api, limits, stream, _client_of(stream))
         finally:
             slots.release()
     except _TRANSPORT_ERRORS as exc:
@@ -300,8 +360,9 @@ def _client_of(stream: trio.abc.Stream) -> tuple[str, int] | None:
     return str(peer[0]), int(peer[1])
 
 
-async def _serve_requests(answer: AnswerBitTorrent, limits: AnnounceServerLimits,
-                          stream: trio.abc.Stream, client: tuple[str, int] | None) -> None:
+async def _serve_requests(answer: AnswerBitTorrent, device_api: AnswerDevice | None,
+                          limits: AnnounceServerLimits, stream: trio.abc.Stream,
+                          client: tuple[str, int] | None) -> None:
     """The keep-alive loop. One cancel scope per connection (cheaper than one per
     request), its deadline moved at most twice per request: ``idle_timeout_s`` from
     the moment the loop waits for a request (that deadline also bounds the app's answer
@@ -330,15 +391,42 @@ async def _serve_requests(answer: AnswerBitTorrent, limits: AnnounceServerLimits
             if end < 0 or end + 4 > max_head:
                 await stream.send_all(_refusal_bytes(Refusal(413, "request head too large")))
                 return
-            parsed = parse_head(bytes(buffer[:end]))
+            parsed = parse_head(bytes(buffer[:end]), device_api=device_api is not None)
             del buffer[:end + 4]
             if isinstance(parsed, Refusal):
                 await stream.send_all(_refusal_bytes(parsed))
                 return
-            status, body = await answer(parsed.path, parsed.query, client,
-                                        target=parsed.target, headers=parsed.headers)
-            await stream.send_all(render_response(status, body,
-                                                  keep_alive=parsed.keep_alive))
+            if parsed.method == "POST":
+                if device_api is None:  # pragma: no cover - parse_head refused it
+                    raise RuntimeError("a POST without a device API")
+                length = parsed.content_length
+                if length > limits.max_body_bytes:
+                    await stream.send_all(_json_refusal(
+                        413, f"request body of {length} bytes is over the limit of "
+                             f"{limits.max_body_bytes} bytes"))
+                    return
+                if len(buffer) < length:
+                    scope.deadline = trio.current_time() + limits.head_timeout_s
+                    while len(buffer) < length:
+                        data = await stream.receive_some(max(65536, length - len(buffer)))
+                        if not data:
+                            return  # the client closed mid-body
+                        buffer += data
+                body = bytes(buffer[:length])
+                del buffer[:length]
+                status, out, headers = await device_api(parsed.path, parsed.target, body,
+                                                        parsed.headers)
+                await stream.send_all(render_response(
+                    status, out, content_type=b"application/json",
+                    keep_alive=parsed.keep_alive, headers=headers))
+            elif parsed.path == HEALTH_PATH:
+                await stream.send_all(render_response(200, _HEALTH, keep_alive=parsed.keep_alive,
+                                                      content_type=b"application/json"))
+            else:
+                status, out = await answer(parsed.path, parsed.query, client,
+                                           target=parsed.target, headers=parsed.headers)
+                await stream.send_all(render_response(status, out,
+                                                      keep_alive=parsed.keep_alive))
             if not parsed.keep_alive:
                 return
     if scope.cancelled_caught:

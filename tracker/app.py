@@ -2,8 +2,8 @@
 
 Routes (see ARCHITECTURE.md, "Device <-> tracker API" and "Control plane"):
 
-- ``POST /v1/checkin``, ``POST /v1/report``: the device API (bodies:
-  :mod:`tracker.wire`), decided by :class:`~tracker.director.Director`;
+- ``POST /v1/checkin``, ``POST /v1/report``: the device API
+  (:func:`tracker.device_api.answer_device`, which the lean endpoint calls too);
 - ``GET /v1/health``: ``{"ok": true}``;
 - ``GET /announce``, ``GET /scrape``: the BitTorrent tracker
   (:func:`tracker.bt_api.answer_bittorrent`, which the lean endpoint calls too);
@@ -28,7 +28,6 @@ the state does not allow, 413 for a body over ``config.max_body_bytes`` (enforce
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -36,6 +35,7 @@ from typing import Any
 from infra.http_serve import Receive, Scope, Send
 from tracker import admin, console
 from tracker.bt_api import BITTORRENT_PATHS, answer_bittorrent, wrong_method
+from tracker.device_api import DEVICE_PATHS, answer_device
 from tracker.director import Director
 from tracker.errors import (
     AuthError,
@@ -47,7 +47,7 @@ from tracker.errors import (
 from tracker.identity import DeviceRefused
 from tracker.metrics import TrackerStatistics
 from tracker.openapi import openapi_document
-from tracker.wire import WireError, encode_json, parse_checkin, parse_report
+from tracker.wire import WireError, encode_json
 
 __all__ = ["TrackerApp"]
 
@@ -77,8 +77,9 @@ class TrackerApp:
         self.director = director
         self._openapi_document = openapi_document()
         self._routes: dict[str, tuple[str, Callable[[Scope, Receive], Awaitable[object]]]] = {
-            "/v1/checkin": ("POST", self._checkin),
-            "/v1/report": ("POST", self._report),
+            # POST is answered before routing (_device); other methods get 405
+            "/v1/checkin": ("POST", self._health),
+            "/v1/report": ("POST", self._health),
             "/v1/health": ("GET", self._health),
             "/v1/openapi.json": ("GET", self._openapi),
         }
@@ -100,6 +101,9 @@ class TrackerApp:
         if path in BITTORRENT_PATHS:  # BitTorrent clients read bencoded refusals
             await _send_bytes(send, 405, wrong_method(self.director, path, method),
                               b"text/plain", ((b"allow", b"GET"),))
+            return
+        if path in DEVICE_PATHS and method == "POST":
+            await self._device(scope, receive, send)
             return
         if path == "/metrics" and method == "GET":
             await _send_bytes(send, 200, self.director.metrics(),
@@ -182,22 +186,22 @@ class TrackerApp:
 
     # --- device routes --------------------------------------------------------------------
 
-    async def _checkin(self, scope: Scope, receive: Receive) -> object:
-        body = await self._read_body(receive, self.director.config.max_body_bytes)
-        auth = await self.director.authenticate(scope["method"], _target_of(scope), body,
-                                                scope.get("headers", ()),
-                                                lambda: _claimed_in_body(body))
-        checkin = parse_checkin(body, max_bytes=self.director.config.max_body_bytes)
-        return (await self.director.checkin(checkin, auth)).to_json()
-
-    async def _report(self, scope: Scope, receive: Receive) -> object:
-        body = await self._read_body(receive, self.director.config.max_body_bytes)
-        auth = await self.director.authenticate(scope["method"], _target_of(scope), body,
-                                                scope.get("headers", ()),
-                                                lambda: _claimed_in_body(body))
-        report = parse_report(body, max_bytes=self.director.config.max_body_bytes)
-        await self.director.report(report, auth)
-        return {"ok": True}
+    async def _device(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /v1/checkin`` and ``POST /v1/report``: the body (bounded), then
+        :func:`~tracker.device_api.answer_device`."""
+        limit = self.director.config.max_body_bytes
+        try:
+            self._check_content_length(scope, limit)
+            body = await self._read_body(receive, limit)
+        except _Disconnected:
+            return
+        except _HttpError as exc:
+            self.director.counters.add("errors")
+            await _send_json(send, exc.status, {"error": exc.message}, exc.headers)
+            return
+        status, answer, headers = await answer_device(
+            self.director, scope["path"], _target_of(scope), body, scope.get("headers", ()))
+        await _send_bytes(send, status, answer, b"application/json", headers)
 
     async def _health(self, scope: Scope, receive: Receive) -> object:
         return {"ok": True}
@@ -251,16 +255,6 @@ def _target_of(scope: Scope) -> bytes:
     raw = scope.get("raw_path") or scope["path"].encode("utf-8")
     query = scope.get("query_string", b"")
     return bytes(raw) + b"?" + bytes(query) if query else bytes(raw)
-
-
-def _claimed_in_body(body: bytes) -> str | None:
-    """The ``device_id`` a JSON body claims, if it is readable (for the log only)."""
-    try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    claimed = obj.get("device_id") if isinstance(obj, dict) else None
-    return claimed if isinstance(claimed, str) else None
 
 
 async def _send_json(send: Send, status: int, obj: Any,

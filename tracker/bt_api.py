@@ -4,8 +4,9 @@ Both front ends call :func:`answer_bittorrent`: the ASGI app (:mod:`tracker.app`
 the lean endpoint (:mod:`tracker.announce_server`); neither calls the other. It parses
 the query (:mod:`tracker.bittorrent`, pure), checks the request's identity, asks the
 :class:`~tracker.director.Director`, and bencodes the answer. Refusals are a ``failure
-reason`` with HTTP 200, as BitTorrent clients expect; a storage failure is one with
-HTTP 500. It never raises on bad input.
+reason`` with HTTP 200, as BitTorrent clients expect (but HTTP 401 for a refused
+announce key: only the device's relay sends one, and it signs the request again); a
+storage failure is one with HTTP 500. It never raises on bad input.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ async def answer_bittorrent(director: Director, path: str, query: bytes,
         if target is None:
             target = path.encode("ascii") + (b"?" + query if query else b"")
         auth = await director.authenticate("GET", target, b"", headers,
-                                           lambda: _claimed(path, query))
+                                           lambda: _claimed(path, query), announce=True)
         if path == "/announce":
             request = parse_announce(query)
             if client and director.proxies:  # behind a reverse proxy: who it forwards for
@@ -75,7 +76,9 @@ async def answer_bittorrent(director: Director, path: str, query: bytes,
     except DeviceRefused as exc:
         counters.add("bittorrent_refused", label=f"{route}:identity")
         director.refused(exc, f"GET {path}")
-        return 200, failure_reason(exc.message)
+        # an announce key refused (expired, another secret): 401 tells the device's
+        # relay to sign the request again with its certificate
+        return 401 if exc.kind == "key" else 200, failure_reason(exc.message)
     except UnknownSwarmError as exc:
         counters.add("bittorrent_refused", label=f"{route}:unknown-swarm")
         return 200, failure_reason(str(exc))

@@ -2,11 +2,11 @@
 
 On the tracker's host (the database file)::
 
-    swarmota tracker serve --db PATH (--device-ca FILE | --allow-unauthenticated-devices)
-        [--listen HOST:PORT] [--tls-cert F --tls-key F] [--announce-listen HOST:PORT]
-        [--poll-after-s N] [--trusted-proxy CIDR ...] [--repository-root ROOT.json
-        --origin-url URL [--origin-ca-file F]]
-    swarmota tracker admin token create --db PATH --role ROLE --name NAME [--expires-in-s N]
+    swarmota tracker serve --db PATH|URL (--device-ca FILE | --allow-unauthenticated-devices)
+        [--redis URL] [--listen HOST:PORT] [--tls-cert F --tls-key F]
+        [--announce-listen HOST:PORT] [--poll-after-s N] [--trusted-proxy CIDR ...]
+        [--repository-root ROOT.json --origin-url URL [--origin-ca-file F]]
+    swarmota tracker admin token create --db PATH|URL --role ROLE --name NAME [--expires-in-s N]
     swarmota tracker backup --db PATH FILE [--overwrite]
     swarmota tracker restore --db PATH FILE [--force]
 
@@ -98,7 +98,15 @@ from tracker.render import (
 )
 from tracker.rollout import ACTIONS, DEVICE_STATUSES, PHASES
 from tracker.server import serve_tracker_endpoints
-from tracker.store import MAX_PAGE, AuditEntry, SqliteStore, TokenRecord
+from tracker.store import (
+    MAX_PAGE,
+    AuditEntry,
+    TokenRecord,
+    is_postgresql_url,
+    open_store,
+    redact_url,
+    sqlite_path,
+)
 from tracker.watch import END_PHASES, EXIT_TIMEOUT, WatchConfig, watch
 from tracker.wire import MAX_POLL_AFTER_S, MIN_POLL_AFTER_S, STATUS_NAMES
 
@@ -181,7 +189,8 @@ def add_parser(subparsers: Any) -> None:
         description="Copy the database to FILE while the tracker runs (SQLite online "
                     "backup: one consistent snapshot), checked and written atomically. "
                     "See docs/SECURITY.md, 'Backups'.")
-    _add_db(backup, "the live database; the tracker may keep running")
+    _add_db(backup, "the live database; the tracker may keep running; PostgreSQL: "
+                    "use pg_dump", sqlite_only=True)
     backup.add_argument("out", metavar="FILE", type=Path)
     backup.add_argument("--overwrite", action="store_true", help="replace an existing FILE")
     backup.set_defaults(func=cmd_backup)
@@ -190,7 +199,7 @@ def add_parser(subparsers: Any) -> None:
         description="Check FILE and put it in place of --db. Refused while a tracker has "
                     "the database open (stop it first) and, without --force, when the "
                     "database already holds data.")
-    _add_db(restore, "created, or replaced")
+    _add_db(restore, "created, or replaced", sqlite_only=True)
     restore.add_argument("backup", metavar="FILE", type=Path)
     restore.add_argument("--force", action="store_true",
                          help="replace a database that holds data")
@@ -273,6 +282,11 @@ def _add_serve_parser(sub: Any) -> None:
                        default=DEFAULT_POLL_AFTER_S,
                        help="seconds devices should wait between check-ins "
                             f"(default {DEFAULT_POLL_AFTER_S})")
+    serve.add_argument("--redis", metavar="URL", default=None,
+                       help="Redis (redis://HOST:PORT/DB, rediss://..., unix:///PATH) for "
+                            "the swarms' peers and the announce replay windows, shared by "
+                            "every tracker process (run several behind a load balancer "
+                            "with --db postgresql://...); default: this process's memory")
     trust = serve.add_argument_group(
         "release verification (needed to register releases through the admin API)")
     trust.add_argument("--repository-root", metavar="ROOT.json", type=Path, default=None,
@@ -777,7 +791,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ValueError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not args.db.parent.is_dir():
+    if isinstance(args.db, Path) and not args.db.parent.is_dir():
         print(f"error: the database's directory {args.db.parent} does not exist (create "
               "it first: a typo in --db must not make a new tracker elsewhere)",
               file=sys.stderr)
@@ -786,7 +800,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.warning("lab mode (--allow-unauthenticated-devices): device requests are not "
                     "authenticated; anyone who can reach the tracker may check in, report "
                     "and learn the swarms' peers")
-    config = TrackerConfig(db_path=args.db,
+    postgresql = is_postgresql_url(args.db)
+    config = TrackerConfig(db_path=None if postgresql else Path(args.db),
+                           db_url=str(args.db) if postgresql else None,
+                           redis_url=args.redis,
                            listen=ListenConfig(host=host, port=port, certfile=certfile,
                                                keyfile=keyfile),
                            poll_after_s=args.poll_after_s,
@@ -803,7 +820,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             async with trio.open_nursery() as nursery:
                 urls = await nursery.start(functools.partial(serve_tracker_endpoints,
                                                              config))
-                print(f"tracker listening on {urls.api} (database {config.db_path}); "
+                database = redact_url(str(config.database))
+                print(f"tracker listening on {urls.api} (database {database}); "
                       "Ctrl-C to stop", flush=True)
                 if urls.announce is not None:
                     print(f"lean BitTorrent endpoint on {urls.announce}: announce URL "
@@ -892,7 +910,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     now = time.time()
     expires_at = None if args.expires_in_s is None else now + args.expires_in_s
     try:
-        with SqliteStore(args.db) as store:
+        with open_store(args.db) as store:
             store.add_token(TokenRecord(hash_token(token), args.name, args.role, now,
                                         expires_at))
             store.add_audit([AuditEntry(now, "cli", "token.create", args.name, "ok",
@@ -936,9 +954,28 @@ def _token_name_arg(text: str) -> str:
     return text
 
 
-def _add_db(parser: argparse.ArgumentParser, note: str) -> None:
-    parser.add_argument("--db", metavar="PATH", type=Path, required=True,
-                        help=f"tracker SQLite database file ({note})")
+def _add_db(parser: argparse.ArgumentParser, note: str, *, sqlite_only: bool = False) -> None:
+    if sqlite_only:
+        parser.add_argument("--db", metavar="PATH", type=_sqlite_arg, required=True,
+                            help=f"tracker SQLite database file ({note})")
+        return
+    parser.add_argument("--db", metavar="PATH|URL", type=_db_arg, required=True,
+                        help=f"tracker database: an SQLite file or sqlite:///PATH ({note}), "
+                             "or postgresql://USER@HOST/DBNAME (the database must exist; "
+                             "its tables are created)")
+
+
+def _db_arg(text: str) -> str | Path:
+    if is_postgresql_url(text):
+        return text
+    return _sqlite_arg(text)
+
+
+def _sqlite_arg(text: str) -> Path:
+    try:
+        return sqlite_path(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _listen_arg(text: str) -> tuple[str, int]:

@@ -12,6 +12,7 @@ from tracker.wire import MAX_BODY_BYTES, MAX_POLL_AFTER_S, MIN_POLL_AFTER_S
 
 __all__ = [
     "DEFAULT_ANNOUNCE_INTERVAL_S",
+    "DEFAULT_ANNOUNCE_KEY_LIFETIME_S",
     "DEFAULT_ANNOUNCE_MIN_INTERVAL_S",
     "DEFAULT_AUDIT_RETENTION_S",
     "DEFAULT_PACED_POLL_AFTER_S",
@@ -33,6 +34,9 @@ DEFAULT_POLL_JITTER_FRACTION = 0.1
 DEFAULT_PACED_POLL_AFTER_S = 300
 DEFAULT_AUDIT_RETENTION_S = 365 * 24 * 3600
 DEFAULT_REVOCATION_REFRESH_S = 5.0
+DEFAULT_ANNOUNCE_KEY_LIFETIME_S = 3600
+"""An hour: a device's update pass checks in, then announces while it downloads; an
+announce after its key expired is signed with ECDSA again."""
 DEFAULT_REPORT_RETENTION_S = 180 * 24 * 3600
 
 
@@ -41,7 +45,13 @@ class TrackerConfig:
     """Everything ``serve_tracker`` needs.
 
     Attributes:
-        db_path: the SQLite database file (created, with its parent directory, if missing).
+        db_path: the SQLite database file (created, with its parent directory, if
+            missing); ``None`` when ``db_url`` is given.
+        db_url: a PostgreSQL database URL (``postgresql://...``) instead of ``db_path``
+            (:func:`tracker.store.open_store`), for several tracker processes.
+        redis_url: Redis for the swarms' peers and the announce replay windows, shared
+            by every tracker process (:mod:`tracker.redis_state`); ``None`` (default):
+            in this process's memory.
         listen: address and TLS settings; port 0 lets the kernel pick a free port.
         poll_after_s: seconds a device should wait before its next check-in.
         max_body_bytes: hard limit on a request body; larger bodies get HTTP 413.
@@ -90,18 +100,26 @@ class TrackerConfig:
             device certificates may get before it reads them again from the database:
             a certificate revoked through another tracker process on the same database
             is refused here at most this long after (at once through this one).
+        announce_key_lifetime_s: how long an announce key handed out in a signed
+            check-in's answer authenticates that device's announces and scrapes
+            (:class:`infra.deviceauth.AnnounceKeys`; 0: hand out none, every announce
+            is signed with ECDSA).
 
     Raises:
         ValueError: ``poll_after_s`` or ``paced_poll_after_s`` outside 10..604800,
             ``max_body_bytes`` outside 1..16 MiB, ``announce_interval_s`` outside
             1..86400, ``announce_min_interval_s`` outside 0..announce_interval_s,
-            ``revocation_refresh_s`` outside (0, 3600], ``rollout_tick_s`` outside
-            (0, 3600], ``repository_root`` without ``origin_url``, or a peer limit
-            below 1 (a programming or
-            command-line validation error).
+            ``revocation_refresh_s`` outside (0, 3600], ``announce_key_lifetime_s``
+            outside 0..86400, ``rollout_tick_s`` outside
+            (0, 3600], ``repository_root`` without ``origin_url``, a peer limit
+            below 1, neither or both of ``db_path`` and ``db_url``, or ``db_url`` with
+            ``repository_root`` but no ``trust_dir`` (a programming or command-line
+            validation error).
     """
 
-    db_path: Path
+    db_path: Path | None = None
+    db_url: str | None = None
+    redis_url: str | None = None
     listen: ListenConfig = field(default_factory=ListenConfig)
     poll_after_s: int = DEFAULT_POLL_AFTER_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -119,12 +137,19 @@ class TrackerConfig:
     announce_limits: AnnounceServerLimits = field(default_factory=AnnounceServerLimits)
     device_ca: Path | None = None
     revocation_refresh_s: float = DEFAULT_REVOCATION_REFRESH_S
+    announce_key_lifetime_s: int = DEFAULT_ANNOUNCE_KEY_LIFETIME_S
     repository_root: Path | None = None
     origin_url: str | None = None
     origin_ca_file: Path | None = None
     trust_dir: Path | None = None
 
     def __post_init__(self) -> None:
+        if (self.db_path is None) == (self.db_url is None):
+            raise ValueError("give the database as db_path (SQLite) or db_url, not both")
+        if self.db_path is None and self.repository_root is not None and \
+                self.trust_dir is None:
+            raise ValueError("a tracker on db_url needs trust_dir for the repository "
+                             "metadata it trusts")
         if not MIN_POLL_AFTER_S <= self.poll_after_s <= MAX_POLL_AFTER_S:
             raise ValueError(f"poll_after_s must be within {MIN_POLL_AFTER_S}.."
                              f"{MAX_POLL_AFTER_S}, got {self.poll_after_s}")
@@ -149,10 +174,25 @@ class TrackerConfig:
             raise ValueError("audit_retention_s and report_retention_s must be positive")
         if not 0 < self.revocation_refresh_s <= 3600:
             raise ValueError("revocation_refresh_s must be within (0, 3600]")
+        if not 0 <= self.announce_key_lifetime_s <= 24 * 3600:
+            raise ValueError("announce_key_lifetime_s must be within 0..86400")
         if (self.repository_root is None) != (self.origin_url is None):
             raise ValueError("repository_root and origin_url go together")
 
     @property
+    def database(self) -> str | Path:
+        """The database, as :func:`tracker.store.open_store` takes it."""
+        if self.db_url is not None:
+            return self.db_url
+        if self.db_path is None:
+            raise RuntimeError("unreachable: checked at construction")
+        return self.db_path
+
+    @property
     def repository_trust_dir(self) -> Path:
-        """:attr:`trust_dir`, or its default beside the database."""
-        return self.trust_dir or self.db_path.parent / "repository-trust"
+        """:attr:`trust_dir`, or its default beside the SQLite database."""
+        if self.trust_dir is not None:
+            return self.trust_dir
+        if self.db_path is None:
+            raise RuntimeError("unreachable: checked at construction")
+        return self.db_path.parent / "repository-trust"

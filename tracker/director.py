@@ -28,16 +28,19 @@ rolled back whole and taken again on a fresh read.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import outcome
 import trio
 
-from infra.deviceauth import Authenticated
+from infra.deviceauth import ANNOUNCE_KEY_BYTES, AnnounceKey, AnnounceKeys, Authenticated
+from infra.worker import BatchWorker
 from tracker.bittorrent import (
     AnnounceRequest,
     PeerAddress,
@@ -67,11 +70,16 @@ from tracker.wire import (
     MAX_POLL_AFTER_S,
     MIN_POLL_AFTER_S,
     STATUS_NAMES,
+    AnnounceKeyGrant,
     CheckIn,
     Report,
     StatusCode,
+    announce_key_to_json,
     offer_to_json,
 )
+
+if TYPE_CHECKING:
+    from tracker.redis_state import RedisState
 
 __all__ = ["CheckinAnswer", "Director", "retry_stale"]
 
@@ -83,23 +91,30 @@ ROLLOUT_CACHE_S = 1.0
 """How long announces trust a cached rollout phase that this director did not change
 (e.g. one changed by another tracker process on the same database)."""
 _STALE_RETRIES = 10
+ANNOUNCE_KEY_SECRET = "announce-key-v1"
+"""The name of the server secret announce keys derive from (``Store.secret``)."""
 _PRUNE_EVERY_S = 3600.0
 
 
 @dataclass(frozen=True)
 class CheckinAnswer:
     """What a check-in is answered: the release offered (or ``None``), when to come
-    back, and whether an in-flight cap held the device back."""
+    back, whether an in-flight cap held the device back, and the device's announce
+    key (signed check-ins of devices)."""
 
     offer: Release | None
     poll_after_s: int
     paced: bool
+    announce_key: AnnounceKeyGrant | None = None
 
     def to_json(self) -> dict[str, Any]:
         offer = self.offer
-        return {"release": None if offer is None else offer_to_json(
-                    offer.product, offer.version, offer.release_counter),
-                "poll_after_s": self.poll_after_s}
+        answer: dict[str, Any] = {"release": None if offer is None else offer_to_json(
+                                      offer.product, offer.version, offer.release_counter),
+                                  "poll_after_s": self.poll_after_s}
+        if self.announce_key is not None:
+            answer["announce_key"] = announce_key_to_json(self.announce_key)
+        return answer
 
 
 class Director:
@@ -108,11 +123,17 @@ class Director:
     ``registry`` holds BitTorrent peers (default: a new one from ``config``, on
     ``monotonic``); ``rng`` draws the jitter of ``poll_after_s``; ``releases`` verifies
     releases registered through the admin API against the repository's signed
-    metadata (``None``: the API registers none).
+    metadata (``None``: the API registers none). ``shared`` (Redis,
+    :class:`~tracker.redis_state.RedisState`): the peers and announce replay windows
+    that every tracker process shares, instead of ``registry`` and this process's
+    windows (for several processes; ``None``, the default: in memory). With a fleet
+    CA, the announce keys' server secret is read from ``store`` (made by the first
+    process) here, once.
 
     Raises:
         ConfigError: ``config.device_ca`` cannot be read or holds no CA certificate, or
             a trusted proxy block does not parse.
+        StorageError: the announce keys' secret could not be read or stored.
     """
 
     def __init__(self, store: Store, config: TrackerConfig, *,
@@ -120,7 +141,8 @@ class Director:
                  monotonic: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None,
                  registry: SwarmRegistry | None = None,
-                 releases: ReleaseVerifier | None = None) -> None:
+                 releases: ReleaseVerifier | None = None,
+                 shared: RedisState | None = None) -> None:
         self.store = store
         self.config = config
         self.clock = clock
@@ -128,6 +150,7 @@ class Director:
         self.rng = rng if rng is not None else random.Random()
         self.counters = Counters()
         self.releases = releases
+        self.shared = shared
         self.proxies = TrustedProxies(config.trusted_proxies)
         self.registry = registry if registry is not None else SwarmRegistry(
             interval_s=config.announce_interval_s,
@@ -137,8 +160,10 @@ class Director:
             load_fleet_trust(config.device_ca), store, self.run, clock=clock,
             monotonic=monotonic, revocation_refresh_s=config.revocation_refresh_s,
             max_certificates_seen=config.max_peers_total,
-            on_refused=lambda kind: self.counters.add("device_auth_refused_by", label=kind))
-        self._limiter = trio.CapacityLimiter(1)
+            on_refused=lambda kind: self.counters.add("device_auth_refused_by", label=kind),
+            shared=shared, announce_keys=self._announce_keys(store, config, clock))
+        self._worker: BatchWorker[Callable[[], Any]] = BatchWorker("tracker-store",
+                                                                   self._run_batch)
         self._known_swarms: dict[bytes, list[SwarmInfo]] = {}
         self._networks: OrderedDict[str, tuple[str | None, str | None]] = OrderedDict()
         # The swarm gate's caches (announces are frequent): rollouts by release, for
@@ -150,11 +175,33 @@ class Director:
         self._rollout_generation = 0  # bumped when this director changes a rollout
         self._last_prune = -float("inf")
 
+    @staticmethod
+    def _announce_keys(store: Store, config: TrackerConfig,
+                       clock: Callable[[], float]) -> AnnounceKeys | None:
+        if not config.announce_key_lifetime_s:
+            return None
+        secret = store.secret(ANNOUNCE_KEY_SECRET, lambda: os.urandom(ANNOUNCE_KEY_BYTES),
+                              clock())
+        return AnnounceKeys(secret, config.announce_key_lifetime_s)
+
     # --- plumbing -------------------------------------------------------------------------
 
     async def run(self, fn: Callable[[], _T]) -> _T:
-        """Run a blocking store call in the worker thread, one at a time."""
-        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+        """Run a blocking store call in the worker thread, one at a time (calls queued
+        together share one transaction, each its own savepoint: group commit)."""
+        result: _T = await self._worker.submit(fn)
+        return result
+
+    def _run_batch(self, calls: Sequence[Callable[[], Any]]) -> list[outcome.Outcome[Any]]:
+        """In the worker thread: ``calls`` queued together, in one store batch."""
+        if len(calls) == 1:
+            return [outcome.capture(calls[0])]
+        try:
+            with self.store.batch("decisions"):
+                results = [outcome.capture(call) for call in calls]
+        except StorageError as exc:  # the batch's commit failed: nothing of it was kept
+            return [outcome.Error(StorageError(str(exc))) for _ in calls]
+        return results
 
     def statistics(self) -> TrackerStatistics:
         """A snapshot of the counters."""
@@ -162,7 +209,7 @@ class Director:
 
     def metrics(self) -> bytes:
         """The ``/metrics`` body: every counter, and the peer registry's gauges."""
-        registry = self.registry.statistics()
+        registry = (self.registry if self.shared is None else self.shared).statistics()
         return render_statistics(self.statistics(), [
             Metric("swarmota_tracker_peers", "Peers in the swarm registry.", "gauge",
                    {(("role", "seed"),): registry.seeds,
@@ -209,9 +256,11 @@ class Director:
 
     async def authenticate(self, method: str, target: bytes, body: bytes,
                            headers: Sequence[tuple[bytes, bytes]],
-                           claimed: Callable[[], str | None]) -> Authenticated | None:
+                           claimed: Callable[[], str | None], *,
+                           announce: bool = False) -> Authenticated | None:
         """Who signed a device request (``None`` in lab mode). ``claimed`` tells which
-        device the request names, for the log of a refusal.
+        device the request names, for the log of a refusal; ``announce``: an announce
+        or scrape, which an announce key's MAC may authenticate.
 
         Raises:
             DeviceRefused: not signed, not verifying, or revoked.
@@ -220,10 +269,14 @@ class Director:
         if self.gate is None:
             return None
         try:
-            return await self.gate.verify(method, target, body, headers)
+            auth = await self.gate.verify(method, target, body, headers,
+                                          announce=announce)
         except DeviceRefused as exc:
             exc.claimed = claimed()
             raise
+        if auth.by_key:
+            self.counters.add("announce_key_auths")
+        return auth
 
     def refused(self, exc: DeviceRefused, what: str) -> None:
         """Count and (bounded) log a refused device request."""
@@ -246,7 +299,7 @@ class Director:
         choice = await self.run(lambda: retry_stale(
             lambda: self._decide_checkin(checkin, auth, now)))
         if self.gate is not None:
-            self.gate.accepted(auth)
+            await self.gate.accepted(auth)
         self.decided(choice.decisions)
         self._remember_network(checkin.device_id, checkin.network_id, checkin.region)
         self.counters.add("checkins")
@@ -262,7 +315,9 @@ class Director:
         base = self.config.poll_after_s
         if choice.paced:
             base = min(base, self.config.paced_poll_after_s)
-        return CheckinAnswer(choice.offer, self._jitter(base), choice.paced)
+        key = None if self.gate is None else self.gate.issue_announce_key(auth)
+        return CheckinAnswer(choice.offer, self._jitter(base), choice.paced,
+                             None if key is None else _grant(key, now))
 
     def _decide_checkin(self, checkin: CheckIn, auth: Authenticated | None,
                         now: float) -> OfferChoice:
@@ -276,13 +331,12 @@ class Director:
             store.record_checkin(checkin, now)
             candidates = []
             for release in newer_releases(checkin, store.releases(checkin.product)):
-                state = store.rollout_of(release.product, release.version)
-                admission = in_flight = None
-                if state is not None:
-                    admission = store.admission(state.rollout_id, checkin.device_id)
-                    if admission is None and state.plan.max_in_flight:
-                        in_flight = store.in_flight(
-                            state.rollout_id, now - state.plan.in_flight_timeout_s)
+                state, admission = store.rollout_with_admission(
+                    release.product, release.version, checkin.device_id)
+                in_flight = None
+                if state is not None and admission is None and state.plan.max_in_flight:
+                    in_flight = store.in_flight(
+                        state.rollout_id, now - state.plan.in_flight_timeout_s)
                 candidates.append(Candidate(release, state, admission, in_flight))
             groups: tuple[str, ...] = checkin.labels
             if any(c.rollout is not None and c.rollout.plan.canary_label is not None
@@ -356,7 +410,7 @@ class Director:
         report_id, new, decisions = await self.run(lambda: retry_stale(
             lambda: self._record_report(report, auth, now)))
         if self.gate is not None:
-            self.gate.accepted(auth)
+            await self.gate.accepted(auth)
         if not new:
             self.counters.add("duplicate_reports")
             log.info("report %d from %s received again (report id %s): not counted",
@@ -386,10 +440,10 @@ class Director:
             release = store.release(report.product, report.to_version)
             if release is not None and report.status == StatusCode.OK:
                 store.record_installed(report.device_id, release, now)
-            state = store.rollout_of(report.product, report.to_version)
+            state, admission = store.rollout_with_admission(
+                report.product, report.to_version, report.device_id)
             if state is None:
                 return report_id, True, []
-            admission = store.admission(state.rollout_id, report.device_id)
             if admission is None:
                 log.warning("report %d: %s was not admitted to the rollout of %s %s; not "
                             "counted", report_id, report.device_id, report.product,
@@ -440,10 +494,13 @@ class Director:
                     allowed = True
                     break
         if allowed:
-            result = self.registry.announce(request, address.ip, *network)
+            if self.shared is None:
+                result = self.registry.announce(request, address.ip, *network)
+            else:
+                result = await self.shared.announce(request, address.ip, *network)
             self.counters.add("announces")
         else:
-            counts = self.registry.scrape(request.announce_hash)
+            counts = await self._scrape_one(request.announce_hash)
             result = AnnounceResult((), counts.complete, counts.incomplete, stored=False)
             self.counters.add("announces_refused")
         log.debug("announce %s from %s:%d (%s, left %d, device %s): %d peers handed out",
@@ -464,7 +521,12 @@ class Director:
             await self.gate.accept_announce(auth)
         known = await self._swarms_of(request.announce_hashes)
         self.counters.add("scrapes")
-        return {h: self.registry.scrape(h) for h in request.announce_hashes if known.get(h)}
+        return {h: await self._scrape_one(h) for h in request.announce_hashes if known.get(h)}
+
+    async def _scrape_one(self, announce_hash: bytes) -> ScrapeCounts:
+        if self.shared is None:
+            return self.registry.scrape(announce_hash)
+        return await self.shared.scrape(announce_hash)
 
     async def _swarms_of(self, hashes: Sequence[bytes]) -> dict[bytes, list[SwarmInfo]]:
         """The registered swarms of ``hashes`` (cached once known; unknown hashes are
@@ -559,10 +621,12 @@ class Director:
         store = self.store
         device_id = request.device_id
         with store.atomic("swarm gate"):
-            state = store.rollout_of(swarm.product, swarm.version)
             if device_id is None:
+                state = store.rollout_of(swarm.product, swarm.version)
                 allowed = request.is_seed or (state is not None and open_to_all(state))
                 return allowed, (None, None), state, False
+            state, admission = store.rollout_with_admission(swarm.product, swarm.version,
+                                                            device_id)
             network = self._networks.get(device_id)
             if network is None:
                 record = store.device(device_id)
@@ -570,7 +634,6 @@ class Director:
                            else (record.network_id, record.region))
             if state is None or state.phase in ("aborted", "revoked", "scheduled"):
                 return False, network, state, False
-            admission = store.admission(state.rollout_id, device_id)
             if admission is None:
                 return False, network, state, False
             if not request.is_seed and admission.status == "offered":
@@ -596,6 +659,10 @@ def _loggable(text: str) -> str:
     """``text`` with control characters escaped: a halt reason quotes what devices
     said, and a log line must not carry their terminal escapes."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _grant(key: AnnounceKey, now: float) -> AnnounceKeyGrant:
+    return AnnounceKeyGrant(key.key, key.expires, max(0, key.expires - int(now)))
 
 
 def retry_stale(fn: Callable[[], _T]) -> _T:

@@ -18,6 +18,13 @@ query's device id to the certificate's, and refuses replays by the signature cou
   connection's address, so a replay cannot touch the device's own entry); integrity
   is never at stake (pieces are verified against the signed manifest).
 
+Announces and scrapes may instead carry an announce key's MAC
+(:class:`~infra.deviceauth.AnnounceKeys`): the key is handed out in the answer to a
+signed check-in, derived from one server secret every process reads from the store at
+start (``Store.secret``), so verifying it needs no lookup; it names its certificate, so
+the revoked set below refuses it like a signature, and its counter goes through the
+same replay window. A MAC on a check-in or report is refused (``key``).
+
 A certificate the operator revoked (``POST /v1/admin/devices/<id>/revoke``, the
 ``revoked_certificates`` table) is refused on every device request, by its fingerprint
 (hex SHA-256 of its DER). The check must cost nothing on the announce path, so each
@@ -49,8 +56,11 @@ from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 import trio
 
 from infra.deviceauth import (
+    ANNOUNCE_AUTH_HEADER,
     CERT_HEADER,
     SIGNATURE_HEADER,
+    AnnounceKey,
+    AnnounceKeys,
     Authenticated,
     DeviceAuthError,
     FleetTrust,
@@ -59,6 +69,7 @@ from infra.deviceauth import (
 from tracker.errors import ConfigError, StorageError
 
 if TYPE_CHECKING:
+    from tracker.redis_state import RedisState
     from tracker.store import Store
 
 log = logging.getLogger(__name__)
@@ -84,11 +95,13 @@ __all__ = [
     "revoked_refusal",
 ]
 
-REFUSAL_KINDS: Final = ("unsigned", "invalid", "identity", "replayed", "revoked")
+REFUSAL_KINDS: Final = ("unsigned", "invalid", "identity", "replayed", "revoked", "key")
 """Why a device request was refused: no identity headers; a certificate or signature
 that does not verify (foreign CA, expired, tampered request, malformed headers); a
 device id that is not the certificate's; a counter not above the last accepted one; a
-certificate the operator revoked."""
+certificate the operator revoked; an announce key's MAC that is malformed, expired,
+does not verify, or authenticates anything but an announce or scrape (the device signs
+the request again with its certificate)."""
 
 
 class DeviceRefused(Exception):
@@ -256,7 +269,8 @@ class DeviceGate:
     ``store`` is read and written only through ``run`` (the director's worker-thread
     runner); ``clock`` gives epoch seconds (certificate validity), ``monotonic`` times
     the refresh of the revoked set. ``on_refused(kind)`` is called for every refusal
-    (the director counts them). Owned by one event loop.
+    (the director counts them). ``announce_keys``: issues and verifies announce keys
+    (``None``: none are handed out, and a MAC is refused). Owned by one event loop.
     """
 
     ANNOUNCE_COUNTER_DEVICES: Final = 100_000
@@ -266,7 +280,9 @@ class DeviceGate:
     def __init__(self, trust: FleetTrust, store: Store, run: Runner, *,
                  clock: Callable[[], float], monotonic: Callable[[], float],
                  revocation_refresh_s: float, max_certificates_seen: int,
-                 on_refused: Callable[[str], None]) -> None:
+                 on_refused: Callable[[str], None],
+                 shared: RedisState | None = None,
+                 announce_keys: AnnounceKeys | None = None) -> None:
         self._trust = trust
         self._store = store
         self._run = run
@@ -279,16 +295,26 @@ class DeviceGate:
         self._refusal_log = WarningBudget()
         self._certificates_seen: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._max_seen = max_certificates_seen
+        self._shared = shared
+        self._announce_keys = announce_keys
 
     async def verify(self, method: str, target: bytes, body: bytes,
-                     headers: Sequence[tuple[bytes, bytes]]) -> Authenticated:
-        """Check the identity headers against the fleet CA and the revoked set.
+                     headers: Sequence[tuple[bytes, bytes]], *,
+                     announce: bool = False) -> Authenticated:
+        """Check the identity headers against the fleet CA (or, for an ``announce``
+        or scrape, an announce key's MAC) and the revoked set.
 
         Raises:
-            DeviceRefused: ``unsigned``, ``invalid`` or ``revoked``.
+            DeviceRefused: ``unsigned``, ``invalid``, ``key`` or ``revoked``.
             StorageError: the revoked certificates could not be read.
         """
         await self._refresh_revoked()
+        mac = find_header(headers, ANNOUNCE_AUTH_HEADER)
+        if mac is not None:
+            auth = self._verify_mac(method, target, body, mac, announce)
+            if auth.cert_sha256 in self._revoked:
+                raise revoked_refusal(auth)
+            return auth
         cert = find_header(headers, CERT_HEADER)
         signature = find_header(headers, SIGNATURE_HEADER)
         now = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
@@ -300,6 +326,26 @@ class DeviceGate:
         if auth.cert_sha256 in self._revoked:
             raise revoked_refusal(auth)
         return auth
+
+    def _verify_mac(self, method: str, target: bytes, body: bytes, header: bytes,
+                    announce: bool) -> Authenticated:
+        if not announce:
+            raise DeviceRefused("key", "an announce key authenticates announces and "
+                                       "scrapes only: sign this request")
+        if self._announce_keys is None:
+            raise DeviceRefused("key", "this tracker hands out no announce keys: sign "
+                                       "the request")
+        try:
+            return self._announce_keys.verify(method, target, body, header, self._clock())
+        except DeviceAuthError as exc:
+            raise DeviceRefused("key", f"{exc}: sign the request") from None
+
+    def issue_announce_key(self, auth: Authenticated | None) -> AnnounceKey | None:
+        """The announce key for the device whose signed check-in was just accepted
+        (``None`` in lab mode, for a seed, or when none are handed out)."""
+        if auth is None or self._announce_keys is None:
+            return None
+        return self._announce_keys.issue(auth, self._clock())
 
     def advance_counter(self, auth: Authenticated | None, now: float) -> None:
         """In the store's thread (inside the request's transaction): store a signed
@@ -315,11 +361,20 @@ class DeviceGate:
         if floor is not None:
             raise replay_refusal(auth.counter, floor, auth.device_id)
 
-    def accepted(self, auth: Authenticated | None) -> None:
+    async def accepted(self, auth: Authenticated | None) -> None:
         """A signed check-in or report was accepted: announces signed before it can no
-        longer be replayed to this process."""
+        longer be replayed to this process (nor, with shared windows, to any). The
+        check-in or report is stored already: when the shared windows cannot be reached
+        it is answered all the same (logged; announces fail meanwhile anyway, since
+        they need the same Redis)."""
         if auth is not None:
             self._announce_counters.raise_to(auth.device_id, auth.counter)
+            if self._shared is not None:
+                try:
+                    await self._shared.raise_counter(_window_key(auth), auth.counter)
+                except StorageError as exc:
+                    log.warning("raising the shared announce window of %s failed: %s",
+                                auth.device_id, exc)
 
     async def accept_announce(self, auth: Authenticated) -> None:
         """Check an announce's or scrape's counter against the in-memory window (seeded
@@ -331,7 +386,15 @@ class DeviceGate:
             StorageError: reading or writing the store failed.
         """
         floor = self._announce_counters.get(auth.device_id)
-        if floor is None:
+        if self._shared is not None:  # every process's window: one compare-and-set
+            if floor is not None and auth.counter <= floor:
+                raise replay_refusal(auth.counter, floor, auth.device_id)
+            floor = await self._shared.accept_counter(
+                _window_key(auth), auth.counter,
+                lambda: self._run(lambda: self._store.device_counter(auth.device_id)))
+            if floor is not None:
+                raise replay_refusal(auth.counter, floor, auth.device_id)
+        elif floor is None:
             stored = await self._run(lambda: self._store.device_counter(auth.device_id))
             floor = self._announce_counters.get(auth.device_id)  # may have moved meanwhile
             if stored is not None and (floor is None or stored > floor):
@@ -393,3 +456,10 @@ class DeviceGate:
         finally:
             self._revoked_reading = None
             done.set()
+
+
+def _window_key(auth: Authenticated) -> str:
+    """A device's shared announce window, per certificate: a revoked certificate's
+    window (which a thief may have pushed up) does not hold back the next one, whose
+    first floor is the stored check-in/report counter (reset at revocation)."""
+    return f"{auth.device_id}:{auth.cert_sha256}"

@@ -52,6 +52,9 @@ class TrackerStatistics:
     announces_refused: int = counter(
         "announces_refused_total", "Announces answered without peers (not admitted).")
     scrapes: int = counter("scrapes_total", "BitTorrent scrapes answered.")
+    announce_key_auths: int = counter(
+        "announce_key_auth_total", "Announces and scrapes authenticated by an announce "
+        "key's MAC instead of a signature.")
     bittorrent_refused: Mapping[str, int] = labelled(
         "bittorrent_refused_total", "reason",
         "Announces and scrapes answered with a failure reason, by route and why "
@@ -67,7 +70,7 @@ class TrackerStatistics:
     device_auth_refused_by: Mapping[str, int] = labelled(
         "device_auth_refused_total", "reason",
         "Device requests refused for their identity (unsigned, invalid, identity: "
-        "another device's id, replayed, revoked).", REFUSAL_KINDS)
+        "another device's id, replayed, revoked, an announce key refused).", REFUSAL_KINDS)
     errors: int = counter("errors_total", "Requests answered with an error status.")
 
     @property

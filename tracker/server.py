@@ -1,5 +1,5 @@
-"""The tracker service: SQLite store + ASGI app + hypercorn (+ the lean BitTorrent
-endpoint), as one trio task."""
+"""The tracker service: store (SQLite or PostgreSQL) + shared state (Redis, optional)
++ ASGI app + hypercorn (+ the lean BitTorrent endpoint), as one trio task."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -18,10 +19,15 @@ from tracker.announce_server import serve_announce
 from tracker.app import TrackerApp
 from tracker.bt_api import answer_bittorrent
 from tracker.config import TrackerConfig
+from tracker.device_api import answer_device
 from tracker.director import Director
+from tracker.errors import ConfigError
 from tracker.registry import SwarmRegistry
 from tracker.release_trust import ReleaseVerifier
-from tracker.store import SqliteStore
+from tracker.store import open_store, redact_url
+
+if TYPE_CHECKING:
+    from tracker.redis_state import RedisState
 
 __all__ = ["TRACKER_TLS_MIN_VERSION", "TrackerUrls", "serve_tracker", "serve_tracker_endpoints"]
 
@@ -75,7 +81,8 @@ async def serve_tracker_endpoints(
     """Serve the tracker API (and the lean BitTorrent endpoint if
     ``config.announce_listen`` is set) until cancelled.
 
-    Opens (creating if needed) the database at ``config.db_path``, listens on
+    Opens (creating if needed) the database ``config.database`` (and connects to
+    ``config.redis_url`` if set), listens on
     ``config.listen`` (and ``config.announce_listen``, with the same TLS certificate
     if any; over TLS both speak 1.3 only, whatever ``config.listen`` says) and passes
     the bound :class:`TrackerUrls` to ``task_status.started``. Both
@@ -86,21 +93,25 @@ async def serve_tracker_endpoints(
     built from ``config``); pass one to read its statistics.
 
     Raises:
-        StorageError: the database cannot be opened (before ``started``).
+        StorageError: the database (or Redis) cannot be opened (before ``started``).
         ConfigError: ``config.device_ca`` cannot be read or holds no CA certificate, or
             the repository root or origin cannot be used (before ``started``).
         OSError: an address cannot be bound, or the TLS files cannot be loaded
             (``ssl.SSLError`` is an ``OSError``).
     """
     store = await trio.to_thread.run_sync(
-        functools.partial(SqliteStore, config.db_path, clock=clock))
+        functools.partial(open_store, config.database, clock=clock))
+    shared = None
     try:
+        if config.redis_url is not None:
+            shared = _shared_state(config.redis_url, config, clock)
+            await trio.to_thread.run_sync(shared.ping)
         releases = None
         if config.repository_root is not None and config.origin_url is not None:
             releases = ReleaseVerifier(config.repository_trust_dir, config.origin_url,
                                        config.repository_root, ca_file=config.origin_ca_file)
         director = Director(store, config, clock=clock, registry=registry,
-                            releases=releases)
+                            releases=releases, shared=shared)
         app = TrackerApp(director)
         if config.device_ca is not None:
             log.info("device requests must be signed by the fleet CA in %s",
@@ -115,14 +126,18 @@ async def serve_tracker_endpoints(
                 announce_url = await nursery.start(functools.partial(
                     serve_announce, functools.partial(answer_bittorrent, director), host, port,
                     ssl_context=_server_ssl_context(listen),
-                    limits=config.announce_limits))
+                    limits=dataclasses.replace(config.announce_limits,
+                                               max_body_bytes=config.max_body_bytes),
+                    device_api=functools.partial(answer_device, director)))
             api_url = await nursery.start(serve_asgi, app, listen)
             await nursery.start(director.run_ticker)
             task_status.started(TrackerUrls(api=api_url, announce=announce_url))
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store.close)
-        log.info("tracker database %s closed", config.db_path)
+            if shared is not None:
+                await trio.to_thread.run_sync(shared.close)
+        log.info("tracker database %s closed", redact_url(str(config.database)))
 
 
 def _server_ssl_context(listen: ListenConfig) -> ssl.SSLContext | None:
@@ -134,3 +149,18 @@ def _server_ssl_context(listen: ListenConfig) -> ssl.SSLContext | None:
                                else ssl.TLSVersion.TLSv1_2)
     context.load_cert_chain(listen.certfile, listen.keyfile)
     return context
+
+
+def _shared_state(url: str, config: TrackerConfig, clock: Callable[[], float]) -> RedisState:
+    """The Redis state of ``config`` (redis imported only when it is used).
+
+    Raises:
+        ConfigError: the URL does not parse.
+    """
+    from tracker.redis_state import RedisState
+
+    try:
+        return RedisState(url, interval_s=config.announce_interval_s,
+                          max_peers_per_swarm=config.max_peers_per_swarm, clock=clock)
+    except ValueError as exc:
+        raise ConfigError(f"Redis URL {redact_url(url)}: {exc}") from None

@@ -9,7 +9,11 @@ What crosses the wire (JSON objects, ``content-type: application/json``):
 
 - ``POST /v1/checkin``: :class:`CheckIn` (:func:`checkin_to_json` /
   :func:`parse_checkin`), answered by :func:`checkin_answer` (the tracker) and read by
-  :func:`parse_checkin_answer` (the device);
+  :func:`parse_checkin_answer` (the device); a signed check-in's answer also carries
+  an announce key (:func:`announce_key_to_json`, read by :func:`parse_announce_key`):
+  the device authenticates its announces and scrapes with it (HMAC-SHA256, the
+  ``swarmota-announce-auth`` header of :mod:`infra.deviceauth`) until it expires,
+  then signs them with its certificate again;
 - ``POST /v1/report``: :class:`Report` (:func:`report_to_json` / :func:`parse_report`);
 - device status codes (:class:`StatusCode`, :data:`STATUS_NAMES`);
 - BitTorrent refusals: :func:`failure_reason`, the bencoded body both the tracker and
@@ -30,11 +34,13 @@ safe to send back to the other side.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Final
 
@@ -68,16 +74,19 @@ __all__ = [
     "TIMING_NAME_RE",
     "CheckIn",
     "ComponentVersion",
+    "AnnounceKeyGrant",
     "Offer",
     "Report",
     "StatusCode",
     "WireError",
+    "announce_key_to_json",
     "checkin_answer",
     "checkin_to_json",
     "encode_json",
     "failure_reason",
     "offer_to_json",
     "parse_checkin",
+    "parse_announce_key",
     "parse_checkin_answer",
     "parse_report",
     "report_to_json",
@@ -282,6 +291,24 @@ def offer_to_json(product: str, version: str, release_counter: int) -> dict[str,
             "target": release_target_name(product, version)}
 
 
+@dataclass(frozen=True)
+class AnnounceKeyGrant:
+    """An announce key as a check-in answer hands it out: the key's bytes, its expiry
+    (epoch s on the tracker's clock: part of the key's name, sent back with every MAC)
+    and its lifetime in seconds from the answer (what the device times it by, on its
+    own clock)."""
+
+    key: bytes = field(repr=False)
+    expires: int
+    lifetime_s: int
+
+
+def announce_key_to_json(grant: AnnounceKeyGrant) -> dict[str, Any]:
+    """The ``announce_key`` member of a check-in answer."""
+    return {"key": base64.b64encode(grant.key).decode("ascii"), "expires": grant.expires,
+            "lifetime_s": grant.lifetime_s}
+
+
 def checkin_answer(offer: Mapping[str, Any] | None, poll_after_s: int) -> dict[str, Any]:
     """The JSON object answering a check-in: the offer (:func:`offer_to_json`, or
     ``None``) and when to come back."""
@@ -388,6 +415,31 @@ def parse_checkin_answer(answer: object) -> tuple[Offer | None, int]:
         raise WireError(f"tracker offered target {_show(release.get('target'))}, "
                         f"expected {target!r}")
     return Offer(product, version, counter, target, poll_after_s), poll_after_s
+
+
+def parse_announce_key(answer: object) -> AnnounceKeyGrant | None:
+    """The announce key in a check-in answer (``None`` when it has none).
+
+    Raises:
+        WireError: the answer is not an object, or its ``announce_key`` is malformed
+            (not 32 bytes of base64, an expiry or lifetime that is not an integer
+            within range).
+    """
+    if not isinstance(answer, dict):
+        raise WireError(f"check-in answer: expected a JSON object, got {_kind(answer)}")
+    raw = answer.get("announce_key")
+    if raw is None:
+        return None
+    obj = _object(raw, "announce_key", ("key", "expires", "lifetime_s"), ())
+    key = obj["key"]
+    try:
+        decoded = base64.b64decode(key, validate=True) if isinstance(key, str) else b""
+    except (binascii.Error, ValueError):
+        decoded = b""
+    if len(decoded) != 32:
+        raise WireError("announce_key.key: expected 32 bytes in base64")
+    return AnnounceKeyGrant(decoded, _int(obj["expires"], "announce_key.expires", 10**12),
+                            _int(obj["lifetime_s"], "announce_key.lifetime_s", 24 * 3600))
 
 
 def _load(data: bytes, max_bytes: int, where: str) -> Any:

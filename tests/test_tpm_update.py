@@ -1,0 +1,208 @@
+"""Devices whose keys, floors and trust anchor are in a TPM (issue 22), updating end to
+end through the real agent, a real tracker and origin, against a real software TPM
+(swtpm, driven with tpm2-tools; skipped without them).
+
+Threats covered: a device enrolled from the signing requests of 'peer init --keystore
+tpm' updates through the private swarm with check-ins, reports and relayed announces
+signed by its TPM key, and no private key on its disk; a state directory edited to
+lower the anti-rollback floors (boot control, floors.json) then offered the older
+release; a root.json replaced on disk by an attacker's (with the attacker's origin
+behind it); a power cut between appending the new floor to the floor log and extending the TPM's
+index, or while the TPM extends it (the agent and the TPM both killed): the floor is
+old or new and the next pass carries on; garbage extended into the floor index (the
+device refuses every release and reports why); a TPM that does not answer stops the
+pass with an error naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from infra.http_serve import ListenConfig
+from peer.agent import UpdateResult, update_once
+from peer.bootctl import write_bootctl
+from peer.config import save_config
+from peer.errors import StatusCode
+from peer.keystore import open_keystore
+from peer.state import DeviceState
+from peer.tpm import TpmError
+from peer.tpm_nv import FLOOR_LOG, FLOOR_LOG_INDEX, fold
+from seeder.origin import OriginApp, OriginConfig
+from seeder.repository import KeySetup, Repository
+from seeder.server import serve_origin
+from swarmota.cli import main
+from tests.release_env import (
+    Fleet,
+    ReleaseEnv,
+    killed_at,
+    open_fleet,
+    publish,
+    serve_offer,
+)
+from tests.swtpm import SoftTpm
+from tracker.sqlite_store import SqliteStore
+
+
+def tpm_device(env: ReleaseEnv, tpm: SoftTpm, name: str = "dev-tpm", **extra: Any
+               ) -> DeviceState:
+    return env.device(name, keystore="tpm", tpm_device=tpm.device, **extra)
+
+
+def tpm_floor(dev: DeviceState) -> int:
+    """The image floor the device's TPM floor log holds (checked against the TPM)."""
+    store = open_keystore(dev.config(), dev.root)
+    assert store is not None
+    return store.floors.read().image
+
+
+def retarget(dev: DeviceState, **changes: str) -> None:
+    save_config(dev.config_path, replace(dev.config(), **changes))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def slow_fleet(tmp_path: Path, nursery: trio.Nursery,
+                     images: tuple[bytes, bytes]) -> AsyncIterator[Fleet]:
+    """The private fleet behind an origin limited to 256 KiB/s: the seeder, reached
+    through the relay, serves the payload."""
+    async with open_fleet(nursery, tmp_path, images, origin_config=OriginConfig(
+            rate_limit_bytes_per_s=256 * 1024, rate_limit_burst_bytes=16 * 1024)) as fleet:
+        yield fleet
+
+
+async def test_tpm_device_enrolled_from_its_requests_updates_with_everything_signed_in_the_tpm(
+        soft_tpm: SoftTpm, slow_fleet: Fleet, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    fleet = slow_fleet
+    env = fleet.env
+    dev = fleet.device("dev-tpm", ca=None, keystore="tpm", tpm_device=soft_tpm.device)
+    request = dev.root / "identity" / "request.pem"
+    # the operator signs the requests 'peer init' wrote; the device installs the result
+    assert main(["tls", "device-cert", str(tmp_path / "issued"), "--ca",
+                 str(fleet.pki / "fleet-ca"), "--csr", str(request)]) == 0
+    assert main(["peer", "identity", "renew", str(dev.root), "--cert",
+                 str(tmp_path / "issued" / "cert.pem")]) == 0
+    assert "identity renewed (same key)" in capsys.readouterr().out
+    # a fleet member with its key in a file downloads at the same time: each fetches its
+    # share of the payload from the origin and the other's from the peer, over TLS
+    member = fleet.device("dev-file")
+    results: dict[str, UpdateResult] = {}
+
+    async def one(device: DeviceState) -> None:
+        results[device.config().device_id] = await update_once(device)
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            for device in (dev, member):
+                nursery.start_soon(one, device)
+    result = results["dev-tpm"]
+    assert result.status == StatusCode.OK, result.message
+    assert results["dev-file"].status == StatusCode.OK, results["dev-file"].message
+    assert result.download_mode == "swarm" and result.bytes_peers > 0, \
+        "peers found by relayed announces, spoken to over TLS with the sealed swarm key"
+    assert dev.slot_path(dev.bootctl().primary).read_bytes() == env.v2
+    # every request the tracker accepted from the device was signed with the certificate
+    # of the TPM's key: check-ins, the report, the relay's announces
+    cert = x509.load_pem_x509_certificate((dev.root / "identity" / "cert.pem").read_bytes())
+    assert cert.public_key() == soft_tpm.tpm().public_key(0x81000101)
+    store = SqliteStore(env.db)
+    try:
+        assert store.device_certificates("dev-tpm") == [
+            hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()]
+    finally:
+        store.close()
+    assert sorted((r.device_id, r.status) for r in env.reports()) == [
+        ("dev-file", 0), ("dev-tpm", 0)]
+    for path in dev.root.rglob("*"):
+        if path.is_file():
+            assert b"PRIVATE KEY" not in path.read_bytes(), path
+    assert tpm_floor(dev) == 2
+
+
+async def test_edited_state_directory_cannot_lower_the_tpm_floor_or_replace_the_root(
+        soft_tpm: SoftTpm, env: ReleaseEnv, nursery: trio.Nursery, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    dev = tpm_device(env, soft_tpm)
+    assert (await update_once(dev)).status == StatusCode.OK  # v2, counter 2
+    genuine_root = (dev.trust_dir / "root.json").read_bytes()
+    # whoever writes the disk lowers every floor the state directory holds...
+    write_bootctl(dev.bootctl_path, replace(dev.bootctl(), min_release_counter=0))
+    (dev.root / "floors.json").unlink(missing_ok=True)
+    # ... and a tracker offers the older, genuinely signed release
+    evil = await serve_offer(nursery, {"product": "acme-router", "version": "1.0.0",
+                                        "release_counter": 1,
+                                        "target": "releases/acme-router/1.0.0.json"})
+    retarget(dev, tracker_url=evil)
+    result = await update_once(dev)
+    assert result.status == StatusCode.VERIFY_FAILED
+    assert "not newer than the installed counter 2" in result.message, result.message
+    assert dev.slot_path("b").read_bytes() == env.v2 and dev.bootctl().primary == "b"
+
+    # the attacker's own repository, its root put in place of the device's
+    attacker = Repository.create(tmp_path / "attacker", keys=KeySetup())
+    publish(attacker, tmp_path / "attacker-work", env.v1, "3.0.0", 3)
+    attacker_origin = await nursery.start(serve_origin, OriginApp(
+        attacker.origin_dir, OriginConfig()), ListenConfig())
+    evil3 = await serve_offer(nursery, {"product": "acme-router", "version": "3.0.0",
+                                         "release_counter": 3,
+                                         "target": "releases/acme-router/3.0.0.json"})
+    retarget(dev, tracker_url=evil3, origin_url=attacker_origin)
+    (dev.trust_dir / "root.json").write_bytes(attacker.root_bytes())
+    with caplog.at_level(logging.WARNING, logger="peer.tpm_nv"):
+        result = await update_once(dev)
+    assert result.status == StatusCode.VERIFY_FAILED, result.message
+    assert "not the root anchored in the TPM" in caplog.text
+    assert (dev.trust_dir / "root.json").read_bytes() == genuine_root
+    assert dev.slot_path("b").read_bytes() == env.v2 and dev.bootctl().primary == "b"
+
+
+@pytest.mark.parametrize("point", ["floor_log.appended", "tpm.nv_extend.in_flight"])
+async def test_power_cut_while_the_tpm_raises_the_floor_leaves_old_or_new_and_carries_on(
+        soft_tpm: SoftTpm, env: ReleaseEnv, point: str) -> None:
+    dev = tpm_device(env, soft_tpm, mode="direct")
+    # the agent dies with the committed release's floor appended to the floor log but
+    # not yet extended into the TPM, or while tpm2_nvextend runs; the TPM loses its
+    # power with it
+    await killed_at(dev, point)
+    soft_tpm.power_cut()
+    soft_tpm.start()
+    assert tpm_floor(dev) == 2, "the appended entry is extended at the next load"
+    log_lines = (dev.trust_dir / FLOOR_LOG).read_bytes().splitlines()
+    assert soft_tpm.tpm().nv_read(FLOOR_LOG_INDEX, 32) == fold(log_lines)
+    result = await update_once(dev)
+    assert result.status == StatusCode.OK, result.message
+    bc = dev.bootctl()
+    assert bc.primary == bc.committed == "b" and dev.slot_path("b").read_bytes() == env.v2
+    assert tpm_floor(dev) == 2
+    # a TPM that does not answer: the pass refuses to decide anything it holds
+    soft_tpm.stop()
+    with pytest.raises(TpmError, match="swtpm:path="):
+        await update_once(dev)
+    assert dev.bootctl().committed == "b"
+
+
+async def test_garbage_extended_into_the_tpm_floor_index_refuses_the_update_and_reports_it(
+        soft_tpm: SoftTpm, env: ReleaseEnv) -> None:
+    """Code running as root on the device extends the floor index with something that
+    is no line of the floor log: no floor can be trusted any more, so the device
+    installs nothing (fails closed) and says why, to its operator and the tracker."""
+    dev = tpm_device(env, soft_tpm, mode="direct")
+    soft_tpm.tpm().run("tpm2_nvextend", f"0x{FLOOR_LOG_INDEX:08x}", "-C",
+                       f"0x{FLOOR_LOG_INDEX:08x}", "-i", "-",
+                       data=hashlib.sha256(b"garbage").digest())
+    result = await update_once(dev)
+    assert result.status == StatusCode.VERIFY_FAILED, result.message
+    assert "does not match the TPM's floor index" in result.message
+    assert dev.bootctl().committed == "a" and dev.slot_path("a").read_bytes() == env.v1
+    assert [(r.status, "floor index" in r.message) for r in env.reports("dev-tpm")] == \
+        [(20, True)]
+    assert main(["peer", "status", str(dev.root)]) == 2

@@ -1,0 +1,434 @@
+"""The tracker's store on PostgreSQL: :class:`PgStore`, for many tracker processes.
+
+The only tracker module that imports ``psycopg`` (psycopg 3); every ``psycopg.Error``
+becomes a :class:`~tracker.errors.StorageError`, but a serialization failure or a
+deadlock, which are a :class:`~tracker.errors.StaleStateError` (the decision is taken
+again). The statements are :mod:`tracker.sql_store`'s.
+
+Transactions are READ COMMITTED. What keeps concurrent decisions of many processes
+from losing updates: a rollout is saved with a compare-and-set on its ``revision``
+(a decision that read an older one is rolled back whole and taken again; the retry
+locks the ``rollouts`` table against other saves, SHARE ROW EXCLUSIVE, so that it
+cannot be stale again: progress under contention, optimism otherwise); request
+counters are one conditional upsert; a read-modify-write of one row locks it
+(``SELECT ... FOR UPDATE``); a report resent to two processes at once is stored once
+(a unique index). Each statement waits at most :data:`LOCK_TIMEOUT_S` for a row lock
+and runs at most :data:`STATEMENT_TIMEOUT_S`.
+
+A lost connection (the server restarted, the network failed) fails the calls made
+meanwhile and is opened again by the next call outside a transaction, so the tracker
+recovers by itself once the database is back.
+
+Schema: the same tables and columns as SQLite's (version
+:data:`~tracker.store.SCHEMA_VERSION`), created by :data:`_MIGRATIONS`, this engine's
+one source of truth (a new database runs it whole; a later version appends a step).
+Text columns compare byte-wise (``COLLATE "C"``), as in SQLite, so listings page the
+same way on both. Several processes starting at once migrate one at a time (an
+advisory lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from tracker.errors import StaleStateError, StorageError
+from tracker.sql_store import Connection, Cursor, Dialect, SqlStore, migrate, split_statements
+from tracker.store import redact_url
+
+__all__ = ["LOCK_TIMEOUT_S", "STATEMENT_TIMEOUT_S", "PgStore"]
+
+LOCK_TIMEOUT_S = 5
+"""How long a statement waits for a row lock another transaction holds (SQLite's
+busy timeout is the same)."""
+STATEMENT_TIMEOUT_S = 30
+CONNECT_TIMEOUT_S = 5
+_MIGRATION_LOCK = 0x5357_4F54  # pg_advisory_xact_lock key: "SWOT"
+
+_T = 'TEXT COLLATE "C"'
+_SCHEMA_6 = f"""
+CREATE TABLE schema_version (
+    version INTEGER NOT NULL
+);
+CREATE TABLE releases (
+    product {_T} NOT NULL,
+    version {_T} NOT NULL,
+    counter BIGINT NOT NULL,
+    target {_T} NOT NULL,
+    added_at DOUBLE PRECISION NOT NULL,
+    update_type {_T} NOT NULL DEFAULT 'image',
+    component {_T},
+    payloads_json {_T} NOT NULL DEFAULT '[]',
+    UNIQUE (product, version)
+);
+CREATE UNIQUE INDEX releases_by_counter ON releases (product, coalesce(component, ''), counter);
+CREATE TABLE devices (
+    device_id {_T} PRIMARY KEY,
+    product {_T} NOT NULL,
+    hardware_id {_T} NOT NULL,
+    version {_T} NOT NULL,
+    release_counter BIGINT NOT NULL,
+    last_seen DOUBLE PRECISION NOT NULL,
+    network_id {_T},
+    region {_T},
+    labels_json {_T} NOT NULL DEFAULT '[]',
+    components_json {_T}
+);
+CREATE INDEX devices_by_product ON devices (product, version);
+CREATE TABLE reports (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    device_id {_T} NOT NULL,
+    product {_T} NOT NULL,
+    from_version {_T} NOT NULL,
+    to_version {_T} NOT NULL,
+    status INTEGER NOT NULL,
+    message {_T} NOT NULL,
+    bytes_origin BIGINT NOT NULL,
+    bytes_peers BIGINT NOT NULL,
+    timings_json {_T} NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL,
+    report_id {_T},
+    log_tail {_T} NOT NULL DEFAULT ''
+);
+CREATE INDEX reports_by_device ON reports (device_id, id);
+CREATE UNIQUE INDEX reports_by_report_id ON reports (device_id, report_id)
+    WHERE report_id IS NOT NULL;
+CREATE INDEX reports_by_time ON reports (received_at);
+CREATE TABLE swarms (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY,
+    info_hash {_T} NOT NULL,
+    announce_hash BYTEA NOT NULL,
+    product {_T} NOT NULL,
+    version {_T} NOT NULL,
+    payload_kind {_T} NOT NULL,
+    PRIMARY KEY (info_hash, product, version)
+);
+CREATE INDEX swarms_by_announce ON swarms (announce_hash);
+CREATE INDEX swarms_by_release ON swarms (product, version);
+CREATE TABLE rollouts (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY,
+    rollout_id {_T} PRIMARY KEY,
+    product {_T} NOT NULL,
+    version {_T} NOT NULL,
+    counter BIGINT NOT NULL,
+    plan_json {_T} NOT NULL,
+    phase {_T} NOT NULL,
+    stage INTEGER NOT NULL,
+    stage_started_at DOUBLE PRECISION NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    halt_reason {_T} NOT NULL,
+    revision BIGINT NOT NULL DEFAULT 0,
+    generation INTEGER NOT NULL DEFAULT 1,
+    failures_json {_T} NOT NULL DEFAULT '[]',
+    UNIQUE (product, version, generation)
+);
+CREATE TABLE rollout_stages (
+    rollout_id {_T} NOT NULL,
+    stage INTEGER NOT NULL,
+    admitted BIGINT NOT NULL,
+    downloading BIGINT NOT NULL,
+    succeeded BIGINT NOT NULL,
+    failed BIGINT NOT NULL,
+    rolled_back BIGINT NOT NULL,
+    bytes_origin BIGINT NOT NULL,
+    bytes_peers BIGINT NOT NULL,
+    PRIMARY KEY (rollout_id, stage)
+);
+CREATE TABLE rollout_devices (
+    rollout_id {_T} NOT NULL,
+    device_id {_T} NOT NULL,
+    stage INTEGER NOT NULL,
+    status {_T} NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    code INTEGER,
+    message {_T} NOT NULL DEFAULT '',
+    PRIMARY KEY (rollout_id, device_id)
+);
+CREATE INDEX rollout_devices_by_device ON rollout_devices (device_id);
+CREATE TABLE admin_tokens (
+    token_hash {_T} PRIMARY KEY,
+    name {_T} NOT NULL,
+    role {_T} NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION
+);
+CREATE TABLE audit (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at DOUBLE PRECISION NOT NULL,
+    actor {_T} NOT NULL,
+    action {_T} NOT NULL,
+    target {_T} NOT NULL,
+    outcome {_T} NOT NULL,
+    detail {_T} NOT NULL
+);
+CREATE INDEX audit_by_time ON audit (at);
+CREATE TABLE device_counters (
+    device_id {_T} PRIMARY KEY,
+    counter BIGINT NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    cert_sha256 {_T}
+);
+CREATE TABLE device_certificates (
+    device_id {_T} NOT NULL,
+    cert_sha256 {_T} NOT NULL,
+    first_seen DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (device_id, cert_sha256)
+);
+CREATE TABLE revoked_certificates (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY,
+    cert_sha256 {_T} PRIMARY KEY,
+    device_id {_T} NOT NULL,
+    revoked_at DOUBLE PRECISION NOT NULL,
+    actor {_T} NOT NULL,
+    reason {_T} NOT NULL
+);
+CREATE TABLE device_tags (
+    device_id {_T} NOT NULL,
+    tag {_T} NOT NULL,
+    added_at DOUBLE PRECISION NOT NULL,
+    actor {_T} NOT NULL,
+    PRIMARY KEY (device_id, tag)
+);
+CREATE INDEX device_tags_by_tag ON device_tags (tag)
+"""
+_SCHEMA_7 = f"""
+CREATE TABLE secrets (
+    name {_T} PRIMARY KEY,
+    value BYTEA NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+)
+"""
+_MIGRATIONS: tuple[tuple[int, str], ...] = ((6, _SCHEMA_6), (7, _SCHEMA_7))
+"""The one source of truth of the PostgreSQL schema: ``(version, script)`` in order;
+the script takes a database to that version (the first, from nothing to 6: this engine
+started at schema 6). A new database runs them all."""
+
+_DIALECT = Dialect(
+    rowid="seq",
+    label_match=("EXISTS (SELECT 1 FROM jsonb_array_elements_text(d.labels_json::jsonb) "
+                 "AS l(v) WHERE l.v = ?)"),
+    for_update=" FOR UPDATE",
+    id_contains="strpos(d.device_id, ?) > 0")
+
+
+@functools.lru_cache(maxsize=1024)
+def _pg(sql: str) -> str:
+    """A statement with ``?`` placeholders in psycopg's ``%s`` style."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class _Connection:
+    """A ``psycopg.Connection`` (autocommit: transactions are explicit) as
+    :class:`~tracker.sql_store.Connection`.
+
+    Inside a transaction it is in pipeline mode (:meth:`enter_pipeline`): statements
+    are sent without waiting for their results, and the first result read (a fetch,
+    a row count) waits for all of them at once, so a decision's writes and the reads
+    queued after them cost one network round trip, not one each."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.raw = conn
+        self._pipelined: contextlib.AbstractContextManager[psycopg.Pipeline] | None = None
+        self.pipeline: psycopg.Pipeline | None = None
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        cursor = self.raw.execute(_pg(sql), params)
+        return cursor if self.pipeline is None else _Pipelined(cursor, self.pipeline)
+
+    def enter_pipeline(self) -> None:
+        self._pipelined = self.raw.pipeline()
+        self.pipeline = self._pipelined.__enter__()
+
+    def exit_pipeline(self, *, failed: bool) -> None:
+        """Leave pipeline mode: wait for every queued result (raising the first error),
+        or, ``failed``, drop them (errors swallowed: the transaction is rolled back)."""
+        pipelined, self._pipelined, self.pipeline = self._pipelined, None, None
+        if pipelined is None:
+            return
+        if not failed:
+            pipelined.__exit__(None, None, None)
+            return
+        with contextlib.suppress(psycopg.Error):
+            pipelined.__exit__(psycopg.Error, psycopg.Error(), None)
+
+    def clear_error(self) -> None:
+        """After an error: end the aborted part of the pipeline, so that the next
+        statement (a rollback to a savepoint) runs."""
+        if self.pipeline is not None:
+            with contextlib.suppress(psycopg.Error):
+                self.pipeline.sync()
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        rows = list(rows)
+        if rows:
+            with self.raw.cursor() as cursor:
+                cursor.executemany(_pg(sql), rows)
+
+
+class _Pipelined:
+    """A cursor of a statement sent in pipeline mode: its row count waits for it."""
+
+    def __init__(self, cursor: psycopg.Cursor[Any], pipeline: psycopg.Pipeline) -> None:
+        self._cursor = cursor
+        self._pipeline = pipeline
+
+    @property
+    def rowcount(self) -> int:
+        if self._cursor.rowcount < 0:
+            self._pipeline.sync()
+        return self._cursor.rowcount
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return self._cursor.fetchall()
+
+
+class PgStore(SqlStore):
+    """:class:`~tracker.store.Store` on a PostgreSQL database, through one connection.
+
+    ``PgStore(url)`` connects (``postgresql://user:password@host:port/dbname?...``,
+    any libpq connection URL), creates the tables in a new database and checks the
+    schema version of an existing one. The database itself must exist (``createdb``).
+    ``clock`` (epoch seconds) only dates releases added without ``now``. Thread-safe
+    (one internal lock, held for a whole :meth:`atomic` block). A context manager that
+    closes the store on exit.
+
+    Raises:
+        StorageError: the server cannot be reached, refuses the login, the database is
+            another application's, or from a newer schema.
+    """
+
+    def __init__(self, url: str, *, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(_DIALECT, redact_url(url), clock)
+        self.url = url
+        self._conn: _Connection | None = None
+        self._exclusive_next = False
+        conn = self._open_connection()
+        try:
+            self._setup(conn)
+        except psycopg.Error as exc:
+            self._close_connection()
+            raise StorageError(f"cannot open tracker database {self.describe}: {exc}"
+                               ) from exc
+        except BaseException:
+            self._close_connection()
+            raise
+
+    def __enter__(self) -> PgStore:
+        return self
+
+    def database_bytes(self) -> int:
+        """The size of the database on disk (``pg_database_size``), in bytes."""
+        with self._connection("read the database size") as conn:
+            return int(conn.execute("SELECT pg_database_size(current_database())"
+                                    ).fetchone()[0])
+
+    def _open_connection(self) -> _Connection:
+        conn = self._conn
+        if conn is not None and not conn.raw.closed and not conn.raw.broken:
+            return conn
+        if conn is not None:
+            self._close_connection()
+        try:
+            raw = psycopg.connect(self.url, autocommit=True,
+                                  connect_timeout=CONNECT_TIMEOUT_S)
+        except psycopg.Error as exc:
+            raise StorageError(f"cannot connect to tracker database {self.describe}: "
+                               f"{exc}") from exc
+        try:
+            raw.execute(f"SET lock_timeout = '{LOCK_TIMEOUT_S}s'")
+            raw.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT_S}s'")
+        except psycopg.Error as exc:
+            raw.close()
+            raise StorageError(f"cannot set up the connection to {self.describe}: {exc}"
+                               ) from exc
+        self._conn = _Connection(raw)
+        return self._conn
+
+    def _setup(self, conn: _Connection) -> None:
+        """Create or check the schema, one process at a time."""
+        conn.execute("BEGIN")
+        try:
+            conn.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
+            if conn.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+                others = conn.execute(
+                    "SELECT count(*) FROM information_schema.tables "
+                    "WHERE table_schema = current_schema()").fetchone()[0]
+                if others:
+                    raise StorageError(f"{self.describe} is a PostgreSQL database but "
+                                       "not a tracker's (no schema_version table)")
+                version: object = 0
+            else:
+                version = conn.execute("SELECT max(version) FROM schema_version"
+                                       ).fetchone()[0]
+            migrate(conn, _MIGRATIONS, version, self.describe, split_statements)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _begin(self, conn: Connection) -> None:
+        if isinstance(conn, _Connection):
+            conn.enter_pipeline()
+        conn.execute("BEGIN")
+
+    def _decision_starts(self, conn: Connection) -> None:
+        if self._exclusive_next:
+            # The last decision met contention: this one holds off every other
+            # process's rollout saves (reads go on) until its transaction ends, so
+            # that it cannot be stale again.
+            self._exclusive_next = False
+            conn.execute("LOCK TABLE rollouts IN SHARE ROW EXCLUSIVE MODE")
+
+    def _contended(self) -> None:
+        self._exclusive_next = True
+
+    def _commit(self, conn: Connection) -> None:
+        conn.execute("COMMIT")
+        if isinstance(conn, _Connection):
+            conn.exit_pipeline(failed=False)
+
+    def _decision_ends(self, conn: Connection) -> None:
+        if isinstance(conn, _Connection) and conn.pipeline is not None:
+            conn.pipeline.sync()
+
+    def _failed(self, conn: Connection) -> None:
+        if isinstance(conn, _Connection):
+            conn.clear_error()
+
+    def _rollback(self, conn: Connection) -> None:
+        if isinstance(conn, _Connection):
+            conn.exit_pipeline(failed=True)
+        raw = self._conn.raw if self._conn is not None else None
+        if raw is None or raw.closed or raw.broken:
+            return
+        try:
+            raw.execute("ROLLBACK")
+        except psycopg.Error:
+            self._close_connection()  # opened again by the next call
+
+    def _translate(self, exc: Exception, what: str) -> Exception | None:
+        if isinstance(exc, (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)):
+            self._contended()
+            return StaleStateError(f"{what}: {exc}")
+        if isinstance(exc, psycopg.Error):
+            return StorageError(f"{what} in {self.describe}: {exc}")
+        return None
+
+    def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            conn.raw.close()
+        except psycopg.Error as exc:
+            raise StorageError(f"closing {self.describe}: {exc}") from exc
+
