@@ -25,9 +25,33 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
 
 
-def _run(cmd: list[str | Path]) -> int:
+SUBPACKAGES = ("infra", "manifest", "seeder", "peer", "tracker")
+"""Folders of the repository installed below ``swarmota`` (pyproject.toml maps them)."""
+
+
+def _run(cmd: list[str | Path], cwd: Path = ROOT) -> int:
     print("+", " ".join(str(c) for c in cmd), flush=True)
-    return subprocess.call([str(c) for c in cmd], cwd=ROOT)
+    return subprocess.call([str(c) for c in cmd], cwd=cwd)
+
+
+def _typecheck_tree() -> Path:
+    """The installed layout, made of symbolic links, for mypy (which cannot follow the
+    editable install's import hook): .typecheck/swarmota/peer -> peer/, and so on."""
+    tree = ROOT / ".typecheck"
+    package = tree / "swarmota"
+    package.mkdir(parents=True, exist_ok=True)
+    links = {package / f.name: f for f in (ROOT / "swarmota").iterdir()
+             if f.name != "__pycache__"}
+    links.update({package / name: ROOT / name for name in SUBPACKAGES})
+    links.update({tree / name: ROOT / name for name in ("bench", "tests")})
+    for link in package.iterdir():
+        if link not in links:
+            link.unlink()
+    for link, target in links.items():
+        if not link.is_symlink() or link.resolve() != target.resolve():
+            link.unlink(missing_ok=True)
+            link.symlink_to(target)
+    return tree
 
 
 def ensure_venv() -> None:
@@ -62,10 +86,10 @@ def main(argv: list[str]) -> int:
         return _run([BIN / "swarmota", *rest])
     for step in (
         [BIN / "ruff", "check", "."],
-        [BIN / "mypy"],
+        [BIN / "mypy", "--config-file", ROOT / "pyproject.toml", "-p", "swarmota", "-p", "bench"],
         [PY, "-m", "pytest", *rest],
     ):
-        rc = _run(step)
+        rc = _run(step, cwd=_typecheck_tree() if step[0] == BIN / "mypy" else ROOT)
         if rc != 0:
             return rc
     return 0

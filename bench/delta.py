@@ -58,8 +58,8 @@ from typing import Any
 import bsdiff4
 import zstandard
 
-from peer.delta import apply_delta
-from seeder.delta import ENGINES, build_delta_from_files
+from swarmota.peer.delta import apply_delta
+from swarmota.seeder.delta import ENGINES, build_delta_from_files
 
 __all__ = [
     "BASELINES",
@@ -553,8 +553,8 @@ def run_bench(images: Sequence[tuple[str, Path]], *, work_dir: Path, repeat: int
         "notes": [
             "sizes are deterministic; times are medians over `repeat` runs, taken round "
             "robin (every method once per round) so that all see the same machine",
-            "our generation times come from seeder.delta.build_delta_from_files and include its "
-            "verification apply",
+            "our generation times come from swarmota.seeder.delta.build_delta_from_files "
+            "and include its verification apply",
             "python peak RSS includes the interpreter and both images (see floor_rss_kib)",
             "CLI times are wall clock around the tool process",
         ],
@@ -665,7 +665,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="python -m bench.delta",
-        description="Compare our delta engines (seeder.delta.build_delta_from_files) with xdelta3, "
+        description="Compare our delta engines "
+                    "(swarmota.seeder.delta.build_delta_from_files) with xdelta3, "
                     "zstd --patch-from and stock bsdiff4 on every base -> newer pair of "
                     "the real rootfs images: payload bytes, generation time, peak "
                     "memory, apply time, round trip. Writes delta.json and delta.md.",

@@ -65,22 +65,22 @@ from bench.netns import (
     missing_privileges,
     shaped_namespace,
 )
-from infra.fsio import atomic_write_bytes
-from infra.http_serve import ListenConfig
-from manifest import Payload, ReleaseManifest
-from peer.config import DeviceConfig
-from peer.state import init_device
-from seeder.origin import OriginApp, OriginConfig
-from seeder.publish import publish_release
-from seeder.repository import Repository
-from seeder.server import serve_origin
 from swarmota.demo import write_images
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.protocol import Release
-from tracker.rollout import RolloutPlan
-from tracker.server import serve_tracker
-from tracker.sqlite_store import SqliteStore
+from swarmota.infra.fsio import atomic_write_bytes
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.manifest import Payload, ReleaseManifest
+from swarmota.peer.config import DeviceConfig
+from swarmota.peer.state import init_device
+from swarmota.seeder.origin import OriginApp, OriginConfig
+from swarmota.seeder.publish import publish_release
+from swarmota.seeder.repository import Repository
+from swarmota.seeder.server import serve_origin
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.server import serve_tracker
+from swarmota.tracker.sqlite_store import SqliteStore
 
 __all__ = ["DeviceRun", "FleetConfig", "RunResult", "main", "render_markdown", "summarize"]
 
@@ -110,9 +110,10 @@ _LOAD_TIMEOUT_S = 120.0
 # 16 interpreters compiling those modules at once took 0.4 s of CPU each, in the
 # middle of the fleet's update. Likewise the system's CA bundle (0.2 s on a loaded
 # machine), which a device's daemon (``peer run``) loads once, not at every update.
-_AGENT_MODULES = ",".join(("swarmota.cli", "peer.agent", "peer.cli", "seeder.cli",
-                           "tracker.cli", "swarmota.demo", "swarmota.tlscli",
-                           "peer.http:_system_tls_context"))
+_AGENT_MODULES = ",".join(("swarmota.cli", "swarmota.peer.agent", "swarmota.peer.cli",
+                           "swarmota.seeder.cli", "swarmota.tracker.cli", "swarmota.demo",
+                           "swarmota.tlscli",
+                           "swarmota.peer.http:_system_tls_context"))
 
 
 @dataclass(frozen=True)

@@ -37,15 +37,15 @@ from typing import Any
 import trio
 
 from bench.delta import machine_info
-from infra.fsio import atomic_write_bytes
-from infra.http_serve import ListenConfig
-from manifest import release_target_name
-from peer.trust import fetch_release_manifest
-from seeder.origin import OriginApp, OriginConfig
-from seeder.publish import publish_release
-from seeder.repository import Repository
-from seeder.server import serve_origin
-from seeder.staging import delegated_role
+from swarmota.infra.fsio import atomic_write_bytes
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.manifest import release_target_name
+from swarmota.peer.trust import fetch_release_manifest
+from swarmota.seeder.origin import OriginApp, OriginConfig
+from swarmota.seeder.publish import publish_release
+from swarmota.seeder.repository import Repository
+from swarmota.seeder.server import serve_origin
+from swarmota.seeder.staging import delegated_role
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"

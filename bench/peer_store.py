@@ -35,8 +35,8 @@ import redis
 from bench.delta import machine_info
 from bench.servers import run_postgres, run_redis
 from bench.tracker_scale import _cpu_of, _pids_of
-from tracker.bittorrent import AnnounceRequest
-from tracker.redis_state import RedisState
+from swarmota.tracker.bittorrent import AnnounceRequest
+from swarmota.tracker.redis_state import RedisState
 
 HASH = bytes.fromhex("5a" * 20)
 

@@ -47,23 +47,23 @@ from typing import Any
 import trio
 
 from bench.delta import machine_info
-from infra.fsio import atomic_write_bytes
-from infra.http_serve import ListenConfig
-from manifest import ReleaseManifest
-from peer.agent import UpdateResult, update_once
-from peer.config import DOWNLOAD_MODES, DeviceConfig
-from peer.state import DeviceState, init_device
-from seeder.origin import OriginApp, OriginConfig
-from seeder.publish import publish_release
-from seeder.repository import Repository
-from seeder.server import serve_origin
 from swarmota.demo import write_images
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.protocol import Release
-from tracker.rollout import RolloutPlan
-from tracker.server import serve_tracker
-from tracker.sqlite_store import SqliteStore
+from swarmota.infra.fsio import atomic_write_bytes
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.manifest import ReleaseManifest
+from swarmota.peer.agent import UpdateResult, update_once
+from swarmota.peer.config import DOWNLOAD_MODES, DeviceConfig
+from swarmota.peer.state import DeviceState, init_device
+from swarmota.seeder.origin import OriginApp, OriginConfig
+from swarmota.seeder.publish import publish_release
+from swarmota.seeder.repository import Repository
+from swarmota.seeder.server import serve_origin
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.server import serve_tracker
+from swarmota.tracker.sqlite_store import SqliteStore
 
 __all__ = ["RunResult", "main", "render_markdown", "run_bench", "run_fleet"]
 

@@ -50,12 +50,12 @@ from urllib.parse import quote_from_bytes
 
 import trio
 
-import seeder.publish
+import swarmota.seeder.publish
 from bench.delta import machine_info
 from bench.swarm import DEFAULT_OUT, RunResult, device_host, publish, run_fleet
-from infra.fsio import atomic_write_bytes
-from manifest import Payload
-from peer.http import HttpClient
+from swarmota.infra.fsio import atomic_write_bytes
+from swarmota.manifest import Payload
+from swarmota.peer.http import HttpClient
 from tests.fake_bt_peer import FakeBtPeer, Mode
 
 __all__ = ["SCENARIOS", "main", "render_markdown", "run_bench"]
@@ -182,7 +182,7 @@ def chunk_size_of_older_releases(chunk_size: int | None) -> Iterator[None]:
     if chunk_size is None:
         yield
         return
-    module: Any = seeder.publish  # the name publish_release calls
+    module: Any = swarmota.seeder.publish  # the name publish_release calls
     chosen = module.choose_chunk_size
     module.choose_chunk_size = lambda payload_size_bytes: chunk_size
     try:

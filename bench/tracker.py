@@ -69,20 +69,20 @@ import httpx
 import trio
 
 from bench.delta import machine_info
-from infra.devca import create_ca, issue_device_cert
-from infra.deviceauth import AnnounceKey, RequestSigner
-from infra.http_serve import ListenConfig
-from tracker.app import TrackerApp
-from tracker.bittorrent import SwarmInfo
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.director import Director
-from tracker.protocol import Release
-from tracker.rollout import RolloutPlan
-from tracker.server import serve_tracker
-from tracker.sqlite_store import SqliteStore
-from tracker.store import open_store
-from tracker.wire import encode_json, parse_announce_key
+from swarmota.infra.devca import create_ca, issue_device_cert
+from swarmota.infra.deviceauth import AnnounceKey, RequestSigner
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.tracker.app import TrackerApp
+from swarmota.tracker.bittorrent import SwarmInfo
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.director import Director
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.server import serve_tracker
+from swarmota.tracker.sqlite_store import SqliteStore
+from swarmota.tracker.store import open_store
+from swarmota.tracker.wire import encode_json, parse_announce_key
 
 INFO_HASH = "5a" * 32
 PRODUCT = "bench-router"

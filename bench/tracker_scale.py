@@ -60,7 +60,7 @@ from bench.tracker import (
     start_tracker,
     wrk_figures,
 )
-from tracker.store import open_store
+from swarmota.tracker.store import open_store
 
 __all__ = ["render_scale", "render_storm", "run_nginx", "run_scale", "run_storm"]
 

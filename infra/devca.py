@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from infra.deviceauth import (
+from swarmota.infra.deviceauth import (
     DEVICE_ID_RE,
     ROLE_DEVICE,
     ROLE_SEED,
@@ -41,8 +41,8 @@ from infra.deviceauth import (
     SigningKey,
     identity_of_name,
 )
-from infra.fsio import atomic_write_bytes
-from infra.tlspin import pin_of_certificate, pin_of_public_key
+from swarmota.infra.fsio import atomic_write_bytes
+from swarmota.infra.tlspin import pin_of_certificate, pin_of_public_key
 
 __all__ = [
     "BACKUP_KEY_FILE",

@@ -67,7 +67,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from infra.ids import DEVICE_ID_RE
+from swarmota.infra.ids import DEVICE_ID_RE
 
 __all__ = [
     "ANNOUNCE_AUTH_HEADER",

@@ -6,7 +6,7 @@ timestamp) is verified by python-tuf; a release manifest is a TUF target file wh
 length and hashes the targets role signs, and this package checks everything inside it.
 """
 
-from manifest.chunking import (
+from swarmota.manifest.chunking import (
     MAX_CHUNK_SIZE_BYTES,
     MIN_CHOSEN_CHUNK_SIZE_BYTES,
     MIN_CHUNK_SIZE_BYTES,
@@ -15,7 +15,7 @@ from manifest.chunking import (
     sha256_hex,
     verify_bytes,
 )
-from manifest.counters import (
+from swarmota.manifest.counters import (
     COUNTER_RESETS_FIELD,
     DEFAULT_MAX_COUNTER_JUMP,
     CounterReset,
@@ -23,7 +23,7 @@ from manifest.counters import (
     encode_counter_resets,
     parse_counter_resets,
 )
-from manifest.errors import (
+from swarmota.manifest.errors import (
     CounterJumpError,
     IntegrityError,
     ManifestError,
@@ -31,7 +31,7 @@ from manifest.errors import (
     NotApplicableError,
     RollbackError,
 )
-from manifest.release import (
+from swarmota.manifest.release import (
     CHUNK_DIGEST_BYTES,
     MAX_MANIFEST_BYTES,
     MAX_RELEASE_COUNTER,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from manifest.errors import IntegrityError
+from swarmota.manifest.errors import IntegrityError
 
 __all__ = [
     "MAX_CHUNK_SIZE_BYTES",

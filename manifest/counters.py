@@ -27,8 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from manifest.errors import ManifestFormatError
-from manifest.release import MAX_RELEASE_COUNTER, validate_product
+from swarmota.manifest.errors import ManifestFormatError
+from swarmota.manifest.release import MAX_RELEASE_COUNTER, validate_product
 
 __all__ = [
     "COUNTER_RESETS_FIELD",

@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from manifest.chunking import (
+from swarmota.manifest.chunking import (
     MAX_CHUNK_SIZE_BYTES,
     MIN_CHUNK_SIZE_BYTES,
     chunk_count,
@@ -49,7 +49,7 @@ from manifest.chunking import (
     sha256_hex,
     verify_bytes,
 )
-from manifest.errors import (
+from swarmota.manifest.errors import (
     CounterJumpError,
     ManifestFormatError,
     NotApplicableError,

@@ -44,7 +44,7 @@ from typing import Any
 
 import trio
 
-from manifest import (
+from swarmota.manifest import (
     IntegrityError,
     ManifestError,
     Payload,
@@ -52,9 +52,9 @@ from manifest import (
     check_applicable,
     parse_release_manifest,
 )
-from peer import machine
-from peer.announce_relay import AnnounceRelay, background_tasks
-from peer.bootctl import (
+from swarmota.peer import machine
+from swarmota.peer.announce_relay import AnnounceRelay, background_tasks
+from swarmota.peer.bootctl import (
     BootControl,
     SlotRecord,
     boot,
@@ -65,13 +65,13 @@ from peer.bootctl import (
     switch_to,
     write_bootctl,
 )
-from peer.bootloader import Bootloader, LoaderState
-from peer.components import ComponentStore, InstalledVersion
-from peer.config import DeviceConfig
-from peer.control import PassRequest, postponed_until
-from peer.crashpoints import crash_point
-from peer.download import PayloadWorkdir, download_payload, verify_payload
-from peer.errors import (
+from swarmota.peer.bootloader import Bootloader, LoaderState
+from swarmota.peer.components import ComponentStore, InstalledVersion
+from swarmota.peer.config import DeviceConfig
+from swarmota.peer.control import PassRequest, postponed_until
+from swarmota.peer.crashpoints import crash_point
+from swarmota.peer.download import PayloadWorkdir, download_payload, verify_payload
+from swarmota.peer.errors import (
     BootInterrupted,
     ConfigError,
     DownloadFailed,
@@ -83,32 +83,32 @@ from peer.errors import (
     VerifyFailed,
     resource_failure,
 )
-from peer.floors import migrate as migrate_floors
-from peer.floors import raise_component_floor, read_floors, running_components
-from peer.health import run_health_check
-from peer.hooks import HotUpdater
-from peer.http import HttpClient
-from peer.identity import Identity, load_identity
-from peer.install import install_delta, install_image
-from peer.install_policy import Decision, PolicyPowerSource, decide, load_policy
-from peer.keystore import TpmKeyStore, open_keystore
-from peer.logtail import AttemptLog
-from peer.machine import Action, Event, Journal, JournalError, Phase
-from peer.policy import UploadPolicy, upload_policy
-from peer.slots import SlotBackend
-from peer.state import DeviceState
-from peer.swarm import SwarmConfig, SwarmSession, TorrentHandleRef, new_peer_id
-from peer.swarm_fetch import SwarmOptions, SwarmUnavailable, swarm_download
-from peer.tpm import TpmError
-from peer.tpm_nv import FloorLogError, TrustAnchor
-from peer.tracker_client import Offer, checkin, send_report
-from peer.trust import (
+from swarmota.peer.floors import migrate as migrate_floors
+from swarmota.peer.floors import raise_component_floor, read_floors, running_components
+from swarmota.peer.health import run_health_check
+from swarmota.peer.hooks import HotUpdater
+from swarmota.peer.http import HttpClient
+from swarmota.peer.identity import Identity, load_identity
+from swarmota.peer.install import install_delta, install_image
+from swarmota.peer.install_policy import Decision, PolicyPowerSource, decide, load_policy
+from swarmota.peer.keystore import TpmKeyStore, open_keystore
+from swarmota.peer.logtail import AttemptLog
+from swarmota.peer.machine import Action, Event, Journal, JournalError, Phase
+from swarmota.peer.policy import UploadPolicy, upload_policy
+from swarmota.peer.slots import SlotBackend
+from swarmota.peer.state import DeviceState
+from swarmota.peer.swarm import SwarmConfig, SwarmSession, TorrentHandleRef, new_peer_id
+from swarmota.peer.swarm_fetch import SwarmOptions, SwarmUnavailable, swarm_download
+from swarmota.peer.tpm import TpmError
+from swarmota.peer.tpm_nv import FloorLogError, TrustAnchor
+from swarmota.peer.tracker_client import Offer, checkin, send_report
+from swarmota.peer.trust import (
     TrustState,
     apply_pending_counter_reset,
     fetch_release_manifest,
     refresh_trust,
 )
-from tracker.wire import MAX_MESSAGE_CHARS
+from swarmota.tracker.wire import MAX_MESSAGE_CHARS
 
 __all__ = ["UpdateResult", "swarm_config_for", "update_once"]
 
@@ -454,7 +454,7 @@ class _Run:
         return await self.update(bc)
 
     def _hot(self) -> HotUpdater:
-        """Runs component switches: hooks, services, health (``peer.hooks``)."""
+        """Runs component switches: hooks, services, health (``swarmota.peer.hooks``)."""
         return HotUpdater(self.components, self.config.hot,
                           health_command=self.config.health_command,
                           health_timeout_s=self.config.health_timeout_s,
@@ -726,7 +726,7 @@ class _Run:
                 log.warning("removed partial writes: %s", ", ".join(removed))
 
     async def _decide(self, release: ReleaseManifest) -> Decision:
-        """The install policy's verdict on ``release`` now (``peer.install_policy``)."""
+        """The install policy's verdict on ``release`` now (``swarmota.peer.install_policy``)."""
         now_s = self.wall_clock()
         first = await trio.to_thread.run_sync(self.state.first_offered, release.version, now_s)
         power = None

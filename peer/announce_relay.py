@@ -25,9 +25,9 @@ from urllib.parse import urlsplit
 
 import trio
 
-from peer.errors import DownloadFailed
-from peer.http import HttpClient
-from tracker.wire import failure_reason
+from swarmota.peer.errors import DownloadFailed
+from swarmota.peer.http import HttpClient
+from swarmota.tracker.wire import failure_reason
 
 __all__ = ["MAX_ANSWER_BYTES", "AnnounceRelay", "background_tasks"]
 

@@ -35,8 +35,8 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from peer.crashpoints import crash_point
-from peer.errors import ConfigError
+from swarmota.peer.crashpoints import crash_point
+from swarmota.peer.errors import ConfigError
 
 __all__ = ["BlockSlots", "booted_slot", "resolve_device"]
 

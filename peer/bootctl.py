@@ -22,9 +22,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from infra.fsio import atomic_write_bytes
-from peer.crashpoints import crash_point, fsio_hook
-from peer.errors import ConfigError, InstallFailed
+from swarmota.infra.fsio import atomic_write_bytes
+from swarmota.peer.crashpoints import crash_point, fsio_hook
+from swarmota.peer.errors import ConfigError, InstallFailed
 
 __all__ = [
     "SLOTS",

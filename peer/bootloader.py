@@ -52,9 +52,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
-from infra.fsio import fsync_dir
-from peer.crashpoints import crash_point
-from peer.errors import ConfigError, InstallFailed
+from swarmota.infra.fsio import fsync_dir
+from swarmota.peer.crashpoints import crash_point
+from swarmota.peer.errors import ConfigError, InstallFailed
 
 __all__ = [
     "FACTORY",
@@ -177,7 +177,7 @@ def _check_read_back(wanted: Mapping[str, str], got: Mapping[str, str], where: s
 
 
 class _BootedSlot:
-    """Booted-slot detection shared by the adapters (see ``peer.blockslots``)."""
+    """Booted-slot detection shared by the adapters (see ``swarmota.peer.blockslots``)."""
 
     booted: Callable[[], str] | None = None
 
@@ -286,4 +286,4 @@ def script(name: str) -> str:
     """A bootloader script shipped with the package: ``grub.cfg`` or ``boot.cmd``."""
     if name not in ("grub.cfg", "boot.cmd"):
         raise ConfigError(f"no bootloader script {name!r}: grub.cfg or boot.cmd")
-    return resources.files("peer").joinpath("bootscripts", name).read_text()
+    return resources.files("swarmota.peer").joinpath("bootscripts", name).read_text()

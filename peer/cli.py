@@ -20,22 +20,22 @@ from typing import Any
 
 import trio
 
-from infra.fsio import atomic_write_bytes, fsync_dir
-from manifest import DEFAULT_MAX_COUNTER_JUMP
-from peer.agent import UpdateResult, update_once
-from peer.bootloader import script
-from peer.components import ComponentStore
-from peer.config import BOOTLOADERS, DOWNLOAD_MODES, KEYSTORES, SLOT_BACKENDS, DeviceConfig
-from peer.control import AgentControl
-from peer.daemon import DaemonConfig, run_daemon
-from peer.dbus_service import DBusUnavailable, bus_address, policy_file, serve_dbus
-from peer.errors import ConfigError, StatusCode, VerifyFailed, resource_failure
-from peer.floors import read_floors
-from peer.identity import install_identity, load_identity, renew_identity, renewal_csr
-from peer.install_policy import load_policy
-from peer.keystore import TpmKeyStore, open_keystore
-from peer.state import DeviceState, JournalError, init_device
-from peer.watchdog import SystemdNotifier
+from swarmota.infra.fsio import atomic_write_bytes, fsync_dir
+from swarmota.manifest import DEFAULT_MAX_COUNTER_JUMP
+from swarmota.peer.agent import UpdateResult, update_once
+from swarmota.peer.bootloader import script
+from swarmota.peer.components import ComponentStore
+from swarmota.peer.config import BOOTLOADERS, DOWNLOAD_MODES, KEYSTORES, SLOT_BACKENDS, DeviceConfig
+from swarmota.peer.control import AgentControl
+from swarmota.peer.daemon import DaemonConfig, run_daemon
+from swarmota.peer.dbus_service import DBusUnavailable, bus_address, policy_file, serve_dbus
+from swarmota.peer.errors import ConfigError, StatusCode, VerifyFailed, resource_failure
+from swarmota.peer.floors import read_floors
+from swarmota.peer.identity import install_identity, load_identity, renew_identity, renewal_csr
+from swarmota.peer.install_policy import load_policy
+from swarmota.peer.keystore import TpmKeyStore, open_keystore
+from swarmota.peer.state import DeviceState, JournalError, init_device
+from swarmota.peer.watchdog import SystemdNotifier
 
 __all__ = ["add_parser"]
 

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.fsio import UnsafeNameError, atomic_write_json, fsync_dir, safe_child
-from peer.crashpoints import crash_point, fsio_hook
-from peer.errors import VerifyFailed
-from peer.slots import FileSlots, SlotBackend, SlotWriter, hash_stream
+from swarmota.infra.fsio import UnsafeNameError, atomic_write_json, fsync_dir, safe_child
+from swarmota.peer.crashpoints import crash_point, fsio_hook
+from swarmota.peer.errors import VerifyFailed
+from swarmota.peer.slots import FileSlots, SlotBackend, SlotWriter, hash_stream
 
 __all__ = ["ComponentRecord", "ComponentStore", "InstalledVersion"]
 

@@ -10,19 +10,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from infra.fsio import atomic_write_json
-from infra.ids import DEVICE_ID_RE
-from infra.tlspin import PinError, check_pin
-from manifest import (
+from swarmota.infra.fsio import atomic_write_json
+from swarmota.infra.ids import DEVICE_ID_RE
+from swarmota.infra.tlspin import PinError, check_pin
+from swarmota.manifest import (
     DEFAULT_MAX_COUNTER_JUMP,
     MAX_RELEASE_COUNTER,
     ManifestFormatError,
     validate_product,
 )
-from peer.errors import ConfigError
-from peer.services import HotConfig, parse_hot_config
-from peer.tpm import PcrSelection, tcti_of
-from tracker.wire import MAX_LABELS, NETWORK_ID_RE
+from swarmota.peer.errors import ConfigError
+from swarmota.peer.services import HotConfig, parse_hot_config
+from swarmota.peer.tpm import PcrSelection, tcti_of
+from swarmota.tracker.wire import MAX_LABELS, NETWORK_ID_RE
 
 __all__ = ["BOOTLOADERS", "DOWNLOAD_MODES", "KEYSTORES", "SLOT_BACKENDS", "DeviceConfig",
            "check_pinned_urls", "load_config", "save_config"]
@@ -203,7 +203,7 @@ class DeviceConfig:
 
     @property
     def hot(self) -> HotConfig:
-        """The services and component recipes (``peer.services``). Raises ConfigError."""
+        """The services and component recipes (``swarmota.peer.services``). Raises ConfigError."""
         return parse_hot_config(self.services, self.components)
 
     def _check_boot(self) -> None:

@@ -34,10 +34,10 @@ from typing import Any
 
 import trio
 
-from infra.fsio import atomic_write_json
-from peer.health import ExternalVerdict, ExternalVerdicts
-from peer.machine import Journal, Phase
-from peer.state import DeviceState
+from swarmota.infra.fsio import atomic_write_json
+from swarmota.peer.health import ExternalVerdict, ExternalVerdicts
+from swarmota.peer.machine import Journal, Phase
+from swarmota.peer.state import DeviceState
 
 __all__ = ["MAX_POSTPONE_S", "AgentControl", "NotApplicable", "ObservedState",
            "PassRequest", "StatusBoard", "postponed_until", "save_postponement"]

@@ -36,10 +36,10 @@ from dataclasses import dataclass
 
 import trio
 
-from peer.agent import UpdateResult, update_once
-from peer.control import AgentControl
-from peer.errors import ConfigError, StatusCode, resource_failure
-from peer.state import DeviceState
+from swarmota.peer.agent import UpdateResult, update_once
+from swarmota.peer.control import AgentControl
+from swarmota.peer.errors import ConfigError, StatusCode, resource_failure
+from swarmota.peer.state import DeviceState
 
 __all__ = ["DaemonConfig", "next_delay_s", "run_daemon"]
 

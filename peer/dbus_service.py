@@ -44,8 +44,8 @@ from jeepney.bus_messages import DBusNameFlags, message_bus
 from jeepney.io.common import RouterClosed
 from jeepney.io.trio import DBusRouter, open_dbus_connection
 
-from peer.control import AgentControl, NotApplicable, NothingOffered
-from peer.errors import ConfigError
+from swarmota.peer.control import AgentControl, NotApplicable, NothingOffered
+from swarmota.peer.errors import ConfigError
 
 __all__ = ["BUS_NAME", "INTERFACE", "OBJECT_PATH", "DBusUnavailable", "bus_address",
            "policy_file", "serve_dbus"]
@@ -147,7 +147,7 @@ def bus_address(choice: str) -> str | None:
 
 def policy_file() -> str:
     """The shipped bus policy (install it as /etc/dbus-1/system.d/org.swarmota.Agent1.conf)."""
-    return resources.files("peer").joinpath("dbus", f"{BUS_NAME}.conf").read_text()
+    return resources.files("swarmota.peer").joinpath("dbus", f"{BUS_NAME}.conf").read_text()
 
 
 def _typed(value: Any, signature: str) -> Any:

@@ -68,7 +68,7 @@ from collections.abc import Sequence
 import bsdiff4.core
 import zstandard
 
-from peer.errors import InstallFailed
+from swarmota.peer.errors import InstallFailed
 
 __all__ = [
     "BSDIFF_CONTAINER_HEADER_BYTES",

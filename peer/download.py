@@ -19,10 +19,10 @@ from pathlib import Path
 
 import trio
 
-from infra.fsio import UnsafeNameError, atomic_write_bytes, safe_child
-from manifest import IntegrityError, Payload, sha256_hex
-from peer.crashpoints import crash_point
-from peer.errors import (
+from swarmota.infra.fsio import UnsafeNameError, atomic_write_bytes, safe_child
+from swarmota.manifest import IntegrityError, Payload, sha256_hex
+from swarmota.peer.crashpoints import crash_point
+from swarmota.peer.errors import (
     DownloadFailed,
     PartialResponse,
     PeerError,
@@ -30,7 +30,7 @@ from peer.errors import (
     VerifyFailed,
     resource_failure,
 )
-from peer.http import HttpClient
+from swarmota.peer.http import HttpClient
 
 __all__ = [
     "MAX_REQUEST_BYTES",

@@ -25,7 +25,7 @@ module expected becomes :class:`ResourceFailed` where the pass handles its failu
 
 from __future__ import annotations
 
-from tracker.wire import StatusCode
+from swarmota.tracker.wire import StatusCode
 
 __all__ = [
     "ConfigError",

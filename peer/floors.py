@@ -32,12 +32,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from infra.fsio import atomic_write_json
-from peer.bootctl import BootControl, read_bootctl, write_bootctl
-from peer.components import ComponentStore
-from peer.crashpoints import fsio_hook
-from peer.errors import ConfigError, InstallFailed
-from tracker.wire import ComponentVersion
+from swarmota.infra.fsio import atomic_write_json
+from swarmota.peer.bootctl import BootControl, read_bootctl, write_bootctl
+from swarmota.peer.components import ComponentStore
+from swarmota.peer.crashpoints import fsio_hook
+from swarmota.peer.errors import ConfigError, InstallFailed
+from swarmota.tracker.wire import ComponentVersion
 
 __all__ = ["FLOORS_FILE", "Floors", "migrate", "raise_component_floor", "read_floors",
            "running_components", "write_floors"]

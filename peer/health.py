@@ -22,8 +22,8 @@ from pathlib import Path
 
 import trio
 
-from peer.bootctl import SlotRecord
-from peer.errors import PostCheckFailed
+from swarmota.peer.bootctl import SlotRecord
+from swarmota.peer.errors import PostCheckFailed
 
 __all__ = ["ExternalVerdict", "ExternalVerdicts", "run_health_check", "run_health_command"]
 

@@ -48,14 +48,14 @@ from pathlib import Path
 
 import trio
 
-from infra.fsio import fsync_dir
-from peer.bootctl import SlotRecord
-from peer.components import CURRENT, ComponentStore, InstalledVersion
-from peer.crashpoints import crash_point
-from peer.errors import InstallFailed, PostCheckFailed
-from peer.health import ExternalVerdicts, run_health_check, run_health_command
-from peer.install import hash_file
-from peer.services import ComponentRecipe, HotConfig
+from swarmota.infra.fsio import fsync_dir
+from swarmota.peer.bootctl import SlotRecord
+from swarmota.peer.components import CURRENT, ComponentStore, InstalledVersion
+from swarmota.peer.crashpoints import crash_point
+from swarmota.peer.errors import InstallFailed, PostCheckFailed
+from swarmota.peer.health import ExternalVerdicts, run_health_check, run_health_command
+from swarmota.peer.install import hash_file
+from swarmota.peer.services import ComponentRecipe, HotConfig
 
 __all__ = ["HOOK_NAMES", "HotUpdater", "extract_payload_hooks", "hooks_dir"]
 

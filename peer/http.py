@@ -57,12 +57,12 @@ import trio
 from tuf.api import exceptions as tuf_exceptions
 from tuf.ngclient import FetcherInterface
 
-from infra.deviceauth import AnnounceKey, DeviceAuthError
-from infra.tlspin import PinError, pin_of_certificate_der
-from peer.config import DeviceConfig
-from peer.errors import ConfigError, DownloadFailed, PartialResponse, PinMismatch
-from peer.identity import Identity
-from tracker.wire import AnnounceKeyGrant
+from swarmota.infra.deviceauth import AnnounceKey, DeviceAuthError
+from swarmota.infra.tlspin import PinError, pin_of_certificate_der
+from swarmota.peer.config import DeviceConfig
+from swarmota.peer.errors import ConfigError, DownloadFailed, PartialResponse, PinMismatch
+from swarmota.peer.identity import Identity
+from swarmota.tracker.wire import AnnounceKeyGrant
 
 __all__ = ["DEFAULT_MIN_RATE_BYTES_PER_S", "ENCODING_REFUSED", "MAX_JSON_RESPONSE_BYTES",
            "HttpClient", "TlsPolicy", "TufFetcher", "check_identity_encoding",

@@ -36,10 +36,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.devca import DevCaError, make_device_csr, new_device_key_pem
-from infra.deviceauth import MAX_COUNTER, DeviceAuthError, RequestSigner
-from infra.fsio import atomic_write_bytes, fsync_dir
-from peer.errors import ConfigError
+from swarmota.infra.devca import DevCaError, make_device_csr, new_device_key_pem
+from swarmota.infra.deviceauth import MAX_COUNTER, DeviceAuthError, RequestSigner
+from swarmota.infra.fsio import atomic_write_bytes, fsync_dir
+from swarmota.peer.errors import ConfigError
 
 __all__ = ["COUNTER_RESERVATION", "Identity", "install_identity", "load_identity",
            "load_identity_dir", "renew_identity", "renewal_csr"]

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import zstandard
 
-from manifest import ImageInfo, Payload, sha256_hex
-from peer.delta import apply_delta
-from peer.errors import InstallFailed, VerifyFailed
-from peer.slots import SlotBackend, SlotWriter
+from swarmota.manifest import ImageInfo, Payload, sha256_hex
+from swarmota.peer.delta import apply_delta
+from swarmota.peer.errors import InstallFailed, VerifyFailed
+from swarmota.peer.slots import SlotBackend, SlotWriter
 
 __all__ = ["hash_file", "install_delta", "install_image"]
 

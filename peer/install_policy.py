@@ -44,8 +44,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from infra.timewindows import Window, parse_window
-from peer.errors import ConfigError
+from swarmota.infra.timewindows import Window, parse_window
+from swarmota.peer.errors import ConfigError
 
 __all__ = [
     "Decision",

@@ -62,14 +62,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from infra.devca import ROLE_SWARM, DevCaError, make_device_csr, make_device_csr_with
-from infra.deviceauth import ROLE_DEVICE, DeviceAuthError, RequestSigner, identity_of_name
-from infra.fsio import atomic_write_bytes, atomic_write_json, fsync_dir
-from peer.config import DeviceConfig
-from peer.errors import ConfigError
-from peer.identity import Identity
-from peer.tpm import PcrSelection, Tpm, TpmError
-from peer.tpm_nv import FLOOR_LOG, NvFloors, TrustAnchor
+from swarmota.infra.devca import ROLE_SWARM, DevCaError, make_device_csr, make_device_csr_with
+from swarmota.infra.deviceauth import ROLE_DEVICE, DeviceAuthError, RequestSigner, identity_of_name
+from swarmota.infra.fsio import atomic_write_bytes, atomic_write_json, fsync_dir
+from swarmota.peer.config import DeviceConfig
+from swarmota.peer.errors import ConfigError
+from swarmota.peer.identity import Identity
+from swarmota.peer.tpm import PcrSelection, Tpm, TpmError
+from swarmota.peer.tpm_nv import FLOOR_LOG, NvFloors, TrustAnchor
 
 __all__ = ["TPM_HANDLES", "TpmIdentity", "TpmKeyStore", "TpmSigningKey",
            "open_keystore"]
@@ -85,7 +85,7 @@ _MAX_PEM = 64 * 1024
 
 
 class TpmSigningKey:
-    """A :class:`~infra.deviceauth.SigningKey` held by the TPM (persistent handle)."""
+    """A :class:`~swarmota.infra.deviceauth.SigningKey` held by the TPM (persistent handle)."""
 
     def __init__(self, tpm: Tpm, handle: int, pcrs: PcrSelection | None) -> None:
         self._tpm, self._handle, self._pcrs = tpm, handle, pcrs

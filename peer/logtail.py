@@ -16,7 +16,7 @@ import logging
 import threading
 from types import TracebackType
 
-from tracker.wire import MAX_LOG_TAIL_BYTES
+from swarmota.tracker.wire import MAX_LOG_TAIL_BYTES
 
 __all__ = ["AttemptLog"]
 
@@ -31,7 +31,7 @@ class AttemptLog(logging.Handler):
     what a hostile server sent), so the text is safe to show and to send.
     """
 
-    def __init__(self, logger: str = "peer", *, level: int = logging.INFO,
+    def __init__(self, logger: str = __name__.rpartition(".")[0], *, level: int = logging.INFO,
                  max_bytes: int = MAX_LOG_TAIL_BYTES) -> None:
         super().__init__(level)
         self.setFormatter(logging.Formatter(_FORMAT))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from peer.config import DeviceConfig
+from swarmota.peer.config import DeviceConfig
 
 __all__ = ["UploadPolicy", "upload_policy"]
 

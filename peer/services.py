@@ -36,7 +36,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from peer.errors import ConfigError
+from swarmota.peer.errors import ConfigError
 
 __all__ = ["ComponentRecipe", "HotConfig", "ServiceSpec", "parse_hot_config"]
 

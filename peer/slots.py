@@ -28,8 +28,8 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from infra.fsio import fsync_dir
-from peer.crashpoints import crash_point
+from swarmota.infra.fsio import fsync_dir
+from swarmota.peer.crashpoints import crash_point
 
 __all__ = ["FileSlots", "SlotBackend", "SlotWriter"]
 

@@ -32,9 +32,9 @@ from tuf.api.exceptions import RepositoryError
 from tuf.api.metadata import Metadata
 from tuf.api.metadata import Root as RootRole
 
-from infra.fsio import atomic_write_bytes, atomic_write_json, fsync_dir
-from peer.blockslots import BlockSlots, booted_slot
-from peer.bootctl import (
+from swarmota.infra.fsio import atomic_write_bytes, atomic_write_json, fsync_dir
+from swarmota.peer.blockslots import BlockSlots, booted_slot
+from swarmota.peer.bootctl import (
     BootControl,
     SlotRecord,
     initial_bootctl,
@@ -42,16 +42,16 @@ from peer.bootctl import (
     remove_bootctl,
     write_bootctl,
 )
-from peer.bootloader import FACTORY, Bootloader, GrubEnv, UBootEnv
-from peer.config import DeviceConfig, load_config, save_config
-from peer.crashpoints import fsio_hook
-from peer.errors import ConfigError, PeerError
-from peer.floors import write_floors
-from peer.install import hash_file
-from peer.keystore import open_keystore
-from peer.machine import Journal, JournalError, decode_journal, encode_journal
-from peer.slots import FileSlots, SlotBackend
-from peer.trust import TrustState
+from swarmota.peer.bootloader import FACTORY, Bootloader, GrubEnv, UBootEnv
+from swarmota.peer.config import DeviceConfig, load_config, save_config
+from swarmota.peer.crashpoints import fsio_hook
+from swarmota.peer.errors import ConfigError, PeerError
+from swarmota.peer.floors import write_floors
+from swarmota.peer.install import hash_file
+from swarmota.peer.keystore import open_keystore
+from swarmota.peer.machine import Journal, JournalError, decode_journal, encode_journal
+from swarmota.peer.slots import FileSlots, SlotBackend
+from swarmota.peer.trust import TrustState
 
 __all__ = ["MAX_OUTBOX_REPORTS", "DeviceState", "JournalError", "init_device"]
 

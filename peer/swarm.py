@@ -52,7 +52,7 @@ from urllib.parse import unquote, urlsplit
 import libtorrent as lt
 import trio
 
-from peer.errors import DownloadFailed
+from swarmota.peer.errors import DownloadFailed
 
 __all__ = [
     "BLOCK_SIZE_BYTES",

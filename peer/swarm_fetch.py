@@ -58,11 +58,11 @@ from urllib.parse import quote
 
 import trio
 
-from manifest import IntegrityError, Payload
-from peer.download import PayloadWorkdir, download_payload, prepare
-from peer.errors import DownloadFailed, ResourceFailed, VerifyFailed, resource_failure
-from peer.http import HttpClient
-from peer.swarm import (
+from swarmota.manifest import IntegrityError, Payload
+from swarmota.peer.download import PayloadWorkdir, download_payload, prepare
+from swarmota.peer.errors import DownloadFailed, ResourceFailed, VerifyFailed, resource_failure
+from swarmota.peer.http import HttpClient
+from swarmota.peer.swarm import (
     PieceView,
     SwarmEvent,
     SwarmSession,

@@ -45,8 +45,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from peer.crashpoints import crash_point
-from peer.errors import ConfigError
+from swarmota.peer.crashpoints import crash_point
+from swarmota.peer.errors import ConfigError
 
 __all__ = ["TOOLS", "PcrSelection", "Tpm", "TpmError", "tcti_of", "tools_missing"]
 

@@ -44,7 +44,7 @@ gets its last line extended, and a torn last line (no newline: never extended) i
 off. Anything else is refused.
 
 **Floors and the state directory.** The floor in force for each kind is the higher of
-the state directory's (:mod:`peer.floors`: boot control, ``floors.json``) and the log's.
+the state directory's (:mod:`swarmota.peer.floors`: boot control, ``floors.json``) and the log's.
 The agent writes a floor to the state directory first and then to the log
 (:meth:`NvFloors.raise_to`, also at the start of every pass: a power cut in between is
 caught up). Why not NV counters (``TPM_NT_COUNTER``): a counter only goes up by one,
@@ -80,13 +80,13 @@ from tuf.api import exceptions as tuf_exceptions
 from tuf.api.metadata import Metadata, Root
 from tuf.api.serialization import DeserializationError
 
-from infra.fsio import atomic_write_bytes, fsync_dir
-from manifest.counters import COUNTER_RESETS_FIELD, CounterReset, parse_counter_resets
-from manifest.errors import ManifestFormatError
-from peer.crashpoints import crash_point
-from peer.errors import VerifyFailed
-from peer.floors import Floors
-from peer.tpm import Tpm, TpmError
+from swarmota.infra.fsio import atomic_write_bytes, fsync_dir
+from swarmota.manifest.counters import COUNTER_RESETS_FIELD, CounterReset, parse_counter_resets
+from swarmota.manifest.errors import ManifestFormatError
+from swarmota.peer.crashpoints import crash_point
+from swarmota.peer.errors import VerifyFailed
+from swarmota.peer.floors import Floors
+from swarmota.peer.tpm import Tpm, TpmError
 
 __all__ = ["ANCHOR_INDEX", "FLOOR_LOG", "FLOOR_LOG_INDEX", "FloorEntry", "FloorLogError",
            "NvFloors", "NvState", "TrustAnchor", "floors_of", "fold"]

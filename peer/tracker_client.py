@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from peer.config import DeviceConfig
-from peer.errors import DownloadFailed
-from peer.http import HttpClient
-from tracker import wire
-from tracker.wire import (
+from swarmota.peer.config import DeviceConfig
+from swarmota.peer.errors import DownloadFailed
+from swarmota.peer.http import HttpClient
+from swarmota.tracker import wire
+from swarmota.tracker.wire import (
     CheckIn,
     ComponentVersion,
     Offer,

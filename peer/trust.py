@@ -48,8 +48,8 @@ from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient import Updater
 
-from infra.fsio import atomic_write_bytes, atomic_write_json
-from manifest import (
+from swarmota.infra.fsio import atomic_write_bytes, atomic_write_json
+from swarmota.manifest import (
     COUNTER_RESETS_FIELD,
     CounterReset,
     ManifestFormatError,
@@ -58,11 +58,11 @@ from manifest import (
     parse_compact_pin,
     parse_counter_resets,
 )
-from peer.bootctl import BootControl, write_bootctl
-from peer.errors import DownloadFailed, PinMismatch, VerifyFailed
-from peer.floors import lower_component_floors
-from peer.http import DEFAULT_MIN_RATE_BYTES_PER_S, TlsPolicy, TufFetcher
-from peer.tpm_nv import NvFloors, TrustAnchor
+from swarmota.peer.bootctl import BootControl, write_bootctl
+from swarmota.peer.errors import DownloadFailed, PinMismatch, VerifyFailed
+from swarmota.peer.floors import lower_component_floors
+from swarmota.peer.http import DEFAULT_MIN_RATE_BYTES_PER_S, TlsPolicy, TufFetcher
+from swarmota.peer.tpm_nv import NvFloors, TrustAnchor
 
 __all__ = ["TrustState", "apply_pending_counter_reset", "fetch_release_manifest",
            "pending_counter_reset", "refresh_trust"]

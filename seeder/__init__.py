@@ -19,12 +19,12 @@ Errors: :mod:`seeder.errors` (``SeederError`` > ``RepositoryError`` > ``SigningE
 Layout of the repository and origin tree: docs/ARCHITECTURE.md, "Origin tree".
 """
 
-from seeder.errors import PublishError, RepositoryError, SeederError
-from seeder.origin import OriginApp, OriginConfig, OriginStats
-from seeder.publish import build_full_payload, publish_release, published_releases
-from seeder.repository import ExpiryConfig, Repository
-from seeder.seeding import PayloadSeeder, SeedingConfig, SeedingStats
-from seeder.server import serve_origin
+from swarmota.seeder.errors import PublishError, RepositoryError, SeederError
+from swarmota.seeder.origin import OriginApp, OriginConfig, OriginStats
+from swarmota.seeder.publish import build_full_payload, publish_release, published_releases
+from swarmota.seeder.repository import ExpiryConfig, Repository
+from swarmota.seeder.seeding import PayloadSeeder, SeedingConfig, SeedingStats
+from swarmota.seeder.server import serve_origin
 
 __all__ = [
     "ExpiryConfig",

@@ -22,24 +22,24 @@ from pathlib import Path
 
 import trio
 
-from infra.http_serve import ListenConfig, parse_listen
-from manifest import DEFAULT_MAX_COUNTER_JUMP, UPDATE_TYPES
-from peer.announce_relay import AnnounceRelay
-from peer.config import check_pinned_urls
-from peer.errors import ConfigError
-from peer.http import HttpClient, TlsPolicy
-from peer.identity import load_identity_dir
-from peer.swarm import SwarmConfig
-from seeder import trustcli
-from seeder.errors import SeederError
-from seeder.keys import KEY_TYPES
-from seeder.origin import OriginApp, OriginConfig
-from seeder.publish import DEFAULT_ZSTD_LEVEL, DeltaSummary, is_live, publish_release
-from seeder.registration import add_register_options, prepare
-from seeder.repository import ROLES, ExpiryConfig, KeySetup, Repository, RoleKeys, Staged
-from seeder.seeding import DEFAULT_RESCAN_INTERVAL_S, PayloadSeeder, SeedingConfig
-from seeder.server import serve_origin
-from seeder.trustcli import non_negative_int, positive_int
+from swarmota.infra.http_serve import ListenConfig, parse_listen
+from swarmota.manifest import DEFAULT_MAX_COUNTER_JUMP, UPDATE_TYPES
+from swarmota.peer.announce_relay import AnnounceRelay
+from swarmota.peer.config import check_pinned_urls
+from swarmota.peer.errors import ConfigError
+from swarmota.peer.http import HttpClient, TlsPolicy
+from swarmota.peer.identity import load_identity_dir
+from swarmota.peer.swarm import SwarmConfig
+from swarmota.seeder import trustcli
+from swarmota.seeder.errors import SeederError
+from swarmota.seeder.keys import KEY_TYPES
+from swarmota.seeder.origin import OriginApp, OriginConfig
+from swarmota.seeder.publish import DEFAULT_ZSTD_LEVEL, DeltaSummary, is_live, publish_release
+from swarmota.seeder.registration import add_register_options, prepare
+from swarmota.seeder.repository import ROLES, ExpiryConfig, KeySetup, Repository, RoleKeys, Staged
+from swarmota.seeder.seeding import DEFAULT_RESCAN_INTERVAL_S, PayloadSeeder, SeedingConfig
+from swarmota.seeder.server import serve_origin
+from swarmota.seeder.trustcli import non_negative_int, positive_int
 
 __all__ = ["DEFAULT_LISTEN", "DEFAULT_SEED_PORT", "add_parser"]
 

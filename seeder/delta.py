@@ -55,7 +55,7 @@ import zstandard
 from backports.zstd import CompressionParameter, ZstdDict, ZstdError
 from backports.zstd import compress as zstd_compress
 
-from peer.delta import (
+from swarmota.peer.delta import (
     CODEC_LZMA2,
     CODEC_ZSTD,
     CODEC_ZSTD_BASE_PREFIX,
@@ -65,8 +65,8 @@ from peer.delta import (
     pack_bsdiff_container_v2,
     transpose_control,
 )
-from seeder.covers import CoverFormatError, bsdiff_streams
-from seeder.errors import PublishError
+from swarmota.seeder.covers import CoverFormatError, bsdiff_streams
+from swarmota.seeder.errors import PublishError
 
 __all__ = [
     "DEFAULT_DELTA_LEVEL",

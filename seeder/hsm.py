@@ -38,7 +38,7 @@ from pkcs11.util.ec import (
 )
 from securesystemslib.signer import SecretsHandler, Signature, Signer, SSlibKey
 
-from seeder.errors import SigningError
+from swarmota.seeder.errors import SigningError
 
 __all__ = ["TokenConfig", "TokenSigner", "generate_token_key", "token_signer"]
 

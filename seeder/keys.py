@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from securesystemslib.signer import CryptoSigner, Key, SSlibKey
 
-from infra.fsio import atomic_write_bytes
-from seeder.errors import SigningError
+from swarmota.infra.fsio import atomic_write_bytes
+from swarmota.seeder.errors import SigningError
 
 __all__ = [
     "KEY_TYPES",

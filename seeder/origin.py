@@ -54,7 +54,7 @@ from typing import Any, Final, Literal
 
 import trio
 
-from infra.http_serve import Receive, Scope, Send
+from swarmota.infra.http_serve import Receive, Scope, Send
 
 __all__ = [
     "UNSATISFIABLE",

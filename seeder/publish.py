@@ -37,8 +37,8 @@ from typing import Any, BinaryIO
 
 import zstandard
 
-from infra.fsio import atomic_write_bytes, fsync_dir
-from manifest import (
+from swarmota.infra.fsio import atomic_write_bytes, fsync_dir
+from swarmota.manifest import (
     DEFAULT_MAX_COUNTER_JUMP,
     ImageInfo,
     ManifestFormatError,
@@ -52,11 +52,11 @@ from manifest import (
     release_target_name,
     sha256_hex,
 )
-from manifest.release import MAX_IMAGE_SIZE_BYTES
-from peer.swarm import make_torrent
-from seeder.delta import ENGINES, Progress, build_best_delta, file_digest
-from seeder.errors import PublishError, RepositoryError
-from seeder.repository import Repository
+from swarmota.manifest.release import MAX_IMAGE_SIZE_BYTES
+from swarmota.peer.swarm import make_torrent
+from swarmota.seeder.delta import ENGINES, Progress, build_best_delta, file_digest
+from swarmota.seeder.errors import PublishError, RepositoryError
+from swarmota.seeder.repository import Repository
 
 __all__ = [
     "DEFAULT_ZSTD_LEVEL",

@@ -24,8 +24,8 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from seeder.errors import SeederError
-from tracker.client_cli import (
+from swarmota.seeder.errors import SeederError
+from swarmota.tracker.client_cli import (
     add_client_options,
     add_plan_options,
     connect,
@@ -33,10 +33,10 @@ from tracker.client_cli import (
     register_releases,
     settings_from_args,
 )
-from tracker.client_settings import ClientSettings
-from tracker.errors import AdminApiError, ConfigError, RequestError
-from tracker.render import escape, render_registration
-from tracker.rollout import RolloutPlan
+from swarmota.tracker.client_settings import ClientSettings
+from swarmota.tracker.errors import AdminApiError, ConfigError, RequestError
+from swarmota.tracker.render import escape, render_registration
+from swarmota.tracker.rollout import RolloutPlan
 
 __all__ = ["EXIT_NOT_REGISTERED", "Registration", "add_register_options", "prepare",
            "release_files"]

@@ -74,8 +74,8 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization import DeserializationError, SerializationError
 
-from infra.fsio import atomic_write_bytes, fsync_dir
-from manifest import (
+from swarmota.infra.fsio import atomic_write_bytes, fsync_dir
+from swarmota.manifest import (
     COUNTER_RESETS_FIELD,
     CounterReset,
     ManifestFormatError,
@@ -84,9 +84,9 @@ from manifest import (
     parse_release_manifest,
     validate_product,
 )
-from seeder.errors import PublishError, RepositoryError, SigningError
-from seeder.keys import KEY_TYPES, generate_key, load_private_key, write_private_key
-from seeder.staging import (
+from swarmota.seeder.errors import PublishError, RepositoryError, SigningError
+from swarmota.seeder.keys import KEY_TYPES, generate_key, load_private_key, write_private_key
+from swarmota.seeder.staging import (
     DELEGATED_ROLE_PREFIX,
     HOLDER_FIELD,
     SigningRequest,

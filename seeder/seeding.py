@@ -37,8 +37,8 @@ from urllib.parse import urlsplit
 
 import trio
 
-from peer.swarm import SwarmConfig, SwarmSession, TorrentHandleRef, read_torrent
-from seeder.errors import SeederError
+from swarmota.peer.swarm import SwarmConfig, SwarmSession, TorrentHandleRef, read_torrent
+from swarmota.seeder.errors import SeederError
 
 __all__ = [
     "DEFAULT_RESCAN_INTERVAL_S",

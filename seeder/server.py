@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import trio
 
-from infra.http_serve import ListenConfig, serve_asgi
-from seeder.origin import OriginApp
+from swarmota.infra.http_serve import ListenConfig, serve_asgi
+from swarmota.seeder.origin import OriginApp
 
 __all__ = ["serve_origin"]
 

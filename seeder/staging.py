@@ -50,15 +50,15 @@ from tuf.api.exceptions import LengthOrHashMismatchError
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 from tuf.api.serialization import DeserializationError
 
-from infra.fsio import atomic_write_bytes
-from manifest import (
+from swarmota.infra.fsio import atomic_write_bytes
+from swarmota.manifest import (
     COUNTER_RESETS_FIELD,
     ManifestFormatError,
     parse_compact_pin,
     parse_counter_resets,
     parse_release_manifest,
 )
-from seeder.errors import SigningError
+from swarmota.seeder.errors import SigningError
 
 __all__ = [
     "DELEGATED_ROLE_PREFIX",

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from securesystemslib.signer import Key, Signer
 
-from manifest import release_target_name
-from seeder.errors import SigningError
-from seeder.hsm import TokenConfig, generate_token_key, token_signer
-from seeder.keys import (
+from swarmota.manifest import release_target_name
+from swarmota.seeder.errors import SigningError
+from swarmota.seeder.hsm import TokenConfig, generate_token_key, token_signer
+from swarmota.seeder.keys import (
     KEY_TYPES,
     generate_key,
     key_type_of,
@@ -33,10 +33,10 @@ from seeder.keys import (
     write_private_key,
     write_public_key,
 )
-from seeder.publish import highest_counter
-from seeder.registration import Registration, add_register_options, prepare, release_files
-from seeder.repository import ROLES, Repository, Staged, named_key
-from seeder.staging import holder_name, read_request, write_request
+from swarmota.seeder.publish import highest_counter
+from swarmota.seeder.registration import Registration, add_register_options, prepare, release_files
+from swarmota.seeder.repository import ROLES, Repository, Staged, named_key
+from swarmota.seeder.staging import holder_name, read_request, write_request
 
 __all__ = ["PIN_ENV", "add_commands", "describe_staged", "non_negative_int", "positive_int",
            "print_staged"]

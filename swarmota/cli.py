@@ -20,10 +20,10 @@ __all__ = ["EXIT_BROKEN_PIPE", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from peer import cli as peer_cli
-    from seeder import cli as seeder_cli
     from swarmota import demo, tlscli
-    from tracker import cli as tracker_cli
+    from swarmota.peer import cli as peer_cli
+    from swarmota.seeder import cli as seeder_cli
+    from swarmota.tracker import cli as tracker_cli
 
     parser = argparse.ArgumentParser(
         prog="swarmota",

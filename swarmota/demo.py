@@ -42,30 +42,30 @@ from typing import Any
 
 import trio
 
-from infra.devca import ServerFiles, create_ca, issue_device_cert, issue_server_cert
-from infra.http_serve import ListenConfig
-from manifest import Payload
-from peer.agent import UpdateResult, update_once
-from peer.announce_relay import AnnounceRelay
-from peer.config import DOWNLOAD_MODES, DeviceConfig
-from peer.errors import DownloadFailed
-from peer.http import HttpClient, TlsPolicy
-from peer.identity import install_identity, load_identity_dir
-from peer.state import DeviceState, init_device
-from peer.swarm import SwarmConfig
-from seeder.origin import OriginApp, OriginConfig
-from seeder.publish import publish_release
-from seeder.repository import Repository
-from seeder.seeding import PayloadSeeder, SeedingConfig
-from seeder.server import serve_origin
-from tracker.admin import hash_token, new_token
-from tracker.admin_client import AdminClient
-from tracker.config import TrackerConfig
-from tracker.registry import SwarmRegistry
-from tracker.rollout import RolloutPlan
-from tracker.server import TRACKER_TLS_MIN_VERSION, serve_tracker
-from tracker.sqlite_store import SqliteStore
-from tracker.store import TokenRecord
+from swarmota.infra.devca import ServerFiles, create_ca, issue_device_cert, issue_server_cert
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.manifest import Payload
+from swarmota.peer.agent import UpdateResult, update_once
+from swarmota.peer.announce_relay import AnnounceRelay
+from swarmota.peer.config import DOWNLOAD_MODES, DeviceConfig
+from swarmota.peer.errors import DownloadFailed
+from swarmota.peer.http import HttpClient, TlsPolicy
+from swarmota.peer.identity import install_identity, load_identity_dir
+from swarmota.peer.state import DeviceState, init_device
+from swarmota.peer.swarm import SwarmConfig
+from swarmota.seeder.origin import OriginApp, OriginConfig
+from swarmota.seeder.publish import publish_release
+from swarmota.seeder.repository import Repository
+from swarmota.seeder.seeding import PayloadSeeder, SeedingConfig
+from swarmota.seeder.server import serve_origin
+from swarmota.tracker.admin import hash_token, new_token
+from swarmota.tracker.admin_client import AdminClient
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.registry import SwarmRegistry
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.server import TRACKER_TLS_MIN_VERSION, serve_tracker
+from swarmota.tracker.sqlite_store import SqliteStore
+from swarmota.tracker.store import TokenRecord
 
 __all__ = ["DemoOutcome", "add_parser", "canary_plan", "make_image", "mutate_image",
            "run_demo", "update_fleet", "write_images"]

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from infra.devca import (
+from swarmota.infra.devca import (
     CA_CERT_FILE,
     DevCaError,
     create_ca,
@@ -16,7 +16,7 @@ from infra.devca import (
     issue_device_cert_from_csr,
     issue_server_cert,
 )
-from infra.tlspin import PinError, pin_of_pem
+from swarmota.infra.tlspin import PinError, pin_of_pem
 
 __all__ = ["add_parser"]
 

@@ -19,7 +19,7 @@ from jeepney import MatchRule, Message
 from jeepney.bus_messages import message_bus
 from jeepney.io.trio import open_dbus_router
 
-from peer.dbus_service import BUS_NAME, INTERFACE, OBJECT_PATH, policy_file
+from swarmota.peer.dbus_service import BUS_NAME, INTERFACE, OBJECT_PATH, policy_file
 
 STRANGER_UID = 65534  # nobody
 

@@ -34,7 +34,7 @@ from typing import Any
 import trio
 import zstandard
 
-from infra.http_serve import ListenConfig, serve_asgi
+from swarmota.infra.http_serve import ListenConfig, serve_asgi
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -21,31 +21,31 @@ import httpx
 import pytest
 import trio
 
-from infra.devca import ServerFiles, create_ca, issue_device_cert, issue_server_cert
-from infra.http_serve import ListenConfig, serve_asgi
-from manifest import CHUNK_DIGEST_BYTES, Payload, ReleaseManifest, sha256_hex
-from peer.agent import update_once
-from peer.announce_relay import AnnounceRelay
-from peer.config import DeviceConfig
-from peer.errors import StatusCode
-from peer.http import HttpClient, TlsPolicy
-from peer.identity import install_identity, load_identity_dir
-from peer.state import DeviceState, init_device
-from peer.swarm import SwarmConfig
-from seeder.keys import load_private_key
-from seeder.origin import OriginApp, OriginConfig
-from seeder.publish import publish_release
-from seeder.repository import KeySetup, Repository
-from seeder.seeding import PayloadSeeder, SeedingConfig
-from seeder.server import serve_origin
 from swarmota.demo import make_image, mutate_image
+from swarmota.infra.devca import ServerFiles, create_ca, issue_device_cert, issue_server_cert
+from swarmota.infra.http_serve import ListenConfig, serve_asgi
+from swarmota.manifest import CHUNK_DIGEST_BYTES, Payload, ReleaseManifest, sha256_hex
+from swarmota.peer.agent import update_once
+from swarmota.peer.announce_relay import AnnounceRelay
+from swarmota.peer.config import DeviceConfig
+from swarmota.peer.errors import StatusCode
+from swarmota.peer.http import HttpClient, TlsPolicy
+from swarmota.peer.identity import install_identity, load_identity_dir
+from swarmota.peer.state import DeviceState, init_device
+from swarmota.peer.swarm import SwarmConfig
+from swarmota.seeder.keys import load_private_key
+from swarmota.seeder.origin import OriginApp, OriginConfig
+from swarmota.seeder.publish import publish_release
+from swarmota.seeder.repository import KeySetup, Repository
+from swarmota.seeder.seeding import PayloadSeeder, SeedingConfig
+from swarmota.seeder.server import serve_origin
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.server import TRACKER_TLS_MIN_VERSION, serve_tracker
+from swarmota.tracker.sqlite_store import SqliteStore
 from tests.fake_bt_peer import FakeBtPeer
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.protocol import Release
-from tracker.rollout import RolloutPlan
-from tracker.server import TRACKER_TLS_MIN_VERSION, serve_tracker
-from tracker.sqlite_store import SqliteStore
 
 PRODUCT = "acme-router"
 HARDWARE_ID = "acme-router-hw1"

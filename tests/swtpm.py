@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from peer.tpm import Tpm, tools_missing
+from swarmota.peer.tpm import Tpm, tools_missing
 
 __all__ = ["SoftTpm", "pcr_extend", "soft_tpm", "swtpm_missing"]
 

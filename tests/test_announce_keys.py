@@ -23,18 +23,22 @@ import httpx
 import pytest
 import trio
 
-from infra.devca import issue_device_cert
-from infra.deviceauth import (
+from swarmota.infra.devca import issue_device_cert
+from swarmota.infra.deviceauth import (
     AnnounceKey,
     AnnounceKeys,
     Authenticated,
     DeviceAuthError,
     hmac_sha256,
 )
-from peer.config import DeviceConfig
-from peer.http import HttpClient
-from peer.identity import load_identity
-from peer.tracker_client import checkin
+from swarmota.peer.config import DeviceConfig
+from swarmota.peer.http import HttpClient
+from swarmota.peer.identity import load_identity
+from swarmota.peer.tracker_client import checkin
+from swarmota.tracker.admin import hash_token, new_token
+from swarmota.tracker.sqlite_store import SqliteStore
+from swarmota.tracker.store import TokenRecord
+from swarmota.tracker.wire import AnnounceKeyGrant, WireError, parse_announce_key
 from tests.test_device_auth_tracker import (
     TIMEOUT_S,
     Device,
@@ -47,10 +51,6 @@ from tests.test_device_auth_tracker import (
     start_tracker,
 )
 from tests.test_tracker_announce import announce_query, bdecode
-from tracker.admin import hash_token, new_token
-from tracker.sqlite_store import SqliteStore
-from tracker.store import TokenRecord
-from tracker.wire import AnnounceKeyGrant, WireError, parse_announce_key
 
 SECRET = bytes(range(32))
 CERT = "ab" * 32

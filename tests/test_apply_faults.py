@@ -24,15 +24,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from peer.agent import update_once
-from peer.bootctl import redundant_path
-from peer.config import save_config
-from peer.errors import StatusCode
-from peer.slots import FileSlots, SlotWriter
-from peer.state import DeviceState
+from swarmota.peer.agent import update_once
+from swarmota.peer.bootctl import redundant_path
+from swarmota.peer.config import save_config
+from swarmota.peer.errors import StatusCode
+from swarmota.peer.slots import FileSlots, SlotWriter
+from swarmota.peer.state import DeviceState
+from swarmota.tracker.sqlite_store import SqliteStore
 from tests.release_env import ReleaseEnv, killed_at
 from tests.test_update_delta import publish_v3_with_deltas
-from tracker.sqlite_store import SqliteStore
 
 ROOT = Path(__file__).resolve().parents[1]
 

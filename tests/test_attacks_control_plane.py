@@ -14,19 +14,19 @@ from urllib.parse import quote_from_bytes
 import httpx
 import trio
 
-from infra.http_serve import ListenConfig
-from peer.agent import update_once
-from peer.errors import StatusCode
-from seeder.publish import publish_release
 from swarmota.demo import mutate_image
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.peer.agent import update_once
+from swarmota.peer.errors import StatusCode
+from swarmota.seeder.publish import publish_release
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.registry import SwarmRegistry
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.server import serve_tracker
+from swarmota.tracker.sqlite_store import SqliteStore
 from tests.release_env import HARDWARE_ID, PRODUCT, ReleaseEnv
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.protocol import Release
-from tracker.registry import SwarmRegistry
-from tracker.rollout import RolloutPlan
-from tracker.server import serve_tracker
-from tracker.sqlite_store import SqliteStore
 
 
 async def test_canary_failures_halt_the_rollout_and_devices_outside_never_get_it(

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import trio
 
-from peer.agent import update_once
-from peer.announce_relay import AnnounceRelay
-from peer.errors import DownloadFailed, StatusCode
-from peer.http import ENCODING_REFUSED, HttpClient
-from peer.trust import fetch_release_manifest
+from swarmota.peer.agent import update_once
+from swarmota.peer.announce_relay import AnnounceRelay
+from swarmota.peer.errors import DownloadFailed, StatusCode
+from swarmota.peer.http import ENCODING_REFUSED, HttpClient
+from swarmota.peer.trust import fetch_release_manifest
 from tests.faulty_origin import ENCODINGS, Fault, SlowHead, serve_faulty
 from tests.release_env import (
     ReleaseEnv,

@@ -24,13 +24,13 @@ import trio
 from tuf.api.metadata import Root
 from tuf.ngclient._internal import trusted_metadata_set
 
-from peer.agent import update_once
-from peer.errors import StatusCode
-from seeder.errors import PublishError
-from seeder.keys import generate_key
-from seeder.publish import publish_release
-from seeder.repository import Repository
 from swarmota.demo import mutate_image
+from swarmota.peer.agent import update_once
+from swarmota.peer.errors import StatusCode
+from swarmota.seeder.errors import PublishError
+from swarmota.seeder.keys import generate_key
+from swarmota.seeder.publish import publish_release
+from swarmota.seeder.repository import Repository
 from tests.faulty_origin import Fault, serve_faulty
 from tests.release_env import (
     HARDWARE_ID,

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from peer.agent import UpdateResult, update_once
-from peer.daemon import DaemonConfig, run_daemon
-from peer.errors import StatusCode
-from peer.state import DeviceState
-from seeder.origin import OriginConfig
+from swarmota.peer.agent import UpdateResult, update_once
+from swarmota.peer.daemon import DaemonConfig, run_daemon
+from swarmota.peer.errors import StatusCode
+from swarmota.peer.state import DeviceState
+from swarmota.seeder.origin import OriginConfig
 from tests.release_env import ReleaseEnv, off_base_device, start_env
 from tests.test_apply_faults import assert_no_leftovers, assert_on, tiny_tmpfs
 from tests.test_update_delta import publish_v3_with_deltas

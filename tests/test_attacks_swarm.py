@@ -22,14 +22,14 @@ import httpx
 import pytest
 import trio
 
-from infra.http_serve import ListenConfig, Receive, Scope, Send, serve_asgi
-from peer.agent import swarm_config_for, update_once
-from peer.config import DeviceConfig
-from peer.errors import StatusCode
-from peer.state import DeviceState
-from peer.swarm import SwarmConfig, session_settings
-from seeder.origin import OriginConfig
-from seeder.seeding import PayloadSeeder, SeedingConfig
+from swarmota.infra.http_serve import ListenConfig, Receive, Scope, Send, serve_asgi
+from swarmota.peer.agent import swarm_config_for, update_once
+from swarmota.peer.config import DeviceConfig
+from swarmota.peer.errors import StatusCode
+from swarmota.peer.state import DeviceState
+from swarmota.peer.swarm import SwarmConfig, session_settings
+from swarmota.seeder.origin import OriginConfig
+from swarmota.seeder.seeding import PayloadSeeder, SeedingConfig
 from tests.fake_bt_peer import FakeBtPeer, Mode
 from tests.release_env import (
     REPO_ROOT,
@@ -209,7 +209,7 @@ _LSD_PROBE = textwrap.dedent('''
     import socket, struct, sys, time
     from pathlib import Path
     import libtorrent as lt
-    from peer.swarm import SwarmConfig, SwarmSession, make_torrent
+    from swarmota.peer.swarm import SwarmConfig, SwarmSession, make_torrent
 
     GROUP, PORT = "239.192.152.143", 6771
     listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

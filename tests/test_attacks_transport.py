@@ -16,12 +16,12 @@ from typing import Any
 
 import trio
 
-from peer.agent import update_once
-from peer.config import save_config
-from peer.errors import StatusCode
-from peer.state import DeviceState
-from peer.swarm import SwarmConfig
-from seeder.seeding import PayloadSeeder, SeedingConfig
+from swarmota.peer.agent import update_once
+from swarmota.peer.config import save_config
+from swarmota.peer.errors import StatusCode
+from swarmota.peer.state import DeviceState
+from swarmota.peer.swarm import SwarmConfig
+from swarmota.seeder.seeding import PayloadSeeder, SeedingConfig
 from tests.faulty_origin import Fault, FaultyOrigin, serve_faulty
 from tests.release_env import (
     ReleaseEnv,

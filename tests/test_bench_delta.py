@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from bench.delta import main, render_markdown, run_bench
-from seeder.delta import ENGINES
 from swarmota.demo import make_image, mutate_image
+from swarmota.seeder.delta import ENGINES
 
 
 def test_bench_core_measures_our_engines_and_verifies_round_trips(tmp_path: Path) -> None:

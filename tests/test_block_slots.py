@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from peer.agent import update_once
-from peer.blockslots import BlockSlots, booted_slot, resolve_device
-from peer.errors import ConfigError, StatusCode
-from peer.state import init_device
+from swarmota.peer.agent import update_once
+from swarmota.peer.blockslots import BlockSlots, booted_slot, resolve_device
+from swarmota.peer.errors import ConfigError, StatusCode
+from swarmota.peer.state import init_device
 from tests.loopdisk import LoopDisk, loop_disk
 from tests.release_env import ReleaseEnv
 

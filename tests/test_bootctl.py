@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from peer.bootctl import (
+from swarmota.peer.bootctl import (
     SlotRecord,
     boot,
     fall_back,
@@ -17,7 +17,7 @@ from peer.bootctl import (
     switch_to,
     write_bootctl,
 )
-from peer.errors import ConfigError
+from swarmota.peer.errors import ConfigError
 
 V1 = SlotRecord("1.0", 1, "a" * 64, 10)
 V2 = SlotRecord("2.0", 2, "b" * 64, 11)
@@ -77,7 +77,7 @@ def test_writes_alternate_between_the_two_copies(tmp_path: Path) -> None:
 
 
 def _decode_file(path: Path) -> object:
-    from peer.bootctl import _decode
+    from swarmota.peer.bootctl import _decode
 
     return _decode(path.read_bytes(), path)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from peer.bootloader import (
+from swarmota.peer.bootloader import (
     FACTORY,
     GrubEnv,
     LoaderState,
@@ -28,7 +28,7 @@ from peer.bootloader import (
     encode_env,
     script,
 )
-from peer.errors import ConfigError
+from swarmota.peer.errors import ConfigError
 from tests.loopdisk import LoopDisk, loop_disk
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_grub_environment_write_killed_leaves_the_old_environment(
     need("grub-editenv")
     path = tmp_path / "grubenv"
     GrubEnv(path).write(FACTORY, what="init")
-    code = ("from pathlib import Path\nfrom peer.bootloader import GrubEnv, LoaderState\n"
+    code = ("from pathlib import Path\nfrom swarmota.peer.bootloader import GrubEnv, LoaderState\n"
             f"GrubEnv(Path({str(path)!r})).write(LoaderState('b', 'a', 3), what='switch')\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWARMOTA_CRASH")}
     proc = subprocess.run([sys.executable, "-c", code], env={**env, "SWARMOTA_CRASH_AT": point},

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from seeder import Repository
 from swarmota.cli import EXIT_BROKEN_PIPE, main
+from swarmota.seeder import Repository
 from tests.release_env import HARDWARE_ID, PRODUCT
 from tests.test_seeder_cli import run as run_seeder
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tracker.client_settings import (
+from swarmota.tracker.client_settings import (
     DEFAULT_URL,
     default_config_path,
     load_settings,
     read_config_file,
 )
-from tracker.errors import ConfigError
+from swarmota.tracker.errors import ConfigError
 
 TOKEN = "sot_" + "a" * 43
 NO_FLAGS: dict[str, str | None] = {"url": None, "ca_file": None, "token": None}

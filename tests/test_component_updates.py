@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from manifest import ReleaseManifest
-from peer.agent import update_once
-from peer.components import ComponentStore
-from peer.errors import StatusCode
-from peer.floors import raise_component_floor, read_floors
-from peer.state import DeviceState
-from seeder.publish import publish_release
+from swarmota.manifest import ReleaseManifest
+from swarmota.peer.agent import update_once
+from swarmota.peer.components import ComponentStore
+from swarmota.peer.errors import StatusCode
+from swarmota.peer.floors import raise_component_floor, read_floors
+from swarmota.peer.state import DeviceState
+from swarmota.seeder.publish import publish_release
 from tests.release_env import HARDWARE_ID, PRODUCT, ReleaseEnv, killed_at
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,8 +135,8 @@ async def test_killed_mid_switch_is_an_interrupted_attempt_finished_at_the_next_
 def fresh_on_fw1(env: ReleaseEnv, tag: str) -> DeviceState:
     """A device whose component already holds FW1 at 3.0.0 (installed by the agent from
     the 3.0.0 release, which the tracker no longer offers: so install it directly)."""
-    from peer.components import ComponentStore, InstalledVersion
-    from peer.slots import hash_stream
+    from swarmota.peer.components import ComponentStore, InstalledVersion
+    from swarmota.peer.slots import hash_stream
 
     dev = on_v2(env, f"fw1-{tag}".replace(".", "-")[:60], mode="direct")
     store = ComponentStore(dev.root / "components")

@@ -18,6 +18,21 @@ from typing import Any
 
 import pytest
 
+from swarmota.tracker import console
+from swarmota.tracker.admin import ACTION_ROLES
+from swarmota.tracker.app import TrackerApp
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.errors import ConflictError
+from swarmota.tracker.openapi import openapi_document
+from swarmota.tracker.rollout import (
+    ACTIONS,
+    PHASES,
+    RolloutPlan,
+    allowed_actions,
+    apply_action,
+    new_rollout,
+)
+from swarmota.tracker.sqlite_store import SqliteStore
 from tests.tracker_asgi import (
     PRODUCT,
     START,
@@ -28,21 +43,6 @@ from tests.tracker_asgi import (
     report_body,
     token_for,
 )
-from tracker import console
-from tracker.admin import ACTION_ROLES
-from tracker.app import TrackerApp
-from tracker.catalogue import register_release
-from tracker.errors import ConflictError
-from tracker.openapi import openapi_document
-from tracker.rollout import (
-    ACTIONS,
-    PHASES,
-    RolloutPlan,
-    allowed_actions,
-    apply_action,
-    new_rollout,
-)
-from tracker.sqlite_store import SqliteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -144,10 +144,11 @@ def test_every_console_file_ships_in_the_package_and_nothing_comes_from_elsewher
     page.feed(console.asset_bytes("index.html").decode())
     assert page.inline == []
     assert sorted(page.refs) == ["console.css", "console.js"]
-    shipped = {p.name for p in (resources.files("tracker") / "console_assets").iterdir()}
+    assets = resources.files("swarmota.tracker") / "console_assets"
+    shipped = {p.name for p in assets.iterdir()}
     assert shipped == set(console.ASSETS)
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())[
-        "tool"]["setuptools"]["package-data"]["tracker"]
+        "tool"]["setuptools"]["package-data"]["swarmota.tracker"]
     for name in shipped:
         assert any(fnmatch.fnmatch(f"console_assets/{name}", p) for p in patterns), name
     for name in console.ASSETS:

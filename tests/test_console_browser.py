@@ -26,17 +26,17 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
-from peer.agent import UpdateResult, update_once
-from peer.http import HttpClient, TlsPolicy
-from peer.identity import load_identity
-from peer.state import DeviceState
-from seeder.publish import publish_release
 from swarmota.demo import broken_image, health_command, update_fleet
+from swarmota.peer.agent import UpdateResult, update_once
+from swarmota.peer.http import HttpClient, TlsPolicy
+from swarmota.peer.identity import load_identity
+from swarmota.peer.state import DeviceState
+from swarmota.seeder.publish import publish_release
+from swarmota.tracker.admin import hash_token, new_token
+from swarmota.tracker.admin_client import AdminClient
+from swarmota.tracker.sqlite_store import SqliteStore
+from swarmota.tracker.store import TokenRecord
 from tests.release_env import HARDWARE_ID, PRODUCT, Fleet, open_fleet
-from tracker.admin import hash_token, new_token
-from tracker.admin_client import AdminClient
-from tracker.sqlite_store import SqliteStore
-from tracker.store import TokenRecord
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 playwright_api.expect.set_options(timeout=20_000)

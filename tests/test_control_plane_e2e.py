@@ -13,18 +13,18 @@ from typing import Any
 
 import trio
 
-from peer.agent import update_once
-from peer.errors import StatusCode
-from peer.state import DeviceState
-from seeder.publish import publish_release
 from swarmota.demo import broken_image, health_command
+from swarmota.peer.agent import update_once
+from swarmota.peer.errors import StatusCode
+from swarmota.peer.state import DeviceState
+from swarmota.seeder.publish import publish_release
+from swarmota.tracker.admin import hash_token, new_token
+from swarmota.tracker.admin_client import AdminClient
+from swarmota.tracker.errors import AdminApiError
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.sqlite_store import SqliteStore
+from swarmota.tracker.store import TokenRecord
 from tests.release_env import HARDWARE_ID, PRODUCT, Fleet
-from tracker.admin import hash_token, new_token
-from tracker.admin_client import AdminClient
-from tracker.errors import AdminApiError
-from tracker.rollout import RolloutPlan
-from tracker.sqlite_store import SqliteStore
-from tracker.store import TokenRecord
 
 
 class Operator:
@@ -82,7 +82,7 @@ async def test_operator_stops_a_bad_canary_retries_it_and_completes_a_good_relea
     # the report carries the end of the agent's log of that attempt
     device = await operator("GET", "devices/c1")
     tail = device["reports"][0]["log_tail"]
-    assert "peer.agent WARNING update to 3.0.0 failed (40)" in tail, tail
+    assert "swarmota.peer.agent WARNING update to 3.0.0 failed (40)" in tail, tail
     assert len(tail.encode()) <= 16 * 1024
 
     # abort, then a new rollout of the same release: generation 2, canary c2

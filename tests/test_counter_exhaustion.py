@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from manifest import (
+from swarmota.demo import mutate_image
+from swarmota.manifest import (
     CounterJumpError,
     CounterReset,
     ManifestFormatError,
@@ -20,16 +21,15 @@ from manifest import (
     encode_counter_resets,
     parse_counter_resets,
 )
-from peer.agent import update_once
-from peer.components import ComponentStore
-from peer.config import save_config
-from peer.errors import ConfigError, StatusCode
-from peer.floors import raise_component_floor, read_floors
-from peer.trust import TrustState
-from seeder.keys import load_private_key
-from seeder.publish import publish_release
-from seeder.repository import Repository
-from swarmota.demo import mutate_image
+from swarmota.peer.agent import update_once
+from swarmota.peer.components import ComponentStore
+from swarmota.peer.config import save_config
+from swarmota.peer.errors import ConfigError, StatusCode
+from swarmota.peer.floors import raise_component_floor, read_floors
+from swarmota.peer.trust import TrustState
+from swarmota.seeder.keys import load_private_key
+from swarmota.seeder.publish import publish_release
+from swarmota.seeder.repository import Repository
 from tests.release_env import HARDWARE_ID, PRODUCT, ReleaseEnv, publish, serve_offer
 
 ABSURD = 2**53

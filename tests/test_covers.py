@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peer.delta import apply_delta
-from seeder import covers
-from seeder.covers import CoverFormatError, bsdiff_streams, parse_covers
-from seeder.delta import build_delta
 from swarmota.demo import make_image, mutate_image
+from swarmota.peer.delta import apply_delta
+from swarmota.seeder import covers
+from swarmota.seeder.covers import CoverFormatError, bsdiff_streams, parse_covers
+from swarmota.seeder.delta import build_delta
 
 KiB = 1024
 

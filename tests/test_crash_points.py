@@ -44,22 +44,22 @@ from pathlib import Path
 import pytest
 import trio
 
-from infra.http_serve import ListenConfig
-from manifest import CHUNK_DIGEST_BYTES, Payload, ReleaseManifest, sha256_hex
-from peer.config import DeviceConfig
-from peer.state import DeviceState, init_device
-from seeder.origin import OriginApp, OriginConfig
-from seeder.publish import publish_release
-from seeder.repository import Repository
-from seeder.server import serve_origin
 from swarmota.demo import make_image, mutate_image
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.manifest import CHUNK_DIGEST_BYTES, Payload, ReleaseManifest, sha256_hex
+from swarmota.peer.config import DeviceConfig
+from swarmota.peer.state import DeviceState, init_device
+from swarmota.seeder.origin import OriginApp, OriginConfig
+from swarmota.seeder.publish import publish_release
+from swarmota.seeder.repository import Repository
+from swarmota.seeder.server import serve_origin
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.server import serve_tracker
+from swarmota.tracker.sqlite_store import SqliteStore
 from tests.release_env import HARDWARE_ID, PRODUCT
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.protocol import Release
-from tracker.rollout import RolloutPlan
-from tracker.server import serve_tracker
-from tracker.sqlite_store import SqliteStore
 
 PARALLEL = 6
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from peer.agent import UpdateResult, update_once
-from peer.config import save_config
-from peer.daemon import DaemonConfig, next_delay_s, run_daemon
-from peer.errors import ConfigError, StatusCode
+from swarmota.peer.agent import UpdateResult, update_once
+from swarmota.peer.config import save_config
+from swarmota.peer.daemon import DaemonConfig, next_delay_s, run_daemon
+from swarmota.peer.errors import ConfigError, StatusCode
 from tests.release_env import ReleaseEnv
 
 ROOT = Path(__file__).resolve().parents[1]

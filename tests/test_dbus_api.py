@@ -21,15 +21,15 @@ import pytest
 import trio
 from jeepney import HeaderFields
 
-from peer.agent import update_once
-from peer.bootctl import SlotRecord, initial_bootctl, write_bootctl
-from peer.bootloader import GrubEnv
-from peer.control import MAX_POSTPONE_S, AgentControl, postponed_until
-from peer.daemon import DaemonConfig, run_daemon
-from peer.dbus_service import DBusUnavailable, serve_dbus
-from peer.errors import StatusCode
-from peer.state import DeviceState
-from peer.watchdog import SystemdNotifier
+from swarmota.peer.agent import update_once
+from swarmota.peer.bootctl import SlotRecord, initial_bootctl, write_bootctl
+from swarmota.peer.bootloader import GrubEnv
+from swarmota.peer.control import MAX_POSTPONE_S, AgentControl, postponed_until
+from swarmota.peer.daemon import DaemonConfig, run_daemon
+from swarmota.peer.dbus_service import DBusUnavailable, serve_dbus
+from swarmota.peer.errors import StatusCode
+from swarmota.peer.state import DeviceState
+from swarmota.peer.watchdog import SystemdNotifier
 from tests.dbus_bus import STRANGER_UID, Bus, busctl, call, get, signals
 from tests.release_env import ReleaseEnv
 
@@ -275,7 +275,7 @@ async def test_roll_back_cancels_a_switch_waiting_for_its_reboot(
 
 
 async def _refusal(call_: object) -> str:
-    from peer.control import NotApplicable
+    from swarmota.peer.control import NotApplicable
     with pytest.raises(NotApplicable) as info:
         await call_  # type: ignore[misc]
     return str(info.value)

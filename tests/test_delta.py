@@ -19,7 +19,8 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peer.delta import (
+from swarmota.demo import make_image, mutate_image
+from swarmota.peer.delta import (
     BSDIFF_CONTAINER_HEADER_BYTES,
     BSDIFF_CONTAINER_V2_HEADER_BYTES,
     CODEC_LZMA2,
@@ -32,10 +33,15 @@ from peer.delta import (
     pack_bsdiff_container_v2,
     transpose_control,
 )
-from peer.errors import InstallFailed
-from seeder.delta import ENGINES, _build, build_best_delta, build_delta, build_delta_from_files
-from seeder.errors import PublishError
-from swarmota.demo import make_image, mutate_image
+from swarmota.peer.errors import InstallFailed
+from swarmota.seeder.delta import (
+    ENGINES,
+    _build,
+    build_best_delta,
+    build_delta,
+    build_delta_from_files,
+)
+from swarmota.seeder.errors import PublishError
 
 KiB = 1024
 MiB = 1024 * KiB

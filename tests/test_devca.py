@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from infra.devca import (
+from swarmota.infra.devca import (
     BACKUP_KEY_FILE,
     CA_CERT_FILE,
     CA_KEY_FILE,
@@ -22,7 +22,7 @@ from infra.devca import (
     generate_key_file,
     issue_server_cert,
 )
-from infra.tlspin import PinError, check_pin, pin_of_certificate_der, pin_of_pem
+from swarmota.infra.tlspin import PinError, check_pin, pin_of_certificate_der, pin_of_pem
 
 
 def _mode(path: Path) -> int:

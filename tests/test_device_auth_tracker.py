@@ -28,9 +28,21 @@ import httpx
 import pytest
 import trio
 
-from infra.devca import create_ca, issue_device_cert
-from infra.deviceauth import RequestSigner
-from infra.http_serve import ListenConfig
+from swarmota.infra.devca import create_ca, issue_device_cert
+from swarmota.infra.deviceauth import RequestSigner
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.tracker.app import TrackerApp
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.director import Director
+from swarmota.tracker.errors import ConfigError
+from swarmota.tracker.identity import CounterWindow, WarningBudget, load_fleet_trust
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.rollout import RolloutPlan, StageCounters
+from swarmota.tracker.server import TrackerUrls, serve_tracker_endpoints
+from swarmota.tracker.sqlite_store import _SCHEMA, _SCHEMA_ROLLOUTS, _SCHEMA_SWARMS, SqliteStore
+from swarmota.tracker.store import SCHEMA_VERSION
+from swarmota.tracker.wire import encode_json
 from tests.test_tracker_announce import (
     ANNOUNCE_HASH,
     announce_query,
@@ -40,18 +52,6 @@ from tests.test_tracker_announce import (
     q,
 )
 from tests.tracker_cli import run_cli
-from tracker.app import TrackerApp
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.director import Director
-from tracker.errors import ConfigError
-from tracker.identity import CounterWindow, WarningBudget, load_fleet_trust
-from tracker.protocol import Release
-from tracker.rollout import RolloutPlan, StageCounters
-from tracker.server import TrackerUrls, serve_tracker_endpoints
-from tracker.sqlite_store import _SCHEMA, _SCHEMA_ROLLOUTS, _SCHEMA_SWARMS, SqliteStore
-from tracker.store import SCHEMA_VERSION
-from tracker.wire import encode_json
 
 TIMEOUT_S = 10
 PRODUCT, NEW = "acme-router", "2.0.0"
@@ -534,7 +534,7 @@ def test_serve_requires_device_ca_or_explicit_lab_mode(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with caplog.at_level(logging.WARNING, logger="tracker.cli"):
+        with caplog.at_level(logging.WARNING, logger="swarmota.tracker.cli"):
             assert run_cli("serve", "--db", db, "--listen", f"127.0.0.1:{port}",
                            "--allow-unauthenticated-devices") == 1
     assert "lab mode" in caplog.text
@@ -608,7 +608,7 @@ async def test_an_outsider_flooding_unsigned_announces_cannot_flood_the_log(
         tracker: Tracker, caplog: pytest.LogCaptureFixture) -> None:
     """Every refusal is counted in /metrics, but the log keeps at most 20 lines a
     minute; the next line logged says how many were left out."""
-    caplog.set_level(logging.WARNING, logger="tracker.app")
+    caplog.set_level(logging.WARNING, logger="swarmota.tracker.app")
     before = (await tracker.refused())["unsigned"]
     for _ in range(60):
         assert "request not signed" in failure(

@@ -21,8 +21,8 @@ import httpx
 import pytest
 import trio
 
-from infra.devca import create_ca, issue_device_cert, issue_server_cert
-from infra.deviceauth import (
+from swarmota.infra.devca import create_ca, issue_device_cert, issue_server_cert
+from swarmota.infra.deviceauth import (
     CERT_HEADER,
     SIGNATURE_HEADER,
     DeviceAuthError,
@@ -30,11 +30,11 @@ from infra.deviceauth import (
     RequestSigner,
     find_header,
 )
-from infra.http_serve import ListenConfig, Receive, Scope, Send, serve_asgi
-from peer.announce_relay import AnnounceRelay
-from peer.errors import ConfigError
-from peer.http import HttpClient, TlsPolicy
-from peer.identity import COUNTER_RESERVATION, install_identity, load_identity
+from swarmota.infra.http_serve import ListenConfig, Receive, Scope, Send, serve_asgi
+from swarmota.peer.announce_relay import AnnounceRelay
+from swarmota.peer.errors import ConfigError
+from swarmota.peer.http import HttpClient, TlsPolicy
+from swarmota.peer.identity import COUNTER_RESERVATION, install_identity, load_identity
 from tests.release_env import read_body
 
 

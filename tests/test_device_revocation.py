@@ -33,8 +33,20 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from infra.devca import issue_device_cert
-from infra.deviceauth import RequestSigner, certificate_sha256
+from swarmota.infra.devca import issue_device_cert
+from swarmota.infra.deviceauth import RequestSigner, certificate_sha256
+from swarmota.tracker.admin import hash_token, new_token
+from swarmota.tracker.app import TrackerApp
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.director import Director
+from swarmota.tracker.sqlite_store import (
+    _SCHEMA,
+    _SCHEMA_DEVICE_COUNTERS,
+    _SCHEMA_ROLLOUTS,
+    _SCHEMA_SWARMS,
+    SqliteStore,
+)
+from swarmota.tracker.store import SCHEMA_VERSION, TokenRecord
 from tests.test_device_auth_tracker import (
     TIMEOUT_S,
     Device,
@@ -48,18 +60,6 @@ from tests.test_device_auth_tracker import (
 )
 from tests.test_tracker_announce import ANNOUNCE_HASH, announce_query, bdecode, q
 from tests.tracker_cli import run_cli
-from tracker.admin import hash_token, new_token
-from tracker.app import TrackerApp
-from tracker.config import TrackerConfig
-from tracker.director import Director
-from tracker.sqlite_store import (
-    _SCHEMA,
-    _SCHEMA_DEVICE_COUNTERS,
-    _SCHEMA_ROLLOUTS,
-    _SCHEMA_SWARMS,
-    SqliteStore,
-)
-from tracker.store import SCHEMA_VERSION, TokenRecord
 
 # --- identities and tokens ------------------------------------------------------------------
 

@@ -21,16 +21,17 @@ from typing import Any
 import httpx
 import trio
 
-from infra.http_serve import ListenConfig, Receive, Scope, Send, serve_asgi
-from peer.agent import update_once
-from peer.bootctl import write_bootctl
-from peer.components import ComponentStore
-from peer.config import save_config
-from peer.download import PayloadWorkdir
-from peer.errors import StatusCode
-from peer.floors import FLOORS_FILE, Floors, read_floors
-from peer.state import DeviceState
-from seeder.publish import publish_release
+from swarmota.infra.http_serve import ListenConfig, Receive, Scope, Send, serve_asgi
+from swarmota.peer.agent import update_once
+from swarmota.peer.bootctl import write_bootctl
+from swarmota.peer.components import ComponentStore
+from swarmota.peer.config import save_config
+from swarmota.peer.download import PayloadWorkdir
+from swarmota.peer.errors import StatusCode
+from swarmota.peer.floors import FLOORS_FILE, Floors, read_floors
+from swarmota.peer.state import DeviceState
+from swarmota.seeder.publish import publish_release
+from swarmota.tracker.wire import REPORT_ID_RE
 from tests.release_env import (
     HARDWARE_ID,
     PRODUCT,
@@ -41,7 +42,6 @@ from tests.release_env import (
     serve_offer,
 )
 from tests.test_update_delta import publish_v3_with_deltas
-from tracker.wire import REPORT_ID_RE
 
 
 class RecordingTracker:

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peer.config import ConfigError, load_config
-from peer.http import content_range_matches
-from peer.install_policy import load_policy
-from seeder.origin import (
+from swarmota.peer.config import ConfigError, load_config
+from swarmota.peer.http import content_range_matches
+from swarmota.peer.install_policy import load_policy
+from swarmota.seeder.origin import (
     UNSATISFIABLE,
     ByteRange,
     Validators,
@@ -24,10 +24,10 @@ from seeder.origin import (
     is_not_modified,
     parse_range,
 )
-from tracker.admin import token_from_header
-from tracker.announce_server import Refusal, Request, parse_head
-from tracker.bittorrent import parse_announce, parse_scrape
-from tracker.errors import RequestError
+from swarmota.tracker.admin import token_from_header
+from swarmota.tracker.announce_server import Refusal, Request, parse_head
+from swarmota.tracker.bittorrent import parse_announce, parse_scrape
+from swarmota.tracker.errors import RequestError
 
 FUZZ = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

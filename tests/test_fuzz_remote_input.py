@@ -32,8 +32,9 @@ import zstandard
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from infra.devca import create_ca, issue_device_cert
-from infra.deviceauth import (
+from swarmota.demo import make_image, mutate_image
+from swarmota.infra.devca import create_ca, issue_device_cert
+from swarmota.infra.deviceauth import (
     CERT_HEADER,
     SIGNATURE_HEADER,
     Authenticated,
@@ -42,10 +43,10 @@ from infra.deviceauth import (
     RequestSigner,
     certificate_sha256,
 )
-from manifest import release_target_name
-from peer.agent import _report_text
-from peer.announce_relay import _BadRequest, _read_request_target
-from peer.delta import (
+from swarmota.manifest import release_target_name
+from swarmota.peer.agent import _report_text
+from swarmota.peer.announce_relay import _BadRequest, _read_request_target
+from swarmota.peer.delta import (
     BSDIFF_CONTAINER_V2_HEADER_BYTES,
     CODEC_ZSTD,
     DeltaError,
@@ -54,17 +55,16 @@ from peer.delta import (
     pack_bsdiff_container_v2,
     transpose_control,
 )
-from peer.errors import DownloadFailed, VerifyFailed
-from peer.http import MAX_JSON_RESPONSE_BYTES, decode_json_answer
-from peer.swarm import TorrentFile, make_torrent, read_torrent
-from peer.tracker_client import parse_checkin_answer
-from peer.trust import fetch_release_manifest
-from seeder.delta import build_delta
-from seeder.publish import publish_release
-from seeder.repository import Repository
-from swarmota.demo import make_image, mutate_image
-from tracker.admin import MethodNotAllowed, NotFound, find_route, parse_rollout_request
-from tracker.bittorrent import (
+from swarmota.peer.errors import DownloadFailed, VerifyFailed
+from swarmota.peer.http import MAX_JSON_RESPONSE_BYTES, decode_json_answer
+from swarmota.peer.swarm import TorrentFile, make_torrent, read_torrent
+from swarmota.peer.tracker_client import parse_checkin_answer
+from swarmota.peer.trust import fetch_release_manifest
+from swarmota.seeder.delta import build_delta
+from swarmota.seeder.publish import publish_release
+from swarmota.seeder.repository import Repository
+from swarmota.tracker.admin import MethodNotAllowed, NotFound, find_route, parse_rollout_request
+from swarmota.tracker.bittorrent import (
     HandedPeer,
     PeerAddress,
     ScrapeCounts,
@@ -72,9 +72,9 @@ from tracker.bittorrent import (
     failure_answer,
     scrape_answer,
 )
-from tracker.errors import RequestError
-from tracker.rollout import RolloutPlan
-from tracker.wire import (
+from swarmota.tracker.errors import RequestError
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.wire import (
     DEVICE_ID_RE,
     HARDWARE_ID_RE,
     MAX_BYTES_COUNT,

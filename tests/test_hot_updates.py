@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from peer.agent import update_once
-from peer.config import DeviceConfig, save_config
-from peer.errors import ConfigError, StatusCode
-from peer.services import parse_hot_config
-from peer.state import DeviceState
+from swarmota.peer.agent import update_once
+from swarmota.peer.config import DeviceConfig, save_config
+from swarmota.peer.errors import ConfigError, StatusCode
+from swarmota.peer.services import parse_hot_config
+from swarmota.peer.state import DeviceState
 from tests.release_env import ReleaseEnv, killed_at
 from tests.test_component_updates import publish_component
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from infra.devca import create_ca, issue_device_cert, issue_device_cert_from_csr
-from peer.agent import update_once
-from peer.errors import ConfigError, StatusCode
-from peer.identity import install_identity, load_identity, renew_identity, renewal_csr
-from peer.state import DeviceState
 from swarmota.cli import main
 from swarmota.demo import mutate_image
+from swarmota.infra.devca import create_ca, issue_device_cert, issue_device_cert_from_csr
+from swarmota.peer.agent import update_once
+from swarmota.peer.errors import ConfigError, StatusCode
+from swarmota.peer.identity import install_identity, load_identity, renew_identity, renewal_csr
+from swarmota.peer.state import DeviceState
 from tests.release_env import ReleaseEnv, publish, start_env
 
 

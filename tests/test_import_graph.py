@@ -1,4 +1,9 @@
-"""Dependencies point one way (docs/ARCHITECTURE.md): checked on the source."""
+"""Dependencies point one way (docs/ARCHITECTURE.md): checked on the source.
+
+The installed distribution has one top-level package, ``swarmota``, with the packages
+below it (``swarmota.peer`` lives in the repository's ``peer/``); the rules name them
+by their folder: ``swarmota.tracker.wire`` is ``tracker.wire`` here, ``swarmota.cli``
+stays ``swarmota.cli``."""
 
 from __future__ import annotations
 
@@ -39,15 +44,16 @@ THIRD_PARTY_OWNERS = {
 }
 
 
+def _folder_name(module: str) -> str:
+    """``swarmota.peer.agent`` -> ``peer.agent``: the name by the repository's folders."""
+    parts = module.split(".")
+    if len(parts) > 1 and parts[0] == "swarmota" and parts[1] in ALLOWED:
+        return ".".join(parts[1:])
+    return module
+
+
 def imports_of(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
+    return {m.split(".")[0] for m in modules_of(path)}
 
 
 def modules_of(path: Path) -> set[str]:
@@ -57,10 +63,11 @@ def modules_of(path: Path) -> set[str]:
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
+            names.update(_folder_name(alias.name) for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+            module = _folder_name(node.module)
+            names.add(module)
+            names.update(_folder_name(f"{node.module}.{alias.name}") for alias in node.names)
     return names
 
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from manifest import ReleaseManifest
-from peer.agent import update_once
-from peer.errors import ConfigError, StatusCode
-from peer.install_policy import (
+from swarmota.demo import mutate_image
+from swarmota.manifest import ReleaseManifest
+from swarmota.peer.agent import update_once
+from swarmota.peer.errors import ConfigError, StatusCode
+from swarmota.peer.install_policy import (
     InstallPolicy,
     PolicyPowerSource,
     PowerReading,
@@ -22,9 +23,8 @@ from peer.install_policy import (
     load_policy,
     parse_window,
 )
-from peer.state import DeviceState
-from seeder.publish import publish_release
-from swarmota.demo import mutate_image
+from swarmota.peer.state import DeviceState
+from swarmota.seeder.publish import publish_release
 from tests.release_env import HARDWARE_ID, PRODUCT, ReleaseEnv
 
 # Wednesday 2026-12-02 12:00 UTC, and 03:00 the same day

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from seeder.publish import published_releases
-from seeder.repository import Repository
 from swarmota.cli import main
+from swarmota.seeder.publish import published_releases
+from swarmota.seeder.repository import Repository
 
 SECURITY = Path(__file__).resolve().parents[1] / "docs" / "SECURITY.md"
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from infra.fsio import atomic_write_bytes
-from peer import crashpoints
-from peer.machine import (
+from swarmota.infra.fsio import atomic_write_bytes
+from swarmota.peer import crashpoints
+from swarmota.peer.machine import (
     Action,
     Event,
     Journal,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from manifest import (
+from swarmota.manifest import (
     CHUNK_DIGEST_BYTES,
     MAX_MANIFEST_BYTES,
     ImageInfo,

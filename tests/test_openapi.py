@@ -22,14 +22,14 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tracker.admin import ROUTES, hash_token, new_token
-from tracker.catalogue import register_release
-from tracker.openapi import openapi_document
-from tracker.protocol import Release
-from tracker.rollout import RolloutPlan
-from tracker.sqlite_store import SqliteStore
-from tracker.store import TokenRecord
-from tracker.wire import CheckIn, Report
+from swarmota.tracker.admin import ROUTES, hash_token, new_token
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.openapi import openapi_document
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.sqlite_store import SqliteStore
+from swarmota.tracker.store import TokenRecord
+from swarmota.tracker.wire import CheckIn, Report
 
 ROOT = Path(__file__).resolve().parent.parent
 

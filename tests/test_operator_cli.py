@@ -26,17 +26,17 @@ import httpx
 import pytest
 import trio
 
-from infra.devca import create_ca, issue_device_cert, issue_server_cert
-from infra.http_serve import ListenConfig
-from manifest import ReleaseManifest
-from seeder.origin import OriginApp, OriginConfig
-from seeder.repository import KeySetup, Repository, RoleKeys
-from seeder.server import serve_origin
 from swarmota.cli import build_parser, main
+from swarmota.infra.devca import create_ca, issue_device_cert, issue_server_cert
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.manifest import ReleaseManifest
+from swarmota.seeder.origin import OriginApp, OriginConfig
+from swarmota.seeder.repository import KeySetup, Repository, RoleKeys
+from swarmota.seeder.server import serve_origin
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.server import serve_tracker
+from swarmota.tracker.watch import END_PHASES
 from tests.release_env import HARDWARE_ID, PRODUCT, REPO_ROOT, publish
-from tracker.config import TrackerConfig
-from tracker.server import serve_tracker
-from tracker.watch import END_PHASES
 
 ROLES = ("viewer", "operator", "admin")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from seeder import Repository, cli
+from swarmota.seeder import Repository, cli
 from tests.test_origin_tls import make_self_signed_cert
 
 _RUN_CLI = (

@@ -18,9 +18,9 @@ import httpx
 import pytest
 import trio
 
-from infra.http_serve import ListenConfig
-from seeder import OriginApp, serve_origin
-from seeder.origin import (
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.seeder import OriginApp, serve_origin
+from swarmota.seeder.origin import (
     Validators,
     content_type_for,
     if_range_matches,

@@ -25,9 +25,9 @@ import httpx
 import pytest
 import trio
 
-from infra.devca import create_ca, issue_server_cert
-from peer.agent import update_once
-from peer.errors import StatusCode
+from swarmota.infra.devca import create_ca, issue_server_cert
+from swarmota.peer.agent import update_once
+from swarmota.peer.errors import StatusCode
 from tests.release_env import REPO_ROOT, ReleaseEnv
 
 NGINX = shutil.which("nginx") or next(

@@ -16,9 +16,9 @@ import pytest
 import trio
 import trio.testing
 
-from infra.http_serve import ListenConfig, Receive, Scope, Send, serve_asgi
-from seeder import OriginApp, OriginConfig, serve_origin
-from seeder.origin import TokenBucket
+from swarmota.infra.http_serve import ListenConfig, Receive, Scope, Send, serve_asgi
+from swarmota.seeder import OriginApp, OriginConfig, serve_origin
+from swarmota.seeder.origin import TokenBucket
 
 KiB = 1024
 RATE = 256 * KiB

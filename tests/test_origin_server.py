@@ -16,9 +16,9 @@ import httpx
 import pytest
 import trio
 
-from infra.http_serve import ListenConfig
-from seeder import OriginApp, OriginConfig, OriginStats, serve_origin
-from seeder.origin import (
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.seeder import OriginApp, OriginConfig, OriginStats, serve_origin
+from swarmota.seeder.origin import (
     UNSATISFIABLE,
     ByteRange,
     cache_control_for,

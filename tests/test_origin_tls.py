@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from infra.http_serve import ListenConfig
-from seeder import OriginApp, serve_origin
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.seeder import OriginApp, serve_origin
 
 BODY = b'{"signed": "timestamp"}\n'
 

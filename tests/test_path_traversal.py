@@ -37,18 +37,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from infra.fsio import SAFE_NAME_RE, UnsafeNameError, safe_child
-from manifest import ManifestFormatError, Payload, parse_release_manifest, release_target_name
-from peer.components import ComponentStore, InstalledVersion
-from peer.download import PayloadWorkdir
-from peer.errors import DownloadFailed, VerifyFailed
-from peer.swarm import TorrentFile, make_torrent, read_torrent
-from peer.tracker_client import parse_checkin_answer
-from seeder.errors import PublishError
-from seeder.origin import OriginApp, split_request_path
-from seeder.repository import validate_target_name
-from seeder.seeding import _Found, _read_torrent
 from swarmota.demo import make_image
+from swarmota.infra.fsio import SAFE_NAME_RE, UnsafeNameError, safe_child
+from swarmota.manifest import (
+    ManifestFormatError,
+    Payload,
+    parse_release_manifest,
+    release_target_name,
+)
+from swarmota.peer.components import ComponentStore, InstalledVersion
+from swarmota.peer.download import PayloadWorkdir
+from swarmota.peer.errors import DownloadFailed, VerifyFailed
+from swarmota.peer.swarm import TorrentFile, make_torrent, read_torrent
+from swarmota.peer.tracker_client import parse_checkin_answer
+from swarmota.seeder.errors import PublishError
+from swarmota.seeder.origin import OriginApp, split_request_path
+from swarmota.seeder.repository import validate_target_name
+from swarmota.seeder.seeding import _Found, _read_torrent
 from tests.test_manifest import make_manifest
 
 PATHS = settings(max_examples=150, deadline=None,

@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 import trio
 
-from infra.http_serve import ListenConfig
-from peer.config import DeviceConfig
-from peer.errors import ConfigError
-from peer.http import HttpClient
-from peer.swarm_fetch import announce_urls
-from peer.tracker_client import checkin
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.protocol import Release
-from tracker.rollout import RolloutPlan
-from tracker.server import serve_tracker
-from tracker.sqlite_store import SqliteStore
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.peer.config import DeviceConfig
+from swarmota.peer.errors import ConfigError
+from swarmota.peer.http import HttpClient
+from swarmota.peer.swarm_fetch import announce_urls
+from swarmota.peer.tracker_client import checkin
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.server import serve_tracker
+from swarmota.tracker.sqlite_store import SqliteStore
 
 
 def device(tracker_url: str, **extra: str) -> DeviceConfig:

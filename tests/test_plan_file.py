@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tracker.client_cli import PLAN_FLAGS, add_plan_options, plan_from_args
-from tracker.errors import RequestError
-from tracker.plan_file import PLAN_KEYS, build_plan, parse_plan_file, parse_time
-from tracker.rollout import RolloutPlan
+from swarmota.tracker.client_cli import PLAN_FLAGS, add_plan_options, plan_from_args
+from swarmota.tracker.errors import RequestError
+from swarmota.tracker.plan_file import PLAN_KEYS, build_plan, parse_plan_file, parse_time
+from swarmota.tracker.rollout import RolloutPlan
 
 PARIS_SUMMER = dt.timezone(dt.timedelta(hours=2), "CEST")
 

@@ -21,14 +21,14 @@ import httpx
 import pytest
 import trio
 
-from infra.devca import issue_device_cert
-from peer.agent import UpdateResult, update_once
-from peer.errors import StatusCode
-from peer.http import HttpClient, TlsPolicy
-from peer.identity import install_identity, load_identity_dir
-from peer.state import DeviceState
+from swarmota.infra.devca import issue_device_cert
+from swarmota.peer.agent import UpdateResult, update_once
+from swarmota.peer.errors import StatusCode
+from swarmota.peer.http import HttpClient, TlsPolicy
+from swarmota.peer.identity import install_identity, load_identity_dir
+from swarmota.peer.state import DeviceState
+from swarmota.tracker.sqlite_store import SqliteStore
 from tests.release_env import Fleet, ReleaseEnv
-from tracker.sqlite_store import SqliteStore
 
 
 def assert_untouched(dev: DeviceState, v1: bytes) -> None:

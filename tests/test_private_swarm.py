@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.devca import create_ca, issue_device_cert
-from peer.swarm import (
+from swarmota.infra.devca import create_ca, issue_device_cert
+from swarmota.peer.swarm import (
     SwarmConfig,
     SwarmSession,
     TorrentFile,

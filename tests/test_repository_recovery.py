@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from peer.agent import update_once
-from peer.errors import StatusCode
-from seeder.errors import RepositoryError
-from seeder.keys import load_private_key
-from seeder.repository import Repository
 from swarmota.cli import main
 from swarmota.demo import mutate_image
+from swarmota.peer.agent import update_once
+from swarmota.peer.errors import StatusCode
+from swarmota.seeder.errors import RepositoryError
+from swarmota.seeder.keys import load_private_key
+from swarmota.seeder.repository import Repository
 from tests.release_env import ReleaseEnv, expect_clean_run, publish
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from tracker.errors import AdminApiError
-from tracker.watch import END_PHASES, EXIT_TIMEOUT, WatchConfig, exit_code_of, watch
+from swarmota.tracker.errors import AdminApiError
+from swarmota.tracker.watch import END_PHASES, EXIT_TIMEOUT, WatchConfig, exit_code_of, watch
 
 
 class Script:

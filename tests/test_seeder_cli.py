@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra.devca import create_ca, issue_device_cert
-from infra.http_serve import parse_listen
-from seeder import Repository, cli
+from swarmota.infra.devca import create_ca, issue_device_cert
+from swarmota.infra.http_serve import parse_listen
+from swarmota.seeder import Repository, cli
 
 MiB = 1024 * 1024
 _RUN_CLI = (

@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 import zstandard
 
-from manifest import (
+from swarmota.manifest import (
     ReleaseManifest,
     choose_chunk_size,
     parse_release_manifest,
     release_target_name,
     sha256_hex,
 )
-from seeder import (
+from swarmota.seeder import (
     PublishError,
     Repository,
     RepositoryError,
@@ -251,7 +251,7 @@ def _v1_v2(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_delta_payload_rebuilds_the_image_from_its_base(repo: Repository,
                                                          tmp_path: Path) -> None:
-    from peer.delta import apply_delta
+    from swarmota.peer.delta import apply_delta
 
     v1, v2 = _v1_v2(tmp_path)
     manifest = publish(repo, v2, bases=[v1])
@@ -292,7 +292,7 @@ def test_republishing_with_the_same_bases_changes_nothing(repo: Repository,
 
 def test_delta_summaries_and_progress_are_reported(repo: Repository,
                                                    tmp_path: Path) -> None:
-    from seeder.publish import DeltaSummary
+    from swarmota.seeder.publish import DeltaSummary
 
     v1, v2 = _v1_v2(tmp_path)
     summaries: list[DeltaSummary] = []

@@ -24,9 +24,9 @@ from tuf.api import exceptions as tuf_exceptions
 from tuf.api.metadata import Metadata, Targets, Timestamp
 from tuf.ngclient import FetcherInterface, Updater
 
-from infra.http_serve import ListenConfig
-from manifest import parse_release_manifest, release_target_name
-from seeder import (
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.manifest import parse_release_manifest, release_target_name
+from swarmota.seeder import (
     ExpiryConfig,
     OriginApp,
     PublishError,
@@ -35,8 +35,8 @@ from seeder import (
     publish_release,
     serve_origin,
 )
-from seeder.keys import generate_key, write_private_key
-from seeder.staging import SigningRequest
+from swarmota.seeder.keys import generate_key, write_private_key
+from swarmota.seeder.staging import SigningRequest
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -334,8 +334,8 @@ def test_opening_while_a_publisher_takes_its_request_live_does_not_replay_it(
         repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
     """Open reads staged.json before it takes the lock: a request it saw ready may be
     live (and gone) by the time it holds the lock, and must not be taken live twice."""
-    import seeder.repository as repository_module
-    from seeder.staging import read_request as real_read_request
+    import swarmota.seeder.repository as repository_module
+    from swarmota.seeder.staging import read_request as real_read_request
 
     opener_read_staged = threading.Event()
     real_go_live = Repository._go_live

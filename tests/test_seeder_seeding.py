@@ -26,15 +26,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from peer.swarm import SwarmConfig, SwarmSession, make_torrent
-from seeder import cli
-from seeder.errors import SeederError
-from seeder.seeding import MAX_TORRENT_BYTES, PayloadSeeder, SeedingConfig
 from swarmota.demo import mutate_image
+from swarmota.peer.swarm import SwarmConfig, SwarmSession, make_torrent
+from swarmota.seeder import cli
+from swarmota.seeder.errors import SeederError
+from swarmota.seeder.seeding import MAX_TORRENT_BYTES, PayloadSeeder, SeedingConfig
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.registry import SwarmRegistry
+from swarmota.tracker.server import serve_tracker
 from tests.release_env import ReleaseEnv, publish
-from tracker.config import TrackerConfig
-from tracker.registry import SwarmRegistry
-from tracker.server import serve_tracker
 
 TIMEOUT_S = 20
 SEEDER_HOST = "127.0.0.2"
@@ -143,7 +143,7 @@ async def test_corrupt_torrent_files_are_logged_once_and_skipped(
     (payloads / (".incoming-x.zst.torrent")).write_bytes(b"partial")
     (payloads / (".incoming-x.zst")).write_bytes(b"partial")
 
-    with caplog.at_level(logging.WARNING, logger="seeder.seeding"), \
+    with caplog.at_level(logging.WARNING, logger="swarmota.seeder.seeding"), \
             PayloadSeeder(env.repo.origin_dir, seeding_config()) as seeder:
         result = seeder.rescan()
         assert sorted(result.skipped) == ["ee" * 32 + ".zst.torrent", "ff" * 32 + ".zst.torrent"]
@@ -171,7 +171,7 @@ async def test_torrent_of_another_size_than_its_payload_is_skipped(
     payload.with_name(payload.name + ".torrent").write_bytes(torrent.data)
     with open(payload, "r+b") as fh:  # truncated after publishing
         fh.truncate(30_000)
-    with caplog.at_level(logging.WARNING, logger="seeder.seeding"), \
+    with caplog.at_level(logging.WARNING, logger="swarmota.seeder.seeding"), \
             PayloadSeeder(env.repo.origin_dir, seeding_config()) as seeder:
         assert seeder.rescan().skipped == (payload.name + ".torrent",)
         assert "the torrent is for 40000 bytes" in caplog.text
@@ -228,7 +228,7 @@ async def test_seeder_announces_to_every_tracker_it_is_given(env: ReleaseEnv) ->
 async def test_oversized_torrent_file_is_skipped(env: ReleaseEnv,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     torrent = payload_file(env, env.m1.full_payload.torrent_path)
-    with caplog.at_level(logging.WARNING, logger="seeder.seeding"), \
+    with caplog.at_level(logging.WARNING, logger="swarmota.seeder.seeding"), \
             PayloadSeeder(env.repo.origin_dir,
                           seeding_config(max_torrent_bytes=len(torrent.read_bytes()) - 1)) as s:
         assert len(s.rescan().skipped) == 2

@@ -25,12 +25,12 @@ from pathlib import Path
 import pytest
 import trio
 
-import seeder.publish
-from peer.agent import UpdateResult, update_once
-from peer.errors import StatusCode
-from peer.state import DeviceState
-from seeder.origin import OriginConfig
+import swarmota.seeder.publish
 from swarmota.demo import make_image, mutate_image
+from swarmota.peer.agent import UpdateResult, update_once
+from swarmota.peer.errors import StatusCode
+from swarmota.peer.state import DeviceState
+from swarmota.seeder.origin import OriginConfig
 from tests.fake_bt_peer import FakeBtPeer, Mode
 from tests.release_env import ReleaseEnv, announce_fake, off_base_device, start_env
 
@@ -141,11 +141,11 @@ async def test_a_liar_in_a_release_with_one_block_pieces_does_not_cut_the_device
     after the liar's first bad piece each device restarts its torrent, which clears
     libtorrent's poisoned block-hash requests; the liar stays blocked, the devices go on
     trading, the origin sends far less than once per device (3.0x before)."""
-    monkeypatch.setattr(seeder.publish, "choose_chunk_size", lambda _size: 16 * 1024)
+    monkeypatch.setattr(swarmota.seeder.publish, "choose_chunk_size", lambda _size: 16 * 1024)
     env = await start_env(nursery, tmp_path, *big_images, origin_config=ORIGIN)
     payload = env.m2.full_payload
     assert payload.chunk_size == 16 * 1024
-    caplog.set_level(logging.WARNING, logger="peer.swarm_fetch")
+    caplog.set_level(logging.WARNING, logger="swarmota.peer.swarm_fetch")
     devices, results, liar, origin_bytes = await with_adversary(env, Mode.LIAR)
     assert_all_updated(env, devices, results)
     assert any("restarting the torrent" in r.message for r in caplog.records)

@@ -50,11 +50,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from infra.http_serve import ListenConfig
-from peer.errors import DownloadFailed
-from peer.swarm import SwarmConfig, SwarmEvent, SwarmSession, make_torrent
-from seeder import OriginApp, serve_origin
-from seeder.origin import OriginConfig
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.peer.errors import DownloadFailed
+from swarmota.peer.swarm import SwarmConfig, SwarmEvent, SwarmSession, make_torrent
+from swarmota.seeder import OriginApp, serve_origin
+from swarmota.seeder.origin import OriginConfig
 from tests.fake_bt_peer import (
     HANDSHAKE_LEN,
     PROTOCOL,

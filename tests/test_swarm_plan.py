@@ -11,7 +11,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from peer.swarm_fetch import first_run, owned_blocks, pick_origin_run
+from swarmota.peer.swarm_fetch import first_run, owned_blocks, pick_origin_run
 
 PEER_IDS = st.lists(st.binary(min_size=20, max_size=20), min_size=1, max_size=24, unique=True)
 

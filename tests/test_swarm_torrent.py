@@ -19,9 +19,9 @@ import libtorrent as lt
 import pytest
 import trio
 
-from infra.http_serve import ListenConfig
-from peer.errors import DownloadFailed
-from peer.swarm import (
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.peer.errors import DownloadFailed
+from swarmota.peer.swarm import (
     SwarmConfig,
     SwarmSession,
     make_torrent,
@@ -29,7 +29,7 @@ from peer.swarm import (
     seniority,
     session_settings,
 )
-from seeder import OriginApp, serve_origin
+from swarmota.seeder import OriginApp, serve_origin
 
 PAYLOAD_NAME = "ab" * 32 + ".zst"
 
@@ -278,9 +278,9 @@ async def test_libtorrent_downloads_a_published_payload_from_the_origin_web_seed
         tmp_path: Path, nursery: trio.Nursery) -> None:
     """The torrent publish writes is the one the signed manifest names, and a real
     libtorrent session completes it with the origin as its only source."""
-    from seeder.publish import publish_release
-    from seeder.repository import Repository
     from swarmota.demo import make_image
+    from swarmota.seeder.publish import publish_release
+    from swarmota.seeder.repository import Repository
 
     repo = Repository.create(tmp_path / "repo")
     image = tmp_path / "v1.img"

@@ -26,14 +26,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from peer.agent import UpdateResult, update_once
-from peer.errors import StatusCode
-from peer.policy import upload_policy
-from peer.state import DeviceState
-from peer.swarm import SwarmConfig
-from seeder.origin import OriginConfig
-from seeder.seeding import PayloadSeeder, SeedingConfig
 from swarmota.demo import update_fleet
+from swarmota.peer.agent import UpdateResult, update_once
+from swarmota.peer.errors import StatusCode
+from swarmota.peer.policy import upload_policy
+from swarmota.peer.state import DeviceState
+from swarmota.peer.swarm import SwarmConfig
+from swarmota.seeder.origin import OriginConfig
+from swarmota.seeder.seeding import PayloadSeeder, SeedingConfig
 from tests.fake_bt_peer import FakeBtPeer, Mode
 from tests.release_env import (
     ReleaseEnv,
@@ -245,7 +245,7 @@ async def test_metered_and_low_battery_devices_upload_nothing(
 ])
 def test_upload_policy_metered_network_and_battery(
         env_config_dir: Path, metered: bool, battery: str | None, allowed: bool) -> None:
-    from peer.config import DeviceConfig
+    from swarmota.peer.config import DeviceConfig
 
     path = None
     if battery is not None:

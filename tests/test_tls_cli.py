@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from infra.tlspin import pin_of_pem
-from peer.config import load_config
-from seeder import Repository
 from swarmota.cli import main
+from swarmota.infra.tlspin import pin_of_pem
+from swarmota.peer.config import load_config
+from swarmota.seeder import Repository
 from tests.release_env import HARDWARE_ID, PRODUCT
 from tests.test_seeder_cli import run as run_seeder
 

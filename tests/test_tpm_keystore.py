@@ -24,8 +24,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from infra.devca import create_ca, issue_device_cert_from_csr
-from infra.deviceauth import (
+from swarmota.cli import main
+from swarmota.infra.devca import create_ca, issue_device_cert_from_csr
+from swarmota.infra.deviceauth import (
     CERT_HEADER,
     SIGNATURE_HEADER,
     DeviceAuthError,
@@ -33,13 +34,13 @@ from infra.deviceauth import (
     RequestSigner,
     find_header,
 )
-from manifest.counters import CounterReset
-from peer.config import DeviceConfig
-from peer.errors import ConfigError, VerifyFailed
-from peer.floors import Floors
-from peer.keystore import TPM_HANDLES, TpmKeyStore, open_keystore
-from peer.tpm import PcrSelection, TpmError
-from peer.tpm_nv import (
+from swarmota.manifest.counters import CounterReset
+from swarmota.peer.config import DeviceConfig
+from swarmota.peer.errors import ConfigError, VerifyFailed
+from swarmota.peer.floors import Floors
+from swarmota.peer.keystore import TPM_HANDLES, TpmKeyStore, open_keystore
+from swarmota.peer.tpm import PcrSelection, TpmError
+from swarmota.peer.tpm_nv import (
     ANCHOR_INDEX,
     FLOOR_LOG,
     FLOOR_LOG_INDEX,
@@ -49,9 +50,8 @@ from peer.tpm_nv import (
     TrustAnchor,
     fold,
 )
-from seeder.keys import load_private_key
-from seeder.repository import KeySetup, Repository
-from swarmota.cli import main
+from swarmota.seeder.keys import load_private_key
+from swarmota.seeder.repository import KeySetup, Repository
 from tests.swtpm import SoftTpm, pcr_extend
 
 NOW = datetime.datetime.now(datetime.UTC)
@@ -362,7 +362,7 @@ def test_forged_reset_extended_into_the_floor_index_is_not_a_reset(
         with open(tmp_path / "trust" / FLOOR_LOG, "ab") as fh:
             fh.write(entry.encode() + b"\n")
         extend_as_root(soft_tpm, hashlib.sha256(entry.encode()).digest())
-    with caplog.at_level(logging.WARNING, logger="peer.tpm_nv"):
+    with caplog.at_level(logging.WARNING, logger="swarmota.peer.tpm_nv"):
         held = nv.read()
     assert (held.image, held.component("modem-fw"), held.epoch) == (9, 9, 1)
     assert held.ignored_resets == len(forged)

@@ -28,19 +28,20 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from infra.http_serve import ListenConfig
-from peer.agent import UpdateResult, update_once
-from peer.bootctl import write_bootctl
-from peer.config import save_config
-from peer.errors import StatusCode
-from peer.keystore import open_keystore
-from peer.state import DeviceState
-from peer.tpm import TpmError
-from peer.tpm_nv import FLOOR_LOG, FLOOR_LOG_INDEX, fold
-from seeder.origin import OriginApp, OriginConfig
-from seeder.repository import KeySetup, Repository
-from seeder.server import serve_origin
 from swarmota.cli import main
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.peer.agent import UpdateResult, update_once
+from swarmota.peer.bootctl import write_bootctl
+from swarmota.peer.config import save_config
+from swarmota.peer.errors import StatusCode
+from swarmota.peer.keystore import open_keystore
+from swarmota.peer.state import DeviceState
+from swarmota.peer.tpm import TpmError
+from swarmota.peer.tpm_nv import FLOOR_LOG, FLOOR_LOG_INDEX, fold
+from swarmota.seeder.origin import OriginApp, OriginConfig
+from swarmota.seeder.repository import KeySetup, Repository
+from swarmota.seeder.server import serve_origin
+from swarmota.tracker.sqlite_store import SqliteStore
 from tests.release_env import (
     Fleet,
     ReleaseEnv,
@@ -50,7 +51,6 @@ from tests.release_env import (
     serve_offer,
 )
 from tests.swtpm import SoftTpm
-from tracker.sqlite_store import SqliteStore
 
 
 def tpm_device(env: ReleaseEnv, tpm: SoftTpm, name: str = "dev-tpm", **extra: Any
@@ -157,7 +157,7 @@ async def test_edited_state_directory_cannot_lower_the_tpm_floor_or_replace_the_
                                          "target": "releases/acme-router/3.0.0.json"})
     retarget(dev, tracker_url=evil3, origin_url=attacker_origin)
     (dev.trust_dir / "root.json").write_bytes(attacker.root_bytes())
-    with caplog.at_level(logging.WARNING, logger="peer.tpm_nv"):
+    with caplog.at_level(logging.WARNING, logger="swarmota.peer.tpm_nv"):
         result = await update_once(dev)
     assert result.status == StatusCode.VERIFY_FAILED, result.message
     assert "not the root anchored in the TPM" in caplog.text

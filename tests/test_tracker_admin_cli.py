@@ -13,13 +13,13 @@ import httpx
 import pytest
 import trio
 
-from infra.http_serve import ListenConfig
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.server import serve_tracker
+from swarmota.tracker.sqlite_store import SqliteStore
 from tests.tracker_cli import run_cli
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.protocol import Release
-from tracker.server import serve_tracker
-from tracker.sqlite_store import SqliteStore
 
 PRODUCT = "acme-router"
 

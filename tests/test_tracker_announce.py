@@ -21,7 +21,7 @@ import libtorrent as lt
 import pytest
 import trio
 
-from manifest import (
+from swarmota.manifest import (
     MIN_CHUNK_SIZE_BYTES,
     ImageInfo,
     Payload,
@@ -29,9 +29,8 @@ from manifest import (
     chunk_hashes,
     sha256_hex,
 )
-from tests.tracker_cli import run_cli
-from tracker.app import TrackerApp
-from tracker.bittorrent import (
+from swarmota.tracker.app import TrackerApp
+from swarmota.tracker.bittorrent import (
     DEFAULT_NUMWANT,
     MAX_NUMWANT,
     MAX_SCRAPE_HASHES,
@@ -48,16 +47,17 @@ from tracker.bittorrent import (
     peer_address,
     scrape_answer,
 )
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.director import Director
-from tracker.errors import ReleaseConflictError, RequestError
-from tracker.protocol import Release
-from tracker.registry import SwarmRegistry
-from tracker.rollout import RolloutPlan
-from tracker.server import serve_tracker
-from tracker.sqlite_store import _SCHEMA, SqliteStore
-from tracker.store import SCHEMA_VERSION
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.director import Director
+from swarmota.tracker.errors import ReleaseConflictError, RequestError
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.registry import SwarmRegistry
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.server import serve_tracker
+from swarmota.tracker.sqlite_store import _SCHEMA, SqliteStore
+from swarmota.tracker.store import SCHEMA_VERSION
+from tests.tracker_cli import run_cli
 
 INFO_HASH = sha256_hex(b"torrent info dict")
 ANNOUNCE_HASH = bytes.fromhex(INFO_HASH)[:20]

@@ -17,16 +17,16 @@ from pathlib import Path
 import pytest
 import trio
 
-from infra.http_serve import ListenConfig
-from manifest import ImageInfo, Payload, ReleaseManifest, chunk_hashes, sha256_hex
-from peer.swarm import SwarmConfig, SwarmSession, make_torrent
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.protocol import Release
-from tracker.registry import SwarmRegistry
-from tracker.rollout import RolloutPlan
-from tracker.server import serve_tracker, serve_tracker_endpoints
-from tracker.sqlite_store import SqliteStore
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.manifest import ImageInfo, Payload, ReleaseManifest, chunk_hashes, sha256_hex
+from swarmota.peer.swarm import SwarmConfig, SwarmSession, make_torrent
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.registry import SwarmRegistry
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.server import serve_tracker, serve_tracker_endpoints
+from swarmota.tracker.sqlite_store import SqliteStore
 
 PIECE = 16 * 1024
 SIZE = 2 * 1024 * 1024
@@ -109,7 +109,7 @@ async def test_the_swarm_follows_the_rollout_for_real_clients(
     (and the seeder never hears of the outsider)."""
     import httpx
 
-    from peer.swarm_fetch import announce_urls
+    from swarmota.peer.swarm_fetch import announce_urls
 
     db = tmp_path / "tracker.db"
     registry = SwarmRegistry(interval_s=300)

@@ -19,9 +19,8 @@ import httpx
 import pytest
 import trio
 
-from infra.http_serve import ListenConfig
-from tests.test_tracker_announce import ANNOUNCE_HASH, announce_query, bdecode, build_manifest, q
-from tracker.announce_server import (
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.tracker.announce_server import (
     AnnounceServerLimits,
     Refusal,
     Request,
@@ -29,13 +28,14 @@ from tracker.announce_server import (
     render_response,
     serve_announce,
 )
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.protocol import Release
-from tracker.registry import SwarmRegistry
-from tracker.rollout import RolloutPlan
-from tracker.server import TrackerUrls, serve_tracker_endpoints
-from tracker.sqlite_store import SqliteStore
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.registry import SwarmRegistry
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.server import TrackerUrls, serve_tracker_endpoints
+from swarmota.tracker.sqlite_store import SqliteStore
+from tests.test_tracker_announce import ANNOUNCE_HASH, announce_query, bdecode, build_manifest, q
 
 TIMEOUT_S = 10
 

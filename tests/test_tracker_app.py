@@ -11,16 +11,16 @@ from typing import Any
 
 import pytest
 
-from tracker.app import TrackerApp
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.director import Director
-from tracker.errors import StorageError
-from tracker.metrics import TrackerStatistics
-from tracker.protocol import Release
-from tracker.rollout import RolloutPlan
-from tracker.sqlite_store import SqliteStore
-from tracker.store import DeviceRecord
+from swarmota.tracker.app import TrackerApp
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.director import Director
+from swarmota.tracker.errors import StorageError
+from swarmota.tracker.metrics import TrackerStatistics
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.sqlite_store import SqliteStore
+from swarmota.tracker.store import DeviceRecord
 
 Message = MutableMapping[str, Any]
 

@@ -11,22 +11,22 @@ from pathlib import Path
 import pytest
 import trio
 
-from infra.http_serve import ListenConfig
-from peer.agent import update_once
-from peer.errors import StatusCode
-from seeder.origin import OriginApp, OriginConfig
-from seeder.repository import Repository
-from seeder.server import serve_origin
 from swarmota.cli import main
 from swarmota.demo import canary_plan
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.peer.agent import update_once
+from swarmota.peer.errors import StatusCode
+from swarmota.seeder.origin import OriginApp, OriginConfig
+from swarmota.seeder.repository import Repository
+from swarmota.seeder.server import serve_origin
+from swarmota.tracker.backup import BackupError, backup_database, inspect_backup, restore_database
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.server import serve_tracker
+from swarmota.tracker.sqlite_store import SqliteStore
+from swarmota.tracker.store import AuditEntry
 from tests.release_env import ReleaseEnv, publish
-from tracker.backup import BackupError, backup_database, inspect_backup, restore_database
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.protocol import Release
-from tracker.server import serve_tracker
-from tracker.sqlite_store import SqliteStore
-from tracker.store import AuditEntry
 
 
 def audit_rows(n: int, start: int = 0) -> list[AuditEntry]:

@@ -12,6 +12,15 @@ from typing import Any
 
 import pytest
 
+from swarmota.tracker.app import TrackerApp
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.director import Director
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.sqlite_store import _MIGRATIONS, SqliteStore
+from swarmota.tracker.store import SCHEMA_VERSION
+from swarmota.tracker.wire import MAX_LOG_TAIL_BYTES, MIN_POLL_AFTER_S
 from tests.tracker_asgi import (
     PRODUCT,
     START,
@@ -23,15 +32,6 @@ from tests.tracker_asgi import (
     report_body,
     token_for,
 )
-from tracker.app import TrackerApp
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.director import Director
-from tracker.protocol import Release
-from tracker.rollout import RolloutPlan
-from tracker.sqlite_store import _MIGRATIONS, SqliteStore
-from tracker.store import SCHEMA_VERSION
-from tracker.wire import MAX_LOG_TAIL_BYTES, MIN_POLL_AFTER_S
 
 ROLLOUT = f"/v1/admin/rollouts/{PRODUCT}/2.0.0"
 

@@ -12,6 +12,14 @@ from urllib.parse import quote_from_bytes
 import pytest
 import trio
 
+from swarmota.tracker.app import TrackerApp
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.director import ROLLOUT_CACHE_S, Director
+from swarmota.tracker.errors import StaleStateError
+from swarmota.tracker.rollout import RolloutPlan, apply_action, stage_of
+from swarmota.tracker.sqlite_store import _SCHEMA, _SCHEMA_SWARMS, SqliteStore
+from swarmota.tracker.store import SCHEMA_VERSION
 from tests.tracker_asgi import (
     ANNOUNCE_HASH,
     INFO_HASH,
@@ -25,14 +33,6 @@ from tests.tracker_asgi import (
     report_body,
     token_for,
 )
-from tracker.app import TrackerApp
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.director import ROLLOUT_CACHE_S, Director
-from tracker.errors import StaleStateError
-from tracker.rollout import RolloutPlan, apply_action, stage_of
-from tracker.sqlite_store import _SCHEMA, _SCHEMA_SWARMS, SqliteStore
-from tracker.store import SCHEMA_VERSION
 
 # --- offers follow the rollout --------------------------------------------------------------
 
@@ -316,7 +316,7 @@ async def test_concurrent_admin_actions_are_serialised_to_one_final_state(
                 if e.outcome == "ok" and e.action.startswith("rollout.")
                 and e.action != "rollout.create"]
     assert len(accepted) == sum(1 for _, status in results if status == 200)
-    from tracker.rollout import new_rollout
+    from swarmota.tracker.rollout import new_rollout
     replay, _ = new_rollout(state.rollout_id, PRODUCT, "2.0.0", 2, RolloutPlan(),
                             state.created_at)
     for action in accepted:

@@ -28,16 +28,16 @@ import trio
 from bench.servers import PostgresServer, RedisServer
 from bench.tracker import start_tracker
 from bench.tracker_scale import run_nginx
-from infra.devca import create_ca, issue_device_cert
-from infra.deviceauth import RequestSigner
-from tracker.admin import hash_token, new_token
-from tracker.bittorrent import SwarmInfo
-from tracker.catalogue import register_release
-from tracker.config import DEFAULT_REVOCATION_REFRESH_S
-from tracker.director import ROLLOUT_CACHE_S
-from tracker.protocol import Release
-from tracker.rollout import RolloutPlan
-from tracker.store import Store, TokenRecord, open_store
+from swarmota.infra.devca import create_ca, issue_device_cert
+from swarmota.infra.deviceauth import RequestSigner
+from swarmota.tracker.admin import hash_token, new_token
+from swarmota.tracker.bittorrent import SwarmInfo
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import DEFAULT_REVOCATION_REFRESH_S
+from swarmota.tracker.director import ROLLOUT_CACHE_S
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.store import Store, TokenRecord, open_store
 
 TIMEOUT_S = 30
 _counter = itertools.count(1)

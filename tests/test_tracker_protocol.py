@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peer.config import DeviceConfig
-from peer.errors import ConfigError as PeerConfigError
-from tracker.errors import RequestError
-from tracker.protocol import Release, decide_offer, floor_of, newer_releases
-from tracker.wire import (
+from swarmota.peer.config import DeviceConfig
+from swarmota.peer.errors import ConfigError as PeerConfigError
+from swarmota.tracker.errors import RequestError
+from swarmota.tracker.protocol import Release, decide_offer, floor_of, newer_releases
+from swarmota.tracker.wire import (
     MAX_MESSAGE_CHARS,
     MAX_TIMINGS,
     CheckIn,

@@ -15,15 +15,15 @@ import httpx
 import pytest
 import trio
 
-from tracker.bittorrent import SwarmInfo
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.errors import ConfigError
-from tracker.protocol import Release
-from tracker.proxies import TrustedProxies
-from tracker.rollout import RolloutPlan
-from tracker.server import serve_tracker
-from tracker.sqlite_store import SqliteStore
+from swarmota.tracker.bittorrent import SwarmInfo
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.errors import ConfigError
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.proxies import TrustedProxies
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.server import serve_tracker
+from swarmota.tracker.sqlite_store import SqliteStore
 
 INFO_HASH = "cd" * 32
 ANNOUNCE_HASH = bytes.fromhex(INFO_HASH)[:20]

@@ -12,16 +12,16 @@ import pytest
 import redis
 
 from bench.servers import RedisServer, redis_missing, run_redis
+from swarmota.tracker.app import TrackerApp
+from swarmota.tracker.bittorrent import AnnounceRequest
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.director import Director
+from swarmota.tracker.redis_state import RedisState
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.sqlite_store import SqliteStore
 from tests.test_tracker_announce import INFO_HASH, announce_query, bdecode
 from tests.tracker_asgi import START, call, checkin_body, release
-from tracker.app import TrackerApp
-from tracker.bittorrent import AnnounceRequest
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.director import Director
-from tracker.redis_state import RedisState
-from tracker.rollout import RolloutPlan
-from tracker.sqlite_store import SqliteStore
 
 HASH = bytes.fromhex("ab" * 20)
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tracker.errors import ConflictError, RequestError
-from tracker.rollout import (
+from swarmota.tracker.errors import ConflictError, RequestError
+from swarmota.tracker.rollout import (
     Admission,
     RolloutPlan,
     RolloutState,

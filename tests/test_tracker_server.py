@@ -14,8 +14,8 @@ import httpx
 import pytest
 import trio
 
-from infra.http_serve import ListenConfig, parse_listen
-from manifest import (
+from swarmota.infra.http_serve import ListenConfig, parse_listen
+from swarmota.manifest import (
     MIN_CHUNK_SIZE_BYTES,
     ImageInfo,
     Payload,
@@ -23,13 +23,13 @@ from manifest import (
     chunk_hashes,
     sha256_hex,
 )
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.server import serve_tracker
+from swarmota.tracker.sqlite_store import SqliteStore
 from tests.tracker_cli import run_cli
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.protocol import Release
-from tracker.rollout import RolloutPlan
-from tracker.server import serve_tracker
-from tracker.sqlite_store import SqliteStore
 
 NOW = 1_700_000_000.0
 

@@ -14,13 +14,12 @@ import psycopg
 import pytest
 import trio
 
-from tests.tracker_asgi import PRODUCT, START, call, checkin_body, offered, report_body
-from tracker.app import TrackerApp
-from tracker.bittorrent import SwarmInfo
-from tracker.catalogue import register_release, start_rollout
-from tracker.config import TrackerConfig
-from tracker.director import Director, retry_stale
-from tracker.errors import (
+from swarmota.tracker.app import TrackerApp
+from swarmota.tracker.bittorrent import SwarmInfo
+from swarmota.tracker.catalogue import register_release, start_rollout
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.director import Director, retry_stale
+from swarmota.tracker.errors import (
     ConfigError,
     ConflictError,
     ReleaseConflictError,
@@ -28,11 +27,11 @@ from tracker.errors import (
     StaleStateError,
     StorageError,
 )
-from tracker.pg_store import PgStore
-from tracker.protocol import Release
-from tracker.rollout import Admission, RolloutPlan, admit
-from tracker.sqlite_store import SqliteStore
-from tracker.store import (
+from swarmota.tracker.pg_store import PgStore
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.rollout import Admission, RolloutPlan, admit
+from swarmota.tracker.sqlite_store import SqliteStore
+from swarmota.tracker.store import (
     SCHEMA_VERSION,
     AuditEntry,
     DeviceFilter,
@@ -44,7 +43,8 @@ from tracker.store import (
     open_store,
     sqlite_path,
 )
-from tracker.wire import CheckIn, ComponentVersion, Report
+from swarmota.tracker.wire import CheckIn, ComponentVersion, Report
+from tests.tracker_asgi import PRODUCT, START, call, checkin_body, offered, report_body
 
 R1 = Release.create(PRODUCT, "1.0.0", 1)
 R2 = Release.create(PRODUCT, "2.0.0", 2)

@@ -20,17 +20,17 @@ import pytest
 import trio
 from tuf.api import exceptions as tuf_exceptions
 
-from infra.devca import ServerFiles, create_ca, generate_key_file, issue_server_cert
-from infra.http_serve import ListenConfig, Receive, Scope, Send, serve_asgi
-from peer.agent import update_once
-from peer.config import DeviceConfig
-from peer.errors import ConfigError, DownloadFailed, PinMismatch, StatusCode
-from peer.http import HttpClient, TlsPolicy, TufFetcher, _install_pinning
-from seeder import OriginApp, serve_origin
+from swarmota.infra.devca import ServerFiles, create_ca, generate_key_file, issue_server_cert
+from swarmota.infra.http_serve import ListenConfig, Receive, Scope, Send, serve_asgi
+from swarmota.peer.agent import update_once
+from swarmota.peer.config import DeviceConfig
+from swarmota.peer.errors import ConfigError, DownloadFailed, PinMismatch, StatusCode
+from swarmota.peer.http import HttpClient, TlsPolicy, TufFetcher, _install_pinning
+from swarmota.seeder import OriginApp, serve_origin
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.server import serve_tracker
 from tests.release_env import HARDWARE_ID, PRODUCT, ReleaseEnv, assert_untouched, start_env
 from tests.test_origin_tls import _handshake, _local_tls11_works, _tls11_client_context
-from tracker.config import TrackerConfig
-from tracker.server import serve_tracker
 
 BODY = b'{"signed": "timestamp"}\n'
 PATH = "/metadata/timestamp.json"

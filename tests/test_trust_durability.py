@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from peer.agent import update_once
-from peer.errors import StatusCode, VerifyFailed
-from peer.trust import _DurableUpdater, _mend_torn_metadata
+from swarmota.peer.agent import update_once
+from swarmota.peer.errors import StatusCode, VerifyFailed
+from swarmota.peer.trust import _DurableUpdater, _mend_torn_metadata
 from tests.release_env import ReleaseEnv
 
 

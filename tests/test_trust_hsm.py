@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from tuf.api.metadata import Metadata, Targets
 
-from seeder.errors import SigningError
-from seeder.hsm import TokenConfig, generate_token_key, token_signer
-from seeder.keys import load_private_key, load_public_key
-from seeder.publish import is_live, publish_release
-from seeder.repository import named_key
 from swarmota.cli import main
+from swarmota.seeder.errors import SigningError
+from swarmota.seeder.hsm import TokenConfig, generate_token_key, token_signer
+from swarmota.seeder.keys import load_private_key, load_public_key
+from swarmota.seeder.publish import is_live, publish_release
+from swarmota.seeder.repository import named_key
 from tests.trust_env import USER_PIN, SoftHsm, sign, threshold_repo
 
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import trio
 
-from manifest import ReleaseManifest
-from peer.agent import update_once
-from peer.errors import StatusCode
-from seeder.keys import load_private_key
-from seeder.publish import is_live, publish_release
-from seeder.repository import KeySetup, Repository, RoleKeys
 from swarmota.demo import mutate_image
+from swarmota.manifest import ReleaseManifest
+from swarmota.peer.agent import update_once
+from swarmota.peer.errors import StatusCode
+from swarmota.seeder.keys import load_private_key
+from swarmota.seeder.publish import is_live, publish_release
+from swarmota.seeder.repository import KeySetup, Repository, RoleKeys
 from tests.release_env import (
     ReleaseEnv,
     expect_clean_run,

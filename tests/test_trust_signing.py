@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from tuf.api.metadata import Metadata, Root, Targets
 
-from manifest import parse_release_manifest
-from seeder.errors import PublishError, RepositoryError, SigningError
-from seeder.keys import generate_key, load_private_key
-from seeder.publish import highest_counter, is_live, publish_release, published_releases
-from seeder.repository import ExpiryConfig, KeySetup, Repository, RoleKeys
-from seeder.staging import read_request, write_request
+from swarmota.manifest import parse_release_manifest
+from swarmota.seeder.errors import PublishError, RepositoryError, SigningError
+from swarmota.seeder.keys import generate_key, load_private_key
+from swarmota.seeder.publish import highest_counter, is_live, publish_release, published_releases
+from swarmota.seeder.repository import ExpiryConfig, KeySetup, Repository, RoleKeys
+from swarmota.seeder.staging import read_request, write_request
 from tests.trust_env import offline_key, sign, threshold_repo
 
 PRODUCT = "acme-router"

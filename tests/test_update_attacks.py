@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from peer.agent import update_once
-from peer.errors import StatusCode
-from seeder.repository import Repository
+from swarmota.peer.agent import update_once
+from swarmota.peer.errors import StatusCode
+from swarmota.seeder.repository import Repository
 from tests.release_env import (
     ReleaseEnv,
     assert_untouched,
@@ -125,7 +125,7 @@ async def test_older_release_offered_after_newer_is_refused(env: ReleaseEnv,
                                         "release_counter": 3,
                                         "target": "releases/acme-router/1.0.0.json"})
     config = dev.config()
-    from peer.config import save_config
+    from swarmota.peer.config import save_config
 
     save_config(dev.config_path, type(config)(**{**config.__dict__, "tracker_url": evil}))
     result = await update_once(dev)

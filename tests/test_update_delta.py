@@ -3,11 +3,11 @@ base and result, and falls back to the full payload when anything about the delt
 
 from __future__ import annotations
 
-from manifest import ReleaseManifest
-from peer.agent import update_once
-from peer.errors import StatusCode
-from seeder.publish import publish_release
 from swarmota.demo import mutate_image
+from swarmota.manifest import ReleaseManifest
+from swarmota.peer.agent import update_once
+from swarmota.peer.errors import StatusCode
+from swarmota.seeder.publish import publish_release
 from tests.release_env import HARDWARE_ID, PRODUCT, ReleaseEnv, flip_byte
 
 

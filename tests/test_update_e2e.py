@@ -12,9 +12,9 @@ import pytest
 import trio
 import zstandard
 
-from infra.devca import create_ca, issue_device_cert
-from peer.agent import update_once
-from peer.errors import StatusCode
+from swarmota.infra.devca import create_ca, issue_device_cert
+from swarmota.peer.agent import update_once
+from swarmota.peer.errors import StatusCode
 from tests.release_env import SHARED_DATA, ReleaseEnv, read_body, start_env
 
 
@@ -140,7 +140,7 @@ async def test_report_kept_while_tracker_down_and_delivered_later(
     """Nothing reported is lost: a report the tracker could not take waits in the outbox."""
     import json
 
-    from infra.http_serve import ListenConfig, serve_asgi
+    from swarmota.infra.http_serve import ListenConfig, serve_asgi
 
     received: list[dict[str, object]] = []
     tracker_up = False
@@ -175,7 +175,7 @@ async def test_report_kept_while_tracker_down_and_delivered_later(
 
 
 def test_request_plan_groups_adjacent_missing_chunks() -> None:
-    from peer.download import MAX_REQUEST_BYTES, plan_requests
+    from swarmota.peer.download import MAX_REQUEST_BYTES, plan_requests
 
     chunk = 16384
     runs = plan_requests([0, 1, 2, 3, 5, 6, 9], chunk, 100 * chunk, concurrency=1)
@@ -190,7 +190,7 @@ async def test_full_payload_download_uses_few_range_requests(env: ReleaseEnv) ->
     dev = env.device("dev-1")
     before = env.origin.statistics().requests
     assert (await update_once(dev)).status == StatusCode.OK
-    from peer.download import plan_requests
+    from swarmota.peer.download import plan_requests
 
     requests = env.origin.statistics().requests - before
     p = env.m2.full_payload

@@ -35,23 +35,23 @@ from typing import Any
 import pytest
 import trio
 
-from infra.http_serve import ListenConfig
-from manifest import ReleaseManifest
-from peer.bootloader import FACTORY, GrubEnv, script
-from peer.config import DeviceConfig, save_config
-from peer.state import init_device
-from seeder.origin import OriginApp, OriginConfig
-from seeder.publish import publish_release
-from seeder.repository import Repository
-from seeder.server import serve_origin
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.manifest import ReleaseManifest
+from swarmota.peer.bootloader import FACTORY, GrubEnv, script
+from swarmota.peer.config import DeviceConfig, save_config
+from swarmota.peer.state import init_device
+from swarmota.seeder.origin import OriginApp, OriginConfig
+from swarmota.seeder.publish import publish_release
+from swarmota.seeder.repository import Repository
+from swarmota.seeder.server import serve_origin
+from swarmota.tracker.catalogue import register_release
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.rollout import RolloutPlan
+from swarmota.tracker.server import serve_tracker
+from swarmota.tracker.sqlite_store import SqliteStore
 from tests.release_env import HARDWARE_ID, PRODUCT
 from tests.vmimage import GRUB_DIR, VM_TOOLS, build_disk, find_kernel, release_image
-from tracker.catalogue import register_release
-from tracker.config import TrackerConfig
-from tracker.protocol import Release
-from tracker.rollout import RolloutPlan
-from tracker.server import serve_tracker
-from tracker.sqlite_store import SqliteStore
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts" / "vm"

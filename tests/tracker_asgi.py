@@ -12,15 +12,15 @@ from typing import Any
 import pytest
 import trio
 
-from tracker.admin import hash_token, new_token
-from tracker.app import TrackerApp
-from tracker.bittorrent import SwarmInfo
-from tracker.config import TrackerConfig
-from tracker.director import Director
-from tracker.protocol import Release
-from tracker.registry import SwarmRegistry
-from tracker.sqlite_store import SqliteStore
-from tracker.store import TokenRecord
+from swarmota.tracker.admin import hash_token, new_token
+from swarmota.tracker.app import TrackerApp
+from swarmota.tracker.bittorrent import SwarmInfo
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.director import Director
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.registry import SwarmRegistry
+from swarmota.tracker.sqlite_store import SqliteStore
+from swarmota.tracker.store import TokenRecord
 
 PRODUCT = "acme-router"
 INFO_HASH = "ab" * 32

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tracker import cli
+from swarmota.tracker import cli
 
 
 def run_cli(*argv: str) -> int:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from seeder.hsm import TokenConfig
-from seeder.keys import load_private_key
-from seeder.repository import KeySetup, Repository, RoleKeys, Staged
+from swarmota.seeder.hsm import TokenConfig
+from swarmota.seeder.keys import load_private_key
+from swarmota.seeder.repository import KeySetup, Repository, RoleKeys, Staged
 
 SOFTHSM_LIBRARIES = (Path("/usr/lib/softhsm/libsofthsm2.so"),
                      Path("/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so"))

@@ -1,7 +1,7 @@
 """Test-only: write TUF metadata into a published origin tree with any keys, as the
 repository owner rotating keys, or as an attacker holding some of them.
 
-The product's :class:`seeder.repository.Repository` only ever signs correct metadata;
+The product's :class:`swarmota.seeder.repository.Repository` only ever signs correct metadata;
 the metadata attack tests need roots that rotate keys, skip versions or list a key
 twice, and timestamps with forged versions. :class:`Forge` reads the newest files from
 ``origin/metadata`` and writes new ones beside them (consistent snapshots:
@@ -20,8 +20,8 @@ from typing import Any
 from securesystemslib.signer import CryptoSigner, Key
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
 
-from seeder.keys import load_private_key
-from seeder.repository import Repository
+from swarmota.seeder.keys import load_private_key
+from swarmota.seeder.repository import Repository
 
 __all__ = ["Forge", "metafile", "same_key_twice"]
 

@@ -33,19 +33,19 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl
 
-from infra.deviceauth import DeviceAuthError, read_certificates
-from infra.ids import DEVICE_ID_RE
-from manifest import MAX_MANIFEST_BYTES
-from tracker.catalogue import register_release, start_rollout
-from tracker.director import Director, retry_stale
-from tracker.errors import (
+from swarmota.infra.deviceauth import DeviceAuthError, read_certificates
+from swarmota.infra.ids import DEVICE_ID_RE
+from swarmota.manifest import MAX_MANIFEST_BYTES
+from swarmota.tracker.catalogue import register_release, start_rollout
+from swarmota.tracker.director import Director, retry_stale
+from swarmota.tracker.errors import (
     AuthError,
     ConflictError,
     RequestError,
     TrackerError,
 )
-from tracker.protocol import Release
-from tracker.rollout import (
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.rollout import (
     ACTIONS,
     DEVICE_STATUSES,
     LABEL_RE,
@@ -55,14 +55,14 @@ from tracker.rollout import (
     apply_action,
     tick,
 )
-from tracker.store import (
+from swarmota.tracker.store import (
     MAX_PAGE,
     AuditEntry,
     DeviceFilter,
     RevokedCertificate,
     TokenRecord,
 )
-from tracker.views import (
+from swarmota.tracker.views import (
     admission_to_json,
     audit_to_json,
     device_to_json,
@@ -72,7 +72,7 @@ from tracker.views import (
     revoked_to_json,
     rollout_to_json,
 )
-from tracker.wire import STATUS_NAMES
+from swarmota.tracker.wire import STATUS_NAMES
 
 __all__ = [
     "ACTION_ROLES",

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from tracker.errors import AdminApiError
+from swarmota.tracker.errors import AdminApiError
 
 __all__ = ["AdminClient"]
 

@@ -56,9 +56,9 @@ from typing import Final, Protocol
 
 import trio
 
-from infra.http_serve import bind_error
-from tracker.bittorrent import MAX_QUERY_BYTES
-from tracker.wire import MAX_BODY_BYTES, encode_json, failure_reason
+from swarmota.infra.http_serve import bind_error
+from swarmota.tracker.bittorrent import MAX_QUERY_BYTES
+from swarmota.tracker.wire import MAX_BODY_BYTES, encode_json, failure_reason
 
 __all__ = [
     "BITTORRENT_PATHS",

@@ -32,22 +32,22 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from infra.http_serve import Receive, Scope, Send
-from tracker import admin, console
-from tracker.bt_api import BITTORRENT_PATHS, answer_bittorrent, wrong_method
-from tracker.device_api import DEVICE_PATHS, answer_device
-from tracker.director import Director
-from tracker.errors import (
+from swarmota.infra.http_serve import Receive, Scope, Send
+from swarmota.tracker import admin, console
+from swarmota.tracker.bt_api import BITTORRENT_PATHS, answer_bittorrent, wrong_method
+from swarmota.tracker.device_api import DEVICE_PATHS, answer_device
+from swarmota.tracker.director import Director
+from swarmota.tracker.errors import (
     AuthError,
     ConflictError,
     RequestError,
     StorageError,
     UpstreamError,
 )
-from tracker.identity import DeviceRefused
-from tracker.metrics import TrackerStatistics
-from tracker.openapi import openapi_document
-from tracker.wire import WireError, encode_json
+from swarmota.tracker.identity import DeviceRefused
+from swarmota.tracker.metrics import TrackerStatistics
+from swarmota.tracker.openapi import openapi_document
+from swarmota.tracker.wire import WireError, encode_json
 
 __all__ = ["TrackerApp"]
 

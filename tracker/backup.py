@@ -31,9 +31,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.fsio import fsync_dir
-from tracker.errors import StorageError
-from tracker.store import SCHEMA_VERSION
+from swarmota.infra.fsio import fsync_dir
+from swarmota.tracker.errors import StorageError
+from swarmota.tracker.store import SCHEMA_VERSION
 
 __all__ = ["BackupError", "BackupInfo", "backup_database", "inspect_backup",
            "restore_database"]

@@ -41,8 +41,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from tracker.errors import RequestError
-from tracker.wire import DEVICE_ID_RE, failure_reason
+from swarmota.tracker.errors import RequestError
+from swarmota.tracker.wire import DEVICE_ID_RE, failure_reason
 
 __all__ = [
     "ANNOUNCE_HASH_BYTES",

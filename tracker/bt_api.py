@@ -15,17 +15,17 @@ import logging
 from collections.abc import Sequence
 from typing import Final
 
-from tracker.bittorrent import (
+from swarmota.tracker.bittorrent import (
     announce_answer,
     parse_announce,
     parse_scrape,
     peer_address,
     scrape_answer,
 )
-from tracker.director import Director
-from tracker.errors import RequestError, StorageError, UnknownSwarmError
-from tracker.identity import DeviceRefused
-from tracker.wire import failure_reason
+from swarmota.tracker.director import Director
+from swarmota.tracker.errors import RequestError, StorageError, UnknownSwarmError
+from swarmota.tracker.identity import DeviceRefused
+from swarmota.tracker.wire import failure_reason
 
 __all__ = ["BITTORRENT_PATHS", "answer_bittorrent", "wrong_method"]
 

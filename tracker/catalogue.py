@@ -10,9 +10,9 @@ import json
 import secrets
 import time
 
-from tracker.protocol import Release
-from tracker.rollout import RolloutPlan, RolloutState, new_rollout
-from tracker.store import AuditEntry, Store
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.rollout import RolloutPlan, RolloutState, new_rollout
+from swarmota.tracker.store import AuditEntry, Store
 
 __all__ = ["register_release", "start_rollout"]
 

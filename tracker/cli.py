@@ -57,13 +57,13 @@ from urllib.parse import quote, urlsplit
 
 import trio
 
-from infra.deviceauth import DeviceAuthError, read_certificates
-from infra.http_serve import ListenConfig, parse_listen
-from manifest import MAX_MANIFEST_BYTES, ManifestFormatError, parse_release_manifest
-from tracker.admin import ROLES, TOKEN_NAME_RE, hash_token, new_token
-from tracker.admin_client import AdminClient
-from tracker.backup import BackupInfo, backup_database, restore_database
-from tracker.client_cli import (
+from swarmota.infra.deviceauth import DeviceAuthError, read_certificates
+from swarmota.infra.http_serve import ListenConfig, parse_listen
+from swarmota.manifest import MAX_MANIFEST_BYTES, ManifestFormatError, parse_release_manifest
+from swarmota.tracker.admin import ROLES, TOKEN_NAME_RE, hash_token, new_token
+from swarmota.tracker.admin_client import AdminClient
+from swarmota.tracker.backup import BackupInfo, backup_database, restore_database
+from swarmota.tracker.client_cli import (
     add_client_options,
     add_plan_options,
     device_arg,
@@ -72,16 +72,16 @@ from tracker.client_cli import (
     register_releases,
     time_arg,
 )
-from tracker.config import DEFAULT_POLL_AFTER_S, TrackerConfig
-from tracker.errors import (
+from swarmota.tracker.config import DEFAULT_POLL_AFTER_S, TrackerConfig
+from swarmota.tracker.errors import (
     AdminApiError,
     ConfigError,
     RequestError,
     StorageError,
 )
-from tracker.identity import load_fleet_trust
-from tracker.proxies import TrustedProxies
-from tracker.render import (
+from swarmota.tracker.identity import load_fleet_trust
+from swarmota.tracker.proxies import TrustedProxies
+from swarmota.tracker.render import (
     escape,
     render_audit,
     render_device,
@@ -96,9 +96,9 @@ from tracker.render import (
     render_rollout_devices,
     render_rollouts,
 )
-from tracker.rollout import ACTIONS, DEVICE_STATUSES, PHASES
-from tracker.server import serve_tracker_endpoints
-from tracker.store import (
+from swarmota.tracker.rollout import ACTIONS, DEVICE_STATUSES, PHASES
+from swarmota.tracker.server import serve_tracker_endpoints
+from swarmota.tracker.store import (
     MAX_PAGE,
     AuditEntry,
     TokenRecord,
@@ -107,8 +107,8 @@ from tracker.store import (
     redact_url,
     sqlite_path,
 )
-from tracker.watch import END_PHASES, EXIT_TIMEOUT, WatchConfig, watch
-from tracker.wire import MAX_POLL_AFTER_S, MIN_POLL_AFTER_S, STATUS_NAMES
+from swarmota.tracker.watch import END_PHASES, EXIT_TIMEOUT, WatchConfig, watch
+from swarmota.tracker.wire import MAX_POLL_AFTER_S, MIN_POLL_AFTER_S, STATUS_NAMES
 
 __all__ = ["DEFAULT_LISTEN", "add_parser"]
 
@@ -740,7 +740,7 @@ def _certificate_of(path: Path, device_id: str) -> str:
 
 
 def cmd_rollout_watch(args: argparse.Namespace) -> int:
-    """Follow a rollout until it ends (:mod:`tracker.watch`); its exit code."""
+    """Follow a rollout until it ends (:mod:`swarmota.tracker.watch`); its exit code."""
     config = WatchConfig(interval_s=args.interval_s, max_s=args.max_s,
                          until_phases=frozenset(args.until_phase),
                          redraw=sys.stdout.isatty() and not args.json,
@@ -883,13 +883,13 @@ def _check_repository_args(args: argparse.Namespace) -> None:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    """Back the database up (tracker.backup)."""
+    """Back the database up (swarmota.tracker.backup)."""
     return _backup_step(f"backed up {args.db} to",
                         lambda: backup_database(args.db, args.out, overwrite=args.overwrite))
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    """Restore a backup into the database (tracker.backup)."""
+    """Restore a backup into the database (swarmota.tracker.backup)."""
     return _backup_step(f"restored {args.backup} into",
                         lambda: restore_database(args.backup, args.db, force=args.force))
 

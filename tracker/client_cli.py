@@ -29,10 +29,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-from infra.ids import DEVICE_ID_RE
-from infra.timewindows import parse_window
-from tracker.admin_client import AdminClient
-from tracker.client_settings import (
+from swarmota.infra.ids import DEVICE_ID_RE
+from swarmota.infra.timewindows import parse_window
+from swarmota.tracker.admin_client import AdminClient
+from swarmota.tracker.client_settings import (
     DEFAULT_URL,
     ENV_CA_FILE,
     ENV_CONFIG,
@@ -41,15 +41,15 @@ from tracker.client_settings import (
     ClientSettings,
     load_settings,
 )
-from tracker.errors import AdminApiError, ConfigError, RequestError
-from tracker.plan_file import (
+from swarmota.tracker.errors import AdminApiError, ConfigError, RequestError
+from swarmota.tracker.plan_file import (
     MAX_PLAN_FILE_BYTES,
     PLAN_KEYS,
     build_plan,
     parse_plan_file,
     parse_time,
 )
-from tracker.rollout import RolloutPlan
+from swarmota.tracker.rollout import RolloutPlan
 
 __all__ = [
     "PLAN_FLAGS",

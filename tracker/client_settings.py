@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from tracker.errors import ConfigError
+from swarmota.tracker.errors import ConfigError
 
 __all__ = [
     "DEFAULT_URL",

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.http_serve import ListenConfig
-from tracker.announce_server import AnnounceServerLimits
-from tracker.registry import DEFAULT_MAX_PEERS_PER_SWARM, DEFAULT_MAX_PEERS_TOTAL
-from tracker.wire import MAX_BODY_BYTES, MAX_POLL_AFTER_S, MIN_POLL_AFTER_S
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.tracker.announce_server import AnnounceServerLimits
+from swarmota.tracker.registry import DEFAULT_MAX_PEERS_PER_SWARM, DEFAULT_MAX_PEERS_TOTAL
+from swarmota.tracker.wire import MAX_BODY_BYTES, MAX_POLL_AFTER_S, MIN_POLL_AFTER_S
 
 __all__ = [
     "DEFAULT_ANNOUNCE_INTERVAL_S",
@@ -181,7 +181,7 @@ class TrackerConfig:
 
     @property
     def database(self) -> str | Path:
-        """The database, as :func:`tracker.store.open_store` takes it."""
+        """The database, as :func:`swarmota.tracker.store.open_store` takes it."""
         if self.db_url is not None:
             return self.db_url
         if self.db_path is None:

@@ -85,7 +85,7 @@ def asset_bytes(name: str) -> bytes:
     """
     if name not in ASSETS:
         raise KeyError(name)
-    return (resources.files("tracker") / "console_assets" / name).read_bytes()
+    return (resources.files("swarmota.tracker") / "console_assets" / name).read_bytes()
 
 
 def answer(method: str, path: str) -> ConsoleAnswer:

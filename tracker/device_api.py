@@ -14,10 +14,10 @@ import logging
 from collections.abc import Sequence
 from typing import Final
 
-from tracker.director import Director
-from tracker.errors import RequestError, StorageError
-from tracker.identity import DeviceRefused
-from tracker.wire import WireError, encode_json, parse_checkin, parse_report
+from swarmota.tracker.director import Director
+from swarmota.tracker.errors import RequestError, StorageError
+from swarmota.tracker.identity import DeviceRefused
+from swarmota.tracker.wire import WireError, encode_json, parse_checkin, parse_report
 
 __all__ = ["DEVICE_PATHS", "answer_device"]
 

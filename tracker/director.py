@@ -39,25 +39,25 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import outcome
 import trio
 
-from infra.deviceauth import ANNOUNCE_KEY_BYTES, AnnounceKey, AnnounceKeys, Authenticated
-from infra.worker import BatchWorker
-from tracker.bittorrent import (
+from swarmota.infra.deviceauth import ANNOUNCE_KEY_BYTES, AnnounceKey, AnnounceKeys, Authenticated
+from swarmota.infra.worker import BatchWorker
+from swarmota.tracker.bittorrent import (
     AnnounceRequest,
     PeerAddress,
     ScrapeCounts,
     ScrapeRequest,
     SwarmInfo,
 )
-from tracker.config import TrackerConfig
-from tracker.errors import StaleStateError, StorageError, UnknownSwarmError
-from tracker.identity import DeviceGate, DeviceRefused, bind, load_fleet_trust
-from tracker.metrics import Counters, Metric, TrackerStatistics, render_statistics
-from tracker.offers import Candidate, OfferChoice, choose_offer
-from tracker.protocol import Release, newer_releases
-from tracker.proxies import TrustedProxies
-from tracker.registry import AnnounceResult, SwarmRegistry
-from tracker.release_trust import ReleaseVerifier
-from tracker.rollout import (
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.errors import StaleStateError, StorageError, UnknownSwarmError
+from swarmota.tracker.identity import DeviceGate, DeviceRefused, bind, load_fleet_trust
+from swarmota.tracker.metrics import Counters, Metric, TrackerStatistics, render_statistics
+from swarmota.tracker.offers import Candidate, OfferChoice, choose_offer
+from swarmota.tracker.protocol import Release, newer_releases
+from swarmota.tracker.proxies import TrustedProxies
+from swarmota.tracker.registry import AnnounceResult, SwarmRegistry
+from swarmota.tracker.release_trust import ReleaseVerifier
+from swarmota.tracker.rollout import (
     Decision,
     RolloutState,
     mark_downloading,
@@ -65,8 +65,8 @@ from tracker.rollout import (
     open_to_all,
     tick,
 )
-from tracker.store import AuditEntry, Store
-from tracker.wire import (
+from swarmota.tracker.store import AuditEntry, Store
+from swarmota.tracker.wire import (
     MAX_POLL_AFTER_S,
     MIN_POLL_AFTER_S,
     STATUS_NAMES,
@@ -79,7 +79,7 @@ from tracker.wire import (
 )
 
 if TYPE_CHECKING:
-    from tracker.redis_state import RedisState
+    from swarmota.tracker.redis_state import RedisState
 
 __all__ = ["CheckinAnswer", "Director", "retry_stale"]
 

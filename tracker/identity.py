@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
 import trio
 
-from infra.deviceauth import (
+from swarmota.infra.deviceauth import (
     ANNOUNCE_AUTH_HEADER,
     CERT_HEADER,
     SIGNATURE_HEADER,
@@ -66,11 +66,11 @@ from infra.deviceauth import (
     FleetTrust,
     find_header,
 )
-from tracker.errors import ConfigError, StorageError
+from swarmota.tracker.errors import ConfigError, StorageError
 
 if TYPE_CHECKING:
-    from tracker.redis_state import RedisState
-    from tracker.store import Store
+    from swarmota.tracker.redis_state import RedisState
+    from swarmota.tracker.store import Store
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tracker.identity import REFUSAL_KINDS
-from tracker.wire import STATUS_NAMES
+from swarmota.tracker.identity import REFUSAL_KINDS
+from swarmota.tracker.wire import STATUS_NAMES
 
 __all__ = ["Counters", "Metric", "TrackerStatistics", "render_metrics",
            "render_statistics"]

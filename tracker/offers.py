@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from tracker.protocol import Release
-from tracker.rollout import Admission, Decision, RolloutState, admit, tick
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.rollout import Admission, Decision, RolloutState, admit, tick
 
 __all__ = ["Candidate", "OfferChoice", "RolloutChange", "choose_offer"]
 

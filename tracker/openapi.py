@@ -14,9 +14,9 @@ import json
 import sys
 from typing import Any
 
-from tracker.admin import ROUTES, Route
-from tracker.rollout import ACTIONS, DEVICE_STATUSES, PHASES, RolloutPlan
-from tracker.wire import (
+from swarmota.tracker.admin import ROUTES, Route
+from swarmota.tracker.rollout import ACTIONS, DEVICE_STATUSES, PHASES, RolloutPlan
+from swarmota.tracker.wire import (
     DEVICE_ID_RE,
     MAX_BYTES_COUNT,
     MAX_COMPONENTS,
@@ -281,7 +281,7 @@ def openapi_document() -> dict[str, Any]:
 
 
 def main() -> int:
-    """Print the document (``python -m tracker.openapi > docs/openapi.json``)."""
+    """Print the document (``python -m swarmota.tracker.openapi > docs/openapi.json``)."""
     sys.stdout.write(json.dumps(openapi_document(), indent=2, sort_keys=True) + "\n")
     return 0
 

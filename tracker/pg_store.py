@@ -38,9 +38,16 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
-from tracker.errors import StaleStateError, StorageError
-from tracker.sql_store import Connection, Cursor, Dialect, SqlStore, migrate, split_statements
-from tracker.store import redact_url
+from swarmota.tracker.errors import StaleStateError, StorageError
+from swarmota.tracker.sql_store import (
+    Connection,
+    Cursor,
+    Dialect,
+    SqlStore,
+    migrate,
+    split_statements,
+)
+from swarmota.tracker.store import redact_url
 
 __all__ = ["LOCK_TIMEOUT_S", "STATEMENT_TIMEOUT_S", "PgStore"]
 

@@ -36,9 +36,9 @@ import tomllib
 from collections.abc import Mapping
 from typing import Any, Final
 
-from infra.ids import DEVICE_ID_RE
-from tracker.errors import RequestError
-from tracker.rollout import RolloutPlan
+from swarmota.infra.ids import DEVICE_ID_RE
+from swarmota.tracker.errors import RequestError
+from swarmota.tracker.rollout import RolloutPlan
 
 __all__ = ["MAX_PLAN_FILE_BYTES", "PLAN_KEYS", "build_plan", "parse_plan_file", "parse_time"]
 

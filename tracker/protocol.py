@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from manifest import ManifestFormatError, ReleaseManifest, release_target_name
-from tracker.bittorrent import SwarmInfo
-from tracker.errors import RequestError
-from tracker.wire import MAX_RELEASE_COUNTER, CheckIn
+from swarmota.manifest import ManifestFormatError, ReleaseManifest, release_target_name
+from swarmota.tracker.bittorrent import SwarmInfo
+from swarmota.tracker.errors import RequestError
+from swarmota.tracker.wire import MAX_RELEASE_COUNTER, CheckIn
 
 __all__ = ["PayloadSummary", "Release", "decide_offer", "floor_of", "newer_releases"]
 

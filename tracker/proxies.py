@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 
-from tracker.errors import ConfigError
+from swarmota.tracker.errors import ConfigError
 
 __all__ = ["TrustedProxies"]
 

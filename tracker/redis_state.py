@@ -49,11 +49,11 @@ from typing import Any, Final
 import outcome
 import redis
 
-from infra.worker import BatchWorker
-from tracker.bittorrent import AnnounceRequest, HandedPeer, PeerAddress, ScrapeCounts
-from tracker.errors import StorageError
-from tracker.registry import AnnounceResult, RegistryStatistics
-from tracker.store import redact_url
+from swarmota.infra.worker import BatchWorker
+from swarmota.tracker.bittorrent import AnnounceRequest, HandedPeer, PeerAddress, ScrapeCounts
+from swarmota.tracker.errors import StorageError
+from swarmota.tracker.registry import AnnounceResult, RegistryStatistics
+from swarmota.tracker.store import redact_url
 
 __all__ = ["COUNTER_TTL_S", "RedisState"]
 

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from tracker.bittorrent import AnnounceRequest, HandedPeer, PeerAddress, ScrapeCounts
+from swarmota.tracker.bittorrent import AnnounceRequest, HandedPeer, PeerAddress, ScrapeCounts
 
 __all__ = [
     "DEFAULT_MAX_PEERS_PER_SWARM",

@@ -31,14 +31,14 @@ import trio
 from tuf.api import exceptions as tuf_exceptions
 from tuf.ngclient import FetcherInterface, Updater
 
-from manifest import (
+from swarmota.manifest import (
     MAX_MANIFEST_BYTES,
     ManifestFormatError,
     ReleaseManifest,
     parse_release_manifest,
     release_target_name,
 )
-from tracker.errors import ConfigError, RequestError, UpstreamError
+from swarmota.tracker.errors import ConfigError, RequestError, UpstreamError
 
 __all__ = ["ReleaseVerifier"]
 

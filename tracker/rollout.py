@@ -77,9 +77,9 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from infra.timewindows import Window, parse_window
-from tracker.errors import ConflictError, RequestError
-from tracker.wire import STATUS_NAMES, StatusCode
+from swarmota.infra.timewindows import Window, parse_window
+from swarmota.tracker.errors import ConflictError, RequestError
+from swarmota.tracker.wire import STATUS_NAMES, StatusCode
 
 __all__ = [
     "ACTIONS",

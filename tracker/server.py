@@ -14,20 +14,20 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from infra.http_serve import ListenConfig, serve_asgi
-from tracker.announce_server import serve_announce
-from tracker.app import TrackerApp
-from tracker.bt_api import answer_bittorrent
-from tracker.config import TrackerConfig
-from tracker.device_api import answer_device
-from tracker.director import Director
-from tracker.errors import ConfigError
-from tracker.registry import SwarmRegistry
-from tracker.release_trust import ReleaseVerifier
-from tracker.store import open_store, redact_url
+from swarmota.infra.http_serve import ListenConfig, serve_asgi
+from swarmota.tracker.announce_server import serve_announce
+from swarmota.tracker.app import TrackerApp
+from swarmota.tracker.bt_api import answer_bittorrent
+from swarmota.tracker.config import TrackerConfig
+from swarmota.tracker.device_api import answer_device
+from swarmota.tracker.director import Director
+from swarmota.tracker.errors import ConfigError
+from swarmota.tracker.registry import SwarmRegistry
+from swarmota.tracker.release_trust import ReleaseVerifier
+from swarmota.tracker.store import open_store, redact_url
 
 if TYPE_CHECKING:
-    from tracker.redis_state import RedisState
+    from swarmota.tracker.redis_state import RedisState
 
 __all__ = ["TRACKER_TLS_MIN_VERSION", "TrackerUrls", "serve_tracker", "serve_tracker_endpoints"]
 
@@ -157,7 +157,7 @@ def _shared_state(url: str, config: TrackerConfig, clock: Callable[[], float]) -
     Raises:
         ConfigError: the URL does not parse.
     """
-    from tracker.redis_state import RedisState
+    from swarmota.tracker.redis_state import RedisState
 
     try:
         return RedisState(url, interval_s=config.announce_interval_s,

@@ -26,16 +26,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from tracker.bittorrent import SwarmInfo
-from tracker.errors import (
+from swarmota.tracker.bittorrent import SwarmInfo
+from swarmota.tracker.errors import (
     ConflictError,
     ReleaseConflictError,
     RequestError,
     StaleStateError,
     StorageError,
 )
-from tracker.protocol import PayloadSummary, Release
-from tracker.rollout import (
+from swarmota.tracker.protocol import PayloadSummary, Release
+from swarmota.tracker.rollout import (
     RESTARTABLE,
     Admission,
     FailureNote,
@@ -43,7 +43,7 @@ from tracker.rollout import (
     RolloutState,
     StageCounters,
 )
-from tracker.store import (
+from swarmota.tracker.store import (
     SCHEMA_VERSION,
     AuditEntry,
     DeviceFilter,
@@ -53,7 +53,7 @@ from tracker.store import (
     StoredReport,
     TokenRecord,
 )
-from tracker.wire import CheckIn, ComponentVersion, Report
+from swarmota.tracker.wire import CheckIn, ComponentVersion, Report
 
 __all__ = ["Connection", "Cursor", "Dialect", "SqlStore", "migrate", "split_statements"]
 

@@ -36,8 +36,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tracker.errors import StorageError
-from tracker.sql_store import Connection, Dialect, SqlStore, migrate, split_statements
+from swarmota.tracker.errors import StorageError
+from swarmota.tracker.sql_store import Connection, Dialect, SqlStore, migrate, split_statements
 
 __all__ = ["SqliteStore"]
 
@@ -265,7 +265,7 @@ _DIALECT = Dialect(
 
 
 class _Connection:
-    """An ``sqlite3.Connection`` as :class:`~tracker.sql_store.Connection`."""
+    """An ``sqlite3.Connection`` as :class:`~swarmota.tracker.sql_store.Connection`."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.raw = conn

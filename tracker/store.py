@@ -46,11 +46,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from tracker.bittorrent import SwarmInfo
-from tracker.errors import ConfigError
-from tracker.protocol import Release
-from tracker.rollout import Admission, RolloutState
-from tracker.wire import CheckIn, ComponentVersion, Report
+from swarmota.tracker.bittorrent import SwarmInfo
+from swarmota.tracker.errors import ConfigError
+from swarmota.tracker.protocol import Release
+from swarmota.tracker.rollout import Admission, RolloutState
+from swarmota.tracker.wire import CheckIn, ComponentVersion, Report
 
 __all__ = ["MAX_PAGE", "SCHEMA_VERSION", "AuditEntry", "DeviceFilter", "DeviceRecord",
            "RevokedCertificate", "RolloutDevice", "Store", "StoredReport", "TokenRecord",
@@ -514,9 +514,9 @@ def open_store(db: str | Path, *, create: bool = True,
             newer schema.
     """
     if is_postgresql_url(db):
-        from tracker.pg_store import PgStore  # psycopg only where PostgreSQL is used
+        from swarmota.tracker.pg_store import PgStore  # psycopg only where PostgreSQL is used
         return PgStore(str(db), clock=clock)
-    from tracker.sqlite_store import SqliteStore
+    from swarmota.tracker.sqlite_store import SqliteStore
     return SqliteStore(sqlite_path(db), create=create, clock=clock)
 
 

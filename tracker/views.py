@@ -10,22 +10,22 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tracker.protocol import PayloadSummary, Release
-from tracker.rollout import (
+from swarmota.tracker.protocol import PayloadSummary, Release
+from swarmota.tracker.rollout import (
     Admission,
     FailureNote,
     RolloutState,
     StageCounters,
     allowed_actions,
 )
-from tracker.store import (
+from swarmota.tracker.store import (
     AuditEntry,
     DeviceRecord,
     RevokedCertificate,
     RolloutDevice,
     StoredReport,
 )
-from tracker.wire import FAILURE_STATUSES, STATUS_NAMES
+from swarmota.tracker.wire import FAILURE_STATUSES, STATUS_NAMES
 
 __all__ = [
     "admission_to_json",

@@ -24,8 +24,8 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TextIO
 
-from tracker.errors import AdminApiError
-from tracker.render import local_time, zone_name
+from swarmota.tracker.errors import AdminApiError
+from swarmota.tracker.render import local_time, zone_name
 
 __all__ = ["END_PHASES", "EXIT_TIMEOUT", "WatchConfig", "exit_code_of", "watch"]
 

@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Final
 
-from infra.ids import DEVICE_ID_RE, DEVICE_ID_RULE
-from manifest import (
+from swarmota.infra.ids import DEVICE_ID_RE, DEVICE_ID_RULE
+from swarmota.manifest import (
     ManifestFormatError,
     release_target_name,
     validate_component,
