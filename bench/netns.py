@@ -6,8 +6,11 @@ touching the host's interfaces. One HTB tree on the namespace's ``lo``:
 
 * class ``1:10``: every packet whose source address is the origin's (``origin_ip``), at
   ``origin_rate_bits_per_s``: the CDN-to-home link;
-* class ``1:20``: everything else (LAN traffic between devices, the tracker), at
-  ``lan_rate_bits_per_s``, or effectively unlimited when that is 0.
+* class ``1:20``: everything else (LAN traffic between devices), at
+  ``lan_rate_bits_per_s``, or effectively unlimited when that is 0;
+* classes ``1:30``, ``1:31``, ...: one per address of ``counted_ips`` (the tracker), at
+  the LAN rate, so that what each of those servers sends is counted on its own
+  (:meth:`Shaping.counted_class`).
 
 :func:`shaped_namespace` creates it (after removing namespaces of this kind left behind by
 a process that no longer exists), yields its name, and on the way out, also on Ctrl-C,
@@ -43,6 +46,8 @@ LAN_CLASS = "1:20"
 _UNLIMITED = "100gbit"
 _QUANTUM_BYTES = 200_000  # >= lo's 64 KiB packets
 _COMMAND_TIMEOUT_S = 30.0
+_COUNTED_CLASS_BASE = 30
+_MAX_COUNTED = 8
 
 
 class NetnsError(Exception):
@@ -56,14 +61,24 @@ class Shaping:
     origin_ip: str
     origin_rate_bits_per_s: int
     lan_rate_bits_per_s: int = 0  # 0: unshaped
+    counted_ips: tuple[str, ...] = ()  # senders counted in classes of their own
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"127\.\d{1,3}\.\d{1,3}\.\d{1,3}", self.origin_ip):
-            raise ValueError(f"origin address {self.origin_ip!r} is not a loopback address")
+        for ip in (self.origin_ip, *self.counted_ips):
+            if not re.fullmatch(r"127\.\d{1,3}\.\d{1,3}\.\d{1,3}", ip):
+                raise ValueError(f"address {ip!r} is not a loopback address")
+        if self.origin_ip in self.counted_ips or len(set(self.counted_ips)) != len(
+                self.counted_ips) or len(self.counted_ips) > _MAX_COUNTED:
+            raise ValueError(f"counted addresses must be distinct, at most {_MAX_COUNTED}, "
+                             "and not the origin's")
         if self.origin_rate_bits_per_s < 8_000:
             raise ValueError("the origin rate must be at least 8 kbit/s")
         if self.lan_rate_bits_per_s < 0:
             raise ValueError("the LAN rate must be >= 0 (0: unshaped)")
+
+    def counted_class(self, ip: str) -> str:
+        """The HTB class that counts what ``ip`` (one of ``counted_ips``) sends."""
+        return f"1:{_COUNTED_CLASS_BASE + self.counted_ips.index(ip)}"
 
     def burst_bytes(self, rate_bits_per_s: int) -> int:
         """HTB bucket: 10 ms at the rate, at least two 64 KiB loopback packets."""
@@ -137,6 +152,10 @@ def _setup(name: str, shaping: Shaping) -> None:
         lan_burst = str(shaping.burst_bytes(shaping.lan_rate_bits_per_s))
         lan += ["burst", lan_burst, "cburst", lan_burst]
     tc(*lan)
+    for ip in shaping.counted_ips:
+        tc(*lan[:7], shaping.counted_class(ip), *lan[8:])
+        tc("filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1",
+           "u32", "match", "ip", "src", f"{ip}/32", "flowid", shaping.counted_class(ip))
     tc("filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1", "u32",
        "match", "ip", "src", f"{shaping.origin_ip}/32", "flowid", ORIGIN_CLASS)
 

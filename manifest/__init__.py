@@ -32,13 +32,19 @@ from swarmota.manifest.errors import (
     RollbackError,
 )
 from swarmota.manifest.release import (
+    CHUNK_DIGEST_BYTES,
     MAX_MANIFEST_BYTES,
     MAX_RELEASE_COUNTER,
     UPDATE_TYPES,
+    ChunkList,
     ImageInfo,
     Payload,
     ReleaseManifest,
     check_applicable,
+    compact_pin,
+    compact_target_name,
+    encode_chunk_list,
+    parse_compact_pin,
     parse_release_manifest,
     release_target_name,
     validate_component,
@@ -47,6 +53,7 @@ from swarmota.manifest.release import (
 )
 
 __all__ = [
+    "CHUNK_DIGEST_BYTES",
     "COUNTER_RESETS_FIELD",
     "DEFAULT_MAX_COUNTER_JUMP",
     "MAX_CHUNK_SIZE_BYTES",
@@ -54,6 +61,7 @@ __all__ = [
     "MAX_RELEASE_COUNTER",
     "MIN_CHOSEN_CHUNK_SIZE_BYTES",
     "MIN_CHUNK_SIZE_BYTES",
+    "ChunkList",
     "CounterJumpError",
     "CounterReset",
     "ImageInfo",
@@ -66,6 +74,10 @@ __all__ = [
     "RollbackError",
     "apply_counter_reset",
     "check_applicable",
+    "compact_pin",
+    "compact_target_name",
+    "encode_chunk_list",
+    "parse_compact_pin",
     "chunk_hashes",
     "encode_counter_resets",
     "choose_chunk_size",

@@ -17,6 +17,16 @@ TUF targets role signs its length and hashes. It states:
   (``bsdiff-zstd`` or ``zstd-patch``) applied to a ``base`` image named by size and
   SHA-256 produces the image.
 
+The **compact** form of a manifest (:meth:`ReleaseManifest.compact`) names each
+payload's chunk hashes by the size and SHA-256 of a **chunk list** file (the 32-byte
+digests, one after the other: :func:`encode_chunk_list`) instead of listing them: its
+size no longer grows with the payloads' sizes, and a device fetches the chunk list of
+the one payload it downloads (:meth:`Payload.with_chunk_list`). It is the same release:
+the canonical manifest's TUF targets entry pins it in its ``custom`` data
+(:func:`compact_pin`, read back by :func:`parse_compact_pin`; the file is served as
+target :func:`compact_target_name`), and older agents, which do not know it, keep
+reading the canonical one.
+
 Parsing is strict: a size limit before decoding, no duplicate keys, no unknown keys, no
 floats, bounded integers and strings, and chunk lists consistent with sizes. Names that
 become paths (payload files) are derived from hashes, never taken from the document, so
@@ -28,7 +38,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from swarmota.manifest.chunking import (
@@ -36,6 +46,7 @@ from swarmota.manifest.chunking import (
     MIN_CHUNK_SIZE_BYTES,
     chunk_count,
     chunk_span,
+    sha256_hex,
     verify_bytes,
 )
 from swarmota.manifest.errors import (
@@ -46,15 +57,21 @@ from swarmota.manifest.errors import (
 )
 
 __all__ = [
+    "CHUNK_DIGEST_BYTES",
     "MAX_IMAGE_SIZE_BYTES",
     "MAX_MANIFEST_BYTES",
     "MAX_RELEASE_COUNTER",
     "SCHEMA_VERSION",
     "UPDATE_TYPES",
+    "ChunkList",
     "ImageInfo",
     "Payload",
     "ReleaseManifest",
     "check_applicable",
+    "compact_pin",
+    "compact_target_name",
+    "encode_chunk_list",
+    "parse_compact_pin",
     "parse_release_manifest",
     "release_target_name",
     "validate_component",
@@ -81,6 +98,7 @@ DELTA_ENCODINGS = ("bsdiff-zstd", "zstd-patch")
 # new content of one named component, installed beside the slots (``component``).
 UPDATE_TYPES = ("image", "module", "app", "config")
 _COMPONENT_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+CHUNK_DIGEST_BYTES = 32  # one SHA-256 per chunk in a chunk list file
 
 
 def validate_product(product: str) -> str:
@@ -115,6 +133,38 @@ def release_target_name(product: str, version: str) -> str:
     return f"releases/{validate_product(product)}/{validate_version(version)}.json"
 
 
+COMPACT_FIELD = "compact"  # key of the pin in a targets entry's custom data
+
+
+def compact_target_name(target_name: str) -> str:
+    """The target path of the compact form of the manifest at ``target_name``
+    (``releases/p/1.0.json`` -> ``releases/p/1.0.compact.json``). Not listed in the
+    targets: the canonical manifest's entry pins it."""
+    return target_name.removesuffix(".json") + ".compact.json"
+
+
+def compact_pin(compact: bytes) -> dict[str, Any]:
+    """The custom data of a canonical manifest's targets entry that pins ``compact``."""
+    return {COMPACT_FIELD: {"length": len(compact), "sha256": sha256_hex(compact)}}
+
+
+def parse_compact_pin(custom: Any) -> tuple[int, str] | None:
+    """``(length, sha256)`` of the compact manifest a targets entry's custom data pins, or
+    ``None`` if it pins none (or pins it in a form this version does not know: the
+    canonical manifest is the fallback, never an error)."""
+    if not isinstance(custom, dict):
+        return None
+    pin = custom.get(COMPACT_FIELD)
+    if not isinstance(pin, dict) or set(pin) != {"length", "sha256"}:
+        return None
+    length, sha = pin["length"], pin["sha256"]
+    if (not isinstance(length, int) or isinstance(length, bool)
+            or not 0 < length <= MAX_MANIFEST_BYTES
+            or not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha)):
+        return None
+    return length, sha
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     """The image that must end up in the slot."""
@@ -124,11 +174,32 @@ class ImageInfo:
 
 
 @dataclass(frozen=True)
+class ChunkList:
+    """A chunk list file (:func:`encode_chunk_list`), named by its size and SHA-256."""
+
+    size: int
+    sha256: str
+
+    @property
+    def path(self) -> str:
+        """Path of the file in the origin tree (derived from its hash)."""
+        return f"payloads/{self.sha256}.chunks"
+
+
+def encode_chunk_list(chunks: Sequence[str]) -> bytes:
+    """The chunk list file of ``chunks`` (hex SHA-256s): their 32-byte digests, in order."""
+    return b"".join(bytes.fromhex(c) for c in chunks)
+
+
+@dataclass(frozen=True)
 class Payload:
     """One way to obtain the image, cut into fixed-size chunks.
 
     ``base`` is set exactly for ``delta`` payloads: the image the delta applies to.
     ``info_hash`` is the BitTorrent v2 info-hash (SHA-256, hex) of the payload's torrent.
+    ``chunks`` holds the SHA-256 of every chunk, except in a compact manifest, where
+    ``chunk_list`` names the file that holds them (then ``chunks`` is empty until
+    :meth:`with_chunk_list` loads it; only a payload with its chunks verifies chunks).
     """
 
     kind: str
@@ -139,6 +210,7 @@ class Payload:
     chunks: tuple[str, ...]
     base: ImageInfo | None = None
     info_hash: str | None = None
+    chunk_list: ChunkList | None = None
 
     @property
     def path(self) -> str:
@@ -152,17 +224,45 @@ class Payload:
 
     @property
     def chunk_count(self) -> int:
-        return len(self.chunks)
+        return chunk_count(self.size, self.chunk_size)
 
     def chunk_span(self, index: int) -> tuple[int, int]:
         """``(offset, length)`` of chunk ``index`` within the payload."""
         return chunk_span(index, self.size, self.chunk_size)
 
     def verify_chunk(self, index: int, data: bytes | bytearray | memoryview) -> None:
-        """Raise ``IntegrityError`` unless ``data`` is exactly chunk ``index``."""
+        """Raise ``IntegrityError`` unless ``data`` is exactly chunk ``index``.
+
+        Raises:
+            RuntimeError: the chunk list is not loaded (:meth:`with_chunk_list`).
+        """
+        if not self.chunks:
+            raise RuntimeError(f"payload {self.sha256[:12]}: chunk list not loaded")
         _, length = self.chunk_span(index)
         verify_bytes(f"chunk {index} of payload {self.sha256[:12]}", data, length,
                      self.chunks[index])
+
+    def compact(self) -> Payload:
+        """This payload with its chunk hashes in a chunk list file (see the module)."""
+        if self.chunk_list is not None:
+            return self
+        data = encode_chunk_list(self.chunks)
+        return replace(self, chunks=(), chunk_list=ChunkList(len(data), sha256_hex(data)))
+
+    def with_chunk_list(self, data: bytes) -> Payload:
+        """This payload with the chunk hashes of ``data``, its chunk list file, which
+        must be exactly the one named (size and SHA-256); unchanged if they are loaded.
+
+        Raises:
+            IntegrityError: ``data`` is not the chunk list named.
+        """
+        if self.chunk_list is None:
+            return self
+        verify_bytes(f"chunk list of payload {self.sha256[:12]}", data,
+                     self.chunk_list.size, self.chunk_list.sha256)
+        step = CHUNK_DIGEST_BYTES
+        return replace(self, chunk_list=None,
+                       chunks=tuple(data[i:i + step].hex() for i in range(0, len(data), step)))
 
     def verify(self, data: bytes | bytearray | memoryview) -> None:
         """Raise ``IntegrityError`` unless ``data`` is exactly this payload."""
@@ -175,8 +275,12 @@ class Payload:
             "size": self.size,
             "sha256": self.sha256,
             "chunk_size": self.chunk_size,
-            "chunks": list(self.chunks),
         }
+        if self.chunk_list is not None:
+            out["chunk_list"] = {"size": self.chunk_list.size,
+                                 "sha256": self.chunk_list.sha256}
+        else:
+            out["chunks"] = list(self.chunks)
         if self.base is not None:
             out["base"] = {"size": self.base.size, "sha256": self.base.sha256}
         if self.info_hash is not None:
@@ -208,6 +312,11 @@ class ReleaseManifest:
             if payload.base is not None and payload.base.sha256 == base_sha256:
                 return payload
         return None
+
+    def compact(self) -> ReleaseManifest:
+        """The compact form of this manifest: every payload's chunk hashes in a chunk
+        list file (:meth:`Payload.compact`)."""
+        return replace(self, payloads=tuple(p.compact() for p in self.payloads))
 
     @property
     def full_payload(self) -> Payload:
@@ -336,21 +445,30 @@ def _choice(value: Any, where: str, allowed: Sequence[str]) -> str:
 
 
 def _parse_payload(raw: Any, where: str) -> Payload:
-    obj = _obj(raw, where, ("kind", "encoding", "size", "sha256", "chunk_size", "chunks"),
+    listed = "chunks" if isinstance(raw, dict) and "chunk_list" not in raw else "chunk_list"
+    obj = _obj(raw, where, ("kind", "encoding", "size", "sha256", "chunk_size", listed),
                optional=("base", "info_hash"))
     size = _int(obj["size"], f"{where}.size", 1, MAX_IMAGE_SIZE_BYTES)
     chunk_size = _int(obj["chunk_size"], f"{where}.chunk_size", MIN_CHUNK_SIZE_BYTES,
                       MAX_CHUNK_SIZE_BYTES)
     if chunk_size & (chunk_size - 1):
         raise ManifestFormatError(f"{where}.chunk_size: {chunk_size} is not a power of two")
-    chunks = obj["chunks"]
-    if not isinstance(chunks, list):
-        raise ManifestFormatError(f"{where}.chunks: expected a list")
     expected = chunk_count(size, chunk_size)
-    if len(chunks) != expected:
-        raise ManifestFormatError(
-            f"{where}.chunks: {len(chunks)} hashes for {expected} chunks of {chunk_size} bytes"
-        )
+    chunks: list[Any] = []
+    chunk_list = None
+    if listed == "chunk_list":
+        ref = _obj(obj["chunk_list"], f"{where}.chunk_list", ("size", "sha256"))
+        chunk_list = ChunkList(
+            size=_int(ref["size"], f"{where}.chunk_list.size", expected * CHUNK_DIGEST_BYTES,
+                      expected * CHUNK_DIGEST_BYTES),
+            sha256=_sha(ref["sha256"], f"{where}.chunk_list.sha256"))
+    else:
+        chunks = obj["chunks"]
+        if not isinstance(chunks, list):
+            raise ManifestFormatError(f"{where}.chunks: expected a list")
+        if len(chunks) != expected:
+            raise ManifestFormatError(f"{where}.chunks: {len(chunks)} hashes for {expected} "
+                                      f"chunks of {chunk_size} bytes")
     kind = _choice(obj["kind"], f"{where}.kind", PAYLOAD_KINDS)
     encoding = _choice(obj["encoding"], f"{where}.encoding",
                        DELTA_ENCODINGS if kind == "delta" else ("zstd",))
@@ -371,6 +489,7 @@ def _parse_payload(raw: Any, where: str) -> Payload:
         chunks=tuple(_sha(c, f"{where}.chunks[{i}]") for i, c in enumerate(chunks)),
         base=base,
         info_hash=info_hash,
+        chunk_list=chunk_list,
     )
 
 

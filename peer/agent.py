@@ -36,7 +36,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -45,6 +45,7 @@ from typing import Any
 import trio
 
 from swarmota.manifest import (
+    IntegrityError,
     ManifestError,
     Payload,
     ReleaseManifest,
@@ -96,7 +97,7 @@ from swarmota.peer.machine import Action, Event, Journal, JournalError, Phase
 from swarmota.peer.policy import UploadPolicy, upload_policy
 from swarmota.peer.slots import SlotBackend
 from swarmota.peer.state import DeviceState
-from swarmota.peer.swarm import SwarmConfig, SwarmSession, TorrentHandleRef
+from swarmota.peer.swarm import SwarmConfig, SwarmSession, TorrentHandleRef, new_peer_id
 from swarmota.peer.swarm_fetch import SwarmOptions, SwarmUnavailable, swarm_download
 from swarmota.peer.tpm import TpmError
 from swarmota.peer.tpm_nv import FloorLogError, TrustAnchor
@@ -842,14 +843,17 @@ class _Run:
                 shutil.rmtree(entry, ignore_errors=True)
 
     async def _download(self, payload: Payload, result: UpdateResult) -> PayloadWorkdir:
-        """Fetch ``payload`` (swarm or direct mode); the origin's bytes are counted exactly
-        (everything this pass's HTTP client received for it)."""
-        work = PayloadWorkdir(self.state.downloads_dir, payload)
-        url = f"{self.config.origin_url.rstrip('/')}/{payload.path}"
+        """Fetch ``payload`` (swarm or direct mode), with its chunk list first if the
+        manifest was the compact one; the origin's bytes are counted exactly (everything
+        this pass's HTTP client received for it). The work area's payload is the one
+        with its chunk hashes."""
         before = self.http.bytes_received
         self.last_swarm = None
         try:
             with self._timed(f"download_{payload.kind}"):
+                payload = await self._with_chunk_list(payload)
+                work = PayloadWorkdir(self.state.downloads_dir, payload)
+                url = f"{self.config.origin_url.rstrip('/')}/{payload.path}"
                 if self.config.download_mode == "swarm":
                     try:
                         await self._swarm_download(work, url, result)
@@ -867,6 +871,32 @@ class _Run:
                 return work
         finally:
             result.bytes_origin += self.http.bytes_received - before
+
+    async def _with_chunk_list(self, payload: Payload) -> Payload:
+        """``payload`` with its chunk hashes: from its chunk list file on the origin,
+        verified against the size and SHA-256 the signed (compact) manifest names, and
+        kept in the payload's work area for a resumed download.
+
+        Raises:
+            DownloadFailed: the chunk list cannot be fetched.
+            VerifyFailed: it is not the one named.
+        """
+        listed = payload.chunk_list
+        if listed is None:
+            return payload
+        work = PayloadWorkdir(self.state.downloads_dir, payload)
+        kept = await trio.to_thread.run_sync(work.kept_chunk_list)
+        if kept is not None:  # an earlier pass fetched it (its download is resumed)
+            return kept
+        with self._timed("chunk_list"):
+            data = await self.http.get_bytes(
+                f"{self.config.origin_url.rstrip('/')}/{listed.path}", max_bytes=listed.size)
+        try:
+            loaded = payload.with_chunk_list(data)
+        except IntegrityError as exc:
+            raise VerifyFailed(str(exc)) from exc
+        await trio.to_thread.run_sync(work.keep_chunk_list, data)
+        return loaded
 
     async def _swarm_download(self, work: PayloadWorkdir, url: str,
                               result: UpdateResult) -> None:
@@ -910,8 +940,13 @@ class _Run:
             policy = upload_policy(self.config)
             if not policy.allowed:
                 log.info("not uploading to peers: %s", policy.reason)
-            swarm_config = swarm_config_for(self.config, has_identity=self.identity is not None,
-                                            policy=policy)
+            swarm_config = replace(
+                swarm_config_for(self.config, has_identity=self.identity is not None,
+                                 policy=policy),
+                # its seniority among downloaders: the senior fetches from the origin for
+                # the others, unless its own downloads are capped (peer/swarm_fetch.py)
+                peer_id=new_peer_id(self.wall_clock(),
+                                    lead=not self.config.download_rate_limit_bytes_per_s))
             self.swarm = await trio.to_thread.run_sync(SwarmSession, swarm_config)
         return self.swarm
 
@@ -1042,7 +1077,8 @@ class _Run:
                     timeout_s=self.config.http_timeout_s,
                     scratch_dir=self.state.downloads_dir, tls=self.http.tls,
                     min_rate_bytes_per_s=self.config.http_min_rate_bytes_per_s,
-                    pass_timeout_s=self.config.metadata_timeout_s, anchor=self._anchor()))
+                    pass_timeout_s=self.config.metadata_timeout_s, compact=True,
+                    anchor=self._anchor()))
         result.bytes_metadata += metadata_bytes
         await trio.to_thread.run_sync(self._mark_trust_refreshed)
         bc = await trio.to_thread.run_sync(self._apply_counter_reset, bc)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from swarmota.infra.fsio import UnsafeNameError, safe_child
+from swarmota.infra.fsio import UnsafeNameError, atomic_write_bytes, safe_child
 from swarmota.manifest import IntegrityError, Payload, sha256_hex
 from swarmota.peer.crashpoints import crash_point
 from swarmota.peer.errors import (
@@ -72,6 +72,29 @@ class PayloadWorkdir:
             raise VerifyFailed(f"payload work area refused: {exc}") from None
         self.part = self.path / "payload.part"
         self.log = self.path / "verified.log"
+        self.chunk_list = self.path / "chunks"  # a compact manifest's chunk list, kept
+
+    def kept_chunk_list(self) -> Payload | None:
+        """The payload with the chunk list an earlier pass kept here
+        (:meth:`keep_chunk_list`), if it is still exactly the one the manifest names;
+        else ``None``."""
+        listed = self.payload.chunk_list
+        if listed is None:
+            return None
+        try:
+            with open(self.chunk_list, "rb") as fh:
+                return self.payload.with_chunk_list(fh.read(listed.size + 1))
+        except (OSError, IntegrityError):
+            return None
+
+    def keep_chunk_list(self, data: bytes) -> None:
+        """Keep a verified chunk list for the next pass (best effort: it is refetched
+        when missing)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.chunk_list, data)
+        except OSError as exc:
+            log.info("chunk list not kept: %s", exc)
 
     def prepare(self) -> set[int]:
         """Create the work area and return the chunks already on disk and valid."""

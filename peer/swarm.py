@@ -17,8 +17,9 @@ Three parts, smallest first:
   from worker threads (``trio.to_thread.run_sync``) between short ``trio.sleep`` calls,
   so the event loop never blocks on libtorrent. Every peer is in libtorrent's global
   peer class (by default peers on local networks bypass rate limits and unchoke
-  slots: a device's caps must hold on its own LAN); each session gets a fresh random
-  peer id unless told one; outgoing connections leave from the listen address.
+  slots: a device's caps must hold on its own LAN); each session gets a fresh peer id
+  unless told one (:func:`new_peer_id`: when the session started, and random digits);
+  outgoing connections leave from the listen address.
 
 Errors: bad arguments (piece size, URLs with a query string, undecodable torrent data,
 a closed session) raise ``ValueError`` / ``RuntimeError``; a download that fails or
@@ -40,6 +41,7 @@ import os
 import secrets
 import tempfile
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -64,8 +66,10 @@ __all__ = [
     "TorrentFile",
     "TorrentHandleRef",
     "make_torrent",
+    "new_peer_id",
     "one_block_pieces",
     "read_torrent",
+    "seniority",
     "session_settings",
 ]
 
@@ -73,7 +77,11 @@ MIN_PIECE_SIZE_BYTES: Final = 16 * 1024
 _MAX_PIECE_SIZE_BYTES: Final = 64 * 1024 * 1024
 _POLL_INTERVAL_S: Final = 0.05
 _MAX_QUEUED_DISK_BYTES: Final = 4 * 1024 * 1024
-_PEER_ID_PREFIX: Final = b"-SW0100-"  # Azureus style: client "SW", version 0.1.0.0
+# Azureus style: client "SW", version 0.2.0.0; the 12 characters after it are the
+# session's start (centiseconds since the epoch modulo 2**36, 9 hex digits) and 3 random
+# hex digits (see new_peer_id). Version 0.1.0.0 had 12 random hex digits.
+_PEER_ID_PREFIX: Final = b"-SW0200-"
+_SENIORITY_MODULO: Final = 1 << 36
 _MAX_BUFFERED_EVENTS: Final = 10_000
 
 _ALERT_MASK: Final = int(
@@ -156,6 +164,29 @@ def one_block_pieces(piece_size_bytes: int) -> bool:
     piece size > 1 blocks"). Publishing no longer makes such torrents; devices restart
     one after a hash failure (:meth:`SwarmSession.restart`)."""
     return piece_size_bytes <= BLOCK_SIZE_BYTES
+
+
+def new_peer_id(started_at_s: float, *, lead: bool = True) -> bytes:
+    """A peer id for a session started at ``started_at_s`` (epoch seconds): the client
+    prefix, the start in centiseconds (modulo 2**36, about 22 years: 9 hex digits) and 3
+    random hex digits. Peers order each other by it (:func:`seniority`) without talking;
+    it names no device and changes with every session. ``lead=False`` (a device whose
+    downloads are rate-limited: the others would wait for it) puts the largest start
+    there, so that it comes after every peer that may lead."""
+    centis = int(started_at_s * 100) % _SENIORITY_MODULO if lead else _SENIORITY_MODULO - 1
+    return _PEER_ID_PREFIX + f"{centis:09x}".encode() + secrets.token_hex(2)[:3].encode()
+
+
+def seniority(peer_id: bytes) -> tuple[int, bytes]:
+    """A sort key: peers whose session started earlier come first (:func:`new_peer_id`);
+    peer ids of any other form (other clients, older agents) after all of ours, by id.
+    Every peer computes the same order from the ids alone."""
+    if len(peer_id) == 20 and peer_id.startswith(_PEER_ID_PREFIX):
+        try:
+            return int(peer_id[8:17], 16), peer_id
+        except ValueError:
+            pass
+    return _SENIORITY_MODULO, peer_id
 
 
 def _check_piece_size(piece_size_bytes: int) -> None:
@@ -300,8 +331,8 @@ class SwarmConfig:
     bootstrap routers. ``upload_enabled=False`` never unchokes a peer (no upload at all,
     e.g. on a metered network). ``allow_multiple_connections_per_ip`` is for tests where
     several sessions share one loopback address. ``peer_id``: the 20-byte BitTorrent
-    peer id (default: a fresh random one per session, so that a device is not
-    recognisable across swarms).
+    peer id (default: :func:`new_peer_id` at the session's start, fresh per session, so
+    that a device is not recognisable across swarms).
     """
 
     listen_host: str = "127.0.0.1"
@@ -571,7 +602,7 @@ class SwarmSession:
 
     def __init__(self, config: SwarmConfig) -> None:
         if config.peer_id is None:
-            config = replace(config, peer_id=_PEER_ID_PREFIX + secrets.token_hex(6).encode())
+            config = replace(config, peer_id=new_peer_id(time.time()))
         self._config = config
         self._session: Any = lt.session(cast(Any, session_settings(config)))
         # libtorrent puts peers on local networks (LAN, loopback) in a "local" peer class

@@ -69,6 +69,7 @@ from swarmota.peer.swarm import (
     TorrentHandleRef,
     one_block_pieces,
     read_torrent,
+    seniority,
 )
 
 __all__ = [
@@ -367,6 +368,8 @@ class _SwarmRun:
         self.block_pieces = max(1, _OWNER_BLOCK_BYTES // self.payload.chunk_size)
         self.owned: tuple[tuple[bytes, ...], list[bool]] | None = None
         self.share_done_at: float | None = None
+        self.swarm_present = 0  # pieces here or at a connected peer, when last counted
+        self.swarm_grew_at: float | None = None  # when that count last grew
         self.ready_at: float | None = None  # libtorrent done checking, origin workers on
         # per connected peer: piece bytes received, and since when no more came while
         # it unchoked us and held requests of ours
@@ -428,6 +431,7 @@ class _SwarmRun:
                     continue
                 self.view = view
                 self._drop_silent_peers(view, now)
+                self._count_swarm(view, now)
                 have = sum(view.have)
                 if not ready:  # pieces kept from an earlier run (libtorrent checked the file)
                     ready = True
@@ -527,8 +531,10 @@ class _SwarmRun:
 
     def _peers_too_slow(self, samples: deque[tuple[float, int]], now: float,
                         view: PieceView, start: float) -> bool:
-        """Did peers deliver less than the minimum rate over the last ``stall_s``?
-        (Never before ``stall_s`` has passed.) Only good data from peers counts: the
+        """Did peers deliver less than the minimum rate over the last ``stall_s``, while
+        they held pieces this device misses? (Never before ``stall_s`` has passed; peers
+        that hold nothing it needs are not slow: the downloader fetching from the origin
+        for the others gets nothing from them.) Only good data from peers counts: the
         origin's chunks and bad or redundant blocks do not."""
         samples.append((now, view.bytes_useful_from_peers))
         window = self.options.stall_s
@@ -536,20 +542,31 @@ class _SwarmRun:
             samples.popleft()
         if now - start < window:
             return False
+        if not any(a and not h for h, a in zip(view.have, view.availability, strict=True)):
+            return False
         gained = samples[-1][1] - samples[0][1]
         return gained < self.options.min_peer_rate_bytes_per_s * window
 
     def _next_origin_run(self) -> list[int]:
         """Claim the next pieces to fetch from the origin, or ``[]`` for now.
 
-        Only pieces no connected peer has and nobody here is fetching already. With
-        other downloaders connected, the payload is cut into blocks split among them
-        (:func:`owned_blocks`): this device fetches its own blocks, and helps with the
-        others' only once its share is done and ``help_after_s`` has passed (an owner
-        that is slow, gone or silent). Alone, runs from the cursor (small ones while
-        peers may still be connecting). Once the swarm stalled, any missing piece (still
-        split among the downloaders: each device fetching everything itself multiplied
-        the origin's egress by the fleet).
+        Only pieces no connected peer has and nobody here is fetching already, and only
+        by one downloader: the **senior** one, whose session started first
+        (:func:`peer.swarm.seniority`: every peer reads it from the others' peer ids, so
+        they agree without talking, and a device that joins later never takes the job
+        over). The others trade what it fetched. One origin stream is enough: devices
+        downloading together share the link to the origin, and several of them fetching
+        at once only ever fetched the same chunks twice (a device cannot see what
+        another is fetching, only what it has). The senior fetches runs from its cursor
+        (small ones while peers may still be connecting).
+
+        The others fetch from the origin only when the swarm has gained no piece for
+        ``help_after_s`` (the senior is slow, gone or silent), or when peers that hold
+        pieces this device misses deliver too little (stalled): then the missing pieces
+        are split among the downloaders (:func:`owned_blocks`); each fetches its own
+        blocks and helps with the others' only once its share is done and
+        ``help_after_s`` has passed. A senior that is gone is forgotten after
+        ``_DOWNLOADER_MEMORY_S``, and the next one takes over.
         """
         view = self.view
         if view is None or isinstance(self.failure, DownloadFailed):
@@ -561,11 +578,17 @@ class _SwarmRun:
                   and i not in self.given_up and (self.stalled or view.availability[i] == 0)
                   for i, have in enumerate(view.have)]
         downloaders = self._downloaders(view, now)
-        if not downloaders:
-            # Alone so far. For ``grace_s``, peers may still be on their way: wait for the
-            # tracker's answer and for the peers it named to connect (a seed among them
-            # makes the origin unnecessary), then small runs (devices start at different
-            # places, so they rarely fetch the same block). A stalled swarm waits no more.
+        rank = seniority(self.session.peer_id)
+        followed = any(seniority(d) < rank for d in downloaders)
+        if followed and not self.stalled and not self._swarm_idle(now):
+            return []  # the senior downloader fetches from the origin
+        if not downloaders or not (followed or self.stalled):
+            # The senior downloader, or alone so far. For ``grace_s``, peers may still be
+            # on their way: wait for the tracker's answer and for the peers it named to
+            # connect (a seed among them makes the origin unnecessary, a senior one takes
+            # the job), then small runs (a senior that connects now takes over from here,
+            # and cannot see what this device has in flight). A stalled swarm waits no
+            # more.
             alone_for = now - (self.ready_at or now)
             if not self.stalled and alone_for < self.options.grace_s and (
                     not view.tracker_replied or view.known_peers > view.num_peers):
@@ -574,9 +597,9 @@ class _SwarmRun:
                        else self.block_pieces)
             pick = wanted
         else:
-            # Owners walk their blocks from their own (random) cursor: while the set of
-            # downloaders changes (peers connecting), a block that moves to a new owner is
-            # rarely the one its old owner is fetching at that moment.
+            # Helping (or stalled): owners walk their blocks from their own (random)
+            # cursor: while the set of downloaders changes (peers connecting), a block
+            # that moves to a new owner is rarely the one its old owner is fetching.
             owned = self._owned_pieces(downloaders)
             mine = [w and o for w, o in zip(wanted, owned, strict=True)]
             run = first_run(mine, self.block_pieces, self.cursor)
@@ -590,6 +613,22 @@ class _SwarmRun:
             return self._claim(run)
         return self._claim(
             pick_origin_run(pick, self.cursor, max_run, self.rng.random()) if pick else [])
+
+    def _count_swarm(self, view: PieceView, now: float) -> None:
+        """Note how many pieces are here or at a connected peer, and when that changed
+        (grew, or shrank: a peer that claimed pieces left or was dropped, and the
+        senior downloader needs the time to fetch them)."""
+        present = sum(1 for h, a in zip(view.have, view.availability, strict=True)
+                      if h or a)
+        if present != self.swarm_present or self.swarm_grew_at is None:
+            self.swarm_present, self.swarm_grew_at = present, now
+
+    def _swarm_idle(self, now: float) -> bool:
+        """True when the pieces in the swarm (here or at a connected peer) have not
+        changed for ``help_after_s`` (pieces are missing: this is asked while
+        downloading)."""
+        return (self.swarm_grew_at is not None
+                and now - self.swarm_grew_at >= self.options.help_after_s)
 
     def _downloaders(self, view: PieceView, now: float) -> tuple[bytes, ...]:
         """The other downloaders to split the origin's work with: those connected now,

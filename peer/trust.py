@@ -2,10 +2,11 @@
 keeps of its trust besides it.
 
 :func:`fetch_release_manifest` refreshes root -> timestamp -> snapshot -> targets from
-the origin, looks up a release manifest in the signed targets and downloads it, verified
-against the signed length and hashes; :func:`refresh_trust` refreshes the chain alone
-(a device with nothing offered still follows key rotations and counter resets, every
-``trust_refresh_interval_s``). Both block: call them through
+the origin, looks up a release manifest in the signed targets (following delegations)
+and downloads it, verified against the signed length and hashes (its compact form when
+the targets entry pins one: :mod:`manifest.release`); :func:`refresh_trust` refreshes
+the chain alone (a device with nothing offered still follows key rotations and counter
+resets, every ``trust_refresh_interval_s``). Both block: call them through
 ``trio.to_thread.run_sync``. python-tuf errors become ours: a repository that fails
 verification (bad signature, expired, rolled back, too long) is ``VerifyFailed``; an
 unreachable origin is ``DownloadFailed``.
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tuf.api import exceptions as tuf_exceptions
-from tuf.api.metadata import Metadata, Root
+from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient import Updater
 
@@ -53,6 +54,8 @@ from swarmota.manifest import (
     CounterReset,
     ManifestFormatError,
     apply_counter_reset,
+    compact_target_name,
+    parse_compact_pin,
     parse_counter_resets,
 )
 from swarmota.peer.bootctl import BootControl, write_bootctl
@@ -73,9 +76,14 @@ def fetch_release_manifest(trust_dir: Path, origin_url: str, target_name: str, *
                            tls: TlsPolicy | None = None,
                            min_rate_bytes_per_s: int = DEFAULT_MIN_RATE_BYTES_PER_S,
                            pass_timeout_s: float | None = None,
+                           compact: bool = False,
                            anchor: TrustAnchor | None = None,
                            ) -> tuple[bytes, int]:
     """Return ``(manifest bytes, metadata bytes downloaded)`` for ``target_name``.
+
+    ``compact``: when the signed targets entry pins a compact form of the manifest
+    (:func:`manifest.parse_compact_pin`), download that instead, verified against the
+    pinned length and SHA-256 (its payloads name chunk lists instead of listing chunks).
 
     ``trust_dir`` holds the trusted metadata (``root.json`` at least); python-tuf
     updates it only with metadata it accepted. ``tls``: CA bundle and pins for the
@@ -101,6 +109,10 @@ def fetch_release_manifest(trust_dir: Path, origin_url: str, target_name: str, *
             if info is None:
                 raise VerifyFailed(f"{target_name} is not listed in the signed targets "
                                    "metadata")
+            pin = parse_compact_pin(info.custom) if compact else None
+            if pin is not None:
+                info = TargetFile(length=pin[0], hashes={"sha256": pin[1]},
+                                  path=compact_target_name(target_name))
             updater.download_target(info, filepath=str(scratch))
             data = scratch.read_bytes()
     finally:

@@ -81,7 +81,7 @@ _RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)
 _MAX_SEGMENTS = 16
 _MAX_SEGMENT_BYTES = 255
 _IMMUTABLE = "public, max-age=31536000, immutable"
-_VERSIONED_METADATA_RE = re.compile(r"[1-9][0-9]*\.[a-z]+\.json")
+_VERSIONED_METADATA_RE = re.compile(r"[1-9][0-9]*\.[a-z][a-z0-9._-]*\.json")
 _CONTENT_ADDRESSED_PAYLOAD_RE = re.compile(r"([0-9a-f]{64})\.[a-z0-9]+")
 _CONTENT_ADDRESSED_TARGET_RE = re.compile(r"([0-9a-f]{64})\..+\.json")
 _ENTITY_TAG_RE = re.compile(r'\s*(W/)?("[\x21\x23-\x7e\x80-\xff]*")\s*(?:,|$)')
@@ -90,6 +90,7 @@ _CONTENT_TYPES = {
     ".torrent": "application/x-bittorrent",
 }
 _CATEGORIES = ("metadata", "targets", "payloads")
+_COUNTED_SUFFIXES = (".torrent", ".chunks")  # small files beside payloads, counted apart
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,9 @@ class OriginStats:
 
     ``requests`` counts every HTTP request. The byte counters count file content
     handed to the HTTP server in 200/206 responses (headers and error bodies excluded),
-    in total and by the top-level directory of the request path; a response cut short
+    in total and by the top-level directory of the request path (``bytes_torrents`` and
+    ``bytes_chunk_lists``: of ``bytes_payloads``, those of ``.torrent`` and ``.chunks``
+    files); a response cut short
     by a disconnect counts what was handed over. ``responses_206`` and
     ``responses_304`` count partial-content and not-modified responses started.
     """
@@ -129,6 +132,8 @@ class OriginStats:
     bytes_metadata: int = 0
     bytes_targets: int = 0
     bytes_payloads: int = 0
+    bytes_torrents: int = 0
+    bytes_chunk_lists: int = 0
     responses_206: int = 0
     responses_304: int = 0
 
@@ -405,6 +410,7 @@ class OriginApp:
         self._responses_206 = 0
         self._responses_304 = 0
         self._bytes: dict[str, int] = dict.fromkeys((*_CATEGORIES, "other"), 0)
+        self._bytes_by_suffix: dict[str, int] = dict.fromkeys(_COUNTED_SUFFIXES, 0)
         self._bucket = (None if config.rate_limit_bytes_per_s is None else
                         TokenBucket(config.rate_limit_bytes_per_s,
                                     config.rate_limit_burst_bytes))
@@ -424,6 +430,8 @@ class OriginApp:
             bytes_metadata=self._bytes["metadata"],
             bytes_targets=self._bytes["targets"],
             bytes_payloads=self._bytes["payloads"],
+            bytes_torrents=self._bytes_by_suffix[".torrent"],
+            bytes_chunk_lists=self._bytes_by_suffix[".chunks"],
             responses_206=self._responses_206,
             responses_304=self._responses_304,
         )
@@ -498,12 +506,13 @@ class OriginApp:
         disconnect = _Disconnect()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_disconnect, receive, disconnect)
-            await self._stream(send, fd, start, length, category, disconnect)
+            suffix = next((x for x in _COUNTED_SUFFIXES if segments[-1].endswith(x)), None)
+            await self._stream(send, fd, start, length, category, disconnect, suffix)
             # Only the watcher is left; cancelling here never interrupts the server.
             nursery.cancel_scope.cancel()
 
     async def _stream(self, send: Send, fd: int, start: int, length: int,
-                      category: str, disconnect: _Disconnect) -> None:
+                      category: str, disconnect: _Disconnect, suffix: str | None) -> None:
         """Send ``length`` bytes from ``start`` in blocks until done or disconnected.
 
         The stream is stopped by checking ``disconnect`` between blocks, never by
@@ -536,6 +545,8 @@ class OriginApp:
             # Counted when handed to the server, so that the counters are complete by the
             # time the client has the last byte.
             self._bytes[category] += len(block)
+            if suffix is not None:
+                self._bytes_by_suffix[suffix] += len(block)
             await send({"type": "http.response.body", "body": block,
                         "more_body": remaining > 0})
 

@@ -5,11 +5,14 @@ payload step on its own (for benchmarks and future payload kinds). Delta payload
 older images (``bases``) are built by :func:`seeder.delta.build_best_delta`.
 
 Order of writes (each atomic): the payload ``origin/payloads/<sha256>.zst``, then each
-delta ``origin/payloads/<sha256>.<bsdz|zpatch>``, then the
-release manifest target and new targets/snapshot/timestamp metadata
-(:meth:`seeder.repository.Repository.add_target`). A crash at any point leaves at most an
-unreferenced payload or a hidden ``.incoming-*.tmp`` file; devices only see a release
-once timestamp.json names it.
+delta ``origin/payloads/<sha256>.<bsdz|zpatch>``, each payload's torrent and chunk list
+(``payloads/<sha256>.chunks``) and the compact manifest
+(``targets/releases/<product>/<sha256>.<version>.compact.json``), then the release
+manifest target, whose targets entry pins the compact manifest, and new
+targets/snapshot/timestamp metadata
+(:meth:`seeder.repository.Repository.add_target`). A crash at any point leaves at most
+unreferenced content-addressed files or a hidden ``.incoming-*.tmp`` file; devices only
+see a release once timestamp.json names it.
 
 Memory stays bounded whatever the image size: the image is read once, in blocks, hashed
 and compressed in the same pass; the payload is then re-read once, chunk by chunk, to
@@ -30,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -42,6 +45,9 @@ from swarmota.manifest import (
     Payload,
     ReleaseManifest,
     choose_chunk_size,
+    compact_pin,
+    compact_target_name,
+    encode_chunk_list,
     parse_release_manifest,
     release_target_name,
     sha256_hex,
@@ -61,6 +67,7 @@ __all__ = [
     "is_live",
     "publish_release",
     "published_releases",
+    "store_compact",
 ]
 
 log = logging.getLogger(__name__)
@@ -214,7 +221,8 @@ def publish_release(
         if existing is not None:
             return _same_release_or_raise(existing, image, release_counter, compat,
                                           base_shas, kind=(update_type, component, critical))
-        live = repo.add_target(name, data, now=now)
+        pin = store_compact(repo.origin_dir, manifest)
+        live = repo.add_target(name, data, custom=pin, now=now)
     steps.finish(f"signed {name} (targets, snapshot, timestamp)" if live
                  else f"staged {name}: waiting for the release signers' signatures")
     log.info("published %s (counter %d): payload %s, %d bytes, %d chunks, %d deltas",
@@ -266,6 +274,35 @@ def attach_torrent(origin_dir: Path, payload: Payload, *, web_seed_url: str | No
     except OSError as exc:
         raise RepositoryError(f"cannot write the torrent of {payload.path}: {exc}") from exc
     return replace(payload, info_hash=torrent.info_hash)
+
+
+def store_compact(origin_dir: Path, manifest: ReleaseManifest) -> dict[str, Any]:
+    """Write the compact form of ``manifest`` (:meth:`manifest.ReleaseManifest.compact`)
+    and its payloads' chunk lists into the origin tree; return the custom data of the
+    manifest's targets entry that pins it (:func:`manifest.compact_pin`). Both files are
+    content-addressed: writing them again is harmless, and until the targets entry is
+    live nothing names them.
+
+    Raises:
+        RepositoryError: a file cannot be written.
+    """
+    compact = manifest.compact()
+    data = compact.to_bytes()
+    target = compact_target_name(manifest.target_name)
+    directory, _, basename = target.rpartition("/")
+    files = {f"targets/{directory}/{sha256_hex(data)}.{basename}": data}
+    for full, small in zip(manifest.payloads, compact.payloads, strict=True):
+        assert small.chunk_list is not None
+        files[small.chunk_list.path] = encode_chunk_list(full.chunks)
+    for rel, content in files.items():
+        path = Path(origin_dir) / rel
+        try:
+            if not _file_has(path, len(content), sha256_hex(content)):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(path, content, mode=_PAYLOAD_FILE_MODE)
+        except OSError as exc:
+            raise RepositoryError(f"cannot write {path}: {exc}") from exc
+    return compact_pin(data)
 
 
 def published_releases(repo: Repository, product: str, *,

@@ -53,7 +53,7 @@ import re
 import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -61,6 +61,8 @@ from typing import Any, TypeVar
 from securesystemslib.signer import CryptoSigner, Key, Signer, SSlibKey
 from tuf.api.exceptions import LengthOrHashMismatchError, UnsignedMetadataError
 from tuf.api.metadata import (
+    DelegatedRole,
+    Delegations,
     Metadata,
     MetaFile,
     Role,
@@ -84,7 +86,15 @@ from swarmota.manifest import (
 )
 from swarmota.seeder.errors import PublishError, RepositoryError, SigningError
 from swarmota.seeder.keys import KEY_TYPES, generate_key, load_private_key, write_private_key
-from swarmota.seeder.staging import HOLDER_FIELD, SigningRequest, read_request, write_request
+from swarmota.seeder.staging import (
+    DELEGATED_ROLE_PREFIX,
+    HOLDER_FIELD,
+    SigningRequest,
+    delegated_role,
+    delegation_paths,
+    read_request,
+    write_request,
+)
 
 __all__ = [
     "MAX_KEYS_PER_ROLE",
@@ -217,6 +227,28 @@ class _Committed:
     snapshot: Metadata[Snapshot]
     targets: Metadata[Targets]
     targets_bytes: bytes
+    delegated: dict[str, Metadata[Targets]] = field(default_factory=dict)
+    delegated_bytes: dict[str, bytes] = field(default_factory=dict)
+
+    def entries(self) -> dict[str, TargetFile]:
+        """Every target: top-level targets and every delegated role's."""
+        out = dict(self.targets.signed.targets)
+        for md in self.delegated.values():
+            out.update(md.signed.targets)
+        return out
+
+    def snapshot_meta(self) -> dict[str, MetaFile]:
+        """What a snapshot of this chain lists: targets (version, length and hashes) and
+        every delegated role (version and length). A device checks a role's signatures
+        (the targets threshold) and its version against snapshot; hashes would only
+        tell apart two lists signed under one version, which the repository never
+        signs (numbered files are never rewritten), and cost 100 bytes a product in
+        every snapshot every device downloads. The length still bounds the download."""
+        meta = {"targets.json": _metafile(self.targets.signed.version, self.targets_bytes)}
+        for role, md in sorted(self.delegated.items()):
+            meta[f"{role}.json"] = MetaFile(version=md.signed.version,
+                                            length=len(self.delegated_bytes[role]))
+        return meta
 
 
 class Repository:
@@ -315,7 +347,8 @@ class Repository:
         targets_bytes = _sign(targets, signers["targets"])
         with repo.locked():
             _write(repo.metadata_dir / "1.targets.json", targets_bytes)
-            repo._write_snapshot_and_timestamp(root, 1, targets_bytes, when)
+            repo._write_snapshot_and_timestamp(
+                root, {"targets.json": _metafile(1, targets_bytes)}, when)
             try:
                 atomic_write_bytes(path / _SETTINGS_FILE, _settings_bytes(expiry))
             except OSError as exc:
@@ -544,16 +577,29 @@ class Repository:
         return read_request(self.staged_path)
 
     def targets(self, *, staged: bool = False) -> dict[str, TargetFile]:
-        """The committed targets (name -> TargetFile), as timestamp.json names them; with
-        ``staged``, those of the signing request if it changes targets.
+        """The committed targets (name -> TargetFile), as timestamp.json names them, of
+        top-level targets and every delegated role; with ``staged``, those of the signing
+        request where it changes them.
 
         Raises:
             RepositoryError: the metadata chain is missing or corrupt.
         """
+        committed = self._load_committed()
         request = self.staged() if staged else None
-        if request is not None and request.targets is not None:
-            return dict(request.targets.signed.targets)
-        return dict(self._load_committed().targets.signed.targets)
+        if request is None:
+            return committed.entries()
+        replaced = [md for md in (committed.delegated.get(role) for role in request.delegated)
+                    if md is not None]
+        if request.targets is not None:
+            replaced.append(committed.targets)
+        entries = committed.entries()
+        for md in replaced:
+            for name in md.signed.targets:
+                entries.pop(name, None)
+        for _, md in request.metadata():
+            if isinstance(md.signed, Targets):
+                entries.update(md.signed.targets)
+        return entries
 
     def versions(self) -> dict[str, int]:
         """Committed metadata versions by role (``root``, ``targets``, ...).
@@ -567,6 +613,7 @@ class Repository:
             "targets": committed.targets.signed.version,
             "snapshot": committed.snapshot.signed.version,
             "timestamp": committed.timestamp.signed.version,
+            **{role: md.signed.version for role, md in sorted(committed.delegated.items())},
         }
 
     def expirations(self) -> dict[str, datetime]:
@@ -585,6 +632,7 @@ class Repository:
             "targets": committed.targets.signed.expires,
             "snapshot": committed.snapshot.signed.expires,
             "timestamp": committed.timestamp.signed.expires,
+            **{role: md.signed.expires for role, md in sorted(committed.delegated.items())},
         }
 
     def counter_resets(self) -> dict[str, CounterReset]:
@@ -656,9 +704,11 @@ class Repository:
                     fcntl.flock(fd, fcntl.LOCK_UN)
                     os.close(fd)
 
-    def add_target(self, name: str, data: bytes, *, now: datetime | None = None) -> bool:
-        """Publish ``data`` as target ``name``: stage it, sign with the local targets
-        keys, and go live if that meets the threshold; return whether it is live.
+    def add_target(self, name: str, data: bytes, *, custom: Mapping[str, Any] | None = None,
+                   now: datetime | None = None) -> bool:
+        """Publish ``data`` as target ``name`` (with ``custom`` data in its targets
+        entry): stage it, sign with the local targets keys, and go live if that meets
+        the threshold; return whether it is live.
 
         Targets are immutable: adding the same bytes again under the same name changes
         nothing; different bytes under a published or staged name are refused.
@@ -668,15 +718,24 @@ class Repository:
                 content; another change waits for signatures that this one would drop.
             RepositoryError: the repository cannot be read, signed or written.
         """
-        return self.stage_targets({name: data}, note=f"add {name}", now=now).live
+        return self.stage_targets({name: data}, custom={name: custom} if custom else None,
+                                  note=f"add {name}", now=now).live
 
     def stage_targets(self, add: Mapping[str, bytes] | None = None,
                       remove: Sequence[str] = (), *, note: str, renew: bool = False,
+                      custom: Mapping[str, Mapping[str, Any]] | None = None,
                       now: datetime | None = None) -> Staged:
         """Stage new targets metadata: the current targets (the staged ones, if a request
-        changes them already) plus ``add`` minus ``remove``, a new version with a fresh
-        expiry (``renew``: even without any change). Signs it with the local targets
-        keys; goes live when every threshold of the request is met.
+        changes them already) plus ``add`` minus ``remove``, each changed role a new
+        version with a fresh expiry (``renew``: every role, even without any change).
+        ``custom``: the custom data of entries of ``add``, by name. Signs it with the
+        local targets keys; goes live when every threshold of the request is met.
+
+        A release manifest ``releases/<product>/...`` goes to its product's delegated
+        role (:func:`seeder.staging.delegated_role`), which top-level targets delegates
+        to the targets keys (added to top-level targets with the product's first
+        release); other targets, and manifests published before delegations, stay in
+        top-level targets.
 
         Raises:
             PublishError: an unsafe name, a name published with other content, a name
@@ -691,45 +750,74 @@ class Repository:
         with self.locked():
             committed = self._load_committed()
             request = self._current_request()
-            current = committed.targets.signed
+            staged_roles = dict(request.delegated) if request is not None else {}
+            top = committed.targets.signed
             if request is not None and request.targets is not None:
-                self._check_amendable(request, "targets")
-                current = request.targets.signed
-            entries = dict(current.targets)
+                top = request.targets.signed
+            roles = {role: md.signed for role, md in committed.delegated.items()}
+            roles.update({role: md.signed for role, md in staged_roles.items()})
+            entries: dict[str | None, dict[str, TargetFile]] = {
+                None: dict(top.targets),
+                **{role: dict(t.targets) for role, t in roles.items()}}
+            delegations = copy.deepcopy(top.delegations)
             files = dict(request.target_files) if request is not None else {}
-            changed = renew
+            changed: set[str | None] = {None, *roles} if renew else set()
+            authority = request.next_root if request is not None else self._root.signed
             for name, data in add.items():
+                extra = (custom or {}).get(name)
                 target = TargetFile(length=len(data), path=name,
-                                    hashes={"sha256": hashlib.sha256(data).hexdigest()})
-                existing = entries.get(name)
+                                    hashes={"sha256": hashlib.sha256(data).hexdigest()},
+                                    unrecognized_fields=({"custom": dict(extra)} if extra
+                                                         else None))
+                existing = entries[None].get(name)
+                role = None if existing is not None else delegated_role(name)
+                if role is not None:
+                    existing = entries.setdefault(role, {}).get(name)
                 if existing == target:
                     continue
                 if existing is not None:
                     raise PublishError(f"target {name} is already published with other "
                                        f"content (sha256 {existing.hashes.get('sha256')})")
-                entries[name], files[name], changed = target, data, True
+                if role is not None and (delegations is None or delegations.roles is None
+                                         or role not in delegations.roles):
+                    delegations = _delegate(delegations, role, authority)
+                    changed.add(None)
+                entries[role][name], files[name] = target, data
+                changed.add(role)
             for name in remove:
-                if name not in entries:
+                holders = [r for r, e in entries.items() if name in e]
+                if not holders:
                     raise PublishError(f"target {name} is not published")
-                del entries[name]
+                holder = holders[0]
+                del entries[holder][name]
                 files.pop(name, None)
-                changed = True
+                changed.add(holder)
             if not changed:
-                live = request is None or (request.targets is None
-                                           or all(n in committed.targets.signed.targets
-                                                  for n in add))
-                return Staged(request, live)
-            version = (request.targets.signed.version
-                       if request is not None and request.targets is not None
-                       else max(current.version,
-                                _highest_version(self.metadata_dir, "targets")) + 1)
-            targets = Metadata(Targets(version=version,
-                                       expires=when + timedelta(seconds=self._expiry.targets_s),
-                                       targets=entries, delegations=current.delegations))
+                return Staged(request, request is None or all(n in committed.entries()
+                                                              for n in add))
+            for changed_role in changed:
+                if request is not None:
+                    self._check_amendable(request, changed_role or "targets")
+            expires = when + timedelta(seconds=self._expiry.targets_s)
+            targets = None if request is None else request.targets
+            if None in changed:
+                version = (request.targets.signed.version
+                           if request is not None and request.targets is not None
+                           else max(top.version,
+                                    _highest_version(self.metadata_dir, "targets")) + 1)
+                targets = Metadata(Targets(version=version, expires=expires,
+                                           targets=entries[None], delegations=delegations))
+            for role in sorted(r for r in changed if r is not None):
+                old = roles.get(role)
+                version = (staged_roles[role].signed.version if role in staged_roles
+                           else max(old.version if old is not None else 0,
+                                    _highest_version(self.metadata_dir, role)) + 1)
+                staged_roles[role] = Metadata(Targets(version=version, expires=expires,
+                                                      targets=entries[role]))
             request = SigningRequest(
                 base_root=self._root if request is None else request.base_root,
                 root=None if request is None else request.root,
-                targets=targets, target_files=files,
+                targets=targets, target_files=files, delegated=staged_roles,
                 changes=([] if request is None else request.changes) + [note])
             return self._save_or_go_live(request, when)
 
@@ -912,7 +1000,7 @@ class Repository:
             left = committed.snapshot.signed.expires - when
             if left < timedelta(seconds=self._expiry.snapshot_s / 2):
                 snapshot_meta = self._write_snapshot(
-                    root, committed.targets.signed.version, committed.targets_bytes, when,
+                    root, committed.snapshot_meta(), when,
                     previous=committed.snapshot.signed.version)
             timestamp = Timestamp(
                 version=committed.timestamp.signed.version + 1,
@@ -965,23 +1053,38 @@ class Repository:
             new.expires = when + timedelta(seconds=self._expiry.root_s)
             _check_root_policy(new)
             targets = request.targets if request is not None else None
+            delegated = dict(request.delegated) if request is not None else {}
             old_role, new_role = current.roles["targets"], new.roles["targets"]
-            if targets is None and (set(new_role.keyids) != set(old_role.keyids)
-                                    or new_role.threshold != old_role.threshold):
+            rekeyed = (set(new_role.keyids) != set(old_role.keyids)
+                       or new_role.threshold != old_role.threshold)
+            expires = when + timedelta(seconds=self._expiry.targets_s)
+            if targets is None and rekeyed:
                 # the live targets are signed by keys the new root no longer lists: the
                 # new targets keys sign them again, as a new version
                 old = committed.targets.signed
                 targets = Metadata(Targets(
                     version=max(old.version, _highest_version(self.metadata_dir,
                                                               "targets")) + 1,
-                    expires=when + timedelta(seconds=self._expiry.targets_s),
-                    targets=dict(old.targets), delegations=old.delegations))
+                    expires=expires, targets=dict(old.targets),
+                    delegations=_rekey_delegations(old.delegations, new)))
             elif targets is not None:
-                targets = Metadata(copy.deepcopy(targets.signed),
-                                   signatures=dict(targets.signatures))
+                signed = copy.deepcopy(targets.signed)
+                if rekeyed:
+                    signed.delegations = _rekey_delegations(signed.delegations, new)
+                targets = Metadata(signed, signatures=dict(targets.signatures))
+            if rekeyed:
+                # so are the products' release lists, which top-level targets now
+                # delegates to the new keys
+                for role, md in committed.delegated.items():
+                    if role not in delegated:
+                        delegated[role] = Metadata(Targets(
+                            version=max(md.signed.version,
+                                        _highest_version(self.metadata_dir, role)) + 1,
+                            expires=expires, targets=dict(md.signed.targets)))
             request = SigningRequest(
                 base_root=self._root, root=Metadata(new), targets=targets,
                 target_files={} if request is None else dict(request.target_files),
+                delegated=delegated,
                 changes=([] if request is None else request.changes) + [note])
             for role in ("snapshot", "timestamp"):
                 self._role_signers(new, role)  # the new online keys must be here
@@ -990,10 +1093,11 @@ class Repository:
     def _save_or_go_live(self, request: SigningRequest, when: datetime) -> Staged:
         """Sign ``request`` with the local targets keys; go live if it is ready, else
         save it as the staged request."""
-        if request.targets is not None:
-            for keyid in request.next_root.roles["targets"].keyids:
-                if keyid in self._local and keyid not in request.targets.signatures:
-                    request.sign(self._local[keyid][1])
+        by_targets_keys = [md for name, md in request.metadata() if name != "root"]
+        for keyid in request.next_root.roles["targets"].keyids:
+            if keyid in self._local and any(keyid not in md.signatures
+                                            for md in by_targets_keys):
+                request.sign(self._local[keyid][1])
         # saved first, also when ready: a crash while going live loses no signature,
         # and the next open finishes the job
         write_request(self.staged_path, request)
@@ -1028,8 +1132,20 @@ class Repository:
         targets_md = _parse_metadata(targets_bytes, Targets, self.metadata_dir)
         _verify(root, "targets", targets_md, self.metadata_dir / f"{targets_version}"
                 ".targets.json")
+        delegated, delegated_bytes = dict(chain.delegated), dict(chain.delegated_bytes)
+        for role, md in request.delegated.items():
+            data = md.to_bytes()
+            old = chain.delegated.get(role)
+            if old is not None and md.signed.version <= old.signed.version and (
+                    chain.delegated_bytes[role] != data):
+                raise SigningError(f"the staged {role} version {md.signed.version} is not "
+                                   "above the live one: discard the request and stage again")
+            delegated[role], delegated_bytes[role] = md, data
+        for role, md in delegated.items():  # against the delegations that will be live
+            _verify_delegated(targets_md.signed, role, md,
+                              self.metadata_dir / f"{md.signed.version}.{role}.json")
         for name, data in request.target_files.items():
-            target = request.targets.signed.targets[name] if request.targets else None
+            target = request.target_entry(name)
             if target is not None:
                 _write(self.target_file_path(target), data)
         if request.root is not None:
@@ -1037,11 +1153,15 @@ class Repository:
             _write_versioned(self.metadata_dir / f"{root.version}.root.json", root_bytes)
             _write(self.metadata_dir / "root.json", root_bytes)
             self._root, self._root_bytes = request.root, root_bytes
+        for role, md in request.delegated.items():
+            _write_versioned(self.metadata_dir / f"{md.signed.version}.{role}.json",
+                             delegated_bytes[role])
         if request.targets is not None:
             _write_versioned(self.metadata_dir / f"{targets_version}.targets.json",
                              targets_bytes)
-        self._write_snapshot_and_timestamp(root, targets_version, targets_bytes, when,
-                                           previous=chain)
+        live = replace(chain, targets=targets_md, targets_bytes=targets_bytes,
+                       delegated=delegated, delegated_bytes=delegated_bytes)
+        self._write_snapshot_and_timestamp(root, live.snapshot_meta(), when, previous=chain)
         try:
             self.staged_path.unlink(missing_ok=True)
             fsync_dir(self._path)
@@ -1049,24 +1169,25 @@ class Repository:
             raise RepositoryError(f"cannot remove {self.staged_path}: {exc}") from exc
         self._retire_unused_keys()
 
-    def _write_snapshot(self, root: Root, targets_version: int, targets_bytes: bytes,
+    def _write_snapshot(self, root: Root, meta: dict[str, MetaFile],
                         when: datetime, *, previous: int) -> MetaFile:
+        """Sign and write a snapshot listing ``meta`` (targets and delegated roles)."""
         version = max(previous, _highest_version(self.metadata_dir, "snapshot")) + 1
         snapshot = Snapshot(
             version=version,
             expires=when + timedelta(seconds=self._expiry.snapshot_s),
-            meta={"targets.json": _metafile(targets_version, targets_bytes)},
+            meta=meta,
         )
         snapshot_bytes = _sign(Metadata(snapshot), self._role_signers(root, "snapshot"))
         _write_versioned(self.metadata_dir / f"{version}.snapshot.json", snapshot_bytes)
         return _metafile(version, snapshot_bytes)
 
-    def _write_snapshot_and_timestamp(self, root: Root, targets_version: int,
-                                      targets_bytes: bytes, when: datetime,
+    def _write_snapshot_and_timestamp(self, root: Root, meta: dict[str, MetaFile],
+                                      when: datetime,
                                       previous: _Committed | None = None) -> None:
-        """Sign and write a snapshot naming targets, then timestamp (last)."""
+        """Sign and write a snapshot listing ``meta``, then timestamp (last)."""
         snapshot_meta = self._write_snapshot(
-            root, targets_version, targets_bytes, when,
+            root, meta, when,
             previous=0 if previous is None else previous.snapshot.signed.version)
         timestamp = Timestamp(
             version=1 if previous is None else previous.timestamp.signed.version + 1,
@@ -1123,6 +1244,31 @@ class Repository:
         only the hashes and versions: a root just rotated may not verify the old
         timestamp any more)."""
         return _read_chain(self.metadata_dir, self._root.signed, verify=verify)
+
+def _delegate(delegations: Delegations | None, role: str, root: Root) -> Delegations:
+    """``delegations`` plus ``role`` (a product's releases: :func:`delegation_paths`)
+    delegated to the targets keys and threshold of ``root``."""
+    role_keys = root.roles["targets"]
+    out = delegations if delegations is not None else Delegations(keys={}, roles={})
+    assert out.roles is not None
+    for keyid in role_keys.keyids:
+        out.keys[keyid] = root.keys[keyid]
+    out.roles[role] = DelegatedRole(name=role, keyids=list(role_keys.keyids),
+                                    threshold=role_keys.threshold, terminating=True,
+                                    paths=delegation_paths(role))
+    return out
+
+
+def _rekey_delegations(delegations: Delegations | None, root: Root) -> Delegations | None:
+    """``delegations`` with every role delegated to the targets keys of ``root`` (a
+    targets key rotation: the new keys sign the products' release lists too)."""
+    if delegations is None or not delegations.roles:
+        return delegations
+    out = Delegations(keys={}, roles={})
+    for role in delegations.roles:
+        out = _delegate(out, role, root)
+    return out
+
 
 def named_key(key: Key, holder: str) -> SSlibKey:
     """``key`` with its holder's name recorded (custom field of the key in root).
@@ -1227,7 +1373,7 @@ def _verify_origin(origin: Path, trusted_root: bytes | None) -> tuple[Metadata[R
                                   "repository, or a tampered copy")
     chain = _read_chain(metadata_dir, md.signed, verify=True)
     targets_dir = origin / "targets"
-    for name, target in chain.targets.signed.targets.items():
+    for name, target in chain.entries().items():
         validate_target_name(name)
         content = _read_limited(targets_dir / target.get_prefixed_paths()[0],
                                 MAX_TARGET_BYTES)
@@ -1290,8 +1436,26 @@ def _read_chain(metadata_dir: Path, root: Root, *, verify: bool) -> _Committed:
         _verify(root, "targets", targets, targets_path)
     if targets.signed.version != targets_meta.version:
         raise RepositoryError(f"{targets_path} contains version {targets.signed.version}")
+    delegated: dict[str, Metadata[Targets]] = {}
+    delegated_bytes: dict[str, bytes] = {}
+    for name, meta in snapshot.signed.meta.items():
+        if name == "targets.json":
+            continue
+        role = name.removesuffix(".json")
+        if not role.startswith(DELEGATED_ROLE_PREFIX) or "/" in role:
+            raise RepositoryError(f"{snap_path} lists {name}, which is no role of ours")
+        path = metadata_dir / f"{meta.version}.{role}.json"
+        data = _read_limited(path, MAX_METADATA_BYTES)
+        _check_metafile(meta, data, path)
+        md = _parse_metadata(data, Targets, path)
+        if verify:
+            _verify_delegated(targets.signed, role, md, path)
+        if md.signed.version != meta.version:
+            raise RepositoryError(f"{path} contains version {md.signed.version}")
+        delegated[role], delegated_bytes[role] = md, data
     return _Committed(timestamp=timestamp, snapshot=snapshot, targets=targets,
-                      targets_bytes=targets_bytes)
+                      targets_bytes=targets_bytes, delegated=delegated,
+                      delegated_bytes=delegated_bytes)
 
 
 
@@ -1380,6 +1544,14 @@ def _verify(root: Root, role: str, md: Metadata[Any], where: Path) -> None:
         raise RepositoryError(f"{where}: bad {role} signature: {exc}") from exc
 
 
+def _verify_delegated(targets: Targets, role: str, md: Metadata[Any], where: Path) -> None:
+    """Check ``md`` against the delegation of ``role`` in top-level ``targets``."""
+    try:
+        targets.verify_delegate(role, md.signed_bytes, md.signatures)
+    except (UnsignedMetadataError, ValueError) as exc:
+        raise RepositoryError(f"{where}: bad {role} signature: {exc}") from exc
+
+
 def _check_metafile(meta: MetaFile, data: bytes, where: Path) -> None:
     try:
         meta.verify_length_and_hashes(data)
@@ -1405,7 +1577,7 @@ def _sign(md: Metadata[Any], signers: Sequence[Signer]) -> bytes:
 
 def _highest_version(metadata_dir: Path, role: str) -> int:
     """The highest N of any ``N.<role>.json`` in ``metadata_dir`` (0 if none)."""
-    pattern = re.compile(rf"([1-9][0-9]{{0,18}})\.{role}\.json")
+    pattern = re.compile(rf"([1-9][0-9]{{0,18}})\.{re.escape(role)}\.json")
     try:
         names = os.listdir(metadata_dir)
     except OSError as exc:

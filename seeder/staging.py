@@ -13,7 +13,10 @@ What a request must collect (:meth:`SigningRequest.requirements`):
 - a new root version: a threshold of the **current** root keys *and* a threshold of the
   **new** root keys (TUF: each root is signed by its predecessor's keys and its own),
 - new targets metadata: a threshold of the targets keys of the root that will be live
-  (the new one when the request also changes root).
+  (the new one when the request also changes root);
+- new metadata of a product's delegated targets role (``releases-<product>``, which
+  lists the product's release manifests: :func:`delegated_role`): the same, a threshold
+  of the targets keys (top-level targets delegates each product to them).
 
 Snapshot and timestamp are signed at go-live by the online keys
 (:mod:`seeder.repository`): they never sign anything a device installs.
@@ -34,7 +37,8 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,24 +47,28 @@ from typing import Any, TypeVar
 from securesystemslib.exceptions import UnverifiedSignatureError
 from securesystemslib.signer import Key, Signer
 from tuf.api.exceptions import LengthOrHashMismatchError
-from tuf.api.metadata import Metadata, Root, Targets
+from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 from tuf.api.serialization import DeserializationError
 
 from swarmota.infra.fsio import atomic_write_bytes
 from swarmota.manifest import (
     COUNTER_RESETS_FIELD,
     ManifestFormatError,
+    parse_compact_pin,
     parse_counter_resets,
     parse_release_manifest,
 )
 from swarmota.seeder.errors import SigningError
 
 __all__ = [
+    "DELEGATED_ROLE_PREFIX",
     "HOLDER_FIELD",
     "MAX_REQUEST_BYTES",
     "REQUEST_FORMAT",
     "Requirement",
     "SigningRequest",
+    "delegated_role",
+    "delegation_paths",
     "holder_name",
     "read_request",
     "write_request",
@@ -68,11 +76,28 @@ __all__ = [
 
 REQUEST_FORMAT = "swarmota-signing-request"
 _REQUEST_FORMAT_VERSION = 1
+_DELEGATED_FORMAT_VERSION = 2  # a request with delegated roles ("delegated")
+DELEGATED_ROLE_PREFIX = "releases-"
+_RELEASE_NAME_RE = re.compile(r"releases/([a-z0-9][a-z0-9._-]{0,63})/[^/]+")
 MAX_REQUEST_BYTES = 256 * 1024 * 1024
 HOLDER_FIELD = "x-swarmota-holder"
 """Custom field of a key in root metadata: who holds it (shown by ``seeder status``)."""
 
 _S = TypeVar("_S", Root, Targets)
+
+
+def delegated_role(target_name: str) -> str | None:
+    """The delegated targets role that lists ``target_name``: ``releases-<product>`` for
+    a release manifest ``releases/<product>/<file>``; ``None`` for any other target
+    (listed by top-level targets). One role per product, so that a device downloads the
+    metadata of its own product only, and a release re-signs its product's list."""
+    match = _RELEASE_NAME_RE.fullmatch(target_name)
+    return None if match is None else DELEGATED_ROLE_PREFIX + match.group(1)
+
+
+def delegation_paths(role: str) -> list[str]:
+    """The target path patterns top-level targets delegates to ``role``."""
+    return [f"releases/{role.removeprefix(DELEGATED_ROLE_PREFIX)}/*"]
 
 
 def holder_name(key: Key | None) -> str:
@@ -109,15 +134,17 @@ class SigningRequest:
     """The next state of a repository and the signatures it has so far.
 
     ``base_root``: the root live when the request was made; ``root``: a new root
-    version (or ``None``); ``targets``: new targets metadata (or ``None``);
-    ``target_files``: the new target files (release manifests) by target name;
-    ``changes``: what the request does, one line each.
+    version (or ``None``); ``targets``: new top-level targets metadata (or ``None``);
+    ``delegated``: new metadata of delegated targets roles, by role name
+    (:func:`delegated_role`); ``target_files``: the new target files (release
+    manifests) by target name; ``changes``: what the request does, one line each.
     """
 
     base_root: Metadata[Root]
     root: Metadata[Root] | None = None
     targets: Metadata[Targets] | None = None
     target_files: dict[str, bytes] = field(default_factory=dict)
+    delegated: dict[str, Metadata[Targets]] = field(default_factory=dict)
     changes: list[str] = field(default_factory=list)
     created: datetime = field(default_factory=lambda: datetime.now(UTC))
 
@@ -142,7 +169,26 @@ class SigningRequest:
                     out.append(req)
         if self.targets is not None:
             out.append(_requirement("targets", "targets", self.next_root, self.targets))
+        for name, md in sorted(self.delegated.items()):
+            out.append(_requirement(name, "targets", self.next_root, md))
         return out
+
+    def metadata(self) -> Iterator[tuple[str, Metadata[Any]]]:
+        """Every metadata of the request that needs signatures, by name (``root``,
+        ``targets``, delegated role names)."""
+        if self.root is not None:
+            yield "root", self.root
+        if self.targets is not None:
+            yield "targets", self.targets
+        yield from sorted(self.delegated.items())
+
+    def target_entry(self, name: str) -> TargetFile | None:
+        """The entry the request signs for target ``name``: in its product's delegated
+        role when the request changes that role, else in top-level targets."""
+        role = delegated_role(name)
+        if role is not None and role in self.delegated:
+            return self.delegated[role].signed.targets.get(name)
+        return None if self.targets is None else self.targets.signed.targets.get(name)
 
     @property
     def ready(self) -> bool:
@@ -169,9 +215,8 @@ class SigningRequest:
         """
         keyid = signer.public_key.keyid
         signed: list[str] = []
-        for name, md in (("root", self.root), ("targets", self.targets)):
-            if md is None or not any(keyid in r.keyids for r in self.requirements()
-                                     if r.metadata == name):
+        for name, md in self.metadata():
+            if not any(keyid in r.keyids for r in self.requirements() if r.metadata == name):
                 continue
             key = self.key(keyid)
             if key is None or key.keyval != signer.public_key.keyval:
@@ -208,9 +253,10 @@ class SigningRequest:
                                "release or change, or the repository moved on); sign the "
                                "staged request ('seeder export' writes it)")
         added = 0
-        for name, mine, theirs in (("root", self.root, other.root),
-                                   ("targets", self.targets, other.targets)):
-            if mine is None or theirs is None:
+        others = dict(other.metadata())
+        for name, mine in self.metadata():
+            theirs = others.get(name)
+            if theirs is None:
                 continue
             wanted = {k for r in self.requirements() if r.metadata == name for k in r.keyids}
             for keyid, signature in theirs.signatures.items():
@@ -232,11 +278,14 @@ class SigningRequest:
         return (signed(self.base_root) == signed(other.base_root)
                 and signed(self.root) == signed(other.root)
                 and signed(self.targets) == signed(other.targets)
+                and {n: signed(md) for n, md in self.delegated.items()}
+                == {n: signed(md) for n, md in other.delegated.items()}
                 and self.target_files == other.target_files)
 
     def signature_holders(self, name: str) -> set[str]:
-        """Keyids with a signature on ``name`` (``root`` or ``targets``)."""
-        md = self.root if name == "root" else self.targets
+        """Keyids with a signature on ``name`` (``root``, ``targets`` or a delegated
+        role)."""
+        md = dict(self.metadata()).get(name)
         return set() if md is None else set(md.signatures)
 
     # --- checks and display -----------------------------------------------------------
@@ -248,7 +297,7 @@ class SigningRequest:
         Raises:
             SigningError: naming the fault.
         """
-        if self.root is None and self.targets is None:
+        if self.root is None and self.targets is None and not self.delegated:
             raise SigningError("a signing request must change root or targets")
         base = self.base_root.signed
         if self.root is not None and self.root.signed.version != base.version + 1:
@@ -260,11 +309,15 @@ class SigningRequest:
                     COUNTER_RESETS_FIELD))
             except ManifestFormatError as exc:
                 raise SigningError(f"the new root's counter resets: {exc}") from exc
-        if self.target_files and self.targets is None:
-            raise SigningError("target files without targets metadata")
+        for role, md in self.delegated.items():
+            if not role.startswith(DELEGATED_ROLE_PREFIX) or md.signed.delegations:
+                raise SigningError(f"delegated role {role}: not a product's release list")
+            stray = [n for n in md.signed.targets if delegated_role(n) != role]
+            if stray:
+                raise SigningError(f"delegated role {role} lists {stray[0]}, which is not "
+                                   "a release of its product")
         for name, data in self.target_files.items():
-            assert self.targets is not None
-            target = self.targets.signed.targets.get(name)
+            target = self.target_entry(name)
             if target is None:
                 raise SigningError(f"target file {name} is not in the targets metadata")
             try:
@@ -272,6 +325,7 @@ class SigningRequest:
             except LengthOrHashMismatchError as exc:
                 raise SigningError(f"target file {name} does not match the targets "
                                    f"metadata: {exc}") from exc
+            _check_compact_pin(name, data, target.custom)
 
     def describe(self) -> list[str]:
         """What the request does and who signed it, for humans (``seeder status``)."""
@@ -283,8 +337,13 @@ class SigningRequest:
             lines.append(f"  target {name}: {_release_line(data)}")
         if self.targets is not None:
             t = self.targets.signed
-            lines.append(f"  targets version {t.version}: {len(t.targets)} targets, expires "
-                         f"{t.expires.isoformat()}")
+            roles = len(t.delegations.roles or {}) if t.delegations else 0
+            lines.append(f"  targets version {t.version}: {len(t.targets)} targets, {roles} "
+                         f"delegated roles, expires {t.expires.isoformat()}")
+        for name, md in sorted(self.delegated.items()):
+            d = md.signed
+            lines.append(f"  {name} version {d.version}: {len(d.targets)} targets, expires "
+                         f"{d.expires.isoformat()}")
         if self.root is not None:
             lines += ["  " + line for line in _root_changes(self.base_root.signed,
                                                            self.root.signed)]
@@ -311,9 +370,10 @@ class SigningRequest:
     # --- encoding ---------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
-        doc = {
+        doc: dict[str, Any] = {
             "format": REQUEST_FORMAT,
-            "format_version": _REQUEST_FORMAT_VERSION,
+            "format_version": (_DELEGATED_FORMAT_VERSION if self.delegated
+                               else _REQUEST_FORMAT_VERSION),
             "created": self.created.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "changes": list(self.changes),
             "base_root": self.base_root.to_dict(),
@@ -322,6 +382,9 @@ class SigningRequest:
             "target_files": {name: base64.b64encode(data).decode("ascii")
                              for name, data in sorted(self.target_files.items())},
         }
+        if self.delegated:  # absent otherwise: older seeders read such requests
+            doc["delegated"] = {name: md.to_dict()
+                                for name, md in sorted(self.delegated.items())}
         return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
     @classmethod
@@ -341,8 +404,16 @@ class SigningRequest:
                 "targets", "target_files"}
         if not isinstance(doc, dict) or doc.get("format") != REQUEST_FORMAT:
             raise SigningError(f"{where} is not a swarmota signing request")
-        if doc.get("format_version") != _REQUEST_FORMAT_VERSION or set(doc) != keys:
+        version = doc.get("format_version")
+        if version == _DELEGATED_FORMAT_VERSION:
+            keys.add("delegated")
+        if version not in (_REQUEST_FORMAT_VERSION, _DELEGATED_FORMAT_VERSION) \
+                or set(doc) != keys:
             raise SigningError(f"{where}: unsupported format version or fields")
+        delegated_raw = doc.get("delegated", {})
+        if not isinstance(delegated_raw, dict) or (version == _DELEGATED_FORMAT_VERSION
+                                                   and not delegated_raw):
+            raise SigningError(f"{where}: delegated must map role names to metadata")
         changes, files = doc["changes"], doc["target_files"]
         if not isinstance(changes, list) or not all(isinstance(c, str) for c in changes):
             raise SigningError(f"{where}: changes must be a list of strings")
@@ -359,7 +430,9 @@ class SigningRequest:
                    root=None if doc["root"] is None else _metadata(doc["root"], Root, where),
                    targets=(None if doc["targets"] is None
                             else _metadata(doc["targets"], Targets, where)),
-                   target_files=target_files, changes=changes, created=created)
+                   target_files=target_files, changes=changes, created=created,
+                   delegated={str(name): _metadata(md, Targets, f"{where}: {name}")
+                              for name, md in delegated_raw.items()})
 
 
 def read_request(path: Path) -> SigningRequest:
@@ -411,6 +484,27 @@ def _metadata(raw: Any, signed_type: type[_S], where: str) -> Metadata[_S]:
         raise SigningError(f"{where}: {md.signed.type} metadata where "
                            f"{signed_type.type} was expected")
     return md
+
+
+def _check_compact_pin(name: str, data: bytes, custom: Any) -> None:
+    """A targets entry that pins a compact manifest must pin exactly the compact form of
+    the manifest it names (:meth:`manifest.ReleaseManifest.compact`), so that a signer
+    who reviews the manifest signs its compact form too.
+
+    Raises:
+        SigningError: it pins anything else.
+    """
+    pin = parse_compact_pin(custom)
+    if pin is None:
+        return
+    try:
+        compact = parse_release_manifest(data).compact().to_bytes()
+    except ManifestFormatError as exc:
+        raise SigningError(f"target {name} pins a compact manifest but is not a release "
+                           f"manifest: {exc}") from exc
+    if pin != (len(compact), hashlib.sha256(compact).hexdigest()):
+        raise SigningError(f"target {name} pins a compact manifest that is not its "
+                           "compact form")
 
 
 def _release_line(data: bytes) -> str:

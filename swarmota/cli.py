@@ -57,7 +57,8 @@ def _build() -> tuple[argparse.ArgumentParser, Schema]:
     return parser, schema
 
 
-BENCHMARKS = ("fleet", "swarm", "swarm_adversaries", "delta", "tracker", "footprint")
+BENCHMARKS = ("fleet", "swarm", "swarm_adversaries", "delta", "tracker", "metadata",
+              "footprint")
 
 
 def _add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -66,7 +67,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Run a benchmark of bench/ (a source checkout is needed): fleet (a "
                     "shaped network namespace, root), swarm (loopback), swarm_adversaries "
                     "(loopback, with lying and silent peers), delta (needs "
-                    "../shared/data), tracker (load on loopback) or footprint (the "
+                    "../shared/data), tracker (load on loopback), metadata (TUF metadata "
+                    "per update as a repository's history grows) or footprint (the "
                     "agent's memory and CPU, needs ../shared/data). Arguments after the "
                     "name go to the benchmark; 'swarmota bench fleet --help' lists them.")
     bench.add_argument("name", choices=BENCHMARKS)

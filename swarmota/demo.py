@@ -161,7 +161,8 @@ async def _outsider_is_refused(directory: Path, tracker_url: str, tls: TlsPolicy
 @dataclass(frozen=True)
 class DemoOutcome:
     """What the demo saw. Byte counts: ``origin_bytes_payloads`` is what the origin's
-    HTTP server sent from ``payloads/`` (chunks and torrent files), ``seeder_bytes`` what
+    HTTP server sent from ``payloads/`` (chunks, chunk lists and torrent files;
+    ``origin_bytes_chunk_lists`` of them chunk lists), ``seeder_bytes`` what
     the seeder uploaded over BitTorrent; both are the CDN's egress. ``peer_bytes`` is
     what devices got from each other (piece data from peers minus the seeder's)."""
 
@@ -175,6 +176,7 @@ class DemoOutcome:
     reports_stored: int
     elapsed_s: float
     rollout_stages: list[tuple[str, int, int, int, int, int]] = field(default_factory=list)
+    origin_bytes_chunk_lists: int = 0
     """Per stage: name, devices admitted, succeeded, failed (incl. rolled back), bytes
     from the origin and from peers as the devices reported them."""
     bad_release_phase: str = ""
@@ -469,6 +471,7 @@ async def run_demo(workdir: Path, *, devices: int = 4, image_size_bytes: int = 4
             "canary" if ok else "demo FAILED")
         outcome = DemoOutcome(ok=ok, results=results,
                               origin_bytes_payloads=stats.bytes_payloads,
+                              origin_bytes_chunk_lists=stats.bytes_chunk_lists,
                               origin_bytes_total=stats.bytes_total,
                               seeder_bytes=seeding.bytes_uploaded_payload,
                               peer_bytes=peer_bytes,

@@ -24,7 +24,7 @@ import trio
 from swarmota.demo import make_image, mutate_image
 from swarmota.infra.devca import ServerFiles, create_ca, issue_device_cert, issue_server_cert
 from swarmota.infra.http_serve import ListenConfig, serve_asgi
-from swarmota.manifest import Payload, ReleaseManifest, sha256_hex
+from swarmota.manifest import CHUNK_DIGEST_BYTES, Payload, ReleaseManifest, sha256_hex
 from swarmota.peer.agent import update_once
 from swarmota.peer.announce_relay import AnnounceRelay
 from swarmota.peer.config import DeviceConfig
@@ -98,10 +98,17 @@ class ReleaseEnv:
                            root_json=self.repo.root_bytes(), image=img, version=version,
                            release_counter=counter)
 
+    @staticmethod
+    def direct_bytes(payload: Payload) -> int:
+        """What a direct-mode device fetches from the origin for ``payload``: its chunk
+        list (the manifest it reads is the compact one) and the payload."""
+        return payload.chunk_count * CHUNK_DIGEST_BYTES + payload.size
+
     def origin_bytes(self, payload: Payload) -> int:
-        """What a lone swarm-mode device fetches from the origin: torrent + payload."""
+        """What a lone swarm-mode device fetches from the origin: chunk list, torrent
+        and payload."""
         torrent = self.repo.origin_dir / f"{payload.path}.torrent"
-        return payload.size + torrent.stat().st_size
+        return self.direct_bytes(payload) + torrent.stat().st_size
 
     def reports(self, device_id: str | None = None) -> list:  # type: ignore[type-arg]
         store = SqliteStore(self.db)

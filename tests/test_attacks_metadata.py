@@ -150,14 +150,17 @@ async def test_same_version_with_different_content_is_refused(env: ReleaseEnv,
         publish(env.repo, tmp_path / "again", other, "2.0.0", 2)
     foreign = Repository.create(tmp_path / "foreign")
     fake = publish(foreign, tmp_path / "foreign-work", other, "2.0.0", 2)
-    (genuine,) = (env.repo.origin_dir / "targets" / "releases" / PRODUCT).glob("*.2.0.0.json")
-    (forged,) = (foreign.origin_dir / "targets" / "releases" / PRODUCT).glob("*.2.0.0.json")
-    saved = genuine.read_bytes()
-    genuine.write_bytes(forged.read_bytes())
+    saved = {}
+    for form in ("*.2.0.0.json", "*.2.0.0.compact.json"):  # canonical, compact (read)
+        (genuine,) = (env.repo.origin_dir / "targets" / "releases" / PRODUCT).glob(form)
+        (forged,) = (foreign.origin_dir / "targets" / "releases" / PRODUCT).glob(form)
+        saved[genuine] = genuine.read_bytes()
+        genuine.write_bytes(forged.read_bytes())
     assert fake.version == env.m2.version and fake.image.sha256 != env.m2.image.sha256
     dev = env.device(mode="direct")
     await expect_refused(env, dev, StatusCode.VERIFY_FAILED, "metadata rejected")
-    genuine.write_bytes(saved)
+    for genuine, data in saved.items():
+        genuine.write_bytes(data)
     await expect_clean_run(env, dev)
 
 
@@ -316,23 +319,24 @@ async def test_valid_release_for_other_software_is_refused(
 # --- endless data --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("what", "path_part", "words"), [
-    ("metadata", "timestamp.json", "longer than allowed"),
-    ("manifest", ".2.0.0.json", "longer than allowed"),
-    ("chunk", "payloads/", "failed verification"),
+@pytest.mark.parametrize(("what", "path_part", "status", "words"), [
+    ("metadata", "timestamp.json", StatusCode.VERIFY_FAILED, "longer than allowed"),
+    ("manifest", ".2.0.0.compact.json", StatusCode.VERIFY_FAILED, "longer than allowed"),
+    ("chunk list", ".chunks", StatusCode.DOWNLOAD_FAILED, "answer over"),
+    ("chunk", ".zst", StatusCode.VERIFY_FAILED, "failed verification"),
 ])
 async def test_endless_data_is_cut_at_the_limit_and_nothing_is_kept(
         env: ReleaseEnv, nursery: trio.Nursery, what: str, path_part: str,
-        words: str) -> None:
+        status: StatusCode, words: str) -> None:
     """The origin streams zeros forever (with the asked Content-Range for a chunk): the
     agent stops reading at the size it expects (python-tuf's limit for timestamp, the
-    signed length for the manifest, the chunk size for a chunk) and keeps nothing."""
+    signed length for the manifest and the chunk list, the chunk size for a chunk) and
+    keeps nothing."""
     origin, url = await serve_faulty(nursery, env.origin)
     origin.add(Fault("endless", path_part))
     dev = env.device(mode="direct", origin_url=url, chunk_attempts=2)
     with trio.fail_after(60):
-        await expect_refused(env, dev, StatusCode.VERIFY_FAILED, words,
-                             payloads=[env.m2.full_payload])
+        await expect_refused(env, dev, status, words, payloads=[env.m2.full_payload])
     assert origin.endless_bytes_sent < 64 << 20, "the agent hung up"
     origin.faults.clear()
     await expect_clean_run(env, dev)
@@ -343,7 +347,7 @@ async def test_endless_payload_ignoring_range_is_cut_at_the_limit(
     """A 200 without a length that never ends, whatever was asked: each request reads
     its offset plus length and hangs up; nothing unverified is kept."""
     origin, url = await serve_faulty(nursery, env.origin)
-    origin.add(Fault("endless", "payloads/", ranged=False))
+    origin.add(Fault("endless", ".zst", ranged=False))
     dev = env.device(mode="direct", origin_url=url, chunk_attempts=2)
     with trio.fail_after(60):
         await expect_refused(env, dev, StatusCode.VERIFY_FAILED, "failed verification",

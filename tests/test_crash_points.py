@@ -46,7 +46,7 @@ import trio
 
 from swarmota.demo import make_image, mutate_image
 from swarmota.infra.http_serve import ListenConfig
-from swarmota.manifest import Payload, ReleaseManifest, sha256_hex
+from swarmota.manifest import CHUNK_DIGEST_BYTES, Payload, ReleaseManifest, sha256_hex
 from swarmota.peer.config import DeviceConfig
 from swarmota.peer.state import DeviceState, init_device
 from swarmota.seeder.origin import OriginApp, OriginConfig
@@ -257,7 +257,9 @@ async def crash_and_restart(fleet: Fleet, kind: str, payload: Payload, name: str
     code, out = await peer_update(dev)
     assert out is not None, f"{where}: restart crashed (exit {code})"
     assert code == 0, f"{where}: restart did not finish the update: {out}"
-    assert int(out["bytes_origin"]) <= payload.size - on_disk, \
+    # the payload's chunk list comes first, unless the killed pass kept it
+    chunk_list = payload.chunk_count * CHUNK_DIGEST_BYTES
+    assert int(out["bytes_origin"]) <= payload.size - on_disk + chunk_list, \
         f"{where}: downloaded {out['bytes_origin']} bytes, {on_disk} of {payload.size} " \
         "were verified on disk already"
     version = check_boots_a_verified_slot(dev, where)

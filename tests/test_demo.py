@@ -56,7 +56,10 @@ async def test_demo_in_direct_mode_fetches_each_delta_from_the_origin(tmp_path: 
     outcome = await run_demo(tmp_path, devices=2, image_size_bytes=1 << 20, zstd_level=3,
                              mode="direct", cdn_rate_bytes_per_s=None, out=out)
     assert outcome.ok, out.getvalue()
-    assert outcome.origin_bytes_payloads == 2 * outcome.payload_size
+    # each device: the delta and its chunk list (the manifest it reads is the compact one)
+    assert outcome.origin_bytes_chunk_lists > 0 and outcome.origin_bytes_chunk_lists % 64 == 0
+    assert outcome.origin_bytes_payloads - outcome.origin_bytes_chunk_lists \
+        == 2 * outcome.payload_size
     assert outcome.seeder_bytes == 0 and outcome.peer_bytes == 0
 
 

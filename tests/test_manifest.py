@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarmota.manifest import (
+    CHUNK_DIGEST_BYTES,
     MAX_MANIFEST_BYTES,
     ImageInfo,
     IntegrityError,
@@ -22,6 +23,10 @@ from swarmota.manifest import (
     check_applicable,
     choose_chunk_size,
     chunk_hashes,
+    compact_pin,
+    compact_target_name,
+    encode_chunk_list,
+    parse_compact_pin,
     parse_release_manifest,
     release_target_name,
     sha256_hex,
@@ -257,3 +262,57 @@ def test_component_updates_name_their_component_and_images_do_not() -> None:
     doc["component"] = "modem-fw"
     with pytest.raises(ManifestFormatError, match="update_type"):
         parse_release_manifest(json.dumps(doc).encode())
+
+
+def test_compact_manifest_names_a_chunk_list_and_loads_the_chunks_it_pins() -> None:
+    m = make_manifest()
+    compact = m.compact()
+    small = compact.full_payload
+    assert small.chunks == () and small.chunk_list is not None
+    assert small.chunk_count == m.full_payload.chunk_count == 5
+    data = compact.to_bytes()
+    assert parse_release_manifest(data) == compact
+    assert len(data) < len(m.to_bytes())
+    chunk_list = encode_chunk_list(m.full_payload.chunks)
+    assert len(chunk_list) == 5 * CHUNK_DIGEST_BYTES
+    assert small.chunk_list.path == f"payloads/{sha256_hex(chunk_list)}.chunks"
+    loaded = small.with_chunk_list(chunk_list)
+    assert loaded == m.full_payload
+    loaded.verify_chunk(0, PAYLOAD[:16384])
+    assert m.full_payload.with_chunk_list(b"ignored") is m.full_payload
+    assert compact.compact() == compact
+
+
+def test_compact_payload_refuses_chunks_before_its_list_and_a_wrong_list() -> None:
+    small = make_manifest().compact().full_payload
+    with pytest.raises(RuntimeError, match="chunk list not loaded"):
+        small.verify_chunk(0, PAYLOAD[:16384])
+    good = encode_chunk_list(make_manifest().full_payload.chunks)
+    for bad in (good[:-1], good[:-1] + bytes([good[-1] ^ 1]), good + b"\0" * 32):
+        with pytest.raises(IntegrityError):
+            small.with_chunk_list(bad)
+
+
+def test_compact_manifest_with_a_chunk_list_of_the_wrong_size_is_refused() -> None:
+    r = json.loads(make_manifest().compact().to_bytes())
+    r["payloads"][0]["chunk_list"]["size"] += CHUNK_DIGEST_BYTES
+    with pytest.raises(ManifestFormatError, match=r"chunk_list\.size"):
+        parse_release_manifest(json.dumps(r).encode())
+    r = json.loads(make_manifest().compact().to_bytes())
+    r["payloads"][0]["chunks"] = []
+    with pytest.raises(ManifestFormatError):
+        parse_release_manifest(json.dumps(r).encode())
+
+
+def test_compact_pin_round_trips_and_unknown_forms_fall_back_to_the_canonical() -> None:
+    data = make_manifest().compact().to_bytes()
+    pin = compact_pin(data)
+    assert parse_compact_pin(pin) == (len(data), sha256_hex(data))
+    assert compact_target_name("releases/p/1.0.json") == "releases/p/1.0.compact.json"
+    for custom in (None, [], {}, {"compact": "x"}, {"compact": {"length": 1}},
+                   {"compact": {"length": True, "sha256": "a" * 64}},
+                   {"compact": {"length": 0, "sha256": "a" * 64}},
+                   {"compact": {"length": MAX_MANIFEST_BYTES + 1, "sha256": "a" * 64}},
+                   {"compact": {"length": 10, "sha256": "A" * 64}},
+                   {"compact": {"length": 10, "sha256": "a" * 64, "extra": 1}}):
+        assert parse_compact_pin(custom) is None, custom

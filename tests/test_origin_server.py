@@ -53,6 +53,7 @@ async def origin(tmp_path: Path) -> AsyncIterator[Origin]:
         "metadata/1.root.json": b'{"signed": "root"}\n',
         "metadata/timestamp.json": b'{"signed": "timestamp"}\n',
         "metadata/2.snapshot.json": b'{"signed": "snapshot"}\n',
+        "metadata/3.releases-acme.json": b'{"signed": "a product\'s releases"}\n',
         TARGET_NAME: b'{"manifest": 1}\n',
         PAYLOAD_NAME: rng.randbytes(PAYLOAD_SIZE),
         "other/empty.bin": b"",
@@ -102,8 +103,9 @@ async def test_json_files_are_served_as_json_with_cache_policy(origin: Origin) -
     response = await origin.get("metadata/timestamp.json")
     assert response.headers["content-type"] == "application/json"
     assert response.headers["cache-control"] == "no-cache"
-    response = await origin.get("metadata/2.snapshot.json")
-    assert "immutable" in response.headers["cache-control"]
+    for numbered in ("metadata/2.snapshot.json", "metadata/3.releases-acme.json"):
+        response = await origin.get(numbered)
+        assert "immutable" in response.headers["cache-control"]
     response = await origin.get(TARGET_NAME)
     assert response.headers["content-type"] == "application/json"
     assert response.content == origin.files[TARGET_NAME]

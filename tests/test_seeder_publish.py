@@ -123,7 +123,9 @@ def test_identical_payloads_are_stored_once(repo: Repository, tmp_path: Path) ->
     second = publish(repo, image, version="1.0.1", counter=2)
     assert first.full_payload == second.full_payload
     name = Path(first.full_payload.path).name
-    assert sorted(os.listdir(repo.origin_dir / "payloads")) == [name, f"{name}.torrent"]
+    chunk_list = Path(first.compact().full_payload.chunk_list.path).name  # type: ignore[union-attr]
+    assert sorted(os.listdir(repo.origin_dir / "payloads")) == sorted(
+        [name, f"{name}.torrent", chunk_list])
 
 
 def test_missing_image_is_refused(repo: Repository, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import trio
 from tuf.api import exceptions as tuf_exceptions
-from tuf.api.metadata import Metadata, Timestamp
+from tuf.api.metadata import Metadata, Targets, Timestamp
 from tuf.ngclient import FetcherInterface, Updater
 
 from swarmota.infra.http_serve import ListenConfig
@@ -186,17 +186,36 @@ def test_timestamp_signed_by_an_unknown_key_is_detected(repo: Repository) -> Non
 # --- publishing metadata ----------------------------------------------------------------
 
 
-def test_each_add_target_signs_new_targets_snapshot_and_timestamp(
+def test_a_release_signs_its_products_list_snapshot_and_timestamp(
     repo: Repository,
 ) -> None:
+    """A product's first release delegates the product's list to the targets keys (new
+    top-level targets); later ones re-sign that list alone, never the other products'."""
     repo.add_target("releases/acme/1.json", b"one", now=NOW)
-    assert repo.versions() == {"root": 1, "targets": 2, "snapshot": 2, "timestamp": 2}
+    assert repo.versions() == {"root": 1, "targets": 2, "snapshot": 2, "timestamp": 2,
+                               "releases-acme": 1}
     repo.add_target("releases/acme/2.json", b"two", now=NOW)
-    assert repo.versions() == {"root": 1, "targets": 3, "snapshot": 3, "timestamp": 3}
-    assert set(repo.targets()) == {"releases/acme/1.json", "releases/acme/2.json"}
+    assert repo.versions() == {"root": 1, "targets": 2, "snapshot": 3, "timestamp": 3,
+                               "releases-acme": 2}
+    repo.add_target("releases/other/1.json", b"other", now=NOW)
+    repo.add_target("notes/readme.txt", b"not a release", now=NOW)
+    assert repo.versions() == {"root": 1, "targets": 4, "snapshot": 5, "timestamp": 5,
+                               "releases-acme": 2, "releases-other": 1}
+    assert set(repo.targets()) == {"releases/acme/1.json", "releases/acme/2.json",
+                                   "releases/other/1.json", "notes/readme.txt"}
+    top = Metadata[Targets].from_bytes(
+        (repo.metadata_dir / "4.targets.json").read_bytes()).signed
+    assert set(top.targets) == {"notes/readme.txt"}
+    assert top.delegations is not None and top.delegations.roles is not None
+    acme = top.delegations.roles["releases-acme"]
+    assert acme.paths == ["releases/acme/*"] and acme.terminating
+    assert acme.keyids == repo.root().roles["targets"].keyids
+    listed = Metadata[Targets].from_bytes(
+        (repo.metadata_dir / "2.releases-acme.json").read_bytes()).signed
+    assert set(listed.targets) == {"releases/acme/1.json", "releases/acme/2.json"}
     for version in (1, 2, 3):  # old versions stay for clients mid-update
-        assert (repo.metadata_dir / f"{version}.targets.json").is_file()
         assert (repo.metadata_dir / f"{version}.snapshot.json").is_file()
+    assert (repo.metadata_dir / "1.releases-acme.json").is_file()
     timestamp = Metadata[Timestamp].from_bytes(
         (repo.metadata_dir / "timestamp.json").read_bytes()).signed
     assert timestamp.expires == NOW + timedelta(days=1)
@@ -236,7 +255,8 @@ def test_refresh_timestamp_signs_only_a_new_timestamp(repo: Repository) -> None:
     repo.add_target("releases/acme/1.json", b"one", now=NOW)
     later = NOW + timedelta(hours=5)
     repo.refresh_timestamp(now=later)
-    assert repo.versions() == {"root": 1, "targets": 2, "snapshot": 2, "timestamp": 3}
+    assert repo.versions() == {"root": 1, "targets": 2, "snapshot": 2, "timestamp": 3,
+                               "releases-acme": 1}
     ts = Metadata[Timestamp].from_bytes((repo.metadata_dir / "timestamp.json").read_bytes())
     assert ts.signed.expires == later + timedelta(days=1)
     assert ts.signed.snapshot_meta.version == 2
@@ -279,7 +299,8 @@ def test_crash_leftovers_are_skipped_never_overwritten(repo: Repository) -> None
     orphan_snapshot.write_bytes(b"orphan")
     assert repo.versions()["targets"] == 1
     repo.add_target("releases/acme/1.json", b"one")
-    assert repo.versions() == {"root": 1, "targets": 3, "snapshot": 3, "timestamp": 2}
+    assert repo.versions() == {"root": 1, "targets": 3, "snapshot": 3, "timestamp": 2,
+                               "releases-acme": 1}
     assert orphan_targets.read_bytes() == b"orphan"
     assert orphan_snapshot.read_bytes() == b"orphan"
 
@@ -302,8 +323,11 @@ def test_concurrent_publishers_do_not_lose_releases(repo: Repository) -> None:
         thread.join()
     assert errors == []
     assert len(repo.targets()) == 15
-    assert repo.versions()["targets"] == 16
-    assert repo.versions()["timestamp"] == 16
+    versions = repo.versions()
+    assert versions["timestamp"] == 16
+    # one delegation per product, each product's list re-signed by each of its releases
+    assert versions["targets"] == 4
+    assert [versions[f"releases-p{i}"] for i in range(3)] == [5, 5, 5]
 
 
 def test_opening_while_a_publisher_takes_its_request_live_does_not_replay_it(

@@ -25,6 +25,8 @@ from swarmota.peer.swarm import (
     SwarmConfig,
     SwarmSession,
     make_torrent,
+    new_peer_id,
+    seniority,
     session_settings,
 )
 from swarmota.seeder import OriginApp, serve_origin
@@ -154,12 +156,12 @@ def test_session_settings_are_quiet_and_tcp_only() -> None:
     assert set(settings) <= known
 
 
-def test_peer_id_is_random_per_session_unless_given() -> None:
+def test_peer_id_is_fresh_per_session_unless_given() -> None:
     with SwarmSession(SwarmConfig(listen_host="127.0.0.2")) as a, \
             SwarmSession(SwarmConfig(listen_host="127.0.0.3")) as b:
-        assert len(a.peer_id) == 20 and a.peer_id.startswith(b"-SW0100-")
+        assert len(a.peer_id) == 20 and a.peer_id.startswith(b"-SW0200-")
         assert a.peer_id != b.peer_id
-    given = b"-SW0100-abcdefabcdef"
+    given = b"-SW0200-abcdefabcdef"
     assert session_settings(SwarmConfig(peer_id=given))["peer_fingerprint"] == given.decode()
     with pytest.raises(ValueError, match="20 ASCII bytes"):
         SwarmConfig(peer_id=b"short")
@@ -344,3 +346,20 @@ async def test_upload_disabled_sends_no_piece_data_at_all(tmp_path: Path) -> Non
         tmp_path, SwarmConfig(listen_host="127.0.0.2", upload_enabled=False),
         SwarmConfig(listen_host="127.0.0.3"), seconds=2.0)
     assert uploaded == 0 and done == 0
+
+
+def test_peers_agree_on_seniority_from_their_peer_ids_alone() -> None:
+    """The senior downloader (earliest session start) fetches from the origin for the
+    others; every peer derives the same order from the ids, without talking."""
+    early, late = new_peer_id(1_000.00), new_peer_id(1_000.01)
+    assert len(early) == len(late) == 20 and early.startswith(b"-SW0200-")
+    assert seniority(early) < seniority(late)
+    capped = new_peer_id(999.0, lead=False)  # its downloads are rate-limited
+    foreign = b"-qB4650-abcdefabcdef"  # another client, or an older agent
+    older = b"-SW0100-0123456789ab"
+    order = sorted([foreign, capped, late, older, early], key=seniority)
+    assert order[:3] == [early, late, capped]
+    assert set(order[3:]) == {foreign, older}
+    assert len({new_peer_id(5.0)[17:] for _ in range(64)}) > 1  # a random tail
+    broken = b"-SW0200-xyzxyzxyzxyz"  # not hex: ranked like a foreign id
+    assert seniority(broken) > seniority(capped)

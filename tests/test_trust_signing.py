@@ -88,10 +88,12 @@ def test_release_waits_for_the_targets_threshold_then_goes_live(
 
     staged = sign(repo, "targets-3")
     assert staged.live and is_live(repo, manifest)
-    assert repo.versions() == {"root": 1, "targets": 2, "snapshot": 2, "timestamp": 2}
+    assert repo.versions() == {"root": 1, "targets": 2, "snapshot": 2, "timestamp": 2,
+                               f"releases-{PRODUCT}": 1}
     assert repo.staged() is None and not repo.staged_path.exists()
-    targets = Metadata[Targets].from_bytes((repo.metadata_dir / "2.targets.json").read_bytes())
-    assert len(targets.signatures) == 2
+    for signed in ("2.targets.json", f"1.releases-{PRODUCT}.json"):
+        targets = Metadata[Targets].from_bytes((repo.metadata_dir / signed).read_bytes())
+        assert len(targets.signatures) == 2
     assert published_releases(repo, PRODUCT) == {"1.0.0": manifest}
 
 
@@ -129,11 +131,13 @@ def test_signing_request_travels_as_a_file_and_comes_back(
         elsewhere.parent.mkdir()
         shutil.copy(offline_key(repo, name), elsewhere)
         request = read_request(carried)
-        assert request.sign(load_private_key(elsewhere)) == ["targets"]
+        # top-level targets (the product's delegation) and the product's release list
+        assert request.sign(load_private_key(elsewhere)) == ["targets",
+                                                            f"releases-{PRODUCT}"]
         write_request(carried, request)
     assert read_request(carried).ready
     added, staged = repo.import_request(read_request(carried))
-    assert (added, staged.live) == (2, True)
+    assert (added, staged.live) == (4, True)  # 2 signers x (targets, the product's list)
     assert is_live(repo, manifest)
 
 
@@ -147,6 +151,40 @@ def test_a_tampered_request_file_is_refused(repo: Repository, tmp_path: Path) ->
     path = tmp_path / "tampered.json"
     path.write_text(json.dumps(doc))
     with pytest.raises(SigningError, match="does not match the targets metadata"):
+        read_request(path)
+
+
+def test_a_request_pinning_another_compact_manifest_is_refused(
+        repo: Repository, tmp_path: Path) -> None:
+    """Devices read the compact manifest a targets entry pins: a request whose pin is
+    not the compact form of the manifest the signers review is refused, so that what
+    they sign is what devices install."""
+    publish(repo, tmp_path, "1.0.0", 1)
+    doc = json.loads(repo.staged_path.read_bytes())
+    name = next(iter(doc["target_files"]))
+    listed = doc["delegated"][f"releases-{PRODUCT}"]["signed"]["targets"]
+    pin = listed[name]["custom"]["compact"]
+    assert pin["length"] < len(base64.b64decode(doc["target_files"][name]))
+    pin["sha256"] = "0" * 64  # another compact manifest (e.g. another release's)
+    path = tmp_path / "tampered.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SigningError, match="not its compact form"):
+        read_request(path)
+
+
+def test_a_products_release_list_naming_another_products_release_is_refused(
+        repo: Repository, tmp_path: Path) -> None:
+    """Each product's releases are listed in a role of their own: a request whose list
+    names a release of another product (which devices of that product would never look
+    up there, but a reviewer might take for this product's) is refused."""
+    publish(repo, tmp_path, "1.0.0", 1)
+    doc = json.loads(repo.staged_path.read_bytes())
+    listed = doc["delegated"][f"releases-{PRODUCT}"]["signed"]["targets"]
+    (entry,) = listed.values()
+    listed["releases/other-product/1.0.0.json"] = entry
+    path = tmp_path / "stray.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SigningError, match="not a release of its product"):
         read_request(path)
 
 

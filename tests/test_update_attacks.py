@@ -55,6 +55,21 @@ async def test_flipped_byte_in_one_payload_chunk_keeps_every_other_chunk(
     assert dev.slot_path("b").read_bytes() == env.v2
 
 
+async def test_flipped_byte_in_a_chunk_list_is_rejected(env: ReleaseEnv) -> None:
+    """The compact manifest pins the chunk list by size and SHA-256: an origin serving
+    another one (which would make forged chunks pass) fails before any chunk is fetched."""
+    chunk_list = env.m2.compact().full_payload.chunk_list
+    assert chunk_list is not None
+    flip_byte(env.repo.origin_dir / chunk_list.path, 5)
+    dev = env.device()
+    await expect_refused(env, dev, StatusCode.VERIFY_FAILED, "SHA-256 mismatch")
+    assert "chunk list of payload" in env.reports()[-1].message
+    assert env.origin.statistics().bytes_payloads == chunk_list.size, "no chunk fetched"
+    flip_byte(env.repo.origin_dir / chunk_list.path, 5)
+    result = await update_once(dev)
+    assert result.status == StatusCode.OK, result.message
+
+
 async def test_truncated_payload_on_origin_fails_download(env: ReleaseEnv) -> None:
     payload = env.repo.origin_dir / env.m2.full_payload.path
     payload.write_bytes(payload.read_bytes()[:1000])
@@ -63,8 +78,12 @@ async def test_truncated_payload_on_origin_fails_download(env: ReleaseEnv) -> No
 
 
 async def test_flipped_byte_in_release_manifest_is_rejected(env: ReleaseEnv) -> None:
-    (target,) = (env.repo.origin_dir / "targets" / "releases" / "acme-router").glob("*.2.0.0.json")
-    flip_byte(target, 20)
+    # both forms: the canonical manifest and the compact one the agent reads
+    releases = env.repo.origin_dir / "targets" / "releases" / "acme-router"
+    targets = list(releases.glob("*.2.0.0*.json"))
+    assert len(targets) == 2
+    for target in targets:
+        flip_byte(target, 20)
     dev = env.device()
     await expect_refused(env, dev, StatusCode.VERIFY_FAILED, "metadata rejected")
 

@@ -52,7 +52,7 @@ async def test_fleet_updates_concurrently_in_direct_mode(env: ReleaseEnv) -> Non
     for d in devices:
         assert slot_bytes(d) == env.v2
     assert len(env.reports()) == 4
-    assert env.origin.statistics().bytes_payloads == 4 * env.m2.full_payload.size
+    assert env.origin.statistics().bytes_payloads == 4 * env.direct_bytes(env.m2.full_payload)
 
 
 async def test_health_check_failure_rolls_back_and_reports_40(env: ReleaseEnv) -> None:

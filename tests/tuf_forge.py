@@ -5,7 +5,8 @@ The product's :class:`swarmota.seeder.repository.Repository` only ever signs cor
 the metadata attack tests need roots that rotate keys, skip versions or list a key
 twice, and timestamps with forged versions. :class:`Forge` reads the newest files from
 ``origin/metadata`` and writes new ones beside them (consistent snapshots:
-``N.root.json``, ``N.snapshot.json``, ``N.targets.json``; ``timestamp.json``).
+``N.root.json``, ``N.snapshot.json``, ``N.targets.json``, ``N.<delegated role>.json``;
+``timestamp.json``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ class Forge:
         version = snapshot.signed.meta["targets.json"].version
         return Metadata[Targets].from_bytes((self.dir / f"{version}.targets.json").read_bytes())
 
+    def delegated(self) -> dict[str, Metadata[Targets]]:
+        """The delegated targets roles (the products' release lists) snapshot names."""
+        meta = self.snapshot().signed.meta
+        return {name.removesuffix(".json"): Metadata[Targets].from_bytes(
+                    (self.dir / f"{m.version}.{name}").read_bytes())
+                for name, m in meta.items() if name != "targets.json"}
+
     def snapshot(self) -> Metadata[Snapshot]:
         version = self.timestamp().signed.snapshot_meta.version
         return Metadata[Snapshot].from_bytes((self.dir / f"{version}.snapshot.json")
@@ -95,10 +103,16 @@ class Forge:
                     timestamp: Sequence[CryptoSigner] | None = None,
                     timestamp_version: int | None = None,
                     raw_targets: Callable[[dict[str, Any]], None] | None = None) -> None:
-        """Re-sign the current targets (a new version) with ``targets`` signers, then a
-        snapshot and a timestamp naming it (default signers: the online keys).
-        ``raw_targets`` edits the signed JSON of targets after signing (duplicate a
-        signature entry, say)."""
+        """Re-sign the current targets and delegated roles (new versions) with
+        ``targets`` signers, then a snapshot and a timestamp naming them (default
+        signers: the online keys). ``raw_targets`` edits the signed JSON of targets after
+        signing (duplicate a signature entry, say)."""
+        delegated: dict[str, MetaFile] = {}
+        for role, rmd in self.delegated().items():
+            rmd.signed.version = max(self._newest(role), rmd.signed.version) + 1
+            rdata = self.sign(rmd, targets or [self.keys["targets"]])
+            (self.dir / f"{rmd.signed.version}.{role}.json").write_bytes(rdata)
+            delegated[f"{role}.json"] = metafile(rmd.signed.version, rdata)
         md = self.targets()
         md.signed.version = max(self._newest("targets"), md.signed.version) + 1
         data = self.sign(md, targets or [self.keys["targets"]])
@@ -107,16 +121,23 @@ class Forge:
             raw_targets(doc)
             data = json.dumps(doc).encode()
         (self.dir / f"{md.signed.version}.targets.json").write_bytes(data)
-        self.write_snapshot(md.signed.version, data, snapshot, timestamp, timestamp_version)
+        self.write_snapshot(md.signed.version, data, snapshot, timestamp, timestamp_version,
+                            delegated=delegated)
 
     def write_snapshot(self, targets_version: int, targets_data: bytes,
                        snapshot: Sequence[CryptoSigner] | None = None,
                        timestamp: Sequence[CryptoSigner] | None = None,
-                       timestamp_version: int | None = None) -> None:
+                       timestamp_version: int | None = None, *,
+                       delegated: dict[str, MetaFile] | None = None) -> None:
+        """A new snapshot naming ``targets_version`` and ``delegated`` (default: the
+        delegated roles the current snapshot names), then a timestamp naming it."""
         snap = self.snapshot()
+        if delegated is None:
+            delegated = {n: m for n, m in snap.signed.meta.items() if n != "targets.json"}
         snap.signed.version = self._newest("snapshot") + 1
         snap.signed.expires = datetime.now(UTC) + timedelta(days=7)
-        snap.signed.meta = {"targets.json": metafile(targets_version, targets_data)}
+        snap.signed.meta = {"targets.json": metafile(targets_version, targets_data),
+                            **delegated}
         snap_data = self.sign(snap, snapshot or [self.keys["snapshot"]])
         (self.dir / f"{snap.signed.version}.snapshot.json").write_bytes(snap_data)
         self.write_timestamp(timestamp, version=timestamp_version,
