@@ -458,6 +458,21 @@ def _prepare_with(db: Path, source: Path | None) -> None:
                     str(db.resolve())], check=True, timeout=120, **_source_options(source))
 
 
+def wrk_and_cpus(wrk: str = "wrk") -> tuple[str, int | None, int | None]:
+    """The path of ``wrk``, and the CPU for the tracker and the one for the load (the
+    first two this process may run on; None, None on a single CPU).
+
+    Raises:
+        RuntimeError: ``wrk`` is not installed.
+    """
+    wrk_path = shutil.which(wrk)
+    if wrk_path is None:
+        raise RuntimeError("wrk not found: apt-get install wrk (Debian/Ubuntu)")
+    cpus = sorted(os.sched_getaffinity(0))
+    tracker_cpu, load_cpu = (cpus[0], cpus[1]) if len(cpus) > 1 else (None, None)
+    return wrk_path, tracker_cpu, load_cpu
+
+
 def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
                connections: int, wrk: str = "wrk", signed: bool = False,
                baseline: Path | None = None) -> dict[str, Any]:
@@ -471,11 +486,7 @@ def run_pinned(workdir: Path, *, devices: int, duration_s: float, runs: int,
     Raises:
         RuntimeError: ``wrk`` is missing, or the tracker or wrk failed.
     """
-    wrk_path = shutil.which(wrk)
-    if wrk_path is None:
-        raise RuntimeError("wrk not found: apt-get install wrk (Debian/Ubuntu)")
-    cpus = sorted(os.sched_getaffinity(0))
-    tracker_cpu, load_cpu = (cpus[0], cpus[1]) if len(cpus) > 1 else (None, None)
+    wrk_path, tracker_cpu, load_cpu = wrk_and_cpus(wrk)
     db = workdir / "pinned.sqlite"
     _prepare(db)
     announce_lua = workdir / "announce.lua"

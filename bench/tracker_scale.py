@@ -58,6 +58,7 @@ from bench.tracker import (
     _prepare,
     _run_wrk,
     start_tracker,
+    wrk_and_cpus,
     wrk_figures,
 )
 from swarmota.tracker.store import open_store
@@ -193,12 +194,8 @@ def run_scale(workdir: Path, *, devices: int, duration_s: float, runs: int,
     Raises:
         RuntimeError: wrk, PostgreSQL, Redis or nginx is missing, or a server failed.
     """
-    wrk_path = shutil.which(wrk)
-    if wrk_path is None:
-        raise RuntimeError("wrk not found: apt-get install wrk (Debian/Ubuntu)")
+    wrk_path, tracker_cpu, load_cpu = wrk_and_cpus(wrk)
     workdir.mkdir(parents=True, exist_ok=True)
-    cpus = sorted(os.sched_getaffinity(0))
-    tracker_cpu, load_cpu = (cpus[0], cpus[1]) if len(cpus) > 1 else (None, None)
     scripts = {"checkin-lean": workdir / "checkin.lua", "announce-lean": workdir / "ann.lua"}
     scripts["checkin-lean"].write_text(_lua(_LUA_CHECKIN, devices))
     scripts["announce-lean"].write_text(_lua(_LUA_ANNOUNCE, devices))
@@ -376,12 +373,8 @@ def run_storm(workdir: Path, *, devices: int, connections: int, timeout_s: float
         RuntimeError: wrk or PostgreSQL is missing, or the storm did not finish in
             ``timeout_s``.
     """
-    wrk_path = shutil.which(wrk)
-    if wrk_path is None:
-        raise RuntimeError("wrk not found: apt-get install wrk (Debian/Ubuntu)")
+    wrk_path, tracker_cpu, load_cpu = wrk_and_cpus(wrk)
     workdir.mkdir(parents=True, exist_ok=True)
-    cpus = sorted(os.sched_getaffinity(0))
-    tracker_cpu, load_cpu = (cpus[0], cpus[1]) if len(cpus) > 1 else (None, None)
     script = workdir / "storm.lua"
     script.write_text(_lua(_LUA_STORM, devices))
     with run_postgres(fsync=True, settings={"shared_buffers": "256MB"}) as pg:

@@ -7,6 +7,7 @@ The only module that imports hypercorn. Components build an ASGI app and call
 
 from __future__ import annotations
 
+import argparse
 import functools
 import ipaddress
 import logging
@@ -27,6 +28,7 @@ __all__ = [
     "Scope",
     "Send",
     "bind_error",
+    "listen_arg",
     "parse_listen",
     "serve_asgi",
 ]
@@ -73,6 +75,14 @@ class _Config(Config):
         if context is not None:
             context.minimum_version = self.tls_minimum_version
         return context
+
+
+def listen_arg(text: str) -> tuple[str, int]:
+    """:func:`parse_listen` as an argparse type (its message kept in the usage error)."""
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_listen(text: str) -> tuple[str, int]:

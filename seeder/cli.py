@@ -22,7 +22,7 @@ from pathlib import Path
 
 import trio
 
-from swarmota.infra.http_serve import ListenConfig, parse_listen
+from swarmota.infra.http_serve import ListenConfig, listen_arg
 from swarmota.infra.sdnotify import service_ready, service_stopping
 from swarmota.manifest import DEFAULT_MAX_COUNTER_JUMP, UPDATE_TYPES
 from swarmota.peer.announce_relay import AnnounceRelay
@@ -184,7 +184,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     serve.add_argument("directory", metavar="REPO_OR_ORIGIN_DIR", type=Path,
                        help="a repository (serves REPO/origin) or an origin directory")
     serve.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
-                       type=_listen_arg,
+                       type=listen_arg,
                        help="HTTP address to listen on (default %(default)s)")
     serve.add_argument("--tls-cert", type=Path, metavar="FILE", default=None,
                        help="PEM certificate chain: serve HTTPS (TLS 1.2 or newer); "
@@ -199,7 +199,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     seeding = serve.add_argument_group("BitTorrent seeding (on by default)")
     seeding.add_argument("--no-seed", action="store_false", dest="seed",
                          help="serve HTTP only: do not seed payloads over BitTorrent")
-    seeding.add_argument("--seed-listen", default=None, metavar="HOST:PORT", type=_listen_arg,
+    seeding.add_argument("--seed-listen", default=None, metavar="HOST:PORT", type=listen_arg,
                          help="address to accept BitTorrent peers on, TCP (default: the "
                               f"--listen host, port {DEFAULT_SEED_PORT}; port 0 picks a "
                               "free port; a port in use makes libtorrent try the next ones)")
@@ -551,10 +551,3 @@ def _rate_or_zero_arg(text: str) -> int:
     if text.strip() == "0":
         return 0
     return _rate_arg(text)
-
-
-def _listen_arg(text: str) -> tuple[str, int]:
-    try:
-        return parse_listen(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -60,3 +60,17 @@ def test_a_database_in_a_missing_directory_is_refused_not_created(tmp_path: Path
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "does not exist" in done.stderr
     assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["tracker", "serve", "--allow-unauthenticated-devices", "--db", "t.sqlite",
+     "--listen", "::1:8470"],
+    ["seeder", "serve", "origin", "--listen", "::1:8470"],
+])
+def test_a_bad_listen_address_is_refused_with_the_reason(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from swarmota.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "put an IPv6 address in brackets" in capsys.readouterr().err

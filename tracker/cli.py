@@ -58,7 +58,7 @@ from urllib.parse import quote, urlsplit
 import trio
 
 from swarmota.infra.deviceauth import DeviceAuthError, read_certificates
-from swarmota.infra.http_serve import ListenConfig, parse_listen
+from swarmota.infra.http_serve import ListenConfig, listen_arg
 from swarmota.infra.sdnotify import service_ready, service_stopping
 from swarmota.manifest import MAX_MANIFEST_BYTES, ManifestFormatError, parse_release_manifest
 from swarmota.tracker.admin import ROLES, TOKEN_NAME_RE, hash_token, new_token
@@ -245,7 +245,7 @@ def _add_serve_parser(sub: Any) -> None:
                     "repository's signed metadata, as devices verify it.",
     )
     _add_db(serve, "created if it does not exist")
-    serve.add_argument("--listen", metavar="HOST:PORT", type=_listen_arg,
+    serve.add_argument("--listen", metavar="HOST:PORT", type=listen_arg,
                        default=DEFAULT_LISTEN,
                        help=f"address to listen on (default {DEFAULT_LISTEN}; IPv6 as "
                             "[::1]:PORT; port 0 picks a free port)")
@@ -254,7 +254,7 @@ def _add_serve_parser(sub: Any) -> None:
                             "bearer tokens of the admin API should only travel over it")
     serve.add_argument("--tls-key", metavar="FILE", type=Path, default=None,
                        help="PEM private key of --tls-cert")
-    serve.add_argument("--announce-listen", metavar="HOST:PORT", type=_listen_arg,
+    serve.add_argument("--announce-listen", metavar="HOST:PORT", type=listen_arg,
                        default=None,
                        help="also serve GET /announce and GET /scrape on this address "
                             "with the lean BitTorrent endpoint (several times the "
@@ -994,13 +994,6 @@ def _sqlite_arg(text: str) -> Path:
     try:
         return sqlite_path(text)
     except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _listen_arg(text: str) -> tuple[str, int]:
-    try:
-        return parse_listen(text)
-    except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
