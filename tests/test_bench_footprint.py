@@ -4,6 +4,7 @@ tracker on loopback, measured from /proc in a short window."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from pathlib import Path
 
@@ -66,13 +67,19 @@ async def test_footprint_of_an_idle_agent_and_a_delta_update_has_plausible_numbe
 def test_sampling_reads_this_process_and_sees_allocations() -> None:
     before = sample_tree(os.getpid())
     assert before is not None and before.processes >= 1 and before.threads >= 1
-    ballast = bytearray(32 << 20)
-    ballast[::4096] = b"\x01" * len(ballast[::4096])  # touch every page
-    after = sample_tree(os.getpid())
-    assert after is not None
-    assert after.anon_kib - before.anon_kib >= 30 * MIB
-    assert after.hwm_kib >= after.rss_kib >= after.anon_kib
-    del ballast
+    # Fresh private anonymous pages, not malloc: in a long-lived worker malloc may hand
+    # back heap pages that are already resident (glibc raises its mmap threshold to
+    # 32 MiB after large frees), and the sample would rightly see no growth.
+    ballast = mmap.mmap(-1, 32 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        for offset in range(0, len(ballast), mmap.PAGESIZE):
+            ballast[offset] = 1  # touch every page
+        after = sample_tree(os.getpid())
+        assert after is not None
+        assert after.anon_kib - before.anon_kib >= 30 * MIB
+        assert after.hwm_kib >= after.rss_kib >= after.anon_kib
+    finally:
+        ballast.close()
 
 
 def test_proc_parsing_takes_cpu_from_the_stat_fields_after_the_command_name() -> None:
