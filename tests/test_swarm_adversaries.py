@@ -18,6 +18,7 @@ split the work only among peers connected at that moment, and not at all once st
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +37,6 @@ from tests.release_env import ReleaseEnv, announce_fake, off_base_device, start_
 
 DEVICES = 3
 ORIGIN = OriginConfig(rate_limit_bytes_per_s=1 << 20, rate_limit_burst_bytes=64 * 1024)
-ADVERSARY_HOST = "127.0.0.4"
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +73,31 @@ async def with_adversary(env: ReleaseEnv, mode: Mode, **device: object
                          ) -> tuple[list[DeviceState], list[UpdateResult], FakeBtPeer, int]:
     """``DEVICES`` devices update v2 with one adversary in the swarm; returns them, their
     results, the adversary, and the payload bytes the origin sent."""
+    devices, results, [fake], origin_bytes = await with_adversaries(env, mode, 1, **device)
+    return devices, results, fake, origin_bytes
+
+
+async def with_adversaries(env: ReleaseEnv, mode: Mode, count: int, *, devices: int = DEVICES,
+                           **device: object
+                           ) -> tuple[list[DeviceState], list[UpdateResult], list[FakeBtPeer],
+                                      int]:
+    """``devices`` devices update v2 with ``count`` adversaries in the swarm, each on its
+    own address from 127.0.0.4 on; returns the devices, their results, the adversaries
+    (stopped), and the payload bytes the origin sent."""
     payload = env.m2.full_payload
     assert payload.info_hash is not None
-    with FakeBtPeer(bytes.fromhex(payload.info_hash)[:20], payload.chunk_count, mode=mode,
-                    host=ADVERSARY_HOST) as fake:
-        await announce_fake(env, payload, fake)
-        devices = [off_base_device(env, f"dev-{i}", **device) for i in range(DEVICES)]
+    assert count <= 6, "adversaries stay below the devices' addresses (127.0.0.11 on)"
+    with contextlib.ExitStack() as stack:
+        fakes = [stack.enter_context(FakeBtPeer(bytes.fromhex(payload.info_hash)[:20],
+                                                payload.chunk_count, mode=mode,
+                                                host=f"127.0.0.{4 + i}"))
+                 for i in range(count)]
+        for fake in fakes:
+            await announce_fake(env, payload, fake)
+        fleet = [off_base_device(env, f"dev-{i}", **device) for i in range(devices)]
         before = env.origin.statistics().bytes_payloads
-        results = await fleet_update(env, devices)
-        return devices, results, fake, env.origin.statistics().bytes_payloads - before
+        results = await fleet_update(env, fleet)
+        return fleet, results, fakes, env.origin.statistics().bytes_payloads - before
 
 
 def assert_all_updated(env: ReleaseEnv, devices: Sequence[DeviceState],
@@ -103,19 +119,42 @@ async def big_env(tmp_path: Path, nursery: trio.Nursery,
 
 
 async def test_one_liar_among_three_devices_costs_only_its_bytes_and_their_refetch(
-        big_env: ReleaseEnv) -> None:
+        big_env: ReleaseEnv, caplog: pytest.LogCaptureFixture) -> None:
     """Every device bans the liar; the origin sends the payload once, plus at most what
     the liar sent (re-fetched) and a little slack, not three times; the devices trade
-    with each other while the liar is there; nobody honest is banned."""
+    with each other while the liar is there; nobody honest is banned. A device restarts
+    its torrent after the ban, so that no honest peer finishes a piece the liar began
+    (and is blamed with it)."""
     env = big_env
     payload = env.m2.full_payload
+    caplog.set_level(logging.WARNING, logger="swarmota.peer.swarm_fetch")
     devices, results, liar, origin_bytes = await with_adversary(env, Mode.LIAR)
     assert_all_updated(env, devices, results)
     garbage = liar.stats().piece_bytes_sent
     assert garbage > 0 and any(r.banned_peers for r in results), "the liar lied, was banned"
     assert honest_banned(devices, results) == []
+    assert any("a peer was banned" in r.getMessage() for r in caplog.records), \
+        "a device that banned the liar restarted its torrent (no pieces the liar began)"
     assert origin_bytes <= 1.15 * payload.size + garbage, (origin_bytes, payload.size, garbage)
     assert sum(r.bytes_peers for r in results) >= payload.size, "devices traded"
+
+
+@pytest.mark.slow  # eight agents and four liars in one process: ~10 s
+async def test_four_liars_among_eight_devices_ban_no_honest_device(
+        big_env: ReleaseEnv) -> None:
+    """Half the swarm lies (issue 15's target): every honest device ends on the right
+    image, every device bans liars, and no device bans an honest one. Before devices
+    restarted their torrent after a ban, an honest device that finished a piece a
+    banned liar had begun was blamed for it and banned, in 5 fleet runs of 10."""
+    env = big_env
+    payload = env.m2.full_payload
+    devices, results, liars, origin_bytes = await with_adversaries(
+        env, Mode.LIAR, 4, devices=8)
+    assert_all_updated(env, devices, results)
+    assert all(r.banned_peers for r in results), [r.banned_peers for r in results]
+    assert honest_banned(devices, results) == []
+    garbage = sum(liar.stats().piece_bytes_sent for liar in liars)
+    assert origin_bytes <= 1.3 * payload.size + garbage, (origin_bytes, payload.size, garbage)
 
 
 async def test_a_silent_peer_is_dropped_by_every_device(big_env: ReleaseEnv) -> None:
