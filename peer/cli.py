@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from swarmota.infra.fsio import atomic_write_bytes, fsync_dir
-from swarmota.infra.sdnotify import SystemdNotifier
+from swarmota.infra.sdnotify import SystemdNotifier, service_ready, service_stopping
 from swarmota.manifest import DEFAULT_MAX_COUNTER_JUMP
 from swarmota.peer.agent import UpdateResult, update_once
 from swarmota.peer.bootloader import script
@@ -594,7 +594,6 @@ def _run(args: argparse.Namespace) -> int:
         state.config()  # refuse an unusable state directory before starting
         bus = bus_address(args.dbus or "system")
         control = AgentControl(state)
-        notifier = SystemdNotifier.from_environ()
         statuses: trio.MemorySendChannel[str]
         statuses, status_lines = trio.open_memory_channel[str](16)
 
@@ -607,14 +606,14 @@ def _run(args: argparse.Namespace) -> int:
         errors: list[ConfigError] = []
 
         async def main() -> None:
+            notifier: SystemdNotifier | None = None
             async with trio.open_nursery() as nursery:
                 async def stop_on_signal() -> None:
                     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                         async for signum in signals:
                             print(f"{_now()} {signal.Signals(signum).name}: stopping",
                                   flush=True)
-                            if notifier is not None:
-                                await notifier.notify("STOPPING=1")
+                            await service_stopping(notifier, "stopping")
                             nursery.cancel_scope.cancel()
                             return
 
@@ -630,9 +629,8 @@ def _run(args: argparse.Namespace) -> int:
                             nursery.cancel_scope.cancel()
                             return
                         log.warning("no local API: %s", exc)
+                notifier = await service_ready(nursery, "running")
                 if notifier is not None:
-                    await notifier.notify("READY=1", "STATUS=running")
-                    nursery.start_soon(notifier.keep_alive)
                     nursery.start_soon(_relay_status, notifier, status_lines)
                 try:
                     await run_daemon(state, config, on_result=on_result, control=control)
