@@ -315,7 +315,7 @@ class Director:
         base = self.config.poll_after_s
         if choice.paced:
             base = min(base, self.config.paced_poll_after_s)
-        key = None if self.gate is None else self.gate.issue_announce_key(auth)
+        key = None if self.gate is None else self.gate.issue_announce_key(auth, now)
         return CheckinAnswer(choice.offer, self._jitter(base), choice.paced,
                              None if key is None else _grant(key, now))
 

@@ -340,12 +340,15 @@ class DeviceGate:
         except DeviceAuthError as exc:
             raise DeviceRefused("key", f"{exc}: sign the request") from None
 
-    def issue_announce_key(self, auth: Authenticated | None) -> AnnounceKey | None:
+    def issue_announce_key(self, auth: Authenticated | None,
+                           now: float) -> AnnounceKey | None:
         """The announce key for the device whose signed check-in was just accepted
-        (``None`` in lab mode, for a seed, or when none are handed out)."""
+        (``None`` in lab mode, for a seed, or when none are handed out), issued at
+        ``now`` (epoch seconds: the check-in's time, from which the grant's lifetime is
+        counted too)."""
         if auth is None or self._announce_keys is None:
             return None
-        return self._announce_keys.issue(auth, self._clock())
+        return self._announce_keys.issue(auth, now)
 
     def advance_counter(self, auth: Authenticated | None, now: float) -> None:
         """In the store's thread (inside the request's transaction): store a signed
