@@ -33,11 +33,12 @@ from swarmota.peer.control import AgentControl
 from swarmota.peer.daemon import DaemonConfig, run_daemon
 from swarmota.peer.dbus_service import DBusUnavailable, bus_address, policy_file, serve_dbus
 from swarmota.peer.errors import ConfigError, StatusCode, VerifyFailed, resource_failure
-from swarmota.peer.floors import read_floors
+from swarmota.peer.floors import Floors, read_floors
 from swarmota.peer.identity import install_identity, load_identity, renew_identity, renewal_csr
 from swarmota.peer.install_policy import load_policy
 from swarmota.peer.keystore import TpmKeyStore, open_keystore
 from swarmota.peer.state import DeviceState, JournalError, init_device
+from swarmota.peer.tpm import TpmError
 from swarmota.tracker.wire import MAX_LABELS
 
 __all__ = ["TLS_CA_FILE", "Provisioning", "add_parser", "prepare_init"]
@@ -147,6 +148,11 @@ def add_parser(subparsers: Any) -> None:
                       help="measured boot: the TPM signs and unseals the device's keys only "
                            "while these PCRs hold their values of now, e.g. sha256:7 (the "
                            "Secure Boot state; pick PCRs an A/B update does not change)")
+    keys.add_argument("--tpm-owner-auth", type=Path, default=None, metavar="FILE",
+                      help="the file holding the TPM owner hierarchy's password, when the "
+                           "device maker set one (owned by root, mode 0400): the agent "
+                           "reads it for owner operations only (provisioning, identity "
+                           "renewal) and never tries a refused password twice")
     keys.add_argument("--identity-csr", type=Path, default=None, metavar="FILE",
                       help="with --keystore tpm: also copy the signing requests here")
     fleet = init.add_argument_group(
@@ -349,7 +355,8 @@ def prepare_init(args: argparse.Namespace) -> Provisioning:
             uboot_env_config=_text(args.uboot_env_config),
             uboot_default_env=_text(args.uboot_default_env), boot_attempts=args.boot_attempts,
             reboot_command=tuple(shlex.split(args.reboot_command)),
-            keystore=args.keystore, tpm_device=args.tpm_device, tpm_pcrs=args.tpm_pcrs)
+            keystore=args.keystore, tpm_device=args.tpm_device, tpm_pcrs=args.tpm_pcrs,
+            tpm_owner_auth=_text(args.tpm_owner_auth))
         if (args.identity_cert is None) != (args.identity_key is None):
             raise ConfigError("--identity-cert and --identity-key go together")
         if config.keystore == "tpm" and args.identity_cert is not None:
@@ -401,7 +408,7 @@ def _init(args: argparse.Namespace) -> int:
         request = args.state / "identity" / "request.pem"
         if args.identity_csr is not None:
             atomic_write_bytes(args.identity_csr, request.read_bytes())
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, TpmError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"device {config.device_id} provisioned in {args.state} "
@@ -424,7 +431,7 @@ def _identity_show(args: argparse.Namespace) -> int:
     try:
         keystore = _tpm_keystore(args.state)
         identity = load_identity(args.state) if keystore is None else keystore.identity()
-    except ConfigError as exc:
+    except (ConfigError, TpmError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if identity is None and keystore is not None:
@@ -452,7 +459,7 @@ def _identity_csr(args: argparse.Namespace) -> int:
         keystore = _tpm_keystore(args.state)
         atomic_write_bytes(args.out, renewal_csr(args.state) if keystore is None
                            else keystore.renewal_requests())
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, TpmError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: have the fleet CA issue a certificate for it ('swarmota tls "
@@ -471,7 +478,7 @@ def _identity_renew(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: cannot read {args.cert}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    except ConfigError as exc:
+    except (ConfigError, TpmError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"identity renewed ({kind}); the next requests carry the new certificate")
@@ -560,6 +567,9 @@ def _update(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TpmError as exc:  # update_once makes it a status; a last guard
+        print(f"error: {exc}", file=sys.stderr)
+        return int(exc.status)
     except (OSError, MemoryError) as exc:  # update_once handles them; a last guard
         print(f"error: {resource_failure('peer update', exc)}", file=sys.stderr)
         return int(StatusCode.INSTALL_FAILED)
@@ -676,22 +686,26 @@ def _status(args: argparse.Namespace) -> int:
         journal = {"error": str(exc)}
     store = ComponentStore(state.root / "components")
     components = {name: store.record(name).to_json() for name in store.names()}
+    # the floors in force: with a TPM, the higher of the disk's and the floor log's; a
+    # TPM that fails or a log that does not verify is said (exit 2) after the rest
+    floors_error: str | None = None
     try:
-        floors = read_floors(state.root, bc, store)
+        floors: Floors | None = read_floors(state.root, bc, store)
         keystore = open_keystore(config, state.root)
-        if keystore is not None:  # the floors in force: the higher of the two
+        if keystore is not None and floors is not None:
             floors = keystore.floors.merged(floors)
-    except (ConfigError, VerifyFailed) as exc:
+    except (ConfigError, VerifyFailed, TpmError) as exc:
+        floors, floors_error = None, str(exc)
         print(f"error: {exc}", file=sys.stderr)
-        return 2
     if args.json:
         print(json.dumps({"device": config.to_json(), "bootctl": bc.to_json(),
                           "last_result": last, "progress": progress, "journal": journal,
                           "components": components,
-                          "floors": {"image": floors.image,
-                                     "components": dict(floors.components)}},
+                          "floors": None if floors is None else {
+                              "image": floors.image, "components": dict(floors.components)},
+                          "floors_error": floors_error},
                          indent=2, sort_keys=True))
-        return 0
+        return 0 if floors_error is None else 2
     print(f"device {config.device_id}  product {config.product}  hardware {config.hardware_id}")
     print(f"origin {config.origin_url}  tracker {config.tracker_url}")
     for slot in ("a", "b"):
@@ -702,12 +716,15 @@ def _status(args: argparse.Namespace) -> int:
               f" {' '.join(flags)}")
     if bc.pending:
         print(f"  update pending on slot {bc.primary}, tries left {bc.tries_remaining}")
-    print(f"  anti-rollback floor of images: release counter {floors.image}")
+    if floors is None:
+        print(f"  anti-rollback floors: unknown ({floors_error})")
+    else:
+        print(f"  anti-rollback floor of images: release counter {floors.image}")
     for name, record in components.items():
         cur = record["current"]
         print(f"  component {name}: {cur['version'] if cur else '(none)'}"
               f"{'  (switch pending)' if record['pending'] else ''}, anti-rollback floor "
-              f"{floors.of(name)}")
+              f"{'unknown' if floors is None else floors.of(name)}")
     if journal and journal.get("phase", "idle") != "idle":
         print(f"update journal: {journal.get('phase', journal.get('error'))} "
               f"(to {journal.get('to_version')}); finished on the next start")
@@ -724,7 +741,7 @@ def _status(args: argparse.Namespace) -> int:
         print("last result: none")
     if progress:
         print(f"now: {_describe_progress(progress)}")
-    return 0
+    return 0 if floors_error is None else 2
 
 
 def _now() -> str:

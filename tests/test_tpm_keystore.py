@@ -314,7 +314,8 @@ def test_root_on_the_device_cannot_rewrite_the_floor_index_nor_undefine_it_with_
     # the device maker sets an owner password after provisioning: undefining the index
     # (to define it afresh, empty) is refused
     tpm.run("tpm2_changeauth", "-c", "o", "maker-secret")
-    with pytest.raises(TpmError, match="tpm2_nvundefine failed"):
+    with pytest.raises(TpmError, match="tpm2_nvundefine: the TPM's owner hierarchy has a "
+                                       "password"):
         tpm.nv_undefine(FLOOR_LOG_INDEX)
     assert nv.read().image == 9
     # without it (here: with it), undefining leaves a device that refuses to decide
