@@ -234,6 +234,26 @@ def add_parser(subparsers: Any) -> None:
                             "--csr' wrote (the identity's and the swarm key's certificates)")
     renew.set_defaults(func=_identity_renew)
 
+    trust = sub.add_parser(
+        "trust", help="repair the TPM's floor log",
+        description="With 'keystore: tpm' the anti-rollback floors are a log in "
+                    "STATE/trust/floors.log whose fold an extend-only TPM index holds; the "
+                    "agent keeps a copy (floors.log.copy) and puts a damaged log back from "
+                    "it by itself. 'trust repair' checks the log and rebuilds it from the "
+                    "first of the log, its copy and the --from files that folds to the "
+                    "TPM's index: only the genuine log can, so a repair never lowers a "
+                    "floor. When none does (the index extended with something no copy "
+                    "holds), the device refuses every release until 'peer init --force'.")
+    trust_sub = trust.add_subparsers(dest="trust_command", metavar="COMMAND", required=True)
+    repair = trust_sub.add_parser("repair", help="rebuild the floor log from a copy that "
+                                                 "folds to the TPM's floor index")
+    repair.add_argument("state", type=Path)
+    repair.add_argument("--from", type=Path, action="append", default=[], metavar="FILE",
+                        dest="copies",
+                        help="another copy of the floor log to try (e.g. from a backup "
+                             "taken after the last floor raised; repeat)")
+    repair.set_defaults(func=_trust_repair)
+
     script_cmd = sub.add_parser(
         "bootloader-script", help="print the shipped GRUB or U-Boot slot-selection script",
         description="Print the boot script that consumes the environment the agent writes: "
@@ -482,6 +502,26 @@ def _identity_renew(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"identity renewed ({kind}); the next requests carry the new certificate")
+    return 0
+
+
+def _trust_repair(args: argparse.Namespace) -> int:
+    try:
+        keystore = _tpm_keystore(args.state)
+        if keystore is None:
+            raise ConfigError(f"{args.state}: keystore 'file': the floors are files of the "
+                              "state directory, there is no TPM floor log to repair")
+        source = keystore.floors.repair(args.copies)
+        held = keystore.floors.read()
+    except (ConfigError, VerifyFailed, TpmError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if source == keystore.floors.log_path:
+        print(f"{source}: folds to the TPM's floor index, nothing to repair")
+    else:
+        print(f"floor log rebuilt from {source} (it folds to the TPM's floor index)")
+    print(f"anti-rollback floor of images: release counter {held.image}"
+          + "".join(f"; {name}: {floor}" for name, floor in sorted(held.components.items())))
     return 0
 
 

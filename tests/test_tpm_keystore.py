@@ -39,6 +39,7 @@ from swarmota.peer.config import DeviceConfig
 from swarmota.peer.errors import ConfigError, VerifyFailed
 from swarmota.peer.floors import Floors
 from swarmota.peer.keystore import TPM_HANDLES, TpmKeyStore, open_keystore
+from swarmota.peer.state import DeviceState
 from swarmota.peer.tpm import PcrSelection, TpmError
 from swarmota.peer.tpm_nv import (
     ANCHOR_INDEX,
@@ -395,27 +396,86 @@ def test_garbage_extended_into_the_floor_index_refuses_every_release(
         other.read()
 
 
-def test_edited_truncated_deleted_or_restored_floor_log_is_refused(
+def test_edited_truncated_deleted_or_restored_floor_log_is_put_back_from_its_copy_or_refused(
         soft_tpm: SoftTpm, tmp_path: Path, repo: Repository) -> None:
+    """The log edited, cut, restored from an old backup, reordered or deleted: put back
+    from its copy when the copy folds to the TPM's index (never lower), refused when
+    the copy is damaged too; a copy damaged alone is rewritten from the log."""
     nv = floors_on(soft_tpm, tmp_path, repo.root_bytes())
     path = tmp_path / "trust" / FLOOR_LOG
     nv.raise_to(Floors(image=5))
     old_copy = path.read_bytes()
     nv.raise_to(Floors(image=9, components={"modem-fw": 9}))
     good = path.read_bytes()
+    assert nv.copy_path.read_bytes() == good
     lines = good.splitlines(keepends=True)
     for bad in (good.replace(b'"floor":9', b'"floor":1'),  # edited lower
                 b"".join(lines[:-2]),                   # the last two entries cut off
                 old_copy,                               # restored from an old backup
                 b"".join([lines[0], lines[2], lines[1]]),  # reordered
                 None):                                  # deleted
-        if bad is None:
-            path.unlink()
-        else:
-            path.write_bytes(bad)
+        for damaged in (path, nv.copy_path):  # one of the two: put back from the other
+            write_or_delete(damaged, bad)
+            held = nv.read()
+            assert (held.image, held.component("modem-fw")) == (9, 9)
+            assert path.read_bytes() == nv.copy_path.read_bytes() == good
+        for damaged in (path, nv.copy_path):  # both
+            write_or_delete(damaged, bad)
         with pytest.raises(FloorLogError, match="does not match the TPM's floor index"):
             nv.read()
-    path.write_bytes(good)
+        path.write_bytes(good)  # the genuine log back: the copy is rewritten from it
+        assert nv.read().image == 9 and nv.copy_path.read_bytes() == good
+
+
+def write_or_delete(path: Path, data: bytes | None) -> None:
+    if data is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_bytes(data)
+
+
+def test_trust_repair_rebuilds_the_floor_log_only_from_a_copy_that_folds_to_the_tpm(
+        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Both the log and the agent's copy lost: 'peer trust repair --from' rebuilds it
+    from a copy an operator kept, and only from one the TPM's index holds the fold
+    of. A forged log with lower floors (well formed, every line a floor entry), an old
+    backup or the genuine log with its last entry edited are refused: whoever can
+    write the disk cannot use a repair to lower a floor."""
+    state = tmp_path / "state"
+    assert main(init_args(tmp_path, soft_tpm, repo, state)) == 0
+    store = open_keystore(DeviceState(state).config(), state)
+    assert store is not None
+    nv = store.floors
+    nv.raise_to(Floors(image=5))
+    stale = tmp_path / "stale.log"
+    shutil.copyfile(nv.log_path, stale)
+    nv.raise_to(Floors(image=9, components={"modem-fw": 7}))
+    backup = tmp_path / "backup.log"
+    shutil.copyfile(nv.log_path, backup)
+    assert main(["peer", "trust", "repair", str(state)]) == 0
+    assert "nothing to repair" in capsys.readouterr().out
+    nv.log_path.unlink()
+    nv.copy_path.unlink()
+    forged = tmp_path / "forged.log"
+    forged.write_bytes(b"".join(FloorEntry("raise", floor).encode() + b"\n"
+                                for floor in (1, 2)))
+    edited = tmp_path / "edited.log"
+    edited.write_bytes(backup.read_bytes().replace(b'"floor":7', b'"floor":1'))
+    assert main(["peer", "trust", "repair", str(state), "--from", str(forged), "--from",
+                 str(stale), "--from", str(edited)]) == 2
+    err = capsys.readouterr().err
+    assert "no copy of the floor log folds to the TPM's floor index" in err, err
+    assert str(forged) in err and "peer init --force" in err
+    with pytest.raises(FloorLogError):
+        nv.read()
+    assert main(["peer", "status", str(state)]) == 2
+    capsys.readouterr()
+    assert main(["peer", "trust", "repair", str(state), "--from", str(forged), "--from",
+                 str(backup)]) == 0
+    out = capsys.readouterr().out
+    assert f"rebuilt from {backup}" in out and "release counter 9; modem-fw: 7" in out
+    assert nv.log_path.read_bytes() == nv.copy_path.read_bytes() == backup.read_bytes()
     assert nv.read().image == 9
 
 
@@ -432,10 +492,12 @@ def test_power_cut_between_appending_an_entry_and_extending_the_index_recovers(
     with open(path, "ab") as fh:
         fh.write(FloorEntry("raise", 6).encode()[:11])
     assert nv.read().image == 4 and path.read_bytes().endswith(b"\n")
-    # but two entries the index has not seen are not a power cut: refused
-    with open(path, "ab") as fh:
-        fh.write(FloorEntry("raise", 7).encode() + b"\n" + FloorEntry("raise", 8).encode()
-                 + b"\n")
+    # but two entries the index has not seen are not a power cut: refused (in the
+    # log and its copy: either alone is put back from the other)
+    for log_file in (path, nv.copy_path):
+        with open(log_file, "ab") as fh:
+            fh.write(FloorEntry("raise", 7).encode() + b"\n" + FloorEntry("raise", 8).encode()
+                     + b"\n")
     with pytest.raises(FloorLogError):
         nv.read()
 
@@ -540,20 +602,24 @@ def test_power_cut_between_extending_the_anchor_and_keeping_its_copy(
 # --- the command line ---------------------------------------------------------------------
 
 
-def test_peer_init_with_the_tpm_key_store_writes_the_signing_requests(
-        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository,
-        capsys: pytest.CaptureFixture[str]) -> None:
+def init_args(tmp_path: Path, tpm: SoftTpm, repo: Repository, state: Path) -> list[str]:
+    """'peer init' of a device with the TPM key store in ``state``."""
     (tmp_path / "root.json").write_bytes(repo.root_bytes())
     (tmp_path / "factory.img").write_bytes(b"\x01" * 4096)
-    base = ["peer", "init", "--root", str(tmp_path / "root.json"),
+    return ["peer", "init", str(state), "--root", str(tmp_path / "root.json"),
             "--origin", "http://127.0.0.1:1", "--tracker", "http://127.0.0.1:2",
             "--image", str(tmp_path / "factory.img"), "--version", "1.0.0",
             "--release-counter", "1", "--device-id", "dev-tpm", "--product", "acme-router",
-            "--hardware-id", "hw1", "--keystore", "tpm", "--tpm-device", soft_tpm.device]
-    assert main([*base[:2], str(tmp_path / "bad"), *base[2:], "--identity-cert",
+            "--hardware-id", "hw1", "--keystore", "tpm", "--tpm-device", tpm.device]
+
+
+def test_peer_init_with_the_tpm_key_store_writes_the_signing_requests(
+        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*init_args(tmp_path, soft_tpm, repo, tmp_path / "bad"), "--identity-cert",
                  str(tmp_path / "root.json"), "--identity-key", str(tmp_path / "root.json")]) == 2
     assert "the identity key is made inside the TPM" in capsys.readouterr().err
-    assert main([*base[:2], str(tmp_path / "state"), *base[2:], "--identity-csr",
+    assert main([*init_args(tmp_path, soft_tpm, repo, tmp_path / "state"), "--identity-csr",
                  str(tmp_path / "req.pem")]) == 0
     assert "signing requests in" in capsys.readouterr().out
     requests = (tmp_path / "req.pem").read_bytes()
@@ -562,6 +628,6 @@ def test_peer_init_with_the_tpm_key_store_writes_the_signing_requests(
     config = (tmp_path / "state" / "device.json").read_text()
     assert '"keystore": "tpm"' in config and soft_tpm.device in config
     # a second device on the same TPM would take its keys: refused without --force
-    assert main([*base[:2], str(tmp_path / "other"), *base[2:]]) == 2
+    assert main(init_args(tmp_path, soft_tpm, repo, tmp_path / "other")) == 2
     assert "already holds swarmota keys" in capsys.readouterr().err
     assert not (tmp_path / "other").exists(), "nothing half-made left behind"
