@@ -280,6 +280,14 @@ def extend_as_root(tpm: SoftTpm, data: bytes) -> None:
                   f"0x{FLOOR_LOG_INDEX:08x}", "-i", "-", data=data)
 
 
+def append_as_root(tpm: SoftTpm, nv: NvFloors, entry: FloorEntry) -> None:
+    """Code running as root appends ``entry`` to the floor log and extends the index
+    with it (the log still folds)."""
+    with open(nv.log_path, "ab") as fh:
+        fh.write(entry.encode() + b"\n")
+    extend_as_root(tpm, hashlib.sha256(entry.encode()).digest())
+
+
 def test_tpm_floors_win_over_a_state_directory_edited_or_deleted(
         soft_tpm: SoftTpm, tmp_path: Path, repo: Repository) -> None:
     nv = floors_on(soft_tpm, tmp_path, repo.root_bytes())
@@ -361,9 +369,7 @@ def test_forged_reset_extended_into_the_floor_index_is_not_a_reset(
         FloorEntry("reset", 2, product=PRODUCT, epoch=1, root=genuine),
     ]
     for entry in forged:
-        with open(tmp_path / "trust" / FLOOR_LOG, "ab") as fh:
-            fh.write(entry.encode() + b"\n")
-        extend_as_root(soft_tpm, hashlib.sha256(entry.encode()).digest())
+        append_as_root(soft_tpm, nv, entry)
     with caplog.at_level(logging.WARNING, logger="swarmota.peer.tpm_nv"):
         held = nv.read()
     assert (held.image, held.component("modem-fw"), held.epoch) == (9, 9, 1)
@@ -373,6 +379,70 @@ def test_forged_reset_extended_into_the_floor_index_is_not_a_reset(
     # the floors can only be higher
     shutil.rmtree(tmp_path / "trust" / "anchor")
     assert nv.read().image == 9
+
+
+@pytest.fixture(scope="module")
+def two_resets(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes, bytes]:
+    """Roots 1, 2 and 3 of a chain: root 2 carries acme-router's reset epoch 1 to floor
+    3, root 3 its reset epoch 2 to floor 6 (releases 4-6 were published in between)."""
+    repo = Repository.create(tmp_path_factory.mktemp("two-resets") / "repo", keys=KeySetup())
+    roots = [repo.root_bytes()]
+    for floor in (3, 6):
+        repo.counter_reset(PRODUCT, floor=floor)
+        repo.sign(load_private_key(repo.offline_root_key_path))
+        roots.append(repo.root_bytes())
+    return roots[0], roots[1], roots[2]
+
+
+def test_skipped_older_reset_logged_by_root_lowers_no_floor_below_a_device_that_saw_it(
+        soft_tpm: SoftTpm, tmp_path: Path, two_resets: tuple[bytes, bytes, bytes]) -> None:
+    """The edge left by keeping the trust anchor and the floor log in two indices: a
+    device offline across roots 2 and 3 walks the chain in one refresh and applies
+    only root 3's reset (floor 6). Code running as root on it can log root 2's older
+    reset (floor 3) before root 3's applies: the TPM cannot tell that it was logged
+    after root 3 was anchored, since root 2 was anchored too. What that buys is bounded
+    and proven here: the floors end exactly where those of a device that refreshed
+    while root 2 was current end (root 2's reset, then root 3's), never below the floor
+    a root-signed reset names; and once root 3's reset is applied the older one can no
+    longer be logged. (No ordering of the two indices can close it: whoever can extend
+    the index can also log 'root 2 was seen' before the agent logs root 3, which is the
+    history of a device that was online then.)"""
+    v1, v2, v3 = two_resets
+    digest = {2: hashlib.sha256(v2).hexdigest(), 3: hashlib.sha256(v3).hexdigest()}
+    older = FloorEntry("reset", 3, product=PRODUCT, epoch=1, root=digest[2])
+
+    def device(name: str, *, online_at_root_2: bool, attacked: bool) -> NvFloors:
+        nv = floors_on(soft_tpm, tmp_path / name, v1)  # the same TPM, provisioned afresh
+        trust = tmp_path / name / "trust"
+        nv.raise_to(Floors(image=2**53, components={"modem-fw": 2**53}))  # the bad release
+        (trust / "root_history").mkdir()
+        (trust / "root_history" / "2.root.json").write_bytes(v2)
+        if online_at_root_2:
+            (trust / "root.json").write_bytes(v2)
+            nv.anchor.sync()
+            nv.apply_reset(CounterReset(epoch=1, floor=3), v2)
+        (trust / "root.json").write_bytes(v3)
+        nv.anchor.sync()  # roots 2 and 3 anchored in one refresh
+        if attacked:
+            append_as_root(soft_tpm, nv, older)
+        nv.apply_reset(CounterReset(epoch=2, floor=6), v3)
+        return nv
+
+    skipped = device("skipped", online_at_root_2=False, attacked=False).read()
+    assert (skipped.image, skipped.component("modem-fw"), skipped.epoch) == (6, 6, 2)
+    online = device("online", online_at_root_2=True, attacked=False).read()
+    assert (online.image, online.component("modem-fw"), online.epoch) == (3, 3, 2)
+    attacked_nv = device("attacked", online_at_root_2=False, attacked=True)
+    attacked = attacked_nv.read()
+    assert (attacked.image, attacked.component("modem-fw"), attacked.epoch) == (3, 3, 2)
+    assert attacked == online, "exactly the floors of a device that saw root 2 in time"
+    assert min(attacked.image, attacked.component("modem-fw")) >= 3, \
+        "never below the floor a root-signed reset of this product names"
+    # once root 3's reset is applied, the older one logged again lowers nothing
+    attacked_nv.raise_to(Floors(image=5, components={"modem-fw": 5}))
+    append_as_root(soft_tpm, attacked_nv, older)
+    after = attacked_nv.read()
+    assert (after.image, after.component("modem-fw"), after.ignored_resets) == (5, 5, 1)
 
 
 def test_garbage_extended_into_the_floor_index_refuses_every_release(
