@@ -28,17 +28,27 @@ extend the index (code running as root on the device) cannot forge a reset, havi
 root-signed metadata, nor replay an old one (its epoch is not newer). Such an entry is
 ignored (logged) and lowers nothing. (What it can still do: on a device that skipped a
 reset, log that older reset before the newer one applies; the TPM does not attest which
-anchored root was the newest when a reset was logged. docs/SECURITY.md.)
+anchored root was the newest when a reset was logged. The floors then end where those
+of a device that saw the older root in time end, never below a root-signed floor:
+docs/SECURITY.md says why no ordering of the two indices closes it.)
 
 :meth:`NvFloors.read` checks, before anything is decided, that the log folds to the
 index. A log edited, truncated, deleted or restored from an old copy, or an index
 extended with anything else, does not: :class:`FloorLogError` (a
-:class:`~peer.errors.VerifyFailed`), and every release is refused until the device is
-re-provisioned (a denial of service, never a rollback).
+:class:`~peer.errors.VerifyFailed`), and every release is refused (a denial of service,
+never a rollback) until the log is repaired or the device re-provisioned.
+
+**The copy, and repairs.** Every entry goes to the log and to its copy
+(``floors.log.copy``) before the index is extended. A log that does not fold while the
+copy does is put back from the copy at the next load, and a damaged copy is rewritten
+from the log; :meth:`NvFloors.repair` (``peer trust repair``) also tries copies an
+operator kept. Only a log the index holds the fold of passes, so no repair can lower a
+floor (forging one would take a SHA-256 preimage); an index extended with something no
+copy holds leaves re-provisioning.
 
 **Order of a write, and power loss.** An entry is appended to the log (written and
-fsynced), then extended into the index (one TPM command, carried out whole or not at
-all). After a power cut the log holds at most one complete entry the index has not
+fsynced, then the same to the copy), then extended into the index (one TPM command,
+carried out whole or not at all). After a power cut the log holds at most one complete entry the index has not
 seen, or a torn line: a log whose every complete line but the last folds to the index
 gets its last line extended, and a torn last line (no newline: never extended) is cut
 off. Anything else is refused.
