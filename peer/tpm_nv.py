@@ -48,10 +48,10 @@ copy holds leaves re-provisioning.
 
 **Order of a write, and power loss.** An entry is appended to the log (written and
 fsynced, then the same to the copy), then extended into the index (one TPM command,
-carried out whole or not at all). After a power cut the log holds at most one complete entry the index has not
-seen, or a torn line: a log whose every complete line but the last folds to the index
-gets its last line extended, and a torn last line (no newline: never extended) is cut
-off. Anything else is refused.
+carried out whole or not at all). After a power cut the log holds at most one complete
+entry the index has not seen, or a torn line: a log whose every complete line but the
+last folds to the index gets its last line extended, and a torn last line (no newline:
+never extended) is cut off. Anything else is refused.
 
 **Floors and the state directory.** The floor in force for each kind is the higher of
 the state directory's (:mod:`swarmota.peer.floors`: boot control, ``floors.json``) and the log's.
