@@ -7,7 +7,10 @@ device at the tracker (its certificate's role is refused); a device booted into 
 state (with measured boot its keys neither sign nor unseal); floors lowered by editing,
 deleting or swapping their records (the TPM's win; a component cannot borrow another's
 NV index); a power cut while the TPM writes a floor (old or new, never a torn value);
-a replaced, rolled back or edited trust anchor record (refused).
+a replaced, rolled back or edited trust anchor record (refused); a damaged floor log
+(put back from its copy) and a forged one handed to 'peer trust repair' (refused: only
+a log that folds to the TPM's index passes); root logging a skipped, older counter
+reset (bounded: the floors of a device that saw it in time).
 """
 
 from __future__ import annotations

@@ -10,8 +10,12 @@ release; a root.json replaced on disk by an attacker's (with the attacker's orig
 behind it); a power cut between appending the new floor to the floor log and extending the TPM's
 index, or while the TPM extends it (the agent and the TPM both killed): the floor is
 old or new and the next pass carries on; garbage extended into the floor index (the
-device refuses every release and reports why); a TPM that does not answer stops the
-pass with an error naming it.
+device refuses every release and reports why); a TPM that does not answer ends the
+pass with status 30 naming it, never 'peer run' (the daemon backs off, keeps the report
+it cannot sign in the outbox, and updates once the TPM is back); an owner password set
+so that root cannot undefine the floor index, taken from the device configuration's
+root-only file for identity renewal (a missing, exposed or wrong one refused, a wrong
+one never sent twice).
 """
 
 from __future__ import annotations
