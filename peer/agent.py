@@ -198,6 +198,10 @@ async def update_once(state: DeviceState, *,
     time). A failed download (status 10: an unreachable origin, an outage) spends none
     of it: it is no verdict on the release, and the daemon's backoff paces the retries.
 
+    A TPM that fails (``keystore: tpm``: gone, busy, refusing a command) ends the pass
+    as status 30 with its words, tried again at the next pass; inside an attempt it is
+    the attempt's failure, whose report waits in the outbox while the TPM cannot sign it.
+
     Resources: a full disk, an I/O error or no memory anywhere in the pass ends it as
     status 30 (``ResourceFailed``) with a report, after the partial files of the pass
     are removed; files that only record (the result, the attempt count) are written on
@@ -218,10 +222,16 @@ async def update_once(state: DeviceState, *,
             identity: Identity | None = load_identity(state.root)
         else:  # the TPM's floors catch up first (a power cut between two floor writes)
             try:
-                await trio.to_thread.run_sync(_sync_hardware_floors, keystore, state.root, bc)
-            except FloorLogError as exc:  # the pass goes on: every release is refused
-                log.error("%s", exc)
-            identity = await trio.to_thread.run_sync(keystore.identity)
+                try:
+                    await trio.to_thread.run_sync(_sync_hardware_floors, keystore,
+                                                  state.root, bc)
+                except FloorLogError as exc:  # the pass goes on: every release is refused
+                    log.error("%s", exc)
+                identity = await trio.to_thread.run_sync(keystore.identity)
+            except TpmError as exc:  # nothing can be signed nor decided: the next pass
+                result = _tpm_failed(exc, bc)
+                _save_result(state, result)
+                return result
         async with HttpClient.for_device(config, identity) as http, \
                 background_tasks() as nursery:
             run = _Run(state, http, clock,
@@ -244,6 +254,8 @@ async def update_once(state: DeviceState, *,
                         await run.free_resources()
                         result = UpdateResult(failure.status, str(failure),
                                               from_version=bc.slot(bc.committed).version)
+                    except TpmError as exc:  # outside an attempt (recovery, a counter reset)
+                        result = _tpm_failed(exc, bc)
                 if (result.attempted and result.to_version is not None
                         and not result.reboot_pending
                         and result.status not in (StatusCode.INTERRUPTED,
@@ -291,6 +303,15 @@ def _best_effort(what: str, write: Callable[[], object]) -> None:
 def _save_result(state: DeviceState, result: UpdateResult) -> None:
     _best_effort("saving the result", lambda: state.save_result(
         {**result.to_json(), "finished_at": time.time()}))
+
+
+def _tpm_failed(exc: TpmError, bc: BootControl) -> UpdateResult:
+    """The outcome of a pass the device's TPM failed outside an attempt (gone, busy, a
+    command refused): a failure like any other (backoff), tried again at the next pass.
+    Inside an attempt it is that attempt's failure (status 30, reported)."""
+    log.error("the TPM failed, the pass ends (tried again at the next one): %s", exc)
+    return UpdateResult(exc.status, f"the TPM failed: {exc}",
+                        from_version=bc.slot(bc.committed).version)
 
 
 def _sync_hardware_floors(keystore: TpmKeyStore, state_root: Path, bc: BootControl) -> None:

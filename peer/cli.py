@@ -33,11 +33,12 @@ from swarmota.peer.control import AgentControl
 from swarmota.peer.daemon import DaemonConfig, run_daemon
 from swarmota.peer.dbus_service import DBusUnavailable, bus_address, policy_file, serve_dbus
 from swarmota.peer.errors import ConfigError, StatusCode, VerifyFailed, resource_failure
-from swarmota.peer.floors import read_floors
+from swarmota.peer.floors import Floors, read_floors
 from swarmota.peer.identity import install_identity, load_identity, renew_identity, renewal_csr
 from swarmota.peer.install_policy import load_policy
 from swarmota.peer.keystore import TpmKeyStore, open_keystore
 from swarmota.peer.state import DeviceState, JournalError, init_device
+from swarmota.peer.tpm import TpmError
 from swarmota.tracker.wire import MAX_LABELS
 
 __all__ = ["TLS_CA_FILE", "Provisioning", "add_parser", "prepare_init"]
@@ -147,6 +148,11 @@ def add_parser(subparsers: Any) -> None:
                       help="measured boot: the TPM signs and unseals the device's keys only "
                            "while these PCRs hold their values of now, e.g. sha256:7 (the "
                            "Secure Boot state; pick PCRs an A/B update does not change)")
+    keys.add_argument("--tpm-owner-auth", type=Path, default=None, metavar="FILE",
+                      help="the file holding the TPM owner hierarchy's password, when the "
+                           "device maker set one (owned by root, mode 0400): the agent "
+                           "reads it for owner operations only (provisioning, identity "
+                           "renewal) and never tries a refused password twice")
     keys.add_argument("--identity-csr", type=Path, default=None, metavar="FILE",
                       help="with --keystore tpm: also copy the signing requests here")
     fleet = init.add_argument_group(
@@ -227,6 +233,26 @@ def add_parser(subparsers: Any) -> None:
                             "'identity csr'); with a TPM key store, the file 'tls device-cert "
                             "--csr' wrote (the identity's and the swarm key's certificates)")
     renew.set_defaults(func=_identity_renew)
+
+    trust = sub.add_parser(
+        "trust", help="repair the TPM's floor log",
+        description="With 'keystore: tpm' the anti-rollback floors are a log in "
+                    "STATE/trust/floors.log whose fold an extend-only TPM index holds; the "
+                    "agent keeps a copy (floors.log.copy) and puts a damaged log back from "
+                    "it by itself. 'trust repair' checks the log and rebuilds it from the "
+                    "first of the log, its copy and the --from files that folds to the "
+                    "TPM's index: only the genuine log can, so a repair never lowers a "
+                    "floor. When none does (the index extended with something no copy "
+                    "holds), the device refuses every release until 'peer init --force'.")
+    trust_sub = trust.add_subparsers(dest="trust_command", metavar="COMMAND", required=True)
+    repair = trust_sub.add_parser("repair", help="rebuild the floor log from a copy that "
+                                                 "folds to the TPM's floor index")
+    repair.add_argument("state", type=Path)
+    repair.add_argument("--from", type=Path, action="append", default=[], metavar="FILE",
+                        dest="copies",
+                        help="another copy of the floor log to try (e.g. from a backup "
+                             "taken after the last floor raised; repeat)")
+    repair.set_defaults(func=_trust_repair)
 
     script_cmd = sub.add_parser(
         "bootloader-script", help="print the shipped GRUB or U-Boot slot-selection script",
@@ -349,7 +375,8 @@ def prepare_init(args: argparse.Namespace) -> Provisioning:
             uboot_env_config=_text(args.uboot_env_config),
             uboot_default_env=_text(args.uboot_default_env), boot_attempts=args.boot_attempts,
             reboot_command=tuple(shlex.split(args.reboot_command)),
-            keystore=args.keystore, tpm_device=args.tpm_device, tpm_pcrs=args.tpm_pcrs)
+            keystore=args.keystore, tpm_device=args.tpm_device, tpm_pcrs=args.tpm_pcrs,
+            tpm_owner_auth=_text(args.tpm_owner_auth))
         if (args.identity_cert is None) != (args.identity_key is None):
             raise ConfigError("--identity-cert and --identity-key go together")
         if config.keystore == "tpm" and args.identity_cert is not None:
@@ -401,7 +428,7 @@ def _init(args: argparse.Namespace) -> int:
         request = args.state / "identity" / "request.pem"
         if args.identity_csr is not None:
             atomic_write_bytes(args.identity_csr, request.read_bytes())
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, TpmError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"device {config.device_id} provisioned in {args.state} "
@@ -424,7 +451,7 @@ def _identity_show(args: argparse.Namespace) -> int:
     try:
         keystore = _tpm_keystore(args.state)
         identity = load_identity(args.state) if keystore is None else keystore.identity()
-    except ConfigError as exc:
+    except (ConfigError, TpmError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if identity is None and keystore is not None:
@@ -452,7 +479,7 @@ def _identity_csr(args: argparse.Namespace) -> int:
         keystore = _tpm_keystore(args.state)
         atomic_write_bytes(args.out, renewal_csr(args.state) if keystore is None
                            else keystore.renewal_requests())
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, TpmError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: have the fleet CA issue a certificate for it ('swarmota tls "
@@ -471,10 +498,30 @@ def _identity_renew(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: cannot read {args.cert}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    except ConfigError as exc:
+    except (ConfigError, TpmError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"identity renewed ({kind}); the next requests carry the new certificate")
+    return 0
+
+
+def _trust_repair(args: argparse.Namespace) -> int:
+    try:
+        keystore = _tpm_keystore(args.state)
+        if keystore is None:
+            raise ConfigError(f"{args.state}: keystore 'file': the floors are files of the "
+                              "state directory, there is no TPM floor log to repair")
+        source = keystore.floors.repair(args.copies)
+        held = keystore.floors.read()
+    except (ConfigError, VerifyFailed, TpmError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if source == keystore.floors.log_path:
+        print(f"{source}: folds to the TPM's floor index, nothing to repair")
+    else:
+        print(f"floor log rebuilt from {source} (it folds to the TPM's floor index)")
+    print(f"anti-rollback floor of images: release counter {held.image}"
+          + "".join(f"; {name}: {floor}" for name, floor in sorted(held.components.items())))
     return 0
 
 
@@ -560,6 +607,9 @@ def _update(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TpmError as exc:  # update_once makes it a status; a last guard
+        print(f"error: {exc}", file=sys.stderr)
+        return int(exc.status)
     except (OSError, MemoryError) as exc:  # update_once handles them; a last guard
         print(f"error: {resource_failure('peer update', exc)}", file=sys.stderr)
         return int(StatusCode.INSTALL_FAILED)
@@ -674,22 +724,26 @@ def _status(args: argparse.Namespace) -> int:
         journal = {"error": str(exc)}
     store = ComponentStore(state.root / "components")
     components = {name: store.record(name).to_json() for name in store.names()}
+    # the floors in force: with a TPM, the higher of the disk's and the floor log's; a
+    # TPM that fails or a log that does not verify is said (exit 2) after the rest
+    floors_error: str | None = None
     try:
-        floors = read_floors(state.root, bc, store)
+        floors: Floors | None = read_floors(state.root, bc, store)
         keystore = open_keystore(config, state.root)
-        if keystore is not None:  # the floors in force: the higher of the two
+        if keystore is not None and floors is not None:
             floors = keystore.floors.merged(floors)
-    except (ConfigError, VerifyFailed) as exc:
+    except (ConfigError, VerifyFailed, TpmError) as exc:
+        floors, floors_error = None, str(exc)
         print(f"error: {exc}", file=sys.stderr)
-        return 2
     if args.json:
         print(json.dumps({"device": config.to_json(), "bootctl": bc.to_json(),
                           "last_result": last, "progress": progress, "journal": journal,
                           "components": components,
-                          "floors": {"image": floors.image,
-                                     "components": dict(floors.components)}},
+                          "floors": None if floors is None else {
+                              "image": floors.image, "components": dict(floors.components)},
+                          "floors_error": floors_error},
                          indent=2, sort_keys=True))
-        return 0
+        return 0 if floors_error is None else 2
     print(f"device {config.device_id}  product {config.product}  hardware {config.hardware_id}")
     print(f"origin {config.origin_url}  tracker {config.tracker_url}")
     for slot in ("a", "b"):
@@ -700,12 +754,15 @@ def _status(args: argparse.Namespace) -> int:
               f" {' '.join(flags)}")
     if bc.pending:
         print(f"  update pending on slot {bc.primary}, tries left {bc.tries_remaining}")
-    print(f"  anti-rollback floor of images: release counter {floors.image}")
+    if floors is None:
+        print(f"  anti-rollback floors: unknown ({floors_error})")
+    else:
+        print(f"  anti-rollback floor of images: release counter {floors.image}")
     for name, record in components.items():
         cur = record["current"]
         print(f"  component {name}: {cur['version'] if cur else '(none)'}"
               f"{'  (switch pending)' if record['pending'] else ''}, anti-rollback floor "
-              f"{floors.of(name)}")
+              f"{'unknown' if floors is None else floors.of(name)}")
     if journal and journal.get("phase", "idle") != "idle":
         print(f"update journal: {journal.get('phase', journal.get('error'))} "
               f"(to {journal.get('to_version')}); finished on the next start")
@@ -722,7 +779,7 @@ def _status(args: argparse.Namespace) -> int:
         print("last result: none")
     if progress:
         print(f"now: {_describe_progress(progress)}")
-    return 0
+    return 0 if floors_error is None else 2
 
 
 def _now() -> str:

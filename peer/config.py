@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -121,10 +122,12 @@ class DeviceConfig:
     # --- where the identity key, the anti-rollback floors and the trust anchor live
     # (peer/keystore.py): "file" (the state directory) or "tpm": a TPM 2.0 at tpm_device
     # (/dev/tpmrm0, or a TCTI such as swtpm:path=SOCKET); tpm_pcrs (e.g. "sha256:7"):
-    # the TPM uses the keys only in the boot state they were made in (measured boot)
+    # the TPM uses the keys only in the boot state they were made in (measured boot);
+    # tpm_owner_auth: the file (root's, mode 0400) holding the owner hierarchy's password
     keystore: str = "file"
     tpm_device: str | None = None
     tpm_pcrs: str | None = None
+    tpm_owner_auth: str | None = None
     # --- slots and boot control (peer/blockslots.py, peer/bootloader.py). "file": slots
     # are STATE/slots/{a,b}.img and the agent plays the bootloader (tests, the demo)
     slot_backend: str = "file"
@@ -232,8 +235,9 @@ class DeviceConfig:
             raise ConfigError(f"keystore must be one of {list(KEYSTORES)}, got "
                               f"{self.keystore!r}")
         if self.keystore == "file":
-            if self.tpm_device is not None or self.tpm_pcrs is not None:
-                raise ConfigError("tpm_device and tpm_pcrs go with keystore 'tpm'")
+            if (self.tpm_device, self.tpm_pcrs, self.tpm_owner_auth) != (None, None, None):
+                raise ConfigError("tpm_device, tpm_pcrs and tpm_owner_auth go with keystore "
+                                  "'tpm'")
             return
         if not isinstance(self.tpm_device, str) or not self.tpm_device:
             raise ConfigError("keystore 'tpm' needs tpm_device (/dev/tpmrm0, or a TCTI "
@@ -243,6 +247,11 @@ class DeviceConfig:
             if not isinstance(self.tpm_pcrs, str):
                 raise ConfigError("tpm_pcrs must be a PCR selection such as sha256:7")
             PcrSelection(self.tpm_pcrs)
+        if self.tpm_owner_auth is not None and (
+                not isinstance(self.tpm_owner_auth, str)
+                or not os.path.isabs(self.tpm_owner_auth)):
+            raise ConfigError("tpm_owner_auth must be the absolute path of the file holding "
+                              "the TPM owner password")
 
     def _check_tls(self) -> None:
         if not isinstance(self.tls_pins, tuple):

@@ -13,8 +13,9 @@
   the tracker offers another one, or ``retry_window_s`` after the oldest of those
   failures (``update_once(retry_budget=..., retry_window_s=...)``); failed downloads do
   not count (an outage is no verdict on the release);
-- a resource failure (a full disk, an I/O error, no memory) is a failed pass like any
-  other (backoff), never the end of the daemon;
+- a resource failure (a full disk, an I/O error, no memory) or a failing TPM (gone,
+  busy, refusing a command: ``peer.tpm.TpmError``) is a failed pass like any other
+  (backoff), never the end of the daemon; only an unusable device (``ConfigError``) is;
 - cancellation (``peer run`` turns SIGTERM and SIGINT into it) ends the loop: while
   sleeping at once; in a pass, at the next checkpoint, except between the switch and the
   health check's outcome, which is shielded (bounded by the health timeout). Whatever is
@@ -38,7 +39,7 @@ import trio
 
 from swarmota.peer.agent import UpdateResult, update_once
 from swarmota.peer.control import AgentControl
-from swarmota.peer.errors import ConfigError, StatusCode, resource_failure
+from swarmota.peer.errors import ConfigError, PeerError, StatusCode, resource_failure
 from swarmota.peer.state import DeviceState
 
 __all__ = ["DaemonConfig", "next_delay_s", "run_daemon"]
@@ -120,6 +121,11 @@ async def run_daemon(state: DeviceState, config: DaemonConfig, *,
             failure = resource_failure("update pass", exc)  # the daemon lives on anyway
             log.error("%s", failure)
             result = UpdateResult(failure.status, str(failure))
+        except PeerError as exc:  # the same: only an unusable device ends the daemon
+            if isinstance(exc, ConfigError):
+                raise
+            log.error("update pass: %s", exc)
+            result = UpdateResult(exc.status, str(exc))
         failures_in_row = failures_in_row + 1 if failed(result) else 0
         delay = next_delay_s(config, result, failures_in_row, rand)
         log.info("pass: status %d: %s; next in %.0f s", result.status, result.message, delay)

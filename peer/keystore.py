@@ -343,8 +343,9 @@ def open_keystore(config: DeviceConfig, state_root: Path) -> TpmKeyStore | None:
     if config.keystore != "tpm" or config.tpm_device is None:
         return None
     pcrs = None if config.tpm_pcrs is None else PcrSelection(config.tpm_pcrs)
-    return TpmKeyStore(Tpm(config.tpm_device), state_root, config.device_id,
-                       config.product, pcrs)
+    owner = None if config.tpm_owner_auth is None else Path(config.tpm_owner_auth)
+    return TpmKeyStore(Tpm(config.tpm_device, owner_auth=owner), state_root,
+                       config.device_id, config.product, pcrs)
 
 
 def _csr_of(key: ec.EllipticCurvePrivateKey, device_id: str) -> bytes:

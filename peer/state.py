@@ -305,8 +305,8 @@ def init_device(state_dir: Path, config: DeviceConfig, *, root_json: bytes, imag
     Raises:
         ConfigError: the directory is already a device (without ``force``), the root
             metadata is not valid TUF root metadata, or the image cannot be read; the
-            TPM already holds keys of a device (without ``force``) or refused
-            (``TpmError``).
+            TPM already holds keys of a device (without ``force``).
+        TpmError: the TPM refused or failed (``OwnerAuthError``: the owner password).
     """
     state = DeviceState(state_dir)
     if state.config_path.exists() and not force:

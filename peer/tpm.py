@@ -24,8 +24,22 @@ request, a few NV reads and extends per pass), so a process per operation (about
 cheap; and a power cut in the middle of one is a killed process, which the tests can
 do for real.
 
-Errors: :class:`TpmError` (a :class:`~peer.errors.ConfigError`: a device whose TPM does
-not answer cannot decide anything the TPM holds), with the tool's last words.
+**The owner hierarchy's password.** Defining and deleting NV indices, making the primary
+key and the persistent keys (``peer init``, an identity renewal) are *owner* operations.
+A device whose maker set an owner password (docs/SECURITY.md: so that root on the
+device cannot undefine the floor index) names a file holding it (``tpm_owner_auth`` in
+``device.json``): :func:`read_owner_auth` reads it only when an owner operation runs,
+refuses a file that another user could read, and hands it to the command on its
+standard input (``-P file:-``), never on its command line. A password the TPM refuses
+is not tried again by this :class:`Tpm` (:class:`OwnerAuthError`): the owner
+authorization carries no dictionary-attack lockout, the lockout one does, and a loop
+of wrong passwords is what a lockout policy is made to stop; there is nothing to gain
+from a second try with the same bytes.
+
+Errors: :class:`TpmError` (a :class:`~peer.errors.PeerError` of status 30: the device's
+TPM failed or does not answer, which ends a pass as a failure and is tried again at the
+next one), with the tool's last words; a TPM setting that makes no sense (a device
+name, a PCR selection, a password file) is a :class:`~peer.errors.ConfigError`.
 Blocking: call from a worker thread in async code.
 """
 
@@ -36,6 +50,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -46,9 +61,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from swarmota.peer.crashpoints import crash_point
-from swarmota.peer.errors import ConfigError
+from swarmota.peer.errors import ConfigError, PeerError, StatusCode
 
-__all__ = ["TOOLS", "PcrSelection", "Tpm", "TpmError", "tcti_of", "tools_missing"]
+__all__ = ["TOOLS", "OwnerAuthError", "PcrSelection", "Tpm", "TpmError", "read_owner_auth",
+           "tcti_of", "tools_missing"]
 
 TOOLS = ("tpm2_createprimary", "tpm2_create", "tpm2_load", "tpm2_evictcontrol",
          "tpm2_flushcontext", "tpm2_readpublic", "tpm2_sign", "tpm2_unseal",
@@ -65,10 +81,52 @@ _HANDLE_RE = re.compile(r"0x[0-9a-fA-F]{1,8}")
 _PRIMARY_TEMPLATE = ("-C", "o", "-g", "sha256", "-G", "ecc256:aes128cfb")
 _SIGNING_ATTRS = "fixedtpm|fixedparent|sensitivedataorigin|sign|noda"
 _SEALED_ATTRS = "fixedtpm|fixedparent|noda"
+_MAX_OWNER_AUTH = 64  # TPM2B_AUTH: at most the size of the hierarchy's digest
+_BAD_AUTH_RE = re.compile(r"authorization failure|HMAC check failed|\(0x0*9(a2|8e)\)",
+                          re.IGNORECASE)
 
 
-class TpmError(ConfigError):
-    """The TPM (or the tools that speak to it) refused or failed an operation."""
+class TpmError(PeerError):
+    """The TPM (or the tools that speak to it) refused or failed an operation: the pass
+    ends with status 30 and the next one tries again."""
+
+    status = StatusCode.INSTALL_FAILED
+
+
+class OwnerAuthError(TpmError):
+    """The TPM refused the owner hierarchy's authorization (a password missing or
+    wrong): not tried again by the same :class:`Tpm`."""
+
+
+def read_owner_auth(path: Path) -> bytes:
+    """The owner hierarchy's password, from the file at ``path`` (its bytes, without a
+    trailing newline): a regular file owned by root or by this user, that neither its
+    group nor anyone else may read or write.
+
+    Raises:
+        ConfigError: missing, unreadable, readable or writable by others, empty, or
+            longer than a TPM takes (64 bytes).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"tpm_owner_auth {path}: cannot read the TPM owner password: "
+                          f"{exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"tpm_owner_auth {path}: not a regular file")
+        if info.st_uid not in (0, os.geteuid()) or info.st_mode & 0o077:
+            raise ConfigError(f"tpm_owner_auth {path}: must be owned by root (or the agent's "
+                              f"user) with no access for group or others (mode "
+                              f"{stat.S_IMODE(info.st_mode):04o}): chmod 0400 it")
+        secret = fh.read(_MAX_OWNER_AUTH + 2)
+    if secret.endswith(b"\n"):
+        secret = secret[:-2] if secret.endswith(b"\r\n") else secret[:-1]
+    if not 0 < len(secret) <= _MAX_OWNER_AUTH:
+        raise ConfigError(f"tpm_owner_auth {path}: the password must be 1-{_MAX_OWNER_AUTH} "
+                          "bytes")
+    return secret
 
 
 def tools_missing() -> list[str]:
@@ -80,13 +138,13 @@ def tcti_of(device: str) -> str:
     """The TCTI string for a device name (see the module docstring).
 
     Raises:
-        TpmError: not a device path or a TCTI string we know.
+        ConfigError: not a device path or a TCTI string we know.
     """
     if device.startswith("/dev/"):
         device = f"device:{device}"
     if not _TCTI_RE.fullmatch(device):
-        raise TpmError(f"TPM device must be a path such as /dev/tpmrm0 or a TCTI such as "
-                       f"swtpm:path=SOCKET, got {device!r}")
+        raise ConfigError(f"TPM device must be a path such as /dev/tpmrm0 or a TCTI such as "
+                          f"swtpm:path=SOCKET, got {device!r}")
     return device
 
 
@@ -98,8 +156,8 @@ class PcrSelection:
 
     def __post_init__(self) -> None:
         if not _PCRS_RE.fullmatch(self.spec):
-            raise TpmError(f"PCR selection must look like sha256:7 or sha256:0,2,7, got "
-                           f"{self.spec!r}")
+            raise ConfigError(f"PCR selection must look like sha256:7 or sha256:0,2,7, got "
+                              f"{self.spec!r}")
 
     @property
     def auth(self) -> str:
@@ -108,11 +166,15 @@ class PcrSelection:
 
 
 class Tpm:
-    """One TPM, reached through ``tcti`` (:func:`tcti_of`). Methods block."""
+    """One TPM, reached through ``tcti`` (:func:`tcti_of`); ``owner_auth``: the file of
+    the owner hierarchy's password (none: the owner has no password). Methods block."""
 
-    def __init__(self, tcti: str, *, timeout_s: float = _TIMEOUT_S) -> None:
+    def __init__(self, tcti: str, *, owner_auth: Path | None = None,
+                 timeout_s: float = _TIMEOUT_S) -> None:
         self.tcti = tcti_of(tcti)
+        self.owner_auth = owner_auth
         self.timeout_s = timeout_s
+        self._owner_refused: str | None = None  # the TPM's verdict on the password
         # a resource manager flushes what each connection loaded when it closes
         self.managed = self.tcti.startswith(("device:/dev/tpmrm", "tabrmd"))
 
@@ -161,6 +223,37 @@ class Tpm:
                            f"{'; '.join(lines[-3:]) or f'exit {proc.returncode}'}")
         return out
 
+    def run_as_owner(self, *args: str) -> bytes:
+        """Run ``args``, an owner hierarchy operation, with the owner's authorization
+        (``-P``, from :attr:`owner_auth`, on standard input).
+
+        Raises:
+            OwnerAuthError: the TPM refused the authorization, now or before (not tried
+                again: module docstring).
+            ConfigError: the password file cannot be used (:func:`read_owner_auth`).
+            TpmError: as :meth:`run`.
+        """
+        if self._owner_refused is not None:
+            raise OwnerAuthError(self._owner_refused)
+        secret = None if self.owner_auth is None else read_owner_auth(self.owner_auth)
+        auth = () if secret is None else ("-P", "file:-")
+        try:
+            return self.run(*args, *auth, data=secret)
+        except OwnerAuthError:
+            raise
+        except TpmError as exc:
+            if not _BAD_AUTH_RE.search(str(exc)):
+                raise
+            if self.owner_auth is None:
+                why = ("the TPM's owner hierarchy has a password and the device "
+                       "configuration names none: set tpm_owner_auth (peer init "
+                       "--tpm-owner-auth FILE) to the file that holds it")
+            else:
+                why = (f"the TPM refused the owner password in {self.owner_auth} (wrong "
+                       "password): not tried again; put the right one in that file")
+            self._owner_refused = f"{args[0]}: {why}"
+            raise OwnerAuthError(self._owner_refused) from None
+
     def flush(self, kind: str) -> None:
         """Flush the ``transient`` objects or loaded ``sessions`` (see the module
         docstring); nothing to do under a resource manager."""
@@ -176,7 +269,7 @@ class Tpm:
     def evict(self, handle: int) -> None:
         """Remove the persistent object at ``handle`` (none there: nothing to do)."""
         if handle in self.persistent_handles():
-            self.run("tpm2_evictcontrol", "-C", "o", "-c", _hex(handle))
+            self.run_as_owner("tpm2_evictcontrol", "-C", "o", "-c", _hex(handle))
 
     def create_signing_key(self, handle: int, pcrs: PcrSelection | None = None
                            ) -> ec.EllipticCurvePublicKey:
@@ -210,7 +303,8 @@ class Tpm:
                 policy = ["-L", str(work / "policy")]
                 self.flush("sessions")
             try:
-                self.run("tpm2_createprimary", *_PRIMARY_TEMPLATE, "-c", str(work / "p.ctx"))
+                self.run_as_owner("tpm2_createprimary", *_PRIMARY_TEMPLATE,
+                                  "-c", str(work / "p.ctx"))
                 self.flush("transient")
                 sealed = ["-i", "-"] if data is not None else []
                 self.run("tpm2_create", "-C", str(work / "p.ctx"), *key_args, *policy,
@@ -220,8 +314,8 @@ class Tpm:
                 self.run("tpm2_load", "-C", str(work / "p.ctx"), "-u", str(work / "k.pub"),
                          "-r", str(work / "k.priv"), "-c", str(work / "k.ctx"))
                 self.flush("transient")
-                self.run("tpm2_evictcontrol", "-C", "o", "-c", str(work / "k.ctx"),
-                         _hex(handle))
+                self.run_as_owner("tpm2_evictcontrol", "-C", "o", "-c", str(work / "k.ctx"),
+                                  _hex(handle))
             finally:
                 self.flush("transient")
 
@@ -274,13 +368,13 @@ class Tpm:
         32 bytes): nothing can write it, only extend it. Read and extended with the
         index's own (empty) authorization; the owner's is needed to define and undefine
         it."""
-        self.run("tpm2_nvdefine", _hex(index), "-C", "o", "-s", "32", "-g", "sha256",
-                 "-a", "nt=extend|authread|authwrite|no_da")
+        self.run_as_owner("tpm2_nvdefine", _hex(index), "-C", "o", "-s", "32", "-g", "sha256",
+                          "-a", "nt=extend|authread|authwrite|no_da")
 
     def nv_undefine(self, index: int) -> None:
         """Delete NV index ``index`` (not defined: nothing to do)."""
         if index in self.nv_indices():
-            self.run("tpm2_nvundefine", _hex(index), "-C", "o")
+            self.run_as_owner("tpm2_nvundefine", _hex(index), "-C", "o")
 
     def nv_read(self, index: int, size: int) -> bytes:
         """The ``size`` bytes of NV index ``index``."""

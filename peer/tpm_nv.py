@@ -28,20 +28,30 @@ extend the index (code running as root on the device) cannot forge a reset, havi
 root-signed metadata, nor replay an old one (its epoch is not newer). Such an entry is
 ignored (logged) and lowers nothing. (What it can still do: on a device that skipped a
 reset, log that older reset before the newer one applies; the TPM does not attest which
-anchored root was the newest when a reset was logged. docs/SECURITY.md.)
+anchored root was the newest when a reset was logged. The floors then end where those
+of a device that saw the older root in time end, never below a root-signed floor:
+docs/SECURITY.md says why no ordering of the two indices closes it.)
 
 :meth:`NvFloors.read` checks, before anything is decided, that the log folds to the
 index. A log edited, truncated, deleted or restored from an old copy, or an index
 extended with anything else, does not: :class:`FloorLogError` (a
-:class:`~peer.errors.VerifyFailed`), and every release is refused until the device is
-re-provisioned (a denial of service, never a rollback).
+:class:`~peer.errors.VerifyFailed`), and every release is refused (a denial of service,
+never a rollback) until the log is repaired or the device re-provisioned.
+
+**The copy, and repairs.** Every entry goes to the log and to its copy
+(``floors.log.copy``) before the index is extended. A log that does not fold while the
+copy does is put back from the copy at the next load, and a damaged copy is rewritten
+from the log; :meth:`NvFloors.repair` (``peer trust repair``) also tries copies an
+operator kept. Only a log the index holds the fold of passes, so no repair can lower a
+floor (forging one would take a SHA-256 preimage); an index extended with something no
+copy holds leaves re-provisioning.
 
 **Order of a write, and power loss.** An entry is appended to the log (written and
-fsynced), then extended into the index (one TPM command, carried out whole or not at
-all). After a power cut the log holds at most one complete entry the index has not
-seen, or a torn line: a log whose every complete line but the last folds to the index
-gets its last line extended, and a torn last line (no newline: never extended) is cut
-off. Anything else is refused.
+fsynced, then the same to the copy), then extended into the index (one TPM command,
+carried out whole or not at all). After a power cut the log holds at most one complete
+entry the index has not seen, or a torn line: a log whose every complete line but the
+last folds to the index gets its last line extended, and a torn last line (no newline:
+never extended) is cut off. Anything else is refused.
 
 **Floors and the state directory.** The floor in force for each kind is the higher of
 the state directory's (:mod:`swarmota.peer.floors`: boot control, ``floors.json``) and the log's.
@@ -233,14 +243,42 @@ class NvFloors:
         self.anchor = anchor
         self.product = product
 
+    @property
+    def copy_path(self) -> Path:
+        """The log's copy (``STATE/trust/floors.log.copy``), written in turn with it."""
+        return self.log_path.with_name(self.log_path.name + ".copy")
+
     def provision(self, image_floor: int) -> None:
         """Start over: a new floor index and log, holding the image floor
         ``image_floor`` (``peer init``)."""
         self.tpm.nv_undefine(FLOOR_LOG_INDEX)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.log_path, b"")
+        for path in (self.log_path, self.copy_path):
+            atomic_write_bytes(path, b"")
         self.tpm.nv_define_extend(FLOOR_LOG_INDEX)
         self._append(FloorEntry("raise", image_floor))
+
+    def repair(self, candidates: Sequence[Path] = ()) -> Path:
+        """Rebuild the log (and its copy) from the first of the log, its copy and
+        ``candidates`` (copies an operator kept) that folds to the TPM's floor index;
+        return the path it came from (``peer trust repair``). Only the log the index
+        holds the fold of can pass: whoever writes the disk cannot make one with a
+        lower floor (a SHA-256 preimage), so a repair never lowers a floor.
+
+        Raises:
+            TpmError: the TPM cannot be read, or holds no floor index.
+            FloorLogError: none of them folds to the index (the index extended with
+                something no copy holds: only re-provisioning helps).
+        """
+        try:
+            return self._verified(self._index_value(), candidates)[1]
+        except FloorLogError:
+            tried = ", ".join(str(p) for p in (self.log_path, self.copy_path, *candidates))
+            raise FloorLogError(
+                f"no copy of the floor log folds to the TPM's floor index "
+                f"0x{FLOOR_LOG_INDEX:08x} (tried {tried}): no floor can be trusted, every "
+                "release is refused until the device is re-provisioned ('peer init "
+                "--force')") from None
 
     def read(self) -> NvState:
         """The floors the log holds now, once it is checked against the TPM (and a
@@ -306,30 +344,9 @@ class NvFloors:
 
     def _load(self) -> tuple[list[bytes], NvState]:
         """The log's lines, checked against the index (module docstring), and the
-        floors they hold."""
-        if FLOOR_LOG_INDEX not in self.tpm.nv_indices():
-            raise TpmError(f"the TPM holds no anti-rollback floors (NV index "
-                           f"0x{FLOOR_LOG_INDEX:08x}): provision the device with 'peer "
-                           "init --keystore tpm'")
-        value = self.tpm.nv_read(FLOOR_LOG_INDEX, 32)
-        data = self._read_log()
-        *lines, torn = data.split(b"\n")
-        if fold(lines) != value:
-            if not (lines and fold(lines[:-1]) == value and _decodes(lines[-1])):
-                raise FloorLogError(
-                    f"the floor log {self.log_path} does not match the TPM's floor index "
-                    f"0x{FLOOR_LOG_INDEX:08x} (edited, truncated or deleted, or the index "
-                    "extended by something else): no floor can be trusted, every release "
-                    "is refused until the device is re-provisioned")
-            # a power cut between appending the last entry and extending the index
-            log.warning("floor log: extending the TPM's index with the last entry (a "
-                        "power cut before it was)")
-            self.tpm.nv_extend(FLOOR_LOG_INDEX, hashlib.sha256(lines[-1]).digest())
-        if torn:  # a power cut in the middle of an append: never extended
-            log.warning("floor log: a torn last line (%d bytes) is cut off", len(torn))
-            with open(self.log_path, "r+b") as fh:
-                fh.truncate(len(data) - len(torn))
-                os.fsync(fh.fileno())
+        floors they hold. A log that does not fold while its copy does is put back
+        from the copy (a damaged, deleted or edited log file)."""
+        lines, _ = self._verified(self._index_value(), ())
         entries = []
         for number, line in enumerate(lines, 1):
             try:
@@ -347,18 +364,64 @@ class NvFloors:
                         held.ignored_resets, self.product)
         return lines, held
 
-    def _read_log(self) -> bytes:
+    def _index_value(self) -> bytes:
+        if FLOOR_LOG_INDEX not in self.tpm.nv_indices():
+            raise TpmError(f"the TPM holds no anti-rollback floors (NV index "
+                           f"0x{FLOOR_LOG_INDEX:08x}): provision the device with 'peer "
+                           "init --keystore tpm'")
+        return self.tpm.nv_read(FLOOR_LOG_INDEX, 32)
+
+    def _verified(self, value: bytes, candidates: Sequence[Path]) -> tuple[list[bytes], Path]:
+        """The lines of the first of the log, its copy and ``candidates`` that folds to
+        the index's ``value`` (:func:`_checked`), made the log and its copy
+        (:meth:`_settle`); and where they came from.
+
+        Raises:
+            FloorLogError: none does (the log's own fault is said).
+        """
+        faults = []
+        for path in (self.log_path, self.copy_path, *candidates):
+            try:
+                checked = _checked(self._read_log(path), value, path)
+            except FloorLogError as exc:
+                faults.append(exc)
+                continue
+            return self._settle(checked, path), path
+        raise faults[0]
+
+    def _settle(self, checked: tuple[list[bytes], bytes | None], source: Path) -> list[bytes]:
+        """Make the checked lines of ``source`` the log and its copy: the last line
+        extended if it was not (a power cut before), a torn line cut off, the log or
+        the copy rewritten where it differs (the other one damaged or missing)."""
+        lines, pending = checked
+        if pending is not None:
+            log.warning("floor log: extending the TPM's index with the last entry (a "
+                        "power cut before it was)")
+            self.tpm.nv_extend(FLOOR_LOG_INDEX, hashlib.sha256(pending).digest())
+        data = b"".join(line + b"\n" for line in lines)
+        for path in (self.log_path, self.copy_path):
+            try:
+                same = self._read_log(path) == data
+            except FloorLogError:
+                same = False
+            if not same:
+                if path != source:
+                    log.warning("floor log: %s rewritten from %s, which folds to the TPM's "
+                                "floor index", path, source)
+                atomic_write_bytes(path, data)
+        return lines
+
+    def _read_log(self, path: Path) -> bytes:
         try:
-            with open(self.log_path, "rb") as fh:
+            with open(path, "rb") as fh:
                 data = fh.read(_MAX_LOG_BYTES + 1)
         except FileNotFoundError:
             return b""
         except OSError as exc:
-            raise FloorLogError(f"cannot read the floor log {self.log_path}: "
+            raise FloorLogError(f"cannot read the floor log {path}: "
                                 f"{exc.strerror or exc}") from None
         if len(data) > _MAX_LOG_BYTES:
-            raise FloorLogError(f"the floor log {self.log_path} is larger than "
-                                f"{_MAX_LOG_BYTES} bytes")
+            raise FloorLogError(f"the floor log {path} is larger than {_MAX_LOG_BYTES} bytes")
         return data
 
     def _append(self, entry: FloorEntry) -> None:
@@ -366,13 +429,34 @@ class NvFloors:
         points ``floor_log.appended`` between the two, ``tpm.nv_extend.in_flight``
         while the TPM extends)."""
         line = entry.encode()
-        with open(self.log_path, "ab") as fh:
-            fh.write(line + b"\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        for path in (self.log_path, self.copy_path):
+            with open(path, "ab") as fh:
+                fh.write(line + b"\n")
+                fh.flush()
+                os.fsync(fh.fileno())
         fsync_dir(self.log_path.parent)
         crash_point("floor_log.appended")
         self.tpm.nv_extend(FLOOR_LOG_INDEX, hashlib.sha256(line).digest())
+
+
+def _checked(data: bytes, value: bytes, path: Path) -> tuple[list[bytes], bytes | None]:
+    """The complete lines of the log ``data`` (read from ``path``) if they fold to the
+    index's ``value``, or do but for a last line that is a floor entry the index has
+    not seen yet (returned second, to extend); a torn last line is left out.
+
+    Raises:
+        FloorLogError: neither.
+    """
+    *lines, _torn = data.split(b"\n")
+    if fold(lines) == value:
+        return lines, None
+    if lines and fold(lines[:-1]) == value and _decodes(lines[-1]):
+        return lines, lines[-1]
+    raise FloorLogError(
+        f"the floor log {path} does not match the TPM's floor index 0x{FLOOR_LOG_INDEX:08x} "
+        "(edited, truncated or deleted, or the index extended by something else): no floor "
+        "can be trusted, every release is refused until the log is repaired ('peer trust "
+        "repair', from a copy that folds to the index) or the device re-provisioned")
 
 
 def _decodes(line: bytes) -> bool:

@@ -7,7 +7,10 @@ device at the tracker (its certificate's role is refused); a device booted into 
 state (with measured boot its keys neither sign nor unseal); floors lowered by editing,
 deleting or swapping their records (the TPM's win; a component cannot borrow another's
 NV index); a power cut while the TPM writes a floor (old or new, never a torn value);
-a replaced, rolled back or edited trust anchor record (refused).
+a replaced, rolled back or edited trust anchor record (refused); a damaged floor log
+(put back from its copy) and a forged one handed to 'peer trust repair' (refused: only
+a log that folds to the TPM's index passes); root logging a skipped, older counter
+reset (bounded: the floors of a device that saw it in time).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from swarmota.peer.config import DeviceConfig
 from swarmota.peer.errors import ConfigError, VerifyFailed
 from swarmota.peer.floors import Floors
 from swarmota.peer.keystore import TPM_HANDLES, TpmKeyStore, open_keystore
+from swarmota.peer.state import DeviceState
 from swarmota.peer.tpm import PcrSelection, TpmError
 from swarmota.peer.tpm_nv import (
     ANCHOR_INDEX,
@@ -279,6 +283,14 @@ def extend_as_root(tpm: SoftTpm, data: bytes) -> None:
                   f"0x{FLOOR_LOG_INDEX:08x}", "-i", "-", data=data)
 
 
+def append_as_root(tpm: SoftTpm, nv: NvFloors, entry: FloorEntry) -> None:
+    """Code running as root appends ``entry`` to the floor log and extends the index
+    with it (the log still folds)."""
+    with open(nv.log_path, "ab") as fh:
+        fh.write(entry.encode() + b"\n")
+    extend_as_root(tpm, hashlib.sha256(entry.encode()).digest())
+
+
 def test_tpm_floors_win_over_a_state_directory_edited_or_deleted(
         soft_tpm: SoftTpm, tmp_path: Path, repo: Repository) -> None:
     nv = floors_on(soft_tpm, tmp_path, repo.root_bytes())
@@ -314,7 +326,8 @@ def test_root_on_the_device_cannot_rewrite_the_floor_index_nor_undefine_it_with_
     # the device maker sets an owner password after provisioning: undefining the index
     # (to define it afresh, empty) is refused
     tpm.run("tpm2_changeauth", "-c", "o", "maker-secret")
-    with pytest.raises(TpmError, match="tpm2_nvundefine failed"):
+    with pytest.raises(TpmError, match="tpm2_nvundefine: the TPM's owner hierarchy has a "
+                                       "password"):
         tpm.nv_undefine(FLOOR_LOG_INDEX)
     assert nv.read().image == 9
     # without it (here: with it), undefining leaves a device that refuses to decide
@@ -359,9 +372,7 @@ def test_forged_reset_extended_into_the_floor_index_is_not_a_reset(
         FloorEntry("reset", 2, product=PRODUCT, epoch=1, root=genuine),
     ]
     for entry in forged:
-        with open(tmp_path / "trust" / FLOOR_LOG, "ab") as fh:
-            fh.write(entry.encode() + b"\n")
-        extend_as_root(soft_tpm, hashlib.sha256(entry.encode()).digest())
+        append_as_root(soft_tpm, nv, entry)
     with caplog.at_level(logging.WARNING, logger="swarmota.peer.tpm_nv"):
         held = nv.read()
     assert (held.image, held.component("modem-fw"), held.epoch) == (9, 9, 1)
@@ -371,6 +382,70 @@ def test_forged_reset_extended_into_the_floor_index_is_not_a_reset(
     # the floors can only be higher
     shutil.rmtree(tmp_path / "trust" / "anchor")
     assert nv.read().image == 9
+
+
+@pytest.fixture(scope="module")
+def two_resets(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes, bytes]:
+    """Roots 1, 2 and 3 of a chain: root 2 carries acme-router's reset epoch 1 to floor
+    3, root 3 its reset epoch 2 to floor 6 (releases 4-6 were published in between)."""
+    repo = Repository.create(tmp_path_factory.mktemp("two-resets") / "repo", keys=KeySetup())
+    roots = [repo.root_bytes()]
+    for floor in (3, 6):
+        repo.counter_reset(PRODUCT, floor=floor)
+        repo.sign(load_private_key(repo.offline_root_key_path))
+        roots.append(repo.root_bytes())
+    return roots[0], roots[1], roots[2]
+
+
+def test_skipped_older_reset_logged_by_root_lowers_no_floor_below_a_device_that_saw_it(
+        soft_tpm: SoftTpm, tmp_path: Path, two_resets: tuple[bytes, bytes, bytes]) -> None:
+    """The edge left by keeping the trust anchor and the floor log in two indices: a
+    device offline across roots 2 and 3 walks the chain in one refresh and applies
+    only root 3's reset (floor 6). Code running as root on it can log root 2's older
+    reset (floor 3) before root 3's applies: the TPM cannot tell that it was logged
+    after root 3 was anchored, since root 2 was anchored too. What that buys is bounded
+    and proven here: the floors end exactly where those of a device that refreshed
+    while root 2 was current end (root 2's reset, then root 3's), never below the floor
+    a root-signed reset names; and once root 3's reset is applied the older one can no
+    longer be logged. (No ordering of the two indices can close it: whoever can extend
+    the index can also log 'root 2 was seen' before the agent logs root 3, which is the
+    history of a device that was online then.)"""
+    v1, v2, v3 = two_resets
+    digest = {2: hashlib.sha256(v2).hexdigest(), 3: hashlib.sha256(v3).hexdigest()}
+    older = FloorEntry("reset", 3, product=PRODUCT, epoch=1, root=digest[2])
+
+    def device(name: str, *, online_at_root_2: bool, attacked: bool) -> NvFloors:
+        nv = floors_on(soft_tpm, tmp_path / name, v1)  # the same TPM, provisioned afresh
+        trust = tmp_path / name / "trust"
+        nv.raise_to(Floors(image=2**53, components={"modem-fw": 2**53}))  # the bad release
+        (trust / "root_history").mkdir()
+        (trust / "root_history" / "2.root.json").write_bytes(v2)
+        if online_at_root_2:
+            (trust / "root.json").write_bytes(v2)
+            nv.anchor.sync()
+            nv.apply_reset(CounterReset(epoch=1, floor=3), v2)
+        (trust / "root.json").write_bytes(v3)
+        nv.anchor.sync()  # roots 2 and 3 anchored in one refresh
+        if attacked:
+            append_as_root(soft_tpm, nv, older)
+        nv.apply_reset(CounterReset(epoch=2, floor=6), v3)
+        return nv
+
+    skipped = device("skipped", online_at_root_2=False, attacked=False).read()
+    assert (skipped.image, skipped.component("modem-fw"), skipped.epoch) == (6, 6, 2)
+    online = device("online", online_at_root_2=True, attacked=False).read()
+    assert (online.image, online.component("modem-fw"), online.epoch) == (3, 3, 2)
+    attacked_nv = device("attacked", online_at_root_2=False, attacked=True)
+    attacked = attacked_nv.read()
+    assert (attacked.image, attacked.component("modem-fw"), attacked.epoch) == (3, 3, 2)
+    assert attacked == online, "exactly the floors of a device that saw root 2 in time"
+    assert min(attacked.image, attacked.component("modem-fw")) >= 3, \
+        "never below the floor a root-signed reset of this product names"
+    # once root 3's reset is applied, the older one logged again lowers nothing
+    attacked_nv.raise_to(Floors(image=5, components={"modem-fw": 5}))
+    append_as_root(soft_tpm, attacked_nv, older)
+    after = attacked_nv.read()
+    assert (after.image, after.component("modem-fw"), after.ignored_resets) == (5, 5, 1)
 
 
 def test_garbage_extended_into_the_floor_index_refuses_every_release(
@@ -394,27 +469,86 @@ def test_garbage_extended_into_the_floor_index_refuses_every_release(
         other.read()
 
 
-def test_edited_truncated_deleted_or_restored_floor_log_is_refused(
+def test_edited_truncated_deleted_or_restored_floor_log_is_put_back_from_its_copy_or_refused(
         soft_tpm: SoftTpm, tmp_path: Path, repo: Repository) -> None:
+    """The log edited, cut, restored from an old backup, reordered or deleted: put back
+    from its copy when the copy folds to the TPM's index (never lower), refused when
+    the copy is damaged too; a copy damaged alone is rewritten from the log."""
     nv = floors_on(soft_tpm, tmp_path, repo.root_bytes())
     path = tmp_path / "trust" / FLOOR_LOG
     nv.raise_to(Floors(image=5))
     old_copy = path.read_bytes()
     nv.raise_to(Floors(image=9, components={"modem-fw": 9}))
     good = path.read_bytes()
+    assert nv.copy_path.read_bytes() == good
     lines = good.splitlines(keepends=True)
     for bad in (good.replace(b'"floor":9', b'"floor":1'),  # edited lower
                 b"".join(lines[:-2]),                   # the last two entries cut off
                 old_copy,                               # restored from an old backup
                 b"".join([lines[0], lines[2], lines[1]]),  # reordered
                 None):                                  # deleted
-        if bad is None:
-            path.unlink()
-        else:
-            path.write_bytes(bad)
+        for damaged in (path, nv.copy_path):  # one of the two: put back from the other
+            write_or_delete(damaged, bad)
+            held = nv.read()
+            assert (held.image, held.component("modem-fw")) == (9, 9)
+            assert path.read_bytes() == nv.copy_path.read_bytes() == good
+        for damaged in (path, nv.copy_path):  # both
+            write_or_delete(damaged, bad)
         with pytest.raises(FloorLogError, match="does not match the TPM's floor index"):
             nv.read()
-    path.write_bytes(good)
+        path.write_bytes(good)  # the genuine log back: the copy is rewritten from it
+        assert nv.read().image == 9 and nv.copy_path.read_bytes() == good
+
+
+def write_or_delete(path: Path, data: bytes | None) -> None:
+    if data is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_bytes(data)
+
+
+def test_trust_repair_rebuilds_the_floor_log_only_from_a_copy_that_folds_to_the_tpm(
+        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Both the log and the agent's copy lost: 'peer trust repair --from' rebuilds it
+    from a copy an operator kept, and only from one the TPM's index holds the fold
+    of. A forged log with lower floors (well formed, every line a floor entry), an old
+    backup or the genuine log with its last entry edited are refused: whoever can
+    write the disk cannot use a repair to lower a floor."""
+    state = tmp_path / "state"
+    assert main(init_args(tmp_path, soft_tpm, repo, state)) == 0
+    store = open_keystore(DeviceState(state).config(), state)
+    assert store is not None
+    nv = store.floors
+    nv.raise_to(Floors(image=5))
+    stale = tmp_path / "stale.log"
+    shutil.copyfile(nv.log_path, stale)
+    nv.raise_to(Floors(image=9, components={"modem-fw": 7}))
+    backup = tmp_path / "backup.log"
+    shutil.copyfile(nv.log_path, backup)
+    assert main(["peer", "trust", "repair", str(state)]) == 0
+    assert "nothing to repair" in capsys.readouterr().out
+    nv.log_path.unlink()
+    nv.copy_path.unlink()
+    forged = tmp_path / "forged.log"
+    forged.write_bytes(b"".join(FloorEntry("raise", floor).encode() + b"\n"
+                                for floor in (1, 2)))
+    edited = tmp_path / "edited.log"
+    edited.write_bytes(backup.read_bytes().replace(b'"floor":7', b'"floor":1'))
+    assert main(["peer", "trust", "repair", str(state), "--from", str(forged), "--from",
+                 str(stale), "--from", str(edited)]) == 2
+    err = capsys.readouterr().err
+    assert "no copy of the floor log folds to the TPM's floor index" in err, err
+    assert str(forged) in err and "peer init --force" in err
+    with pytest.raises(FloorLogError):
+        nv.read()
+    assert main(["peer", "status", str(state)]) == 2
+    capsys.readouterr()
+    assert main(["peer", "trust", "repair", str(state), "--from", str(forged), "--from",
+                 str(backup)]) == 0
+    out = capsys.readouterr().out
+    assert f"rebuilt from {backup}" in out and "release counter 9; modem-fw: 7" in out
+    assert nv.log_path.read_bytes() == nv.copy_path.read_bytes() == backup.read_bytes()
     assert nv.read().image == 9
 
 
@@ -431,10 +565,12 @@ def test_power_cut_between_appending_an_entry_and_extending_the_index_recovers(
     with open(path, "ab") as fh:
         fh.write(FloorEntry("raise", 6).encode()[:11])
     assert nv.read().image == 4 and path.read_bytes().endswith(b"\n")
-    # but two entries the index has not seen are not a power cut: refused
-    with open(path, "ab") as fh:
-        fh.write(FloorEntry("raise", 7).encode() + b"\n" + FloorEntry("raise", 8).encode()
-                 + b"\n")
+    # but two entries the index has not seen are not a power cut: refused (in the
+    # log and its copy: either alone is put back from the other)
+    for log_file in (path, nv.copy_path):
+        with open(log_file, "ab") as fh:
+            fh.write(FloorEntry("raise", 7).encode() + b"\n" + FloorEntry("raise", 8).encode()
+                     + b"\n")
     with pytest.raises(FloorLogError):
         nv.read()
 
@@ -539,20 +675,24 @@ def test_power_cut_between_extending_the_anchor_and_keeping_its_copy(
 # --- the command line ---------------------------------------------------------------------
 
 
-def test_peer_init_with_the_tpm_key_store_writes_the_signing_requests(
-        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository,
-        capsys: pytest.CaptureFixture[str]) -> None:
+def init_args(tmp_path: Path, tpm: SoftTpm, repo: Repository, state: Path) -> list[str]:
+    """'peer init' of a device with the TPM key store in ``state``."""
     (tmp_path / "root.json").write_bytes(repo.root_bytes())
     (tmp_path / "factory.img").write_bytes(b"\x01" * 4096)
-    base = ["peer", "init", "--root", str(tmp_path / "root.json"),
+    return ["peer", "init", str(state), "--root", str(tmp_path / "root.json"),
             "--origin", "http://127.0.0.1:1", "--tracker", "http://127.0.0.1:2",
             "--image", str(tmp_path / "factory.img"), "--version", "1.0.0",
             "--release-counter", "1", "--device-id", "dev-tpm", "--product", "acme-router",
-            "--hardware-id", "hw1", "--keystore", "tpm", "--tpm-device", soft_tpm.device]
-    assert main([*base[:2], str(tmp_path / "bad"), *base[2:], "--identity-cert",
+            "--hardware-id", "hw1", "--keystore", "tpm", "--tpm-device", tpm.device]
+
+
+def test_peer_init_with_the_tpm_key_store_writes_the_signing_requests(
+        soft_tpm: SoftTpm, tmp_path: Path, repo: Repository,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*init_args(tmp_path, soft_tpm, repo, tmp_path / "bad"), "--identity-cert",
                  str(tmp_path / "root.json"), "--identity-key", str(tmp_path / "root.json")]) == 2
     assert "the identity key is made inside the TPM" in capsys.readouterr().err
-    assert main([*base[:2], str(tmp_path / "state"), *base[2:], "--identity-csr",
+    assert main([*init_args(tmp_path, soft_tpm, repo, tmp_path / "state"), "--identity-csr",
                  str(tmp_path / "req.pem")]) == 0
     assert "signing requests in" in capsys.readouterr().out
     requests = (tmp_path / "req.pem").read_bytes()
@@ -561,6 +701,6 @@ def test_peer_init_with_the_tpm_key_store_writes_the_signing_requests(
     config = (tmp_path / "state" / "device.json").read_text()
     assert '"keystore": "tpm"' in config and soft_tpm.device in config
     # a second device on the same TPM would take its keys: refused without --force
-    assert main([*base[:2], str(tmp_path / "other"), *base[2:]]) == 2
+    assert main(init_args(tmp_path, soft_tpm, repo, tmp_path / "other")) == 2
     assert "already holds swarmota keys" in capsys.readouterr().err
     assert not (tmp_path / "other").exists(), "nothing half-made left behind"

@@ -10,14 +10,19 @@ release; a root.json replaced on disk by an attacker's (with the attacker's orig
 behind it); a power cut between appending the new floor to the floor log and extending the TPM's
 index, or while the TPM extends it (the agent and the TPM both killed): the floor is
 old or new and the next pass carries on; garbage extended into the floor index (the
-device refuses every release and reports why); a TPM that does not answer stops the
-pass with an error naming it.
+device refuses every release and reports why); a TPM that does not answer ends the
+pass with status 30 naming it, never 'peer run' (the daemon backs off, keeps the report
+it cannot sign in the outbox, and updates once the TPM is back); an owner password set
+so that root cannot undefine the floor index, taken from the device configuration's
+root-only file for identity renewal (a missing, exposed or wrong one refused, a wrong
+one never sent twice).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -30,19 +35,23 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from swarmota.cli import main
 from swarmota.infra.http_serve import ListenConfig
+from swarmota.peer import crashpoints
 from swarmota.peer.agent import UpdateResult, update_once
 from swarmota.peer.bootctl import write_bootctl
 from swarmota.peer.config import save_config
+from swarmota.peer.crashpoints import CrashPlan
+from swarmota.peer.daemon import DaemonConfig, run_daemon
 from swarmota.peer.errors import StatusCode
 from swarmota.peer.keystore import open_keystore
 from swarmota.peer.state import DeviceState
-from swarmota.peer.tpm import TpmError
+from swarmota.peer.tpm import OwnerAuthError, TpmError
 from swarmota.peer.tpm_nv import FLOOR_LOG, FLOOR_LOG_INDEX, fold
 from swarmota.seeder.origin import OriginApp, OriginConfig
 from swarmota.seeder.repository import KeySetup, Repository
 from swarmota.seeder.server import serve_origin
 from swarmota.tracker.sqlite_store import SqliteStore
 from tests.release_env import (
+    REPO_ROOT,
     Fleet,
     ReleaseEnv,
     killed_at,
@@ -69,6 +78,34 @@ def retarget(dev: DeviceState, **changes: str) -> None:
     save_config(dev.config_path, replace(dev.config(), **changes))  # type: ignore[arg-type]
 
 
+def enrol(fleet: Fleet, dev: DeviceState, out: Path, capsys: pytest.CaptureFixture[str],
+          request: str = "request.pem") -> str:
+    """The fleet CA certifies the device's signing requests (``STATE/identity/request``,
+    or another file there), the device installs them: ``same key`` or ``new key``."""
+    assert main(["tls", "device-cert", str(out), "--ca", str(fleet.pki / "fleet-ca"),
+                 "--csr", str(dev.root / "identity" / request)]) == 0
+    capsys.readouterr()
+    assert main(["peer", "identity", "renew", str(dev.root), "--cert",
+                 str(out / "cert.pem")]) == 0, capsys.readouterr().err
+    said = capsys.readouterr().out
+    assert "identity renewed" in said, said
+    return said.split("(")[1].split(")")[0]
+
+
+def tracker_certificates(env: ReleaseEnv, device_id: str) -> list[str]:
+    """The SHA-256 of each certificate the tracker saw the device sign requests with."""
+    store = SqliteStore(env.db)
+    try:
+        return list(store.device_certificates(device_id))
+    finally:
+        store.close()
+
+
+def cert_sha256(path: Path) -> str:
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+
+
 @pytest.fixture
 async def slow_fleet(tmp_path: Path, nursery: trio.Nursery,
                      images: tuple[bytes, bytes]) -> AsyncIterator[Fleet]:
@@ -85,13 +122,8 @@ async def test_tpm_device_enrolled_from_its_requests_updates_with_everything_sig
     fleet = slow_fleet
     env = fleet.env
     dev = fleet.device("dev-tpm", ca=None, keystore="tpm", tpm_device=soft_tpm.device)
-    request = dev.root / "identity" / "request.pem"
     # the operator signs the requests 'peer init' wrote; the device installs the result
-    assert main(["tls", "device-cert", str(tmp_path / "issued"), "--ca",
-                 str(fleet.pki / "fleet-ca"), "--csr", str(request)]) == 0
-    assert main(["peer", "identity", "renew", str(dev.root), "--cert",
-                 str(tmp_path / "issued" / "cert.pem")]) == 0
-    assert "identity renewed (same key)" in capsys.readouterr().out
+    assert enrol(fleet, dev, tmp_path / "issued", capsys) == "same key"
     # a fleet member with its key in a file downloads at the same time: each fetches its
     # share of the payload from the origin and the other's from the peer, over TLS
     member = fleet.device("dev-file")
@@ -114,12 +146,8 @@ async def test_tpm_device_enrolled_from_its_requests_updates_with_everything_sig
     # of the TPM's key: check-ins, the report, the relay's announces
     cert = x509.load_pem_x509_certificate((dev.root / "identity" / "cert.pem").read_bytes())
     assert cert.public_key() == soft_tpm.tpm().public_key(0x81000101)
-    store = SqliteStore(env.db)
-    try:
-        assert store.device_certificates("dev-tpm") == [
-            hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()]
-    finally:
-        store.close()
+    assert tracker_certificates(env, "dev-tpm") == [
+        cert_sha256(dev.root / "identity" / "cert.pem")]
     assert sorted((r.device_id, r.status) for r in env.reports()) == [
         ("dev-file", 0), ("dev-tpm", 0)]
     for path in dev.root.rglob("*"):
@@ -183,10 +211,12 @@ async def test_power_cut_while_the_tpm_raises_the_floor_leaves_old_or_new_and_ca
     bc = dev.bootctl()
     assert bc.primary == bc.committed == "b" and dev.slot_path("b").read_bytes() == env.v2
     assert tpm_floor(dev) == 2
-    # a TPM that does not answer: the pass refuses to decide anything it holds
+    # a TPM that does not answer: the pass refuses to decide anything it holds, and
+    # says so with a status
     soft_tpm.stop()
-    with pytest.raises(TpmError, match="swtpm:path="):
-        await update_once(dev)
+    result = await update_once(dev)
+    assert result.status == StatusCode.INSTALL_FAILED and not result.attempted
+    assert "the TPM failed: tpm2_" in result.message and "swtpm:path=" in result.message
     assert dev.bootctl().committed == "b"
 
 
@@ -206,3 +236,116 @@ async def test_garbage_extended_into_the_tpm_floor_index_refuses_the_update_and_
     assert [(r.status, "floor index" in r.message) for r in env.reports("dev-tpm")] == \
         [(20, True)]
     assert main(["peer", "status", str(dev.root)]) == 2
+
+
+async def test_tpm_lost_during_peer_run_fails_passes_and_the_daemon_updates_once_it_is_back(
+        soft_tpm: SoftTpm, fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The TPM (or its resource manager) goes away while 'peer run' runs: each pass ends
+    with status 30 naming the TPM and backs off, 'peer status' shows it, a report the
+    TPM cannot sign waits in the outbox; once the TPM is back on the same state the
+    daemon carries on, updates and delivers the report."""
+    env = fleet.env
+    dev = fleet.device("dev-tpm", ca=None, keystore="tpm", tpm_device=soft_tpm.device,
+                       mode="direct")
+    enrol(fleet, dev, tmp_path / "issued", capsys)
+    soft_tpm.power_cut()  # gone before the first pass
+    seen: list[tuple[int, str, float, int]] = []
+    status: list[tuple[int, str]] = []
+    config = DaemonConfig(jitter_fraction=0, backoff_initial_s=0.05, backoff_max_s=0.2,
+                          poll_interval_s=0.05, seed_time_s=0)
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            def on_result(result: UpdateResult, delay_s: float) -> None:
+                seen.append((int(result.status), result.message, delay_s,
+                             len(dev.outbox())))
+                if len(seen) == 1:  # the operator looks, then the TPM comes back...
+                    status.append((main(["peer", "status", str(dev.root)]),
+                                   capsys.readouterr().out))
+                    soft_tpm.start()
+                    # ... and loses its power again in the middle of the next pass: the
+                    # new image switched to, its health check about to run
+                    monkeypatch.setattr(crashpoints, "_plan", CrashPlan(
+                        ("health.before", 1), None, kill=soft_tpm.power_cut))
+                elif len(seen) == 2:
+                    soft_tpm.start()
+                elif len(seen) == 3:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(lambda: run_daemon(dev, config, on_result=on_result))
+    (code1, message1, delay1, _), (code2, message2, _, queued2), \
+        (code3, message3, _, queued3) = seen
+    assert code1 == 30 and "the TPM failed: tpm2_" in message1, message1
+    assert delay1 == 0.05, "a failed pass backs off"
+    assert status[0][0] == 2 and "last result: status 30: the TPM failed" in status[0][1]
+    assert code2 == 0 and message2 == "updated 1.0.0 -> 2.0.0", message2
+    assert queued2 == 1, "the report the TPM could not sign waits in the outbox"
+    assert (code3, message3, queued3) == (0, "up to date", 0), message3
+    assert [(r.status, r.to_version) for r in env.reports("dev-tpm")] == [(0, "2.0.0")]
+    assert dev.bootctl().committed == "b" and dev.slot_path("b").read_bytes() == env.v2
+    assert tpm_floor(dev) == 2, "the floor the TPM missed is caught up"
+    # 'peer update' with the TPM gone: its status code and the TPM's words, no traceback
+    soft_tpm.stop()
+    with trio.fail_after(60):
+        proc = await trio.run_process(
+            [sys.executable, "-m", "swarmota.cli", "peer", "update", str(dev.root)],
+            cwd=REPO_ROOT, capture_stdout=True, capture_stderr=True, check=False)
+    assert proc.returncode == 30, proc.stderr[-2000:]
+    assert b"status 30: the TPM failed: tpm2_" in proc.stdout
+    assert b"Traceback" not in proc.stderr
+
+
+async def test_owner_password_from_the_device_configuration_renews_the_identity(
+        soft_tpm: SoftTpm, fleet: Fleet, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The device maker locks the TPM's owner hierarchy with a password (so that root
+    on the device cannot undefine the floor index) and gives the agent a file only root
+    reads: provisioning and a renewal to new keys use it; a missing, exposed or wrong
+    one is a clear error, and a wrong one is not tried twice."""
+    env = fleet.env
+    secret = tmp_path / "owner-auth"
+    secret.write_bytes(b"maker-secret\n")
+    secret.chmod(0o400)
+    soft_tpm.tpm().run("tpm2_changeauth", "-c", "o", "maker-secret")
+    dev = fleet.device("dev-tpm", ca=None, keystore="tpm", tpm_device=soft_tpm.device,
+                       mode="direct", tpm_owner_auth=str(secret))
+    assert enrol(fleet, dev, tmp_path / "first", capsys) == "same key"
+    first = cert_sha256(dev.root / "identity" / "cert.pem")
+    # renewal to new keys in the TPM (owner operations: a primary key, persistent keys)
+    assert main(["peer", "identity", "csr", str(dev.root), "--out",
+                 str(dev.root / "identity" / "renewal.pem")]) == 0, capsys.readouterr().err
+    assert enrol(fleet, dev, tmp_path / "renewed", capsys, "renewal.pem") == "new key"
+    renewed = cert_sha256(dev.root / "identity" / "cert.pem")
+    result = await update_once(dev)
+    assert result.status == StatusCode.OK, result.message
+    assert tracker_certificates(env, "dev-tpm") == [renewed], \
+        "the check-in and report are signed with the renewed key's certificate"
+    assert renewed != first
+    # root on the device, without the password, still cannot undefine the floor index
+    with pytest.raises(TpmError, match="owner hierarchy has a password"):
+        soft_tpm.tpm().nv_undefine(FLOOR_LOG_INDEX)
+
+    def renewal() -> tuple[int, str]:
+        code = main(["peer", "identity", "csr", str(dev.root), "--out",
+                     str(tmp_path / "again.pem")])
+        return code, capsys.readouterr().err
+
+    secret.chmod(0o644)  # readable by anyone: refused before the TPM is asked
+    code, err = renewal()
+    assert code == 2 and "no access for group or others (mode 0644)" in err, err
+    secret.unlink()
+    code, err = renewal()
+    assert code == 2 and "cannot read the TPM owner password" in err, err
+    secret.write_bytes(b"guessed")
+    secret.chmod(0o400)
+    code, err = renewal()
+    assert code == 2 and "refused the owner password" in err and "not tried again" in err
+    # a wrong password is not tried twice: the next owner operation never reaches the
+    # TPM (stopped here: reaching it would fail with "Could not load tcti")
+    store = open_keystore(dev.config(), dev.root)
+    assert store is not None
+    with pytest.raises(OwnerAuthError, match="refused the owner password"):
+        store.renewal_requests()
+    soft_tpm.stop()
+    with pytest.raises(OwnerAuthError, match="not tried again"):
+        store.tpm.nv_define_extend(FLOOR_LOG_INDEX + 1)
