@@ -46,6 +46,7 @@ from swarmota.tracker.sql_store import (
     ADVANCE_COUNTER,
     DEVICE_INSERT,
     DEVICE_UPSERT,
+    DEVICE_VALUES,
     ROLLOUT_ADMISSION_SELECT,
     Connection,
     Cursor,
@@ -250,9 +251,8 @@ def _checkin_sql(signed: bool, certified: bool) -> str:
     accepted = f"{ADVANCE_COUNTER} RETURNING 1" if signed else "SELECT 1"
     cert = ("cert AS (INSERT INTO device_certificates (device_id, cert_sha256, first_seen) "
             "SELECT ?, ?, ? FROM accepted ON CONFLICT DO NOTHING), ") if certified else ""
-    values = ", ".join("?" * len(DEVICE_INSERT.split(",")))
     return (f"WITH accepted AS ({accepted}), {cert}"
-            f"device AS ({DEVICE_INSERT} SELECT {values} FROM accepted{DEVICE_UPSERT}) "
+            f"device AS ({DEVICE_INSERT} SELECT {DEVICE_VALUES} FROM accepted{DEVICE_UPSERT}) "
             "SELECT h.accepted, h.floor, h.tags, h.releases, x.* FROM (SELECT "
             "(SELECT count(*) FROM accepted) AS accepted, "
             "(SELECT counter FROM device_counters WHERE device_id = ?) AS floor, "
@@ -265,8 +265,10 @@ def _checkin_sql(signed: bool, certified: bool) -> str:
 
 @functools.lru_cache(maxsize=1024)
 def _pg(sql: str) -> str:
-    """A statement with ``?`` placeholders in psycopg's ``%s`` style."""
-    return sql.replace("%", "%%").replace("?", "%s")
+    """A statement with ``?`` placeholders in PostgreSQL's own (``$1``, ``$2``...),
+    which psycopg's raw cursors pass as they are (no query parsing per statement)."""
+    parts = sql.split("?")
+    return parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], 1))
 
 
 class _Connection:
@@ -460,7 +462,7 @@ class PgStore(SqlStore):
         if conn is not None:
             self._close_connection()
         try:
-            raw = psycopg.connect(self.url, autocommit=True,
+            raw = psycopg.connect(self.url, autocommit=True, cursor_factory=psycopg.RawCursor,
                                   connect_timeout=CONNECT_TIMEOUT_S)
         except psycopg.Error as exc:
             raise StorageError(f"cannot connect to tracker database {self.describe}: "

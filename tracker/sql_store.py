@@ -56,9 +56,9 @@ from swarmota.tracker.store import (
 )
 from swarmota.tracker.wire import CheckIn, ComponentVersion, Report
 
-__all__ = ["ADVANCE_COUNTER", "DEVICE_INSERT", "DEVICE_UPSERT", "ROLLOUT_ADMISSION_SELECT",
-           "Connection", "Cursor", "Dialect", "SqlStore", "device_row", "migrate",
-           "rollouts_with_admissions", "split_statements"]
+__all__ = ["ADVANCE_COUNTER", "DEVICE_INSERT", "DEVICE_UPSERT", "DEVICE_VALUES",
+           "ROLLOUT_ADMISSION_SELECT", "Connection", "Cursor", "Dialect", "SqlStore",
+           "device_row", "migrate", "rollouts_with_admissions", "split_statements"]
 
 _LATER = "CASE WHEN last_seen > ? THEN last_seen ELSE ? END"
 """``max(last_seen, ?)`` in both dialects (the parameter given twice)."""
@@ -125,7 +125,6 @@ class SqlStore:
         self._depth = 0  # open transaction blocks of the thread holding the lock
         self._current: Connection | None = None  # the connection of the open transaction
         self._batched = False  # inside batch(): each decision is a savepoint
-        self._savepoints = 0
         self._closed = False
 
     def __enter__(self) -> SqlStore:
@@ -260,10 +259,9 @@ class SqlStore:
     def _savepoint(self, conn: Connection) -> Iterator[None]:
         """A decision inside :meth:`batch`: kept when it ends, undone alone when it
         raises (the batch goes on). Savepoints are not released one by one (a round
-        trip each): the batch's commit keeps them all."""
-        self._savepoints += 1
-        name = f"decision_{self._savepoints}"
-        conn.execute(f"SAVEPOINT {name}")
+        trip each): the batch's commit keeps them all. They share one name (one statement
+        text, prepared once): a rollback to it goes to the newest, this decision's."""
+        conn.execute("SAVEPOINT decision")
         self._depth += 1
         try:
             self._decision_starts(conn)
@@ -271,7 +269,7 @@ class SqlStore:
             self._decision_ends(conn)
         except BaseException as exc:
             self._failed(conn)
-            conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
+            conn.execute("ROLLBACK TO SAVEPOINT decision")
             if isinstance(exc, StaleStateError):
                 self._contended()
             raise
@@ -380,8 +378,8 @@ class SqlStore:
 
     def record_checkin(self, checkin: CheckIn, now: float) -> None:
         with self._transaction("record check-in") as conn:
-            conn.execute(f"{DEVICE_INSERT} VALUES ({', '.join('?' * _DEVICE_WIDTH)})"
-                         f"{DEVICE_UPSERT}", device_row(checkin, now))
+            conn.execute(f"{DEVICE_INSERT} VALUES ({DEVICE_VALUES}){DEVICE_UPSERT}",
+                         device_row(checkin, now))
 
     def check_in(self, checkin: CheckIn, now: float, *, counter: int | None = None,
                  cert_sha256: str | None = None) -> CheckinRead:
@@ -836,7 +834,8 @@ DEVICE_INSERT = ("INSERT INTO devices (device_id, product, hardware_id, version,
                  "components_json)")
 """A device's row, followed by its values (:func:`device_row`) and
 :data:`DEVICE_UPSERT`."""
-_DEVICE_WIDTH = 10
+DEVICE_VALUES = ", ".join("?" * 10)
+"""The placeholders of :func:`device_row`."""
 DEVICE_UPSERT = (" ON CONFLICT (device_id) DO UPDATE SET product = excluded.product, "
                  "hardware_id = excluded.hardware_id, version = excluded.version, "
                  "release_counter = excluded.release_counter, "
