@@ -239,28 +239,45 @@ _CATALOGUE_PRODUCTS = 256
 """Products whose releases one store keeps in memory (:meth:`PgStore.check_in`)."""
 
 
+_DEVICE_SLOTS = ("device", "product", "hardware", "version", "counter", "now", "network",
+                 "region", "labels", "components")
+"""The names of :func:`~tracker.sql_store.device_row`'s values, in order."""
+
+
 @functools.lru_cache(maxsize=4)
-def _checkin_sql(signed: bool, certified: bool) -> str:
+def _checkin_sql(signed: bool, certified: bool) -> tuple[str, tuple[str, ...]]:
     """A check-in in one statement (:meth:`PgStore.check_in`): the request counter's
     compare-and-set (``signed``), the certificate (``certified``) and the device's row,
     written only if the counter was accepted; and what the decision reads, in one row
     per stage of each newer release's rollout (at least one row): whether the counter
     was accepted, the stored one, the device's tags, the product's release count, then
     :data:`~tracker.sql_store.ROLLOUT_ADMISSION_SELECT`'s columns (``NULL`` when
-    none)."""
+    none). Returns the statement, each value given once (``$1``, ``$2``...), and the
+    names of its values in order."""
     accepted = f"{ADVANCE_COUNTER} RETURNING 1" if signed else "SELECT 1"
-    cert = ("cert AS (INSERT INTO device_certificates (device_id, cert_sha256, first_seen) "
-            "SELECT ?, ?, ? FROM accepted ON CONFLICT DO NOTHING), ") if certified else ""
-    return (f"WITH accepted AS ({accepted}), {cert}"
-            f"device AS ({DEVICE_INSERT} SELECT {DEVICE_VALUES} FROM accepted{DEVICE_UPSERT}) "
-            "SELECT h.accepted, h.floor, h.tags, h.releases, x.* FROM (SELECT "
-            "(SELECT count(*) FROM accepted) AS accepted, "
-            "(SELECT counter FROM device_counters WHERE device_id = ?) AS floor, "
-            "(SELECT array_agg(tag ORDER BY tag) FROM device_tags WHERE device_id = ?) "
-            "AS tags, (SELECT count(*) FROM releases WHERE product = ?) AS releases) h "
-            f"LEFT JOIN ({ROLLOUT_ADMISSION_SELECT} WHERE r.rollout_id IN (SELECT DISTINCT "
-            "ON (version) rollout_id FROM rollouts WHERE product = ? AND "
-            "version = ANY(?::text[]) ORDER BY version, generation DESC)) x ON true")
+    slots = ["device", "request", "now", "cert"] if signed else []
+    cert = ""
+    if certified:
+        cert = ("cert AS (INSERT INTO device_certificates (device_id, cert_sha256, "
+                "first_seen) SELECT ?, ?, ? FROM accepted ON CONFLICT DO NOTHING), ")
+        slots += ["device", "cert", "now"]
+    slots += [*_DEVICE_SLOTS, "device", "device", "product", "device", "product", "versions"]
+    sql = (f"WITH accepted AS ({accepted}), {cert}"
+           f"device AS ({DEVICE_INSERT} SELECT {DEVICE_VALUES} FROM accepted{DEVICE_UPSERT}) "
+           "SELECT h.accepted, h.floor, h.tags, h.releases, x.* FROM (SELECT "
+           "(SELECT count(*) FROM accepted) AS accepted, "
+           "(SELECT counter FROM device_counters WHERE device_id = ?) AS floor, "
+           "(SELECT array_agg(tag ORDER BY tag) FROM device_tags WHERE device_id = ?) "
+           "AS tags, (SELECT count(*) FROM releases WHERE product = ?) AS releases) h "
+           f"LEFT JOIN ({ROLLOUT_ADMISSION_SELECT} WHERE r.rollout_id IN (SELECT DISTINCT "
+           "ON (version) rollout_id FROM rollouts WHERE product = ? AND "
+           "version = ANY(?::text[]) ORDER BY version, generation DESC)) x ON true")
+    parts = sql.split("?")
+    if len(parts) != len(slots) + 1:
+        raise RuntimeError("the check-in statement's values and names differ")
+    names = tuple(dict.fromkeys(slots))
+    return (parts[0] + "".join(f"${names.index(slot) + 1}{part}"
+                               for slot, part in zip(slots, parts[1:], strict=True)), names)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -420,15 +437,12 @@ class PgStore(SqlStore):
             known = self._catalogue.get(checkin.product, [])
             newer = newer_releases(checkin, known)
             device_id = checkin.device_id
-            params: list[Any] = []
-            if counter is not None:
-                params += [device_id, counter, now, cert_sha256]
-                if cert_sha256 is not None:
-                    params += [device_id, cert_sha256, now]
-            params += [*device_row(checkin, now), device_id, device_id, checkin.product,
-                       device_id, checkin.product, [r.version for r in newer]]
-            rows = conn.execute(_checkin_sql(counter is not None, cert_sha256 is not None),
-                                params).fetchall()
+            values: dict[str, Any] = dict(zip(_DEVICE_SLOTS, device_row(checkin, now),
+                                              strict=True))
+            values.update(request=counter, cert=cert_sha256,
+                          versions=[r.version for r in newer])
+            sql, names = _checkin_sql(counter is not None, cert_sha256 is not None)
+            rows = conn.execute(sql, [values[name] for name in names]).fetchall()
             accepted, floor, tags, count = rows[0][:4]
             if not accepted:
                 if floor is None:  # stored by a transaction this statement predates
