@@ -3,7 +3,9 @@
 The only tracker module that imports ``psycopg`` (psycopg 3); every ``psycopg.Error``
 becomes a :class:`~tracker.errors.StorageError`, but a serialization failure or a
 deadlock, which are a :class:`~tracker.errors.StaleStateError` (the decision is taken
-again). The statements are :mod:`tracker.sql_store`'s.
+again). The statements are :mod:`tracker.sql_store`'s (sent with PostgreSQL's own
+``$n`` placeholders through raw cursors), but a check-in's reads and writes, which are
+one statement here (:meth:`PgStore.check_in`: psycopg's cost is per statement).
 
 Transactions are READ COMMITTED. What keeps concurrent decisions of many processes
 from losing updates: a rollout is saved with a compare-and-set on its ``revision``
