@@ -104,6 +104,9 @@ http {{
     upstream trackers {{
 {servers}
         keepalive 64;
+        # below the trackers' idle timeout (30 s): else a POST sent on a connection the
+        # tracker is closing gets a 502 (nginx retries only idempotent requests)
+        keepalive_timeout 20s;
     }}
     server {{
         listen 127.0.0.1:{port};

@@ -608,6 +608,64 @@ def test_a_rollout_and_a_devices_admission_are_read_together(store: Store) -> No
     assert store.rollout_with_admission(PRODUCT, "2.0.0", "d2") == (read, None)
 
 
+def test_a_check_in_records_the_device_and_reads_its_newer_releases_rollouts(
+        store: Store) -> None:
+    store.add_release(R1, 1.0)
+    store.add_release(R2, 1.0)
+    r3 = Release.create(PRODUCT, "3.0.0", 3)
+    _, state = register_release(store, r3, RolloutPlan.everyone(), now=START)
+    assert state is not None
+    checkin = CheckIn("d1", PRODUCT, "hw1", "1.0.0", 1, network_id="lan-1")
+    read = store.check_in(checkin, START, counter=7, cert_sha256="c1")
+    assert read.replay_floor is None
+    assert read.candidates == ((r3, state, None), (R2, None, None))  # the newest first
+    assert read.tags in (None, ())
+    assert store.device("d1") == DeviceRecord("d1", PRODUCT, "hw1", "1.0.0", 1, START,
+                                              "lan-1")
+    assert store.device_counter("d1") == 7 and store.device_certificates("d1") == ["c1"]
+    result = admit(state, "d1", None, START)
+    assert result.state is not None and result.admission is not None
+    store.save_rollout(result.state, [result.admission])
+    store.set_tags("d1", ["canary"], [], "ops", START)
+    again = store.check_in(checkin, START + 1, counter=8, cert_sha256="c1")
+    assert again.candidates[0][1:] == (store.rollout_of(PRODUCT, "3.0.0"), result.admission)
+    assert again.tags in (None, ("canary",))
+    lab = store.check_in(CheckIn("d2", PRODUCT, "hw1", "2.0.0", 2), START + 2)  # unsigned
+    assert lab.replay_floor is None and [c[0] for c in lab.candidates] == [r3]
+    assert store.device("d2") is not None and store.device_counter("d2") is None
+    assert store.check_in(CheckIn("d3", "unknown-product", "hw1", "1", 1), START).candidates \
+        == ()
+
+
+def test_a_replayed_check_in_writes_nothing_and_gives_the_stored_counter(
+        store: Store) -> None:
+    store.add_release(R2, 1.0)
+    store.check_in(CheckIn("d1", PRODUCT, "hw1", "1.0.0", 1), START, counter=7,
+                   cert_sha256="c1")
+    for counter in (7, 3):
+        replayed = store.check_in(CheckIn("d1", PRODUCT, "hw9", "1.0.0", 1), START + 5,
+                                  counter=counter, cert_sha256="c2")
+        assert replayed.replay_floor == 7 and replayed.candidates == ()
+    device = store.device("d1")
+    assert device is not None and (device.hardware_id, device.last_seen) == ("hw1", START)
+    assert store.device_certificates("d1") == ["c1"]
+
+
+def test_a_release_registered_through_another_connection_is_seen_at_the_next_check_in(
+        store_url: str) -> None:
+    """A store may keep the releases it read (they never change): one registered since,
+    by another tracker process, is still read at the very next check-in."""
+    with open_store(store_url) as first, open_store(store_url) as second:
+        first.add_release(R1, 1.0)
+        checkin = CheckIn("d1", PRODUCT, "hw1", "1.0.0", 1)
+        assert first.check_in(checkin, START).candidates == ()
+        _, state = register_release(second, R2, RolloutPlan.everyone(), now=START)
+        assert first.check_in(checkin, START + 1).candidates == ((R2, state, None),)
+        other = Release.create("other-product", "5", 5)
+        second.add_release(other, 2.0)  # another product's release changes nothing here
+        assert first.check_in(checkin, START + 2).candidates == ((R2, state, None),)
+
+
 def test_a_batch_keeps_its_decisions_but_the_one_that_failed(store: Store) -> None:
     """Group commit: decisions queued together share one transaction; one that raises
     is undone alone."""

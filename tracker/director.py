@@ -50,10 +50,16 @@ from swarmota.tracker.bittorrent import (
 )
 from swarmota.tracker.config import TrackerConfig
 from swarmota.tracker.errors import StaleStateError, StorageError, UnknownSwarmError
-from swarmota.tracker.identity import DeviceGate, DeviceRefused, bind, load_fleet_trust
+from swarmota.tracker.identity import (
+    DeviceGate,
+    DeviceRefused,
+    bind,
+    load_fleet_trust,
+    replay_refusal,
+)
 from swarmota.tracker.metrics import Counters, Metric, TrackerStatistics, render_statistics
 from swarmota.tracker.offers import Candidate, OfferChoice, choose_offer
-from swarmota.tracker.protocol import Release, newer_releases
+from swarmota.tracker.protocol import Release
 from swarmota.tracker.proxies import TrustedProxies
 from swarmota.tracker.registry import AnnounceResult, SwarmRegistry
 from swarmota.tracker.release_trust import ReleaseVerifier
@@ -326,13 +332,13 @@ class Director:
         decide (:func:`choose_offer`), save what changed."""
         store = self.store
         with store.atomic("check-in"):
-            if self.gate is not None:
-                self.gate.advance_counter(auth, now)
-            store.record_checkin(checkin, now)
+            read = store.check_in(checkin, now,
+                                  counter=None if auth is None else auth.counter,
+                                  cert_sha256=None if auth is None else auth.cert_sha256)
+            if auth is not None and read.replay_floor is not None:
+                raise replay_refusal(auth.counter, read.replay_floor, auth.device_id)
             candidates = []
-            for release in newer_releases(checkin, store.releases(checkin.product)):
-                state, admission = store.rollout_with_admission(
-                    release.product, release.version, checkin.device_id)
+            for release, state, admission in read.candidates:
                 in_flight = None
                 if state is not None and admission is None and state.plan.max_in_flight:
                     in_flight = store.in_flight(
@@ -341,8 +347,11 @@ class Director:
             groups: tuple[str, ...] = checkin.labels
             if any(c.rollout is not None and c.rollout.plan.canary_label is not None
                    for c in candidates):
-                device = store.device(checkin.device_id)
-                groups += () if device is None else device.tags
+                tags = read.tags
+                if tags is None:
+                    device = store.device(checkin.device_id)
+                    tags = () if device is None else device.tags
+                groups += tags
             choice = choose_offer(candidates, checkin.device_id, groups, now)
             for change in choice.changes:
                 store.save_rollout(change.after, change.admissions,

@@ -3,7 +3,9 @@
 The only tracker module that imports ``psycopg`` (psycopg 3); every ``psycopg.Error``
 becomes a :class:`~tracker.errors.StorageError`, but a serialization failure or a
 deadlock, which are a :class:`~tracker.errors.StaleStateError` (the decision is taken
-again). The statements are :mod:`tracker.sql_store`'s.
+again). The statements are :mod:`tracker.sql_store`'s (sent with PostgreSQL's own
+``$n`` placeholders through raw cursors), but a check-in's reads and writes, which are
+one statement here (:meth:`PgStore.check_in`: psycopg's cost is per statement).
 
 Transactions are READ COMMITTED. What keeps concurrent decisions of many processes
 from losing updates: a rollout is saved with a compare-and-set on its ``revision``
@@ -32,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -39,15 +42,25 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from swarmota.tracker.errors import StaleStateError, StorageError
+from swarmota.tracker.protocol import Release, newer_releases
+from swarmota.tracker.rollout import Admission, RolloutState
 from swarmota.tracker.sql_store import (
+    ADVANCE_COUNTER,
+    DEVICE_INSERT,
+    DEVICE_UPSERT,
+    DEVICE_VALUES,
+    ROLLOUT_ADMISSION_SELECT,
     Connection,
     Cursor,
     Dialect,
     SqlStore,
+    device_row,
     migrate,
+    rollouts_with_admissions,
     split_statements,
 )
-from swarmota.tracker.store import redact_url
+from swarmota.tracker.store import CheckinRead, redact_url
+from swarmota.tracker.wire import CheckIn
 
 __all__ = ["LOCK_TIMEOUT_S", "STATEMENT_TIMEOUT_S", "PgStore"]
 
@@ -224,10 +237,57 @@ _DIALECT = Dialect(
     id_contains="strpos(d.device_id, ?) > 0")
 
 
+_CATALOGUE_PRODUCTS = 256
+"""Products whose releases one store keeps in memory (:meth:`PgStore.check_in`)."""
+
+
+_DEVICE_SLOTS = ("device", "product", "hardware", "version", "counter", "now", "network",
+                 "region", "labels", "components")
+"""The names of :func:`~tracker.sql_store.device_row`'s values, in order."""
+
+
+@functools.lru_cache(maxsize=4)
+def _checkin_sql(signed: bool, certified: bool) -> tuple[str, tuple[str, ...]]:
+    """A check-in in one statement (:meth:`PgStore.check_in`): the request counter's
+    compare-and-set (``signed``), the certificate (``certified``) and the device's row,
+    written only if the counter was accepted; and what the decision reads, in one row
+    per stage of each newer release's rollout (at least one row): whether the counter
+    was accepted, the stored one, the device's tags, the product's release count, then
+    :data:`~tracker.sql_store.ROLLOUT_ADMISSION_SELECT`'s columns (``NULL`` when
+    none). Returns the statement, each value given once (``$1``, ``$2``...), and the
+    names of its values in order."""
+    accepted = f"{ADVANCE_COUNTER} RETURNING 1" if signed else "SELECT 1"
+    slots = ["device", "request", "now", "cert"] if signed else []
+    cert = ""
+    if certified:
+        cert = ("cert AS (INSERT INTO device_certificates (device_id, cert_sha256, "
+                "first_seen) SELECT ?, ?, ? FROM accepted ON CONFLICT DO NOTHING), ")
+        slots += ["device", "cert", "now"]
+    slots += [*_DEVICE_SLOTS, "device", "device", "product", "device", "product", "versions"]
+    sql = (f"WITH accepted AS ({accepted}), {cert}"
+           f"device AS ({DEVICE_INSERT} SELECT {DEVICE_VALUES} FROM accepted{DEVICE_UPSERT}) "
+           "SELECT h.accepted, h.floor, h.tags, h.releases, x.* FROM (SELECT "
+           "(SELECT count(*) FROM accepted) AS accepted, "
+           "(SELECT counter FROM device_counters WHERE device_id = ?) AS floor, "
+           "(SELECT array_agg(tag ORDER BY tag) FROM device_tags WHERE device_id = ?) "
+           "AS tags, (SELECT count(*) FROM releases WHERE product = ?) AS releases) h "
+           f"LEFT JOIN ({ROLLOUT_ADMISSION_SELECT} WHERE r.rollout_id IN (SELECT DISTINCT "
+           "ON (version) rollout_id FROM rollouts WHERE product = ? AND "
+           "version = ANY(?::text[]) ORDER BY version, generation DESC)) x ON true")
+    parts = sql.split("?")
+    if len(parts) != len(slots) + 1:
+        raise RuntimeError("the check-in statement's values and names differ")
+    names = tuple(dict.fromkeys(slots))
+    return (parts[0] + "".join(f"${names.index(slot) + 1}{part}"
+                               for slot, part in zip(slots, parts[1:], strict=True)), names)
+
+
 @functools.lru_cache(maxsize=1024)
 def _pg(sql: str) -> str:
-    """A statement with ``?`` placeholders in psycopg's ``%s`` style."""
-    return sql.replace("%", "%%").replace("?", "%s")
+    """A statement with ``?`` placeholders in PostgreSQL's own (``$1``, ``$2``...),
+    which psycopg's raw cursors pass as they are (no query parsing per statement)."""
+    parts = sql.split("?")
+    return parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], 1))
 
 
 class _Connection:
@@ -243,19 +303,35 @@ class _Connection:
         self.raw = conn
         self._pipelined: contextlib.AbstractContextManager[psycopg.Pipeline] | None = None
         self.pipeline: psycopg.Pipeline | None = None
+        self.pending = False
+        """Statements sent in pipeline mode whose results were not waited for yet."""
+        self.last: _Pipelined | None = None  # the last statement sent in pipeline mode
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         cursor = self.raw.execute(_pg(sql), params)
-        return cursor if self.pipeline is None else _Pipelined(cursor, self.pipeline)
+        if self.pipeline is None:
+            return cursor
+        self.pending = True
+        self.last = _Pipelined(cursor, self)
+        return self.last
+
+    def sync(self) -> None:
+        """Wait for the results of the statements sent in pipeline mode (raising the
+        first error); nothing to do when none is pending."""
+        if self.pipeline is not None and self.pending:
+            self.pipeline.sync()
+        self.pending = False
 
     def enter_pipeline(self) -> None:
         self._pipelined = self.raw.pipeline()
         self.pipeline = self._pipelined.__enter__()
+        self.pending = False
 
     def exit_pipeline(self, *, failed: bool) -> None:
         """Leave pipeline mode: wait for every queued result (raising the first error),
         or, ``failed``, drop them (errors swallowed: the transaction is rolled back)."""
         pipelined, self._pipelined, self.pipeline = self._pipelined, None, None
+        self.pending = False
         if pipelined is None:
             return
         if not failed:
@@ -270,32 +346,46 @@ class _Connection:
         if self.pipeline is not None:
             with contextlib.suppress(psycopg.Error):
                 self.pipeline.sync()
+            self.pending = False
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         rows = list(rows)
         if rows:
             with self.raw.cursor() as cursor:
                 cursor.executemany(_pg(sql), rows)
+            if self.pipeline is not None:
+                self.pending, self.last = True, None
 
 
 class _Pipelined:
-    """A cursor of a statement sent in pipeline mode: its row count waits for it."""
+    """A cursor of a statement sent in pipeline mode: reading its rows or its row count
+    waits for it (and for every statement sent before it)."""
 
-    def __init__(self, cursor: psycopg.Cursor[Any], pipeline: psycopg.Pipeline) -> None:
+    def __init__(self, cursor: psycopg.Cursor[Any], conn: _Connection) -> None:
         self._cursor = cursor
-        self._pipeline = pipeline
+        self._conn = conn
 
     @property
     def rowcount(self) -> int:
         if self._cursor.rowcount < 0:
-            self._pipeline.sync()
+            self._conn.sync()
         return self._cursor.rowcount
 
     def fetchone(self) -> Any:
-        return self._cursor.fetchone()
+        row = self._cursor.fetchone()
+        self._waited()
+        return row
 
     def fetchall(self) -> list[Any]:
-        return self._cursor.fetchall()
+        rows = self._cursor.fetchall()
+        self._waited()
+        return rows
+
+    def _waited(self) -> None:
+        """Results come in order: once the last statement sent has its rows, every
+        statement before it is done too."""
+        if self._conn.last is self:
+            self._conn.pending = False
 
 
 class PgStore(SqlStore):
@@ -318,6 +408,7 @@ class PgStore(SqlStore):
         self.url = url
         self._conn: _Connection | None = None
         self._exclusive_next = False
+        self._catalogue: OrderedDict[str, list[Release]] = OrderedDict()
         conn = self._open_connection()
         try:
             self._setup(conn)
@@ -338,6 +429,48 @@ class PgStore(SqlStore):
             return int(conn.execute("SELECT pg_database_size(current_database())"
                                     ).fetchone()[0])
 
+    def check_in(self, checkin: CheckIn, now: float, *, counter: int | None = None,
+                 cert_sha256: str | None = None) -> CheckinRead:
+        """One statement (:func:`_checkin_sql`), psycopg's cost being per statement;
+        the newer releases come from the product's releases kept in memory (releases
+        are never changed nor removed), checked against the count the statement reads:
+        a release registered since (by any process) is read with a second one."""
+        with self._transaction("record check-in") as conn:
+            known = self._catalogue.get(checkin.product, [])
+            newer = newer_releases(checkin, known)
+            device_id = checkin.device_id
+            values: dict[str, Any] = dict(zip(_DEVICE_SLOTS, device_row(checkin, now),
+                                              strict=True))
+            values.update(request=counter, cert=cert_sha256,
+                          versions=[r.version for r in newer])
+            sql, names = _checkin_sql(counter is not None, cert_sha256 is not None)
+            rows = conn.execute(sql, [values[name] for name in names]).fetchall()
+            accepted, floor, tags, count = rows[0][:4]
+            if not accepted:
+                if floor is None:  # stored by a transaction this statement predates
+                    floor = self.device_counter(device_id)
+                return CheckinRead(int(floor))
+            found: dict[str, tuple[RolloutState | None, Admission | None]] = {
+                state.version: (state, admission) for state, admission in
+                rollouts_with_admissions([row[4:] for row in rows if row[4] is not None])}
+            if count != len(known):
+                known = self.releases(checkin.product)
+                self._remember_releases(checkin.product, known)
+                newer = newer_releases(checkin, known)
+                for release in newer:
+                    if release.version not in found:
+                        found[release.version] = self.rollout_with_admission(
+                            release.product, release.version, device_id)
+        return CheckinRead(None, tuple((r, *found.get(r.version, (None, None)))
+                                       for r in newer), tuple(tags or ()))
+
+    def _remember_releases(self, product: str, releases: list[Release]) -> None:
+        catalogue = self._catalogue
+        catalogue[product] = releases
+        catalogue.move_to_end(product)
+        while len(catalogue) > _CATALOGUE_PRODUCTS:
+            catalogue.popitem(last=False)
+
     def _open_connection(self) -> _Connection:
         conn = self._conn
         if conn is not None and not conn.raw.closed and not conn.raw.broken:
@@ -345,7 +478,7 @@ class PgStore(SqlStore):
         if conn is not None:
             self._close_connection()
         try:
-            raw = psycopg.connect(self.url, autocommit=True,
+            raw = psycopg.connect(self.url, autocommit=True, cursor_factory=psycopg.RawCursor,
                                   connect_timeout=CONNECT_TIMEOUT_S)
         except psycopg.Error as exc:
             raise StorageError(f"cannot connect to tracker database {self.describe}: "
@@ -404,8 +537,8 @@ class PgStore(SqlStore):
             conn.exit_pipeline(failed=False)
 
     def _decision_ends(self, conn: Connection) -> None:
-        if isinstance(conn, _Connection) and conn.pipeline is not None:
-            conn.pipeline.sync()
+        if isinstance(conn, _Connection):
+            conn.sync()
 
     def _failed(self, conn: Connection) -> None:
         if isinstance(conn, _Connection):

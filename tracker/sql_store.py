@@ -34,7 +34,7 @@ from swarmota.tracker.errors import (
     StaleStateError,
     StorageError,
 )
-from swarmota.tracker.protocol import PayloadSummary, Release
+from swarmota.tracker.protocol import PayloadSummary, Release, newer_releases
 from swarmota.tracker.rollout import (
     RESTARTABLE,
     Admission,
@@ -46,6 +46,7 @@ from swarmota.tracker.rollout import (
 from swarmota.tracker.store import (
     SCHEMA_VERSION,
     AuditEntry,
+    CheckinRead,
     DeviceFilter,
     DeviceRecord,
     RevokedCertificate,
@@ -55,7 +56,9 @@ from swarmota.tracker.store import (
 )
 from swarmota.tracker.wire import CheckIn, ComponentVersion, Report
 
-__all__ = ["Connection", "Cursor", "Dialect", "SqlStore", "migrate", "split_statements"]
+__all__ = ["ADVANCE_COUNTER", "DEVICE_INSERT", "DEVICE_UPSERT", "DEVICE_VALUES",
+           "ROLLOUT_ADMISSION_SELECT", "Connection", "Cursor", "Dialect", "SqlStore",
+           "device_row", "migrate", "rollouts_with_admissions", "split_statements"]
 
 _LATER = "CASE WHEN last_seen > ? THEN last_seen ELSE ? END"
 """``max(last_seen, ?)`` in both dialects (the parameter given twice)."""
@@ -122,7 +125,6 @@ class SqlStore:
         self._depth = 0  # open transaction blocks of the thread holding the lock
         self._current: Connection | None = None  # the connection of the open transaction
         self._batched = False  # inside batch(): each decision is a savepoint
-        self._savepoints = 0
         self._closed = False
 
     def __enter__(self) -> SqlStore:
@@ -257,10 +259,9 @@ class SqlStore:
     def _savepoint(self, conn: Connection) -> Iterator[None]:
         """A decision inside :meth:`batch`: kept when it ends, undone alone when it
         raises (the batch goes on). Savepoints are not released one by one (a round
-        trip each): the batch's commit keeps them all."""
-        self._savepoints += 1
-        name = f"decision_{self._savepoints}"
-        conn.execute(f"SAVEPOINT {name}")
+        trip each): the batch's commit keeps them all. They share one name (one statement
+        text, prepared once): a rollback to it goes to the newest, this decision's."""
+        conn.execute("SAVEPOINT decision")
         self._depth += 1
         try:
             self._decision_starts(conn)
@@ -268,7 +269,7 @@ class SqlStore:
             self._decision_ends(conn)
         except BaseException as exc:
             self._failed(conn)
-            conn.execute(f"ROLLBACK TO SAVEPOINT {name}")
+            conn.execute("ROLLBACK TO SAVEPOINT decision")
             if isinstance(exc, StaleStateError):
                 self._contended()
             raise
@@ -376,23 +377,23 @@ class SqlStore:
     # --- devices ----------------------------------------------------------------------
 
     def record_checkin(self, checkin: CheckIn, now: float) -> None:
-        components = (None if checkin.components is None else json.dumps(
-            [[c.name, c.version, c.release_counter] for c in checkin.components]))
         with self._transaction("record check-in") as conn:
-            conn.execute(
-                "INSERT INTO devices (device_id, product, hardware_id, version, "
-                "release_counter, last_seen, network_id, region, labels_json, "
-                "components_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (device_id) DO UPDATE SET product = excluded.product, "
-                "hardware_id = excluded.hardware_id, version = excluded.version, "
-                "release_counter = excluded.release_counter, last_seen = excluded.last_seen, "
-                "network_id = excluded.network_id, region = excluded.region, "
-                "labels_json = excluded.labels_json, "
-                "components_json = excluded.components_json",
-                (checkin.device_id, checkin.product, checkin.hardware_id, checkin.version,
-                 checkin.release_counter, now, checkin.network_id, checkin.region,
-                 json.dumps(list(checkin.labels)), components),
-            )
+            conn.execute(f"{DEVICE_INSERT} VALUES ({DEVICE_VALUES}){DEVICE_UPSERT}",
+                         device_row(checkin, now))
+
+    def check_in(self, checkin: CheckIn, now: float, *, counter: int | None = None,
+                 cert_sha256: str | None = None) -> CheckinRead:
+        with self._transaction("record check-in"):
+            if counter is not None:
+                floor = self.advance_counter(checkin.device_id, counter, now, cert_sha256)
+                if floor is not None:
+                    return CheckinRead(floor)
+            self.record_checkin(checkin, now)
+            candidates = tuple(
+                (release, *self.rollout_with_admission(release.product, release.version,
+                                                       checkin.device_id))
+                for release in newer_releases(checkin, self.releases(checkin.product)))
+        return CheckinRead(None, candidates)
 
     def record_installed(self, device_id: str, release: Release, now: float) -> None:
         with self._transaction("record installed release") as conn:
@@ -494,13 +495,8 @@ class SqlStore:
     def advance_counter(self, device_id: str, counter: int, now: float,
                         cert_sha256: str | None = None) -> int | None:
         with self._transaction("advance request counter") as conn:
-            changed = conn.execute(
-                "INSERT INTO device_counters (device_id, counter, updated_at, cert_sha256) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
-                "counter = excluded.counter, updated_at = excluded.updated_at, "
-                "cert_sha256 = excluded.cert_sha256 "
-                "WHERE device_counters.counter < excluded.counter",
-                (device_id, counter, now, cert_sha256)).rowcount
+            changed = conn.execute(ADVANCE_COUNTER,
+                                   (device_id, counter, now, cert_sha256)).rowcount
             if changed == 1:
                 if cert_sha256 is not None:
                     conn.execute("INSERT INTO device_certificates (device_id, cert_sha256, "
@@ -638,15 +634,11 @@ class SqlStore:
                                ) -> tuple[RolloutState | None, Admission | None]:
         with self._connection("look up rollout and admission") as conn:
             rows = conn.execute(
-                f"{_ROLLOUT_ADMISSION_SELECT} WHERE r.rollout_id = (SELECT rollout_id FROM "
+                f"{ROLLOUT_ADMISSION_SELECT} WHERE r.rollout_id = (SELECT rollout_id FROM "
                 "rollouts WHERE product = ? AND version = ? ORDER BY generation DESC "
                 "LIMIT 1) ORDER BY s.stage", (device_id, product, version)).fetchall()
-        if not rows:
-            return None, None
-        width = _ROLLOUT_WIDTH + 1 + len(_STAGE_FIELDS)
-        state = _rollouts_of([row[:width] for row in rows])[0]
-        tail = rows[0][width:]
-        return state, None if tail[0] is None else _row_to_admission(tail)
+        found = rollouts_with_admissions(rows)
+        return found[0] if found else (None, None)
 
     def rollout(self, rollout_id: str) -> RolloutState | None:
         with self._connection("look up rollout") as conn:
@@ -837,6 +829,26 @@ class SqlStore:
 
     # --- lifecycle --------------------------------------------------------------------
 
+DEVICE_INSERT = ("INSERT INTO devices (device_id, product, hardware_id, version, "
+                 "release_counter, last_seen, network_id, region, labels_json, "
+                 "components_json)")
+"""A device's row, followed by its values (:func:`device_row`) and
+:data:`DEVICE_UPSERT`."""
+DEVICE_VALUES = ", ".join("?" * 10)
+"""The placeholders of :func:`device_row`."""
+DEVICE_UPSERT = (" ON CONFLICT (device_id) DO UPDATE SET product = excluded.product, "
+                 "hardware_id = excluded.hardware_id, version = excluded.version, "
+                 "release_counter = excluded.release_counter, "
+                 "last_seen = excluded.last_seen, network_id = excluded.network_id, "
+                 "region = excluded.region, labels_json = excluded.labels_json, "
+                 "components_json = excluded.components_json")
+ADVANCE_COUNTER = (
+    "INSERT INTO device_counters (device_id, counter, updated_at, cert_sha256) "
+    "VALUES (?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
+    "counter = excluded.counter, updated_at = excluded.updated_at, "
+    "cert_sha256 = excluded.cert_sha256 WHERE device_counters.counter < excluded.counter")
+"""Store a request counter if it is above the device's last one (a compare-and-set:
+``(device_id, counter, now, cert_sha256)``)."""
 _DEVICE_COLUMNS = ("d.device_id, d.product, d.hardware_id, d.version, d.release_counter, "
                    "d.last_seen, d.network_id, d.region, d.labels_json, d.components_json")
 _ROLLOUT_FIELDS = ("rollout_id", "product", "version", "counter", "plan_json", "phase",
@@ -852,7 +864,7 @@ _ROLLOUT_SELECT = (f"SELECT {', '.join('r.' + f for f in _ROLLOUT_FIELDS)}, s.st
                    f"{', '.join('s.' + f for f in _STAGE_FIELDS)} FROM rollouts r "
                    "LEFT JOIN rollout_stages s ON s.rollout_id = r.rollout_id")
 """A rollout with its stages' counters in one statement: a row per stage."""
-_ROLLOUT_ADMISSION_SELECT = (
+ROLLOUT_ADMISSION_SELECT = (
     f"SELECT {', '.join('r.' + f for f in _ROLLOUT_FIELDS)}, s.stage, "
     f"{', '.join('s.' + f for f in _STAGE_FIELDS)}, "
     f"{', '.join('a.' + c for c in _ADMISSION_COLUMNS.split(', '))} FROM rollouts r "
@@ -925,6 +937,28 @@ def _rollouts_of(rows: Sequence[Sequence[Any]]) -> list[RolloutState]:
         if row[_ROLLOUT_WIDTH] is not None:
             stages.append(row[_ROLLOUT_WIDTH:])
     return [_row_to_rollout(head, stages) for head, stages in grouped.values()]
+
+
+def rollouts_with_admissions(rows: Sequence[Sequence[Any]]
+                             ) -> list[tuple[RolloutState, Admission | None]]:
+    """Rollouts with one device's admission (``None``: not admitted) from the rows of
+    :data:`ROLLOUT_ADMISSION_SELECT` (each rollout's rows together, by stage)."""
+    width = _ROLLOUT_WIDTH + 1 + len(_STAGE_FIELDS)
+    grouped: dict[str, list[Sequence[Any]]] = {}
+    for row in rows:
+        grouped.setdefault(str(row[0]), []).append(row)
+    return [(_rollouts_of([row[:width] for row in group])[0],
+             None if group[0][width] is None else _row_to_admission(group[0][width:]))
+            for group in grouped.values()]
+
+
+def device_row(checkin: CheckIn, now: float) -> tuple[Any, ...]:
+    """The parameters of a device's row (:data:`DEVICE_INSERT`) at a check-in."""
+    components = (None if checkin.components is None else json.dumps(
+        [[c.name, c.version, c.release_counter] for c in checkin.components]))
+    return (checkin.device_id, checkin.product, checkin.hardware_id, checkin.version,
+            checkin.release_counter, now, checkin.network_id, checkin.region,
+            json.dumps(list(checkin.labels)), components)
 
 
 def _row_to_rollout(row: Sequence[Any], stage_rows: Sequence[Sequence[Any]]) -> RolloutState:

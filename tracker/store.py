@@ -52,7 +52,8 @@ from swarmota.tracker.protocol import Release
 from swarmota.tracker.rollout import Admission, RolloutState
 from swarmota.tracker.wire import CheckIn, ComponentVersion, Report
 
-__all__ = ["MAX_PAGE", "SCHEMA_VERSION", "AuditEntry", "DeviceFilter", "DeviceRecord",
+__all__ = ["MAX_PAGE", "SCHEMA_VERSION", "AuditEntry", "CheckinRead", "DeviceFilter",
+           "DeviceRecord",
            "RevokedCertificate", "RolloutDevice", "Store", "StoredReport", "TokenRecord",
            "is_postgresql_url", "open_store", "redact_url", "sqlite_path"]
 
@@ -154,6 +155,25 @@ class RolloutDevice:
     version: str
     generation: int
     admission: Admission
+
+
+@dataclass(frozen=True)
+class CheckinRead:
+    """What a check-in's decision reads (:meth:`Store.check_in`).
+
+    Attributes:
+        replay_floor: the device's stored request counter when the check-in's was not
+            above it (a replay: nothing was written, nothing else read); else ``None``.
+        candidates: every registered release newer than what the device runs
+            (:func:`~tracker.protocol.newer_releases`, in offer order), with its latest
+            rollout (``None``: none) and the device's admission to it (``None``: none).
+        tags: the device's operator tags when the engine read them along (``None``:
+            not read; ask :meth:`Store.device`).
+    """
+
+    replay_floor: int | None
+    candidates: tuple[tuple[Release, RolloutState | None, Admission | None], ...] = ()
+    tags: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -265,6 +285,17 @@ class Store(Protocol):
 
     def record_checkin(self, checkin: CheckIn, now: float) -> None:
         """Remember what the device runs, with ``last_seen = now``."""
+        ...
+
+    def check_in(self, checkin: CheckIn, now: float, *, counter: int | None = None,
+                 cert_sha256: str | None = None) -> CheckinRead:
+        """A check-in's reads and writes, in one transaction (part of the caller's, in
+        :meth:`atomic`): with ``counter`` (a signed request), :meth:`advance_counter`
+        first (refused: :attr:`CheckinRead.replay_floor`, nothing written); then
+        :meth:`record_checkin`, and the newer releases with their rollouts and the
+        device's admissions (:meth:`rollout_with_admission`), as
+        :class:`CheckinRead`. Sees every release registered before it (by any
+        process). An engine may do it all in one statement."""
         ...
 
     def record_installed(self, device_id: str, release: Release, now: float) -> None:
