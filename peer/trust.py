@@ -5,12 +5,11 @@ keeps of its trust besides it.
 origin, then looks up a release manifest in the signed targets (following delegations)
 and downloads it, verified against the signed length and hashes (its compact form when
 the targets entry pins one: :mod:`manifest.release`); the agent starts the refresh while
-it checks in. :func:`fetch_release_manifest` does both in one call; :func:`refresh_trust`
-refreshes the chain alone (a device with nothing offered still follows key rotations and
-counter resets, every ``trust_refresh_interval_s``). All block: call them through
-``trio.to_thread.run_sync``. python-tuf errors become ours: a repository that fails
-verification (bad signature, expired, rolled back, too long) is ``VerifyFailed``; an
-unreachable origin is ``DownloadFailed``.
+it checks in, also when nothing is offered (so that an idle device follows key rotations
+and counter resets). :func:`fetch_release_manifest` does both in one call. All block:
+call them through ``trio.to_thread.run_sync``. python-tuf errors become ours: a
+repository that fails verification (bad signature, expired, rolled back, too long) is
+``VerifyFailed``; an unreachable origin is ``DownloadFailed``.
 
 The trust anchor, ``STATE/trust/root.json``, is written by ``peer init`` and afterwards
 only by python-tuf, with a root it verified along the chain (each version signed by a
@@ -66,7 +65,7 @@ from swarmota.peer.http import DEFAULT_MIN_RATE_BYTES_PER_S, TlsPolicy, TufFetch
 from swarmota.peer.tpm_nv import NvFloors, TrustAnchor
 
 __all__ = ["MetadataPass", "TrustState", "apply_pending_counter_reset",
-           "fetch_release_manifest", "pending_counter_reset", "refresh_trust"]
+           "fetch_release_manifest", "pending_counter_reset"]
 
 log = logging.getLogger(__name__)
 _MAX_STATE_BYTES = 64 * 1024
@@ -88,22 +87,6 @@ def fetch_release_manifest(trust_dir: Path, origin_url: str, target_name: str, *
         metadata.refresh()
         data = metadata.release_manifest(target_name, compact=compact)
         return data, metadata.bytes_received
-
-
-def refresh_trust(trust_dir: Path, origin_url: str, *, timeout_s: float, scratch_dir: Path,
-                  tls: TlsPolicy | None = None,
-                  min_rate_bytes_per_s: int = DEFAULT_MIN_RATE_BYTES_PER_S,
-                  pass_timeout_s: float | None = None,
-                  anchor: TrustAnchor | None = None) -> int:
-    """Refresh the trusted metadata chain (new roots, timestamp, snapshot, targets);
-    return the metadata bytes downloaded. Same errors and ``anchor`` as
-    :class:`MetadataPass`.
-    """
-    with MetadataPass(trust_dir, origin_url, timeout_s=timeout_s, scratch_dir=scratch_dir,
-                      tls=tls, min_rate_bytes_per_s=min_rate_bytes_per_s,
-                      pass_timeout_s=pass_timeout_s, anchor=anchor) as metadata:
-        metadata.refresh()
-        return metadata.bytes_received
 
 
 class MetadataPass:
