@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import signal
 import statistics
@@ -163,6 +164,8 @@ class RunResult:
     origin_bytes_payloads: int  # torrent files included
     origin_link_bytes: int  # through the shaped class, as tc counts (headers included)
     cpu_s: float  # all device processes, user + system
+    servers_cpu_s: float = 0.0  # this process: the origin and the tracker (and the polling)
+    load_1m: float = 0.0  # the machine's load average (1 min) when the devices were released
     origin_bytes_metadata: int = 0  # TUF metadata (metadata/)
     origin_bytes_targets: int = 0  # release manifests (targets/)
     origin_bytes_torrents: int = 0  # .torrent files (of origin_bytes_payloads)
@@ -222,9 +225,11 @@ async def run_fleet(workdir: Path, published: Published, *, kind: str, scenario:
         argvs, states = _device_commands(workdir, published, scenario, devices,
                                          origin_url, tracker_url, timeout)
         link_before = _link_bytes(namespace, config)
-        cpu_before = _children_cpu_s()
+        cpu_before, servers_before = _children_cpu_s(), time.process_time()
+        load = os.getloadavg()[0]  # the machine is shared: how busy it was
         started, ended, outputs, failures = await _run_devices(argvs, states, timeout)
         cpu = _children_cpu_s() - cpu_before
+        servers_cpu = time.process_time() - servers_before
         link_after = _link_bytes(namespace, config)
         stats = origin.statistics()
         servers.cancel_scope.cancel()
@@ -234,7 +239,9 @@ async def run_fleet(workdir: Path, published: Published, *, kind: str, scenario:
                      origin_bytes_total=stats.bytes_total,
                      origin_bytes_payloads=stats.bytes_payloads,
                      origin_link_bytes=link_after[0] - link_before[0],
-                     cpu_s=round(cpu, 3), device_runs=runs, failures=failures,
+                     cpu_s=round(cpu, 3), servers_cpu_s=round(servers_cpu, 3),
+                     load_1m=round(load, 2),
+                     device_runs=runs, failures=failures,
                      origin_bytes_metadata=stats.bytes_metadata,
                      origin_bytes_targets=stats.bytes_targets,
                      origin_bytes_torrents=stats.bytes_torrents,
@@ -362,8 +369,12 @@ def _device_run(device_id: str, state: Path | None, ended: float | None, output:
     except (OSError, ValueError):
         return DeviceRun(device_id, False, "no readable last_result.json", 0.0, 0.0, 0, 0)
     timings: dict[str, float] = result.get("timings_s", {})
-    delivered = timings.get("checkin", 0.0) + timings.get("metadata", 0.0) + timings.get(
-        "chunk_list", 0.0) + sum(v for k, v in timings.items() if k.startswith("transfer_"))
+    # the agent's own wall time from its check-in to every chunk verified; an agent from
+    # before it overlapped its phases: the sum of its check-in, metadata, chunk list and
+    # transfer phases (without the gaps between them)
+    delivered = timings.get("delivered", timings.get("checkin", 0.0) + timings.get(
+        "metadata", 0.0) + timings.get("chunk_list", 0.0) + sum(
+        v for k, v in timings.items() if k.startswith("transfer_")))
     installed = float(result.get("finished_at", ended)) - started
     ok = result.get("status") == 0 and bool(result.get("updated")) \
         and result.get("to_version") == "2.0.0"
@@ -441,6 +452,8 @@ def summarize(runs: Sequence[RunResult], origin_rate_bytes_per_s: float) -> dict
         "device_bytes_peers_median": int(med(
             lambda r: statistics.median(per_device(r, "bytes_peers")))),
         "cpu_s_per_device": round(med(lambda r: r.cpu_s / r.devices), 3),
+        "servers_cpu_s": round(med(lambda r: r.servers_cpu_s), 3),
+        "load_1m": [r.load_1m for r in runs],
         "failures": sorted({f for r in runs for f in r.failures}
                            | {f"{d.device_id}: {d.message}" for r in runs
                               for d in r.device_runs if not d.ok}),
@@ -518,8 +531,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         "| payload | devices | scenario | payload bytes | lower bound s | origin + tracker "
         "/ payload | on the link | origin egress / payload | delivered median s "
         "| slowest s | slowest / lower bound | installed slowest s | per device from "
-        "origin | from peers | CPU s per device | ok |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "origin | from peers | CPU s per device | servers CPU s | load (1 min) | ok |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        "---|",
     ]
     for c in result["cells"]:
         lines.append(
@@ -530,6 +544,8 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"| {c['delivered_slowest_s']:.2f} | {c['completion_x_lower_bound']:.2f} "
             f"| {c['installed_slowest_s']:.2f} | {c['device_bytes_origin_median']:,} "
             f"| {c['device_bytes_peers_median']:,} | {c['cpu_s_per_device']:.2f} "
+            f"| {c.get('servers_cpu_s', 0.0):.2f} "
+            f"| {' '.join(f'{x:g}' for x in c.get('load_1m', []))} "
             f"| {'yes' if c['all_ok'] else 'NO'} |")
     lines += ["", "Where the origin's and the tracker's bytes went (medians; per device: "
                   "the run's total over its devices):", "",
@@ -685,12 +701,18 @@ async def run_bench(workdir: Path, config: FleetConfig, *, namespace: str | None
             "origin egress counts every byte the origin server sent (metadata included); "
             "'on the link' is what tc counted through the origin's class, headers included",
             "delivered: how long a device took to have every chunk verified, without "
-            "process start-up (agent: its check-in, metadata, chunk list and transfer "
-            "phases; baseline: "
-            "its GET); installed: from the fleet's start until the agent committed v2 "
-            "(adds start-up, a pass over the payload and decompressing into the slot) or "
-            "the baseline's process ended",
-            "CPU per device: user + system of the device processes, start-up included",
+            "process start-up (agent: from the start of its check-in, wall time, its "
+            "own clock; baseline: its GET); installed: from the fleet's start until the "
+            "agent committed v2 (adds start-up, a pass over the payload and decompressing "
+            "into the slot) or the baseline's process ended",
+            "CPU per device: user + system of the device processes, start-up included; "
+            "servers CPU: this process (origin, tracker), the whole run; load: the "
+            "machine's 1-minute load average at each run's start (2 cores, shared with "
+            "other work)",
+            "the origin link's queue is HTB's default leaf, a 1000-packet pfifo (up to "
+            "64 KiB a packet on loopback): small answers wait behind queued payload "
+            "bytes (fq_codel, fq, sfq and codel were not in the kernel of the published "
+            "runs)",
             "no round-trip delay is emulated (the sch_netem module is not available here)",
         ],
     }

@@ -34,14 +34,15 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import outcome
 import trio
 
 from swarmota.manifest import (
@@ -98,21 +99,26 @@ from swarmota.peer.policy import UploadPolicy, upload_policy
 from swarmota.peer.slots import SlotBackend
 from swarmota.peer.state import DeviceState
 from swarmota.peer.swarm import SwarmConfig, SwarmSession, TorrentHandleRef, new_peer_id
-from swarmota.peer.swarm_fetch import SwarmOptions, SwarmUnavailable, swarm_download
+from swarmota.peer.swarm_fetch import (
+    SwarmOptions,
+    SwarmUnavailable,
+    fetch_torrent,
+    swarm_download,
+)
 from swarmota.peer.tpm import TpmError
 from swarmota.peer.tpm_nv import FloorLogError, TrustAnchor
 from swarmota.peer.tracker_client import Offer, checkin, send_report
 from swarmota.peer.trust import (
+    MetadataPass,
     TrustState,
     apply_pending_counter_reset,
-    fetch_release_manifest,
-    refresh_trust,
 )
 from swarmota.tracker.wire import MAX_MESSAGE_CHARS
 
 __all__ = ["UpdateResult", "swarm_config_for", "update_once"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -366,6 +372,19 @@ def _min_peer_rate(config: DeviceConfig) -> int:
     return rate
 
 
+async def _outcome_into(into: list[outcome.Outcome[T]],
+                        fn: Callable[..., Awaitable[T]], *args: Any) -> None:
+    """Run ``fn(*args)`` beside other work; its value or error goes to ``into``, for the
+    caller to unwrap where it handles that error (a task's error would cancel its
+    siblings, and leave the nursery as an exception group)."""
+    try:
+        value = await fn(*args)
+    except Exception as exc:  # handed over: raised by unwrap()
+        into.append(outcome.Error(exc))
+        return
+    into.append(outcome.Value(value))
+
+
 @dataclass(frozen=True)
 class _Seedable:
     """A payload downloaded through the swarm, still in the session (may be seeded)."""
@@ -406,6 +425,8 @@ class _Run:
         self.relay_url: str | None = None
         self.installed: _Seedable | None = None
         self.last_swarm: _Seedable | None = None
+        self.metadata: MetadataPass | None = None  # this pass's refresh of the metadata
+        self.checkin_at: float | None = None  # ``clock`` when the check-in began
 
     @contextmanager
     def _timed(self, name: str) -> Iterator[None]:
@@ -615,12 +636,21 @@ class _Run:
         start = self.clock()
         bc = await trio.to_thread.run_sync(self._apply_counter_reset, bc)
         self._step(Event.CHECK)
-        try:
+        running = await trio.to_thread.run_sync(running_components, self.components)
+        # The metadata is refreshed while the device checks in: an offer only names a
+        # release, which is looked up in the refreshed (verified) metadata afterwards.
+        metadata = await trio.to_thread.run_sync(self._new_metadata_pass)
+        self.checkin_at = self.clock()
+        async with trio.open_nursery() as nursery:
+            refreshed: list[outcome.Outcome[None]] = []
+            nursery.start_soon(self._refresh_metadata, metadata, refreshed)
             with self._timed("checkin"):
-                running = await trio.to_thread.run_sync(running_components, self.components)
-                offer, result.poll_after_s = await checkin(
-                    self.http, self.config, version=active.version,
+                checked = await outcome.acapture(
+                    checkin, self.http, self.config, version=active.version,
                     release_counter=bc.min_release_counter, components=running)
+        result.bytes_metadata += metadata.bytes_received
+        try:
+            offer, result.poll_after_s = checked.unwrap()
         except DownloadFailed as exc:
             self._step(Event.NO_OFFER)
             result.status, result.message = exc.status, f"check-in failed: {exc}"
@@ -634,7 +664,7 @@ class _Run:
             await trio.to_thread.run_sync(self._remove_downloads, set())
             if offer is not None and runs is not None:
                 result.message = f"up to date (offered {offer.version}: component {runs} runs it)"
-            elif await self._refresh_trust_if_due(result):
+            elif await self._trust_refreshed(refreshed[0]):
                 lowered = await trio.to_thread.run_sync(self._apply_counter_reset, bc)
                 if lowered.min_release_counter != bc.min_release_counter:
                     return await self.update(lowered)  # once: the epoch is now applied
@@ -654,6 +684,7 @@ class _Run:
         result.to_version = offer.version
         target = other_slot(bc.committed)
         try:
+            refreshed[0].unwrap()  # the offer is of use only with verified metadata
             release, bc = await self._fetch_release(offer, bc, result)
             decision = await self._decide(release)
             if not decision.allowed:
@@ -872,12 +903,18 @@ class _Run:
         self.last_swarm = None
         try:
             with self._timed(f"download_{payload.kind}"):
-                payload = await self._with_chunk_list(payload)
-                work = PayloadWorkdir(self.state.downloads_dir, payload)
                 url = f"{self.config.origin_url.rstrip('/')}/{payload.path}"
+                torrent: list[outcome.Outcome[bytes]] = []
+                async with trio.open_nursery() as nursery:
+                    if self.config.download_mode == "swarm":  # both pinned by the manifest
+                        nursery.start_soon(_outcome_into, torrent, fetch_torrent, self.http,
+                                           payload, f"{url}.torrent")
+                    listed = await outcome.acapture(self._with_chunk_list, payload)
+                payload = listed.unwrap()
+                work = PayloadWorkdir(self.state.downloads_dir, payload)
                 if self.config.download_mode == "swarm":
                     try:
-                        await self._swarm_download(work, url, result)
+                        await self._swarm_download(work, url, torrent[0], result)
                         return work
                     except SwarmUnavailable as exc:
                         log.warning("swarm unavailable, downloading directly: %s", exc)
@@ -889,6 +926,7 @@ class _Run:
                     on_chunk=self._direct_progress(payload), verify=False)
                 result.chunks_reused += stats.chunks_reused
                 self.timings[f"transfer_{payload.kind}"] = round(stats.transfer_s, 6)
+                self._delivered(self.clock())
                 return work
         finally:
             result.bytes_origin += self.http.bytes_received - before
@@ -920,7 +958,7 @@ class _Run:
         return loaded
 
     async def _swarm_download(self, work: PayloadWorkdir, url: str,
-                              result: UpdateResult) -> None:
+                              torrent: outcome.Outcome[bytes], result: UpdateResult) -> None:
         config = self.config
         session = await self._swarm_session()
         assert self.relay_url is not None
@@ -938,8 +976,11 @@ class _Run:
             backoff_s=config.retry_backoff_s, spread_key=config.device_id,
             device_id=config.device_id)  # the tracker admits the announce by rollout
         result.download_mode = "swarm"
+        started = self.clock()
         ref, stats = await swarm_download(session, self.http, work, payload_url=url,
-                                          options=options, progress=self.state.save_progress)
+                                          options=options, progress=self.state.save_progress,
+                                          torrent=torrent.unwrap())
+        self._delivered(started + stats.transfer_s)
         result.bytes_peers += stats.bytes_peers
         result.bytes_uploaded += stats.bytes_uploaded
         self.timings[f"transfer_{work.payload.kind}"] = round(stats.transfer_s, 6)
@@ -953,6 +994,10 @@ class _Run:
             self.last_swarm = _Seedable(ref, work, stats.bytes_uploaded)
 
     async def _swarm_session(self) -> SwarmSession:
+        """The pass's swarm session, started when the first swarm download begins (not
+        earlier, beside the metadata: the session's start time is its seniority among
+        the downloaders, and the senior should be the one ready first; and libtorrent
+        holds the GIL while a session starts, so it would not overlap anyway)."""
         if self.relay_url is None:
             assert self.nursery is not None
             relay = AnnounceRelay(self.http, self.config.tracker_url)
@@ -970,6 +1015,13 @@ class _Run:
                                     lead=not self.config.download_rate_limit_bytes_per_s))
             self.swarm = await trio.to_thread.run_sync(SwarmSession, swarm_config)
         return self.swarm
+
+    def _delivered(self, at: float) -> None:
+        """Record ``delivered``: from the check-in until every chunk of the payload was
+        there, verified (``at``), on the pass's clock: its phases overlap, so their sum
+        is not the time it took."""
+        if self.checkin_at is not None:
+            self.timings["delivered"] = round(at - self.checkin_at, 6)
 
     def _direct_progress(self, payload: Payload) -> Callable[[int, int], None]:
         done = [0, 0.0]
@@ -1027,6 +1079,9 @@ class _Run:
         """Stop the swarm session (in a thread: libtorrent waits for its last announces)
         and remove a seeded payload's work area; also when the pass is cancelled."""
         self.state.save_progress(None)
+        if self.metadata is not None:
+            self.metadata.close()
+            self.metadata = None
         swarm, self.swarm = self.swarm, None
         with trio.CancelScope(shield=True):
             if swarm is not None:
@@ -1091,16 +1146,13 @@ class _Run:
                              ) -> tuple[ReleaseManifest, BootControl]:
         """The offered release manifest, verified and applicable; and boot control, whose
         floor a counter reset in the refreshed root may have lowered."""
-        with self._timed("metadata"):
-            data, metadata_bytes = await trio.to_thread.run_sync(
-                lambda: fetch_release_manifest(
-                    self.state.trust_dir, self.config.origin_url, offer.target,
-                    timeout_s=self.config.http_timeout_s,
-                    scratch_dir=self.state.downloads_dir, tls=self.http.tls,
-                    min_rate_bytes_per_s=self.config.http_min_rate_bytes_per_s,
-                    pass_timeout_s=self.config.metadata_timeout_s, compact=True,
-                    anchor=self._anchor()))
-        result.bytes_metadata += metadata_bytes
+        metadata = self.metadata
+        assert metadata is not None  # refreshed by update()
+        before = metadata.bytes_received
+        with self._timed("release_manifest"):
+            data = await trio.to_thread.run_sync(
+                partial(metadata.release_manifest, offer.target, compact=True))
+        result.bytes_metadata += metadata.bytes_received - before
         await trio.to_thread.run_sync(self._mark_trust_refreshed)
         bc = await trio.to_thread.run_sync(self._apply_counter_reset, bc)
         try:
@@ -1138,22 +1190,33 @@ class _Run:
     def _mark_trust_refreshed(self) -> None:
         TrustState.mark_refreshed(self.state.trust_state_path, self.wall_clock())
 
-    async def _refresh_trust_if_due(self, result: UpdateResult) -> bool:
-        """With nothing offered, refresh the trusted metadata every
-        ``trust_refresh_interval_s`` (a device follows root rotations and counter resets
-        even when no release reaches it); True if it did. A failure is logged only."""
-        state = TrustState.load(self.state.trust_state_path)
-        if not state.refresh_due(self.wall_clock(), self.config.trust_refresh_interval_s):
-            return False
+    def _new_metadata_pass(self) -> MetadataPass:
+        """This pass's refresh of the metadata (the previous one closed); ConfigError:
+        the CA bundle cannot be loaded."""
+        if self.metadata is not None:
+            self.metadata.close()
+            self.metadata = None
+        self.metadata = MetadataPass(
+            self.state.trust_dir, self.config.origin_url,
+            timeout_s=self.config.http_timeout_s, scratch_dir=self.state.downloads_dir,
+            tls=self.http.tls, min_rate_bytes_per_s=self.config.http_min_rate_bytes_per_s,
+            pass_timeout_s=self.config.metadata_timeout_s, anchor=self._anchor())
+        return self.metadata
+
+    async def _refresh_metadata(self, metadata: MetadataPass,
+                                into: list[outcome.Outcome[None]]) -> None:
+        """Refresh the trusted metadata (root rotations, timestamp, snapshot, targets)
+        beside the check-in; its outcome (an error too) goes to ``into``, for the pass
+        to act on as it would on a refresh of its own."""
+        with self._timed("metadata"):
+            await _outcome_into(into, trio.to_thread.run_sync, metadata.refresh)
+
+    async def _trust_refreshed(self, refreshed: outcome.Outcome[None]) -> bool:
+        """With nothing offered: the refresh made beside the check-in (a device follows
+        root rotations and counter resets even when no release reaches it) recorded;
+        True if it succeeded. A failure is logged only."""
         try:
-            with self._timed("trust_refresh"):
-                result.bytes_metadata += await trio.to_thread.run_sync(
-                    lambda: refresh_trust(
-                        self.state.trust_dir, self.config.origin_url,
-                        timeout_s=self.config.http_timeout_s,
-                        scratch_dir=self.state.downloads_dir, tls=self.http.tls,
-                        min_rate_bytes_per_s=self.config.http_min_rate_bytes_per_s,
-                        pass_timeout_s=self.config.metadata_timeout_s, anchor=self._anchor()))
+            refreshed.unwrap()
         except PeerError as exc:
             log.warning("trust refresh failed: %s", exc)
             return False

@@ -175,8 +175,11 @@ def add_parser(subparsers: Any) -> None:
                            "would otherwise make every later release a rollback")
     init.add_argument("--trust-refresh-interval-s", type=float, default=24 * 3600.0,
                       metavar="S",
-                      help="with nothing offered, refresh the trusted metadata (root "
-                           "rotations, counter resets) this often (default %(default)s)")
+                      help="the longest a device with nothing offered goes without "
+                           "refreshing its trusted metadata (root rotations, counter "
+                           "resets; default %(default)s); every check-in refreshes it "
+                           "(beside the check-in), so a device that checks in more often "
+                           "is never held to it")
     boot = init.add_argument_group(
         "slots and boot control",
         "Default: file slots (STATE/slots/) and boot control simulated by the agent "

@@ -115,8 +115,10 @@ class DeviceConfig:
     labels: tuple[str, ...] = ()
     # --- trust (peer/trust.py, manifest/counters.py): a release whose counter is more
     # than this above the installed one is refused (one signed counter of 2^53 would
-    # otherwise make every later release a rollback); how often a device with nothing
-    # offered still refreshes its trusted metadata (root rotations, counter resets)
+    # otherwise make every later release a rollback); the longest a device with nothing
+    # offered goes without refreshing its trusted metadata (root rotations, counter
+    # resets): every check-in refreshes it beside the check-in, so this bounds nothing
+    # while the device checks in more often
     max_release_counter_jump: int = DEFAULT_MAX_COUNTER_JUMP
     trust_refresh_interval_s: float = 24 * 3600.0
     # --- where the identity key, the anti-rollback floors and the trust anchor live

@@ -78,9 +78,11 @@ __all__ = [
     "SwarmOptions",
     "SwarmUnavailable",
     "announce_urls",
+    "fetch_torrent",
     "first_run",
     "owned_blocks",
     "pick_origin_run",
+    "senior_run_pieces",
     "swarm_download",
 ]
 
@@ -199,6 +201,23 @@ def pick_origin_run(wanted: list[bool], cursor: int, max_pieces: int,
     return run
 
 
+def senior_run_pieces(view: PieceView, *, others: bool, alone_for_s: float, grace_s: float,
+                      stalled: bool, small: int, large: int) -> int:
+    """How many adjacent pieces the senior downloader (or one alone so far) asks the
+    origin for at once: ``small`` while a more senior downloader may still connect
+    (it cannot see what this device has in flight), ``large`` (fewer requests, the link
+    kept busy) once that is unlikely: ``grace_s`` passed since the torrent was ready,
+    or the tracker answered, every peer it named is connected and ``others`` (other
+    downloaders, none of them more senior) are there; or when peers stalled. A device
+    alone so far keeps small runs for ``grace_s``: the others may not have announced
+    yet."""
+    if stalled or alone_for_s >= grace_s:
+        return large
+    if others and view.tracker_replied and view.known_peers <= view.num_peers:
+        return large
+    return small
+
+
 def owned_blocks(num_blocks: int, me: bytes, others: Sequence[bytes]) -> list[bool]:
     """Which of ``num_blocks`` blocks ``me`` fetches from the origin, sharing with
     ``others`` (peer ids of the connected peers that are still downloading).
@@ -236,8 +255,13 @@ async def swarm_download(
     options: SwarmOptions,
     progress: Progress | None = None,
     clock: Callable[[], float] = time.monotonic,
+    torrent: bytes | None = None,
 ) -> tuple[TorrentHandleRef | None, SwarmFetchStats]:
     """Download ``work.payload`` from peers and the origin into ``work.part``.
+
+    ``torrent``: the payload's torrent as :func:`fetch_torrent` returned it (checked
+    against the signed manifest), if the caller fetched it already; else it is fetched
+    here.
 
     Returns the torrent (still in ``session``, seeding, for the caller to keep or
     remove; ``None`` if the origin had to finish the job) and the byte counts.
@@ -254,7 +278,8 @@ async def swarm_download(
     stats = SwarmFetchStats()
     started = clock()
     received_before = http.bytes_received
-    torrent = await _fetch_torrent(http, payload, payload_url + ".torrent")
+    if torrent is None:
+        torrent = await fetch_torrent(http, payload, payload_url + ".torrent")
     if work.part.exists():  # an earlier attempt: fix its size, count its verified chunks
         stats.chunks_reused = len(await prepare(work))
     else:  # libtorrent creates the file: no zeros for it to hash first
@@ -304,7 +329,14 @@ async def swarm_download(
     return kept, stats
 
 
-async def _fetch_torrent(http: HttpClient, payload: Payload, url: str) -> bytes:
+async def fetch_torrent(http: HttpClient, payload: Payload, url: str) -> bytes:
+    """The torrent of ``payload`` from ``url``, checked against the signed manifest
+    (info-hash, size, piece size), before anything of it is used.
+
+    Raises:
+        SwarmUnavailable: ``payload`` has no info-hash, or its torrent cannot be fetched
+            or does not match.
+    """
     if payload.info_hash is None:
         raise SwarmUnavailable(f"payload {payload.sha256[:12]} has no torrent")
     try:
@@ -605,8 +637,10 @@ class _SwarmRun:
             if not self.stalled and alone_for < self.options.grace_s and (
                     not view.tracker_replied or view.known_peers > view.num_peers):
                 return []
-            max_run = (self.max_run_alone if self.stalled or alone_for >= self.options.grace_s
-                       else self.block_pieces)
+            max_run = senior_run_pieces(
+                view, others=bool(downloaders), alone_for_s=alone_for,
+                grace_s=self.options.grace_s, stalled=self.stalled,
+                small=self.block_pieces, large=self.max_run_alone)
             pick = wanted
         else:
             # Helping (or stalled): owners walk their blocks from their own (random)

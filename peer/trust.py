@@ -1,15 +1,15 @@
 """The device side of the TUF metadata chain (python-tuf ngclient), and what the device
 keeps of its trust besides it.
 
-:func:`fetch_release_manifest` refreshes root -> timestamp -> snapshot -> targets from
-the origin, looks up a release manifest in the signed targets (following delegations)
+:class:`MetadataPass` refreshes root -> timestamp -> snapshot -> targets from the
+origin, then looks up a release manifest in the signed targets (following delegations)
 and downloads it, verified against the signed length and hashes (its compact form when
-the targets entry pins one: :mod:`manifest.release`); :func:`refresh_trust` refreshes
-the chain alone (a device with nothing offered still follows key rotations and counter
-resets, every ``trust_refresh_interval_s``). Both block: call them through
-``trio.to_thread.run_sync``. python-tuf errors become ours: a repository that fails
-verification (bad signature, expired, rolled back, too long) is ``VerifyFailed``; an
-unreachable origin is ``DownloadFailed``.
+the targets entry pins one: :mod:`manifest.release`); the agent starts the refresh while
+it checks in, also when nothing is offered (so that an idle device follows key rotations
+and counter resets). :func:`fetch_release_manifest` does both in one call. All block:
+call them through ``trio.to_thread.run_sync``. python-tuf errors become ours: a
+repository that fails verification (bad signature, expired, rolled back, too long) is
+``VerifyFailed``; an unreachable origin is ``DownloadFailed``.
 
 The trust anchor, ``STATE/trust/root.json``, is written by ``peer init`` and afterwards
 only by python-tuf, with a root it verified along the chain (each version signed by a
@@ -64,8 +64,8 @@ from swarmota.peer.floors import lower_component_floors
 from swarmota.peer.http import DEFAULT_MIN_RATE_BYTES_PER_S, TlsPolicy, TufFetcher
 from swarmota.peer.tpm_nv import NvFloors, TrustAnchor
 
-__all__ = ["TrustState", "apply_pending_counter_reset", "fetch_release_manifest",
-           "pending_counter_reset", "refresh_trust"]
+__all__ = ["MetadataPass", "TrustState", "apply_pending_counter_reset",
+           "fetch_release_manifest", "pending_counter_reset"]
 
 log = logging.getLogger(__name__)
 _MAX_STATE_BYTES = 64 * 1024
@@ -79,11 +79,24 @@ def fetch_release_manifest(trust_dir: Path, origin_url: str, target_name: str, *
                            compact: bool = False,
                            anchor: TrustAnchor | None = None,
                            ) -> tuple[bytes, int]:
-    """Return ``(manifest bytes, metadata bytes downloaded)`` for ``target_name``.
+    """Return ``(manifest bytes, metadata bytes downloaded)`` for ``target_name``: one
+    :class:`MetadataPass` (refresh, then :meth:`MetadataPass.release_manifest`)."""
+    with MetadataPass(trust_dir, origin_url, timeout_s=timeout_s, scratch_dir=scratch_dir,
+                      tls=tls, min_rate_bytes_per_s=min_rate_bytes_per_s,
+                      pass_timeout_s=pass_timeout_s, anchor=anchor) as metadata:
+        metadata.refresh()
+        data = metadata.release_manifest(target_name, compact=compact)
+        return data, metadata.bytes_received
 
-    ``compact``: when the signed targets entry pins a compact form of the manifest
-    (:func:`manifest.parse_compact_pin`), download that instead, verified against the
-    pinned length and SHA-256 (its payloads name chunk lists instead of listing chunks).
+
+class MetadataPass:
+    """One refresh of the metadata chain from the origin, then release manifests looked
+    up in it: :meth:`refresh` (root -> timestamp -> snapshot -> targets), then any
+    number of :meth:`release_manifest` (following delegations; the manifest verified
+    against the signed length and hashes). Splitting the two lets the agent refresh
+    while it checks in, and look up the release the tracker offers once both are done:
+    the offer names a target, nothing more, and nothing is taken from it unverified.
+    Blocking: call it through ``trio.to_thread.run_sync``; one thread at a time.
 
     ``trust_dir`` holds the trusted metadata (``root.json`` at least); python-tuf
     updates it only with metadata it accepted. ``tls``: CA bundle and pins for the
@@ -92,54 +105,87 @@ def fetch_release_manifest(trust_dir: Path, origin_url: str, target_name: str, *
     ``min_rate_bytes_per_s`` after ``timeout_s`` is cut (slow retrieval, DownloadFailed);
     one longer than python-tuf's limit for its role or the signed length is cut there
     (VerifyFailed: bad data, not a transport failure). ``pass_timeout_s`` bounds every
-    request of the refresh together (DownloadFailed beyond it). ``anchor``: the trusted
+    request of the pass together (DownloadFailed beyond it). ``anchor``: the trusted
     root is held to the TPM's trust anchor (a device with ``keystore: tpm``): a
     replaced ``root.json`` is refused before python-tuf reads it, and the anchor moves
     with every root python-tuf accepts (:meth:`peer.tpm_nv.TrustAnchor.sync`, which
     also raises ``TpmError``).
     """
-    scratch_dir.mkdir(parents=True, exist_ok=True)
-    scratch = scratch_dir / "release-manifest.download"
-    fetcher = TufFetcher(timeout_s=timeout_s, tls=tls, min_rate_bytes_per_s=min_rate_bytes_per_s,
-                         pass_timeout_s=pass_timeout_s)
-    try:
-        with _tuf_errors(trust_dir):
-            updater = _refreshed(trust_dir, origin_url, fetcher, scratch_dir, anchor)
-            info = updater.get_targetinfo(target_name)
-            if info is None:
-                raise VerifyFailed(f"{target_name} is not listed in the signed targets "
-                                   "metadata")
-            pin = parse_compact_pin(info.custom) if compact else None
-            if pin is not None:
-                info = TargetFile(length=pin[0], hashes={"sha256": pin[1]},
-                                  path=compact_target_name(target_name))
-            updater.download_target(info, filepath=str(scratch))
-            data = scratch.read_bytes()
-    finally:
-        fetcher.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(scratch)
-    return data, fetcher.bytes_received
 
+    def __init__(self, trust_dir: Path, origin_url: str, *, timeout_s: float,
+                 scratch_dir: Path, tls: TlsPolicy | None = None,
+                 min_rate_bytes_per_s: int = DEFAULT_MIN_RATE_BYTES_PER_S,
+                 pass_timeout_s: float | None = None,
+                 anchor: TrustAnchor | None = None) -> None:
+        """Raises ConfigError: ``tls.ca_file`` cannot be loaded."""
+        self._trust_dir = trust_dir
+        self._origin_url = origin_url
+        self._scratch_dir = scratch_dir
+        self._anchor = anchor
+        self._fetcher = TufFetcher(timeout_s=timeout_s, tls=tls,
+                                   min_rate_bytes_per_s=min_rate_bytes_per_s,
+                                   pass_timeout_s=pass_timeout_s)
+        self._updater: Updater | None = None
 
-def refresh_trust(trust_dir: Path, origin_url: str, *, timeout_s: float, scratch_dir: Path,
-                  tls: TlsPolicy | None = None,
-                  min_rate_bytes_per_s: int = DEFAULT_MIN_RATE_BYTES_PER_S,
-                  pass_timeout_s: float | None = None,
-                  anchor: TrustAnchor | None = None) -> int:
-    """Refresh the trusted metadata chain (new roots, timestamp, snapshot, targets);
-    return the metadata bytes downloaded. Same errors and ``anchor`` as
-    :func:`fetch_release_manifest`.
-    """
-    scratch_dir.mkdir(parents=True, exist_ok=True)
-    fetcher = TufFetcher(timeout_s=timeout_s, tls=tls, min_rate_bytes_per_s=min_rate_bytes_per_s,
-                         pass_timeout_s=pass_timeout_s)
-    try:
-        with _tuf_errors(trust_dir):
-            _refreshed(trust_dir, origin_url, fetcher, scratch_dir, anchor)
-    finally:
-        fetcher.close()
-    return fetcher.bytes_received
+    def __enter__(self) -> MetadataPass:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._fetcher.close()
+
+    @property
+    def bytes_received(self) -> int:
+        """Metadata bytes downloaded so far (release manifests included)."""
+        return int(self._fetcher.bytes_received)
+
+    def refresh(self) -> None:
+        """Refresh the trusted top-level metadata.
+
+        Raises:
+            VerifyFailed: the repository failed verification (bad signature, expired,
+                rolled back, too long; one key twice in a role of root).
+            DownloadFailed: the origin cannot be reached (PinMismatch: a key outside
+                the pins).
+        """
+        self._scratch_dir.mkdir(parents=True, exist_ok=True)
+        with _tuf_errors(self._trust_dir):
+            self._updater = _refreshed(self._trust_dir, self._origin_url, self._fetcher,
+                                       self._scratch_dir, self._anchor)
+
+    def release_manifest(self, target_name: str, *, compact: bool = False) -> bytes:
+        """The bytes of release manifest ``target_name``, verified against the signed
+        targets metadata (after :meth:`refresh`). ``compact``: when the signed entry pins
+        a compact form of the manifest (:func:`manifest.parse_compact_pin`), that
+        instead, verified against the pinned length and SHA-256 (its payloads name chunk
+        lists instead of listing chunks).
+
+        Raises:
+            VerifyFailed, DownloadFailed: as :meth:`refresh`; VerifyFailed also when the
+                target is not listed.
+            RuntimeError: called before a successful :meth:`refresh`.
+        """
+        updater = self._updater
+        if updater is None:
+            raise RuntimeError("release_manifest() before a successful refresh()")
+        scratch = self._scratch_dir / "release-manifest.download"
+        try:
+            with _tuf_errors(self._trust_dir):
+                info = updater.get_targetinfo(target_name)
+                if info is None:
+                    raise VerifyFailed(f"{target_name} is not listed in the signed targets "
+                                       "metadata")
+                pin = parse_compact_pin(info.custom) if compact else None
+                if pin is not None:
+                    info = TargetFile(length=pin[0], hashes={"sha256": pin[1]},
+                                      path=compact_target_name(target_name))
+                updater.download_target(info, filepath=str(scratch))
+                return scratch.read_bytes()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(scratch)
 
 
 class _DurableUpdater(Updater):

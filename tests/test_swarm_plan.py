@@ -11,7 +11,8 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from swarmota.peer.swarm_fetch import first_run, owned_blocks, pick_origin_run
+from swarmota.peer.swarm import PieceView
+from swarmota.peer.swarm_fetch import first_run, owned_blocks, pick_origin_run, senior_run_pieces
 
 PEER_IDS = st.lists(st.binary(min_size=20, max_size=20), min_size=1, max_size=24, unique=True)
 
@@ -83,3 +84,28 @@ def test_devices_starting_at_random_cursors_rarely_pick_the_same_first_run() -> 
     wanted = [True] * 400
     starts = [tuple(pick_origin_run(wanted, rng.randrange(400), 4)) for _ in range(16)]
     assert len(set(starts)) >= 14
+
+
+def _view(*, replied: bool, known: int, connected: int) -> PieceView:
+    return PieceView(have=(False,) * 8, availability=(0,) * 8, num_peers=connected,
+                     checking=False, tracker_replied=replied, known_peers=known)
+
+
+def test_senior_downloader_fetches_large_runs_once_every_named_peer_is_connected() -> None:
+    """The fleet's senior keeps the origin link busy from its first request (small runs
+    left the link idle between answers) once nobody more senior can still turn up."""
+    settled = _view(replied=True, known=15, connected=15)
+    assert senior_run_pieces(settled, others=True, alone_for_s=0.0, grace_s=0.5,
+                             stalled=False, small=2, large=8) == 8
+
+
+def test_small_runs_while_a_more_senior_downloader_may_still_connect() -> None:
+    for view, others in ((_view(replied=True, known=15, connected=9), True),  # connecting
+                         (_view(replied=False, known=0, connected=3), True),  # no answer yet
+                         (_view(replied=True, known=0, connected=0), False)):  # alone so far
+        assert senior_run_pieces(view, others=others, alone_for_s=0.1, grace_s=0.5,
+                                 stalled=False, small=2, large=8) == 2
+        assert senior_run_pieces(view, others=others, alone_for_s=0.5, grace_s=0.5,
+                                 stalled=False, small=2, large=8) == 8  # grace over
+        assert senior_run_pieces(view, others=others, alone_for_s=0.0, grace_s=0.5,
+                                 stalled=True, small=2, large=8) == 8  # peers stalled

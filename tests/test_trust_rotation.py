@@ -67,6 +67,21 @@ async def test_device_offline_across_four_rotations_follows_the_root_chain(
     assert (dev.trust_dir / "root.json").read_bytes() == repo.root_bytes()
 
 
+async def test_idle_device_follows_a_root_rotation_at_its_next_check_in(
+        env: ReleaseEnv) -> None:
+    """Nothing offered: the metadata refresh that runs beside every check-in still moves
+    the trusted root, at once (not a day later, ``trust_refresh_interval_s``)."""
+    dev = env.device(mode="direct")
+    first = await update_once(dev)
+    assert first.updated, first.message  # on v2: nothing more to offer
+    env.repo.rotate("timestamp", generate=1)
+    assert root_sign(env.repo, env.repo.offline_root_key_path)
+    idle = await update_once(dev)
+    assert idle.status == StatusCode.OK and not idle.attempted, idle.message
+    assert trusted_versions(dev)["root"] == env.repo.versions()["root"] == 2
+    assert idle.bytes_metadata > 0
+
+
 async def test_metadata_signed_by_a_rotated_out_timestamp_key_is_refused(
         env: ReleaseEnv) -> None:
     """The online timestamp key leaked: the operator rotates it out. An attacker who

@@ -34,6 +34,9 @@ async def test_device_updates_v1_to_v2_and_reports(env: ReleaseEnv) -> None:
     assert slot_bytes(dev, "a") == env.v1
     assert bc.min_release_counter == 2
     assert result.bytes_origin == env.origin_bytes(env.m2.full_payload)
+    # the wall time from the check-in to every chunk verified (phases overlap: not a sum)
+    timings = result.timings_s
+    assert timings["checkin"] <= timings["delivered"] <= timings["total"]
     (report,) = env.reports()
     assert (report.device_id, report.status, report.to_version) == ("dev-1", 0, "2.0.0")
     assert report.bytes_origin == env.origin_bytes(env.m2.full_payload)
