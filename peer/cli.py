@@ -173,13 +173,6 @@ def add_parser(subparsers: Any) -> None:
                       help="refuse a release whose counter is more than N above the "
                            "installed one (default %(default)s): one signed counter of 2^53 "
                            "would otherwise make every later release a rollback")
-    init.add_argument("--trust-refresh-interval-s", type=float, default=24 * 3600.0,
-                      metavar="S",
-                      help="the longest a device with nothing offered goes without "
-                           "refreshing its trusted metadata (root rotations, counter "
-                           "resets; default %(default)s); every check-in refreshes it "
-                           "(beside the check-in), so a device that checks in more often "
-                           "is never held to it")
     boot = init.add_argument_group(
         "slots and boot control",
         "Default: file slots (STATE/slots/) and boot control simulated by the agent "
@@ -372,7 +365,6 @@ def prepare_init(args: argparse.Namespace) -> Provisioning:
             tls_ca_file=None if tls_ca is None else TLS_CA_FILE,
             labels=tuple(args.labels), network_id=args.network_id, region=args.region,
             max_release_counter_jump=args.max_counter_jump,
-            trust_refresh_interval_s=args.trust_refresh_interval_s,
             slot_backend=args.slot_backend, slot_devices=_slot_devices(args.slot_devices),
             bootloader=args.bootloader, grub_env_path=_text(args.grub_env),
             uboot_env_config=_text(args.uboot_env_config),

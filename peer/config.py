@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from swarmota.infra.fsio import atomic_write_json
@@ -115,12 +115,9 @@ class DeviceConfig:
     labels: tuple[str, ...] = ()
     # --- trust (peer/trust.py, manifest/counters.py): a release whose counter is more
     # than this above the installed one is refused (one signed counter of 2^53 would
-    # otherwise make every later release a rollback); the longest a device with nothing
-    # offered goes without refreshing its trusted metadata (root rotations, counter
-    # resets): every check-in refreshes it beside the check-in, so this bounds nothing
-    # while the device checks in more often
+    # otherwise make every later release a rollback). (The trusted metadata is refreshed
+    # beside every check-in, offer or not: no interval to configure.)
     max_release_counter_jump: int = DEFAULT_MAX_COUNTER_JUMP
-    trust_refresh_interval_s: float = 24 * 3600.0
     # --- where the identity key, the anti-rollback floors and the trust anchor live
     # (peer/keystore.py): "file" (the state directory) or "tpm": a TPM 2.0 at tpm_device
     # (/dev/tpmrm0, or a TCTI such as swtpm:path=SOCKET); tpm_pcrs (e.g. "sha256:7"):
@@ -192,8 +189,6 @@ class DeviceConfig:
                 or not 1 <= jump <= MAX_RELEASE_COUNTER):
             raise ConfigError(f"max_release_counter_jump must be within "
                               f"1..{MAX_RELEASE_COUNTER}")
-        if self.trust_refresh_interval_s < 0:
-            raise ConfigError("trust_refresh_interval_s must be >= 0")
         if len(self.labels) > MAX_LABELS:
             raise ConfigError(f"at most {MAX_LABELS} labels")
         for name, value in (("network_id", self.network_id), ("region", self.region),
@@ -282,6 +277,12 @@ def save_config(path: Path, config: DeviceConfig) -> None:
     atomic_write_json(path, config.to_json())
 
 
+# Keys older agents wrote to device.json that no longer mean anything; dropped on load.
+# trust_refresh_interval_s: the longest an idle device went without refreshing its
+# trusted metadata; it is now refreshed beside every check-in.
+OBSOLETE_KEYS: Final = frozenset({"trust_refresh_interval_s"})
+
+
 def load_config(path: Path) -> DeviceConfig:
     """Read ``path`` (``STATE/device.json``); a relative ``tls_ca_file`` is relative to
     its directory, so that the state directory may move.
@@ -303,6 +304,8 @@ def load_config(path: Path) -> DeviceConfig:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{path}: {name} must be a list of strings")
             raw[name] = tuple(value)
+    for name in OBSOLETE_KEYS.intersection(raw):  # written by an older agent: meaningless now
+        del raw[name]
     ca_file = raw.get("tls_ca_file")
     if isinstance(ca_file, str) and ca_file and not Path(ca_file).is_absolute():
         raw["tls_ca_file"] = str(path.parent / ca_file)  # a copy in the state directory

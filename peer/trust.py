@@ -316,13 +316,6 @@ class TrustState:
         state.refreshed_at_s = now_s
         state.save(path)
 
-    def refresh_due(self, now_s: float, interval_s: float) -> bool:
-        """True when the last refresh is ``interval_s`` old, in the future (a clock set
-        back), or unknown (a device provisioned before this record existed)."""
-        if self.refreshed_at_s is None:
-            return True
-        return not 0 <= now_s - self.refreshed_at_s < interval_s
-
 
 def pending_counter_reset(trust_dir: Path, product: str,
                           state: TrustState) -> CounterReset | None:

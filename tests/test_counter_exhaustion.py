@@ -5,6 +5,7 @@ Devices refuse a counter too far above their floor; root can reset a product's f
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from swarmota.manifest import (
 )
 from swarmota.peer.agent import update_once
 from swarmota.peer.components import ComponentStore
-from swarmota.peer.config import save_config
+from swarmota.peer.config import load_config, save_config
 from swarmota.peer.errors import ConfigError, StatusCode
 from swarmota.peer.floors import raise_component_floor, read_floors
 from swarmota.peer.trust import TrustState
@@ -80,12 +81,22 @@ async def test_device_config_bounds_the_jump(env: ReleaseEnv) -> None:
             replace(config, max_release_counter_jump=bad)
 
 
-def test_trust_refresh_is_due_after_its_interval(tmp_path: Path) -> None:
-    state = TrustState(refreshed_at_s=1000.0)
-    assert not state.refresh_due(1000.0 + 3599, 3600)
-    assert state.refresh_due(1000.0 + 3600, 3600)
-    assert state.refresh_due(10.0, 3600), "a clock set back refreshes"
-    assert TrustState().refresh_due(0.0, 3600), "a device provisioned before the record"
+async def test_a_device_json_of_an_older_agent_with_a_trust_refresh_interval_loads(
+        env: ReleaseEnv) -> None:
+    """Older agents wrote ``trust_refresh_interval_s`` (an idle device refreshed its
+    trusted metadata that often; now it does at every check-in): such a device.json
+    still loads, the key dropped; any other unknown key is still refused."""
+    dev = env.device("older")
+    path = dev.root / "device.json"
+    raw = json.loads(path.read_bytes())
+    path.write_text(json.dumps({**raw, "trust_refresh_interval_s": 86400.0}))
+    assert load_config(path) == dev.config()
+    path.write_text(json.dumps({**raw, "trust_refresh_intervals": 1}))
+    with pytest.raises(ConfigError, match="trust_refresh_intervals"):
+        load_config(path)
+
+
+def test_a_damaged_trust_state_record_reads_as_empty(tmp_path: Path) -> None:
     path = tmp_path / "trust_state.json"
     path.write_bytes(b"{damaged")
     assert TrustState.load(path) == TrustState()
@@ -122,9 +133,8 @@ async def test_root_signed_counter_reset_recovers_devices_locked_out_by_2_53(
     fake = await serve_offer(nursery, absurd_release(env))
     # a device provisioned before the jump bound (any jump accepted) installs it
     legacy = env.device("legacy", mode="direct", tracker_url=fake,
-                        max_release_counter_jump=ABSURD, trust_refresh_interval_s=0.0)
-    modern = env.device("modern", mode="direct", tracker_url=fake,
-                        trust_refresh_interval_s=0.0)
+                        max_release_counter_jump=ABSURD)
+    modern = env.device("modern", mode="direct", tracker_url=fake)
     assert (await update_once(legacy)).status == StatusCode.OK
     assert legacy.bootctl().min_release_counter == ABSURD
     assert (await update_once(modern)).status == StatusCode.VERIFY_FAILED

@@ -70,7 +70,7 @@ async def test_device_offline_across_four_rotations_follows_the_root_chain(
 async def test_idle_device_follows_a_root_rotation_at_its_next_check_in(
         env: ReleaseEnv) -> None:
     """Nothing offered: the metadata refresh that runs beside every check-in still moves
-    the trusted root, at once (not a day later, ``trust_refresh_interval_s``)."""
+    the trusted root, at once (not a day later, as when an idle device refreshed daily)."""
     dev = env.device(mode="direct")
     first = await update_once(dev)
     assert first.updated, first.message  # on v2: nothing more to offer
