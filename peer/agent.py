@@ -110,7 +110,6 @@ from swarmota.peer.tpm_nv import FloorLogError, TrustAnchor
 from swarmota.peer.tracker_client import Offer, checkin, send_report
 from swarmota.peer.trust import (
     MetadataPass,
-    TrustState,
     apply_pending_counter_reset,
 )
 from swarmota.tracker.wire import MAX_MESSAGE_CHARS
@@ -1153,7 +1152,6 @@ class _Run:
             data = await trio.to_thread.run_sync(
                 partial(metadata.release_manifest, offer.target, compact=True))
         result.bytes_metadata += metadata.bytes_received - before
-        await trio.to_thread.run_sync(self._mark_trust_refreshed)
         bc = await trio.to_thread.run_sync(self._apply_counter_reset, bc)
         try:
             release = parse_release_manifest(data)
@@ -1187,9 +1185,6 @@ class _Run:
             bootctl_path=self.state.bootctl_path, product=self.config.product,
             hardware=None if self.keystore is None else self.keystore.floors)
 
-    def _mark_trust_refreshed(self) -> None:
-        TrustState.mark_refreshed(self.state.trust_state_path, self.wall_clock())
-
     def _new_metadata_pass(self) -> MetadataPass:
         """This pass's refresh of the metadata (the previous one closed); ConfigError:
         the CA bundle cannot be loaded."""
@@ -1212,15 +1207,14 @@ class _Run:
             await _outcome_into(into, trio.to_thread.run_sync, metadata.refresh)
 
     async def _trust_refreshed(self, refreshed: outcome.Outcome[None]) -> bool:
-        """With nothing offered: the refresh made beside the check-in (a device follows
-        root rotations and counter resets even when no release reaches it) recorded;
-        True if it succeeded. A failure is logged only."""
+        """With nothing offered: whether the refresh made beside the check-in (a device
+        follows root rotations and counter resets even when no release reaches it)
+        succeeded. A failure is logged only."""
         try:
             refreshed.unwrap()
         except PeerError as exc:
             log.warning("trust refresh failed: %s", exc)
             return False
-        await trio.to_thread.run_sync(self._mark_trust_refreshed)
         return True
 
     # --- boot control: the switch, boot attempts, the verdict ---------------------------

@@ -15,7 +15,7 @@
     STATE/offers.json        when the release now offered was first offered (install delay)
     STATE/attempts.json      when attempts of one release failed in a row (retry budget)
     STATE/floors.json        anti-rollback floors of the components (peer.floors)
-    STATE/trust_state.json   last trust refresh, counter resets applied (peer.trust)
+    STATE/trust_state.json   counter reset epochs applied (peer.trust)
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -328,7 +327,7 @@ def init_device(state_dir: Path, config: DeviceConfig, *, root_json: bytes, imag
     state.trust_dir.mkdir(parents=True, exist_ok=True)
     state.downloads_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(state.trust_dir / "root.json", root_json)
-    TrustState(refreshed_at_s=time.time()).save(state.trust_state_path)
+    TrustState().save(state.trust_state_path)
     if config.slot_backend == "block":
         size, sha = hash_file(image)
         slots = state.slots(config)

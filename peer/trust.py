@@ -28,9 +28,8 @@ One check on top of python-tuf: a root that lists the same public key under two 
 of one role is refused (python-tuf counts keyids, so one key signing twice would meet a
 threshold of two); the trusted metadata is put back as it was before the refresh.
 
-``STATE/trust_state.json`` (:class:`TrustState`) records when the chain was last
-refreshed and which root-signed counter reset epochs (:mod:`manifest.counters`) the
-device has applied.
+``STATE/trust_state.json`` (:class:`TrustState`) records which root-signed counter
+reset epochs (:mod:`manifest.counters`) the device has applied.
 """
 
 from __future__ import annotations
@@ -282,10 +281,10 @@ def _tuf_errors(trust_dir: Path) -> Iterator[None]:
 
 @dataclass
 class TrustState:
-    """``STATE/trust_state.json``: when the chain was last refreshed (wall clock, s) and
-    the counter reset epoch applied per product."""
+    """``STATE/trust_state.json``: the counter reset epoch applied per product. (Older
+    agents also wrote ``refreshed_at_s``, when the chain was last refreshed; it is read
+    no more: the metadata is refreshed beside every check-in.)"""
 
-    refreshed_at_s: float | None = None
     counter_epochs: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -296,25 +295,16 @@ class TrustState:
         try:
             with open(path, "rb") as fh:
                 raw = json.loads(fh.read(_MAX_STATE_BYTES))
-            at = raw.get("refreshed_at_s")
             epochs = raw.get("counter_epochs", {})
             if (not isinstance(epochs, dict)
                     or not all(isinstance(v, int) for v in epochs.values())):
                 return cls()
-            return cls(float(at) if isinstance(at, int | float) else None, dict(epochs))
+            return cls(dict(epochs))
         except (OSError, ValueError, AttributeError, RecursionError):
             return cls()
 
     def save(self, path: Path) -> None:
-        atomic_write_json(path, {"refreshed_at_s": self.refreshed_at_s,
-                                 "counter_epochs": self.counter_epochs})
-
-    @classmethod
-    def mark_refreshed(cls, path: Path, now_s: float) -> None:
-        """Record a successful refresh of the chain at ``now_s``."""
-        state = cls.load(path)
-        state.refreshed_at_s = now_s
-        state.save(path)
+        atomic_write_json(path, {"counter_epochs": self.counter_epochs})
 
 
 def pending_counter_reset(trust_dir: Path, product: str,

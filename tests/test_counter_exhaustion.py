@@ -102,6 +102,18 @@ def test_a_damaged_trust_state_record_reads_as_empty(tmp_path: Path) -> None:
     assert TrustState.load(path) == TrustState()
 
 
+def test_a_trust_state_record_of_an_older_agent_keeps_its_counter_reset_epochs(
+        tmp_path: Path) -> None:
+    """Older agents also recorded when the chain was last refreshed; the epochs (what
+    the record is for) are read as they were, and a save keeps only them."""
+    path = tmp_path / "trust_state.json"
+    path.write_text(json.dumps({"refreshed_at_s": 1000.0, "counter_epochs": {PRODUCT: 2}}))
+    state = TrustState.load(path)
+    assert state == TrustState({PRODUCT: 2})
+    state.save(path)
+    assert json.loads(path.read_bytes()) == {"counter_epochs": {PRODUCT: 2}}
+
+
 # --- the attack and the recovery, end to end ---------------------------------------------
 
 
