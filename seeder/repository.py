@@ -1142,8 +1142,8 @@ class Repository:
                                    "above the live one: discard the request and stage again")
             delegated[role], delegated_bytes[role] = md, data
         for role, md in delegated.items():  # against the delegations that will be live
-            _verify_delegated(targets_md.signed, role, md,
-                              self.metadata_dir / f"{md.signed.version}.{role}.json")
+            _verify(targets_md.signed, role, md,
+                    self.metadata_dir / f"{md.signed.version}.{role}.json")
         for name, data in request.target_files.items():
             target = request.target_entry(name)
             if target is not None:
@@ -1417,25 +1417,14 @@ def _read_chain(metadata_dir: Path, root: Root, *, verify: bool) -> _Committed:
 
     snapshot_meta = timestamp.signed.snapshot_meta
     snap_path = metadata_dir / f"{snapshot_meta.version}.snapshot.json"
-    snap_bytes = _read_limited(snap_path, MAX_METADATA_BYTES)
-    _check_metafile(snapshot_meta, snap_bytes, snap_path)
-    snapshot = _parse_metadata(snap_bytes, Snapshot, snap_path)
-    if verify:
-        _verify(root, "snapshot", snapshot, snap_path)
-    if snapshot.signed.version != snapshot_meta.version:
-        raise RepositoryError(f"{snap_path} contains version {snapshot.signed.version}")
+    snapshot, _ = _read_listed(metadata_dir, "snapshot", snapshot_meta, Snapshot,
+                               root if verify else None)
 
     targets_meta = snapshot.signed.meta.get("targets.json")
     if targets_meta is None:
         raise RepositoryError(f"{snap_path} does not list targets.json")
-    targets_path = metadata_dir / f"{targets_meta.version}.targets.json"
-    targets_bytes = _read_limited(targets_path, MAX_METADATA_BYTES)
-    _check_metafile(targets_meta, targets_bytes, targets_path)
-    targets = _parse_metadata(targets_bytes, Targets, targets_path)
-    if verify:
-        _verify(root, "targets", targets, targets_path)
-    if targets.signed.version != targets_meta.version:
-        raise RepositoryError(f"{targets_path} contains version {targets.signed.version}")
+    targets, targets_bytes = _read_listed(metadata_dir, "targets", targets_meta, Targets,
+                                          root if verify else None)
     delegated: dict[str, Metadata[Targets]] = {}
     delegated_bytes: dict[str, bytes] = {}
     for name, meta in snapshot.signed.meta.items():
@@ -1444,14 +1433,8 @@ def _read_chain(metadata_dir: Path, root: Root, *, verify: bool) -> _Committed:
         role = name.removesuffix(".json")
         if not role.startswith(DELEGATED_ROLE_PREFIX) or "/" in role:
             raise RepositoryError(f"{snap_path} lists {name}, which is no role of ours")
-        path = metadata_dir / f"{meta.version}.{role}.json"
-        data = _read_limited(path, MAX_METADATA_BYTES)
-        _check_metafile(meta, data, path)
-        md = _parse_metadata(data, Targets, path)
-        if verify:
-            _verify_delegated(targets.signed, role, md, path)
-        if md.signed.version != meta.version:
-            raise RepositoryError(f"{path} contains version {md.signed.version}")
+        md, data = _read_listed(metadata_dir, role, meta, Targets,
+                                targets.signed if verify else None)
         delegated[role], delegated_bytes[role] = md, data
     return _Committed(timestamp=timestamp, snapshot=snapshot, targets=targets,
                       targets_bytes=targets_bytes, delegated=delegated,
@@ -1537,19 +1520,29 @@ def _parse_metadata(data: bytes, signed_type: type[_S], where: Path) -> Metadata
     return md
 
 
-def _verify(root: Root, role: str, md: Metadata[Any], where: Path) -> None:
+def _verify(delegator: Root | Targets, role: str, md: Metadata[Any], where: Path) -> None:
+    """Check ``md``'s signatures against the keys ``delegator`` gives ``role`` (root for
+    the top-level roles, top-level targets for a delegated role)."""
     try:
-        root.verify_delegate(role, md.signed_bytes, md.signatures)
+        delegator.verify_delegate(role, md.signed_bytes, md.signatures)
     except (UnsignedMetadataError, ValueError) as exc:
         raise RepositoryError(f"{where}: bad {role} signature: {exc}") from exc
 
 
-def _verify_delegated(targets: Targets, role: str, md: Metadata[Any], where: Path) -> None:
-    """Check ``md`` against the delegation of ``role`` in top-level ``targets``."""
-    try:
-        targets.verify_delegate(role, md.signed_bytes, md.signatures)
-    except (UnsignedMetadataError, ValueError) as exc:
-        raise RepositoryError(f"{where}: bad {role} signature: {exc}") from exc
+def _read_listed(metadata_dir: Path, role: str, meta: MetaFile, signed_type: type[_S],
+                 delegator: Root | Targets | None) -> tuple[Metadata[_S], bytes]:
+    """The version of ``role`` that ``meta`` (in timestamp or snapshot) names: its
+    length and hashes as listed, of ``signed_type``, signed as ``delegator`` requires
+    (None: not checked), and the version it claims."""
+    path = metadata_dir / f"{meta.version}.{role}.json"
+    data = _read_limited(path, MAX_METADATA_BYTES)
+    _check_metafile(meta, data, path)
+    md = _parse_metadata(data, signed_type, path)
+    if delegator is not None:
+        _verify(delegator, role, md, path)
+    if md.signed.version != meta.version:
+        raise RepositoryError(f"{path} contains version {md.signed.version}")
+    return md, data
 
 
 def _check_metafile(meta: MetaFile, data: bytes, where: Path) -> None:
