@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from swarmota.manifest import ManifestFormatError, ReleaseManifest, release_target_name
 from swarmota.tracker.bittorrent import SwarmInfo
@@ -31,6 +32,15 @@ class PayloadSummary:
     size: int
     sha256: str
     base_sha256: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """As the admin API shows it and the store keeps it (``base_sha256`` only for a
+        delta)."""
+        out: dict[str, Any] = {"kind": self.kind, "encoding": self.encoding,
+                               "size": self.size, "sha256": self.sha256}
+        if self.base_sha256 is not None:
+            out["base_sha256"] = self.base_sha256
+        return out
 
 
 @dataclass(frozen=True)

@@ -309,7 +309,7 @@ class SqlStore:
                 "update_type, component, payloads_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (release.product, release.version, release.release_counter, release.target,
                  added_at, release.update_type, release.component,
-                 json.dumps([_payload_to_json(p) for p in release.payloads])),
+                 json.dumps([p.to_json() for p in release.payloads])),
             )
             _insert_swarms(conn, new_swarms)
             return True
@@ -1010,14 +1010,6 @@ def _insert_audit(conn: Connection, entries: Sequence[AuditEntry]) -> None:
         "INSERT INTO audit (at, actor, action, target, outcome, detail) "
         "VALUES (?, ?, ?, ?, ?, ?)",
         [(e.at, e.actor, e.action, e.target, e.outcome, e.detail) for e in entries])
-
-
-def _payload_to_json(p: PayloadSummary) -> dict[str, Any]:
-    out: dict[str, Any] = {"kind": p.kind, "encoding": p.encoding, "size": p.size,
-                           "sha256": p.sha256}
-    if p.base_sha256 is not None:
-        out["base_sha256"] = p.base_sha256
-    return out
 
 
 def _row_to_release(row: Sequence[Any], swarms: list[SwarmInfo]) -> Release:

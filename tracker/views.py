@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from swarmota.tracker.protocol import PayloadSummary, Release
+from swarmota.tracker.protocol import Release
 from swarmota.tracker.rollout import (
     Admission,
     FailureNote,
@@ -82,14 +82,6 @@ def rollout_to_json(state: RolloutState) -> dict[str, Any]:
     }
 
 
-def _payload(p: PayloadSummary) -> dict[str, Any]:
-    out: dict[str, Any] = {"kind": p.kind, "encoding": p.encoding, "size": p.size,
-                           "sha256": p.sha256}
-    if p.base_sha256 is not None:
-        out["base_sha256"] = p.base_sha256
-    return out
-
-
 def release_to_json(release: Release, rollout: RolloutState | None,
                     added_at: float | None = None) -> dict[str, Any]:
     """A release with its payloads and its latest rollout's phase (``none`` without
@@ -98,7 +90,7 @@ def release_to_json(release: Release, rollout: RolloutState | None,
         "product": release.product, "version": release.version,
         "release_counter": release.release_counter, "target": release.target,
         "update_type": release.update_type, "component": release.component,
-        "payloads": [_payload(p) for p in release.payloads],
+        "payloads": [p.to_json() for p in release.payloads],
         "swarms": [s.info_hash for s in release.swarms],
         "rollout": None if rollout is None else rollout.rollout_id,
         "generation": None if rollout is None else rollout.generation,
