@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import hmac
+import itertools
+import json
 import re
 import time
 from pathlib import Path
@@ -36,6 +38,9 @@ from swarmota.peer.http import HttpClient
 from swarmota.peer.identity import load_identity
 from swarmota.peer.tracker_client import checkin
 from swarmota.tracker.admin import hash_token, new_token
+from swarmota.tracker.app import TrackerApp
+from swarmota.tracker.config import DEFAULT_ANNOUNCE_KEY_LIFETIME_S, TrackerConfig
+from swarmota.tracker.director import Director
 from swarmota.tracker.sqlite_store import SqliteStore
 from swarmota.tracker.store import TokenRecord
 from swarmota.tracker.wire import AnnounceKeyGrant, WireError, parse_announce_key
@@ -50,6 +55,7 @@ from tests.test_device_auth_tracker import (
     report_body,
     start_tracker,
 )
+from tests.test_device_revocation import asgi
 from tests.test_tracker_announce import announce_query, bdecode
 
 SECRET = bytes(range(32))
@@ -219,6 +225,31 @@ async def test_a_tampered_or_foreign_device_announce_does_not_verify(
     status, answer = await get(tracker, target.replace("dev-1", "dev-2"),
                                keyed(stolen, target.replace("dev-1", "dev-2"), 11))
     assert status == 401 and "does not verify" in failure(answer)
+
+
+async def test_a_grant_says_the_keys_own_lifetime_however_the_clock_moves_meanwhile(
+        tmp_path: Path, fleet: Fleet) -> None:
+    """The key's expiry and the grant's lifetime come from one reading of the clock (the
+    check-in's): with a clock that moves a whole second at every reading, a grant said
+    3601 s for a 3600 s key when the gate read the clock again to issue it."""
+    db = tmp_path / "tracker.db"
+    register(db)
+    readings = itertools.count()
+    start = float(int(time.time()))
+
+    def clock() -> float:
+        return start + next(readings)
+
+    dev = fleet.identity("dev-1")
+    body = checkin_body("dev-1")
+    with SqliteStore(db) as store:
+        app = TrackerApp(Director(store, TrackerConfig(db_path=db, device_ca=fleet.ca_pem),
+                                  clock=clock))
+        status, answer = await asgi(app, "POST", "/v1/checkin", body,
+                                    dev.sign("POST", "/v1/checkin", body))
+    assert status == 200, answer
+    grant = parse_announce_key(json.loads(answer))
+    assert grant is not None and grant.lifetime_s == DEFAULT_ANNOUNCE_KEY_LIFETIME_S
 
 
 async def test_a_replayed_key_authenticated_announce_is_refused(
