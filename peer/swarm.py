@@ -37,6 +37,7 @@ for v2 torrents whose size is not a multiple of the piece size (see
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import tempfile
@@ -90,6 +91,10 @@ _ALERT_MASK: Final = int(
     | lt.alert.category_t.peer_notification
     | lt.alert.category_t.storage_notification
     | lt.alert.category_t.piece_progress_notification
+    # not read, but they wake a download loop (SwarmSession.wait_news) when a tracker
+    # answers or a peer connects
+    | lt.alert.category_t.tracker_notification
+    | lt.alert.category_t.connect_notification
 )
 
 
@@ -619,6 +624,14 @@ class SwarmSession:
         self._alert_lock = threading.Lock()
         self._blocked: set[str] = set()
         self._closed = False
+        # libtorrent writes a byte to this pipe when it queues an alert into an empty
+        # queue (a piece verified, a peer connected or banned, a tracker's answer): a
+        # download loop waits for it (wait_news) instead of polling at a fixed tick. A
+        # descriptor, not a Python callback: libtorrent's thread never needs the GIL.
+        self._news_r, self._news_w = os.pipe()
+        os.set_blocking(self._news_r, False)
+        os.set_blocking(self._news_w, False)
+        self._session.set_alert_fd(self._news_w)
 
     def __enter__(self) -> SwarmSession:
         return self
@@ -927,6 +940,18 @@ class SwarmSession:
         self._events.clear()
         return events
 
+    async def wait_news(self, timeout_s: float) -> None:
+        """Return once libtorrent has queued an alert since the last :meth:`pop_events`
+        (at once if it did already), or after ``timeout_s``. A loop that calls
+        :meth:`pop_events` and then this one misses nothing: libtorrent signals each
+        time its queue stops being empty."""
+        self._check_open()
+        with trio.move_on_after(timeout_s):
+            await trio.lowlevel.wait_readable(self._news_r)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._news_r, 4096):
+                pass
+
     def close(self) -> None:
         """Stop every torrent and the session. Idempotent; files stay on disk."""
         if self._closed:
@@ -936,7 +961,11 @@ class SwarmSession:
             self._session.remove_torrent(t.handle)
         self._torrents.clear()
         self._session.pause()
-        self._session = None
+        self._session = None  # libtorrent's threads end here: nothing writes the pipe
+        with contextlib.suppress(RuntimeError):  # outside trio: nobody can be waiting
+            trio.lowlevel.notify_closing(self._news_r)
+        os.close(self._news_r)
+        os.close(self._news_w)
 
     # ------------------------------------------------------------------ internals
 

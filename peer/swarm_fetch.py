@@ -90,7 +90,8 @@ log = logging.getLogger(__name__)
 
 MAX_TORRENT_BYTES = 4 * 1024 * 1024
 PAYLOAD_FILE = "payload.part"
-_TICK_S = 0.1
+_TICK_S = 0.1  # the loop looks at least this often; sooner when libtorrent has news
+_MIN_TICK_S = 0.02  # and at most this often (its CPU on a small device)
 _WRITE_OUT_S = 10.0  # see _SwarmRun._write_out
 _VERDICT_WAIT_S = 3.0  # see _SwarmRun._await_verdicts
 _PROGRESS_EVERY_S = 0.5
@@ -412,6 +413,8 @@ class _SwarmRun:
         self.poisoned_at: float | None = None
         self.banned_since_poisoned = False
         self.restarts = 0
+        self.view_updated = trio.Event()  # set when the loop has a new view (workers wait)
+        self.paused_at = float("-inf")
 
     async def run(self) -> bool:
         """True when libtorrent has every piece; False when the origin must finish.
@@ -457,12 +460,14 @@ class _SwarmRun:
                                                   "(device resources)")
                     break
                 if view.checking or len(view.have) != self.payload.chunk_count:
-                    await trio.sleep(_TICK_S)
+                    await self._pause()
                     continue
                 if self._restart_due(now):
                     await self._restart()
                     continue
                 self.view = view
+                self.view_updated.set()
+                self.view_updated = trio.Event()
                 self._drop_silent_peers(view, now)
                 self._count_swarm(view, now)
                 have = sum(view.have)
@@ -493,10 +498,21 @@ class _SwarmRun:
                     self.ready_at = now
                     for _ in range(self.options.origin_parallel):
                         nursery.start_soon(self._origin_worker)
-                await trio.sleep(_TICK_S)
+                await self._pause()
             nursery.cancel_scope.cancel()
         assert self.failure is not None
         raise self.failure
+
+    async def _pause(self) -> None:
+        """Until libtorrent has news (a piece verified, a peer connected, the tracker's
+        answer) or ``_TICK_S`` passed, and at least ``_MIN_TICK_S`` since the last
+        pause ended: the first origin request goes out when the tracker answers, and
+        the download ends when its last piece is verified, not at the next tick."""
+        await self.session.wait_news(_TICK_S)
+        rest = self.paused_at + _MIN_TICK_S - trio.current_time()
+        if rest > 0:
+            await trio.sleep(rest)
+        self.paused_at = trio.current_time()
 
     def _failed_and_settled(self) -> bool:
         """A piece failed for good, and nothing useful is still under way: no origin
@@ -716,7 +732,8 @@ class _SwarmRun:
         while True:
             run = self._next_origin_run()
             if not run:
-                await trio.sleep(_TICK_S)
+                with trio.move_on_after(_TICK_S):
+                    await self.view_updated.wait()
                 continue
             try:
                 await self._fetch_from_origin(run)

@@ -262,6 +262,27 @@ async def test_wait_complete_times_out_with_download_failed(tmp_path: Path) -> N
         assert session.statistics(ref).progress < 1.0
 
 
+async def test_wait_news_sleeps_while_libtorrent_is_quiet_and_wakes_on_its_next_alert(
+        tmp_path: Path) -> None:
+    """The download loop waits on this instead of a fixed tick: it must not return
+    before libtorrent has news (or the timeout), and must return as soon as it has."""
+    payload = write_payload(tmp_path / "have", 80_000)
+    torrent = make_torrent(payload, piece_size_bytes=16 * 1024)
+    with SwarmSession(SwarmConfig(listen_host="127.0.0.2")) as session:
+        with trio.fail_after(30):
+            await session.wait_news(60)  # the listen socket's alert
+        session.pop_events()
+        began = trio.current_time()
+        await session.wait_news(0.3)  # nothing is going on
+        assert trio.current_time() - began >= 0.3
+        session.add_payload(torrent.data, payload.parent, seed_mode=True)
+        with trio.fail_after(30):  # without the wake-up: 600 s
+            await session.wait_news(600)
+        assert any(e.kind == "add_torrent" for e in session.pop_events())
+    with pytest.raises(RuntimeError, match="closed"):
+        await session.wait_news(1)
+
+
 async def test_seed_mode_session_reports_complete_without_download(tmp_path: Path) -> None:
     payload = write_payload(tmp_path / "have", 80_000)
     torrent = make_torrent(payload, piece_size_bytes=16 * 1024)
