@@ -47,7 +47,7 @@ import re
 import ssl
 import time
 import typing
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -733,13 +733,17 @@ class HttpClient:
         """Close the connections (what leaving ``async with`` does)."""
         await self._client.aclose()
 
-    async def get_range(self, url: str, offset: int, length: int) -> bytes:
+    async def get_range(self, url: str, offset: int, length: int, *,
+                        on_data: Callable[[bytearray], None] | None = None) -> bytes:
         """Return exactly ``length`` bytes at ``offset`` of ``url``, or raise DownloadFailed.
 
         Accepts 206 with a matching Content-Range, or a 200 from a server that ignores
         Range (then skips to ``offset``). Never reads more than needed. The deadline
         counts ``length`` bytes, whatever ``offset``: a server ignoring Range that makes
-        the agent skip far into a large file is cut like any slow answer.
+        the agent skip far into a large file is cut like any slow answer. ``on_data``
+        is called with the bytes from ``offset`` received so far (at most ``length``;
+        valid during the call only) each time more arrive, so that a caller can use
+        the first chunks of a long answer before its end.
         """
         headers = {"range": f"bytes={offset}-{offset + length - 1}"}
         what = f"GET {url} (range {offset}+{length})"
@@ -759,7 +763,7 @@ class HttpClient:
             else:
                 raise DownloadFailed(f"{what}: HTTP {response.status_code}",
                                      http_status=response.status_code)
-            return await self._read_exact(response, url, skip, length)
+            return await self._read_exact(response, url, skip, length, on_data)
         raise RuntimeError("unreachable: the exchange raises")  # pragma: no cover
 
     async def get_bytes(self, url: str, *, max_bytes: int) -> bytes:
@@ -795,9 +799,11 @@ class HttpClient:
         return bytes(out)
 
     async def _read_exact(self, response: httpx.Response, url: str, skip: int,
-                          length: int) -> bytes:
-        """Read ``length`` bytes after skipping ``skip``; an answer cut short raises
-        PartialResponse with what did arrive."""
+                          length: int,
+                          on_data: Callable[[bytearray], None] | None = None) -> bytes:
+        """Read ``length`` bytes after skipping ``skip`` (``on_data``: see
+        :meth:`get_range`); an answer cut short raises PartialResponse with what did
+        arrive."""
         out = bytearray()
         received = 0
         floor = self._floor(f"GET {url}")
@@ -811,8 +817,12 @@ class HttpClient:
                     block = block[dropped:]
                     skip -= dropped
                 out += block
-                if len(out) >= length:  # anything beyond what was asked for is dropped
-                    return bytes(out[:length])
+                if len(out) > length:  # anything beyond what was asked for is dropped
+                    del out[length:]
+                if on_data is not None and block:
+                    on_data(out)
+                if len(out) == length:
+                    return bytes(out)
                 floor.check(received)
         except (httpx.HTTPError, DownloadFailed) as exc:
             what = _describe(exc) if isinstance(exc, httpx.HTTPError) else str(exc)

@@ -753,33 +753,49 @@ class _SwarmRun:
         return None
 
     async def _fetch_from_origin(self, run: list[int]) -> None:
+        """Fetch adjacent pieces ``run`` in one request; each piece is verified and
+        handed to libtorrent as soon as its bytes are in, so that peers have the first
+        ones while the rest is on its way (and a cut answer keeps those)."""
         start, _ = self.payload.chunk_span(run[0])
         end, end_len = self.payload.chunk_span(run[-1])
+        taken = 0  # pieces of ``run`` handled so far
+
+        def take(data: bytes | bytearray) -> None:
+            nonlocal taken
+            while taken < len(run):
+                offset, length = self.payload.chunk_span(run[taken])
+                if offset - start + length > len(data):
+                    return
+                self._take_origin_piece(run[taken],
+                                        bytes(data[offset - start:offset - start + length]))
+                taken += 1
+
         try:
-            data = await self.http.get_range(self.url, start, end + end_len - start)
+            take(await self.http.get_range(self.url, start, end + end_len - start,
+                                           on_data=take))
         except DownloadFailed as exc:
-            log.warning("origin chunks %d-%d: %s", run[0], run[-1], exc)
-            if self._count_failure(run[0]):
-                self._fail(DownloadFailed(f"chunk {run[0]} not fetched after "
+            first = run[min(taken, len(run) - 1)]  # the first piece that did not come
+            log.warning("origin chunks %d-%d: %s", first, run[-1], exc)
+            if self._count_failure(first):
+                self._fail(DownloadFailed(f"chunk {first} not fetched after "
                                           f"{self.options.attempts} attempts: {exc}"))
-            await trio.sleep(self._backoff(run[0]))
+            await trio.sleep(self._backoff(first))
+
+    def _take_origin_piece(self, index: int, chunk: bytes) -> None:
+        """Verify a piece from the origin and hand it to libtorrent (or count it bad)."""
+        try:
+            self.payload.verify_chunk(index, chunk)
+        except IntegrityError as exc:
+            log.warning("origin chunk %d refused: %s", index, exc)
+            self.rejected_bytes += len(chunk)
+            self.stats.chunks_rejected += 1
+            if self._count_failure(index):
+                self._fail(VerifyFailed(f"chunk {index} failed verification "
+                                        f"{self.options.attempts} times: {exc}"))
             return
-        for index in run:
-            offset, length = self.payload.chunk_span(index)
-            chunk = data[offset - start:offset - start + length]
-            try:
-                self.payload.verify_chunk(index, chunk)
-            except IntegrityError as exc:
-                log.warning("origin chunk %d refused: %s", index, exc)
-                self.rejected_bytes += len(chunk)
-                self.stats.chunks_rejected += 1
-                if self._count_failure(index):
-                    self._fail(VerifyFailed(f"chunk {index} failed verification "
-                                            f"{self.options.attempts} times: {exc}"))
-                continue
-            self.session.add_piece(self.ref, index, chunk)
-            self.added[index] = self.clock()
-            self.stats.chunks_from_origin += 1
+        self.session.add_piece(self.ref, index, chunk)
+        self.added[index] = self.clock()
+        self.stats.chunks_from_origin += 1
 
     def _count_failure(self, index: int) -> bool:
         """Count a failed origin attempt at ``index``; True when attempts are used up
