@@ -11,8 +11,9 @@ an error, every process inside is killed and the namespace deleted.
 Inside, one run publishes v1 and v2 of a generated firmware-like image twice: once with
 the full payload only, once with a delta from v1 as well (devices on v1 take the delta).
 Then, for each payload kind, each fleet size and each scenario, ``--repeat`` times, with
-a fresh origin server (in this process, unlimited: ``tc`` is the bottleneck) and a fresh
-tracker:
+a fresh origin server (unlimited: ``tc`` is the bottleneck; by default nginx with
+docs/ORIGIN.md's configuration, as a CDN would serve the tree, ``--origin python`` for
+the embedded server in this process) and a fresh tracker (in this process):
 
 * ``baseline``: each device downloads the payload from the origin with a plain HTTP
   client (one GET, stdlib ``urllib``, SHA-256 checked), as fleets do today;
@@ -66,6 +67,7 @@ from bench.netns import (
     missing_privileges,
     shaped_namespace,
 )
+from bench.origin_nginx import nginx_binary, run_nginx_origin
 from swarmota.demo import write_images
 from swarmota.infra.fsio import atomic_write_bytes
 from swarmota.infra.http_serve import ListenConfig
@@ -89,6 +91,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 SCENARIOS = ("baseline", "direct", "swarm")
 PAYLOAD_KINDS = ("full", "delta")
+ORIGINS = ("nginx", "python")
 ORIGIN_IP = "127.0.1.1"
 TRACKER_IP = "127.0.1.2"
 MAX_DEVICES = 200  # 127.0.2.10 .. 127.0.2.209
@@ -127,6 +130,9 @@ class FleetConfig:
     scenarios: tuple[str, ...] = SCENARIOS
     kinds: tuple[str, ...] = PAYLOAD_KINDS
     run_timeout_s: float = 1800.0
+    origin: str = "nginx"
+    """``nginx``: docs/ORIGIN.md's configuration, run by nginx (a CDN's role);
+    ``python``: the embedded origin server, in the benchmark's process."""
 
     @property
     def origin_rate_bytes_per_s(self) -> float:
@@ -217,22 +223,30 @@ async def run_fleet(workdir: Path, published: Published, *, kind: str, scenario:
     payload = published.payload
     lower_bound = payload.size / config.origin_rate_bytes_per_s
     timeout = min(config.run_timeout_s, 120.0 + 4 * devices * lower_bound)
-    origin = OriginApp(published.repo.origin_dir, OriginConfig())
-    async with trio.open_nursery() as servers:
-        origin_url = await servers.start(serve_origin, origin, ListenConfig(host=ORIGIN_IP))
-        tracker_url = await servers.start(serve_tracker, TrackerConfig(
-            db_path=db, listen=ListenConfig(host=TRACKER_IP)))
-        argvs, states = _device_commands(workdir, published, scenario, devices,
-                                         origin_url, tracker_url, timeout)
-        link_before = _link_bytes(namespace, config)
-        cpu_before, servers_before = _children_cpu_s(), time.process_time()
-        load = os.getloadavg()[0]  # the machine is shared: how busy it was
-        started, ended, outputs, failures = await _run_devices(argvs, states, timeout)
-        cpu = _children_cpu_s() - cpu_before
-        servers_cpu = time.process_time() - servers_before
-        link_after = _link_bytes(namespace, config)
-        stats = origin.statistics()
-        servers.cancel_scope.cancel()
+    with contextlib.ExitStack() as stack:
+        async with trio.open_nursery() as servers:
+            if config.origin == "nginx":
+                nginx = stack.enter_context(run_nginx_origin(
+                    published.repo.origin_dir, workdir, host=ORIGIN_IP))
+                origin_url, statistics, origin_cpu = nginx.url, nginx.statistics, nginx.cpu_s
+            else:
+                origin = OriginApp(published.repo.origin_dir, OriginConfig())
+                origin_url = await servers.start(serve_origin, origin,
+                                                 ListenConfig(host=ORIGIN_IP))
+                statistics, origin_cpu = origin.statistics, lambda: 0.0
+            tracker_url = await servers.start(serve_tracker, TrackerConfig(
+                db_path=db, listen=ListenConfig(host=TRACKER_IP)))
+            argvs, states = _device_commands(workdir, published, scenario, devices,
+                                             origin_url, tracker_url, timeout)
+            link_before = _link_bytes(namespace, config)
+            cpu_before, servers_before = _children_cpu_s(), time.process_time() + origin_cpu()
+            load = os.getloadavg()[0]  # the machine is shared: how busy it was
+            started, ended, outputs, failures = await _run_devices(argvs, states, timeout)
+            cpu = _children_cpu_s() - cpu_before
+            servers_cpu = time.process_time() + origin_cpu() - servers_before
+            link_after = _link_bytes(namespace, config)
+            stats = statistics()
+            servers.cancel_scope.cancel()
     runs = [_device_run(f"dev-{i:03d}", states[i], ended[i], outputs[i], started)
             for i in range(devices)]
     return RunResult(kind=kind, scenario=scenario, devices=devices, payload_bytes=payload.size,
@@ -695,8 +709,13 @@ async def run_bench(workdir: Path, config: FleetConfig, *, namespace: str | None
         "targets_checked": check_targets(cells, rows),
         "runs": [{**asdict(r), "ok": r.ok} for r in runs],
         "notes": [
-            "every device is its own process on its own address; servers run in the "
-            "benchmark's process; all share this machine's 2 cores",
+            "every device is its own process on its own address; "
+            + ("the origin is nginx with docs/ORIGIN.md's configuration (a CDN's role), "
+               "the tracker runs in the benchmark's process"
+               if config.origin == "nginx" else
+               "the origin (the embedded Python server) and the tracker run in the "
+               "benchmark's process")
+            + "; all share this machine's 2 cores",
             "no seeder: the shaped origin is the only source of the payload",
             "origin egress counts every byte the origin server sent (metadata included); "
             "'on the link' is what tc counted through the origin's class, headers included",
@@ -706,7 +725,7 @@ async def run_bench(workdir: Path, config: FleetConfig, *, namespace: str | None
             "agent committed v2 (adds start-up, a pass over the payload and decompressing "
             "into the slot) or the baseline's process ended",
             "CPU per device: user + system of the device processes, start-up included; "
-            "servers CPU: this process (origin, tracker), the whole run; load: the "
+            "servers CPU: the origin's and the tracker's, the whole run; load: the "
             "machine's 1-minute load average at each run's start (2 cores, shared with "
             "other work)",
             "the origin link's queue is HTB's default leaf, a 1000-packet pfifo (up to "
@@ -726,7 +745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fleet_sizes=tuple(args.devices), repeat=args.repeat, image_bytes=args.image_mib << 20,
         origin_rate_bits_per_s=int(args.origin_mbit * 1e6),
         lan_rate_bits_per_s=int(args.lan_mbit * 1e6), scenarios=tuple(args.scenarios),
-        kinds=tuple(args.kinds), run_timeout_s=args.run_timeout_s)
+        kinds=tuple(args.kinds), run_timeout_s=args.run_timeout_s, origin=args.origin)
     if args.inside:
         return _inside(config, args.out, args.namespace)
     problem = missing_privileges()
@@ -807,6 +826,10 @@ def _parser() -> argparse.ArgumentParser:
                         default=list(PAYLOAD_KINDS), help="payload kinds")
     parser.add_argument("--run-timeout-s", type=float, default=1800.0,
                         help="upper bound of one fleet update")
+    parser.add_argument("--origin", choices=ORIGINS, default=ORIGINS[0],
+                        help="the origin server: nginx with docs/ORIGIN.md's configuration "
+                             "(a CDN's role; Debian package nginx-light), or the embedded "
+                             "Python server in the benchmark's process")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="directory for fleet.json, fleet.md, fleet.png")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
@@ -823,6 +846,9 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error("--image-mib must be within 1..1024")
     if args.origin_mbit < 0.1 or args.lan_mbit < 0:
         parser.error("--origin-mbit must be >= 0.1 and --lan-mbit >= 0")
+    if args.origin == "nginx" and nginx_binary() is None:
+        parser.error("--origin nginx: nginx is not installed (apt-get install nginx-light), "
+                     "or use --origin python")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
+import trio
 
 from bench.fleet import (
     REPO_ROOT,
@@ -31,6 +33,10 @@ from bench.netns import (
     missing_privileges,
     shaped_namespace,
 )
+from bench.origin_nginx import nginx_binary, run_nginx_origin
+from swarmota.infra.http_serve import ListenConfig
+from swarmota.seeder.origin import OriginApp
+from swarmota.seeder.server import serve_origin
 
 needs_netns = pytest.mark.skipif(
     missing_privileges() is not None,
@@ -158,6 +164,8 @@ def test_tiny_fleet_in_a_shaped_namespace_end_to_end(tmp_path: Path) -> None:
     # the delta is far smaller than the full payload
     assert cells[("delta", "swarm")]["payload_bytes"] < cells[("full", "swarm")][
         "payload_bytes"] / 2
+    if nginx_binary() is not None:  # the default origin: a CDN's role
+        assert "the origin is nginx" in result["notes"][0]
     markdown = (tmp_path / "fleet.md").read_text()
     assert markdown == render_markdown(result)
     assert "| full | 3 | swarm |" in markdown and "| delta | 3 | baseline |" in markdown
@@ -201,3 +209,41 @@ def test_swarmota_bench_fleet_runs_the_benchmark_of_the_checkout() -> None:
     done = subprocess.run([sys.executable, "-m", "swarmota.cli", "bench", "fleet",
                            "--repeat", "0"], capture_output=True, timeout=60, check=False)
     assert done.returncode == 2 and b"--repeat must be >= 1" in done.stderr
+
+
+@pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed")
+async def test_nginx_origin_counts_what_the_embedded_origin_counts(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """The benchmark's default origin is nginx with docs/ORIGIN.md's configuration; its
+    byte counts (from the access log) must be the embedded server's, request for request:
+    the fleet tables compare runs of either."""
+    root = tmp_path / "origin"
+    files = {"metadata/timestamp.json": b"t" * 700, "metadata/3.snapshot.json": b"s" * 900,
+             "targets/releases/p/ab.1.0.0.json": b"m" * 1500,
+             "payloads/" + "c" * 64 + ".zst": bytes(range(256)) * 400,
+             "payloads/" + "c" * 64 + ".zst.torrent": b"d" * 2000,
+             "payloads/" + "e" * 64 + ".chunks": b"h" * 640}
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    payload = "/payloads/" + "c" * 64 + ".zst"
+    requests = [("/metadata/timestamp.json", None), ("/metadata/3.snapshot.json", None),
+                ("/metadata/4.root.json", None), ("/targets/releases/p/ab.1.0.0.json", None),
+                (payload, "bytes=0-65535"), (payload, "bytes=65536-102399"),
+                (payload + ".torrent", None), ("/payloads/" + "e" * 64 + ".chunks", None),
+                ("/payloads/.hidden", None)]
+    embedded = OriginApp(root)
+    embedded_url = await nursery.start(serve_origin, embedded, ListenConfig())
+    with run_nginx_origin(root, tmp_path) as nginx:
+        for base in (embedded_url, nginx.url):
+            async with httpx.AsyncClient(base_url=base) as client:
+                for path, wanted in requests:
+                    headers = {"range": wanted} if wanted else {}
+                    await client.get(path, headers=headers)
+        counted = nginx.statistics()
+        assert nginx.cpu_s() >= 0
+    mine = embedded.statistics()
+    assert counted.bytes_payloads == 65536 + 36864 + 2000 + 640
+    for field in ("requests", "bytes_total", "bytes_metadata", "bytes_targets",
+                  "bytes_payloads", "bytes_torrents", "bytes_chunk_lists", "responses_206"):
+        assert getattr(counted, field) == getattr(mine, field), field

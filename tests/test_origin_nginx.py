@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import pwd
 import re
-import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -25,22 +24,14 @@ import httpx
 import pytest
 import trio
 
+from bench.origin_nginx import documented_blocks, nginx_binary
 from swarmota.infra.devca import create_ca, issue_server_cert
 from swarmota.peer.agent import update_once
 from swarmota.peer.errors import StatusCode
-from tests.release_env import REPO_ROOT, ReleaseEnv
+from tests.release_env import ReleaseEnv
 
-NGINX = shutil.which("nginx") or next(
-    (p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+NGINX = nginx_binary()
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
-
-
-def documented_blocks() -> list[str]:
-    """The ```nginx blocks of docs/ORIGIN.md: the snippet, the HTTPS and the lab server."""
-    text = (REPO_ROOT / "docs" / "ORIGIN.md").read_text()
-    blocks = re.findall(r"```nginx\n(.*?)```", text, flags=re.S)
-    assert len(blocks) == 3, "ORIGIN.md: snippet, HTTPS server, lab server"
-    return blocks
 
 
 def free_port() -> int:
