@@ -92,6 +92,7 @@ MAX_TORRENT_BYTES = 4 * 1024 * 1024
 PAYLOAD_FILE = "payload.part"
 _TICK_S = 0.1  # the loop looks at least this often; sooner when libtorrent has news
 _MIN_TICK_S = 0.02  # and at most this often (its CPU on a small device)
+_QUICK_END_BYTES = 512 * 1024  # see _SwarmRun._pause
 _WRITE_OUT_S = 10.0  # see _SwarmRun._write_out
 _VERDICT_WAIT_S = 3.0  # see _SwarmRun._await_verdicts
 _PROGRESS_EVERY_S = 0.5
@@ -506,10 +507,18 @@ class _SwarmRun:
     async def _pause(self) -> None:
         """Until libtorrent has news (a piece verified, a peer connected, the tracker's
         answer) or ``_TICK_S`` passed, and at least ``_MIN_TICK_S`` since the last
-        pause ended: the first origin request goes out when the tracker answers, and
-        the download ends when its last piece is verified, not at the next tick."""
+        pause ended, while the download starts (no piece here yet) and in its last
+        ``_QUICK_END_BYTES``: the first origin request goes out when the
+        tracker answers, and the download ends when its last piece is verified, not at
+        the next tick. In between, a look every ``_TICK_S`` is enough (the origin
+        workers fetch back to back), and its CPU is a fifth (a 21 MB download on 16
+        devices: 0.3 s of CPU per device more when every piece woke the loop)."""
         await self.session.wait_news(_TICK_S)
-        rest = self.paused_at + _MIN_TICK_S - trio.current_time()
+        view = self.view
+        missing = 0 if view is None else view.have.count(False)
+        quick = (view is None or missing == len(view.have)
+                 or missing * self.payload.chunk_size <= _QUICK_END_BYTES)
+        rest = self.paused_at + (_MIN_TICK_S if quick else _TICK_S) - trio.current_time()
         if rest > 0:
             await trio.sleep(rest)
         self.paused_at = trio.current_time()
