@@ -36,7 +36,7 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -994,9 +994,9 @@ class _Run:
 
     async def _swarm_session(self) -> SwarmSession:
         """The pass's swarm session, started when the first swarm download begins (not
-        earlier, beside the metadata: the session's start time is its seniority among
-        the downloaders, and the senior should be the one ready first; and libtorrent
-        holds the GIL while a session starts, so it would not overlap anyway)."""
+        earlier, beside the metadata: libtorrent holds the GIL while a session starts,
+        so it would not overlap; tried, and 16 devices starting sessions at once slowed
+        every device's metadata), with a fresh peer id for the torrent to be added."""
         if self.relay_url is None:
             assert self.nursery is not None
             relay = AnnounceRelay(self.http, self.config.tracker_url)
@@ -1005,14 +1005,16 @@ class _Run:
             policy = upload_policy(self.config)
             if not policy.allowed:
                 log.info("not uploading to peers: %s", policy.reason)
-            swarm_config = replace(
-                swarm_config_for(self.config, has_identity=self.identity is not None,
-                                 policy=policy),
-                # its seniority among downloaders: the senior fetches from the origin for
-                # the others, unless its own downloads are capped (peer/swarm_fetch.py)
-                peer_id=new_peer_id(self.wall_clock(),
-                                    lead=not self.config.download_rate_limit_bytes_per_s))
+            swarm_config = swarm_config_for(self.config, has_identity=self.identity
+                                            is not None, policy=policy)
             self.swarm = await trio.to_thread.run_sync(SwarmSession, swarm_config)
+        # Its seniority among downloaders, from when it is ready to add the torrent (a
+        # session can take 0.2 s to start on a busy device, and a device that started
+        # earlier but announced later took the job over from one already fetching): the
+        # senior fetches from the origin for the others, unless its own downloads are
+        # capped (peer/swarm_fetch.py).
+        self.swarm.set_peer_id(new_peer_id(
+            self.wall_clock(), lead=not self.config.download_rate_limit_bytes_per_s))
         return self.swarm
 
     def _delivered(self, at: float) -> None:

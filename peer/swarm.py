@@ -645,9 +645,24 @@ class SwarmSession:
 
     @property
     def peer_id(self) -> bytes:
-        """This session's 20-byte BitTorrent peer id."""
+        """The 20-byte BitTorrent peer id of torrents added now (:meth:`set_peer_id`)."""
         assert self._config.peer_id is not None
         return self._config.peer_id
+
+    def set_peer_id(self, peer_id: bytes) -> None:
+        """Use ``peer_id`` (20 ASCII bytes) for torrents added from now on; those added
+        before keep theirs (a restarted torrent takes the current one). A device sets
+        it just before it adds the payload's torrent: the peer id is its seniority
+        among the downloaders (:func:`seniority`), and a session can take a while to
+        start on a busy device.
+
+        Raises:
+            ValueError: not 20 ASCII bytes.
+        """
+        self._check_open()
+        config = replace(self._config, peer_id=peer_id)  # ValueError: checked there
+        self._session.apply_settings({"peer_fingerprint": peer_id.decode("ascii")})
+        self._config = config
 
     @property
     def listen_port(self) -> int:

@@ -283,6 +283,29 @@ async def test_wait_news_sleeps_while_libtorrent_is_quiet_and_wakes_on_its_next_
         await session.wait_news(1)
 
 
+async def test_a_peer_id_set_before_adding_a_torrent_is_the_one_its_peers_see(
+        tmp_path: Path) -> None:
+    """A device sets its peer id (its seniority) when it adds the payload's torrent, not
+    when its session started: the other downloaders must see that one."""
+    payload = write_payload(tmp_path / "have", 200_000)
+    torrent = make_torrent(payload, piece_size_bytes=16 * 1024)
+    with SwarmSession(SwarmConfig(listen_host="127.0.2.3")) as seed, \
+            SwarmSession(SwarmConfig(listen_host="127.0.2.4",  # still downloading
+                                     download_rate_limit_bytes_per_s=20_000)) as leech:
+        first = leech.peer_id
+        later = new_peer_id(time.time() + 60)
+        leech.set_peer_id(later)
+        assert leech.peer_id == later != first
+        seeding = seed.add_payload(torrent.data, payload.parent, seed_mode=True)
+        leech.add_payload(torrent.data, tmp_path / "dl")
+        seed.connect_peer(seeding, "127.0.2.4", leech.listen_port)
+        with trio.fail_after(30):
+            while later not in seed.pieces(seeding).downloading_peer_ids:
+                await trio.sleep(0.05)
+        with pytest.raises(ValueError):
+            leech.set_peer_id(b"short")
+
+
 async def test_seed_mode_session_reports_complete_without_download(tmp_path: Path) -> None:
     payload = write_payload(tmp_path / "have", 80_000)
     torrent = make_torrent(payload, piece_size_bytes=16 * 1024)
