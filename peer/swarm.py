@@ -79,7 +79,8 @@ _MAX_PIECE_SIZE_BYTES: Final = 64 * 1024 * 1024
 _POLL_INTERVAL_S: Final = 0.05
 _MAX_QUEUED_DISK_BYTES: Final = 4 * 1024 * 1024
 # Azureus style: client "SW", version 0.2.0.0; the 12 characters after it are the
-# session's start (centiseconds since the epoch modulo 2**36, 9 hex digits) and 3 random
+# time it was made (the session's start, or the agent's set_peer_id when it adds a payload;
+# centiseconds since the epoch modulo 2**36, 9 hex digits) and 3 random
 # hex digits (see new_peer_id). Version 0.1.0.0 had 12 random hex digits.
 _PEER_ID_PREFIX: Final = b"-SW0200-"
 _SENIORITY_MODULO: Final = 1 << 36
@@ -183,7 +184,7 @@ def new_peer_id(started_at_s: float, *, lead: bool = True) -> bytes:
 
 
 def seniority(peer_id: bytes) -> tuple[int, bytes]:
-    """A sort key: peers whose session started earlier come first (:func:`new_peer_id`);
+    """A sort key: peers whose id was made earlier come first (:func:`new_peer_id`);
     peer ids of any other form (other clients, older agents) after all of ours, by id.
     Every peer computes the same order from the ids alone."""
     if len(peer_id) == 20 and peer_id.startswith(_PEER_ID_PREFIX):

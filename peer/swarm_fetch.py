@@ -620,7 +620,8 @@ class _SwarmRun:
         """Claim the next pieces to fetch from the origin, or ``[]`` for now.
 
         Only pieces no connected peer has and nobody here is fetching already, and only
-        by one downloader: the **senior** one, whose session started first
+        by one downloader: the **senior** one, whose peer id is the oldest (made when
+        its torrent was added)
         (:func:`peer.swarm.seniority`: every peer reads it from the others' peer ids, so
         they agree without talking, and a device that joins later never takes the job
         over). The others trade what it fetched. One origin stream is enough: devices
