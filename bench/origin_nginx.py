@@ -27,7 +27,8 @@ from pathlib import Path
 
 from swarmota.seeder.origin import OriginStats
 
-__all__ = ["NginxOrigin", "documented_blocks", "nginx_binary", "run_nginx_origin"]
+__all__ = ["NginxOrigin", "documented_blocks", "main_config", "nginx_binary",
+           "run_nginx_origin"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _DOCUMENTED_ROOT = "/srv/swarmota/REPO/origin"
@@ -103,6 +104,21 @@ class NginxOrigin:
         return total / ticks
 
 
+def main_config(prefix: Path, http: str, *, connections: int = 1024) -> str:
+    """A private nginx main configuration (``nginx -p PREFIX -c nginx.conf``, in the
+    foreground, one worker, pid and error log under ``PREFIX``) whose ``http`` block
+    holds ``http`` (its access log off unless ``http`` sets one)."""
+    return ("daemon off;\nworker_processes 1;\n"
+            # a root master's workers would run as nobody, who may not read a private
+            # temporary directory
+            + (f"user {pwd.getpwuid(os.getuid()).pw_name};\n" if os.getuid() == 0 else "")
+            + f"pid {prefix}/nginx.pid;\nerror_log {prefix}/logs/error.log;\n"
+            f"events {{ worker_connections {connections}; }}\n"
+            f"http {{\n{'' if 'access_log' in http else 'access_log off;'}\n"
+            f"client_body_temp_path {prefix}/body;\nproxy_temp_path {prefix}/proxy;\n"
+            f"{http}\n}}\n")
+
+
 @contextlib.contextmanager
 def run_nginx_origin(origin_dir: Path, workdir: Path, *, host: str = "127.0.0.1"
                      ) -> Iterator[NginxOrigin]:
@@ -124,16 +140,9 @@ def run_nginx_origin(origin_dir: Path, workdir: Path, *, host: str = "127.0.0.1"
     server = re.sub(r"listen 8460", f"listen {host}:{port}", server)
     server = server.replace("snippets/swarmota-origin.conf", str(prefix / "origin.conf"))
     access_log = prefix / "logs" / "access.log"
-    (prefix / "nginx.conf").write_text(
-        "daemon off;\nworker_processes 1;\n"
-        # a root master's workers would run as nobody, who may not read the tree
-        + (f"user {pwd.getpwuid(os.getuid()).pw_name};\n" if os.getuid() == 0 else "")
-        + f"pid {prefix}/nginx.pid;\nerror_log {prefix}/logs/error.log;\n"
-        "events { worker_connections 1024; }\n"
-        f"http {{\nlog_format counted '{_LOG_FORMAT}';\n"
-        f"access_log {access_log} counted;\nkeepalive_requests 100000;\n"
-        f"client_body_temp_path {prefix}/body;\nproxy_temp_path {prefix}/proxy;\n"
-        f"{server}\n}}\n")
+    (prefix / "nginx.conf").write_text(main_config(
+        prefix, f"log_format counted '{_LOG_FORMAT}';\naccess_log {access_log} counted;\n"
+                f"keepalive_requests 100000;\n{server}"))
     check = subprocess.run([nginx, "-t", "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
                            capture_output=True, text=True, check=False)
     if check.returncode != 0:

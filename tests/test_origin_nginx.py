@@ -12,8 +12,6 @@ nginx is not installed.
 
 from __future__ import annotations
 
-import os
-import pwd
 import re
 import socket
 import subprocess
@@ -24,7 +22,7 @@ import httpx
 import pytest
 import trio
 
-from bench.origin_nginx import documented_blocks, nginx_binary
+from bench.origin_nginx import documented_blocks, main_config, nginx_binary
 from swarmota.infra.devca import create_ca, issue_server_cert
 from swarmota.peer.agent import update_once
 from swarmota.peer.errors import StatusCode
@@ -59,15 +57,7 @@ def nginx(env: ReleaseEnv, tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
         block = block.replace("/etc/ssl/updates/fullchain.pem", str(cert.cert))
         block = block.replace("/etc/ssl/updates/privkey.pem", str(cert.key))
         servers += block.replace("snippets/swarmota-origin.conf", str(prefix / "origin.conf"))
-    (prefix / "nginx.conf").write_text(
-        "daemon off;\nworker_processes 1;\n"
-        # workers of a root master would run as nobody, who cannot read the test's
-        # private temporary directory
-        + (f"user {pwd.getpwuid(os.getuid()).pw_name};\n" if os.getuid() == 0 else "")
-        + f"pid {prefix}/nginx.pid;\nerror_log {prefix}/logs/error.log;\n"
-        "events { worker_connections 64; }\n"
-        f"http {{\naccess_log off;\nclient_body_temp_path {prefix}/body;\n"
-        f"proxy_temp_path {prefix}/proxy;\n{servers}\n}}\n")
+    (prefix / "nginx.conf").write_text(main_config(prefix, servers, connections=64))
     check = subprocess.run([NGINX, "-t", "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
                            capture_output=True, text=True, check=False)
     assert check.returncode == 0, check.stderr  # the documented configuration is valid
