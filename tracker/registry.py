@@ -47,7 +47,7 @@ DEFAULT_MAX_PEERS_PER_SWARM: Final = 2000
 DEFAULT_MAX_PEERS_TOTAL: Final = 200_000
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: pools index entries themselves
 class _Peer:
     address: PeerAddress
     peer_id: bytes
@@ -65,26 +65,27 @@ _EVERYONE, _NETWORK, _REGION = 0, 1, 2
 
 
 class _Pool:
-    """A set of keys with O(1) add, discard and uniform random pick."""
+    """A set of entries with O(1) add, discard, membership and uniform random pick
+    (an entry's position in ``members``)."""
 
-    __slots__ = ("index", "keys")
+    __slots__ = ("index", "members")
 
     def __init__(self) -> None:
-        self.keys: list[_Key] = []
-        self.index: dict[_Key, int] = {}
+        self.members: list[_Peer] = []
+        self.index: dict[_Peer, int] = {}
 
-    def add(self, key: _Key) -> None:
-        if key not in self.index:
-            self.index[key] = len(self.keys)
-            self.keys.append(key)
+    def add(self, peer: _Peer) -> None:
+        if peer not in self.index:
+            self.index[peer] = len(self.members)
+            self.members.append(peer)
 
-    def discard(self, key: _Key) -> None:
-        i = self.index.pop(key, None)
+    def discard(self, peer: _Peer) -> None:
+        i = self.index.pop(peer, None)
         if i is None:
             return
-        last = self.keys.pop()
-        if i < len(self.keys):
-            self.keys[i] = last
+        last = self.members.pop()
+        if i < len(self.members):
+            self.members[i] = last
             self.index[last] = i
 
 
@@ -103,12 +104,12 @@ class _Swarm:
 
     def add(self, key: _Key, peer: _Peer) -> None:
         self.peers[key] = peer
-        self._index(key, peer)
+        self._index(peer)
 
     def remove(self, key: _Key) -> _Peer | None:
         peer = self.peers.pop(key, None)
         if peer is not None:
-            self._unindex(key, peer)
+            self._unindex(peer)
         return peer
 
     def update(self, key: _Key, peer: _Peer, request: AnnounceRequest, now: float,
@@ -116,7 +117,7 @@ class _Swarm:
         reindex = ((peer.left == 0) != (request.left == 0) or peer.network_id != network_id
                    or peer.region != region)
         if reindex:
-            self._unindex(key, peer)
+            self._unindex(peer)
         if peer.peer_id != request.peer_id:
             peer.peer_id = request.peer_id
             peer.handed = HandedPeer(peer.address, request.peer_id)
@@ -125,7 +126,7 @@ class _Swarm:
         peer.network_id = network_id
         peer.region = region
         if reindex:
-            self._index(key, peer)
+            self._index(peer)
         self.peers.move_to_end(key)
 
     def _pool_ids(self, peer: _Peer) -> list[_PoolId]:
@@ -137,21 +138,21 @@ class _Swarm:
             ids.append((_REGION, peer.region, seed))
         return ids
 
-    def _index(self, key: _Key, peer: _Peer) -> None:
+    def _index(self, peer: _Peer) -> None:
         self.seeds += peer.left == 0
         for pool_id in self._pool_ids(peer):
             pool = self.pools.get(pool_id)
             if pool is None:
                 pool = self.pools[pool_id] = _Pool()
-            pool.add(key)
+            pool.add(peer)
 
-    def _unindex(self, key: _Key, peer: _Peer) -> None:
+    def _unindex(self, peer: _Peer) -> None:
         self.seeds -= peer.left == 0
         for pool_id in self._pool_ids(peer):
             pool = self.pools.get(pool_id)
             if pool is not None:
-                pool.discard(key)
-                if not pool.keys:
+                pool.discard(peer)
+                if not pool.members:
                     del self.pools[pool_id]
 
 
@@ -275,66 +276,63 @@ class SwarmRegistry:
             self._downloads_total += 1
 
         chosen = [] if swarm is None else self._hand_out(
-            swarm, key, request.numwant, request.is_seed, network_id, region)
+            swarm, entry, request.numwant, request.is_seed, network_id, region)
         peers = tuple([p.handed for p in chosen])
         return AnnounceResult(peers, *_counts(swarm), stored)
 
-    def _hand_out(self, swarm: _Swarm, key: _Key, numwant: int, is_seed: bool,
+    def _hand_out(self, swarm: _Swarm, me: _Peer | None, numwant: int, is_seed: bool,
                   network_id: str | None, region: str | None) -> list[_Peer]:
         """LAN first, then region, then anyone; seeds before leechers in each (a seed
-        gets leechers only); uniform random within each group; never ``key``."""
-        chosen: list[_Peer] = []
+        gets leechers only); uniform random within each group; never ``me``."""
+        chosen: dict[_Peer, None] = {}
         roles = (False,) if is_seed else (True, False)
+        pools = swarm.pools
         levels: list[tuple[int, str | None]] = []
         if network_id is not None:
             levels.append((_NETWORK, network_id))
         if region is not None:
             levels.append((_REGION, region))
         levels.append((_EVERYONE, None))
+        earlier: list[_Pool] = []  # a peer of an earlier group is not handed out again
         for level, value in levels:
-            # Peers of an earlier group are not handed out again from a later one.
-            other_net = network_id if level != _NETWORK else None
-            other_region = region if level == _EVERYONE else None
             for seed in roles:
                 need = numwant - len(chosen)
                 if need <= 0:
-                    return chosen
-                pool = swarm.pools.get((level, value, seed))
+                    return list(chosen)
+                pool = pools.get((level, value, seed))
                 if pool is not None:
-                    chosen.extend(self._sample(swarm, pool, need, key, other_net,
-                                               other_region))
-        return chosen
+                    chosen.update(dict.fromkeys(self._sample(pool, need, me, earlier)))
+            earlier += [pool for seed in (True, False)
+                        if (pool := pools.get((level, value, seed))) is not None]
+        return list(chosen)
 
-    def _sample(self, swarm: _Swarm, pool: _Pool, need: int, key: _Key,
-                other_net: str | None, other_region: str | None) -> list[_Peer]:
-        """Up to ``need`` peers of ``pool``, a uniform random sample, leaving out ``key``
-        and peers of network ``other_net`` or region ``other_region`` (when not None)."""
-        keys, peers, rng = pool.keys, swarm.peers, self._rng
-        size = len(keys)
+    def _sample(self, pool: _Pool, need: int, me: _Peer | None,
+                excluded: list[_Pool]) -> list[_Peer]:
+        """Up to ``need`` peers of ``pool``, a uniform random sample, leaving out ``me``
+        and the members of the ``excluded`` pools."""
+        members, rng = pool.members, self._rng
+        size = len(members)
         if size > 2 * need + 8:
-            # The first ``need`` distinct, admissible keys of a sequence of uniform
+            # The first ``need`` distinct, admissible entries of a sequence of uniform
             # draws (with replacement) are a uniform sample; drawn in batches, a
             # bounded number of them, then an exact scan if too many were rejected.
-            draw = rng.random
-            seen: dict[_Key, None] = {}
-            picked: list[_Peer] = []
+            # ``dict.fromkeys`` keeps each entry's first draw, in order, so the work
+            # per drawn entry is in C.
+            # Draws: 64 random bits v each, the entry at (v * size) >> 64 (Lemire's
+            # multiply-shift; the relative bias is below size / 2**64).
+            picked: dict[_Peer, None] = {}
             for _ in range(4):
-                batch = [keys[int(draw() * size)]  # uniform: size is far below 2**53
-                         for _ in range(need - len(picked) + (need >> 2) + 4)]
-                for k in batch:
-                    if k in seen or k == key:
-                        continue
-                    seen[k] = None
-                    p = peers[k]
-                    if ((other_net is not None and p.network_id == other_net)
-                            or (other_region is not None and p.region == other_region)):
-                        continue
-                    picked.append(p)
-                    if len(picked) == need:
-                        return picked
-        group = [peers[k] for k in keys if k != key
-                 and not (other_net is not None and peers[k].network_id == other_net)
-                 and not (other_region is not None and peers[k].region == other_region)]
+                bits = memoryview(rng.randbytes(8 * (need - len(picked) + (need >> 2) + 4)))
+                batch = dict.fromkeys([members[(size * v) >> 64] for v in bits.cast("Q")])
+                if me is not None:
+                    batch.pop(me, None)
+                picked.update(_without(batch, excluded))
+                if len(picked) >= need:
+                    return list(picked)[:need]
+        group = [p for p in members if p is not me]
+        for pool_out in excluded:
+            index = pool_out.index
+            group = [p for p in group if p not in index]
         if need < len(group):
             return rng.sample(group, need)
         rng.shuffle(group)
@@ -391,6 +389,19 @@ class SwarmRegistry:
             self._expired += 1
         if not peers:
             del self._swarms[announce_hash]
+
+
+def _without(batch: dict[_Peer, None], excluded: list[_Pool]) -> dict[_Peer, None]:
+    """``batch`` (order kept) without the members of the ``excluded`` pools: the
+    smaller side is walked (a LAN group is small, a crowded one is not)."""
+    for pool in excluded:
+        if len(pool.members) <= len(batch):
+            for peer in pool.members:
+                batch.pop(peer, None)
+        else:
+            index = pool.index
+            batch = {peer: None for peer in batch if peer not in index}
+    return batch
 
 
 def _counts(swarm: _Swarm | None) -> tuple[int, int]:
