@@ -26,6 +26,7 @@ exactly instead. Either way each group's hand-out is a uniform random sample.
 
 from __future__ import annotations
 
+import operator
 import random
 import time
 from collections import OrderedDict
@@ -65,28 +66,37 @@ _EVERYONE, _NETWORK, _REGION = 0, 1, 2
 
 
 class _Pool:
-    """A set of entries with O(1) add, discard, membership and uniform random pick
-    (an entry's position in ``members``)."""
+    """A set of entries with O(1) add, discard, membership and uniform random pick:
+    ``members[i]`` is an entry, ``handed[i]`` what a hand-out gives of it, and
+    ``index`` maps an entry to its ``i``."""
 
-    __slots__ = ("index", "members")
+    __slots__ = ("handed", "index", "members")
 
     def __init__(self) -> None:
         self.members: list[_Peer] = []
+        self.handed: list[HandedPeer] = []
         self.index: dict[_Peer, int] = {}
 
     def add(self, peer: _Peer) -> None:
         if peer not in self.index:
             self.index[peer] = len(self.members)
             self.members.append(peer)
+            self.handed.append(peer.handed)
 
     def discard(self, peer: _Peer) -> None:
         i = self.index.pop(peer, None)
         if i is None:
             return
         last = self.members.pop()
+        handed = self.handed.pop()
         if i < len(self.members):
             self.members[i] = last
+            self.handed[i] = handed
             self.index[last] = i
+
+    def handed_changed(self, peer: _Peer) -> None:
+        """``peer.handed`` is new (another peer id)."""
+        self.handed[self.index[peer]] = peer.handed
 
 
 class _Swarm:
@@ -118,7 +128,8 @@ class _Swarm:
                    or peer.region != region)
         if reindex:
             self._unindex(peer)
-        if peer.peer_id != request.peer_id:
+        new_id = peer.peer_id != request.peer_id
+        if new_id:
             peer.peer_id = request.peer_id
             peer.handed = HandedPeer(peer.address, request.peer_id)
         peer.left = request.left
@@ -127,6 +138,9 @@ class _Swarm:
         peer.region = region
         if reindex:
             self._index(peer)
+        elif new_id:
+            for pool_id in self._pool_ids(peer):
+                self.pools[pool_id].handed_changed(peer)
         self.peers.move_to_end(key)
 
     def _pool_ids(self, peer: _Peer) -> list[_PoolId]:
@@ -277,14 +291,14 @@ class SwarmRegistry:
 
         chosen = [] if swarm is None else self._hand_out(
             swarm, entry, request.numwant, request.is_seed, network_id, region)
-        peers = tuple([p.handed for p in chosen])
+        peers = tuple(chosen)
         return AnnounceResult(peers, *_counts(swarm), stored)
 
     def _hand_out(self, swarm: _Swarm, me: _Peer | None, numwant: int, is_seed: bool,
-                  network_id: str | None, region: str | None) -> list[_Peer]:
+                  network_id: str | None, region: str | None) -> list[HandedPeer]:
         """LAN first, then region, then anyone; seeds before leechers in each (a seed
         gets leechers only); uniform random within each group; never ``me``."""
-        chosen: dict[_Peer, None] = {}
+        chosen: list[HandedPeer] = []
         roles = (False,) if is_seed else (True, False)
         pools = swarm.pools
         levels: list[tuple[int, str | None]] = []
@@ -298,45 +312,52 @@ class SwarmRegistry:
             for seed in roles:
                 need = numwant - len(chosen)
                 if need <= 0:
-                    return list(chosen)
+                    return chosen
                 pool = pools.get((level, value, seed))
                 if pool is not None:
-                    chosen.update(dict.fromkeys(self._sample(pool, need, me, earlier)))
-            earlier += [pool for seed in (True, False)
-                        if (pool := pools.get((level, value, seed))) is not None]
-        return list(chosen)
+                    chosen += self._sample(pool, need, me, earlier)
+            if level != _EVERYONE:
+                earlier += [pool for seed in (True, False)
+                            if (pool := pools.get((level, value, seed))) is not None]
+        return chosen
 
     def _sample(self, pool: _Pool, need: int, me: _Peer | None,
-                excluded: list[_Pool]) -> list[_Peer]:
+                excluded: list[_Pool]) -> list[HandedPeer]:
         """Up to ``need`` peers of ``pool``, a uniform random sample, leaving out ``me``
-        and the members of the ``excluded`` pools."""
+        and the members of the ``excluded`` pools. Works on positions in the pool (small
+        integers: cheap to hash), and takes what is handed out by position."""
         members, rng = pool.members, self._rng
         size = len(members)
-        if size > 2 * need + 8:
-            # The first ``need`` distinct, admissible entries of a sequence of uniform
+        banned = _positions(pool, me, excluded)
+        if size > 2 * need + 8 and (banned is None or len(banned) <= size // 2):
+            # The first ``need`` distinct, admissible draws of a sequence of uniform
             # draws (with replacement) are a uniform sample; drawn in batches, a
             # bounded number of them, then an exact scan if too many were rejected.
-            # ``dict.fromkeys`` keeps each entry's first draw, in order, so the work
-            # per drawn entry is in C.
-            # Draws: 64 random bits v each, the entry at (v * size) >> 64 (Lemire's
-            # multiply-shift; the relative bias is below size / 2**64).
-            picked: dict[_Peer, None] = {}
+            # A draw: 64 random bits v, the position (v * size) >> 64 (Lemire's
+            # multiply-shift: the relative bias is below size / 2**64); ``dict.fromkeys``
+            # keeps each position's first draw, in order.
+            picked: dict[int, None] = {}
             for _ in range(4):
-                bits = memoryview(rng.randbytes(8 * (need - len(picked) + (need >> 2) + 4)))
-                batch = dict.fromkeys([members[(size * v) >> 64] for v in bits.cast("Q")])
-                if me is not None:
-                    batch.pop(me, None)
-                picked.update(_without(batch, excluded))
+                bits = memoryview(rng.randbytes(8 * (need - len(picked) + (need >> 3) + 4)))
+                batch = dict.fromkeys([(size * v) >> 64 for v in bits.cast("Q")])
+                if banned is None:  # a crowded group to leave out: test each draw
+                    batch = {i: None for i in batch
+                             if members[i] is not me
+                             and not any(members[i] in out.index for out in excluded)}
+                else:
+                    for i in banned:
+                        batch.pop(i, None)
+                picked.update(batch)
                 if len(picked) >= need:
-                    return list(picked)[:need]
-        group = [p for p in members if p is not me]
-        for pool_out in excluded:
-            index = pool_out.index
-            group = [p for p in group if p not in index]
-        if need < len(group):
-            return rng.sample(group, need)
-        rng.shuffle(group)
-        return group
+                    return _taken(pool.handed, list(picked)[:need])
+        admissible = [i for i in range(size) if members[i] is not me]
+        for out in excluded:
+            out_index = out.index
+            admissible = [i for i in admissible if members[i] not in out_index]
+        if need < len(admissible):
+            return _taken(pool.handed, rng.sample(admissible, need))
+        rng.shuffle(admissible)
+        return _taken(pool.handed, admissible)
 
     def scrape(self, announce_hash: bytes) -> ScrapeCounts:
         """BEP 48 counts of one swarm (zeros for a swarm nobody announced)."""
@@ -391,17 +412,23 @@ class SwarmRegistry:
             del self._swarms[announce_hash]
 
 
-def _without(batch: dict[_Peer, None], excluded: list[_Pool]) -> dict[_Peer, None]:
-    """``batch`` (order kept) without the members of the ``excluded`` pools: the
-    smaller side is walked (a LAN group is small, a crowded one is not)."""
-    for pool in excluded:
-        if len(pool.members) <= len(batch):
-            for peer in pool.members:
-                batch.pop(peer, None)
-        else:
-            index = pool.index
-            batch = {peer: None for peer in batch if peer not in index}
-    return batch
+def _positions(pool: _Pool, me: _Peer | None, excluded: list[_Pool]) -> list[int] | None:
+    """The positions in ``pool`` of ``me`` and of the members of the ``excluded``
+    pools; ``None`` when those pools are too large to walk for each sample (over 64
+    members: a crowded LAN or region)."""
+    if sum(len(out.members) for out in excluded) > 64:
+        return None
+    index = pool.index
+    found = [index.get(peer) for out in excluded for peer in out.members]
+    found.append(None if me is None else index.get(me))
+    return [i for i in found if i is not None]
+
+
+def _taken(handed: list[HandedPeer], positions: list[int]) -> list[HandedPeer]:
+    """``handed`` at ``positions``, in their order."""
+    if len(positions) < 2:
+        return [handed[i] for i in positions]
+    return list(operator.itemgetter(*positions)(handed))
 
 
 def _counts(swarm: _Swarm | None) -> tuple[int, int]:
