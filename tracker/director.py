@@ -512,10 +512,11 @@ class Director:
             counts = await self._scrape_one(request.announce_hash)
             result = AnnounceResult((), counts.complete, counts.incomplete, stored=False)
             self.counters.add("announces_refused")
-        log.debug("announce %s from %s:%d (%s, left %d, device %s): %d peers handed out",
-                  request.announce_hash.hex(), address.ip, address.port,
-                  request.event or "update", request.left, request.device_id,
-                  len(result.peers))
+        if log.isEnabledFor(logging.DEBUG):  # the hot path: no arguments built for nothing
+            log.debug("announce %s from %s:%d (%s, left %d, device %s): %d peers handed "
+                      "out", request.announce_hash.hex(), address.ip, address.port,
+                      request.event or "update", request.left, request.device_id,
+                      len(result.peers))
         return result
 
     async def scrape(self, request: ScrapeRequest,
