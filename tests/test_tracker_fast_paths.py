@@ -12,10 +12,12 @@ queries built from valid, malformed, escaped, repeated, unknown and binary parts
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Iterable, Mapping
 from urllib.parse import quote_from_bytes
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,6 +34,7 @@ from swarmota.tracker.bittorrent import (
     shown,
 )
 from swarmota.tracker.errors import RequestError
+from swarmota.tracker.registry import SwarmRegistry
 from swarmota.tracker.wire import DEVICE_ID_RE
 
 # --- the reference: the parser as it was before the one-pass rewrite ---------------
@@ -267,3 +270,95 @@ def test_a_query_over_the_limit_is_refused_by_both_before_anything_else() -> Non
     query = b"port=1&port=2&" + b"x" * MAX_QUERY_BYTES
     assert _outcome(parse_announce, query) == _outcome(reference_announce, query)
     assert str(_outcome(parse_announce, query)).count("over the limit") == 1
+
+
+# --- the peer registry's hand-out --------------------------------------------------------
+
+_IPS = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "fd00::1", "fd00::2"]
+
+
+@st.composite
+def _announces(draw: st.DrawFn) -> list[tuple[str, int, bytes, int, str, str | None,
+                                              str | None, int]]:
+    """``(ip, port, peer id, left, event, network, region, numwant)``: a few hosts and
+    ports (so entries are announced again, with another peer id, role or network)."""
+    return draw(st.lists(st.tuples(
+        st.sampled_from(_IPS), st.integers(min_value=1, max_value=12),
+        st.sampled_from([b"a" * 20, b"b" * 20]), st.sampled_from([0, 0, 5]),
+        st.sampled_from(["", "", "", "started", "completed", "stopped"]),
+        st.sampled_from([None, "lan-1", "lan-2"]), st.sampled_from([None, "eu"]),
+        st.sampled_from([0, 1, 3, 50])), min_size=1, max_size=60))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_announces(), st.integers(min_value=0, max_value=2**32))
+def test_hand_outs_follow_the_policy_and_their_compact_forms_match_the_peers(
+        announces: list[tuple[str, int, bytes, int, str, str | None, str | None, int]],
+        seed: int) -> None:
+    """Against a model of the swarm: every hand-out is LAN first, then region, then
+    anyone, seeds first in each group (a seed gets leechers only), never the requester,
+    no peer twice, as many as wanted or all there are, each with its latest peer id;
+    and the compact forms the answer is made of are those of the peers handed out."""
+    registry = SwarmRegistry(interval_s=100, clock=lambda: 0.0, rng=random.Random(seed))
+    model: dict[tuple[str, int], tuple[bytes, int, str | None, str | None]] = {}
+    for ip, port, peer_id, left, event, network, region, numwant in announces:
+        query = (b"info_hash=" + b"h" * 20 + b"&peer_id=" + peer_id + b"&port=%d" % port
+                 + b"&left=%d&numwant=%d" % (left, numwant)
+                 + (b"&event=" + event.encode() if event else b""))
+        result = registry.announce(parse_announce(query), ip, network, region)
+        key = (ip, port)
+        if event == "stopped":
+            model.pop(key, None)
+            assert result.peers == ()
+            continue
+        model[key] = (peer_id, left, network, region)
+        others = {k: v for k, v in model.items() if k != key}
+
+        def group(k: tuple[str, int], *, network: str | None = network,
+                  region: str | None = region) -> tuple[int, int]:
+            _, their_left, their_network, their_region = others[k]
+            level = (0 if network is not None and their_network == network
+                     else 1 if region is not None and their_region == region else 2)
+            return level, 0 if their_left == 0 else 1
+
+        wanted = [k for k in others if left != 0 or others[k][1] != 0]
+        got = [(p.address.ip, p.address.port) for p in result.peers]
+        assert len(got) == len(set(got)) == min(numwant, len(wanted))
+        assert key not in got and set(got) <= set(wanted)
+        assert [group(k) for k in got] == sorted(group(k) for k in got)
+        if len(got) < len(wanted):  # a whole group before any of the next one
+            last = group(got[-1]) if got else (0, 0)
+            assert all(group(k) >= last for k in wanted if k not in got)
+        assert [p.peer_id for p in result.peers] == [others[k][0] for k in got]
+        assert result.compact_peers == tuple(p.compact for p in result.peers)
+        assert (result.complete, result.incomplete) == (
+            sum(v[1] == 0 for v in model.values()), sum(v[1] != 0 for v in model.values()))
+
+
+@pytest.mark.parametrize("lan_size", [3, 80])
+def test_sampled_hand_outs_are_uniform_over_the_group(lan_size: int) -> None:
+    """A group larger than the hand-out is sampled by position (the requester's LAN
+    left out by position when it is small, by test of each draw when it is crowded):
+    every other member is handed out about equally often."""
+    registry = SwarmRegistry(interval_s=100, clock=lambda: 0.0, rng=random.Random(11))
+
+    def announce(ip: str, port: int, numwant: int, network: str | None) -> list[int]:
+        query = (b"info_hash=" + b"h" * 20 + b"&peer_id=" + b"p" * 20
+                 + b"&port=%d&left=5&numwant=%d" % (port, numwant))
+        result = registry.announce(parse_announce(query), ip, network)
+        return [p.address.port for p in result.peers]
+
+    for port in range(1, 301):
+        announce("10.0.0.1", port, 0, None)
+    for port in range(1, lan_size + 1):
+        announce("10.0.0.2", port, 0, "lan")
+    counts = dict.fromkeys(range(1, 301), 0)
+    rounds = 3000
+    for _ in range(rounds):
+        ports = announce("10.0.0.2", 1, lan_size + 19, "lan")
+        assert len(ports) == lan_size + 19
+        for port in ports[lan_size - 1:]:
+            counts[port] += 1
+    expected = rounds * 20 / 300
+    assert all(0.7 * expected < n < 1.3 * expected for n in counts.values()), (
+        min(counts.values()), max(counts.values()), expected)

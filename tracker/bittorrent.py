@@ -461,16 +461,18 @@ def announce_answer(
     min_interval_s: int,
     compact: bool,
     no_peer_id: bool = False,
+    compact_peers: Sequence[bytes] | None = None,
 ) -> bytes:
     """The bencoded answer to an announce.
 
     Compact (BEP 23/BEP 7): IPv4 peers as 6-byte strings concatenated in ``peers``, IPv6
     peers as 18-byte strings in ``peers6`` (present only if there are any). Otherwise
     ``peers`` is a list of ``{"ip", "port", "peer id"}`` dicts (``peer id`` left out when
-    ``no_peer_id``).
+    ``no_peer_id``). ``compact_peers``: the peers' compact forms in order, when the
+    caller has them (:attr:`tracker.registry.AnnounceResult.compact_peers`).
     """
     if compact:  # the hot path, bencoded by hand: keys in sorted order, as bencode does
-        blobs = [peer.compact for peer in peers]
+        blobs = [peer.compact for peer in peers] if compact_peers is None else compact_peers
         v4, v6 = b"".join(blobs), b""
         if len(v4) != 6 * len(blobs):  # some IPv6 peers (18 bytes each)
             v4 = b"".join([blob for blob in blobs if len(blob) == 6])

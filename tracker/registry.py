@@ -32,7 +32,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from dataclasses import field as dataclass_field
+from typing import Final, TypeVar
 
 from swarmota.tracker.bittorrent import AnnounceRequest, HandedPeer, PeerAddress, ScrapeCounts
 
@@ -61,20 +62,23 @@ class _Peer:
 
 
 _Key = tuple[str, int]
+_T = TypeVar("_T")
 _PoolId = tuple[int, str | None, bool]  # (_EVERYONE | _NETWORK | _REGION, value, seed)
 _EVERYONE, _NETWORK, _REGION = 0, 1, 2
 
 
 class _Pool:
     """A set of entries with O(1) add, discard, membership and uniform random pick:
-    ``members[i]`` is an entry, ``handed[i]`` what a hand-out gives of it, and
+    ``members[i]`` is an entry, ``handed[i]`` what a hand-out gives of it,
+    ``compact[i]`` its address in compact form (what an answer is made of), and
     ``index`` maps an entry to its ``i``."""
 
-    __slots__ = ("handed", "index", "members")
+    __slots__ = ("compact", "handed", "index", "members")
 
     def __init__(self) -> None:
         self.members: list[_Peer] = []
         self.handed: list[HandedPeer] = []
+        self.compact: list[bytes] = []
         self.index: dict[_Peer, int] = {}
 
     def add(self, peer: _Peer) -> None:
@@ -82,6 +86,7 @@ class _Pool:
             self.index[peer] = len(self.members)
             self.members.append(peer)
             self.handed.append(peer.handed)
+            self.compact.append(peer.handed.compact)
 
     def discard(self, peer: _Peer) -> None:
         i = self.index.pop(peer, None)
@@ -89,9 +94,11 @@ class _Pool:
             return
         last = self.members.pop()
         handed = self.handed.pop()
+        compact = self.compact.pop()
         if i < len(self.members):
             self.members[i] = last
             self.handed[i] = handed
+            self.compact[i] = compact
             self.index[last] = i
 
     def handed_changed(self, peer: _Peer) -> None:
@@ -172,12 +179,17 @@ class _Swarm:
 
 @dataclass(frozen=True)
 class AnnounceResult:
-    """What an announce gets: peers to try and the swarm's counts (requester included)."""
+    """What an announce gets: peers to try and the swarm's counts (requester included).
+    ``compact_peers``: each peer's :attr:`~tracker.bittorrent.HandedPeer.compact`, in
+    the same order, when the registry keeps them at hand (the answer is made of them);
+    ``None``: read them from ``peers``."""
 
     peers: tuple[HandedPeer, ...]
     complete: int
     incomplete: int
     stored: bool
+    compact_peers: tuple[bytes, ...] | None = dataclass_field(default=None, compare=False,
+                                                              repr=False)
 
 
 @dataclass(frozen=True)
@@ -289,16 +301,21 @@ class SwarmRegistry:
                 self._downloads.get(request.announce_hash, 0) + 1)
             self._downloads_total += 1
 
-        chosen = [] if swarm is None else self._hand_out(
-            swarm, entry, request.numwant, request.is_seed, network_id, region)
-        peers = tuple(chosen)
-        return AnnounceResult(peers, *_counts(swarm), stored)
+        if swarm is None:
+            return AnnounceResult((), 0, 0, stored, compact_peers=())
+        peers, compact = self._hand_out(swarm, entry, request.numwant, request.is_seed,
+                                        network_id, region)
+        return AnnounceResult(tuple(peers), *_counts(swarm), stored,
+                              compact_peers=tuple(compact))
 
     def _hand_out(self, swarm: _Swarm, me: _Peer | None, numwant: int, is_seed: bool,
-                  network_id: str | None, region: str | None) -> list[HandedPeer]:
+                  network_id: str | None, region: str | None
+                  ) -> tuple[list[HandedPeer], list[bytes]]:
         """LAN first, then region, then anyone; seeds before leechers in each (a seed
-        gets leechers only); uniform random within each group; never ``me``."""
+        gets leechers only); uniform random within each group; never ``me``. The peers
+        chosen, and their compact forms."""
         chosen: list[HandedPeer] = []
+        compact: list[bytes] = []
         roles = (False,) if is_seed else (True, False)
         pools = swarm.pools
         levels: list[tuple[int, str | None]] = []
@@ -312,20 +329,22 @@ class SwarmRegistry:
             for seed in roles:
                 need = numwant - len(chosen)
                 if need <= 0:
-                    return chosen
+                    return chosen, compact
                 pool = pools.get((level, value, seed))
                 if pool is not None:
-                    chosen += self._sample(pool, need, me, earlier)
+                    positions = self._sample(pool, need, me, earlier)
+                    chosen += _taken(pool.handed, positions)
+                    compact += _taken(pool.compact, positions)
             if level != _EVERYONE:
                 earlier += [pool for seed in (True, False)
                             if (pool := pools.get((level, value, seed))) is not None]
-        return chosen
+        return chosen, compact
 
     def _sample(self, pool: _Pool, need: int, me: _Peer | None,
-                excluded: list[_Pool]) -> list[HandedPeer]:
-        """Up to ``need`` peers of ``pool``, a uniform random sample, leaving out ``me``
-        and the members of the ``excluded`` pools. Works on positions in the pool (small
-        integers: cheap to hash), and takes what is handed out by position."""
+                excluded: list[_Pool]) -> list[int]:
+        """The positions in ``pool`` of up to ``need`` peers, a uniform random sample,
+        leaving out ``me`` and the members of the ``excluded`` pools (positions: small
+        integers, cheap to hash)."""
         members, rng = pool.members, self._rng
         size = len(members)
         banned = _positions(pool, me, excluded)
@@ -349,15 +368,15 @@ class SwarmRegistry:
                         batch.pop(i, None)
                 picked.update(batch)
                 if len(picked) >= need:
-                    return _taken(pool.handed, list(picked)[:need])
+                    return list(picked)[:need]
         admissible = [i for i in range(size) if members[i] is not me]
         for out in excluded:
             out_index = out.index
             admissible = [i for i in admissible if members[i] not in out_index]
         if need < len(admissible):
-            return _taken(pool.handed, rng.sample(admissible, need))
+            return rng.sample(admissible, need)
         rng.shuffle(admissible)
-        return _taken(pool.handed, admissible)
+        return admissible
 
     def scrape(self, announce_hash: bytes) -> ScrapeCounts:
         """BEP 48 counts of one swarm (zeros for a swarm nobody announced)."""
@@ -424,11 +443,11 @@ def _positions(pool: _Pool, me: _Peer | None, excluded: list[_Pool]) -> list[int
     return [i for i in found if i is not None]
 
 
-def _taken(handed: list[HandedPeer], positions: list[int]) -> list[HandedPeer]:
-    """``handed`` at ``positions``, in their order."""
+def _taken(items: list[_T], positions: list[int]) -> list[_T]:
+    """``items`` at ``positions``, in their order."""
     if len(positions) < 2:
-        return [handed[i] for i in positions]
-    return list(operator.itemgetter(*positions)(handed))
+        return [items[i] for i in positions]
+    return list(operator.itemgetter(*positions)(items))
 
 
 def _counts(swarm: _Swarm | None) -> tuple[int, int]:
