@@ -315,7 +315,9 @@ def test_hand_outs_follow_the_policy_and_their_compact_forms_match_the_peers(
         others = {k: v for k, v in model.items() if k != key}
 
         def group(k: tuple[str, int], *, network: str | None = network,
-                  region: str | None = region) -> tuple[int, int]:
+                  region: str | None = region,
+                  others: dict[tuple[str, int], tuple[bytes, int, str | None, str | None]]
+                  = others) -> tuple[int, int]:
             _, their_left, their_network, their_region = others[k]
             level = (0 if network is not None and their_network == network
                      else 1 if region is not None and their_region == region else 2)
