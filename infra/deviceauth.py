@@ -543,7 +543,7 @@ class AnnounceKeys:
             if len(self._derived) > self._cache_size:
                 self._derived.popitem(last=False)
         want = key.mac(signed_message(method, target, counter, body))
-        if not hmac.compare_digest(want, base64.b64decode(raw_mac)):
+        if not hmac.compare_digest(want, binascii.a2b_base64(raw_mac)):  # checked: base64
             raise DeviceAuthError(f"announce key MAC of {device_id} does not verify")
         return Authenticated(device_id, ROLE_DEVICE, counter, cert, by_key=True)
 

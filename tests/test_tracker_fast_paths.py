@@ -34,7 +34,7 @@ from swarmota.tracker.bittorrent import (
     shown,
 )
 from swarmota.tracker.errors import RequestError
-from swarmota.tracker.registry import SwarmRegistry
+from swarmota.tracker.registry import SwarmRegistry, draw_positions
 from swarmota.tracker.wire import DEVICE_ID_RE
 
 # --- the reference: the parser as it was before the one-pass rewrite ---------------
@@ -364,3 +364,17 @@ def test_sampled_hand_outs_are_uniform_over_the_group(lan_size: int) -> None:
     expected = rounds * 20 / 300
     assert all(0.7 * expected < n < 1.3 * expected for n in counts.values()), (
         min(counts.values()), max(counts.values()), expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.integers(min_value=1, max_value=5000),
+                 st.integers(min_value=1, max_value=2**64)),
+       st.integers(min_value=0, max_value=300), st.integers(min_value=0, max_value=2**32))
+def test_positions_drawn_at_once_are_each_slots_multiply_shift(size: int, count: int,
+                                                               seed: int) -> None:
+    """The hand-out's batched draws are exactly ``(v * size) >> 64`` of each 64-bit
+    ``v`` (the low half of each 128-bit slot of the random bits), one at a time."""
+    bits = random.Random(seed).getrandbits(128 * count) if count else 0
+    want = [(size * ((bits >> (128 * i)) & (2**64 - 1))) >> 64 for i in range(count)]
+    assert draw_positions(random.Random(seed), size, count) == want
+    assert all(0 <= position < size for position in want)

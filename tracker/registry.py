@@ -17,23 +17,29 @@ and ``region`` (what the device declared at check-in); unknown ones match nobody
 
 Cost: an announce costs O(numwant) in the common case, not O(swarm size): each swarm
 keeps its entries in last-announce order (expiry pops from the front), its seed count,
-and indexed pools of keys per (everyone | network | region) x (seed | leecher); a group
-larger than twice what is still wanted is sampled by drawing uniformly from its pool and
-rejecting the requester, duplicates and peers of an earlier group. When too many draws
-are rejected (e.g. most of the swarm is on the requester's LAN) the group is scanned
-exactly instead. Either way each group's hand-out is a uniform random sample.
+and indexed pools per (everyone | network | region) x (seed | leecher), each holding
+its entries, what a hand-out gives of them (:class:`~tracker.bittorrent.HandedPeer`)
+and their compact forms side by side. A group larger than twice what is still wanted
+is sampled by drawing positions uniformly (:func:`draw_positions`, all of a batch at
+once) and rejecting the requester, duplicates and peers of an earlier group (their
+positions, found once per sample). When too many draws are rejected (e.g. most of the
+swarm is on the requester's LAN) the group is scanned exactly instead. Either way each
+group's hand-out is a uniform random sample, and the answer is joined from the compact
+forms taken at the chosen positions: the per-peer work of an announce is done in C.
 """
 
 from __future__ import annotations
 
 import operator
 import random
+import sys
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from typing import Final, TypeVar
+from typing import Final
 
 from swarmota.tracker.bittorrent import AnnounceRequest, HandedPeer, PeerAddress, ScrapeCounts
 
@@ -43,6 +49,7 @@ __all__ = [
     "AnnounceResult",
     "RegistryStatistics",
     "SwarmRegistry",
+    "draw_positions",
 ]
 
 DEFAULT_MAX_PEERS_PER_SWARM: Final = 2000
@@ -62,7 +69,6 @@ class _Peer:
 
 
 _Key = tuple[str, int]
-_T = TypeVar("_T")
 _PoolId = tuple[int, str | None, bool]  # (_EVERYONE | _NETWORK | _REGION, value, seed)
 _EVERYONE, _NETWORK, _REGION = 0, 1, 2
 
@@ -331,10 +337,16 @@ class SwarmRegistry:
                 if need <= 0:
                     return chosen, compact
                 pool = pools.get((level, value, seed))
-                if pool is not None:
-                    positions = self._sample(pool, need, me, earlier)
-                    chosen += _taken(pool.handed, positions)
-                    compact += _taken(pool.compact, positions)
+                if pool is None:
+                    continue
+                positions = self._sample(pool, need, me, earlier)
+                if len(positions) > 1:
+                    take = operator.itemgetter(*positions)
+                    chosen += take(pool.handed)
+                    compact += take(pool.compact)
+                elif positions:
+                    chosen.append(pool.handed[positions[0]])
+                    compact.append(pool.compact[positions[0]])
             if level != _EVERYONE:
                 earlier += [pool for seed in (True, False)
                             if (pool := pools.get((level, value, seed))) is not None]
@@ -352,13 +364,11 @@ class SwarmRegistry:
             # The first ``need`` distinct, admissible draws of a sequence of uniform
             # draws (with replacement) are a uniform sample; drawn in batches, a
             # bounded number of them, then an exact scan if too many were rejected.
-            # A draw: 64 random bits v, the position (v * size) >> 64 (Lemire's
-            # multiply-shift: the relative bias is below size / 2**64); ``dict.fromkeys``
-            # keeps each position's first draw, in order.
+            # ``dict.fromkeys`` keeps each position's first draw, in order.
             picked: dict[int, None] = {}
             for _ in range(4):
-                bits = memoryview(rng.randbytes(8 * (need - len(picked) + (need >> 3) + 4)))
-                batch = dict.fromkeys([(size * v) >> 64 for v in bits.cast("Q")])
+                batch = dict.fromkeys(draw_positions(rng, size,
+                                                     need - len(picked) + (need >> 3) + 4))
                 if banned is None:  # a crowded group to leave out: test each draw
                     batch = {i: None for i in batch
                              if members[i] is not me
@@ -443,11 +453,37 @@ def _positions(pool: _Pool, me: _Peer | None, excluded: list[_Pool]) -> list[int
     return [i for i in found if i is not None]
 
 
-def _taken(items: list[_T], positions: list[int]) -> list[_T]:
-    """``items`` at ``positions``, in their order."""
-    if len(positions) < 2:
-        return [items[i] for i in positions]
-    return list(operator.itemgetter(*positions)(items))
+def draw_positions(rng: random.Random, size: int, count: int) -> list[int]:
+    """``count`` uniform draws (with replacement) of a position in ``range(size)``.
+
+    Draw ``i`` takes ``v``, the low 64 bits of the ``i``-th 128-bit slot of
+    ``rng.getrandbits(128 * count)``, to the position ``(v * size) >> 64`` (Lemire's
+    multiply-shift: the relative bias is below ``size / 2**64``). All draws are made
+    at once in C, not with one Python multiplication each (the hand-out's largest
+    cost): the upper half of every slot is cleared, the whole integer is multiplied
+    by ``size`` (each slot's product is below ``2**128``, so none carries into the
+    next), and the positions are the upper 64 bits of each slot.
+
+    Raises:
+        ValueError: ``size`` not within 1..2**64.
+    """
+    if not 1 <= size <= 2**64:
+        raise ValueError(f"size must be within 1..2**64, got {size}")
+    low = _LOW_HALVES if count <= _LOW_HALVES_SLOTS else _low_halves(count)
+    bits = rng.getrandbits(128 * count) & low
+    words = array("Q", (bits * size).to_bytes(16 * count, "little"))
+    if sys.byteorder != "little":
+        words.byteswap()
+    return words[1::2].tolist()
+
+
+def _low_halves(slots: int) -> int:
+    """The integer whose 128-bit slots each hold 2**64 - 1."""
+    return int.from_bytes((b"\xff" * 8 + bytes(8)) * slots, "little")
+
+
+_LOW_HALVES_SLOTS: Final = 256
+_LOW_HALVES: Final = _low_halves(_LOW_HALVES_SLOTS)
 
 
 def _counts(swarm: _Swarm | None) -> tuple[int, int]:
