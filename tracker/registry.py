@@ -30,6 +30,7 @@ forms taken at the chosen positions: the per-peer work of an announce is done in
 
 from __future__ import annotations
 
+import itertools
 import operator
 import random
 import sys
@@ -376,9 +377,12 @@ class SwarmRegistry:
                 else:
                     for i in banned:
                         batch.pop(i, None)
-                picked.update(batch)
+                if picked:
+                    picked.update(batch)
+                else:
+                    picked = batch
                 if len(picked) >= need:
-                    return list(picked)[:need]
+                    return list(itertools.islice(picked, need))
         admissible = [i for i in range(size) if members[i] is not me]
         for out in excluded:
             out_index = out.index
