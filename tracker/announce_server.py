@@ -16,7 +16,9 @@ Two layers, as in h11:
   :func:`render_response` builds the bytes of an answer;
 - a thin shell: :func:`serve_announce` accepts connections (``trio.serve_tcp``, or
   ``trio.serve_ssl_over_tcp`` with an ``ssl.SSLContext``) and runs one task per
-  connection: read a head, answer it, repeat (keep-alive).
+  connection: read a head, answer it, repeat (keep-alive). A plain TCP connection is
+  read and written through its socket with one pass through trio's scheduler per
+  request (:class:`_PlainSocket`); a TLS one through its ``trio.SSLStream``.
 
 What is accepted: ``GET <path>?<query> HTTP/1.1`` (or ``HTTP/1.0``) with header lines
 ``name: value``, no body (``content-length: 0`` at most, no ``transfer-encoding``); and
