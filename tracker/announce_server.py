@@ -324,30 +324,37 @@ class _Connection(Protocol):
 
 class _PlainSocket:
     """A plain TCP connection driven through its socket directly, with one pass
-    through the scheduler per receive instead of ``trio.SocketStream``'s two per call
+    through the scheduler per request instead of ``trio.SocketStream``'s two per call
     (trio's stream machinery was the largest cost of an announce after its answer). A
     receive waits until the socket is readable (``trio.lowlevel.wait_readable``, a
-    checkpoint: the connection's deadline applies, and a client whose next request is
-    always there does not keep the other connections waiting), then reads: one
-    ``recv`` per request, none that fails with ``EAGAIN``. A send is tried at once and
-    waits (``wait_writable``) only on a ``BlockingIOError``. ``OSError`` (reset,
-    broken pipe) is raised as is. Owns the socket: :meth:`close`."""
+    checkpoint: the connection's deadline applies), then reads: one ``recv`` per
+    request, none that fails with ``EAGAIN``. A send is tried at once and waits
+    (``wait_writable``) only on a ``BlockingIOError``; a send that follows no wait at
+    all since the last one (the next of several pipelined requests, already read)
+    passes through the scheduler first, so that a client pipelining many requests
+    does not keep the other connections waiting. ``OSError`` (reset, broken pipe) is
+    raised as is. Owns the socket: :meth:`close`."""
 
-    __slots__ = ("_sock",)
+    __slots__ = ("_sock", "_waited")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self._sock = sock
+        self._waited = False
 
     async def receive_some(self, max_bytes: int) -> bytes:
         while True:
             await trio.lowlevel.wait_readable(self._sock)
+            self._waited = True
             try:
                 return self._sock.recv(max_bytes)
             except BlockingIOError:
                 pass
 
     async def send_all(self, data: bytes) -> None:
+        if not self._waited:  # fairness: one pass through the scheduler per answer
+            await trio.lowlevel.checkpoint()
+        self._waited = False
         view = memoryview(data)
         while view:
             try:
