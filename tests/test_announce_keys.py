@@ -31,6 +31,7 @@ from swarmota.infra.deviceauth import (
     AnnounceKeys,
     Authenticated,
     DeviceAuthError,
+    _MacKey,
     hmac_sha256,
 )
 from swarmota.peer.config import DeviceConfig
@@ -121,8 +122,11 @@ async def _close_at_exit(client: httpx.AsyncClient) -> None:
 def test_the_fast_hmac_is_rfc_2104_hmac_sha256() -> None:
     for key, message in ((SECRET, b""), (b"k", b"m" * 1000), (bytes(64), b"\xff" * 64)):
         assert hmac_sha256(key, message) == hmac.digest(key, message, "sha256")
-    with pytest.raises(ValueError):
-        hmac_sha256(bytes(65), b"")
+        ready = _MacKey(key)  # the verifier's cached form, used many times
+        assert ready.mac(message) == ready.mac(message) == hmac.digest(key, message, "sha256")
+    for bad in (lambda: hmac_sha256(bytes(65), b""), lambda: _MacKey(bytes(65))):
+        with pytest.raises(ValueError):
+            bad()
 
 
 def test_a_key_names_its_device_certificate_and_expiry() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import random
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -222,6 +223,40 @@ async def test_many_keep_alive_requests_on_one_connection_and_pipelined(
         assert status == 200 and headers["connection"] == "close"
         await assert_closed(stream)
     assert registry.statistics().peers == 203
+
+
+async def test_a_client_pipelining_many_requests_does_not_hold_up_the_others(
+        tracker: tuple[TrackerUrls, SwarmRegistry]) -> None:
+    """Pipelined requests are read at once but answered one scheduler pass apart: the
+    other tasks (here a ticker standing for the other connections) run between them,
+    instead of waiting for the whole batch."""
+    urls, registry = tracker
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    flood = socket.create_connection(("127.0.0.1", port_of(urls.announce)))
+    # 30 requests in the socket's buffer before the tracker runs again (no await);
+    # a batch is answered within one idle_timeout_s (0.5 s here)
+    flood.sendall(b"".join(get("/announce", announce_query(port=1000 + i))
+                           for i in range(30)))
+    async with trio.SocketStream(trio.socket.from_stdlib_socket(flood)) as stream, \
+            trio.open_nursery() as nursery:
+        buffer = bytearray()
+        status, _, body = await read_answer(stream, buffer)  # the gate's store read done
+        assert status == 200 and bdecode(body)[b"incomplete"] == 1
+        nursery.start_soon(ticker)
+        for i in range(1, 30):
+            status, _, body = await read_answer(stream, buffer)
+            assert status == 200 and bdecode(body)[b"incomplete"] == i + 1
+        nursery.cancel_scope.cancel()
+    # about one tick per answer; none or one if the batch were answered in one go
+    assert ticks >= 20
+    assert registry.statistics().peers == 30
 
 
 @pytest.mark.parametrize("request_bytes, status", [

@@ -71,7 +71,8 @@ async def answer_bittorrent(director: Director, path: str, query: bytes,
                                         interval_s=config.announce_interval_s,
                                         min_interval_s=config.announce_min_interval_s,
                                         compact=request.compact,
-                                        no_peer_id=request.no_peer_id)
+                                        no_peer_id=request.no_peer_id,
+                                        compact_peers=result.compact_peers)
         return 200, scrape_answer(await director.scrape(parse_scrape(query), auth))
     except DeviceRefused as exc:
         counters.add("bittorrent_refused", label=f"{route}:identity")

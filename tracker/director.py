@@ -488,8 +488,10 @@ class Director:
                 bind(auth, request.device_id)
             if self.gate is not None:
                 await self.gate.accept_announce(auth)
-        swarms = await self._swarms_of([request.announce_hash])
-        found = swarms.get(request.announce_hash)
+        found = self._known_swarms.get(request.announce_hash)  # the common case, at once
+        if found is None:
+            found = (await self._swarms_of([request.announce_hash])).get(
+                request.announce_hash)
         if not found:
             raise UnknownSwarmError(f"unknown info_hash {request.announce_hash.hex()}: no "
                                     "registered release has this swarm")
@@ -512,10 +514,11 @@ class Director:
             counts = await self._scrape_one(request.announce_hash)
             result = AnnounceResult((), counts.complete, counts.incomplete, stored=False)
             self.counters.add("announces_refused")
-        log.debug("announce %s from %s:%d (%s, left %d, device %s): %d peers handed out",
-                  request.announce_hash.hex(), address.ip, address.port,
-                  request.event or "update", request.left, request.device_id,
-                  len(result.peers))
+        if log.isEnabledFor(logging.DEBUG):  # the hot path: no arguments built for nothing
+            log.debug("announce %s from %s:%d (%s, left %d, device %s): %d peers handed "
+                      "out", request.announce_hash.hex(), address.ip, address.port,
+                      request.event or "update", request.left, request.device_id,
+                      len(result.peers))
         return result
 
     async def scrape(self, request: ScrapeRequest,
@@ -557,11 +560,14 @@ class Director:
                     ) -> tuple[bool, tuple[str | None, str | None]]:
         """May this announce join ``swarm`` (its release's rollout decides), and the
         device's network and region (for LAN-first hand-out)."""
-        if request.device_id is not None or not request.is_seed:
-            await self._refresh_rollout(swarm)
-        cached = self._cached_gate(swarm, request)
+        cached = self._cached_gate(swarm, request)  # fresh caches: no await at all
         if cached is not None:
             return cached
+        if request.device_id is not None or not request.is_seed:
+            await self._refresh_rollout(swarm)
+            cached = self._cached_gate(swarm, request)
+            if cached is not None:
+                return cached
         now = self.clock()
         generation, read_at = self._rollout_generation, self.monotonic()
         allowed, network, state, admitted = await self.run(

@@ -308,7 +308,8 @@ class DeviceGate:
             DeviceRefused: ``unsigned``, ``invalid``, ``key`` or ``revoked``.
             StorageError: the revoked certificates could not be read.
         """
-        await self._refresh_revoked()
+        if self._revoked.due(self._monotonic()):
+            await self._refresh_revoked()
         mac = find_header(headers, ANNOUNCE_AUTH_HEADER)
         if mac is not None:
             auth = self._verify_mac(method, target, body, mac, announce)

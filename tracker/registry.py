@@ -17,20 +17,29 @@ and ``region`` (what the device declared at check-in); unknown ones match nobody
 
 Cost: an announce costs O(numwant) in the common case, not O(swarm size): each swarm
 keeps its entries in last-announce order (expiry pops from the front), its seed count,
-and indexed pools of keys per (everyone | network | region) x (seed | leecher); a group
-larger than twice what is still wanted is sampled by drawing uniformly from its pool and
-rejecting the requester, duplicates and peers of an earlier group. When too many draws
-are rejected (e.g. most of the swarm is on the requester's LAN) the group is scanned
-exactly instead. Either way each group's hand-out is a uniform random sample.
+and indexed pools per (everyone | network | region) x (seed | leecher), each holding
+its entries, what a hand-out gives of them (:class:`~tracker.bittorrent.HandedPeer`)
+and their compact forms side by side. A group larger than twice what is still wanted
+is sampled by drawing positions uniformly (:func:`draw_positions`, all of a batch at
+once) and rejecting the requester, duplicates and peers of an earlier group (their
+positions, found once per sample). When too many draws are rejected (e.g. most of the
+swarm is on the requester's LAN) the group is scanned exactly instead. Either way each
+group's hand-out is a uniform random sample, and the answer is joined from the compact
+forms taken at the chosen positions: the per-peer work of an announce is done in C.
 """
 
 from __future__ import annotations
 
+import itertools
+import operator
 import random
+import sys
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Final
 
 from swarmota.tracker.bittorrent import AnnounceRequest, HandedPeer, PeerAddress, ScrapeCounts
@@ -41,13 +50,14 @@ __all__ = [
     "AnnounceResult",
     "RegistryStatistics",
     "SwarmRegistry",
+    "draw_positions",
 ]
 
 DEFAULT_MAX_PEERS_PER_SWARM: Final = 2000
 DEFAULT_MAX_PEERS_TOTAL: Final = 200_000
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: pools index entries themselves
 class _Peer:
     address: PeerAddress
     peer_id: bytes
@@ -65,27 +75,42 @@ _EVERYONE, _NETWORK, _REGION = 0, 1, 2
 
 
 class _Pool:
-    """A set of keys with O(1) add, discard and uniform random pick."""
+    """A set of entries with O(1) add, discard, membership and uniform random pick:
+    ``members[i]`` is an entry, ``handed[i]`` what a hand-out gives of it,
+    ``compact[i]`` its address in compact form (what an answer is made of), and
+    ``index`` maps an entry to its ``i``."""
 
-    __slots__ = ("index", "keys")
+    __slots__ = ("compact", "handed", "index", "members")
 
     def __init__(self) -> None:
-        self.keys: list[_Key] = []
-        self.index: dict[_Key, int] = {}
+        self.members: list[_Peer] = []
+        self.handed: list[HandedPeer] = []
+        self.compact: list[bytes] = []
+        self.index: dict[_Peer, int] = {}
 
-    def add(self, key: _Key) -> None:
-        if key not in self.index:
-            self.index[key] = len(self.keys)
-            self.keys.append(key)
+    def add(self, peer: _Peer) -> None:
+        if peer not in self.index:
+            self.index[peer] = len(self.members)
+            self.members.append(peer)
+            self.handed.append(peer.handed)
+            self.compact.append(peer.handed.compact)
 
-    def discard(self, key: _Key) -> None:
-        i = self.index.pop(key, None)
+    def discard(self, peer: _Peer) -> None:
+        i = self.index.pop(peer, None)
         if i is None:
             return
-        last = self.keys.pop()
-        if i < len(self.keys):
-            self.keys[i] = last
+        last = self.members.pop()
+        handed = self.handed.pop()
+        compact = self.compact.pop()
+        if i < len(self.members):
+            self.members[i] = last
+            self.handed[i] = handed
+            self.compact[i] = compact
             self.index[last] = i
+
+    def handed_changed(self, peer: _Peer) -> None:
+        """``peer.handed`` is new (another peer id)."""
+        self.handed[self.index[peer]] = peer.handed
 
 
 class _Swarm:
@@ -103,12 +128,12 @@ class _Swarm:
 
     def add(self, key: _Key, peer: _Peer) -> None:
         self.peers[key] = peer
-        self._index(key, peer)
+        self._index(peer)
 
     def remove(self, key: _Key) -> _Peer | None:
         peer = self.peers.pop(key, None)
         if peer is not None:
-            self._unindex(key, peer)
+            self._unindex(peer)
         return peer
 
     def update(self, key: _Key, peer: _Peer, request: AnnounceRequest, now: float,
@@ -116,8 +141,9 @@ class _Swarm:
         reindex = ((peer.left == 0) != (request.left == 0) or peer.network_id != network_id
                    or peer.region != region)
         if reindex:
-            self._unindex(key, peer)
-        if peer.peer_id != request.peer_id:
+            self._unindex(peer)
+        new_id = peer.peer_id != request.peer_id
+        if new_id:
             peer.peer_id = request.peer_id
             peer.handed = HandedPeer(peer.address, request.peer_id)
         peer.left = request.left
@@ -125,7 +151,10 @@ class _Swarm:
         peer.network_id = network_id
         peer.region = region
         if reindex:
-            self._index(key, peer)
+            self._index(peer)
+        elif new_id:
+            for pool_id in self._pool_ids(peer):
+                self.pools[pool_id].handed_changed(peer)
         self.peers.move_to_end(key)
 
     def _pool_ids(self, peer: _Peer) -> list[_PoolId]:
@@ -137,32 +166,37 @@ class _Swarm:
             ids.append((_REGION, peer.region, seed))
         return ids
 
-    def _index(self, key: _Key, peer: _Peer) -> None:
+    def _index(self, peer: _Peer) -> None:
         self.seeds += peer.left == 0
         for pool_id in self._pool_ids(peer):
             pool = self.pools.get(pool_id)
             if pool is None:
                 pool = self.pools[pool_id] = _Pool()
-            pool.add(key)
+            pool.add(peer)
 
-    def _unindex(self, key: _Key, peer: _Peer) -> None:
+    def _unindex(self, peer: _Peer) -> None:
         self.seeds -= peer.left == 0
         for pool_id in self._pool_ids(peer):
             pool = self.pools.get(pool_id)
             if pool is not None:
-                pool.discard(key)
-                if not pool.keys:
+                pool.discard(peer)
+                if not pool.members:
                     del self.pools[pool_id]
 
 
 @dataclass(frozen=True)
 class AnnounceResult:
-    """What an announce gets: peers to try and the swarm's counts (requester included)."""
+    """What an announce gets: peers to try and the swarm's counts (requester included).
+    ``compact_peers``: each peer's :attr:`~tracker.bittorrent.HandedPeer.compact`, in
+    the same order, when the registry keeps them at hand (the answer is made of them);
+    ``None``: read them from ``peers``."""
 
     peers: tuple[HandedPeer, ...]
     complete: int
     incomplete: int
     stored: bool
+    compact_peers: tuple[bytes, ...] | None = dataclass_field(default=None, compare=False,
+                                                              repr=False)
 
 
 @dataclass(frozen=True)
@@ -274,71 +308,89 @@ class SwarmRegistry:
                 self._downloads.get(request.announce_hash, 0) + 1)
             self._downloads_total += 1
 
-        chosen = [] if swarm is None else self._hand_out(
-            swarm, key, request.numwant, request.is_seed, network_id, region)
-        peers = tuple([p.handed for p in chosen])
-        return AnnounceResult(peers, *_counts(swarm), stored)
+        if swarm is None:
+            return AnnounceResult((), 0, 0, stored, compact_peers=())
+        peers, compact = self._hand_out(swarm, entry, request.numwant, request.is_seed,
+                                        network_id, region)
+        return AnnounceResult(tuple(peers), *_counts(swarm), stored,
+                              compact_peers=tuple(compact))
 
-    def _hand_out(self, swarm: _Swarm, key: _Key, numwant: int, is_seed: bool,
-                  network_id: str | None, region: str | None) -> list[_Peer]:
+    def _hand_out(self, swarm: _Swarm, me: _Peer | None, numwant: int, is_seed: bool,
+                  network_id: str | None, region: str | None
+                  ) -> tuple[list[HandedPeer], list[bytes]]:
         """LAN first, then region, then anyone; seeds before leechers in each (a seed
-        gets leechers only); uniform random within each group; never ``key``."""
-        chosen: list[_Peer] = []
+        gets leechers only); uniform random within each group; never ``me``. The peers
+        chosen, and their compact forms."""
+        chosen: list[HandedPeer] = []
+        compact: list[bytes] = []
         roles = (False,) if is_seed else (True, False)
+        pools = swarm.pools
         levels: list[tuple[int, str | None]] = []
         if network_id is not None:
             levels.append((_NETWORK, network_id))
         if region is not None:
             levels.append((_REGION, region))
         levels.append((_EVERYONE, None))
+        earlier: list[_Pool] = []  # a peer of an earlier group is not handed out again
         for level, value in levels:
-            # Peers of an earlier group are not handed out again from a later one.
-            other_net = network_id if level != _NETWORK else None
-            other_region = region if level == _EVERYONE else None
             for seed in roles:
                 need = numwant - len(chosen)
                 if need <= 0:
-                    return chosen
-                pool = swarm.pools.get((level, value, seed))
-                if pool is not None:
-                    chosen.extend(self._sample(swarm, pool, need, key, other_net,
-                                               other_region))
-        return chosen
+                    return chosen, compact
+                pool = pools.get((level, value, seed))
+                if pool is None:
+                    continue
+                positions = self._sample(pool, need, me, earlier)
+                if len(positions) > 1:
+                    take = operator.itemgetter(*positions)
+                    chosen += take(pool.handed)
+                    compact += take(pool.compact)
+                elif positions:
+                    chosen.append(pool.handed[positions[0]])
+                    compact.append(pool.compact[positions[0]])
+            if level != _EVERYONE:
+                earlier += [pool for seed in (True, False)
+                            if (pool := pools.get((level, value, seed))) is not None]
+        return chosen, compact
 
-    def _sample(self, swarm: _Swarm, pool: _Pool, need: int, key: _Key,
-                other_net: str | None, other_region: str | None) -> list[_Peer]:
-        """Up to ``need`` peers of ``pool``, a uniform random sample, leaving out ``key``
-        and peers of network ``other_net`` or region ``other_region`` (when not None)."""
-        keys, peers, rng = pool.keys, swarm.peers, self._rng
-        size = len(keys)
-        if size > 2 * need + 8:
-            # The first ``need`` distinct, admissible keys of a sequence of uniform
+    def _sample(self, pool: _Pool, need: int, me: _Peer | None,
+                excluded: list[_Pool]) -> list[int]:
+        """The positions in ``pool`` of up to ``need`` peers, a uniform random sample,
+        leaving out ``me`` and the members of the ``excluded`` pools (positions: small
+        integers, cheap to hash)."""
+        members, rng = pool.members, self._rng
+        size = len(members)
+        banned = _positions(pool, me, excluded)
+        if size > 2 * need + 8 and (banned is None or len(banned) <= size // 2):
+            # The first ``need`` distinct, admissible draws of a sequence of uniform
             # draws (with replacement) are a uniform sample; drawn in batches, a
             # bounded number of them, then an exact scan if too many were rejected.
-            draw = rng.random
-            seen: dict[_Key, None] = {}
-            picked: list[_Peer] = []
+            # ``dict.fromkeys`` keeps each position's first draw, in order.
+            picked: dict[int, None] = {}
             for _ in range(4):
-                batch = [keys[int(draw() * size)]  # uniform: size is far below 2**53
-                         for _ in range(need - len(picked) + (need >> 2) + 4)]
-                for k in batch:
-                    if k in seen or k == key:
-                        continue
-                    seen[k] = None
-                    p = peers[k]
-                    if ((other_net is not None and p.network_id == other_net)
-                            or (other_region is not None and p.region == other_region)):
-                        continue
-                    picked.append(p)
-                    if len(picked) == need:
-                        return picked
-        group = [peers[k] for k in keys if k != key
-                 and not (other_net is not None and peers[k].network_id == other_net)
-                 and not (other_region is not None and peers[k].region == other_region)]
-        if need < len(group):
-            return rng.sample(group, need)
-        rng.shuffle(group)
-        return group
+                batch = dict.fromkeys(draw_positions(rng, size,
+                                                     need - len(picked) + (need >> 3) + 4))
+                if banned is None:  # a crowded group to leave out: test each draw
+                    batch = {i: None for i in batch
+                             if members[i] is not me
+                             and not any(members[i] in out.index for out in excluded)}
+                else:
+                    for i in banned:
+                        batch.pop(i, None)
+                if picked:
+                    picked.update(batch)
+                else:
+                    picked = batch
+                if len(picked) >= need:
+                    return list(itertools.islice(picked, need))
+        admissible = [i for i in range(size) if members[i] is not me]
+        for out in excluded:
+            out_index = out.index
+            admissible = [i for i in admissible if members[i] not in out_index]
+        if need < len(admissible):
+            return rng.sample(admissible, need)
+        rng.shuffle(admissible)
+        return admissible
 
     def scrape(self, announce_hash: bytes) -> ScrapeCounts:
         """BEP 48 counts of one swarm (zeros for a swarm nobody announced)."""
@@ -391,6 +443,51 @@ class SwarmRegistry:
             self._expired += 1
         if not peers:
             del self._swarms[announce_hash]
+
+
+def _positions(pool: _Pool, me: _Peer | None, excluded: list[_Pool]) -> list[int] | None:
+    """The positions in ``pool`` of ``me`` and of the members of the ``excluded``
+    pools; ``None`` when those pools are too large to walk for each sample (over 64
+    members: a crowded LAN or region)."""
+    if sum(len(out.members) for out in excluded) > 64:
+        return None
+    index = pool.index
+    found = [index.get(peer) for out in excluded for peer in out.members]
+    found.append(None if me is None else index.get(me))
+    return [i for i in found if i is not None]
+
+
+def draw_positions(rng: random.Random, size: int, count: int) -> list[int]:
+    """``count`` uniform draws (with replacement) of a position in ``range(size)``.
+
+    Draw ``i`` takes ``v``, the low 64 bits of the ``i``-th 128-bit slot of
+    ``rng.getrandbits(128 * count)``, to the position ``(v * size) >> 64`` (Lemire's
+    multiply-shift: the relative bias is below ``size / 2**64``). All draws are made
+    at once in C, not with one Python multiplication each (the hand-out's largest
+    cost): the upper half of every slot is cleared, the whole integer is multiplied
+    by ``size`` (each slot's product is below ``2**128``, so none carries into the
+    next), and the positions are the upper 64 bits of each slot.
+
+    Raises:
+        ValueError: ``size`` not within 1..2**64.
+    """
+    if not 1 <= size <= 2**64:
+        raise ValueError(f"size must be within 1..2**64, got {size}")
+    low = _LOW_HALVES if count <= _LOW_HALVES_SLOTS else _low_halves(count)
+    bits = rng.getrandbits(128 * count) & low
+    words = array("Q", (bits * size).to_bytes(16 * count, "little"))
+    if sys.byteorder != "little":
+        words.byteswap()
+    return words[1::2].tolist()
+
+
+def _low_halves(slots: int) -> int:
+    """The integer whose 128-bit slots each hold 2**64 - 1."""
+    return int.from_bytes((b"\xff" * 8 + bytes(8)) * slots, "little")
+
+
+_LOW_HALVES_SLOTS: Final = 256
+_LOW_HALVES: Final = _low_halves(_LOW_HALVES_SLOTS)
 
 
 def _counts(swarm: _Swarm | None) -> tuple[int, int]:
