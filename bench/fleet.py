@@ -170,7 +170,7 @@ class RunResult:
     origin_bytes_payloads: int  # torrent files included
     origin_link_bytes: int  # through the shaped class, as tc counts (headers included)
     cpu_s: float  # all device processes, user + system
-    servers_cpu_s: float = 0.0  # this process: the origin and the tracker (and the polling)
+    servers_cpu_s: float = 0.0  # the origin's (nginx, or in this process) and this process's
     load_1m: float = 0.0  # the machine's load average (1 min) when the devices were released
     origin_bytes_metadata: int = 0  # TUF metadata (metadata/)
     origin_bytes_targets: int = 0  # release manifests (targets/)
@@ -228,12 +228,12 @@ async def run_fleet(workdir: Path, published: Published, *, kind: str, scenario:
             if config.origin == "nginx":
                 nginx = stack.enter_context(run_nginx_origin(
                     published.repo.origin_dir, workdir, host=ORIGIN_IP))
-                origin_url, statistics, origin_cpu = nginx.url, nginx.statistics, nginx.cpu_s
+                origin_url, origin_stats, origin_cpu = nginx.url, nginx.statistics, nginx.cpu_s
             else:
                 origin = OriginApp(published.repo.origin_dir, OriginConfig())
                 origin_url = await servers.start(serve_origin, origin,
                                                  ListenConfig(host=ORIGIN_IP))
-                statistics, origin_cpu = origin.statistics, lambda: 0.0
+                origin_stats, origin_cpu = origin.statistics, lambda: 0.0
             tracker_url = await servers.start(serve_tracker, TrackerConfig(
                 db_path=db, listen=ListenConfig(host=TRACKER_IP)))
             argvs, states = _device_commands(workdir, published, scenario, devices,
@@ -245,7 +245,7 @@ async def run_fleet(workdir: Path, published: Published, *, kind: str, scenario:
             cpu = _children_cpu_s() - cpu_before
             servers_cpu = time.process_time() + origin_cpu() - servers_before
             link_after = _link_bytes(namespace, config)
-            stats = statistics()
+            stats = origin_stats()
             servers.cancel_scope.cancel()
     runs = [_device_run(f"dev-{i:03d}", states[i], ended[i], outputs[i], started)
             for i in range(devices)]

@@ -21,11 +21,12 @@ import signal
 import socket
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from swarmota.seeder.origin import OriginStats
+from swarmota.seeder.origin import OriginStats, served_kind
 
 __all__ = ["NginxOrigin", "documented_blocks", "main_config", "nginx_binary",
            "run_nginx_origin"]
@@ -65,12 +66,11 @@ class NginxOrigin:
         """What nginx served so far, counted as :class:`OriginStats` counts (file
         bytes of 200 and 206 answers; ``requests``: every logged request)."""
         requests = total = r206 = r304 = 0
-        by_dir = {"metadata": 0, "targets": 0, "payloads": 0}
-        torrents = chunk_lists = 0
+        by_dir: Counter[str] = Counter()
+        by_suffix: Counter[str | None] = Counter()
         with contextlib.suppress(FileNotFoundError), open(self.access_log) as log:
             for line in log:
                 status, sent, path = line.split(" ", 2)
-                path = path.strip()
                 requests += 1
                 r206 += status == "206"
                 r304 += status == "304"
@@ -78,15 +78,14 @@ class NginxOrigin:
                     continue
                 size = int(sent)
                 total += size
-                top = path.lstrip("/").split("/", 1)[0]
-                if top in by_dir:
-                    by_dir[top] += size
-                torrents += size if path.endswith(".torrent") else 0
-                chunk_lists += size if path.endswith(".chunks") else 0
+                category, suffix = served_kind(path.strip().lstrip("/").split("/"))
+                by_dir[category] += size
+                by_suffix[suffix] += size
         return OriginStats(requests=requests, bytes_total=total,
                            bytes_metadata=by_dir["metadata"], bytes_targets=by_dir["targets"],
-                           bytes_payloads=by_dir["payloads"], bytes_torrents=torrents,
-                           bytes_chunk_lists=chunk_lists, responses_206=r206,
+                           bytes_payloads=by_dir["payloads"],
+                           bytes_torrents=by_suffix[".torrent"],
+                           bytes_chunk_lists=by_suffix[".chunks"], responses_206=r206,
                            responses_304=r304)
 
     def cpu_s(self) -> float:
@@ -104,19 +103,20 @@ class NginxOrigin:
         return total / ticks
 
 
-def main_config(prefix: Path, http: str, *, connections: int = 1024) -> str:
+def main_config(prefix: Path, http: str, *, connections: int = 1024,
+                access_log: str = "off") -> str:
     """A private nginx main configuration (``nginx -p PREFIX -c nginx.conf``, in the
     foreground, one worker, pid and error log under ``PREFIX``) whose ``http`` block
-    holds ``http`` (its access log off unless ``http`` sets one)."""
+    holds ``http``, with ``access_log`` (the directive's arguments)."""
     return ("daemon off;\nworker_processes 1;\n"
             # a root master's workers would run as nobody, who may not read a private
             # temporary directory
             + (f"user {pwd.getpwuid(os.getuid()).pw_name};\n" if os.getuid() == 0 else "")
             + f"pid {prefix}/nginx.pid;\nerror_log {prefix}/logs/error.log;\n"
             f"events {{ worker_connections {connections}; }}\n"
-            f"http {{\n{'' if 'access_log' in http else 'access_log off;'}\n"
-            f"client_body_temp_path {prefix}/body;\nproxy_temp_path {prefix}/proxy;\n"
-            f"{http}\n}}\n")
+            f"http {{\nclient_body_temp_path {prefix}/body;\nproxy_temp_path {prefix}/proxy;\n"
+            # after ``http``: a log format it defines must come first
+            f"{http}\naccess_log {access_log};\n}}\n")
 
 
 @contextlib.contextmanager
@@ -141,8 +141,8 @@ def run_nginx_origin(origin_dir: Path, workdir: Path, *, host: str = "127.0.0.1"
     server = server.replace("snippets/swarmota-origin.conf", str(prefix / "origin.conf"))
     access_log = prefix / "logs" / "access.log"
     (prefix / "nginx.conf").write_text(main_config(
-        prefix, f"log_format counted '{_LOG_FORMAT}';\naccess_log {access_log} counted;\n"
-                f"keepalive_requests 100000;\n{server}"))
+        prefix, f"log_format counted '{_LOG_FORMAT}';\nkeepalive_requests 100000;\n{server}",
+        access_log=f"{access_log} counted"))
     check = subprocess.run([nginx, "-t", "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
                            capture_output=True, text=True, check=False)
     if check.returncode != 0:

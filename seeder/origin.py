@@ -45,7 +45,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import formatdate, parsedate_to_datetime
@@ -69,6 +69,7 @@ __all__ = [
     "if_range_matches",
     "is_not_modified",
     "parse_range",
+    "served_kind",
     "split_request_path",
     "validators_for",
 ]
@@ -277,6 +278,15 @@ def content_type_for(segments: tuple[str, ...]) -> str:
     (payloads ``.zst``, ``.bsdz``, ``.zpatch`` and anything else) by file extension."""
     _, dot, extension = segments[-1].rpartition(".")
     return _CONTENT_TYPES.get(f"{dot}{extension}", "application/octet-stream")
+
+
+def served_kind(segments: Sequence[str]) -> tuple[str, str | None]:
+    """How :class:`OriginStats` counts the bytes of the file at path ``segments``: under
+    its top-level directory (``metadata``, ``targets``, ``payloads``, else ``other``),
+    and ``.torrent`` and ``.chunks`` files apart too (their suffix; else ``None``)."""
+    category = segments[0] if segments and segments[0] in _CATEGORIES else "other"
+    last = segments[-1] if segments else ""
+    return category, next((x for x in _COUNTED_SUFFIXES if last.endswith(x)), None)
 
 
 def cache_control_for(segments: tuple[str, ...]) -> str | None:
@@ -502,11 +512,10 @@ class OriginApp:
         if scope["method"] == "HEAD" or length == 0:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        category = segments[0] if segments[0] in _CATEGORIES else "other"
+        category, suffix = served_kind(segments)
         disconnect = _Disconnect()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_disconnect, receive, disconnect)
-            suffix = next((x for x in _COUNTED_SUFFIXES if segments[-1].endswith(x)), None)
             await self._stream(send, fd, start, length, category, disconnect, suffix)
             # Only the watcher is left; cancelling here never interrupts the server.
             nursery.cancel_scope.cancel()
